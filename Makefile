@@ -1,0 +1,52 @@
+# One entry point for people and CI: `make serve`, `make test`, `make bench`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARCHIVES := model_store/digits.mar model_store/digits_v2.mar model_store/minilm.mar
+PROTOS_STAMP := api/rpc/generated/.stamp
+
+.PHONY: venv protos archives serve test lint typecheck pytest bench clean
+
+venv: $(STAMP)
+
+# torch first, pinned: a CPU build of exactly this version is on disk; letting another package
+# pull torch in resolves a multi-GB CUDA build instead.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+protos: $(PROTOS_STAMP)
+
+$(PROTOS_STAMP): $(STAMP) $(wildcard api/rpc/protos/*.proto) scripts/gen_protos.py
+	$(BIN)/python scripts/gen_protos.py
+	@touch $@
+
+archives: $(ARCHIVES)
+
+$(ARCHIVES) &: $(STAMP) $(wildcard export/*.py export/models/*.py handlers/*.py)
+	HF_HUB_OFFLINE=1 $(BIN)/torchgate export --all
+
+serve: venv protos archives
+	HF_HUB_OFFLINE=1 $(BIN)/torchgate serve --config config.properties
+
+lint: venv
+	$(BIN)/ruff check api export handlers tests scripts
+	$(BIN)/ruff format --check api export handlers tests scripts
+
+typecheck: venv protos
+	$(BIN)/mypy
+
+pytest: venv protos archives
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: venv protos archives
+	HF_HUB_OFFLINE=1 $(BIN)/torchgate bench --suite --out docs/benchmarks.md
+
+clean:
+	rm -rf build model_store/*.mar api/rpc/generated/*_pb2*.py* $(PROTOS_STAMP)

@@ -1,0 +1,52 @@
+"""`torchgate` command line: serve, export, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="torchgate",
+        description="Serve TorchServe model archives without Java.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the archives config.properties names")
+    serve.add_argument("--config", "--ts-config", default="config.properties",
+                       help="a TorchServe config.properties (default: ./config.properties)")
+    serve.add_argument("--log-level", default=os.environ.get("TORCHGATE_LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"])
+    sub.add_parser("export", help="train/export example models and build .mar archives",
+                   add_help=False)
+    sub.add_parser("bench", help="closed-loop load test against a URL", add_help=False)
+
+    if args and args[0] == "export":
+        from export.cli import main as export_main
+
+        return export_main(args[1:])
+    if args and args[0] == "bench":
+        from api.bench import main as bench_main
+
+        return bench_main(args[1:])
+
+    options = parser.parse_args(args)
+    if options.command == "serve":
+        from api.config import ConfigError, load_config
+        from api.server import run
+
+        try:
+            config = load_config(options.config)
+        except ConfigError as exc:
+            print(f"torchgate: {exc}", file=sys.stderr)
+            return 2
+        run(config, log_level=options.log_level)
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

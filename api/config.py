@@ -1,0 +1,203 @@
+"""Reads TorchServe's `config.properties`; every TorchServe key means what it means there.
+
+Keys torchgate understands (TorchServe's defaults unless noted):
+
+    inference_address, management_address, metrics_address    http://127.0.0.1:8080/8081/8082
+    grpc_inference_port, grpc_management_port                 7070 / 7071
+    grpc_inference_address, grpc_management_address           127.0.0.1
+    model_store, load_models ("all", or name=file.mar,...)
+    models={"name": {"1.0": {"marName", "defaultVersion", "minWorkers", "maxWorkers",
+            "batchSize", "maxBatchDelay", "responseTimeout"}}}
+    default_workers_per_model (1 here: in-process workers share one interpreter),
+    job_queue_size (100), default_response_timeout (120 s), max_request_size and
+    max_response_size (6553500 bytes), disable_token_authorization (false),
+    enable_model_api (false), allowed_urls (file://.*|http(s)?://.*), number_of_gpu
+
+torchgate's own keys start with `torchgate.` (for example `torchgate.snapshot_file`), so a
+file stays usable unchanged by `torchserve --ts-config`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from api.core.types import ModelSettings
+
+
+class ConfigError(ValueError):
+    """config.properties is unreadable or holds a value of the wrong form."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+    scheme: str = "http"
+
+    @classmethod
+    def parse(cls, value: str) -> Address:
+        parts = urlsplit(value if "://" in value else f"http://{value}")
+        if not parts.hostname or not parts.port:
+            raise ConfigError(f"address needs a host and a port: {value!r}")
+        return cls(parts.hostname, parts.port, parts.scheme)
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """One version listed in `models={...}` (or implied by `load_models`)."""
+
+    name: str
+    version: str | None
+    mar_name: str
+    default: bool
+    settings: ModelSettings
+    # Extra per-version settings torchgate understands, e.g. {"backend": {...}}.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Config:
+    inference_address: Address = field(default_factory=lambda: Address("127.0.0.1", 8080))
+    management_address: Address = field(default_factory=lambda: Address("127.0.0.1", 8081))
+    metrics_address: Address = field(default_factory=lambda: Address("127.0.0.1", 8082))
+    grpc_inference_address: str = "127.0.0.1"
+    grpc_inference_port: int = 7070
+    grpc_management_address: str = "127.0.0.1"
+    grpc_management_port: int = 7071
+    model_store: Path = Path("model_store")
+    load_models: str = ""
+    models: list[ModelEntry] = field(default_factory=list)
+    default_workers_per_model: int = 1
+    job_queue_size: int = 100
+    default_response_timeout: float = 120.0
+    max_request_size: int = 6553500
+    max_response_size: int = 6553500
+    disable_token_authorization: bool = False
+    enable_model_api: bool = False
+    allowed_urls: list[str] = field(default_factory=lambda: [r"file://.*", r"http(s)?://.*"])
+    number_of_gpu: int | None = None
+    key_file: Path = Path("key_file.json")
+    # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
+    raw: dict[str, str] = field(default_factory=dict)
+
+    def model_settings(self, overrides: dict[str, Any] | None = None) -> ModelSettings:
+        """Settings for a version: TorchServe's `models={...}` keys over this file's defaults."""
+        o = overrides or {}
+        min_workers = int(o.get("minWorkers", self.default_workers_per_model))
+        return ModelSettings(
+            batch_size=int(o.get("batchSize", 1)),
+            max_batch_delay_ms=float(o.get("maxBatchDelay", 100)),
+            response_timeout_s=float(o.get("responseTimeout", self.default_response_timeout)),
+            job_queue_size=int(o.get("jobQueueSize", self.job_queue_size)),
+            min_workers=min_workers,
+            max_workers=max(int(o.get("maxWorkers", min_workers)), min_workers, 1),
+        )
+
+    def allows_url(self, url: str) -> bool:
+        return any(re.fullmatch(pattern, url) for pattern in self.allowed_urls)
+
+
+def read_properties(text: str) -> dict[str, str]:
+    """Java .properties: `key=value` or `key: value`, `#`/`!` comments, `\\` continuations."""
+    values: dict[str, str] = {}
+    logical: list[str] = []
+    for raw_line in text.splitlines():
+        line = raw_line.strip() if not logical else raw_line.lstrip()
+        if not logical and (not line or line[0] in "#!"):
+            continue
+        if line.endswith("\\") and not line.endswith("\\\\"):
+            logical.append(line[:-1])
+            continue
+        logical.append(line)
+        entry, logical = "".join(logical), []
+        match = re.match(r"\s*([^=:\s]+)\s*[=:]\s*(.*)$", entry)
+        if match is None:
+            raise ConfigError(f"cannot read line: {entry!r}")
+        values[match.group(1)] = match.group(2).strip()
+    return values
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read a config.properties; relative model_store paths resolve against the file's folder."""
+    if path is None:
+        return Config()
+    file = Path(path)
+    try:
+        raw = read_properties(file.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {file}: {exc}") from exc
+    return parse_config(raw, base_dir=file.resolve().parent)
+
+
+def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
+    config = Config(raw=raw)
+    try:
+        for key in ("inference_address", "management_address", "metrics_address"):
+            if key in raw:
+                setattr(config, key, Address.parse(raw[key]))
+        for key in ("grpc_inference_port", "grpc_management_port", "default_workers_per_model",
+                    "job_queue_size", "max_request_size", "max_response_size"):
+            if key in raw:
+                setattr(config, key, int(raw[key]))
+        for key in ("grpc_inference_address", "grpc_management_address", "load_models"):
+            if key in raw:
+                setattr(config, key, raw[key])
+        for key in ("disable_token_authorization", "enable_model_api"):
+            if key in raw:
+                setattr(config, key, raw[key].lower() == "true")
+        if "default_response_timeout" in raw:
+            config.default_response_timeout = float(raw["default_response_timeout"])
+        if "number_of_gpu" in raw:
+            config.number_of_gpu = int(raw["number_of_gpu"])
+        if "allowed_urls" in raw:
+            config.allowed_urls = [u.strip() for u in raw["allowed_urls"].split(",") if u.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"bad value in config.properties: {exc}") from exc
+    store = Path(raw.get("model_store", "model_store"))
+    config.model_store = store if store.is_absolute() else base_dir / store
+    key_file = Path(raw.get("torchgate.key_file", "key_file.json"))
+    config.key_file = key_file if key_file.is_absolute() else base_dir / key_file
+    config.models = _models(raw.get("models"), config)
+    return config
+
+
+def _models(text: str | None, config: Config) -> list[ModelEntry]:
+    if not text:
+        return []
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"models= is not valid JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise ConfigError("models= must be a JSON object of {name: {version: settings}}")
+    entries = []
+    for name, versions in spec.items():
+        if not isinstance(versions, dict):
+            raise ConfigError(f"models.{name} must be an object of versions")
+        for version, settings in versions.items():
+            if not isinstance(settings, dict):
+                raise ConfigError(f"models.{name}.{version} must be an object")
+            try:
+                model_settings = config.model_settings(settings)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"models.{name}.{version}: {exc}") from exc
+            entries.append(
+                ModelEntry(
+                    name=name,
+                    version=version,
+                    mar_name=str(settings.get("marName", f"{name}.mar")),
+                    default=bool(settings.get("defaultVersion", False)),
+                    settings=model_settings,
+                    extra={k: v for k, v in settings.items() if k.startswith("torchgate")},
+                )
+            )
+    return entries

@@ -1,0 +1,247 @@
+"""Dynamic batching for one model version: a bounded queue feeding one or more workers.
+
+The rule, per worker:
+
+1. Block (on an event, never polling) until a request is queued; it opens the batch.
+2. Take whatever else is already queued, up to `max_batch_size`.
+3. Only if step 2 found company — requests were piling up, so the server is under load and more
+   are on their way — wait for the batch to fill, at most until the first request's arrival
+   plus `max_batch_delay`. The delay clock starts when the first request of the batch arrived,
+   not when a worker picked it up, so a request that already queued that long goes at once.
+   A lone request at an idle worker is never held: waiting cannot help it.
+4. Run the batch and resolve each request's future on its own.
+
+Requests whose future is already done (the client disconnected, or the dataplane gave up at the
+deadline) are skipped before inference, and so are requests whose deadline has passed: neither
+is ever run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from api.core.types import (
+    REJECT_DEADLINE,
+    REJECT_QUEUE_FULL,
+    InferenceRequest,
+    NullObserver,
+    Observer,
+    Prediction,
+    Worker,
+)
+from api.errors import DeadlineExceeded, InferenceFailed, Overloaded, TorchgateError
+
+Clock = Callable[[], float]
+
+
+@dataclass(slots=True)
+class Pending:
+    request: InferenceRequest
+    future: asyncio.Future[Prediction]
+    enqueued_at: float
+    deadline: float
+
+
+class Batcher:
+    """The queue and batching loop of one model version.
+
+    `submit` is called by the dataplane; `serve(worker)` is run as one task per worker by the
+    registry. Everything runs on the one event loop, so the deque needs no lock.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        version: str,
+        max_batch_size: int,
+        max_batch_delay_s: float,
+        queue_size: int,
+        response_timeout_s: float,
+        observer: Observer | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_s
+        self.queue_size = queue_size
+        self.response_timeout_s = response_timeout_s
+        self._observer = observer or NullObserver()
+        self._clock = clock
+        self._queue: deque[Pending] = deque()
+        self._arrived = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._running = 0  # batches being run by workers right now
+        self._closed = False
+
+    # -- called by the dataplane -------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy_workers(self) -> int:
+        return self._running
+
+    def submit(self, request: InferenceRequest) -> asyncio.Future[Prediction]:
+        """Queue a request; its future resolves with its prediction or a TorchgateError."""
+        if self._closed:
+            raise Overloaded(
+                f"Model {self.model} version {self.version} is shutting down", retry_after=1
+            )
+        if len(self._queue) >= self.queue_size:
+            self._observer.request_rejected(self.model, self.version, REJECT_QUEUE_FULL)
+            raise Overloaded(
+                f"Model {self.model} version {self.version} has no capacity to accept more "
+                f"requests: job queue is full ({self.queue_size})",
+                retry_after=1,
+            )
+        now = self._clock()
+        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        self._queue.append(Pending(request, future, now, now + self.response_timeout_s))
+        self._idle.clear()
+        self._arrived.set()
+        self._observer.queue_changed(self.model, self.version, len(self._queue))
+        return future
+
+    def set_limits(
+        self,
+        *,
+        max_batch_size: int,
+        max_batch_delay_s: float,
+        queue_size: int,
+        response_timeout_s: float,
+    ) -> None:
+        """Apply new settings; batches already open keep the ones they started with."""
+        self.max_batch_size = max_batch_size
+        self.max_batch_delay_s = max_batch_delay_s
+        self.queue_size = queue_size
+        self.response_timeout_s = response_timeout_s
+
+    async def drain(self) -> None:
+        """Refuse new requests and wait until everything queued or running has finished."""
+        self._closed = True
+        await self._idle.wait()
+
+    def fail_queued(self, error: TorchgateError) -> None:
+        """Fail every queued request now (the model version is going away without workers)."""
+        while self._queue:
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._note_if_idle()
+
+    # -- run by the registry, one task per worker ----------------------------------------------
+
+    async def serve(self, worker: Worker) -> None:
+        """Feed `worker` batches until cancelled."""
+        while True:
+            batch = await self._next_batch()
+            self._running += 1
+            run = asyncio.ensure_future(self._run(worker, batch))
+            try:
+                await asyncio.shield(run)
+            except asyncio.CancelledError:
+                # Stopping this worker: finish the batch in hand, accepted requests are answered.
+                await run
+                raise
+            finally:
+                self._running -= 1
+                self._note_if_idle()
+
+    async def _next_batch(self) -> list[Pending]:
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch: list[Pending] = []
+            self._take_queued(batch)
+            if batch:
+                break
+        found_company = len(batch) > 1 or bool(self._queue)
+        if found_company and len(batch) < self.max_batch_size and self.max_batch_delay_s > 0:
+            try:
+                await self._fill(batch)
+            except asyncio.CancelledError:
+                # The worker is stopping: hand the open batch back to the others, in order.
+                self._queue.extendleft(reversed(batch))
+                raise
+        self._observer.queue_changed(self.model, self.version, len(self._queue))
+        return batch
+
+    async def _fill(self, batch: list[Pending]) -> None:
+        close_at = batch[0].enqueued_at + self.max_batch_delay_s
+        while len(batch) < self.max_batch_size:
+            remaining = close_at - self._clock()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+            finally:
+                self._take_queued(batch)
+
+    def _take_queued(self, batch: list[Pending]) -> None:
+        """Move queued requests into `batch`, skipping abandoned and expired ones."""
+        now = self._clock()
+        while self._queue and len(batch) < self.max_batch_size:
+            pending = self._queue.popleft()
+            if pending.future.done():
+                continue  # the client went away or the dataplane already answered 504
+            if now > pending.deadline:
+                self._observer.request_rejected(self.model, self.version, REJECT_DEADLINE)
+                pending.future.set_exception(
+                    DeadlineExceeded(
+                        f"Request for model {self.model} version {self.version} timed out in "
+                        f"the queue after {self.response_timeout_s:g} s"
+                    )
+                )
+                continue
+            batch.append(pending)
+        self._note_if_idle()
+
+    async def _run(self, worker: Worker, batch: list[Pending]) -> None:
+        started = self._clock()
+        try:
+            predictions = await worker.predict([pending.request for pending in batch])
+        except TorchgateError as exc:
+            self._fail(batch, exc)
+            return
+        except Exception as exc:
+            self._fail(batch, InferenceFailed(f"Worker died: {type(exc).__name__}: {exc}"))
+            return
+        finished = self._clock()
+        self._observer.batch_finished(self.model, self.version, len(batch), finished - started)
+        if len(predictions) != len(batch):
+            self._fail(
+                batch,
+                InferenceFailed(
+                    f"Handler returned {len(predictions)} responses for a batch of "
+                    f"{len(batch)} requests"
+                ),
+            )
+            return
+        for pending, prediction in zip(batch, predictions, strict=True):
+            if not pending.future.done():
+                prediction.queue_seconds = started - pending.enqueued_at
+                prediction.batch_size = len(batch)
+                pending.future.set_result(prediction)
+
+    @staticmethod
+    def _fail(batch: list[Pending], error: TorchgateError) -> None:
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(error)
+
+    def _note_if_idle(self) -> None:
+        if not self._queue and self._running == 0:
+            self._idle.set()

@@ -1,0 +1,198 @@
+"""The protocol-agnostic operations every transport calls: infer, health, metadata.
+
+REST and gRPC endpoints decode their wire format, call one method here and encode the result;
+all routing, queueing, deadlines and measurements happen below this line, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from api.core.registry import ModelVersion, Registry
+from api.core.types import REJECT_DEADLINE, InferenceRequest, NullObserver, Observer, Prediction
+from api.errors import DeadlineExceeded, TorchgateError, http_status
+
+log = logging.getLogger(__name__)
+
+
+class Router(Protocol):
+    """Picks the version that answers a request that names none (see `api.core.routing`)."""
+
+    def choose(self, model: str, headers: Mapping[str, str]) -> Choice: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    version: str
+    # Versions that also get a copy of the request; their answers are recorded, then dropped.
+    shadows: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Answer:
+    model_version: ModelVersion
+    prediction: Prediction
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+
+
+class DataPlane:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        router: Router | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.registry = registry
+        self.router = router
+        self._observer = observer or NullObserver()
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self.accepting = True
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Ready when accepting and every registered model has a ready default version."""
+        if not self.accepting:
+            return False
+        return all(self.registry.get(name).ready for name in self.registry.names())
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        return self.registry.get(model, version).ready  # raises NotFound
+
+    def note_rejected(self, model: str, version: str, reason: str) -> None:
+        """Record a request the transport refused before it reached a model (auth, size)."""
+        self._observer.request_rejected(model, version, reason)
+
+    # -- inference ------------------------------------------------------------------------------
+
+    async def infer(
+        self, model: str, version: str | None, request: InferenceRequest
+    ) -> Answer:
+        """Route, queue and run one request; raises a `TorchgateError` on failure.
+
+        A handler's per-item error (status >= 400) comes back as a `Prediction` with that status,
+        not as an exception, so the transport can send the handler's own body.
+        """
+        started = time.monotonic()
+        shadows: tuple[str, ...] = ()
+        if version is None and self.router is not None:
+            choice = self.router.choose(model, request.headers)
+            version, shadows = choice.version, choice.shadows
+        model_version = self.registry.ready_version(model, version)
+        for shadow in shadows:
+            self._start_shadow(model, shadow, request)
+        try:
+            prediction = await self._run(model_version, request)
+        except TorchgateError as exc:
+            self._observer.request_finished(
+                request, model, model_version.version, http_status(exc),
+                time.monotonic() - started, None,
+            )
+            raise
+        self._observer.request_finished(
+            request, model, model_version.version, prediction.status,
+            time.monotonic() - started, prediction,
+        )
+        return Answer(model_version, prediction)
+
+    async def _run(self, model_version: ModelVersion, request: InferenceRequest) -> Prediction:
+        future = model_version.batcher.submit(request)
+        timeout = model_version.settings.response_timeout_s
+        try:
+            # On timeout wait_for cancels the future, so a request still queued is never run.
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            self._observer.request_rejected(
+                model_version.name, model_version.version, REJECT_DEADLINE
+            )
+            raise DeadlineExceeded(
+                f"Request for model {model_version.name} version {model_version.version} "
+                f"did not finish within responseTimeout {timeout:g} s"
+            ) from None
+
+    def _start_shadow(self, model: str, version: str, request: InferenceRequest) -> None:
+        """Send a copy to a shadow version; it never delays, fails or changes the primary."""
+
+        async def shadow() -> None:
+            started = time.monotonic()
+            status, prediction = 500, None
+            try:
+                model_version = self.registry.ready_version(model, version)
+                prediction = await self._run(model_version, request)
+                status = prediction.status
+            except TorchgateError as exc:
+                status = http_status(exc)
+            except Exception:
+                log.exception("shadow request to %s/%s failed", model, version)
+            self._observer.request_finished(
+                request, model, version, status, time.monotonic() - started, prediction,
+                shadow=True,
+            )
+
+        task = asyncio.create_task(shadow())
+        self._shadow_tasks.add(task)  # keep a reference until done, or the task may vanish
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    # -- metadata -------------------------------------------------------------------------------
+
+    def metadata(self, model: str, version: str | None = None) -> ModelMetadata:
+        model_version = self.registry.get(model, version)
+        signature: Mapping[str, Any] = model_version.backend.signature or {}
+        versions = (
+            [v.version for v in self.registry.versions(model)]
+            if version is None
+            else [model_version.version]
+        )
+        return ModelMetadata(
+            name=model,
+            versions=versions,
+            platform=str(signature.get("platform") or _platform(model_version)),
+            inputs=_specs(signature.get("inputs", [])),
+            outputs=_specs(signature.get("outputs", [])),
+        )
+
+
+def _platform(model_version: ModelVersion) -> str:
+    serialized = str(model_version.backend.manifest.get("model", {}).get("serializedFile", ""))
+    if serialized.endswith(".onnx"):
+        return "onnxruntime_onnx"
+    if serialized.endswith((".pt", ".pth", ".torchscript")):
+        return "pytorch_torchscript"
+    return "torchserve_handler"
+
+
+def _specs(entries: Any) -> list[TensorSpec]:
+    specs = []
+    for entry in entries or []:
+        specs.append(
+            TensorSpec(
+                name=str(entry["name"]),
+                datatype=str(entry.get("datatype", "BYTES")),
+                shape=[int(d) for d in entry.get("shape", [-1])],
+            )
+        )
+    return specs

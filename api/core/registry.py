@@ -1,0 +1,302 @@
+"""Which model versions exist, their state, workers and default version.
+
+The registry owns each version's batcher and worker tasks; backends are built elsewhere (the app
+factory injects a `BackendFactory`) so the core never imports a backend. A version whose backend
+does not batch (a remote TorchServe) still goes through a `Batcher` of size 1: the queue bound,
+deadlines and disconnect handling then apply to it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.core.batching import Batcher
+from api.core.types import Backend, ModelSettings, NullObserver, Observer, Worker
+from api.errors import (
+    BadRequest,
+    Conflict,
+    ModelNotFound,
+    ModelNotReady,
+    TorchgateError,
+    VersionNotFound,
+)
+
+log = logging.getLogger(__name__)
+
+BackendFactory = Callable[[], Awaitable[Backend]]
+
+
+class ModelState(enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+    UNLOADING = "UNLOADING"
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    index: int
+    worker: Worker
+    task: asyncio.Task[None]
+    started_at: float = field(default_factory=time.time)
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    name: str
+    version: str
+    url: str
+    settings: ModelSettings
+    backend: Backend
+    batcher: Batcher
+    state: ModelState = ModelState.LOADING
+    workers: list[WorkerSlot] = field(default_factory=list)
+    loaded_at: float = field(default_factory=time.time)
+    # Free-form description of where inference happens, e.g. {"kind": "local"}.
+    backend_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY and bool(self.workers)
+
+
+class Registry:
+    """Model versions by name; every mutation happens on the event loop."""
+
+    def __init__(self, observer: Observer | None = None) -> None:
+        self._observer = observer or NullObserver()
+        self._models: dict[str, dict[str, ModelVersion]] = {}
+        self._defaults: dict[str, str] = {}
+        self._lock = asyncio.Lock()  # serialises register/scale/unregister, not inference
+        self.on_change: list[Callable[[], None]] = []
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def __iter__(self) -> Iterator[ModelVersion]:
+        for name in self.names():
+            yield from self.versions(name)
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"Model not found: {name}")
+        return [versions[v] for v in sorted(versions, key=_version_key)]
+
+    def default_version(self, name: str) -> str:
+        if name not in self._models:
+            raise ModelNotFound(f"Model not found: {name}")
+        return self._defaults[name]
+
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"Model not found: {name}")
+        if version is None:
+            version = self._defaults[name]
+        try:
+            return versions[version]
+        except KeyError:
+            raise VersionNotFound(f"Model version not found: {name}/{version}") from None
+
+    def ready_version(self, name: str, version: str | None = None) -> ModelVersion:
+        model_version = self.get(name, version)
+        if not model_version.ready:
+            raise ModelNotReady(
+                f"Model {name} version {model_version.version} is not ready "
+                f"({model_version.state.value})"
+            )
+        return model_version
+
+    # -- mutations ------------------------------------------------------------------------------
+
+    async def register(
+        self,
+        name: str,
+        version: str,
+        url: str,
+        backend_factory: BackendFactory,
+        settings: ModelSettings,
+        *,
+        make_default: bool = False,
+        backend_info: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Load a model version and start its `min_workers` workers.
+
+        The first version of a model becomes its default. Raises `Conflict` if the version
+        exists; a backend that fails to load raises and leaves nothing registered.
+        """
+        async with self._lock:
+            if version in self._models.get(name, {}):
+                raise Conflict(f"Model version {version} is already registered for model {name}")
+            backend = await backend_factory()
+            batcher = Batcher(
+                model=name,
+                version=version,
+                max_batch_size=settings.batch_size if backend.batches else 1,
+                max_batch_delay_s=settings.max_batch_delay_ms / 1000.0 if backend.batches else 0,
+                queue_size=settings.job_queue_size,
+                response_timeout_s=settings.response_timeout_s,
+                observer=self._observer,
+            )
+            model_version = ModelVersion(
+                name, version, url, settings, backend, batcher, backend_info=backend_info or {}
+            )
+            try:
+                await self._start_workers(model_version, settings.min_workers)
+            except BaseException:
+                await self._stop_workers(model_version, len(model_version.workers))
+                await backend.close()
+                raise
+            model_version.state = ModelState.READY
+            self._models.setdefault(name, {})[version] = model_version
+            if make_default or name not in self._defaults:
+                self._defaults[name] = version
+        self._changed()
+        log.info("registered %s/%s with %d workers", name, version, len(model_version.workers))
+        return model_version
+
+    async def unregister(self, name: str, version: str | None = None) -> ModelVersion:
+        """Stop taking requests for a version, finish what it has queued, then unload it.
+
+        Without a version, unregisters the default one. The default version of a model with
+        other versions cannot be removed (TorchServe answers the same): set another default
+        first.
+        """
+        async with self._lock:
+            model_version = self.get(name, version)
+            others = [v for v in self._models[name] if v != model_version.version]
+            if others and self._defaults[name] == model_version.version:
+                raise Conflict(
+                    f"Cannot remove default version {model_version.version} of model {name}: "
+                    f"set another default version first"
+                )
+            model_version.state = ModelState.UNLOADING
+            del self._models[name][model_version.version]
+            if not self._models[name]:
+                del self._models[name]
+                del self._defaults[name]
+        try:
+            await model_version.batcher.drain()
+        finally:
+            await self._stop_workers(model_version, len(model_version.workers))
+            await model_version.backend.close()
+        self._changed()
+        return model_version
+
+    def set_default(self, name: str, version: str) -> None:
+        self.get(name, version)  # raises NotFound for an unknown version
+        self._defaults[name] = version
+        self._changed()
+
+    async def scale(
+        self, name: str, version: str | None, min_workers: int, max_workers: int
+    ) -> None:
+        """Set the worker range and start or stop workers to reach `min_workers`."""
+        if min_workers < 0 or max_workers < max(min_workers, 1):
+            raise BadRequest(
+                f"Invalid worker range: min_worker={min_workers}, max_worker={max_workers}"
+            )
+        async with self._lock:
+            model_version = self.get(name, version)
+            model_version.settings.min_workers = min_workers
+            model_version.settings.max_workers = max_workers
+            have = len(model_version.workers)
+            if min_workers > have:
+                await self._start_workers(model_version, min_workers - have)
+            elif min_workers < have:
+                await self._stop_workers(model_version, have - min_workers)
+        self._changed()
+
+    def update_batching(
+        self,
+        name: str,
+        version: str | None,
+        *,
+        batch_size: int | None = None,
+        max_batch_delay_ms: float | None = None,
+        response_timeout_s: float | None = None,
+    ) -> None:
+        model_version = self.get(name, version)
+        settings = model_version.settings
+        if batch_size is not None:
+            settings.batch_size = batch_size
+        if max_batch_delay_ms is not None:
+            settings.max_batch_delay_ms = max_batch_delay_ms
+        if response_timeout_s is not None:
+            settings.response_timeout_s = response_timeout_s
+        settings.__post_init__()
+        batches = model_version.backend.batches
+        model_version.batcher.set_limits(
+            max_batch_size=settings.batch_size if batches else 1,
+            max_batch_delay_s=settings.max_batch_delay_ms / 1000.0 if batches else 0,
+            queue_size=settings.job_queue_size,
+            response_timeout_s=settings.response_timeout_s,
+        )
+        self._changed()
+
+    async def close(self) -> None:
+        """Graceful shutdown: drain every version's queue, then stop workers and backends."""
+        versions = list(self)
+        await asyncio.gather(*(v.batcher.drain() for v in versions), return_exceptions=True)
+        for model_version in versions:
+            await self._stop_workers(model_version, len(model_version.workers))
+            await model_version.backend.close()
+        self._models.clear()
+        self._defaults.clear()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    async def _start_workers(self, model_version: ModelVersion, count: int) -> None:
+        for _ in range(count):
+            index = _free_index(model_version)
+            worker = await model_version.backend.start_worker(index)
+            task = asyncio.create_task(
+                model_version.batcher.serve(worker),
+                name=f"worker {model_version.name}/{model_version.version}#{index}",
+            )
+            model_version.workers.append(WorkerSlot(index, worker, task))
+
+    async def _stop_workers(self, model_version: ModelVersion, count: int) -> None:
+        for _ in range(min(count, len(model_version.workers))):
+            slot = model_version.workers.pop()
+            slot.task.cancel()
+            await asyncio.gather(slot.task, return_exceptions=True)
+            try:
+                await slot.worker.close()
+            except Exception:
+                log.exception("closing worker %s of %s", slot.index, model_version.name)
+        if not model_version.workers and model_version.state is ModelState.UNLOADING:
+            model_version.batcher.fail_queued(
+                ModelNotReady(f"Model {model_version.name} was unregistered")
+            )
+
+    def _changed(self) -> None:
+        for callback in self.on_change:
+            try:
+                callback()
+            except TorchgateError:
+                raise
+            except Exception:
+                log.exception("registry change callback failed")
+
+
+def _free_index(model_version: ModelVersion) -> int:
+    taken = {slot.index for slot in model_version.workers}
+    index = 0
+    while index in taken:
+        index += 1
+    return index
+
+
+def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Order "1.0" < "2.0" < "10.0", with non-numeric parts after numeric ones."""
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in version.split("."))

@@ -1,0 +1,179 @@
+"""Messages and extension points shared by the core, the backends and the transports.
+
+Nothing here knows HTTP or gRPC: a transport decodes its wire format into an `InferenceRequest`,
+the dataplane answers with a `Prediction`, and the transport encodes that back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+# The APIs a request can arrive through; metrics and access logs label requests with these.
+API_TORCHSERVE_REST = "torchserve-rest"
+API_TORCHSERVE_GRPC = "torchserve-grpc"
+API_V2_REST = "v2-rest"
+API_V2_GRPC = "v2-grpc"
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """One client request, shaped the way a TorchServe handler receives one item of a batch.
+
+    `inputs` is TorchServe's request item: a raw body under "body", form fields under their own
+    names. Values are bytes, str, or already-parsed JSON; v2 requests arrive as
+    `{"body": {"inputs": [{"name", "shape", "datatype", "data": numpy array}], ...}}`.
+    """
+
+    inputs: dict[str, Any]
+    headers: Mapping[str, str] = field(default_factory=dict)
+    request_id: str = ""
+    api: str = API_TORCHSERVE_REST
+    # Set by the transport for v2 requests: the handler then answers with v2 tensors.
+    kserve_v2: bool = False
+
+
+@dataclass(slots=True)
+class Prediction:
+    """One response, for one request: what the handler returned and the status it set."""
+
+    body: Any
+    status: int = 200
+    message: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    # How long the request waited in the queue and the size of the batch it ran in;
+    # filled in by the batcher for access logs and response headers.
+    queue_seconds: float = 0.0
+    batch_size: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.status < 400
+
+
+@dataclass(slots=True)
+class ModelSettings:
+    """Per model version settings, named and defaulted as TorchServe's `models={...}` keys."""
+
+    batch_size: int = 1
+    max_batch_delay_ms: float = 100.0
+    response_timeout_s: float = 120.0
+    job_queue_size: int = 100
+    min_workers: int = 1
+    max_workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_batch_delay_ms < 0:
+            raise ValueError(f"max_batch_delay must be >= 0, got {self.max_batch_delay_ms}")
+        if self.response_timeout_s <= 0:
+            raise ValueError(f"response_timeout must be > 0, got {self.response_timeout_s}")
+        if self.job_queue_size < 1:
+            raise ValueError(f"job_queue_size must be >= 1, got {self.job_queue_size}")
+        if self.min_workers < 0 or self.max_workers < max(self.min_workers, 1):
+            raise ValueError(
+                f"need 0 <= min_workers <= max_workers and max_workers >= 1, "
+                f"got {self.min_workers}/{self.max_workers}"
+            )
+
+
+class Worker(Protocol):
+    """Runs one batch at a time for one model version.
+
+    The batcher never calls `predict` on a worker again before the previous call returned, so a
+    worker may keep per-thread state (a handler instance, a CUDA stream). `predict` returns one
+    `Prediction` per request, in order; a request that failed alone carries its own status.
+    Raising fails the whole batch, and the model keeps serving later batches.
+    """
+
+    device: str
+
+    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]: ...
+
+    async def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """Where a model version's inference happens: in-process, or in a remote TorchServe.
+
+    Example of a minimal backend::
+
+        class EchoBackend:
+            batches = True
+            signature = None
+            manifest = {}
+            async def start_worker(self, index): return EchoWorker()
+            async def close(self): pass
+    """
+
+    # True when torchgate should batch in front of this backend. A remote TorchServe batches on
+    # its own side, so batching twice would only add delay.
+    batches: bool
+    # The archive's signature.json (input/output names, datatypes, shapes), if it has one.
+    signature: Mapping[str, Any] | None
+    manifest: Mapping[str, Any]
+
+    async def start_worker(self, index: int) -> Worker:
+        """Start worker number `index` (0-based; picks the device round-robin)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Observer(Protocol):
+    """Receives what the core measures; metrics and logs plug in here, the core imports neither.
+
+    Called on the event loop, so implementations must be cheap and must not block.
+    """
+
+    def request_finished(
+        self,
+        request: InferenceRequest,
+        model: str,
+        version: str,
+        status: int,
+        latency_s: float,
+        prediction: Prediction | None,
+        shadow: bool = False,
+    ) -> None: ...
+
+    def request_rejected(self, model: str, version: str, reason: str) -> None: ...
+
+    def batch_finished(self, model: str, version: str, size: int, inference_s: float) -> None: ...
+
+    def queue_changed(self, model: str, version: str, depth: int) -> None: ...
+
+
+class NullObserver:
+    """An observer that records nothing."""
+
+    def request_finished(
+        self,
+        request: InferenceRequest,
+        model: str,
+        version: str,
+        status: int,
+        latency_s: float,
+        prediction: Prediction | None,
+        shadow: bool = False,
+    ) -> None:
+        pass
+
+    def request_rejected(self, model: str, version: str, reason: str) -> None:
+        pass
+
+    def batch_finished(self, model: str, version: str, size: int, inference_s: float) -> None:
+        pass
+
+    def queue_changed(self, model: str, version: str, depth: int) -> None:
+        pass
+
+
+# Reasons for `Observer.request_rejected`.
+REJECT_QUEUE_FULL = "queue_full"
+REJECT_DEADLINE = "deadline"
+REJECT_AUTH = "auth"
+REJECT_TOO_LARGE = "too_large"
+REJECT_DISCONNECTED = "disconnected"

@@ -1,0 +1,154 @@
+"""One exception tree for torchgate, translated to HTTP and gRPC at the edge.
+
+    TorchgateError
+    ├── BadRequest                 400  INVALID_ARGUMENT
+    │   └── PayloadTooLarge        413  RESOURCE_EXHAUSTED
+    ├── Unauthenticated            401  UNAUTHENTICATED
+    ├── Forbidden                  403  PERMISSION_DENIED
+    ├── NotFound                   404  NOT_FOUND
+    │   ├── ModelNotFound
+    │   └── VersionNotFound
+    ├── MethodNotAllowed           405  UNIMPLEMENTED
+    ├── Conflict                   409  FAILED_PRECONDITION
+    ├── InferenceFailed            500  INTERNAL       (the handler raised)
+    ├── BackendUnavailable         502  UNAVAILABLE    (a remote backend is down)
+    ├── Overloaded                 503  UNAVAILABLE    (queue full; carries Retry-After)
+    ├── ModelNotReady              503  UNAVAILABLE
+    └── DeadlineExceeded           504  DEADLINE_EXCEEDED
+
+REST and gRPC both read `STATUS_TABLE` (via `http_status` / `grpc_code`), so the two protocols
+cannot drift apart. The lookup walks the exception's MRO, so a new subclass inherits its parent's
+codes unless the table names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+
+class TorchgateError(Exception):
+    """Base of every error torchgate reports to a client.
+
+    `type_name` is the `type` field of TorchServe's error body (`{"code", "type", "message"}`).
+    """
+
+    type_name = "InternalServerException"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadRequest(TorchgateError):
+    type_name = "BadRequestException"
+
+
+class PayloadTooLarge(BadRequest):
+    type_name = "RequestEntityTooLargeException"
+
+
+class Unauthenticated(TorchgateError):
+    type_name = "InvalidKeyException"
+
+
+class Forbidden(TorchgateError):
+    type_name = "ForbiddenException"
+
+
+class NotFound(TorchgateError):
+    type_name = "ResourceNotFoundException"
+
+
+class ModelNotFound(NotFound):
+    type_name = "ModelNotFoundException"
+
+
+class VersionNotFound(NotFound):
+    type_name = "ModelVersionNotFoundException"
+
+
+class MethodNotAllowed(TorchgateError):
+    type_name = "MethodNotAllowedException"
+
+
+class Conflict(TorchgateError):
+    type_name = "ConflictStatusException"
+
+
+class InferenceFailed(TorchgateError):
+    type_name = "InternalServerException"
+
+
+class BackendUnavailable(TorchgateError):
+    type_name = "BadGatewayException"
+
+
+class Overloaded(TorchgateError):
+    type_name = "ServiceUnavailableException"
+
+
+class ModelNotReady(TorchgateError):
+    type_name = "ServiceUnavailableException"
+
+
+class DeadlineExceeded(TorchgateError):
+    type_name = "RequestTimeoutException"
+
+
+STATUS_TABLE: dict[type[TorchgateError], tuple[int, grpc.StatusCode]] = {
+    TorchgateError: (500, grpc.StatusCode.INTERNAL),
+    BadRequest: (400, grpc.StatusCode.INVALID_ARGUMENT),
+    PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    Unauthenticated: (401, grpc.StatusCode.UNAUTHENTICATED),
+    Forbidden: (403, grpc.StatusCode.PERMISSION_DENIED),
+    NotFound: (404, grpc.StatusCode.NOT_FOUND),
+    MethodNotAllowed: (405, grpc.StatusCode.UNIMPLEMENTED),
+    Conflict: (409, grpc.StatusCode.FAILED_PRECONDITION),
+    InferenceFailed: (500, grpc.StatusCode.INTERNAL),
+    BackendUnavailable: (502, grpc.StatusCode.UNAVAILABLE),
+    Overloaded: (503, grpc.StatusCode.UNAVAILABLE),
+    ModelNotReady: (503, grpc.StatusCode.UNAVAILABLE),
+    DeadlineExceeded: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
+}
+
+
+def _codes(error: TorchgateError) -> tuple[int, grpc.StatusCode]:
+    for cls in type(error).__mro__:
+        if cls in STATUS_TABLE:
+            return STATUS_TABLE[cls]
+    return STATUS_TABLE[TorchgateError]
+
+
+def http_status(error: TorchgateError) -> int:
+    return _codes(error)[0]
+
+
+def grpc_code(error: TorchgateError) -> grpc.StatusCode:
+    return _codes(error)[1]
+
+
+def error_for_status(status: int, message: str) -> TorchgateError:
+    """The error a handler's per-item status (`set_response_status`) stands for."""
+    for cls, (code, _) in STATUS_TABLE.items():
+        if code == status and cls is not TorchgateError:
+            return cls(message)
+    return TorchgateError(message)
+
+
+@contextmanager
+def wrapping(error: type[TorchgateError], what: str) -> Iterator[None]:
+    """Turn any foreign exception raised inside into `error`, keeping the cause.
+
+    Used once around each call into torch / onnxruntime / handler code / httpx, so the rest of
+    torchgate only ever sees the tree above.
+    """
+    try:
+        yield
+    except TorchgateError:
+        raise
+    except Exception as exc:
+        raise error(f"{what}: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,149 @@
+"""Turns a model url (a .mar in model_store, or an allowed local path) into a registered version.
+
+Shared by start-up (`load_models`, `models={...}`) and the management API's `POST /models`, so
+both validate archives the same way. Nothing is fetched over the network: TorchServe would
+download an http(s) url, torchgate refuses it and asks for the archive in model_store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from api.config import Config
+from api.core.registry import ModelVersion, Registry
+from api.core.types import Backend, ModelSettings
+from api.errors import BadRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+# Builds a backend for an archive path: (path, settings, work_dir) -> Backend.
+LocalBackendLoader = Callable[[Path, ModelSettings, Path], Awaitable[Backend]]
+
+
+class ModelLoader:
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        work_dir: Path,
+        load_local: LocalBackendLoader,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.work_dir = work_dir
+        self._load_local = load_local
+
+    def resolve(self, url: str) -> Path:
+        """The local archive a url names; BadRequest/NotFound when it is not allowed or absent."""
+        scheme = urlsplit(url).scheme
+        if scheme in ("http", "https", "s3"):
+            raise BadRequest(
+                f"torchgate does not download model archives ({url}); "
+                f"copy the archive into the model store {self.config.model_store} and register "
+                f"it by file name"
+            )
+        store = self.config.model_store.resolve()
+        if scheme == "file":
+            path = Path(unquote(urlsplit(url).path))
+        elif "/" not in url and "\\" not in url:
+            path = store / url
+        else:
+            path = Path(url)
+        path = path.resolve()
+        inside_store = path.is_relative_to(store)
+        if not inside_store and not self.config.allows_url(path.as_uri()):
+            raise BadRequest(f"Given URL {url} does not match any allowed URL(s)")
+        if not path.exists():
+            raise NotFound(f"Model archive not found: {url} (looked for {path})")
+        return path
+
+    async def register(
+        self,
+        url: str,
+        settings: ModelSettings,
+        *,
+        model_name: str | None = None,
+        version: str | None = None,
+        make_default: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        path = self.resolve(url)
+        backend = await self._load_local(path, settings, self.work_dir)
+        manifest_model = backend.manifest.get("model", {})
+        name = model_name or str(manifest_model.get("modelName") or path.stem)
+        version = version or str(manifest_model.get("modelVersion") or "1.0")
+
+        async def ready_backend() -> Backend:
+            return backend
+
+        try:
+            return await self.registry.register(
+                name, version, url, ready_backend, settings,
+                make_default=make_default,
+                backend_info={"kind": "local", **(extra or {})},
+            )
+        except BaseException:
+            await backend.close()
+            raise
+
+    async def load_startup_models(self) -> list[str]:
+        """Register what config.properties asks for; returns one error line per failure.
+
+        One bad archive never stops the others from loading.
+        """
+        errors: list[str] = []
+        wanted = _startup_urls(self.config)
+        for entry in self.config.models:
+            # As in TorchServe, models={...} only describes; load_models decides what loads.
+            if not wanted or ("all" not in wanted and entry.mar_name not in wanted):
+                continue
+            try:
+                await self.register(
+                    entry.mar_name, entry.settings, model_name=entry.name,
+                    version=entry.version, make_default=entry.default, extra=entry.extra,
+                )
+            except Exception as exc:
+                errors.append(f"{entry.name} {entry.version} ({entry.mar_name}): {exc}")
+        listed = {entry.mar_name for entry in self.config.models}
+        for url, name in _extra_startup_archives(self.config, wanted, listed):
+            try:
+                await self.register(url, self.config.model_settings(), model_name=name)
+            except Exception as exc:
+                errors.append(f"{url}: {exc}")
+        for line in errors:
+            log.error("could not load model: %s", line)
+        return errors
+
+
+def _startup_urls(config: Config) -> set[str]:
+    """Archive file names named by load_models (name=file.mar or file.mar), or {"all"}."""
+    urls: set[str] = set()
+    for item in config.load_models.split(","):
+        item = item.strip()
+        if item:
+            urls.add(item.split("=", 1)[1] if "=" in item else item)
+    return urls
+
+
+def _extra_startup_archives(
+    config: Config, wanted: set[str], listed: set[str]
+) -> list[tuple[str, str | None]]:
+    """Archives load_models asks for that models={...} does not describe."""
+    found: list[tuple[str, str | None]] = []
+    if "all" in wanted:
+        store = config.model_store
+        if store.is_dir():
+            found += [(p.name, None) for p in sorted(store.glob("*.mar")) if p.name not in listed]
+        return found
+    for item in config.load_models.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, _, url = item.rpartition("=")
+        if url not in listed:
+            found.append((url, name or None))
+    return found

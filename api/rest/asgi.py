@@ -1,0 +1,95 @@
+"""Small ASGI helpers for the hot prediction paths, which skip FastAPI's routing on purpose.
+
+On small models the HTTP stack, not the model, is the cost (see DESIGN.md's performance notes),
+so `POST /predictions/...` and `POST /v2/.../infer` are plain ASGI: read the body once, call the
+dataplane, send one response. Everything else goes through FastAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from api.errors import PayloadTooLarge
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its body was read."""
+
+
+def header_dict(scope: Scope) -> dict[str, str]:
+    """Request headers with lower-case names (the last one wins for repeated names)."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def request_id(headers: dict[str, str]) -> str:
+    return headers.get("x-request-id") or uuid.uuid4().hex
+
+
+async def read_body(receive: Receive, limit: int, headers: dict[str, str]) -> bytes:
+    """The whole body, or PayloadTooLarge as soon as it passes `limit` bytes."""
+    declared = headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body of {declared} bytes exceeds max_request_size {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(
+                    f"Request body exceeds max_request_size of {limit} bytes"
+                )
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def send_response(
+    send: Send, status: int, body: bytes, headers: dict[str, str] | list[tuple[str, str]]
+) -> None:
+    items = headers.items() if isinstance(headers, dict) else headers
+    raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in items]
+    raw_headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def cancel_on_disconnect(receive: Receive, work: Awaitable[Any]) -> Any:
+    """Await `work`, cancelling it if the client disconnects first.
+
+    Cancelling reaches the batcher as a cancelled future, so a request whose client went away
+    while it was queued is never run.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_message(watch: asyncio.Future[Message]) -> None:
+        disconnected = (
+            not watch.cancelled()
+            and watch.exception() is None
+            and watch.result().get("type") == "http.disconnect"
+        )
+        if disconnected:
+            task.cancel()
+
+    watch = asyncio.ensure_future(receive())
+    watch.add_done_callback(on_message)
+    try:
+        return await work
+    finally:
+        watch.remove_done_callback(on_message)
+        watch.cancel()

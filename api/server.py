@@ -1,0 +1,117 @@
+"""Runs torchgate: HTTP on the inference, management and metrics addresses, gRPC beside them.
+
+All servers share one event loop (uvloop when installed). SIGTERM or SIGINT starts a graceful
+shutdown: /ping turns unhealthy, the listeners close, requests already accepted are answered
+(queued ones included), then models are unloaded and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any
+
+import uvicorn
+
+from api.app import Torchgate, build
+from api.config import Address, Config
+from api.rest.asgi import ASGIApp
+
+log = logging.getLogger("torchgate")
+
+# Extra servers (gRPC) are started through hooks so this module does not depend on them:
+# each hook gets the Torchgate and returns (start, stop) coroutines.
+ExtraServer = tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]
+extra_server_hooks: list[Callable[[Torchgate], ExtraServer | None]] = []
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to `serve()`, which runs several."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _http_server(app: ASGIApp, address: Address, *, log_level: str) -> _Server:
+    if address.scheme == "https":
+        raise ValueError(f"TLS is not supported on {address}; terminate TLS in front of torchgate")
+    config = uvicorn.Config(
+        app,
+        host=address.host,
+        port=address.port,
+        http="httptools",
+        loop="none",
+        lifespan="off",
+        access_log=False,
+        log_level=log_level,
+        server_header=False,
+        date_header=False,
+        backlog=4096,
+        timeout_graceful_shutdown=30,
+        timeout_keep_alive=30,
+    )
+    return _Server(config)
+
+
+async def serve(config: Config, *, log_level: str = "info", ready: asyncio.Event | None = None
+                ) -> None:
+    torchgate = build(config)
+    torchgate.dataplane.accepting = False  # /ping stays unhealthy until models are loaded
+    http_servers = [
+        _http_server(torchgate.inference_app, config.inference_address, log_level=log_level),
+        _http_server(torchgate.management_app, config.management_address, log_level=log_level),
+        _http_server(torchgate.metrics_app, config.metrics_address, log_level=log_level),
+    ]
+    extras = [s for s in (hook(torchgate) for hook in extra_server_hooks) if s is not None]
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+    tasks = [asyncio.create_task(server.serve()) for server in http_servers]
+    for start, _ in extras:
+        await start()
+    await torchgate.start()
+    torchgate.dataplane.accepting = True
+    log.info(
+        "torchgate serving %d model version(s): inference %s, management %s, metrics %s",
+        sum(1 for _ in torchgate.registry), config.inference_address,
+        config.management_address, config.metrics_address,
+    )
+    if ready is not None:
+        ready.set()
+
+    done, _ = await asyncio.wait(
+        [asyncio.create_task(stopping.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED
+    )
+    for task in done:
+        if task in tasks and task.exception() is not None:
+            log.error("an HTTP server failed: %s", task.exception())
+    log.info("shutting down: finishing accepted requests")
+    torchgate.dataplane.accepting = False
+    for server in http_servers:
+        server.should_exit = True
+    for _, stop in extras:
+        await stop(30.0)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await torchgate.stop()
+    log.info("torchgate stopped")
+
+
+def run(config: Config, *, log_level: str = "info") -> None:
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    runner: Any
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        runner = asyncio.run
+    runner(serve(config, log_level=log_level))
