@@ -9,27 +9,27 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
-from fastapi.responses import ORJSONResponse
 
 from api.core.dataplane import DataPlane
+from api.rest.responses import JsonResponse
 
 
 def inference_router(dataplane: DataPlane, app: FastAPI) -> APIRouter:
     router = APIRouter(tags=["inference"])
 
     @router.get("/ping")
-    async def ping() -> ORJSONResponse:
+    async def ping() -> JsonResponse:
         if dataplane.ready():
-            return ORJSONResponse({"status": "Healthy"})
-        return ORJSONResponse({"status": "Unhealthy"}, status_code=500)
+            return JsonResponse({"status": "Healthy"})
+        return JsonResponse({"status": "Unhealthy"}, status_code=500)
 
     @router.options("/")
-    async def api_description_options() -> ORJSONResponse:
-        return ORJSONResponse(openapi_document(app))
+    async def api_description_options() -> JsonResponse:
+        return JsonResponse(openapi_document(app))
 
     @router.get("/api-description")
-    async def api_description() -> ORJSONResponse:
-        return ORJSONResponse(openapi_document(app))
+    async def api_description() -> JsonResponse:
+        return JsonResponse(openapi_document(app))
 
     return router
 

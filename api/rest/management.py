@@ -7,11 +7,11 @@ import os
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import ORJSONResponse
 
 from api.core.registry import ModelVersion, Registry
 from api.errors import BadRequest, MethodNotAllowed
 from api.loader import ModelLoader
+from api.rest.responses import JsonResponse
 from api.rest.security import TokenAuth
 
 
@@ -40,7 +40,7 @@ def management_router(
         initial_workers: int | None = Query(None, ge=0),
         synchronous: bool = True,
         response_timeout: float | None = Query(None, gt=0),
-    ) -> ORJSONResponse:
+    ) -> JsonResponse:
         require_model_api()
         overrides: dict[str, Any] = {}
         if batch_size is not None:
@@ -57,7 +57,7 @@ def management_router(
         # waiting for workers, which here start with the model, so both wait.
         version = await loader.register(url, settings, model_name=model_name)
         workers = len(version.workers)
-        return ORJSONResponse(
+        return JsonResponse(
             {"status": f'Model "{version.name}" Version: {version.version} registered with '
                        f"{workers} initial workers"}
         )
@@ -65,7 +65,7 @@ def management_router(
     @router.get("/models")
     async def list_models(
         limit: int = Query(100, ge=1), next_page_token: int = Query(0, ge=0)
-    ) -> ORJSONResponse:
+    ) -> JsonResponse:
         limit = min(limit, 1000)
         names = registry.names()
         page = names[next_page_token : next_page_token + limit]
@@ -76,19 +76,19 @@ def management_router(
         }
         if next_page_token + limit < len(names):
             body["nextPageToken"] = str(next_page_token + limit)
-        return ORJSONResponse(body)
+        return JsonResponse(body)
 
     @router.get("/models/{model_name}")
-    async def describe_default(model_name: str) -> ORJSONResponse:
-        return ORJSONResponse([describe(registry, registry.get(model_name))])
+    async def describe_default(model_name: str) -> JsonResponse:
+        return JsonResponse([describe(registry, registry.get(model_name))])
 
     @router.get("/models/{model_name}/all")
-    async def describe_all(model_name: str) -> ORJSONResponse:
-        return ORJSONResponse([describe(registry, v) for v in registry.versions(model_name)])
+    async def describe_all(model_name: str) -> JsonResponse:
+        return JsonResponse([describe(registry, v) for v in registry.versions(model_name)])
 
     @router.get("/models/{model_name}/{version}")
-    async def describe_version(model_name: str, version: str) -> ORJSONResponse:
-        return ORJSONResponse([describe(registry, registry.get(model_name, version))])
+    async def describe_version(model_name: str, version: str) -> JsonResponse:
+        return JsonResponse([describe(registry, registry.get(model_name, version))])
 
     async def scale(
         model_name: str,
@@ -98,7 +98,7 @@ def management_router(
         synchronous: bool,
         batch_size: int | None,
         max_batch_delay: float | None,
-    ) -> ORJSONResponse:
+    ) -> JsonResponse:
         model_version = registry.get(model_name, version)
         if batch_size is not None or max_batch_delay is not None:
             registry.update_batching(
@@ -118,8 +118,8 @@ def management_router(
         # Workers are started before this answers either way; TorchServe's asynchronous form
         # answers 202, and clients check for it.
         if synchronous:
-            return ORJSONResponse({"status": message})
-        return ORJSONResponse({"status": "Processing worker updates..."}, status_code=202)
+            return JsonResponse({"status": message})
+        return JsonResponse({"status": "Processing worker updates..."}, status_code=202)
 
     @router.put("/models/{model_name}")
     async def scale_default(
@@ -129,15 +129,15 @@ def management_router(
         synchronous: bool = False,
         batch_size: int | None = Query(None, ge=1),
         max_batch_delay: float | None = Query(None, ge=0),
-    ) -> ORJSONResponse:
+    ) -> JsonResponse:
         return await scale(
             model_name, None, min_worker, max_worker, synchronous, batch_size, max_batch_delay
         )
 
     @router.put("/models/{model_name}/{version}/set-default")
-    async def set_default(model_name: str, version: str) -> ORJSONResponse:
+    async def set_default(model_name: str, version: str) -> JsonResponse:
         registry.set_default(model_name, version)
-        return ORJSONResponse(
+        return JsonResponse(
             {"status": f'Default version successfully updated for model "{model_name}" '
                        f'to "{version}"'}
         )
@@ -151,33 +151,33 @@ def management_router(
         synchronous: bool = False,
         batch_size: int | None = Query(None, ge=1),
         max_batch_delay: float | None = Query(None, ge=0),
-    ) -> ORJSONResponse:
+    ) -> JsonResponse:
         return await scale(
             model_name, version, min_worker, max_worker, synchronous, batch_size, max_batch_delay
         )
 
     @router.delete("/models/{model_name}")
-    async def unregister_default(model_name: str) -> ORJSONResponse:
+    async def unregister_default(model_name: str) -> JsonResponse:
         require_model_api()
         model_version = await registry.unregister(model_name)
-        return ORJSONResponse(
+        return JsonResponse(
             {"status": f'Model "{model_name}" Version: {model_version.version} unregistered'}
         )
 
     @router.delete("/models/{model_name}/{version}")
-    async def unregister_version(model_name: str, version: str) -> ORJSONResponse:
+    async def unregister_version(model_name: str, version: str) -> JsonResponse:
         require_model_api()
         await registry.unregister(model_name, version)
-        return ORJSONResponse(
+        return JsonResponse(
             {"status": f'Model "{model_name}" Version: {version} unregistered'}
         )
 
     @router.post("/token")
-    async def new_token(request: Request, type: str = Query(...)) -> ORJSONResponse:
+    async def new_token(request: Request, type: str = Query(...)) -> JsonResponse:
         if auth is None:
             raise BadRequest("Token authorization is disabled (disable_token_authorization)")
         key = auth.regenerate(type, request.headers.get("authorization"))
-        return ORJSONResponse({type: {"key": key}})
+        return JsonResponse({type: {"key": key}})
 
     return router
 

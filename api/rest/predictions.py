@@ -57,6 +57,7 @@ class PredictionsEndpoint:
             answer = await cancel_on_disconnect(
                 receive, self.dataplane.infer(model, version, request)
             )
+            status, payload, content_type = prediction_parts(answer.prediction)
         except (ClientDisconnected, asyncio.CancelledError):
             return  # nobody is left to answer
         except TorchgateError as exc:
@@ -65,9 +66,7 @@ class PredictionsEndpoint:
             error_headers["x-request-id"] = rid
             await send_response(send, status, payload, error_headers)
             return
-        prediction = answer.prediction
-        status, payload, content_type = prediction_parts(prediction)
-        response_headers = [(k, v) for k, v in prediction.headers.items()
+        response_headers = [(k, v) for k, v in answer.prediction.headers.items()
                             if k.lower() != "content-type"]
         response_headers += [
             ("content-type", content_type),

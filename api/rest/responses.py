@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from starlette.responses import Response
 
 from api.core.types import Prediction
-from api.errors import TorchgateError, http_status
+from api.errors import InferenceFailed, TorchgateError, http_status, wrapping
 
 JSON = "application/json"
 _ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -51,4 +52,15 @@ def prediction_parts(prediction: Prediction) -> tuple[int, bytes, str]:
         return prediction.status, bytes(body), content_type or "application/octet-stream"
     if isinstance(body, str):
         return prediction.status, body.encode(), content_type or "text/plain; charset=utf-8"
-    return prediction.status, dumps(body), content_type or JSON
+    with wrapping(InferenceFailed, "Handler output cannot be sent as JSON"):
+        encoded = dumps(body)
+    return prediction.status, encoded, content_type or JSON
+
+
+class JsonResponse(Response):
+    """A JSON response encoded with orjson (FastAPI's ORJSONResponse is deprecated)."""
+
+    media_type = JSON
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
