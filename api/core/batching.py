@@ -4,11 +4,14 @@ The rule, per worker:
 
 1. Block (on an event, never polling) until a request is queued; it opens the batch.
 2. Take whatever else is already queued, up to `max_batch_size`.
-3. Only if step 2 found company — requests were piling up, so the server is under load and more
-   are on their way — wait for the batch to fill, at most until the first request's arrival
-   plus `max_batch_delay`. The delay clock starts when the first request of the batch arrived,
-   not when a worker picked it up, so a request that already queued that long goes at once.
-   A lone request at an idle worker is never held: waiting cannot help it.
+3. Only while another worker of this model is busy — the model is saturated, more requests are
+   coming and compute is already occupied — wait for the batch to fill, at most until the first
+   request's arrival plus `max_batch_delay`. The delay clock starts when the first request of the
+   batch arrived, not when a worker picked it up, so a request that already queued that long
+   goes at once.
+   Otherwise go at once: holding a batch while no other batch runs only leaves compute idle,
+   and under load batches fill anyway, because requests queue up while the worker runs.
+   (TorchServe always waits the full delay for a partial batch: 7-8 ms at concurrency 1.)
 4. Run the batch and resolve each request's future on its own.
 
 Requests whose future is already done (the client disconnected, or the dataplane gave up at the
@@ -165,8 +168,9 @@ class Batcher:
             self._take_queued(batch)
             if batch:
                 break
-        found_company = len(batch) > 1 or bool(self._queue)
-        if found_company and len(batch) < self.max_batch_size and self.max_batch_delay_s > 0:
+            self._note_if_idle()  # everything queued was abandoned or expired
+        saturated = self._running > 0  # another worker is running a batch right now
+        if saturated and len(batch) < self.max_batch_size and self.max_batch_delay_s > 0:
             try:
                 await self._fill(batch)
             except asyncio.CancelledError:
@@ -207,7 +211,6 @@ class Batcher:
                 )
                 continue
             batch.append(pending)
-        self._note_if_idle()
 
     async def _run(self, worker: Worker, batch: list[Pending]) -> None:
         started = self._clock()

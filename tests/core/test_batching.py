@@ -1,0 +1,273 @@
+"""The batcher, with fake workers and an injected clock: no test here waits on a timer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from api.core.batching import Batcher
+from api.core.types import InferenceRequest, Prediction
+from api.errors import DeadlineExceeded, InferenceFailed, Overloaded
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class GatedWorker:
+    """Records batches; each batch waits for the gate, so tests decide when work finishes."""
+
+    device = "cpu"
+
+    def __init__(self, *, gate: asyncio.Event | None = None) -> None:
+        self.batches: list[list[str]] = []
+        self.gate = gate
+        self.started = asyncio.Event()
+
+    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+        self.batches.append([r.request_id for r in batch])
+        self.started.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        return [Prediction(r.request_id, status=400 if r.request_id == "bad" else 200)
+                for r in batch]
+
+    async def close(self) -> None:
+        pass
+
+
+def request(rid: str) -> InferenceRequest:
+    return InferenceRequest({"body": rid}, {}, rid)
+
+
+def make_batcher(clock: FakeClock | None = None, **overrides: float) -> Batcher:
+    settings = {
+        "max_batch_size": 4,
+        "max_batch_delay_s": 1000.0,  # a wait would hang the test: it must never happen here
+        "queue_size": 100,
+        "response_timeout_s": 60.0,
+    }
+    settings.update(overrides)
+    return Batcher(
+        model="m", version="1.0",
+        max_batch_size=int(settings["max_batch_size"]),
+        max_batch_delay_s=settings["max_batch_delay_s"],
+        queue_size=int(settings["queue_size"]),
+        response_timeout_s=settings["response_timeout_s"],
+        clock=clock or FakeClock(),
+    )
+
+
+def run(coro: object) -> None:
+    asyncio.run(asyncio.wait_for(coro, 10))  # type: ignore[arg-type]
+
+
+def test_lone_request_at_idle_worker_is_not_held() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher()
+        worker = GatedWorker()
+        task = asyncio.create_task(batcher.serve(worker))
+        prediction = await batcher.submit(request("a"))
+        assert prediction.body == "a"
+        assert prediction.batch_size == 1
+        assert worker.batches == [["a"]]
+        task.cancel()
+
+    run(scenario())
+
+
+def test_burst_is_served_in_full_batches_in_order() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher()
+        worker = GatedWorker()
+        futures = [batcher.submit(request(str(i))) for i in range(10)]
+        task = asyncio.create_task(batcher.serve(worker))
+        results = await asyncio.gather(*futures)
+        assert [p.body for p in results] == [str(i) for i in range(10)]
+        assert worker.batches == [["0", "1", "2", "3"], ["4", "5", "6", "7"], ["8", "9"]]
+        task.cancel()
+
+    run(scenario())
+
+
+def test_idle_model_never_holds_a_partial_batch() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher()  # max_batch_delay 1000 s: a hold would hang the test
+        futures = [batcher.submit(request(x)) for x in ("a", "b")]
+        worker = GatedWorker()
+        task = asyncio.create_task(batcher.serve(worker))
+        await asyncio.gather(*futures)
+        assert worker.batches == [["a", "b"]]
+        task.cancel()
+
+    run(scenario())
+
+
+def test_saturated_model_holds_a_partial_batch_until_full() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher()
+        gate = asyncio.Event()
+        busy, second = GatedWorker(gate=gate), GatedWorker()
+        tasks = [asyncio.create_task(batcher.serve(busy))]
+        first = batcher.submit(request("first"))
+        await busy.started.wait()  # one worker is busy: the model is saturated
+        tasks.append(asyncio.create_task(batcher.serve(second)))
+        pending = [batcher.submit(request("a"))]
+        await asyncio.sleep(0)
+        assert second.batches == []  # "a" is held for company while the other worker runs
+        pending += [batcher.submit(request(x)) for x in ("b", "c", "d")]
+        await asyncio.gather(*pending)
+        assert second.batches == [["a", "b", "c", "d"]]
+        gate.set()
+        await first
+        for task in tasks:
+            task.cancel()
+
+    run(scenario())
+
+
+def test_delay_clock_starts_at_first_arrival() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        batcher = make_batcher(clock, max_batch_delay_s=0.005)
+        gate = asyncio.Event()
+        busy, second = GatedWorker(gate=gate), GatedWorker()
+        tasks = [asyncio.create_task(batcher.serve(busy))]
+        first = batcher.submit(request("first"))
+        await busy.started.wait()
+        queued = [batcher.submit(request(x)) for x in ("a", "b")]
+        clock.now = 1.0  # "a" has waited longer than max_batch_delay: no more waiting for it
+        tasks.append(asyncio.create_task(batcher.serve(second)))
+        await asyncio.gather(*queued)
+        assert second.batches == [["a", "b"]]
+        gate.set()
+        await first
+        for task in tasks:
+            task.cancel()
+
+    run(scenario())
+
+
+def test_full_queue_is_refused_at_once_with_retry_after() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(queue_size=2)
+        batcher.submit(request("a"))
+        batcher.submit(request("b"))
+        with pytest.raises(Overloaded) as error:
+            batcher.submit(request("c"))
+        assert error.value.retry_after is not None
+
+    run(scenario())
+
+
+def test_expired_requests_get_504_and_never_run() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        batcher = make_batcher(clock, response_timeout_s=1.0)
+        worker = GatedWorker()
+        stale = batcher.submit(request("stale"))
+        clock.now = 2.0
+        fresh = batcher.submit(request("fresh"))
+        task = asyncio.create_task(batcher.serve(worker))
+        with pytest.raises(DeadlineExceeded):
+            await stale
+        assert (await fresh).body == "fresh"
+        assert worker.batches == [["fresh"]]
+        task.cancel()
+
+    run(scenario())
+
+
+def test_abandoned_requests_are_skipped_before_inference() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher()
+        worker = GatedWorker()
+        gone = batcher.submit(request("gone"))
+        kept = batcher.submit(request("kept"))
+        gone.cancel()  # what a client disconnect or a dataplane timeout does
+        task = asyncio.create_task(batcher.serve(worker))
+        await kept
+        assert worker.batches == [["kept"]]
+        task.cancel()
+
+    run(scenario())
+
+
+def test_per_item_status_fails_only_that_item() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher()
+        futures = [batcher.submit(request(x)) for x in ("a", "bad", "c")]
+        task = asyncio.create_task(batcher.serve(GatedWorker()))
+        results = await asyncio.gather(*futures)
+        assert [p.status for p in results] == [200, 400, 200]
+        task.cancel()
+
+    run(scenario())
+
+
+class CrashingWorker(GatedWorker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("CUDA went away")
+        if self.calls == 2:
+            return []  # the wrong number of answers
+        return await super().predict(batch)
+
+
+def test_crashing_handler_fails_its_batch_and_the_model_keeps_serving() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(max_batch_size=2)
+        first = [batcher.submit(request(x)) for x in ("a", "b")]
+        second = [batcher.submit(request(x)) for x in ("c", "d")]
+        third = batcher.submit(request("e"))
+        task = asyncio.create_task(batcher.serve(CrashingWorker()))
+        for future in first + second:
+            with pytest.raises(InferenceFailed):
+                await future
+        assert (await third).body == "e"
+        task.cancel()
+
+    run(scenario())
+
+
+def test_drain_finishes_queued_work_and_refuses_new() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher()
+        futures = [batcher.submit(request(str(i))) for i in range(6)]
+        task = asyncio.create_task(batcher.serve(GatedWorker()))
+        await batcher.drain()
+        assert all(f.done() and not f.exception() for f in futures)
+        with pytest.raises(Overloaded):
+            batcher.submit(request("late"))
+        task.cancel()
+
+    run(scenario())
+
+
+def test_stopping_a_worker_mid_batch_still_answers_the_batch() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher()
+        gate = asyncio.Event()
+        worker = GatedWorker(gate=gate)
+        task = asyncio.create_task(batcher.serve(worker))
+        future = batcher.submit(request("a"))
+        await worker.started.wait()
+        task.cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        assert (await future).body == "a"
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(scenario())

@@ -1,0 +1,159 @@
+"""Registry and dataplane with an in-memory backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from api.core.dataplane import DataPlane
+from api.core.registry import Registry
+from api.core.types import Backend, InferenceRequest, ModelSettings, Prediction
+from api.errors import (
+    BadRequest,
+    Conflict,
+    DeadlineExceeded,
+    ModelNotFound,
+    ModelNotReady,
+    VersionNotFound,
+)
+
+
+class EchoWorker:
+    device = "cpu"
+
+    def __init__(self, version: str, delay: float) -> None:
+        self.version, self.delay = version, delay
+        self.closed = False
+
+    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return [Prediction({"version": self.version, "body": r.inputs["body"]}) for r in batch]
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class EchoBackend:
+    batches = True
+    manifest: dict[str, Any] = {"model": {"serializedFile": "model.onnx"}}
+
+    def __init__(self, version: str, delay: float = 0.0) -> None:
+        self.version, self.delay = version, delay
+        self.signature = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]}
+        self.workers: list[EchoWorker] = []
+        self.closed = False
+
+    async def start_worker(self, index: int) -> EchoWorker:
+        worker = EchoWorker(self.version, self.delay)
+        self.workers.append(worker)
+        return worker
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def factory(backend: EchoBackend) -> Callable[[], Awaitable[Backend]]:
+    async def make() -> Backend:
+        return backend
+
+    return make
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def test_register_serve_and_unregister_versions() -> None:
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        v1, v2 = EchoBackend("1.0"), EchoBackend("2.0")
+        await registry.register("m", "1.0", "m.mar", factory(v1), ModelSettings(min_workers=2,
+                                                                               max_workers=2))
+        await registry.register("m", "2.0", "m2.mar", factory(v2), ModelSettings())
+        assert registry.default_version("m") == "1.0"  # the first version stays the default
+        assert len(v1.workers) == 2
+        answer = await dataplane.infer("m", None, InferenceRequest({"body": 1}))
+        assert answer.prediction.body == {"version": "1.0", "body": 1}
+        answer = await dataplane.infer("m", "2.0", InferenceRequest({"body": 2}))
+        assert answer.model_version.version == "2.0"
+
+        with pytest.raises(Conflict):  # the default version goes last
+            await registry.unregister("m", "1.0")
+        registry.set_default("m", "2.0")
+        await registry.unregister("m", "1.0")
+        assert v1.closed and all(w.closed for w in v1.workers)
+        assert [v.version for v in registry.versions("m")] == ["2.0"]
+
+    run(scenario())
+
+
+def test_unknown_models_versions_and_duplicates() -> None:
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        await registry.register("m", "1.0", "m.mar", factory(EchoBackend("1.0")), ModelSettings())
+        with pytest.raises(ModelNotFound):
+            await dataplane.infer("nope", None, InferenceRequest({"body": 0}))
+        with pytest.raises(VersionNotFound):
+            await dataplane.infer("m", "9.9", InferenceRequest({"body": 0}))
+        with pytest.raises(VersionNotFound):
+            registry.set_default("m", "9.9")
+        with pytest.raises(Conflict):
+            await registry.register("m", "1.0", "m.mar", factory(EchoBackend("1.0")),
+                                    ModelSettings())
+
+    run(scenario())
+
+
+def test_scaling_to_zero_makes_the_model_not_ready_and_back() -> None:
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        backend = EchoBackend("1.0")
+        await registry.register("m", "1.0", "m.mar", factory(backend), ModelSettings())
+        await registry.scale("m", None, 0, 1)
+        assert not dataplane.ready()
+        with pytest.raises(ModelNotReady):
+            await dataplane.infer("m", None, InferenceRequest({"body": 0}))
+        await registry.scale("m", None, 3, 3)
+        assert len(registry.get("m").workers) == 3
+        assert dataplane.ready()
+        with pytest.raises(BadRequest):
+            await registry.scale("m", None, 2, 1)
+
+    run(scenario())
+
+
+def test_request_past_response_timeout_gets_504() -> None:
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        # The worker takes 100 s; the deadline is 10 ms: four orders of magnitude of margin.
+        await registry.register(
+            "slow", "1.0", "s.mar", factory(EchoBackend("1.0", delay=100.0)),
+            ModelSettings(response_timeout_s=0.01),
+        )
+        with pytest.raises(DeadlineExceeded):
+            await dataplane.infer("slow", None, InferenceRequest({"body": 0}))
+
+    run(scenario())
+
+
+def test_metadata_comes_from_the_signature() -> None:
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        await registry.register("m", "1.0", "m.mar", factory(EchoBackend("1.0")), ModelSettings())
+        metadata = dataplane.metadata("m")
+        assert metadata.platform == "onnxruntime_onnx"
+        assert metadata.versions == ["1.0"]
+        assert [(t.name, t.datatype, t.shape) for t in metadata.inputs] == [
+            ("x", "FP32", [-1, 64])
+        ]
+
+    run(scenario())
