@@ -15,12 +15,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the archives config.properties names")
-    serve.add_argument("--config", "--ts-config", default="config.properties",
-                       help="a TorchServe config.properties (default: ./config.properties)")
-    serve.add_argument("--log-level", default=os.environ.get("TORCHGATE_LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"])
-    sub.add_parser("export", help="train/export example models and build .mar archives",
-                   add_help=False)
+    serve.add_argument(
+        "--config",
+        "--ts-config",
+        default="config.properties",
+        help="a TorchServe config.properties (default: ./config.properties)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=os.environ.get("TORCHGATE_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+    )
+    sub.add_parser(
+        "export", help="train/export example models and build .mar archives", add_help=False
+    )
     sub.add_parser("bench", help="closed-loop load test against a URL", add_help=False)
 
     if args and args[0] == "export":

@@ -144,8 +144,14 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
         for key in ("inference_address", "management_address", "metrics_address"):
             if key in raw:
                 setattr(config, key, Address.parse(raw[key]))
-        for key in ("grpc_inference_port", "grpc_management_port", "default_workers_per_model",
-                    "job_queue_size", "max_request_size", "max_response_size"):
+        for key in (
+            "grpc_inference_port",
+            "grpc_management_port",
+            "default_workers_per_model",
+            "job_queue_size",
+            "max_request_size",
+            "max_response_size",
+        ):
             if key in raw:
                 setattr(config, key, int(raw[key]))
         for key in ("grpc_inference_address", "grpc_management_address", "load_models"):

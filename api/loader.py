@@ -82,7 +82,11 @@ class ModelLoader:
 
         try:
             return await self.registry.register(
-                name, version, url, ready_backend, settings,
+                name,
+                version,
+                url,
+                ready_backend,
+                settings,
                 make_default=make_default,
                 backend_info={"kind": "local", **(extra or {})},
             )
@@ -103,8 +107,12 @@ class ModelLoader:
                 continue
             try:
                 await self.register(
-                    entry.mar_name, entry.settings, model_name=entry.name,
-                    version=entry.version, make_default=entry.default, extra=entry.extra,
+                    entry.mar_name,
+                    entry.settings,
+                    model_name=entry.name,
+                    version=entry.version,
+                    make_default=entry.default,
+                    extra=entry.extra,
                 )
             except Exception as exc:
                 errors.append(f"{entry.name} {entry.version} ({entry.mar_name}): {exc}")

@@ -26,8 +26,26 @@ from prometheus_client import (
 from api.core.types import InferenceRequest, Prediction
 
 LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -40,48 +58,70 @@ class PrometheusObserver:
         ProcessCollector(registry=self.registry)
         r = self.registry
         self.requests = Counter(
-            "torchgate_requests_total", "Inference requests answered",
-            ["model", "version", "api", "status", "shadow"], registry=r,
+            "torchgate_requests_total",
+            "Inference requests answered",
+            ["model", "version", "api", "status", "shadow"],
+            registry=r,
         )
         self.latency = Histogram(
-            "torchgate_request_latency_seconds", "Request latency inside torchgate",
-            ["model", "version", "api", "shadow"], buckets=LATENCY_BUCKETS, registry=r,
+            "torchgate_request_latency_seconds",
+            "Request latency inside torchgate",
+            ["model", "version", "api", "shadow"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "torchgate_queue_wait_seconds", "Time a request waited for a worker",
-            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
+            "torchgate_queue_wait_seconds",
+            "Time a request waited for a worker",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference = Histogram(
-            "torchgate_inference_seconds", "Handler time per batch",
-            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
+            "torchgate_inference_seconds",
+            "Handler time per batch",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
-            "torchgate_batch_size", "Requests per batch",
-            ["model", "version"], buckets=BATCH_SIZE_BUCKETS, registry=r,
+            "torchgate_batch_size",
+            "Requests per batch",
+            ["model", "version"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
         )
         self.rejected = Counter(
-            "torchgate_rejected_total", "Requests refused before inference",
-            ["model", "version", "reason"], registry=r,
+            "torchgate_rejected_total",
+            "Requests refused before inference",
+            ["model", "version", "reason"],
+            registry=r,
         )
         self.queue_depth = Gauge(
-            "torchgate_queue_depth", "Requests waiting in the queue",
-            ["model", "version"], registry=r,
+            "torchgate_queue_depth",
+            "Requests waiting in the queue",
+            ["model", "version"],
+            registry=r,
         )
         hostname = socket.gethostname()
         self._hostname = hostname
         self.ts_requests = Counter(
-            "ts_inference_requests", "Total number of inference requests (TorchServe name)",
-            ["model_name", "model_version", "hostname"], registry=r,
+            "ts_inference_requests",
+            "Total number of inference requests (TorchServe name)",
+            ["model_name", "model_version", "hostname"],
+            registry=r,
         )
         self.ts_latency = Counter(
             "ts_inference_latency_microseconds",
             "Cumulative inference duration in microseconds (TorchServe name)",
-            ["model_name", "model_version", "hostname"], registry=r,
+            ["model_name", "model_version", "hostname"],
+            registry=r,
         )
         self.ts_queue_latency = Counter(
             "ts_queue_latency_microseconds",
             "Cumulative queuing duration in microseconds (TorchServe name)",
-            ["model_name", "model_version", "hostname"], registry=r,
+            ["model_name", "model_version", "hostname"],
+            registry=r,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
 

@@ -57,8 +57,9 @@ def _http_server(app: ASGIApp, address: Address, *, log_level: str) -> _Server:
     return _Server(config)
 
 
-async def serve(config: Config, *, log_level: str = "info", ready: asyncio.Event | None = None
-                ) -> None:
+async def serve(
+    config: Config, *, log_level: str = "info", ready: asyncio.Event | None = None
+) -> None:
     torchgate = build(config)
     torchgate.dataplane.accepting = False  # /ping stays unhealthy until models are loaded
     http_servers = [
@@ -80,8 +81,10 @@ async def serve(config: Config, *, log_level: str = "info", ready: asyncio.Event
     torchgate.dataplane.accepting = True
     log.info(
         "torchgate serving %d model version(s): inference %s, management %s, metrics %s",
-        sum(1 for _ in torchgate.registry), config.inference_address,
-        config.management_address, config.metrics_address,
+        sum(1 for _ in torchgate.registry),
+        config.inference_address,
+        config.management_address,
+        config.metrics_address,
     )
     if ready is not None:
         ready.set()

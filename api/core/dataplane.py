@@ -89,9 +89,7 @@ class DataPlane:
 
     # -- inference ------------------------------------------------------------------------------
 
-    async def infer(
-        self, model: str, version: str | None, request: InferenceRequest
-    ) -> Answer:
+    async def infer(self, model: str, version: str | None, request: InferenceRequest) -> Answer:
         """Route, queue and run one request; raises a `TorchgateError` on failure.
 
         A handler's per-item error (status >= 400) comes back as a `Prediction` with that status,
@@ -109,13 +107,21 @@ class DataPlane:
             prediction = await self._run(model_version, request)
         except TorchgateError as exc:
             self._observer.request_finished(
-                request, model, model_version.version, http_status(exc),
-                time.monotonic() - started, None,
+                request,
+                model,
+                model_version.version,
+                http_status(exc),
+                time.monotonic() - started,
+                None,
             )
             raise
         self._observer.request_finished(
-            request, model, model_version.version, prediction.status,
-            time.monotonic() - started, prediction,
+            request,
+            model,
+            model_version.version,
+            prediction.status,
+            time.monotonic() - started,
+            prediction,
         )
         return Answer(model_version, prediction)
 
@@ -149,7 +155,12 @@ class DataPlane:
             except Exception:
                 log.exception("shadow request to %s/%s failed", model, version)
             self._observer.request_finished(
-                request, model, version, status, time.monotonic() - started, prediction,
+                request,
+                model,
+                version,
+                status,
+                time.monotonic() - started,
+                prediction,
                 shadow=True,
             )
 

@@ -75,6 +75,8 @@ class Registry:
         self._defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()  # serialises register/scale/unregister, not inference
         self.on_change: list[Callable[[], None]] = []
+        # Asked (model, version) before a version is unloaded; raising (e.g. Conflict) refuses.
+        self.before_unregister: list[Callable[[str, str], None]] = []
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -179,6 +181,8 @@ class Registry:
                     f"Cannot remove default version {model_version.version} of model {name}: "
                     f"set another default version first"
                 )
+            for guard in self.before_unregister:
+                guard(name, model_version.version)
             model_version.state = ModelState.UNLOADING
             del self._models[name][model_version.version]
             if not self._models[name]:

@@ -49,9 +49,7 @@ async def read_body(receive: Receive, limit: int, headers: dict[str, str]) -> by
         if chunk:
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(
-                    f"Request body exceeds max_request_size of {limit} bytes"
-                )
+                raise PayloadTooLarge(f"Request body exceeds max_request_size of {limit} bytes")
             chunks.append(chunk)
         if not message.get("more_body", False):
             break

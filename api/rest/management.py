@@ -58,8 +58,10 @@ def management_router(
         version = await loader.register(url, settings, model_name=model_name)
         workers = len(version.workers)
         return JsonResponse(
-            {"status": f'Model "{version.name}" Version: {version.version} registered with '
-                       f"{workers} initial workers"}
+            {
+                "status": f'Model "{version.name}" Version: {version.version} registered with '
+                f"{workers} initial workers"
+            }
         )
 
     @router.get("/models")
@@ -70,9 +72,7 @@ def management_router(
         names = registry.names()
         page = names[next_page_token : next_page_token + limit]
         body: dict[str, Any] = {
-            "models": [
-                {"modelName": name, "modelUrl": registry.get(name).url} for name in page
-            ]
+            "models": [{"modelName": name, "modelUrl": registry.get(name).url} for name in page]
         }
         if next_page_token + limit < len(names):
             body["nextPageToken"] = str(next_page_token + limit)
@@ -102,8 +102,10 @@ def management_router(
         model_version = registry.get(model_name, version)
         if batch_size is not None or max_batch_delay is not None:
             registry.update_batching(
-                model_name, model_version.version,
-                batch_size=batch_size, max_batch_delay_ms=max_batch_delay,
+                model_name,
+                model_version.version,
+                batch_size=batch_size,
+                max_batch_delay_ms=max_batch_delay,
             )
         if min_worker is not None or max_worker is not None:
             low = min_worker if min_worker is not None else model_version.settings.min_workers
@@ -138,8 +140,10 @@ def management_router(
     async def set_default(model_name: str, version: str) -> JsonResponse:
         registry.set_default(model_name, version)
         return JsonResponse(
-            {"status": f'Default version successfully updated for model "{model_name}" '
-                       f'to "{version}"'}
+            {
+                "status": f'Default version successfully updated for model "{model_name}" '
+                f'to "{version}"'
+            }
         )
 
     @router.put("/models/{model_name}/{version}")
@@ -168,9 +172,7 @@ def management_router(
     async def unregister_version(model_name: str, version: str) -> JsonResponse:
         require_model_api()
         await registry.unregister(model_name, version)
-        return JsonResponse(
-            {"status": f'Model "{model_name}" Version: {version} unregistered'}
-        )
+        return JsonResponse({"status": f'Model "{model_name}" Version: {version} unregistered'})
 
     @router.post("/token")
     async def new_token(request: Request, type: str = Query(...)) -> JsonResponse:

@@ -66,8 +66,9 @@ class PredictionsEndpoint:
             error_headers["x-request-id"] = rid
             await send_response(send, status, payload, error_headers)
             return
-        response_headers = [(k, v) for k, v in answer.prediction.headers.items()
-                            if k.lower() != "content-type"]
+        response_headers = [
+            (k, v) for k, v in answer.prediction.headers.items() if k.lower() != "content-type"
+        ]
         response_headers += [
             ("content-type", content_type),
             ("x-request-id", rid),
@@ -77,8 +78,10 @@ class PredictionsEndpoint:
 
     def _note_rejection(self, exc: TorchgateError, scope: Scope) -> None:
         reason = (
-            REJECT_AUTH if isinstance(exc, Unauthenticated)
-            else REJECT_TOO_LARGE if isinstance(exc, PayloadTooLarge)
+            REJECT_AUTH
+            if isinstance(exc, Unauthenticated)
+            else REJECT_TOO_LARGE
+            if isinstance(exc, PayloadTooLarge)
             else None
         )
         if reason is not None:

@@ -44,8 +44,11 @@ def prediction_parts(prediction: Prediction) -> tuple[int, bytes, str]:
     if not prediction.ok and body in (None, b"", ""):
         return (
             prediction.status,
-            error_body(prediction.status, "InternalServerException" if prediction.status >= 500
-                       else "BadRequestException", prediction.message),
+            error_body(
+                prediction.status,
+                "InternalServerException" if prediction.status >= 500 else "BadRequestException",
+                prediction.message,
+            ),
             JSON,
         )
     if isinstance(body, bytes | bytearray | memoryview):

@@ -35,8 +35,9 @@ class GatedWorker:
         self.started.set()
         if self.gate is not None:
             await self.gate.wait()
-        return [Prediction(r.request_id, status=400 if r.request_id == "bad" else 200)
-                for r in batch]
+        return [
+            Prediction(r.request_id, status=400 if r.request_id == "bad" else 200) for r in batch
+        ]
 
     async def close(self) -> None:
         pass
@@ -55,7 +56,8 @@ def make_batcher(clock: FakeClock | None = None, **overrides: float) -> Batcher:
     }
     settings.update(overrides)
     return Batcher(
-        model="m", version="1.0",
+        model="m",
+        version="1.0",
         max_batch_size=int(settings["max_batch_size"]),
         max_batch_delay_s=settings["max_batch_delay_s"],
         queue_size=int(settings["queue_size"]),

@@ -72,8 +72,9 @@ def test_register_serve_and_unregister_versions() -> None:
         registry = Registry()
         dataplane = DataPlane(registry)
         v1, v2 = EchoBackend("1.0"), EchoBackend("2.0")
-        await registry.register("m", "1.0", "m.mar", factory(v1), ModelSettings(min_workers=2,
-                                                                               max_workers=2))
+        await registry.register(
+            "m", "1.0", "m.mar", factory(v1), ModelSettings(min_workers=2, max_workers=2)
+        )
         await registry.register("m", "2.0", "m2.mar", factory(v2), ModelSettings())
         assert registry.default_version("m") == "1.0"  # the first version stays the default
         assert len(v1.workers) == 2
@@ -104,8 +105,9 @@ def test_unknown_models_versions_and_duplicates() -> None:
         with pytest.raises(VersionNotFound):
             registry.set_default("m", "9.9")
         with pytest.raises(Conflict):
-            await registry.register("m", "1.0", "m.mar", factory(EchoBackend("1.0")),
-                                    ModelSettings())
+            await registry.register(
+                "m", "1.0", "m.mar", factory(EchoBackend("1.0")), ModelSettings()
+            )
 
     run(scenario())
 
@@ -135,7 +137,10 @@ def test_request_past_response_timeout_gets_504() -> None:
         dataplane = DataPlane(registry)
         # The worker takes 100 s; the deadline is 10 ms: four orders of magnitude of margin.
         await registry.register(
-            "slow", "1.0", "s.mar", factory(EchoBackend("1.0", delay=100.0)),
+            "slow",
+            "1.0",
+            "s.mar",
+            factory(EchoBackend("1.0", delay=100.0)),
             ModelSettings(response_timeout_s=0.01),
         )
         with pytest.raises(DeadlineExceeded):
@@ -152,8 +157,6 @@ def test_metadata_comes_from_the_signature() -> None:
         metadata = dataplane.metadata("m")
         assert metadata.platform == "onnxruntime_onnx"
         assert metadata.versions == ["1.0"]
-        assert [(t.name, t.datatype, t.shape) for t in metadata.inputs] == [
-            ("x", "FP32", [-1, 64])
-        ]
+        assert [(t.name, t.datatype, t.shape) for t in metadata.inputs] == [("x", "FP32", [-1, 64])]
 
     run(scenario())
