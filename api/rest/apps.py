@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
+from api.core.routing import TrafficRouter
 from api.errors import Unauthenticated
 from api.loader import ModelLoader
 from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_response
@@ -18,6 +19,8 @@ from api.rest.management import management_router
 from api.rest.predictions import PredictionsEndpoint
 from api.rest.responses import error_parts
 from api.rest.security import MANAGEMENT, TokenAuth
+from api.rest.traffic import traffic_router
+from api.rest.v2 import V2InferEndpoint, is_infer_path, v2_router
 
 
 class InferenceApp:
@@ -55,9 +58,12 @@ def build_inference_app(
     )
     install_error_handlers(fastapi_app)
     fastapi_app.include_router(inference_router(dataplane, fastapi_app))
+    fastapi_app.include_router(v2_router(dataplane))
     app = InferenceApp(fastapi_app)
     predictions = PredictionsEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
     app.add_hot_path("POST", lambda path: path.startswith("/predictions/"), predictions)
+    v2_infer = V2InferEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
+    app.add_hot_path("POST", is_infer_path, v2_infer)
     return app
 
 
@@ -79,7 +85,12 @@ class RequireKey:
 
 
 def build_management_app(
-    registry: Registry, loader: ModelLoader, *, enable_model_api: bool, auth: TokenAuth | None
+    registry: Registry,
+    loader: ModelLoader,
+    *,
+    enable_model_api: bool,
+    auth: TokenAuth | None,
+    router: TrafficRouter | None = None,
 ) -> ASGIApp:
     app = FastAPI(
         title="torchgate management API",
@@ -87,6 +98,9 @@ def build_management_app(
         version="0.1.0",
     )
     install_error_handlers(app)
+    if router is not None:
+        # Before TorchServe's routes: /models/{m}/{version} would take "traffic" as a version.
+        app.include_router(traffic_router(router))
     app.include_router(
         management_router(registry, loader, enable_model_api=enable_model_api, auth=auth)
     )

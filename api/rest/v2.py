@@ -1,0 +1,194 @@
+"""KServe v2 (Open Inference Protocol) over REST, on the inference port.
+
+Health and metadata are FastAPI routes; `POST .../infer` is plain ASGI like `/predictions`.
+Errors are `{"error": "..."}` as the protocol says, with the status from `api.errors`.
+Triton's binary tensor extension is handled by `api.v2.codec`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from urllib.parse import unquote
+
+from fastapi import APIRouter
+
+from api.core.dataplane import DataPlane, ModelMetadata
+from api.core.types import API_V2_REST, REJECT_AUTH, REJECT_TOO_LARGE
+from api.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    TorchgateError,
+    Unauthenticated,
+    http_status,
+)
+from api.rest.asgi import (
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    cancel_on_disconnect,
+    header_dict,
+    read_body,
+    request_id,
+    send_response,
+)
+from api.rest.responses import JsonResponse, dumps
+from api.rest.security import INFERENCE, TokenAuth
+from api.v2 import bridge
+from api.v2.codec import decode_rest, encode_rest
+
+SERVER_NAME = "torchgate"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def v2_error_parts(exc: TorchgateError) -> tuple[int, bytes, dict[str, str]]:
+    headers = {"content-type": "application/json"}
+    if exc.retry_after is not None:
+        headers["retry-after"] = str(max(1, round(exc.retry_after)))
+    return http_status(exc), dumps({"error": exc.message}), headers
+
+
+def v2_router(dataplane: DataPlane) -> APIRouter:
+    router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+
+    @router.get("")
+    async def server_metadata() -> JsonResponse:
+        return JsonResponse(
+            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+        )
+
+    @router.get("/health/live")
+    async def live() -> JsonResponse:
+        return JsonResponse({"live": dataplane.live()})
+
+    @router.get("/health/ready")
+    async def ready() -> JsonResponse:
+        is_ready = dataplane.ready()
+        return JsonResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @router.get("/models/{model}")
+    async def model_metadata(model: str) -> JsonResponse:
+        return JsonResponse(metadata_json(dataplane.metadata(model)))
+
+    @router.get("/models/{model}/versions/{version}")
+    async def version_metadata(model: str, version: str) -> JsonResponse:
+        return JsonResponse(metadata_json(dataplane.metadata(model, version)))
+
+    @router.get("/models/{model}/ready")
+    async def model_ready(model: str) -> JsonResponse:
+        return readiness(model, None)
+
+    @router.get("/models/{model}/versions/{version}/ready")
+    async def version_ready(model: str, version: str) -> JsonResponse:
+        return readiness(model, version)
+
+    def readiness(model: str, version: str | None) -> JsonResponse:
+        # tritonclient reads readiness from the status code alone: 200 ready, else not.
+        is_ready = dataplane.model_ready(model, version)
+        return JsonResponse(
+            {"name": model, "ready": is_ready}, status_code=200 if is_ready else 503
+        )
+
+    return router
+
+
+def metadata_json(metadata: ModelMetadata) -> dict[str, object]:
+    return {
+        "name": metadata.name,
+        "versions": metadata.versions,
+        "platform": metadata.platform,
+        "inputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in metadata.inputs
+        ],
+        "outputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in metadata.outputs
+        ],
+    }
+
+
+def is_infer_path(path: str) -> bool:
+    return path.startswith("/v2/models/") and path.endswith("/infer")
+
+
+class V2InferEndpoint:
+    """`POST /v2/models/{m}[/versions/{v}]/infer`, JSON or binary tensors."""
+
+    def __init__(
+        self, dataplane: DataPlane, *, max_request_size: int, auth: TokenAuth | None = None
+    ) -> None:
+        self.dataplane = dataplane
+        self.max_request_size = max_request_size
+        self.auth = auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = header_dict(scope)
+        rid = request_id(headers)
+        try:
+            model, version = _model_and_version(scope["path"])
+            if self.auth is not None:
+                self.auth.check(INFERENCE, headers.get("authorization"))
+            body = await read_body(receive, self.max_request_size, headers)
+            body = _decompress(body, headers.get("content-encoding"), self.max_request_size)
+            with bridge.codec_errors():
+                request = decode_rest(body, headers.get("inference-header-content-length"))
+            response = await cancel_on_disconnect(
+                receive,
+                bridge.infer(
+                    self.dataplane,
+                    model,
+                    version,
+                    request,
+                    headers=headers,
+                    request_id=rid,
+                    api=API_V2_REST,
+                ),
+            )
+            with bridge.codec_errors():
+                payload, extra = encode_rest(response, request.outputs, request.binary_data_output)
+        except (ClientDisconnected, asyncio.CancelledError):
+            return
+        except TorchgateError as exc:
+            await self._fail(send, exc, rid, scope)
+            return
+        extra["x-request-id"] = rid
+        if response.model_version:
+            extra["x-model-version"] = response.model_version
+        await send_response(send, 200, payload, extra)
+
+    async def _fail(self, send: Send, exc: TorchgateError, rid: str, scope: Scope) -> None:
+        if isinstance(exc, Unauthenticated | PayloadTooLarge):
+            reason = REJECT_AUTH if isinstance(exc, Unauthenticated) else REJECT_TOO_LARGE
+            self.dataplane.note_rejected("", "", reason)
+        status, payload, headers = v2_error_parts(exc)
+        headers["x-request-id"] = rid
+        await send_response(send, status, payload, headers)
+
+
+def _model_and_version(path: str) -> tuple[str, str | None]:
+    parts = [unquote(p) for p in path.split("/") if p]
+    # ["v2", "models", m, "infer"] or ["v2", "models", m, "versions", v, "infer"]
+    if len(parts) == 4:
+        return parts[2], None
+    if len(parts) == 6 and parts[3] == "versions":
+        return parts[2], parts[4]
+    raise NotFound(f"Unknown v2 path: {path}")
+
+
+def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """Undo `Content-Encoding: gzip|deflate` (tritonclient's request_compression_algorithm)."""
+    if not encoding or encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise BadRequest(f"Unsupported Content-Encoding: {encoding}")
+    wbits = 31 if encoding == "gzip" else 15
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"Body is not valid {encoding} data: {exc}") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"Decompressed body exceeds max_request_size of {limit} bytes")
+    return data

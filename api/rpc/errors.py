@@ -1,0 +1,42 @@
+"""Translating torchgate's exception tree to gRPC status at the edge, via `api.errors`' table."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from api.errors import TorchgateError, grpc_code
+
+Servicer = TypeVar("Servicer")
+Method = Callable[[Servicer, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def grpc_errors(method: Method[Servicer]) -> Method[Servicer]:
+    """Abort a unary call with the status the error table gives its TorchgateError."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except TorchgateError as exc:
+            await abort(context, exc)
+
+    return wrapper
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: TorchgateError) -> None:
+    if exc.retry_after is not None:
+        context.set_trailing_metadata((("retry-after", str(max(1, round(exc.retry_after)))),))
+    await context.abort(grpc_code(exc), exc.message)
+
+
+def metadata_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """Invocation metadata as lower-case headers (binary `-bin` entries are left out)."""
+    return {
+        key.lower(): value
+        for key, value in (context.invocation_metadata() or ())
+        if isinstance(value, str)
+    }

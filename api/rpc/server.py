@@ -1,0 +1,113 @@
+"""gRPC servers on TorchServe's ports: inference (7070) and management (7071).
+
+Token authorization and size limits apply as on REST: the same TorchServe keys (sent as
+`authorization: Bearer <key>` metadata) and `max_request_size` / `max_response_size` as gRPC's
+message size limits, so an oversized message fails with RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from api.app import Torchgate
+from api.core.types import REJECT_AUTH
+from api.errors import Unauthenticated, grpc_code
+from api.rest.security import INFERENCE, MANAGEMENT, TokenAuth
+
+log = logging.getLogger(__name__)
+
+# Health and reflection-free liveness calls that need no key, as /ping on REST.
+_OPEN_METHODS = frozenset(
+    {
+        "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Ping",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+    }
+)
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without the right TorchServe key, before any message is read."""
+
+    def __init__(self, auth: TokenAuth, kind: str, on_reject: Callable[[], None]) -> None:
+        self.auth, self.kind, self.on_reject = auth, kind, on_reject
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        if method not in _OPEN_METHODS:
+            metadata = dict(handler_call_details.invocation_metadata or ())
+            try:
+                self.auth.check(self.kind, metadata.get("authorization"))
+            except Unauthenticated as exc:
+                self.on_reject()
+                return _refusal(exc)
+        return await continuation(handler_call_details)
+
+
+def _refusal(exc: Unauthenticated) -> grpc.RpcMethodHandler:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc_code(exc), exc.message)
+
+    # Unary-unary and unary-stream refusals look the same to a client: the call fails at once.
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _server(torchgate: Torchgate, kind: str) -> grpc.aio.Server:
+    config = torchgate.config
+    interceptors = []
+    if torchgate.auth is not None:
+        interceptors.append(
+            TokenInterceptor(
+                torchgate.auth, kind, lambda: torchgate.dataplane.note_rejected("", "", REJECT_AUTH)
+            )
+        )
+    return grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", config.max_request_size),
+            ("grpc.max_send_message_length", config.max_response_size),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+
+
+def grpc_servers(
+    torchgate: Torchgate,
+) -> tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]:
+    """(start, stop) for both gRPC servers; `api.server` runs them beside the HTTP ones."""
+    from api.rpc.kserve import add_kserve_servicer
+    from api.rpc.torchserve import add_torchserve_inference_servicer, add_torchserve_management
+
+    config = torchgate.config
+    inference = _server(torchgate, INFERENCE)
+    management = _server(torchgate, MANAGEMENT)
+    add_kserve_servicer(inference, torchgate)
+    add_torchserve_inference_servicer(inference, torchgate)
+    add_torchserve_management(management, torchgate)
+    inference.add_insecure_port(f"{config.grpc_inference_address}:{config.grpc_inference_port}")
+    management.add_insecure_port(f"{config.grpc_management_address}:{config.grpc_management_port}")
+
+    async def start() -> None:
+        await inference.start()
+        await management.start()
+        log.info(
+            "gRPC inference on %s:%d, management on %s:%d",
+            config.grpc_inference_address,
+            config.grpc_inference_port,
+            config.grpc_management_address,
+            config.grpc_management_port,
+        )
+
+    async def stop(grace: float) -> None:
+        await inference.stop(grace)
+        await management.stop(grace)
+
+    return start, stop

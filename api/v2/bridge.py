@@ -1,0 +1,191 @@
+"""How KServe v2 tensors reach a `.mar` handler, and how its answer becomes v2 tensors.
+
+The rule (also in docs/kserve_v2.md):
+
+1. Every v2 request reaches the handler as one TorchServe request item whose body is the v2
+   request itself, tensors as numpy arrays::
+
+       {"body": {"id": ..., "parameters": {...},
+                 "inputs": [{"name", "shape", "datatype", "data": np.ndarray, "parameters"}],
+                 "outputs": [{"name": ...}]}}
+
+   Handlers that speak v2 (torchgate's own; TorchServe handlers written for KServe) read it.
+2. An archive without a `signature.json` is taken to be a plain TorchServe handler. Its item
+   then looks like what the same data posted to `/predictions` would give: a single input
+   becomes the body (one BYTES element as raw bytes, several as a list of strings, numbers as
+   nested lists like a parsed JSON array); several inputs become form fields named after the
+   inputs.
+3. The handler's answer for the item becomes the response tensors: a dict with "outputs"
+   (v2-style, data as numpy arrays or lists) is taken as is; bytes or str become one BYTES
+   element; numbers (a scalar, list or array) become a numeric tensor; anything else (a dict
+   such as `{"label": probability}`) becomes one BYTES element holding its JSON. The output is
+   named after the signature's first output, or "output0".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import orjson
+
+from api.core.dataplane import DataPlane
+from api.core.types import InferenceRequest, Prediction
+from api.errors import BadRequest, InferenceFailed, TorchgateError, error_for_status
+from api.v2.codec import CodecError, Tensor, V2Request, V2Response, numpy_dtype
+from api.v2.tensors import as_bytes, object_array
+
+DEFAULT_OUTPUT = "output0"
+
+
+@contextmanager
+def codec_errors() -> Iterator[None]:
+    """Around decoding and encoding: the client's mistakes are 400, anything else 500.
+
+    (Encoding can be the client's mistake too: a requested output the model does not have.)
+    """
+    try:
+        yield
+    except CodecError as exc:
+        raise BadRequest(str(exc)) from None
+    except TorchgateError:
+        raise
+    except Exception as exc:
+        raise InferenceFailed(f"Handler output is not a valid v2 tensor: {exc}") from exc
+
+
+async def infer(
+    dataplane: DataPlane,
+    model: str,
+    version: str | None,
+    request: V2Request,
+    *,
+    headers: Mapping[str, str],
+    request_id: str,
+    api: str,
+) -> V2Response:
+    """One v2 inference through the dataplane, for the REST and gRPC endpoints alike."""
+    item = InferenceRequest({"body": handler_body(request)}, headers, request_id, api, True)
+    answer = await dataplane.infer(model, version, item)
+    return response_tensors(
+        answer.prediction,
+        model=model,
+        version=answer.model_version.version,
+        request_id=request.id,
+        signature=answer.model_version.backend.signature,
+    )
+
+
+def handler_body(request: V2Request) -> dict[str, Any]:
+    """Rule 1: the v2 request as the item's body, tensors as (writable) numpy arrays."""
+    return {
+        "id": request.id,
+        "parameters": request.parameters,
+        "inputs": [
+            {
+                "name": t.name,
+                "shape": list(t.shape),
+                "datatype": t.datatype,
+                # Decoded binary tensors are read-only views of the request body;
+                # torch.from_numpy warns on those, so hand handlers a copy.
+                "data": t.data if t.data.flags.writeable else t.data.copy(),
+                "parameters": t.parameters,
+            }
+            for t in request.inputs
+        ],
+        "outputs": [{"name": o.name} for o in request.outputs],
+    }
+
+
+def plain_item(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Rule 2: the TorchServe request item a plain handler would get for the same data."""
+    inputs = body.get("inputs") or []
+    if len(inputs) == 1:
+        return {"body": _plain_value(inputs[0]["data"], inputs[0]["datatype"])}
+    return {t["name"]: _plain_value(t["data"], t["datatype"]) for t in inputs}
+
+
+def _plain_value(data: np.ndarray, datatype: str) -> Any:
+    if datatype == "BYTES":
+        if data.size == 1:
+            return bytes(data.reshape(-1)[0])
+        return [_text(v) for v in data.reshape(-1)]
+    return data.tolist()
+
+
+def _text(value: bytes) -> str | bytes:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value
+
+
+def response_tensors(
+    prediction: Prediction,
+    *,
+    model: str,
+    version: str,
+    request_id: str | None,
+    signature: Mapping[str, Any] | None,
+) -> V2Response:
+    """Rule 3. A per-item error status set by the handler raises its TorchgateError."""
+    if not prediction.ok:
+        raise error_for_status(prediction.status, _error_message(prediction))
+    body = prediction.body
+    if isinstance(body, dict) and isinstance(body.get("outputs"), list):
+        outputs = [_tensor_from_dict(entry) for entry in body["outputs"]]
+    else:
+        outputs = [_tensor_from_value(_first_output_name(signature), body)]
+    return V2Response(
+        model_name=model, model_version=version, id=request_id, parameters={}, outputs=outputs
+    )
+
+
+def _tensor_from_dict(entry: Mapping[str, Any]) -> Tensor:
+    datatype = str(entry["datatype"])
+    data = entry["data"]
+    if datatype == "BYTES":
+        array = object_array([as_bytes(v) for v in np.asarray(data, dtype=object).reshape(-1)])
+    else:
+        array = np.asarray(data, dtype=numpy_dtype(datatype))
+    shape = [int(d) for d in entry.get("shape", array.shape)]
+    return Tensor(
+        name=str(entry["name"]),
+        datatype=datatype,
+        shape=tuple(shape),
+        data=array.reshape(shape),
+        parameters=dict(entry.get("parameters") or {}),
+    )
+
+
+def _tensor_from_value(name: str, value: Any) -> Tensor:
+    if isinstance(value, bytes | bytearray | str):
+        return Tensor.from_numpy(name, object_array([as_bytes(value)]))
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return Tensor.from_numpy(name, value)
+    if isinstance(value, int | float | bool | list):
+        try:
+            array = np.asarray(value)
+        except ValueError:  # ragged lists
+            array = np.asarray(None)
+        if array.dtype.kind in "biuf":
+            return Tensor.from_numpy(name, array)
+    return Tensor.from_numpy(
+        name, object_array([orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)])
+    )
+
+
+def _first_output_name(signature: Mapping[str, Any] | None) -> str:
+    outputs = (signature or {}).get("outputs") or []
+    return str(outputs[0]["name"]) if outputs else DEFAULT_OUTPUT
+
+
+def _error_message(prediction: Prediction) -> str:
+    body = prediction.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return body["message"]
+    if isinstance(body, bytes | str) and body:
+        return body.decode() if isinstance(body, bytes) else body
+    return prediction.message or f"Handler answered status {prediction.status}"
