@@ -11,21 +11,18 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Generator
 from typing import Any
 
 import uvicorn
 
-from api.app import Torchgate, build
+from api.app import build
 from api.config import Address, Config
 from api.rest.asgi import ASGIApp
+from api.rpc.server import grpc_servers
 
 log = logging.getLogger("torchgate")
 
-# Extra servers (gRPC) are started through hooks so this module does not depend on them:
-# each hook gets the Torchgate and returns (start, stop) coroutines.
-ExtraServer = tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]
-extra_server_hooks: list[Callable[[Torchgate], ExtraServer | None]] = []
 
 
 class _Server(uvicorn.Server):
@@ -58,16 +55,20 @@ def _http_server(app: ASGIApp, address: Address, *, log_level: str) -> _Server:
 
 
 async def serve(
-    config: Config, *, log_level: str = "info", ready: asyncio.Event | None = None
+    config: Config,
+    *,
+    log_level: str = "info",
+    ready: asyncio.Event | None = None,
+    access_log: bool | None = None,
 ) -> None:
-    torchgate = build(config)
+    torchgate = build(config, access_log=access_log)
     torchgate.dataplane.accepting = False  # /ping stays unhealthy until models are loaded
     http_servers = [
         _http_server(torchgate.inference_app, config.inference_address, log_level=log_level),
         _http_server(torchgate.management_app, config.management_address, log_level=log_level),
         _http_server(torchgate.metrics_app, config.metrics_address, log_level=log_level),
     ]
-    extras = [s for s in (hook(torchgate) for hook in extra_server_hooks) if s is not None]
+    extras = [grpc_servers(torchgate)]
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -106,7 +107,7 @@ async def serve(
     log.info("torchgate stopped")
 
 
-def run(config: Config, *, log_level: str = "info") -> None:
+def run(config: Config, *, log_level: str = "info", access_log: bool | None = None) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -117,4 +118,4 @@ def run(config: Config, *, log_level: str = "info") -> None:
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         runner = asyncio.run
-    runner(serve(config, log_level=log_level))
+    runner(serve(config, log_level=log_level, access_log=access_log))

@@ -1,0 +1,71 @@
+"""Build model archives the way TorchServe users do: torch-model-archiver over source files."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+
+ARCHIVER = Path(sys.executable).with_name("torch-model-archiver")
+_counter = itertools.count()
+
+
+def build_archive(
+    workdir: Path,
+    name: str,
+    handler: str,
+    files: Mapping[str, str | bytes] | None = None,
+    *,
+    serialized: str | None = None,
+    version: str = "1.0",
+    config: str | None = None,
+    model_file: str | None = None,
+    archive_format: str = "default",
+    export_dir: Path | None = None,
+) -> Path:
+    """Write `files` under `workdir`, run torch-model-archiver, return the archive's path.
+
+    `handler` is a file among `files` or a built-in handler name; the files not named by
+    `handler`, `serialized`, `config` or `model_file` become --extra-files. The archive goes to
+    `export_dir` (a fresh folder under `workdir` unless given).
+    """
+    files = files or {}
+    src = workdir / f"src-{name}-{next(_counter)}"
+    src.mkdir(parents=True)
+    for file_name, content in files.items():
+        # The archiver copies a directory's *contents*: nested files go under _tree/.
+        target = src / "_tree" / file_name if "/" in file_name else src / file_name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(textwrap.dedent(content))
+    export = export_dir or workdir / f"export-{next(_counter)}"
+    export.mkdir(parents=True, exist_ok=True)
+    special = {handler, serialized, config, model_file}
+    extra = [str(src / f) for f in files if f not in special and "/" not in f]
+    if any("/" in f for f in files):
+        extra.append(str(src / "_tree"))
+    command = [
+        str(ARCHIVER),
+        "--model-name", name,
+        "--version", version,
+        "--handler", str(src / handler) if handler in files else handler,
+        "--export-path", str(export),
+        "--archive-format", archive_format,
+        "--force",
+    ]  # fmt: skip
+    if serialized:
+        command += ["--serialized-file", str(src / serialized)]
+    if config:
+        command += ["--config-file", str(src / config)]
+    if model_file:
+        command += ["--model-file", str(src / model_file)]
+    if extra:
+        command += ["--extra-files", ",".join(extra)]
+    subprocess.run(command, check=True, capture_output=True)
+    suffix = {"default": ".mar", "tgz": ".tar.gz", "no-archive": ""}[archive_format]
+    return export / f"{name}{suffix}"
