@@ -4,7 +4,8 @@ One server per module serves the example archives plus small archives built here
 torch-model-archiver: `sleepy` (sleeps as long as its body says, logging what it ran), `expiry`
 (the same handler with a 1 s responseTimeout), `thirdparty` (TorchServe's BaseHandler subclassed
 the way TorchServe users do, on a TorchScript model) and `broken.mar` (not an archive at all, to
-show one bad archive never stops the others). Timing tests leave seconds of margin and wait on observable state.
+show one bad archive never stops the others). Timing tests leave seconds of margin and wait on
+observable state.
 """
 
 from __future__ import annotations
