@@ -145,7 +145,7 @@ DIGITS = load_digits()
 def digit_png(index: int) -> bytes:
     """Sample `index` of the dataset as a 64x64 PNG, dark ink on white like a scan."""
     pixels = DIGITS.images[index] / 16.0
-    image = Image.fromarray(np.uint8(255 - pixels * 255)).resize((64, 64), Image.NEAREST)
+    image = Image.fromarray(np.uint8(255 - pixels * 255)).resize((64, 64), Image.Resampling.NEAREST)
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
