@@ -1,0 +1,223 @@
+"""Read and extract untrusted zip and tar archives, refusing anything unsafe before writing.
+
+Checked for every member before a single byte lands on disk:
+
+- its path: absolute, drive-qualified, containing `..` or NUL, or a duplicate -> refused, since
+  it could escape (or overwrite inside) the extraction directory;
+- its kind: symlinks, hard links, devices and fifos -> refused; only files and directories;
+- sizes, bounded by `ArchiveLimits`: member count, total uncompressed size, and the compression
+  ratio (per member for zip, whole stream for tar) that gives zip bombs away.
+
+Declared sizes can lie, but zipfile and tarfile never read past a member's declared size (zipfile
+then checks the CRC), so bounding the declared sizes bounds what is written. Errors carry no
+archive name: `archive.py` adds it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import stat
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Protocol
+
+GiB = 1024**3
+MiB = 1024**2
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_COPY_CHUNK = 1024 * 1024
+
+
+class ExtractError(Exception):
+    """The archive is unsafe or unreadable; the message says which member and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveLimits:
+    """Bounds on what an archive may unpack to. Raise them for genuinely huge models."""
+
+    max_total_bytes: int = 4 * GiB
+    max_members: int = 10_000
+    # Deflate tops out near 1000:1; real model files compress 1-10:1. Members under
+    # `ratio_min_bytes` are not checked: a small file of spaces is no bomb.
+    max_ratio: float = 100.0
+    ratio_min_bytes: int = 1 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    path: PurePosixPath  # validated: relative, no "..", no "."
+    size: int
+    is_dir: bool
+
+
+class ArchiveReader(Protocol):
+    """A validated archive: its members, and a way to read or extract them."""
+
+    members: dict[PurePosixPath, Member]
+
+    def read(self, path: PurePosixPath, limit: int) -> bytes: ...
+
+    def extract_all(self, dest: Path) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def safe_member_path(name: str) -> PurePosixPath | None:
+    """The relative path a member name stands for; None for the archive root entry.
+
+    Raises ExtractError for names that could land outside the extraction directory.
+    """
+    if "\x00" in name:
+        raise ExtractError(f"member {name!r} has a NUL byte in its name")
+    normalized = name.replace("\\", "/")
+    if normalized.startswith("/") or _DRIVE.match(normalized):
+        raise ExtractError(f"member {name!r} has an absolute path")
+    parts = [part for part in normalized.split("/") if part not in ("", ".")]
+    if ".." in parts:
+        raise ExtractError(f"member {name!r} escapes the extraction directory ('..')")
+    return PurePosixPath(*parts) if parts else None
+
+
+class _Tally:
+    """Counts members and bytes as they are listed, failing as soon as a limit is passed."""
+
+    def __init__(self, limits: ArchiveLimits) -> None:
+        self.limits = limits
+        self.members: dict[PurePosixPath, Member] = {}
+        self.total = 0
+
+    def add(self, name: str, size: int, is_dir: bool) -> PurePosixPath | None:
+        path = safe_member_path(name)
+        if path is None:
+            return None
+        if path in self.members:
+            raise ExtractError(f"member {name!r} appears twice")
+        if len(self.members) >= self.limits.max_members:
+            raise ExtractError(f"more than {self.limits.max_members} members")
+        self.total += size
+        if self.total > self.limits.max_total_bytes:
+            raise ExtractError(
+                f"unpacks to more than {self.limits.max_total_bytes} bytes (the limit; raise it "
+                f"for larger models)"
+            )
+        self.members[path] = Member(path, size, is_dir)
+        return path
+
+    def check_ratio(self, what: str, size: int, compressed: int) -> None:
+        limits = self.limits
+        if size >= limits.ratio_min_bytes and size > limits.max_ratio * max(compressed, 1):
+            raise ExtractError(
+                f"{what} expands {size} bytes from {compressed} (ratio above "
+                f"{limits.max_ratio:g}): refusing a likely zip bomb"
+            )
+
+
+def _write(source: IO[bytes], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # "x": never overwrite, and never follow a link planted at the target.
+    with source, open(target, "xb") as out:
+        shutil.copyfileobj(source, out, _COPY_CHUNK)
+
+
+class ZipReader:
+    def __init__(self, path: Path, limits: ArchiveLimits) -> None:
+        self._zip = zipfile.ZipFile(path)  # closed by close()
+        try:
+            tally = _Tally(limits)
+            self._infos: dict[PurePosixPath, zipfile.ZipInfo] = {}
+            for info in self._zip.infolist():
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise ExtractError(f"member {info.filename!r} is a symbolic link")
+                member = tally.add(info.filename, info.file_size, info.is_dir())
+                if member is None:
+                    continue
+                tally.check_ratio(f"member {info.filename!r}", info.file_size, info.compress_size)
+                self._infos[member] = info
+            self.members = tally.members
+        except BaseException:
+            self._zip.close()
+            raise
+
+    def read(self, path: PurePosixPath, limit: int) -> bytes:
+        info = self._infos[path]
+        if info.file_size > limit:
+            raise ExtractError(f"member {str(path)!r} is larger than {limit} bytes")
+        return self._zip.read(info)
+
+    def extract_all(self, dest: Path) -> None:
+        for path, info in self._infos.items():
+            if info.is_dir():
+                (dest / path).mkdir(parents=True, exist_ok=True)
+            else:
+                _write(self._zip.open(info), dest / path)
+
+    def close(self) -> None:
+        self._zip.close()
+
+
+class TarReader:
+    def __init__(self, path: Path, limits: ArchiveLimits) -> None:
+        self._tar = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by close()
+        try:
+            tally = _Tally(limits)
+            compressed = path.stat().st_size
+            self._infos: dict[PurePosixPath, tarfile.TarInfo] = {}
+            # next() rather than getmembers(): a tar bomb is refused as soon as its running
+            # total passes the limit, not after decompressing all of it.
+            while (info := self._tar.next()) is not None:
+                if not (info.isfile() or info.isdir()):
+                    raise ExtractError(f"member {info.name!r} is a link or special file")
+                member = tally.add(info.name, info.size if info.isfile() else 0, info.isdir())
+                tally.check_ratio("the archive", tally.total, compressed)
+                if member is not None:
+                    self._infos[member] = info
+            self.members = tally.members
+        except BaseException:
+            self._tar.close()
+            raise
+
+    def read(self, path: PurePosixPath, limit: int) -> bytes:
+        info = self._infos[path]
+        if info.size > limit:
+            raise ExtractError(f"member {str(path)!r} is larger than {limit} bytes")
+        source = self._tar.extractfile(info)
+        if source is None:
+            raise ExtractError(f"member {str(path)!r} is not a file")
+        with source:
+            return source.read()
+
+    def extract_all(self, dest: Path) -> None:
+        for path, info in self._infos.items():
+            if info.isdir():
+                (dest / path).mkdir(parents=True, exist_ok=True)
+                continue
+            source = self._tar.extractfile(info)
+            if source is None:
+                raise ExtractError(f"member {info.name!r} is not a file")
+            _write(source, dest / path)
+
+    def close(self) -> None:
+        self._tar.close()
+
+
+@contextmanager
+def open_reader(path: Path, limits: ArchiveLimits) -> Iterator[ArchiveReader]:
+    """A validated zip or tar archive, closed on exit."""
+    reader: ArchiveReader
+    if zipfile.is_zipfile(path):
+        reader = ZipReader(path, limits)
+    elif tarfile.is_tarfile(path):
+        reader = TarReader(path, limits)
+    else:
+        raise ExtractError(
+            "not a model archive: expected a .mar (zip), a .tar.gz or an extracted directory"
+        )
+    try:
+        yield reader
+    finally:
+        reader.close()

@@ -1,0 +1,262 @@
+"""Opening archives: what a valid one yields, and every way a bad one is refused by name."""
+
+from __future__ import annotations
+
+import io
+import stat
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from api.backends.archive import ArchiveError, open_archive
+from api.backends.extract import ArchiveLimits
+from api.errors import BadRequest, http_status
+from tests.backends.conftest import BuildArchive, manifest, write_zip
+
+HANDLER = "def handle(data, context):\n    return data\n"
+
+
+def refused(path: Path, *, work_dir: Path, limits: ArchiveLimits | None = None) -> str:
+    with pytest.raises(ArchiveError) as info:
+        open_archive(path, work_dir=work_dir, limits=limits)
+    message = info.value.message
+    assert str(path) in message, message
+    assert list(work_dir.glob("*")) == [], "a refused archive leaves nothing behind"
+    return message
+
+
+def test_mar_built_by_torch_model_archiver(build_archive: BuildArchive, tmp_path: Path) -> None:
+    path = build_archive(
+        "tiny",
+        "handler.py",
+        {
+            "handler.py": HANDLER,
+            "weights.pt": b"\x00weights",
+            "signature.json": '{"inputs": [{"name": "x"}]}',
+            "model-config.yaml": "minWorkers: 2\nhandler:\n  topk: 3\n",
+        },
+        serialized="weights.pt",
+        version="2.1",
+        config="model-config.yaml",
+    )
+    work = tmp_path / "work"
+    archive = open_archive(path, work_dir=work)
+
+    assert (archive.name, archive.version) == ("tiny", "2.1")
+    assert archive.model_dir.parent == work.resolve()
+    assert archive.model_dir.name.startswith("tiny-2.1-")
+    assert archive.manifest["model"]["handler"] == "handler.py"
+    assert archive.handler.source == "archive"
+    assert archive.handler.module == "handler"
+    assert archive.handler.file == archive.model_dir / "handler.py"
+    assert archive.serialized_file == archive.model_dir / "weights.pt"
+    assert archive.serialized_file.read_bytes() == b"\x00weights"
+    assert archive.signature == {"inputs": [{"name": "x"}]}
+    assert archive.model_config == {"minWorkers": 2, "handler": {"topk": 3}}
+
+    archive.remove()
+    assert not archive.model_dir.exists()
+
+
+def test_two_loads_of_one_archive_get_separate_directories(
+    build_archive: BuildArchive, tmp_path: Path
+) -> None:
+    v1 = open_archive(build_archive("m", "h.py", {"h.py": HANDLER}), work_dir=tmp_path / "w")
+    v2 = open_archive(
+        build_archive("m", "h.py", {"h.py": HANDLER}, version="2.0"), work_dir=tmp_path / "w"
+    )
+    again = open_archive(v1.path, work_dir=tmp_path / "w")
+    assert len({v1.model_dir, v2.model_dir, again.model_dir}) == 3
+    assert v2.model_dir.name.startswith("m-2.0-")
+
+
+def test_no_archive_directory_is_used_in_place(build_archive: BuildArchive) -> None:
+    path = build_archive("flat", "h.py", {"h.py": HANDLER}, archive_format="no-archive")
+    archive = open_archive(path)
+    assert archive.model_dir == path.resolve()
+    assert archive.extracted_to is None
+    archive.remove()
+    assert path.is_dir(), "a directory the user handed in is never deleted"
+
+
+def test_tgz_keeps_files_under_one_top_directory(
+    build_archive: BuildArchive, tmp_path: Path
+) -> None:
+    path = build_archive("packed", "h.py", {"h.py": HANDLER}, archive_format="tgz")
+    archive = open_archive(path, work_dir=tmp_path / "w")
+    assert archive.model_dir.name == "packed"
+    assert (archive.model_dir / "h.py").is_file()
+
+
+def test_builtin_handler_name(build_archive: BuildArchive, tmp_path: Path) -> None:
+    path = build_archive("b", "base_handler", {"w.pt": b"x"}, serialized="w.pt")
+    archive = open_archive(path, work_dir=tmp_path / "w")
+    assert archive.handler.source == "builtin"
+    assert archive.handler.module == "ts.torch_handler.base_handler"
+
+
+def test_handler_with_function_name(build_archive: BuildArchive, tmp_path: Path) -> None:
+    path = build_archive("f", "h.py", {"h.py": HANDLER})
+    archive = open_archive(path, work_dir=tmp_path / "w", handler="h.py:predict", name="renamed")
+    assert (archive.handler.module, archive.handler.function) == ("h", "predict")
+    assert archive.name == "renamed"
+
+
+# -- refused -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("member", "why"),
+    [
+        ("../evil.py", "escapes"),
+        ("a/../../evil.py", "escapes"),
+        ("..\\evil.py", "escapes"),
+        ("/etc/evil.py", "absolute"),
+        ("C:/evil.py", "absolute"),
+    ],
+)
+def test_member_escaping_the_directory(tmp_path: Path, member: str, why: str) -> None:
+    path = write_zip(
+        tmp_path / "evil.mar",
+        {"MAR-INF/MANIFEST.json": manifest(), "handler.py": HANDLER, member: "x"},
+    )
+    message = refused(path, work_dir=tmp_path / "w")
+    assert why in message and repr(member) in message
+
+
+def test_symlink_member(tmp_path: Path) -> None:
+    path = write_zip(tmp_path / "link.mar", {"MAR-INF/MANIFEST.json": manifest()})
+    with zipfile.ZipFile(path, "a") as archive:
+        info = zipfile.ZipInfo("handler.py")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        archive.writestr(info, "/etc/passwd")
+    assert "symbolic link" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_tar_link_member(tmp_path: Path) -> None:
+    path = tmp_path / "link.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        info = tarfile.TarInfo("m/handler.py")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        archive.addfile(info)
+    assert "link or special file" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_zip_bomb_by_compression_ratio(tmp_path: Path) -> None:
+    path = write_zip(
+        tmp_path / "bomb.mar",
+        {"MAR-INF/MANIFEST.json": manifest(), "handler.py": HANDLER, "w.pt": bytes(4 << 20)},
+    )
+    assert "zip bomb" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_total_size_limit(tmp_path: Path) -> None:
+    path = write_zip(
+        tmp_path / "big.mar",
+        {"MAR-INF/MANIFEST.json": manifest(), "handler.py": HANDLER, "w.pt": b"x" * 5000},
+    )
+    message = refused(path, work_dir=tmp_path / "w", limits=ArchiveLimits(max_total_bytes=4096))
+    assert "more than 4096 bytes" in message
+
+
+def test_tar_bomb_total_size(tmp_path: Path) -> None:
+    path = tmp_path / "big.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        info = tarfile.TarInfo("m/w.pt")
+        info.size = 1 << 20
+        archive.addfile(info, io.BytesIO(bytes(info.size)))
+    limits = ArchiveLimits(max_total_bytes=1000)
+    assert "more than 1000 bytes" in refused(path, work_dir=tmp_path / "w", limits=limits)
+
+
+def test_member_count_limit(tmp_path: Path) -> None:
+    members = {f"f{i}.txt": "x" for i in range(20)}
+    path = write_zip(tmp_path / "many.mar", {"MAR-INF/MANIFEST.json": manifest(), **members})
+    limits = ArchiveLimits(max_members=10)
+    assert "more than 10 members" in refused(path, work_dir=tmp_path / "w", limits=limits)
+
+
+def test_missing_manifest(tmp_path: Path) -> None:
+    path = write_zip(tmp_path / "plain.mar", {"handler.py": HANDLER})
+    assert "missing MAR-INF/MANIFEST.json" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_manifest_not_json(tmp_path: Path) -> None:
+    path = write_zip(tmp_path / "m.mar", {"MAR-INF/MANIFEST.json": "{not json"})
+    assert "not valid JSON" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_manifest_without_handler(tmp_path: Path) -> None:
+    path = write_zip(tmp_path / "m.mar", {"MAR-INF/MANIFEST.json": manifest(handler="")})
+    assert "names no handler" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_handler_file_missing(tmp_path: Path) -> None:
+    path = write_zip(tmp_path / "m.mar", {"MAR-INF/MANIFEST.json": manifest("gone.py")})
+    assert "handler file 'gone.py' is not in the archive" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_unknown_handler_name(tmp_path: Path) -> None:
+    path = write_zip(tmp_path / "m.mar", {"MAR-INF/MANIFEST.json": manifest("no_such_handler")})
+    assert "built-in handlers" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_serialized_file_missing(tmp_path: Path) -> None:
+    path = write_zip(
+        tmp_path / "m.mar",
+        {"MAR-INF/MANIFEST.json": manifest(serializedFile="model.pt"), "handler.py": HANDLER},
+    )
+    message = refused(path, work_dir=tmp_path / "w")
+    assert "serializedFile 'model.pt', which is not in the archive" in message
+
+
+def test_serialized_file_outside_the_archive(tmp_path: Path) -> None:
+    path = write_zip(
+        tmp_path / "m.mar",
+        {"MAR-INF/MANIFEST.json": manifest(serializedFile="../../etc/hosts"), "handler.py": ""},
+    )
+    assert "points outside the archive" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_invalid_signature(tmp_path: Path) -> None:
+    path = write_zip(
+        tmp_path / "m.mar",
+        {"MAR-INF/MANIFEST.json": manifest(), "handler.py": HANDLER, "signature.json": "[1"},
+    )
+    assert "signature.json is not valid JSON" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_not_an_archive(tmp_path: Path) -> None:
+    path = tmp_path / "model.mar"
+    path.write_text("just text")
+    assert "not a model archive" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_corrupt_zip(tmp_path: Path) -> None:
+    path = tmp_path / "corrupt.mar"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", manifest())
+        archive.writestr("handler.py", HANDLER)
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"return data", b"return DATA"))  # the CRC no longer matches
+    assert "corrupt archive" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    assert "does not exist" in refused(tmp_path / "nope.mar", work_dir=tmp_path / "w")
+
+
+def test_directory_without_manifest(tmp_path: Path) -> None:
+    directory = tmp_path / "model"
+    directory.mkdir()
+    with pytest.raises(ArchiveError, match=r"missing MAR-INF/MANIFEST\.json"):
+        open_archive(directory)
+
+
+def test_archive_errors_are_bad_requests() -> None:
+    error = ArchiveError("Model archive x.mar: broken")
+    assert isinstance(error, BadRequest)
+    assert http_status(error) == 400
