@@ -26,6 +26,21 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("TORCHGATE_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
     )
+    serve.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=_env_flag("TORCHGATE_ACCESS_LOG"),
+        help="JSON access log lines on stdout (default: torchgate.access_log in "
+        "config.properties, on when absent; env TORCHGATE_ACCESS_LOG)",
+    )
+    serve.add_argument(
+        "--ncs",
+        "--no-snapshot",
+        dest="no_snapshot",
+        action="store_true",
+        help="neither read nor write the state snapshot (TorchServe's --ncs): start from "
+        "config.properties",
+    )
     sub.add_parser(
         "export", help="train/export example models and build .mar archives", add_help=False
     )
@@ -50,10 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"torchgate: {exc}", file=sys.stderr)
             return 2
-        run(config, log_level=options.log_level)
+        if options.no_snapshot:
+            config.snapshot_file = None
+        run(config, log_level=options.log_level, access_log=options.access_log)
         return 0
     parser.print_help()
     return 2
+
+
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return None
+    return value.strip().lower() not in ("false", "0", "no", "off")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,12 @@ Keys torchgate understands (TorchServe's defaults unless noted):
     enable_model_api (false), allowed_urls (file://.*|http(s)?://.*), number_of_gpu
 
 torchgate's own keys start with `torchgate.` (for example `torchgate.snapshot_file`), so a
-file stays usable unchanged by `torchserve --ts-config`.
+file stays usable unchanged by `torchserve --ts-config`:
+
+    torchgate.snapshot_file     where the state snapshot lives (default
+                                logs/config/torchgate-snapshot.json beside this file; empty: none)
+    torchgate.traffic           traffic policies by model, JSON: {"digits": {"weights": {...}}}
+                                (see api.core.routing / docs/traffic.md)
 """
 
 from __future__ import annotations
@@ -86,6 +91,10 @@ class Config:
     allowed_urls: list[str] = field(default_factory=lambda: [r"file://.*", r"http(s)?://.*"])
     number_of_gpu: int | None = None
     key_file: Path = Path("key_file.json")
+    # None: no snapshot is read or written (the default without a config file, and `--ncs`).
+    snapshot_file: Path | None = None
+    # torchgate.traffic: {model: policy JSON}, applied at start when there is no snapshot.
+    traffic: dict[str, Any] = field(default_factory=dict)
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
 
@@ -173,7 +182,24 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     key_file = Path(raw.get("torchgate.key_file", "key_file.json"))
     config.key_file = key_file if key_file.is_absolute() else base_dir / key_file
     config.models = _models(raw.get("models"), config)
+    snapshot = raw.get("torchgate.snapshot_file", "logs/config/torchgate-snapshot.json")
+    if snapshot:
+        config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
+    config.traffic = _traffic(raw.get("torchgate.traffic"))
     return config
+
+
+def _traffic(text: str | None) -> dict[str, Any]:
+    """`torchgate.traffic`'s shape; each policy's content is checked when it is applied."""
+    if not text:
+        return {}
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"torchgate.traffic is not valid JSON: {exc}") from exc
+    if not isinstance(spec, dict) or not all(isinstance(p, dict) for p in spec.values()):
+        raise ConfigError('torchgate.traffic must be a JSON object of {"model": {policy}}')
+    return spec
 
 
 def _models(text: str | None, config: Config) -> list[ModelEntry]:

@@ -10,27 +10,15 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from api.core.registry import ModelVersion, Registry
+from api.core.routing import Router
 from api.core.types import REJECT_DEADLINE, InferenceRequest, NullObserver, Observer, Prediction
 from api.errors import DeadlineExceeded, TorchgateError, http_status
 
 log = logging.getLogger(__name__)
-
-
-class Router(Protocol):
-    """Picks the version that answers a request that names none (see `api.core.routing`)."""
-
-    def choose(self, model: str, headers: Mapping[str, str]) -> Choice: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Choice:
-    version: str
-    # Versions that also get a copy of the request; their answers are recorded, then dropped.
-    shadows: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -142,13 +130,15 @@ class DataPlane:
 
     def _start_shadow(self, model: str, version: str, request: InferenceRequest) -> None:
         """Send a copy to a shadow version; it never delays, fails or changes the primary."""
+        # A handler may mutate its request item; the shadow's must not be the primary's.
+        copy = replace(request, inputs=dict(request.inputs), headers=dict(request.headers))
 
         async def shadow() -> None:
             started = time.monotonic()
             status, prediction = 500, None
             try:
                 model_version = self.registry.ready_version(model, version)
-                prediction = await self._run(model_version, request)
+                prediction = await self._run(model_version, copy)
                 status = prediction.status
             except TorchgateError as exc:
                 status = http_status(exc)

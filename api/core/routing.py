@@ -1,0 +1,334 @@
+"""Traffic policies: which version answers a request that names none.
+
+A model without a policy is served by its default version, as in TorchServe. A `TrafficPolicy`
+splits its traffic by weight over versions (A/B 50/50, canary 95/5, rollback 100/0), optionally
+sticky by a request header, and optionally copies a share of requests to a shadow version.
+
+Sticky assignment uses weighted rendezvous (highest-random-weight) hashing: for a sticky id `k`
+each version `v` with weight `w_v > 0` scores
+
+    score(k, v) = -w_v / ln(u(k, v)),    u(k, v) uniform in (0, 1), a hash of (k, v)
+
+and the highest score wins. `-ln(u) / w_v` is exponential with rate `w_v`, so the winner is `v`
+with probability `w_v / sum(w)` (the smallest of independent exponentials). A version's score
+depends only on its own weight, so raising one weight can only make that version win where it
+lost before: users move only into the version whose weight grew, never between the others; and
+lowering a weight moves users only out of that version. Ids are hashed, never stored.
+
+Requests without the sticky header are split at random by weight. An explicit version in the
+request never reaches the router (see `DataPlane.infer`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import hashlib
+import math
+import random
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from api.core.registry import Registry
+from api.errors import BadRequest, Conflict, VersionNotFound
+
+DEFAULT_STICKY_HEADER = "X-User-Id"
+
+
+class Router(Protocol):
+    """Picks the version that answers a request that names none; called once per request."""
+
+    def choose(self, model: str, headers: Mapping[str, str]) -> Choice: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    version: str
+    # Versions that also get a copy of the request; their answers are recorded, then dropped.
+    shadows: tuple[str, ...] = ()
+
+
+_TWO_52 = float(2**52)
+
+
+@dataclass(frozen=True, slots=True)
+class Shadow:
+    """Copy `percent` % of a model's routed requests to `version`; its answers are dropped."""
+
+    version: str
+    percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficPolicy:
+    """How a model's unversioned requests are spread over its versions.
+
+    `weights` are relative (they need not sum to 100); a version with weight 0 gets no traffic.
+    `sticky_header` names the request header whose value keeps a user on one version (None:
+    every request is split at random).
+    """
+
+    weights: Mapping[str, float]
+    sticky_header: str | None = DEFAULT_STICKY_HEADER
+    shadow: Shadow | None = None
+    # Derived from `weights`, for the hot path.
+    _versions: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _encoded: tuple[bytes, ...] = field(init=False, repr=False, compare=False)
+    _weights: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _cumulative: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    _header_key: str | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        weights: dict[str, float] = {}
+        for version, weight in self.weights.items():
+            if not isinstance(version, str) or not version:
+                raise BadRequest(
+                    f"traffic weights: a version must be a non-empty string, got {version!r}"
+                )
+            number = _number(weight, f"traffic weight of version {version}")
+            if number < 0:
+                raise BadRequest(f"traffic weight of version {version} is negative: {weight}")
+            weights[version] = number
+        if not sum(weights.values()) > 0:
+            raise BadRequest("traffic weights must sum to more than 0")
+        if self.sticky_header is not None and not _is_token(self.sticky_header):
+            raise BadRequest(f"sticky_header is not a valid header name: {self.sticky_header!r}")
+        if self.shadow is not None:
+            percent = _number(self.shadow.percent, "shadow percent")
+            if not 0 <= percent <= 100:
+                raise BadRequest(f"shadow percent must be within 0..100, got {percent:g}")
+        live = tuple(v for v, w in weights.items() if w > 0)
+        cumulative, total = [], 0.0
+        for version in live:
+            total += weights[version]
+            cumulative.append(total)
+        set_ = object.__setattr__  # frozen: derived fields are set once, here
+        set_(self, "weights", weights)
+        set_(self, "_versions", live)
+        set_(self, "_encoded", tuple(v.encode() for v in live))
+        set_(self, "_weights", tuple(weights[v] for v in live))
+        set_(self, "_cumulative", tuple(cumulative))
+        header = self.sticky_header
+        set_(self, "_header_key", None if header is None else header.lower())
+
+    # -- wire form ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_json(cls, data: Any) -> TrafficPolicy:
+        """Read the JSON form (see `to_json`); raises BadRequest when it is malformed."""
+        if not isinstance(data, Mapping):
+            raise BadRequest("a traffic policy must be a JSON object")
+        unknown = set(data) - {"weights", "sticky_header", "shadow"}
+        if unknown:
+            raise BadRequest(f"unknown traffic policy field(s): {', '.join(sorted(unknown))}")
+        weights = data.get("weights")
+        if not isinstance(weights, Mapping) or not weights:
+            raise BadRequest('a traffic policy needs "weights": {"<version>": <weight>, ...}')
+        sticky = data.get("sticky_header", DEFAULT_STICKY_HEADER)
+        if sticky is not None and not isinstance(sticky, str):
+            raise BadRequest("sticky_header must be a header name or null")
+        shadow_data = data.get("shadow")
+        shadow = None
+        if shadow_data is not None:
+            if not isinstance(shadow_data, Mapping) or set(shadow_data) - {"version", "percent"}:
+                raise BadRequest('shadow must be {"version": "<version>", "percent": <0..100>}')
+            version = shadow_data.get("version")
+            if not isinstance(version, str) or not version:
+                raise BadRequest("shadow.version must be a version string")
+            shadow = Shadow(version, _number(shadow_data.get("percent", 100), "shadow percent"))
+        return cls(dict(weights), sticky or None, shadow)
+
+    def to_json(self) -> dict[str, Any]:
+        """`{"weights": {...}, "sticky_header": str | null, "shadow": {...} | null}`."""
+        return {
+            "weights": dict(self.weights),
+            "sticky_header": self.sticky_header,
+            "shadow": (
+                None
+                if self.shadow is None
+                else {"version": self.shadow.version, "percent": self.shadow.percent}
+            ),
+        }
+
+    # -- questions ------------------------------------------------------------------------------
+
+    def versions_with_traffic(self) -> set[str]:
+        """Versions this policy sends requests to: weight > 0, or the shadow."""
+        carried = set(self._versions)
+        if self.shadow is not None and self.shadow.percent > 0:
+            carried.add(self.shadow.version)
+        return carried
+
+    def pick(self, headers: Mapping[str, str], rng: random.Random) -> str:
+        """The version for one request (sticky when it carries the sticky header)."""
+        if len(self._versions) == 1:
+            return self._versions[0]
+        key = self._header_key
+        if key is not None:
+            sticky_id = _header(headers, key)
+            if sticky_id is not None:
+                return self.sticky_version(sticky_id)
+        point = rng.random() * self._cumulative[-1]
+        index = bisect.bisect_right(self._cumulative, point)
+        return self._versions[min(index, len(self._versions) - 1)]
+
+    def sticky_version(self, sticky_id: str) -> str:
+        """The version weighted rendezvous hashing gives `sticky_id` (see the module docstring)."""
+        best, best_score = self._versions[0], -1.0
+        hashed_id = hashlib.blake2b(
+            sticky_id.encode("utf-8", "surrogatepass") + b"\x00", digest_size=8
+        )
+        for version, encoded, weight in zip(
+            self._versions, self._encoded, self._weights, strict=True
+        ):
+            per_version = hashed_id.copy()
+            per_version.update(encoded)
+            score = -weight / math.log(_uniform(per_version.digest()))
+            if score > best_score:
+                best, best_score = version, score
+        return best
+
+
+class TrafficRouter:
+    """Implements `api.core.dataplane.Router` with one optional `TrafficPolicy` per model.
+
+    Policies are validated against the registry when set, and the registry asks the router
+    before it unloads a version (`guard_unregister`), so a version that carries traffic cannot
+    disappear under a policy. Every mutation runs on the event loop, and `choose` reads the
+    current policy once per request: a new policy applies from the next request on, and requests
+    already routed finish where they were sent.
+    """
+
+    def __init__(self, registry: Registry, *, rng: random.Random | None = None) -> None:
+        self.registry = registry
+        self._rng = rng or random.Random()
+        self._policies: dict[str, TrafficPolicy] = {}
+        self.on_change: list[Callable[[], None]] = []
+        registry.before_unregister.append(self.guard_unregister)
+
+    # -- the Router protocol (hot path) ---------------------------------------------------------
+
+    def choose(self, model: str, headers: Mapping[str, str]) -> Choice:
+        policy = self._policies.get(model)
+        if policy is None:
+            return _plain_choice(self.registry.default_version(model))
+        version = policy.pick(headers, self._rng)
+        shadow = policy.shadow
+        if (
+            shadow is not None
+            and shadow.version != version
+            and shadow.percent > 0
+            and (shadow.percent >= 100 or self._rng.random() * 100 < shadow.percent)
+        ):
+            return Choice(version, (shadow.version,))
+        return _plain_choice(version)
+
+    # -- management -----------------------------------------------------------------------------
+
+    def policies(self) -> dict[str, TrafficPolicy]:
+        return dict(self._policies)
+
+    def policy(self, model: str) -> TrafficPolicy | None:
+        """The model's policy, None when it is served by its default version."""
+        self.registry.versions(model)  # raises ModelNotFound
+        return self._policies.get(model)
+
+    def set_policy(self, model: str, policy: TrafficPolicy) -> None:
+        """Apply `policy` from the next request on.
+
+        Raises ModelNotFound / VersionNotFound (404) when it names a model or version that is not
+        registered, and Conflict (409) when a version it sends traffic to is not ready.
+        """
+        versions = {v.version: v for v in self.registry.versions(model)}
+        named = set(policy.weights)
+        if policy.shadow is not None:
+            named.add(policy.shadow.version)
+        missing = sorted(named - set(versions))
+        if missing:
+            raise VersionNotFound(
+                f"Traffic policy for model {model} names unknown version(s): {', '.join(missing)}"
+            )
+        not_ready = sorted(v for v in policy.versions_with_traffic() if not versions[v].ready)
+        if not_ready:
+            raise Conflict(
+                f"Traffic policy for model {model} sends traffic to version(s) that are not "
+                f"ready: {', '.join(not_ready)}"
+            )
+        self._policies[model] = policy
+        self._changed()
+
+    def clear_policy(self, model: str) -> TrafficPolicy | None:
+        """Go back to default-version routing; returns the policy that was in force."""
+        self.registry.versions(model)  # raises ModelNotFound
+        old = self._policies.pop(model, None)
+        if old is not None:
+            self._changed()
+        return old
+
+    def guard_unregister(self, model: str, version: str) -> None:
+        """Refuse (409) to unload a version the policy sends traffic to.
+
+        A version the policy names with weight 0 may go; it is dropped from the policy. The
+        registry calls this after its own checks, so returning means the version is going.
+        """
+        policy = self._policies.get(model)
+        if policy is None:
+            return
+        if version in policy.versions_with_traffic():
+            raise Conflict(
+                f"Cannot remove version {version} of model {model}: the traffic policy sends it "
+                f"requests; change the policy first (PUT or DELETE /models/{model}/traffic)"
+            )
+        if version in policy.weights or (policy.shadow and policy.shadow.version == version):
+            weights = {v: w for v, w in policy.weights.items() if v != version}
+            shadow = policy.shadow if policy.shadow and policy.shadow.version != version else None
+            self._policies[model] = TrafficPolicy(weights, policy.sticky_header, shadow)
+            self._changed()
+
+    def _changed(self) -> None:
+        for callback in self.on_change:
+            callback()
+
+
+def _uniform(digest: bytes) -> float:
+    """A uniform number strictly inside (0, 1) from 8 hash bytes.
+
+    52 bits plus 0.5 is exact in a float, so neither 0 (log -inf) nor 1 (log 0) can come out.
+    """
+    return ((int.from_bytes(digest, "big") >> 12) + 0.5) / _TWO_52
+
+
+@functools.lru_cache(maxsize=1024)
+def _plain_choice(version: str) -> Choice:
+    """A shared `Choice` without shadows (they are immutable): no allocation per request."""
+    return Choice(version)
+
+
+def _header(headers: Mapping[str, str], key: str) -> str | None:
+    """`headers[key]`, case-insensitively; transports pass lower-case names, so try that first."""
+    value = headers.get(key)
+    if value is not None:
+        return value
+    for name, candidate in headers.items():
+        if name.lower() == key:
+            return candidate
+    return None
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"{what} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise BadRequest(f"{what} must be finite, got {value!r}")
+    return number
+
+
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits)
+
+
+def _is_token(name: str) -> bool:
+    """An HTTP header field name (RFC 9110 token)."""
+    return bool(name) and all(c in _TOKEN_CHARS for c in name)

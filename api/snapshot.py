@@ -1,0 +1,277 @@
+"""The state torchgate keeps across restarts, like TorchServe's `model_snapshot`.
+
+Registered models and versions (archive url), worker counts, batch settings, default versions
+and traffic policies are written to one JSON file after every change, and read back at start in
+place of config.properties' `load_models`/`models=` (and `torchgate.traffic`). Delete the file,
+or start with `torchgate serve --ncs`, to start from config.properties again.
+
+The file (`torchgate.snapshot_file`, default `<config dir>/logs/config/torchgate-snapshot.json`)
+holds TorchServe's `models={...}` shape, so a version entry reads like a config.properties one::
+
+    {
+      "name": "torchgate-snapshot", "formatVersion": 1, "created": "2025-...+00:00",
+      "modelCount": 1,
+      "models": {"digits": {"1.0": {"defaultVersion": true, "marName": "digits.mar",
+                                    "minWorkers": 1, "maxWorkers": 1, "batchSize": 8,
+                                    "maxBatchDelay": 5.0, "responseTimeout": 120.0,
+                                    "jobQueueSize": 100}}},
+      "traffic": {"digits": {"weights": {"1.0": 90, "2.0": 10},
+                             "sticky_header": "X-User-Id", "shadow": null}}
+    }
+
+Writes are atomic: a temp file in the same directory is written, flushed and fsynced, renamed
+over the snapshot, and the directory is fsynced. A crash at any point leaves either the previous
+snapshot or the new one, never a torn file; leftover temp files are ignored (and removed at
+start). Writes happen on management changes only, never on the inference path: the file is a
+few kilobytes, so it is written synchronously on the event loop, and a change is on disk before
+the management API answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from api.config import Config
+from api.core.registry import ModelVersion, Registry
+from api.core.routing import TrafficPolicy, TrafficRouter
+from api.errors import TorchgateError
+from api.loader import ModelLoader
+
+log = logging.getLogger(__name__)
+
+NAME = "torchgate-snapshot"
+FORMAT_VERSION = 1
+
+
+class SnapshotError(ValueError):
+    """The snapshot file exists but cannot be read as a torchgate snapshot."""
+
+
+# -- the file -----------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a crash leaves the old content or the new, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    _fsync_directory(path.parent)  # make the rename itself durable
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - platforms that cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_snapshot(path: Path) -> dict[str, Any] | None:
+    """The snapshot at `path`, None when there is none; SnapshotError when it is unreadable."""
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise SnapshotError(f"cannot read snapshot {path}: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise SnapshotError(f"snapshot {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or data.get("name") != NAME:
+        raise SnapshotError(f"{path} is not a torchgate snapshot")
+    if data.get("formatVersion") != FORMAT_VERSION:
+        raise SnapshotError(
+            f"snapshot {path} has format version {data.get('formatVersion')!r}; this torchgate "
+            f"reads version {FORMAT_VERSION}"
+        )
+    models, traffic = data.get("models"), data.get("traffic", {})
+    if not isinstance(models, dict) or not isinstance(traffic, dict):
+        raise SnapshotError(f"snapshot {path}: models and traffic must be JSON objects")
+    for name, versions in models.items():
+        if not isinstance(versions, dict) or not all(
+            isinstance(v, dict) for v in versions.values()
+        ):
+            raise SnapshotError(f"snapshot {path}: models.{name} must be an object of versions")
+    return data
+
+
+def remove_stale_temp_files(path: Path) -> None:
+    """Delete temp files a crash mid-write left beside the snapshot; they are never read."""
+    if not path.parent.is_dir():
+        return
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+            log.info("removed %s, left by an interrupted snapshot write", stale)
+
+
+# -- state <-> JSON -----------------------------------------------------------------------------
+
+
+def capture(registry: Registry, router: TrafficRouter) -> dict[str, Any]:
+    """The snapshot of the current state (see the module docstring for the shape)."""
+    models: dict[str, dict[str, Any]] = {}
+    for name in registry.names():
+        default = registry.default_version(name)
+        models[name] = {
+            v.version: _version_entry(v, default=v.version == default)
+            for v in registry.versions(name)
+        }
+    return {
+        "name": NAME,
+        "formatVersion": FORMAT_VERSION,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "modelCount": len(models),
+        "models": models,
+        "traffic": {name: p.to_json() for name, p in sorted(router.policies().items())},
+    }
+
+
+def _version_entry(model_version: ModelVersion, *, default: bool) -> dict[str, Any]:
+    settings = model_version.settings
+    entry: dict[str, Any] = {
+        "defaultVersion": default,
+        "marName": model_version.url,
+        "minWorkers": settings.min_workers,
+        "maxWorkers": settings.max_workers,
+        "batchSize": settings.batch_size,
+        "maxBatchDelay": settings.max_batch_delay_ms,
+        "responseTimeout": settings.response_timeout_s,
+        "jobQueueSize": settings.job_queue_size,
+    }
+    # torchgate's own per-version settings from models={...} (e.g. a backend choice).
+    entry.update({k: v for k, v in model_version.backend_info.items() if k.startswith("torchgate")})
+    return entry
+
+
+async def restore(data: Mapping[str, Any], loader: ModelLoader, router: TrafficRouter) -> list[str]:
+    """Register the snapshot's versions and apply its policies; one error line per failure.
+
+    A version that fails to load does not stop the others; a policy that names it is skipped.
+    """
+    errors: list[str] = []
+    for name, versions in data["models"].items():
+        # The default version first, so the model serves as soon as it is there.
+        ordered = sorted(versions.items(), key=lambda item: not item[1].get("defaultVersion"))
+        for version, entry in ordered:
+            try:
+                settings = loader.config.model_settings(entry)
+                await loader.register(
+                    str(entry["marName"]),
+                    settings,
+                    model_name=name,
+                    version=version,
+                    make_default=bool(entry.get("defaultVersion")),
+                    extra={k: v for k, v in entry.items() if k.startswith("torchgate")},
+                )
+            except Exception as exc:
+                errors.append(f"{name} {version} ({entry.get('marName')}): {exc}")
+    for line in errors:
+        log.error("could not restore from snapshot: %s", line)
+    return errors + apply_policies(router, data.get("traffic", {}))
+
+
+def apply_policies(router: TrafficRouter, policies: Mapping[str, Any]) -> list[str]:
+    """Set each model's policy (from a snapshot or `torchgate.traffic`); returns error lines."""
+    errors = []
+    for model, spec in policies.items():
+        try:
+            router.set_policy(model, TrafficPolicy.from_json(spec))
+        except TorchgateError as exc:
+            errors.append(f"traffic policy for {model}: {exc.message}")
+            log.error("could not apply the traffic policy for %s: %s", model, exc.message)
+    return errors
+
+
+# -- wiring -------------------------------------------------------------------------------------
+
+
+class Snapshotter:
+    """Writes the snapshot whenever the registry or the traffic policies change."""
+
+    def __init__(self, path: Path, registry: Registry, router: TrafficRouter) -> None:
+        self.path = path
+        self.registry = registry
+        self.router = router
+        self._paused = False
+        registry.on_change.append(self.changed)
+        router.on_change.append(self.changed)
+
+    def changed(self) -> None:
+        if not self._paused:
+            self.write()
+
+    def write(self) -> None:
+        """Write the current state now; an I/O error is logged, the change stands."""
+        data = json.dumps(capture(self.registry, self.router), indent=2).encode()
+        try:
+            write_atomic(self.path, data)
+        except OSError:
+            log.exception("could not write snapshot %s", self.path)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold writes back (while loading at start), then write once.
+
+        Restoring registers versions one by one; writing after each would leave a partial
+        snapshot behind if the process died half-way, and the next start would lose the rest.
+        """
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+        self.write()
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved snapshot, or None to start from config.properties.
+
+        An unreadable snapshot (torn by something other than torchgate, or edited by hand) is
+        moved aside to `<file>.corrupt`, logged, and torchgate starts from config.properties.
+        """
+        remove_stale_temp_files(self.path)
+        try:
+            return read_snapshot(self.path)
+        except SnapshotError as exc:
+            aside = self.path.with_name(self.path.name + ".corrupt")
+            with contextlib.suppress(OSError):
+                os.replace(self.path, aside)
+            log.error("%s; moved it to %s and starting from config.properties", exc, aside)
+            return None
+
+
+async def load_startup_state(
+    config: Config, loader: ModelLoader, router: TrafficRouter, snapshotter: Snapshotter | None
+) -> list[str]:
+    """Restore the snapshot if there is one, else load what config.properties asks for."""
+    if snapshotter is None:
+        errors = await loader.load_startup_models()
+        return errors + apply_policies(router, config.traffic)
+    with snapshotter.paused():
+        saved = snapshotter.load()
+        if saved is not None:
+            log.info("restoring models and traffic policies from snapshot %s", snapshotter.path)
+            return await restore(saved, loader, router)
+        errors = await loader.load_startup_models()
+        return errors + apply_policies(router, config.traffic)

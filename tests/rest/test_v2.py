@@ -1,0 +1,540 @@
+"""KServe v2 over REST, in process: `api.app.build(...).inference_app` through httpx's ASGI
+transport, with fake archives served by a tensor-doubling backend (no torch, no handler).
+
+Model "m" (1.0 default, 2.0) has a signature: input "x" FP32 [-1, 2], outputs "y" (x * 2) and
+"total" (row sums). Model "plain" has none, as a third-party archive. A request parameter
+"answer" makes the backend answer as a plain handler would (see `TensorWorker`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import zlib
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+
+from api.app import Torchgate, build
+from api.config import parse_config
+from api.core.types import API_V2_REST, InferenceRequest, ModelSettings, Prediction
+
+T = TypeVar("T")
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_REQUEST_SIZE = 4096
+
+SIGNATURE: dict[str, Any] = {
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+    "outputs": [
+        {"name": "y", "datatype": "FP32", "shape": [-1, 2]},
+        {"name": "total", "datatype": "FP32", "shape": [-1]},
+    ],
+}
+
+
+class TensorWorker:
+    """Answers v2 items as torchgate's handlers do, or as a plain handler would when asked.
+
+    Request parameter "answer": "label" -> `{"7": 0.9}`; "text" -> a str; "fail" -> the item
+    fails alone with 400; "raise" -> the whole batch raises.
+    """
+
+    device = "cpu"
+
+    def __init__(self, backend: TensorBackend) -> None:
+        self.backend = backend
+
+    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+        self.backend.seen.extend(batch)
+        if any(r.inputs["body"]["parameters"].get("answer") == "raise" for r in batch):
+            raise RuntimeError("the handler raised")
+        return [self._answer(r.inputs["body"]) for r in batch]
+
+    def _answer(self, body: dict[str, Any]) -> Prediction:
+        answer = body["parameters"].get("answer")
+        if answer == "label":
+            return Prediction({"7": 0.9, "1": 0.1})
+        if answer == "text":
+            return Prediction(f"version {self.backend.version}")
+        if answer == "fail":
+            message = "x must be positive"
+            return Prediction({"code": 400, "type": "BadRequest", "message": message}, 400)
+        x = body["inputs"][0]["data"]
+        y = (x * 2).astype(np.float32)
+        return Prediction(
+            {
+                "outputs": [
+                    {"name": "y", "datatype": "FP32", "shape": list(y.shape), "data": y},
+                    {"name": "total", "datatype": "FP32", "shape": [len(x)], "data": x.sum(1)},
+                ]
+            }
+        )
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class TensorBackend:
+    version: str
+    signature: dict[str, Any] | None
+    manifest: dict[str, Any]
+    batches: bool = True
+    seen: list[InferenceRequest] = field(default_factory=list)
+
+    async def start_worker(self, index: int) -> TensorWorker:
+        return TensorWorker(self)
+
+    async def close(self) -> None:
+        pass
+
+
+def write_archive(store: Path, name: str, version: str, signature: dict[str, Any] | None) -> str:
+    """A fake archive: a JSON file standing in for a `.mar`; returns its file name."""
+    store.mkdir(parents=True, exist_ok=True)
+    file_name = f"{name}-{version}.mar"
+    manifest = {"model": {"modelName": name, "modelVersion": version}, "signature": signature}
+    (store / file_name).write_text(json.dumps(manifest))
+    return file_name
+
+
+async def load_tensor_backend(path: Path, settings: ModelSettings, work_dir: Path) -> TensorBackend:
+    document = json.loads(path.read_text())
+    manifest = {"model": document["model"]}
+    return TensorBackend(document["model"]["modelVersion"], document["signature"], manifest)
+
+
+@dataclass
+class Serving:
+    tg: Torchgate
+    client: httpx.AsyncClient
+
+    def backend(self, model: str = "m", version: str = "1.0") -> TensorBackend:
+        backend = self.tg.registry.get(model, version).backend
+        assert isinstance(backend, TensorBackend)
+        return backend
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, **config: str) -> AsyncIterator[Serving]:
+    store = tmp_path / "model_store"
+    archives = [
+        write_archive(store, "m", "1.0", SIGNATURE),
+        write_archive(store, "m", "2.0", SIGNATURE),
+        write_archive(store, "plain", "1.0", None),
+    ]
+    raw = {
+        "model_store": str(store),
+        "load_models": ",".join(archives),
+        "max_request_size": str(MAX_REQUEST_SIZE),
+        "disable_token_authorization": "true",
+        "torchgate.snapshot_file": "",
+        **config,
+    }
+    tg = build(
+        parse_config(raw, base_dir=tmp_path),
+        work_dir=tmp_path / "work",
+        backend_loader=load_tensor_backend,
+        access_log=False,
+    )
+    await tg.start()
+    assert tg.startup_errors == []
+    transport = httpx.ASGITransport(app=tg.inference_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://torchgate") as client:
+        try:
+            yield Serving(tg, client)
+        finally:
+            await tg.stop()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def x_input(rows: list[list[float]], **extra: Any) -> dict[str, Any]:
+    return {"name": "x", "datatype": "FP32", "shape": [len(rows), 2], "data": rows, **extra}
+
+
+def binary_body(
+    header: dict[str, Any], *chunks: bytes, **headers: str
+) -> tuple[bytes, dict[str, str]]:
+    """A request with Triton's binary tensor extension: JSON header, then raw tensor bytes."""
+    head = orjson.dumps(header)
+    return head + b"".join(chunks), {HEADER_LENGTH: str(len(head)), **headers}
+
+
+def split_binary(response: httpx.Response) -> tuple[dict[str, Any], bytes]:
+    length = int(response.headers[HEADER_LENGTH])
+    header: dict[str, Any] = orjson.loads(response.content[:length])
+    return header, response.content[length:]
+
+
+def error_of(response: httpx.Response, status: int) -> str:
+    """The `{"error": ...}` message of a v2 error response, checked for its status."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert list(body) == ["error"]
+    message: str = body["error"]
+    return message
+
+
+# -- health and metadata ---------------------------------------------------------------------
+
+
+def test_server_metadata_and_health(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            response = await s.client.get("/v2")
+            assert response.json() == {
+                "name": "torchgate",
+                "version": "0.1.0",
+                "extensions": ["binary_tensor_data"],
+            }
+            assert (await s.client.get("/v2/health/live")).json() == {"live": True}
+            ready = await s.client.get("/v2/health/ready")
+            assert (ready.status_code, ready.json()) == (200, {"ready": True})
+            s.tg.dataplane.accepting = False  # shutting down: not ready, still live
+            ready = await s.client.get("/v2/health/ready")
+            assert (ready.status_code, ready.json()) == (503, {"ready": False})
+            assert (await s.client.get("/v2/health/live")).status_code == 200
+
+    run(scenario())
+
+
+def test_model_readiness_with_and_without_version(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            for path in ("/v2/models/m/ready", "/v2/models/m/versions/2.0/ready"):
+                response = await s.client.get(path)
+                assert (response.status_code, response.json()) == (
+                    200,
+                    {"name": "m", "ready": True},
+                )
+            message = error_of(await s.client.get("/v2/models/nope/ready"), 404)
+            assert message == "Model not found: nope"
+            message = error_of(await s.client.get("/v2/models/m/versions/9/ready"), 404)
+            assert message == "Model version not found: m/9"
+
+    run(scenario())
+
+
+def test_model_metadata_comes_from_the_signature(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            metadata = (await s.client.get("/v2/models/m")).json()
+            assert metadata == {
+                "name": "m",
+                "versions": ["1.0", "2.0"],
+                "platform": "torchserve_handler",
+                "inputs": SIGNATURE["inputs"],
+                "outputs": SIGNATURE["outputs"],
+            }
+            metadata = (await s.client.get("/v2/models/m/versions/2.0")).json()
+            assert metadata["versions"] == ["2.0"]
+            plain = (await s.client.get("/v2/models/plain")).json()
+            assert (plain["inputs"], plain["outputs"]) == ([], [])
+            assert error_of(await s.client.get("/v2/models/nope"), 404) == "Model not found: nope"
+
+    run(scenario())
+
+
+# -- inference -------------------------------------------------------------------------------
+
+
+def test_json_inference(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            request = {"id": "r-1", "inputs": [x_input([[1.0, 2.0], [3.0, 4.5]])]}
+            response = await s.client.post(
+                "/v2/models/m/infer", json=request, headers={"x-request-id": "abc"}
+            )
+            assert response.status_code == 200, response.text
+            assert response.headers["content-type"] == "application/json"
+            assert response.headers["x-request-id"] == "abc"
+            assert response.headers["x-model-version"] == "1.0"
+            assert response.json() == {
+                "model_name": "m",
+                "model_version": "1.0",
+                "id": "r-1",
+                "outputs": [
+                    {"name": "y", "datatype": "FP32", "shape": [2, 2], "data": [2, 4, 6, 9]},
+                    {"name": "total", "datatype": "FP32", "shape": [2], "data": [3, 7.5]},
+                ],
+            }
+            [item] = s.backend().seen
+            assert (item.api, item.request_id, item.kserve_v2) == (API_V2_REST, "abc", True)
+            [tensor] = item.inputs["body"]["inputs"]
+            assert tensor["data"].dtype == np.float32
+
+    run(scenario())
+
+
+def test_explicit_version_and_requested_outputs(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            request = {"inputs": [x_input([[1.0, 1.0]])], "outputs": [{"name": "total"}]}
+            response = await s.client.post("/v2/models/m/versions/2.0/infer", json=request)
+            assert response.json() == {
+                "model_name": "m",
+                "model_version": "2.0",
+                "outputs": [{"name": "total", "datatype": "FP32", "shape": [1], "data": [2.0]}],
+            }
+            assert len(s.backend(version="2.0").seen) == 1
+            assert s.backend(version="1.0").seen == []
+
+    run(scenario())
+
+
+def test_binary_inputs_and_outputs(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            x = np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)
+            header = {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "FP32",
+                        "shape": [2, 2],
+                        "parameters": {"binary_data_size": x.nbytes},
+                    }
+                ],
+                "outputs": [
+                    {"name": "y", "parameters": {"binary_data": True}},
+                    {"name": "total", "parameters": {"binary_data": False}},
+                ],
+            }
+            content, headers = binary_body(header, x.tobytes())
+            response = await s.client.post("/v2/models/m/infer", content=content, headers=headers)
+            assert response.status_code == 200, response.text
+            assert response.headers["content-type"] == "application/octet-stream"
+            doc, raw = split_binary(response)
+            y, total = doc["outputs"]
+            assert y == {
+                "name": "y",
+                "datatype": "FP32",
+                "shape": [2, 2],
+                "parameters": {"binary_data_size": 16},
+            }
+            np.testing.assert_array_equal(np.frombuffer(raw, np.float32).reshape(2, 2), x * 2)
+            assert total["data"] == [3.0, 7.0]
+
+    run(scenario())
+
+
+def test_binary_data_output_makes_every_output_binary(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            request = {
+                "inputs": [x_input([[1.0, 2.0]])],
+                "parameters": {"binary_data_output": True},
+            }
+            response = await s.client.post("/v2/models/m/infer", json=request)
+            doc, raw = split_binary(response)
+            sizes = [o["parameters"]["binary_data_size"] for o in doc["outputs"]]
+            assert sizes == [8, 4]
+            assert np.frombuffer(raw, np.float32).tolist() == [2.0, 4.0, 3.0]
+
+    run(scenario())
+
+
+def test_gzip_and_deflate_request_bodies(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            body = orjson.dumps({"inputs": [x_input([[1.0, 2.0]])]})
+            for encoding, packed in (
+                ("gzip", gzip.compress(body)),
+                ("deflate", zlib.compress(body)),
+            ):
+                response = await s.client.post(
+                    "/v2/models/m/infer", content=packed, headers={"content-encoding": encoding}
+                )
+                assert response.json()["outputs"][1]["data"] == [3.0], encoding
+            response = await s.client.post(
+                "/v2/models/m/infer", content=body, headers={"content-encoding": "br"}
+            )
+            assert error_of(response, 400) == "Unsupported Content-Encoding: br"
+            response = await s.client.post(
+                "/v2/models/m/infer", content=b"not gzip", headers={"content-encoding": "gzip"}
+            )
+            assert error_of(response, 400).startswith("Body is not valid gzip data")
+            bomb = gzip.compress(b" " * (MAX_REQUEST_SIZE * 4))  # small on the wire only
+            response = await s.client.post(
+                "/v2/models/m/infer", content=bomb, headers={"content-encoding": "gzip"}
+            )
+            assert "exceeds max_request_size" in error_of(response, 413)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("answer", "output"),
+    [
+        (
+            "label",
+            {"name": "output0", "datatype": "BYTES", "shape": [1], "data": ['{"7":0.9,"1":0.1}']},
+        ),
+        ("text", {"name": "output0", "datatype": "BYTES", "shape": [1], "data": ["version 1.0"]}),
+    ],
+)
+def test_plain_answers_become_bytes_tensors(
+    tmp_path: Path, answer: str, output: dict[str, Any]
+) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            request = {"inputs": [x_input([[1.0, 2.0]])], "parameters": {"answer": answer}}
+            response = await s.client.post("/v2/models/plain/infer", json=request)
+            assert response.json()["outputs"] == [output]
+
+    run(scenario())
+
+
+def test_a_plain_archive_takes_any_input(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            request = {
+                "inputs": [
+                    {"name": "anything", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, 3]}
+                ],
+                "parameters": {"answer": "text"},
+            }
+            response = await s.client.post("/v2/models/plain/infer", json=request)
+            assert response.status_code == 200, response.text
+
+    run(scenario())
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "request_doc", "status", "message"),
+    [
+        ("/v2/models/nope/infer", {"inputs": [x_input([[1, 2]])]}, 404, "Model not found: nope"),
+        (
+            "/v2/models/m/versions/9/infer",
+            {"inputs": [x_input([[1, 2]])]},
+            404,
+            "Model version not found: m/9",
+        ),
+        (
+            "/v2/models/m/infer",
+            {"inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 2], "data": [1, 2]}]},
+            400,
+            "input 'x': datatype INT32, the model takes FP32",
+        ),
+        (
+            "/v2/models/m/infer",
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]},
+            400,
+            "input 'x': shape [1, 3] does not fit the model's [-1, 2]",
+        ),
+        (
+            "/v2/models/m/infer",
+            {"inputs": [{"name": "z", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]},
+            400,
+            "unexpected input 'z': the model takes 'x'",
+        ),
+        (
+            "/v2/models/m/infer",
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1]}]},
+            400,
+            "input 'x': 1 elements in data, shape [1, 2] needs 2",
+        ),
+        (
+            "/v2/models/m/infer",
+            {"inputs": [x_input([[1, 2]])], "outputs": [{"name": "nope"}]},
+            400,
+            "unknown output 'nope' requested",
+        ),
+        (
+            "/v2/models/m/infer",
+            {"inputs": [x_input([[1, 2]])], "parameters": {"answer": "fail"}},
+            400,
+            "x must be positive",  # the handler's own message for its item
+        ),
+        ("/v2/models/m/versions/infer", {"inputs": []}, 404, "Unknown v2 path"),
+    ],
+)
+def test_errors_have_the_tables_status_and_a_v2_body(
+    tmp_path: Path, path: str, request_doc: dict[str, Any], status: int, message: str
+) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            response = await s.client.post(path, json=request_doc)
+            assert error_of(response, status).startswith(message)
+            assert response.headers["content-type"] == "application/json"
+
+    run(scenario())
+
+
+def test_malformed_bodies_are_400(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            post = s.client.post
+            response = await post("/v2/models/m/infer", content=b"{not json")
+            assert error_of(response, 400).startswith("request body is not valid JSON")
+            content, headers = binary_body({"inputs": [x_input([[1, 2]])]}, b"\x00" * 4)
+            response = await post("/v2/models/m/infer", content=content, headers=headers)
+            assert "no input's binary_data_size claims them" in error_of(response, 400)
+            response = await post(
+                "/v2/models/m/infer", content=b"{}", headers={HEADER_LENGTH: "99"}
+            )
+            assert "outside the 2-byte body" in error_of(response, 400)
+
+    run(scenario())
+
+
+def test_a_handler_that_raises_is_500(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            request = {"inputs": [x_input([[1, 2]])], "parameters": {"answer": "raise"}}
+            response = await s.client.post("/v2/models/m/infer", json=request)
+            assert response.status_code == 500
+            assert "error" in response.json()
+
+    run(scenario())
+
+
+def test_oversized_bodies_are_413(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            rows = [[1.0, 2.0]] * MAX_REQUEST_SIZE
+            response = await s.client.post("/v2/models/m/infer", json={"inputs": [x_input(rows)]})
+            assert "exceeds max_request_size" in error_of(response, 413)
+            assert s.backend().seen == []
+
+    run(scenario())
+
+
+def test_token_authorization(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        key_file = tmp_path / "keys" / "key_file.json"
+        key_file.parent.mkdir()
+        config = {"disable_token_authorization": "false", "torchgate.key_file": str(key_file)}
+        async with serving(tmp_path, **config) as s:
+            key = json.loads(key_file.read_text())["inference"]["key"]
+            request = {"inputs": [x_input([[1, 2]])]}
+            response = await s.client.post("/v2/models/m/infer", json=request)
+            assert error_of(response, 401).startswith("Token Authorization failed")
+            response = await s.client.post(
+                "/v2/models/m/infer", json=request, headers={"Authorization": "Bearer wrong"}
+            )
+            assert response.status_code == 401
+            response = await s.client.post(
+                "/v2/models/m/infer", json=request, headers={"Authorization": f"Bearer {key}"}
+            )
+            assert response.status_code == 200, response.text
+            assert len(s.backend().seen) == 1
+            # Health and metadata need no key, on REST as on gRPC.
+            assert (await s.client.get("/v2/health/ready")).status_code == 200
+            assert (await s.client.get("/v2/models/m")).status_code == 200
+
+    run(scenario())

@@ -1,0 +1,1 @@
+"""Helpers shared by tests, integration tests and benchmarks (not tests themselves)."""

@@ -1,0 +1,275 @@
+"""The state snapshot: atomic writes, crash leftovers, and a restart restoring everything.
+
+Restarts here are in-process (a second `build` from the same config.properties); the
+integration tests restart the real server, after SIGTERM and after kill -9.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import api.snapshot
+from api.app import Torchgate, build
+from api.cli import main as cli_main
+from api.config import Config, ConfigError, load_config
+from api.snapshot import Snapshotter, read_snapshot, write_atomic
+from tests.support.fake_backend import load_fake_backend, write_fake_archive
+
+CONFIG = """\
+model_store=model_store
+load_models=all
+disable_token_authorization=true
+enable_model_api=true
+models={"m": {"1.0": {"marName": "m-1.0.mar", "defaultVersion": true}, \\
+              "2.0": {"marName": "m-2.0.mar", "batchSize": 2, "maxBatchDelay": 3}}}
+torchgate.traffic={"m": {"weights": {"1.0": 80, "2.0": 20}}}
+"""
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def config_in(tmp_path: Path, text: str = CONFIG) -> Path:
+    store = tmp_path / "model_store"
+    for name, version in (("m", "1.0"), ("m", "2.0"), ("m", "3.0"), ("n", "1.0")):
+        write_fake_archive(store, name, version)
+    path = tmp_path / "config.properties"
+    path.write_text(text)
+    return path
+
+
+async def started(config: Config, tmp_path: Path) -> Torchgate:
+    tg = build(config, work_dir=tmp_path / "work", backend_loader=load_fake_backend)
+    await tg.start()
+    return tg
+
+
+def state(tg: Torchgate) -> dict[str, Any]:
+    """What must survive a restart, read from the running instance."""
+    assert tg.router is not None
+    versions = {}
+    for v in tg.registry:
+        s = v.settings
+        versions[f"{v.name}/{v.version}"] = {
+            "url": v.url,
+            "default": tg.registry.default_version(v.name) == v.version,
+            "workers": (len(v.workers), s.min_workers, s.max_workers),
+            "batch": (s.batch_size, s.max_batch_delay_ms, s.response_timeout_s),
+        }
+    policies = {m: p.to_json() for m, p in tg.router.policies().items()}
+    return {"versions": versions, "traffic": policies}
+
+
+# -- the file -----------------------------------------------------------------------------------
+
+
+def test_write_atomic_replaces_the_file_whole(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "snap.json"
+    write_atomic(path, b'{"a": 1}')
+    write_atomic(path, b'{"a": 2}')
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert os.listdir(path.parent) == ["snap.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("failing", ["fsync", "replace"])
+def test_a_crash_mid_write_keeps_the_previous_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    path = tmp_path / "snap.json"
+    write_atomic(path, b'{"generation": 1}')
+
+    def crash(*args: Any) -> None:
+        raise OSError(f"{failing}: disk on fire")
+
+    monkeypatch.setattr(api.snapshot.os, failing, crash)
+    with pytest.raises(OSError, match="disk on fire"):
+        write_atomic(path, b'{"generation": 2, "and a lot more": "' + b"x" * 100_000 + b'"}')
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"generation": 1}
+    assert os.listdir(tmp_path) == ["snap.json"]
+
+
+def test_leftover_and_truncated_temp_files_are_ignored_and_removed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        config = load_config(config_in(tmp_path))
+        tg = await started(config, tmp_path)
+        saved = state(tg)
+        await tg.stop()
+        snapshot = config.snapshot_file
+        assert snapshot is not None and snapshot.exists()
+        # What a kill between write and rename leaves: temp files, one of them torn.
+        good = snapshot.read_text()
+        (snapshot.parent / f".{snapshot.name}.a1b2.tmp").write_text(good)
+        (snapshot.parent / f".{snapshot.name}.c3d4.tmp").write_text(good[: len(good) // 2])
+        (snapshot.parent / f".{snapshot.name}.e5f6.tmp").write_bytes(b"")
+
+        tg = await started(config, tmp_path)
+        assert state(tg) == saved and tg.startup_errors == []
+        assert sorted(os.listdir(snapshot.parent)) == [snapshot.name]
+        await tg.stop()
+
+    run(scenario())
+
+
+def test_an_unreadable_snapshot_is_moved_aside_and_config_is_used(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        config = load_config(config_in(tmp_path))
+        assert config.snapshot_file is not None
+        config.snapshot_file.parent.mkdir(parents=True)
+        config.snapshot_file.write_text('{"name": "torchgate-snapshot", "models": {"m":')
+        tg = await started(config, tmp_path)
+        assert sorted(state(tg)["versions"]) == ["m/1.0", "m/2.0", "m/3.0", "n/1.0"]
+        aside = config.snapshot_file.with_name(config.snapshot_file.name + ".corrupt")
+        assert aside.read_text().endswith('"m":')
+        assert read_snapshot(config.snapshot_file) is not None  # a fresh, whole one
+        await tg.stop()
+
+    run(scenario())
+
+
+# -- restart ------------------------------------------------------------------------------------
+
+
+def test_a_restart_restores_models_versions_defaults_workers_batching_and_traffic(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        config = load_config(
+            config_in(
+                tmp_path, CONFIG.replace("load_models=all", "load_models=m-1.0.mar,m-2.0.mar")
+            )
+        )
+        assert config.snapshot_file == tmp_path / "logs/config/torchgate-snapshot.json"
+        tg = await started(config, tmp_path)
+        assert tg.router is not None and tg.router.policy("m") is not None  # torchgate.traffic
+        transport = httpx.ASGITransport(app=tg.management_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://m") as client:
+            calls = [
+                ("POST", "/models?url=n-1.0.mar&batch_size=4&max_batch_delay=9&initial_workers=2"),
+                ("POST", "/models?url=m-3.0.mar&model_name=m"),
+                ("PUT", "/models/m/1.0?min_worker=2&max_worker=3&synchronous=true"),
+                ("PUT", "/models/m/2.0?batch_size=8&max_batch_delay=7&synchronous=true"),
+                ("PUT", "/models/m/2.0/set-default"),
+                ("DELETE", "/models/m/traffic"),
+                ("DELETE", "/models/m/3.0"),
+            ]
+            for method, url in calls:
+                response = await client.request(method, url)
+                assert response.status_code == 200, (url, response.text)
+            policy = {
+                "weights": {"1.0": 10, "2.0": 90},
+                "sticky_header": "X-Tenant",
+                "shadow": {"version": "1.0", "percent": 25},
+            }
+            response = await client.put("/models/m/traffic", json=policy)
+            assert response.status_code == 200
+        saved = state(tg)
+        assert saved["versions"]["m/1.0"]["workers"] == (2, 2, 3)
+        assert saved["versions"]["m/2.0"]["batch"][:2] == (8, 7.0)
+        assert saved["versions"]["m/2.0"]["default"] and "m/3.0" not in saved["versions"]
+        assert saved["versions"]["n/1.0"]["workers"] == (2, 2, 2)
+        await tg.stop()
+
+        # The config still says 80/20 traffic and default 1.0: the snapshot wins.
+        tg = await started(config, tmp_path)
+        assert tg.startup_errors == []
+        assert state(tg) == saved
+        await tg.stop()
+
+    run(scenario())
+
+
+def test_start_writes_the_snapshot_once_after_everything_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[dict[str, Any]] = []
+    real_write = api.snapshot.write_atomic
+
+    def recording(path: Path, data: bytes) -> None:
+        writes.append(json.loads(data))
+        real_write(path, data)
+
+    monkeypatch.setattr(api.snapshot, "write_atomic", recording)
+
+    async def scenario() -> None:
+        config = load_config(config_in(tmp_path))
+        for _ in range(2):  # from config.properties, then from the snapshot
+            tg = await started(config, tmp_path)
+            await tg.stop()
+        assert len(writes) == 2
+        assert writes[0]["modelCount"] == writes[1]["modelCount"] == 2
+        assert writes[0]["models"] == writes[1]["models"]
+        assert writes[1]["traffic"] == {
+            "m": {"weights": {"1.0": 80, "2.0": 20}, "sticky_header": "X-User-Id", "shadow": None}
+        }
+
+    run(scenario())
+
+
+def test_a_version_that_fails_to_restore_does_not_stop_the_others(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        config = load_config(config_in(tmp_path))
+        tg = await started(config, tmp_path)
+        await tg.stop()
+        (tmp_path / "model_store" / "m-2.0.mar").unlink()
+        tg = await started(config, tmp_path)
+        assert sorted(state(tg)["versions"]) == ["m/1.0", "m/3.0", "n/1.0"]
+        assert len(tg.startup_errors) == 2  # the version, and the policy that names it
+        assert tg.router is not None and tg.router.policy("m") is None
+        await tg.stop()
+
+    run(scenario())
+
+
+def test_snapshots_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = config_in(tmp_path, CONFIG + "torchgate.snapshot_file=\n")
+    assert load_config(path).snapshot_file is None
+    custom = config_in(tmp_path, CONFIG + f"torchgate.snapshot_file={tmp_path}/s/x.json\n")
+    assert load_config(custom).snapshot_file == tmp_path / "s/x.json"
+
+    seen: list[Config] = []
+    monkeypatch.setattr("api.server.run", lambda config, **options: seen.append(config))
+    assert cli_main(["serve", "--config", str(custom), "--ncs"]) == 0
+    assert cli_main(["serve", "--config", str(custom)]) == 0
+    assert seen[0].snapshot_file is None and seen[1].snapshot_file is not None
+
+    async def scenario() -> None:
+        tg = await started(seen[0], tmp_path)
+        assert tg.snapshotter is None
+        await tg.stop()
+        assert not (tmp_path / "s").exists()
+
+    run(scenario())
+
+
+def test_snapshotter_logs_a_failed_write_and_keeps_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        config = load_config(config_in(tmp_path))
+        tg = await started(config, tmp_path)
+        assert isinstance(tg.snapshotter, Snapshotter)
+        tg.snapshotter.path = tmp_path / "config.properties" / "not-a-dir.json"
+        tg.registry.set_default("m", "2.0")  # the change stands though it could not be saved
+        assert tg.registry.default_version("m") == "2.0"
+        await tg.stop()
+
+    run(scenario())
+    assert "could not write snapshot" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "value", ['{"m": ', '["not", "an", "object"]', '{"m": [1]}', '{"m": "50/50"}']
+)
+def test_a_malformed_torchgate_traffic_key_is_a_config_error(tmp_path: Path, value: str) -> None:
+    path = config_in(tmp_path, f"torchgate.traffic={value}\n")
+    with pytest.raises(ConfigError, match=r"torchgate\.traffic"):
+        load_config(path)
