@@ -9,6 +9,7 @@
     │   ├── ModelNotFound
     │   └── VersionNotFound
     ├── MethodNotAllowed           405  UNIMPLEMENTED
+    │   └── ModelApiDisabled       405  PERMISSION_DENIED  (as TorchServe: REST 405, gRPC 7)
     ├── Conflict                   409  FAILED_PRECONDITION
     ├── InferenceFailed            500  INTERNAL       (the handler raised)
     ├── BackendUnavailable         502  UNAVAILABLE    (a remote backend is down)
@@ -75,6 +76,13 @@ class MethodNotAllowed(TorchgateError):
     type_name = "MethodNotAllowedException"
 
 
+class ModelApiDisabled(MethodNotAllowed):
+    """Register/unregister while `enable_model_api` is false.
+
+    TorchServe answers 405 on REST but PERMISSION_DENIED on gRPC; clients of both check for it.
+    """
+
+
 class Conflict(TorchgateError):
     type_name = "ConflictStatusException"
 
@@ -107,6 +115,7 @@ STATUS_TABLE: dict[type[TorchgateError], tuple[int, grpc.StatusCode]] = {
     Forbidden: (403, grpc.StatusCode.PERMISSION_DENIED),
     NotFound: (404, grpc.StatusCode.NOT_FOUND),
     MethodNotAllowed: (405, grpc.StatusCode.UNIMPLEMENTED),
+    ModelApiDisabled: (405, grpc.StatusCode.PERMISSION_DENIED),
     Conflict: (409, grpc.StatusCode.FAILED_PRECONDITION),
     InferenceFailed: (500, grpc.StatusCode.INTERNAL),
     BackendUnavailable: (502, grpc.StatusCode.UNAVAILABLE),

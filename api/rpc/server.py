@@ -20,12 +20,16 @@ from api.rest.security import INFERENCE, MANAGEMENT, TokenAuth
 
 log = logging.getLogger(__name__)
 
-# Health and reflection-free liveness calls that need no key, as /ping on REST.
+# Calls that need no key, as on REST: /ping, and KServe v2 health and metadata (REST's
+# GET /v2/... routes are open; only inference needs the inference key on either protocol).
 _OPEN_METHODS = frozenset(
     {
         "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Ping",
         "/inference.GRPCInferenceService/ServerLive",
         "/inference.GRPCInferenceService/ServerReady",
+        "/inference.GRPCInferenceService/ModelReady",
+        "/inference.GRPCInferenceService/ServerMetadata",
+        "/inference.GRPCInferenceService/ModelMetadata",
     }
 )
 
