@@ -1,0 +1,1 @@
+"""The example models that `export` turns into archives: one module per model."""

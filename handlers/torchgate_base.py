@@ -1,0 +1,302 @@
+"""Shared machinery of torchgate's example handlers (TorchServe's handler contract).
+
+This module travels inside every example archive as an extra file, next to the handler, and
+archives are extracted flat: there the handler imports it as ``torchgate_base``, in this repo as
+``handlers.torchgate_base``. The distinctive name keeps it from shadowing, or being shadowed by,
+another archive's ``base``/``common`` module. It imports only the standard library, numpy,
+torch and (lazily) onnxruntime, because it runs inside TorchServe workers too.
+
+A handler subclasses `ModelHandler` and implements three steps; `ModelHandler.handle` runs them
+so that every valid item of a batch goes through the model in ONE forward pass and a bad item
+fails alone::
+
+    decode(payload, item, idx, context) -> Decoded   # one request; raise BadRequest if bad
+    collate([Decoded, ...]) -> {input name: array}   # the whole batch, rows in item order
+    respond(Decoded, rows) -> JSON-able response     # this item's rows of the model output
+
+A bad item gets ``context.set_response_status(400, message, idx)`` and the response body
+``{"code": 400, "type": "BadRequest", "message": ...}``; TorchServe sends each item's status and
+body to its own client. Every response carries the header ``x-batch-size`` (number of requests
+that shared the forward pass), so batching is observable from outside.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+BATCH_SIZE_HEADER = "x-batch-size"
+# Request fields that carry options, never the payload, when an item is a form/query dict.
+OPTION_FIELDS = frozenset({"topk"})
+TORCHSCRIPT_SUFFIXES = frozenset({".pt", ".pth", ".ts", ".torchscript"})
+
+
+class BadRequest(ValueError):
+    """The item cannot be served as sent; its message goes back to that item's client."""
+
+    code = 400
+    type = "BadRequest"
+
+    def to_response(self) -> dict[str, Any]:
+        return {"code": self.code, "type": self.type, "message": str(self)}
+
+
+@dataclass
+class Decoded:
+    """One valid request of a batch: `rows` model-input rows (images, texts) in `value`."""
+
+    rows: int
+    value: Any
+    v2: bool = False  # answer with KServe v2 "outputs" instead of the plain response
+    numpy_out: bool = False  # v2 data came in as numpy; hand numpy back (the engine encodes it)
+    single: bool = True  # one text/image sent bare, not as a list
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Context(Protocol):
+    """The part of TorchServe's `ts.context.Context` these handlers use."""
+
+    @property
+    def system_properties(self) -> dict[str, Any]: ...
+
+    manifest: dict[str, Any] | None
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None: ...
+
+
+# --- payload helpers ---------------------------------------------------------------------------
+
+
+def request_payload(item: Any) -> Any:
+    """The payload of one TorchServe request item.
+
+    TorchServe hands each item as a dict: the raw body under "body" (or "data"), multipart form
+    fields and query parameters under their own names; the value is bytes, a str for text/*
+    bodies, or already-parsed JSON for application/json. A dict carrying "inputs" is a KServe v2
+    request handed over directly (torchgate's engine does that for v2 tensors).
+    """
+    if not isinstance(item, dict):
+        return item
+    for key in ("body", "data"):
+        if item.get(key) is not None:
+            return item[key]
+    if "inputs" in item:
+        return item
+    for key, value in item.items():
+        if key not in OPTION_FIELDS and value is not None:
+            return value
+    raise BadRequest("empty request: no body, no form field")
+
+
+def as_text(value: bytes | bytearray | str) -> str:
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"body is not valid UTF-8 text ({exc.reason})") from exc
+
+
+def parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"invalid JSON: {exc.msg} at position {exc.pos}") from exc
+
+
+def looks_like_json(value: bytes | bytearray | str) -> bool:
+    head = value[:64].lstrip()
+    if isinstance(head, str):
+        return head[:1] in ("[", "{")
+    return head[:1] in (b"[", b"{")
+
+
+def is_v2(payload: Any) -> bool:
+    return isinstance(payload, dict) and isinstance(payload.get("inputs"), list)
+
+
+def v2_input(payload: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    """The KServe v2 input tensor called `name` (or the only/first one), checked for "data"."""
+    inputs = payload["inputs"]
+    if not inputs:
+        raise BadRequest('KServe v2 request has an empty "inputs" list')
+    chosen = next((t for t in inputs if isinstance(t, dict) and t.get("name") == name), inputs[0])
+    if not isinstance(chosen, dict) or "data" not in chosen:
+        raise BadRequest(
+            'KServe v2 input must be an object with "name", "shape", "datatype", "data"'
+        )
+    return chosen
+
+
+def v2_response(name: str, array: np.ndarray, numpy_out: bool) -> dict[str, Any]:
+    """KServe v2 "outputs" for one item: flat row-major list data (JSON-able, what TorchServe
+    can serialize), or the array itself when the request came with numpy data."""
+    data: Any = array if numpy_out else array.ravel().tolist()
+    return {
+        "outputs": [{"name": name, "datatype": "FP32", "shape": list(array.shape), "data": data}]
+    }
+
+
+def reason_phrase(message: str) -> str:
+    """TorchServe puts the phrase in the HTTP status line: one ASCII line, kept short."""
+    line = " ".join(message.split())
+    return line.encode("ascii", "replace").decode("ascii")[:200]
+
+
+# --- devices and runtimes ------------------------------------------------------------------------
+
+
+def select_device(context: Context) -> torch.device:
+    """CUDA device `gpu_id` when CUDA is there and TorchServe assigned a GPU, else CPU (the
+    rule of TorchServe's BaseHandler: no gpu_id means the operator chose CPU)."""
+    gpu_id = context.system_properties.get("gpu_id")
+    if gpu_id is not None and torch.cuda.is_available():
+        return torch.device("cuda", int(gpu_id))
+    return torch.device("cpu")
+
+
+class Runner(ABC):
+    """A loaded serialized model: named numpy inputs in, first output as numpy out."""
+
+    @abstractmethod
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+class TorchScriptRunner(Runner):
+    def __init__(self, path: Path, input_names: list[str], device: torch.device) -> None:
+        self.module = torch.jit.load(str(path), map_location=device)
+        self.module.eval()
+        self.input_names = input_names
+        self.device = device
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            tensors = [torch.from_numpy(inputs[n]).to(self.device) for n in self.input_names]
+            output: torch.Tensor = self.module(*tensors)
+            return output.cpu().numpy()
+
+
+class OnnxRunner(Runner):
+    def __init__(self, path: Path, device: torch.device) -> None:
+        import onnxruntime
+
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if device.type == "cuda":
+            # Ask for CUDA only with a GPU: onnxruntime-gpu falls back to CPU, noisily, without
+            # one. preload_dlls() (ORT >= 1.21) loads the CUDA/cuDNN libraries torch ships with.
+            if hasattr(onnxruntime, "preload_dlls"):
+                onnxruntime.preload_dlls()
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), *providers]
+        self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        self.input_names = [node.name for node in self.session.get_inputs()]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        feed = {name: inputs[name] for name in self.input_names}
+        return np.asarray(self.session.run(None, feed)[0])
+
+
+def model_format(signature: dict[str, Any], serialized_file: str) -> str:
+    """The model format, "torchscript" or "onnx": signature.json says so, or else the file
+    extension of the serialized model decides."""
+    declared = signature.get("format")
+    if declared in ("torchscript", "onnx"):
+        return str(declared)
+    suffix = Path(serialized_file).suffix.lower()
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        return "torchscript"
+    raise ValueError(f"cannot tell the format of {serialized_file!r}")
+
+
+# --- the handler skeleton ------------------------------------------------------------------------
+
+
+class ModelHandler(ABC):
+    """Loads signature.json and the serialized model of an extracted archive, then serves
+    batches through `decode` / `collate` / `respond` (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.initialized = False
+        self.signature: dict[str, Any] = {}
+        self.model_dir = Path()
+        self.device = torch.device("cpu")
+        self.runner: Runner | None = None
+        self.format = ""
+
+    def initialize(self, context: Context) -> None:
+        self.model_dir = Path(context.system_properties["model_dir"])
+        signature_path = self.model_dir / "signature.json"
+        self.signature = json.loads(signature_path.read_text()) if signature_path.exists() else {}
+        manifest = context.manifest or {}
+        serialized = manifest.get("model", {}).get("serializedFile") or self.signature.get(
+            "serialized_file"
+        )
+        if not serialized:
+            raise ValueError("archive names no serialized model (manifest serializedFile)")
+        self.device = select_device(context)
+        path = self.model_dir / serialized
+        fmt = model_format(self.signature, serialized)
+        if fmt == "onnx":
+            self.runner = OnnxRunner(path, self.device)
+        else:
+            names = [spec["name"] for spec in self.signature.get("model_inputs", [])]
+            self.runner = TorchScriptRunner(path, names, self.device)
+        self.format = fmt
+        self.setup(context)
+        self.initialized = True
+        logger.info("loaded %s (%s) on %s", path.name, fmt, self.device)
+
+    def setup(self, context: Context) -> None:  # noqa: B027 - optional hook, empty by default
+        """Model-specific loading after the model (labels, tokenizer)."""
+
+    @abstractmethod
+    def decode(self, payload: Any, item: Any, idx: int, context: Context) -> Decoded:
+        """Validate one request; raise `BadRequest` with a message meant for its client."""
+
+    @abstractmethod
+    def collate(self, items: list[Decoded]) -> dict[str, np.ndarray]:
+        """Model inputs for all `items`, their rows concatenated in order."""
+
+    @abstractmethod
+    def respond(self, item: Decoded, output: np.ndarray) -> Any:
+        """The response for one item from its `item.rows` rows of the model output."""
+
+    def handle(self, data: list[Any] | None, context: Context) -> list[Any] | None:
+        """TorchServe entry point: one response per request in `data`, in order."""
+        if data is None:  # TorchServe's function-style init call; nothing to serve
+            return None
+        if not self.initialized or self.runner is None:
+            raise RuntimeError("handler used before initialize()")
+        responses: list[Any] = [None] * len(data)
+        valid: list[tuple[int, Decoded]] = []
+        for idx, item in enumerate(data):
+            try:
+                valid.append((idx, self.decode(request_payload(item), item, idx, context)))
+            except BadRequest as exc:
+                context.set_response_status(exc.code, reason_phrase(str(exc)), idx)
+                responses[idx] = exc.to_response()
+        if valid:
+            output = self.runner.run(self.collate([decoded for _, decoded in valid]))
+            expected_rows = sum(decoded.rows for _, decoded in valid)
+            if len(output) != expected_rows:
+                raise RuntimeError(f"model returned {len(output)} rows for {expected_rows}")
+            start = 0
+            for idx, decoded in valid:
+                responses[idx] = self.respond(decoded, output[start : start + decoded.rows])
+                start += decoded.rows
+        set_header = getattr(context, "set_response_header", None)
+        if set_header is not None:
+            for idx in range(len(data)):
+                set_header(idx, BATCH_SIZE_HEADER, str(len(data)))
+        logger.debug("batch of %d requests, %d valid", len(data), len(valid))
+        return responses

@@ -1,0 +1,257 @@
+"""The digits handler on its TorchScript (digits.mar) and ONNX (digits_v2.mar) archives."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.models import digits
+from handlers.digits_handler import INK_THRESHOLD, DigitsHandler, image_to_digits
+
+ARCHIVES = ["digits", "digits_v2"]  # TorchScript 1.0, ONNX 2.0
+
+
+@pytest.fixture(scope="module")
+def data() -> digits.DigitsData:
+    return digits.load_data()
+
+
+def raw(data: digits.DigitsData, count: int, start: int = 0) -> np.ndarray:
+    """Held-out images in dataset units (0..16), [count, 64]."""
+    return data.x_test[start : start + count].reshape(count, 64) * digits.PIXEL_SCALE
+
+
+def image_bytes(values: np.ndarray, dark_on_light: bool, fmt: str = "PNG") -> bytes:
+    """A dataset image drawn as a real picture: 64x64, 0..255, optionally inverted."""
+    gray = values.reshape(8, 8) / digits.PIXEL_SCALE * 255
+    if dark_on_light:
+        gray = 255 - gray
+    picture = Image.fromarray(gray.astype(np.uint8)).resize((64, 64), Image.Resampling.NEAREST)
+    out = io.BytesIO()
+    picture.save(out, fmt)
+    return out.getvalue()
+
+
+def top_label(response: dict[str, float]) -> str:
+    return next(iter(response))
+
+
+@pytest.mark.parametrize("stem", ARCHIVES)
+def test_json_values_match_the_serialized_model(
+    stem: str, loaded_handler: Callable[[str], Any], context_for: Any, data: digits.DigitsData
+) -> None:
+    handler = loaded_handler(stem)
+    images = raw(data, 8)
+    context = context_for(stem)
+    responses = handler.handle([{"body": image.tolist()} for image in images], context)
+    expected = handler.runner.run({"pixels": data.x_test[:8]})
+    for response, probabilities in zip(responses, expected, strict=True):
+        assert list(response) == [str(i) for i in np.argsort(-probabilities)[:5]]
+        for label, probability in response.items():
+            assert probability == pytest.approx(float(probabilities[int(label)]), abs=1e-6)
+    assert context.statuses == {}
+    assert context.headers[0]["x-batch-size"] == "8"
+
+
+@pytest.mark.parametrize("stem", ARCHIVES)
+def test_heldout_accuracy_through_the_handler_equals_the_eager_one(
+    stem: str, loaded_handler: Callable[[str], Any], context_for: Any, data: digits.DigitsData
+) -> None:
+    handler = loaded_handler(stem)
+    images = raw(data, len(data.x_test))
+    responses = handler.handle([{"body": image.tolist()} for image in images], context_for(stem))
+    predicted = np.array([int(top_label(r)) for r in responses])
+    accuracy = float((predicted == data.y_test).mean())
+    # signature.json records the eager model's accuracy on the same held-out split.
+    assert accuracy == pytest.approx(handler.signature["training"]["heldout_accuracy"], abs=1e-4)
+    assert accuracy >= 0.95
+
+
+@pytest.mark.parametrize("stem", ARCHIVES)
+@pytest.mark.parametrize(("dark_on_light", "fmt"), [(True, "PNG"), (False, "PNG"), (True, "JPEG")])
+def test_images_classify_like_their_values(
+    stem: str,
+    dark_on_light: bool,
+    fmt: str,
+    loaded_handler: Callable[[str], Any],
+    context_for: Any,
+    data: digits.DigitsData,
+) -> None:
+    handler = loaded_handler(stem)
+    images = raw(data, 40)
+    by_image = handler.handle(
+        [{"data": image_bytes(v, dark_on_light, fmt)} for v in images], context_for(stem)
+    )
+    by_values = handler.handle([{"body": v.tolist()} for v in images], context_for(stem))
+    agree = np.mean(
+        [top_label(a) == top_label(b) for a, b in zip(by_image, by_values, strict=True)]
+    )
+    assert agree >= 0.9
+
+
+def centered_full_height(values: np.ndarray) -> bool:
+    """All ink (also the faint ink the handler's crop ignores) in a box as high as the image
+    and centred in it: cropping to the ink and padding square gives back the same 8x8."""
+    square = values.reshape(8, 8)
+    any_ink, strong_ink = square > 0, square > INK_THRESHOLD * 16
+    cols = np.flatnonzero(any_ink.any(axis=0))
+    width = cols[-1] - cols[0] + 1
+    same_box = (np.flatnonzero(strong_ink.any(axis=0))[[0, -1]] == cols[[0, -1]]).all()
+    full_height = strong_ink[0].any() and strong_ink[-1].any()
+    return bool(same_box and full_height and cols[0] * 2 == 8 - width)
+
+
+def test_image_preprocessing_reproduces_a_dataset_digit(data: digits.DigitsData) -> None:
+    values = next(v for v in raw(data, len(data.x_test)) if centered_full_height(v))
+    for dark_on_light in (True, False):
+        restored = image_to_digits(image_bytes(values, dark_on_light))
+        # 8-bit grey levels: one level of 255 is 16/255 of a dataset unit.
+        np.testing.assert_allclose(restored, values, atol=16 / 255 + 1e-4)
+
+
+def test_base64_image_and_data_object(
+    loaded_handler: Callable[[str], Any], context_for: Any, data: digits.DigitsData
+) -> None:
+    handler = loaded_handler("digits")
+    values = raw(data, 3)[2]
+    encoded = base64.b64encode(image_bytes(values, True)).decode()
+    responses = handler.handle(
+        [{"body": encoded}, {"body": {"data": values.tolist(), "topk": 2}}, {"body": values}],
+        context_for("digits"),
+    )
+    assert top_label(responses[0]) == top_label(responses[1]) == top_label(responses[2])
+    assert len(responses[1]) == 2
+
+
+def test_topk_from_query_parameter_and_header(
+    loaded_handler: Callable[[str], Any], context_for: Any, data: digits.DigitsData
+) -> None:
+    handler = loaded_handler("digits")
+    values = raw(data, 1)[0].tolist()
+    context = context_for("digits", request_headers=[{}, {"topk": "1"}])
+    responses = handler.handle([{"body": values, "topk": b"3"}, {"body": values}], context)
+    assert [len(r) for r in responses] == [3, 1]
+
+
+@pytest.mark.parametrize("stem", ARCHIVES)
+@pytest.mark.parametrize(
+    ("data_of", "shape"),
+    [
+        (lambda v: v.ravel().tolist(), [1, 64]),
+        (lambda v: v.reshape(1, 1, 8, 8).tolist(), [1, 1, 8, 8]),
+        (lambda v: v.astype(np.float32).reshape(1, 1, 8, 8), [1, 1, 8, 8]),
+        (lambda v: v.astype(np.float32).ravel(), [64]),
+    ],
+    ids=["flat-list", "nested-list", "numpy-4d", "numpy-flat"],
+)
+def test_v2_item_gets_v2_outputs(
+    stem: str,
+    data_of: Callable[[np.ndarray], Any],
+    shape: list[int],
+    loaded_handler: Callable[[str], Any],
+    context_for: Any,
+    data: digits.DigitsData,
+) -> None:
+    handler = loaded_handler(stem)
+    values = raw(data, 1)[0]
+    tensor = {"name": "pixels", "shape": shape, "datatype": "FP32", "data": data_of(values)}
+    for item in ({"body": {"inputs": [tensor]}}, {"inputs": [tensor]}):
+        (response,) = handler.handle([item], context_for(stem))
+        (output,) = response["outputs"]
+        assert output["name"] == "probabilities"
+        assert output["datatype"] == "FP32"
+        assert output["shape"] == [1, 10]
+        assert isinstance(output["data"], np.ndarray) == isinstance(tensor["data"], np.ndarray)
+        expected = handler.runner.run({"pixels": data.x_test[:1]})
+        np.testing.assert_allclose(np.ravel(output["data"]), expected.ravel(), atol=1e-6)
+        if isinstance(tensor["data"], list):
+            json.dumps(response)  # TorchServe json.dumps()es the response
+
+
+def test_v2_item_with_several_images(
+    loaded_handler: Callable[[str], Any], context_for: Any, data: digits.DigitsData
+) -> None:
+    handler = loaded_handler("digits_v2")
+    values = raw(data, 3)
+    item = {
+        "inputs": [
+            {
+                "name": "pixels",
+                "shape": [3, 64],
+                "datatype": "FP32",
+                "data": values.ravel().tolist(),
+            }
+        ]
+    }
+    (response,) = handler.handle([item], context_for("digits_v2"))
+    assert response["outputs"][0]["shape"] == [3, 10]
+    assert len(response["outputs"][0]["data"]) == 30
+
+
+@pytest.mark.parametrize("stem", ARCHIVES)
+def test_bad_items_fail_alone_in_one_forward_pass(
+    stem: str, loaded_handler: Callable[[str], Any], context_for: Any, data: digits.DigitsData
+) -> None:
+    handler = loaded_handler(stem)
+    good = raw(data, 4)
+    batch: list[Any] = [
+        {"body": good[0].tolist()},
+        {"body": b"\x89PNG\r\n\x1a\n not really a png"},  # undecodable image
+        {"body": image_bytes(good[1], True)},
+        {"body": [1.0, 2.0, 3.0]},  # wrong length
+        {"body": b'{"data": [1, 2,'},  # broken JSON
+        {
+            "inputs": [{"name": "pixels", "shape": [2, 32], "datatype": "FP32", "data": [0.0] * 64}]
+        },  # v2 shape that is not images
+        {"body": {"data": good[2].tolist(), "topk": 99}},  # topk out of range
+        {
+            "inputs": [
+                {"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": good[3].tolist()}
+            ]
+        },
+    ]
+    context = context_for(stem)
+    calls: list[int] = []
+    original_run = handler.runner.run
+
+    def counting_run(inputs: dict[str, np.ndarray]) -> np.ndarray:
+        calls.append(len(inputs["pixels"]))
+        return original_run(inputs)
+
+    handler.runner.run = counting_run
+    try:
+        responses = handler.handle(batch, context)
+    finally:
+        del handler.runner.run
+    assert calls == [3]  # the three valid items, together
+    assert sorted(context.statuses) == [1, 3, 4, 5, 6]
+    for idx in (1, 3, 4, 5, 6):
+        code, phrase = context.statuses[idx]
+        assert code == 400
+        assert responses[idx] == {"code": 400, "type": "BadRequest", "message": phrase}
+    assert "neither JSON nor a readable image" in responses[1]["message"]
+    assert "got 3" in responses[3]["message"]
+    assert "invalid JSON" in responses[4]["message"]
+    assert "[..., 64]" in responses[5]["message"]
+    assert "topk" in responses[6]["message"]
+    assert top_label(responses[0]) == str(data.y_test[0])
+    assert isinstance(responses[2], dict) and len(responses[2]) == 5
+    assert responses[7]["outputs"][0]["shape"] == [1, 10]
+    assert all(context.headers[idx]["x-batch-size"] == "8" for idx in range(8))
+
+
+def test_handler_imports_from_the_repo_too(extracted: dict[str, Any], context_for: Any) -> None:
+    handler = DigitsHandler()
+    handler.initialize(context_for("digits"))
+    assert handler.format == "torchscript"
+    assert handler.device.type == "cpu"
+    handler_v2 = DigitsHandler()
+    handler_v2.initialize(context_for("digits_v2"))
+    assert handler_v2.format == "onnx"

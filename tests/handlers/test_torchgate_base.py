@@ -1,0 +1,109 @@
+"""The shared handler machinery: payload extraction, device and provider choice, formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from handlers import torchgate_base
+from handlers.torchgate_base import (
+    BadRequest,
+    OnnxRunner,
+    model_format,
+    reason_phrase,
+    request_payload,
+    select_device,
+)
+
+
+class Props:
+    def __init__(self, gpu_id: int | None) -> None:
+        self.system_properties: dict[str, Any] = {"gpu_id": gpu_id}
+        self.manifest: dict[str, Any] | None = None
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        raise AssertionError("not expected")
+
+
+@pytest.mark.parametrize(
+    ("item", "payload"),
+    [
+        ({"body": b"x"}, b"x"),
+        ({"data": "text"}, "text"),
+        ({"body": None, "data": [1]}, [1]),
+        ({"inputs": [{"data": [1]}]}, {"inputs": [{"data": [1]}]}),
+        ({"topk": b"3", "file": b"img"}, b"img"),  # form field under its own name
+        (b"raw", b"raw"),
+    ],
+)
+def test_request_payload(item: Any, payload: Any) -> None:
+    assert request_payload(item) == payload
+
+
+def test_request_payload_without_body_is_a_bad_request() -> None:
+    with pytest.raises(BadRequest, match="empty request"):
+        request_payload({"topk": b"3"})
+
+
+def test_reason_phrase_is_one_short_ascii_line() -> None:
+    phrase = reason_phrase("bad\nthing: é" + "x" * 500)
+    assert phrase.startswith("bad thing: ?")
+    assert len(phrase) == 200 and phrase.isascii()
+
+
+def test_model_format() -> None:
+    assert model_format({"format": "onnx"}, "model.pt") == "onnx"  # the signature wins
+    assert model_format({}, "model.onnx") == "onnx"
+    assert model_format({}, "model.pt") == "torchscript"
+    with pytest.raises(ValueError):
+        model_format({}, "model.bin")
+
+
+def test_device_follows_gpu_id_only_when_cuda_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device(Props(1)) == torch.device("cuda", 1)
+    assert select_device(Props(None)) == torch.device("cpu")  # no GPU assigned: CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device(Props(0)) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("device", [torch.device("cpu"), torch.device("cuda", 1)])
+def test_onnx_asks_for_cuda_only_on_a_gpu(
+    device: torch.device, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: dict[str, Any] = {"preloaded": False}
+
+    class Session:
+        def __init__(self, path: str, providers: list[Any]) -> None:
+            seen["providers"] = providers
+
+        def get_inputs(self) -> list[Any]:
+            return []
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Session)
+    monkeypatch.setattr(
+        onnxruntime, "preload_dlls", lambda: seen.update(preloaded=True), raising=False
+    )
+    OnnxRunner(tmp_path / "m.onnx", device)
+    if device.type == "cuda":
+        assert seen["providers"] == [
+            ("CUDAExecutionProvider", {"device_id": 1}),
+            "CPUExecutionProvider",
+        ]
+        assert seen["preloaded"]
+    else:
+        assert seen["providers"] == ["CPUExecutionProvider"]
+        assert not seen["preloaded"]
+
+
+def test_v2_response_keeps_numpy_for_numpy_requests() -> None:
+    array = np.ones((2, 3), dtype=np.float32)
+    as_list = torchgate_base.v2_response("y", array, numpy_out=False)["outputs"][0]
+    assert as_list == {"name": "y", "datatype": "FP32", "shape": [2, 3], "data": [1.0] * 6}
+    as_numpy = torchgate_base.v2_response("y", array, numpy_out=True)["outputs"][0]
+    assert as_numpy["data"] is array

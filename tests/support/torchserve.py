@@ -1,0 +1,308 @@
+"""Start a real TorchServe (0.12) for tests and benchmarks, and leave nothing behind.
+
+    from tests.support.torchserve import running_torchserve
+
+    with running_torchserve(Path("model_store"), Path("config.properties")) as ts:
+        httpx.post(f"{ts.inference_url}/predictions/digits", json=[0.0] * 64)
+        ts.management_url, ts.metrics_url, ts.grpc_inference_port, ts.grpc_management_port
+    assert not ts.leftover_pids()
+
+The config is copied with the five ports rewritten to free ones on 127.0.0.1, token
+authorization off and ``model_store`` made absolute; everything else (``models={...}``, batch
+sizes, ...) is kept. TorchServe keeps its pid file and worker sockets in ``TEMP``/``TMPDIR`` and
+writes logs to ``LOG_LOCATION``/``METRICS_LOCATION``: all point into a private temporary
+directory, so an instance started here never meets another (or the developer's own) one.
+
+The context manager returns once every model version to load has all its workers READY (GET
+/ping turns healthy before workers have loaded). On exit it runs ``torchserve --stop`` with
+the same environment, waits, then kills the whole process group (launcher, java, Python
+workers) if anything is still alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STOP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class TorchServe:
+    """A running TorchServe; URLs have no trailing slash."""
+
+    inference_url: str
+    management_url: str
+    metrics_url: str
+    grpc_inference_port: int
+    grpc_management_port: int
+    workdir: Path  # private TEMP: config copy, pid file, sockets, logs/
+    config_path: Path
+    pid: int  # the `torchserve --foreground` launcher; also the process group id
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def log_text(self, name: str = "ts_log.log") -> str:
+        path = self.log_dir / name
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def leftover_pids(self) -> list[int]:
+        """Processes of this instance still alive: its process group, or any process whose
+        command line names its private directory (java's tmpdir, the workers' sockets)."""
+        return _processes(pgid=self.pid, marker=str(self.workdir))
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free TCP ports on 127.0.0.1 (held open together while choosing)."""
+    with ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def read_properties(path: Path) -> list[tuple[str | None, str]]:
+    """(key, logical line) pairs of a .properties file; continuation lines (trailing ``\\``)
+    are joined into their logical line, comments and blanks get key None."""
+    entries: list[tuple[str | None, str]] = []
+    pending = ""
+    for line in path.read_text().splitlines():
+        pending += line + "\n"
+        if line.endswith("\\") and not line.endswith("\\\\"):
+            continue
+        stripped = pending.lstrip()
+        if not stripped.strip() or stripped[0] in "#!":
+            entries.append((None, pending))
+        else:
+            entries.append((re.split(r"\s*[=:]", stripped, maxsplit=1)[0].strip(), pending))
+        pending = ""
+    if pending:
+        entries.append((None, pending))
+    return entries
+
+
+def property_value(logical_line: str) -> str:
+    value = re.split(r"\s*[=:]\s*", logical_line.strip(), maxsplit=1)[1]
+    return re.sub(r"\\\n\s*", "", value).strip()
+
+
+def write_test_config(
+    source: Path | None, target: Path, overrides: Mapping[str, str]
+) -> dict[str, str]:
+    """Copy `source` to `target` with `overrides` applied; the effective key -> value map."""
+    entries = read_properties(source) if source is not None else []
+    remaining = dict(overrides)
+    lines: list[str] = []
+    values: dict[str, str] = {}
+    for key, text in entries:
+        if key is not None and key in remaining:
+            text = f"{key}={remaining.pop(key)}\n"
+        if key is not None:
+            values[key] = property_value(text)
+        lines.append(text)
+    for key, value in remaining.items():
+        lines.append(f"{key}={value}\n")
+        values[key] = value
+    target.write_text("".join(lines))
+    return values
+
+
+def expected_versions(load_models: str, model_store: Path) -> list[tuple[str, str]]:
+    """(model name, version) for each archive in a ``load_models`` value, from its manifest."""
+    if load_models.strip().lower() == "all":
+        entries = [path.name for path in sorted(model_store.glob("*.mar"))]
+    else:
+        entries = [entry.strip() for entry in load_models.split(",") if entry.strip()]
+    expected = []
+    for entry in entries:
+        name, _, url = entry.rpartition("=")
+        with zipfile.ZipFile(model_store / url) as mar:
+            model = json.loads(mar.read("MAR-INF/MANIFEST.json"))["model"]
+        expected.append((name or model["modelName"], model.get("modelVersion", "1.0")))
+    return expected
+
+
+@contextmanager
+def running_torchserve(
+    model_store: Path,
+    config_path: Path | None = None,
+    models: str | None = None,
+    *,
+    extra_config: Mapping[str, str] | None = None,
+    startup_timeout: float = 240.0,
+) -> Iterator[TorchServe]:
+    """Run TorchServe on `model_store` with a test copy of `config_path`.
+
+    `models` (TorchServe's ``load_models`` syntax: ``"digits=digits.mar,minilm.mar"`` or
+    ``"all"``) replaces the config's ``load_models``; `extra_config` sets any other key.
+    """
+    torchserve = Path(sys.executable).with_name("torchserve")
+    if shutil.which("java") is None:
+        raise RuntimeError("TorchServe needs Java (java not on PATH)")
+    # A short private directory: worker sockets live in it and unix socket paths are limited
+    # to about 100 bytes, which pytest's tmp_path can exceed.
+    workdir = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
+    ports = free_ports(5)
+    overrides = {
+        "inference_address": f"http://127.0.0.1:{ports[0]}",
+        "management_address": f"http://127.0.0.1:{ports[1]}",
+        "metrics_address": f"http://127.0.0.1:{ports[2]}",
+        "grpc_inference_address": "127.0.0.1",
+        "grpc_management_address": "127.0.0.1",
+        "grpc_inference_port": str(ports[3]),
+        "grpc_management_port": str(ports[4]),
+        "disable_token_authorization": "true",
+        "model_store": str(model_store.resolve()),
+        **({"load_models": models} if models is not None else {}),
+        **(extra_config or {}),
+    }
+    config = workdir / "config.properties"
+    values = write_test_config(config_path, config, overrides)
+    env = {
+        **os.environ,
+        "TEMP": str(workdir),
+        "TMPDIR": str(workdir),
+        "TMP": str(workdir),
+        "LOG_LOCATION": str(workdir / "logs"),
+        "METRICS_LOCATION": str(workdir / "logs"),
+    }
+    with open(workdir / "torchserve.out", "wb") as out:
+        # Own session: launcher, java and workers share a process group we can kill at once.
+        process = subprocess.Popen(
+            [str(torchserve), "--start", "--ncs", "--foreground", "--ts-config", str(config)],
+            cwd=workdir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    instance = TorchServe(
+        inference_url=overrides["inference_address"],
+        management_url=overrides["management_address"],
+        metrics_url=overrides["metrics_address"],
+        grpc_inference_port=ports[3],
+        grpc_management_port=ports[4],
+        workdir=workdir,
+        config_path=config,
+        pid=process.pid,
+    )
+    try:
+        wanted = expected_versions(values.get("load_models", ""), model_store)
+        _wait_ready(instance, process, wanted, startup_timeout)
+        yield instance
+    finally:
+        _stop(instance, process, env)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _wait_ready(
+    ts: TorchServe,
+    process: subprocess.Popen[bytes],
+    wanted: list[tuple[str, str]],
+    timeout: float,
+) -> None:
+    deadline = time.monotonic() + timeout
+    pending = list(wanted)
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"TorchServe exited with {process.returncode} during startup:\n"
+                + _tail(ts.workdir / "torchserve.out")
+            )
+        try:
+            _get_json(f"{ts.inference_url}/ping")
+            pending = [mv for mv in pending if not _workers_ready(ts, *mv)]
+            if not pending:
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
+            pass  # not listening yet, or the model not registered yet
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"TorchServe models not READY after {timeout:.0f}s: {pending}\n"
+                + _tail(ts.log_dir / "ts_log.log")
+            )
+        time.sleep(0.25)
+
+
+def _workers_ready(ts: TorchServe, name: str, version: str) -> bool:
+    try:
+        described = _get_json(f"{ts.management_url}/models/{name}/{version}")
+    except urllib.error.HTTPError:
+        return False  # 404 until registered
+    workers = described[0].get("workers", []) if described else []
+    return bool(workers) and all(worker.get("status") == "READY" for worker in workers)
+
+
+def _stop(ts: TorchServe, process: subprocess.Popen[bytes], env: Mapping[str, str]) -> None:
+    torchserve = Path(sys.executable).with_name("torchserve")
+    try:
+        subprocess.run(
+            [str(torchserve), "--stop"],
+            env=dict(env),
+            cwd=ts.workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=STOP_TIMEOUT_S,
+            check=False,
+        )
+        process.wait(timeout=STOP_TIMEOUT_S)  # --stop only signals java; the launcher follows
+    except subprocess.TimeoutExpired:
+        pass
+    # Java stops its workers on SIGTERM; whatever is left after that is killed.
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while (leftovers := ts.leftover_pids()) and time.monotonic() < deadline:
+        for pid in leftovers:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=5)
+
+
+def _processes(pgid: int, marker: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # exited meanwhile
+        # Fields after the parenthesised command: state, ppid, pgrp, ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue  # a zombie is dead; its parent reaps it
+        if (pgid and int(fields[2]) == pgid) or marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    if not path.exists():
+        return f"({path} not written)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
