@@ -20,6 +20,7 @@ file stays usable unchanged by `torchserve --ts-config`:
                                 logs/config/torchgate-snapshot.json beside this file; empty: none)
     torchgate.traffic           traffic policies by model, JSON: {"digits": {"weights": {...}}}
                                 (see api.core.routing / docs/traffic.md)
+    torchgate.intra_op_threads  torch / ONNX Runtime threads per CPU worker (default 1)
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class Config:
     enable_model_api: bool = False
     allowed_urls: list[str] = field(default_factory=lambda: [r"file://.*", r"http(s)?://.*"])
     number_of_gpu: int | None = None
+    # torchgate.intra_op_threads: torch / ONNX Runtime threads per CPU worker (default 1).
+    intra_op_threads: int | None = None
     key_file: Path = Path("key_file.json")
     # None: no snapshot is read or written (the default without a config file, and `--ncs`).
     snapshot_file: Path | None = None
@@ -173,6 +176,8 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             config.default_response_timeout = float(raw["default_response_timeout"])
         if "number_of_gpu" in raw:
             config.number_of_gpu = int(raw["number_of_gpu"])
+        if "torchgate.intra_op_threads" in raw:
+            config.intra_op_threads = int(raw["torchgate.intra_op_threads"])
         if "allowed_urls" in raw:
             config.allowed_urls = [u.strip() for u in raw["allowed_urls"].split(",") if u.strip()]
     except ValueError as exc:

@@ -79,8 +79,11 @@ def test_onnx_asks_for_cuda_only_on_a_gpu(
     seen: dict[str, Any] = {"preloaded": False}
 
     class Session:
-        def __init__(self, path: str, providers: list[Any]) -> None:
+        def __init__(self, path: str, sess_options: Any, providers: list[Any]) -> None:
             seen["providers"] = providers
+            seen["spinning"] = sess_options.get_session_config_entry(
+                "session.intra_op.allow_spinning"
+            )
 
         def get_inputs(self) -> list[Any]:
             return []
@@ -90,6 +93,7 @@ def test_onnx_asks_for_cuda_only_on_a_gpu(
         onnxruntime, "preload_dlls", lambda: seen.update(preloaded=True), raising=False
     )
     OnnxRunner(tmp_path / "m.onnx", device)
+    assert seen["spinning"] == "0"
     if device.type == "cuda":
         assert seen["providers"] == [
             ("CUDAExecutionProvider", {"device_id": 1}),
