@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARCHIVES := model_store/digits.mar model_store/digits_v2.mar model_store/minilm.mar
 PROTOS_STAMP := api/rpc/generated/.stamp
 
-.PHONY: venv protos archives serve test lint typecheck pytest bench clean
+.PHONY: venv protos archives prometheus serve test lint typecheck pytest bench clean
 
 venv: $(STAMP)
 
@@ -40,12 +40,18 @@ lint: venv
 typecheck: venv protos
 	$(BIN)/mypy
 
-pytest: venv protos archives
+# A real Prometheus server (Debian package) for tests/integration/test_prometheus.py.
+prometheus:
+	./scripts/install_prometheus.sh
+
+pytest: venv protos archives prometheus
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
+# wrk drives the load (Debian package); the suite itself lives in benchmarks/.
 bench: venv protos archives
+	./scripts/install_wrk.sh
 	HF_HUB_OFFLINE=1 $(BIN)/torchgate bench --suite --out docs/benchmarks.md
 
 clean:

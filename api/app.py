@@ -5,28 +5,45 @@ This is where backends are injected into the core: the registry only sees `Backe
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from api.config import Config
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
+from api.core.routing import TrafficRouter
 from api.core.types import Backend, ModelSettings
-from api.loader import ModelLoader
+from api.loader import LocalBackendLoader, ModelLoader
 from api.metrics import PrometheusObserver
+from api.observability import access_log_setting, build_observability
 from api.rest.apps import build_inference_app, build_management_app, build_metrics_app
 from api.rest.asgi import ASGIApp
 from api.rest.security import TokenAuth
+from api.snapshot import Snapshotter, load_startup_state
+
+if TYPE_CHECKING:  # importing it at run time would load TorchServe's `ts` package early
+    from api.backends.context import MetricCallback
 
 log = logging.getLogger(__name__)
 
 
-async def load_local(path: Path, settings: ModelSettings, work_dir: Path) -> Backend:
+async def load_local(
+    path: Path,
+    settings: ModelSettings,
+    work_dir: Path,
+    *,
+    on_metric: MetricCallback | None = None,
+    intra_op_threads: int | None = None,
+) -> Backend:
     from api.backends.local import load_local_backend
 
-    return await load_local_backend(path, settings, work_dir=work_dir)
+    return await load_local_backend(
+        path, settings, work_dir=work_dir, on_metric=on_metric, intra_op_threads=intra_op_threads
+    )
 
 
 @dataclass(eq=False)
@@ -41,10 +58,19 @@ class Torchgate:
     management_app: ASGIApp
     metrics_app: ASGIApp
     startup_errors: list[str] = field(default_factory=list)
+    router: TrafficRouter | None = None
+    # None when snapshots are off (no torchgate.snapshot_file, or `torchgate serve --ncs`).
+    snapshotter: Snapshotter | None = None
 
     async def start(self) -> None:
-        """Load the models config.properties asks for; a bad archive is logged, not fatal."""
-        self.startup_errors = await self.loader.load_startup_models()
+        """Restore the snapshot, or load what config.properties asks for.
+
+        A bad archive is logged, not fatal.
+        """
+        assert self.router is not None
+        self.startup_errors = await load_startup_state(
+            self.config, self.loader, self.router, self.snapshotter
+        )
         for model_version in self.registry:
             model_version.backend_info["startup"] = True
 
@@ -54,12 +80,35 @@ class Torchgate:
         await self.registry.close()
 
 
-def build(config: Config, *, work_dir: Path | None = None) -> Torchgate:
-    observer = PrometheusObserver()
+def build(
+    config: Config,
+    *,
+    work_dir: Path | None = None,
+    backend_loader: LocalBackendLoader | None = None,
+    access_log: bool | None = None,
+) -> Torchgate:
+    """Assemble torchgate; tests pass `backend_loader` to serve fake archives.
+
+    `access_log` overrides `torchgate.access_log` from config.properties (see api.observability).
+    """
+    observability = build_observability(
+        access_log=access_log_setting(config.raw) if access_log is None else access_log
+    )
+    observer = observability.observer
     registry = Registry(observer)
-    dataplane = DataPlane(registry, observer=observer)
+    observability.metrics.track(registry)
+    if backend_loader is None:
+        backend_loader = functools.partial(
+            load_local,
+            on_metric=observability.handler_metrics.on_metric,
+            intra_op_threads=config.intra_op_threads,
+        )
+    router = TrafficRouter(registry)
+    dataplane = DataPlane(registry, router=router, observer=observer)
+    snapshot_file = config.snapshot_file
+    snapshotter = None if snapshot_file is None else Snapshotter(snapshot_file, registry, router)
     work = work_dir or Path(tempfile.mkdtemp(prefix="torchgate-models-"))
-    loader = ModelLoader(config, registry, work, load_local)
+    loader = ModelLoader(config, registry, work, backend_loader)
     auth = None if config.disable_token_authorization else TokenAuth(config.key_file)
     if auth is not None:
         log.info("token authorization is on; keys are in %s", config.key_file)
@@ -68,13 +117,15 @@ def build(config: Config, *, work_dir: Path | None = None) -> Torchgate:
         registry=registry,
         dataplane=dataplane,
         loader=loader,
-        observer=observer,
+        observer=observability.metrics,
         auth=auth,
         inference_app=build_inference_app(
             dataplane, max_request_size=config.max_request_size, auth=auth
         ),
         management_app=build_management_app(
-            registry, loader, enable_model_api=config.enable_model_api, auth=auth
+            registry, loader, enable_model_api=config.enable_model_api, auth=auth, router=router
         ),
-        metrics_app=build_metrics_app(observer.render),
+        metrics_app=build_metrics_app(observability.metrics.render),
+        router=router,
+        snapshotter=snapshotter,
     )

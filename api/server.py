@@ -24,7 +24,6 @@ from api.rpc.server import grpc_servers
 log = logging.getLogger("torchgate")
 
 
-
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signal handling to `serve()`, which runs several."""
 

@@ -81,6 +81,7 @@ class Batcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._running = 0  # batches being run by workers right now
+        self._running_requests = 0  # requests in those batches
         self._closed = False
 
     # -- called by the dataplane -------------------------------------------------------------
@@ -92,6 +93,11 @@ class Batcher:
     @property
     def busy_workers(self) -> int:
         return self._running
+
+    @property
+    def in_flight(self) -> int:
+        """Requests queued or in a running batch (abandoned ones count until skipped)."""
+        return len(self._queue) + self._running_requests
 
     def submit(self, request: InferenceRequest) -> asyncio.Future[Prediction]:
         """Queue a request; its future resolves with its prediction or a TorchgateError."""
@@ -148,6 +154,7 @@ class Batcher:
         while True:
             batch = await self._next_batch()
             self._running += 1
+            self._running_requests += len(batch)
             run = asyncio.ensure_future(self._run(worker, batch))
             try:
                 await asyncio.shield(run)
@@ -157,6 +164,7 @@ class Batcher:
                 raise
             finally:
                 self._running -= 1
+                self._running_requests -= len(batch)
                 self._note_if_idle()
 
     async def _next_batch(self) -> list[Pending]:

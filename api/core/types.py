@@ -6,9 +6,12 @@ the dataplane answers with a `Prediction`, and the transport encodes that back.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
 
 # The APIs a request can arrive through; metrics and access logs label requests with these.
 API_TORCHSERVE_REST = "torchserve-rest"
@@ -106,6 +109,10 @@ class Backend(Protocol):
             manifest = {}
             async def start_worker(self, index): return EchoWorker()
             async def close(self): pass
+
+    A backend whose server can go away (a remote TorchServe) may also have `unavailable:
+    str | None`: None while it can serve, else why not. The registry then reports the version
+    not ready and refuses its requests with 503 and that message; absent means always able.
     """
 
     # True when torchgate should batch in front of this backend. A remote TorchServe batches on
@@ -169,6 +176,56 @@ class NullObserver:
 
     def queue_changed(self, model: str, version: str, depth: int) -> None:
         pass
+
+
+class Observers:
+    """Fans every event out to several observers, in order (metrics, then the access log).
+
+    An observer that raises is logged and skipped: recording a request must never fail it, nor
+    keep the other observers from seeing it.
+    """
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def request_finished(
+        self,
+        request: InferenceRequest,
+        model: str,
+        version: str,
+        status: int,
+        latency_s: float,
+        prediction: Prediction | None,
+        shadow: bool = False,
+    ) -> None:
+        for observer in self.observers:
+            try:
+                observer.request_finished(
+                    request, model, version, status, latency_s, prediction, shadow
+                )
+            except Exception:
+                log.exception("observer %r failed in request_finished", observer)
+
+    def request_rejected(self, model: str, version: str, reason: str) -> None:
+        for observer in self.observers:
+            try:
+                observer.request_rejected(model, version, reason)
+            except Exception:
+                log.exception("observer %r failed in request_rejected", observer)
+
+    def batch_finished(self, model: str, version: str, size: int, inference_s: float) -> None:
+        for observer in self.observers:
+            try:
+                observer.batch_finished(model, version, size, inference_s)
+            except Exception:
+                log.exception("observer %r failed in batch_finished", observer)
+
+    def queue_changed(self, model: str, version: str, depth: int) -> None:
+        for observer in self.observers:
+            try:
+                observer.queue_changed(model, version, depth)
+            except Exception:
+                log.exception("observer %r failed in queue_changed", observer)
 
 
 # Reasons for `Observer.request_rejected`.

@@ -1,0 +1,173 @@
+"""Handlers' custom metrics (TorchServe's `context.metrics` API) on /metrics.
+
+A handler calls `context.metrics.add_counter / add_time / add_size / add_percent / add_metric`;
+the local backend's metrics store (`api.backends.context.MetricsStore`) validates the update as
+TorchServe does and calls `HandlerMetrics.on_metric(name, value, unit, dimensions, type)`.
+They come out as TorchServe 0.12 exports them in `metrics_mode=prometheus`:
+
+- named as the handler named them (characters Prometheus does not allow become `_`);
+- labelled with the update's dimensions (TorchServe's defaults are `ModelName` and `Level`)
+  plus `Hostname`;
+- counters add up and are written with TorchServe's naming, the sample named as the metric with
+  no `_total` added; gauges keep the last value; histograms count values into prometheus_client's
+  default buckets (the ones TorchServe's Java client uses).
+
+A metric keeps the type and label names of its first update. Updates that disagree, names that
+would shadow torchgate's own families, and series past `max_series` are dropped, each kind with
+one warning, so a handler's bug cannot break the scrape or grow memory without bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.metrics import Histogram
+
+from api.metrics import FastHistogram, counter_text
+
+log = logging.getLogger(__name__)
+
+COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+# Families torchgate writes itself; a handler metric by one of these names would duplicate them.
+_RESERVED_PREFIXES = ("torchgate_", "ts_", "process_", "python_")
+_RESERVED_NAMES = frozenset(("GPUMemoryUsed", "GPUMemoryUtilization", "GPUUtilization"))
+_INVALID_NAME = re.compile(r"[^a-zA-Z0-9_:]")
+_INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]")
+
+Series = float | FastHistogram
+
+
+@dataclass(eq=False)
+class _Family:
+    name: str
+    kind: str
+    unit: str
+    label_names: tuple[str, ...]
+    series: dict[tuple[str, ...], Series] = field(default_factory=dict)
+
+
+class HandlerMetrics:
+    """Collects handler metrics from worker threads; a prometheus_client collector plus text.
+
+    `collect()` yields the gauges and histograms, `counters_text()` writes the counters (see
+    the module docstring for why counters are written by hand).
+    """
+
+    def __init__(self, *, hostname: str, max_series: int = 10_000) -> None:
+        self._hostname = hostname
+        self._max_series = max_series
+        self._families: dict[str, _Family] = {}
+        self._series_count = 0
+        self._warned: set[tuple[str, str]] = set()
+        # Handlers run in worker threads, several at once: every read and write holds the lock.
+        self._lock = threading.Lock()
+
+    def on_metric(
+        self, name: str, value: float, unit: str, dimensions: Mapping[str, str], metric_type: str
+    ) -> None:
+        """`api.backends.context.MetricCallback`: record one update; never raises."""
+        kind = str(getattr(metric_type, "value", metric_type)).lower()
+        if kind not in (COUNTER, GAUGE, HISTOGRAM):
+            self._warn(name, f"unknown metric type {metric_type!r}")
+            return
+        family_name = _metric_name(name)
+        if family_name.startswith(_RESERVED_PREFIXES) or family_name in _RESERVED_NAMES:
+            self._warn(name, "the name is reserved for torchgate's own metrics")
+            return
+        labels = {_label_name(k): str(v) for k, v in dimensions.items()}
+        labels.setdefault("Hostname", self._hostname)
+        with self._lock:
+            family = self._families.get(family_name)
+            if family is None:
+                family = _Family(family_name, kind, unit, tuple(labels))
+                self._families[family_name] = family
+            elif family.kind != kind or set(family.label_names) != set(labels):
+                self._warn(
+                    name,
+                    f"first recorded as a {family.kind} with labels {list(family.label_names)}",
+                )
+                return
+            key = tuple(labels[label] for label in family.label_names)
+            current = family.series.get(key)
+            if current is None:
+                if self._series_count >= self._max_series:
+                    self._warn("", f"more than {self._max_series} handler metric series")
+                    return
+                self._series_count += 1
+            if kind == COUNTER:
+                family.series[key] = (current if isinstance(current, float) else 0.0) + value
+            elif kind == GAUGE:
+                family.series[key] = float(value)
+            else:
+                if not isinstance(current, FastHistogram):
+                    current = family.series[key] = FastHistogram(Histogram.DEFAULT_BUCKETS[:-1])
+                current.observe(value)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._snapshot(GAUGE, HISTOGRAM):
+            help_text = f"Handler metric ({family.unit or 'no unit'})"
+            labels = list(family.label_names)
+            if family.kind == GAUGE:
+                gauge = GaugeMetricFamily(family.name, help_text, labels=labels)
+                for key, value in family.series.items():
+                    assert isinstance(value, float)
+                    gauge.add_metric(list(key), value)
+                yield gauge
+            else:
+                histogram = HistogramMetricFamily(family.name, help_text, labels=labels)
+                for key, value in family.series.items():
+                    assert isinstance(value, FastHistogram)
+                    histogram.add_metric(list(key), value.buckets(), value.total)
+                yield histogram
+
+    def counters_text(self) -> str:
+        parts = []
+        for family in self._snapshot(COUNTER):
+            samples = [
+                (dict(zip(family.label_names, key, strict=True)), float(value))
+                for key, value in family.series.items()
+                if isinstance(value, float)
+            ]
+            parts.append(
+                counter_text(family.name, f"Handler metric ({family.unit or 'no unit'})", samples)
+            )
+        return "".join(parts)
+
+    def _snapshot(self, *kinds: str) -> list[_Family]:
+        """Copies of the families of the given kinds, taken under the lock."""
+        with self._lock:
+            copies = []
+            for family in self._families.values():
+                if family.kind not in kinds:
+                    continue
+                series: dict[tuple[str, ...], Series] = {}
+                for key, value in family.series.items():
+                    if isinstance(value, FastHistogram):
+                        copy = FastHistogram(value.bounds)
+                        copy.add(value)
+                        value = copy
+                    series[key] = value
+                copies.append(
+                    _Family(family.name, family.kind, family.unit, family.label_names, series)
+                )
+            return copies
+
+    def _warn(self, name: str, problem: str) -> None:
+        if (name, problem) not in self._warned:
+            self._warned.add((name, problem))
+            log.warning("handler metric %s dropped: %s", name or "(any)", problem)
+
+
+def _metric_name(name: str) -> str:
+    clean = _INVALID_NAME.sub("_", name) or "_"
+    return f"_{clean}" if clean[0].isdigit() else clean
+
+
+def _label_name(name: str) -> str:
+    clean = _INVALID_LABEL.sub("_", name) or "_"
+    return f"_{clean}" if clean[0].isdigit() else clean

@@ -1,0 +1,118 @@
+"""`api.handler_metrics`: a handler's `context.metrics` calls come out on /metrics.
+
+Updates go through the local backend's real metrics store (`api.backends.context.MetricsStore`,
+TorchServe's `MetricCacheAbstract` API), wired to `HandlerMetrics.on_metric` as `api.app` does.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
+
+from api.backends.context import MetricsStore
+from api.handler_metrics import HandlerMetrics
+from api.metrics import PrometheusObserver
+from tests.support.exposition import parse, value
+
+
+@pytest.fixture
+def observer() -> PrometheusObserver:
+    return PrometheusObserver(process_metrics=False, hostname="h")
+
+
+@pytest.fixture
+def sink(observer: PrometheusObserver) -> HandlerMetrics:
+    handler_metrics = HandlerMetrics(hostname="h")
+    observer.add_collector(handler_metrics)
+    observer.add_text(handler_metrics.counters_text)
+    return handler_metrics
+
+
+def store_for(sink: HandlerMetrics, model: str = "digits") -> MetricsStore:
+    store = MetricsStore(model, on_metric=sink.on_metric)
+    store.set_request_ids({0: "req-0"})
+    return store
+
+
+def test_torchserve_metric_calls_become_prometheus_families(
+    observer: PrometheusObserver, sink: HandlerMetrics
+) -> None:
+    store = store_for(sink)
+    store.add_counter("LoopCount", 1, 0)
+    store.add_counter("LoopCount", 2, 0)
+    store.add_time("PreprocessTime", 12.5, 0)  # a gauge in ms, TorchServe's default
+    store.add_size("ImageSize", 0.5, 0, dimensions=[Dimension("Camera", "front")])
+    store.add_percent("Confidence", 97.0, 0, metric_type=MetricTypes.HISTOGRAM)
+
+    samples, types = parse(observer.render().decode())
+    model = {"ModelName": "digits", "Level": "Model", "Hostname": "h"}
+    # Counters keep TorchServe's naming: the sample is named as the metric, no _total.
+    assert types["LoopCount"] == "counter"
+    assert value(samples, "LoopCount", **model) == 3
+    assert types["PreprocessTime"] == "gauge"
+    assert value(samples, "PreprocessTime", **model) == 12.5
+    assert value(samples, "ImageSize", Camera="front", **model) == 0.5
+    assert types["Confidence"] == "histogram"
+    assert value(samples, "Confidence_count", **model) == 1
+    assert value(samples, "Confidence_bucket", le="+Inf", **model) == 1
+
+
+def test_models_are_told_apart_by_their_model_name_label(
+    observer: PrometheusObserver, sink: HandlerMetrics
+) -> None:
+    store_for(sink, "a").add_counter("Hits", 1, 0)
+    store_for(sink, "b").add_counter("Hits", 5, 0)
+    samples, _ = parse(observer.render().decode())
+    assert value(samples, "Hits", ModelName="a") == 1
+    assert value(samples, "Hits", ModelName="b") == 5
+
+
+def test_conflicting_reserved_and_odd_names_never_break_the_scrape(
+    observer: PrometheusObserver, sink: HandlerMetrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink.on_metric("Latency", 1.0, "ms", {"ModelName": "m"}, "gauge")
+    sink.on_metric("Latency", 1.0, "ms", {"ModelName": "m"}, "counter")  # another type
+    sink.on_metric("Latency", 1.0, "ms", {"Other": "x"}, "gauge")  # other labels
+    sink.on_metric("torchgate_requests_total", 1.0, "", {}, "counter")  # would duplicate ours
+    sink.on_metric("ts_inference_requests_total", 1.0, "", {}, "counter")
+    sink.on_metric("2xx rate/s", 4.0, "", {"a-b": "v"}, "gauge")
+    sink.on_metric("Weird", 1.0, "", {}, "summary")
+
+    text = observer.render().decode()
+    samples, types = parse(text)
+    assert value(samples, "Latency", ModelName="m") == 1.0
+    assert types["Latency"] == "gauge"
+    assert value(samples, "_2xx_rate_s", a_b="v") == 4.0
+    assert not [s for s in samples if s.name == "torchgate_requests_total"]
+    assert "Weird" not in types
+    # One warning per metric and problem (the two Latency conflicts share one), not per update.
+    assert caplog.text.count("handler metric") == 4
+
+
+def test_series_are_bounded(observer: PrometheusObserver) -> None:
+    sink = HandlerMetrics(hostname="h", max_series=3)
+    observer.add_text(sink.counters_text)
+    for index in range(10):
+        sink.on_metric("PerRequest", 1.0, "", {"id": str(index)}, "counter")
+    samples, _ = parse(observer.render().decode())
+    assert len([s for s in samples if s.name == "PerRequest"]) == 3
+
+
+def test_updates_from_many_worker_threads_add_up(
+    observer: PrometheusObserver, sink: HandlerMetrics
+) -> None:
+    def work() -> None:
+        store = store_for(sink)
+        for _ in range(1000):
+            store.add_counter("Items", 1, 0)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    samples, _ = parse(observer.render().decode())
+    assert value(samples, "Items", ModelName="digits") == 8000

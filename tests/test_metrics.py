@@ -1,0 +1,236 @@
+"""`api.metrics`: what the Prometheus observer records and how /metrics writes it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.app import build
+from api.config import parse_config
+from api.core.registry import Registry
+from api.core.types import (
+    API_TORCHSERVE_REST,
+    API_V2_GRPC,
+    API_V2_REST,
+    REJECT_AUTH,
+    REJECT_QUEUE_FULL,
+    InferenceRequest,
+    ModelSettings,
+    Prediction,
+)
+from api.metrics import LATENCY_BUCKETS, FastHistogram, PrometheusObserver
+from tests.support.exposition import parse, value
+from tests.support.fake_backend import FakeBackend, load_fake_backend, write_fake_archive
+
+
+def request(api: str = API_TORCHSERVE_REST) -> InferenceRequest:
+    return InferenceRequest({"body": b""}, {}, "rid", api)
+
+
+def answered(queue_s: float, batch: int = 1) -> Prediction:
+    return Prediction(b"", queue_seconds=queue_s, batch_size=batch)
+
+
+def scrape(observer: PrometheusObserver) -> tuple[list, dict[str, str]]:
+    return parse(observer.render().decode())
+
+
+def test_requests_are_counted_by_model_version_api_status_and_shadow() -> None:
+    observer = PrometheusObserver(process_metrics=False)
+    for _ in range(3):
+        observer.request_finished(request(), "m", "1.0", 200, 0.001, answered(0.0))
+    observer.request_finished(request(API_V2_REST), "m", "1.0", 400, 0.001, answered(0.0))
+    observer.request_finished(request(API_V2_GRPC), "m", "2.0", 503, 0.001, None)
+    observer.request_finished(request(), "m", "2.0", 200, 0.001, answered(0.0), shadow=True)
+
+    samples, types = scrape(observer)
+    assert types["torchgate_requests_total"] == "counter"
+    total = "torchgate_requests_total"
+    assert value(samples, total, model="m", version="1.0", api="torchserve-rest", status="200",
+                 shadow="false") == 3  # fmt: skip
+    assert value(samples, total, api="v2-rest", status="400") == 1
+    assert value(samples, total, api="v2-grpc", version="2.0", status="503") == 1
+    assert value(samples, total, version="2.0", status="200", shadow="true") == 1
+
+
+def test_latency_buckets_resolve_sub_millisecond_requests() -> None:
+    observer = PrometheusObserver(process_metrics=False)
+    for latency in (0.00004, 0.0002, 0.0002, 0.0009, 0.02):
+        observer.request_finished(request(), "m", "1.0", 200, latency, answered(0.0))
+
+    samples, types = scrape(observer)
+    assert types["torchgate_request_latency_seconds"] == "histogram"
+    bucket = "torchgate_request_latency_seconds_bucket"
+    assert value(samples, bucket, le="5e-05") == 1
+    assert value(samples, bucket, le="0.0001") == 1
+    assert value(samples, bucket, le="0.00025") == 3
+    assert value(samples, bucket, le="0.001") == 4
+    assert value(samples, bucket, le="+Inf") == 5
+    assert value(samples, "torchgate_request_latency_seconds_count") == 5
+    assert value(samples, "torchgate_request_latency_seconds_sum") == pytest.approx(0.02134)
+
+
+def test_a_value_on_a_bucket_bound_counts_in_that_bucket() -> None:
+    histogram = FastHistogram((0.001, 0.01))
+    for observed in (0.001, 0.0010001, 0.01, 5.0):
+        histogram.observe(observed)
+    assert histogram.buckets() == [("0.001", 1.0), ("0.01", 3.0), ("+Inf", 4.0)]
+    assert histogram.total == pytest.approx(5.0120001)
+
+
+def test_queue_wait_is_per_model_version_across_apis_and_failures_add_none() -> None:
+    observer = PrometheusObserver(process_metrics=False)
+    observer.request_finished(request(), "m", "1.0", 200, 0.002, answered(0.0003))
+    observer.request_finished(request(API_V2_REST), "m", "1.0", 200, 0.002, answered(0.0007))
+    observer.request_finished(request(), "m", "1.0", 504, 0.002, None)
+
+    samples, _ = scrape(observer)
+    assert value(samples, "torchgate_queue_wait_seconds_count", model="m", version="1.0") == 2
+    assert value(samples, "torchgate_queue_wait_seconds_sum") == pytest.approx(0.001)
+    assert value(samples, "torchgate_queue_wait_seconds_bucket", le="0.0005") == 1
+
+
+def test_batches_record_size_and_inference_time() -> None:
+    observer = PrometheusObserver(process_metrics=False)
+    observer.batch_finished("m", "1.0", 8, 0.0004)
+    observer.batch_finished("m", "1.0", 3, 0.0002)
+
+    samples, types = scrape(observer)
+    assert types["torchgate_batch_size"] == types["torchgate_inference_seconds"] == "histogram"
+    assert value(samples, "torchgate_batch_size_bucket", le="4.0") == 1
+    assert value(samples, "torchgate_batch_size_bucket", le="8.0") == 2
+    assert value(samples, "torchgate_batch_size_sum") == 11
+    assert value(samples, "torchgate_inference_seconds_bucket", le="0.00025") == 1
+    assert value(samples, "torchgate_inference_seconds_count") == 2
+
+
+def test_rejections_by_reason_and_unknown_models_are_not_labels() -> None:
+    async def main() -> list:
+        observer = PrometheusObserver(process_metrics=False)
+        registry = Registry(observer)
+        observer.track(registry)
+
+        async def backend() -> FakeBackend:
+            return FakeBackend("m", "1.0")
+
+        await registry.register("m", "1.0", "m.mar", backend, ModelSettings())
+        observer.request_rejected("m", "1.0", REJECT_QUEUE_FULL)
+        observer.request_rejected("m", "", REJECT_AUTH)  # the default version, by the URL
+        # A client can put anything in the URL of a request it is refused for.
+        for junk in ("a", "b", "c"):
+            observer.request_rejected(junk, "", REJECT_AUTH)
+        await registry.close()
+        return scrape(observer)[0]
+
+    samples = asyncio.run(main())
+    assert value(samples, "torchgate_rejected_total", model="m", reason="queue_full") == 1
+    assert value(samples, "torchgate_rejected_total", model="m", reason="auth") == 1
+    assert value(samples, "torchgate_rejected_total", model="", reason="auth") == 3
+
+
+def test_torchserve_counters_are_written_as_torchserve_writes_them() -> None:
+    observer = PrometheusObserver(process_metrics=False, hostname="host-1")
+    observer.request_finished(request(), "m", "1.0", 200, 0.002, answered(0.0005))
+    observer.request_finished(request(API_V2_REST), "m", "1.0", 500, 0.001, None)
+    observer.request_finished(request(), "m", "1.0", 200, 9.0, answered(9.0), shadow=True)
+
+    text = observer.render().decode()
+    samples, types = parse(text)
+    for name in (
+        "ts_inference_requests_total",
+        "ts_inference_latency_microseconds",
+        "ts_queue_latency_microseconds",
+    ):
+        assert types[name] == "counter"  # the sample name is the family name, no _total added
+        [sample] = [s for s in samples if s.name == name]
+        assert sample.labels == {"model_name": "m", "model_version": "1.0", "hostname": "host-1"}
+    # Shadow copies are left out: TorchServe never saw them.
+    assert value(samples, "ts_inference_requests_total") == 2
+    assert value(samples, "ts_inference_latency_microseconds") == pytest.approx(3000)
+    assert value(samples, "ts_queue_latency_microseconds") == pytest.approx(500)
+    assert '{model_name="m",model_version="1.0",hostname="host-1"}' in text
+
+
+def test_label_values_are_escaped_in_hand_written_families() -> None:
+    observer = PrometheusObserver(process_metrics=False, hostname="h")
+    observer.request_finished(request(), 'we"ird\\', "1.0", 200, 0.001, None)
+    samples, _ = scrape(observer)
+    assert value(samples, "ts_inference_requests_total", model_name='we\\"ird\\\\') == 1
+
+
+def test_registry_gauges_are_read_at_scrape_time() -> None:
+    async def main() -> tuple[list, list]:
+        observer = PrometheusObserver(process_metrics=False)
+        registry = Registry(observer)
+        observer.track(registry)
+        backend = FakeBackend("m", "1.0")
+        backend.gate = asyncio.Event()
+
+        async def factory() -> FakeBackend:
+            return backend
+
+        settings = ModelSettings(batch_size=2, max_batch_delay_ms=0, min_workers=1)
+        version = await registry.register("m", "1.0", "m.mar", factory, settings)
+        futures = [version.batcher.submit(request()) for _ in range(5)]
+        while backend.batches_seen == 0:  # the worker took a batch of 2 and waits at the gate
+            await asyncio.sleep(0)
+        during = scrape(observer)[0]
+        backend.gate.set()
+        await asyncio.gather(*futures)
+        while version.batcher.busy_workers:  # the worker task notes the batch done after
+            await asyncio.sleep(0)
+        after = scrape(observer)[0]
+        await registry.close()
+        return during, after
+
+    during, after = asyncio.run(main())
+    assert value(during, "torchgate_queue_depth", model="m", version="1.0") == 3
+    assert value(during, "torchgate_inflight_requests") == 5
+    assert value(during, "torchgate_workers_busy") == 1
+    assert value(during, "torchgate_workers") == 1
+    assert value(during, "torchgate_model_ready") == 1
+    assert value(after, "torchgate_queue_depth") == 0
+    assert value(after, "torchgate_inflight_requests") == 0
+    assert value(after, "torchgate_workers_busy") == 0
+
+
+def test_metrics_port_serves_what_the_inference_port_did(tmp_path: Path) -> None:
+    async def main() -> tuple[str, str]:
+        store = tmp_path / "model_store"
+        write_fake_archive(store, "m", "1.0")
+        config = parse_config(
+            {"model_store": str(store), "load_models": "all",
+             "disable_token_authorization": "true", "torchgate.snapshot_file": ""},
+            base_dir=tmp_path,
+        )  # fmt: skip
+        tg = build(config, work_dir=tmp_path / "work", backend_loader=load_fake_backend)
+        await tg.start()
+        inference = httpx.ASGITransport(app=tg.inference_app)
+        metrics = httpx.ASGITransport(app=tg.metrics_app)
+        async with httpx.AsyncClient(transport=inference, base_url="http://i") as client:
+            for _ in range(4):
+                assert (await client.post("/predictions/m", content=b"x")).status_code == 200
+            assert (await client.post("/predictions/m/9.9", content=b"x")).status_code == 404
+        async with httpx.AsyncClient(transport=metrics, base_url="http://m") as client:
+            response = await client.get("/metrics")
+        await tg.stop()
+        return response.headers["content-type"], response.text
+
+    content_type, text = asyncio.run(main())
+    assert content_type.startswith("text/plain; version=0.0.4")
+    samples, types = parse(text)
+    assert value(samples, "torchgate_requests_total", model="m", status="200") == 4
+    assert value(samples, "torchgate_request_latency_seconds_count", model="m") == 4
+    assert value(samples, "ts_inference_requests_total", model_name="m") == 4
+    assert value(samples, "torchgate_model_ready", model="m", version="1.0") == 1
+    # Process metrics come with it; GPU metrics are absent, not zero, on a machine without one.
+    assert "process_resident_memory_bytes" in types and "process_cpu_seconds_total" in types
+    assert not any("gpu" in name.lower() for name in types)
+
+
+def test_default_buckets_start_below_a_tenth_of_a_millisecond() -> None:
+    assert LATENCY_BUCKETS[0] <= 0.0001
+    assert list(LATENCY_BUCKETS) == sorted(LATENCY_BUCKETS)
