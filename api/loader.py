@@ -3,6 +3,10 @@
 Shared by start-up (`load_models`, `models={...}`) and the management API's `POST /models`, so
 both validate archives the same way. Nothing is fetched over the network: TorchServe would
 download an http(s) url, torchgate refuses it and asks for the archive in model_store.
+
+A version served by a running TorchServe instead (`"torchgate.backend": {"kind": "torchserve",
+...}` in models={...}, or a `torchserve://host:port/model/version` url) gets a proxy backend:
+see `api.backends.torchserve`.
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ class ModelLoader:
         make_default: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> ModelVersion:
+        if _wants_torchserve(url, extra):
+            return await self._register_torchserve(
+                url, settings, model_name, version, make_default, extra or {}
+            )
         path = self.resolve(url)
         backend = await self._load_local(path, settings, self.work_dir)
         manifest_model = backend.manifest.get("model", {})
@@ -89,6 +97,45 @@ class ModelLoader:
                 settings,
                 make_default=make_default,
                 backend_info={"kind": "local", **(extra or {})},
+            )
+        except BaseException:
+            await backend.close()
+            raise
+
+    async def _register_torchserve(
+        self,
+        url: str,
+        settings: ModelSettings,
+        model_name: str | None,
+        version: str | None,
+        make_default: bool,
+        extra: dict[str, Any],
+    ) -> ModelVersion:
+        # Imported here: httpx and the proxy load only when a version asks for them.
+        from api.backends.torchserve import BACKEND_KEY, open_backend, spec_for
+
+        spec = spec_for(url, extra)
+        for target in (spec.inference_url, spec.management_url):
+            if target is not None and not self.config.allows_url(target):
+                raise BadRequest(f"TorchServe URL {target} does not match any allowed URL(s)")
+        backend = await open_backend(spec, settings, name=model_name, version=version)
+
+        async def ready_backend() -> Backend:
+            return backend
+
+        # Shared, so describe shows the health check's latest findings.
+        info = backend.info
+        info.update(extra)
+        info[BACKEND_KEY] = backend.spec.to_json()  # what a snapshot restores it from
+        try:
+            return await self.registry.register(
+                backend.name,
+                backend.version,
+                backend.spec.url,
+                ready_backend,
+                backend.settings,
+                make_default=make_default,
+                backend_info=info,
             )
         except BaseException:
             await backend.close()
@@ -125,6 +172,14 @@ class ModelLoader:
         for line in errors:
             log.error("could not load model: %s", line)
         return errors
+
+
+def _wants_torchserve(url: str, extra: dict[str, Any] | None) -> bool:
+    """Cheap test, so that registering an archive never imports the proxy (and httpx)."""
+    backend = (extra or {}).get("torchgate.backend")
+    if backend is not None:  # anything but {"kind": "local"} goes where its errors are reported
+        return not (isinstance(backend, dict) and backend.get("kind") == "local")
+    return url.startswith(("torchserve://", "torchserve+http://", "torchserve+https://"))
 
 
 def _startup_urls(config: Config) -> set[str]:

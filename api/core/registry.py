@@ -63,7 +63,12 @@ class ModelVersion:
 
     @property
     def ready(self) -> bool:
-        return self.state is ModelState.READY and bool(self.workers)
+        return (
+            self.state is ModelState.READY
+            and bool(self.workers)
+            # A remote backend reports why its server cannot serve (see `Backend`).
+            and getattr(self.backend, "unavailable", None) is None
+        )
 
 
 class Registry:
@@ -113,7 +118,8 @@ class Registry:
         model_version = self.get(name, version)
         if not model_version.ready:
             raise ModelNotReady(
-                f"Model {name} version {model_version.version} is not ready "
+                getattr(model_version.backend, "unavailable", None)
+                or f"Model {name} version {model_version.version} is not ready "
                 f"({model_version.state.value})"
             )
         return model_version

@@ -1,0 +1,636 @@
+"""The TorchServe proxy backend against a fake TorchServe: a real uvicorn on a free port that
+speaks TorchServe's REST shapes (`/ping`, `/predictions/{m}/{v}`, `GET /models/{m}/{v}`) and
+echoes what it received. No mocks: every byte goes over loopback HTTP.
+
+The real TorchServe is exercised by tests/integration/test_stack.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api.app import Torchgate, build
+from api.backends.torchserve import (
+    TorchServeBackend,
+    TorchServeSpec,
+    decode_response,
+    encode_request,
+    open_backend,
+)
+from api.config import parse_config
+from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest, ModelSettings
+from api.errors import BackendUnavailable, BadRequest, DeadlineExceeded
+from tests.support.fake_backend import load_fake_backend, write_fake_archive
+from tests.support.torchserve import free_ports
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+# -- a fake TorchServe --------------------------------------------------------------------------
+
+
+@dataclass
+class FakeTorchServe:
+    """TorchServe's REST API for one model, digits 2.0, with knobs the tests turn."""
+
+    worker_status: str | None = "READY"  # None: the model is not registered
+    answer_status: int = 200
+    delay_s: float = 0.0
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/ping", self.ping),
+                Route("/models/{model}", self.describe_default),
+                Route("/models/{model}/{version}", self.describe),
+                Route("/predictions/{model}/{version}", self.predict, methods=["POST"]),
+            ]
+        )
+
+    async def ping(self, request: Request) -> Response:
+        return JSONResponse({"status": "Healthy"})
+
+    async def describe_default(self, request: Request) -> Response:
+        return await self.describe(request, version="2.0")
+
+    async def describe(self, request: Request, version: str | None = None) -> Response:
+        model = request.path_params["model"]
+        version = version or request.path_params["version"]
+        if self.worker_status is None or (model, version) != ("digits", "2.0"):
+            message = f"Model not found: {model}"
+            return JSONResponse({"code": 404, "message": message}, status_code=404)
+        worker = {"id": "9000", "status": self.worker_status}
+        return JSONResponse([{"modelName": model, "modelVersion": version, "workers": [worker]}])
+
+    async def predict(self, request: Request) -> Response:
+        raw = await request.body()
+        seen: dict[str, Any] = {
+            "path": request.url.path,
+            "query": list(request.query_params.multi_items()),
+            "headers": dict(request.headers),
+            "body": base64.b64encode(raw).decode(),
+        }
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            form = await request.form()
+            seen["form"] = {
+                name: (
+                    {"text": value}
+                    if isinstance(value, str)
+                    else {
+                        "filename": value.filename,
+                        "type": value.content_type,
+                        "data": (await value.read()).decode(),
+                    }
+                )
+                for name, value in form.multi_items()
+            }
+        self.seen.append(seen)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.answer_status != 200:
+            return JSONResponse(
+                {"code": self.answer_status, "type": "Custom", "message": "handler says no"},
+                status_code=self.answer_status,
+            )
+        headers = {"x-handler": "digits", "cache-control": "no-cache"}
+        return Response(
+            orjson.dumps({"echo": seen}), media_type="application/json", headers=headers
+        )
+
+
+@contextmanager
+def serving(fake: FakeTorchServe, port: int) -> Iterator[str]:
+    """Run `fake` under uvicorn on 127.0.0.1:`port` in a thread; yields its base URL."""
+    config = uvicorn.Config(
+        fake.app(), host="127.0.0.1", port=port, log_level="error", lifespan="off"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "fake TorchServe did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def fake() -> FakeTorchServe:
+    return FakeTorchServe()
+
+
+@pytest.fixture
+def port() -> int:
+    return free_ports(1)[0]
+
+
+def spec(port: int, **overrides: Any) -> TorchServeSpec:
+    base = f"http://127.0.0.1:{port}"
+    values: dict[str, Any] = {
+        "inference_url": base,
+        "management_url": base,
+        "model_name": "digits",
+        "model_version": "2.0",
+        "health_interval_s": 3600.0,  # tests call check() themselves unless they say otherwise
+        **overrides,
+    }
+    return TorchServeSpec(**values)
+
+
+@asynccontextmanager
+async def backend_for(spec: TorchServeSpec, timeout_s: float = 30.0) -> AsyncIterator[Any]:
+    backend = await open_backend(
+        spec, ModelSettings(response_timeout_s=timeout_s), name="digits", version="2.0"
+    )
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+def echoed(body: bytes) -> dict[str, Any]:
+    echo: dict[str, Any] = orjson.loads(body)["echo"]
+    return echo
+
+
+# -- forwarding ---------------------------------------------------------------------------------
+
+
+def test_forwards_body_headers_query_and_request_id(fake: FakeTorchServe, port: int) -> None:
+    request = InferenceRequest(
+        {"body": {"data": [1, 2.5]}, "topk": "3"},
+        {
+            "content-type": "application/json; charset=utf-8",
+            "authorization": "Bearer gateway-key",
+            "x-user-id": "u1",
+            "host": "gateway:8080",
+        },
+        "rid-1",
+    )
+
+    async def scenario() -> None:
+        async with backend_for(spec(port)) as backend:
+            prediction = await backend.forward(request)
+        assert prediction.status == 200
+        assert prediction.headers["content-type"] == "application/json"
+        assert prediction.headers["x-handler"] == "digits"  # a handler's own header passes
+        assert "cache-control" not in prediction.headers  # TorchServe's per-response headers
+        assert "content-length" not in prediction.headers
+        seen = echoed(prediction.body)
+        assert seen["path"] == "/predictions/digits/2.0"
+        assert seen["query"] == [["topk", "3"]]
+        assert orjson.loads(base64.b64decode(seen["body"])) == {"data": [1, 2.5]}
+        headers = seen["headers"]
+        assert headers["content-type"] == "application/json; charset=utf-8"  # the client's
+        assert headers["x-request-id"] == "rid-1"
+        assert headers["x-user-id"] == "u1"
+        assert "authorization" not in headers  # the gateway's key stays at the gateway
+        assert headers["host"] == f"127.0.0.1:{port}"
+
+    with serving(fake, port):
+        run(scenario())
+
+
+def test_encodes_bodies_as_they_came() -> None:
+    raw = encode_request(InferenceRequest({"body": b"\x89PNG\x00"}, {}, "r"))
+    assert raw.content == b"\x89PNG\x00" and "Content-Type" not in raw.headers
+    typed = encode_request(InferenceRequest({"body": b"\x00"}, {"content-type": "image/png"}))
+    assert typed.headers["Content-Type"] == "image/png"
+    text = encode_request(InferenceRequest({"body": "héllo"}, {}))
+    assert text.content == "héllo".encode() and text.headers["Content-Type"].startswith("text/")
+    parsed = encode_request(InferenceRequest({"body": [1, 2]}, {}))
+    assert parsed.content == b"[1,2]" and parsed.headers["Content-Type"] == "application/json"
+    # A v2 request: numpy tensors become JSON lists; v2 wire headers are not forwarded.
+    tensor = np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::2]  # not contiguous
+    v2 = encode_request(
+        InferenceRequest(
+            {"body": {"inputs": [{"name": "x", "data": tensor}]}},
+            {"content-type": "application/octet-stream", "inference-header-content-length": "9"},
+            "r2",
+            kserve_v2=True,
+        )
+    )
+    assert orjson.loads(v2.content or b"") == {"inputs": [{"name": "x", "data": [[0, 2], [3, 5]]}]}
+    assert v2.headers == {"X-Request-Id": "r2", "Content-Type": "application/json"}
+    # TorchServe's gRPC API: inputs are bytes parameters; gRPC metadata is not an HTTP header.
+    grpc = encode_request(
+        InferenceRequest(
+            {"data": b"\x01"},
+            {"content-type": "application/grpc", ":authority": "gw", "te": "trailers"},
+            "r3",
+            API_TORCHSERVE_GRPC,
+        )
+    )
+    assert grpc.headers == {"X-Request-Id": "r3"}
+    assert grpc.files == [("data", ("data", b"\x01", "application/octet-stream"))]
+
+
+def test_forwards_multipart_forms(fake: FakeTorchServe, port: int) -> None:
+    request = InferenceRequest(
+        {"image": b"\x01\x02", "meta": {"a": 1}, "topk": "2"},
+        {"content-type": "multipart/form-data; boundary=client-boundary"},
+        "rid-2",
+    )
+
+    async def scenario() -> None:
+        async with backend_for(spec(port)) as backend:
+            prediction = await backend.forward(request)
+        seen = echoed(prediction.body)
+        assert "client-boundary" not in seen["headers"]["content-type"]  # re-encoded
+        assert seen["form"] == {
+            "image": {"filename": "image", "type": "application/octet-stream", "data": "\x01\x02"},
+            "meta": {"filename": "meta", "type": "application/json", "data": '{"a":1}'},
+            "topk": {"text": "2"},
+        }
+        assert seen["query"] == []
+
+    with serving(fake, port):
+        run(scenario())
+
+
+def test_error_status_passes_through_as_the_items_answer(fake: FakeTorchServe, port: int) -> None:
+    fake.answer_status = 507
+
+    async def scenario() -> None:
+        async with backend_for(spec(port)) as backend:
+            prediction = await backend.forward(InferenceRequest({"body": b"x"}, {}, "r"))
+        assert prediction.status == 507 and not prediction.ok
+        assert orjson.loads(prediction.body)["message"] == "handler says no"  # TorchServe's body
+        assert prediction.message == "handler says no"
+
+    with serving(fake, port):
+        run(scenario())
+
+
+def test_v2_answers_are_parsed() -> None:
+    response = httpx.Response(
+        200, content=b'{"outputs": []}', headers={"content-type": "application/json"}
+    )
+    assert decode_response(response, v2=True).body == {"outputs": []}
+    assert decode_response(response, v2=False).body == b'{"outputs": []}'
+    untyped = httpx.Response(200, content=b'{"outputs": []}')  # TorchServe sends dicts so
+    assert decode_response(untyped, v2=True).body == {"outputs": []}
+    binary = httpx.Response(200, content=b"\x00", headers={"content-type": "image/png"})
+    assert decode_response(binary, v2=True).body == b"\x00"
+
+
+# -- down, timeouts, recovery -------------------------------------------------------------------
+
+
+def test_down_is_backend_unavailable_and_not_ready(port: int) -> None:
+    async def scenario() -> None:
+        async with backend_for(spec(port, connect_timeout_s=2.0)) as backend:
+            assert backend.unavailable is not None and "unreachable" in backend.unavailable
+            assert backend.info["status"] == "UNAVAILABLE"
+            with pytest.raises(BackendUnavailable, match=r"TorchServe at http://127\.0\.0\.1"):
+                await backend.forward(InferenceRequest({"body": b"x"}, {}, "r"))
+
+    run(scenario())  # nothing listens on `port`
+
+
+def test_slow_answer_is_deadline_exceeded(fake: FakeTorchServe, port: int) -> None:
+    fake.delay_s = 1.0  # orders of magnitude past the read timeout below
+
+    async def scenario() -> None:
+        async with backend_for(spec(port, timeout_s=0.01)) as backend:
+            with pytest.raises(DeadlineExceeded, match=r"did not answer within 0\.01 s"):
+                await backend.forward(InferenceRequest({"body": b"x"}, {}, "r"))
+
+    with serving(fake, port):
+        run(scenario())
+
+
+def test_recovers_without_restart(fake: FakeTorchServe, port: int) -> None:
+    """Up, down (refused), model without READY workers, up again: one backend throughout."""
+    request = InferenceRequest({"body": b"x"}, {}, "r")
+
+    async def scenario() -> None:
+        backend: TorchServeBackend
+        async with backend_for(spec(port)) as backend:
+            assert backend.unavailable is None
+            assert backend.info["torchserve_workers"] == {"ready": 1, "total": 1}
+            assert (await backend.forward(request)).status == 200
+
+            await asyncio.to_thread(stack.close)  # TorchServe goes away
+            await backend.check()
+            assert backend.unavailable is not None and "unreachable" in backend.unavailable
+            with pytest.raises(BackendUnavailable):
+                await backend.forward(request)
+
+            fake.worker_status = "UNLOADING"
+            await asyncio.to_thread(stack.enter_context, serving(fake, port))
+            await backend.check()
+            assert backend.unavailable is not None and "no READY worker" in backend.unavailable
+
+            fake.worker_status = "READY"
+            await backend.check()
+            assert backend.unavailable is None
+            assert (await backend.forward(request)).status == 200
+
+    with ExitStack() as stack:
+        stack.enter_context(serving(fake, port))
+        run(scenario())
+
+
+def test_health_loop_notices_by_itself(fake: FakeTorchServe, port: int) -> None:
+    async def wait_for(condition: Any) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def scenario() -> None:
+        async with backend_for(spec(port, health_interval_s=0.02)) as backend:
+            assert backend.unavailable is None
+            fake.worker_status = None  # unregistered in TorchServe
+            await wait_for(lambda: backend.unavailable is not None)
+            assert "does not serve it (describe answered 404)" in (backend.unavailable or "")
+            fake.worker_status = "READY"
+            await wait_for(lambda: backend.unavailable is None)
+
+    with serving(fake, port):
+        run(scenario())
+
+
+# -- the spec -----------------------------------------------------------------------------------
+
+
+def test_spec_from_url_and_config() -> None:
+    from_url = TorchServeSpec.from_url("torchserve://ts:8080/digits/2.0?timeout_s=5&concurrency=4")
+    assert from_url.inference_url == "http://ts:8080"
+    assert from_url.management_url == "http://ts:8081"  # TorchServe's layout: port + 1
+    assert (from_url.model_name, from_url.model_version) == ("digits", "2.0")
+    assert (from_url.timeout_s, from_url.concurrency) == (5.0, 4)
+    assert from_url.url == "torchserve://ts:8080/digits/2.0"
+    assert TorchServeSpec.from_config(from_url.to_json()) == from_url  # snapshot round trip
+
+    tls = TorchServeSpec.from_url("torchserve+https://ts:443/m?management_url=none")
+    assert tls.inference_url == "https://ts:443" and tls.management_url is None
+    assert tls.model_version is None and tls.url == "torchserve+https://ts:443/m"
+
+    for bad, message in [
+        ({"kind": "torchserve"}, "inference_url is required"),
+        ({"kind": "torchserve", "inference_url": "ts:8080"}, "must be an http"),
+        ({"kind": "tf", "inference_url": "http://ts:8080"}, "kind must be"),
+        ({"kind": "torchserve", "inference_url": "http://t:1", "timeout": 1}, "unknown key"),
+        ({"kind": "torchserve", "inference_url": "http://t:1", "concurrency": 0}, ">= 1"),
+    ]:
+        with pytest.raises(BadRequest, match=message):
+            TorchServeSpec.from_config(bad)
+    with pytest.raises(BadRequest, match="torchserve://HOST:PORT/MODEL"):
+        TorchServeSpec.from_url("torchserve://ts:8080/")
+
+
+def test_a_bad_backend_entry_fails_that_version_only(tmp_path: Path) -> None:
+    store = tmp_path / "model_store"
+    write_fake_archive(store, "m", "1.0")
+    models = {
+        "m": {
+            "1.0": {"marName": "m-1.0.mar", "defaultVersion": True},
+            "2.0": {"torchgate.backend": {"inference_url": "http://ts:8080"}},  # no kind
+            "3.0": {"torchgate.backend": {"kind": "torchserve", "inference_url": "ftp://ts:1"}},
+        }
+    }
+    config = parse_config(
+        {
+            "model_store": str(store),
+            "load_models": "all",
+            "models": orjson.dumps(models).decode(),
+            "torchgate.snapshot_file": "",
+            "disable_token_authorization": "true",
+        },
+        base_dir=tmp_path,
+    )
+
+    async def scenario() -> None:
+        tg = build(config, work_dir=tmp_path / "work", backend_loader=load_fake_backend)
+        try:
+            await tg.start()
+            assert [v.version for v in tg.registry.versions("m")] == ["1.0"]
+            assert len(tg.startup_errors) == 2
+            assert "kind must be" in tg.startup_errors[0]
+            assert "must be an http(s) URL" in tg.startup_errors[1]
+        finally:
+            await tg.stop()
+
+    run(scenario())
+
+
+# -- in the gateway: registry, management API, health endpoints ---------------------------------
+
+
+@asynccontextmanager
+async def gateway(tmp_path: Path, ts_url: str) -> AsyncIterator[tuple[Torchgate, Any, Any]]:
+    """torchgate with model m: 1.0 in-process (fake archive), 2.0 proxied to `ts_url`."""
+    store = tmp_path / "model_store"
+    write_fake_archive(store, "m", "1.0")
+    backend = {
+        "kind": "torchserve",
+        "inference_url": ts_url,
+        "management_url": ts_url,
+        "model_name": "digits",
+        "health_interval_s": 3600,
+    }
+    models = {
+        "m": {
+            "1.0": {"marName": "m-1.0.mar", "defaultVersion": True},
+            "2.0": {"responseTimeout": 5, "torchgate.backend": backend},
+        }
+    }
+    config = parse_config(
+        {
+            "model_store": str(store),
+            "load_models": "all",
+            "models": orjson.dumps(models).decode(),
+            "disable_token_authorization": "true",
+            "enable_model_api": "true",
+            "torchgate.snapshot_file": "",
+        },
+        base_dir=tmp_path,
+    )
+    tg = build(config, work_dir=tmp_path / "work", backend_loader=load_fake_backend)
+    await tg.start()
+    assert tg.startup_errors == []
+    inference = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=tg.inference_app), base_url="http://inference"
+    )
+    management = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=tg.management_app), base_url="http://management"
+    )
+    try:
+        yield tg, inference, management
+    finally:
+        await inference.aclose()
+        await management.aclose()
+        await tg.stop()
+
+
+def test_gateway_serves_a_torchserve_version_beside_a_local_one(
+    fake: FakeTorchServe, port: int, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with gateway(tmp_path, f"http://127.0.0.1:{port}") as (tg, inference, management):
+            remote = tg.registry.get("m", "2.0")
+            assert remote.backend.batches is False and remote.batcher.max_batch_size == 1
+            assert remote.url == f"torchserve://127.0.0.1:{port}/digits/2.0"
+            assert len(remote.workers) == 16  # concurrency: the in-flight slots
+
+            answer = await inference.post("/predictions/m/2.0", json=[1, 2])
+            assert answer.status_code == 200, answer.text
+            assert answer.headers["x-model-version"] == "2.0"
+            assert echoed(answer.content)["path"] == "/predictions/digits/2.0"
+
+            described = (await management.get("/models/m/2.0")).json()[0]
+            assert described["backend"]["kind"] == "torchserve"
+            assert described["backend"]["status"] == "READY"
+            assert described["modelUrl"].startswith("torchserve://")
+
+            # TorchServe goes away: 2.0 answers 503 with the reason; 1.0 keeps serving.
+            await asyncio.to_thread(stack.close)
+            backend = remote.backend
+            assert isinstance(backend, TorchServeBackend)
+            answer = await inference.post("/predictions/m/2.0", json=[1, 2])
+            assert answer.status_code == 502, answer.text  # before the health check notices
+            await backend.check()
+            answer = await inference.post("/predictions/m/2.0", json=[1, 2])
+            assert answer.status_code == 503
+            assert "TorchServe at http://127.0.0.1" in answer.json()["message"]
+            assert (await inference.post("/predictions/m/1.0", content=b"x")).status_code == 200
+            assert (await inference.get("/ping")).status_code == 200  # the default is local
+            ready = await inference.get("/v2/models/m/versions/2.0/ready")
+            assert ready.status_code != 200
+            described = (await management.get("/models/m/2.0")).json()[0]
+            assert described["backend"]["status"] == "UNAVAILABLE"
+
+            # Back, on the same port: ready again without restarting the gateway.
+            await asyncio.to_thread(stack.enter_context, serving(fake, port))
+            await backend.check()
+            answer = await inference.post("/predictions/m/2.0", json=[1, 2])
+            assert answer.status_code == 200
+            assert (await inference.get("/v2/models/m/versions/2.0/ready")).status_code == 200
+
+            # A/B across the two hosts.
+            policy = {"weights": {"1.0": 50, "2.0": 50}, "sticky_header": None}
+            assert (await management.put("/models/m/traffic", json=policy)).status_code == 200
+            versions = set()
+            for _ in range(40):
+                answer = await inference.post("/predictions/m", content=b"x")
+                assert answer.status_code == 200
+                versions.add(answer.headers["x-model-version"])
+            assert versions == {"1.0", "2.0"}  # each misses 40 times with p = 2**-40
+
+    with ExitStack() as stack:
+        stack.enter_context(serving(fake, port))
+        run(scenario())
+
+
+def test_register_through_the_management_api(
+    fake: FakeTorchServe, port: int, tmp_path: Path
+) -> None:
+    base = f"http://127.0.0.1:{port}"
+
+    async def scenario() -> None:
+        async with gateway(tmp_path, base) as (_, inference, management):
+            url = f"torchserve://127.0.0.1:{port}/digits?management_url={base}&concurrency=2"
+            answer = await management.post("/models", params={"url": url, "model_name": "d"})
+            assert answer.status_code == 200, answer.text
+            assert (
+                answer.json()["status"]
+                == 'Model "d" Version: 2.0 registered with 2 initial workers'
+            )
+            described = (await management.get("/models/d/2.0")).json()[0]
+            assert described["backend"]["torchgate.backend"]["concurrency"] == 2
+            answer = await inference.post("/predictions/d", content=b"x")
+            assert answer.status_code == 200
+            assert (await management.delete("/models/d/2.0")).status_code == 200
+
+            refused = await management.post(
+                "/models", params={"url": "torchserve://127.0.0.1:1/m?management_url=none"}
+            )
+            assert refused.status_code == 400  # no version, and no management API to ask
+
+    with serving(fake, port):
+        run(scenario())
+
+
+def test_registers_while_torchserve_is_down_and_becomes_ready(
+    fake: FakeTorchServe, port: int, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        async with gateway(tmp_path, f"http://127.0.0.1:{port}") as (tg, inference, _):
+            remote = tg.registry.get("m", "2.0")
+            assert not remote.ready  # registered all the same: the gateway started
+            answer = await inference.post("/predictions/m/2.0", content=b"x")
+            assert answer.status_code == 503
+            assert (await inference.post("/predictions/m/1.0", content=b"x")).status_code == 200
+            with serving(fake, port):
+                backend = remote.backend
+                assert isinstance(backend, TorchServeBackend)
+                await backend.check()
+                assert remote.ready
+                answer = await inference.post("/predictions/m/2.0", content=b"x")
+                assert answer.status_code == 200
+
+    run(scenario())
+
+
+def test_snapshot_restores_a_torchserve_version(
+    fake: FakeTorchServe, port: int, tmp_path: Path
+) -> None:
+    from api.snapshot import capture, restore
+
+    async def scenario() -> None:
+        async with gateway(tmp_path, f"http://127.0.0.1:{port}") as (tg, _, _):
+            assert tg.router is not None
+            saved = capture(tg.registry, tg.router)
+            original = tg.registry.get("m", "2.0").backend
+            assert isinstance(original, TorchServeBackend)
+        entry = saved["models"]["m"]["2.0"]
+        assert entry["marName"] == f"torchserve://127.0.0.1:{port}/digits/2.0"
+        assert entry["torchgate.backend"]["model_name"] == "digits"
+        assert "status" not in entry  # live health is not state
+
+        config = parse_config(
+            {"model_store": str(tmp_path / "model_store"), "torchgate.snapshot_file": ""},
+            base_dir=tmp_path,
+        )
+        again = build(config, work_dir=tmp_path / "again", backend_loader=load_fake_backend)
+        assert again.router is not None
+        try:
+            assert await restore(saved, again.loader, again.router) == []
+            restored = again.registry.get("m", "2.0")
+            assert isinstance(restored.backend, TorchServeBackend)
+            assert restored.backend.spec == original.spec
+            assert restored.ready and again.registry.default_version("m") == "1.0"
+        finally:
+            await again.stop()
+
+    with serving(fake, port):
+        run(scenario())
