@@ -34,8 +34,8 @@ serve: venv protos archives
 	HF_HUB_OFFLINE=1 $(BIN)/torchgate serve --config config.properties
 
 lint: venv
-	$(BIN)/ruff check api export handlers tests scripts
-	$(BIN)/ruff format --check api export handlers tests scripts
+	$(BIN)/ruff check api export handlers tests scripts benchmarks docker
+	$(BIN)/ruff format --check api export handlers tests scripts benchmarks docker
 
 typecheck: venv protos
 	$(BIN)/mypy

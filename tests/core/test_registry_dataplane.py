@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -39,11 +39,13 @@ class EchoWorker:
 
 class EchoBackend:
     batches = True
-    manifest: dict[str, Any] = {"model": {"serializedFile": "model.onnx"}}
+    manifest: Mapping[str, Any] = {"model": {"serializedFile": "model.onnx"}}
 
     def __init__(self, version: str, delay: float = 0.0) -> None:
         self.version, self.delay = version, delay
-        self.signature = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]}
+        self.signature: Mapping[str, Any] | None = {
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
+        }
         self.workers: list[EchoWorker] = []
         self.closed = False
 
