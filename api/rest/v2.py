@@ -191,4 +191,6 @@ def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise BadRequest(f"Body is not valid {encoding} data: {exc}") from None
     if len(data) > limit or inflater.unconsumed_tail:
         raise PayloadTooLarge(f"Decompressed body exceeds max_request_size of {limit} bytes")
+    if not inflater.eof:  # zlib hands back what it could of a cut-off stream, silently
+        raise BadRequest(f"Body is not valid {encoding} data: the stream is truncated")
     return data

@@ -20,11 +20,20 @@ The rule (also in docs/kserve_v2.md):
    element; numbers (a scalar, list or array) become a numeric tensor; anything else (a dict
    such as `{"label": probability}`) becomes one BYTES element holding its JSON. The output is
    named after the signature's first output, or "output0".
+
+Before any of this, a request for an archive with a signature is checked against the
+signature's ``inputs`` (what ``GET /v2/models/{m}[/versions/{v}]`` shows; without a version, the
+default version's): every input named there and no other, each with the declared datatype and
+a shape that fits: the same rank with equal static dims, or, under a dynamic batch dim, rows of
+the same size (``[N, 64]`` fits ``[-1, 1, 8, 8]``, as handlers reshape). A mismatch is 400 /
+INVALID_ARGUMENT before the request is queued; handlers never see an INT32 tensor for an FP32
+input, silently cast.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -67,6 +76,8 @@ async def infer(
     api: str,
 ) -> V2Response:
     """One v2 inference through the dataplane, for the REST and gRPC endpoints alike."""
+    check_extensions(request)
+    check_inputs(request, dataplane.registry.get(model, version).backend.signature)
     item = InferenceRequest({"body": handler_body(request)}, headers, request_id, api, True)
     answer = await dataplane.infer(model, version, item)
     return response_tensors(
@@ -76,6 +87,61 @@ async def infer(
         request_id=request.id,
         signature=answer.model_version.backend.signature,
     )
+
+
+def check_extensions(request: V2Request) -> None:
+    """Refuse Triton's classification extension (not offered: GET /v2 does not list it) rather
+    than answer a request for top-k classes with the raw output."""
+    for output in request.outputs:
+        if "classification" in output.parameters:
+            raise BadRequest(
+                f"output {output.name!r}: the classification extension is not supported"
+            )
+
+
+def check_inputs(request: V2Request, signature: Mapping[str, Any] | None) -> None:
+    """Raise BadRequest unless the inputs fit the signature's (see the module docstring).
+
+    Nothing is checked for an archive without a signature, nor a field the signature leaves out.
+    """
+    specs = {str(spec["name"]): spec for spec in (signature or {}).get("inputs") or []}
+    if not specs:
+        return
+    seen: set[str] = set()
+    for tensor in request.inputs:
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise BadRequest(f"unexpected input {tensor.name!r}: the model takes {_names(specs)}")
+        if tensor.name in seen:
+            raise BadRequest(f"input {tensor.name!r} is given twice")
+        seen.add(tensor.name)
+        datatype = spec.get("datatype")
+        if datatype is not None and tensor.datatype != datatype:
+            raise BadRequest(
+                f"input {tensor.name!r}: datatype {tensor.datatype}, the model takes {datatype}"
+            )
+        dims = spec.get("shape")
+        if dims is not None and not _shape_fits(tensor.shape, [int(d) for d in dims]):
+            raise BadRequest(
+                f"input {tensor.name!r}: shape {list(tensor.shape)} does not fit "
+                f"the model's {list(dims)}"
+            )
+    missing = [name for name in specs if name not in seen]
+    if missing:
+        raise BadRequest(f"missing input {_names(missing)}")
+
+
+def _shape_fits(shape: Sequence[int], dims: Sequence[int]) -> bool:
+    """Same rank, static dims equal (-1 is any); or same-size rows under a dynamic batch dim."""
+    if len(shape) == len(dims) and all(d < 0 or d == s for s, d in zip(shape, dims, strict=True)):
+        return True
+    if shape and dims and dims[0] < 0 and all(d >= 0 for d in dims[1:]):
+        return math.prod(shape[1:]) == math.prod(dims[1:])
+    return False
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(repr(name) for name in names)
 
 
 def handler_body(request: V2Request) -> dict[str, Any]:

@@ -1,0 +1,366 @@
+"""KServe v2 `inference.GRPCInferenceService` on a real grpc.aio server on free ports.
+
+torchgate is built by `api.app.build` with the fake archives and tensor-doubling backend of
+`tests/rest/test_v2.py` (model "m" 1.0/2.0 with a signature: input "x" FP32 [-1, 2], outputs
+"y" = 2x and "total"; model "plain" without one), so loader, registry, dataplane, bridge,
+interceptor and servicer are the real ones. The client is the generated stub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import pytest
+
+from api.app import Torchgate, build
+from api.config import parse_config
+from api.core.types import API_V2_GRPC
+from api.rpc.generated import grpc_predict_v2_pb2 as pb
+from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from api.rpc.server import grpc_servers
+from tests.rest.test_v2 import SIGNATURE, TensorBackend, load_tensor_backend, write_archive
+from tests.support.torchserve import free_ports
+
+T = TypeVar("T")
+Code = grpc.StatusCode
+MAX_REQUEST_SIZE = 4096
+
+
+@dataclass
+class Client:
+    tg: Torchgate
+    stub: pb_grpc.GRPCInferenceServiceStub
+    channel: grpc.aio.Channel
+
+    def backend(self, model: str = "m", version: str = "1.0") -> TensorBackend:
+        backend = self.tg.registry.get(model, version).backend
+        assert isinstance(backend, TensorBackend)
+        return backend
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, **config: str) -> AsyncIterator[Client]:
+    store = tmp_path / "model_store"
+    archives = [
+        write_archive(store, "m", "1.0", SIGNATURE),
+        write_archive(store, "m", "2.0", SIGNATURE),
+        write_archive(store, "plain", "1.0", None),
+    ]
+    inference_port, management_port = free_ports(2)
+    raw = {
+        "model_store": str(store),
+        "load_models": ",".join(archives),
+        "grpc_inference_port": str(inference_port),
+        "grpc_management_port": str(management_port),
+        "max_request_size": str(MAX_REQUEST_SIZE),
+        "disable_token_authorization": "true",
+        "torchgate.snapshot_file": "",
+        **config,
+    }
+    tg = build(
+        parse_config(raw, base_dir=tmp_path),
+        work_dir=tmp_path / "work",
+        backend_loader=load_tensor_backend,
+        access_log=False,
+    )
+    await tg.start()
+    assert tg.startup_errors == []
+    start, stop = grpc_servers(tg)
+    await start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{inference_port}")
+    try:
+        yield Client(tg, pb_grpc.GRPCInferenceServiceStub(channel), channel)
+    finally:
+        await channel.close()
+        await stop(0)
+        await tg.stop()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def infer_request(
+    rows: Any = ((1.0, 2.0),),
+    *,
+    model: str = "m",
+    version: str = "",
+    datatype: str = "FP32",
+    name: str = "x",
+    raw: bool = True,
+    outputs: tuple[str, ...] = (),
+    answer: str | None = None,
+) -> pb.ModelInferRequest:
+    """Rows as one input, in `raw_input_contents` or as typed contents."""
+    array = np.asarray(rows, np.float32 if datatype == "FP32" else np.int32)
+    request = pb.ModelInferRequest(model_name=model, model_version=version, id="req-7")
+    tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+    if raw:
+        request.raw_input_contents.append(array.tobytes())
+    elif datatype == "FP32":
+        tensor.contents.fp32_contents.extend(array.ravel().tolist())
+    else:
+        tensor.contents.int_contents.extend(int(value) for value in array.ravel())
+    for output in outputs:
+        request.outputs.add(name=output)
+    if answer is not None:
+        request.parameters["answer"].string_param = answer
+    return request
+
+
+def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    assert len(response.raw_output_contents) == len(response.outputs)
+    arrays = {}
+    for output, raw in zip(response.outputs, response.raw_output_contents, strict=True):
+        if output.datatype == "BYTES":
+            arrays[output.name] = np.array([raw[4:]], dtype=object)  # one element
+        else:
+            dtype = {"FP32": np.float32, "FP64": np.float64}[output.datatype]
+            arrays[output.name] = np.frombuffer(raw, dtype).reshape(tuple(output.shape))
+    return arrays
+
+
+async def expect_error(call: Any, code: grpc.StatusCode) -> str:
+    """Await a call that must fail with `code`; its details."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    return info.value.details() or ""
+
+
+# -- health and metadata ---------------------------------------------------------------------
+
+
+def test_health_and_server_metadata(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            stub = client.stub
+            assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+            assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
+            metadata = await stub.ServerMetadata(pb.ServerMetadataRequest())
+            assert (metadata.name, metadata.version) == ("torchgate", "0.1.0")
+            assert list(metadata.extensions) == ["binary_tensor_data"]
+            client.tg.dataplane.accepting = False
+            assert not (await stub.ServerReady(pb.ServerReadyRequest())).ready
+            assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+
+    run(scenario())
+
+
+def test_model_readiness_and_metadata(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            stub = client.stub
+            assert (await stub.ModelReady(pb.ModelReadyRequest(name="m"))).ready
+            assert (await stub.ModelReady(pb.ModelReadyRequest(name="m", version="2.0"))).ready
+            details = await expect_error(
+                stub.ModelReady(pb.ModelReadyRequest(name="nope")), Code.NOT_FOUND
+            )
+            assert details == "Model not found: nope"
+            await expect_error(
+                stub.ModelReady(pb.ModelReadyRequest(name="m", version="9")), Code.NOT_FOUND
+            )
+            metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name="m"))
+            assert (metadata.name, list(metadata.versions)) == ("m", ["1.0", "2.0"])
+            assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
+                ("x", "FP32", [-1, 2])
+            ]
+            assert [t.name for t in metadata.outputs] == ["y", "total"]
+            metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name="m", version="2.0"))
+            assert list(metadata.versions) == ["2.0"]
+            await expect_error(
+                stub.ModelMetadata(pb.ModelMetadataRequest(name="nope")), Code.NOT_FOUND
+            )
+
+    run(scenario())
+
+
+# -- inference -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw_input_contents", "typed_contents"])
+def test_infer(tmp_path: Path, raw: bool) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            request = infer_request([[1.0, 2.0], [3.0, 4.5]], raw=raw)
+            response = await client.stub.ModelInfer(
+                request, metadata=(("x-request-id", "abc-123"),)
+            )
+            assert (response.model_name, response.model_version, response.id) == (
+                "m",
+                "1.0",
+                "req-7",
+            )
+            assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+                ("y", "FP32", [2, 2]),
+                ("total", "FP32", [2]),
+            ]
+            arrays = outputs_of(response)
+            np.testing.assert_array_equal(arrays["y"], [[2.0, 4.0], [6.0, 9.0]])
+            np.testing.assert_array_equal(arrays["total"], [3.0, 7.5])
+            [item] = client.backend().seen
+            assert (item.api, item.request_id, item.kserve_v2) == (API_V2_GRPC, "abc-123", True)
+
+    run(scenario())
+
+
+def test_explicit_version_and_requested_outputs(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            request = infer_request(version="2.0", outputs=("total",))
+            response = await client.stub.ModelInfer(request)
+            assert response.model_version == "2.0"
+            assert [o.name for o in response.outputs] == ["total"]
+            assert outputs_of(response)["total"].tolist() == [3.0]
+            assert client.backend(version="1.0").seen == []
+
+    run(scenario())
+
+
+def test_plain_answers_become_bytes_tensors(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            response = await client.stub.ModelInfer(infer_request(model="plain", answer="label"))
+            [output] = response.outputs
+            assert (output.name, output.datatype, list(output.shape)) == ("output0", "BYTES", [1])
+            assert outputs_of(response)["output0"].tolist() == [b'{"7":0.9,"1":0.1}']
+
+    run(scenario())
+
+
+def test_stream_infer_answers_each_request_and_reports_errors_in_the_stream(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            requests = [
+                infer_request([[1.0, 1.0]]),
+                infer_request(datatype="INT32"),
+                infer_request(model="nope"),
+                infer_request([[2.0, 2.0]], version="2.0"),
+            ]
+            answers = [answer async for answer in client.stub.ModelStreamInfer(iter(requests))]
+            assert [a.error_message for a in answers] == [
+                "",
+                "input 'x': datatype INT32, the model takes FP32",
+                "Model not found: nope",
+                "",
+            ]
+            assert outputs_of(answers[0].infer_response)["total"].tolist() == [2.0]
+            assert answers[3].infer_response.model_version == "2.0"
+
+    run(scenario())
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_args", "code", "details"),
+    [
+        ({"model": "nope"}, Code.NOT_FOUND, "Model not found: nope"),
+        ({"version": "9"}, Code.NOT_FOUND, "Model version not found: m/9"),
+        (
+            {"datatype": "INT32"},
+            Code.INVALID_ARGUMENT,
+            "input 'x': datatype INT32, the model takes FP32",
+        ),
+        (
+            {"datatype": "INT32", "raw": False},
+            Code.INVALID_ARGUMENT,
+            "input 'x': datatype INT32, the model takes FP32",
+        ),
+        (
+            {"rows": [[1.0, 2.0, 3.0]]},
+            Code.INVALID_ARGUMENT,
+            "input 'x': shape [1, 3] does not fit the model's [-1, 2]",
+        ),
+        ({"name": "z"}, Code.INVALID_ARGUMENT, "unexpected input 'z': the model takes 'x'"),
+        ({"outputs": ("nope",)}, Code.INVALID_ARGUMENT, "unknown output 'nope' requested"),
+        ({"answer": "fail"}, Code.INVALID_ARGUMENT, "x must be positive"),
+        ({"answer": "raise"}, Code.INTERNAL, "Worker died: RuntimeError: the handler raised"),
+    ],
+)
+def test_errors_map_through_the_error_table(
+    tmp_path: Path, request_args: dict[str, Any], code: grpc.StatusCode, details: str
+) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            message = await expect_error(
+                client.stub.ModelInfer(infer_request(**request_args)), code
+            )
+            assert message.startswith(details), message
+
+    run(scenario())
+
+
+def test_malformed_tensors_are_invalid_argument(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            request = infer_request()
+            request.raw_input_contents[0] = b"\x00" * 4  # 1 float for shape [1, 2]
+            details = await expect_error(client.stub.ModelInfer(request), Code.INVALID_ARGUMENT)
+            assert details == "input 'x': 4 bytes of FP32 data, shape [1, 2] needs 8"
+
+    run(scenario())
+
+
+def test_oversized_messages_are_resource_exhausted(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            rows = np.zeros((MAX_REQUEST_SIZE, 2), np.float32)
+            await expect_error(client.stub.ModelInfer(infer_request(rows)), Code.RESOURCE_EXHAUSTED)
+            assert client.backend().seen == []
+
+    run(scenario())
+
+
+def test_methods_outside_the_proto_are_unimplemented(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            model_config = client.channel.unary_unary("/inference.GRPCInferenceService/ModelConfig")
+            await expect_error(model_config(b""), Code.UNIMPLEMENTED)
+
+    run(scenario())
+
+
+def test_token_authorization(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        key_file = tmp_path / "keys" / "key_file.json"
+        key_file.parent.mkdir()
+        config = {"disable_token_authorization": "false", "torchgate.key_file": str(key_file)}
+        async with serving(tmp_path, **config) as client:
+            key = json.loads(key_file.read_text())["inference"]["key"]
+            stub = client.stub
+            details = await expect_error(stub.ModelInfer(infer_request()), Code.UNAUTHENTICATED)
+            assert details.startswith("Token Authorization failed")
+            wrong = (("authorization", "Bearer wrong"),)
+            await expect_error(
+                stub.ModelInfer(infer_request(), metadata=wrong), Code.UNAUTHENTICATED
+            )
+            stream = stub.ModelStreamInfer(iter([infer_request()]))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                _ = [answer async for answer in stream]
+            assert info.value.code() == Code.UNAUTHENTICATED
+            assert client.backend().seen == []
+
+            good = (("authorization", f"Bearer {key}"),)
+            response = await stub.ModelInfer(infer_request(), metadata=good)
+            assert outputs_of(response)["total"].tolist() == [3.0]
+            stream = stub.ModelStreamInfer(iter([infer_request()]), metadata=good)
+            assert [a.error_message async for a in stream] == [""]
+            # Health and metadata need no key, on gRPC as on REST.
+            assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
+            assert (await stub.ModelReady(pb.ModelReadyRequest(name="m"))).ready
+            await stub.ServerMetadata(pb.ServerMetadataRequest())
+            await stub.ModelMetadata(pb.ModelMetadataRequest(name="m"))
+
+    run(scenario())
