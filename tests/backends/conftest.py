@@ -4,10 +4,9 @@ load them into a LocalBackend and run batches without pytest-asyncio."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import subprocess
 import sys
-import textwrap
 import zipfile
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from api.core.types import InferenceRequest, ModelSettings
+from tests.support.archives import build_archive as support_build_archive
 
 T = TypeVar("T")
 ARCHIVER = Path(sys.executable).with_name("torch-model-archiver")
@@ -54,61 +54,8 @@ class BuildArchive(Protocol):
 
 @pytest.fixture
 def build_archive(tmp_path: Path) -> BuildArchive:
-    """Write source files and run torch-model-archiver on them; returns the archive's path.
-
-    `handler` is a file among `files` or a built-in handler name; the files not named by
-    `handler`, `serialized`, `config` or `model_file` become --extra-files.
-    """
-    counter = iter(range(1_000_000))
-
-    def build(
-        name: str,
-        handler: str,
-        files: Mapping[str, str | bytes] | None = None,
-        *,
-        serialized: str | None = None,
-        version: str = "1.0",
-        config: str | None = None,
-        model_file: str | None = None,
-        archive_format: str = "default",
-    ) -> Path:
-        src = tmp_path / f"src-{name}-{next(counter)}"
-        src.mkdir()
-        for file_name, content in (files or {}).items():
-            # The archiver copies a directory's *contents*: nested files go under _tree/.
-            target = src / "_tree" / file_name if "/" in file_name else src / file_name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                target.write_text(textwrap.dedent(content))
-        export = tmp_path / f"export-{next(counter)}"
-        export.mkdir()
-        special = {handler, serialized, config, model_file}
-        extra = [str(src / f) for f in (files or {}) if f not in special and "/" not in f]
-        if any("/" in f for f in files or {}):
-            extra.append(str(src / "_tree"))
-        command = [
-            str(ARCHIVER),
-            "--model-name", name,
-            "--version", version,
-            "--handler", str(src / handler) if handler in (files or {}) else handler,
-            "--export-path", str(export),
-            "--archive-format", archive_format,
-        ]  # fmt: skip
-        if serialized:
-            command += ["--serialized-file", str(src / serialized)]
-        if config:
-            command += ["--config-file", str(src / config)]
-        if model_file:
-            command += ["--model-file", str(src / model_file)]
-        if extra:
-            command += ["--extra-files", ",".join(extra)]
-        subprocess.run(command, check=True, capture_output=True)
-        suffix = {"default": ".mar", "tgz": ".tar.gz", "no-archive": ""}[archive_format]
-        return export / f"{name}{suffix}"
-
-    return build
+    """torch-model-archiver over source files; see `tests.support.archives.build_archive`."""
+    return functools.partial(support_build_archive, tmp_path)
 
 
 def write_zip(path: Path, members: Mapping[str, bytes | str], **kwargs: Any) -> Path:

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,13 +22,14 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.archives import build_archive
 from tests.support.prometheus import (
     Prometheus,
-    free_port,
     prometheus_binary,
     running_prometheus,
     scrape_config_from,
 )
+from tests.support.server import running_torchgate
 
 pytestmark = [
     pytest.mark.integration,
@@ -45,7 +41,6 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-ARCHIVER = Path(sys.executable).with_name("torch-model-archiver")
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "torchgate.json"
 WINDOW = "20s"  # rate() window: several 1 s scrapes
 HANDLER = """\
@@ -64,48 +59,17 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[Gateway]:
-    with tempfile.TemporaryDirectory(prefix="torchgate-prom-it-") as tmp:
-        work = Path(tmp)
-        store = work / "store"
-        store.mkdir()
-        (work / "echo_handler.py").write_text(HANDLER)
-        subprocess.run(
-            [str(ARCHIVER), "--model-name", "echo", "--version", "1.0",
-             "--handler", str(work / "echo_handler.py"), "--export-path", str(store)],
-            check=True, timeout=60, capture_output=True,
-        )  # fmt: skip
-        ports = {name: free_port() for name in ("inference", "management", "metrics", "g1", "g2")}
-        config = work / "config.properties"
-        config.write_text(
-            f"inference_address=http://127.0.0.1:{ports['inference']}\n"
-            f"management_address=http://127.0.0.1:{ports['management']}\n"
-            f"metrics_address=http://127.0.0.1:{ports['metrics']}\n"
-            f"grpc_inference_port={ports['g1']}\ngrpc_management_port={ports['g2']}\n"
-            f"model_store={store}\nload_models=echo.mar\ndisable_token_authorization=true\n"
-            'models={"echo": {"1.0": {"marName": "echo.mar", "batchSize": 4, '
-            '"maxBatchDelay": 2}}}\n'
-            "torchgate.access_log=false\n"
-        )
-        log = (work / "torchgate.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--config", str(config), "--ncs",
-             "--log-level", "warning"],
-            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{ports['inference']}"
-        try:
-            _wait_healthy(url, process, work / "torchgate.log")
-            yield Gateway(url, f"127.0.0.1:{ports['metrics']}")
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
-            log.close()
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    work = tmp_path_factory.mktemp("prom-it")
+    store = work / "store"
+    build_archive(work, "echo", "echo_handler.py", {"echo_handler.py": HANDLER}, export_dir=store)
+    config = (
+        f"model_store={store}\nload_models=echo.mar\n"
+        'models={"echo": {"1.0": {"marName": "echo.mar", "batchSize": 4, "maxBatchDelay": 2}}}\n'
+        "torchgate.access_log=false\n"
+    )
+    with running_torchgate(config, args=["--ncs", "--log-level", "warning"]) as tg:
+        yield Gateway(tg.inference_url, tg.metrics_url.removeprefix("http://"))
 
 
 @pytest.fixture(scope="module")
@@ -233,18 +197,3 @@ def _wait_for(prometheus: Prometheus, expr: str, timeout_s: float = 60.0) -> lis
 
 def _value(sample: dict[str, Any]) -> float:
     return float(sample["value"][1])
-
-
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"torchgate exited with {process.returncode}:\n{tail}")
-        try:
-            if httpx.get(f"{url}/ping", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"torchgate was not healthy within 60 s:\n{log.read_text()[-3000:]}")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.archives import build_archive
 from tests.support.server import TorchgateServer, post_many, running_torchgate
 
 pytestmark = pytest.mark.integration
@@ -73,27 +72,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store.mkdir()
     gate = root / "gate"
     for file_name, (version, mode) in ARCHIVES.items():
-        source = root / file_name.removesuffix(".mar")
-        source.mkdir()
-        handler = source / "handler.py"
-        handler.write_text(HANDLER.format(version=version, mode=mode, gate=str(gate)))
-        archiver = Path(sys.executable).with_name("torch-model-archiver")
-        subprocess.run(
-            [
-                str(archiver),
-                "--model-name",
-                "ab",
-                "--version",
-                version,
-                "--handler",
-                str(handler),
-                "--export-path",
-                str(source),
-                "-f",
-            ],
-            check=True,
-        )
-        (source / "ab.mar").rename(store / file_name)
+        handler = HANDLER.format(version=version, mode=mode, gate=str(gate))
+        built = build_archive(root, "ab", "handler.py", {"handler.py": handler}, version=version)
+        built.rename(store / file_name)
     return store
 
 
