@@ -7,101 +7,51 @@ under its own name; values decoded by content type (JSON parsed, text/* as str, 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import orjson
 from starlette.requests import Request
 
-from api.core.dataplane import DataPlane
-from api.core.types import API_TORCHSERVE_REST, REJECT_AUTH, REJECT_TOO_LARGE, InferenceRequest
-from api.errors import BadRequest, NotFound, PayloadTooLarge, TorchgateError, Unauthenticated
-from api.rest.asgi import (
-    ClientDisconnected,
-    Receive,
-    Scope,
-    Send,
-    cancel_on_disconnect,
-    header_dict,
-    read_body,
-    request_id,
-    send_response,
-)
+from api.core.types import API_TORCHSERVE_REST, InferenceRequest
+from api.errors import BadRequest, NotFound, TorchgateError
+from api.rest.asgi import Scope
+from api.rest.endpoint import InferenceEndpoint, Reply
 from api.rest.responses import error_parts, prediction_parts
-from api.rest.security import INFERENCE, TokenAuth
 
 
-class PredictionsEndpoint:
-    def __init__(
+class PredictionsEndpoint(InferenceEndpoint):
+    def route(self, path: str) -> tuple[str, str | None]:
+        parts = [unquote(p) for p in path.split("/") if p]
+        if len(parts) == 2 or (len(parts) == 3 and parts[2]):
+            return parts[1], parts[2] if len(parts) == 3 else None
+        raise NotFound(f"Requested resource is not found, please refer to API document: {path}")
+
+    async def answer(
         self,
-        dataplane: DataPlane,
-        *,
-        max_request_size: int,
-        auth: TokenAuth | None = None,
-    ) -> None:
-        self.dataplane = dataplane
-        self.max_request_size = max_request_size
-        self.auth = auth
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = header_dict(scope)
-        rid = request_id(headers)
-        try:
-            model, version = _model_and_version(scope["path"])
-            if self.auth is not None:
-                self.auth.check(INFERENCE, headers.get("authorization"))
-            body = await read_body(receive, self.max_request_size, headers)
-            inputs = await decode_inputs(scope, body, headers)
-            request = InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
-            answer = await cancel_on_disconnect(
-                receive, self.dataplane.infer(model, version, request)
-            )
-            status, payload, content_type = prediction_parts(answer.prediction)
-        except (ClientDisconnected, asyncio.CancelledError):
-            return  # nobody is left to answer
-        except TorchgateError as exc:
-            self._note_rejection(exc, scope)
-            status, payload, error_headers = error_parts(exc)
-            error_headers["x-request-id"] = rid
-            await send_response(send, status, payload, error_headers)
-            return
-        response_headers = [
+        scope: Scope,
+        headers: dict[str, str],
+        rid: str,
+        body: bytes,
+        model: str,
+        version: str | None,
+    ) -> Reply:
+        inputs = await decode_inputs(scope, body, headers)
+        request = InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
+        answer = await self.dataplane.infer(model, version, request)
+        status, payload, content_type = prediction_parts(answer.prediction)
+        reply_headers = [
             (k, v) for k, v in answer.prediction.headers.items() if k.lower() != "content-type"
         ]
-        response_headers += [
+        reply_headers += [
             ("content-type", content_type),
-            ("x-request-id", rid),
             ("x-model-version", answer.model_version.version),
         ]
-        await send_response(send, status, payload, response_headers)
+        return status, payload, reply_headers
 
-    def _note_rejection(self, exc: TorchgateError, scope: Scope) -> None:
-        reason = (
-            REJECT_AUTH
-            if isinstance(exc, Unauthenticated)
-            else REJECT_TOO_LARGE
-            if isinstance(exc, PayloadTooLarge)
-            else None
-        )
-        if reason is not None:
-            model, version = _safe_model_and_version(scope["path"])
-            self.dataplane.note_rejected(model, version, reason)
-
-
-def _model_and_version(path: str) -> tuple[str, str | None]:
-    parts = [unquote(p) for p in path.split("/") if p]
-    if len(parts) == 2 or (len(parts) == 3 and parts[2]):
-        return parts[1], parts[2] if len(parts) == 3 else None
-    raise NotFound(f"Requested resource is not found, please refer to API document: {path}")
-
-
-def _safe_model_and_version(path: str) -> tuple[str, str]:
-    try:
-        model, version = _model_and_version(path)
-    except TorchgateError:
-        return "", ""
-    return model, version or ""
+    def error_reply(self, exc: TorchgateError) -> Reply:
+        status, payload, headers = error_parts(exc)
+        return status, payload, list(headers.items())
 
 
 async def decode_inputs(scope: Scope, body: bytes, headers: dict[str, str]) -> dict[str, Any]:

@@ -7,35 +7,25 @@ Triton's binary tensor extension is handled by `api.v2.codec`.
 
 from __future__ import annotations
 
-import asyncio
 import zlib
 from urllib.parse import unquote
 
 from fastapi import APIRouter
 
 from api.core.dataplane import DataPlane, ModelMetadata
-from api.core.types import API_V2_REST, REJECT_AUTH, REJECT_TOO_LARGE
+from api.core.types import API_V2_REST
 from api.errors import (
     BadRequest,
     NotFound,
     PayloadTooLarge,
     TorchgateError,
-    Unauthenticated,
     http_status,
 )
 from api.rest.asgi import (
-    ClientDisconnected,
-    Receive,
     Scope,
-    Send,
-    cancel_on_disconnect,
-    header_dict,
-    read_body,
-    request_id,
-    send_response,
 )
+from api.rest.endpoint import InferenceEndpoint, Reply
 from api.rest.responses import JsonResponse, dumps
-from api.rest.security import INFERENCE, TokenAuth
 from api.v2 import bridge
 from api.v2.codec import decode_rest, encode_rest
 
@@ -113,68 +103,43 @@ def is_infer_path(path: str) -> bool:
     return path.startswith("/v2/models/") and path.endswith("/infer")
 
 
-class V2InferEndpoint:
+class V2InferEndpoint(InferenceEndpoint):
     """`POST /v2/models/{m}[/versions/{v}]/infer`, JSON or binary tensors."""
 
-    def __init__(
-        self, dataplane: DataPlane, *, max_request_size: int, auth: TokenAuth | None = None
-    ) -> None:
-        self.dataplane = dataplane
-        self.max_request_size = max_request_size
-        self.auth = auth
+    def route(self, path: str) -> tuple[str, str | None]:
+        parts = [unquote(p) for p in path.split("/") if p]
+        # ["v2", "models", m, "infer"] or ["v2", "models", m, "versions", v, "infer"]
+        if len(parts) == 4:
+            return parts[2], None
+        if len(parts) == 6 and parts[3] == "versions":
+            return parts[2], parts[4]
+        raise NotFound(f"Unknown v2 path: {path}")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = header_dict(scope)
-        rid = request_id(headers)
-        try:
-            model, version = _model_and_version(scope["path"])
-            if self.auth is not None:
-                self.auth.check(INFERENCE, headers.get("authorization"))
-            body = await read_body(receive, self.max_request_size, headers)
-            body = _decompress(body, headers.get("content-encoding"), self.max_request_size)
-            with bridge.codec_errors():
-                request = decode_rest(body, headers.get("inference-header-content-length"))
-            response = await cancel_on_disconnect(
-                receive,
-                bridge.infer(
-                    self.dataplane,
-                    model,
-                    version,
-                    request,
-                    headers=headers,
-                    request_id=rid,
-                    api=API_V2_REST,
-                ),
-            )
-            with bridge.codec_errors():
-                payload, extra = encode_rest(response, request.outputs, request.binary_data_output)
-        except (ClientDisconnected, asyncio.CancelledError):
-            return
-        except TorchgateError as exc:
-            await self._fail(send, exc, rid, scope)
-            return
-        extra["x-request-id"] = rid
+    async def answer(
+        self,
+        scope: Scope,
+        headers: dict[str, str],
+        rid: str,
+        body: bytes,
+        model: str,
+        version: str | None,
+    ) -> Reply:
+        body = _decompress(body, headers.get("content-encoding"), self.max_request_size)
+        with bridge.codec_errors():
+            request = decode_rest(body, headers.get("inference-header-content-length"))
+        response = await bridge.infer(
+            self.dataplane, model, version, request,
+            headers=headers, request_id=rid, api=API_V2_REST,
+        )  # fmt: skip
+        with bridge.codec_errors():
+            payload, extra = encode_rest(response, request.outputs, request.binary_data_output)
         if response.model_version:
             extra["x-model-version"] = response.model_version
-        await send_response(send, 200, payload, extra)
+        return 200, payload, list(extra.items())
 
-    async def _fail(self, send: Send, exc: TorchgateError, rid: str, scope: Scope) -> None:
-        if isinstance(exc, Unauthenticated | PayloadTooLarge):
-            reason = REJECT_AUTH if isinstance(exc, Unauthenticated) else REJECT_TOO_LARGE
-            self.dataplane.note_rejected("", "", reason)
+    def error_reply(self, exc: TorchgateError) -> Reply:
         status, payload, headers = v2_error_parts(exc)
-        headers["x-request-id"] = rid
-        await send_response(send, status, payload, headers)
-
-
-def _model_and_version(path: str) -> tuple[str, str | None]:
-    parts = [unquote(p) for p in path.split("/") if p]
-    # ["v2", "models", m, "infer"] or ["v2", "models", m, "versions", v, "infer"]
-    if len(parts) == 4:
-        return parts[2], None
-    if len(parts) == 6 and parts[3] == "versions":
-        return parts[2], parts[4]
-    raise NotFound(f"Unknown v2 path: {path}")
+        return status, payload, list(headers.items())
 
 
 def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:

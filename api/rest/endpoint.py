@@ -1,0 +1,82 @@
+"""The edge every hot inference path shares, as plain ASGI.
+
+Request id, token check, body size limit, client disconnects, rejections counted, errors
+encoded: once, here. A subclass names the model and version a path asks for and turns a body
+into an answer (`api.rest.predictions` for TorchServe's API, `api.rest.v2` for KServe v2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+
+from api.core.dataplane import DataPlane
+from api.core.types import REJECT_AUTH, REJECT_TOO_LARGE
+from api.errors import PayloadTooLarge, TorchgateError, Unauthenticated
+from api.rest.asgi import (
+    ClientDisconnected,
+    Receive,
+    Scope,
+    Send,
+    cancel_on_disconnect,
+    header_dict,
+    read_body,
+    request_id,
+    send_response,
+)
+from api.rest.security import INFERENCE, TokenAuth
+
+Headers = list[tuple[str, str]]
+Reply = tuple[int, bytes, Headers]
+
+
+class InferenceEndpoint(ABC):
+    def __init__(
+        self, dataplane: DataPlane, *, max_request_size: int, auth: TokenAuth | None = None
+    ) -> None:
+        self.dataplane = dataplane
+        self.max_request_size = max_request_size
+        self.auth = auth
+
+    @abstractmethod
+    def route(self, path: str) -> tuple[str, str | None]:
+        """(model, version or None) for a path; NotFound if the path names none."""
+
+    @abstractmethod
+    async def answer(
+        self,
+        scope: Scope,
+        headers: dict[str, str],
+        rid: str,
+        body: bytes,
+        model: str,
+        version: str | None,
+    ) -> Reply:
+        """Decode `body`, run it through the dataplane, encode the answer."""
+
+    @abstractmethod
+    def error_reply(self, exc: TorchgateError) -> Reply:
+        """The protocol's error body for `exc`, with the status from `api.errors`."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = header_dict(scope)
+        rid = request_id(headers)
+        model, version = "", None
+        try:
+            model, version = self.route(scope["path"])
+            if self.auth is not None:
+                self.auth.check(INFERENCE, headers.get("authorization"))
+            body = await read_body(receive, self.max_request_size, headers)
+            reply = await cancel_on_disconnect(
+                receive, self.answer(scope, headers, rid, body, model, version)
+            )
+        except (ClientDisconnected, asyncio.CancelledError):
+            return  # nobody is left to answer
+        except TorchgateError as exc:
+            if isinstance(exc, Unauthenticated | PayloadTooLarge):
+                reason = REJECT_AUTH if isinstance(exc, Unauthenticated) else REJECT_TOO_LARGE
+                self.dataplane.note_rejected(model, version or "", reason)
+            reply = self.error_reply(exc)
+        status, payload, reply_headers = reply
+        reply_headers.append(("x-request-id", rid))
+        await send_response(send, status, payload, reply_headers)
