@@ -21,9 +21,7 @@ from api.errors import (
     TorchgateError,
     http_status,
 )
-from api.rest.asgi import (
-    Scope,
-)
+from api.rest.asgi import Scope
 from api.rest.endpoint import InferenceEndpoint, Reply
 from api.rest.responses import JsonResponse, dumps
 from api.v2 import bridge
