@@ -1,0 +1,555 @@
+"""`torchgate bench`: closed-loop HTTP load against one URL at several concurrencies.
+
+    torchgate bench --url http://127.0.0.1:8080/predictions/digits \\
+        --body-json "$(python -c 'print([0.0] * 64)')" --concurrency 1,8,32 --duration 10s
+
+Each concurrency level is one point: `concurrency` keep-alive connections, each sending its next
+request as soon as the previous answer arrived (closed loop), first for `--warmup` (discarded),
+then for `--duration` (measured). A point reports requests/s, latency p50/p95/p99 and errors.
+
+Engines:
+
+    wrk     (primary) Debian's wrk driven by the Lua script below; its `done()` hook prints one
+            JSON line. `scripts/install_wrk.sh` installs it. C, epoll: ~100k req/s per thread,
+            so it is not the bottleneck of anything this project serves.
+    python  (fallback when wrk is missing) asyncio + raw sockets, HTTP/1.1 keep-alive. About
+            an order of magnitude slower than wrk: fine for slow models, it saturates before
+            a fast server does.
+
+Errors: "status" counts answers the engine deems failed. wrk counts HTTP status >= 400 (a 3xx
+counts as a success there); the python engine counts every non-2xx. Both also count connect,
+read, write and timeout errors; a point with errors is still reported, never hidden.
+
+`torchgate bench --suite [...]` runs the repository's benchmark suite instead (`benchmarks/`,
+see `python -m benchmarks --help`); it needs the repository checkout as working directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import mimetypes
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+DEFAULT_CONCURRENCY = (1, 8, 32)
+RESULT_MARKER = "TORCHGATE_BENCH "
+ERROR_KINDS = ("connect", "read", "write", "status", "timeout")
+
+# Runs in every wrk thread's Lua state. The method and body file come through the environment
+# (robust against how wrk hands arguments to scripts); headers, including Content-Type, are wrk
+# -H flags. No `response()` hook on purpose: defining one makes wrk parse every answer in Lua.
+WRK_SCRIPT = r"""
+wrk.method = os.getenv("TORCHGATE_BENCH_METHOD") or "GET"
+local body_file = os.getenv("TORCHGATE_BENCH_BODY_FILE")
+if body_file and body_file ~= "" then
+  local f = assert(io.open(body_file, "rb"))
+  wrk.body = f:read("*a")
+  f:close()
+end
+
+local function num(x)
+  if x ~= x or x == math.huge or x == -math.huge then return 0 end
+  return x
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  local n = summary.requests
+  local function p(q) if n == 0 then return 0 end return num(latency:percentile(q)) end
+  io.write(string.format(
+    'TORCHGATE_BENCH {"requests":%d,"duration_us":%d,"bytes":%d,"latency_us":' ..
+    '{"min":%d,"mean":%.3f,"stdev":%.3f,"max":%d,"p50":%d,"p90":%d,"p95":%d,"p99":%d,' ..
+    '"p999":%d},"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\n',
+    n, summary.duration, summary.bytes,
+    n == 0 and 0 or num(latency.min), n == 0 and 0 or num(latency.mean),
+    n == 0 and 0 or num(latency.stdev), n == 0 and 0 or num(latency.max),
+    p(50), p(90), p(95), p(99), p(99.9),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+class BenchError(RuntimeError):
+    """The load could not be run or its result not read (not: the server answered errors)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    """What every request of a run looks like, and how the engine runs."""
+
+    url: str
+    method: str = "GET"
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()  # Content-Type included, when there is one
+    threads: int = 1  # wrk threads; capped at the concurrency
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class PointResult:
+    """One concurrency level, measured. Latencies in milliseconds."""
+
+    concurrency: int
+    requests: int
+    duration_s: float
+    rps: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+    errors: dict[str, int] = field(default_factory=dict)
+    engine: str = "wrk"
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "error_count": self.error_count}
+
+
+Engine = Callable[[LoadSpec, int, float], PointResult]
+
+
+# --- wrk -----------------------------------------------------------------------------------------
+
+
+def parse_wrk_output(stdout: str, concurrency: int) -> PointResult:
+    """The `PointResult` in wrk's stdout (the JSON line our Lua `done()` hook printed)."""
+    for line in stdout.splitlines():
+        if line.startswith(RESULT_MARKER):
+            raw = json.loads(line[len(RESULT_MARKER) :])
+            break
+    else:
+        raise BenchError(f"wrk printed no result line:\n{stdout[-2000:]}")
+    latency = raw["latency_us"]
+    duration_s = raw["duration_us"] / 1e6
+    requests = int(raw["requests"])
+    return PointResult(
+        concurrency=concurrency,
+        requests=requests,
+        duration_s=duration_s,
+        rps=requests / duration_s if duration_s > 0 else 0.0,
+        p50_ms=latency["p50"] / 1000,
+        p95_ms=latency["p95"] / 1000,
+        p99_ms=latency["p99"] / 1000,
+        mean_ms=latency["mean"] / 1000,
+        max_ms=latency["max"] / 1000,
+        errors={kind: int(raw["errors"].get(kind, 0)) for kind in ERROR_KINDS},
+        engine="wrk",
+    )
+
+
+def wrk_command(spec: LoadSpec, concurrency: int, duration_s: float, script: Path) -> list[str]:
+    """wrk's command line for one run (wrk takes whole seconds; at least 1)."""
+    command = [
+        "wrk",
+        f"-t{max(1, min(spec.threads, concurrency))}",
+        f"-c{concurrency}",
+        f"-d{max(1, round(duration_s))}s",
+        f"--timeout={max(1, math.ceil(spec.timeout_s))}s",
+        "-s",
+        str(script),
+    ]
+    for name, value in spec.headers:
+        command += ["-H", f"{name}: {value}"]
+    return [*command, spec.url]
+
+
+def run_wrk(spec: LoadSpec, concurrency: int, duration_s: float) -> PointResult:
+    """One wrk run of `duration_s` at `concurrency` connections."""
+    if shutil.which("wrk") is None:
+        raise BenchError("wrk is not on PATH (scripts/install_wrk.sh installs it)")
+    with tempfile.TemporaryDirectory(prefix="torchgate-bench-") as tmp:
+        script, body = Path(tmp, "bench.lua"), Path(tmp, "body")
+        script.write_text(WRK_SCRIPT)
+        body.write_bytes(spec.body)
+        env = {
+            **os.environ,
+            "TORCHGATE_BENCH_METHOD": spec.method,
+            "TORCHGATE_BENCH_BODY_FILE": str(body) if spec.body else "",
+        }
+        completed = subprocess.run(
+            wrk_command(spec, concurrency, duration_s, script),
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=duration_s + spec.timeout_s + 30,
+            check=False,
+        )
+    if completed.returncode != 0:
+        raise BenchError(f"wrk exited with {completed.returncode}: {completed.stderr.strip()}")
+    return parse_wrk_output(completed.stdout, concurrency)
+
+
+def wrk_version() -> str | None:
+    """wrk's version string ("debian/4.1.0-3+b2"), or None without wrk."""
+    if shutil.which("wrk") is None:
+        return None
+    completed = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+    match = re.search(r"wrk (\S+)", completed.stdout + completed.stderr)
+    return match.group(1) if match else "unknown"
+
+
+# --- pure-Python fallback ------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of an ascending sequence; 0 when empty."""
+    if not sorted_values:
+        return 0.0
+    rank = math.ceil(q / 100 * len(sorted_values))
+    return float(sorted_values[min(max(rank, 1), len(sorted_values)) - 1])
+
+
+def summarize(
+    concurrency: int, latencies_s: list[float], duration_s: float, errors: dict[str, int]
+) -> PointResult:
+    """A `PointResult` from raw per-request latencies (seconds)."""
+    ordered = sorted(latencies_s)
+    return PointResult(
+        concurrency=concurrency,
+        requests=len(ordered),
+        duration_s=duration_s,
+        rps=len(ordered) / duration_s if duration_s > 0 else 0.0,
+        p50_ms=percentile(ordered, 50) * 1000,
+        p95_ms=percentile(ordered, 95) * 1000,
+        p99_ms=percentile(ordered, 99) * 1000,
+        mean_ms=(sum(ordered) / len(ordered) * 1000) if ordered else 0.0,
+        max_ms=(ordered[-1] * 1000) if ordered else 0.0,
+        errors={kind: errors.get(kind, 0) for kind in ERROR_KINDS},
+        engine="python",
+    )
+
+
+def _request_bytes(spec: LoadSpec) -> tuple[str, int, bytes]:
+    parts = urlsplit(spec.url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise BenchError(f"the python engine speaks plain http only: {spec.url}")
+    port = parts.port or 80
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    lines = [f"{spec.method} {target} HTTP/1.1", f"Host: {parts.hostname}:{port}"]
+    lines += [f"{name}: {value}" for name, value in spec.headers]
+    if spec.body or spec.method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(spec.body)}")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return parts.hostname, port, head + spec.body
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """(status, keep-alive) of one HTTP/1.1 response, its body read and dropped."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, _, header_block = head.partition(b"\r\n")
+    status = int(status_line.split(b" ", 2)[1])
+    headers = {}
+    for line in header_block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers[name.strip().lower()] = value.strip().lower()
+    if headers.get(b"transfer-encoding") == b"chunked":
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    else:
+        await reader.readexactly(int(headers.get(b"content-length", b"0")))
+    return status, headers.get(b"connection") != b"close"
+
+
+async def _python_load(
+    spec: LoadSpec, concurrency: int, duration_s: float
+) -> tuple[list[float], float, Counter[str]]:
+    host, port, request = _request_bytes(spec)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    clock = time.perf_counter
+    started = clock()
+    deadline = started + duration_s
+
+    async def connection() -> None:
+        writer: asyncio.StreamWriter | None = None
+        reader: asyncio.StreamReader | None = None
+        while clock() < deadline:
+            if writer is None:
+                try:
+                    reader, writer = await asyncio.open_connection(host, port)
+                except OSError:
+                    errors["connect"] += 1
+                    await asyncio.sleep(0.01)
+                    continue
+            assert reader is not None
+            sent = clock()
+            try:
+                writer.write(request)
+                async with asyncio.timeout(spec.timeout_s):
+                    status, keep_alive = await _read_response(reader)
+            except TimeoutError:
+                errors["timeout"] += 1
+                keep_alive, status = False, 0
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                errors["read"] += 1
+                keep_alive, status = False, 0
+            else:
+                latencies.append(clock() - sent)
+                if not 200 <= status < 300:
+                    errors["status"] += 1
+            if not keep_alive:
+                writer.close()
+                writer = None
+        if writer is not None:
+            writer.close()
+
+    await asyncio.gather(*(connection() for _ in range(concurrency)))
+    return latencies, clock() - started, errors
+
+
+def run_python(spec: LoadSpec, concurrency: int, duration_s: float) -> PointResult:
+    """One run of the asyncio engine (uvloop when installed)."""
+    try:
+        import uvloop
+
+        runner: Callable[[Any], Any] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        runner = asyncio.run
+    latencies, elapsed, errors = runner(_python_load(spec, concurrency, duration_s))
+    return summarize(concurrency, latencies, elapsed, dict(errors))
+
+
+def pick_engine(name: str) -> tuple[str, Engine]:
+    """("wrk" | "python", run function) for --engine auto|wrk|python."""
+    if name == "python" or (name == "auto" and shutil.which("wrk") is None):
+        return "python", run_python
+    if shutil.which("wrk") is None:
+        raise BenchError("wrk is not on PATH (scripts/install_wrk.sh installs it)")
+    return "wrk", run_wrk
+
+
+def run_points(
+    spec: LoadSpec,
+    concurrencies: Sequence[int],
+    duration_s: float,
+    warmup_s: float,
+    engine: Engine,
+    on_point: Callable[[PointResult], None] | None = None,
+) -> list[PointResult]:
+    """Warm up, then measure, each concurrency level in turn."""
+    results = []
+    for concurrency in concurrencies:
+        if warmup_s > 0:
+            engine(spec, concurrency, warmup_s)
+        result = engine(spec, concurrency, duration_s)
+        if on_point is not None:
+            on_point(result)
+        results.append(result)
+    return results
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+COLUMNS = ("concurrency", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors")
+
+
+def result_row(result: PointResult) -> list[str]:
+    return [
+        str(result.concurrency),
+        f"{result.rps:,.0f}",
+        f"{result.p50_ms:.2f}",
+        f"{result.p95_ms:.2f}",
+        f"{result.p99_ms:.2f}",
+        format_errors(result.errors),
+    ]
+
+
+def format_errors(errors: dict[str, int]) -> str:
+    """ "0", or the non-zero kinds: "status 12, timeout 1"."""
+    parts = [f"{kind} {count}" for kind, count in errors.items() if count]
+    return ", ".join(parts) if parts else "0"
+
+
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table, columns padded; the first column left-aligned, the rest right."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(padded).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "10s", "500ms", "1m", "2h" or a bare number of seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (try 10s, 500ms, 1m)")
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
+    return float(match.group(1)) * scale
+
+
+def parse_concurrency(text: str) -> list[int]:
+    """[1, 8, 32] from "1,8,32"; every level a positive integer."""
+    try:
+        levels = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}"
+        ) from None
+    if not levels or any(level < 1 for level in levels):
+        raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1: {text!r}")
+    return levels
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """("Authorization", "Bearer x") from "Authorization: Bearer x" or "Authorization:Bearer x"."""
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"header must be NAME:VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="torchgate bench",
+        description="Closed-loop HTTP load at several concurrencies (wrk, or a Python fallback).",
+        epilog="`torchgate bench --suite ...` runs the repository's benchmark suite instead.",
+    )
+    parser.add_argument("--url", required=True, help="the URL every request goes to")
+    parser.add_argument(
+        "--concurrency",
+        "-c",
+        type=parse_concurrency,
+        default=list(DEFAULT_CONCURRENCY),
+        help="comma-separated connection counts, one point each (default: 1,8,32)",
+    )
+    parser.add_argument(
+        "--duration",
+        "-d",
+        type=parse_duration,
+        default=10.0,
+        help="measured, per point (default: 10s)",
+    )
+    parser.add_argument(
+        "--warmup", type=parse_duration, default=2.0, help="per point, discarded (default: 2s)"
+    )
+    body = parser.add_mutually_exclusive_group()
+    body.add_argument("--body", type=Path, metavar="FILE", help="request body from a file")
+    body.add_argument("--body-json", metavar="STRING", help="request body, JSON text")
+    parser.add_argument("--content-type", help="default: application/json for --body-json")
+    parser.add_argument("--method", "-X", help="default: POST with a body, else GET")
+    parser.add_argument(
+        "--header",
+        "-H",
+        type=parse_header,
+        action="append",
+        default=[],
+        metavar="K:V",
+        help="repeatable, e.g. 'Authorization: Bearer KEY'",
+    )
+    parser.add_argument(
+        "--threads",
+        "-t",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="wrk threads (default: half the cores, at least 1; capped at the concurrency)",
+    )
+    parser.add_argument(
+        "--timeout", type=parse_duration, default=30.0, help="per request (default: 30s)"
+    )
+    parser.add_argument("--engine", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    return parser
+
+
+def spec_from_args(options: argparse.Namespace) -> LoadSpec:
+    body = b""
+    content_type = options.content_type
+    if options.body is not None:
+        body = options.body.read_bytes()
+        content_type = content_type or mimetypes.guess_type(options.body.name)[0]
+        content_type = content_type or "application/octet-stream"
+    elif options.body_json is not None:
+        try:
+            json.loads(options.body_json)
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"--body-json is not valid JSON: {exc}") from None
+        body = options.body_json.encode()
+        content_type = content_type or "application/json"
+    headers = list(options.header)
+    if content_type and not any(name.lower() == "content-type" for name, _ in headers):
+        headers.append(("Content-Type", content_type))
+    return LoadSpec(
+        url=options.url,
+        method=(options.method or ("POST" if body else "GET")).upper(),
+        body=body,
+        headers=tuple(headers),
+        threads=max(1, options.threads),
+        timeout_s=options.timeout,
+    )
+
+
+def _run_suite(argv: list[str]) -> int:
+    """`--suite`: the benchmark suite lives in the checkout, not in the installed package."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        from benchmarks.suite import main as suite_main
+    except ImportError as exc:
+        print(f"torchgate bench --suite: run from the repository root ({exc})", file=sys.stderr)
+        return 2
+    return suite_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--suite" in args:
+        args.remove("--suite")
+        return _run_suite(args)
+    options = build_parser().parse_args(args)
+    try:
+        spec = spec_from_args(options)
+        engine_name, engine = pick_engine(options.engine)
+        if not options.json:
+            print(
+                f"{spec.method} {spec.url}: engine {engine_name}, {options.duration:g}s per point "
+                f"after {options.warmup:g}s warm-up, {spec.threads} thread(s)",
+                flush=True,
+            )
+        results = run_points(spec, options.concurrency, options.duration, options.warmup, engine)
+    except (BenchError, OSError) as exc:
+        print(f"torchgate bench: {exc}", file=sys.stderr)
+        return 1
+    if options.json:
+        document = {
+            "url": spec.url,
+            "method": spec.method,
+            "engine": engine_name,
+            "duration_s": options.duration,
+            "warmup_s": options.warmup,
+            "results": [result.to_json() for result in results],
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(render_table(COLUMNS, [result_row(result) for result in results]))
+    return 1 if any(result.requests == 0 for result in results) else 0

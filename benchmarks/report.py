@@ -1,0 +1,309 @@
+"""The suite's results as tables: console text and docs/benchmarks.md, targets included."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from api.bench import PointResult, format_errors, render_table
+from benchmarks.machine import Machine
+from benchmarks.raw import RawResult
+from benchmarks.servers import Memory
+
+TORCHSERVE, TORCHGATE = "TorchServe", "torchgate"
+SERVERS = (TORCHSERVE, TORCHGATE)
+TARGET_WORKLOAD = "digits"
+MIB = 2**20
+
+
+@dataclass
+class ServerRun:
+    """What one server did: per workload, one point per concurrency; memory; startup."""
+
+    server: str
+    startup_s: float
+    memory_idle: Memory
+    memory_loaded: Memory | None = None  # after all its load points
+    points: dict[str, list[PointResult]] = field(default_factory=dict)
+
+    def point(self, workload: str, concurrency: int) -> PointResult | None:
+        return next(
+            (p for p in self.points.get(workload, []) if p.concurrency == concurrency), None
+        )
+
+
+@dataclass
+class SuiteResult:
+    machine: Machine
+    settings: dict[str, str]  # how it was run, for the method section
+    raw: list[RawResult] = field(default_factory=list)
+    runs: dict[str, ServerRun] = field(default_factory=dict)
+
+    def pair(
+        self, workload: str, concurrency: int
+    ) -> tuple[PointResult | None, PointResult | None]:
+        """(TorchServe, torchgate) points of a workload at a concurrency, None if not run."""
+        ts, tg = self.runs.get(TORCHSERVE), self.runs.get(TORCHGATE)
+        return (
+            ts.point(workload, concurrency) if ts else None,
+            tg.point(workload, concurrency) if tg else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    goal: str
+    measured: str
+    met: bool | None  # None: not measured
+
+
+def targets(result: SuiteResult) -> list[Target]:
+    """The issue's targets for `digits`, each with what was measured."""
+    found = []
+    ts32, tg32 = result.pair(TARGET_WORKLOAD, 32)
+    if ts32 and tg32 and ts32.rps > 0:
+        ratio = tg32.rps / ts32.rps
+        found.append(
+            Target(
+                "c=32: torchgate req/s >= 2x TorchServe's",
+                f"{ratio:.2f}x ({tg32.rps:,.0f} vs {ts32.rps:,.0f} req/s)",
+                ratio >= 2.0,
+            )
+        )
+        found.append(
+            Target(
+                "c=32: torchgate p99 lower than TorchServe's",
+                f"{tg32.p99_ms:.2f} ms vs {ts32.p99_ms:.2f} ms",
+                tg32.p99_ms < ts32.p99_ms,
+            )
+        )
+    else:
+        found.append(Target("c=32: torchgate req/s >= 2x and p99 lower", "not measured", None))
+    _, tg1 = result.pair(TARGET_WORKLOAD, 1)
+    found.append(
+        Target(
+            "c=1: torchgate p50 <= 0.5 ms",
+            f"{tg1.p50_ms:.3f} ms" if tg1 else "not measured",
+            tg1.p50_ms <= 0.5 if tg1 else None,
+        )
+    )
+    ts_mem, tg_mem = (
+        run.memory_loaded if (run := result.runs.get(name)) else None for name in SERVERS
+    )
+    if ts_mem and tg_mem:
+        share = tg_mem.rss / ts_mem.rss
+        found.append(
+            Target(
+                "RSS serving both example models <= 40% of TorchServe's",
+                f"{share:.1%} ({tg_mem.rss / MIB:,.0f} MiB vs {ts_mem.rss / MIB:,.0f} MiB)",
+                share <= 0.4,
+            )
+        )
+    else:
+        found.append(Target("RSS <= 40% of TorchServe's", "not measured", None))
+    return found
+
+
+# --- tables (rows of strings; rendered as text or markdown) --------------------------------------
+
+SIDE_BY_SIDE = (
+    "c",
+    "TS req/s",
+    "TS p50",
+    "TS p95",
+    "TS p99",
+    "TS errors",
+    "tg req/s",
+    "tg p50",
+    "tg p95",
+    "tg p99",
+    "tg errors",
+    "tg/TS req/s",
+)
+
+
+def _point_cells(point: PointResult | None) -> list[str]:
+    if point is None:
+        return ["-"] * 5
+    return [
+        f"{point.rps:,.0f}",
+        f"{point.p50_ms:.2f}",
+        f"{point.p95_ms:.2f}",
+        f"{point.p99_ms:.2f}",
+        format_errors(point.errors),
+    ]
+
+
+def side_by_side_rows(result: SuiteResult, workload: str) -> list[list[str]]:
+    """One row per concurrency: TorchServe's numbers, torchgate's, the req/s ratio."""
+    levels = sorted(
+        {p.concurrency for run in result.runs.values() for p in run.points.get(workload, [])}
+    )
+    rows = []
+    for level in levels:
+        ts, tg = result.pair(workload, level)
+        ratio = f"{tg.rps / ts.rps:.2f}x" if ts and tg and ts.rps > 0 else "-"
+        rows.append([str(level), *_point_cells(ts), *_point_cells(tg), ratio])
+    return rows
+
+
+MEMORY_COLUMNS = ("server", "RSS idle MiB", "RSS after load MiB", "PSS after load MiB", "processes")
+
+
+def memory_rows(result: SuiteResult) -> list[list[str]]:
+    rows = []
+    for name in SERVERS:
+        run = result.runs.get(name)
+        if run is None:
+            continue
+        loaded = run.memory_loaded or run.memory_idle
+        names: dict[str, int] = {}
+        for process, _ in loaded.processes:
+            names[process] = names.get(process, 0) + 1
+        rows.append(
+            [
+                name,
+                f"{run.memory_idle.rss / MIB:,.0f}",
+                f"{loaded.rss / MIB:,.0f}" if run.memory_loaded else "-",
+                f"{loaded.pss / MIB:,.0f}" if run.memory_loaded else "-",
+                ", ".join(f"{n} x{c}" if c > 1 else n for n, c in names.items()),
+            ]
+        )
+    return rows
+
+
+RAW_COLUMNS = ("model", "runtime", "threads", "batch", "us/call", "us/item")
+
+
+def raw_rows(raw: Sequence[RawResult]) -> list[list[str]]:
+    return [
+        [
+            r.model,
+            r.runtime,
+            "default" if r.threads is None else str(r.threads),
+            str(r.batch),
+            f"{r.per_call_us:.1f}",
+            f"{r.per_item_us:.1f}",
+        ]
+        for r in raw
+    ]
+
+
+TARGET_COLUMNS = ("target (digits)", "measured", "met")
+
+
+def target_rows(found: Sequence[Target]) -> list[list[str]]:
+    verdict = {True: "yes", False: "NO", None: "not measured"}
+    return [[t.goal, t.measured, verdict[t.met]] for t in found]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- documents ----------------------------------------------------------------------------------
+
+
+def workloads(result: SuiteResult) -> list[str]:
+    seen: list[str] = []
+    for run in result.runs.values():
+        seen += [name for name in run.points if name not in seen]
+    return seen
+
+
+def console(result: SuiteResult) -> str:
+    """The side-by-side tables as plain text (TS = TorchServe, tg = torchgate; ms)."""
+    parts = []
+    for workload in workloads(result):
+        parts += [f"POST /predictions/{workload} (latencies in ms)"]
+        parts += [render_table(SIDE_BY_SIDE, side_by_side_rows(result, workload)), ""]
+    if result.runs:
+        parts += ["memory", render_table(MEMORY_COLUMNS, memory_rows(result)), ""]
+    if result.raw:
+        parts += ["the model in-process", render_table(RAW_COLUMNS, raw_rows(result.raw)), ""]
+    parts += ["targets", render_table(TARGET_COLUMNS, target_rows(targets(result)))]
+    return "\n".join(parts)
+
+
+def markdown(result: SuiteResult) -> str:
+    """docs/benchmarks.md."""
+    m = result.machine
+    s = result.settings
+    versions = ", ".join(f"{name} {version}" for name, version in m.versions.items())
+    out = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`torchgate bench --suite`, or `python -m benchmarks`); "
+        "do not edit by hand.",
+        "",
+        f"- **Machine**: {m.cpu_model}, {m.cores} cores (`nproc`), {m.memory_gib:.0f} GiB, "
+        f"Linux {m.kernel}",
+        f"- **Date**: {m.date}",
+        f"- **Other load**: 1-minute load average {m.load_average:.1f} at the start, "
+        f"{s.get('load_end', '?')} at the end (on a quiet machine it stays below ~1 between "
+        "runs; higher means other work shared the cores and every number here is pessimistic)",
+        f"- **Versions**: {versions}",
+        "",
+        "## Method",
+        "",
+        f"- Same archives (`{s.get('archives', '')}`) and the same `config.properties` for both "
+        "servers; each gets a copy with the ports rewritten to free loopback ports and "
+        "`disable_token_authorization=true`, everything else unchanged "
+        f"(digits: {s.get('digits_batching', '')}).",
+        f"- Threads: torchgate's CPU workers use 1 intra-op thread each; TorchServe runs with "
+        f"{s.get('torchserve_threads', '?')}. (With torch's default, 2 threads in each of its "
+        "3 workers on 2 cores, TorchServe's OpenMP pools oversubscribe the cores and its "
+        "throughput drops several-fold; `--torchserve-threads 0` measures that.)",
+        "- One server at a time: start it, wait until every model version is ready, run every "
+        "point, measure memory, stop it; then the other.",
+        f"- Load: {s.get('engine', 'wrk')}, closed loop, connections = concurrency, "
+        f"{s.get('threads', '1')} load-generator thread(s), {s.get('warmup', '')} warm-up "
+        f"(discarded) then {s.get('duration', '')} measured per point. Errors: connect/read/"
+        "write/timeout, and HTTP status >= 400 (wrk's rule).",
+        f"- Bodies: digits `{s.get('digits_body', '')}`; minilm `{s.get('minilm_body', '')}`.",
+        f"- **The load generator and the server share the same {m.cores} cores**: at high "
+        "concurrency wrk takes CPU the server would otherwise use, for both servers alike. "
+        "Absolute numbers are lower than on a separate client machine; the ratios are the point.",
+        "- Memory: resident set summed over the server's process tree after its load points "
+        "(torchgate: one process; TorchServe: the Java frontend plus every Python worker, "
+        "launcher excluded). PSS (shared pages split between processes) is shown beside it.",
+        "",
+        "## Targets",
+        "",
+        markdown_table(TARGET_COLUMNS, target_rows(targets(result))),
+        "",
+    ]
+    for workload in workloads(result):
+        out += [
+            f"## POST /predictions/{workload}",
+            "",
+            "TS = TorchServe, tg = torchgate; latencies in ms.",
+            "",
+            markdown_table(SIDE_BY_SIDE, side_by_side_rows(result, workload)),
+            "",
+        ]
+    if result.runs:
+        startup = ", ".join(f"{run.server} {run.startup_s:.1f} s" for run in result.runs.values())
+        out += [
+            "## Memory",
+            "",
+            markdown_table(MEMORY_COLUMNS, memory_rows(result)),
+            "",
+            f"Startup to ready (all model versions loaded): {startup}.",
+            "",
+        ]
+    if result.raw:
+        out += [
+            "## The model itself, in-process",
+            "",
+            "`timeit`, best of 5, no server: the bare runtime on a ready tensor (threads: "
+            "intra-op threads), and the archive's handler (`handle()`: decode the parsed JSON "
+            "body, collate, run, top-5 answer) with one intra-op thread, as torchgate's CPU "
+            "workers run it (TorchServe's workers use torch's default, one per core).",
+            "",
+            markdown_table(RAW_COLUMNS, raw_rows(result.raw)),
+            "",
+        ]
+    return "\n".join(out)
