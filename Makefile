@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 ARCHIVES := model_store/digits.mar model_store/digits_v2.mar model_store/minilm.mar
 PROTOS_STAMP := api/rpc/generated/.stamp
 
-.PHONY: venv protos archives prometheus serve test lint typecheck pytest bench clean
+.PHONY: venv protos archives tools serve test lint typecheck pytest bench clean
 
 venv: $(STAMP)
 
@@ -40,18 +40,18 @@ lint: venv
 typecheck: venv protos
 	$(BIN)/mypy
 
-# A real Prometheus server (Debian package) for tests/integration/test_prometheus.py.
-prometheus:
-	./scripts/install_prometheus.sh
+# Real Prometheus (scrape tests) and wrk (bench tests), from Debian's packages when missing.
+tools:
+	./scripts/install_tools.sh prometheus wrk
 
-pytest: venv protos archives prometheus
+pytest: venv protos archives tools
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
 # wrk drives the load (Debian package); the suite itself lives in benchmarks/.
 bench: venv protos archives
-	./scripts/install_wrk.sh
+	./scripts/install_tools.sh wrk
 	HF_HUB_OFFLINE=1 $(BIN)/torchgate bench --suite --out docs/benchmarks.md
 
 clean:

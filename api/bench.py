@@ -10,7 +10,7 @@ then for `--duration` (measured). A point reports requests/s, latency p50/p95/p9
 Engines:
 
     wrk     (primary) Debian's wrk driven by the Lua script below; its `done()` hook prints one
-            JSON line. `scripts/install_wrk.sh` installs it. C, epoll: ~100k req/s per thread,
+            JSON line. `scripts/install_tools.sh wrk` installs it. C, epoll: ~100k req/s per thread,
             so it is not the bottleneck of anything this project serves.
     python  (fallback when wrk is missing) asyncio + raw sockets, HTTP/1.1 keep-alive. About
             an order of magnitude slower than wrk: fine for slow models, it saturates before
@@ -174,7 +174,7 @@ def wrk_command(spec: LoadSpec, concurrency: int, duration_s: float, script: Pat
 def run_wrk(spec: LoadSpec, concurrency: int, duration_s: float) -> PointResult:
     """One wrk run of `duration_s` at `concurrency` connections."""
     if shutil.which("wrk") is None:
-        raise BenchError("wrk is not on PATH (scripts/install_wrk.sh installs it)")
+        raise BenchError("wrk is not on PATH (scripts/install_tools.sh wrk installs it)")
     with tempfile.TemporaryDirectory(prefix="torchgate-bench-") as tmp:
         script, body = Path(tmp, "bench.lua"), Path(tmp, "body")
         script.write_text(WRK_SCRIPT)
@@ -336,7 +336,7 @@ def pick_engine(name: str) -> tuple[str, Engine]:
     if name == "python" or (name == "auto" and shutil.which("wrk") is None):
         return "python", run_python
     if shutil.which("wrk") is None:
-        raise BenchError("wrk is not on PATH (scripts/install_wrk.sh installs it)")
+        raise BenchError("wrk is not on PATH (scripts/install_tools.sh wrk installs it)")
     return "wrk", run_wrk
 
 

@@ -15,7 +15,7 @@ in interleaved rounds (each row is its median round, so background load hits all
     torchgate  /predictions       wrk, a JSON array of 64 numbers
     TorchServe /predictions       wrk, the same body
 
-Without wrk (`scripts/install_wrk.sh`) the HTTP rows use api.bench's asyncio client, which
+Without wrk (`scripts/install_tools.sh wrk`) the HTTP rows use api.bench's asyncio client, which
 saturates an order of magnitude earlier. Clients and servers share the machine's cores, so
 besides throughput each row reports the CPU time per request of the server (its whole process
 tree: TorchServe's Java frontend and Python worker) and of the client (this process for the gRPC

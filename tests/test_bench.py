@@ -274,7 +274,7 @@ def test_main_prints_one_json_document(
 
 
 needs_wrk = pytest.mark.skipif(
-    shutil.which("wrk") is None, reason="wrk is not installed (scripts/install_wrk.sh)"
+    shutil.which("wrk") is None, reason="wrk is not installed (scripts/install_tools.sh wrk)"
 )
 
 

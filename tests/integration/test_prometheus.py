@@ -36,7 +36,7 @@ pytestmark = [
     pytest.mark.timeout(180),
     pytest.mark.skipif(
         prometheus_binary() is None,
-        reason="prometheus is not installed (make test runs scripts/install_prometheus.sh)",
+        reason="prometheus is not installed (make test runs scripts/install_tools.sh prometheus)",
     ),
 ]
 

@@ -4,7 +4,7 @@
     with running_prometheus(config) as prometheus:
         prometheus.query('sum by (model) (rate(torchgate_requests_total[15s]))')
 
-The binary is Debian's `prometheus` package (`scripts/install_prometheus.sh`, run by
+The binary is Debian's `prometheus` package (`scripts/install_tools.sh prometheus`, run by
 `make test`). Storage goes to a private temporary directory, the web listener to a free
 127.0.0.1 port; on exit the server gets SIGTERM, then SIGKILL if it is still there after 10 s.
 """
@@ -96,7 +96,7 @@ class Prometheus:
 def running_prometheus(config: Mapping[str, Any]) -> Iterator[Prometheus]:
     binary = prometheus_binary()
     if binary is None:
-        raise RuntimeError("prometheus is not installed: run scripts/install_prometheus.sh")
+        raise RuntimeError("prometheus is not installed: run scripts/install_tools.sh prometheus")
     with tempfile.TemporaryDirectory(prefix="torchgate-prometheus-") as tmp:
         workdir = Path(tmp)
         config_file = workdir / "prometheus.yml"
