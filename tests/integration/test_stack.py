@@ -52,9 +52,7 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.torchserve,
     pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java"),
-    pytest.mark.skipif(
-        prometheus_binary() is None, reason="no prometheus (make test installs it)"
-    ),
+    pytest.mark.skipif(prometheus_binary() is None, reason="no prometheus (make test installs it)"),
     pytest.mark.timeout(180),
 ]
 
