@@ -53,6 +53,7 @@ test: lint typecheck pytest
 bench: venv protos archives
 	./scripts/install_tools.sh wrk
 	HF_HUB_OFFLINE=1 $(BIN)/torchgate bench --suite --out docs/benchmarks.md
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.v2_throughput --append docs/benchmarks.md
 
 clean:
 	rm -rf build model_store/*.mar api/rpc/generated/*_pb2*.py* $(PROTOS_STAMP)

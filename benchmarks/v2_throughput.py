@@ -373,16 +373,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds discarded per run")
     parser.add_argument("--rounds", type=int, default=3, help="runs per row; the median counts")
     parser.add_argument("--skip-torchserve", action="store_true")
+    parser.add_argument("--append", type=Path, help="append the table to this markdown report")
     options = parser.parse_args(argv)
     if not (MODEL_STORE / "digits.mar").exists():
         parser.error(f"{MODEL_STORE / 'digits.mar'} is missing: run `torchgate export --all`")
     rows = run(options)
-    print(
+    caption = (
         f"digits 1.0, batchSize 8, maxBatchDelay 5 ms, one worker; concurrency "
         f"{options.concurrency}; median of {options.rounds} interleaved runs of "
         f"{options.duration:g} s per row; {os.cpu_count()} CPU cores shared by clients and servers"
     )
+    print(caption)
     print(table(rows))
+    if options.append is not None:
+        with options.append.open("a") as report:
+            report.write(
+                f"\n## KServe v2 REST and gRPC next to TorchServe REST (`python -m "
+                f"benchmarks.v2_throughput`)\n\n{caption}.\n\n{table(rows)}\n"
+            )
     return 0
 
 
