@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api import access_log
 from api.access_log import ACCESS_LOGGER, AccessLog
 from api.app import build
 from api.config import parse_config
@@ -167,3 +168,29 @@ def test_off_below_info_level(tmp_path: Path, capfd: pytest.CaptureFixture[str])
     finally:
         logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET)
     assert logged(capfd) == []
+
+
+def test_lines_of_one_loop_turn_go_out_in_one_write(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    writes: list[bytes] = []
+
+    def record(fd: int, data: memoryview) -> int:
+        writes.append(bytes(data))
+        return len(data)
+
+    monkeypatch.setattr(access_log.os, "write", record)
+    with (tmp_path / "out").open("w") as out:
+        monkeypatch.setattr(access_log.sys, "stdout", out)
+        write = access_log.stdout_writer()
+
+        async def one_turn() -> None:
+            for n in range(3):
+                write(b'{"n":%d}\n' % n)
+            assert writes == []  # nothing yet: the flush runs at the end of this turn
+            await asyncio.sleep(0)
+
+        asyncio.run(one_turn())
+        assert writes == [b'{"n":0}\n{"n":1}\n{"n":2}\n']
+        write(b'{"n":3}\n')  # no running loop: written at once
+        assert writes[-1] == b'{"n":3}\n'
