@@ -23,9 +23,9 @@ import numpy as np
 import orjson
 import pytest
 
-from api.app import Torchgate, build
-from api.config import parse_config
+from api.app import Torchgate
 from api.core.types import API_V2_REST, InferenceRequest, ModelSettings, Prediction
+from tests.support.inprocess import started_torchgate
 
 T = TypeVar("T")
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -131,28 +131,16 @@ async def serving(tmp_path: Path, **config: str) -> AsyncIterator[Serving]:
         write_archive(store, "m", "2.0", SIGNATURE),
         write_archive(store, "plain", "1.0", None),
     ]
-    raw = {
+    config = {
         "model_store": str(store),
         "load_models": ",".join(archives),
         "max_request_size": str(MAX_REQUEST_SIZE),
-        "disable_token_authorization": "true",
-        "torchgate.snapshot_file": "",
         **config,
     }
-    tg = build(
-        parse_config(raw, base_dir=tmp_path),
-        work_dir=tmp_path / "work",
-        backend_loader=load_tensor_backend,
-        access_log=False,
-    )
-    await tg.start()
-    assert tg.startup_errors == []
-    transport = httpx.ASGITransport(app=tg.inference_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://torchgate") as client:
-        try:
-            yield Serving(tg, client)
-        finally:
-            await tg.stop()
+    async with started_torchgate(tmp_path, config, load_tensor_backend) as run:
+        transport = httpx.ASGITransport(app=run.tg.inference_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://torchgate") as client:
+            yield Serving(run.tg, client)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -20,14 +20,12 @@ import grpc
 import numpy as np
 import pytest
 
-from api.app import Torchgate, build
-from api.config import parse_config
+from api.app import Torchgate
 from api.core.types import API_V2_GRPC
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
-from api.rpc.server import grpc_servers
 from tests.rest.test_v2 import SIGNATURE, TensorBackend, load_tensor_backend, write_archive
-from tests.support.torchserve import free_ports
+from tests.support.inprocess import started_torchgate
 
 T = TypeVar("T")
 Code = grpc.StatusCode
@@ -54,34 +52,18 @@ async def serving(tmp_path: Path, **config: str) -> AsyncIterator[Client]:
         write_archive(store, "m", "2.0", SIGNATURE),
         write_archive(store, "plain", "1.0", None),
     ]
-    inference_port, management_port = free_ports(2)
-    raw = {
+    config = {
         "model_store": str(store),
         "load_models": ",".join(archives),
-        "grpc_inference_port": str(inference_port),
-        "grpc_management_port": str(management_port),
         "max_request_size": str(MAX_REQUEST_SIZE),
-        "disable_token_authorization": "true",
-        "torchgate.snapshot_file": "",
         **config,
     }
-    tg = build(
-        parse_config(raw, base_dir=tmp_path),
-        work_dir=tmp_path / "work",
-        backend_loader=load_tensor_backend,
-        access_log=False,
-    )
-    await tg.start()
-    assert tg.startup_errors == []
-    start, stop = grpc_servers(tg)
-    await start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{inference_port}")
-    try:
-        yield Client(tg, pb_grpc.GRPCInferenceServiceStub(channel), channel)
-    finally:
-        await channel.close()
-        await stop(0)
-        await tg.stop()
+    async with started_torchgate(tmp_path, config, load_tensor_backend, grpc=True) as run:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{run.grpc_inference_port}")
+        try:
+            yield Client(run.tg, pb_grpc.GRPCInferenceServiceStub(channel), channel)
+        finally:
+            await channel.close()
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

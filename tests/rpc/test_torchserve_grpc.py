@@ -20,17 +20,15 @@ import httpx
 import pytest
 from google.protobuf import empty_pb2
 
-from api.app import Torchgate, build
-from api.config import parse_config
+from api.app import Torchgate
 from api.core.types import InferenceRequest, ModelSettings, Prediction
 from api.rest.security import INFERENCE, MANAGEMENT
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from api.rpc.generated import management_pb2 as management
 from api.rpc.generated import management_pb2_grpc as management_grpc
-from api.rpc.server import grpc_servers
 from tests.support.fake_backend import write_fake_archive
-from tests.support.torchserve import free_ports
+from tests.support.inprocess import started_torchgate
 
 Code = grpc.StatusCode
 
@@ -116,43 +114,25 @@ async def serving(tmp_path: Path, **config: str) -> AsyncIterator[Client]:
     write_fake_archive(store, "m", "1.0")
     write_fake_archive(store, "m", "2.0")
     write_fake_archive(store, "n", "1.0")
-    inference_port, management_port = free_ports(2)
-    raw = {
-        "model_store": str(store),
-        "load_models": "m-1.0.mar,m-2.0.mar",
-        "grpc_inference_port": str(inference_port),
-        "grpc_management_port": str(management_port),
-        "disable_token_authorization": "true",
-        "torchgate.snapshot_file": "",
-        **config,
-    }
-    tg = build(
-        parse_config(raw, base_dir=tmp_path),
-        work_dir=tmp_path / "work",
-        backend_loader=load_echo_backend,
-    )
-    await tg.start()
-    assert tg.startup_errors == []
-    start, stop = grpc_servers(tg)
-    await start()
-    inference_channel = grpc.aio.insecure_channel(f"127.0.0.1:{inference_port}")
-    management_channel = grpc.aio.insecure_channel(f"127.0.0.1:{management_port}")
-    rest = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=tg.management_app), base_url="http://management"
-    )
-    try:
-        yield Client(
-            tg,
-            inference_grpc.InferenceAPIsServiceStub(inference_channel),
-            management_grpc.ManagementAPIsServiceStub(management_channel),
-            rest,
+    config = {"model_store": str(store), "load_models": "m-1.0.mar,m-2.0.mar", **config}
+    async with started_torchgate(tmp_path, config, load_echo_backend, grpc=True) as run:
+        inference_channel = grpc.aio.insecure_channel(f"127.0.0.1:{run.grpc_inference_port}")
+        management_channel = grpc.aio.insecure_channel(f"127.0.0.1:{run.grpc_management_port}")
+        rest = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=run.tg.management_app),
+            base_url="http://management",
         )
-    finally:
-        await rest.aclose()
-        await inference_channel.close()
-        await management_channel.close()
-        await stop(0)
-        await tg.stop()
+        try:
+            yield Client(
+                run.tg,
+                inference_grpc.InferenceAPIsServiceStub(inference_channel),
+                management_grpc.ManagementAPIsServiceStub(management_channel),
+                rest,
+            )
+        finally:
+            await rest.aclose()
+            await inference_channel.close()
+            await management_channel.close()
 
 
 def run(coro: Any) -> Any:
