@@ -11,23 +11,23 @@
     ├── MethodNotAllowed           405  UNIMPLEMENTED
     │   └── ModelApiDisabled       405  PERMISSION_DENIED  (as TorchServe: REST 405, gRPC 7)
     ├── Conflict                   409  FAILED_PRECONDITION
+    ├── TooManyRequests            429  RESOURCE_EXHAUSTED
     ├── InferenceFailed            500  INTERNAL       (the handler raised)
     ├── BackendUnavailable         502  UNAVAILABLE    (a remote backend is down)
     ├── Overloaded                 503  UNAVAILABLE    (queue full; carries Retry-After)
     ├── ModelNotReady              503  UNAVAILABLE
     └── DeadlineExceeded           504  DEADLINE_EXCEEDED
 
-REST and gRPC both read `STATUS_TABLE` (via `http_status` / `grpc_code`), so the two protocols
-cannot drift apart. The lookup walks the exception's MRO, so a new subclass inherits its parent's
-codes unless the table names it.
+REST and gRPC both read `STATUS_TABLE` (via `http_status` / `grpc_code_name`), so the two
+protocols cannot drift apart. The table names gRPC codes rather than importing grpc, so the core
+(which raises these errors) never loads it. The lookup walks the exception's MRO, so a new
+subclass inherits its parent's codes unless the table names it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import grpc
 
 
 class TorchgateError(Exception):
@@ -38,10 +38,14 @@ class TorchgateError(Exception):
 
     type_name = "InternalServerException"
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        # An exact HTTP status to answer instead of the table's (a handler's own 4xx/5xx).
+        self.status = status
 
 
 class BadRequest(TorchgateError):
@@ -83,6 +87,10 @@ class ModelApiDisabled(MethodNotAllowed):
     """
 
 
+class TooManyRequests(TorchgateError):
+    type_name = "TooManyRequestsException"
+
+
 class Conflict(TorchgateError):
     type_name = "ConflictStatusException"
 
@@ -107,25 +115,26 @@ class DeadlineExceeded(TorchgateError):
     type_name = "RequestTimeoutException"
 
 
-STATUS_TABLE: dict[type[TorchgateError], tuple[int, grpc.StatusCode]] = {
-    TorchgateError: (500, grpc.StatusCode.INTERNAL),
-    BadRequest: (400, grpc.StatusCode.INVALID_ARGUMENT),
-    PayloadTooLarge: (413, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    Unauthenticated: (401, grpc.StatusCode.UNAUTHENTICATED),
-    Forbidden: (403, grpc.StatusCode.PERMISSION_DENIED),
-    NotFound: (404, grpc.StatusCode.NOT_FOUND),
-    MethodNotAllowed: (405, grpc.StatusCode.UNIMPLEMENTED),
-    ModelApiDisabled: (405, grpc.StatusCode.PERMISSION_DENIED),
-    Conflict: (409, grpc.StatusCode.FAILED_PRECONDITION),
-    InferenceFailed: (500, grpc.StatusCode.INTERNAL),
-    BackendUnavailable: (502, grpc.StatusCode.UNAVAILABLE),
-    Overloaded: (503, grpc.StatusCode.UNAVAILABLE),
-    ModelNotReady: (503, grpc.StatusCode.UNAVAILABLE),
-    DeadlineExceeded: (504, grpc.StatusCode.DEADLINE_EXCEEDED),
+STATUS_TABLE: dict[type[TorchgateError], tuple[int, str]] = {
+    TorchgateError: (500, "INTERNAL"),
+    BadRequest: (400, "INVALID_ARGUMENT"),
+    PayloadTooLarge: (413, "RESOURCE_EXHAUSTED"),
+    Unauthenticated: (401, "UNAUTHENTICATED"),
+    Forbidden: (403, "PERMISSION_DENIED"),
+    NotFound: (404, "NOT_FOUND"),
+    MethodNotAllowed: (405, "UNIMPLEMENTED"),
+    ModelApiDisabled: (405, "PERMISSION_DENIED"),
+    Conflict: (409, "FAILED_PRECONDITION"),
+    TooManyRequests: (429, "RESOURCE_EXHAUSTED"),
+    InferenceFailed: (500, "INTERNAL"),
+    BackendUnavailable: (502, "UNAVAILABLE"),
+    Overloaded: (503, "UNAVAILABLE"),
+    ModelNotReady: (503, "UNAVAILABLE"),
+    DeadlineExceeded: (504, "DEADLINE_EXCEEDED"),
 }
 
 
-def _codes(error: TorchgateError) -> tuple[int, grpc.StatusCode]:
+def _codes(error: TorchgateError) -> tuple[int, str]:
     for cls in type(error).__mro__:
         if cls in STATUS_TABLE:
             return STATUS_TABLE[cls]
@@ -133,19 +142,27 @@ def _codes(error: TorchgateError) -> tuple[int, grpc.StatusCode]:
 
 
 def http_status(error: TorchgateError) -> int:
-    return _codes(error)[0]
+    return error.status or _codes(error)[0]
 
 
-def grpc_code(error: TorchgateError) -> grpc.StatusCode:
+def grpc_code_name(error: TorchgateError) -> str:
+    """The gRPC status code's name (`grpc.StatusCode[name]`); `api.rpc.errors` converts it."""
     return _codes(error)[1]
 
 
 def error_for_status(status: int, message: str) -> TorchgateError:
-    """The error a handler's per-item status (`set_response_status`) stands for."""
+    """The error a handler's per-item status (`set_response_status`) stands for.
+
+    A status the table does not name keeps its class: any other 4xx is the client's
+    (INVALID_ARGUMENT on gRPC), any other 5xx the server's (INTERNAL), and REST sends the
+    handler's exact status either way.
+    """
     for cls, (code, _) in STATUS_TABLE.items():
         if code == status and cls is not TorchgateError:
             return cls(message)
-    return TorchgateError(message)
+    if 400 <= status < 500:
+        return BadRequest(message, status=status)
+    return InferenceFailed(message, status=status if status >= 500 else None)
 
 
 @contextmanager

@@ -159,8 +159,19 @@ class Batcher:
             try:
                 await asyncio.shield(run)
             except asyncio.CancelledError:
-                # Stopping this worker: finish the batch in hand, accepted requests are answered.
-                await run
+                # Stopping this worker: finish the batch in hand, so accepted requests are
+                # answered; but a stuck handler must not hold the stop (and the registry, and
+                # shutdown) forever, so wait at most a response timeout for it.
+                try:
+                    await asyncio.wait_for(asyncio.shield(run), self.response_timeout_s)
+                except TimeoutError:
+                    self._fail(
+                        batch,
+                        InferenceFailed(
+                            f"Model {self.model} version {self.version}: the handler did not "
+                            f"return within {self.response_timeout_s:g} s; its worker was stopped"
+                        ),
+                    )
                 raise
             finally:
                 self._running -= 1

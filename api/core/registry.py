@@ -220,10 +220,14 @@ class Registry:
             model_version.settings.min_workers = min_workers
             model_version.settings.max_workers = max_workers
             have = len(model_version.workers)
+            stopping: list[WorkerSlot] = []
             if min_workers > have:
                 await self._start_workers(model_version, min_workers - have)
             elif min_workers < have:
-                await self._stop_workers(model_version, have - min_workers)
+                stopping = [model_version.workers.pop() for _ in range(have - min_workers)]
+        # Outside the lock: a worker finishing (or timing out) its batch must not hold up every
+        # other management call.
+        await self._stop_slots(model_version, stopping)
         self._changed()
 
     def update_batching(
@@ -254,9 +258,18 @@ class Registry:
         self._changed()
 
     async def close(self) -> None:
-        """Graceful shutdown: drain every version's queue, then stop workers and backends."""
+        """Graceful shutdown: drain every version's queue, then stop workers and backends.
+
+        Draining waits at most the longest response timeout (plus a little): by then every
+        accepted request has had its answer or its 504.
+        """
         versions = list(self)
-        await asyncio.gather(*(v.batcher.drain() for v in versions), return_exceptions=True)
+        longest = max((v.settings.response_timeout_s for v in versions), default=0.0)
+        drains = asyncio.gather(*(v.batcher.drain() for v in versions), return_exceptions=True)
+        try:
+            await asyncio.wait_for(drains, longest + 5.0)
+        except TimeoutError:
+            log.error("shutdown: queues not drained after %.0f s; stopping workers", longest + 5)
         for model_version in versions:
             await self._stop_workers(model_version, len(model_version.workers))
             await model_version.backend.close()
@@ -276,17 +289,23 @@ class Registry:
             model_version.workers.append(WorkerSlot(index, worker, task))
 
     async def _stop_workers(self, model_version: ModelVersion, count: int) -> None:
-        for _ in range(min(count, len(model_version.workers))):
-            slot = model_version.workers.pop()
+        count = min(count, len(model_version.workers))
+        await self._stop_slots(model_version, [model_version.workers.pop() for _ in range(count)])
+
+    async def _stop_slots(self, model_version: ModelVersion, slots: list[WorkerSlot]) -> None:
+        for slot in slots:
             slot.task.cancel()
             await asyncio.gather(slot.task, return_exceptions=True)
             try:
                 await slot.worker.close()
             except Exception:
                 log.exception("closing worker %s of %s", slot.index, model_version.name)
-        if not model_version.workers and model_version.state is ModelState.UNLOADING:
+        if not model_version.workers:
+            # Nobody is left to serve the queue: answer it now rather than at each deadline.
             model_version.batcher.fail_queued(
-                ModelNotReady(f"Model {model_version.name} was unregistered")
+                ModelNotReady(
+                    f"Model {model_version.name} version {model_version.version} has no workers"
+                )
             )
 
     def _changed(self) -> None:

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from api.errors import TorchgateError, grpc_code
+from api.errors import TorchgateError, grpc_code_name
 
 Servicer = TypeVar("Servicer")
 Method = Callable[[Servicer, Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -25,6 +25,11 @@ def grpc_errors(method: Method[Servicer]) -> Method[Servicer]:
             await abort(context, exc)
 
     return wrapper
+
+
+def grpc_code(exc: TorchgateError) -> grpc.StatusCode:
+    """The gRPC status for `exc`, from the one table in `api.errors`."""
+    return grpc.StatusCode[grpc_code_name(exc)]
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: TorchgateError) -> None:

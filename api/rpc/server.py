@@ -15,8 +15,9 @@ import grpc
 
 from api.app import Torchgate
 from api.core.types import REJECT_AUTH
-from api.errors import Unauthenticated, grpc_code
+from api.errors import Unauthenticated
 from api.rest.security import INFERENCE, MANAGEMENT, TokenAuth
+from api.rpc.errors import grpc_code
 
 log = logging.getLogger(__name__)
 

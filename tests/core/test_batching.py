@@ -273,3 +273,20 @@ def test_stopping_a_worker_mid_batch_still_answers_the_batch() -> None:
             await task
 
     run(scenario())
+
+
+def test_stopping_a_stuck_worker_gives_up_after_the_response_timeout() -> None:
+    async def scenario() -> None:
+        # 50 ms against a handler that never returns
+        batcher = make_batcher(response_timeout_s=0.05)
+        worker = GatedWorker(gate=asyncio.Event())  # the gate never opens
+        task = asyncio.create_task(batcher.serve(worker))
+        future = batcher.submit(request("stuck"))
+        await worker.started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(InferenceFailed):
+            await future
+
+    run(scenario())

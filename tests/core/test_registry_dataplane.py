@@ -18,6 +18,9 @@ from api.errors import (
     ModelNotFound,
     ModelNotReady,
     VersionNotFound,
+    error_for_status,
+    grpc_code_name,
+    http_status,
 )
 
 
@@ -162,3 +165,38 @@ def test_metadata_comes_from_the_signature() -> None:
         assert [(t.name, t.datatype, t.shape) for t in metadata.inputs] == [("x", "FP32", [-1, 64])]
 
     run(scenario())
+
+
+def test_scaling_to_zero_answers_the_queue_at_once() -> None:
+    async def scenario() -> None:
+        registry = Registry()
+        backend = EchoBackend("1.0", delay=0.2)
+        await registry.register("m", "1.0", "m.mar", factory(backend), ModelSettings())
+        batcher = registry.get("m").batcher
+        running = batcher.submit(InferenceRequest({"body": 1}))
+        await asyncio.sleep(0.05)  # the one worker has the first request
+        queued = batcher.submit(InferenceRequest({"body": 2}))
+        await registry.scale("m", None, 0, 1)
+        assert (await running).body == {"version": "1.0", "body": 1}  # finished, not dropped
+        with pytest.raises(ModelNotReady):
+            await queued  # answered now, not at its deadline
+        await registry.unregister("m")  # and nothing is left for unregister to wait on
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("status", "http", "grpc_name"),
+    [
+        (400, 400, "INVALID_ARGUMENT"),
+        (422, 422, "INVALID_ARGUMENT"),
+        (429, 429, "RESOURCE_EXHAUSTED"),
+        (404, 404, "NOT_FOUND"),
+        (507, 507, "INTERNAL"),
+        (503, 503, "UNAVAILABLE"),
+    ],
+)
+def test_a_handler_status_keeps_its_class(status: int, http: int, grpc_name: str) -> None:
+    error = error_for_status(status, "from the handler")
+    assert http_status(error) == http
+    assert grpc_code_name(error) == grpc_name
