@@ -49,15 +49,23 @@ def stdout_writer() -> Write:
     """
     fd = sys.stdout.fileno()
     pending: list[bytes] = []
+    # A flush runs from the loop, not from `AccessLog.request_finished`: its failure is kept
+    # here and raised by the next write, where the caller turns the log off.
+    failed: list[OSError] = []
 
     def flush() -> None:
         data = b"".join(pending)
         pending.clear()
         view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        try:
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            failed.append(exc)
 
     def write(line: bytes) -> None:
+        if failed:
+            raise failed[0]
         pending.append(line)
         if len(pending) > 1:
             return  # a flush is already scheduled for this turn

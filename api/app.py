@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,8 @@ class Torchgate:
     router: TrafficRouter | None = None
     # None when snapshots are off (no torchgate.snapshot_file, or `torchgate serve --ncs`).
     snapshotter: Snapshotter | None = None
+    # Where archives were extracted, when torchgate made the folder (removed at stop).
+    owned_work_dir: Path | None = None
 
     async def start(self) -> None:
         """Restore the snapshot, or load what config.properties asks for.
@@ -78,6 +81,8 @@ class Torchgate:
         """Stop accepting, finish what is queued, then unload every model."""
         self.dataplane.accepting = False
         await self.registry.close()
+        if self.owned_work_dir is not None:
+            shutil.rmtree(self.owned_work_dir, ignore_errors=True)
 
 
 def build(
@@ -107,7 +112,9 @@ def build(
     dataplane = DataPlane(registry, router=router, observer=observer)
     snapshot_file = config.snapshot_file
     snapshotter = None if snapshot_file is None else Snapshotter(snapshot_file, registry, router)
-    work = work_dir or Path(tempfile.mkdtemp(prefix="torchgate-models-"))
+    owned = None if work_dir is not None else Path(tempfile.mkdtemp(prefix="torchgate-models-"))
+    work = work_dir or owned
+    assert work is not None
     loader = ModelLoader(config, registry, work, backend_loader)
     auth = None if config.disable_token_authorization else TokenAuth(config.key_file)
     if auth is not None:
@@ -128,4 +135,5 @@ def build(
         metrics_app=build_metrics_app(observability.metrics.render),
         router=router,
         snapshotter=snapshotter,
+        owned_work_dir=owned,
     )

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 from collections.abc import Generator
 from typing import Any
@@ -33,7 +34,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _http_server(app: ASGIApp, address: Address, *, log_level: str) -> _Server:
+def _http_server(app: ASGIApp, address: Address, *, log_level: str, grace_s: float) -> _Server:
     if address.scheme == "https":
         raise ValueError(f"TLS is not supported on {address}; terminate TLS in front of torchgate")
     config = uvicorn.Config(
@@ -49,7 +50,7 @@ def _http_server(app: ASGIApp, address: Address, *, log_level: str) -> _Server:
         date_header=False,
         backlog=4096,
         proxy_headers=False,  # no X-Forwarded-* rewriting layer on every request
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(grace_s),
         timeout_keep_alive=30,
     )
     return _Server(config)
@@ -63,18 +64,31 @@ async def serve(
     access_log: bool | None = None,
 ) -> None:
     torchgate = build(config, access_log=access_log)
+    # Accepted requests are answered on shutdown, so the grace period covers a response
+    # timeout (a model's own responseTimeout is capped by it; a second signal exits at once).
+    grace_s = config.default_response_timeout + 5.0
     torchgate.dataplane.accepting = False  # /ping stays unhealthy until models are loaded
     http_servers = [
-        _http_server(torchgate.inference_app, config.inference_address, log_level=log_level),
-        _http_server(torchgate.management_app, config.management_address, log_level=log_level),
-        _http_server(torchgate.metrics_app, config.metrics_address, log_level=log_level),
+        _http_server(app, address, log_level=log_level, grace_s=grace_s)
+        for app, address in (
+            (torchgate.inference_app, config.inference_address),
+            (torchgate.management_app, config.management_address),
+            (torchgate.metrics_app, config.metrics_address),
+        )
     ]
     extras = [grpc_servers(torchgate)]
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stopping.is_set():
+            log.error("second signal during shutdown: exiting without finishing requests")
+            os._exit(1)
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal)
 
     tasks = [asyncio.create_task(server.serve()) for server in http_servers]
     for start, _ in extras:
@@ -105,7 +119,7 @@ async def serve(
     for server in http_servers:
         server.should_exit = True
     for _, stop in extras:
-        await stop(30.0)
+        await stop(grace_s)
     await asyncio.gather(*tasks, return_exceptions=True)
     await torchgate.stop()
     log.info("torchgate stopped")

@@ -8,11 +8,12 @@ into an answer (`api.rest.predictions` for TorchServe's API, `api.rest.v2` for K
 from __future__ import annotations
 
 import asyncio
+import logging
 from abc import ABC, abstractmethod
 
 from api.core.dataplane import DataPlane
 from api.core.types import REJECT_AUTH, REJECT_TOO_LARGE
-from api.errors import PayloadTooLarge, TorchgateError, Unauthenticated
+from api.errors import InferenceFailed, PayloadTooLarge, TorchgateError, Unauthenticated
 from api.rest.asgi import (
     ClientDisconnected,
     Receive,
@@ -25,6 +26,8 @@ from api.rest.asgi import (
     send_response,
 )
 from api.rest.security import INFERENCE, TokenAuth
+
+log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, str]]
 Reply = tuple[int, bytes, Headers]
@@ -77,6 +80,9 @@ class InferenceEndpoint(ABC):
                 reason = REJECT_AUTH if isinstance(exc, Unauthenticated) else REJECT_TOO_LARGE
                 self.dataplane.note_rejected(model, version or "", reason)
             reply = self.error_reply(exc)
+        except Exception as exc:  # a bug, not the client's: still an answer in the API's shape
+            log.exception("unexpected error answering %s", scope["path"])
+            reply = self.error_reply(InferenceFailed(f"{type(exc).__name__}: {exc}"))
         status, payload, reply_headers = reply
         reply_headers.append(("x-request-id", rid))
         await send_response(send, status, payload, reply_headers)

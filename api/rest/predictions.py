@@ -8,7 +8,7 @@ under its own name; values decoded by content type (JSON parsed, text/* as str, 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 import orjson
 from starlette.requests import Request
@@ -22,7 +22,7 @@ from api.rest.responses import error_parts, prediction_parts
 
 class PredictionsEndpoint(InferenceEndpoint):
     def route(self, path: str) -> tuple[str, str | None]:
-        parts = [unquote(p) for p in path.split("/") if p]
+        parts = [p for p in path.split("/") if p]  # the server already percent-decoded it
         if len(parts) == 2 or (len(parts) == 3 and parts[2]):
             return parts[1], parts[2] if len(parts) == 3 else None
         raise NotFound(f"Requested resource is not found, please refer to API document: {path}")
@@ -95,15 +95,18 @@ async def _form_fields(scope: Scope, body: bytes) -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
     try:
-        form = await Request(scope, replay).form()
+        # Text fields may be as large as the body may be (starlette's default is 1 MB).
+        form = await Request(scope, replay).form(max_part_size=len(body) + 1)
     except Exception as exc:  # python-multipart raises its own types
         raise BadRequest(f"Malformed multipart form data: {exc}") from None
     fields: dict[str, Any] = {}
-    for name, value in form.multi_items():
-        if isinstance(value, str):
-            fields[name] = value
-        else:
-            data = await value.read()
-            fields[name] = decode_value(data, value.content_type or "")
-    await form.close()
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                fields[name] = value
+            else:
+                data = await value.read()
+                fields[name] = decode_value(data, value.content_type or "")
+    finally:
+        await form.close()
     return fields

@@ -8,7 +8,6 @@ Triton's binary tensor extension is handled by `api.v2.codec`.
 from __future__ import annotations
 
 import zlib
-from urllib.parse import unquote
 
 from fastapi import APIRouter
 
@@ -105,7 +104,7 @@ class V2InferEndpoint(InferenceEndpoint):
     """`POST /v2/models/{m}[/versions/{v}]/infer`, JSON or binary tensors."""
 
     def route(self, path: str) -> tuple[str, str | None]:
-        parts = [unquote(p) for p in path.split("/") if p]
+        parts = [p for p in path.split("/") if p]  # the server already percent-decoded it
         # ["v2", "models", m, "infer"] or ["v2", "models", m, "versions", v, "infer"]
         if len(parts) == 4:
             return parts[2], None
