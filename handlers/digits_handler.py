@@ -68,7 +68,7 @@ def image_to_digits(data: bytes) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise BadRequest(f"body is neither JSON nor a readable image ({exc})") from exc
     # Decide the background from the border: a light border means dark ink on light paper.
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
@@ -110,7 +110,10 @@ def v2_to_digits(tensor: dict[str, Any]) -> np.ndarray:
         raise BadRequest("input data must be numbers") from exc
     shape = tensor.get("shape")
     if shape is not None:
-        shape = [int(dim) for dim in shape]
+        try:
+            shape = [int(dim) for dim in shape]
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"input shape must be a list of integers, got {shape!r}") from exc
         if int(np.prod(shape)) != array.size:
             raise BadRequest(f"shape {shape} does not match {array.size} data values")
         if not (shape[-1:] == [PIXELS] or shape[-2:] == [8, 8]):
@@ -132,22 +135,21 @@ class DigitsHandler(ModelHandler):
         self.input_name = str(inputs[0]["name"])
 
     def decode(self, payload: Any, item: Any, idx: int, context: Context) -> Decoded:
-        options: dict[str, Any] = {"topk": self._topk(payload, item, idx, context)}
         if isinstance(payload, (bytes, bytearray)):
-            if looks_like_json(payload):
-                payload = parse_json(bytes(payload).decode("utf-8", "replace"))
-            else:
-                return Decoded(1, image_to_digits(bytes(payload))[None], options=options)
+            if not looks_like_json(payload):
+                return self._image(image_to_digits(bytes(payload)), payload, item, idx, context)
+            payload = parse_json(bytes(payload).decode("utf-8", "replace"))
         elif isinstance(payload, str):
-            if looks_like_json(payload):
-                payload = parse_json(payload)
-            else:
-                return Decoded(1, image_to_digits(_base64(payload))[None], options=options)
+            if not looks_like_json(payload):
+                return self._image(image_to_digits(_base64(payload)), payload, item, idx, context)
+            payload = parse_json(payload)
         if is_v2(payload):
             tensor = v2_input(payload, self.input_name)
             pixels = v2_to_digits(tensor)
             numpy_out = isinstance(tensor["data"], np.ndarray)
             return Decoded(len(pixels), pixels, v2=True, numpy_out=numpy_out)
+        # Parsed JSON by now, so a {"data": ..., "topk": k} body is seen whatever its encoding.
+        options: dict[str, Any] = {"topk": self._topk(payload, item, idx, context)}
         if isinstance(payload, dict):
             if "data" not in payload:
                 raise BadRequest('JSON object must hold "data": [64 numbers]')
@@ -157,6 +159,12 @@ class DigitsHandler(ModelHandler):
         pixels = values_to_digits(payload)
         if not np.isfinite(pixels).all():
             raise BadRequest("pixel values must be finite numbers")
+        return Decoded(1, pixels[None], options=options)
+
+    def _image(
+        self, pixels: np.ndarray, payload: Any, item: Any, idx: int, context: Context
+    ) -> Decoded:
+        options = {"topk": self._topk(payload, item, idx, context)}
         return Decoded(1, pixels[None], options=options)
 
     def collate(self, items: list[Decoded]) -> dict[str, np.ndarray]:

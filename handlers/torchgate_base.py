@@ -315,6 +315,11 @@ class ModelHandler(ABC):
             except BadRequest as exc:
                 context.set_response_status(exc.code, reason_phrase(str(exc)), idx)
                 responses[idx] = exc.to_response()
+            except Exception as exc:  # a decoding bug: fail this item alone, loudly
+                logger.exception("request %d of the batch could not be decoded", idx)
+                message = f"could not decode the request: {type(exc).__name__}: {exc}"
+                context.set_response_status(500, reason_phrase(message), idx)
+                responses[idx] = {"code": 500, "type": "InternalServerError", "message": message}
         if valid:
             output = self.runner.run(self.collate([decoded for _, decoded in valid]))
             expected_rows = sum(decoded.rows for _, decoded in valid)

@@ -255,3 +255,20 @@ def test_handler_imports_from_the_repo_too(extracted: dict[str, Any], context_fo
     handler_v2 = DigitsHandler()
     handler_v2.initialize(context_for("digits_v2"))
     assert handler_v2.format == "onnx"
+
+
+@pytest.mark.parametrize("stem", ["digits", "digits_v2"])
+def test_bad_v2_shape_fails_alone_and_json_topk_works_as_bytes(
+    stem: str, loaded_handler: Callable[[str], Any], context_for: Any
+) -> None:
+    """Regressions: a malformed v2 shape failed the whole batch; a JSON body's topk sent as
+    bytes was ignored."""
+    good = json.dumps({"data": [0.0] * 64, "topk": 2}).encode()
+    bad_shape = {
+        "inputs": [{"name": "pixels", "shape": ["a"], "datatype": "FP32", "data": [0.0] * 64}]
+    }
+    context = context_for(stem)
+    responses = loaded_handler(stem).handle([{"body": good}, {"body": bad_shape}], context)
+    assert len(responses[0]) == 2
+    assert context.statuses[1][0] == 400
+    assert 0 not in context.statuses or context.statuses[0][0] == 200
