@@ -86,6 +86,7 @@ def traffic(gateway: Gateway) -> Iterator[Callable[[], int]]:
     """Requests in a background thread for the module's duration; returns the count sent."""
     stop = threading.Event()
     sent = [0]
+    failures: list[str] = []  # asserted here, in the test's thread, not in the sender's
 
     def send() -> None:
         with httpx.Client(base_url=gateway.inference_url, timeout=10) as client:
@@ -93,15 +94,21 @@ def traffic(gateway: Gateway) -> Iterator[Callable[[], int]]:
                 response = client.post(
                     "/predictions/echo", json={"x": 1}, headers={"X-Request-Id": f"it-{sent[0]}"}
                 )
-                assert response.status_code == 200, response.text
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code} {response.text}")
                 sent[0] += 1
                 time.sleep(0.002)  # a steady few hundred requests/s, not a CPU hog
 
+    def count() -> int:
+        assert not failures, failures[:3]
+        return sent[0]
+
     thread = threading.Thread(target=send, name="traffic", daemon=True)
     thread.start()
-    yield lambda: sent[0]
+    yield count
     stop.set()
     thread.join(15)
+    assert not failures, failures[:3]
 
 
 def test_prometheus_yml_names_the_compose_services() -> None:
