@@ -145,6 +145,13 @@ def http_status(error: TorchgateError) -> int:
     return error.status or _codes(error)[0]
 
 
+def retry_after(error: TorchgateError) -> str | None:
+    """The Retry-After value (whole seconds, at least 1) for an error that carries one."""
+    if error.retry_after is None:
+        return None
+    return str(max(1, round(error.retry_after)))
+
+
 def grpc_code_name(error: TorchgateError) -> str:
     """The gRPC status code's name (`grpc.StatusCode[name]`); `api.rpc.errors` converts it."""
     return _codes(error)[1]

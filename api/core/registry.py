@@ -13,7 +13,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from api.core.batching import Batcher
@@ -149,11 +149,8 @@ class Registry:
             batcher = Batcher(
                 model=name,
                 version=version,
-                max_batch_size=settings.batch_size if backend.batches else 1,
-                max_batch_delay_s=settings.max_batch_delay_ms / 1000.0 if backend.batches else 0,
-                queue_size=settings.job_queue_size,
-                response_timeout_s=settings.response_timeout_s,
                 observer=self._observer,
+                **_batcher_limits(settings, backend),
             )
             model_version = ModelVersion(
                 name, version, url, settings, backend, batcher, backend_info=backend_info or {}
@@ -211,14 +208,14 @@ class Registry:
         self, name: str, version: str | None, min_workers: int, max_workers: int
     ) -> None:
         """Set the worker range and start or stop workers to reach `min_workers`."""
-        if min_workers < 0 or max_workers < max(min_workers, 1):
-            raise BadRequest(
-                f"Invalid worker range: min_worker={min_workers}, max_worker={max_workers}"
-            )
         async with self._lock:
             model_version = self.get(name, version)
-            model_version.settings.min_workers = min_workers
-            model_version.settings.max_workers = max_workers
+            try:
+                _update(model_version.settings, min_workers=min_workers, max_workers=max_workers)
+            except ValueError:
+                raise BadRequest(
+                    f"Invalid worker range: min_worker={min_workers}, max_worker={max_workers}"
+                ) from None
             have = len(model_version.workers)
             stopping: list[WorkerSlot] = []
             if min_workers > have:
@@ -240,20 +237,18 @@ class Registry:
         response_timeout_s: float | None = None,
     ) -> None:
         model_version = self.get(name, version)
-        settings = model_version.settings
-        if batch_size is not None:
-            settings.batch_size = batch_size
-        if max_batch_delay_ms is not None:
-            settings.max_batch_delay_ms = max_batch_delay_ms
-        if response_timeout_s is not None:
-            settings.response_timeout_s = response_timeout_s
-        settings.__post_init__()
-        batches = model_version.backend.batches
+        changes: dict[str, Any] = {
+            key: value
+            for key, value in (
+                ("batch_size", batch_size),
+                ("max_batch_delay_ms", max_batch_delay_ms),
+                ("response_timeout_s", response_timeout_s),
+            )
+            if value is not None
+        }
+        _update(model_version.settings, **changes)
         model_version.batcher.set_limits(
-            max_batch_size=settings.batch_size if batches else 1,
-            max_batch_delay_s=settings.max_batch_delay_ms / 1000.0 if batches else 0,
-            queue_size=settings.job_queue_size,
-            response_timeout_s=settings.response_timeout_s,
+            **_batcher_limits(model_version.settings, model_version.backend)
         )
         self._changed()
 
@@ -316,6 +311,24 @@ class Registry:
                 raise
             except Exception:
                 log.exception("registry change callback failed")
+
+
+def _update(settings: ModelSettings, **changes: Any) -> None:
+    """Change settings in place (backends hold the same object), validated before anything is
+    stored: `replace` runs the checks of `ModelSettings.__post_init__` on a copy first."""
+    checked = replace(settings, **changes)
+    for name in changes:
+        setattr(settings, name, getattr(checked, name))
+
+
+def _batcher_limits(settings: ModelSettings, backend: Backend) -> dict[str, Any]:
+    """A version's batcher limits; a backend that batches on its own side gets batches of 1."""
+    return {
+        "max_batch_size": settings.batch_size if backend.batches else 1,
+        "max_batch_delay_s": settings.max_batch_delay_ms / 1000.0 if backend.batches else 0.0,
+        "queue_size": settings.job_queue_size,
+        "response_timeout_s": settings.response_timeout_s,
+    }
 
 
 def _free_index(model_version: ModelVersion) -> int:

@@ -8,7 +8,7 @@ import orjson
 from starlette.responses import Response
 
 from api.core.types import Prediction
-from api.errors import InferenceFailed, TorchgateError, http_status, wrapping
+from api.errors import InferenceFailed, TorchgateError, http_status, retry_after, wrapping
 
 JSON = "application/json"
 _ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -23,12 +23,17 @@ def error_body(status: int, type_name: str, message: str) -> bytes:
     return dumps({"code": status, "type": type_name, "message": message})
 
 
+def error_headers(exc: TorchgateError) -> dict[str, str]:
+    headers = {"content-type": JSON}
+    seconds = retry_after(exc)
+    if seconds is not None:
+        headers["retry-after"] = seconds
+    return headers
+
+
 def error_parts(exc: TorchgateError) -> tuple[int, bytes, dict[str, str]]:
     status = http_status(exc)
-    headers = {"content-type": JSON}
-    if exc.retry_after is not None:
-        headers["retry-after"] = str(max(1, round(exc.retry_after)))
-    return status, error_body(status, exc.type_name, exc.message), headers
+    return status, error_body(status, exc.type_name, exc.message), error_headers(exc)
 
 
 def prediction_parts(prediction: Prediction) -> tuple[int, bytes, str]:

@@ -22,7 +22,7 @@ from api.errors import (
 )
 from api.rest.asgi import Scope
 from api.rest.endpoint import InferenceEndpoint, Reply
-from api.rest.responses import JsonResponse, dumps
+from api.rest.responses import JsonResponse, dumps, error_headers
 from api.v2 import bridge
 from api.v2.codec import decode_rest, encode_rest
 
@@ -32,10 +32,7 @@ EXTENSIONS = ["binary_tensor_data"]
 
 
 def v2_error_parts(exc: TorchgateError) -> tuple[int, bytes, dict[str, str]]:
-    headers = {"content-type": "application/json"}
-    if exc.retry_after is not None:
-        headers["retry-after"] = str(max(1, round(exc.retry_after)))
-    return http_status(exc), dumps({"error": exc.message}), headers
+    return http_status(exc), dumps({"error": exc.message}), error_headers(exc)
 
 
 def v2_router(dataplane: DataPlane) -> APIRouter:

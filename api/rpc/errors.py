@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from api.errors import TorchgateError, grpc_code_name
+from api.errors import TorchgateError, grpc_code_name, retry_after
 
 Servicer = TypeVar("Servicer")
 Method = Callable[[Servicer, Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -33,8 +33,9 @@ def grpc_code(exc: TorchgateError) -> grpc.StatusCode:
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: TorchgateError) -> None:
-    if exc.retry_after is not None:
-        context.set_trailing_metadata((("retry-after", str(max(1, round(exc.retry_after)))),))
+    seconds = retry_after(exc)
+    if seconds is not None:
+        context.set_trailing_metadata((("retry-after", seconds),))
     await context.abort(grpc_code(exc), exc.message)
 
 
