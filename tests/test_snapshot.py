@@ -6,7 +6,6 @@ integration tests restart the real server, after SIGTERM and after kill -9.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -20,6 +19,7 @@ from api.app import Torchgate, build
 from api.cli import main as cli_main
 from api.config import Config, ConfigError, load_config
 from api.snapshot import Snapshotter, read_snapshot, write_atomic
+from tests.support.aio import run
 from tests.support.fake_backend import load_fake_backend, write_fake_archive
 
 CONFIG = """\
@@ -31,10 +31,6 @@ models={"m": {"1.0": {"marName": "m-1.0.mar", "defaultVersion": true}, \\
               "2.0": {"marName": "m-2.0.mar", "batchSize": 2, "maxBatchDelay": 3}}}
 torchgate.traffic={"m": {"weights": {"1.0": 80, "2.0": 20}}}
 """
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))
 
 
 def config_in(tmp_path: Path, text: str = CONFIG) -> Path:

@@ -3,12 +3,11 @@ load them into a LocalBackend and run batches without pytest-asyncio."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import sys
 import zipfile
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -16,14 +15,14 @@ import pytest
 import torch
 
 from api.core.types import InferenceRequest, ModelSettings
+from tests.support import aio
 from tests.support.archives import build_archive as support_build_archive
 
 T = TypeVar("T")
 ARCHIVER = Path(sys.executable).with_name("torch-model-archiver")
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+run = functools.partial(aio.run, timeout=None)
 
 
 def requests(*bodies: Any, headers: Mapping[str, str] | None = None) -> list[InferenceRequest]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +39,14 @@ from api.backends.torchserve import (
 from api.config import parse_config
 from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest, ModelSettings
 from api.errors import BackendUnavailable, BadRequest, DeadlineExceeded
+from tests.support import aio
 from tests.support.fake_backend import load_fake_backend, write_fake_archive
 from tests.support.torchserve import free_ports
 
 T = TypeVar("T")
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, 60))
+run = functools.partial(aio.run, timeout=60)
 
 
 # -- a fake TorchServe --------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from api.core.batching import Batcher
 from api.core.types import InferenceRequest, Prediction
 from api.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from tests.support import aio
 
 
 class FakeClock:
@@ -66,8 +68,7 @@ def make_batcher(clock: FakeClock | None = None, **overrides: float) -> Batcher:
     )
 
 
-def run(coro: object) -> None:
-    asyncio.run(asyncio.wait_for(coro, 10))  # type: ignore[arg-type]
+run = functools.partial(aio.run, timeout=10)
 
 
 def test_lone_request_at_idle_worker_is_not_held() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from api.errors import (
     grpc_code_name,
     http_status,
 )
+from tests.support import aio
 
 
 class EchoWorker:
@@ -68,8 +70,7 @@ def factory(backend: EchoBackend) -> Callable[[], Awaitable[Backend]]:
     return make
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 10))
+run = functools.partial(aio.run, timeout=10)
 
 
 def test_register_serve_and_unregister_versions() -> None:

@@ -7,6 +7,7 @@ Statistical checks use a binomial bound of 5 standard deviations (a false failur
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import random
 from collections import Counter
@@ -20,18 +21,14 @@ from api.core.registry import ModelState, Registry
 from api.core.routing import Choice, Shadow, TrafficPolicy, TrafficRouter, _uniform
 from api.core.types import Backend, InferenceRequest, ModelSettings, NullObserver, Prediction
 from api.errors import BadRequest, Conflict, ModelNotFound, VersionNotFound
+from tests.support import aio
 from tests.support.fake_backend import FakeBackend
+from tests.support.stats import within_binomial
 
-SIGMAS = 5.0
 IDS = [f"user-{i}" for i in range(10_000)]
 
 
-def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 10))
-
-
-def within_binomial(count: int, n: int, p: float) -> bool:
-    return abs(count - n * p) <= SIGMAS * math.sqrt(n * p * (1 - p))
+run = functools.partial(aio.run, timeout=10)
 
 
 def factory(backend: FakeBackend) -> Callable[[], Awaitable[Backend]]:

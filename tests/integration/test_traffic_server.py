@@ -9,7 +9,6 @@ a binomial bound of 5 standard deviations (a false failure about once in 1.7 mil
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pytest
 
 from tests.support.archives import build_archive
 from tests.support.server import TorchgateServer, post_many, running_torchgate
+from tests.support.stats import within_binomial
 
 pytestmark = pytest.mark.integration
 
@@ -104,10 +104,6 @@ def versions(replies: list[Any]) -> list[str]:
         assert reply.headers["x-model-version"] == version
         found.append(version)
     return found
-
-
-def within_binomial(count: int, n: int, p: float) -> bool:
-    return abs(count - n * p) <= 5 * math.sqrt(n * p * (1 - p))
 
 
 # -- weights, stickiness, rollback, live changes ------------------------------------------------

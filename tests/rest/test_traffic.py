@@ -8,6 +8,7 @@ dataplane are the real ones.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ import pytest
 from api.app import Torchgate, build
 from api.config import parse_config
 from api.core.registry import ModelState
+from tests.support import aio
 from tests.support.fake_backend import FakeBackend, load_fake_backend, write_fake_archive
 
 
@@ -69,8 +71,7 @@ async def apps(tmp_path: Path, versions: tuple[str, ...] = ("1.0", "2.0")) -> As
         await tg.stop()
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
+run = functools.partial(aio.run, timeout=60)
 
 
 async def predict(client: httpx.AsyncClient, headers: dict[str, str] | None = None) -> str:

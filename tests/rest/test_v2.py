@@ -8,11 +8,10 @@ Model "m" (1.0 default, 2.0) has a signature: input "x" FP32 [-1, 2], outputs "y
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import zlib
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 
 from api.app import Torchgate
 from api.core.types import API_V2_REST, InferenceRequest, ModelSettings, Prediction
+from tests.support.aio import run
 from tests.support.inprocess import started_torchgate
 
 T = TypeVar("T")
@@ -141,10 +141,6 @@ async def serving(tmp_path: Path, **config: str) -> AsyncIterator[Serving]:
         transport = httpx.ASGITransport(app=run.tg.inference_app)
         async with httpx.AsyncClient(transport=transport, base_url="http://torchgate") as client:
             yield Serving(run.tg, client)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, 30))
 
 
 def x_input(rows: list[list[float]], **extra: Any) -> dict[str, Any]:

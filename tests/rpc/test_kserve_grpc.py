@@ -8,9 +8,8 @@ interceptor and servicer are the real ones. The client is the generated stub.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ from api.core.types import API_V2_GRPC
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.rest.test_v2 import SIGNATURE, TensorBackend, load_tensor_backend, write_archive
+from tests.support.aio import expect_grpc_error as expect_error
+from tests.support.aio import run
 from tests.support.inprocess import started_torchgate
 
 T = TypeVar("T")
@@ -66,10 +67,6 @@ async def serving(tmp_path: Path, **config: str) -> AsyncIterator[Client]:
             await channel.close()
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, 30))
-
-
 def infer_request(
     rows: Any = ((1.0, 2.0),),
     *,
@@ -108,14 +105,6 @@ def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
             dtype = {"FP32": np.float32, "FP64": np.float64}[output.datatype]
             arrays[output.name] = np.frombuffer(raw, dtype).reshape(tuple(output.shape))
     return arrays
-
-
-async def expect_error(call: Any, code: grpc.StatusCode) -> str:
-    """Await a call that must fail with `code`; its details."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    return info.value.details() or ""
 
 
 # -- health and metadata ---------------------------------------------------------------------

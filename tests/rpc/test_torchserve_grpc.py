@@ -27,6 +27,8 @@ from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from api.rpc.generated import management_pb2 as management
 from api.rpc.generated import management_pb2_grpc as management_grpc
+from tests.support.aio import expect_grpc_error as expect_error
+from tests.support.aio import run
 from tests.support.fake_backend import write_fake_archive
 from tests.support.inprocess import started_torchgate
 
@@ -135,24 +137,12 @@ async def serving(tmp_path: Path, **config: str) -> AsyncIterator[Client]:
             await management_channel.close()
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))
-
-
 def predictions_request(
     model: str = "m", version: str = "", **inputs: bytes
 ) -> inference.PredictionsRequest:
     return inference.PredictionsRequest(
         model_name=model, model_version=version, input=inputs or {"data": b"[1, 2]"}
     )
-
-
-async def expect_error(call: Any, code: grpc.StatusCode) -> str:
-    """Await a call that must fail with `code`; its details."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    return info.value.details() or ""
 
 
 # -- inference ----------------------------------------------------------------------------------

@@ -7,11 +7,9 @@ signature-less archive gets what `/predictions` would give it) end to end throug
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import zipfile
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +28,7 @@ from api.errors import (
 )
 from api.v2 import bridge
 from api.v2.codec import CodecError, RequestedOutput, Tensor, V2Request
+from tests.support.aio import run
 
 T = TypeVar("T")
 
@@ -37,10 +36,6 @@ DIGITS_SIGNATURE: dict[str, Any] = {
     "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
     "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}],
 }
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, 30))
 
 
 def tensor(name: str, data: Any, datatype: str | None = None) -> Tensor:
