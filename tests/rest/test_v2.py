@@ -11,9 +11,9 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,93 +23,19 @@ import orjson
 import pytest
 
 from api.app import Torchgate
-from api.core.types import API_V2_REST, InferenceRequest, ModelSettings, Prediction
+from api.core.types import API_V2_REST
 from tests.support.aio import run
 from tests.support.inprocess import started_torchgate
+from tests.support.tensor_backend import (
+    SIGNATURE,
+    TensorBackend,
+    load_tensor_backend,
+    write_archive,
+)
 
 T = TypeVar("T")
 HEADER_LENGTH = "Inference-Header-Content-Length"
 MAX_REQUEST_SIZE = 4096
-
-SIGNATURE: dict[str, Any] = {
-    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
-    "outputs": [
-        {"name": "y", "datatype": "FP32", "shape": [-1, 2]},
-        {"name": "total", "datatype": "FP32", "shape": [-1]},
-    ],
-}
-
-
-class TensorWorker:
-    """Answers v2 items as torchgate's handlers do, or as a plain handler would when asked.
-
-    Request parameter "answer": "label" -> `{"7": 0.9}`; "text" -> a str; "fail" -> the item
-    fails alone with 400; "raise" -> the whole batch raises.
-    """
-
-    device = "cpu"
-
-    def __init__(self, backend: TensorBackend) -> None:
-        self.backend = backend
-
-    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
-        self.backend.seen.extend(batch)
-        if any(r.inputs["body"]["parameters"].get("answer") == "raise" for r in batch):
-            raise RuntimeError("the handler raised")
-        return [self._answer(r.inputs["body"]) for r in batch]
-
-    def _answer(self, body: dict[str, Any]) -> Prediction:
-        answer = body["parameters"].get("answer")
-        if answer == "label":
-            return Prediction({"7": 0.9, "1": 0.1})
-        if answer == "text":
-            return Prediction(f"version {self.backend.version}")
-        if answer == "fail":
-            message = "x must be positive"
-            return Prediction({"code": 400, "type": "BadRequest", "message": message}, 400)
-        x = body["inputs"][0]["data"]
-        y = (x * 2).astype(np.float32)
-        return Prediction(
-            {
-                "outputs": [
-                    {"name": "y", "datatype": "FP32", "shape": list(y.shape), "data": y},
-                    {"name": "total", "datatype": "FP32", "shape": [len(x)], "data": x.sum(1)},
-                ]
-            }
-        )
-
-    async def close(self) -> None:
-        pass
-
-
-@dataclass(eq=False)
-class TensorBackend:
-    version: str
-    signature: Mapping[str, Any] | None
-    manifest: Mapping[str, Any]
-    batches: bool = True
-    seen: list[InferenceRequest] = field(default_factory=list)
-
-    async def start_worker(self, index: int) -> TensorWorker:
-        return TensorWorker(self)
-
-    async def close(self) -> None:
-        pass
-
-
-def write_archive(store: Path, name: str, version: str, signature: dict[str, Any] | None) -> str:
-    """A fake archive: a JSON file standing in for a `.mar`; returns its file name."""
-    store.mkdir(parents=True, exist_ok=True)
-    file_name = f"{name}-{version}.mar"
-    manifest = {"model": {"modelName": name, "modelVersion": version}, "signature": signature}
-    (store / file_name).write_text(json.dumps(manifest))
-    return file_name
-
-
-async def load_tensor_backend(path: Path, settings: ModelSettings, work_dir: Path) -> TensorBackend:
-    document = json.loads(path.read_text())
-    manifest = {"model": document["model"]}
-    return TensorBackend(document["model"]["modelVersion"], document["signature"], manifest)
 
 
 @dataclass

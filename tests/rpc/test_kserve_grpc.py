@@ -23,10 +23,15 @@ from api.app import Torchgate
 from api.core.types import API_V2_GRPC
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.rest.test_v2 import SIGNATURE, TensorBackend, load_tensor_backend, write_archive
 from tests.support.aio import expect_grpc_error as expect_error
 from tests.support.aio import run
 from tests.support.inprocess import started_torchgate
+from tests.support.tensor_backend import (
+    SIGNATURE,
+    TensorBackend,
+    load_tensor_backend,
+    write_archive,
+)
 
 T = TypeVar("T")
 Code = grpc.StatusCode

@@ -68,12 +68,21 @@ class FakeBackend:
 
 
 def write_fake_archive(
-    store: Path, name: str, version: str, *, file_name: str | None = None, fail: bool = False
+    store: Path,
+    name: str,
+    version: str,
+    *,
+    file_name: str | None = None,
+    fail: bool = False,
+    **extra: Any,
 ) -> str:
-    """Write a fake archive into `store`; returns its file name (the url to register)."""
+    """Write a fake archive into `store`; returns its file name (the url to register).
+
+    `extra` keys go into the JSON beside "model" (e.g. a `signature` for a fake loader).
+    """
     store.mkdir(parents=True, exist_ok=True)
     file_name = file_name or f"{name}-{version}.mar"
-    manifest = {"model": {"modelName": name, "modelVersion": version}, "fail": fail}
+    manifest = {"model": {"modelName": name, "modelVersion": version}, "fail": fail, **extra}
     (store / file_name).write_text(json.dumps(manifest))
     return file_name
 

@@ -1,0 +1,96 @@
+"""A fake backend that answers KServe v2 items with tensors, for the v2 REST and gRPC tests.
+
+Model archives are JSON stand-ins (`write_archive`). With `SIGNATURE`, input "x" FP32 [-1, 2]
+gives outputs "y" (x * 2) and "total" (row sums); without one the archive is "plain", as a
+third-party archive. A request parameter "answer" makes the backend answer as a plain handler
+would (see `TensorWorker`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from api.core.types import InferenceRequest, ModelSettings, Prediction
+from tests.support.fake_backend import write_fake_archive
+
+SIGNATURE: dict[str, Any] = {
+    "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+    "outputs": [
+        {"name": "y", "datatype": "FP32", "shape": [-1, 2]},
+        {"name": "total", "datatype": "FP32", "shape": [-1]},
+    ],
+}
+
+
+class TensorWorker:
+    """Answers v2 items as torchgate's handlers do, or as a plain handler would when asked.
+
+    Request parameter "answer": "label" -> `{"7": 0.9}`; "text" -> a str; "fail" -> the item
+    fails alone with 400; "raise" -> the whole batch raises.
+    """
+
+    device = "cpu"
+
+    def __init__(self, backend: TensorBackend) -> None:
+        self.backend = backend
+
+    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+        self.backend.seen.extend(batch)
+        if any(r.inputs["body"]["parameters"].get("answer") == "raise" for r in batch):
+            raise RuntimeError("the handler raised")
+        return [self._answer(r.inputs["body"]) for r in batch]
+
+    def _answer(self, body: dict[str, Any]) -> Prediction:
+        answer = body["parameters"].get("answer")
+        if answer == "label":
+            return Prediction({"7": 0.9, "1": 0.1})
+        if answer == "text":
+            return Prediction(f"version {self.backend.version}")
+        if answer == "fail":
+            message = "x must be positive"
+            return Prediction({"code": 400, "type": "BadRequest", "message": message}, 400)
+        x = body["inputs"][0]["data"]
+        y = (x * 2).astype(np.float32)
+        return Prediction(
+            {
+                "outputs": [
+                    {"name": "y", "datatype": "FP32", "shape": list(y.shape), "data": y},
+                    {"name": "total", "datatype": "FP32", "shape": [len(x)], "data": x.sum(1)},
+                ]
+            }
+        )
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class TensorBackend:
+    version: str
+    signature: Mapping[str, Any] | None
+    manifest: Mapping[str, Any]
+    batches: bool = True
+    seen: list[InferenceRequest] = field(default_factory=list)
+
+    async def start_worker(self, index: int) -> TensorWorker:
+        return TensorWorker(self)
+
+    async def close(self) -> None:
+        pass
+
+
+def write_archive(store: Path, name: str, version: str, signature: dict[str, Any] | None) -> str:
+    """A fake archive (see `write_fake_archive`) carrying a signature, or none."""
+    return write_fake_archive(store, name, version, signature=signature)
+
+
+async def load_tensor_backend(path: Path, settings: ModelSettings, work_dir: Path) -> TensorBackend:
+    document = json.loads(path.read_text())
+    manifest = {"model": document["model"]}
+    return TensorBackend(document["model"]["modelVersion"], document["signature"], manifest)
