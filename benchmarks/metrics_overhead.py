@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import threading
 import time
@@ -64,6 +63,7 @@ from api.handler_metrics import HandlerMetrics
 from api.metrics import PrometheusObserver
 from api.rest.apps import build_inference_app
 from api.rest.asgi import ASGIApp, Message
+from tests.support.torchserve import free_ports
 
 BODY = json.dumps([0.5] * 64).encode()
 SETTINGS = ModelSettings(batch_size=8, max_batch_delay_ms=5.0, job_queue_size=1000)
@@ -293,13 +293,6 @@ def scrape_ms(variant: Variant, repeats: int = 50) -> float:
 # -- http: uvicorn + wrk --------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def http_mode(
     rounds: int,
     duration_s: float,
@@ -317,7 +310,7 @@ def http_mode(
         tasks = []
         for name in VARIANTS:
             variant = await build_variant(name)
-            ports[name] = free_port()
+            [ports[name]] = free_ports(1)
             config = uvicorn.Config(
                 variant.app,
                 host="127.0.0.1",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from tests.support.torchserve import free_ports
+
 START_TIMEOUT_S = 30.0
 
 
@@ -36,13 +37,6 @@ def prometheus_binary() -> str | None:
     if found is None and Path("/usr/bin/prometheus").exists():
         found = "/usr/bin/prometheus"
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def scrape_config_from(
@@ -101,7 +95,7 @@ def running_prometheus(config: Mapping[str, Any]) -> Iterator[Prometheus]:
         workdir = Path(tmp)
         config_file = workdir / "prometheus.yml"
         config_file.write_text(yaml.safe_dump(dict(config)))
-        port = free_port()
+        [port] = free_ports(1)
         log = (workdir / "prometheus.log").open("wb")
         process = subprocess.Popen(
             [
