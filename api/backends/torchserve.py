@@ -52,7 +52,13 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import httpx
 import orjson
 
-from api.core.types import API_TORCHSERVE_REST, InferenceRequest, ModelSettings, Prediction
+from api.core.types import (
+    API_TORCHSERVE_REST,
+    InferenceRequest,
+    ModelSettings,
+    Prediction,
+    header_value,
+)
 from api.errors import BackendUnavailable, BadRequest, DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
@@ -475,7 +481,7 @@ def encode_request(request: InferenceRequest) -> Outgoing:
     # request's headers (binary tensors) describe another wire form.
     if request.api == API_TORCHSERVE_REST and not request.kserve_v2:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _REQUEST_DROP}
-        client_type = _header(request.headers, "content-type")
+        client_type = header_value(request.headers, "content-type")
     if request.request_id:
         headers["X-Request-Id"] = request.request_id
     others = {k: v for k, v in request.inputs.items() if k != "body"}
@@ -545,13 +551,6 @@ def _error_message(response: httpx.Response) -> str:
 
 def _is_json(content_type: str | None) -> bool:
     return (content_type or "").split(";", 1)[0].strip().lower() == JSON
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)
-    if value is None:
-        value = next((v for k, v in headers.items() if k.lower() == name), None)
-    return value
 
 
 def _manifest(spec: TorchServeSpec) -> dict[str, Any]:

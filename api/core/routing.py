@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from api.core.registry import Registry
+from api.core.types import header_value
 from api.errors import BadRequest, Conflict, VersionNotFound
 
 DEFAULT_STICKY_HEADER = "X-User-Id"
@@ -167,7 +168,7 @@ class TrafficPolicy:
             return self._versions[0]
         key = self._header_key
         if key is not None:
-            sticky_id = _header(headers, key)
+            sticky_id = header_value(headers, key)
             if sticky_id is not None:
                 return self.sticky_version(sticky_id)
         point = rng.random() * self._cumulative[-1]
@@ -304,17 +305,6 @@ def _uniform(digest: bytes) -> float:
 def _plain_choice(version: str) -> Choice:
     """A shared `Choice` without shadows (they are immutable): no allocation per request."""
     return Choice(version)
-
-
-def _header(headers: Mapping[str, str], key: str) -> str | None:
-    """`headers[key]`, case-insensitively; transports pass lower-case names, so try that first."""
-    value = headers.get(key)
-    if value is not None:
-        return value
-    for name, candidate in headers.items():
-        if name.lower() == key:
-            return candidate
-    return None
 
 
 def _number(value: Any, what: str) -> float:

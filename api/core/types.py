@@ -37,6 +37,17 @@ class InferenceRequest:
     kserve_v2: bool = False
 
 
+def header_value(headers: Mapping[str, str], name: str) -> str | None:
+    """`headers[name]` for a lower-case `name`, whatever the case of the keys.
+
+    The transports pass lower-case names, so the direct lookup almost always answers.
+    """
+    value = headers.get(name)
+    if value is None:
+        value = next((v for k, v in headers.items() if k.lower() == name), None)
+    return value
+
+
 @dataclass(slots=True)
 class Prediction:
     """One response, for one request: what the handler returned and the status it set."""
