@@ -5,14 +5,13 @@ This is where backends are injected into the core: the registry only sees `Backe
 
 from __future__ import annotations
 
-import functools
 import logging
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from api.backends.workers import MetricCallback, load_worker_backend
 from api.config import Config
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
@@ -25,26 +24,28 @@ from api.rest.apps import build_inference_app, build_management_app, build_metri
 from api.rest.asgi import ASGIApp
 from api.rest.security import TokenAuth
 from api.snapshot import Snapshotter, load_startup_state
-
-if TYPE_CHECKING:  # importing it at run time would load TorchServe's `ts` package early
-    from api.backends.context import MetricCallback
+from api.workers.pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
 
-async def load_local(
-    path: Path,
-    settings: ModelSettings,
-    work_dir: Path,
-    *,
-    on_metric: MetricCallback | None = None,
-    intra_op_threads: int | None = None,
-) -> Backend:
-    from api.backends.local import load_local_backend
+def worker_backend_loader(
+    pool: WorkerPool, config: Config, on_metric: MetricCallback | None
+) -> LocalBackendLoader:
+    """Archives become `WorkerBackend`s whose workers the pool forks."""
 
-    return await load_local_backend(
-        path, settings, work_dir=work_dir, on_metric=on_metric, intra_op_threads=intra_op_threads
-    )
+    async def load(path: Path, settings: ModelSettings, work_dir: Path) -> Backend:
+        return await load_worker_backend(
+            path,
+            settings,
+            pool=pool,
+            work_dir=work_dir,
+            on_metric=on_metric,
+            intra_op_threads=config.intra_op_threads,
+            gpu_count=config.number_of_gpu,
+        )
+
+    return load
 
 
 @dataclass(eq=False)
@@ -64,6 +65,8 @@ class Torchgate:
     snapshotter: Snapshotter | None = None
     # Where archives were extracted, when torchgate made the folder (removed at stop).
     owned_work_dir: Path | None = None
+    # Forks the worker processes; None when tests inject their own backends.
+    pool: WorkerPool | None = None
 
     async def start(self) -> None:
         """Restore the snapshot, or load what config.properties asks for.
@@ -71,6 +74,8 @@ class Torchgate:
         A bad archive is logged, not fatal.
         """
         assert self.router is not None
+        if self.pool is not None:
+            self.pool.start()
         self.startup_errors = await load_startup_state(
             self.config, self.loader, self.router, self.snapshotter
         )
@@ -81,6 +86,8 @@ class Torchgate:
         """Stop accepting, finish what is queued, then unload every model."""
         self.dataplane.accepting = False
         await self.registry.close()
+        if self.pool is not None:
+            await self.pool.close()
         if self.owned_work_dir is not None:
             shutil.rmtree(self.owned_work_dir, ignore_errors=True)
 
@@ -102,12 +109,6 @@ def build(
     observer = observability.observer
     registry = Registry(observer)
     observability.metrics.track(registry)
-    if backend_loader is None:
-        backend_loader = functools.partial(
-            load_local,
-            on_metric=observability.handler_metrics.on_metric,
-            intra_op_threads=config.intra_op_threads,
-        )
     router = TrafficRouter(registry)
     dataplane = DataPlane(registry, router=router, observer=observer)
     snapshot_file = config.snapshot_file
@@ -115,6 +116,13 @@ def build(
     owned = None if work_dir is not None else Path(tempfile.mkdtemp(prefix="torchgate-models-"))
     work = work_dir or owned
     assert work is not None
+    pool = None
+    if backend_loader is None:
+        # The zygote removes the extracted archives itself if this process is killed.
+        pool = WorkerPool(cleanup=owned, preload=config.worker_preload)
+        backend_loader = worker_backend_loader(
+            pool, config, observability.handler_metrics.on_metric
+        )
     loader = ModelLoader(config, registry, work, backend_loader)
     auth = None if config.disable_token_authorization else TokenAuth(config.key_file)
     if auth is not None:
@@ -136,4 +144,5 @@ def build(
         router=router,
         snapshotter=snapshotter,
         owned_work_dir=owned,
+        pool=pool,
     )

@@ -7,8 +7,8 @@ Keys torchgate understands (TorchServe's defaults unless noted):
     grpc_inference_address, grpc_management_address           127.0.0.1
     model_store, load_models ("all", or name=file.mar,...)
     models={"name": {"1.0": {"marName", "defaultVersion", "minWorkers", "maxWorkers",
-            "batchSize", "maxBatchDelay", "responseTimeout"}}}
-    default_workers_per_model (1 here: in-process workers share one interpreter),
+            "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout"}}}
+    default_workers_per_model (1 here; TorchServe's default is one per GPU or core),
     job_queue_size (100), default_response_timeout (120 s), max_request_size and
     max_response_size (6553500 bytes), disable_token_authorization (false),
     enable_model_api (false), allowed_urls (file://.*|http(s)?://.*), number_of_gpu
@@ -21,6 +21,9 @@ file stays usable unchanged by `torchserve --ts-config`:
     torchgate.traffic           traffic policies by model, JSON: {"digits": {"weights": {...}}}
                                 (see api.core.routing / docs/traffic.md)
     torchgate.intra_op_threads  torch / ONNX Runtime threads per CPU worker (default 1)
+    torchgate.worker_preload    modules the worker zygote imports once for every worker to
+                                share (default torch,numpy,ts.torch_handler.base_handler,
+                                onnxruntime,PIL.Image; missing ones are skipped)
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
+from api.workers.zygote import DEFAULT_PRELOAD
 
 
 class ConfigError(ValueError):
@@ -93,6 +97,8 @@ class Config:
     number_of_gpu: int | None = None
     # torchgate.intra_op_threads: torch / ONNX Runtime threads per CPU worker (default 1).
     intra_op_threads: int | None = None
+    # torchgate.worker_preload: what the worker zygote imports before forking workers.
+    worker_preload: tuple[str, ...] = DEFAULT_PRELOAD
     key_file: Path = Path("key_file.json")
     # None: no snapshot is read or written (the default without a config file, and `--ncs`).
     snapshot_file: Path | None = None
@@ -112,6 +118,7 @@ class Config:
             job_queue_size=int(o.get("jobQueueSize", self.job_queue_size)),
             min_workers=min_workers,
             max_workers=max(int(o.get("maxWorkers", min_workers)), min_workers, 1),
+            startup_timeout_s=float(o.get("startupTimeout", 120)),
         )
 
     def allows_url(self, url: str) -> bool:
@@ -178,6 +185,9 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             config.number_of_gpu = int(raw["number_of_gpu"])
         if "torchgate.intra_op_threads" in raw:
             config.intra_op_threads = int(raw["torchgate.intra_op_threads"])
+        if "torchgate.worker_preload" in raw:
+            preload = raw["torchgate.worker_preload"].split(",")
+            config.worker_preload = tuple(name.strip() for name in preload if name.strip())
         if "allowed_urls" in raw:
             config.allowed_urls = [u.strip() for u in raw["allowed_urls"].split(",") if u.strip()]
     except ValueError as exc:

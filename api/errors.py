@@ -13,6 +13,8 @@
     ├── Conflict                   409  FAILED_PRECONDITION
     ├── TooManyRequests            429  RESOURCE_EXHAUSTED
     ├── InferenceFailed            500  INTERNAL       (the handler raised)
+    │   ├── WorkerDied                                 (its worker process died mid-batch)
+    │   └── HandlerLoadError                           (import or initialize failed)
     ├── BackendUnavailable         502  UNAVAILABLE    (a remote backend is down)
     ├── Overloaded                 503  UNAVAILABLE    (queue full; carries Retry-After)
     ├── ModelNotReady              503  UNAVAILABLE
@@ -97,6 +99,14 @@ class Conflict(TorchgateError):
 
 class InferenceFailed(TorchgateError):
     type_name = "InternalServerException"
+
+
+class WorkerDied(InferenceFailed):
+    """The worker process running the batch died (a crash, a kill); it is being restarted."""
+
+
+class HandlerLoadError(InferenceFailed):
+    """The archive's handler could not be imported or initialized in its worker."""
 
 
 class BackendUnavailable(TorchgateError):

@@ -64,6 +64,8 @@ async def serve(
     access_log: bool | None = None,
 ) -> None:
     torchgate = build(config, access_log=access_log)
+    if torchgate.pool is not None:
+        torchgate.pool.start()  # the zygote imports torch while the ports are bound
     # Accepted requests are answered on shutdown, so the grace period covers a response
     # timeout (a model's own responseTimeout is capped by it; a second signal exits at once).
     grace_s = config.default_response_timeout + 5.0

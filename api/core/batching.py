@@ -150,9 +150,17 @@ class Batcher:
     # -- run by the registry, one task per worker ----------------------------------------------
 
     async def serve(self, worker: Worker) -> None:
-        """Feed `worker` batches until cancelled."""
-        while True:
+        """Feed `worker` batches until cancelled, or until it is no longer `alive`.
+
+        A batch taken for a worker that died meanwhile goes back to the front of the queue: it
+        never reached the worker, so another one (or the replacement) runs it.
+        """
+        while _alive(worker):
             batch = await self._next_batch()
+            if not _alive(worker):
+                self._queue.extendleft(reversed(batch))
+                self._arrived.set()
+                return
             self._running += 1
             self._running_requests += len(batch)
             run = asyncio.ensure_future(self._run(worker, batch))
@@ -267,3 +275,8 @@ class Batcher:
     def _note_if_idle(self) -> None:
         if not self._queue and self._running == 0:
             self._idle.set()
+
+
+def _alive(worker: Worker) -> bool:
+    """A worker that can die (a process) says whether it lives; others always do."""
+    return getattr(worker, "alive", True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +19,9 @@ from api.core.types import REJECT_DEADLINE, InferenceRequest, NullObserver, Obse
 from api.errors import DeadlineExceeded, TorchgateError, http_status
 
 log = logging.getLogger(__name__)
+
+# Checks a request against the version it was routed to and returns what that version gets.
+Adapt = Callable[[ModelVersion, InferenceRequest], InferenceRequest]
 
 
 @dataclass(slots=True)
@@ -77,8 +80,19 @@ class DataPlane:
 
     # -- inference ------------------------------------------------------------------------------
 
-    async def infer(self, model: str, version: str | None, request: InferenceRequest) -> Answer:
+    async def infer(
+        self,
+        model: str,
+        version: str | None,
+        request: InferenceRequest,
+        *,
+        adapt: Adapt | None = None,
+    ) -> Answer:
         """Route, queue and run one request; raises a `TorchgateError` on failure.
+
+        `adapt(model_version, request)` runs once the version is chosen, before queueing: it
+        checks the request against that version (its signature) and returns the request that
+        version's handler gets, or raises (BadRequest). Shadow copies are adapted to theirs.
 
         A handler's per-item error (status >= 400) comes back as a `Prediction` with that status,
         not as an exception, so the transport can send the handler's own body.
@@ -90,7 +104,9 @@ class DataPlane:
             version, shadows = choice.version, choice.shadows
         model_version = self.registry.ready_version(model, version)
         for shadow in shadows:
-            self._start_shadow(model, shadow, request)
+            self._start_shadow(model, shadow, request, adapt)
+        if adapt is not None:
+            request = adapt(model_version, request)
         try:
             prediction = await self._run(model_version, request)
         except TorchgateError as exc:
@@ -128,7 +144,9 @@ class DataPlane:
                 f"did not finish within responseTimeout {timeout:g} s"
             ) from None
 
-    def _start_shadow(self, model: str, version: str, request: InferenceRequest) -> None:
+    def _start_shadow(
+        self, model: str, version: str, request: InferenceRequest, adapt: Adapt | None
+    ) -> None:
         """Send a copy to a shadow version; it never delays, fails or changes the primary."""
         # A handler may mutate its request item; the shadow's must not be the primary's.
         copy = replace(request, inputs=dict(request.inputs), headers=dict(request.headers))
@@ -138,7 +156,8 @@ class DataPlane:
             status, prediction = 500, None
             try:
                 model_version = self.registry.ready_version(model, version)
-                prediction = await self._run(model_version, copy)
+                adapted = copy if adapt is None else adapt(model_version, copy)
+                prediction = await self._run(model_version, adapted)
                 status = prediction.status
             except TorchgateError as exc:
                 status = http_status(exc)

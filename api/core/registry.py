@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from api.core.batching import Batcher
-from api.core.types import Backend, ModelSettings, NullObserver, Observer, Worker
+from api.core.supervision import WorkerSlot, supervise
+from api.core.types import Backend, ModelSettings, NullObserver, Observer
 from api.errors import (
     BadRequest,
     Conflict,
@@ -40,14 +41,6 @@ class ModelState(enum.Enum):
 
 
 @dataclass(eq=False)
-class WorkerSlot:
-    index: int
-    worker: Worker
-    task: asyncio.Task[None]
-    started_at: float = field(default_factory=time.time)
-
-
-@dataclass(eq=False)
 class ModelVersion:
     name: str
     version: str
@@ -63,12 +56,33 @@ class ModelVersion:
 
     @property
     def ready(self) -> bool:
-        return (
-            self.state is ModelState.READY
-            and bool(self.workers)
-            # A remote backend reports why its server cannot serve (see `Backend`).
-            and getattr(self.backend, "unavailable", None) is None
-        )
+        return self.unavailable is None
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why this version cannot take requests now, or None when it can."""
+        if self.state is not ModelState.READY and self.state is not ModelState.FAILED:
+            return f"Model {self.name} version {self.version} is not ready ({self.state.value})"
+        # A remote backend reports why its server cannot serve (see `Backend`).
+        remote: str | None = getattr(self.backend, "unavailable", None)
+        if remote is not None:
+            return remote
+        if any(slot.live for slot in self.workers):
+            return None
+        if not self.workers:
+            return f"Model {self.name} version {self.version} has no workers"
+        errors = "; ".join(slot.last_error for slot in self.workers if slot.last_error)
+        what = "failed" if self.state is ModelState.FAILED else "has no live worker"
+        return f"Model {self.name} version {self.version} {what}: {errors or 'starting'}"
+
+    def health_changed(self) -> None:
+        """A worker died, failed to start or came back: FAILED once no worker lives and a slot
+        has failed to start `FAILED_AFTER` times in a row; READY again once one lives."""
+        if self.state is ModelState.READY and any(slot.failed for slot in self.workers):
+            if not any(slot.live for slot in self.workers):
+                self.state = ModelState.FAILED
+        elif self.state is ModelState.FAILED and any(slot.live for slot in self.workers):
+            self.state = ModelState.READY
 
 
 class Registry:
@@ -116,12 +130,9 @@ class Registry:
 
     def ready_version(self, name: str, version: str | None = None) -> ModelVersion:
         model_version = self.get(name, version)
-        if not model_version.ready:
-            raise ModelNotReady(
-                getattr(model_version.backend, "unavailable", None)
-                or f"Model {name} version {model_version.version} is not ready "
-                f"({model_version.state.value})"
-            )
+        reason = model_version.unavailable
+        if reason is not None:
+            raise ModelNotReady(reason)
         return model_version
 
     # -- mutations ------------------------------------------------------------------------------
@@ -274,14 +285,23 @@ class Registry:
     # -- internals -----------------------------------------------------------------------------
 
     async def _start_workers(self, model_version: ModelVersion, count: int) -> None:
+        """Start `count` more workers; the first start of each must succeed (else raise), later
+        restarts are the supervisor's."""
+        label = f"{model_version.name}/{model_version.version}"
         for _ in range(count):
             index = _free_index(model_version)
-            worker = await model_version.backend.start_worker(index)
-            task = asyncio.create_task(
-                model_version.batcher.serve(worker),
-                name=f"worker {model_version.name}/{model_version.version}#{index}",
+            slot = WorkerSlot(index, await model_version.backend.start_worker(index))
+            slot.task = asyncio.create_task(
+                supervise(
+                    slot,
+                    model_version.batcher,
+                    model_version.backend.start_worker,
+                    model_version.health_changed,
+                    label,
+                ),
+                name=f"worker {label}#{index}",
             )
-            model_version.workers.append(WorkerSlot(index, worker, task))
+            model_version.workers.append(slot)
 
     async def _stop_workers(self, model_version: ModelVersion, count: int) -> None:
         count = min(count, len(model_version.workers))
@@ -289,8 +309,11 @@ class Registry:
 
     async def _stop_slots(self, model_version: ModelVersion, slots: list[WorkerSlot]) -> None:
         for slot in slots:
-            slot.task.cancel()
-            await asyncio.gather(slot.task, return_exceptions=True)
+            if slot.task is not None:
+                slot.task.cancel()
+                await asyncio.gather(slot.task, return_exceptions=True)
+            if slot.worker is None:
+                continue
             try:
                 await slot.worker.close()
             except Exception:

@@ -7,7 +7,7 @@ the dataplane answers with a `Prediction`, and the transport encodes that back.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -35,6 +35,10 @@ class InferenceRequest:
     api: str = API_TORCHSERVE_REST
     # Set by the transport for v2 requests: the handler then answers with v2 tensors.
     kserve_v2: bool = False
+    # Receives a streaming handler's intermediate responses (TorchServe's
+    # send_intermediate_predict_response), in order, before the final Prediction. None: the
+    # transport does not stream, and intermediate responses are dropped.
+    stream: Callable[[Prediction], None] | None = None
 
 
 def header_value(headers: Mapping[str, str], name: str) -> str | None:
@@ -76,6 +80,8 @@ class ModelSettings:
     job_queue_size: int = 100
     min_workers: int = 1
     max_workers: int = 1
+    # How long a worker may take to load the handler (TorchServe's startupTimeout).
+    startup_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -84,6 +90,8 @@ class ModelSettings:
             raise ValueError(f"max_batch_delay must be >= 0, got {self.max_batch_delay_ms}")
         if self.response_timeout_s <= 0:
             raise ValueError(f"response_timeout must be > 0, got {self.response_timeout_s}")
+        if self.startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout must be > 0, got {self.startup_timeout_s}")
         if self.job_queue_size < 1:
             raise ValueError(f"job_queue_size must be >= 1, got {self.job_queue_size}")
         if self.min_workers < 0 or self.max_workers < max(self.min_workers, 1):
@@ -100,6 +108,10 @@ class Worker(Protocol):
     worker may keep per-thread state (a handler instance, a CUDA stream). `predict` returns one
     `Prediction` per request, in order; a request that failed alone carries its own status.
     Raising fails the whole batch, and the model keeps serving later batches.
+
+    A worker that can die (a process) also has `alive: bool` and `exited: asyncio.Future[str]`
+    (resolved, with how it ended, once it is gone): the batcher stops feeding it and the
+    registry replaces it (`api.core.supervision`). Without them a worker lives until closed.
     """
 
     device: str

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from api.core.registry import ModelVersion, Registry
+from api.core.supervision import WorkerSlot
 from api.errors import BadRequest, ModelApiDisabled
 from api.loader import ModelLoader
 from api.rest.responses import JsonResponse
@@ -267,22 +268,32 @@ def describe(registry: Registry, model_version: ModelVersion) -> dict[str, Any]:
         "loadedAtStartup": model_version.backend_info.get("startup", False),
         "defaultVersion": default,
         "status": model_version.state.value,
+        **({"error": model_version.unavailable} if model_version.state.value == "FAILED" else {}),
         "backend": model_version.backend_info,
-        "workers": [
-            {
-                "id": str(9000 + slot.index),
-                "startTime": dt.datetime.fromtimestamp(slot.started_at, dt.UTC).isoformat(),
-                "status": "READY" if model_version.ready else model_version.state.value,
-                "memoryUsage": 0,
-                "pid": os.getpid(),
-                "gpu": slot.worker.device.startswith("cuda"),
-                "gpuUsage": "N/A",
-                "device": slot.worker.device,
-            }
-            for slot in model_version.workers
-        ],
+        "workers": [_describe_worker(slot) for slot in model_version.workers],
         "jobQueueStatus": {
             "remainingCapacity": max(batcher.queue_size - batcher.depth, 0),
             "pendingRequests": batcher.depth,
         },
     }
+
+
+def _describe_worker(slot: WorkerSlot) -> dict[str, Any]:
+    """TorchServe's worker entry, plus what torchgate knows of the process."""
+    worker = slot.worker
+    device = worker.device if worker is not None else "none"
+    memory = getattr(worker, "memory_bytes", None)
+    entry: dict[str, Any] = {
+        "id": str(9000 + slot.index),
+        "startTime": dt.datetime.fromtimestamp(slot.started_at, dt.UTC).isoformat(),
+        "status": slot.status,
+        "memoryUsage": memory() if memory is not None else 0,
+        "pid": getattr(worker, "pid", os.getpid()) if worker is not None else -1,
+        "gpu": device.startswith("cuda"),
+        "gpuUsage": "N/A",
+        "device": device,
+        "restarts": slot.restarts,
+    }
+    if slot.last_error is not None and not slot.live:
+        entry["error"] = slot.last_error
+    return entry

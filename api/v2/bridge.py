@@ -22,12 +22,12 @@ The rule (also in docs/kserve_v2.md):
    named after the signature's first output, or "output0".
 
 Before any of this, a request for an archive with a signature is checked against the
-signature's ``inputs`` (what ``GET /v2/models/{m}[/versions/{v}]`` shows; without a version, the
-default version's): every input named there and no other, each with the declared datatype and
-a shape that fits: the same rank with equal static dims, or, under a dynamic batch dim, rows of
-the same size (``[N, 64]`` fits ``[-1, 1, 8, 8]``, as handlers reshape). A mismatch is 400 /
+signature's ``inputs`` (what ``GET /v2/models/{m}[/versions/{v}]`` shows): every input named
+there and no other, each with the declared datatype and a shape that fits: the same rank with
+equal static dims, or, under a dynamic batch dim, rows of the same size (``[N, 64]`` fits ``[-1, 1, 8, 8]``, as handlers reshape). A mismatch is 400 /
 INVALID_ARGUMENT before the request is queued; handlers never see an INT32 tensor for an FP32
-input, silently cast.
+input, silently cast. The signature checked, and rule 2, are those of the version the request
+is routed to (an A/B split may route to a version with another signature), for any backend.
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import orjson
 
 from api.core.dataplane import DataPlane
+from api.core.registry import ModelVersion
 from api.core.types import InferenceRequest, Prediction
 from api.errors import BadRequest, InferenceFailed, TorchgateError, error_for_status
 from api.v2.codec import CodecError, Tensor, V2Request, V2Response, numpy_dtype
@@ -77,9 +79,16 @@ async def infer(
 ) -> V2Response:
     """One v2 inference through the dataplane, for the REST and gRPC endpoints alike."""
     check_extensions(request)
-    check_inputs(request, dataplane.registry.get(model, version).backend.signature)
     item = InferenceRequest({"body": handler_body(request)}, headers, request_id, api, True)
-    answer = await dataplane.infer(model, version, item)
+
+    def for_version(model_version: ModelVersion, item: InferenceRequest) -> InferenceRequest:
+        signature = model_version.backend.signature
+        check_inputs(request, signature)
+        if signature is None:  # rule 2, whatever the backend
+            return replace(item, inputs=plain_item(item.inputs["body"]))
+        return item
+
+    answer = await dataplane.infer(model, version, item, adapt=for_version)
     return response_tensors(
         answer.prediction,
         model=model,
@@ -154,9 +163,9 @@ def handler_body(request: V2Request) -> dict[str, Any]:
                 "name": t.name,
                 "shape": list(t.shape),
                 "datatype": t.datatype,
-                # Decoded binary tensors are read-only views of the request body;
-                # torch.from_numpy warns on those, so hand handlers a copy.
-                "data": t.data if t.data.flags.writeable else t.data.copy(),
+                # Decoded binary tensors are read-only views of the request body; the worker
+                # receives its own writable copy (torch.from_numpy warns on read-only ones).
+                "data": t.data,
                 "parameters": t.parameters,
             }
             for t in request.inputs

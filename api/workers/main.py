@@ -1,0 +1,251 @@
+"""The worker process: one archive's handler, one batch at a time, over one socket.
+
+`run(spec, sock)` is what a forked worker runs (see `zygote.py`), and it never returns: the
+process ends when the frontend says stop, closes the socket, or dies. The loop is TorchServe's
+`Service.predict` without its wire format:
+
+1. the frontend sends `("batch", items)`, each item `(request_id, headers, inputs)`;
+2. the worker sets the per-batch context (request ids, one `RequestProcessor` per item), calls
+   `handle(data, context)` once, checks one response per request;
+3. it answers `("result", responses, metrics)`, each response `(body, status, phrase, headers)`,
+   or `("error", status, message, metrics)` when the whole batch failed.
+
+A handler streaming with TorchServe's `send_intermediate_predict_response` sends
+`("chunk", responses)` frames before its result: the same per-item shape, for the items the
+call names. Bodies leave the worker as builtin values and numpy arrays only (`wire.py`): a torch
+tensor becomes its numpy array; any other object fails its batch here, with its type named, not
+in the frontend.
+
+Messages at start: `("ready", info)` once `initialize` returned, or `("failed", message)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from api.backends.archive import Archive
+from api.workers import wire
+
+log = logging.getLogger(__name__)
+
+PREDICTION_METRIC = "PredictionTime"  # TorchServe's per-batch model metric, in ms
+_PLAIN = (str, bytes, bytearray, int, float, bool, type(None))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What a worker process needs to host its archive; built by the frontend, pickled."""
+
+    archive: Archive
+    index: int
+    batch_size: int
+    gpu_count: int | None  # None: every visible CUDA device; 0: CPU only
+    intra_op_threads: int  # 0: leave torch's default
+    limit_max_image_pixels: bool = True
+
+
+class _Metrics(list[tuple[str, float, str, dict[str, str], str]]):
+    """Collects the metric updates of one batch (or of initialize) to send with its answer."""
+
+    def __call__(
+        self, name: str, value: float, unit: str, dims: Mapping[str, str], kind: str
+    ) -> None:
+        self.append((name, value, unit, dict(dims), kind))
+
+    def take(self) -> list[tuple[str, float, str, dict[str, str], str]]:
+        taken = list(self)
+        self.clear()
+        return taken
+
+
+def run(spec: WorkerSpec, sock: socket.socket) -> None:
+    """Load the handler, report, then serve batches until told to stop. Blocking."""
+    import torch  # imported by the zygote already: free
+
+    from api.workers.context import MetricsStore, make_context
+    from api.workers.handler import enter_model_dir, load_handler
+
+    archive = spec.archive
+    metrics = _Metrics()
+    try:
+        gpu_id = _device(torch, spec)
+        if gpu_id is None and spec.intra_op_threads > 0:
+            torch.set_num_threads(spec.intra_op_threads)
+        enter_model_dir(archive.model_dir)
+        context = make_context(
+            model_name=archive.name,
+            model_dir=archive.model_dir,
+            manifest=archive.manifest,
+            batch_size=spec.batch_size,
+            gpu_id=gpu_id,
+            metrics=MetricsStore(archive.name, metrics),
+            model_yaml_config=archive.model_config,
+            limit_max_image_pixels=spec.limit_max_image_pixels,
+        )
+        _install_streaming(sock)
+        entry = load_handler(archive, context)
+    except Exception as exc:
+        message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        log.error("%s", message, exc_info=exc.__cause__ or exc)
+        wire.send(sock, wire.encode(("failed", message)))
+        return
+    device = "cpu" if gpu_id is None else f"cuda:{gpu_id}"
+    info = {"pid": os.getpid(), "device": device, "description": entry.description}
+    wire.send(sock, wire.encode(("ready", info, metrics.take())))
+    log.info("worker %d: %s on %s", spec.index, entry.description, device)
+    global _LOOP
+    _LOOP = _Loop(spec, context, entry.handle, metrics, torch)
+    _LOOP.serve(sock)
+
+
+def _device(torch: Any, spec: WorkerSpec) -> int | None:
+    """Worker i runs on GPU `i % count`, as TorchServe assigns them; CUDA starts here, after the
+    fork (the zygote never touches it), so every worker can use it."""
+    if spec.gpu_count == 0 or not torch.cuda.is_available():
+        return None
+    count = spec.gpu_count or torch.cuda.device_count()
+    gpu_id = spec.index % count
+    torch.cuda.set_device(gpu_id)
+    return int(gpu_id)
+
+
+class _Loop:
+    def __init__(
+        self, spec: WorkerSpec, context: Any, handle: Any, metrics: _Metrics, torch: Any
+    ) -> None:
+        from ts.context import RequestProcessor
+        from ts.metrics.metric_type_enum import MetricTypes
+
+        self._processor = RequestProcessor
+        self._context = context
+        self._handle = handle
+        self._metrics = metrics
+        self._tensor = torch.Tensor
+        self._what = f"Model {spec.archive.name} version {spec.archive.version} handler failed"
+        self._prediction_time = context.metrics.add_metric_to_cache(
+            PREDICTION_METRIC, "ms", ["ModelName", "Level"], MetricTypes.GAUGE
+        )
+        self._model_dims = [spec.archive.name, "Model"]
+
+    def serve(self, sock: socket.socket) -> None:
+        while (frame := wire.receive(sock)) is not None:
+            message = wire.loads(frame)
+            del frame
+            if message[0] == "stop":
+                return
+            wire.send(sock, wire.encode(self._answer(message[1])))
+            del message  # do not keep the last batch alive while idle
+
+    def _answer(self, items: list[tuple[str, dict[str, str], dict[str, Any]]]) -> tuple[Any, ...]:
+        from ts.utils.util import PredictionException
+
+        context = self._context
+        processors = [self._processor(headers) for _, headers, _ in items]
+        ids = {idx: request_id for idx, (request_id, _, _) in enumerate(items)}
+        context.request_ids = ids
+        context.request_processor = processors
+        context.metrics.request_ids = ids
+        data = [inputs for _, _, inputs in items]
+        started = time.perf_counter()
+        try:
+            result = self._handle(data, context)
+        except PredictionException as exc:
+            # TorchServe's way for a handler to fail a batch with a status of its choosing.
+            return ("error", int(exc.error_code), str(exc.message), self._metrics.take())
+        except Exception as exc:
+            log.warning("%s", self._what, exc_info=True)
+            return (
+                "error",
+                500,
+                f"{self._what}: {type(exc).__name__}: {exc}",
+                self._metrics.take(),
+            )
+        elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
+        self._prediction_time.add_or_update(elapsed_ms, self._model_dims)
+        problem = _count_problem(result, len(items))
+        if problem is not None:
+            return ("error", 500, f"{self._what}: {problem}", self._metrics.take())
+        try:
+            responses = [
+                self._response(body, processor)
+                for body, processor in zip(result, processors, strict=False)
+            ]
+        except TypeError as exc:
+            return ("error", 500, f"{self._what}: {exc}", self._metrics.take())
+        return ("result", responses, self._metrics.take())
+
+    def _response(self, body: Any, processor: Any) -> tuple[Any, int, str, dict[str, str]]:
+        return (
+            self.portable(body),
+            int(processor.get_response_status_code()),
+            processor.get_response_status_phrase() or "",
+            dict(processor.get_response_headers()),
+        )
+
+    def portable(self, value: Any) -> Any:
+        """`value` as builtin values and numpy arrays, or TypeError naming what is not."""
+        if isinstance(value, _PLAIN):
+            return (
+                wire.Blob(value)
+                if type(value) is bytes and len(value) >= wire.BLOB_BYTES
+                else value
+            )
+        if isinstance(value, self._tensor):
+            return value.detach().cpu().numpy()
+        if isinstance(value, dict):
+            return {k: self.portable(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.portable(v) for v in value]
+        if type(value).__module__ == "numpy":
+            return value
+        raise TypeError(
+            f"returned a {type(value).__module__}.{type(value).__qualname__}; a response must be "
+            f"str, bytes, JSON-compatible values, numpy arrays or torch tensors"
+        )
+
+    def chunk(self, ret: list[Any], req_id_map: Mapping[int, str], sock: socket.socket) -> None:
+        """One intermediate response per item named in `req_id_map`, sent at once."""
+        context = self._context
+        responses = []
+        for idx in req_id_map:
+            context.set_response_header(idx, "ts_stream_next", "true")
+            responses.append((idx, *self._response(ret[idx], context.request_processor[idx])))
+        wire.send(sock, wire.encode(("chunk", responses)))
+
+
+def _count_problem(result: Any, expected: int) -> str | None:
+    if not isinstance(result, list):
+        return f"returned {type(result).__name__}, expected a list of {expected} responses"
+    if len(result) != expected:
+        return f"returned {len(result)} responses for a batch of {expected} requests"
+    return None
+
+
+_LOOP: _Loop | None = None
+
+
+def _install_streaming(sock: socket.socket) -> None:
+    """Route TorchServe's `send_intermediate_predict_response` to this worker's socket.
+
+    Handlers import it from `ts.handler_utils.utils` (or the older `ts.protocol.
+    otf_message_handler`) when their module loads, which happens after this, so they get the
+    replacement. TorchServe's version writes its binary protocol to `context.cl_socket`.
+    """
+    import ts.handler_utils.utils as utils
+    import ts.protocol.otf_message_handler as otf
+
+    def send_intermediate_predict_response(
+        ret: list[Any], req_id_map: Mapping[int, str], message: str, code: int, context: Any = None
+    ) -> None:
+        if str(os.getenv("LOCAL_RANK", 0)) != "0" or _LOOP is None:
+            return
+        _LOOP.chunk(ret, req_id_map, sock)
+
+    utils.send_intermediate_predict_response = send_intermediate_predict_response
+    otf.send_intermediate_predict_response = send_intermediate_predict_response

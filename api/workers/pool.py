@@ -1,0 +1,459 @@
+"""The frontend's side of the worker processes: the zygote, and one channel per worker.
+
+`WorkerPool` starts the zygote (`zygote.py`) as soon as it is asked to, so torch is imported
+while the frontend binds its ports, and spawns workers through it. `WorkerProcess` is one
+worker as the event loop sees it: a socket speaking `wire.py` frames, read by a buffered
+protocol (no task per read, no copy of a large frame's bulk), its stdout/stderr read line by
+line into this process's log under the worker's name, and its exit status from the zygote.
+
+Nothing here imports torch or handler code, and nothing blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from api.workers import wire
+from api.workers.zygote import DEFAULT_PRELOAD
+
+log = logging.getLogger(__name__)
+worker_log = logging.getLogger("torchgate.worker")
+
+EXIT_REPORT_WAIT_S = 2.0  # after a worker's socket closes, how long its exit status may take
+_RECEIVE_BUFFER = 256 * 1024
+_MAX_LOG_LINE = 64 * 1024
+
+ChunkCallback = Callable[[list[Any]], None]
+
+
+class WorkerExit(Exception):
+    """The worker process is gone; the message says how (exit code or signal)."""
+
+
+class WorkerPool:
+    """Spawns worker processes; one zygote per pool, restarted if it dies."""
+
+    def __init__(
+        self,
+        *,
+        cleanup: Path | None = None,
+        preload: Sequence[str] = DEFAULT_PRELOAD,
+        python: str = sys.executable,
+    ) -> None:
+        self._cleanup = cleanup
+        self._preload = preload
+        self._python = python
+        self._zygote: subprocess.Popen[bytes] | None = None
+        self._control: socket.socket | None = None
+        self._ids = itertools.count()
+        self._spawning: dict[int, asyncio.Future[int]] = {}
+        self._workers: dict[int, WorkerProcess] = {}
+
+    @property
+    def zygote_pid(self) -> int | None:
+        return self._zygote.pid if self._zygote is not None else None
+
+    def start(self) -> None:
+        """Start the zygote now (idempotent); spawning would start it anyway."""
+        if self._control is not None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = [self._python, "-m", "api.workers.zygote", "--control-fd", str(theirs.fileno())]
+        command += ["--preload", ",".join(self._preload)]
+        if self._cleanup is not None:
+            command += ["--cleanup", str(self._cleanup)]
+        # Its own session: a terminal's Ctrl-C or a signal to the frontend's process group does
+        # not reach the workers; the frontend drains and then stops them itself.
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[2])  # where `api` is importable from
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        self._zygote = subprocess.Popen(
+            command,
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+        )
+        theirs.close()
+        ours.setblocking(False)
+        self._control = ours
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_control)
+
+    async def spawn(self, spec: Any, *, label: str) -> WorkerProcess:
+        """Fork a worker running `api.workers.main.run(spec, ...)`; `label` prefixes its log."""
+        self.start()
+        assert self._control is not None
+        loop = asyncio.get_running_loop()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        log_read, log_write = os.pipe()
+        request_id = next(self._ids)
+        spawned: asyncio.Future[int] = loop.create_future()
+        self._spawning[request_id] = spawned
+        try:
+            message = pickle.dumps(("spawn", request_id, spec))
+            while True:
+                try:
+                    socket.send_fds(self._control, [message], [child.fileno(), log_write])
+                    break
+                except BlockingIOError:  # the zygote is still importing torch
+                    await asyncio.sleep(0.01)
+        except BaseException:
+            self._spawning.pop(request_id, None)
+            parent.close()
+            os.close(log_read)
+            raise
+        finally:
+            child.close()
+            os.close(log_write)
+        try:
+            pid = await spawned
+        except BaseException:
+            parent.close()
+            os.close(log_read)
+            raise
+        process = WorkerProcess(pid, label, self)
+        self._workers[pid] = process
+        await process.connect(parent, log_read)
+        return process
+
+    def kill(self, pid: int) -> None:
+        if self._control is not None:
+            with contextlib.suppress(OSError):
+                self._control.send(pickle.dumps(("kill", pid)))
+
+    async def close(self) -> None:
+        """End the zygote, and with it every worker still running; waits for it to exit."""
+        control, zygote = self._control, self._zygote
+        if control is None or zygote is None:
+            return
+        asyncio.get_running_loop().remove_reader(control.fileno())
+        control.close()
+        self._control = self._zygote = None
+        try:
+            await asyncio.wait_for(asyncio.to_thread(zygote.wait), 10)
+        except TimeoutError:
+            zygote.kill()
+        for process in list(self._workers.values()):
+            process.exit_reported(-signal.SIGKILL)
+
+    def _on_control(self) -> None:
+        assert self._control is not None
+        while True:
+            try:
+                data = self._control.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._zygote_gone()
+                return
+            self._on_message(pickle.loads(data))
+
+    def _on_message(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "spawned":
+            future = self._spawning.pop(message[1], None)
+            if future is not None and not future.done():
+                future.set_result(message[2])
+        elif kind == "exited":
+            process = self._workers.pop(message[1], None)
+            if process is not None:
+                process.exit_reported(message[2])
+        elif kind == "hello":
+            log.debug("worker zygote %d ready", message[1])
+
+    def _zygote_gone(self) -> None:
+        """The zygote died (its workers die with it): fail what waits, start afresh next time."""
+        control, zygote = self._control, self._zygote
+        self._control = self._zygote = None
+        if control is not None:
+            asyncio.get_running_loop().remove_reader(control.fileno())
+            control.close()
+        code = zygote.poll() if zygote is not None else None
+        log.error("the worker zygote exited (%s); workers will be restarted", describe_exit(code))
+        for future in self._spawning.values():
+            if not future.done():
+                future.set_exception(
+                    WorkerExit(f"the worker zygote exited ({describe_exit(code)})")
+                )
+        self._spawning.clear()
+        for process in list(self._workers.values()):
+            process.exit_reported(-signal.SIGKILL)
+        self._workers.clear()
+
+    def forget(self, pid: int) -> None:
+        self._workers.pop(pid, None)
+
+
+class WorkerProcess(asyncio.BufferedProtocol):
+    """One worker process: `call` sends a message and waits for its answer, one at a time."""
+
+    def __init__(self, pid: int, label: str, pool: WorkerPool) -> None:
+        self.pid = pid
+        self.label = label
+        self._pool = pool
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.exited: asyncio.Future[str] = loop.create_future()
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[Any] | None = None
+        self._on_chunk: ChunkCallback | None = None
+        self._inbox: list[Any] = []  # a message that arrived before anyone waited
+        self._lost = False
+        self._kill_timer: asyncio.TimerHandle | None = None
+        # Reading: small frames are parsed out of one reusable buffer; a frame larger than it
+        # gets a buffer of its own size that the socket reads into directly.
+        self._buffer = bytearray(_RECEIVE_BUFFER)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
+        self._frame: memoryview | None = None
+        self._frame_filled = 0
+
+    @property
+    def alive(self) -> bool:
+        return not self._lost and not self.exited.done()
+
+    async def connect(self, sock: socket.socket, log_fd: int) -> None:
+        await self._loop.create_unix_connection(lambda: self, sock=sock)
+        await self._loop.connect_read_pipe(
+            lambda: _LogLines(self.label), os.fdopen(log_fd, "rb", buffering=0)
+        )
+
+    # -- calls ------------------------------------------------------------------------------------
+
+    async def receive(self, timeout: float) -> Any:
+        """The next message from the worker (its start-up report); WorkerExit if it dies."""
+        return await self._wait(timeout, None)
+
+    async def call(
+        self, message: Any, timeout: float, on_chunk: ChunkCallback | None = None
+    ) -> Any:
+        """Send `message`; its answer, TimeoutError (the worker is then killed) or WorkerExit.
+
+        Only one call at a time. A caller cancelled mid-call kills the worker too: the answer
+        it was waiting for would otherwise be taken for the next call's.
+        """
+        if not self.alive or self._transport is None:
+            raise WorkerExit(self._exit_reason())
+        self._transport.writelines(wire.encode(message))
+        return await self._wait(timeout, on_chunk)
+
+    async def _wait(self, timeout: float, on_chunk: ChunkCallback | None) -> Any:
+        if self._inbox:
+            return self._inbox.pop(0)
+        if not self.alive:
+            raise WorkerExit(self._exit_reason())
+        waiter = self._loop.create_future()
+        self._waiter, self._on_chunk = waiter, on_chunk
+        timer = self._loop.call_later(timeout, _time_out, waiter)
+        try:
+            return await waiter
+        except (TimeoutError, asyncio.CancelledError):
+            self.kill()
+            raise
+        finally:
+            timer.cancel()
+            self._waiter = self._on_chunk = None
+
+    def send(self, message: Any) -> None:
+        """Send without waiting for an answer (the stop request)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(wire.encode(message))
+
+    def kill(self) -> None:
+        """SIGKILL, through the zygote (which owns the pid, so it cannot hit a reused one)."""
+        if not self.exited.done():
+            self._pool.kill(self.pid)
+
+    async def stop(self, grace_s: float) -> None:
+        """Ask the worker to exit; kill it if it has not within `grace_s`."""
+        self.send(("stop",))
+        try:
+            await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
+        except TimeoutError:
+            self.kill()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.exited), EXIT_REPORT_WAIT_S)
+            except TimeoutError:
+                self.exit_reported(-signal.SIGKILL)
+
+    # -- exit ------------------------------------------------------------------------------------
+
+    def exit_reported(self, code: int | None) -> None:
+        """The zygote reaped the worker (or is gone): the process no longer exists."""
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+        self._pool.forget(self.pid)
+        if not self.exited.done():
+            self.exited.set_result(describe_exit(code))
+        if self._transport is not None:
+            self._transport.close()
+        self._fail_waiter()
+
+    def _exit_reason(self) -> str:
+        if self.exited.done():
+            return self.exited.result()
+        return "its connection closed"
+
+    def _fail_waiter(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(WorkerExit(self._exit_reason()))
+
+    # -- asyncio.BufferedProtocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self.exited.done():
+            self._fail_waiter()
+            return
+        # The exit status follows from the zygote, normally within milliseconds; the waiter
+        # fails then, with it. A worker that closed its socket but lives on is killed.
+        self._kill_timer = self._loop.call_later(EXIT_REPORT_WAIT_S, self._exit_overdue)
+
+    def _exit_overdue(self) -> None:
+        self.kill()
+        self._kill_timer = self._loop.call_later(EXIT_REPORT_WAIT_S, self.exit_reported, None)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._frame is not None:
+            return self._frame[self._frame_filled :]
+        if self._end == len(self._buffer):
+            self._compact()
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._frame is not None:
+            self._frame_filled += nbytes
+            if self._frame_filled == len(self._frame):
+                frame, self._frame = self._frame, None
+                self._deliver(frame)
+            return
+        self._end += nbytes
+        self._parse()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def _parse(self) -> None:
+        while True:
+            pending = self._view[self._start : self._end]
+            try:
+                layout = wire.frame_layout(pending)
+            except wire.WireError as exc:
+                self._protocol_error(exc)
+                return
+            if layout is None:
+                if self._start == self._end:
+                    self._start = self._end = 0
+                return
+            _, total = layout
+            if total > len(self._buffer):
+                # A large frame: its own buffer, filled by the socket from here on.
+                frame = memoryview(bytearray(total))
+                have = len(pending)
+                frame[:have] = pending
+                self._start = self._end = 0
+                self._frame, self._frame_filled = frame, have
+                return
+            if len(pending) < total:
+                if self._start + total > len(self._buffer):
+                    self._compact()
+                return
+            # Copy out: arrays must not point into the reusable buffer.
+            frame = memoryview(bytes(pending[:total]))
+            self._start += total
+            self._deliver(frame)
+
+    def _compact(self) -> None:
+        size = self._end - self._start
+        self._buffer[:size] = self._buffer[self._start : self._end]
+        self._start, self._end = 0, size
+
+    def _deliver(self, frame: memoryview) -> None:
+        try:
+            message = wire.loads_restricted(frame)
+        except wire.WireError as exc:
+            self._protocol_error(exc)
+            return
+        if message[0] == "chunk":
+            if self._on_chunk is not None:
+                self._on_chunk(message[1])
+            return
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(message)
+        else:
+            self._inbox.append(message)
+
+    def _protocol_error(self, exc: Exception) -> None:
+        log.error("%s: %s; killing the worker", self.label, exc)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(WorkerExit(f"it sent an unreadable answer ({exc})"))
+        self.kill()
+
+
+def _time_out(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class _LogLines(asyncio.Protocol):
+    """A worker's stdout/stderr, one log record per line, under the worker's label."""
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._partial = b""
+
+    def data_received(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if len(self._partial) > _MAX_LOG_LINE:
+            lines.append(self._partial)
+            self._partial = b""
+        for line in lines:
+            self._emit(line)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._partial:
+            self._emit(self._partial)
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        if not line:
+            return
+        level = logging.INFO
+        first = line.split(" ", 1)[0]
+        if first in ("WARNING", "ERROR", "CRITICAL"):
+            level = logging.getLevelName(first)
+        worker_log.log(level, "[%s] %s", self._label, line)
+
+
+def describe_exit(code: int | None) -> str:
+    """`os.waitstatus_to_exitcode`'s code in words: "exit code 3", "signal 11 (SIGSEGV)"."""
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {-code} ({name})"
+    return f"exit code {code}"

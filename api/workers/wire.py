@@ -1,0 +1,198 @@
+"""Frames between the frontend and a worker process: pickle protocol 5, large buffers out of band.
+
+A frame is one message, written with one `writev`/`sendmsg` and no joining copy::
+
+    !II      meta_len, buffer_count
+    !Q * n   the length of each out-of-band buffer
+    meta     pickle protocol 5 of the message (tuples, dicts, str, bytes, numbers, numpy)
+    buffers  each out-of-band buffer, back to back
+
+numpy arrays travel out of band by themselves (protocol 5's `PickleBuffer`); a bytes value of
+`BLOB_BYTES` or more (an image body, say) does too once wrapped in `Blob`. The reader receives a
+frame into one buffer of the frame's size and unpickles arrays as views of it, so a tensor is
+copied by the kernel only.
+
+What the frontend unpickles comes from handler code, so `loads_restricted` accepts only
+builtin values and numpy arrays: a handler's torch tensor or custom object cannot make the
+frontend import torch (or anything) — the worker converts or refuses those (see `main.py`).
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+HEADER = struct.Struct("!II")
+LENGTH = struct.Struct("!Q")
+BLOB_BYTES = 64 * 1024
+# One frame at most; a bigger message is refused before anything is sent.
+MAX_FRAME_BYTES = 2**31
+
+_SAFE_GLOBALS = frozenset(
+    {
+        ("builtins", "bytes"),
+        ("builtins", "bytearray"),
+        ("builtins", "complex"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("collections", "OrderedDict"),
+    }
+)
+_SAFE_NUMPY = frozenset({"_reconstruct", "_frombuffer", "scalar", "dtype", "ndarray"})
+_NUMPY_MODULES = frozenset(
+    {
+        "numpy",
+        "numpy.core.multiarray",
+        "numpy._core.multiarray",
+        "numpy.core.numeric",
+        "numpy._core.numeric",
+    }
+)
+
+
+class WireError(Exception):
+    """A frame that cannot be built or read (too large, or an object not allowed across)."""
+
+
+class Blob:
+    """A bytes value sent out of band; it arrives as plain `bytes` (one copy, on arrival)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def blobs(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with large bytes wrapped in `Blob` (a request's inputs: the body, form files)."""
+    if not any(type(v) is bytes and len(v) >= BLOB_BYTES for v in values.values()):
+        return values
+    return {
+        k: Blob(v) if type(v) is bytes and len(v) >= BLOB_BYTES else v for k, v in values.items()
+    }
+
+
+def encode(message: Any) -> list[Any]:
+    """The parts of one frame, ready for `writelines` / `sendmsg`."""
+    buffers: list[pickle.PickleBuffer] = []
+    meta = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    raws = [buffer.raw() for buffer in buffers]
+    size = len(meta) + sum(raw.nbytes for raw in raws)
+    if size > MAX_FRAME_BYTES:
+        raise WireError(f"message of {size} bytes is over the {MAX_FRAME_BYTES}-byte frame limit")
+    header = HEADER.pack(len(meta), len(raws))
+    if raws:
+        header += b"".join(LENGTH.pack(raw.nbytes) for raw in raws)
+    return [header, meta, *raws]
+
+
+def frame_layout(prefix: bytes | memoryview) -> tuple[int, int] | None:
+    """(header length, total frame length) once `prefix` holds the whole header, else None."""
+    if len(prefix) < HEADER.size:
+        return None
+    meta_len, count = HEADER.unpack_from(prefix)
+    header_len = HEADER.size + LENGTH.size * count
+    if len(prefix) < header_len:
+        return None
+    lengths = struct.unpack_from(f"!{count}Q", prefix, HEADER.size)
+    total = header_len + meta_len + sum(lengths)
+    if total > MAX_FRAME_BYTES:
+        raise WireError(f"frame of {total} bytes is over the {MAX_FRAME_BYTES}-byte limit")
+    return header_len, total
+
+
+def split(frame: memoryview) -> tuple[memoryview, list[memoryview]]:
+    """A whole frame's pickle and its out-of-band buffers, as views of `frame`."""
+    meta_len, count = HEADER.unpack_from(frame)
+    lengths = struct.unpack_from(f"!{count}Q", frame, HEADER.size)
+    at = HEADER.size + LENGTH.size * count
+    meta = frame[at : at + meta_len]
+    at += meta_len
+    buffers = []
+    for length in lengths:
+        buffers.append(frame[at : at + length])
+        at += length
+    return meta, buffers
+
+
+def loads(frame: memoryview) -> Any:
+    """Unpickle a frame from the frontend (trusted: the worker's own parent)."""
+    meta, buffers = split(frame)
+    return pickle.loads(meta, buffers=buffers)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS or (module in _NUMPY_MODULES and name in _SAFE_NUMPY):
+            return super().find_class(module, name)
+        raise WireError(f"{module}.{name} may not cross from a worker to the frontend")
+
+
+def loads_restricted(frame: memoryview) -> Any:
+    """Unpickle a frame from a worker: builtin values and numpy arrays only."""
+    meta, buffers = split(frame)
+    try:
+        return _RestrictedUnpickler(io.BytesIO(meta), buffers=buffers).load()
+    except WireError:
+        raise
+    except Exception as exc:
+        raise WireError(f"unreadable frame from worker: {type(exc).__name__}: {exc}") from exc
+
+
+# -- blocking I/O, for the worker process ------------------------------------------------------
+
+
+def send(sock: socket.socket, parts: Sequence[Any]) -> None:
+    """Write one frame's parts with `sendmsg`, resuming after partial writes."""
+    views = [memoryview(part).cast("B") for part in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
+
+
+def receive(sock: socket.socket) -> memoryview | None:
+    """Read one whole frame into a buffer of its size; None at a clean end of stream.
+
+    Reads exactly the frame (header, lengths, body), never into the next one."""
+    header = _exactly(sock, HEADER.size, eof_ok=True)
+    if header is None:
+        return None
+    _, count = HEADER.unpack(header)
+    prefix = header + (_exactly(sock, LENGTH.size * count) or b"") if count else header
+    layout = frame_layout(prefix)
+    assert layout is not None
+    _, total = layout
+    frame = bytearray(total)
+    view = memoryview(frame)
+    got = len(prefix)
+    view[:got] = prefix
+    while got < total:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise WireError("stream ended inside a frame")
+        got += n
+    return view
+
+
+def _exactly(sock: socket.socket, size: int, *, eof_ok: bool = False) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            if eof_ok and not data:
+                return None
+            raise WireError("stream ended inside a frame header")
+        data += chunk
+    return data

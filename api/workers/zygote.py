@@ -1,0 +1,212 @@
+"""The zygote: imports torch once, then forks every worker process the frontend asks for.
+
+    python -m api.workers.zygote --control-fd FD [--cleanup DIR] [--preload torch,numpy,...]
+
+Importing torch costs a worker 1-2 s and a few hundred MiB; forked from a parent that imported
+it, every worker shares those pages copy-on-write and starts in milliseconds. The zygote only
+imports: it never runs a torch operation or touches CUDA (a forked child cannot use a CUDA
+context its parent created, and OpenMP pools do not survive a fork), and it freezes the garbage
+collector's view of the preloaded objects so collections in the workers do not dirty the shared
+pages.
+
+Control protocol, over a SOCK_SEQPACKET socket (one message per packet, pickled):
+
+    frontend -> zygote   ("spawn", request_id, WorkerSpec)  + fds [worker socket, log pipe]
+                         ("kill", pid)
+    zygote -> frontend   ("hello", pid)                    once preloading is done
+                         ("spawned", request_id, pid)
+                         ("exited", pid, returncode)       negative: killed by that signal
+
+Lifetime: nothing outlives the frontend. When the control socket ends (the frontend exited or
+was killed, even with SIGKILL) the zygote kills every worker, waits for them, removes the
+`--cleanup` directory (the extracted archives) and exits; each worker also has
+PR_SET_PDEATHSIG=SIGKILL, so it dies with the zygote whatever it is doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import importlib
+import logging
+import os
+import pickle
+import selectors
+import shutil
+import signal
+import socket
+import sys
+from typing import Any
+
+log = logging.getLogger("torchgate.zygote")
+
+PR_SET_PDEATHSIG = 1
+DEFAULT_PRELOAD = ("torch", "numpy", "ts.torch_handler.base_handler", "onnxruntime", "PIL.Image")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="torchgate-zygote")
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--cleanup", default=None)
+    parser.add_argument("--preload", default=",".join(DEFAULT_PRELOAD))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Ctrl-C reaches the whole foreground group: the frontend drains, then stops the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    control = socket.socket(fileno=args.control_fd)
+    control.setblocking(True)
+    gc.disable()
+    # TorchServe's base_handler logs what it does not find (OpenVINO, TensorRT) at import: that
+    # is every worker's business, not a warning at every start.
+    logging.getLogger().setLevel(logging.ERROR)
+    for name in filter(None, args.preload.split(",")):
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a missing optional package only costs its workers the import
+            log.info("not preloading %s: %s", name, exc)
+    logging.getLogger().setLevel(logging.INFO)
+    gc.freeze()
+    Zygote(control, args.cleanup).run()
+
+
+class Zygote:
+    def __init__(self, control: socket.socket, cleanup: str | None) -> None:
+        self._control = control
+        self._cleanup = cleanup
+        self._selector = selectors.DefaultSelector()
+        self._children: dict[int, int] = {}  # pid -> pidfd
+
+    def run(self) -> None:
+        self._send(("hello", os.getpid()))
+        self._selector.register(self._control, selectors.EVENT_READ)
+        try:
+            while self._serve_once():
+                pass
+        finally:
+            self._shutdown()
+
+    def _serve_once(self) -> bool:
+        for key, _ in self._selector.select():
+            if key.fileobj is self._control:
+                if not self._on_control():
+                    return False
+            else:
+                self._reap(key.data)
+        return True
+
+    def _on_control(self) -> bool:
+        try:
+            data, fds, _, _ = socket.recv_fds(self._control, 1 << 20, 4)
+        except ConnectionError:
+            return False
+        if not data:
+            return False  # the frontend is gone
+        message = pickle.loads(data)
+        if message[0] == "spawn":
+            _, request_id, spec = message
+            pid = self._fork(spec, fds)
+            self._send(("spawned", request_id, pid))
+        elif message[0] == "kill":
+            self._kill(message[1])
+        for fd in fds if message[0] != "spawn" else ():
+            os.close(fd)
+        return True
+
+    def _fork(self, spec: Any, fds: list[int]) -> int:
+        data_fd, log_fd = fds
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                self._become_worker(spec, data_fd, log_fd)
+                code = 0
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
+                os._exit(code)
+        os.close(data_fd)
+        os.close(log_fd)
+        pidfd = os.pidfd_open(pid)
+        self._children[pid] = pidfd
+        self._selector.register(pidfd, selectors.EVENT_READ, pid)
+        return pid
+
+    def _become_worker(self, spec: Any, data_fd: int, log_fd: int) -> None:
+        """Runs in the forked child: detach from the zygote's state, then serve."""
+        parent = os.getppid()
+        _set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != parent:  # the zygote died before the line above
+            os._exit(1)
+        self._selector.close()
+        self._control.close()
+        for pidfd in self._children.values():
+            os.close(pidfd)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        gc.enable()
+        logging.basicConfig(
+            level="INFO",
+            stream=sys.stderr,
+            format="%(levelname)s %(name)s: %(message)s",
+            force=True,
+        )
+        from api.workers.main import run
+
+        run(spec, socket.socket(fileno=data_fd))
+
+    def _reap(self, pid: int) -> None:
+        pidfd = self._children.pop(pid)
+        self._selector.unregister(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        self._send(("exited", pid, os.waitstatus_to_exitcode(status)))
+
+    def _kill(self, pid: int) -> None:
+        pidfd = self._children.get(pid)
+        if pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        # OSError: the frontend is gone; the loop sees the end of the socket next.
+        with contextlib.suppress(OSError):
+            self._control.send(pickle.dumps(message))
+
+    def _shutdown(self) -> None:
+        for pid in list(self._children):
+            self._kill(pid)
+        for pid, pidfd in list(self._children.items()):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            os.close(pidfd)
+        self._children.clear()
+        if self._cleanup:
+            shutil.rmtree(self._cleanup, ignore_errors=True)
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    """Linux: deliver `sig` to this process when its parent (the zygote) exits."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the zygote's shutdown still kills workers
+        pass
+
+
+if __name__ == "__main__":
+    main()
