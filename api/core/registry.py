@@ -61,8 +61,12 @@ class ModelVersion:
     @property
     def unavailable(self) -> str | None:
         """Why this version cannot take requests now, or None when it can."""
-        if self.state is not ModelState.READY and self.state is not ModelState.FAILED:
-            return f"Model {self.name} version {self.version} is not ready ({self.state.value})"
+        what = f"Model {self.name} version {self.version}"
+        errors = "; ".join(slot.last_error for slot in self.workers if slot.last_error)
+        if self.state is ModelState.FAILED:
+            return f"{what} failed: {errors or 'no worker could be started'}"
+        if self.state is not ModelState.READY:
+            return f"{what} is not ready ({self.state.value})"
         # A remote backend reports why its server cannot serve (see `Backend`).
         remote: str | None = getattr(self.backend, "unavailable", None)
         if remote is not None:
@@ -70,10 +74,8 @@ class ModelVersion:
         if any(slot.live for slot in self.workers):
             return None
         if not self.workers:
-            return f"Model {self.name} version {self.version} has no workers"
-        errors = "; ".join(slot.last_error for slot in self.workers if slot.last_error)
-        what = "failed" if self.state is ModelState.FAILED else "has no live worker"
-        return f"Model {self.name} version {self.version} {what}: {errors or 'starting'}"
+            return f"{what} has no workers"
+        return f"{what} has no live worker: {errors or 'starting'}"
 
     def health_changed(self) -> None:
         """A worker died, failed to start or came back: FAILED once no worker lives and a slot

@@ -60,14 +60,20 @@ class WorkerPool:
         self._ids = itertools.count()
         self._spawning: dict[int, asyncio.Future[int]] = {}
         self._workers: dict[int, WorkerProcess] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def zygote_pid(self) -> int | None:
         return self._zygote.pid if self._zygote is not None else None
 
     def start(self) -> None:
-        """Start the zygote now (idempotent); spawning would start it anyway."""
+        """Start the zygote now (idempotent); spawning would start it anyway.
+
+        The zygote outlives an event loop: a pool used from a new loop (a test suite's next
+        `asyncio.run`) reads its control socket there, and forgets what the old loop awaited.
+        """
         if self._control is not None:
+            self._attach()
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         command = [self._python, "-m", "api.workers.zygote", "--control-fd", str(theirs.fileno())]
@@ -89,7 +95,19 @@ class WorkerPool:
         theirs.close()
         ours.setblocking(False)
         self._control = ours
-        asyncio.get_running_loop().add_reader(ours.fileno(), self._on_control)
+        self._attach()
+
+    def _attach(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop:
+            return
+        assert self._control is not None
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._control.fileno())
+        self._loop = loop
+        self._spawning.clear()
+        self._workers.clear()
+        loop.add_reader(self._control.fileno(), self._on_control)
 
     async def spawn(self, spec: Any, *, label: str) -> WorkerProcess:
         """Fork a worker running `api.workers.main.run(spec, ...)`; `label` prefixes its log."""
@@ -138,7 +156,7 @@ class WorkerPool:
         control, zygote = self._control, self._zygote
         if control is None or zygote is None:
             return
-        asyncio.get_running_loop().remove_reader(control.fileno())
+        self._detach()
         control.close()
         self._control = self._zygote = None
         try:
@@ -147,6 +165,11 @@ class WorkerPool:
             zygote.kill()
         for process in list(self._workers.values()):
             process.exit_reported(-signal.SIGKILL)
+
+    def _detach(self) -> None:
+        if self._loop is not None and not self._loop.is_closed() and self._control is not None:
+            self._loop.remove_reader(self._control.fileno())
+        self._loop = None
 
     def _on_control(self) -> None:
         assert self._control is not None
@@ -178,10 +201,10 @@ class WorkerPool:
     def _zygote_gone(self) -> None:
         """The zygote died (its workers die with it): fail what waits, start afresh next time."""
         control, zygote = self._control, self._zygote
-        self._control = self._zygote = None
         if control is not None:
-            asyncio.get_running_loop().remove_reader(control.fileno())
+            self._detach()
             control.close()
+        self._control = self._zygote = None
         code = zygote.poll() if zygote is not None else None
         log.error("the worker zygote exited (%s); workers will be restarted", describe_exit(code))
         for future in self._spawning.values():
@@ -213,6 +236,7 @@ class WorkerProcess(asyncio.BufferedProtocol):
         self._on_chunk: ChunkCallback | None = None
         self._inbox: list[Any] = []  # a message that arrived before anyone waited
         self._lost = False
+        self._killed = False  # kill() was called: the exit report may still be on its way
         self._kill_timer: asyncio.TimerHandle | None = None
         # Reading: small frames are parsed out of one reusable buffer; a frame larger than it
         # gets a buffer of its own size that the socket reads into directly.
@@ -224,7 +248,7 @@ class WorkerProcess(asyncio.BufferedProtocol):
 
     @property
     def alive(self) -> bool:
-        return not self._lost and not self.exited.done()
+        return not (self._lost or self._killed or self.exited.done())
 
     async def connect(self, sock: socket.socket, log_fd: int) -> None:
         await self._loop.create_unix_connection(lambda: self, sock=sock)
@@ -274,7 +298,12 @@ class WorkerProcess(asyncio.BufferedProtocol):
             self._transport.writelines(wire.encode(message))
 
     def kill(self) -> None:
-        """SIGKILL, through the zygote (which owns the pid, so it cannot hit a reused one)."""
+        """SIGKILL, through the zygote (which owns the pid, so it cannot hit a reused one).
+
+        The worker counts as dead from here on: a batch taken for it before the zygote reports
+        the exit goes back to the queue instead of failing against a process being killed.
+        """
+        self._killed = True
         if not self.exited.done():
             self._pool.kill(self.pid)
 
