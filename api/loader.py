@@ -74,7 +74,9 @@ class ModelLoader:
         version: str | None = None,
         make_default: bool = False,
         extra: dict[str, Any] | None = None,
+        keep_failed: bool = False,
     ) -> ModelVersion:
+        """Register the archive at `url`; `keep_failed` as in `Registry.register` (start-up)."""
         if _wants_torchserve(url, extra):
             return await self._register_torchserve(
                 url, settings, model_name, version, make_default, extra or {}
@@ -97,6 +99,7 @@ class ModelLoader:
                 settings,
                 make_default=make_default,
                 backend_info={"kind": "local", **(extra or {})},
+                keep_failed=keep_failed,
             )
         except BaseException:
             await backend.close()
@@ -160,13 +163,16 @@ class ModelLoader:
                     version=entry.version,
                     make_default=entry.default,
                     extra=entry.extra,
+                    keep_failed=True,
                 )
             except Exception as exc:
                 errors.append(f"{entry.name} {entry.version} ({entry.mar_name}): {exc}")
         listed = {entry.mar_name for entry in self.config.models}
         for url, name in _extra_startup_archives(self.config, wanted, listed):
             try:
-                await self.register(url, self.config.model_settings(), model_name=name)
+                await self.register(
+                    url, self.config.model_settings(), model_name=name, keep_failed=True
+                )
             except Exception as exc:
                 errors.append(f"{url}: {exc}")
         for line in errors:

@@ -169,6 +169,7 @@ async def restore(data: Mapping[str, Any], loader: ModelLoader, router: TrafficR
     """Register the snapshot's versions and apply its policies; one error line per failure.
 
     A version that fails to load does not stop the others; a policy that names it is skipped.
+    A handler that fails to start keeps its version registered, retried (see `Registry.register`).
     """
     errors: list[str] = []
     for name, versions in data["models"].items():
@@ -184,6 +185,7 @@ async def restore(data: Mapping[str, Any], loader: ModelLoader, router: TrafficR
                     version=version,
                     make_default=bool(entry.get("defaultVersion")),
                     extra={k: v for k, v in entry.items() if k.startswith("torchgate")},
+                    keep_failed=True,
                 )
             except Exception as exc:
                 errors.append(f"{name} {version} ({entry.get('marName')}): {exc}")

@@ -22,6 +22,7 @@ from api.core.types import Backend, ModelSettings, NullObserver, Observer
 from api.errors import (
     BadRequest,
     Conflict,
+    HandlerLoadError,
     ModelNotFound,
     ModelNotReady,
     TorchgateError,
@@ -149,11 +150,15 @@ class Registry:
         *,
         make_default: bool = False,
         backend_info: dict[str, Any] | None = None,
+        keep_failed: bool = False,
     ) -> ModelVersion:
         """Load a model version and start its `min_workers` workers.
 
         The first version of a model becomes its default. Raises `Conflict` if the version
-        exists; a backend that fails to load raises and leaves nothing registered.
+        exists; a backend that fails to load raises and leaves nothing registered. A handler
+        that fails to start raises `HandlerLoadError` too, unless `keep_failed` (server
+        start-up, as TorchServe): then the version stays registered, its workers keep being
+        retried with backoff, and it reports the handler's error until one starts.
         """
         async with self._lock:
             if version in self._models.get(name, {}):
@@ -169,7 +174,9 @@ class Registry:
                 name, version, url, settings, backend, batcher, backend_info=backend_info or {}
             )
             try:
-                await self._start_workers(model_version, settings.min_workers)
+                await self._start_workers(
+                    model_version, settings.min_workers, keep_failed=keep_failed
+                )
             except BaseException:
                 await self._stop_workers(model_version, len(model_version.workers))
                 await backend.close()
@@ -286,13 +293,22 @@ class Registry:
 
     # -- internals -----------------------------------------------------------------------------
 
-    async def _start_workers(self, model_version: ModelVersion, count: int) -> None:
-        """Start `count` more workers; the first start of each must succeed (else raise), later
-        restarts are the supervisor's."""
+    async def _start_workers(
+        self, model_version: ModelVersion, count: int, *, keep_failed: bool = False
+    ) -> None:
+        """Start `count` more workers; the first start of each must succeed (else raise) unless
+        `keep_failed`, which leaves a failed slot to the supervisor's retries, as later restarts
+        are."""
         label = f"{model_version.name}/{model_version.version}"
         for _ in range(count):
             index = _free_index(model_version)
-            slot = WorkerSlot(index, await model_version.backend.start_worker(index))
+            try:
+                slot = WorkerSlot(index, await model_version.backend.start_worker(index))
+            except HandlerLoadError as exc:
+                if not keep_failed:
+                    raise
+                log.error("%s worker %d failed to start: %s", label, index, exc.message)
+                slot = WorkerSlot(index, None, failed_starts=1, last_error=exc.message)
             slot.task = asyncio.create_task(
                 supervise(
                     slot,

@@ -70,8 +70,14 @@ async def supervise(
     on_change: Callable[[], None],
     label: str,
 ) -> None:
-    """Serve and replace the slot's worker until cancelled (see the module docstring)."""
+    """Serve and replace the slot's worker until cancelled (see the module docstring).
+
+    A slot may begin without a worker (its first start failed, at server start-up): it is
+    then started with backoff first, as a replacement would be.
+    """
     while True:
+        if slot.worker is None:
+            await _start_with_backoff(slot, start, on_change, label)
         worker = slot.worker
         assert worker is not None
         reason = await _serve_until_exit(batcher, worker)
@@ -79,30 +85,37 @@ async def supervise(
         slot.last_error = f"worker {slot.index} {reason}"
         log.warning("%s worker %d exited (%s); restarting it", label, slot.index, reason)
         on_change()
-        while slot.worker is None:
-            await asyncio.sleep(
-                RESTART_BACKOFF_S[min(slot.failed_starts, len(RESTART_BACKOFF_S) - 1)]
+
+
+async def _start_with_backoff(
+    slot: WorkerSlot, start: StartWorker, on_change: Callable[[], None], label: str
+) -> None:
+    first = slot.restarts == 0 and slot.failed_starts > 0  # never served yet
+    while slot.worker is None:
+        await asyncio.sleep(RESTART_BACKOFF_S[min(slot.failed_starts, len(RESTART_BACKOFF_S) - 1)])
+        try:
+            replacement = await start(slot.index)
+        except Exception as exc:
+            slot.failed_starts += 1
+            slot.last_error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            log.error(
+                "%s worker %d failed to start (%d in a row): %s",
+                label,
+                slot.index,
+                slot.failed_starts,
+                slot.last_error,
             )
-            try:
-                replacement = await start(slot.index)
-            except Exception as exc:
-                slot.failed_starts += 1
-                slot.last_error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-                log.error(
-                    "%s worker %d failed to start (%d in a row): %s",
-                    label,
-                    slot.index,
-                    slot.failed_starts,
-                    slot.last_error,
-                )
-                on_change()
-                continue
-            slot.worker = replacement
-            slot.failed_starts = 0
-            slot.restarts += 1
-            slot.started_at = time.time()
-            log.info("%s worker %d restarted (%d restarts)", label, slot.index, slot.restarts)
             on_change()
+            continue
+        slot.worker = replacement
+        slot.failed_starts = 0
+        slot.started_at = time.time()
+        if first:
+            log.info("%s worker %d started", label, slot.index)
+        else:
+            slot.restarts += 1
+            log.info("%s worker %d restarted (%d restarts)", label, slot.index, slot.restarts)
+        on_change()
 
 
 async def _serve_until_exit(batcher: Batcher, worker: Worker) -> str:

@@ -124,9 +124,39 @@ def split(frame: memoryview) -> tuple[memoryview, list[memoryview]]:
 
 
 def loads(frame: memoryview) -> Any:
-    """Unpickle a frame from the frontend (trusted: the worker's own parent)."""
+    """Unpickle a frame from the frontend (trusted: the worker's own parent).
+
+    numpy arrays come back as writable views of `frame`, whatever they were at the sender.
+    """
     meta, buffers = split(frame)
-    return pickle.loads(meta, buffers=buffers)
+    return _FrameUnpickler(io.BytesIO(meta), frame, buffers=buffers).load()
+
+
+class _FrameUnpickler(pickle.Unpickler):
+    """Pickle marks a buffer that was read-only at the sender (a v2 binary tensor is a view of
+    the request body) read-only here too. The frame is this process's own memory, so such an
+    array is rebuilt as a writable view of the same bytes: handlers get writable arrays
+    (torch.from_numpy warns on read-only ones) without a copy."""
+
+    def __init__(self, file: io.BytesIO, frame: memoryview, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self._frame = frame
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name == "_frombuffer" and module in _NUMPY_MODULES:
+            return self._frombuffer
+        return super().find_class(module, name)
+
+    def _frombuffer(self, buffer: Any, dtype: Any, shape: Any, order: str) -> Any:
+        import numpy as np
+
+        array = np.frombuffer(buffer, dtype=dtype)
+        if not array.flags.writeable and array.nbytes:
+            frame = np.frombuffer(self._frame, np.uint8)
+            offset = array.ctypes.data - frame.ctypes.data
+            if 0 <= offset <= frame.nbytes - array.nbytes and self._frame.readonly is False:
+                array = np.frombuffer(self._frame, dtype, count=array.size, offset=offset)
+        return array.reshape(shape, order=order)
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

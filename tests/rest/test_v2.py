@@ -305,8 +305,9 @@ def test_plain_answers_become_bytes_tensors(
 ) -> None:
     async def scenario() -> None:
         async with serving(tmp_path) as s:
-            request = {"inputs": [x_input([[1.0, 2.0]])], "parameters": {"answer": answer}}
-            response = await s.client.post("/v2/models/plain/infer", json=request)
+            request = {"inputs": [x_input([[1.0, 2.0]])]}
+            headers = {"x-answer": answer}  # a plain handler never sees v2 parameters
+            response = await s.client.post("/v2/models/plain/infer", json=request, headers=headers)
             assert response.json()["outputs"] == [output]
 
     run(scenario())

@@ -204,7 +204,10 @@ def test_explicit_version_and_requested_outputs(tmp_path: Path) -> None:
 def test_plain_answers_become_bytes_tensors(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with serving(tmp_path) as client:
-            response = await client.stub.ModelInfer(infer_request(model="plain", answer="label"))
+            # A plain handler never sees v2 parameters: the fake reads its answer from metadata.
+            response = await client.stub.ModelInfer(
+                infer_request(model="plain"), metadata=(("x-answer", "label"),)
+            )
             [output] = response.outputs
             assert (output.name, output.datatype, list(output.shape)) == ("output0", "BYTES", [1])
             assert outputs_of(response)["output0"].tolist() == [b'{"7":0.9,"1":0.1}']

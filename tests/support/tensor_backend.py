@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from api.core.types import InferenceRequest, ModelSettings, Prediction
+from api.core.types import InferenceRequest, ModelSettings, Prediction, header_value
 from tests.support.fake_backend import write_fake_archive
 
 SIGNATURE: dict[str, Any] = {
@@ -32,7 +32,9 @@ class TensorWorker:
     """Answers v2 items as torchgate's handlers do, or as a plain handler would when asked.
 
     Request parameter "answer": "label" -> `{"7": 0.9}`; "text" -> a str; "fail" -> the item
-    fails alone with 400; "raise" -> the whole batch raises.
+    fails alone with 400; "raise" -> the whole batch raises. A plain archive's items carry no
+    v2 parameters (they get what /predictions would give, see `api.v2.bridge`): for those the
+    answer comes from the request header "x-answer" (default "text").
     """
 
     device = "cpu"
@@ -42,12 +44,11 @@ class TensorWorker:
 
     async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
         self.backend.seen.extend(batch)
-        if any(r.inputs["body"]["parameters"].get("answer") == "raise" for r in batch):
+        if any(_answer_asked(r) == "raise" for r in batch):
             raise RuntimeError("the handler raised")
-        return [self._answer(r.inputs["body"]) for r in batch]
+        return [self._answer(r.inputs["body"], _answer_asked(r)) for r in batch]
 
-    def _answer(self, body: dict[str, Any]) -> Prediction:
-        answer = body["parameters"].get("answer")
+    def _answer(self, body: Any, answer: str | None) -> Prediction:
         if answer == "label":
             return Prediction({"7": 0.9, "1": 0.1})
         if answer == "text":
@@ -68,6 +69,14 @@ class TensorWorker:
 
     async def close(self) -> None:
         pass
+
+
+def _answer_asked(request: InferenceRequest) -> str | None:
+    body = request.inputs.get("body")
+    if isinstance(body, dict) and "parameters" in body:
+        asked: str | None = body["parameters"].get("answer")
+        return asked
+    return header_value(request.headers, "x-answer") or "text"
 
 
 @dataclass(eq=False)

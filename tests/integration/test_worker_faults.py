@@ -1,0 +1,297 @@
+"""A handler's crash, hang, interpreter-lock hog or failed start costs only its own requests.
+
+A real `torchgate serve` hosts two archives built with torch-model-archiver: `faulty`, whose
+handler does what its request body says (`os._exit`, a segfault through ctypes, sleep forever,
+spin holding its interpreter's lock), and `steady`, a plain echo model. While each fault
+happens, a client keeps sending requests to `steady`: none may fail, and none may wait long
+(the frontend's event loop never runs handler code). The faulty version then serves again by
+itself: its worker was restarted, no operator involved.
+
+Other tests here: a handler whose `initialize` raises marks its version FAILED with the
+handler's message after a few tries and recovers once the cause is gone; SIGTERM drains and
+exits on one signal, hung handler and all; after a stop or a SIGKILL of the frontend no worker
+process and no extracted archive is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.archives import build_archive
+from tests.support.server import TorchgateServer, running_torchgate
+
+pytestmark = pytest.mark.integration
+
+FAULTY = """
+    import ctypes
+    import os
+    import time
+
+    def handle(data, context):
+        if data is None:
+            return None
+        out = []
+        for row in data:
+            body = row.get("body") or row.get("data")
+            if isinstance(body, (bytes, bytearray)):
+                body = body.decode()
+            if body == "exit":
+                os._exit(3)
+            if body == "segv":
+                ctypes.string_at(0)
+            if body == "hang":
+                time.sleep(3600)
+            if body == "spin":  # pure Python: holds this worker's interpreter lock throughout
+                end = time.monotonic() + 12
+                while time.monotonic() < end:
+                    pass
+            out.append({"pid": os.getpid(), "echo": body})
+        return out
+"""
+
+ECHO = """
+    def handle(data, context):
+        if data is None:
+            return None
+        return [row.get("body") or row.get("data") for row in data]
+"""
+
+FLAKY_INIT = """
+    import os
+
+    FLAG = {flag!r}
+
+    class Handler:
+        def initialize(self, context):
+            if os.path.exists(FLAG):
+                raise RuntimeError("weights are missing: " + FLAG)
+
+        def handle(self, data, context):
+            return ["up"] * len(data)
+"""
+
+RESPONSE_TIMEOUT_S = 2
+
+
+def config(store: Path, load: str, extra: str = "") -> str:
+    return (
+        f"model_store={store}\nload_models={load}\n"
+        'models={"faulty": {"1.0": {"marName": "faulty.mar", "responseTimeout": '
+        f"{RESPONSE_TIMEOUT_S}}}}}}}\n{extra}"
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("faults")
+    store = root / "store"
+    store.mkdir()
+    build_archive(root, "faulty", "faulty.py", {"faulty.py": FAULTY}, export_dir=store)
+    build_archive(root, "steady", "echo.py", {"echo.py": ECHO}, export_dir=store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(store: Path) -> Iterator[TorchgateServer]:
+    with running_torchgate(config(store, "faulty.mar,steady.mar")) as server:
+        yield server
+
+
+def worker_pids(server: TorchgateServer, model: str) -> list[int]:
+    described = httpx.get(f"{server.management_url}/models/{model}").json()
+    return [int(w["pid"]) for w in described[0]["workers"] if w["status"] == "READY"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def wait_until(condition: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+async def steady_traffic(url: str, stop: asyncio.Event) -> list[tuple[int, float]]:
+    """(status, seconds) of each request to `steady`, one after another, until `stop`."""
+    seen: list[tuple[int, float]] = []
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        while not stop.is_set():
+            started = time.monotonic()
+            reply = await client.post("/predictions/steady", content=b"ping")
+            seen.append((reply.status_code, time.monotonic() - started))
+            await asyncio.sleep(0.01)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "message"),
+    [
+        ("exit", 500, "exit code 3"),
+        ("segv", 500, "signal 11 (SIGSEGV)"),
+        ("hang", 504, "responseTimeout"),
+        ("spin", 504, "responseTimeout"),
+    ],
+)
+def test_a_fault_costs_only_its_own_requests(
+    server: TorchgateServer, fault: str, status: int, message: str
+) -> None:
+    [before] = worker_pids(server, "faulty")
+
+    async def scenario() -> tuple[httpx.Response, list[tuple[int, float]], float]:
+        stop = asyncio.Event()
+        traffic = asyncio.create_task(steady_traffic(server.inference_url, stop))
+        await asyncio.sleep(0.2)
+        async with httpx.AsyncClient(base_url=server.inference_url, timeout=60) as client:
+            started = time.monotonic()
+            faulted = await client.post("/predictions/faulty", content=fault.encode())
+            took = time.monotonic() - started
+            # Serves again by itself: the next request is answered by a new worker.
+            deadline = time.monotonic() + 20
+            while (await client.post("/predictions/faulty", content=b"ok")).status_code != 200:
+                assert time.monotonic() < deadline, "the faulty version did not come back"
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        stop.set()
+        return faulted, await traffic, took
+
+    faulted, seen, took = asyncio.run(scenario())
+    assert faulted.status_code == status, faulted.text
+    assert message in faulted.json()["message"]
+    if status == 504:  # at the deadline, not when the handler would have let go
+        assert took < RESPONSE_TIMEOUT_S + 2
+    assert seen and all(code == 200 for code, _ in seen), [c for c, _ in seen if c != 200]
+    # The event loop never waited on the fault: every steady request stayed fast.
+    assert max(seconds for _, seconds in seen) < 1.0
+    [after] = worker_pids(server, "faulty")
+    assert after != before and not alive(before)
+    described = httpx.get(f"{server.management_url}/models/faulty").json()[0]
+    assert described["status"] == "READY"
+    assert described["workers"][0]["restarts"] >= 1
+
+
+def test_requests_queued_behind_a_crash_are_served_by_the_replacement(
+    server: TorchgateServer,
+) -> None:
+    async def scenario() -> list[int]:
+        async with httpx.AsyncClient(base_url=server.inference_url, timeout=60) as client:
+            hang = asyncio.create_task(client.post("/predictions/faulty", content=b"hang"))
+            await asyncio.sleep(0.3)
+            queued = [
+                asyncio.create_task(client.post("/predictions/faulty", content=b"ok"))
+                for _ in range(3)
+            ]
+            return [(await hang).status_code] + [(await r).status_code for r in queued]
+
+    statuses = asyncio.run(scenario())
+    # The hung batch answers 504; the queued requests share its deadline window, so each gets
+    # either the replacement's answer or its own 504, never a 500 from the killed worker.
+    assert statuses[0] == 504
+    assert all(code in (200, 504) for code in statuses[1:]), statuses
+
+
+def test_worker_logs_reach_the_server_log_under_the_models_name(
+    server: TorchgateServer,
+) -> None:
+    log = server.log_text()
+    assert "[faulty/1.0 w0]" in log
+    assert "Segmentation fault" in log or "signal 11" in log
+
+
+def test_a_handler_failing_to_start_marks_its_version_failed_then_recovers(
+    tmp_path: Path,
+) -> None:
+    flag = tmp_path / "missing-weights"
+    flag.touch()
+    store = tmp_path / "store"
+    store.mkdir()
+    source = FLAKY_INIT.format(flag=str(flag))
+    build_archive(tmp_path, "flaky", "flaky.py", {"flaky.py": source}, export_dir=store)
+    build_archive(tmp_path, "steady", "echo.py", {"echo.py": ECHO}, export_dir=store)
+    with running_torchgate(config(store, "flaky.mar,steady.mar"), healthy=False) as server:
+        management = httpx.Client(base_url=server.management_url)
+
+        def status() -> dict[str, Any]:
+            described: dict[str, Any] = management.get("/models/flaky").json()[0]
+            return described
+
+        wait_until(lambda: status()["status"] == "FAILED")
+        described = status()
+        assert "weights are missing" in described["error"]
+        assert described["workers"][0]["status"] == "FAILED"
+        refused = httpx.post(f"{server.inference_url}/predictions/flaky", content=b"x")
+        assert refused.status_code == 503
+        assert "weights are missing" in refused.json()["message"]
+        assert httpx.get(f"{server.inference_url}/v2/models/flaky/ready").status_code == 503
+        assert httpx.get(f"{server.inference_url}/ping").status_code == 500
+        assert httpx.post(f"{server.inference_url}/predictions/steady", content=b"x").text == "x"
+
+        flag.unlink()  # the cause is fixed: the retries find it, no operator needed
+        wait_until(lambda: status()["status"] == "READY", timeout=30)
+        answer = httpx.post(f"{server.inference_url}/predictions/flaky", content=b"x")
+        assert answer.text == "up"
+        assert httpx.get(f"{server.inference_url}/ping").status_code == 200
+
+
+def test_sigterm_drains_a_hung_handler_and_exits_on_one_signal(store: Path) -> None:
+    with running_torchgate(config(store, "faulty.mar,steady.mar")) as server:
+        pids = worker_pids(server, "faulty") + worker_pids(server, "steady")
+        zygote = parent_of(pids[0])
+
+        async def scenario() -> tuple[int, float, int]:
+            async with httpx.AsyncClient(base_url=server.inference_url, timeout=60) as client:
+                hang = asyncio.create_task(client.post("/predictions/faulty", content=b"hang"))
+                await asyncio.sleep(0.3)
+                server.process.send_signal(signal.SIGTERM)
+                started = time.monotonic()
+                reply = await hang
+                code = await asyncio.to_thread(server.process.wait, 30)
+                return reply.status_code, time.monotonic() - started, code
+
+        status, took, code = asyncio.run(scenario())
+        assert status == 504  # answered at its deadline, not dropped
+        assert code == 0
+        assert took < RESPONSE_TIMEOUT_S + 10
+        for pid in [*pids, zygote]:
+            wait_until(lambda pid=pid: not alive(pid), timeout=10)
+
+
+def test_nothing_outlives_a_killed_frontend(store: Path) -> None:
+    with running_torchgate(config(store, "faulty.mar,steady.mar")) as server:
+        pids = worker_pids(server, "faulty") + worker_pids(server, "steady")
+        zygote = parent_of(pids[0])
+        model_dirs = [Path(os.readlink(f"/proc/{pid}/cwd")) for pid in pids]
+        assert all(d.exists() for d in model_dirs)
+        server.kill()  # SIGKILL: no drain, no cleanup code in the frontend runs
+        for pid in [*pids, zygote]:
+            wait_until(lambda pid=pid: not alive(pid), timeout=10)
+        wait_until(lambda: not any(d.exists() for d in model_dirs), timeout=10)
+
+
+def test_the_frontend_never_loads_torch_or_handler_code(server: TorchgateServer) -> None:
+    """libtorch is mapped in the workers (and their zygote), never in the serving process."""
+    httpx.post(f"{server.inference_url}/predictions/steady", content=b"x").raise_for_status()
+    frontend = Path(f"/proc/{server.process.pid}/maps").read_text()
+    assert "libtorch" not in frontend
+    [worker] = worker_pids(server, "steady")
+    assert "libtorch" in Path(f"/proc/{worker}/maps").read_text()
+    assert Path(os.readlink(f"/proc/{worker}/cwd")).name.startswith("steady")
