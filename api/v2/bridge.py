@@ -26,8 +26,9 @@ signature's ``inputs`` (what ``GET /v2/models/{m}[/versions/{v}]`` shows): every
 there and no other, each with the declared datatype and a shape that fits: the same rank with
 equal static dims, or, under a dynamic batch dim, rows of the same size (``[N, 64]`` fits
 ``[-1, 1, 8, 8]``, as handlers reshape). A mismatch is 400 / INVALID_ARGUMENT before the
-request is queued; handlers never see an INT32 tensor for an FP32 input, silently cast. The signature checked, and rule 2, are those of the version the request
-is routed to (an A/B split may route to a version with another signature), for any backend.
+request is queued; handlers never see an INT32 tensor for an FP32 input, silently cast. The
+signature checked, and rule 2, are those of the version the request is routed to (an A/B split
+may route to a version with another signature), for any backend.
 """
 
 from __future__ import annotations

@@ -1,21 +1,24 @@
-"""LocalBackend: handler kinds, the TorchServe context, per-item outcomes, failures, isolation."""
+"""WorkerBackend: handler kinds, the TorchServe context, per-item outcomes, failures, and what
+worker processes give each archive (its own process, working directory and `sys.path`)."""
 
 from __future__ import annotations
 
+import os
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from api.backends.archive import ArchiveError
-from api.backends.loader import HandlerLoadError
-from api.backends.local import LocalBackend, LocalWorker, load_local_backend
+from api.backends.archive import ArchiveError, open_archive
+from api.backends.workers import ProcessWorker, WorkerBackend, load_worker_backend
 from api.core.types import InferenceRequest, ModelSettings, Prediction
-from api.errors import BadRequest, InferenceFailed, ModelNotReady
-from tests.backends.conftest import BuildArchive, requests, run, settings
+from api.errors import BadRequest, HandlerLoadError, InferenceFailed, ModelNotReady
+from api.workers.main import WorkerSpec, _device
+from api.workers.pool import WorkerPool
+from tests.backends.conftest import BuildArchive, manifest, requests, run, settings, write_zip
 
 ECHO = """
     def handle(data, context):

@@ -162,9 +162,7 @@ def _wait_healthy(server: TorchgateServer, timeout: float, ping: str | None) -> 
                 return
         else:
             try:
-                with urllib.request.urlopen(
-                    f"{server.inference_url}{ping}", timeout=5
-                ) as response:
+                with urllib.request.urlopen(f"{server.inference_url}{ping}", timeout=5) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):

@@ -11,7 +11,7 @@ from ts.metrics.dimension import Dimension
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError, MetricsCacheValueError
 from ts.metrics.metric_type_enum import MetricTypes
 
-from api.backends.context import MetricsStore, make_context
+from api.workers.context import MetricsStore, make_context
 
 Seen = list[tuple[str, float, str, dict[str, str], str]]
 
@@ -62,8 +62,9 @@ def test_validation_is_torchserve_s() -> None:
 
 
 def test_default_dimensions_are_not_shared_between_stores() -> None:
-    """TorchServe appends ModelName to the add_* methods' shared default list; here two models
-    in one process must each keep their own name."""
+    """TorchServe appends ModelName to the add_* methods' shared default list (one model per
+    process there, as in a torchgate worker); a store must keep its own name whatever other
+    stores in the same process recorded."""
     first, second = MetricsStore("first"), MetricsStore("second")
     first.add_counter("Hits", 1)
     second.add_counter("Hits", 1)
