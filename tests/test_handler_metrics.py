@@ -1,7 +1,9 @@
 """`api.handler_metrics`: a handler's `context.metrics` calls come out on /metrics.
 
-Updates go through the local backend's real metrics store (`api.backends.context.MetricsStore`,
-TorchServe's `MetricCacheAbstract` API), wired to `HandlerMetrics.on_metric` as `api.app` does.
+Updates go through the real metrics store (`api.workers.context.MetricsStore`, TorchServe's
+`MetricCacheAbstract` API) wired straight to `HandlerMetrics.on_metric`. In the server the store
+lives in a worker process, and `api.backends.workers.WorkerBackend` hands its updates, the same
+calls, to `on_metric` on the event loop (`api.app` wires it).
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import pytest
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
-from api.backends.context import MetricsStore
 from api.handler_metrics import HandlerMetrics
 from api.metrics import PrometheusObserver
+from api.workers.context import MetricsStore
 from tests.support.exposition import parse, value
 
 
@@ -101,18 +103,25 @@ def test_series_are_bounded(observer: PrometheusObserver) -> None:
     assert len([s for s in samples if s.name == "PerRequest"]) == 3
 
 
-def test_updates_from_many_worker_threads_add_up(
+def test_updates_from_many_threads_add_up(
     observer: PrometheusObserver, sink: HandlerMetrics
 ) -> None:
+    """`HandlerMetrics` takes updates from any thread (it locks every read and write), though
+    the worker backend calls it from the event loop."""
+    model = {"ModelName": "digits", "Level": "Model"}
+
     def work() -> None:
-        store = store_for(sink)
         for _ in range(1000):
-            store.add_counter("Items", 1, 0)
+            sink.on_metric("Items", 1.0, "Count", model, "counter")
+            sink.on_metric("ItemTime", 1.0, "ms", model, "histogram")
 
     threads = [threading.Thread(target=work) for _ in range(8)]
     for thread in threads:
         thread.start()
+    for _ in range(20):
+        observer.render()  # scrapes meanwhile see consistent copies
     for thread in threads:
         thread.join()
     samples, _ = parse(observer.render().decode())
     assert value(samples, "Items", ModelName="digits") == 8000
+    assert value(samples, "ItemTime_count", ModelName="digits") == 8000

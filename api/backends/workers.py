@@ -40,6 +40,7 @@ from api.errors import (
     DeadlineExceeded,
     HandlerLoadError,
     InferenceFailed,
+    ModelNotReady,
     WorkerDied,
     error_for_status,
 )
@@ -197,6 +198,7 @@ class ProcessWorker:
         # Ids for requests that arrive without one: unique, and cheaper than a uuid4 each.
         self._id_prefix = f"{uuid.uuid4().hex[:12]}-"
         self._ids = itertools.count()
+        self._closed = False
 
     @property
     def exited(self) -> asyncio.Future[str]:
@@ -216,6 +218,8 @@ class ProcessWorker:
             return 0
 
     async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+        if self._closed:  # stopped on purpose: not a death, and nothing to replace
+            raise ModelNotReady(f"{self._what} is closed")
         items = [
             (
                 request.request_id or f"{self._id_prefix}{next(self._ids)}",
@@ -244,6 +248,7 @@ class ProcessWorker:
         return [Prediction(*response) for response in reply[1]]
 
     async def close(self) -> None:
+        self._closed = True
         self._backend._forget(self)
         await self._process.stop(STOP_GRACE_S)
 

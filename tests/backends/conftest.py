@@ -1,5 +1,5 @@
 """Archives built the way TorchServe users build them (torch-model-archiver), and helpers to
-load them into a LocalBackend and run batches without pytest-asyncio."""
+load them into a worker backend and run batches without pytest-asyncio."""
 
 from __future__ import annotations
 

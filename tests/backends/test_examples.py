@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from api.backends.local import load_local_backend
+from api.backends.workers import load_worker_backend
 from api.core.types import Prediction
+from api.workers.pool import WorkerPool
 from export.build import REPO_ROOT, ensure_archives
 from tests.backends.conftest import requests, run, settings
 
@@ -20,12 +21,16 @@ def model_store() -> Path:
     return store
 
 
-def test_two_versions_of_digits_side_by_side(model_store: Path, tmp_path: Path) -> None:
+def test_two_versions_of_digits_side_by_side(
+    worker_pool: WorkerPool, model_store: Path, tmp_path: Path
+) -> None:
     image = [float(i % 17) for i in range(64)]
 
     async def scenario() -> dict[str, list[Prediction]]:
         backends = [
-            await load_local_backend(model_store / mar, settings(), work_dir=tmp_path)
+            await load_worker_backend(
+                model_store / mar, settings(), pool=worker_pool, work_dir=tmp_path
+            )
             for mar in ("digits.mar", "digits_v2.mar")
         ]
         try:

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from api.backends.local import load_local_backend
+from api.backends.workers import load_worker_backend
 from api.core.registry import Registry
 from api.core.types import Backend, InferenceRequest, Prediction
+from api.workers.pool import WorkerPool
 from tests.backends.conftest import (
     BuildArchive,
     TinyLinear,
@@ -62,7 +63,7 @@ def approx(rows: list[list[float]]) -> Any:
 
 
 def test_torchscript_model_with_a_base_handler_subclass(
-    build_archive: BuildArchive, scripted_model: bytes
+    worker_pool: WorkerPool, build_archive: BuildArchive, scripted_model: bytes
 ) -> None:
     path = build_archive(
         "linear",
@@ -72,7 +73,9 @@ def test_torchscript_model_with_a_base_handler_subclass(
     )
 
     async def scenario() -> list[list[Prediction]]:
-        backend = await load_local_backend(path, settings(), work_dir=path.parent / "w")
+        backend = await load_worker_backend(
+            path, settings(), pool=worker_pool, work_dir=path.parent / "w"
+        )
         try:
             worker = await backend.start_worker(0)
             return [
@@ -105,7 +108,7 @@ EAGER_MODEL = """
 
 
 def test_two_eager_archives_with_the_same_model_file_name(
-    build_archive: BuildArchive, tmp_path: Path
+    worker_pool: WorkerPool, build_archive: BuildArchive, tmp_path: Path
 ) -> None:
     """Both archives ship model.py (different networks) and linear_handler.py; BaseHandler
     imports `model` by name during initialize, so each must get its own."""
@@ -131,7 +134,9 @@ def test_two_eager_archives_with_the_same_model_file_name(
 
     async def scenario() -> dict[str, list[Prediction]]:
         backends = {
-            name: await load_local_backend(path, settings(), work_dir=tmp_path / "w")
+            name: await load_worker_backend(
+                path, settings(), pool=worker_pool, work_dir=tmp_path / "w"
+            )
             for name, path in paths.items()
         }
         try:
@@ -147,7 +152,7 @@ def test_two_eager_archives_with_the_same_model_file_name(
 
 
 def test_through_the_registry_and_batcher(
-    build_archive: BuildArchive, scripted_model: bytes
+    worker_pool: WorkerPool, build_archive: BuildArchive, scripted_model: bytes
 ) -> None:
     """The core's contract end to end: requests queued together run as one batch, and a bad
     item fails alone."""
@@ -162,7 +167,9 @@ def test_through_the_registry_and_batcher(
         registry = Registry()
 
         async def factory() -> Backend:
-            return await load_local_backend(path, settings(), work_dir=path.parent / "w")
+            return await load_worker_backend(
+                path, settings(), pool=worker_pool, work_dir=path.parent / "w"
+            )
 
         version = await registry.register(
             "batched", "1.0", str(path), factory, settings(max_batch_delay_ms=50.0)

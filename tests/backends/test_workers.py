@@ -14,7 +14,7 @@ import pytest
 
 from api.backends.archive import ArchiveError, open_archive
 from api.backends.workers import ProcessWorker, WorkerBackend, load_worker_backend
-from api.core.types import InferenceRequest, ModelSettings, Prediction
+from api.core.types import InferenceRequest, Prediction
 from api.errors import BadRequest, HandlerLoadError, InferenceFailed, ModelNotReady
 from api.workers.main import WorkerSpec, _device
 from api.workers.pool import WorkerPool
@@ -29,18 +29,22 @@ ECHO = """
 """
 
 
+async def load(pool: WorkerPool, path: Path, **options: Any) -> WorkerBackend:
+    options.setdefault("work_dir", path.parent / "work")
+    model_settings = options.pop("model_settings", None) or settings()
+    return await load_worker_backend(path, model_settings, pool=pool, **options)
+
+
 async def serve(
+    pool: WorkerPool,
     path: Path,
     batches: Sequence[Sequence[InferenceRequest]],
     *,
     workers: int = 1,
-    model_settings: ModelSettings | None = None,
     **options: Any,
 ) -> list[list[Prediction]]:
     """Load the archive, run each batch on worker 0, close everything (as the registry does)."""
-    backend = await load_local_backend(
-        path, model_settings or settings(), work_dir=path.parent / "work", **options
-    )
+    backend = await load(pool, path, **options)
     try:
         started = [await backend.start_worker(i) for i in range(workers)]
         return [await started[0].predict(batch) for batch in batches]
@@ -55,9 +59,9 @@ def bodies(predictions: list[Prediction]) -> list[Any]:
 # -- handler kinds --------------------------------------------------------------------------
 
 
-def test_module_function(build_archive: BuildArchive) -> None:
+def test_module_function(worker_pool: WorkerPool, build_archive: BuildArchive) -> None:
     path = build_archive("echo", "handler.py", {"handler.py": ECHO})
-    [out] = run(serve(path, [requests(1, "two", {"three": 3})]))
+    [out] = run(serve(worker_pool, path, [requests(1, "two", {"three": 3})]))
     assert bodies(out) == [
         {"body": 1, "id": "req-0"},
         {"body": "two", "id": "req-1"},
@@ -66,7 +70,7 @@ def test_module_function(build_archive: BuildArchive) -> None:
     assert all(p.status == 200 and p.message == "" and p.headers == {} for p in out)
 
 
-def test_module_colon_function(build_archive: BuildArchive) -> None:
+def test_module_colon_function(worker_pool: WorkerPool, build_archive: BuildArchive) -> None:
     source = """
         def handle(data, context):
             raise AssertionError("not the entry point")
@@ -75,11 +79,13 @@ def test_module_colon_function(build_archive: BuildArchive) -> None:
             return None if data is None else ["predict"] * len(data)
     """
     path = build_archive("fn", "handler.py", {"handler.py": source})
-    [out] = run(serve(path, [requests(1, 2)], handler="handler.py:predict"))
+    [out] = run(serve(worker_pool, path, [requests(1, 2)], handler="handler.py:predict"))
     assert bodies(out) == ["predict", "predict"]
 
 
-def test_module_initialize_is_called_instead_of_handle_none(build_archive: BuildArchive) -> None:
+def test_module_initialize_is_called_instead_of_handle_none(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
     source = """
         state = {}
 
@@ -91,54 +97,59 @@ def test_module_initialize_is_called_instead_of_handle_none(build_archive: Build
             return [state["model_dir"]] * len(data)
     """
     path = build_archive("init", "handler.py", {"handler.py": source})
-    [out] = run(serve(path, [requests(1)]))
+    [out] = run(serve(worker_pool, path, [requests(1)]))
     assert Path(out[0].body).name.startswith("init-1.0-")
 
 
-def test_class_handler_one_instance_per_worker(build_archive: BuildArchive) -> None:
+def test_class_handler_one_instance_per_worker(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
     source = """
-        import threading
+        import os
 
         class Handler:
             def __init__(self):
                 self.context = None
-                self.threads = set()
+                self.initialized = 0
+                self.calls = 0
 
             def initialize(self, context):
                 self.context = context
-                self.threads.add(threading.current_thread().name)
+                self.initialized += 1
 
             def handle(self, data, context):
                 assert context is self.context
-                self.threads.add(threading.current_thread().name)
-                return [{"me": id(self), "threads": sorted(self.threads),
-                         "gpu": context.system_properties["gpu_id"]}] * len(data)
+                self.calls += 1
+                return [{"me": id(self), "pid": os.getpid(), "initialized": self.initialized,
+                         "calls": self.calls}] * len(data)
     """
     path = build_archive("cls", "handler.py", {"handler.py": source})
 
-    async def scenario() -> list[list[Prediction]]:
-        backend = await load_local_backend(path, settings(), work_dir=path.parent / "w")
+    async def scenario() -> tuple[list[int], list[Any]]:
+        backend = await load(worker_pool, path)
         w0, w1 = await backend.start_worker(0), await backend.start_worker(1)
         try:
             assert w0.device == w1.device == "cpu"
-            return [
+            out = [
                 await w0.predict(requests(1)),
                 await w0.predict(requests(2)),
                 await w1.predict(requests(3)),
             ]
+            return [w0.pid, w1.pid], [batch[0].body for batch in out]
         finally:
             await backend.close()
 
-    first, second, other = run(scenario())
-    assert first[0].body["me"] == second[0].body["me"] != other[0].body["me"]
-    # initialize and every handle of a worker ran on that worker's one thread
-    assert len(second[0].body["threads"]) == 1
-    assert second[0].body["threads"] != other[0].body["threads"]
-    assert first[0].body["gpu"] is None
+    (pid0, pid1), (first, second, other) = run(scenario())
+    assert len({pid0, pid1, os.getpid()}) == 3, "each worker is a process of its own"
+    assert first["pid"] == second["pid"] == pid0 and other["pid"] == pid1
+    # one instance per worker, initialized once, kept across that worker's batches
+    assert first["me"] == second["me"]
+    assert [first["calls"], second["calls"], other["calls"]] == [1, 2, 1]
+    assert first["initialized"] == second["initialized"] == other["initialized"] == 1
 
 
 def test_builtin_base_handler_loads_torchscript(
-    build_archive: BuildArchive, scripted_model: bytes
+    worker_pool: WorkerPool, build_archive: BuildArchive, scripted_model: bytes
 ) -> None:
     """The built-in base_handler, as TorchServe ships it: it loads the archive's TorchScript
     model, but its default preprocess (torch.as_tensor over the request dicts) cannot read a
@@ -154,30 +165,30 @@ def test_builtin_base_handler_loads_torchscript(
     describe = requests({"data": [1, 2, 3, 4]}, headers={"describe": "True"})
     predict = requests([1.0, 2.0, 3.0, 4.0])
     with pytest.raises(InferenceFailed, match=r"Model base version 1\.0 handler failed"):
-        run(serve(path, [describe, predict], on_metric=on_metric))
+        run(serve(worker_pool, path, [describe, predict], on_metric=on_metric))
     assert ("HandlerTime", "Milliseconds") in recorded
     assert ("PredictionTime", "Milliseconds") in recorded
 
 
 def test_builtin_image_classifier_fails_clearly(
-    build_archive: BuildArchive, scripted_model: bytes
+    worker_pool: WorkerPool, build_archive: BuildArchive, scripted_model: bytes
 ) -> None:
     path = build_archive(
         "img", "image_classifier", {"model.pt": scripted_model}, serialized="model.pt"
     )
     with pytest.raises(HandlerLoadError, match=r"failed to import.*torchvision"):
-        run(serve(path, []))
+        run(serve(worker_pool, path, []))
 
 
-def test_unknown_handler_is_an_archive_error(tmp_path: Path) -> None:
-    from tests.backends.conftest import manifest, write_zip
-
+def test_unknown_handler_is_an_archive_error(worker_pool: WorkerPool, tmp_path: Path) -> None:
     path = write_zip(tmp_path / "m.mar", {"MAR-INF/MANIFEST.json": manifest("nope")})
     with pytest.raises(ArchiveError):
-        run(serve(path, []))
+        run(serve(worker_pool, path, []))
 
 
-def test_module_with_two_classes_and_no_handle(build_archive: BuildArchive) -> None:
+def test_module_with_two_classes_and_no_handle(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
     source = """
         class A:
             pass
@@ -187,24 +198,24 @@ def test_module_with_two_classes_and_no_handle(build_archive: BuildArchive) -> N
     """
     path = build_archive("two", "handler.py", {"handler.py": source})
     with pytest.raises(HandlerLoadError, match=r"exactly one class.*\['A', 'B'\]"):
-        run(serve(path, []))
+        run(serve(worker_pool, path, []))
 
 
-def test_initialize_failure(build_archive: BuildArchive) -> None:
+def test_initialize_failure(worker_pool: WorkerPool, build_archive: BuildArchive) -> None:
     source = """
         def handle(data, context):
             raise FileNotFoundError("weights.bin")
     """
     path = build_archive("broken", "handler.py", {"handler.py": source})
     with pytest.raises(HandlerLoadError, match="failed to initialize: FileNotFoundError"):
-        run(serve(path, []))
+        run(serve(worker_pool, path, []))
     assert not list((path.parent / "work").iterdir()), "the extraction is cleaned up"
 
 
 # -- the context and per-item outcomes ------------------------------------------------------
 
 
-def test_context_matches_torchserve(build_archive: BuildArchive) -> None:
+def test_context_matches_torchserve(worker_pool: WorkerPool, build_archive: BuildArchive) -> None:
     source = """
         from ts.context import Context
 
@@ -233,7 +244,7 @@ def test_context_matches_torchserve(build_archive: BuildArchive) -> None:
         config="model-config.yaml",
     )
     batch = requests("a", headers={"x-tenant": "acme"})
-    [out] = run(serve(path, [batch], model_settings=settings(batch_size=4)))
+    [out] = run(serve(worker_pool, path, [batch], model_settings=settings(batch_size=4)))
     assert out[0].body == {
         "model_name": "ctx",
         "handler": "handler.py",
@@ -248,7 +259,7 @@ def test_context_matches_torchserve(build_archive: BuildArchive) -> None:
     }
 
 
-def test_per_item_status_and_headers(build_archive: BuildArchive) -> None:
+def test_per_item_status_and_headers(worker_pool: WorkerPool, build_archive: BuildArchive) -> None:
     source = """
         def handle(data, context):
             if data is None:
@@ -265,7 +276,7 @@ def test_per_item_status_and_headers(build_archive: BuildArchive) -> None:
             return out
     """
     path = build_archive("status", "handler.py", {"handler.py": source})
-    [out] = run(serve(path, [requests("ok", "bad", "fine")]))
+    [out, again] = run(serve(worker_pool, path, [requests("ok", "bad", "fine"), requests("ok")]))
     assert [(p.status, p.message, p.body) for p in out] == [
         (200, "", "OK"),
         (422, "cannot read item", {"error": "bad item"}),
@@ -273,12 +284,13 @@ def test_per_item_status_and_headers(build_archive: BuildArchive) -> None:
     ]
     assert out[0].headers == {"content-type": "text/plain", "x-item": "0"}
     assert out[1].headers == {}
-    # statuses belong to their batch: the next batch starts from 200 again
-    [again] = run(serve(path, [requests("bad"), requests("ok")]))[1:]
+    # statuses belong to their batch: the next batch on the same worker starts from 200 again
     assert again[0].status == 200
 
 
-def test_metrics_reach_the_callback_with_each_models_name(build_archive: BuildArchive) -> None:
+def test_metrics_reach_the_callback_with_each_models_name(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
     source = """
         def handle(data, context):
             if data is None:
@@ -293,7 +305,7 @@ def test_metrics_reach_the_callback_with_each_models_name(build_archive: BuildAr
 
     for model in ("first", "second"):
         path = build_archive(model, "handler.py", {"handler.py": source})
-        run(serve(path, [requests(1, 2)], on_metric=on_metric))
+        run(serve(worker_pool, path, [requests(1, 2)], on_metric=on_metric))
     counters = [entry for entry in seen if entry[0] == "Items"]
     assert counters == [
         ("Items", 2, "Count", {"ModelName": "first", "Level": "Model"}, "counter"),
@@ -330,16 +342,21 @@ CRASHY = """
     ],
 )
 def test_failed_batch_then_the_next_one_works(
-    build_archive: BuildArchive, body: str, error: type[Exception], message: str
+    worker_pool: WorkerPool,
+    build_archive: BuildArchive,
+    body: str,
+    error: type[Exception],
+    message: str,
 ) -> None:
     path = build_archive("crashy", "handler.py", {"handler.py": CRASHY})
 
     async def scenario() -> list[Prediction]:
-        backend = await load_local_backend(path, settings(), work_dir=path.parent / "w")
+        backend = await load(worker_pool, path)
         worker = await backend.start_worker(0)
         try:
             with pytest.raises(error, match=message):
                 await worker.predict(requests("fine", body))
+            assert worker.alive, "a failed batch costs the worker nothing"
             return await worker.predict(requests("fine", "also fine"))
         finally:
             await backend.close()
@@ -347,24 +364,67 @@ def test_failed_batch_then_the_next_one_works(
     assert bodies(run(scenario())) == ["ok", "ok"]
 
 
-def test_closed_worker_refuses_batches(build_archive: BuildArchive) -> None:
+def test_closed_worker_refuses_batches(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
     path = build_archive("closing", "handler.py", {"handler.py": ECHO})
 
-    async def scenario() -> tuple[LocalBackend, LocalWorker]:
-        backend = await load_local_backend(path, settings(), work_dir=path.parent / "w")
+    async def scenario() -> tuple[WorkerBackend, ProcessWorker, str]:
+        backend = await load(worker_pool, path)
         worker = await backend.start_worker(0)
         await worker.close()
         await worker.close()  # idempotent
-        with pytest.raises(ModelNotReady):
+        assert not worker.alive
+        with pytest.raises(ModelNotReady, match=r"Model closing version 1\.0 worker 0 is closed"):
             await worker.predict(requests(1))
         await backend.close()
-        return backend, worker
+        return backend, worker, await worker.exited
 
-    backend, _ = run(scenario())
+    backend, worker, exited = run(scenario())
+    assert exited == "exit code 0", "asked to stop, the process exits cleanly"
+    assert worker.memory_bytes() == 0
     assert not backend.archive.model_dir.exists()
 
 
-# -- isolation between archives ---------------------------------------------------------------
+# -- what a worker process gives its archive --------------------------------------------------
+
+
+def test_handler_runs_in_a_worker_process_in_its_model_dir(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
+    """TorchServe's worker contract: the model directory is the working directory and first on
+    `sys.path`; the process is forked by the pool's zygote, never the frontend itself."""
+    source = """
+        import os
+        import sys
+
+        def handle(data, context):
+            if data is None:
+                return None
+            return [{"pid": os.getpid(), "parent": os.getppid(), "cwd": os.getcwd(),
+                     "path0": sys.path[0], "config": open("config.txt").read()}] * len(data)
+    """
+    path = build_archive("where", "handler.py", {"handler.py": source, "config.txt": "ok"})
+    cwd_before, path_before = os.getcwd(), list(sys.path)
+
+    async def scenario() -> tuple[ProcessWorker, Path, Any]:
+        backend = await load(worker_pool, path)
+        try:
+            worker = await backend.start_worker(0)
+            assert worker.memory_bytes() > 0
+            [out] = await worker.predict(requests(1))
+            return worker, backend.archive.model_dir, out.body
+        finally:
+            await backend.close()
+
+    worker, model_dir, body = run(scenario())
+    assert body["pid"] == worker.pid != os.getpid()
+    assert body["parent"] == worker_pool.zygote_pid
+    assert Path(body["cwd"]).resolve() == model_dir.resolve()
+    assert body["path0"] == str(model_dir)
+    assert body["config"] == "ok"
+    assert (os.getcwd(), sys.path) == (cwd_before, path_before), "the frontend is untouched"
+
 
 SIBLING_HANDLER = """
     import common
@@ -379,7 +439,9 @@ SIBLING_HANDLER = """
 """
 
 
-def test_same_module_names_in_two_archives(build_archive: BuildArchive) -> None:
+def test_same_module_names_in_two_archives(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
     a = build_archive(
         "alpha", "handler.py", {"handler.py": SIBLING_HANDLER, "common.py": "WHO = 'alpha'\n"}
     )
@@ -389,14 +451,12 @@ def test_same_module_names_in_two_archives(build_archive: BuildArchive) -> None:
     path_before = list(sys.path)
 
     async def scenario() -> list[Any]:
-        backend_a = await load_local_backend(a, settings(), work_dir=a.parent / "w")
-        backend_b = await load_local_backend(b, settings(), work_dir=b.parent / "w")
+        backend_a = await load(worker_pool, a)
+        backend_b = await load(worker_pool, b)
         a0 = await backend_a.start_worker(0)
         b0 = await backend_b.start_worker(0)
         a1 = await backend_a.start_worker(1)
         try:
-            # nothing of either archive is left importable by name
-            assert "common" not in sys.modules and "handler" not in sys.modules
             return [
                 (await a0.predict(requests(1)))[0].body,
                 (await b0.predict(requests(1)))[0].body,
@@ -411,12 +471,14 @@ def test_same_module_names_in_two_archives(build_archive: BuildArchive) -> None:
         {"who": "alpha", "calls": 1},
         {"who": "beta", "calls": 1},
         {"who": "alpha", "calls": 2},
-        {"who": "alpha", "calls": 1},  # module state is per worker, as per process in TorchServe
+        {"who": "alpha", "calls": 1},  # module state is per worker process, as in TorchServe
     ]
+    # the archives' modules were imported in the workers only
+    assert "common" not in sys.modules and "handler" not in sys.modules
     assert sys.path == path_before
 
 
-def test_archive_package_directory(build_archive: BuildArchive) -> None:
+def test_archive_package_directory(worker_pool: WorkerPool, build_archive: BuildArchive) -> None:
     source = """
         from helpers.text import shout
 
@@ -432,12 +494,14 @@ def test_archive_package_directory(build_archive: BuildArchive) -> None:
             "helpers/text.py": "def shout(s):\n    return s.upper() + '!'\n",
         },
     )
-    [out] = run(serve(path, [requests("hi")]))
+    [out] = run(serve(worker_pool, path, [requests("hi")]))
     assert bodies(out) == ["HI!"]
     assert "helpers" not in sys.modules
 
 
-def test_import_at_request_time_explains_itself(build_archive: BuildArchive) -> None:
+def test_import_at_request_time_works(worker_pool: WorkerPool, build_archive: BuildArchive) -> None:
+    """The model directory stays on the worker's `sys.path`, so a handler may import an archive
+    module lazily, inside `handle`, as it can in TorchServe."""
     source = """
         def handle(data, context):
             if data is None:
@@ -448,60 +512,68 @@ def test_import_at_request_time_explains_itself(build_archive: BuildArchive) -> 
     path = build_archive(
         "lazy", "handler.py", {"handler.py": source, "lazy_helper.py": "VALUE = 1\n"}
     )
-    with pytest.raises(InferenceFailed, match="'lazy_helper' was imported at request time"):
-        run(serve(path, [requests(1)]))
+    [out] = run(serve(worker_pool, path, [requests(1, 2)]))
+    assert bodies(out) == [1, 1]
+    assert "lazy_helper" not in sys.modules
 
 
-def test_handler_runs_off_the_event_loop_thread(build_archive: BuildArchive) -> None:
-    source = """
-        import threading
-
-        def handle(data, context):
-            return None if data is None else [threading.current_thread().name] * len(data)
-    """
-    path = build_archive("thread", "handler.py", {"handler.py": source})
-    [out] = run(serve(path, [requests(1)]))
-    assert out[0].body != threading.current_thread().name
-    assert out[0].body.startswith("torchgate-thread-1.0-w0")
+# -- devices ----------------------------------------------------------------------------------
 
 
-def test_workers_go_round_robin_over_gpus(
-    build_archive: BuildArchive, monkeypatch: pytest.MonkeyPatch
+def test_cpu_worker_has_no_gpu_and_one_torch_thread(
+    worker_pool: WorkerPool, build_archive: BuildArchive
 ) -> None:
-    """Device assignment only: CUDA itself is faked, the handler never touches it."""
-    import torch
-
-    current: dict[str, int] = {}
-    monkeypatch.setattr(
-        torch.cuda,
-        "set_device",
-        lambda gpu: current.__setitem__(threading.current_thread().name, gpu),
-    )
     source = """
-        import threading
+        import torch
 
         def handle(data, context):
             if data is None:
                 return None
-            gpu = context.system_properties["gpu_id"]
-            return [[gpu, threading.current_thread().name]] * len(data)
+            return [[context.system_properties["gpu_id"], torch.get_num_threads()]] * len(data)
     """
-    path = build_archive("gpus", "handler.py", {"handler.py": source})
+    path = build_archive("cpu", "handler.py", {"handler.py": source})
 
-    async def scenario() -> list[tuple[str, Any]]:
-        backend = await load_local_backend(
-            path, settings(), work_dir=path.parent / "w", gpu_count=2
-        )
+    async def scenario(**options: Any) -> tuple[str, Any]:
+        backend = await load(worker_pool, path, **options)
         try:
-            workers = [await backend.start_worker(i) for i in range(3)]
-            return [(w.device, (await w.predict(requests(1)))[0].body) for w in workers]
+            worker = await backend.start_worker(0)
+            return worker.device, (await worker.predict(requests(1)))[0].body
         finally:
             await backend.close()
 
-    out = run(scenario())
-    assert [(device, gpu) for device, (gpu, _) in out] == [
-        ("cuda:0", 0),
-        ("cuda:1", 1),
-        ("cuda:0", 0),
-    ]
-    assert [current[thread] for _, (_, thread) in out] == [0, 1, 0]
+    # no GPU here: every visible GPU (none) and an explicit 0 both mean CPU
+    assert run(scenario()) == ("cpu", [None, 1])
+    assert run(scenario(gpu_count=0, intra_op_threads=2)) == ("cpu", [None, 2])
+
+
+def test_workers_go_round_robin_over_gpus(tmp_path: Path) -> None:
+    """Device assignment only (`api.workers.main._device`, what a worker runs after the fork):
+    CUDA is faked, because no GPU exists here and a forked worker's torch cannot be patched."""
+    (tmp_path / "MAR-INF").mkdir()
+    (tmp_path / "MAR-INF" / "MANIFEST.json").write_text(manifest())
+    (tmp_path / "handler.py").write_text("def handle(data, context):\n    return data\n")
+    archive = open_archive(tmp_path)
+    chosen: list[int] = []
+    cuda = SimpleNamespace(is_available=lambda: True, device_count=lambda: 3, set_device=None)
+    cuda.set_device = chosen.append
+    torch = SimpleNamespace(cuda=cuda)
+
+    def device(index: int, gpu_count: int | None) -> int | None:
+        spec = WorkerSpec(
+            archive=archive, index=index, batch_size=1, gpu_count=gpu_count, intra_op_threads=1
+        )
+        return _device(torch, spec)
+
+    # number_of_gpu=2: worker i on GPU i % 2, as TorchServe assigns them
+    assert [device(i, 2) for i in range(3)] == [0, 1, 0]
+    assert chosen == [0, 1, 0]
+    # number_of_gpu unset: every visible device
+    chosen.clear()
+    assert [device(i, None) for i in range(4)] == [0, 1, 2, 0]
+    assert chosen == [0, 1, 2, 0]
+    # number_of_gpu=0, or no CUDA: CPU, and CUDA is left alone
+    chosen.clear()
+    assert device(1, 0) is None
+    cuda.is_available = lambda: False
+    assert device(1, None) is None and device(1, 2) is None
+    assert chosen == []
