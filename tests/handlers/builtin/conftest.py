@@ -87,53 +87,56 @@ def items(*bodies: Any) -> list[InferenceRequest]:
     return [InferenceRequest({"body": body}, {}, f"req-{i}") for i, body in enumerate(bodies)]
 
 
+async def predict(
+    pool: WorkerPool,
+    path: Path,
+    batches: Sequence[list[InferenceRequest]],
+    work_dir: Path,
+    **options: Any,
+) -> tuple[str, list[list[Prediction]]]:
+    """Load the archive, start one worker, run each batch in one handle() call, close.
+
+    `options` go to `load_worker_backend`. Answers the worker's device and the predictions."""
+    backend = await load_worker_backend(
+        path, ModelSettings(batch_size=8), pool=pool, work_dir=work_dir, **options
+    )
+    try:
+        worker = await backend.start_worker(0)
+        return worker.device, [await worker.predict(batch) for batch in batches]
+    finally:
+        await backend.close()
+
+
 class Serve(Protocol):
     def __call__(
-        self,
-        handler: str,
-        packed: Packed,
-        *batches: list[InferenceRequest],
-        register_as: str | None = None,
+        self, builtin: str, packed: Packed, *batches: list[InferenceRequest], **options: Any
     ) -> list[list[Prediction]]: ...
 
 
 @pytest.fixture
 def serve(worker_pool: WorkerPool, tmp_path: Path) -> Serve:
-    """Build the archive, start one worker, run each batch in one handle() call, close.
+    """Archive `packed` with ``--handler builtin``, serve `batches` from one worker (`predict`).
 
-    `register_as` overrides the manifest's handler, as the register API's `handler` parameter
-    does (torch-model-archiver refuses a dotted `ts.torch_handler.<name>`)."""
+    Workers run on CPU unless the test passes `gpu_count`: the answers are compared with a
+    reference computed on CPU, and a GPU's TF32 convolutions differ from it by about 1e-3.
+    `handler` overrides the manifest's, as the register API's parameter does
+    (torch-model-archiver refuses a dotted ``ts.torch_handler.<name>``)."""
 
     def serve(
-        handler: str,
-        packed: Packed,
-        *batches: list[InferenceRequest],
-        register_as: str | None = None,
+        builtin: str, packed: Packed, *batches: list[InferenceRequest], **options: Any
     ) -> list[list[Prediction]]:
         path = build_archive(
             tmp_path,
             "m",
-            handler,
+            builtin,
             packed.files,
             serialized=packed.serialized,
             model_file=packed.model_file,
         )
-
-        async def scenario() -> list[list[Prediction]]:
-            backend = await load_worker_backend(
-                path,
-                ModelSettings(batch_size=8),
-                pool=worker_pool,
-                work_dir=tmp_path / "work",
-                handler=register_as,
-            )
-            try:
-                worker = await backend.start_worker(0)
-                return [await worker.predict(batch) for batch in batches]
-            finally:
-                await backend.close()
-
-        return aio.run(scenario(), timeout=60)
+        options.setdefault("gpu_count", 0)
+        work_dir = tmp_path / "work"
+        _, answers = aio.run(predict(worker_pool, path, batches, work_dir, **options), 60)
+        return answers
 
     return serve
 

@@ -70,7 +70,10 @@ def test_rows_match_reference_and_bad_rows_fail_alone(
         {"data": [1, 2, 3, 4]},  # a JSON object is not a tensor
         "not json",
     ]
-    [answers] = serve("base_handler", packed, items(*bodies))
+    metrics: list[str] = []
+    [answers] = serve(
+        "base_handler", packed, items(*bodies), on_metric=lambda name, *_: metrics.append(name)
+    )
     expected = [row(model, [1.0, 2.0, 3.0, 4.0]), row(model, [4, 3, 2, 1])]
     expected += [row(model, [0.5, -1.0, 0.0, 2.0]), row(model, [7, 8, 9, 10])]
     assert [p.status for p in answers] == [200] * 4 + [400] * 3
@@ -79,3 +82,4 @@ def test_rows_match_reference_and_bad_rows_fail_alone(
     assert "cannot take an input of shape [3]" in answers[4].body["message"]
     assert "got dict" in answers[5].body["message"]
     assert "expected a JSON number or list" in answers[6].body["message"]
+    assert "HandlerTime" in metrics  # TorchServe's BaseHandler metric, for existing dashboards

@@ -125,7 +125,7 @@ def test_fewer_classes_than_top5_and_dotted_name(serve: Serve, tmp_path: Path) -
         "image_classifier",
         packed,
         items(PORTRAIT),
-        register_as="ts.torch_handler.image_classifier",
+        handler="ts.torch_handler.image_classifier",
     )
     assert answer.status == 200
     assert len(answer.body) == 3
