@@ -2,7 +2,8 @@
 
 TorchServe's vision handlers read a request as an image file (bytes), the same base64-encoded
 (a str: a text body or a JSON string), or an already prepared tensor (a JSON list, used as is).
-Also accepted here: ``{"b64": "..."}`` or ``{"data": ...}`` in a JSON object. Images are
+Also accepted here: ``{"b64": "..."}`` or ``{"data": ...}`` in a JSON object, and base64 as a
+``data:`` URL. Images are
 converted to RGB first: TorchServe hands a grayscale or RGBA PNG to its transforms as it is, and
 the 3-channel normalisation then fails the whole batch.
 
@@ -68,8 +69,12 @@ def decode_image(payload: Any) -> Image.Image:
 
 
 def decode_base64(text: str) -> bytes:
+    """Base64 as clients send it: wrapped in lines (the `base64` tool wraps at 76 columns,
+    which TorchServe's lenient decoder accepts) or as a ``data:image/...;base64,`` URL."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
     try:
-        return base64.b64decode(text.strip(), validate=True)
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise BadRequest(f"text is not base64-encoded image data: {exc}") from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,9 @@ def assert_same(answer: dict[str, float], expected: dict[str, float]) -> None:
 def test_answers_match_torchserve_preprocessing(serve: Serve, tmp_path: Path, fmt: str) -> None:
     model, packed = classifier(tmp_path, fmt)
     prepared = torch.randn(3, 64, 64).tolist()  # a prepared tensor as a JSON list, used as is
-    batch = items(LANDSCAPE, PORTRAIT, b64(LANDSCAPE), GRAY, prepared, {"b64": b64(PORTRAIT)})
+    wrapped = "\n".join(textwrap.wrap(b64(GRAY), 76))  # as the base64 tool writes it
+    data_url = {"b64": "data:image/jpeg;base64," + b64(PORTRAIT)}
+    batch = items(LANDSCAPE, PORTRAIT, b64(LANDSCAPE), wrapped, prepared, data_url)
     [answers] = serve(
         "image_classifier", packed.plus({"index_to_name.json": json.dumps(INDEX_TO_NAME)}), batch
     )
