@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from tests.handlers.builtin.conftest import (
     items,
     model_class,
     ok,
+    onnx,
     torchscript,
 )
 
@@ -74,13 +76,20 @@ def saved(value: Any) -> bytes:
 def classifier(tmp_path: Path, fmt: str) -> tuple[torch.nn.Module, Packed]:
     torch.manual_seed(3)
     model = model_class(SOURCE, tmp_path)().eval()
-    return model, torchscript(model) if fmt == "torchscript" else eager(model, SOURCE)
+    if fmt == "torchscript":
+        return model, torchscript(model)
+    if fmt == "eager":
+        return model, eager(model, SOURCE)
+    example = {"text": np.array([1, 2, 3, 4]), "offsets": np.array([0, 2])}
+    axes = {"text": {0: "tokens"}, "offsets": {0: "n"}, "scores": {0: "n"}}
+    return model, onnx(model, example, ["scores"], axes, tmp_path)
 
 
 @pytest.mark.parametrize(
     ("fmt", "vocab"),
-    [("eager", saved(VOCAB)), ("torchscript", saved(TOKENS))],  # {token: id} / [token, ...]
-    ids=["eager-stoi", "torchscript-itos"],
+    # {token: id} or [token, ...]
+    [("eager", saved(VOCAB)), ("torchscript", saved(TOKENS)), ("onnx", saved(VOCAB))],
+    ids=["eager-stoi", "torchscript-itos", "onnx-stoi"],
 )
 def test_batch_matches_one_text_at_a_time(
     serve: Serve, tmp_path: Path, fmt: str, vocab: bytes
