@@ -12,6 +12,12 @@ message names the archive:
 - a handler that is neither a file in the archive, an installed module, nor one of TorchServe's
   built-in handlers (`base_handler`, `image_classifier`, ...).
 
+TorchServe's built-in handler names (`image_classifier`, `image_segmenter`, `object_detector`,
+`text_classifier`, `base_handler`, bare or as `ts.torch_handler.<name>`) resolve to torchgate's
+own implementations in `handlers.builtin`, with TorchServe's contract: TorchServe's modules
+import torchvision and captum. Its other handler modules (`densenet_handler`, ...) still resolve
+to `ts.torch_handler.<name>`.
+
 Archives are extracted into a fresh directory under `work_dir` named after the model and its
 version (`NAME-VERSION-xxxx`), so two versions of a model, or the same archive loaded twice,
 never share files. `Archive.remove()` deletes it.
@@ -50,6 +56,12 @@ _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 HandlerSource = Literal["archive", "installed", "builtin"]
+TS_HANDLERS = "ts.torch_handler"
+# TorchServe's built-in handlers that torchgate implements itself (see the module docstring).
+BUILTIN_HANDLERS = frozenset(
+    {"base_handler", "image_classifier", "image_segmenter", "object_detector", "text_classifier"}
+)
+BUILTIN_PACKAGE = "handlers.builtin"
 
 
 class ArchiveError(BadRequest):
@@ -66,7 +78,8 @@ class _Invalid(Exception):
 class HandlerRef:
     """Where the manifest's `handler` points, resolved the way TorchServe's model loader does.
 
-    `module` is the name to import (`ts.torch_handler.<name>` for a built-in handler), `file`
+    `module` is the name to import (`handlers.builtin.<name>` or `ts.torch_handler.<name>` for a
+    built-in handler, see the module docstring), `file`
     the module's file when it ships in the archive, `function` the entry point after a colon
     (`handler.py:my_handle`), or None for TorchServe's default (`handle`, or the module's single
     class).
@@ -284,7 +297,8 @@ def _read_yaml(file: Path) -> dict[str, Any]:
 def _resolve_handler(spec: str, model_dir: Path) -> HandlerRef:
     """Resolve a manifest `handler` in TorchServe's order: archive, installed module, built-in.
 
-    As in TorchServe, `path/to/handler.py:fn` means module `handler`, entry point `fn`.
+    As in TorchServe, `path/to/handler.py:fn` means module `handler`, entry point `fn`. A
+    built-in name means torchgate's implementation, also when spelled `ts.torch_handler.<name>`.
     """
     module_part, _, function = spec.partition(":")
     module = module_part.rsplit("/", 1)[-1]
@@ -298,9 +312,14 @@ def _resolve_handler(spec: str, model_dir: Path) -> HandlerRef:
         return HandlerRef(spec, module, entry, "archive", file)
     if is_file:
         raise _Invalid(f"handler file {module_part!r} is not in the archive")
+    name = module.removeprefix(f"{TS_HANDLERS}.")
+    if name != module and name in BUILTIN_HANDLERS:
+        return HandlerRef(spec, f"{BUILTIN_PACKAGE}.{name}", entry, "builtin")
     if _importable(module):
         return HandlerRef(spec, module, entry, "installed")
-    builtin = f"ts.torch_handler.{module}"
+    if module in BUILTIN_HANDLERS:
+        return HandlerRef(spec, f"{BUILTIN_PACKAGE}.{module}", entry, "builtin")
+    builtin = f"{TS_HANDLERS}.{module}"
     if "." not in module and _importable(builtin):
         return HandlerRef(spec, builtin, entry, "builtin")
     raise _Invalid(

@@ -90,11 +90,22 @@ def test_tgz_keeps_files_under_one_top_directory(
     assert (archive.model_dir / "h.py").is_file()
 
 
-def test_builtin_handler_name(build_archive: BuildArchive, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("spec", "module"),
+    [
+        ("base_handler", "handlers.builtin.base_handler"),
+        ("image_classifier", "handlers.builtin.image_classifier"),
+        ("ts.torch_handler.object_detector", "handlers.builtin.object_detector"),
+        # TorchServe handlers torchgate does not reimplement run as TorchServe ships them.
+        ("densenet_handler", "ts.torch_handler.densenet_handler"),
+    ],
+)
+def test_builtin_handler_name(
+    build_archive: BuildArchive, tmp_path: Path, spec: str, module: str
+) -> None:
     path = build_archive("b", "base_handler", {"w.pt": b"x"}, serialized="w.pt")
-    archive = open_archive(path, work_dir=tmp_path / "w")
-    assert archive.handler.source == "builtin"
-    assert archive.handler.module == "ts.torch_handler.base_handler"
+    archive = open_archive(path, work_dir=tmp_path / "w", handler=spec)
+    assert (archive.handler.source, archive.handler.module) == ("builtin", module)
 
 
 def test_handler_with_function_name(build_archive: BuildArchive, tmp_path: Path) -> None:

@@ -18,7 +18,15 @@ from api.core.types import InferenceRequest, Prediction
 from api.errors import BadRequest, HandlerLoadError, InferenceFailed, ModelNotReady
 from api.workers.main import WorkerSpec, _device
 from api.workers.pool import WorkerPool
-from tests.backends.conftest import BuildArchive, manifest, requests, run, settings, write_zip
+from tests.backends.conftest import (
+    BuildArchive,
+    expected_linear,
+    manifest,
+    requests,
+    run,
+    settings,
+    write_zip,
+)
 
 ECHO = """
     def handle(data, context):
@@ -148,12 +156,12 @@ def test_class_handler_one_instance_per_worker(
     assert first["initialized"] == second["initialized"] == other["initialized"] == 1
 
 
-def test_builtin_base_handler_loads_torchscript(
+def test_builtin_base_handler_serves_json_rows(
     worker_pool: WorkerPool, build_archive: BuildArchive, scripted_model: bytes
 ) -> None:
-    """The built-in base_handler, as TorchServe ships it: it loads the archive's TorchScript
-    model, but its default preprocess (torch.as_tensor over the request dicts) cannot read a
-    request, in TorchServe too. A describe request goes through; a prediction fails alone."""
+    """The built-in name base_handler runs torchgate's implementation (handlers/builtin/):
+    each request's JSON list is one input row, where TorchServe's own BaseHandler fails every
+    request with "Could not infer dtype of dict". A row of the wrong shape fails alone."""
     path = build_archive(
         "base", "base_handler", {"model.pt": scripted_model}, serialized="model.pt"
     )
@@ -162,22 +170,24 @@ def test_builtin_base_handler_loads_torchscript(
     def on_metric(name: str, value: float, unit: str, dims: Any, kind: str) -> None:
         recorded.append((name, unit))
 
-    describe = requests({"data": [1, 2, 3, 4]}, headers={"describe": "True"})
-    predict = requests([1.0, 2.0, 3.0, 4.0])
-    with pytest.raises(InferenceFailed, match=r"Model base version 1\.0 handler failed"):
-        run(serve(worker_pool, path, [describe, predict], on_metric=on_metric))
+    [out] = run(
+        serve(worker_pool, path, [requests([1.0, 2.0, 3.0, 4.0], [1.0, 2.0])], on_metric=on_metric)
+    )
+    assert out[0].body == pytest.approx(expected_linear([[1.0, 2.0, 3.0, 4.0]])[0])
+    assert (out[0].status, out[1].status) == (200, 400)
     assert ("HandlerTime", "Milliseconds") in recorded
     assert ("PredictionTime", "Milliseconds") in recorded
 
 
-def test_builtin_image_classifier_fails_clearly(
+def test_builtin_image_classifier_needs_no_torchvision(
     worker_pool: WorkerPool, build_archive: BuildArchive, scripted_model: bytes
 ) -> None:
+    """TorchServe's image_classifier imports torchvision; torchgate's loads without it."""
     path = build_archive(
         "img", "image_classifier", {"model.pt": scripted_model}, serialized="model.pt"
     )
-    with pytest.raises(HandlerLoadError, match=r"failed to import.*torchvision"):
-        run(serve(worker_pool, path, []))
+    [out] = run(serve(worker_pool, path, [requests(b"not an image")]))
+    assert out[0].status == 400 and out[0].body["type"] == "BadRequest"
 
 
 def test_unknown_handler_is_an_archive_error(worker_pool: WorkerPool, tmp_path: Path) -> None:
