@@ -134,7 +134,8 @@ class _Loop:
         self._model_dims = [spec.archive.name, "Model"]
 
     def serve(self, sock: socket.socket) -> None:
-        while (frame := wire.receive(sock)) is not None:
+        reader = wire.FrameReader(sock)
+        while (frame := reader.read()) is not None:
             message = wire.loads(frame)
             del frame
             if message[0] == "stop":

@@ -147,7 +147,7 @@ class _FrameUnpickler(pickle.Unpickler):
             return self._frombuffer
         return super().find_class(module, name)
 
-    def _frombuffer(self, buffer: Any, dtype: Any, shape: Any, order: str) -> Any:
+    def _frombuffer(self, buffer: Any, dtype: Any, shape: Any, order: Any) -> Any:
         import numpy as np
 
         array = np.frombuffer(buffer, dtype=dtype)
@@ -192,37 +192,55 @@ def send(sock: socket.socket, parts: Sequence[Any]) -> None:
             views[0] = views[0][sent:]
 
 
-def receive(sock: socket.socket) -> memoryview | None:
-    """Read one whole frame into a buffer of its size; None at a clean end of stream.
+class FrameReader:
+    """Whole frames from a blocking socket, with one `recv` for a small frame.
 
-    Reads exactly the frame (header, lengths, body), never into the next one."""
-    header = _exactly(sock, HEADER.size, eof_ok=True)
-    if header is None:
-        return None
-    _, count = HEADER.unpack(header)
-    prefix = header + (_exactly(sock, LENGTH.size * count) or b"") if count else header
-    layout = frame_layout(prefix)
-    assert layout is not None
-    _, total = layout
-    frame = bytearray(total)
-    view = memoryview(frame)
-    got = len(prefix)
-    view[:got] = prefix
-    while got < total:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise WireError("stream ended inside a frame")
-        got += n
-    return view
+    Small frames arrive in a reusable buffer and are copied out (a few hundred bytes, cheaper
+    than a second system call); a frame larger than the buffer gets a buffer of its own size
+    that the socket fills directly. Never reads past a frame it returns into the next one's
+    buffer of its own: leftover bytes stay for the next `read`.
+    """
 
+    def __init__(self, sock: socket.socket, buffer_size: int = 256 * 1024) -> None:
+        self._sock = sock
+        self._buffer = bytearray(buffer_size)
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0
 
-def _exactly(sock: socket.socket, size: int, *, eof_ok: bool = False) -> bytes | None:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            if eof_ok and not data:
-                return None
-            raise WireError("stream ended inside a frame header")
-        data += chunk
-    return data
+    def read(self) -> memoryview | None:
+        """The next frame, writable; None at a clean end of stream."""
+        while True:
+            pending = self._view[self._start : self._end]
+            layout = frame_layout(pending)
+            if layout is not None:
+                _, total = layout
+                if len(pending) >= total:
+                    frame = memoryview(bytearray(pending[:total]))
+                    self._start += total
+                    return frame
+                if total > len(self._buffer):
+                    return self._read_large(pending, total)
+            if self._start == self._end:
+                self._start = self._end = 0
+            elif self._end == len(self._buffer):
+                size = self._end - self._start
+                self._buffer[:size] = self._buffer[self._start : self._end]
+                self._start, self._end = 0, size
+            received = self._sock.recv_into(self._view[self._end :])
+            if received == 0:
+                if self._start == self._end:
+                    return None
+                raise WireError("stream ended inside a frame")
+            self._end += received
+
+    def _read_large(self, pending: memoryview, total: int) -> memoryview:
+        frame = memoryview(bytearray(total))
+        have = len(pending)
+        frame[:have] = pending
+        self._start = self._end = 0
+        while have < total:
+            received = self._sock.recv_into(frame[have:])
+            if received == 0:
+                raise WireError("stream ended inside a frame")
+            have += received
+        return frame

@@ -119,6 +119,20 @@ def test_unreadable_frames_are_wire_errors() -> None:
     assert wire.loads_restricted(raw_frame(allowed)) == {"a": [1, 2.5, None, (b"x", "y")], "s": {1}}
 
 
+def test_small_frames_back_to_back_arrive_one_by_one(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Several small frames in one recv: each read returns one, in order, writable."""
+    writer, reader = pair
+    for n in range(3):
+        wire.send(writer, wire.encode(("batch", n, np.full(4, n, np.float32))))
+    writer.shutdown(socket.SHUT_WR)
+    frames = wire.FrameReader(reader, buffer_size=64)  # small: frames straddle refills
+    got = [wire.loads(frame) for frame in iter(frames.read, None)]
+    assert [(kind, n) for kind, n, _ in got] == [("batch", 0), ("batch", 1), ("batch", 2)]
+    assert all(array.flags.writeable and array[0] == n for _, n, array in got)
+
+
 def test_send_and_receive_a_frame_larger_than_the_socket_buffers(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
@@ -142,9 +156,10 @@ def test_send_and_receive_a_frame_larger_than_the_socket_buffers(
     thread = threading.Thread(target=write)
     thread.start()
     try:
-        first = wire.receive(reader)
-        second = wire.receive(reader)
-        end = wire.receive(reader)
+        frames = wire.FrameReader(reader)
+        first = frames.read()
+        second = frames.read()
+        end = frames.read()
     finally:
         thread.join(10)
     assert not failures
@@ -161,10 +176,10 @@ def test_a_stream_that_ends_inside_a_frame(pair: tuple[socket.socket, socket.soc
     writer.sendall(bytes(header) + bytes(meta)[:10])
     writer.shutdown(socket.SHUT_WR)
     with pytest.raises(wire.WireError, match="stream ended inside a frame"):
-        wire.receive(reader)
+        wire.FrameReader(reader).read()
     writer2, reader2 = socket.socketpair()
     with writer2, reader2:
         writer2.sendall(bytes(header)[:3])
         writer2.shutdown(socket.SHUT_WR)
-        with pytest.raises(wire.WireError, match="stream ended inside a frame header"):
-            wire.receive(reader2)
+        with pytest.raises(wire.WireError, match="stream ended inside a frame"):
+            wire.FrameReader(reader2).read()
