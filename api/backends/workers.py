@@ -35,7 +35,7 @@ from typing import Any
 
 from api.backends.archive import Archive, open_archive
 from api.backends.extract import ArchiveLimits
-from api.core.types import InferenceRequest, ModelSettings, Prediction
+from api.core.types import InferenceRequest, ModelSettings, NotRun, Prediction
 from api.errors import (
     DeadlineExceeded,
     HandlerLoadError,
@@ -45,7 +45,7 @@ from api.errors import (
     error_for_status,
 )
 from api.workers.main import WorkerSpec
-from api.workers.pool import WorkerExit, WorkerPool, WorkerProcess
+from api.workers.pool import NotStarted, WorkerExit, WorkerPool, WorkerProcess
 from api.workers.wire import blobs
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,11 @@ class WorkerBackend:
 class ProcessWorker:
     """One worker process of a `WorkerBackend`, as the batcher drives it."""
 
+    # The batcher hands this worker its next batch while it runs the current one: the batch
+    # waits in the worker's socket, so the worker goes straight on instead of idling for the
+    # frontend's turn-around (at 32 connections on 2 cores, it idled over half the time).
+    pipeline_depth = 2
+
     def __init__(
         self, backend: WorkerBackend, index: int, process: WorkerProcess, device: str
     ) -> None:
@@ -237,6 +242,8 @@ class ProcessWorker:
                 f"{self._what} did not answer within {timeout:g} s (responseTimeout); "
                 f"it was killed and is being replaced"
             ) from None
+        except NotStarted as exc:
+            raise NotRun(f"{self._what} died before it started this batch: {exc}") from None
         except WorkerExit as exc:
             raise WorkerDied(f"{self._what} died while running this batch: {exc}") from None
         self._backend._report(reply[-1])

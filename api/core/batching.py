@@ -22,6 +22,7 @@ is ever run.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from api.core.types import (
     REJECT_DEADLINE,
     REJECT_QUEUE_FULL,
     InferenceRequest,
+    NotRun,
     NullObserver,
     Observer,
     Prediction,
@@ -152,39 +154,56 @@ class Batcher:
     async def serve(self, worker: Worker) -> None:
         """Feed `worker` batches until cancelled, or until it is no longer `alive`.
 
+        A worker with `pipeline_depth` n > 1 (a process, see `Worker`) is handed its next
+        batch while it still runs up to n - 1 others: it then never sits idle waiting for the
+        frontend's turn-around between two batches. The next batch still forms under the
+        usual rule, and since a batch of this worker is running, it waits to fill.
+
         A batch taken for a worker that died meanwhile goes back to the front of the queue: it
         never reached the worker, so another one (or the replacement) runs it.
         """
-        while _alive(worker):
-            batch = await self._next_batch()
-            if not _alive(worker):
-                self._queue.extendleft(reversed(batch))
-                self._arrived.set()
-                return
-            self._running += 1
-            self._running_requests += len(batch)
-            run = asyncio.ensure_future(self._run(worker, batch))
-            try:
-                await asyncio.shield(run)
-            except asyncio.CancelledError:
-                # Stopping this worker: finish the batch in hand, so accepted requests are
-                # answered; but a stuck handler must not hold the stop (and the registry, and
-                # shutdown) forever, so wait at most a response timeout for it.
-                try:
-                    await asyncio.wait_for(asyncio.shield(run), self.response_timeout_s)
-                except TimeoutError:
-                    self._fail(
-                        batch,
-                        InferenceFailed(
-                            f"Model {self.model} version {self.version}: the handler did not "
-                            f"return within {self.response_timeout_s:g} s; its worker was stopped"
-                        ),
-                    )
-                raise
-            finally:
-                self._running -= 1
-                self._running_requests -= len(batch)
-                self._note_if_idle()
+        depth = max(1, getattr(worker, "pipeline_depth", 1))
+        running: set[asyncio.Future[None]] = set()
+        try:
+            while _alive(worker):
+                # A full batch waiting may go deeper: under overload the event loop's
+                # turn-around between a worker's answer and its next batch grows (every
+                # connection's request is parsed in between), and the queued work would
+                # only wait here anyway.
+                limit = depth * 2 if len(self._queue) >= self.max_batch_size else depth
+                if len(running) >= limit:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                batch = await self._next_batch()
+                if not _alive(worker):
+                    self._queue.extendleft(reversed(batch))
+                    self._arrived.set()
+                    return
+                self._running += 1
+                self._running_requests += len(batch)
+                run = asyncio.ensure_future(self._run(worker, batch))
+                running.add(run)
+                run.add_done_callback(functools.partial(self._ran, running, len(batch)))
+            if running:  # the worker died: its batches are failing now
+                await asyncio.wait(running)
+        except asyncio.CancelledError:
+            # Stopping this worker: finish the batches in hand, so accepted requests are
+            # answered; but a stuck handler must not hold the stop (and the registry, and
+            # shutdown) forever, so wait at most a response timeout for them.
+            if running:
+                await asyncio.wait(running, timeout=self.response_timeout_s)
+            for run in running:
+                if not run.done():
+                    run.cancel()
+            raise
+
+    def _ran(
+        self, running: set[asyncio.Future[None]], size: int, run: asyncio.Future[None]
+    ) -> None:
+        running.discard(run)
+        self._running -= 1
+        self._running_requests -= size
+        self._note_if_idle()
 
     async def _next_batch(self) -> list[Pending]:
         while True:
@@ -243,6 +262,21 @@ class Batcher:
         started = self._clock()
         try:
             predictions = await worker.predict([pending.request for pending in batch])
+        except asyncio.CancelledError:
+            self._fail(
+                batch,
+                InferenceFailed(
+                    f"Model {self.model} version {self.version}: the handler did not "
+                    f"return within {self.response_timeout_s:g} s; its worker was stopped"
+                ),
+            )
+            raise
+        except NotRun:
+            # Never reached the handler: back to the front of the queue, in order, deadlines
+            # unchanged, for another worker or this one's replacement.
+            self._queue.extendleft(reversed(batch))
+            self._arrived.set()
+            return
         except TorchgateError as exc:
             self._fail(batch, exc)
             return

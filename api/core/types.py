@@ -101,6 +101,10 @@ class ModelSettings:
             )
 
 
+class NotRun(Exception):
+    """Raised by `Worker.predict` for a batch the worker never started; see `Worker`."""
+
+
 class Worker(Protocol):
     """Runs one batch at a time for one model version.
 
@@ -112,6 +116,9 @@ class Worker(Protocol):
     A worker that can die (a process) also has `alive: bool` and `exited: asyncio.Future[str]`
     (resolved, with how it ended, once it is gone): the batcher stops feeding it and the
     registry replaces it (`api.core.supervision`). Without them a worker lives until closed.
+    `pipeline_depth: int` (default 1) lets the batcher give it that many batches at once; it
+    must then answer them in order, and raise `NotRun` for a batch it never started (it died
+    while running the one before): the batcher gives that batch to another worker.
     """
 
     device: str

@@ -21,7 +21,9 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,10 @@ ChunkCallback = Callable[[list[Any]], None]
 
 class WorkerExit(Exception):
     """The worker process is gone; the message says how (exit code or signal)."""
+
+
+class NotStarted(WorkerExit):
+    """The worker process is gone, but it had not started on this call yet."""
 
 
 class WorkerPool:
@@ -232,8 +238,8 @@ class WorkerProcess(asyncio.BufferedProtocol):
         self._loop = loop
         self.exited: asyncio.Future[str] = loop.create_future()
         self._transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[Any] | None = None
-        self._on_chunk: ChunkCallback | None = None
+        # Calls whose answers are due, oldest first: the worker answers in order.
+        self._waiters: deque[_Waiter] = deque()
         self._inbox: list[Any] = []  # a message that arrived before anyone waited
         self._lost = False
         self._killed = False  # kill() was called: the exit report may still be on its way
@@ -267,8 +273,10 @@ class WorkerProcess(asyncio.BufferedProtocol):
     ) -> Any:
         """Send `message`; its answer, TimeoutError (the worker is then killed) or WorkerExit.
 
-        Only one call at a time. A caller cancelled mid-call kills the worker too: the answer
-        it was waiting for would otherwise be taken for the next call's.
+        Calls may overlap: the worker reads the next message while the frontend waits for the
+        answer to the one before (so it never idles between batches), and answers in order.
+        A caller cancelled mid-call kills the worker: the answer it was waiting for would
+        otherwise be taken for the next call's.
         """
         if not self.alive or self._transport is None:
             raise WorkerExit(self._exit_reason())
@@ -280,17 +288,16 @@ class WorkerProcess(asyncio.BufferedProtocol):
             return self._inbox.pop(0)
         if not self.alive:
             raise WorkerExit(self._exit_reason())
-        waiter = self._loop.create_future()
-        self._waiter, self._on_chunk = waiter, on_chunk
-        timer = self._loop.call_later(timeout, _time_out, waiter)
+        waiter = _Waiter(self._loop.create_future(), on_chunk)
+        self._waiters.append(waiter)
+        timer = self._loop.call_later(timeout, _time_out, waiter.future)
         try:
-            return await waiter
+            return await waiter.future
         except (TimeoutError, asyncio.CancelledError):
             self.kill()
             raise
         finally:
             timer.cancel()
-            self._waiter = self._on_chunk = None
 
     def send(self, message: Any) -> None:
         """Send without waiting for an answer (the stop request)."""
@@ -338,9 +345,15 @@ class WorkerProcess(asyncio.BufferedProtocol):
         return "its connection closed"
 
     def _fail_waiter(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(WorkerExit(self._exit_reason()))
+        """The worker is gone: the oldest call due is the one it was running; the calls behind
+        it were never started (it runs one at a time), so they can run elsewhere."""
+        started = True
+        while self._waiters:
+            future = self._waiters.popleft().future
+            if not future.done():
+                error = WorkerExit if started else NotStarted
+                future.set_exception(error(self._exit_reason()))
+            started = False
 
     # -- asyncio.BufferedProtocol ----------------------------------------------------------------
 
@@ -421,22 +434,30 @@ class WorkerProcess(asyncio.BufferedProtocol):
         except wire.WireError as exc:
             self._protocol_error(exc)
             return
-        if message[0] == "chunk":
-            if self._on_chunk is not None:
-                self._on_chunk(message[1])
+        if message[0] == "chunk":  # for the oldest call: the one the worker is running
+            if self._waiters and self._waiters[0].on_chunk is not None:
+                self._waiters[0].on_chunk(message[1])
             return
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(message)
-        else:
+        if not self._waiters:
             self._inbox.append(message)
+            return
+        future = self._waiters.popleft().future
+        if not future.done():
+            future.set_result(message)
 
     def _protocol_error(self, exc: Exception) -> None:
         log.error("%s: %s; killing the worker", self.label, exc)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(WorkerExit(f"it sent an unreadable answer ({exc})"))
+        for waiter in self._waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(WorkerExit(f"it sent an unreadable answer ({exc})"))
+        self._waiters.clear()
         self.kill()
+
+
+@dataclass(slots=True)
+class _Waiter:
+    future: asyncio.Future[Any]
+    on_chunk: ChunkCallback | None
 
 
 def _time_out(waiter: asyncio.Future[Any]) -> None:

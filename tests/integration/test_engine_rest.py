@@ -286,9 +286,11 @@ def test_full_queue_is_refused_at_once(
                 aclient.post("/predictions/sleepy", content=b"3", headers={"x-request-id": "busy"})
             )
             await asyncio.to_thread(wait_for, lambda: "busy" in sleepy_log(server, store))
+            # The worker takes one batch ahead while it runs (pipelining, see
+            # ProcessWorker.pipeline_depth); the next two fill the job queue (jobQueueSize 2).
             queued = [
                 asyncio.create_task(aclient.post("/predictions/sleepy", content=b"0"))
-                for _ in range(2)
+                for _ in range(3)
             ]
             pending = lambda: management.get("/models/sleepy").json()[0]["jobQueueStatus"][  # noqa: E731
                 "pendingRequests"
@@ -300,7 +302,7 @@ def test_full_queue_is_refused_at_once(
             assert refused.status_code == 503
             assert int(refused.headers["retry-after"]) >= 1
             assert (await busy).status_code == 200
-            assert [r.status_code for r in await asyncio.gather(*queued)] == [200, 200]
+            assert [r.status_code for r in await asyncio.gather(*queued)] == [200, 200, 200]
 
     asyncio.run(scenario())
 
@@ -341,10 +343,15 @@ def test_disconnected_clients_are_dropped_before_inference(
 
     busy = send("gone-busy", "2")
     wait_for(lambda: "gone-busy" in sleepy_log(server, store))
+    # The worker already holds the next batch (pipelining, see ProcessWorker.pipeline_depth):
+    # a request handed to it runs; one still queued behind it is dropped when its client goes.
+    ahead = send("gone-ahead", "0")
+    time.sleep(0.2)
     send("gone-client", "0").close()
-    busy.settimeout(30)
-    assert b"200" in busy.recv(4096).split(b"\r\n")[0]
-    busy.close()
+    for sock in (busy, ahead):
+        sock.settimeout(30)
+        assert b"200" in sock.recv(4096).split(b"\r\n")[0]
+        sock.close()
     time.sleep(1.0)
     assert "gone-client" not in sleepy_log(server, store)
 
