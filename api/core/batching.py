@@ -192,9 +192,9 @@ class Batcher:
             # shutdown) forever, so wait at most a response timeout for them.
             if running:
                 await asyncio.wait(running, timeout=self.response_timeout_s)
-            for run in running:
-                if not run.done():
-                    run.cancel()
+            for unfinished in running:
+                if not unfinished.done():
+                    unfinished.cancel()
             raise
 
     def _ran(
