@@ -25,7 +25,7 @@ import numpy as np
 
 REPEATS = 5
 DIGITS_PIXELS = 64
-HANDLER_THREADS = 1  # torchgate's intra-op threads per CPU worker (api.backends.local)
+HANDLER_THREADS = 1  # torchgate's intra-op threads per CPU worker (api.backends.workers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,3 +132,27 @@ def bench_archive(mar: Path, batch_sizes: list[int]) -> list[RawResult]:
                 RawResult(label, f"handler ({runtime})", batch, per_call, HANDLER_THREADS)
             )
     return results
+
+
+MINILM_SENTENCE = "torchgate serves TorchServe model archives without Java."
+
+
+def bench_minilm(mar: Path, batch: int) -> RawResult:
+    """The minilm handler in-process at `batch` texts per call, one intra-op thread as
+    torchgate's workers run it: the batched throughput a server of it can at best reach."""
+    import torch
+
+    from handlers.minilm_handler import MiniLMHandler
+
+    torch.set_num_threads(HANDLER_THREADS)
+    with tempfile.TemporaryDirectory(prefix="torchgate-raw-") as tmp:
+        with zipfile.ZipFile(mar) as archive:
+            archive.extractall(tmp)
+        manifest = json.loads((Path(tmp) / "MAR-INF" / "MANIFEST.json").read_text())
+        context = _Context({"model_dir": tmp, "gpu_id": None, "batch_size": batch}, manifest)
+        handler = MiniLMHandler()
+        handler.initialize(context)
+        data = [{"body": MINILM_SENTENCE.encode()} for _ in range(batch)]
+        per_call = seconds_per_call(lambda: handler.handle(data, context)) * 1e6
+    label = f"{manifest['model']['modelName']} {manifest['model'].get('modelVersion', '1.0')}"
+    return RawResult(label, "handler (ONNX Runtime)", batch, per_call, HANDLER_THREADS)

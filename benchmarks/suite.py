@@ -58,6 +58,8 @@ WORKLOADS = {
     ),
 }
 
+MINILM_MAX_C = 32
+
 ServerFactory = Callable[[Path, Path], AbstractContextManager[servers.Server]]
 SERVER_FACTORIES: dict[str, tuple[str, ServerFactory]] = {
     "torchserve": (report.TORCHSERVE, servers.torchserve),
@@ -73,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json-out", type=Path, help="write every measured point as JSON here")
     parser.add_argument("--config", type=Path, default=Path("config.properties"))
     parser.add_argument("--model-store", type=Path, default=Path("model_store"))
-    parser.add_argument("--concurrency", "-c", type=parse_concurrency, default=[1, 8, 32])
+    parser.add_argument(
+        "--concurrency",
+        "-c",
+        type=parse_concurrency,
+        default=[1, 8, 32, 200],
+        help="connections per point (minilm stops at 32: at 200 it only measures the queue)",
+    )
     parser.add_argument("--duration", "-d", type=parse_duration, default=10.0)
     parser.add_argument("--warmup", type=parse_duration, default=2.0)
     parser.add_argument("--threads", "-t", type=int, default=1, help="wrk threads")
@@ -162,8 +170,11 @@ def run_server(
                     f"errors {point.error_count} [{engine_name}]"
                 )
 
+            levels = [
+                c for c in options.concurrency if workload.model == "digits" or c <= MINILM_MAX_C
+            ]
             run.points[workload.model] = run_points(
-                spec, options.concurrency, options.duration, options.warmup, engine, progress
+                spec, levels, options.duration, options.warmup, engine, progress
             )
         run.memory_loaded = server.memory()
     return run
@@ -207,6 +218,12 @@ def run_raw(options: argparse.Namespace) -> list[raw.RawResult]:
         batches = sorted({1, entry.settings.batch_size})
         _say(f"timing {entry.mar_name} in-process at batch {batches} ...")
         results += raw.bench_archive(options.model_store / entry.mar_name, batches)
+    minilm = next((m for m in config.models if m.name == "minilm" and m.default), None)
+    if minilm is not None and "minilm" in options.models:
+        _say(f"timing {minilm.mar_name} in-process at batch {minilm.settings.batch_size} ...")
+        results.append(
+            raw.bench_minilm(options.model_store / minilm.mar_name, minilm.settings.batch_size)
+        )
     return results
 
 

@@ -158,19 +158,29 @@ def test_side_by_side_rows_pair_servers_by_concurrency() -> None:
 
 
 def test_targets_report_what_was_measured() -> None:
-    found = {t.goal: t for t in report.targets(suite_result())}
-    assert found["c=32: torchgate req/s >= 2x TorchServe's"].met is True
-    assert found["c=32: torchgate p99 lower than TorchServe's"].met is True
-    assert found["c=1: torchgate p50 <= 0.5 ms"].met is True
-    rss = found["RSS serving both example models <= 40% of TorchServe's"]
-    assert rss.met is True and rss.measured.startswith("35.0%")
+    result = suite_result()
+    result.raw.append(RawResult("minilm 1.0", "handler (ONNX Runtime)", 8, 8000.0, 1))
+    tg = result.runs[report.TORCHGATE]
+    tg.points["digits"].append(point(200, 6500, 20.0, 40.0))
+    tg.points["minilm"] = [point(32, 950, 30.0, 40.0)]
+    found = {t.goal: t for t in report.targets(result)}
+    c32 = found["digits c=32: torchgate req/s >= 5x TorchServe's"]
+    assert c32.met is False and c32.measured.startswith("2.33x")
+    c200 = found["digits c=200: 2xx goodput >= 90% of torchgate's c=32 req/s"]
+    assert c200.met is True and c200.measured.startswith("93%")
+    assert found["digits c=1: torchgate p50 <= 0.3 ms"].met is False
+    minilm = found["minilm c=32: >= 90% of the handler's batched throughput in-process"]
+    assert minilm.met is True and minilm.measured.startswith("95%")  # 950 of 1,000 items/s
+    pss = found["PSS serving the example models <= 50% of TorchServe's"]
+    assert pss.met is True and pss.measured.startswith("40%")
+    assert found["start-up to all versions ready <= 50% of TorchServe's"].met is True
 
 
 def test_targets_without_torchserve_are_not_measured() -> None:
     result = suite_result()
     del result.runs[report.TORCHSERVE]
     verdicts = [t.met for t in report.targets(result)]
-    assert verdicts == [None, True, None]
+    assert verdicts == [None, None, False, None, None, None]
 
 
 def test_markdown_holds_machine_tables_and_targets() -> None:
