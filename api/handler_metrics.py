@@ -52,7 +52,8 @@ class _Family:
 
 
 class HandlerMetrics:
-    """Collects handler metrics from worker threads; a prometheus_client collector plus text.
+    """Collects handler metrics that worker processes report with their answers (see
+    `api.workers.main`); a prometheus_client collector plus text.
 
     `collect()` yields the gauges and histograms, `counters_text()` writes the counters (see
     the module docstring for why counters are written by hand).
@@ -64,7 +65,8 @@ class HandlerMetrics:
         self._families: dict[str, _Family] = {}
         self._series_count = 0
         self._warned: set[tuple[str, str]] = set()
-        # Handlers run in worker threads, several at once: every read and write holds the lock.
+        # Updates arrive on the event loop while scrapes run in prometheus_client's thread:
+        # every read and write holds the lock.
         self._lock = threading.Lock()
 
     def on_metric(

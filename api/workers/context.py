@@ -44,9 +44,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# on_metric(name, value, unit, dimensions, metric_type): called in the worker's thread for every
-# metric update a handler makes; metric_type is "counter", "gauge" or "histogram" and unit
-# TorchServe's long name ("Milliseconds", "Count", ...). It must be thread-safe and cheap.
+# on_metric(name, value, unit, dimensions, metric_type): called in the worker process for every
+# metric update a handler makes (the worker collects them and sends them with its answer);
+# metric_type is "counter", "gauge" or "histogram" and unit TorchServe's long name
+# ("Milliseconds", "Count", ...). It must be cheap.
 MetricCallback = Callable[[str, float, str, Mapping[str, str], str], None]
 
 SeriesKey = tuple[str, str, tuple[tuple[str, str], ...]]  # (metric_type, name, dimensions)
@@ -103,8 +104,8 @@ class MetricsStore(MetricCacheAbstract):
     """TorchServe's metrics cache API, recording in memory instead of logging.
 
     `series` holds the current value of every (type, name, dimensions) series: counters add up,
-    gauges and histograms keep their last value. One store per worker, written only from the
-    worker's thread; read it from elsewhere with `snapshot()`.
+    gauges and histograms keep their last value. One store per worker process, written by the
+    handler (a handler's own threads too, hence the lock); read it with `snapshot()`.
     """
 
     def __init__(self, model_name: str, on_metric: MetricCallback | None = None) -> None:
@@ -198,7 +199,8 @@ def make_context(
         metrics,
         model_yaml_config,
     )
-    # TorchServe's worker socket, used only to stream intermediate responses
-    # (send_intermediate_predict_response), which torchgate does not support.
+    # TorchServe's worker socket, which its send_intermediate_predict_response writes to;
+    # torchgate's worker replaces that function with one that writes to its own socket
+    # (see api.workers.main._install_streaming), so nothing uses this.
     context.cl_socket = None
     return context
