@@ -11,7 +11,11 @@ see `api.backends.torchserve`.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
 import logging
+import zipfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -118,6 +122,13 @@ class ModelLoader:
         from api.backends.torchserve import BACKEND_KEY, open_backend, spec_for
 
         spec = spec_for(url, extra)
+        if spec.signature is None:
+            # The archive TorchServe serves is often in our model store too: its signature
+            # makes v2 requests reach TorchServe's handler as v2 tensors (bridge rule 1)
+            # rather than as a plain TorchServe request (rule 2).
+            signature = await asyncio.to_thread(archive_signature, self.config.model_store, url)
+            if signature is not None:
+                spec = dataclasses.replace(spec, signature=signature)
         for target in (spec.inference_url, spec.management_url):
             if target is not None and not self.config.allows_url(target):
                 raise BadRequest(f"TorchServe URL {target} does not match any allowed URL(s)")
@@ -216,3 +227,24 @@ def _extra_startup_archives(
         if url not in listed:
             found.append((url, name or None))
     return found
+
+
+SIGNATURE_MAX_BYTES = 1 << 20
+
+
+def archive_signature(store: Path, url: str) -> dict[str, Any] | None:
+    """The `signature.json` of the archive `url` names in `store`, if there is one to read."""
+    if "://" in url or not url.endswith(".mar"):
+        return None
+    path = (store / url).resolve()
+    if not path.is_relative_to(store.resolve()) or not path.is_file():
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("signature.json")
+            if info.file_size > SIGNATURE_MAX_BYTES:
+                return None
+            signature = json.loads(archive.read(info))
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        return None
+    return signature if isinstance(signature, dict) else None

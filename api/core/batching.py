@@ -83,6 +83,7 @@ class Batcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._running = 0  # batches being run by workers right now
+        self._busy = 0  # workers running at least one batch
         self._running_requests = 0  # requests in those batches
         self._closed = False
 
@@ -94,7 +95,7 @@ class Batcher:
 
     @property
     def busy_workers(self) -> int:
-        return self._running
+        return self._busy
 
     @property
     def in_flight(self) -> int:
@@ -170,7 +171,8 @@ class Batcher:
                 # turn-around between a worker's answer and its next batch grows (every
                 # connection's request is parsed in between), and the queued work would
                 # only wait here anyway.
-                limit = depth * 2 if len(self._queue) >= self.max_batch_size else depth
+                deeper = depth > 1 and len(self._queue) >= self.max_batch_size
+                limit = depth * 2 if deeper else depth
                 if len(running) >= limit:
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     continue
@@ -180,6 +182,7 @@ class Batcher:
                     self._arrived.set()
                     return
                 self._running += 1
+                self._busy += not running
                 self._running_requests += len(batch)
                 run = asyncio.ensure_future(self._run(worker, batch))
                 running.add(run)
@@ -201,6 +204,7 @@ class Batcher:
         self, running: set[asyncio.Future[None]], size: int, run: asyncio.Future[None]
     ) -> None:
         running.discard(run)
+        self._busy -= not running
         self._running -= 1
         self._running_requests -= size
         self._note_if_idle()
