@@ -455,3 +455,34 @@ def test_token_authorization(tmp_path: Path) -> None:
             assert (await s.client.get("/v2/models/m")).status_code == 200
 
     run(scenario())
+
+
+def test_a_request_is_checked_against_the_version_it_is_routed_to(tmp_path: Path) -> None:
+    """An A/B split may route to a version with another signature, or none: the check and the
+    bridge rule are that version's, not the default's."""
+    store = tmp_path / "model_store"
+    archives = [
+        write_archive(store, "ab", "1.0", SIGNATURE),
+        write_archive(store, "ab", "2.0", None),
+    ]
+    config = {
+        "model_store": str(store),
+        "load_models": ",".join(archives),
+        "torchgate.traffic": json.dumps({"ab": {"weights": {"1.0": 0, "2.0": 100}}}),
+    }
+    ints = {"name": "anything", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, 3]}
+
+    async def scenario() -> None:
+        async with started_torchgate(tmp_path, config, load_tensor_backend) as started:
+            transport = httpx.ASGITransport(app=started.tg.inference_app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://tg") as client:
+                # The default (1.0) would refuse INT64 input "anything"; 2.0 takes any input.
+                routed = await client.post("/v2/models/ab/infer", json={"inputs": [ints]})
+                assert routed.status_code == 200, routed.text
+                assert routed.json()["model_version"] == "2.0"
+                pinned = await client.post(
+                    "/v2/models/ab/versions/1.0/infer", json={"inputs": [ints]}
+                )
+                assert "anything" in error_of(pinned, 400)
+
+    run(scenario())
