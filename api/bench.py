@@ -106,7 +106,7 @@ class PointResult:
     concurrency: int
     requests: int
     duration_s: float
-    rps: float
+    rps: float  # successful (non-error) answers per second
     p50_ms: float
     p95_ms: float
     p99_ms: float
@@ -140,11 +140,13 @@ def parse_wrk_output(stdout: str, concurrency: int) -> PointResult:
     latency = raw["latency_us"]
     duration_s = raw["duration_us"] / 1e6
     requests = int(raw["requests"])
+    # Throughput counts successful answers only: a 503 storm is not throughput.
+    ok = requests - int(raw["errors"].get("status", 0))
     return PointResult(
         concurrency=concurrency,
         requests=requests,
         duration_s=duration_s,
-        rps=requests / duration_s if duration_s > 0 else 0.0,
+        rps=ok / duration_s if duration_s > 0 else 0.0,
         p50_ms=latency["p50"] / 1000,
         p95_ms=latency["p95"] / 1000,
         p99_ms=latency["p99"] / 1000,
@@ -222,11 +224,12 @@ def summarize(
 ) -> PointResult:
     """A `PointResult` from raw per-request latencies (seconds)."""
     ordered = sorted(latencies_s)
+    ok = len(ordered) - errors.get("status", 0)  # answers with a non-2xx status are not
     return PointResult(
         concurrency=concurrency,
         requests=len(ordered),
         duration_s=duration_s,
-        rps=len(ordered) / duration_s if duration_s > 0 else 0.0,
+        rps=ok / duration_s if duration_s > 0 else 0.0,
         p50_ms=percentile(ordered, 50) * 1000,
         p95_ms=percentile(ordered, 95) * 1000,
         p99_ms=percentile(ordered, 99) * 1000,

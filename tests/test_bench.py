@@ -39,7 +39,7 @@ def test_parse_wrk_output_reads_the_json_line_among_wrk_text() -> None:
     result = bench.parse_wrk_output(stdout, concurrency=8)
     assert result.concurrency == 8
     assert result.requests == 12000
-    assert result.rps == pytest.approx(6000.0)
+    assert result.rps == pytest.approx(5998.5)  # 2xx only: 3 status errors of 12,000
     assert (result.p50_ms, result.p95_ms, result.p99_ms) == (0.14, 0.2, 0.35)
     assert result.mean_ms == pytest.approx(0.1505)
     assert result.errors == {"connect": 0, "read": 1, "write": 0, "status": 3, "timeout": 0}
@@ -111,7 +111,7 @@ def test_summarize_uses_nearest_rank_percentiles() -> None:
     latencies = [i / 1000 for i in range(1, 101)]  # 1..100 ms
     result = bench.summarize(4, latencies, 2.0, {"status": 2})
     assert result.requests == 100
-    assert result.rps == 50.0
+    assert result.rps == 49.0  # 2xx only: 98 of 100 answers in 2 s
     assert (result.p50_ms, result.p95_ms, result.p99_ms) == pytest.approx((50, 95, 99))
     assert result.max_ms == pytest.approx(100)
     assert result.errors["status"] == 2 and result.errors["connect"] == 0

@@ -22,7 +22,6 @@ is ever run.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -155,59 +154,67 @@ class Batcher:
     async def serve(self, worker: Worker) -> None:
         """Feed `worker` batches until cancelled, or until it is no longer `alive`.
 
-        A worker with `pipeline_depth` n > 1 (a process, see `Worker`) is handed its next
-        batch while it still runs up to n - 1 others: it then never sits idle waiting for the
-        frontend's turn-around between two batches. The next batch still forms under the
-        usual rule, and since a batch of this worker is running, it waits to fill.
+        A worker with `pipeline_depth` n > 1 (a process, see `Worker`) is fed by n lanes, each
+        taking a batch and running it in turn: the worker gets its next batch while it still
+        runs the current one, so it never sits idle waiting for the frontend. A lane takes its
+        next batch in the same task step in which its last one was answered — one event-loop
+        turn, however many connections that turn also serves. The next batch still forms under
+        the usual rule, and since a batch of this worker is running, it waits to fill.
 
         A batch taken for a worker that died meanwhile goes back to the front of the queue: it
         never reached the worker, so another one (or the replacement) runs it.
         """
         depth = max(1, getattr(worker, "pipeline_depth", 1))
-        running: set[asyncio.Future[None]] = set()
+        running: set[asyncio.Task[None]] = set()  # lanes with a batch in hand
+        stopping = asyncio.Event()  # set: lanes take no further batch
+        lanes = [asyncio.ensure_future(self._lane(worker, running, stopping)) for _ in range(depth)]
         try:
-            while _alive(worker):
-                # A full batch waiting may go deeper: under overload the event loop's
-                # turn-around between a worker's answer and its next batch grows (every
-                # connection's request is parsed in between), and the queued work would
-                # only wait here anyway.
-                deeper = depth > 1 and len(self._queue) >= self.max_batch_size
-                limit = depth * 2 if deeper else depth
-                if len(running) >= limit:
-                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                batch = await self._next_batch()
-                if not _alive(worker):
-                    self._queue.extendleft(reversed(batch))
-                    self._arrived.set()
-                    return
-                self._running += 1
-                self._busy += not running
-                self._running_requests += len(batch)
-                run = asyncio.ensure_future(self._run(worker, batch))
-                running.add(run)
-                run.add_done_callback(functools.partial(self._ran, running, len(batch)))
-            if running:  # the worker died: its batches are failing now
-                await asyncio.wait(running)
+            # wait, not gather: cancelling this task must not cancel the lanes' batches too.
+            await asyncio.wait(lanes)
+            for lane in lanes:
+                lane.result()  # a bug in a lane: raise it here, not swallow it
         except asyncio.CancelledError:
-            # Stopping this worker: finish the batches in hand, so accepted requests are
-            # answered; but a stuck handler must not hold the stop (and the registry, and
-            # shutdown) forever, so wait at most a response timeout for them.
-            if running:
-                await asyncio.wait(running, timeout=self.response_timeout_s)
-            for unfinished in running:
-                if not unfinished.done():
-                    unfinished.cancel()
+            # Stopping this worker: idle lanes stop now; the batches in hand finish, so
+            # accepted requests are answered, but a stuck handler must not hold the stop (and
+            # the registry, and shutdown) forever: they get at most a response timeout. Shielded:
+            # a second cancellation (the supervisor's stop after ours) must not cut that short.
+            stopping.set()
+            for lane in lanes:
+                if lane not in running:
+                    lane.cancel()
+            busy = [lane for lane in lanes if lane in running]
+            if busy:
+                await asyncio.shield(asyncio.ensure_future(self._finish(busy)))
             raise
 
-    def _ran(
-        self, running: set[asyncio.Future[None]], size: int, run: asyncio.Future[None]
+    async def _finish(self, lanes: list[asyncio.Task[None]]) -> None:
+        await asyncio.wait(lanes, timeout=self.response_timeout_s)
+        for lane in lanes:
+            lane.cancel()  # still running: its batch fails with the stop's message
+
+    async def _lane(
+        self, worker: Worker, running: set[asyncio.Task[None]], stopping: asyncio.Event
     ) -> None:
-        running.discard(run)
-        self._busy -= not running
-        self._running -= 1
-        self._running_requests -= size
-        self._note_if_idle()
+        lane = asyncio.current_task()
+        assert lane is not None
+        while _alive(worker) and not stopping.is_set():
+            batch = await self._next_batch()
+            if not _alive(worker):
+                self._queue.extendleft(reversed(batch))
+                self._arrived.set()
+                return
+            self._busy += not running
+            running.add(lane)
+            self._running += 1
+            self._running_requests += len(batch)
+            try:
+                await self._run(worker, batch)
+            finally:
+                running.discard(lane)
+                self._busy -= not running
+                self._running -= 1
+                self._running_requests -= len(batch)
+                self._note_if_idle()
 
     async def _next_batch(self) -> list[Pending]:
         while True:
