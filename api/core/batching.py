@@ -41,6 +41,10 @@ from api.errors import DeadlineExceeded, InferenceFailed, Overloaded, TorchgateE
 
 Clock = Callable[[], float]
 
+# A pipelining worker (see `Batcher.serve`) gets this many times its depth in lanes; the
+# extra ones run only under overload.
+OVERLOAD_LANES = 4
+
 
 @dataclass(slots=True)
 class Pending:
@@ -79,6 +83,7 @@ class Batcher:
         self._clock = clock
         self._queue: deque[Pending] = deque()
         self._arrived = asyncio.Event()
+        self._full = asyncio.Event()  # a full batch is queued (see `_lane`'s overload lanes)
         self._idle = asyncio.Event()
         self._idle.set()
         self._running = 0  # batches being run by workers right now
@@ -119,6 +124,8 @@ class Batcher:
         self._queue.append(Pending(request, future, now, now + self.response_timeout_s))
         self._idle.clear()
         self._arrived.set()
+        if len(self._queue) >= self.max_batch_size:
+            self._full.set()
         self._observer.queue_changed(self.model, self.version, len(self._queue))
         return future
 
@@ -167,7 +174,10 @@ class Batcher:
         depth = max(1, getattr(worker, "pipeline_depth", 1))
         running: set[asyncio.Task[None]] = set()  # lanes with a batch in hand
         stopping = asyncio.Event()  # set: lanes take no further batch
-        lanes = [asyncio.ensure_future(self._lane(worker, running, stopping)) for _ in range(depth)]
+        lanes = [
+            asyncio.ensure_future(self._lane(worker, running, stopping, overload=index >= depth))
+            for index in range(depth * OVERLOAD_LANES if depth > 1 else 1)
+        ]
         try:
             # wait, not gather: cancelling this task must not cancel the lanes' batches too.
             await asyncio.wait(lanes)
@@ -193,11 +203,28 @@ class Batcher:
             lane.cancel()  # still running: its batch fails with the stop's message
 
     async def _lane(
-        self, worker: Worker, running: set[asyncio.Task[None]], stopping: asyncio.Event
+        self,
+        worker: Worker,
+        running: set[asyncio.Task[None]],
+        stopping: asyncio.Event,
+        *,
+        overload: bool = False,
     ) -> None:
+        """Take a batch, run it, repeat. An `overload` lane takes one only while a full batch
+        is queued: under overload every event-loop turn parses a request from each of many
+        connections (hundreds of 503s), and the few lanes of normal load, each refilled once
+        a turn, would leave the worker idle most of the time; work that would only wait in
+        the queue waits in the worker's socket instead."""
         lane = asyncio.current_task()
         assert lane is not None
         while _alive(worker) and not stopping.is_set():
+            if overload:
+                # Models that do not batch keep the plain job-queue semantics (jobQueueSize
+                # requests wait here, one more in the worker): an overload lane would hand
+                # their every queued request on.
+                while self.max_batch_size < 2 or len(self._queue) < self.max_batch_size:
+                    self._full.clear()
+                    await self._full.wait()
             batch = await self._next_batch()
             if not _alive(worker):
                 self._queue.extendleft(reversed(batch))

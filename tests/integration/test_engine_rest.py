@@ -288,9 +288,13 @@ def test_full_queue_is_refused_at_once(
             await asyncio.to_thread(wait_for, lambda: "busy" in sleepy_log(server, store))
             # The worker takes one batch ahead while it runs (pipelining, see
             # ProcessWorker.pipeline_depth); the next two fill the job queue (jobQueueSize 2).
-            queued = [
+            # The first goes alone: sent together, the third could arrive before the worker
+            # took the first from the queue and be refused.
+            queued = [asyncio.create_task(aclient.post("/predictions/sleepy", content=b"0"))]
+            await asyncio.sleep(0.5)
+            queued += [
                 asyncio.create_task(aclient.post("/predictions/sleepy", content=b"0"))
-                for _ in range(3)
+                for _ in range(2)
             ]
             pending = lambda: management.get("/models/sleepy").json()[0]["jobQueueStatus"][  # noqa: E731
                 "pendingRequests"
