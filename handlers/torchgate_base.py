@@ -224,6 +224,9 @@ class OnnxRunner(Runner):
         self.session = onnxruntime.InferenceSession(
             str(path), sess_options=options, providers=providers
         )
+        if device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            # A CPU build of onnxruntime (not onnxruntime-gpu) has no CUDA provider.
+            logger.warning("%s runs on CPU: this onnxruntime has no CUDA provider", path.name)
         self.input_names = [node.name for node in self.session.get_inputs()]
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:

@@ -28,9 +28,7 @@ BENCH_DURATION=${BENCH_DURATION:-5s}
 BENCH_WARMUP=${BENCH_WARMUP:-2s}
 BENCH_CONCURRENCY=${BENCH_CONCURRENCY:-1,32,200}
 IPC_CALLS=${IPC_CALLS:-2000}
-# No -x by default: test_workers.py's test_class_handler_one_instance_per_worker asserts "cpu"
-# for workers started without gpu_count, which are on cuda:0 there; -x would stop at it.
-PYTEST_X=${PYTEST_X:-}
+PYTEST_X=${PYTEST_X:-}  # -x to stop at the first failure
 JOB_QUEUE_SIZE=${JOB_QUEUE_SIZE:-100}  # as in config.properties: beyond it, 503 (counted as errors)
 # Warnings as errors, as pyproject's pytest filterwarnings has them.
 STRICT="-W error -W ignore::DeprecationWarning -W ignore::PendingDeprecationWarning -W ignore::ResourceWarning"

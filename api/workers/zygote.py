@@ -38,12 +38,18 @@ import shutil
 import signal
 import socket
 import sys
+import warnings
 from typing import Any
 
 log = logging.getLogger("torchgate.zygote")
 
 PR_SET_PDEATHSIG = 1
 DEFAULT_PRELOAD = ("torch", "numpy", "ts.torch_handler.base_handler", "onnxruntime", "PIL.Image")
+# Modules that ask the GPU something when imported: TorchServe's base_handler reads the device's
+# compute capability (and turns TF32 on) at import. One CUDA call here poisons every fork (torch
+# refuses CUDA in the child of a process that used it), so with a GPU build of torch each worker
+# imports these itself, as TorchServe's workers do.
+QUERIES_GPU_AT_IMPORT = frozenset({"ts.torch_handler.base_handler"})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,17 +64,33 @@ def main(argv: list[str] | None = None) -> None:
     control = socket.socket(fileno=args.control_fd)
     control.setblocking(True)
     gc.disable()
+    # Python >= 3.12 warns at every fork of a process with threads. The zygote's are idle ones
+    # that numpy's OpenBLAS (which re-creates its pool in a forked child) and onnxruntime start
+    # at import; the zygote runs no computation, so none holds a lock a child would inherit.
+    warnings.filterwarnings(
+        "ignore", r"This process \(pid=\d+\) is multi-threaded", DeprecationWarning
+    )
     # TorchServe's base_handler logs what it does not find (OpenVINO, TensorRT) at import: that
     # is every worker's business, not a warning at every start.
     logging.getLogger().setLevel(logging.ERROR)
     for name in filter(None, args.preload.split(",")):
+        if name in QUERIES_GPU_AT_IMPORT and gpu_build():
+            continue
         try:
             importlib.import_module(name)
         except Exception as exc:  # a missing optional package only costs its workers the import
             log.info("not preloading %s: %s", name, exc)
     logging.getLogger().setLevel(logging.INFO)
+    if gpu_build() and sys.modules["torch"].cuda.is_initialized():
+        log.warning("a preloaded module initialised CUDA: workers will fail to use the GPU")
     gc.freeze()
     Zygote(control, args.cleanup).run()
+
+
+def gpu_build() -> bool:
+    """Whether the torch imported so far is a CUDA or ROCm build (asks no device anything)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.version.cuda or torch.version.hip)
 
 
 class Zygote:

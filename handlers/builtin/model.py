@@ -113,6 +113,9 @@ class OnnxModel:
         self.session = onnxruntime.InferenceSession(
             str(path), sess_options=options, providers=providers
         )
+        if device.type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            # A CPU build of onnxruntime (not onnxruntime-gpu) has no CUDA provider.
+            logger.warning("%s runs on CPU: this onnxruntime has no CUDA provider", path.name)
         self.device = device
         self.inputs = [
             (node.name, _ONNX_TYPES.get(node.type)) for node in self.session.get_inputs()

@@ -134,7 +134,8 @@ def test_class_handler_one_instance_per_worker(
     path = build_archive("cls", "handler.py", {"handler.py": source})
 
     async def scenario() -> tuple[list[int], list[Any]]:
-        backend = await load(worker_pool, path)
+        # gpu_count=0: the workers' device is "cpu" on a GPU machine too.
+        backend = await load(worker_pool, path, gpu_count=0)
         w0, w1 = await backend.start_worker(0), await backend.start_worker(1)
         try:
             assert w0.device == w1.device == "cpu"
@@ -254,7 +255,10 @@ def test_context_matches_torchserve(worker_pool: WorkerPool, build_archive: Buil
         config="model-config.yaml",
     )
     batch = requests("a", headers={"x-tenant": "acme"})
-    [out] = run(serve(worker_pool, path, [batch], model_settings=settings(batch_size=4)))
+    # gpu_count=0: gpu_id is None on a GPU machine too (test_cuda.py covers a GPU's).
+    [out] = run(
+        serve(worker_pool, path, [batch], model_settings=settings(batch_size=4), gpu_count=0)
+    )
     assert out[0].body == {
         "model_name": "ctx",
         "handler": "handler.py",
@@ -551,8 +555,9 @@ def test_cpu_worker_has_no_gpu_and_one_torch_thread(
         finally:
             await backend.close()
 
-    # no GPU here: every visible GPU (none) and an explicit 0 both mean CPU
-    assert run(scenario()) == ("cpu", [None, 1])
+    # Every visible GPU (none, on a machine without one) and an explicit 0 both mean CPU.
+    if not _cuda_visible():
+        assert run(scenario()) == ("cpu", [None, 1])
     assert run(scenario(gpu_count=0, intra_op_threads=2)) == ("cpu", [None, 2])
 
 
@@ -587,3 +592,29 @@ def test_workers_go_round_robin_over_gpus(tmp_path: Path) -> None:
     cuda.is_available = lambda: False
     assert device(1, None) is None and device(1, 2) is None
     assert chosen == []
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def test_zygote_leaves_gpu_querying_imports_to_gpu_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TorchServe's base_handler asks the GPU its compute capability at import; preloaded in the
+    # zygote on a GPU build, that would poison every forked worker's CUDA. Builds are stood in
+    # for by their `torch.version` (tests/handlers/builtin/test_cuda.py runs workers on a real
+    # GPU where there is one).
+    import torch
+
+    from api.workers import zygote
+
+    assert "ts.torch_handler.base_handler" in zygote.QUERIES_GPU_AT_IMPORT
+    assert zygote.gpu_build() == bool(torch.version.cuda or torch.version.hip)
+    monkeypatch.setitem(
+        sys.modules, "torch", SimpleNamespace(version=SimpleNamespace(cuda=None, hip=None))
+    )
+    assert not zygote.gpu_build()
+    cuda_torch = SimpleNamespace(version=SimpleNamespace(cuda="13.0", hip=None))
+    monkeypatch.setitem(sys.modules, "torch", cuda_torch)
+    assert zygote.gpu_build()

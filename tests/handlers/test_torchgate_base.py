@@ -74,7 +74,10 @@ def test_device_follows_gpu_id_only_when_cuda_exists(monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize("device", [torch.device("cpu"), torch.device("cuda", 1)])
 def test_onnx_asks_for_cuda_only_on_a_gpu(
-    device: torch.device, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    device: torch.device,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     seen: dict[str, Any] = {"preloaded": False}
 
@@ -88,6 +91,9 @@ def test_onnx_asks_for_cuda_only_on_a_gpu(
         def get_inputs(self) -> list[Any]:
             return []
 
+        def get_providers(self) -> list[str]:
+            return ["CPUExecutionProvider"]  # as a CPU build of onnxruntime answers
+
     monkeypatch.setattr(onnxruntime, "InferenceSession", Session)
     monkeypatch.setattr(
         onnxruntime, "preload_dlls", lambda: seen.update(preloaded=True), raising=False
@@ -100,9 +106,11 @@ def test_onnx_asks_for_cuda_only_on_a_gpu(
             "CPUExecutionProvider",
         ]
         assert seen["preloaded"]
+        assert "m.onnx runs on CPU: this onnxruntime has no CUDA provider" in caplog.text
     else:
         assert seen["providers"] == ["CPUExecutionProvider"]
         assert not seen["preloaded"]
+        assert "runs on CPU" not in caplog.text
 
 
 def test_v2_response_keeps_numpy_for_numpy_requests() -> None:
