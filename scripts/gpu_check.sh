@@ -29,6 +29,8 @@ BENCH_WARMUP=${BENCH_WARMUP:-2s}
 BENCH_CONCURRENCY=${BENCH_CONCURRENCY:-1,32,200}
 IPC_CALLS=${IPC_CALLS:-2000}
 PYTEST_X=${PYTEST_X:-}  # -x to stop at the first failure
+NUMBER_OF_GPU=${NUMBER_OF_GPU:-1}  # 0: the same run with CPU workers, for comparison
+SKIP_PYTEST=${SKIP_PYTEST:-0}
 JOB_QUEUE_SIZE=${JOB_QUEUE_SIZE:-100}  # as in config.properties: beyond it, 503 (counted as errors)
 # Warnings as errors, as pyproject's pytest filterwarnings has them.
 STRICT="-W error -W ignore::DeprecationWarning -W ignore::PendingDeprecationWarning -W ignore::ResourceWarning"
@@ -341,17 +343,21 @@ PYEOF
             && chmod +x "$archiver" && ARCHIVER_MADE=$archiver && echo "made $archiver" \
             || echo "WARNING: cannot write $archiver: tests that build archives will fail"
     fi
-    local t
+    local t code
+    if [ "$SKIP_PYTEST" = 1 ]; then
+        result pytest "skipped (SKIP_PYTEST=1)"
+    else
     t=$(budget 150 140)
     echo "(timeout ${t}s)"
     GPU_CHECK_MARK=$MARK timeout -k 5 "$t" "$PY" -m pytest -q -p no:cacheprovider \
         tests/handlers/builtin/test_cuda.py tests/backends/test_workers.py $PYTEST_X --timeout 120 \
         -rfEs --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
-    local code=$?
+    code=$?
     tail -25 "$OUT/pytest.log" | tee "$WORK/pytest_tail.txt"
     [ "$code" = 124 ] || [ "$code" = 137 ] && echo "pytest TIMED OUT after ${t}s"
     result pytest "exit $code$([ "$code" = 124 ] && echo ' (TIMED OUT)'): $(grep -E '(passed|failed|error|skipped)' "$OUT/pytest.log" | tail -1)"
     h marked "$MARK" kill | sed 's/^/leftover after pytest (killed): /'
+    fi
 
     # ---- 3. torchgate serve -------------------------------------------------------------------
     section "3. torchgate serve on $STORE"
@@ -370,7 +376,7 @@ grpc_management_port=$gm
 model_store=$STORE
 load_models=digits.mar,digits_v2.mar
 disable_token_authorization=true
-number_of_gpu=1
+number_of_gpu=$NUMBER_OF_GPU
 job_queue_size=$JOB_QUEUE_SIZE
 default_response_timeout=30
 torchgate.snapshot_file=
