@@ -43,6 +43,7 @@ def worker_backend_loader(
             on_metric=on_metric,
             intra_op_threads=config.intra_op_threads,
             gpu_count=config.number_of_gpu,
+            max_image_pixels=config.image_pixel_limit,
         )
 
     return load
@@ -135,7 +136,10 @@ def build(
         observer=observability.metrics,
         auth=auth,
         inference_app=build_inference_app(
-            dataplane, max_request_size=config.max_request_size, auth=auth
+            dataplane,
+            max_request_size=config.max_request_size,
+            auth=auth,
+            max_items=config.max_items_per_request,
         ),
         management_app=build_management_app(
             registry, loader, enable_model_api=config.enable_model_api, auth=auth, router=router

@@ -24,6 +24,11 @@ file stays usable unchanged by `torchserve --ts-config`:
     torchgate.worker_preload    modules the worker zygote imports once for every worker to
                                 share (default torch,numpy,ts.torch_handler.base_handler,
                                 onnxruntime,PIL.Image; missing ones are skipped)
+
+Inputs (docs/security.md): limit_max_image_pixels (TorchServe's, true; false lifts every pixel
+limit), torchgate.max_image_pixels (40000000: the most pixels an image may have for the shipped
+handlers, read from its header before decoding), torchgate.max_items_per_request (1024: the
+most items, the leading dimension of each input, in one KServe v2 request, REST or gRPC).
 """
 
 from __future__ import annotations
@@ -37,7 +42,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
+from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS
 from api.workers.zygote import DEFAULT_PRELOAD
+
+# Items (rows) per v2 request: batches are at most a few hundred rows; 24,000 digits in one
+# gRPC request (6 MB, under max_request_size) held a worker for 1.1 s.
+DEFAULT_MAX_ITEMS_PER_REQUEST = 1024
 
 
 class ConfigError(ValueError):
@@ -104,6 +114,10 @@ class Config:
     snapshot_file: Path | None = None
     # torchgate.traffic: {model: policy JSON}, applied at start when there is no snapshot.
     traffic: dict[str, Any] = field(default_factory=dict)
+    # Inputs to the shipped handlers and the prediction APIs (docs/security.md).
+    limit_max_image_pixels: bool = True
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
 
@@ -120,6 +134,11 @@ class Config:
             max_workers=max(int(o.get("maxWorkers", min_workers)), min_workers, 1),
             startup_timeout_s=float(o.get("startupTimeout", 120)),
         )
+
+    @property
+    def image_pixel_limit(self) -> int | None:
+        """The pixel limit workers get; None when `limit_max_image_pixels=false` lifts it."""
+        return self.max_image_pixels if self.limit_max_image_pixels else None
 
     def allows_url(self, url: str) -> bool:
         return any(re.fullmatch(pattern, url) for pattern in self.allowed_urls)
@@ -201,7 +220,29 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     if snapshot:
         config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
     config.traffic = _traffic(raw.get("torchgate.traffic"))
+    _input_limits(raw, config)
     return config
+
+
+def _input_limits(raw: dict[str, str], config: Config) -> None:
+    """The keys of docs/security.md's "Inputs" section; a bad value is refused, never guessed."""
+    if "limit_max_image_pixels" in raw:
+        value = raw["limit_max_image_pixels"].strip().lower()
+        if value not in ("true", "false"):
+            raise ConfigError(f"limit_max_image_pixels must be true or false, got {value!r}")
+        config.limit_max_image_pixels = value == "true"
+    for key, attribute in (
+        ("torchgate.max_image_pixels", "max_image_pixels"),
+        ("torchgate.max_items_per_request", "max_items_per_request"),
+    ):
+        if key in raw:
+            try:
+                number = int(raw[key])
+            except ValueError:
+                raise ConfigError(f"{key} must be a positive integer, got {raw[key]!r}") from None
+            if number < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {number}")
+            setattr(config, attribute, number)
 
 
 def _traffic(text: str | None) -> dict[str, Any]:

@@ -33,6 +33,8 @@ from ts.metrics.metric_cache_abstract import MetricCacheAbstract
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
+from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS
+
 __all__ = [
     "Context",
     "MetricCallback",
@@ -182,7 +184,7 @@ def make_context(
     gpu_id: int | None,
     metrics: MetricsStore,
     model_yaml_config: dict[str, Any],
-    limit_max_image_pixels: bool = True,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Context:
     """A worker's context, as TorchServe's `Service` builds it when a worker loads a model.
 
@@ -195,7 +197,7 @@ def make_context(
         batch_size,
         gpu_id,
         ts.__version__,
-        limit_max_image_pixels,
+        max_image_pixels is not None,  # TorchServe's limit_max_image_pixels
         metrics,
         model_yaml_config,
     )
@@ -203,4 +205,8 @@ def make_context(
     # torchgate's worker replaces that function with one that writes to its own socket
     # (see api.workers.main._install_streaming), so nothing uses this.
     context.cl_socket = None
+    if max_image_pixels is not None:
+        # torchgate's own property: the shipped image handlers refuse larger images before
+        # decoding them (handlers/torchgate_base.py); TorchServe's handlers do not read it.
+        context.system_properties["max_image_pixels"] = max_image_pixels
     return context
