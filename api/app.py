@@ -44,6 +44,7 @@ def worker_backend_loader(
             intra_op_threads=config.intra_op_threads,
             gpu_count=config.number_of_gpu,
             max_image_pixels=config.image_pixel_limit,
+            max_items_per_request=config.max_items_per_request,
         )
 
     return load

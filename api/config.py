@@ -28,7 +28,8 @@ file stays usable unchanged by `torchserve --ts-config`:
 Inputs (docs/security.md): limit_max_image_pixels (TorchServe's, true; false lifts every pixel
 limit), torchgate.max_image_pixels (40000000: the most pixels an image may have for the shipped
 handlers, read from its header before decoding), torchgate.max_items_per_request (1024: the
-most items, the leading dimension of each input, in one KServe v2 request, REST or gRPC).
+most items in one request: the leading dimension of each input of a KServe v2 request, REST or
+gRPC, and the images or texts one request brings the shipped handlers, on any API).
 """
 
 from __future__ import annotations
@@ -42,12 +43,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
-from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS
+from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_ITEMS_PER_REQUEST
 from api.workers.zygote import DEFAULT_PRELOAD
-
-# Items (rows) per v2 request: batches are at most a few hundred rows; 24,000 digits in one
-# gRPC request (6 MB, under max_request_size) held a worker for 1.1 s.
-DEFAULT_MAX_ITEMS_PER_REQUEST = 1024
 
 
 class ConfigError(ValueError):

@@ -15,9 +15,11 @@ fails alone::
     respond(Decoded, rows) -> JSON-able response     # this item's rows of the model output
 
 A bad item gets ``context.set_response_status(400, message, idx)`` and the response body
-``{"code": 400, "type": "BadRequest", "message": ...}``; TorchServe sends each item's status and
-body to its own client. Every response carries the header ``x-batch-size`` (number of requests
-that shared the forward pass), so batching is observable from outside.
+``{"code": 400, "type": "BadRequest", "message": ...}`` (413 and "PayloadTooLarge" for an image
+of too many pixels, or more rows than ``max_items_per_request`` in one request); TorchServe
+sends each item's status and body to its own client. Every response carries the header
+``x-batch-size`` (number of requests that shared the forward pass), so batching is observable
+from outside.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ JSON_TOO_DEEP = "nested deeper than the parser's recursion limit"
 # torchgate passes its torchgate.max_image_pixels as the system property "max_image_pixels";
 # elsewhere (TorchServe) this default applies, the same as torchgate's.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# The same for torchgate.max_items_per_request ("max_items_per_request"): the most rows (images,
+# texts) one request may bring; 1.5 M one-word texts fit in a 6 MB JSON list.
+DEFAULT_MAX_ITEMS_PER_REQUEST = 1024
 # Texts are cut to this many characters per token of the model's maximum sequence length
 # before tokenizing. English averages about 4 characters a token; 64 leaves room for long
 # words, numbers and indentation, so for ordinary text every token the model keeps comes from
@@ -328,6 +333,7 @@ class ModelHandler(ABC):
         self.device = torch.device("cpu")
         self.runner: Runner | None = None
         self.format = ""
+        self.max_rows = DEFAULT_MAX_ITEMS_PER_REQUEST
 
     def initialize(self, context: Context) -> None:
         self.model_dir = Path(context.system_properties["model_dir"])
@@ -340,6 +346,8 @@ class ModelHandler(ABC):
         if not serialized:
             raise ValueError("archive names no serialized model (manifest serializedFile)")
         self.device = select_device(context)
+        properties = context.system_properties
+        self.max_rows = int(properties.get("max_items_per_request") or self.max_rows)
         path = self.model_dir / serialized
         fmt = model_format(self.signature, serialized)
         if fmt == "onnx":
@@ -380,7 +388,13 @@ class ModelHandler(ABC):
         valid: list[tuple[int, Decoded]] = []
         for idx, item in enumerate(data):
             try:
-                valid.append((idx, self.decode(request_payload(item), item, idx, context)))
+                decoded = self.decode(request_payload(item), item, idx, context)
+                if decoded.rows > self.max_rows:  # before the tokenizer and the model see them
+                    raise TooLarge(
+                        f"{decoded.rows} items in one request, over the limit of "
+                        f"{self.max_rows}: send them in several requests"
+                    )
+                valid.append((idx, decoded))
             except BadRequest as exc:
                 context.set_response_status(exc.code, reason_phrase(str(exc)), idx)
                 responses[idx] = exc.to_response()

@@ -44,7 +44,11 @@ from api.errors import (
     WorkerDied,
     error_for_status,
 )
-from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS, WorkerSpec
+from api.workers.main import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_ITEMS_PER_REQUEST,
+    WorkerSpec,
+)
 from api.workers.pool import NotStarted, WorkerExit, WorkerPool, WorkerProcess
 from api.workers.wire import blobs
 
@@ -73,6 +77,7 @@ async def load_worker_backend(
     intra_op_threads: int | None = None,
     on_metric: MetricCallback | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
 ) -> WorkerBackend:
     """Validate and extract the archive at `path` (off the event loop) for worker processes.
 
@@ -90,6 +95,7 @@ async def load_worker_backend(
         intra_op_threads=intra_op_threads,
         on_metric=on_metric,
         max_image_pixels=max_image_pixels,
+        max_items_per_request=max_items_per_request,
     )
 
 
@@ -108,6 +114,7 @@ class WorkerBackend:
         intra_op_threads: int | None = None,
         on_metric: MetricCallback | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
     ) -> None:
         self.archive = archive
         self.settings = settings
@@ -123,6 +130,7 @@ class WorkerBackend:
         )
         self._on_metric = on_metric
         self._max_image_pixels = max_image_pixels
+        self._max_items_per_request = max_items_per_request
         self._workers: set[ProcessWorker] = set()
 
     async def start_worker(self, index: int) -> ProcessWorker:
@@ -135,6 +143,7 @@ class WorkerBackend:
             gpu_count=self._gpu_count,
             intra_op_threads=self._intra_op_threads,
             max_image_pixels=self._max_image_pixels,
+            max_items_per_request=self._max_items_per_request,
         )
         label = f"{archive.name}/{archive.version} w{index}"
         what = f"Model {archive.name} version {archive.version} worker {index}"

@@ -33,7 +33,7 @@ from ts.metrics.metric_cache_abstract import MetricCacheAbstract
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
-from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS
+from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_ITEMS_PER_REQUEST
 
 __all__ = [
     "Context",
@@ -185,6 +185,7 @@ def make_context(
     metrics: MetricsStore,
     model_yaml_config: dict[str, Any],
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
 ) -> Context:
     """A worker's context, as TorchServe's `Service` builds it when a worker loads a model.
 
@@ -209,4 +210,6 @@ def make_context(
         # torchgate's own property: the shipped image handlers refuse larger images before
         # decoding them (handlers/torchgate_base.py); TorchServe's handlers do not read it.
         context.system_properties["max_image_pixels"] = max_image_pixels
+    # torchgate's own too: the most rows (images, texts) one request may bring them.
+    context.system_properties["max_items_per_request"] = max_items_per_request
     return context

@@ -235,3 +235,26 @@ def test_deeply_nested_json_is_a_bad_request(
     )
     assert 1 not in context.statuses  # the texts of nested v2 data are found by a loop, too
     assert responses[1]["outputs"][0]["shape"] == [1, 384]
+
+
+def test_more_texts_than_the_item_limit_fail_alone(
+    extracted: dict[str, Path], make_context: Callable[[Path], Any]
+) -> None:
+    """1.5 M one-word texts fit in a 6 MB JSON list; each would be a row of the forward pass."""
+    context = make_context(extracted["minilm"])
+    context.system_properties["max_items_per_request"] = 3
+    handler = MiniLMHandler()
+    handler.initialize(context)
+    tensor = {"name": "text", "datatype": "BYTES", "shape": [4], "data": ["a", "b", "c", "d"]}
+    batch: list[Any] = [
+        {"body": json.dumps(["a", "b", "c", "d"]).encode()},
+        {"body": {"text": ["a", "b", "c"]}},
+        {"body": {"inputs": [tensor]}},
+    ]
+    responses = handler.handle(batch, context)
+    assert responses is not None
+    message = "4 items in one request, over the limit of 3: send them in several requests"
+    for idx in (0, 2):
+        assert context.statuses[idx] == (413, message)
+        assert responses[idx] == {"code": 413, "type": "PayloadTooLarge", "message": message}
+    assert 1 not in context.statuses and np.asarray(responses[1]).shape == (3, 384)

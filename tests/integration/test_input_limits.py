@@ -172,6 +172,23 @@ def test_items_per_v2_request_are_bounded(
     )
 
 
+def test_items_per_request_are_bounded_for_the_handlers_on_every_api(
+    server: TorchgateServer,
+) -> None:
+    """/predictions has no v2 codec in front: the handler counts the rows it decoded."""
+    url = f"{server.inference_url}/predictions"
+    texts = httpx.post(f"{url}/minilm", json=["a"] * (MAX_ITEMS + 1), timeout=60)
+    assert (texts.status_code, texts.json()["message"]) == (
+        413,
+        f"{MAX_ITEMS + 1} items in one request, over the limit of {MAX_ITEMS}: "
+        "send them in several requests",
+    )
+    rows = np.zeros((MAX_ITEMS + 1, 64)).tolist()
+    v2_body = {"inputs": [{"name": "pixels", "shape": [MAX_ITEMS + 1, 64], "data": rows}]}
+    assert httpx.post(f"{url}/digits", json=v2_body, timeout=60).status_code == 413
+    assert httpx.post(f"{url}/minilm", json=["a"] * MAX_ITEMS, timeout=60).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("path", "content_type"),
     [
