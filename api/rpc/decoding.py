@@ -49,6 +49,10 @@ def _tolerant(deserializer: Deserializer | None) -> Deserializer | None:
 class DecodingInterceptor(grpc.aio.ServerInterceptor):
     """Refuses request bytes that are not the method's message with INVALID_ARGUMENT."""
 
+    def __init__(self) -> None:
+        # method -> (the servicer's handler, its wrapper): wrapped once, not on every call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -57,7 +61,13 @@ class DecodingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED itself
             return handler
-        return _wrap(handler, malformed_details(handler_call_details.method))
+        method = handler_call_details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _wrap(handler, malformed_details(method))
+        self._wrapped[method] = (handler, wrapped)  # known methods only: None returned above
+        return wrapped
 
 
 def _wrap(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler:
