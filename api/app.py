@@ -107,7 +107,7 @@ def build(
         access_log=access_log_setting(config.raw) if access_log is None else access_log
     )
     observer = observability.observer
-    registry = Registry(observer)
+    registry = Registry(observer, max_workers_per_model=config.worker_bound)
     observability.metrics.track(registry)
     router = TrafficRouter(registry)
     dataplane = DataPlane(registry, router=router, observer=observer)
