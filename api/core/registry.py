@@ -181,10 +181,6 @@ class Registry:
         async with self._lock:
             if version in self._models.get(name, {}):
                 raise Conflict(f"Model version {version} is already registered for model {name}")
-            if keep_failed:  # start-up: config.properties or a snapshot asked for too many
-                self._clamp(name, version, settings)
-            else:
-                self._check_bound(settings.min_workers, settings.max_workers)
             backend = await backend_factory()
             batcher = Batcher(
                 model=name,
@@ -196,6 +192,10 @@ class Registry:
                 name, version, url, settings, backend, batcher, backend_info=backend_info or {}
             )
             try:
+                if keep_failed:  # start-up: config.properties or a snapshot asked for too many
+                    self._clamp(model_version)
+                else:
+                    self._check_bound(backend, settings.min_workers, settings.max_workers)
                 await self._start_workers(
                     model_version, settings.min_workers, keep_failed=keep_failed
                 )
@@ -250,9 +250,9 @@ class Registry:
         self, name: str, version: str | None, min_workers: int, max_workers: int
     ) -> None:
         """Set the worker range and start or stop workers to reach `min_workers`."""
-        self._check_bound(min_workers, max_workers)
         async with self._lock:
             model_version = self.get(name, version)
+            self._check_bound(model_version.backend, min_workers, max_workers)
             try:
                 _update(model_version.settings, min_workers=min_workers, max_workers=max_workers)
             except ValueError:
@@ -316,8 +316,14 @@ class Registry:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _check_bound(self, min_workers: int, max_workers: int) -> None:
-        bound = self.max_workers_per_model
+    def _bound(self, backend: Backend) -> int | None:
+        # A remote TorchServe's "workers" are in-flight request slots, not processes.
+        if not getattr(backend, "worker_processes", True):
+            return None
+        return self.max_workers_per_model
+
+    def _check_bound(self, backend: Backend, min_workers: int, max_workers: int) -> None:
+        bound = self._bound(backend)
         if bound is not None and max(min_workers, max_workers) > bound:
             raise BadRequest(
                 f"Worker count above the bound of {bound} workers per model "
@@ -325,18 +331,19 @@ class Registry:
                 f"max_worker={max_workers}"
             )
 
-    def _clamp(self, name: str, version: str, settings: ModelSettings) -> None:
+    def _clamp(self, model_version: ModelVersion) -> None:
         """Bring start-up settings within the bound, in place (the backend holds the same
         object): a server that refused to start over a worker count would serve nothing, so
         the count is lowered and the log says so."""
-        bound = self.max_workers_per_model
+        settings = model_version.settings
+        bound = self._bound(model_version.backend)
         if bound is None or max(settings.min_workers, settings.max_workers) <= bound:
             return
         log.warning(
             "%s/%s asks for minWorkers=%d, maxWorkers=%d: clamped to "
             "torchgate.max_workers_per_model=%d",
-            name,
-            version,
+            model_version.name,
+            model_version.version,
             settings.min_workers,
             settings.max_workers,
             bound,

@@ -104,3 +104,16 @@ def test_start_up_settings_above_the_bound_are_clamped_with_a_warning(
     assert "minWorkers=6, maxWorkers=9: clamped to torchgate.max_workers_per_model=2" in (
         caplog.text
     )
+
+
+def test_the_bound_leaves_a_remote_backends_in_flight_slots_alone() -> None:
+    class Slots(EchoBackend):
+        worker_processes = False  # as a remote TorchServe's: request slots, not processes
+
+    async def scenario() -> None:
+        registry = Registry(max_workers_per_model=2)
+        settings = ModelSettings(min_workers=16, max_workers=16)
+        await registry.register("m", "1.0", "torchserve://h:1/m", factory(Slots("1.0")), settings)
+        assert len(registry.get("m").workers) == 16
+
+    run(scenario())
