@@ -33,6 +33,7 @@ file stays usable unchanged by `torchserve --ts-config`:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
 from api.workers.zygote import DEFAULT_PRELOAD
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -209,6 +212,14 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             if not bound.isdigit() or int(bound) < 1:
                 raise ValueError(f"torchgate.max_workers_per_model must be >= 1, not {bound!r}")
             config.max_workers_per_model = int(bound)
+        if config.default_workers_per_model > config.worker_bound:
+            # Else every registration without initial_workers would be refused.
+            log.warning(
+                "default_workers_per_model=%d is above torchgate.max_workers_per_model=%d: clamped",
+                config.default_workers_per_model,
+                config.worker_bound,
+            )
+            config.default_workers_per_model = config.worker_bound
         if "torchgate.worker_preload" in raw:
             preload = raw["torchgate.worker_preload"].split(",")
             config.worker_preload = tuple(name.strip() for name in preload if name.strip())

@@ -29,3 +29,13 @@ def test_the_default_comes_from_cores_and_gpus(tmp_path: Path) -> None:
     assert parse_config({}, base_dir=tmp_path).worker_bound == max(4, 2 * cores)
     gpus = parse_config({"number_of_gpu": "8"}, base_dir=tmp_path)
     assert gpus.worker_bound == max(4, 2 * cores, 32)
+
+
+def test_default_workers_per_model_above_the_bound_is_clamped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = {"torchgate.max_workers_per_model": "2", "default_workers_per_model": "8"}
+    config = parse_config(raw, base_dir=tmp_path)
+    assert config.default_workers_per_model == 2
+    assert config.model_settings().min_workers == 2
+    assert "default_workers_per_model=8 is above torchgate.max_workers_per_model=2" in caplog.text
