@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from api.backends.workdir import make_work_dir, remove_orphans
 from api.backends.workers import MetricCallback, load_worker_backend
 from api.config import Config
 from api.core.dataplane import DataPlane
@@ -107,13 +107,16 @@ def build(
         access_log=access_log_setting(config.raw) if access_log is None else access_log
     )
     observer = observability.observer
-    registry = Registry(observer)
+    registry = Registry(observer, max_workers_per_model=config.worker_bound)
     observability.metrics.track(registry)
     router = TrafficRouter(registry)
     dataplane = DataPlane(registry, router=router, observer=observer)
     snapshot_file = config.snapshot_file
     snapshotter = None if snapshot_file is None else Snapshotter(snapshot_file, registry, router)
-    owned = None if work_dir is not None else Path(tempfile.mkdtemp(prefix="torchgate-models-"))
+    owned = None
+    if work_dir is None:
+        remove_orphans()  # what servers killed with their zygote left in the temp dir
+        owned = make_work_dir()
     work = work_dir or owned
     assert work is not None
     pool = None

@@ -24,11 +24,16 @@ file stays usable unchanged by `torchserve --ts-config`:
     torchgate.worker_preload    modules the worker zygote imports once for every worker to
                                 share (default torch,numpy,ts.torch_handler.base_handler,
                                 onnxruntime,PIL.Image; missing ones are skipped)
+    torchgate.max_workers_per_model
+                                the most workers one model version may have (default
+                                max(4, 2 x CPU cores, 4 x number_of_gpu)); scale and register
+                                above it answer 400, start-up settings above it are clamped
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -38,6 +43,8 @@ from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
 from api.workers.zygote import DEFAULT_PRELOAD
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -104,6 +111,9 @@ class Config:
     snapshot_file: Path | None = None
     # torchgate.traffic: {model: policy JSON}, applied at start when there is no snapshot.
     traffic: dict[str, Any] = field(default_factory=dict)
+    # torchgate.max_workers_per_model: the bound on one version's workers (None: the default
+    # from cores and GPUs, `default_max_workers`).
+    max_workers_per_model: int | None = None
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
 
@@ -121,8 +131,20 @@ class Config:
             startup_timeout_s=float(o.get("startupTimeout", 120)),
         )
 
+    @property
+    def worker_bound(self) -> int:
+        if self.max_workers_per_model is not None:
+            return self.max_workers_per_model
+        return default_max_workers(len(os.sched_getaffinity(0)), self.number_of_gpu or 0)
+
     def allows_url(self, url: str) -> bool:
         return any(re.fullmatch(pattern, url) for pattern in self.allowed_urls)
+
+
+def default_max_workers(cores: int, gpus: int) -> int:
+    """Workers past a few per core (or GPU) only add memory and contention: each is a process
+    with its own model, and a CPU worker runs one intra-op thread."""
+    return max(4, 2 * cores, 4 * gpus)
 
 
 def read_properties(text: str) -> dict[str, str]:
@@ -185,6 +207,19 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             config.number_of_gpu = int(raw["number_of_gpu"])
         if "torchgate.intra_op_threads" in raw:
             config.intra_op_threads = int(raw["torchgate.intra_op_threads"])
+        if "torchgate.max_workers_per_model" in raw:
+            bound = raw["torchgate.max_workers_per_model"]
+            if not bound.isdigit() or int(bound) < 1:
+                raise ValueError(f"torchgate.max_workers_per_model must be >= 1, not {bound!r}")
+            config.max_workers_per_model = int(bound)
+        if config.default_workers_per_model > config.worker_bound:
+            # Else every registration without initial_workers would be refused.
+            log.warning(
+                "default_workers_per_model=%d is above torchgate.max_workers_per_model=%d: clamped",
+                config.default_workers_per_model,
+                config.worker_bound,
+            )
+            config.default_workers_per_model = config.worker_bound
         if "torchgate.worker_preload" in raw:
             preload = raw["torchgate.worker_preload"].split(",")
             config.worker_preload = tuple(name.strip() for name in preload if name.strip())
