@@ -38,7 +38,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
@@ -218,6 +218,9 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     return config
 
 
+_N = TypeVar("_N", int, float)
+
+
 def _registration_keys(raw: dict[str, str], config: Config) -> None:
     """allowed_urls, the archive limits, cors_allowed_origin and torchgate.allowed_hosts."""
     if "allowed_urls" in raw:
@@ -232,12 +235,12 @@ def _registration_keys(raw: dict[str, str], config: Config) -> None:
         ("torchgate.archive_max_members", "archive_max_members"),
     ):
         if key in raw:
-            value = int(raw[key])
+            value = _registration_number(raw, key, int)
             if value < 1:
                 raise ConfigError(f"{key} must be a positive number, got {raw[key]!r}")
             setattr(config, attribute, value)
     if "torchgate.archive_max_ratio" in raw:
-        ratio = float(raw["torchgate.archive_max_ratio"])
+        ratio = _registration_number(raw, "torchgate.archive_max_ratio", float)
         if not ratio >= 1:  # also refuses nan
             raise ConfigError(f"torchgate.archive_max_ratio must be >= 1, got {ratio!r}")
         config.archive_max_ratio = ratio
@@ -245,6 +248,13 @@ def _registration_keys(raw: dict[str, str], config: Config) -> None:
         config.cors_allowed_origin = _csv(raw["cors_allowed_origin"])
     if "torchgate.allowed_hosts" in raw:
         config.allowed_hosts = tuple(h.lower() for h in _csv(raw["torchgate.allowed_hosts"]))
+
+
+def _registration_number(raw: dict[str, str], key: str, kind: type[_N]) -> _N:
+    try:
+        return kind(raw[key])
+    except ValueError as exc:
+        raise ConfigError(f"{key} must be a number, got {raw[key]!r}") from exc
 
 
 def _csv(value: str) -> tuple[str, ...]:
