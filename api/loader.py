@@ -75,7 +75,12 @@ class ModelLoader:
         store = Path(os.path.abspath(self.config.model_store))
         real_store = store.resolve()
         candidate = given if given.is_absolute() else store / given
-        path = candidate.resolve()
+        try:
+            path = candidate.resolve()
+            exists = path.exists()
+        except (OSError, ValueError, RuntimeError) as exc:
+            # A NUL byte, a name too long, a symlink loop: nothing that could name an archive.
+            raise BadRequest(f"Given URL {url!r} is not a usable path: {exc}") from exc
         named_in_store = ".." not in given.parts and any(
             Path(os.path.normpath(candidate)).is_relative_to(s) for s in (store, real_store)
         )
@@ -85,7 +90,7 @@ class ModelLoader:
                 f"Given URL {url} is outside the model store and does not match any allowed "
                 f"URL(s) (allowed_urls)"
             )
-        if not path.exists():
+        if not exists:
             raise NotFound(f"Model archive not found: {url}")
         return path
 

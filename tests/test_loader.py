@@ -95,6 +95,9 @@ def test_a_url_that_is_not_a_local_file_is_refused(store: Path) -> None:
     assert "names another host" in refused(loader, "file://example.com/m.mar")
     assert "does not download" in refused(loader, "https://example.com/m.mar")
     assert "unsupported scheme" in refused(loader, "ftp://example.com/m.mar")
+    (store / "loop").symlink_to(store / "loop")
+    for url in ("m\x00.mar", "x" * 5000 + ".mar", "loop/m.mar"):
+        assert "not a usable path" in refused(loader, url)
 
 
 def test_a_symlink_escaping_the_store_only_counts_when_the_operator_placed_it(
