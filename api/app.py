@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from api.backends.extract import ArchiveLimits
 from api.backends.workdir import make_work_dir, remove_orphans
 from api.backends.workers import MetricCallback, load_worker_backend
 from api.config import Config
@@ -22,6 +23,7 @@ from api.metrics import PrometheusObserver
 from api.observability import access_log_setting, build_observability
 from api.rest.apps import build_inference_app, build_management_app, build_metrics_app
 from api.rest.asgi import ASGIApp
+from api.rest.origin import BrowserGuard, HostPolicy
 from api.rest.security import TokenAuth
 from api.snapshot import Snapshotter, load_startup_state
 from api.workers.pool import WorkerPool
@@ -33,6 +35,11 @@ def worker_backend_loader(
     pool: WorkerPool, config: Config, on_metric: MetricCallback | None
 ) -> LocalBackendLoader:
     """Archives become `WorkerBackend`s whose workers the pool forks."""
+    limits = ArchiveLimits(
+        max_total_bytes=config.archive_max_bytes,
+        max_members=config.archive_max_members,
+        max_ratio=config.archive_max_ratio,
+    )
 
     async def load(path: Path, settings: ModelSettings, work_dir: Path) -> Backend:
         return await load_worker_backend(
@@ -43,6 +50,7 @@ def worker_backend_loader(
             on_metric=on_metric,
             intra_op_threads=config.intra_op_threads,
             gpu_count=config.number_of_gpu,
+            limits=limits,
         )
 
     return load
@@ -141,7 +149,16 @@ def build(
             dataplane, max_request_size=config.max_request_size, auth=auth
         ),
         management_app=build_management_app(
-            registry, loader, enable_model_api=config.enable_model_api, auth=auth, router=router
+            registry,
+            loader,
+            enable_model_api=config.enable_model_api,
+            auth=auth,
+            router=router,
+            browser_guard=lambda app: BrowserGuard(
+                app,
+                HostPolicy(config.management_address.host, config.allowed_hosts),
+                allowed_origins=config.cors_allowed_origin,
+            ),
         ),
         metrics_app=build_metrics_app(observability.metrics.render),
         router=router,

@@ -11,7 +11,8 @@ Keys torchgate understands (TorchServe's defaults unless noted):
     default_workers_per_model (1 here; TorchServe's default is one per GPU or core),
     job_queue_size (100), default_response_timeout (120 s), max_request_size and
     max_response_size (6553500 bytes), disable_token_authorization (false),
-    enable_model_api (false), allowed_urls (file://.*|http(s)?://.*), number_of_gpu
+    enable_model_api (false), allowed_urls (none here: only the model store; TorchServe's is
+    file://.*|http(s)?://.*), cors_allowed_origin (none), number_of_gpu
 
 torchgate's own keys start with `torchgate.` (for example `torchgate.snapshot_file`), so a
 file stays usable unchanged by `torchserve --ts-config`:
@@ -21,6 +22,10 @@ file stays usable unchanged by `torchserve --ts-config`:
     torchgate.traffic           traffic policies by model, JSON: {"digits": {"weights": {...}}}
                                 (see api.core.routing / docs/traffic.md)
     torchgate.intra_op_threads  torch / ONNX Runtime threads per CPU worker (default 1)
+    torchgate.archive_max_bytes, torchgate.archive_max_members, torchgate.archive_max_ratio
+                                what one archive may unpack to (4 GiB, 10000 members, 100:1)
+    torchgate.allowed_hosts     Host names the management API answers besides its own
+                                address and localhost, with token auth off (docs/security.md)
     torchgate.worker_preload    modules the worker zygote imports once for every worker to
                                 share (default torch,numpy,ts.torch_handler.base_handler,
                                 onnxruntime,PIL.Image; missing ones are skipped)
@@ -38,7 +43,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
@@ -100,7 +105,9 @@ class Config:
     max_response_size: int = 6553500
     disable_token_authorization: bool = False
     enable_model_api: bool = False
-    allowed_urls: list[str] = field(default_factory=lambda: [r"file://.*", r"http(s)?://.*"])
+    # Stricter than TorchServe's `file://.*|http(s)?://.*`: none, so only archives inside the
+    # model store register (see docs/security.md, "Registration and the management API").
+    allowed_urls: list[str] = field(default_factory=list)
     number_of_gpu: int | None = None
     # torchgate.intra_op_threads: torch / ONNX Runtime threads per CPU worker (default 1).
     intra_op_threads: int | None = None
@@ -114,6 +121,14 @@ class Config:
     # torchgate.max_workers_per_model: the bound on one version's workers (None: the default
     # from cores and GPUs, `default_max_workers`).
     max_workers_per_model: int | None = None
+    # Registration and the management API (docs/security.md): bounds on what one archive may
+    # unpack to, the browser origins allowed to call the management API without token auth
+    # (TorchServe's cors_allowed_origin), and Host names beside the listener's own address.
+    archive_max_bytes: int = 4 * 1024**3
+    archive_max_members: int = 10_000
+    archive_max_ratio: float = 100.0
+    cors_allowed_origin: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
 
@@ -223,8 +238,7 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
         if "torchgate.worker_preload" in raw:
             preload = raw["torchgate.worker_preload"].split(",")
             config.worker_preload = tuple(name.strip() for name in preload if name.strip())
-        if "allowed_urls" in raw:
-            config.allowed_urls = [u.strip() for u in raw["allowed_urls"].split(",") if u.strip()]
+        _registration_keys(raw, config)
     except ValueError as exc:
         raise ConfigError(f"bad value in config.properties: {exc}") from exc
     store = Path(raw.get("model_store", "model_store"))
@@ -237,6 +251,49 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
         config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
     config.traffic = _traffic(raw.get("torchgate.traffic"))
     return config
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _registration_keys(raw: dict[str, str], config: Config) -> None:
+    """allowed_urls, the archive limits, cors_allowed_origin and torchgate.allowed_hosts."""
+    if "allowed_urls" in raw:
+        config.allowed_urls = [u.strip() for u in raw["allowed_urls"].split(",") if u.strip()]
+        for pattern in config.allowed_urls:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"allowed_urls: {pattern!r} is not a regex: {exc}") from exc
+    for key, attribute in (
+        ("torchgate.archive_max_bytes", "archive_max_bytes"),
+        ("torchgate.archive_max_members", "archive_max_members"),
+    ):
+        if key in raw:
+            value = _registration_number(raw, key, int)
+            if value < 1:
+                raise ConfigError(f"{key} must be a positive number, got {raw[key]!r}")
+            setattr(config, attribute, value)
+    if "torchgate.archive_max_ratio" in raw:
+        ratio = _registration_number(raw, "torchgate.archive_max_ratio", float)
+        if not ratio >= 1:  # also refuses nan
+            raise ConfigError(f"torchgate.archive_max_ratio must be >= 1, got {ratio!r}")
+        config.archive_max_ratio = ratio
+    if "cors_allowed_origin" in raw:
+        config.cors_allowed_origin = _csv(raw["cors_allowed_origin"])
+    if "torchgate.allowed_hosts" in raw:
+        config.allowed_hosts = tuple(h.lower() for h in _csv(raw["torchgate.allowed_hosts"]))
+
+
+def _registration_number(raw: dict[str, str], key: str, kind: type[_N]) -> _N:
+    try:
+        return kind(raw[key])
+    except ValueError as exc:
+        raise ConfigError(f"{key} must be a number, got {raw[key]!r}") from exc
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _traffic(text: str | None) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from api.core.batching import Batcher
+from api.core.names import check_model_name, check_model_version
 from api.core.supervision import WorkerSlot, supervise
 from api.core.types import Backend, ModelSettings, NullObserver, Observer
 from api.errors import (
@@ -178,6 +179,9 @@ class Registry:
         start-up, as TorchServe): then the version stays registered, its workers keep being
         retried with backoff, and it reports the handler's error until one starts.
         """
+        # Here, not at each source (url, model_name, manifest, snapshot), so none can skip it.
+        check_model_name(name)
+        check_model_version(version)
         async with self._lock:
             if version in self._models.get(name, {}):
                 raise Conflict(f"Model version {version} is already registered for model {name}")
