@@ -14,7 +14,7 @@ binary round trips draw every float.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -38,6 +38,7 @@ from api.v2.codec import (
 from api.v2.tensors import DTYPES, object_array
 from tests.support.fuzzing import fuzz_settings
 
+FLOAT_WIDTHS: dict[str, Literal[16, 32, 64]] = {"FP16": 16, "FP32": 32, "FP64": 64}
 NUMERIC = sorted(name for name in DTYPES if name != "BYTES")
 SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)
 NAMES = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=8)
@@ -53,12 +54,13 @@ def tensors(draw: st.DrawFn, *, finite: bool) -> Tensor:
         element = st.text(max_size=6).map(str.encode) if finite else st.binary(max_size=6)
         items = draw(st.lists(element, min_size=int(np.prod(shape)), max_size=int(np.prod(shape))))
         return Tensor(name, datatype, shape, object_array(items).reshape(shape))
-    dtype = DTYPES[datatype]
-    elements = st.floats(width=dtype.itemsize * 8, allow_nan=False, allow_infinity=False)
-    data = draw(
-        hnp.arrays(dtype, shape, elements=elements if finite and dtype.kind == "f" else None)
+    width = FLOAT_WIDTHS.get(datatype)
+    elements = None  # every value of the dtype, NaN and infinities included
+    if finite and width is not None:
+        elements = st.floats(width=width, allow_nan=False, allow_infinity=False)
+    return Tensor(
+        name, datatype, shape, draw(hnp.arrays(DTYPES[datatype], shape, elements=elements))
     )
-    return Tensor(name, datatype, shape, data)
 
 
 def unique_names(items: list[Tensor]) -> list[Tensor]:
