@@ -2,8 +2,9 @@
 
 By default every fuzz test runs a fixed number of examples, derandomized: the same inputs on
 every run and machine, so CI is reproducible and a failure reruns as it failed. No example
-database is kept (nothing written under the repository). Deadlines are off: on a shared 2-core
-machine a slow example is load, not a bug; hangs are caught by per-request timeouts instead.
+database is kept (Hypothesis still caches constants in its self-ignoring `.hypothesis/`).
+Deadlines are off: on a shared 2-core machine a slow example is load, not a bug; hangs are
+caught by per-request timeouts instead.
 
 For a deeper search by hand (not in `make test`): ``FUZZ_SCALE=10`` runs ten times the examples,
 ``FUZZ_RANDOM=1`` draws fresh inputs on each run (a failure prints the seed to rerun it with).
