@@ -133,7 +133,10 @@ class ZipReader:
             for info in self._zip.infolist():
                 if stat.S_ISLNK(info.external_attr >> 16):
                     raise ExtractError(f"member {info.filename!r} is a symbolic link")
-                member = tally.add(info.filename, info.file_size, info.is_dir())
+                # Not info.is_dir(): it raises IndexError on an empty name (zipfile cuts a name
+                # at its first NUL byte, so "\x00" reads back as "").
+                is_dir = info.filename.endswith("/")
+                member = tally.add(info.filename, info.file_size, is_dir)
                 if member is None:
                     continue
                 tally.check_ratio(f"member {info.filename!r}", info.file_size, info.compress_size)
