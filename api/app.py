@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from api.backends.extract import ArchiveLimits
+from api.backends.workdir import make_work_dir, remove_orphans
 from api.backends.workers import MetricCallback, load_worker_backend
 from api.config import Config
 from api.core.dataplane import DataPlane
@@ -22,6 +23,7 @@ from api.metrics import PrometheusObserver
 from api.observability import access_log_setting, build_observability
 from api.rest.apps import build_inference_app, build_management_app, build_metrics_app
 from api.rest.asgi import ASGIApp
+from api.rest.origin import BrowserGuard, HostPolicy
 from api.rest.security import TokenAuth
 from api.snapshot import Snapshotter, load_startup_state
 from api.workers.pool import WorkerPool
@@ -33,6 +35,11 @@ def worker_backend_loader(
     pool: WorkerPool, config: Config, on_metric: MetricCallback | None
 ) -> LocalBackendLoader:
     """Archives become `WorkerBackend`s whose workers the pool forks."""
+    limits = ArchiveLimits(
+        max_total_bytes=config.archive_max_bytes,
+        max_members=config.archive_max_members,
+        max_ratio=config.archive_max_ratio,
+    )
 
     async def load(path: Path, settings: ModelSettings, work_dir: Path) -> Backend:
         return await load_worker_backend(
@@ -43,6 +50,7 @@ def worker_backend_loader(
             on_metric=on_metric,
             intra_op_threads=config.intra_op_threads,
             gpu_count=config.number_of_gpu,
+            limits=limits,
             max_image_pixels=config.image_pixel_limit,
             max_items_per_request=config.max_items_per_request,
         )
@@ -109,13 +117,16 @@ def build(
         access_log=access_log_setting(config.raw) if access_log is None else access_log
     )
     observer = observability.observer
-    registry = Registry(observer)
+    registry = Registry(observer, max_workers_per_model=config.worker_bound)
     observability.metrics.track(registry)
     router = TrafficRouter(registry)
     dataplane = DataPlane(registry, router=router, observer=observer)
     snapshot_file = config.snapshot_file
     snapshotter = None if snapshot_file is None else Snapshotter(snapshot_file, registry, router)
-    owned = None if work_dir is not None else Path(tempfile.mkdtemp(prefix="torchgate-models-"))
+    owned = None
+    if work_dir is None:
+        remove_orphans()  # what servers killed with their zygote left in the temp dir
+        owned = make_work_dir()
     work = work_dir or owned
     assert work is not None
     pool = None
@@ -143,7 +154,16 @@ def build(
             max_items=config.max_items_per_request,
         ),
         management_app=build_management_app(
-            registry, loader, enable_model_api=config.enable_model_api, auth=auth, router=router
+            registry,
+            loader,
+            enable_model_api=config.enable_model_api,
+            auth=auth,
+            router=router,
+            browser_guard=lambda app: BrowserGuard(
+                app,
+                HostPolicy(config.management_address.host, config.allowed_hosts),
+                allowed_origins=config.cors_allowed_origin,
+            ),
         ),
         metrics_app=build_metrics_app(observability.metrics.render),
         router=router,

@@ -11,7 +11,8 @@ Keys torchgate understands (TorchServe's defaults unless noted):
     default_workers_per_model (1 here; TorchServe's default is one per GPU or core),
     job_queue_size (100), default_response_timeout (120 s), max_request_size and
     max_response_size (6553500 bytes), disable_token_authorization (false),
-    enable_model_api (false), allowed_urls (file://.*|http(s)?://.*), number_of_gpu
+    enable_model_api (false), allowed_urls (none here: only the model store; TorchServe's is
+    file://.*|http(s)?://.*), cors_allowed_origin (none), number_of_gpu
 
 torchgate's own keys start with `torchgate.` (for example `torchgate.snapshot_file`), so a
 file stays usable unchanged by `torchserve --ts-config`:
@@ -21,9 +22,17 @@ file stays usable unchanged by `torchserve --ts-config`:
     torchgate.traffic           traffic policies by model, JSON: {"digits": {"weights": {...}}}
                                 (see api.core.routing / docs/traffic.md)
     torchgate.intra_op_threads  torch / ONNX Runtime threads per CPU worker (default 1)
+    torchgate.archive_max_bytes, torchgate.archive_max_members, torchgate.archive_max_ratio
+                                what one archive may unpack to (4 GiB, 10000 members, 100:1)
+    torchgate.allowed_hosts     Host names the management API answers besides its own
+                                address and localhost, with token auth off (docs/security.md)
     torchgate.worker_preload    modules the worker zygote imports once for every worker to
                                 share (default torch,numpy,ts.torch_handler.base_handler,
                                 onnxruntime,PIL.Image; missing ones are skipped)
+    torchgate.max_workers_per_model
+                                the most workers one model version may have (default
+                                max(4, 2 x CPU cores, 4 x number_of_gpu)); scale and register
+                                above it answer 400, start-up settings above it are clamped
 
 Inputs (docs/security.md): limit_max_image_pixels (TorchServe's, true; false lifts every pixel
 limit), torchgate.max_image_pixels (40000000: the most pixels an image may have for the shipped
@@ -35,16 +44,19 @@ gRPC, and the images or texts one request brings the shipped handlers, on any AP
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
 from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_ITEMS_PER_REQUEST
 from api.workers.zygote import DEFAULT_PRELOAD
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -100,7 +112,9 @@ class Config:
     max_response_size: int = 6553500
     disable_token_authorization: bool = False
     enable_model_api: bool = False
-    allowed_urls: list[str] = field(default_factory=lambda: [r"file://.*", r"http(s)?://.*"])
+    # Stricter than TorchServe's `file://.*|http(s)?://.*`: none, so only archives inside the
+    # model store register (see docs/security.md, "Registration and the management API").
+    allowed_urls: list[str] = field(default_factory=list)
     number_of_gpu: int | None = None
     # torchgate.intra_op_threads: torch / ONNX Runtime threads per CPU worker (default 1).
     intra_op_threads: int | None = None
@@ -111,6 +125,17 @@ class Config:
     snapshot_file: Path | None = None
     # torchgate.traffic: {model: policy JSON}, applied at start when there is no snapshot.
     traffic: dict[str, Any] = field(default_factory=dict)
+    # torchgate.max_workers_per_model: the bound on one version's workers (None: the default
+    # from cores and GPUs, `default_max_workers`).
+    max_workers_per_model: int | None = None
+    # Registration and the management API (docs/security.md): bounds on what one archive may
+    # unpack to, the browser origins allowed to call the management API without token auth
+    # (TorchServe's cors_allowed_origin), and Host names beside the listener's own address.
+    archive_max_bytes: int = 4 * 1024**3
+    archive_max_members: int = 10_000
+    archive_max_ratio: float = 100.0
+    cors_allowed_origin: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     # Inputs to the shipped handlers and the prediction APIs (docs/security.md).
     limit_max_image_pixels: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -133,12 +158,24 @@ class Config:
         )
 
     @property
+    def worker_bound(self) -> int:
+        if self.max_workers_per_model is not None:
+            return self.max_workers_per_model
+        return default_max_workers(len(os.sched_getaffinity(0)), self.number_of_gpu or 0)
+
+    @property
     def image_pixel_limit(self) -> int | None:
         """The pixel limit workers get; None when `limit_max_image_pixels=false` lifts it."""
         return self.max_image_pixels if self.limit_max_image_pixels else None
 
     def allows_url(self, url: str) -> bool:
         return any(re.fullmatch(pattern, url) for pattern in self.allowed_urls)
+
+
+def default_max_workers(cores: int, gpus: int) -> int:
+    """Workers past a few per core (or GPU) only add memory and contention: each is a process
+    with its own model, and a CPU worker runs one intra-op thread."""
+    return max(4, 2 * cores, 4 * gpus)
 
 
 def read_properties(text: str) -> dict[str, str]:
@@ -201,11 +238,23 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             config.number_of_gpu = int(raw["number_of_gpu"])
         if "torchgate.intra_op_threads" in raw:
             config.intra_op_threads = int(raw["torchgate.intra_op_threads"])
+        if "torchgate.max_workers_per_model" in raw:
+            bound = raw["torchgate.max_workers_per_model"]
+            if not bound.isdigit() or int(bound) < 1:
+                raise ValueError(f"torchgate.max_workers_per_model must be >= 1, not {bound!r}")
+            config.max_workers_per_model = int(bound)
+        if config.default_workers_per_model > config.worker_bound:
+            # Else every registration without initial_workers would be refused.
+            log.warning(
+                "default_workers_per_model=%d is above torchgate.max_workers_per_model=%d: clamped",
+                config.default_workers_per_model,
+                config.worker_bound,
+            )
+            config.default_workers_per_model = config.worker_bound
         if "torchgate.worker_preload" in raw:
             preload = raw["torchgate.worker_preload"].split(",")
             config.worker_preload = tuple(name.strip() for name in preload if name.strip())
-        if "allowed_urls" in raw:
-            config.allowed_urls = [u.strip() for u in raw["allowed_urls"].split(",") if u.strip()]
+        _registration_keys(raw, config)
     except ValueError as exc:
         raise ConfigError(f"bad value in config.properties: {exc}") from exc
     store = Path(raw.get("model_store", "model_store"))
@@ -219,6 +268,49 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     config.traffic = _traffic(raw.get("torchgate.traffic"))
     _input_limits(raw, config)
     return config
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _registration_keys(raw: dict[str, str], config: Config) -> None:
+    """allowed_urls, the archive limits, cors_allowed_origin and torchgate.allowed_hosts."""
+    if "allowed_urls" in raw:
+        config.allowed_urls = [u.strip() for u in raw["allowed_urls"].split(",") if u.strip()]
+        for pattern in config.allowed_urls:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"allowed_urls: {pattern!r} is not a regex: {exc}") from exc
+    for key, attribute in (
+        ("torchgate.archive_max_bytes", "archive_max_bytes"),
+        ("torchgate.archive_max_members", "archive_max_members"),
+    ):
+        if key in raw:
+            value = _registration_number(raw, key, int)
+            if value < 1:
+                raise ConfigError(f"{key} must be a positive number, got {raw[key]!r}")
+            setattr(config, attribute, value)
+    if "torchgate.archive_max_ratio" in raw:
+        ratio = _registration_number(raw, "torchgate.archive_max_ratio", float)
+        if not ratio >= 1:  # also refuses nan
+            raise ConfigError(f"torchgate.archive_max_ratio must be >= 1, got {ratio!r}")
+        config.archive_max_ratio = ratio
+    if "cors_allowed_origin" in raw:
+        config.cors_allowed_origin = _csv(raw["cors_allowed_origin"])
+    if "torchgate.allowed_hosts" in raw:
+        config.allowed_hosts = tuple(h.lower() for h in _csv(raw["torchgate.allowed_hosts"]))
+
+
+def _registration_number(raw: dict[str, str], key: str, kind: type[_N]) -> _N:
+    try:
+        return kind(raw[key])
+    except ValueError as exc:
+        raise ConfigError(f"{key} must be a number, got {raw[key]!r}") from exc
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _input_limits(raw: dict[str, str], config: Config) -> None:

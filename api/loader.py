@@ -1,7 +1,8 @@
 """Turns a model url (a .mar in model_store, or an allowed local path) into a registered version.
 
 Shared by start-up (`load_models`, `models={...}`) and the management API's `POST /models`, so
-both validate archives the same way. Nothing is fetched over the network: TorchServe would
+both validate archives the same way: by default only archives inside the model store (see
+`ModelLoader.resolve` and docs/security.md). Nothing is fetched over the network: TorchServe would
 download an http(s) url, torchgate refuses it and asks for the archive in model_store.
 
 A version served by a running TorchServe instead (`"torchgate.backend": {"kind": "torchserve",
@@ -15,6 +16,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
+import re
 import zipfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,6 +25,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from api.config import Config
+from api.core.names import check_model_name
 from api.core.registry import ModelVersion, Registry
 from api.core.types import Backend, ModelSettings
 from api.errors import BadRequest, NotFound
@@ -46,27 +50,48 @@ class ModelLoader:
         self._load_local = load_local
 
     def resolve(self, url: str) -> Path:
-        """The local archive a url names; BadRequest/NotFound when it is not allowed or absent."""
-        scheme = urlsplit(url).scheme
-        if scheme in ("http", "https", "s3"):
+        """The local archive a url names; BadRequest/NotFound when it is not allowed or absent.
+
+        A file name or relative path means a file in the model store. Anything else outside
+        the store must match `allowed_urls` as a `file://` url of its real path (symlinks and
+        `..` resolved), so `file:///models/../etc/x` cannot pass for `file:///models/.*`.
+        Symlinks inside the store are followed: the operator put them there.
+        """
+        parts = urlsplit(url)
+        if parts.scheme in ("http", "https", "s3"):
             raise BadRequest(
                 f"torchgate does not download model archives ({url}); "
                 f"copy the archive into the model store {self.config.model_store} and register "
                 f"it by file name"
             )
-        store = self.config.model_store.resolve()
-        if scheme == "file":
-            path = Path(unquote(urlsplit(url).path))
-        elif "/" not in url and "\\" not in url:
-            path = store / url
+        if parts.scheme == "file":
+            if parts.netloc not in ("", "localhost"):
+                raise BadRequest(f"Given URL {url} names another host")
+            given = Path(unquote(parts.path))
+        elif parts.scheme:
+            raise BadRequest(f"Given URL {url}: unsupported scheme {parts.scheme!r}")
         else:
-            path = Path(url)
-        path = path.resolve()
-        inside_store = path.is_relative_to(store)
-        if not inside_store and not self.config.allows_url(path.as_uri()):
-            raise BadRequest(f"Given URL {url} does not match any allowed URL(s)")
-        if not path.exists():
-            raise NotFound(f"Model archive not found: {url} (looked for {path})")
+            given = Path(url)
+        store = Path(os.path.abspath(self.config.model_store))
+        real_store = store.resolve()
+        candidate = given if given.is_absolute() else store / given
+        try:
+            path = candidate.resolve()
+            exists = path.exists()
+        except (OSError, ValueError, RuntimeError) as exc:
+            # A NUL byte, a name too long, a symlink loop: nothing that could name an archive.
+            raise BadRequest(f"Given URL {url!r} is not a usable path: {exc}") from exc
+        named_in_store = ".." not in given.parts and any(
+            Path(os.path.normpath(candidate)).is_relative_to(s) for s in (store, real_store)
+        )
+        inside = named_in_store or path.is_relative_to(real_store)
+        if not inside and not self.config.allows_url(path.as_uri()):
+            raise BadRequest(
+                f"Given URL {url} is outside the model store and does not match any allowed "
+                f"URL(s) (allowed_urls)"
+            )
+        if not exists:
+            raise NotFound(f"Model archive not found: {url}")
         return path
 
     async def register(
@@ -79,11 +104,18 @@ class ModelLoader:
         make_default: bool = False,
         extra: dict[str, Any] | None = None,
         keep_failed: bool = False,
+        requested: bool = False,
     ) -> ModelVersion:
-        """Register the archive at `url`; `keep_failed` as in `Registry.register` (start-up)."""
+        """Register the archive at `url`; `keep_failed` as in `Registry.register` (start-up).
+
+        `requested`: a client asked through the management API, so a TorchServe target must
+        be named by allowed_urls (config.properties and the snapshot are the operator's).
+        """
+        if model_name is not None:
+            check_model_name(model_name)  # before unpacking anything; the registry checks again
         if _wants_torchserve(url, extra):
             return await self._register_torchserve(
-                url, settings, model_name, version, make_default, extra or {}
+                url, settings, model_name, version, make_default, extra or {}, requested
             )
         path = self.resolve(url)
         backend = await self._load_local(path, settings, self.work_dir)
@@ -117,6 +149,7 @@ class ModelLoader:
         version: str | None,
         make_default: bool,
         extra: dict[str, Any],
+        requested: bool,
     ) -> ModelVersion:
         # Imported here: httpx and the proxy load only when a version asks for them.
         from api.backends.torchserve import BACKEND_KEY, open_backend, spec_for
@@ -129,9 +162,8 @@ class ModelLoader:
             signature = await asyncio.to_thread(archive_signature, self.config.model_store, url)
             if signature is not None:
                 spec = dataclasses.replace(spec, signature=signature)
-        for target in (spec.inference_url, spec.management_url):
-            if target is not None and not self.config.allows_url(target):
-                raise BadRequest(f"TorchServe URL {target} does not match any allowed URL(s)")
+        if requested:
+            self._check_torchserve_targets([spec.inference_url, spec.management_url])
         backend = await open_backend(spec, settings, name=model_name, version=version)
 
         async def ready_backend() -> Backend:
@@ -154,6 +186,23 @@ class ModelLoader:
         except BaseException:
             await backend.close()
             raise
+
+    def _check_torchserve_targets(self, urls: list[str | None]) -> None:
+        """Each address the gateway would connect to must match allowed_urls, written as
+        `torchserve://HOST:PORT` (`torchserve+https://` for TLS): a pattern for archives,
+        such as TorchServe's `http(s)?://.*`, never lets a client aim the server elsewhere.
+        """
+        for url in urls:
+            if url is None:
+                continue
+            parts = urlsplit(url)
+            scheme = "torchserve+https" if parts.scheme == "https" else "torchserve"
+            target = f"{scheme}://{parts.netloc}"
+            if not self.config.allows_url(target):
+                raise BadRequest(
+                    f"TorchServe target {target} is not named by allowed_urls (add a pattern "
+                    f"such as {scheme}://{re.escape(parts.netloc)} to config.properties)"
+                )
 
     async def load_startup_models(self) -> list[str]:
         """Register what config.properties asks for; returns one error line per failure.

@@ -196,8 +196,8 @@ def memory_rows(result: SuiteResult) -> list[list[str]]:
             continue
         loaded = run.memory_loaded or run.memory_idle
         names: dict[str, int] = {}
-        for process, _ in loaded.processes:
-            names[process] = names.get(process, 0) + 1
+        for process in loaded.processes:
+            names[process.role] = names.get(process.role, 0) + 1
         rows.append(
             [
                 name,
@@ -207,6 +207,30 @@ def memory_rows(result: SuiteResult) -> list[list[str]]:
                 ", ".join(f"{n} x{c}" if c > 1 else n for n, c in names.items()),
             ]
         )
+    return rows
+
+
+PROCESS_COLUMNS = ("server", "process", "pid", "RSS MiB", "PSS MiB")
+
+
+def process_rows(result: SuiteResult) -> list[list[str]]:
+    """Each process of each server after its load points: RSS counts shared pages (torch's
+    libraries, the zygote's imports) in every process mapping them, PSS splits them."""
+    rows = []
+    for name in SERVERS:
+        run = result.runs.get(name)
+        if run is None:
+            continue
+        for process in (run.memory_loaded or run.memory_idle).processes:
+            rows.append(
+                [
+                    name,
+                    process.role,
+                    str(process.pid),
+                    f"{process.rss / MIB:,.0f}",
+                    f"{process.pss / MIB:,.0f}",
+                ]
+            )
     return rows
 
 
@@ -330,6 +354,11 @@ def markdown(result: SuiteResult) -> str:
             "## Memory",
             "",
             markdown_table(MEMORY_COLUMNS, memory_rows(result)),
+            "",
+            "Per process, after the load points (RSS counts pages shared between processes in "
+            "each of them; PSS splits them):",
+            "",
+            markdown_table(PROCESS_COLUMNS, process_rows(result)),
             "",
             f"Startup to ready (all model versions loaded): {startup}.",
             "",

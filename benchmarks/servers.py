@@ -28,12 +28,20 @@ from tests.support.torchserve import running_torchserve
 
 
 @dataclass(frozen=True, slots=True)
+class ProcessMemory:
+    role: str  # "frontend", "zygote", "worker", or the process name (java, ...)
+    pid: int
+    rss: int
+    pss: int
+
+
+@dataclass(frozen=True, slots=True)
 class Memory:
     """Summed over the processes of a server; bytes."""
 
     rss: int
     pss: int
-    processes: list[tuple[str, int]] = field(default_factory=list)  # (name, rss)
+    processes: list[ProcessMemory] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,17 +60,32 @@ def tree_memory(pid: int, *, include_root: bool = True) -> Memory:
     root = psutil.Process(pid)
     processes = ([root] if include_root else []) + root.children(recursive=True)
     rss = pss = 0
-    named: list[tuple[str, int]] = []
+    measured: list[ProcessMemory] = []
     for process in processes:
         try:
             info = process.memory_full_info()
-            name = process.name()
+            role = _role(process, root)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         rss += info.rss
         pss += getattr(info, "pss", info.rss)
-        named.append((name, info.rss))
-    return Memory(rss=rss, pss=pss, processes=named)
+        measured.append(ProcessMemory(role, process.pid, info.rss, getattr(info, "pss", info.rss)))
+    return Memory(rss=rss, pss=pss, processes=measured)
+
+
+def _role(process: psutil.Process, root: psutil.Process) -> str:
+    """torchgate's frontend, zygote and workers (forked from the zygote, so with its command
+    line), TorchServe's Python workers; else the process name (java)."""
+    command = " ".join(process.cmdline())
+    if "api.workers.zygote" in command:
+        parent = process.parent()
+        forked = parent is not None and "api.workers.zygote" in " ".join(parent.cmdline())
+        return "worker" if forked else "zygote"
+    if "model_service_worker" in command:
+        return "worker"
+    if process.pid == root.pid and "api.cli" in command:
+        return "frontend"
+    return process.name()
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from api.bench import BenchError, LoadSpec, PointResult
 from benchmarks import report
 from benchmarks.machine import Machine, cpu_model
 from benchmarks.raw import RawResult
-from benchmarks.servers import Memory
+from benchmarks.servers import Memory, ProcessMemory
 
 WRK_LINE = (
     'TORCHGATE_BENCH {"requests":12000,"duration_us":2000000,"bytes":960000,"latency_us":'
@@ -136,14 +136,28 @@ def suite_result() -> report.SuiteResult:
         report.TORCHSERVE,
         20.0,
         Memory(1000 * mib, 800 * mib),
-        Memory(1200 * mib, 900 * mib, [("java", 600 * mib), ("python3", 300 * mib)] * 1),
+        Memory(
+            1200 * mib,
+            900 * mib,
+            [
+                ProcessMemory("java", 10, 600 * mib, 500 * mib),
+                ProcessMemory("worker", 11, 600 * mib, 400 * mib),
+            ],
+        ),
         {"digits": [point(1, 130, 7.5, 9.0), point(32, 3000, 10.0, 20.0)]},
     )
     result.runs[report.TORCHGATE] = report.ServerRun(
         report.TORCHGATE,
         3.0,
         Memory(400 * mib, 350 * mib),
-        Memory(420 * mib, 360 * mib, [("torchgate", 420 * mib)]),
+        Memory(
+            420 * mib,
+            360 * mib,
+            [
+                ProcessMemory("frontend", 20, 120 * mib, 100 * mib),
+                ProcessMemory("worker", 22, 300 * mib, 260 * mib),
+            ],
+        ),
         {"digits": [point(1, 2500, 0.4, 0.9), point(32, 7000, 4.0, 12.0)]},
     )
     return result
@@ -188,7 +202,7 @@ def test_markdown_holds_machine_tables_and_targets() -> None:
     assert "Test CPU, 2 cores" in text
     assert "| c | TS req/s |" in text
     assert "| 32 | 3,000 | 10.00 |" in text
-    assert "| torchgate | 400 | 420 | 360 | torchgate |" in text
+    assert "| torchgate | 400 | 420 | 360 | frontend, worker |" in text
     assert "share the same 2 cores" in text
     assert "| digits 1.0 | TorchScript | 1 | 8 | 40.0 | 5.0 |" in text
     console = report.console(suite_result())
@@ -310,3 +324,14 @@ def test_wrk_posts_the_body_with_headers_and_reports_json(
 def test_wrk_counts_error_statuses(tiny_server: str) -> None:
     result = bench.run_wrk(LoadSpec(f"{tiny_server}/fail", timeout_s=5), 1, 1)
     assert result.requests > 0 and result.errors["status"] == result.requests
+
+
+def test_memory_is_reported_per_process() -> None:
+    rows = report.process_rows(suite_result())
+    assert rows == [
+        [report.TORCHSERVE, "java", "10", "600", "500"],
+        [report.TORCHSERVE, "worker", "11", "600", "400"],
+        [report.TORCHGATE, "frontend", "20", "120", "100"],
+        [report.TORCHGATE, "worker", "22", "300", "260"],
+    ]
+    assert "| torchgate | frontend | 20 | 120 | 100 |" in report.markdown(suite_result())

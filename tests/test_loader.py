@@ -1,12 +1,20 @@
-"""api.loader helpers that need no server."""
+"""api.loader without a server: which urls register, and the signature of proxied versions."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import zipfile
 from pathlib import Path
 
-from api.loader import archive_signature
+import pytest
+
+from api.config import parse_config
+from api.core.registry import Registry
+from api.core.types import Backend, ModelSettings
+from api.errors import BadRequest, NotFound, http_status
+from api.loader import ModelLoader, archive_signature
 
 
 def test_a_proxied_versions_signature_comes_from_the_archive_in_the_store(
@@ -24,3 +32,130 @@ def test_a_proxied_versions_signature_comes_from_the_archive_in_the_store(
     assert archive_signature(tmp_path, "missing.mar") is None
     assert archive_signature(tmp_path, "../m.mar") is None
     assert archive_signature(tmp_path, "torchserve://127.0.0.1:8080") is None
+
+
+# -- which urls a registration may name ----------------------------------------------------------
+
+
+def loader_for(store: Path, **raw: str) -> ModelLoader:
+    async def never(path: Path, settings: ModelSettings, work_dir: Path) -> Backend:
+        raise AssertionError("resolve() loads nothing")
+
+    config = parse_config({"model_store": str(store), **raw}, base_dir=store.parent)
+    return ModelLoader(config, Registry(), store.parent / "work", never)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    store = tmp_path / "store"
+    (store / "sub").mkdir(parents=True)
+    (store / "m.mar").write_bytes(b"zip")
+    (store / "sub" / "n.mar").write_bytes(b"zip")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "evil.mar").write_bytes(b"zip")
+    return store
+
+
+def refused(loader: ModelLoader, url: str) -> str:
+    with pytest.raises(BadRequest) as info:
+        loader.resolve(url)
+    assert http_status(info.value) == 400
+    return info.value.message
+
+
+def test_archives_in_the_model_store_resolve_by_name_path_or_file_url(store: Path) -> None:
+    loader = loader_for(store)
+    assert loader.resolve("m.mar") == store / "m.mar"
+    assert loader.resolve("sub/n.mar") == store / "sub" / "n.mar"
+    assert loader.resolve("sub/../m.mar") == store / "m.mar"  # still inside
+    assert loader.resolve(str(store / "m.mar")) == store / "m.mar"
+    assert loader.resolve((store / "sub" / "n.mar").as_uri()) == store / "sub" / "n.mar"
+    with pytest.raises(NotFound):
+        loader.resolve("missing.mar")
+
+
+def test_by_default_nothing_outside_the_model_store_registers(store: Path) -> None:
+    loader = loader_for(store)
+    outside = store.parent / "outside" / "evil.mar"
+    for url in (
+        "../outside/evil.mar",
+        "sub/../../outside/evil.mar",
+        str(outside),
+        outside.as_uri(),
+        "file://localhost" + str(outside),
+        str(store.parent / "outside"),  # a directory: TorchServe's no-archive format
+        "/etc/passwd",
+        "../../../../../../etc/passwd",
+    ):
+        assert "outside the model store" in refused(loader, url), url
+
+
+def test_a_url_that_is_not_a_local_file_is_refused(store: Path) -> None:
+    loader = loader_for(store)
+    assert "names another host" in refused(loader, "file://example.com/m.mar")
+    assert "does not download" in refused(loader, "https://example.com/m.mar")
+    assert "unsupported scheme" in refused(loader, "ftp://example.com/m.mar")
+    (store / "loop").symlink_to(store / "loop")
+    for url in ("m\x00.mar", "x" * 5000 + ".mar", "loop/m.mar"):
+        assert "not a usable path" in refused(loader, url)
+
+
+def test_a_symlink_escaping_the_store_only_counts_when_the_operator_placed_it(
+    store: Path,
+) -> None:
+    outside = store.parent / "outside"
+    (store / "linked.mar").symlink_to(outside / "evil.mar")  # the operator's own link
+    (store / "escape").symlink_to(outside)
+    loader = loader_for(store)
+    assert loader.resolve("linked.mar") == outside / "evil.mar"
+    assert loader.resolve("escape/evil.mar") == outside / "evil.mar"
+    # '..' after a link is resolved on the real path, which is outside.
+    assert "outside the model store" in refused(loader, "escape/../outside/evil.mar")
+
+
+def test_allowed_urls_opts_a_folder_in_matched_on_the_real_path(store: Path) -> None:
+    outside = store.parent / "outside"
+    loader = loader_for(store, allowed_urls=f"{re.escape(outside.as_uri())}/.*")
+    assert loader.resolve(str(outside / "evil.mar")) == outside / "evil.mar"
+    assert loader.resolve((outside / "evil.mar").as_uri()) == outside / "evil.mar"
+    # A url that only looks like it is under the allowed folder.
+    sneaky = outside.as_uri() + "/../store/../../../etc/passwd"
+    assert "outside the model store" in refused(loader, sneaky)
+    # TorchServe's own default opts back in to every local path.
+    anything = loader_for(store, allowed_urls=r"file://.*|http(s)?://.*")
+    assert anything.resolve(str(outside / "evil.mar")) == outside / "evil.mar"
+    assert "does not download" in refused(anything, "http://example.com/m.mar")
+
+
+def test_a_bad_model_name_override_is_refused_before_the_archive_is_opened(
+    store: Path,
+) -> None:
+    loader = loader_for(store)
+
+    async def scenario() -> None:
+        for name in ("../../x", "a\nb"):
+            with pytest.raises(BadRequest, match="Invalid model name"):
+                await loader.register("m.mar", ModelSettings(), model_name=name)
+
+    asyncio.run(scenario())
+
+
+def test_api_registrations_reach_torchserve_only_where_allowed_urls_names_it(
+    store: Path,
+) -> None:
+    async def scenario(loader: ModelLoader, url: str) -> str:
+        with pytest.raises(BadRequest) as info:
+            await loader.register(url, ModelSettings(), requested=True)
+        return info.value.message
+
+    # TorchServe's default allows every http(s) url, never a TorchServe target.
+    loose = loader_for(store, allowed_urls=r"file://.*|http(s)?://.*")
+    message = asyncio.run(scenario(loose, "torchserve://10.0.0.1:8080/m/1.0"))
+    assert "torchserve://10.0.0.1:8080 is not named by allowed_urls" in message
+    # Named host, but its management_url points elsewhere.
+    named = loader_for(store, allowed_urls=r"torchserve://ts:808[01]")
+    url = "torchserve://ts:8080/m/1.0?management_url=http://169.254.169.254:80"
+    message = asyncio.run(scenario(named, url))
+    assert "torchserve://169.254.169.254:80 is not named" in message
+    tls = "torchserve+https://ts:8443/m/1.0?management_url=none"
+    assert "torchserve+https://ts:8443 is not named" in asyncio.run(scenario(named, tls))

@@ -147,7 +147,7 @@ def test_a_restart_restores_models_versions_defaults_workers_batching_and_traffi
         tg = await started(config, tmp_path)
         assert tg.router is not None and tg.router.policy("m") is not None  # torchgate.traffic
         transport = httpx.ASGITransport(app=tg.management_app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://m") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
             calls = [
                 ("POST", "/models?url=n-1.0.mar&batch_size=4&max_batch_delay=9&initial_workers=2"),
                 ("POST", "/models?url=m-3.0.mar&model_name=m"),

@@ -41,6 +41,7 @@ from typing import Any, Literal
 import yaml
 
 from api.backends.extract import ArchiveLimits, ExtractError, open_reader
+from api.core.names import MODEL_NAME
 from api.errors import BadRequest
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ SIGNATURE = "signature.json"
 MAX_METADATA_BYTES = 1024 * 1024  # manifest, signature.json
 PYTHON_RUNTIMES = frozenset({"python", "python3"})
 DEFAULT_VERSION = "1.0"  # TorchServe's, for manifests without modelVersion
-# TorchServe's rule for model names; they end up in URLs and directory names.
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]*")
 _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -210,7 +209,7 @@ def _parse_manifest(raw: bytes) -> dict[str, Any]:
 def _name_and_version(manifest: dict[str, Any], override: str | None) -> tuple[str, str]:
     model = manifest["model"]
     name = override or model.get("modelName")
-    if not isinstance(name, str) or not _MODEL_NAME.fullmatch(name):
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise _Invalid(
             f"invalid or missing model name {name!r} (letters, digits, '_', '-', '.'; "
             f"starting with a letter or digit)"

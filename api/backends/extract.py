@@ -6,7 +6,7 @@ Checked for every member before a single byte lands on disk:
   it could escape (or overwrite inside) the extraction directory;
 - its kind: symlinks, hard links, devices and fifos -> refused; only files and directories;
 - sizes, bounded by `ArchiveLimits`: member count, total uncompressed size, and the compression
-  ratio (per member for zip, whole stream for tar) that gives zip bombs away.
+  ratio (per member for zip, and for the whole archive, zip or tar) that gives zip bombs away.
 
 Declared sizes can lie, but zipfile and tarfile never read past a member's declared size (zipfile
 then checks the CRC), so bounding the declared sizes bounds what is written. Errors carry no
@@ -133,11 +133,17 @@ class ZipReader:
             for info in self._zip.infolist():
                 if stat.S_ISLNK(info.external_attr >> 16):
                     raise ExtractError(f"member {info.filename!r} is a symbolic link")
-                member = tally.add(info.filename, info.file_size, info.is_dir())
+                # Not info.is_dir(): it raises IndexError on an empty name (zipfile cuts a name
+                # at its first NUL byte, so "\x00" reads back as "").
+                is_dir = info.filename.endswith("/")
+                member = tally.add(info.filename, info.file_size, is_dir)
                 if member is None:
                     continue
                 tally.check_ratio(f"member {info.filename!r}", info.file_size, info.compress_size)
                 self._infos[member] = info
+            # Many small members each pass the per-member check (they are under
+            # `ratio_min_bytes`) while the whole unpacks to hundreds of times its size.
+            tally.check_ratio("the archive", tally.total, path.stat().st_size)
             self.members = tally.members
         except BaseException:
             self._zip.close()

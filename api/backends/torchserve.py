@@ -252,6 +252,7 @@ class TorchServeBackend:
     """`api.core.types.Backend` for one model version hosted by TorchServe."""
 
     batches = False
+    worker_processes = False  # its workers are in-flight slots: not bounded like processes
 
     def __init__(
         self,

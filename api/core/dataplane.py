@@ -66,10 +66,16 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        """Ready when accepting and every registered model has a ready default version."""
+        """The server's health (`/ping`, v2 server ready, gRPC Ping and ServerReady).
+
+        TorchServe's rule: healthy while accepting and every model's default version has the
+        workers it was asked for (`ModelVersion.healthy`). A model scaled to 0 workers on
+        purpose does not make the whole server unhealthy; whether one model can serve now is
+        `model_ready`, and describe shows why not.
+        """
         if not self.accepting:
             return False
-        return all(self.registry.get(name).ready for name in self.registry.names())
+        return all(self.registry.get(name).healthy for name in self.registry.names())
 
     def model_ready(self, model: str, version: str | None = None) -> bool:
         return self.registry.get(model, version).ready  # raises NotFound

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from api.core.batching import Batcher
+from api.core.names import check_model_name, check_model_version
 from api.core.supervision import WorkerSlot, supervise
 from api.core.types import Backend, ModelSettings, NullObserver, Observer
 from api.errors import (
@@ -78,6 +79,19 @@ class ModelVersion:
             return f"{what} has no workers"
         return f"{what} has no live worker: {errors or 'starting'}"
 
+    @property
+    def healthy(self) -> bool:
+        """TorchServe's rule for `/ping`: at least `min_workers` workers that are serving or
+        still being (re)started; a slot that failed to start `FAILED_AFTER` times in a row does
+        not count (TorchServe's worker past its retry window). A version scaled to 0 on purpose
+        is healthy: it lacks nothing it was asked to have."""
+        if self.state not in (ModelState.READY, ModelState.FAILED):
+            return False
+        if getattr(self.backend, "unavailable", None) is not None:
+            return False  # a remote TorchServe that cannot serve
+        working = sum(1 for slot in self.workers if not slot.failed)
+        return working >= self.settings.min_workers
+
     def health_changed(self) -> None:
         """A worker died, failed to start or came back: FAILED once no worker lives and a slot
         has failed to start `FAILED_AFTER` times in a row; READY again once one lives."""
@@ -91,8 +105,13 @@ class ModelVersion:
 class Registry:
     """Model versions by name; every mutation happens on the event loop."""
 
-    def __init__(self, observer: Observer | None = None) -> None:
+    def __init__(
+        self, observer: Observer | None = None, *, max_workers_per_model: int | None = None
+    ) -> None:
         self._observer = observer or NullObserver()
+        # Each worker is a process holding its own copy of the model: an unbounded count lets
+        # one management call exhaust the machine's memory. None: no bound (tests).
+        self.max_workers_per_model = max_workers_per_model
         self._models: dict[str, dict[str, ModelVersion]] = {}
         self._defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()  # serialises register/scale/unregister, not inference
@@ -160,6 +179,9 @@ class Registry:
         start-up, as TorchServe): then the version stays registered, its workers keep being
         retried with backoff, and it reports the handler's error until one starts.
         """
+        # Here, not at each source (url, model_name, manifest, snapshot), so none can skip it.
+        check_model_name(name)
+        check_model_version(version)
         async with self._lock:
             if version in self._models.get(name, {}):
                 raise Conflict(f"Model version {version} is already registered for model {name}")
@@ -174,6 +196,10 @@ class Registry:
                 name, version, url, settings, backend, batcher, backend_info=backend_info or {}
             )
             try:
+                if keep_failed:  # start-up: config.properties or a snapshot asked for too many
+                    self._clamp(model_version)
+                else:
+                    self._check_bound(backend, settings.min_workers, settings.max_workers)
                 await self._start_workers(
                     model_version, settings.min_workers, keep_failed=keep_failed
                 )
@@ -230,6 +256,7 @@ class Registry:
         """Set the worker range and start or stop workers to reach `min_workers`."""
         async with self._lock:
             model_version = self.get(name, version)
+            self._check_bound(model_version.backend, min_workers, max_workers)
             try:
                 _update(model_version.settings, min_workers=min_workers, max_workers=max_workers)
             except ValueError:
@@ -292,6 +319,44 @@ class Registry:
         self._defaults.clear()
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _bound(self, backend: Backend) -> int | None:
+        # A remote TorchServe's "workers" are in-flight request slots, not processes.
+        if not getattr(backend, "worker_processes", True):
+            return None
+        return self.max_workers_per_model
+
+    def _check_bound(self, backend: Backend, min_workers: int, max_workers: int) -> None:
+        bound = self._bound(backend)
+        if bound is not None and max(min_workers, max_workers) > bound:
+            raise BadRequest(
+                f"Worker count above the bound of {bound} workers per model "
+                f"(torchgate.max_workers_per_model): min_worker={min_workers}, "
+                f"max_worker={max_workers}"
+            )
+
+    def _clamp(self, model_version: ModelVersion) -> None:
+        """Bring start-up settings within the bound, in place (the backend holds the same
+        object): a server that refused to start over a worker count would serve nothing, so
+        the count is lowered and the log says so."""
+        settings = model_version.settings
+        bound = self._bound(model_version.backend)
+        if bound is None or max(settings.min_workers, settings.max_workers) <= bound:
+            return
+        log.warning(
+            "%s/%s asks for minWorkers=%d, maxWorkers=%d: clamped to "
+            "torchgate.max_workers_per_model=%d",
+            model_version.name,
+            model_version.version,
+            settings.min_workers,
+            settings.max_workers,
+            bound,
+        )
+        _update(
+            settings,
+            min_workers=min(settings.min_workers, bound),
+            max_workers=min(settings.max_workers, bound),
+        )
 
     async def _start_workers(
         self, model_version: ModelVersion, count: int, *, keep_failed: bool = False

@@ -97,7 +97,9 @@ def build_management_app(
     enable_model_api: bool,
     auth: TokenAuth | None,
     router: TrafficRouter | None = None,
+    browser_guard: Callable[[ASGIApp], ASGIApp] | None = None,
 ) -> ASGIApp:
+    """`browser_guard` wraps the app when token auth is off (see api.rest.origin)."""
     app = FastAPI(
         title="torchgate management API",
         description="TorchServe-compatible management API served by torchgate",
@@ -111,7 +113,7 @@ def build_management_app(
         management_router(registry, loader, enable_model_api=enable_model_api, auth=auth)
     )
     if auth is None:
-        return app
+        return app if browser_guard is None else browser_guard(app)
     # /token is authorized by the API key inside its handler.
     return RequireKey(app, auth, MANAGEMENT, exempt=("/token",))
 

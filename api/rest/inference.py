@@ -1,7 +1,8 @@
 """TorchServe's inference API utilities (port 8080): /ping, OPTIONS /, /api-description.
 
-`POST /predictions/...` itself is plain ASGI (`api.rest.predictions`), mounted in front of this
-router by `api.rest.apps`; it is listed in the OpenAPI document all the same.
+`POST /predictions/...` and KServe v2's `POST .../infer` are plain ASGI (`api.rest.predictions`,
+`api.rest.v2`), mounted in front of this router by `api.rest.apps`; they are listed in the
+OpenAPI document all the same (`/api-description`, which tests/fuzz fuzzes).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from fastapi import APIRouter, FastAPI
 
 from api.core.dataplane import DataPlane
 from api.rest.responses import JsonResponse
+from api.v2.tensors import DTYPES
 
 
 def inference_router(dataplane: DataPlane, app: FastAPI) -> APIRouter:
@@ -59,7 +61,72 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     }
     paths["/predictions/{model_name}"] = predict
     paths["/predictions/{model_name}/{model_version}"] = predict
+    paths["/v2/models/{model}/infer"] = V2_INFER
+    paths["/v2/models/{model}/versions/{version}/infer"] = V2_INFER
     for path, summary in getattr(app.state, "extra_openapi_paths", {}).items():
         paths[path] = summary
     document["paths"] = paths
     return document
+
+
+_V2_PARAMETERS = {
+    "type": "object",
+    "additionalProperties": {"type": ["string", "number", "boolean"]},
+}
+_V2_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": list(DTYPES)},
+        "parameters": _V2_PARAMETERS,
+        "data": {"type": "array", "description": "row-major, flat or nested"},
+    },
+}
+# `POST .../infer` is plain ASGI like /predictions (`api.rest.v2`): described here by hand.
+V2_INFER: dict[str, Any] = {
+    "post": {
+        "tags": ["kserve-v2"],
+        "summary": "KServe v2 inference (JSON, or Triton's binary tensor extension)",
+        "operationId": "v2_infer",
+        "requestBody": {
+            "description": "JSON; or binary: a JSON header of Inference-Header-Content-Length "
+            "bytes, then the raw tensors",
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["inputs"],
+                        "properties": {
+                            "id": {"type": "string"},
+                            "parameters": _V2_PARAMETERS,
+                            "inputs": {"type": "array", "items": _V2_TENSOR},
+                            "outputs": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["name"],
+                                    "properties": {
+                                        "name": {"type": "string"},
+                                        "parameters": _V2_PARAMETERS,
+                                    },
+                                },
+                            },
+                        },
+                    }
+                },
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        "responses": {
+            "200": {"description": "The outputs, JSON or binary as requested"},
+            "400": {"description": "Malformed request or inputs the model refuses"},
+            "404": {"description": "Model or version not found"},
+            "413": {"description": "Body larger than max_request_size"},
+            "503": {"description": "Queue full (Retry-After) or model not ready"},
+            "504": {"description": "responseTimeout passed"},
+        },
+    }
+}

@@ -180,7 +180,7 @@ async def load_archive(
     settings = loader.config.model_settings(overrides)
     # Loading runs the handlers' initialize(); TorchServe's synchronous=false only skips
     # waiting for workers, which here start with the model, so both wait.
-    version = await loader.register(url, settings, model_name=model_name)
+    version = await loader.register(url, settings, model_name=model_name, requested=True)
     return (
         f'Model "{version.name}" Version: {version.version} registered with '
         f"{len(version.workers)} initial workers"
@@ -269,6 +269,10 @@ def describe(registry: Registry, model_version: ModelVersion) -> dict[str, Any]:
         "defaultVersion": default,
         "status": model_version.state.value,
         **({"error": model_version.unavailable} if model_version.state.value == "FAILED" else {}),
+        # Whether this version can take a request now (v2's model ready), and why not: a version
+        # scaled to 0 on purpose is not ready yet leaves the server healthy (see /ping).
+        "ready": model_version.ready,
+        **({"unavailable": model_version.unavailable} if not model_version.ready else {}),
         "backend": model_version.backend_info,
         "workers": [_describe_worker(slot) for slot in model_version.workers],
         "jobQueueStatus": {

@@ -14,6 +14,7 @@ from api.backends.archive import ArchiveError, open_archive
 from api.backends.extract import ArchiveLimits
 from api.errors import BadRequest, http_status
 from tests.backends.conftest import BuildArchive, manifest, write_zip
+from tests.support.bombs import many_small_members_bomb
 
 HANDLER = "def handle(data, context):\n    return data\n"
 
@@ -271,3 +272,30 @@ def test_archive_errors_are_bad_requests() -> None:
     error = ArchiveError("Model archive x.mar: broken")
     assert isinstance(error, BadRequest)
     assert http_status(error) == 400
+
+
+def test_many_small_members_bomb_is_refused_before_extracting(tmp_path: Path) -> None:
+    # The archive: 430 KB unpacking to 401 MB, each member passing the per-member check.
+    path = many_small_members_bomb(tmp_path / "bomb.mar")
+    assert path.stat().st_size < 500_000
+    message = refused(path, work_dir=tmp_path / "w")  # which checks nothing was written
+    assert "the archive expands 401" in message and "zip bomb" in message
+
+
+def test_whole_archive_ratio_limit_is_configurable(tmp_path: Path) -> None:
+    path = many_small_members_bomb(tmp_path / "bomb.mar", members=3)
+    opened = open_archive(path, work_dir=tmp_path / "w", limits=ArchiveLimits(max_ratio=1_000_000))
+    try:
+        assert opened.name == "bomb"
+    finally:
+        opened.remove()
+
+
+def test_a_real_archive_passes_the_whole_archive_ratio(
+    build_archive: BuildArchive, tmp_path: Path
+) -> None:
+    # Text compresses well, but nowhere near the default 100:1.
+    vocab = "\n".join(f"token{i}" for i in range(200_000))
+    path = build_archive("text", "handler.py", {"handler.py": HANDLER, "vocab.txt": vocab})
+    opened = open_archive(path, work_dir=tmp_path / "w")
+    opened.remove()

@@ -472,6 +472,8 @@ async def gateway(tmp_path: Path, ts_url: str) -> AsyncIterator[tuple[Torchgate,
             "models": orjson.dumps(models).decode(),
             "disable_token_authorization": "true",
             "enable_model_api": "true",
+            # Registrations through the API may aim the gateway at a local TorchServe only.
+            "allowed_urls": r"torchserve://127\.0\.0\.1:\d+",
             "torchgate.snapshot_file": "",
         },
         base_dir=tmp_path,
@@ -483,7 +485,7 @@ async def gateway(tmp_path: Path, ts_url: str) -> AsyncIterator[tuple[Torchgate,
         transport=httpx.ASGITransport(app=tg.inference_app), base_url="http://inference"
     )
     management = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=tg.management_app), base_url="http://management"
+        transport=httpx.ASGITransport(app=tg.management_app), base_url="http://localhost"
     )
     try:
         yield tg, inference, management

@@ -207,3 +207,25 @@ def test_one_malformed_item_fails_alone_in_a_batch(servers: dict[str, Urls]) -> 
         # in TorchServe too only that item fails. (A naive handler that raises would make
         # TorchServe fail all eight with 503; torchgate's batcher isolates per-item statuses.)
         assert asyncio.run(burst(urls.inference)) == [200] * 7 + [400], name
+
+
+def test_ping_stays_healthy_with_a_model_scaled_to_zero(servers: dict[str, Urls]) -> None:
+    """TorchServe counts a model's healthy workers against its minWorkers: scaled to 0 on
+    purpose, it lacks nothing. Its predictions answer 503 on both until it is scaled back."""
+    scaled = both(servers, "PUT", "management", "/models/digits?min_worker=0&synchronous=true")
+    try:
+        assert {r.status_code for r in scaled.values()} == {200}
+        ping = both(servers, "GET", "inference", "/ping")
+        assert {r.status_code for r in ping.values()} == {200}
+        assert ping["torchgate"].json() == ping["torchserve"].json() == {"status": "Healthy"}
+        refused = both(servers, "POST", "inference", "/predictions/digits", json=[0.0] * 64)
+        assert refused["torchgate"].status_code == refused["torchserve"].status_code == 503
+        described = both(servers, "GET", "management", "/models/digits")
+        assert [d.json()[0]["workers"] for d in described.values()] == [[], []]
+    finally:
+        restored = both(
+            servers, "PUT", "management", "/models/digits?min_worker=1&synchronous=true"
+        )
+    assert {r.status_code for r in restored.values()} == {200}
+    served = both(servers, "POST", "inference", "/predictions/digits", json=[0.0] * 64)
+    assert {r.status_code for r in served.values()} == {200}

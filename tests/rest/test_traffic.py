@@ -61,7 +61,7 @@ async def apps(tmp_path: Path, versions: tuple[str, ...] = ("1.0", "2.0")) -> As
         transport=httpx.ASGITransport(app=tg.inference_app), base_url="http://inference"
     )
     management = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=tg.management_app), base_url="http://management"
+        transport=httpx.ASGITransport(app=tg.management_app), base_url="http://localhost"
     )
     try:
         yield Apps(tg, inference, management)

@@ -122,7 +122,7 @@ async def serving(tmp_path: Path, **config: str) -> AsyncIterator[Client]:
         management_channel = grpc.aio.insecure_channel(f"127.0.0.1:{run.grpc_management_port}")
         rest = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=run.tg.management_app),
-            base_url="http://management",
+            base_url="http://localhost",
         )
         try:
             yield Client(
