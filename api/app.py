@@ -51,6 +51,8 @@ def worker_backend_loader(
             intra_op_threads=config.intra_op_threads,
             gpu_count=config.number_of_gpu,
             limits=limits,
+            max_image_pixels=config.image_pixel_limit,
+            max_items_per_request=config.max_items_per_request,
         )
 
     return load
@@ -146,7 +148,10 @@ def build(
         observer=observability.metrics,
         auth=auth,
         inference_app=build_inference_app(
-            dataplane, max_request_size=config.max_request_size, auth=auth
+            dataplane,
+            max_request_size=config.max_request_size,
+            auth=auth,
+            max_items=config.max_items_per_request,
         ),
         management_app=build_management_app(
             registry,

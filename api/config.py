@@ -33,6 +33,12 @@ file stays usable unchanged by `torchserve --ts-config`:
                                 the most workers one model version may have (default
                                 max(4, 2 x CPU cores, 4 x number_of_gpu)); scale and register
                                 above it answer 400, start-up settings above it are clamped
+
+Inputs (docs/security.md): limit_max_image_pixels (TorchServe's, true; false lifts every pixel
+limit), torchgate.max_image_pixels (40000000: the most pixels an image may have for the shipped
+handlers, read from its header before decoding), torchgate.max_items_per_request (1024: the
+most items in one request: the leading dimension of each input of a KServe v2 request, REST or
+gRPC, and the images or texts one request brings the shipped handlers, on any API).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
+from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_ITEMS_PER_REQUEST
 from api.workers.zygote import DEFAULT_PRELOAD
 
 log = logging.getLogger(__name__)
@@ -129,6 +136,10 @@ class Config:
     archive_max_ratio: float = 100.0
     cors_allowed_origin: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    # Inputs to the shipped handlers and the prediction APIs (docs/security.md).
+    limit_max_image_pixels: bool = True
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
 
@@ -151,6 +162,11 @@ class Config:
         if self.max_workers_per_model is not None:
             return self.max_workers_per_model
         return default_max_workers(len(os.sched_getaffinity(0)), self.number_of_gpu or 0)
+
+    @property
+    def image_pixel_limit(self) -> int | None:
+        """The pixel limit workers get; None when `limit_max_image_pixels=false` lifts it."""
+        return self.max_image_pixels if self.limit_max_image_pixels else None
 
     def allows_url(self, url: str) -> bool:
         return any(re.fullmatch(pattern, url) for pattern in self.allowed_urls)
@@ -250,6 +266,7 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     if snapshot:
         config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
     config.traffic = _traffic(raw.get("torchgate.traffic"))
+    _input_limits(raw, config)
     return config
 
 
@@ -294,6 +311,27 @@ def _registration_number(raw: dict[str, str], key: str, kind: type[_N]) -> _N:
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _input_limits(raw: dict[str, str], config: Config) -> None:
+    """The keys of docs/security.md's "Inputs" section; a bad value is refused, never guessed."""
+    if "limit_max_image_pixels" in raw:
+        value = raw["limit_max_image_pixels"].strip().lower()
+        if value not in ("true", "false"):
+            raise ConfigError(f"limit_max_image_pixels must be true or false, got {value!r}")
+        config.limit_max_image_pixels = value == "true"
+    for key, attribute in (
+        ("torchgate.max_image_pixels", "max_image_pixels"),
+        ("torchgate.max_items_per_request", "max_items_per_request"),
+    ):
+        if key in raw:
+            try:
+                number = int(raw[key])
+            except ValueError:
+                raise ConfigError(f"{key} must be a positive integer, got {raw[key]!r}") from None
+            if number < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {number}")
+            setattr(config, attribute, number)
 
 
 def _traffic(text: str | None) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Accepted request bodies, one image per request unless it is a KServe v2 tensor:
 
-- an image file (PNG, JPEG, ... any size), or the same base64-encoded in a text body;
+- an image file (PNG, JPEG, ... of up to 40 M pixels, or the context's ``max_image_pixels``:
+  a larger one is refused with 413 from its header, undecoded), or the same base64-encoded in
+  a text body;
 - a JSON array of 64 numbers (0..16, ink high, as in scikit-learn's ``load_digits``; 8x8 nested
   is fine), or ``{"data": [...64 numbers], "topk": k}``;
 - a KServe v2 request ``{"inputs": [{"name", "shape", "datatype", "data"}]}`` whose data (a
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from typing import Any
 
 import numpy as np
@@ -33,10 +34,13 @@ from PIL import Image, UnidentifiedImageError
 
 try:  # in this repo
     from .torchgate_base import (
+        DEFAULT_MAX_IMAGE_PIXELS,
         BadRequest,
         Context,
         Decoded,
         ModelHandler,
+        bounded_image,
+        image_pixel_limit,
         is_v2,
         looks_like_json,
         parse_json,
@@ -45,10 +49,13 @@ try:  # in this repo
     )
 except ImportError:  # extracted flat from an archive: the base module sits next to this file
     from torchgate_base import (  # type: ignore[no-redef]
+        DEFAULT_MAX_IMAGE_PIXELS,
         BadRequest,
         Context,
         Decoded,
         ModelHandler,
+        bounded_image,
+        image_pixel_limit,
         is_v2,
         looks_like_json,
         parse_json,
@@ -62,12 +69,15 @@ DEFAULT_TOPK = 5
 INK_THRESHOLD = 0.2  # fraction of full ink that counts as part of the digit when cropping
 
 
-def image_to_digits(data: bytes) -> np.ndarray:
-    """Any image -> 64 float32 values 0..16 shaped like a ``load_digits`` sample."""
+def image_to_digits(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Any image of at most `max_pixels` pixels -> 64 float32 values 0..16 shaped like a
+    ``load_digits`` sample; `TooLarge` (413) before decoding a larger one."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with bounded_image(data, max_pixels) as image:
             image.load()
             gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except BadRequest:
+        raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise BadRequest(f"body is neither JSON nor a readable image ({exc})") from exc
     # Decide the background from the border: a light border means dark ink on light paper.
@@ -120,13 +130,25 @@ def v2_to_digits(tensor: dict[str, Any]) -> np.ndarray:
             raise BadRequest(f"shape {shape}: expected [..., 64] or [..., 8, 8]")
     if array.size == 0 or array.size % PIXELS:
         raise BadRequest(f"expected a multiple of 64 values, got {array.size}")
-    return array.reshape(-1, PIXELS)
+    return finite_pixels(array.reshape(-1, PIXELS))
+
+
+def finite_pixels(pixels: np.ndarray) -> np.ndarray:
+    """`pixels` unless one is NaN or infinite: the network would answer NaN probabilities.
+
+    The one check for every way numbers arrive (a JSON array on /predictions, a v2 tensor as
+    JSON, binary or gRPC contents), so every API refuses them alike.
+    """
+    if not np.isfinite(pixels).all():
+        raise BadRequest("pixel values must be finite numbers")
+    return pixels
 
 
 class DigitsHandler(ModelHandler):
     """Classifies 8x8 digits; see the module docstring for the request/response contract."""
 
     def setup(self, context: Context) -> None:
+        self.max_pixels = image_pixel_limit(context)
         self.labels: list[str] = list(self.signature.get("labels") or map(str, range(10)))
         self.scale = float(self.signature.get("preprocessing", {}).get("divide_by", MAX_VALUE))
         outputs = self.signature.get("outputs") or [{"name": "probabilities"}]
@@ -137,11 +159,11 @@ class DigitsHandler(ModelHandler):
     def decode(self, payload: Any, item: Any, idx: int, context: Context) -> Decoded:
         if isinstance(payload, (bytes, bytearray)):
             if not looks_like_json(payload):
-                return self._image(image_to_digits(bytes(payload)), payload, item, idx, context)
+                return self._image(self._digits(bytes(payload)), payload, item, idx, context)
             payload = parse_json(bytes(payload).decode("utf-8", "replace"))
         elif isinstance(payload, str):
             if not looks_like_json(payload):
-                return self._image(image_to_digits(_base64(payload)), payload, item, idx, context)
+                return self._image(self._digits(_base64(payload)), payload, item, idx, context)
             payload = parse_json(payload)
         if is_v2(payload):
             tensor = v2_input(payload, self.input_name)
@@ -156,10 +178,11 @@ class DigitsHandler(ModelHandler):
             payload = payload["data"]
         if not isinstance(payload, (list, np.ndarray)):
             raise BadRequest("expected an image, a JSON array of 64 numbers or a v2 request")
-        pixels = values_to_digits(payload)
-        if not np.isfinite(pixels).all():
-            raise BadRequest("pixel values must be finite numbers")
+        pixels = finite_pixels(values_to_digits(payload))
         return Decoded(1, pixels[None], options=options)
+
+    def _digits(self, image: bytes) -> np.ndarray:
+        return image_to_digits(image, self.max_pixels)
 
     def _image(
         self, pixels: np.ndarray, payload: Any, item: Any, idx: int, context: Context

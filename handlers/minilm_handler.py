@@ -15,7 +15,9 @@ Answers: one text -> ``[384 floats]``; several -> ``[[384 floats], ...]``; v2 ->
 Embeddings are L2-normalised means of the token states, as sentence-transformers' ``encode()``.
 
 Texts of all valid requests in a batch are tokenized together (padded to the longest, truncated
-to the model's 256 tokens) and embedded in one forward pass, then split back per request.
+to the model's 256 tokens) and embedded in one forward pass, then split back per request. A text
+is cut to 64 characters a token (16,384) before tokenizing, so megabytes of text cost what a
+full-length text does; ordinary text keeps the same 256 tokens.
 
 This module defines exactly one class: TorchServe instantiates the single class of a handler
 module that has no module-level ``handle`` function.
@@ -31,23 +33,29 @@ from tokenizers import Tokenizer
 
 try:  # in this repo
     from .torchgate_base import (
+        CHARACTERS_PER_TOKEN,
+        JSON_TOO_DEEP,
         BadRequest,
         Context,
         Decoded,
         ModelHandler,
         as_text,
         is_v2,
+        truncate_text,
         v2_input,
         v2_response,
     )
 except ImportError:  # extracted flat from an archive: the base module sits next to this file
     from torchgate_base import (  # type: ignore[no-redef]
+        CHARACTERS_PER_TOKEN,
+        JSON_TOO_DEEP,
         BadRequest,
         Context,
         Decoded,
         ModelHandler,
         as_text,
         is_v2,
+        truncate_text,
         v2_input,
         v2_response,
     )
@@ -92,9 +100,10 @@ class MiniLMHandler(ModelHandler):
         self.tokenizer = Tokenizer.from_file(str(self.model_dir / tokenizer_file))
         # sentence-transformers tokenizes with truncation to max_seq_length and padding to the
         # longest text of the batch; the tokenizer file may say otherwise (128, fixed).
-        self.tokenizer.enable_truncation(
-            max_length=int(preprocessing.get("max_length", DEFAULT_MAX_LENGTH))
-        )
+        max_length = int(preprocessing.get("max_length", DEFAULT_MAX_LENGTH))
+        self.tokenizer.enable_truncation(max_length=max_length)
+        # Cut before tokenizing: the tokenizer reads a whole text before truncating it.
+        self.max_characters = max_length * CHARACTERS_PER_TOKEN
         self.tokenizer.enable_padding(
             pad_id=int(preprocessing.get("pad_id", 0)),
             pad_token=str(preprocessing.get("pad_token", "[PAD]")),
@@ -113,6 +122,8 @@ class MiniLMHandler(ModelHandler):
             except json.JSONDecodeError:
                 texts = _checked([payload])  # plain text
                 return Decoded(1, texts)
+            except RecursionError as exc:  # the json module recurses once per nesting level
+                raise BadRequest(f"invalid JSON: {JSON_TOO_DEEP}") from exc
             if not isinstance(parsed, (dict, list)):
                 return Decoded(1, _checked([payload]))  # e.g. "42": a text that is a number
             payload = parsed
@@ -128,7 +139,8 @@ class MiniLMHandler(ModelHandler):
         return Decoded(len(texts), texts, single=single)
 
     def collate(self, items: list[Decoded]) -> dict[str, np.ndarray]:
-        texts = [text for item in items for text in item.value]
+        limit = self.max_characters
+        texts = [truncate_text(text, limit) for item in items for text in item.value]
         encodings = self.tokenizer.encode_batch(texts)
         return {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
@@ -145,7 +157,16 @@ class MiniLMHandler(ModelHandler):
 
 
 def _flatten(data: Any) -> list[Any]:
-    """v2 JSON data may come nested by shape; texts are its leaves."""
-    if not isinstance(data, list):
-        return [data]
-    return [leaf for element in data for leaf in _flatten(element)]
+    """v2 JSON data may come nested by shape; texts are its leaves, in order.
+
+    A loop, not recursion: nesting deeper than Python's stack allows must be a 400, not a 500.
+    """
+    leaves: list[Any] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            leaves.append(item)
+    return leaves

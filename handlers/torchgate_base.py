@@ -4,7 +4,7 @@ This module travels inside every example archive as an extra file, next to the h
 archives are extracted flat: there the handler imports it as ``torchgate_base``, in this repo as
 ``handlers.torchgate_base``. The distinctive name keeps it from shadowing, or being shadowed by,
 another archive's ``base``/``common`` module. It imports only the standard library, numpy,
-torch and (lazily) onnxruntime, because it runs inside TorchServe workers too.
+torch and (lazily) onnxruntime and Pillow, because it runs inside TorchServe workers too.
 
 A handler subclasses `ModelHandler` and implements three steps; `ModelHandler.handle` runs them
 so that every valid item of a batch goes through the model in ONE forward pass and a bad item
@@ -15,16 +15,22 @@ fails alone::
     respond(Decoded, rows) -> JSON-able response     # this item's rows of the model output
 
 A bad item gets ``context.set_response_status(400, message, idx)`` and the response body
-``{"code": 400, "type": "BadRequest", "message": ...}``; TorchServe sends each item's status and
-body to its own client. Every response carries the header ``x-batch-size`` (number of requests
-that shared the forward pass), so batching is observable from outside.
+``{"code": 400, "type": "BadRequest", "message": ...}`` (413 and "PayloadTooLarge" for an image
+of too many pixels, or more rows than ``max_items_per_request`` in one request); TorchServe
+sends each item's status and body to its own client. Every response carries the header
+``x-batch-size`` (number of requests that shared the forward pass), so batching is observable
+from outside.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +44,19 @@ BATCH_SIZE_HEADER = "x-batch-size"
 # Request fields that carry options, never the payload, when an item is a form/query dict.
 OPTION_FIELDS = frozenset({"topk"})
 TORCHSCRIPT_SUFFIXES = frozenset({".pt", ".pth", ".ts", ".torchscript"})
+JSON_TOO_DEEP = "nested deeper than the parser's recursion limit"
+# torchgate passes its torchgate.max_image_pixels as the system property "max_image_pixels";
+# elsewhere (TorchServe) this default applies, the same as torchgate's.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# The same for torchgate.max_items_per_request ("max_items_per_request"): the most rows (images,
+# texts) one request may bring; 1.5 M one-word texts fit in a 6 MB JSON list.
+DEFAULT_MAX_ITEMS_PER_REQUEST = 1024
+# Texts are cut to this many characters per token of the model's maximum sequence length
+# before tokenizing. English averages about 4 characters a token; 64 leaves room for long
+# words, numbers and indentation, so for ordinary text every token the model keeps comes from
+# the part kept, and 6 MB of text costs what a full-length one does (tokenizing all of it took
+# seconds and gigabytes, to keep the first 256 tokens).
+CHARACTERS_PER_TOKEN = 64
 
 
 class BadRequest(ValueError):
@@ -48,6 +67,13 @@ class BadRequest(ValueError):
 
     def to_response(self) -> dict[str, Any]:
         return {"code": self.code, "type": self.type, "message": str(self)}
+
+
+class TooLarge(BadRequest):
+    """The item is larger than the handler serves (an image with too many pixels)."""
+
+    code = 413
+    type = "PayloadTooLarge"
 
 
 @dataclass
@@ -111,6 +137,51 @@ def parse_json(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest(f"invalid JSON: {exc.msg} at position {exc.pos}") from exc
+    except RecursionError as exc:  # the json module recurses once per nesting level
+        raise BadRequest(f"invalid JSON: {JSON_TOO_DEEP}") from exc
+
+
+def truncate_text(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, without a word cut in two at the end."""
+    if len(text) <= limit:
+        return text
+    if text[limit].isspace():
+        return text[:limit]
+    cut = text[:limit]
+    last_space = max(cut.rfind(" "), cut.rfind("\n"), cut.rfind("\t"))
+    return cut[:last_space] if last_space > 0 else cut
+
+
+def image_pixel_limit(context: Context) -> int | None:
+    """The most pixels an image may have (None: no limit), from the context's properties.
+
+    TorchServe's ``limit_max_image_pixels`` false lifts the limit, as it lifts Pillow's there.
+    """
+    properties = context.system_properties
+    if not properties.get("limit_max_image_pixels", True):
+        return None
+    return int(properties.get("max_image_pixels") or DEFAULT_MAX_IMAGE_PIXELS)
+
+
+@contextmanager
+def bounded_image(data: bytes, limit: int | None) -> Iterator[Any]:
+    """Pillow's image of `data`, refused with `TooLarge` before a pixel is decoded when its
+    header declares more than `limit` pixels. A 164 KB PNG can declare 13000x13000 pixels,
+    1.5 GB once decoded: the header is all that is read of it here.
+    """
+    from PIL import Image  # here: only image handlers need Pillow
+
+    with warnings.catch_warnings():
+        # Pillow warns past its own MAX_IMAGE_PIXELS; the limit is checked right below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
+    with image:
+        width, height = image.size
+        if limit is not None and width * height > limit:
+            raise TooLarge(
+                f"image of {width}x{height} pixels is over the limit of {limit:,} pixels"
+            )
+        yield image
 
 
 def looks_like_json(value: bytes | bytearray | str) -> bool:
@@ -262,6 +333,7 @@ class ModelHandler(ABC):
         self.device = torch.device("cpu")
         self.runner: Runner | None = None
         self.format = ""
+        self.max_rows = DEFAULT_MAX_ITEMS_PER_REQUEST
 
     def initialize(self, context: Context) -> None:
         self.model_dir = Path(context.system_properties["model_dir"])
@@ -274,6 +346,8 @@ class ModelHandler(ABC):
         if not serialized:
             raise ValueError("archive names no serialized model (manifest serializedFile)")
         self.device = select_device(context)
+        properties = context.system_properties
+        self.max_rows = int(properties.get("max_items_per_request") or self.max_rows)
         path = self.model_dir / serialized
         fmt = model_format(self.signature, serialized)
         if fmt == "onnx":
@@ -314,7 +388,13 @@ class ModelHandler(ABC):
         valid: list[tuple[int, Decoded]] = []
         for idx, item in enumerate(data):
             try:
-                valid.append((idx, self.decode(request_payload(item), item, idx, context)))
+                decoded = self.decode(request_payload(item), item, idx, context)
+                if decoded.rows > self.max_rows:  # before the tokenizer and the model see them
+                    raise TooLarge(
+                        f"{decoded.rows} items in one request, over the limit of "
+                        f"{self.max_rows}: send them in several requests"
+                    )
+                valid.append((idx, decoded))
             except BadRequest as exc:
                 context.set_response_status(exc.code, reason_phrase(str(exc)), idx)
                 responses[idx] = exc.to_response()

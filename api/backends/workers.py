@@ -44,7 +44,11 @@ from api.errors import (
     WorkerDied,
     error_for_status,
 )
-from api.workers.main import WorkerSpec
+from api.workers.main import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_ITEMS_PER_REQUEST,
+    WorkerSpec,
+)
 from api.workers.pool import NotStarted, WorkerExit, WorkerPool, WorkerProcess
 from api.workers.wire import blobs
 
@@ -72,7 +76,8 @@ async def load_worker_backend(
     gpu_count: int | None = None,
     intra_op_threads: int | None = None,
     on_metric: MetricCallback | None = None,
-    limit_max_image_pixels: bool = True,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
 ) -> WorkerBackend:
     """Validate and extract the archive at `path` (off the event loop) for worker processes.
 
@@ -89,7 +94,8 @@ async def load_worker_backend(
         gpu_count=gpu_count,
         intra_op_threads=intra_op_threads,
         on_metric=on_metric,
-        limit_max_image_pixels=limit_max_image_pixels,
+        max_image_pixels=max_image_pixels,
+        max_items_per_request=max_items_per_request,
     )
 
 
@@ -107,7 +113,8 @@ class WorkerBackend:
         gpu_count: int | None = None,
         intra_op_threads: int | None = None,
         on_metric: MetricCallback | None = None,
-        limit_max_image_pixels: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+        max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
     ) -> None:
         self.archive = archive
         self.settings = settings
@@ -122,7 +129,8 @@ class WorkerBackend:
             DEFAULT_INTRA_OP_THREADS if intra_op_threads is None else intra_op_threads
         )
         self._on_metric = on_metric
-        self._limit_max_image_pixels = limit_max_image_pixels
+        self._max_image_pixels = max_image_pixels
+        self._max_items_per_request = max_items_per_request
         self._workers: set[ProcessWorker] = set()
 
     async def start_worker(self, index: int) -> ProcessWorker:
@@ -134,7 +142,8 @@ class WorkerBackend:
             batch_size=self.settings.batch_size,
             gpu_count=self._gpu_count,
             intra_op_threads=self._intra_op_threads,
-            limit_max_image_pixels=self._limit_max_image_pixels,
+            max_image_pixels=self._max_image_pixels,
+            max_items_per_request=self._max_items_per_request,
         )
         label = f"{archive.name}/{archive.version} w{index}"
         what = f"Model {archive.name} version {archive.version} worker {index}"

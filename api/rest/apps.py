@@ -47,7 +47,11 @@ class InferenceApp:
 
 
 def build_inference_app(
-    dataplane: DataPlane, *, max_request_size: int, auth: TokenAuth | None
+    dataplane: DataPlane,
+    *,
+    max_request_size: int,
+    auth: TokenAuth | None,
+    max_items: int,
 ) -> InferenceApp:
     fastapi_app = FastAPI(
         title="torchgate inference API",
@@ -62,7 +66,9 @@ def build_inference_app(
     app = InferenceApp(fastapi_app)
     predictions = PredictionsEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
     app.add_hot_path("POST", lambda path: path.startswith("/predictions/"), predictions)
-    v2_infer = V2InferEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
+    v2_infer = V2InferEndpoint(
+        dataplane, max_request_size=max_request_size, max_items=max_items, auth=auth
+    )
     app.add_hot_path("POST", is_infer_path, v2_infer)
     return app
 

@@ -23,6 +23,7 @@ from api.errors import (
 from api.rest.asgi import Scope
 from api.rest.endpoint import InferenceEndpoint, Reply
 from api.rest.responses import JsonResponse, dumps, error_headers
+from api.rest.security import TokenAuth
 from api.v2 import bridge
 from api.v2.codec import decode_rest, encode_rest
 
@@ -100,6 +101,17 @@ def is_infer_path(path: str) -> bool:
 class V2InferEndpoint(InferenceEndpoint):
     """`POST /v2/models/{m}[/versions/{v}]/infer`, JSON or binary tensors."""
 
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        max_request_size: int,
+        max_items: int,
+        auth: TokenAuth | None = None,
+    ) -> None:
+        super().__init__(dataplane, max_request_size=max_request_size, auth=auth)
+        self.max_items = max_items
+
     def route(self, path: str) -> tuple[str, str | None]:
         parts = [p for p in path.split("/") if p]  # the server already percent-decoded it
         # ["v2", "models", m, "infer"] or ["v2", "models", m, "versions", v, "infer"]
@@ -123,7 +135,7 @@ class V2InferEndpoint(InferenceEndpoint):
             request = decode_rest(body, headers.get("inference-header-content-length"))
         response = await bridge.infer(
             self.dataplane, model, version, request,
-            headers=headers, request_id=rid, api=API_V2_REST,
+            headers=headers, request_id=rid, api=API_V2_REST, max_items=self.max_items,
         )  # fmt: skip
         with bridge.codec_errors():
             payload, extra = encode_rest(response, request.outputs, request.binary_data_output)

@@ -25,6 +25,7 @@ from api.v2.codec import decode_grpc, encode_grpc
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, torchgate: Torchgate) -> None:
         self.dataplane = torchgate.dataplane
+        self.max_items = torchgate.config.max_items_per_request
 
     @grpc_errors
     async def ServerLive(
@@ -102,6 +103,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             headers=headers,
             request_id=request_id(headers),
             api=API_V2_GRPC,
+            max_items=self.max_items,
         )
         with bridge.codec_errors():
             return encode_grpc(response, v2_request.outputs)

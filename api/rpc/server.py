@@ -17,6 +17,7 @@ from api.app import Torchgate
 from api.core.types import REJECT_AUTH
 from api.errors import Unauthenticated
 from api.rest.security import INFERENCE, MANAGEMENT, TokenAuth
+from api.rpc.decoding import DecodingInterceptor
 from api.rpc.errors import grpc_code
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,15 @@ def _refusal(exc: Unauthenticated) -> grpc.RpcMethodHandler:
 
 def _server(torchgate: Torchgate, kind: str) -> grpc.aio.Server:
     config = torchgate.config
-    interceptors = []
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if torchgate.auth is not None:
         interceptors.append(
             TokenInterceptor(
                 torchgate.auth, kind, lambda: torchgate.dataplane.note_rejected("", "", REJECT_AUTH)
             )
         )
+    # After the token check: a caller without the key learns nothing about message parsing.
+    interceptors.append(DecodingInterceptor())
     return grpc.aio.server(
         interceptors=interceptors,
         options=[

@@ -68,6 +68,7 @@ HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 # Which numpy kinds a JSON list may parse to for each target kind: ints widen to floats, but
 # floats never truncate to ints and strings never parse as numbers.
 _JSON_KINDS: Final = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_END: Final = object()  # marks an exhausted iterator in `_collect_strings`
 
 # gRPC typed contents: the field that carries each datatype, and that field's element type.
 # FP16 (and BF16) have no field: they travel only as raw contents.
@@ -258,11 +259,16 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: object) -
 
 
 def _collect_strings(data: list[Any], out: list[bytes], name: str) -> None:
-    for item in data:
-        if isinstance(item, str):
+    # A loop, not recursion: orjson parses nesting up to 1,024 deep, past Python's stack limit.
+    stack = [iter(data)]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, str):
             out.append(item.encode())
         elif isinstance(item, list):
-            _collect_strings(item, out, name)
+            stack.append(iter(item))
         else:
             raise CodecError(f"input {name!r}: BYTES data must be JSON strings")
 

@@ -33,6 +33,8 @@ from ts.metrics.metric_cache_abstract import MetricCacheAbstract
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
+from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_ITEMS_PER_REQUEST
+
 __all__ = [
     "Context",
     "MetricCallback",
@@ -182,7 +184,8 @@ def make_context(
     gpu_id: int | None,
     metrics: MetricsStore,
     model_yaml_config: dict[str, Any],
-    limit_max_image_pixels: bool = True,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
 ) -> Context:
     """A worker's context, as TorchServe's `Service` builds it when a worker loads a model.
 
@@ -195,7 +198,7 @@ def make_context(
         batch_size,
         gpu_id,
         ts.__version__,
-        limit_max_image_pixels,
+        max_image_pixels is not None,  # TorchServe's limit_max_image_pixels
         metrics,
         model_yaml_config,
     )
@@ -203,4 +206,10 @@ def make_context(
     # torchgate's worker replaces that function with one that writes to its own socket
     # (see api.workers.main._install_streaming), so nothing uses this.
     context.cl_socket = None
+    if max_image_pixels is not None:
+        # torchgate's own property: the shipped image handlers refuse larger images before
+        # decoding them (handlers/torchgate_base.py); TorchServe's handlers do not read it.
+        context.system_properties["max_image_pixels"] = max_image_pixels
+    # torchgate's own too: the most rows (images, texts) one request may bring them.
+    context.system_properties["max_items_per_request"] = max_items_per_request
     return context

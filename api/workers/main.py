@@ -34,6 +34,12 @@ from api.workers import wire
 
 log = logging.getLogger(__name__)
 
+# Images: a 24 MP (6000x4000) photo fits; a 13000x13000 PNG (164 KB, 169 M pixels, 1.5 GB once
+# decoded) does not. handlers/torchgate_base.py has the same default for archives run elsewhere.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# Items (rows: images, texts) per request: batches are at most a few hundred rows; 24,000 digits
+# in one gRPC request (6 MB, under max_request_size) held a worker for 1.1 s.
+DEFAULT_MAX_ITEMS_PER_REQUEST = 1024
 PREDICTION_METRIC = "PredictionTime"  # TorchServe's per-batch model metric, in ms
 _PLAIN = (str, bytes, bytearray, int, float, bool, type(None))
 
@@ -47,7 +53,11 @@ class WorkerSpec:
     batch_size: int
     gpu_count: int | None  # None: every visible CUDA device; 0: CPU only
     intra_op_threads: int  # 0: leave torch's default
-    limit_max_image_pixels: bool = True
+    # The shipped handlers' image limit (system property "max_image_pixels"); None: no limit,
+    # TorchServe's limit_max_image_pixels=false.
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    # The most rows (images, texts) one request may bring the shipped handlers.
+    max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
 
 
 class _Metrics(list[tuple[str, float, str, dict[str, str], str]]):
@@ -86,7 +96,8 @@ def run(spec: WorkerSpec, sock: socket.socket) -> None:
             gpu_id=gpu_id,
             metrics=MetricsStore(archive.name, metrics),
             model_yaml_config=archive.model_config,
-            limit_max_image_pixels=spec.limit_max_image_pixels,
+            max_image_pixels=spec.max_image_pixels,
+            max_items_per_request=spec.max_items_per_request,
         )
         _install_streaming(sock)
         entry = load_handler(archive, context)

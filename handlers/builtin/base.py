@@ -112,8 +112,8 @@ class BuiltinHandler(ABC):
         for idx, item in enumerate(data):
             try:
                 prepared = self.prepare(request_payload(item))
-            except BadRequest as exc:
-                answers[idx] = _failed(context, idx, 400, str(exc))
+            except BadRequest as exc:  # 400, or 413 for an image with too many pixels
+                answers[idx] = _failed(context, idx, exc.code, str(exc), exc.type)
             except Exception as exc:  # a bug in preparing: fail this item alone, loudly
                 logger.exception("request %d of the batch could not be prepared", idx)
                 message = f"could not read the request: {type(exc).__name__}: {exc}"
@@ -155,7 +155,9 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _failed(context: Context, idx: int, code: int, message: str) -> dict[str, Any]:
+def _failed(
+    context: Context, idx: int, code: int, message: str, kind: str | None = None
+) -> dict[str, Any]:
     context.set_response_status(code, reason_phrase(message), idx)
-    kind = "BadRequest" if code == 400 else "InternalServerError"
+    kind = kind or ("BadRequest" if code == 400 else "InternalServerError")
     return {"code": code, "type": kind, "message": message}

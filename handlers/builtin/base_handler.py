@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..torchgate_base import BadRequest, looks_like_json
+from ..torchgate_base import JSON_TOO_DEEP, BadRequest, looks_like_json
 from .base import BuiltinHandler, Prepared
 
 _JSON_SCALARS = (int, float, bool)
@@ -64,3 +64,5 @@ def _parse_json(text: str | bytes) -> Any:
         return json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"expected a JSON number or list: {exc}") from exc
+    except RecursionError as exc:  # the json module recurses once per nesting level
+        raise BadRequest(f"expected a JSON number or list: {JSON_TOO_DEEP}") from exc

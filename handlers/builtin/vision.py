@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from abc import abstractmethod
 from typing import Any
 
@@ -28,7 +27,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..torchgate_base import BadRequest, Context
+from ..torchgate_base import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadRequest,
+    Context,
+    bounded_image,
+    image_pixel_limit,
+)
 from .base import BuiltinHandler, Prepared
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,8 +53,9 @@ _UNREADABLE = (
 )
 
 
-def decode_image(payload: Any) -> Image.Image:
-    """An RGB image from image bytes or base64 text; BadRequest for anything else."""
+def decode_image(payload: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB image from image bytes or base64 text; BadRequest for anything else, TooLarge
+    (413) before decoding an image of more than `max_pixels` pixels."""
     if isinstance(payload, dict):
         payload = payload.get("b64") or payload.get("data")
     if isinstance(payload, str):
@@ -59,9 +65,11 @@ def decode_image(payload: Any) -> Image.Image:
     else:
         raise BadRequest("expected an image (bytes or base64 text) or a JSON list of numbers")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with bounded_image(data, max_pixels) as image:
             image.load()  # decode now: a truncated file fails here, not later in a batch
             return image.convert("RGB")
+    except BadRequest:
+        raise
     except UnidentifiedImageError as exc:  # its message names a BytesIO object: useless
         raise BadRequest("not an image: Pillow knows no image format in these bytes") from exc
     except _UNREADABLE as exc:
@@ -132,9 +140,12 @@ def tensor_from_list(values: list[Any]) -> torch.Tensor:
 class VisionHandler(BuiltinHandler):
     """An image (or a prepared JSON tensor) per request, transformed by `transform`."""
 
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # from the context in `setup`
+
     def setup(self, context: Context) -> None:
+        self.max_pixels = image_pixel_limit(context)
         # TorchServe's rule: without limit_max_image_pixels, Pillow's bomb limit is off.
-        if not context.system_properties.get("limit_max_image_pixels"):
+        if self.max_pixels is None:
             Image.MAX_IMAGE_PIXELS = None
 
     def prepare(self, payload: Any) -> Prepared:
@@ -142,7 +153,7 @@ class VisionHandler(BuiltinHandler):
             payload = payload["data"]
         if isinstance(payload, list):
             return Prepared(tensor_from_list(payload), from_client=True)
-        return Prepared(self.transform(decode_image(payload)))
+        return Prepared(self.transform(decode_image(payload, self.max_pixels)))
 
     @abstractmethod
     def transform(self, image: Image.Image) -> torch.Tensor:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from export.models import digits
 from handlers.digits_handler import INK_THRESHOLD, DigitsHandler, image_to_digits
+from tests.support.bombs import deep_json, png_bomb
 
 ARCHIVES = ["digits", "digits_v2"]  # TorchScript 1.0, ONNX 2.0
 
@@ -272,3 +274,110 @@ def test_bad_v2_shape_fails_alone_and_json_topk_works_as_bytes(
     assert len(responses[0]) == 2
     assert context.statuses[1][0] == 400
     assert 0 not in context.statuses or context.statuses[0][0] == 200
+
+
+# -- bounded inputs (docs/security.md) ------------------------------------------------------------
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The sizes of the images Pillow decodes pixels of, from here on."""
+    sizes: list[tuple[int, int]] = []
+    load = ImageFile.ImageFile.load
+
+    def recording_load(image: ImageFile.ImageFile) -> Any:
+        sizes.append(image.size)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    return sizes
+
+
+@pytest.mark.parametrize("stem", ARCHIVES)
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header_alone(
+    stem: str,
+    loaded_handler: Callable[[str], Any],
+    context_for: Any,
+    data: digits.DigitsData,
+    decoded: list[tuple[int, int]],
+) -> None:
+    handler = loaded_handler(stem)
+    bomb = png_bomb()  # 13000 x 13000: 169 M pixels in 20 KB
+    good = raw(data, 1)[0]
+    context = context_for(stem)
+    started = time.perf_counter()
+    responses = handler.handle(
+        [
+            {"body": bomb},
+            {"body": image_bytes(good, True)},
+            {"body": base64.b64encode(bomb).decode()},  # a text body
+        ],
+        context,
+    )
+    elapsed = time.perf_counter() - started
+    assert set(decoded) == {(64, 64)}  # only the good image's pixels were ever decoded
+    assert elapsed < 1.0  # decoding the bomb took 5-7 s and 1.5 GB
+    for idx in (0, 2):
+        code, phrase = context.statuses[idx]
+        assert code == 413
+        assert responses[idx] == {"code": 413, "type": "PayloadTooLarge", "message": phrase}
+        assert phrase == ("image of 13000x13000 pixels is over the limit of 40,000,000 pixels")
+    assert top_label(responses[1]) == str(data.y_test[0])
+
+
+@pytest.mark.parametrize(
+    ("properties", "status"),
+    [
+        ({"max_image_pixels": 4095}, 413),  # the 64x64 image has 4096
+        ({"max_image_pixels": 4096}, 200),
+        ({"max_image_pixels": 100, "limit_max_image_pixels": False}, 200),  # no limit at all
+    ],
+)
+def test_the_pixel_limit_comes_from_the_context(
+    properties: dict[str, Any],
+    status: int,
+    extracted: dict[str, Any],
+    context_for: Any,
+    data: digits.DigitsData,
+) -> None:
+    context = context_for("digits")
+    context.system_properties.update(properties)
+    handler = DigitsHandler()
+    handler.initialize(context)
+    responses = handler.handle([{"body": image_bytes(raw(data, 1)[0], True)}], context)
+    assert context.statuses.get(0, (200, ""))[0] == status, responses
+
+
+@pytest.mark.parametrize("stem", ARCHIVES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_are_refused_on_every_path(
+    stem: str, bad: float, loaded_handler: Callable[[str], Any], context_for: Any
+) -> None:
+    """/predictions refused NaN pixels; a v2 tensor (JSON list, or numpy from binary or gRPC
+    contents) got 200 with null probabilities."""
+    pixels = np.zeros((2, 64), np.float32)
+    pixels[1, 7] = bad
+    tensor = {"name": "pixels", "shape": [2, 64], "datatype": "FP32"}
+    batch = [
+        {"body": pixels[1].tolist()},
+        {"body": {"inputs": [{**tensor, "data": pixels}]}},
+        {"body": {"inputs": [{**tensor, "data": pixels.ravel().tolist()}]}},
+        {"body": {"inputs": [{**tensor, "data": pixels[:1].copy(), "shape": [1, 64]}]}},
+    ]
+    context = context_for(stem)
+    responses = loaded_handler(stem).handle(batch, context)
+    for idx in range(3):
+        assert context.statuses[idx] == (400, "pixel values must be finite numbers")
+    assert 3 not in context.statuses
+    assert np.isfinite(responses[3]["outputs"][0]["data"]).all()
+
+
+@pytest.mark.parametrize(
+    "body", [deep_json(), deep_json().decode(), base64.b64encode(deep_json()).decode()]
+)
+def test_deeply_nested_json_is_a_bad_request(
+    body: Any, loaded_handler: Callable[[str], Any], context_for: Any
+) -> None:
+    context = context_for("digits")
+    [response] = loaded_handler("digits").handle([{"body": body}], context)
+    assert context.statuses[0][0] == 400, response

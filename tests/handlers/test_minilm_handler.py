@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from export.models import minilm
 from export.serialize import export_torchscript
 from handlers.minilm_handler import MiniLMHandler
+from tests.support.bombs import deep_json
 
 TOLERANCE = 1e-4
 TEXTS = [
@@ -184,3 +186,75 @@ def test_bad_items_fail_alone_in_one_forward_pass(
     assert float(np.abs(np.asarray(responses[0]) - want[0]).max()) < TOLERANCE
     assert float(np.abs(np.asarray(responses[7]) - want[1:]).max()) < TOLERANCE
     assert all(context.headers[idx]["x-batch-size"] == "8" for idx in range(8))
+
+
+def test_megabytes_of_text_cost_what_a_full_length_text_does(
+    served: tuple[Any, Path],
+    encode: Callable[[list[str]], np.ndarray],
+    make_context: Callable[[Path], Any],
+) -> None:
+    """6 MB of text took 12 s and 1.8 GB, tokenized in full to keep its first 256 tokens; it
+    is cut before tokenizing now, and embeds exactly as sentence-transformers' encode() does."""
+    handler, model_dir = served
+    huge = " ".join(["tokens"] * 900_000)  # 6.3 MB
+    context = make_context(model_dir)
+    decoded = handler.decode(huge, {"body": huge}, 0, context)
+    started = time.perf_counter()
+    inputs = handler.collate([decoded])  # the tokenizer's part
+    assert time.perf_counter() - started < 1.0  # tokenizing all of it took 12 s
+    assert inputs["input_ids"].shape == (1, 256)
+    responses = handler.handle(
+        [{"body": huge.encode()}, {"body": {"text": [huge, TEXTS[0]]}}], context
+    )
+    assert context.statuses == {}
+    assert len(LONG_TEXT.split()) > 256
+    want = encode([LONG_TEXT, TEXTS[0]])  # the same first 256 tokens as `huge`
+    assert float(np.abs(np.asarray(responses[0]) - want[0]).max()) < TOLERANCE
+    assert float(np.abs(np.asarray(responses[1]) - want).max()) < TOLERANCE
+
+
+def test_deeply_nested_json_is_a_bad_request(
+    loaded_handler: Callable[[str], Any], context_for: Callable[[str], Any]
+) -> None:
+    context = context_for("minilm")
+    depth = 100_000
+    root: list[Any] = []
+    nested_v2 = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": root}]}
+    data = root
+    for _ in range(depth):  # built by a loop: a recursive builder would hit the stack limit
+        inner: list[Any] = []
+        data.append(inner)
+        data = inner
+    data.append("the only text, very deep")
+    responses = loaded_handler("minilm").handle(
+        [{"body": deep_json(depth)}, {"body": nested_v2}], context
+    )
+    assert context.statuses[0] == (
+        400,
+        "invalid JSON: nested deeper than the parser's recursion limit",
+    )
+    assert 1 not in context.statuses  # the texts of nested v2 data are found by a loop, too
+    assert responses[1]["outputs"][0]["shape"] == [1, 384]
+
+
+def test_more_texts_than_the_item_limit_fail_alone(
+    extracted: dict[str, Path], make_context: Callable[[Path], Any]
+) -> None:
+    """1.5 M one-word texts fit in a 6 MB JSON list; each would be a row of the forward pass."""
+    context = make_context(extracted["minilm"])
+    context.system_properties["max_items_per_request"] = 3
+    handler = MiniLMHandler()
+    handler.initialize(context)
+    tensor = {"name": "text", "datatype": "BYTES", "shape": [4], "data": ["a", "b", "c", "d"]}
+    batch: list[Any] = [
+        {"body": json.dumps(["a", "b", "c", "d"]).encode()},
+        {"body": {"text": ["a", "b", "c"]}},
+        {"body": {"inputs": [tensor]}},
+    ]
+    responses = handler.handle(batch, context)
+    assert responses is not None
+    message = "4 items in one request, over the limit of 3: send them in several requests"
+    for idx in (0, 2):
+        assert context.statuses[idx] == (413, message)
+        assert responses[idx] == {"code": 413, "type": "PayloadTooLarge", "message": message}
+    assert 1 not in context.statuses and np.asarray(responses[1]).shape == (3, 384)

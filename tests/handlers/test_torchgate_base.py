@@ -119,3 +119,51 @@ def test_v2_response_keeps_numpy_for_numpy_requests() -> None:
     assert as_list == {"name": "y", "datatype": "FP32", "shape": [2, 3], "data": [1.0] * 6}
     as_numpy = torchgate_base.v2_response("y", array, numpy_out=True)["outputs"][0]
     assert as_numpy["data"] is array
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "kept"),
+    [
+        ("short", 10, "short"),
+        ("exactly ten", 11, "exactly ten"),
+        ("two words", 4, "two"),  # "two " then a word: cut at the space
+        ("two words", 5, "two"),  # the cut would split "words"
+        ("two\nlines here", 9, "two\nlines"),  # whitespace at the cut: nothing lost
+        ("oneverylongword", 4, "onev"),  # no space to go back to
+    ],
+)
+def test_truncate_text_keeps_whole_words(text: str, limit: int, kept: str) -> None:
+    assert torchgate_base.truncate_text(text, limit) == kept
+
+
+class _Properties:
+    def __init__(self, **properties: Any) -> None:
+        self.system_properties = properties
+        self.manifest: dict[str, Any] | None = None
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        raise AssertionError("not used")
+
+
+@pytest.mark.parametrize(
+    ("properties", "limit"),
+    [
+        ({}, torchgate_base.DEFAULT_MAX_IMAGE_PIXELS),  # TorchServe, or a test's context
+        ({"limit_max_image_pixels": True}, torchgate_base.DEFAULT_MAX_IMAGE_PIXELS),
+        ({"limit_max_image_pixels": True, "max_image_pixels": 7}, 7),  # torchgate's workers
+        ({"limit_max_image_pixels": False, "max_image_pixels": 7}, None),
+    ],
+)
+def test_image_pixel_limit(properties: dict[str, Any], limit: int | None) -> None:
+    assert torchgate_base.image_pixel_limit(_Properties(**properties)) == limit
+
+
+def test_the_handlers_image_default_is_torchgates() -> None:
+    from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS
+
+    assert torchgate_base.DEFAULT_MAX_IMAGE_PIXELS == DEFAULT_MAX_IMAGE_PIXELS
+
+
+def test_deep_json_is_a_bad_request() -> None:
+    with pytest.raises(torchgate_base.BadRequest, match="nested deeper"):
+        torchgate_base.parse_json("[" * 100_000 + "]" * 100_000)

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from tests.support.bombs import png_bomb
 from tests.support.server import running_torchgate
 from tests.support.torchserve import running_torchserve
 
@@ -114,6 +115,22 @@ def test_oversized_body(servers: dict[str, Urls]) -> None:
     body = b"0" * 7_000_000  # over TorchServe's default max_request_size of 6553500
     answers = both(servers, "POST", "inference", "/predictions/digits", content=body)
     assert answers["torchgate"].status_code == answers["torchserve"].status_code == 413
+
+
+def test_bounded_handler_inputs_answer_alike(servers: dict[str, Urls]) -> None:
+    """The shipped handlers bound their inputs themselves, so in TorchServe too (which passes
+    limit_max_image_pixels but none of torchgate's own limits: the handlers' defaults apply)."""
+    bomb = both(servers, "POST", "inference", "/predictions/digits", content=png_bomb())
+    assert bomb["torchgate"].status_code == bomb["torchserve"].status_code == 413
+    assert bomb["torchgate"].json() == bomb["torchserve"].json()
+    nan = "[" + ", ".join(["NaN"] * 64) + "]"
+    answers = both(servers, "POST", "inference", "/predictions/digits", content=nan)
+    assert answers["torchgate"].status_code == answers["torchserve"].status_code == 400
+    assert answers["torchgate"].json() == answers["torchserve"].json()
+    huge = " ".join(["tokens"] * 900_000).encode()  # 6.3 MB, under max_request_size
+    texts = both(servers, "POST", "inference", "/predictions/minilm", content=huge)
+    assert texts["torchgate"].status_code == texts["torchserve"].status_code == 200
+    np.testing.assert_allclose(texts["torchgate"].json(), texts["torchserve"].json(), atol=1e-5)
 
 
 def test_list_and_describe_models(servers: dict[str, Urls]) -> None:

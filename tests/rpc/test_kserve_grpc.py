@@ -292,6 +292,37 @@ def test_malformed_tensors_are_invalid_argument(tmp_path: Path) -> None:
     run(scenario())
 
 
+# Not a protobuf message: field 1 (a string) claims 0x7f bytes and 3 follow.
+GARBAGE = b"\x0a\x7fabc"
+
+
+def test_malformed_message_bytes_are_invalid_argument_without_internals(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            infer = client.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            details = await expect_error(infer(GARBAGE), Code.INVALID_ARGUMENT)
+            assert details == (
+                "malformed request: the message bytes do not parse as "
+                "/inference.GRPCInferenceService/ModelInfer's request message"
+            )
+            assert "class" not in details and "Error" not in details
+            stream = client.channel.stream_stream(
+                "/inference.GRPCInferenceService/ModelStreamInfer"
+            )
+            good = infer_request().SerializeToString()
+            call = stream(iter([good, GARBAGE]))
+            first = pb.ModelStreamInferResponse.FromString(await call.read())
+            assert first.error_message == ""  # the good message before the bad one is answered
+            await expect_error(call.read(), Code.INVALID_ARGUMENT)
+            # The server goes on serving everyone else.
+            assert outputs_of(await client.stub.ModelInfer(infer_request()))["total"].tolist() == [
+                3.0
+            ]
+            assert (await client.stub.ServerLive(pb.ServerLiveRequest())).live
+
+    run(scenario())
+
+
 def test_oversized_messages_are_resource_exhausted(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with serving(tmp_path) as client:

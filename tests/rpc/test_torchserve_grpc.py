@@ -460,3 +460,31 @@ def test_oversized_message_is_resource_exhausted(tmp_path: Path) -> None:
             )
 
     run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("port", "method"),
+    [
+        ("inference", "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"),
+        ("inference", "/org.pytorch.serve.grpc.inference.InferenceAPIsService/StreamPredictions"),
+        ("management", "/org.pytorch.serve.grpc.management.ManagementAPIsService/ListModels"),
+    ],
+)
+def test_malformed_message_bytes_are_invalid_argument(
+    tmp_path: Path, port: str, method: str
+) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            grpc_port = getattr(client.tg.config, f"grpc_{port}_port")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                call = channel.unary_unary(method)(b"\x0a\x7fabc")  # a string field cut short
+                details = await expect_error(call, Code.INVALID_ARGUMENT)
+            assert details.startswith(
+                f"malformed request: the message bytes do not parse as {method}"
+            )
+            assert "DecodeError" not in details and "<class" not in details
+            # Nothing is broken for the next caller.
+            answer = await client.inference.Predictions(predictions_request())
+            assert json.loads(answer.prediction)["version"] == "1.0"
+
+    run(scenario())

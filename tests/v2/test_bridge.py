@@ -25,6 +25,7 @@ from api.errors import (
     InferenceFailed,
     ModelNotFound,
     NotFound,
+    PayloadTooLarge,
     TorchgateError,
 )
 from api.v2 import bridge
@@ -33,6 +34,7 @@ from api.workers.pool import WorkerPool
 from tests.support.aio import run
 
 T = TypeVar("T")
+MAX_ITEMS = 1024
 
 DIGITS_SIGNATURE: dict[str, Any] = {
     "inputs": [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
@@ -296,6 +298,36 @@ def test_the_classification_extension_is_refused() -> None:
         bridge.check_extensions(request)
 
 
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [tensor("pixels", np.zeros((MAX_ITEMS, 64), np.float32))],
+        [tensor("pixels", np.zeros((MAX_ITEMS, 1, 8, 8), np.float32))],
+        [tensor("text", [b"a"] * MAX_ITEMS, "BYTES")],
+        [tensor("features", np.zeros(5000, np.float32))],  # one item of 5,000 numbers
+        [tensor("scale", np.float32(2.0))],
+    ],
+)
+def test_up_to_the_item_limit_is_served(inputs: list[Tensor]) -> None:
+    bridge.check_items(v2_request(*inputs), MAX_ITEMS)
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [
+        [tensor("pixels", np.zeros((MAX_ITEMS + 1, 64), np.float32))],
+        [tensor("text", [b"a"] * (MAX_ITEMS + 1), "BYTES")],
+        [
+            tensor("pixels", np.zeros((1, 64), np.float32)),
+            tensor("mask", np.zeros((24_000, 1), np.uint8)),
+        ],
+    ],
+)
+def test_more_items_than_the_limit_are_payload_too_large(inputs: list[Tensor]) -> None:
+    with pytest.raises(PayloadTooLarge, match=f"over the limit of {MAX_ITEMS} per request"):
+        bridge.check_items(v2_request(*inputs), MAX_ITEMS)
+
+
 # -- end to end: a real LocalBackend behind a real registry and dataplane ------------------------
 
 # Says what it was handed: rule 1 (the v2 request, numpy data) or anything else (repr of the
@@ -346,7 +378,14 @@ async def infer_through_workers(
     await registry.register("echo", "1.0", path.name, factory, settings)
     try:
         response = await bridge.infer(
-            DataPlane(registry), "echo", None, request, headers={}, request_id="r", api="v2-rest"
+            DataPlane(registry),
+            "echo",
+            None,
+            request,
+            headers={},
+            request_id="r",
+            api="v2-rest",
+            max_items=MAX_ITEMS,
         )
     finally:
         await registry.close()
@@ -387,6 +426,13 @@ def test_an_unknown_model_fails_before_anything_runs() -> None:
     with pytest.raises(ModelNotFound):
         run(
             bridge.infer(
-                DataPlane(Registry()), "m", None, request, headers={}, request_id="", api="v2-rest"
+                DataPlane(Registry()),
+                "m",
+                None,
+                request,
+                headers={},
+                request_id="",
+                api="v2-rest",
+                max_items=MAX_ITEMS,
             )
         )

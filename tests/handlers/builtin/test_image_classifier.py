@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.handlers.builtin.conftest import (
     Packed,
@@ -22,6 +25,7 @@ from tests.handlers.builtin.conftest import (
     torchscript,
 )
 from tests.handlers.builtin.images import b64, encode, imagenet_reference, random_image
+from tests.support.bombs import png_bomb
 
 SOURCE = '''
 import torch
@@ -133,3 +137,29 @@ def test_fewer_classes_than_top5_and_dotted_name(serve: Serve, tmp_path: Path) -
     assert answer.status == 200
     assert len(answer.body) == 3
     assert_same(answer.body, top5(model, imagenet_reference(PORTRAIT), names=None))
+
+
+def test_images_over_the_pixel_limit_fail_alone_before_decoding(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """A 20 KB PNG of 13000x13000 pixels took 1.5 GB and seconds to decode; its header is all
+    that is read now. The limit is the worker's (torchgate.max_image_pixels)."""
+    model, packed = classifier(tmp_path, "torchscript")
+    width, height = Image.open(io.BytesIO(LANDSCAPE)).size
+    started = time.perf_counter()
+    [answers] = serve("image_classifier", packed, items(png_bomb(), b64(png_bomb()), LANDSCAPE))
+    assert time.perf_counter() - started < 20  # a worker's start included
+    for answer in answers[:2]:
+        assert answer.status == 413
+        assert answer.body == {
+            "code": 413,
+            "type": "PayloadTooLarge",
+            "message": "image of 13000x13000 pixels is over the limit of 40,000,000 pixels",
+        }
+    assert_same(answers[2].body, top5(model, imagenet_reference(LANDSCAPE), names=None))
+    [answers] = serve(
+        "image_classifier", packed, items(LANDSCAPE), max_image_pixels=width * height - 1
+    )
+    assert answers[0].status == 413
+    [answers] = serve("image_classifier", packed, items(LANDSCAPE), max_image_pixels=None)
+    assert_same(ok(answers)[0], top5(model, imagenet_reference(LANDSCAPE), names=None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 from api.errors import HandlerLoadError
+from handlers.builtin.text_classifier import MAX_CHARACTERS
+from handlers.torchgate_base import truncate_text
 from tests.handlers.builtin.conftest import (
     Packed,
     Serve,
@@ -131,3 +134,24 @@ def test_pickled_vocab_object_is_refused_with_a_way_out(serve: Serve, tmp_path: 
     vocab = saved(PickledVocab())
     with pytest.raises(HandlerLoadError, match=r"torch\.save\(vocab\.get_stoi\(\)"):
         serve("text_classifier", packed.plus({"source_vocab.pt": vocab}), items("do"))
+
+
+def test_a_text_is_read_up_to_max_characters(serve: Serve, tmp_path: Path) -> None:
+    """6 MB of text took 25 s to normalise and tokenize in full; it is cut at a word boundary
+    before either, so it answers as its first MAX_CHARACTERS characters do, at once."""
+    model, packed = classifier(tmp_path, "eager")
+    phrase = "hello world would stop "  # 23 characters: the cut falls inside a word
+    huge = phrase * (6_000_000 // len(phrase))
+    kept = truncate_text(huge, MAX_CHARACTERS)
+    assert len(kept) <= MAX_CHARACTERS < len(kept) + len(phrase)
+    assert huge[len(kept)] == " " and not huge[MAX_CHARACTERS].isspace()  # a word not cut
+    files: dict[str, str | bytes] = {
+        "source_vocab.pt": saved(VOCAB),
+        "index_to_name.json": json.dumps(INDEX_TO_NAME),
+    }
+    started = time.perf_counter()
+    [answers] = serve("text_classifier", packed.plus(files), items(huge, kept, TEXTS[2][0]))
+    assert time.perf_counter() - started < 20  # a worker's start included; the full text: 25 s
+    long_answer, kept_answer, short_answer = ok(answers)
+    assert long_answer == kept_answer
+    assert short_answer == pytest.approx(reference(model, TEXTS[2][1]), rel=1e-5, abs=1e-7)
