@@ -33,6 +33,16 @@ file stays usable unchanged by `torchserve --ts-config`:
                                 the most workers one model version may have (default
                                 max(4, 2 x CPU cores, 4 x number_of_gpu)); scale and register
                                 above it answer 400, start-up settings above it are clamped
+
+HTTP edge limits, per HTTP listener (api.rest.edge; docs/security.md "HTTP edge"):
+
+    torchgate.max_header_size       request line + headers, bytes (65536); more: 431
+    torchgate.header_timeout        seconds for a request's headers to arrive, and the longest
+                                    pause inside its body (20); more: 408 and closed
+    torchgate.keep_alive_timeout    whole seconds a connection may sit idle (30)
+    torchgate.max_connections       open connections (a quarter of the descriptor limit,
+                                    `ulimit -n`); over it the longest-waiting idle or stalled
+                                    connection is closed, or the new one gets 503
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import json
 import logging
 import os
 import re
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -86,6 +97,16 @@ class ModelEntry:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    """Per HTTP listener; enforced by api.rest.edge. Defaults: `_http_limits({})`."""
+
+    max_header_bytes: int
+    header_timeout_s: float
+    keep_alive_timeout_s: int  # uvicorn takes whole seconds
+    max_connections: int
+
+
 @dataclass(slots=True)
 class Config:
     inference_address: Address = field(default_factory=lambda: Address("127.0.0.1", 8080))
@@ -129,6 +150,8 @@ class Config:
     archive_max_ratio: float = 100.0
     cors_allowed_origin: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    # torchgate.max_header_size / header_timeout / keep_alive_timeout / max_connections.
+    http_limits: EdgeLimits = field(default_factory=lambda: _http_limits({}))
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
 
@@ -250,6 +273,7 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     if snapshot:
         config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
     config.traffic = _traffic(raw.get("torchgate.traffic"))
+    config.http_limits = _http_limits(raw)
     return config
 
 
@@ -294,6 +318,31 @@ def _registration_number(raw: dict[str, str], key: str, kind: type[_N]) -> _N:
 
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _http_limits(raw: dict[str, str]) -> EdgeLimits:
+    """The HTTP edge limits; by default each listener may use a quarter of the descriptors."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    default_connections = max(16, soft // 4) if soft != resource.RLIM_INFINITY else 16384
+
+    def read(key: str, kind: type[int] | type[float], default: float, least: float) -> Any:
+        text = raw.get(f"torchgate.{key}")
+        if text is None:
+            return default
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not least <= value < float("inf"):
+            raise ConfigError(f"torchgate.{key} must be a number >= {least}, not {text!r}")
+        return value
+
+    return EdgeLimits(
+        max_header_bytes=read("max_header_size", int, 64 * 1024, 1024),
+        header_timeout_s=read("header_timeout", float, 20.0, 0.01),
+        keep_alive_timeout_s=read("keep_alive_timeout", int, 30, 1),
+        max_connections=read("max_connections", int, default_connections, 1),
+    )
 
 
 def _traffic(text: str | None) -> dict[str, Any]:
