@@ -161,26 +161,39 @@ class EdgeProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._refused or self.transport.is_closing():
             return
-        phase = self._phase
-        if phase is _Phase.BODY:
-            self._deadline = self.loop.time() + self.listener.limits.header_timeout_s
-        elif phase in _WAITING:
-            if phase is not _Phase.HEADERS:
-                self._header_bytes = 0
-                self._wait(_Phase.HEADERS, self.listener.limits.header_timeout_s)
-            room = self.listener.limits.max_header_bytes - self._header_bytes
-            if len(data) > room:
-                # Feed only what fits: either the headers end inside it, or they are too big.
+        limits = self.listener.limits
+        if self._phase is _Phase.BODY:
+            self._deadline = self.loop.time() + limits.header_timeout_s
+            super().data_received(data)
+            return
+        if self._phase in (_Phase.NEW, _Phase.IDLE):
+            self._wait(_Phase.HEADERS, limits.header_timeout_s)
+        # Whatever arrives outside a body belongs to a request's head, the next one's when
+        # pipelined behind a request in progress (BUSY); on_headers_complete resets the count.
+        room = limits.max_header_bytes - self._header_bytes
+        if len(data) > room:
+            # Feed only what fits: either the headers end inside it, or they are too big.
+            self._header_bytes = limits.max_header_bytes
+            if room > 0:
                 super().data_received(data[:room])
-                if self._phase is _Phase.HEADERS:
-                    self._too_large()
-                else:
-                    self.data_received(data[room:])
-                return
-            self._header_bytes += len(data)
+            if self.transport.is_closing():
+                return  # the parser refused it (400)
+            if self._header_bytes >= limits.max_header_bytes:
+                self._too_large()
+            else:
+                self.data_received(data[room:])
+            return
+        self._header_bytes += len(data)
         super().data_received(data)
 
     def _too_large(self) -> None:
+        self._refused = True
+        self._deadline = 0.0
+        self.listener.waiting.pop(self, None)
+        if self.cycle is not None and not self.cycle.response_complete:
+            # Pipelined behind a request still being answered: no room for a second answer.
+            self.transport.close()
+            return
         limit = self.listener.limits.max_header_bytes
         self.transport.write(
             _response(
@@ -190,9 +203,6 @@ class EdgeProtocol(HttpToolsProtocol):
                 f"Request line and headers exceed {limit} bytes",
             )
         )
-        self._refused = True
-        self._deadline = 0.0
-        self.listener.waiting.pop(self, None)
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self.loop.call_later(LINGER_S, self.transport.close)
@@ -202,6 +212,7 @@ class EdgeProtocol(HttpToolsProtocol):
     # Parser callbacks (the parser runs inside data_received)
 
     def on_headers_complete(self) -> None:
+        self._header_bytes = 0
         self._wait(_Phase.BODY, self.listener.limits.header_timeout_s)
         super().on_headers_complete()
 

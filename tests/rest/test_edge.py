@@ -161,6 +161,30 @@ def test_header_just_under_the_limit_is_served(bounded: TorchgateServer) -> None
     conn.close()
 
 
+def test_pipelined_requests_are_all_answered(bounded: TorchgateServer) -> None:
+    sock = connect(bounded.inference_url)
+    sock.sendall(
+        b"GET /ping HTTP/1.1\r\nhost: x\r\n\r\n" * 3
+        + b"GET /ping HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    answer = read_all(sock)
+    sock.close()
+    assert answer.count(b"HTTP/1.1 200 OK") == 4
+
+
+def test_huge_header_pipelined_behind_a_request_is_refused(bounded: TorchgateServer) -> None:
+    sock = connect(bounded.inference_url)
+    try:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nhost: x\r\n\r\nGET /ping HTTP/1.1\r\nx-big: ")
+        sock.sendall(b"a" * (1 << 20))
+    except OSError:
+        pass  # refused before it was all sent
+    answer = read_all(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert b"HTTP/1.1 431" in answer or answer.count(b"HTTP/1.1") == 1
+
+
 def test_half_sent_headers_are_answered_408_and_closed(hasty: TorchgateServer) -> None:
     with good_traffic(hasty.inference_url, clients=1) as traffic:
         sock = connect(hasty.inference_url)
