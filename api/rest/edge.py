@@ -21,13 +21,15 @@ them. `edge_protocol()` subclasses that protocol, per listener, with:
   descriptors in use stay bounded either way.
 
 Deadlines are checked by one sweep per listener, a few times per timeout, rather than a timer
-per request: the hot path only stores a float.
+per request: the hot path only stores a float. The sweep also logs what was refused, as one
+summary a minute at most.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections import OrderedDict
 from typing import Any
 
@@ -36,10 +38,15 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from api.config import EdgeLimits
 from api.rest.responses import error_body
 
+log = logging.getLogger("torchgate.edge")
+
 # After a 431 the server stops reading but keeps draining what the client still sends, for at
 # most this long, so the client reads the answer instead of a reset (closing a socket with
 # unread bytes sends RST, which can discard the response before the client reads it).
 LINGER_S = 2.0
+# What the edge refused is logged as one summary per listener at most this often, not per
+# connection: a flood must not become a flood of log lines.
+REPORT_S = 60.0
 
 
 class _Phase(enum.Enum):
@@ -62,6 +69,18 @@ class _Listener:
         self.waiting: OrderedDict[EdgeProtocol, None] = OrderedDict()
         self.sweep: asyncio.TimerHandle | None = None
         self.period_s = max(0.01, min(limits.header_timeout_s, limits.keep_alive_timeout_s) / 4)
+        self.refused: dict[str, int] = {}  # since the last report: "431 header too large": n
+        self.reported_at = 0.0
+
+    def count(self, what: str) -> None:
+        self.refused[what] = self.refused.get(what, 0) + 1
+
+    def report(self, now: float, where: object) -> None:
+        if self.refused and now - self.reported_at >= REPORT_S:
+            summary = ", ".join(f"{n} {what}" for what, n in sorted(self.refused.items()))
+            log.warning("HTTP %s refused or dropped connections: %s", where, summary)
+            self.refused.clear()
+            self.reported_at = now
 
 
 def _response(status: int, phrase: str, kind: str, message: str) -> bytes:
@@ -92,9 +111,11 @@ class EdgeProtocol(HttpToolsProtocol):
             if listener.waiting:
                 oldest = next(iter(listener.waiting))
                 oldest._drop()
+                listener.count("closed to admit a new one at torchgate.max_connections")
             else:
                 self.transport = transport  # uvicorn's connection_lost closes it
                 self._refused = True
+                listener.count("503 over torchgate.max_connections")
                 transport.write(
                     _response(
                         503,
@@ -120,6 +141,7 @@ class EdgeProtocol(HttpToolsProtocol):
         for conn in list(self.connections):
             if isinstance(conn, EdgeProtocol) and conn._deadline and conn._deadline < now:
                 conn._expire()
+        listener.report(now, f"{self.server[0]}:{self.server[1]}" if self.server else "listener")
         listener.sweep = (
             self.loop.call_later(listener.period_s, self._sweep) if self.connections else None
         )
@@ -129,11 +151,13 @@ class EdgeProtocol(HttpToolsProtocol):
             # The server paused reading (the app has not taken the body yet): not the client.
             self._deadline = self.loop.time() + self.listener.limits.header_timeout_s
             return
+        if self._phase is not _Phase.NEW:  # a connection opened and never used is not news
+            self.listener.count("408 request not received in time")
         self._drop()
 
     def _drop(self) -> None:
         """Close a stalled or waiting connection; a half-sent request is told why."""
-        if self._phase in (_Phase.HEADERS, _Phase.BODY):
+        if not self._refused and self._phase in (_Phase.HEADERS, _Phase.BODY):
             self.transport.write(
                 _response(
                     408,
@@ -195,6 +219,7 @@ class EdgeProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         limit = self.listener.limits.max_header_bytes
+        self.listener.count("431 header too large")
         self.transport.write(
             _response(
                 431,
@@ -206,6 +231,7 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self.loop.call_later(LINGER_S, self.transport.close)
+            self.listener.waiting[self] = None  # while it lingers, a new client may evict it
         else:
             self.transport.close()
 

@@ -198,6 +198,18 @@ def test_half_sent_headers_are_answered_408_and_closed(hasty: TorchgateServer) -
     assert [e for t in traffic for e in t.errors] == []
 
 
+def test_what_the_edge_refuses_is_logged_as_a_summary(hasty: TorchgateServer) -> None:
+    sock = connect(hasty.inference_url)
+    sock.sendall(b"GET /ping HTTP/1.1\r\n")
+    assert status_of(read_all(sock)) == 408
+    sock.close()
+    deadline = time.monotonic() + 30
+    while "408 request not received in time" not in hasty.log_text():
+        assert time.monotonic() < deadline, hasty.log_text()[-2000:]
+        time.sleep(0.05)
+    assert "refused or dropped connections" in hasty.log_text()
+
+
 def test_a_body_that_stops_is_answered_408_and_closed(hasty: TorchgateServer) -> None:
     sock = connect(hasty.inference_url)
     sock.sendall(
