@@ -55,9 +55,7 @@ class _Phase(enum.Enum):
     BODY = "body"  # its body is arriving
     BUSY = "busy"  # the request is complete and being answered
     IDLE = "idle"  # keep-alive, between requests (uvicorn's own timer closes it)
-
-
-_WAITING = (_Phase.NEW, _Phase.HEADERS, _Phase.IDLE)  # may be closed to admit a new client
+    # NEW, HEADERS and IDLE connections are "waiting": one may be closed to admit a new client.
 
 
 class _Listener:
@@ -101,6 +99,10 @@ class EdgeProtocol(HttpToolsProtocol):
         self._phase = _Phase.NEW
         self._deadline = 0.0  # loop time after which the sweep drops it (NEW/HEADERS/BODY)
         self._header_bytes = 0
+        # Read on every request: kept on the instance, one attribute lookup away.
+        self._waiting = self.listener.waiting
+        self._timeout_s = self.listener.limits.header_timeout_s
+        self._max_header_bytes = self.listener.limits.max_header_bytes
         self._refused = False  # answered 431/503 or dropped: nothing more is parsed
 
     # Connection life
@@ -127,7 +129,8 @@ class EdgeProtocol(HttpToolsProtocol):
                 transport.close()
                 return
         super().connection_made(transport)
-        self._wait(_Phase.NEW, listener.limits.keep_alive_timeout_s)
+        self._deadline = self.loop.time() + listener.limits.keep_alive_timeout_s
+        self._waiting[self] = None
         if listener.sweep is None:
             listener.sweep = self.loop.call_later(listener.period_s, self._sweep)
 
@@ -149,7 +152,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def _expire(self) -> None:
         if self._phase is _Phase.BODY and self.flow.read_paused:
             # The server paused reading (the app has not taken the body yet): not the client.
-            self._deadline = self.loop.time() + self.listener.limits.header_timeout_s
+            self._deadline = self.loop.time() + self._timeout_s
             return
         if self._phase is not _Phase.NEW:  # a connection opened and never used is not news
             self.listener.count("408 request not received in time")
@@ -168,41 +171,34 @@ class EdgeProtocol(HttpToolsProtocol):
             )
         self._refused = True
         self._deadline = 0.0
-        self.listener.waiting.pop(self, None)
+        self._waiting.pop(self, None)
         self.transport.close()
-
-    def _wait(self, phase: _Phase, timeout_s: float | None) -> None:
-        self._phase = phase
-        self._deadline = 0.0 if timeout_s is None else self.loop.time() + timeout_s
-        if phase in _WAITING:
-            self.listener.waiting[self] = None
-            self.listener.waiting.move_to_end(self)
-        else:
-            self.listener.waiting.pop(self, None)
 
     # Bytes in
 
     def data_received(self, data: bytes) -> None:
         if self._refused or self.transport.is_closing():
             return
-        limits = self.listener.limits
-        if self._phase is _Phase.BODY:
-            self._deadline = self.loop.time() + limits.header_timeout_s
+        phase = self._phase
+        if phase is _Phase.BODY:
+            self._deadline = self.loop.time() + self._timeout_s
             super().data_received(data)
             return
-        if self._phase in (_Phase.NEW, _Phase.IDLE):
-            self._wait(_Phase.HEADERS, limits.header_timeout_s)
+        if phase is _Phase.NEW or phase is _Phase.IDLE:
+            # A request starts. It keeps its place among the waiting: longest waiting first.
+            self._phase = _Phase.HEADERS
+            self._deadline = self.loop.time() + self._timeout_s
         # Whatever arrives outside a body belongs to a request's head, the next one's when
         # pipelined behind a request in progress (BUSY); on_headers_complete resets the count.
-        room = limits.max_header_bytes - self._header_bytes
+        room = self._max_header_bytes - self._header_bytes
         if len(data) > room:
             # Feed only what fits: either the headers end inside it, or they are too big.
-            self._header_bytes = limits.max_header_bytes
+            self._header_bytes = self._max_header_bytes
             if room > 0:
                 super().data_received(data[:room])
             if self.transport.is_closing():
                 return  # the parser refused it (400)
-            if self._header_bytes >= limits.max_header_bytes:
+            if self._header_bytes >= self._max_header_bytes:
                 self._too_large()
             else:
                 self.data_received(data[room:])
@@ -213,25 +209,24 @@ class EdgeProtocol(HttpToolsProtocol):
     def _too_large(self) -> None:
         self._refused = True
         self._deadline = 0.0
-        self.listener.waiting.pop(self, None)
+        self._waiting.pop(self, None)
         if self.cycle is not None and not self.cycle.response_complete:
             # Pipelined behind a request still being answered: no room for a second answer.
             self.transport.close()
             return
-        limit = self.listener.limits.max_header_bytes
         self.listener.count("431 header too large")
         self.transport.write(
             _response(
                 431,
                 "Request Header Fields Too Large",
                 "RequestHeaderFieldsTooLargeException",
-                f"Request line and headers exceed {limit} bytes",
+                f"Request line and headers exceed {self._max_header_bytes} bytes",
             )
         )
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self.loop.call_later(LINGER_S, self.transport.close)
-            self.listener.waiting[self] = None  # while it lingers, a new client may evict it
+            self._waiting[self] = None  # while it lingers, a new client may evict it
         else:
             self.transport.close()
 
@@ -239,18 +234,22 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._header_bytes = 0
-        self._wait(_Phase.BODY, self.listener.limits.header_timeout_s)
+        self._phase = _Phase.BODY
+        self._deadline = self.loop.time() + self._timeout_s
+        self._waiting.pop(self, None)  # a request in progress is never evicted
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._wait(_Phase.BUSY, None)
+        self._phase = _Phase.BUSY
+        self._deadline = 0.0  # the handler's time is bounded by the response timeout
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         # A pipelined request may have started in its place (self.cycle is the latest one).
         if self._phase is _Phase.BUSY and self.cycle.response_complete:
-            self._wait(_Phase.IDLE, None)  # uvicorn's keep-alive timer closes it
+            self._phase = _Phase.IDLE  # uvicorn's keep-alive timer closes it
+            self._waiting[self] = None  # waiting again, behind every longer waiter
 
 
 def edge_protocol(limits: EdgeLimits) -> type[EdgeProtocol]:
