@@ -39,6 +39,16 @@ limit), torchgate.max_image_pixels (40000000: the most pixels an image may have 
 handlers, read from its header before decoding), torchgate.max_items_per_request (1024: the
 most items in one request: the leading dimension of each input of a KServe v2 request, REST or
 gRPC, and the images or texts one request brings the shipped handlers, on any API).
+
+HTTP edge limits, per HTTP listener (api.rest.edge; docs/security.md "HTTP edge"):
+
+    torchgate.max_header_size       request line + headers, bytes (65536); more: 431
+    torchgate.header_timeout        seconds for a request's headers to arrive, and the longest
+                                    pause inside its body (20); more: 408 and closed
+    torchgate.keep_alive_timeout    whole seconds a connection may sit idle (30)
+    torchgate.max_connections       open connections (a quarter of the descriptor limit,
+                                    `ulimit -n`); over it the longest-waiting idle or stalled
+                                    connection is closed, or the new one gets 503
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import json
 import logging
 import os
 import re
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,6 +102,16 @@ class ModelEntry:
     settings: ModelSettings
     # Extra per-version settings torchgate understands, e.g. {"backend": {...}}.
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeLimits:
+    """Per HTTP listener; enforced by api.rest.edge. Defaults: `_http_limits({})`."""
+
+    max_header_bytes: int
+    header_timeout_s: float
+    keep_alive_timeout_s: int  # uvicorn takes whole seconds
+    max_connections: int
 
 
 @dataclass(slots=True)
@@ -140,6 +161,8 @@ class Config:
     limit_max_image_pixels: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
+    # torchgate.max_header_size / header_timeout / keep_alive_timeout / max_connections.
+    http_limits: EdgeLimits = field(default_factory=lambda: _http_limits({}))
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
 
@@ -267,6 +290,7 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
         config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
     config.traffic = _traffic(raw.get("torchgate.traffic"))
     _input_limits(raw, config)
+    config.http_limits = _http_limits(raw)
     return config
 
 
@@ -332,6 +356,31 @@ def _input_limits(raw: dict[str, str], config: Config) -> None:
             if number < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {number}")
             setattr(config, attribute, number)
+
+
+def _http_limits(raw: dict[str, str]) -> EdgeLimits:
+    """The HTTP edge limits; by default each listener may use a quarter of the descriptors."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    default_connections = max(16, soft // 4) if soft != resource.RLIM_INFINITY else 16384
+
+    def read(key: str, kind: type[int] | type[float], default: float, least: float) -> Any:
+        text = raw.get(f"torchgate.{key}")
+        if text is None:
+            return default
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not least <= value < float("inf"):
+            raise ConfigError(f"torchgate.{key} must be a number >= {least}, not {text!r}")
+        return value
+
+    return EdgeLimits(
+        max_header_bytes=read("max_header_size", int, 64 * 1024, 1024),
+        header_timeout_s=read("header_timeout", float, 20.0, 0.01),
+        keep_alive_timeout_s=read("keep_alive_timeout", int, 30, 1),
+        max_connections=read("max_connections", int, default_connections, 1),
+    )
 
 
 def _traffic(text: str | None) -> dict[str, Any]:

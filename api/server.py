@@ -19,8 +19,9 @@ from typing import Any
 import uvicorn
 
 from api.app import build
-from api.config import Address, Config
+from api.config import Address, Config, EdgeLimits
 from api.rest.asgi import ASGIApp
+from api.rest.edge import edge_protocol
 from api.rpc.server import grpc_servers
 
 log = logging.getLogger("torchgate")
@@ -34,14 +35,16 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _http_server(app: ASGIApp, address: Address, *, log_level: str, grace_s: float) -> _Server:
+def _http_server(
+    app: ASGIApp, address: Address, limits: EdgeLimits, *, log_level: str, grace_s: float
+) -> _Server:
     if address.scheme == "https":
         raise ValueError(f"TLS is not supported on {address}; terminate TLS in front of torchgate")
     config = uvicorn.Config(
         app,
         host=address.host,
         port=address.port,
-        http="httptools",
+        http=edge_protocol(limits),  # httptools with header, timeout and connection limits
         loop="none",
         lifespan="off",
         access_log=False,
@@ -51,7 +54,7 @@ def _http_server(app: ASGIApp, address: Address, *, log_level: str, grace_s: flo
         backlog=4096,
         proxy_headers=False,  # no X-Forwarded-* rewriting layer on every request
         timeout_graceful_shutdown=int(grace_s),
-        timeout_keep_alive=30,
+        timeout_keep_alive=limits.keep_alive_timeout_s,
     )
     return _Server(config)
 
@@ -71,7 +74,7 @@ async def serve(
     grace_s = config.default_response_timeout + 5.0
     torchgate.dataplane.accepting = False  # /ping stays unhealthy until models are loaded
     http_servers = [
-        _http_server(app, address, log_level=log_level, grace_s=grace_s)
+        _http_server(app, address, config.http_limits, log_level=log_level, grace_s=grace_s)
         for app, address in (
             (torchgate.inference_app, config.inference_address),
             (torchgate.management_app, config.management_address),

@@ -1,0 +1,261 @@
+"""Limits at the HTTP edge, enforced where the bytes arrive: before FastAPI, before parsing.
+
+uvicorn's httptools protocol has no bound on header size, no deadline for a request that
+stops half-way and no bound on open connections, so one client could freeze the event loop
+with a 64 MiB header (httptools joins a header's pieces as it goes, which slows sharply as it
+grows) or use up the process's file descriptors with half-sent requests, and every port with
+them. `edge_protocol()` subclasses that protocol, per listener, with:
+
+- **header size**: bytes of a request up to the end of its headers (request line included)
+  are counted as they arrive and never more than `max_header_bytes` reach the parser; past
+  that the client gets 431 and the connection closes.
+- **read timeouts**: a connection's headers must all arrive within `header_timeout_s` of their
+  first byte, and a body may not pause longer than that between bytes (pauses the server asks
+  for by flow control do not count); a new connection that sends nothing is closed after
+  `keep_alive_timeout_s`, as uvicorn closes one idle between requests. A stalled request gets
+  408 and is closed.
+- **open connections**: at most `max_connections` per listener. A new connection over the
+  bound closes the one that has waited longest without a request in progress (idle, or still
+  sending headers: the stalled clients a flood leaves behind), so a good client still gets in;
+  when every connection has a request in progress the new one gets 503 and is closed. The
+  descriptors in use stay bounded either way.
+
+Deadlines are checked by one sweep per listener, a few times per timeout, rather than a timer
+per request: the hot path only stores a float. The sweep also logs what was refused, as one
+summary a minute at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from api.config import EdgeLimits
+from api.rest.responses import error_body
+
+log = logging.getLogger("torchgate.edge")
+
+# After a 431 the server stops reading but keeps draining what the client still sends, for at
+# most this long, so the client reads the answer instead of a reset (closing a socket with
+# unread bytes sends RST, which can discard the response before the client reads it).
+LINGER_S = 2.0
+# What the edge refused is logged as one summary per listener at most this often, not per
+# connection: a flood must not become a flood of log lines.
+REPORT_S = 60.0
+
+
+class _Phase(enum.Enum):
+    NEW = "new"  # connected, nothing received yet
+    HEADERS = "headers"  # a request's headers are arriving
+    BODY = "body"  # its body is arriving
+    BUSY = "busy"  # the request is complete and being answered
+    IDLE = "idle"  # keep-alive, between requests (uvicorn's own timer closes it)
+    # NEW, HEADERS and IDLE connections are "waiting": one may be closed to admit a new client.
+
+
+class _Listener:
+    """What the connections of one listener share: limits, the waiting queue, the sweep."""
+
+    def __init__(self, limits: EdgeLimits) -> None:
+        self.limits = limits
+        # Connections with no request in progress, longest waiting first (insertion order).
+        self.waiting: OrderedDict[EdgeProtocol, None] = OrderedDict()
+        self.sweep: asyncio.TimerHandle | None = None
+        self.period_s = max(0.01, min(limits.header_timeout_s, limits.keep_alive_timeout_s) / 4)
+        self.refused: dict[str, int] = {}  # since the last report: "431 header too large": n
+        self.reported_at = 0.0
+
+    def count(self, what: str) -> None:
+        self.refused[what] = self.refused.get(what, 0) + 1
+
+    def report(self, now: float, where: object) -> None:
+        if self.refused and now - self.reported_at >= REPORT_S:
+            summary = ", ".join(f"{n} {what}" for what, n in sorted(self.refused.items()))
+            log.warning("HTTP %s refused or dropped connections: %s", where, summary)
+            self.refused.clear()
+            self.reported_at = now
+
+
+def _response(status: int, phrase: str, kind: str, message: str) -> bytes:
+    body = error_body(status, kind, message)
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode("ascii") + body
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above; `edge_protocol()` makes one."""
+
+    listener: _Listener
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._phase = _Phase.NEW
+        self._deadline = 0.0  # loop time after which the sweep drops it (NEW/HEADERS/BODY)
+        self._header_bytes = 0
+        # Read on every request: kept on the instance, one attribute lookup away.
+        self._waiting = self.listener.waiting
+        self._timeout_s = self.listener.limits.header_timeout_s
+        self._max_header_bytes = self.listener.limits.max_header_bytes
+        self._refused = False  # answered 431/503 or dropped: nothing more is parsed
+
+    # Connection life
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        listener = self.listener
+        if len(self.connections) >= listener.limits.max_connections:
+            if listener.waiting:
+                oldest = next(iter(listener.waiting))
+                oldest._drop()
+                listener.count("closed to admit a new one at torchgate.max_connections")
+            else:
+                self.transport = transport  # uvicorn's connection_lost closes it
+                self._refused = True
+                listener.count("503 over torchgate.max_connections")
+                transport.write(
+                    _response(
+                        503,
+                        "Service Unavailable",
+                        "ServiceUnavailableException",
+                        "Too many open connections; retry later",
+                    )
+                )
+                transport.close()
+                return
+        super().connection_made(transport)
+        self._deadline = self.loop.time() + listener.limits.keep_alive_timeout_s
+        self._waiting[self] = None
+        if listener.sweep is None:
+            listener.sweep = self.loop.call_later(listener.period_s, self._sweep)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.waiting.pop(self, None)
+        super().connection_lost(exc)
+
+    def _sweep(self) -> None:
+        listener = self.listener
+        now = self.loop.time()
+        for conn in list(self.connections):
+            if isinstance(conn, EdgeProtocol) and conn._deadline and conn._deadline < now:
+                conn._expire()
+        listener.report(now, f"{self.server[0]}:{self.server[1]}" if self.server else "listener")
+        listener.sweep = (
+            self.loop.call_later(listener.period_s, self._sweep) if self.connections else None
+        )
+
+    def _expire(self) -> None:
+        if self._phase is _Phase.BODY and self.flow.read_paused:
+            # The server paused reading (the app has not taken the body yet): not the client.
+            self._deadline = self.loop.time() + self._timeout_s
+            return
+        if self._phase is not _Phase.NEW:  # a connection opened and never used is not news
+            self.listener.count("408 request not received in time")
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close a stalled or waiting connection; a half-sent request is told why."""
+        if not self._refused and self._phase in (_Phase.HEADERS, _Phase.BODY):
+            self.transport.write(
+                _response(
+                    408,
+                    "Request Timeout",
+                    "RequestTimeoutException",
+                    "The request was not received in time",
+                )
+            )
+        self._refused = True
+        self._deadline = 0.0
+        self._waiting.pop(self, None)
+        self.transport.close()
+
+    # Bytes in
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused or self.transport.is_closing():
+            return
+        phase = self._phase
+        if phase is _Phase.BODY:
+            self._deadline = self.loop.time() + self._timeout_s
+            super().data_received(data)
+            return
+        if phase is _Phase.NEW or phase is _Phase.IDLE:
+            # A request starts. It keeps its place among the waiting: longest waiting first.
+            self._phase = _Phase.HEADERS
+            self._deadline = self.loop.time() + self._timeout_s
+        # Whatever arrives outside a body belongs to a request's head, the next one's when
+        # pipelined behind a request in progress (BUSY); on_headers_complete resets the count.
+        room = self._max_header_bytes - self._header_bytes
+        if len(data) > room:
+            # Feed only what fits: either the headers end inside it, or they are too big.
+            self._header_bytes = self._max_header_bytes
+            if room > 0:
+                super().data_received(data[:room])
+            if self.transport.is_closing():
+                return  # the parser refused it (400)
+            if self._header_bytes >= self._max_header_bytes:
+                self._too_large()
+            else:
+                self.data_received(data[room:])
+            return
+        self._header_bytes += len(data)
+        super().data_received(data)
+
+    def _too_large(self) -> None:
+        self._refused = True
+        self._deadline = 0.0
+        self._waiting.pop(self, None)
+        if self.cycle is not None and not self.cycle.response_complete:
+            # Pipelined behind a request still being answered: no room for a second answer.
+            self.transport.close()
+            return
+        self.listener.count("431 header too large")
+        self.transport.write(
+            _response(
+                431,
+                "Request Header Fields Too Large",
+                "RequestHeaderFieldsTooLargeException",
+                f"Request line and headers exceed {self._max_header_bytes} bytes",
+            )
+        )
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+            self._waiting[self] = None  # while it lingers, a new client may evict it
+        else:
+            self.transport.close()
+
+    # Parser callbacks (the parser runs inside data_received)
+
+    def on_headers_complete(self) -> None:
+        self._header_bytes = 0
+        self._phase = _Phase.BODY
+        self._deadline = self.loop.time() + self._timeout_s
+        self._waiting.pop(self, None)  # a request in progress is never evicted
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase = _Phase.BUSY
+        self._deadline = 0.0  # the handler's time is bounded by the response timeout
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # A pipelined request may have started in its place (self.cycle is the latest one).
+        if self._phase is _Phase.BUSY and self.cycle.response_complete:
+            self._phase = _Phase.IDLE  # uvicorn's keep-alive timer closes it
+            self._waiting[self] = None  # waiting again, behind every longer waiter
+
+
+def edge_protocol(limits: EdgeLimits) -> type[EdgeProtocol]:
+    """A protocol class for one listener (its connections share a bound and a sweep)."""
+
+    class ListenerProtocol(EdgeProtocol):
+        listener = _Listener(limits)
+
+    return ListenerProtocol

@@ -1,0 +1,352 @@
+"""HTTP edge limits (api/rest/edge.py) against the real `torchgate serve` serving digits.
+
+Good traffic runs beside each attack (a keep-alive client posting digits in a loop) and must see
+no error. Attackers are raw sockets, since an HTTP client would not send what they send.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from api.config import ConfigError, parse_config
+from tests.support.server import TorchgateServer, running_torchgate
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGIT = json.dumps([0.0] * 64).encode()
+JSON_TYPE = {"content-type": "application/json"}
+
+
+def config(**extra: str) -> str:
+    lines = {
+        "model_store": str(ROOT / "model_store"),
+        "load_models": "digits.mar",
+        **{f"torchgate.{k}": v for k, v in extra.items()},
+    }
+    return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+@pytest.fixture(scope="module")
+def bounded() -> Iterator[TorchgateServer]:
+    """Default header size; 20 connections per listener; timeouts far beyond any test."""
+    with running_torchgate(config(max_connections="20", header_timeout="120")) as tg:
+        yield tg
+
+
+@pytest.fixture(scope="module")
+def hasty() -> Iterator[TorchgateServer]:
+    """Short timeouts: half a second for headers (and body pauses), 1 s idle."""
+    with running_torchgate(config(header_timeout="0.5", keep_alive_timeout="1")) as tg:
+        yield tg
+
+
+def address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port
+
+
+def connect(url: str) -> socket.socket:
+    return socket.create_connection(address(url), timeout=30)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything until the server closes (a reset after its answer counts as a close)."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks)
+
+
+def status_of(answer: bytes) -> int:
+    assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+    return int(answer.split(b" ", 2)[1])
+
+
+@dataclass
+class GoodTraffic:
+    """A client posting digits over one keep-alive connection until stopped."""
+
+    url: str
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        host, port = address(self.url)
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        while not self.stop.is_set():
+            started = time.perf_counter()
+            try:
+                conn.request("POST", "/predictions/digits", DIGIT, JSON_TYPE)
+                response = conn.getresponse()
+                response.read()
+                if response.status != 200:
+                    self.errors.append(f"status {response.status}")
+            except (OSError, http.client.HTTPException) as exc:
+                self.errors.append(repr(exc))
+                conn.close()
+            self.latencies.append(time.perf_counter() - started)
+            time.sleep(0.01)
+        conn.close()
+
+
+@contextmanager
+def good_traffic(url: str, clients: int = 2) -> Iterator[list[GoodTraffic]]:
+    traffic = [GoodTraffic(url) for _ in range(clients)]
+    threads = [threading.Thread(target=t.run, daemon=True) for t in traffic]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)  # it is flowing before the attack starts
+    try:
+        yield traffic
+    finally:
+        for t in traffic:
+            t.stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+
+
+def test_huge_header_gets_431_quickly_and_others_keep_being_served(
+    bounded: TorchgateServer,
+) -> None:
+    with good_traffic(bounded.inference_url) as traffic:
+        sock = connect(bounded.inference_url)
+
+        def send_huge_header() -> None:
+            # Up to 256 MiB of one header: the unbounded server parsed it for over 55 s.
+            try:
+                sock.sendall(b"GET /ping HTTP/1.1\r\nhost: x\r\nx-big: ")
+                chunk = b"a" * (1 << 20)
+                for _ in range(256):
+                    sock.sendall(chunk)
+            except OSError:
+                pass  # the server answered 431 and closed
+
+        sender = threading.Thread(target=send_huge_header, daemon=True)
+        started = time.perf_counter()
+        sender.start()
+        answer = sock.recv(65536)
+        elapsed = time.perf_counter() - started
+        sock.close()
+        sender.join(timeout=60)
+    assert status_of(answer) == 431, answer[:200]
+    assert b"RequestHeaderFieldsTooLargeException" in answer
+    assert elapsed < 10
+    latencies = [s for t in traffic for s in t.latencies]
+    assert [e for t in traffic for e in t.errors] == []
+    assert len(latencies) > 10
+    assert max(latencies) < 5  # the unbounded server froze every API for 3.6 s at 64 MiB
+
+
+def test_header_just_under_the_limit_is_served(bounded: TorchgateServer) -> None:
+    host, port = address(bounded.inference_url)
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", "/ping", headers={"x-pad": "a" * 60_000})
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_pipelined_requests_are_all_answered(bounded: TorchgateServer) -> None:
+    sock = connect(bounded.inference_url)
+    sock.sendall(
+        b"GET /ping HTTP/1.1\r\nhost: x\r\n\r\n" * 3
+        + b"GET /ping HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    answer = read_all(sock)
+    sock.close()
+    assert answer.count(b"HTTP/1.1 200 OK") == 4
+
+
+def test_huge_header_pipelined_behind_a_request_is_refused(bounded: TorchgateServer) -> None:
+    sock = connect(bounded.inference_url)
+    try:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nhost: x\r\n\r\nGET /ping HTTP/1.1\r\nx-big: ")
+        sock.sendall(b"a" * (1 << 20))
+    except OSError:
+        pass  # refused before it was all sent
+    answer = read_all(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert b"HTTP/1.1 431" in answer or answer.count(b"HTTP/1.1") == 1
+
+
+def test_half_sent_headers_are_answered_408_and_closed(hasty: TorchgateServer) -> None:
+    with good_traffic(hasty.inference_url, clients=1) as traffic:
+        sock = connect(hasty.inference_url)
+        sock.sendall(b"POST /predictions/digits HTTP/1.1\r\nhost: x\r\ncontent-")
+        started = time.perf_counter()
+        answer = read_all(sock)
+        elapsed = time.perf_counter() - started
+        sock.close()
+    assert status_of(answer) == 408
+    assert 0.25 < elapsed < 30  # configured: 0.5 s
+    assert [e for t in traffic for e in t.errors] == []
+
+
+def test_what_the_edge_refuses_is_logged_as_a_summary(hasty: TorchgateServer) -> None:
+    sock = connect(hasty.inference_url)
+    sock.sendall(b"GET /ping HTTP/1.1\r\n")
+    assert status_of(read_all(sock)) == 408
+    sock.close()
+    deadline = time.monotonic() + 30
+    while "408 request not received in time" not in hasty.log_text():
+        assert time.monotonic() < deadline, hasty.log_text()[-2000:]
+        time.sleep(0.05)
+    assert "refused or dropped connections" in hasty.log_text()
+
+
+def test_a_body_that_stops_is_answered_408_and_closed(hasty: TorchgateServer) -> None:
+    sock = connect(hasty.inference_url)
+    sock.sendall(
+        b"POST /predictions/digits HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 1000\r\n\r\n[0.0, 0.0"
+    )
+    answer = read_all(sock)
+    sock.close()
+    assert status_of(answer) == 408
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_idle_timeout(
+    hasty: TorchgateServer,
+) -> None:
+    sock = connect(hasty.management_url)
+    started = time.perf_counter()
+    assert read_all(sock) == b""
+    assert 0.5 < time.perf_counter() - started < 30  # configured: 1 s
+    sock.close()
+
+
+def test_a_request_sent_in_pieces_is_answered(bounded: TorchgateServer) -> None:
+    sock = connect(bounded.inference_url)
+    request = (
+        b"POST /predictions/digits HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n" % len(DIGIT)
+    ) + DIGIT
+    for piece in (request[:20], request[20:90], request[90:]):
+        sock.sendall(piece)
+        time.sleep(0.01)
+    assert status_of(read_all(sock)) == 200
+    sock.close()
+
+
+def test_a_large_body_in_the_same_reads_as_its_headers_reaches_the_handler(
+    bounded: TorchgateServer,
+) -> None:
+    body = json.dumps([[0.0] * 64] * 2000).encode()  # about 1 MiB, well past 64 KiB
+    sock = connect(bounded.inference_url)
+    sock.sendall(
+        b"POST /predictions/digits HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body
+    )
+    answer = read_all(sock)
+    # The handler saw the whole body (and refused its shape): nothing was cut at the edge.
+    assert status_of(answer) == 400
+    assert b"got 128000" in answer
+    sock.close()
+
+
+def test_stalled_connections_beyond_the_bound_make_way_for_good_clients(
+    bounded: TorchgateServer,
+) -> None:
+    stalled = [connect(bounded.inference_url) for _ in range(200)]
+    for sock in stalled:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nhost: x\r\n")  # and nothing more
+    with good_traffic(bounded.inference_url) as traffic:
+        time.sleep(0.5)
+    for sock in stalled:
+        sock.close()
+    assert [e for t in traffic for e in t.errors] == []
+    assert sum(len(t.latencies) for t in traffic) > 10
+
+
+def test_connections_over_the_bound_with_requests_in_progress_get_503(
+    bounded: TorchgateServer,
+) -> None:
+    # Headers complete, body still coming: a request in progress, which is never evicted.
+    busy = [connect(bounded.management_url) for _ in range(20)]
+    for sock in busy:
+        sock.sendall(b"POST /models HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n")
+    time.sleep(0.5)  # the server has read every header
+    refused = connect(bounded.management_url)
+    answer = read_all(refused)
+    refused.close()
+    assert status_of(answer) == 503
+    assert b"Too many open connections" in answer
+    # Other listeners are not affected.
+    host, port = address(bounded.inference_url)
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", "/ping")
+    assert conn.getresponse().status == 200
+    conn.close()
+    for sock in busy:
+        sock.close()
+    # Once they are gone the listener serves again.
+    deadline = time.monotonic() + 30
+    while True:
+        host, port = address(bounded.management_url)
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        conn.request("GET", "/models")
+        status = conn.getresponse().status
+        conn.close()
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert status == 200
+
+
+def test_a_flood_of_half_sent_requests_does_not_use_up_descriptors(
+    bounded: TorchgateServer,
+) -> None:
+    fds = Path(f"/proc/{bounded.process.pid}/fd")
+    before = len(os.listdir(fds))
+    flood: list[socket.socket] = []
+    with good_traffic(bounded.inference_url) as traffic:
+        for _ in range(2000):
+            sock = connect(bounded.metrics_url)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
+            flood.append(sock)
+        during = len(os.listdir(fds))
+    for sock in flood:
+        sock.close()
+    assert [e for t in traffic for e in t.errors] == []
+    # 20 per listener, plus connections closed a moment ago that the loop has not reaped yet.
+    assert during - before < 200
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("max_header_size", "12"),
+        ("max_header_size", "lots"),
+        ("header_timeout", "0"),
+        ("header_timeout", "inf"),
+        ("keep_alive_timeout", "0.5"),
+        ("max_connections", "0"),
+    ],
+)
+def test_invalid_limits_are_refused(key: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"torchgate.{key}"):
+        parse_config({f"torchgate.{key}": value}, base_dir=ROOT)
+
+
+def test_limits_default_safely() -> None:
+    limits = parse_config({}, base_dir=ROOT).http_limits
+    assert limits.max_header_bytes == 65536
+    assert limits.header_timeout_s == 20.0
+    assert limits.keep_alive_timeout_s == 30
+    assert limits.max_connections >= 16
