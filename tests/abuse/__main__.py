@@ -1,0 +1,3 @@
+from tests.abuse.battery import main
+
+main()

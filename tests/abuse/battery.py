@@ -1,0 +1,135 @@
+"""Run the abuse cases one after another against one real server under good traffic, and
+measure what each cost everyone else.
+
+For each case: a baseline window of good traffic, then the attack; the case's window lasts at
+least `MIN_WINDOW` and until the attack has its answers. Good requests are counted in the
+window they started in, and the window closes only once each client has answered past it, so a
+request the attack stalled is counted (and its latency is the stall). RSS is the whole tree's
+(frontend, zygote, workers), just before the attack and once its window closed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.servers import tree_memory
+from tests.abuse.cases import CASES, HEADER_TIMEOUT, Case
+from tests.abuse.traffic import GoodTraffic, Sample
+from tests.support.bombs import many_small_members_bomb
+from tests.support.server import ROOT, TorchgateServer, running_torchgate
+
+BASELINE = 1.0  # seconds of good traffic before each attack
+MIN_WINDOW = 1.0  # seconds an attack's window lasts at least
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Outcome:
+    case: Case
+    answer: str
+    attack_seconds: float  # until the attacker had every answer
+    good_requests: int  # started during the attack's window
+    good_errors: list[str]  # "status error" of each failed one
+    p99_before: float  # seconds
+    p99_during: float
+    rss_before: int  # bytes
+    rss_after: int
+
+
+def p99(samples: Sequence[Sample]) -> float:
+    return float(np.percentile([s.latency for s in samples], 99)) if samples else float("nan")
+
+
+@contextmanager
+def abuse_server(workdir: Path) -> Iterator[tuple[TorchgateServer, Path, GoodTraffic]]:
+    """digits 1.0 and minilm with the model API on and token auth off, good traffic flowing.
+
+    A private model store (links to the built archives, and the bomb), so registration
+    attacks never touch the repository's; `outside` is a real archive outside it.
+    """
+    store, elsewhere = workdir / "store", workdir / "elsewhere"
+    store.mkdir(parents=True)
+    elsewhere.mkdir()
+    for name in ("digits.mar", "minilm.mar"):
+        (store / name).symlink_to((ROOT / "model_store" / name).resolve())
+    many_small_members_bomb(store / "bomb.mar")
+    outside = elsewhere / "digits.mar"
+    outside.write_bytes((ROOT / "model_store" / "digits.mar").read_bytes())
+    config = (
+        f"model_store={store}\nload_models=digits.mar,minilm.mar\nenable_model_api=true\n"
+        "disable_token_authorization=true\n"
+        f"torchgate.header_timeout={HEADER_TIMEOUT}\n"
+    )
+    with running_torchgate(config, workdir=workdir / "server", startup_timeout=180) as server:
+        traffic = GoodTraffic.start(server.inference_url, workdir / "good-traffic.log")
+        try:
+            yield server, outside, traffic
+        finally:
+            traffic.stop()
+
+
+def run_case(case: Case, server: TorchgateServer, outside: Path, traffic: GoodTraffic) -> Outcome:
+    baseline_from = time.monotonic()
+    time.sleep(BASELINE)
+    rss_before = tree_memory(server.process.pid).rss
+    started = time.monotonic()
+    answer = case.attack(server, outside)
+    attack_seconds = time.monotonic() - started
+    time.sleep(max(0.0, started + MIN_WINDOW - time.monotonic()))
+    ended = time.monotonic()
+    traffic.wait_past(ended)
+    rss_after = tree_memory(server.process.pid).rss
+    samples = traffic.samples()
+    before = [s for s in samples if baseline_from <= s.started < started]
+    during = [s for s in samples if started <= s.started < ended]
+    return Outcome(
+        case=case,
+        answer=answer,
+        attack_seconds=attack_seconds,
+        good_requests=len(during),
+        good_errors=[f"{s.status} {s.error}".strip() for s in during if not s.ok],
+        p99_before=p99(before),
+        p99_during=p99(during),
+        rss_before=rss_before,
+        rss_after=rss_after,
+    )
+
+
+def run_battery(workdir: Path, cases: Sequence[Case] = CASES) -> list[Outcome]:
+    with abuse_server(workdir) as (server, outside, traffic):
+        return [run_case(case, server, outside, traffic) for case in cases]
+
+
+def table(outcomes: Sequence[Outcome]) -> str:
+    """A Markdown table, for the log and the closing note."""
+    rows = [
+        "| case | answer | attack s | good requests | good errors | p99 before ms | p99 during ms "
+        "| RSS before MB | RSS after MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for o in outcomes:
+        rows.append(
+            f"| {o.case.name} | {o.answer} | {o.attack_seconds:.2f} "
+            f"| {o.good_requests} | {len(o.good_errors)} "
+            f"| {o.p99_before * 1000:.0f} | {o.p99_during * 1000:.0f} "
+            f"| {o.rss_before / MB:.0f} | {o.rss_after / MB:.0f} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    """`python -m tests.abuse`: run the battery once and print the table."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with tempfile.TemporaryDirectory(prefix="torchgate-abuse-") as workdir:
+        started = time.monotonic()
+        outcomes = run_battery(Path(workdir))
+    print(table(outcomes))
+    print(f"\n{len(outcomes)} cases in {time.monotonic() - started:.0f} s")
