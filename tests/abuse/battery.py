@@ -81,7 +81,12 @@ def run_case(case: Case, server: TorchgateServer, outside: Path, traffic: GoodTr
     time.sleep(BASELINE)
     rss_before = tree_memory(server.process.pid).rss
     started = time.monotonic()
-    answer = case.attack(server, outside)
+    try:
+        answer = case.attack(server, outside)
+    except Exception as exc:
+        # Name the case, and show what the server logged (a crash, a shutdown) meanwhile.
+        tail = "\n".join(server.log_text().splitlines()[-30:])
+        raise RuntimeError(f"{case.name}: {exc!r}; the server's log ends:\n{tail}") from exc
     attack_seconds = time.monotonic() - started
     time.sleep(max(0.0, started + MIN_WINDOW - time.monotonic()))
     ended = time.monotonic()

@@ -62,6 +62,9 @@ def status_of(answer: bytes) -> str:
 
 
 def huge_header(mebibytes: int) -> Callable[[TorchgateServer, Path], str]:
+    """One header of `mebibytes` MiB, sent until the server stops taking it: the answer is read
+    meanwhile, and the socket closed only once the server has refused the rest."""
+
     def attack(server: TorchgateServer, _: Path) -> str:
         sock = socket.create_connection(address(server.inference_url), timeout=30)
 
@@ -72,13 +75,13 @@ def huge_header(mebibytes: int) -> Callable[[TorchgateServer, Path], str]:
                 for _ in range(mebibytes):
                     sock.sendall(chunk)
             except OSError:
-                pass  # answered 431 and closed: the rest is never read
+                pass  # answered 431, drained a while, then closed: the rest is never read
 
         sender = threading.Thread(target=send, daemon=True)
         sender.start()
         answer = sock.recv(65536)
-        sock.close()
         sender.join(timeout=60)
+        sock.close()
         return status_of(answer)
 
     return attack
