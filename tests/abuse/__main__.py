@@ -1,3 +1,5 @@
+import sys
+
 from tests.abuse.battery import main
 
-main()
+main(sys.argv[1:])

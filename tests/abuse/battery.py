@@ -49,8 +49,11 @@ def p99(samples: Sequence[Sample]) -> float:
 
 
 @contextmanager
-def abuse_server(workdir: Path) -> Iterator[tuple[TorchgateServer, Path, GoodTraffic]]:
+def abuse_server(
+    workdir: Path, extra_config: str = ""
+) -> Iterator[tuple[TorchgateServer, Path, GoodTraffic]]:
     """digits 1.0 and minilm with the model API on and token auth off, good traffic flowing.
+    `extra_config` is appended to config.properties (to see what a limit is worth by lifting it).
 
     A private model store (links to the built archives, and the bomb), so registration
     attacks never touch the repository's; `outside` is a real archive outside it.
@@ -66,7 +69,7 @@ def abuse_server(workdir: Path) -> Iterator[tuple[TorchgateServer, Path, GoodTra
     config = (
         f"model_store={store}\nload_models=digits.mar,minilm.mar\nenable_model_api=true\n"
         "disable_token_authorization=true\n"
-        f"torchgate.header_timeout={HEADER_TIMEOUT}\n"
+        f"torchgate.header_timeout={HEADER_TIMEOUT}\n{extra_config}"
     )
     with running_torchgate(config, workdir=workdir / "server", startup_timeout=180) as server:
         traffic = GoodTraffic.start(server.inference_url, workdir / "good-traffic.log")
@@ -108,8 +111,10 @@ def run_case(case: Case, server: TorchgateServer, outside: Path, traffic: GoodTr
     )
 
 
-def run_battery(workdir: Path, cases: Sequence[Case] = CASES) -> list[Outcome]:
-    with abuse_server(workdir) as (server, outside, traffic):
+def run_battery(
+    workdir: Path, cases: Sequence[Case] = CASES, extra_config: str = ""
+) -> list[Outcome]:
+    with abuse_server(workdir, extra_config) as (server, outside, traffic):
         return [run_case(case, server, outside, traffic) for case in cases]
 
 
@@ -130,11 +135,21 @@ def table(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
-    """`python -m tests.abuse`: run the battery once and print the table."""
+def main(argv: Sequence[str]) -> None:
+    """`python -m tests.abuse [KEY=VALUE ...] [--only TEXT]`: run the battery once and print
+    the table. KEY=VALUE lines are added to the config (`limit_max_image_pixels=false` shows
+    what that limit is worth); `--only TEXT` runs the cases whose name contains TEXT."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = list(argv)
+    cases = CASES
+    if "--only" in args:
+        at = args.index("--only")
+        text = args[at + 1]
+        del args[at : at + 2]
+        cases = [case for case in CASES if text in case.name]
+    extra = "".join(f"{line}\n" for line in args)
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="torchgate-abuse-") as workdir:
-        started = time.monotonic()
-        outcomes = run_battery(Path(workdir))
+        outcomes = run_battery(Path(workdir), cases, extra)
     print(table(outcomes))
     print(f"\n{len(outcomes)} cases in {time.monotonic() - started:.0f} s")
