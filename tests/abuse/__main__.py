@@ -1,0 +1,5 @@
+import sys
+
+from tests.abuse.battery import main
+
+main(sys.argv[1:])
