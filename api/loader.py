@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -151,7 +152,9 @@ class ModelLoader:
         extra: dict[str, Any],
         requested: bool,
     ) -> ModelVersion:
-        # Imported here: httpx and the proxy load only when a version asks for them.
+        # Imported here, so httpx and the proxy load only when a version asks for them, and
+        # in a thread: the first import takes ~100 ms that would stall every client.
+        await asyncio.to_thread(importlib.import_module, "api.backends.torchserve")
         from api.backends.torchserve import BACKEND_KEY, open_backend, spec_for
 
         spec = spec_for(url, extra)
