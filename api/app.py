@@ -108,8 +108,10 @@ def build(
     work_dir: Path | None = None,
     backend_loader: LocalBackendLoader | None = None,
     access_log: bool | None = None,
+    pool: WorkerPool | None = None,
 ) -> Torchgate:
-    """Assemble torchgate; tests pass `backend_loader` to serve fake archives.
+    """Assemble torchgate; tests pass `backend_loader` to serve fake archives. `pool`: a
+    worker pool already launched, whose cleanup folder is the work dir.
 
     `access_log` overrides `torchgate.access_log` from config.properties (see api.observability).
     """
@@ -123,16 +125,19 @@ def build(
     dataplane = DataPlane(registry, router=router, observer=observer)
     snapshot_file = config.snapshot_file
     snapshotter = None if snapshot_file is None else Snapshotter(snapshot_file, registry, router)
-    owned = None
     if work_dir is None:
         remove_orphans()  # what servers killed with their zygote left in the temp dir
-        owned = make_work_dir()
+    if pool is not None:  # launched early, with its work dir (see `api.cli`)
+        owned = pool.cleanup
+    else:
+        owned = None if work_dir is not None else make_work_dir()
+        if backend_loader is None:
+            # The zygote removes the extracted archives itself if this process is killed.
+            pool = WorkerPool(cleanup=owned, preload=config.worker_preload)
     work = work_dir or owned
     assert work is not None
-    pool = None
     if backend_loader is None:
-        # The zygote removes the extracted archives itself if this process is killed.
-        pool = WorkerPool(cleanup=owned, preload=config.worker_preload)
+        assert pool is not None
         backend_loader = worker_backend_loader(
             pool, config, observability.handler_metrics.on_metric
         )

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used: `torchgate --help` stays instant
+    from api.config import Config
+    from api.workers.pool import WorkerPool
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(args)
     if options.command == "serve":
         from api.config import ConfigError, load_config
-        from api.server import run
 
         try:
             config = load_config(options.config)
@@ -67,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if options.no_snapshot:
             config.snapshot_file = None
-        run(config, log_level=options.log_level, access_log=options.access_log)
+        pool = _launch_worker_pool(config)
+        from api.server import run  # ~1.5 s of imports, while the zygote imports torch
+
+        run(config, log_level=options.log_level, access_log=options.access_log, pool=pool)
         return 0
     parser.print_help()
     return 2
@@ -78,6 +85,17 @@ def _env_flag(name: str) -> bool | None:
     if value is None or not value.strip():
         return None
     return value.strip().lower() not in ("false", "0", "no", "off")
+
+
+def _launch_worker_pool(config: Config) -> WorkerPool:
+    """Start the zygote first: its imports (torch, onnxruntime: ~3 s) then overlap the
+    frontend's own (~1.5 s), which shortens start-up to ready by about that much."""
+    from api.backends.workdir import make_work_dir
+    from api.workers.pool import WorkerPool
+
+    pool = WorkerPool(cleanup=make_work_dir(), preload=config.worker_preload)
+    pool.launch()
+    return pool
 
 
 if __name__ == "__main__":

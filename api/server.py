@@ -23,6 +23,7 @@ from api.config import Address, Config, EdgeLimits
 from api.rest.asgi import ASGIApp
 from api.rest.edge import edge_protocol
 from api.rpc.server import grpc_servers
+from api.workers.pool import WorkerPool
 
 log = logging.getLogger("torchgate")
 
@@ -65,8 +66,9 @@ async def serve(
     log_level: str = "info",
     ready: asyncio.Event | None = None,
     access_log: bool | None = None,
+    pool: WorkerPool | None = None,
 ) -> None:
-    torchgate = build(config, access_log=access_log)
+    torchgate = build(config, access_log=access_log, pool=pool)
     if torchgate.pool is not None:
         torchgate.pool.start()  # the zygote imports torch while the ports are bound
     # Accepted requests are answered on shutdown, so the grace period covers a response
@@ -130,7 +132,13 @@ async def serve(
     log.info("torchgate stopped")
 
 
-def run(config: Config, *, log_level: str = "info", access_log: bool | None = None) -> None:
+def run(
+    config: Config,
+    *,
+    log_level: str = "info",
+    access_log: bool | None = None,
+    pool: WorkerPool | None = None,
+) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -141,4 +149,4 @@ def run(config: Config, *, log_level: str = "info", access_log: bool | None = No
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         runner = asyncio.run
-    runner(serve(config, log_level=log_level, access_log=access_log))
+    runner(serve(config, log_level=log_level, access_log=access_log, pool=pool))

@@ -72,14 +72,25 @@ class WorkerPool:
     def zygote_pid(self) -> int | None:
         return self._zygote.pid if self._zygote is not None else None
 
+    @property
+    def cleanup(self) -> Path | None:
+        """The folder the zygote removes when the frontend is gone (the extracted archives)."""
+        return self._cleanup
+
     def start(self) -> None:
-        """Start the zygote now (idempotent); spawning would start it anyway.
+        """Start the zygote now if `launch` did not (idempotent), and read its control socket
+        on the running loop; spawning would start it anyway.
 
         The zygote outlives an event loop: a pool used from a new loop (a test suite's next
         `asyncio.run`) reads its control socket there, and forgets what the old loop awaited.
         """
+        self.launch()
+        self._attach()
+
+    def launch(self) -> None:
+        """Start the zygote process (idempotent); no event loop needed, so a server can start
+        it before it imports its own servers (see `api.cli`)."""
         if self._control is not None:
-            self._attach()
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         command = [self._python, "-m", "api.workers.zygote", "--control-fd", str(theirs.fileno())]
@@ -101,7 +112,6 @@ class WorkerPool:
         theirs.close()
         ours.setblocking(False)
         self._control = ours
-        self._attach()
 
     def _attach(self) -> None:
         loop = asyncio.get_running_loop()
