@@ -19,18 +19,11 @@ import pytest
 
 from api.rpc.generated import management_pb2 as management
 from api.rpc.generated import management_pb2_grpc as management_grpc
-from tests.support.archives import build_archive
+from tests.support.archives import ECHO, build_archive
 from tests.support.bombs import many_small_members_bomb
 from tests.support.server import TorchgateServer, running_torchgate
 
 pytestmark = pytest.mark.integration
-
-ECHO = """
-    def handle(data, context):
-        if data is None:
-            return None
-        return [row.get("body") or row.get("data") for row in data]
-"""
 
 # Runs at import: if this archive ever loads, the marker file says so.
 EVIL = """

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.archives import build_archive
+from tests.support.archives import ECHO, build_archive
 from tests.support.server import TorchgateServer, running_torchgate
 
 pytestmark = pytest.mark.integration
@@ -56,13 +56,6 @@ FAULTY = """
                     pass
             out.append({"pid": os.getpid(), "echo": body})
         return out
-"""
-
-ECHO = """
-    def handle(data, context):
-        if data is None:
-            return None
-        return [row.get("body") or row.get("data") for row in data]
 """
 
 FLAKY_INIT = """
