@@ -158,6 +158,8 @@ class ModelLoader:
         from api.backends.torchserve import BACKEND_KEY, open_backend, spec_for
 
         spec = spec_for(url, extra)
+        if requested:  # before reading the store for a target that is refused anyway
+            self._check_torchserve_targets([spec.inference_url, spec.management_url])
         if spec.signature is None:
             # The archive TorchServe serves is often in our model store too: its signature
             # makes v2 requests reach TorchServe's handler as v2 tensors (bridge rule 1)
@@ -165,8 +167,6 @@ class ModelLoader:
             signature = await asyncio.to_thread(archive_signature, self.config.model_store, url)
             if signature is not None:
                 spec = dataclasses.replace(spec, signature=signature)
-        if requested:
-            self._check_torchserve_targets([spec.inference_url, spec.management_url])
         backend = await open_backend(spec, settings, name=model_name, version=version)
 
         async def ready_backend() -> Backend:
