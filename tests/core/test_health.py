@@ -12,8 +12,8 @@ from api.core.dataplane import DataPlane
 from api.core.registry import Registry
 from api.core.types import ModelSettings
 from api.errors import BadRequest, HandlerLoadError, http_status
-from tests.core.test_registry_dataplane import EchoBackend, EchoWorker, factory
 from tests.support import aio
+from tests.support.echo_backend import EchoBackend, EchoWorker, factory
 
 run = functools.partial(aio.run, timeout=20)
 

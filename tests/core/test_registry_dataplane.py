@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
 
 import pytest
 
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
-from api.core.types import Backend, InferenceRequest, ModelSettings, Prediction
+from api.core.types import InferenceRequest, ModelSettings
 from api.errors import (
     BadRequest,
     Conflict,
@@ -24,51 +22,7 @@ from api.errors import (
     http_status,
 )
 from tests.support import aio
-
-
-class EchoWorker:
-    device = "cpu"
-
-    def __init__(self, version: str, delay: float) -> None:
-        self.version, self.delay = version, delay
-        self.closed = False
-
-    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        return [Prediction({"version": self.version, "body": r.inputs["body"]}) for r in batch]
-
-    async def close(self) -> None:
-        self.closed = True
-
-
-class EchoBackend:
-    batches = True
-    manifest: Mapping[str, Any] = {"model": {"serializedFile": "model.onnx"}}
-
-    def __init__(self, version: str, delay: float = 0.0) -> None:
-        self.version, self.delay = version, delay
-        self.signature: Mapping[str, Any] | None = {
-            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}]
-        }
-        self.workers: list[EchoWorker] = []
-        self.closed = False
-
-    async def start_worker(self, index: int) -> EchoWorker:
-        worker = EchoWorker(self.version, self.delay)
-        self.workers.append(worker)
-        return worker
-
-    async def close(self) -> None:
-        self.closed = True
-
-
-def factory(backend: EchoBackend) -> Callable[[], Awaitable[Backend]]:
-    async def make() -> Backend:
-        return backend
-
-    return make
-
+from tests.support.echo_backend import EchoBackend, factory
 
 run = functools.partial(aio.run, timeout=10)
 

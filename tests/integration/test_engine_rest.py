@@ -29,6 +29,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from tests.support.archives import build_archive
+from tests.support.processes import wait_until
 from tests.support.server import TorchgateServer, post_many, running_torchgate
 
 pytestmark = pytest.mark.integration
@@ -130,13 +131,6 @@ def client(server: TorchgateServer) -> Iterator[httpx.Client]:
 
 def sleepy_log(server: TorchgateServer, store: Path) -> list[str]:
     return (store.parent / "sleepy.log").read_text().split()
-
-
-def wait_for(condition: object, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 DIGITS = load_digits()
@@ -285,7 +279,7 @@ def test_full_queue_is_refused_at_once(
             busy = asyncio.create_task(
                 aclient.post("/predictions/sleepy", content=b"3", headers={"x-request-id": "busy"})
             )
-            await asyncio.to_thread(wait_for, lambda: "busy" in sleepy_log(server, store))
+            await asyncio.to_thread(wait_until, lambda: "busy" in sleepy_log(server, store))
             # The worker takes one batch ahead while it runs (pipelining, see
             # ProcessWorker.pipeline_depth); the next two fill the job queue (jobQueueSize 2).
             # The first goes alone: sent together, the third could arrive before the worker
@@ -299,7 +293,7 @@ def test_full_queue_is_refused_at_once(
             pending = lambda: management.get("/models/sleepy").json()[0]["jobQueueStatus"][  # noqa: E731
                 "pendingRequests"
             ]
-            await asyncio.to_thread(wait_for, lambda: pending() == 2)
+            await asyncio.to_thread(wait_until, lambda: pending() == 2)
             started = time.monotonic()
             refused = await aclient.post("/predictions/sleepy", content=b"0")
             assert time.monotonic() - started < 1.0  # at once, not after the 3 s sleep
@@ -319,7 +313,7 @@ def test_expired_requests_get_504_and_never_run(server: TorchgateServer, store: 
                     "/predictions/expiry", content=b"3", headers={"x-request-id": "expiry-busy"}
                 )
             )
-            await asyncio.to_thread(wait_for, lambda: "expiry-busy" in sleepy_log(server, store))
+            await asyncio.to_thread(wait_until, lambda: "expiry-busy" in sleepy_log(server, store))
             late = await aclient.post(
                 "/predictions/expiry", content=b"0", headers={"x-request-id": "expiry-late"}
             )
@@ -346,7 +340,7 @@ def test_disconnected_clients_are_dropped_before_inference(
         return sock
 
     busy = send("gone-busy", "2")
-    wait_for(lambda: "gone-busy" in sleepy_log(server, store))
+    wait_until(lambda: "gone-busy" in sleepy_log(server, store))
     # The worker already holds the next batch (pipelining, see ProcessWorker.pipeline_depth):
     # a request handed to it runs; one still queued behind it is dropped when its client goes.
     ahead = send("gone-ahead", "0")
@@ -482,7 +476,7 @@ def test_sigterm_finishes_accepted_requests(store: Path, tmp_path: Path) -> None
                     asyncio.create_task(aclient.post("/predictions/sleepy", content=b"0.5"))
                     for _ in range(2)
                 ]
-                await asyncio.to_thread(wait_for, lambda: log.read_text().strip() != "")
+                await asyncio.to_thread(wait_until, lambda: log.read_text().strip() != "")
                 os.kill(tg.process.pid, signal.SIGTERM)
                 return [r.status_code for r in await asyncio.gather(*calls)]
 

@@ -20,9 +20,9 @@ import pytest
 
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.integration.test_worker_faults import ECHO, alive, parent_of, wait_until, worker_pids
-from tests.support.archives import build_archive
-from tests.support.server import TorchgateServer, running_torchgate
+from tests.support.archives import ECHO, build_archive
+from tests.support.processes import alive, parent_of, wait_until
+from tests.support.server import TorchgateServer, running_torchgate, worker_pids
 
 pytestmark = pytest.mark.integration
 

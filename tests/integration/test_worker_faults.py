@@ -27,7 +27,8 @@ import httpx
 import pytest
 
 from tests.support.archives import ECHO, build_archive
-from tests.support.server import TorchgateServer, running_torchgate
+from tests.support.processes import alive, parent_of, wait_until
+from tests.support.server import TorchgateServer, running_torchgate, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -97,31 +98,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(store: Path) -> Iterator[TorchgateServer]:
     with running_torchgate(config(store, "faulty.mar,steady.mar")) as server:
         yield server
-
-
-def worker_pids(server: TorchgateServer, model: str) -> list[int]:
-    described = httpx.get(f"{server.management_url}/models/{model}").json()
-    return [int(w["pid"]) for w in described[0]["workers"] if w["status"] == "READY"]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def wait_until(condition: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 async def steady_traffic(url: str, stop: asyncio.Event) -> list[tuple[int, float]]:

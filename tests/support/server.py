@@ -25,6 +25,7 @@ where the client and the server share the cores.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -227,3 +228,10 @@ async def post_many(
     await asyncio.gather(*(connection() for _ in range(min(concurrency, count))))
     assert all(reply is not None for reply in replies)
     return [reply for reply in replies if reply is not None]
+
+
+def worker_pids(server: TorchgateServer, model: str) -> list[int]:
+    """The pids of `model`'s default version's READY workers, from describe."""
+    with urllib.request.urlopen(f"{server.management_url}/models/{model}", timeout=30) as reply:
+        described = json.loads(reply.read())
+    return [int(w["pid"]) for w in described[0]["workers"] if w["status"] == "READY"]
