@@ -82,6 +82,15 @@ class ModelSettings:
     max_workers: int = 1
     # How long a worker may take to load the handler (TorchServe's startupTimeout).
     startup_timeout_s: float = 120.0
+    # TorchServe's stateful (sequence batching) keys, from model-config.yaml: a request's
+    # sequence id pins it to one worker, which keeps that sequence's state between requests.
+    sequence_batching: bool = False
+    sequence_max_idle_ms: int = 0
+    sequence_timeout_ms: int = 0
+    max_num_sequence: int = 1
+    max_sequence_job_queue_size: int = 1
+    # model-config.yaml's useVenv: the archive's requirements go into a per-model environment.
+    use_venv: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
