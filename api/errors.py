@@ -11,7 +11,6 @@
     ├── MethodNotAllowed           405  UNIMPLEMENTED
     │   └── ModelApiDisabled       405  PERMISSION_DENIED  (as TorchServe: REST 405, gRPC 7)
     ├── Conflict                   409  FAILED_PRECONDITION
-    ├── TooManyRequests            429  RESOURCE_EXHAUSTED
     ├── InferenceFailed            500  INTERNAL       (the handler raised)
     │   ├── WorkerDied                                 (its worker process died mid-batch)
     │   └── HandlerLoadError                           (import or initialize failed)
@@ -89,10 +88,6 @@ class ModelApiDisabled(MethodNotAllowed):
     """
 
 
-class TooManyRequests(TorchgateError):
-    type_name = "TooManyRequestsException"
-
-
 class Conflict(TorchgateError):
     type_name = "ConflictStatusException"
 
@@ -135,7 +130,6 @@ STATUS_TABLE: dict[type[TorchgateError], tuple[int, str]] = {
     MethodNotAllowed: (405, "UNIMPLEMENTED"),
     ModelApiDisabled: (405, "PERMISSION_DENIED"),
     Conflict: (409, "FAILED_PRECONDITION"),
-    TooManyRequests: (429, "RESOURCE_EXHAUSTED"),
     InferenceFailed: (500, "INTERNAL"),
     BackendUnavailable: (502, "UNAVAILABLE"),
     Overloaded: (503, "UNAVAILABLE"),
