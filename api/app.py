@@ -1,4 +1,5 @@
-"""Assembles torchgate from a Config: registry, dataplane, loader, auth and the HTTP apps.
+"""The composition root: torchgate from a Config — registry, dataplane, loader, auth, the HTTP
+apps and (`Torchgate.grpc_servers`) the gRPC servers.
 
 This is where backends are injected into the core: the registry only sees `Backend` objects.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +93,23 @@ class Torchgate:
         )
         for model_version in self.registry:
             model_version.backend_info["startup"] = True
+
+    def grpc_servers(
+        self,
+    ) -> tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]:
+        """(start, stop) for the gRPC servers, built from the parts the HTTP apps were.
+
+        Built on demand, inside the running event loop grpc.aio needs.
+        """
+        from api.rpc.server import grpc_servers
+
+        return grpc_servers(
+            self.config,
+            auth=self.auth,
+            dataplane=self.dataplane,
+            registry=self.registry,
+            loader=self.loader,
+        )
 
     async def stop(self) -> None:
         """Stop accepting, finish what is queued, then unload every model."""
