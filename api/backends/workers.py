@@ -28,6 +28,7 @@ import asyncio
 import itertools
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,8 @@ from typing import Any
 
 from api.backends.archive import Archive, open_archive
 from api.backends.extract import ArchiveLimits
+from api.backends.requirements import install_requirements as install_requirements_into
+from api.backends.requirements import requirements_file
 from api.core.types import InferenceRequest, ModelSettings, NotRun, Prediction
 from api.errors import (
     DeadlineExceeded,
@@ -132,6 +135,40 @@ class WorkerBackend:
         self._max_image_pixels = max_image_pixels
         self._max_items_per_request = max_items_per_request
         self._workers: set[ProcessWorker] = set()
+        # The model's own package directory (api.backends.requirements), if it has one.
+        self._packages: Path | None = None
+
+    @property
+    def model_config(self) -> Mapping[str, Any]:
+        """The archive's model-config.yaml (`api.model_config` reads its frontend keys)."""
+        return self.archive.model_config
+
+    async def prepare(self, settings: ModelSettings, *, install_requirements: bool) -> None:
+        """Take the version's final settings and, with `install_py_dep_per_model`, install
+        the archive's requirements; before any worker starts. Raises `RequirementsError`."""
+        self.settings = settings
+        archive = self.archive
+        requirements = requirements_file(archive.manifest)
+        if requirements is None:
+            return
+        if not install_requirements:
+            log.warning(
+                "Model %s: requirementsFile %s is not installed: install_py_dep_per_model is "
+                "false (as in TorchServe)",
+                archive.name,
+                requirements,
+            )
+            return
+        if settings.use_venv:
+            log.info(
+                "Model %s: useVenv: its requirements go into a package directory of its own, "
+                "on top of the server's environment (docs/compatibility.md)",
+                archive.name,
+            )
+        work_dir = (archive.extracted_to or archive.model_dir).parent
+        self._packages = await install_requirements_into(
+            archive.model_dir, requirements, work_dir, model=archive.name
+        )
 
     async def start_worker(self, index: int) -> ProcessWorker:
         """Fork worker `index` and wait until its handler is initialized."""
@@ -144,6 +181,7 @@ class WorkerBackend:
             intra_op_threads=self._intra_op_threads,
             max_image_pixels=self._max_image_pixels,
             max_items_per_request=self._max_items_per_request,
+            python_path=() if self._packages is None else (str(self._packages),),
         )
         label = f"{archive.name}/{archive.version} w{index}"
         what = f"Model {archive.name} version {archive.version} worker {index}"
@@ -177,6 +215,9 @@ class WorkerBackend:
         """Stop workers still running, then delete the extracted archive."""
         await asyncio.gather(*(worker.close() for worker in list(self._workers)))
         await asyncio.to_thread(self.archive.remove)
+        if self._packages is not None:
+            await asyncio.to_thread(shutil.rmtree, self._packages, True)
+            self._packages = None
 
     def _report(self, metrics: Sequence[tuple[str, float, str, dict[str, str], str]]) -> None:
         if self._on_metric is None:

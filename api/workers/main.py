@@ -58,6 +58,9 @@ class WorkerSpec:
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     # The most rows (images, texts) one request may bring the shipped handlers.
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
+    # The model's own package directories (its requirementsFile), after the model directory
+    # on sys.path.
+    python_path: tuple[str, ...] = ()
 
 
 class _Metrics(list[tuple[str, float, str, dict[str, str], str]]):
@@ -87,7 +90,7 @@ def run(spec: WorkerSpec, sock: socket.socket) -> None:
         gpu_id = _device(torch, spec)
         if gpu_id is None and spec.intra_op_threads > 0:
             torch.set_num_threads(spec.intra_op_threads)
-        enter_model_dir(archive.model_dir)
+        enter_model_dir(archive.model_dir, spec.python_path)
         context = make_context(
             model_name=archive.name,
             model_dir=archive.model_dir,
