@@ -65,6 +65,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
+from api.metrics_config import MetricsConfigError, MetricsSpec, load_metrics_spec
 from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_ITEMS_PER_REQUEST
 from api.workers.zygote import DEFAULT_PRELOAD
 
@@ -170,10 +171,9 @@ class Config:
     # install_py_dep_per_model: install an archive's requirementsFile for its workers
     # (api.backends.requirements); without it requirements are ignored, as in TorchServe.
     install_py_dep_per_model: bool = False
-    # metrics_config (TorchServe's metrics.yaml; api.metrics_config) and
-    # model_metrics_auto_detect: which handler metrics /metrics exports.
-    metrics_config: Path | None = None
-    model_metrics_auto_detect: bool = False
+    # metrics_config (TorchServe's metrics.yaml) and model_metrics_auto_detect: the handler
+    # metrics workers declare up front and /metrics exports (api.metrics_config).
+    metrics_spec: MetricsSpec = field(default_factory=MetricsSpec)
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
 
@@ -274,7 +274,6 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             "disable_token_authorization",
             "enable_model_api",
             "install_py_dep_per_model",
-            "model_metrics_auto_detect",
         ):
             if key in raw:
                 setattr(config, key, raw[key].lower() == "true")
@@ -308,11 +307,7 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     key_file = Path(raw.get("torchgate.key_file", "key_file.json"))
     config.key_file = key_file if key_file.is_absolute() else base_dir / key_file
     config.models = _models(raw.get("models"), config)
-    if raw.get("metrics_config"):
-        metrics_config = Path(raw["metrics_config"])
-        config.metrics_config = (
-            metrics_config if metrics_config.is_absolute() else base_dir / metrics_config
-        )
+    config.metrics_spec = _metrics_spec(raw, base_dir)
     snapshot = raw.get("torchgate.snapshot_file", "logs/config/torchgate-snapshot.json")
     if snapshot:
         config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
@@ -323,6 +318,18 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
 
 
 _N = TypeVar("_N", int, float)
+
+
+def _metrics_spec(raw: dict[str, str], base_dir: Path) -> MetricsSpec:
+    """metrics_config: relative to this file's folder, else (as TorchServe) to the cwd."""
+    auto_detect = raw.get("model_metrics_auto_detect", "false").strip().lower() == "true"
+    path = Path(raw["metrics_config"]) if raw.get("metrics_config") else None
+    if path is not None and not path.is_absolute() and (base_dir / path).exists():
+        path = base_dir / path
+    try:
+        return load_metrics_spec(path, auto_detect=auto_detect)
+    except MetricsConfigError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _registration_keys(raw: dict[str, str], config: Config) -> None:

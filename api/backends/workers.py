@@ -47,6 +47,7 @@ from api.errors import (
     WorkerDied,
     error_for_status,
 )
+from api.metrics_config import DEFAULT_MODEL_METRICS, DeclaredMetric
 from api.workers.main import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_ITEMS_PER_REQUEST,
@@ -81,6 +82,7 @@ async def load_worker_backend(
     on_metric: MetricCallback | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
+    declared_metrics: Sequence[DeclaredMetric] = DEFAULT_MODEL_METRICS,
 ) -> WorkerBackend:
     """Validate and extract the archive at `path` (off the event loop) for worker processes.
 
@@ -99,6 +101,7 @@ async def load_worker_backend(
         on_metric=on_metric,
         max_image_pixels=max_image_pixels,
         max_items_per_request=max_items_per_request,
+        declared_metrics=declared_metrics,
     )
 
 
@@ -118,6 +121,7 @@ class WorkerBackend:
         on_metric: MetricCallback | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
+        declared_metrics: Sequence[DeclaredMetric] = DEFAULT_MODEL_METRICS,
     ) -> None:
         self.archive = archive
         self.settings = settings
@@ -134,6 +138,7 @@ class WorkerBackend:
         self._on_metric = on_metric
         self._max_image_pixels = max_image_pixels
         self._max_items_per_request = max_items_per_request
+        self._declared_metrics = tuple(declared_metrics)
         self._workers: set[ProcessWorker] = set()
         # The model's own package directory (api.backends.requirements), if it has one.
         self._packages: Path | None = None
@@ -182,6 +187,7 @@ class WorkerBackend:
             max_image_pixels=self._max_image_pixels,
             max_items_per_request=self._max_items_per_request,
             python_path=() if self._packages is None else (str(self._packages),),
+            declared_metrics=self._declared_metrics,
         )
         label = f"{archive.name}/{archive.version} w{index}"
         what = f"Model {archive.name} version {archive.version} worker {index}"

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.backends.archive import Archive
+from api.metrics_config import DEFAULT_MODEL_METRICS, DeclaredMetric
 from api.workers import wire
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class WorkerSpec:
     # The model's own package directories (its requirementsFile), after the model directory
     # on sys.path.
     python_path: tuple[str, ...] = ()
+    # metrics_config's model_metrics, created in the handler's metrics cache up front.
+    declared_metrics: tuple[DeclaredMetric, ...] = DEFAULT_MODEL_METRICS
 
 
 class _Metrics(list[tuple[str, float, str, dict[str, str], str]]):
@@ -97,7 +100,7 @@ def run(spec: WorkerSpec, sock: socket.socket) -> None:
             manifest=archive.manifest,
             batch_size=spec.batch_size,
             gpu_id=gpu_id,
-            metrics=MetricsStore(archive.name, metrics),
+            metrics=MetricsStore(archive.name, metrics, spec.declared_metrics),
             model_yaml_config=archive.model_config,
             max_image_pixels=spec.max_image_pixels,
             max_items_per_request=spec.max_items_per_request,
