@@ -143,8 +143,13 @@ async def _pip(python: str, args: Sequence[str], cwd: Path, model: str, timeout:
     if process.returncode != 0:
         text = output.decode(errors="replace").strip()
         log.error("Model %s: pip %s failed:\n%s", model, args[0], text)
+        # pip's ERROR lines say what went wrong; its warnings (an unreachable extra index...)
+        # are shown only when there are none.
+        errors = [line for line in text.splitlines() if line.startswith("ERROR")]
+        message = "\n".join(errors) if errors else text
         raise RequirementsError(
-            f"Custom pip package installation failed for model {model}: {text[-MAX_PIP_OUTPUT:]}"
+            f"Custom pip package installation failed for model {model}: "
+            f"{message[-MAX_PIP_OUTPUT:]}"
         )
 
 
