@@ -148,8 +148,7 @@ async def _pip(python: str, args: Sequence[str], cwd: Path, model: str, timeout:
         errors = [line for line in text.splitlines() if line.startswith("ERROR")]
         message = "\n".join(errors) if errors else text
         raise RequirementsError(
-            f"Custom pip package installation failed for model {model}: "
-            f"{message[-MAX_PIP_OUTPUT:]}"
+            f"Custom pip package installation failed for model {model}: {message[-MAX_PIP_OUTPUT:]}"
         )
 
 
