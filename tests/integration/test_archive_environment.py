@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,10 +184,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def servers(store: Path) -> Iterator[dict[str, Urls]]:
     config = store.parent / "config.properties"
-    with (
-        running_torchserve(store, config) as torchserve,
-        running_torchgate(config) as torchgate,
-    ):
+    # Started side by side: each spends most of its start-up installing requirements and
+    # loading workers, so waiting for one before starting the other would double that.
+    with ThreadPoolExecutor(1) as pool, ExitStack() as stack:
+        starting = running_torchgate(config)
+        torchgate_ready = pool.submit(starting.__enter__)
+        try:
+            torchserve = stack.enter_context(running_torchserve(store, config))
+        finally:
+            torchgate = torchgate_ready.result()
+            stack.push(starting.__exit__)
         yield {
             "torchserve": Urls(
                 torchserve.inference_url, torchserve.management_url, torchserve.metrics_url
