@@ -12,9 +12,10 @@ They come out as TorchServe 0.12 exports them in `metrics_mode=prometheus`:
   no `_total` added; gauges keep the last value; histograms count values into prometheus_client's
   default buckets (the ones TorchServe's Java client uses).
 
-With `metrics_config=`, only the metrics it declares are exported unless
-`model_metrics_auto_detect=true` (`api.metrics_config`). A metric keeps the type and label names of
-its first update. Updates that disagree, names that
+With `metrics_config=`, only the metrics it declares are exported, unless
+`model_metrics_auto_detect=true` (`api.metrics_config`).
+
+A metric keeps the type and label names of its first update. Updates that disagree, names that
 would shadow torchgate's own families, and series past `max_series` are dropped, each kind with
 one warning, so a handler's bug cannot break the scrape or grow memory without bound.
 """

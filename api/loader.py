@@ -46,7 +46,9 @@ class ArchiveBackend(Protocol):
 
     model_config: Mapping[str, Any]
 
-    async def prepare(self, settings: ModelSettings, *, install_requirements: bool) -> None: ...
+    async def prepare(
+        self, settings: ModelSettings, *, install_requirements: bool, model: str
+    ) -> None: ...
 
 
 class ModelLoader:
@@ -155,7 +157,9 @@ class ModelLoader:
                     api=api,
                 )
                 await backend.prepare(
-                    settings, install_requirements=self.config.install_py_dep_per_model
+                    settings,
+                    install_requirements=self.config.install_py_dep_per_model,
+                    model=name,
                 )
             return await self.registry.register(
                 name,

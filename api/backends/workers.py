@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from api.backends.archive import Archive, open_archive
+from api.backends.archive import Archive, default_work_dir, open_archive
 from api.backends.extract import ArchiveLimits
 from api.backends.requirements import install_requirements as install_requirements_into
 from api.backends.requirements import requirements_file
@@ -102,6 +102,7 @@ async def load_worker_backend(
         max_image_pixels=max_image_pixels,
         max_items_per_request=max_items_per_request,
         declared_metrics=declared_metrics,
+        work_dir=work_dir,
     )
 
 
@@ -122,6 +123,7 @@ class WorkerBackend:
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
         declared_metrics: Sequence[DeclaredMetric] = DEFAULT_MODEL_METRICS,
+        work_dir: Path | None = None,
     ) -> None:
         self.archive = archive
         self.settings = settings
@@ -140,7 +142,9 @@ class WorkerBackend:
         self._max_items_per_request = max_items_per_request
         self._declared_metrics = tuple(declared_metrics)
         self._workers: set[ProcessWorker] = set()
-        # The model's own package directory (api.backends.requirements), if it has one.
+        # The model's own package directory (api.backends.requirements), if it has one, made
+        # under the work dir (never in a model directory the user handed in).
+        self._work_dir = work_dir or default_work_dir()
         self._packages: Path | None = None
 
     @property
@@ -148,9 +152,12 @@ class WorkerBackend:
         """The archive's model-config.yaml (`api.model_config` reads its frontend keys)."""
         return self.archive.model_config
 
-    async def prepare(self, settings: ModelSettings, *, install_requirements: bool) -> None:
+    async def prepare(
+        self, settings: ModelSettings, *, install_requirements: bool, model: str
+    ) -> None:
         """Take the version's final settings and, with `install_py_dep_per_model`, install
-        the archive's requirements; before any worker starts. Raises `RequirementsError`."""
+        the archive's requirements; before any worker starts. `model` names the model as it
+        registers. Raises `RequirementsError`."""
         self.settings = settings
         archive = self.archive
         requirements = requirements_file(archive.manifest)
@@ -160,7 +167,7 @@ class WorkerBackend:
             log.warning(
                 "Model %s: requirementsFile %s is not installed: install_py_dep_per_model is "
                 "false (as in TorchServe)",
-                archive.name,
+                model,
                 requirements,
             )
             return
@@ -168,11 +175,10 @@ class WorkerBackend:
             log.info(
                 "Model %s: useVenv: its requirements go into a package directory of its own, "
                 "on top of the server's environment (docs/compatibility.md)",
-                archive.name,
+                model,
             )
-        work_dir = (archive.extracted_to or archive.model_dir).parent
         self._packages = await install_requirements_into(
-            archive.model_dir, requirements, work_dir, model=archive.name
+            archive.model_dir, requirements, self._work_dir, model=model
         )
 
     async def start_worker(self, index: int) -> ProcessWorker:

@@ -86,9 +86,8 @@ def test_without_install_py_dep_per_model_requirements_are_ignored(
     archive = open_archive(path, work_dir=tmp_path / "work")
     backend = WorkerBackend(archive, ModelSettings(), pool=mock.Mock())
     with caplog.at_level(logging.WARNING, logger="api.backends.workers"):
-        run(backend.prepare(ModelSettings(batch_size=3), install_requirements=False))
+        run(backend.prepare(ModelSettings(batch_size=3), install_requirements=False, model="w"))
     assert backend.settings.batch_size == 3
-    assert "requirementsFile requirements.txt is not installed: install_py_dep_per_model" in (
-        caplog.text
-    )
+    assert "Model w: requirementsFile requirements.txt is not installed: " in caplog.text
+    assert "install_py_dep_per_model is false" in caplog.text
     run(backend.close())
