@@ -55,6 +55,7 @@ def worker_backend_loader(
             limits=limits,
             max_image_pixels=config.image_pixel_limit,
             max_items_per_request=config.max_items_per_request,
+            declared_metrics=config.metrics_spec.model_metrics,
         )
 
     return load
@@ -138,6 +139,7 @@ def build(
         access_log=access_log_setting(config.raw) if access_log is None else access_log
     )
     observer = observability.observer
+    observability.handler_metrics.spec = config.metrics_spec
     registry = Registry(observer, max_workers_per_model=config.worker_bound)
     observability.metrics.track(registry)
     router = TrafficRouter(registry)

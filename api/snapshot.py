@@ -186,6 +186,7 @@ async def restore(data: Mapping[str, Any], loader: ModelLoader, router: TrafficR
                     make_default=bool(entry.get("defaultVersion")),
                     extra={k: v for k, v in entry.items() if k.startswith("torchgate")},
                     keep_failed=True,
+                    origin="snapshot",
                 )
             except Exception as exc:
                 errors.append(f"{name} {version} ({entry.get('marName')}): {exc}")
