@@ -46,12 +46,12 @@ class WorkflowLoader:
         candidate = given if given.is_absolute() else store / given
         try:
             path = candidate.resolve()
+            is_file = path.is_file()
         except (OSError, ValueError, RuntimeError) as exc:
+            # A NUL byte, a name too long, a symlink loop: nothing that could name an archive.
             raise BadRequest(f"Given URL {url!r} is not a usable path: {exc}") from exc
         inside = ".." not in given.parts and path.is_relative_to(store.resolve())
-        if not inside and not self.config.allows_url(path.as_uri()):
-            raise WorkflowNotFound(f"Workflow not found in workflow store: {url}")
-        if not path.is_file():
+        if not is_file or (not inside and not self.config.allows_url(path.as_uri())):
             raise WorkflowNotFound(f"Workflow not found in workflow store: {url}")
         return path
 
