@@ -143,7 +143,13 @@ class ModelLoader:
             raise
 
     async def register_path(
-        self, path: Path, settings: ModelSettings, *, model_name: str, url: str
+        self,
+        path: Path,
+        settings: ModelSettings,
+        *,
+        model_name: str,
+        url: str,
+        extra: dict[str, Any] | None = None,
     ) -> ModelVersion:
         """Register a model directory torchgate wrote itself (a workflow's function node), as
         `url`; unlike `register`, `path` is not looked for in the model store."""
@@ -159,7 +165,7 @@ class ModelLoader:
                 url,
                 ready_backend,
                 settings,
-                backend_info={"kind": "local"},
+                backend_info={"kind": "local", **(extra or {})},
             )
         except BaseException:
             await backend.close()

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 from api.backends.extract import ArchiveLimits
 from api.backends.war import WorkflowArchive, function_model, open_war
-from api.core.workflow import Node, RegisterOptions, WorkflowSpec, parse_spec
+from api.core.workflow import WORKFLOW_KEY, Node, RegisterOptions, WorkflowSpec, parse_spec
 from api.errors import BadRequest, WorkflowNotFound
 from api.loader import ModelLoader
 
@@ -83,13 +83,23 @@ class WorkflowLoader:
             overrides["startupTimeout"] = options.startup_timeout_s
         settings = self.config.model_settings(overrides)
         if node.url is not None:
-            await self.loader.register(node.url, settings, model_name=node.model, requested=True)
+            await self.loader.register(
+                node.url,
+                settings,
+                model_name=node.model,
+                requested=True,
+                extra={WORKFLOW_KEY: spec.name},
+            )
             return
         archive = spec.source
         assert isinstance(archive, WorkflowArchive)
         model_dir = await asyncio.to_thread(function_model, archive, node.name, node.model)
         await self.loader.register_path(
-            model_dir, settings, model_name=node.model, url=f"{spec.url}:{node.name}"
+            model_dir,
+            settings,
+            model_name=node.model,
+            url=f"{spec.url}:{node.name}",
+            extra={WORKFLOW_KEY: spec.name},
         )
 
     async def remove_node(self, model: str) -> None:

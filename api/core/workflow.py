@@ -58,6 +58,11 @@ SETTING_KEYS = {
 }
 
 
+# In the backend_info of a model that serves a workflow's node: the workflow's name. Such
+# models are the workflow's (unregistered with it), and snapshots leave them out.
+WORKFLOW_KEY = "workflow"
+
+
 @dataclass(frozen=True, slots=True)
 class NodeSettings:
     """TorchServe's defaults for a workflow's models (`WorkFlow.java`)."""
