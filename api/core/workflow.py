@@ -27,7 +27,7 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -441,7 +441,8 @@ class Workflows:
         raise InferenceFailed(f"Error executing {node.name}")
 
 
-NodeCall = Callable[[Node, InferenceRequest], Any]  # -> Awaitable[bytes]
+# Runs one node on its request; its response bytes (`Workflows._call`, or a test's fake).
+NodeCall = Callable[[Node, InferenceRequest], Awaitable[bytes]]
 
 
 async def run_dag(
