@@ -14,7 +14,7 @@ import pytest
 
 from api.backends.archive import open_archive
 from api.backends.war import function_model, open_war
-from api.config import Config
+from api.config import Config, parse_config
 from api.core.registry import Registry
 from api.core.routing import TrafficRouter
 from api.core.types import Backend, ModelSettings, NullObserver
@@ -144,3 +144,11 @@ def test_snapshots_leave_workflow_nodes_out() -> None:
             await registry.close()
 
     assert list(aio.run(scenario())["models"]) == ["plain"]  # type: ignore[call-overload]
+
+
+def test_workflow_store_key(tmp_path: Path) -> None:
+    assert parse_config({}, base_dir=tmp_path).workflow_store is None
+    relative = parse_config({"workflow_store": "wars"}, base_dir=tmp_path)
+    assert relative.workflow_store == tmp_path / "wars"
+    absolute = parse_config({"workflow_store": "/srv/wars"}, base_dir=tmp_path)
+    assert absolute.workflow_store == Path("/srv/wars")
