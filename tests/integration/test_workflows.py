@@ -88,6 +88,14 @@ SPEC = """
         add: [agg]
 """
 
+MISSING_MODEL_SPEC = """
+    models:
+        m:
+            url: nope.mar
+    dag:
+        m: []
+"""
+
 BAD_SPEC = """
     models:
         add:
@@ -132,6 +140,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Urls
     build_archive(workdir, "wf_add", "model.py", {"model.py": MODEL}, export_dir=models)
     build_war(workdir, "fan", SPEC, HANDLER, wars)
     build_war(workdir, "bad", BAD_SPEC, HANDLER, wars)
+    build_war(workdir, "missing", MISSING_MODEL_SPEC, HANDLER, wars)
     with ExitStack() as stack, ThreadPoolExecutor(2) as pool:
         # Started side by side: each waits for its own Python processes.
         ts_started = pool.submit(
@@ -271,3 +280,18 @@ def test_describe_unknown_and_wrong_method(servers: dict[str, Urls]) -> None:
     }
     not_allowed = same(both(servers, "PUT", "management", "/workflows/nope"), 405)
     assert json.dumps(not_allowed).count("MethodNotAllowedException") == 1
+
+
+def test_a_node_that_cannot_register_fails_the_workflow(servers: dict[str, Urls]) -> None:
+    answers = both(servers, "POST", "management", "/workflows?url=missing.war")
+    for answer in answers.values():
+        assert answer.status_code == 500, answer.text
+        body = answer.json()
+        assert (body["code"], body["type"]) == (500, "WorkflowException")
+        # The details name the archive each server could not find, in its own words.
+        assert body["message"].startswith(
+            "Workflow missing has failed to register. Failures: [Workflow Node missing__m "
+            "failed to register. Details: "
+        )
+        assert "nope.mar" in body["message"]
+    assert same(both(servers, "GET", "management", "/workflows/missing"), 404)
