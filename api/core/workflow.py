@@ -266,15 +266,16 @@ class RegisterOptions:
 Encode = Callable[[Prediction], bytes]
 
 
-@dataclass
+@dataclass(eq=False)
 class Workflows:
     """The registered workflows, their management operations and `predict`."""
 
     dataplane: DataPlane
     host: WorkflowHost
     encode: Encode
-    _workflows: dict[str, WorkflowSpec] = field(default_factory=dict)
-    _registering: set[str] = field(default_factory=set)
+    _workflows: dict[str, WorkflowSpec] = field(default_factory=dict, init=False)
+    # Names being registered now: a second registration of one is a conflict at once.
+    _registering: set[str] = field(default_factory=set, init=False)
 
     # -- management -----------------------------------------------------------------------------
 
