@@ -129,6 +129,8 @@ class Config:
     grpc_management_address: str = "127.0.0.1"
     grpc_management_port: int = 7071
     model_store: Path = Path("model_store")
+    # Where `POST /workflows?url=x.war` looks (TorchServe's workflow_store); None: model_store.
+    workflow_store: Path | None = None
     load_models: str = ""
     models: list[ModelEntry] = field(default_factory=list)
     default_workers_per_model: int = 1
@@ -304,6 +306,9 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
         raise ConfigError(f"bad value in config.properties: {exc}") from exc
     store = Path(raw.get("model_store", "model_store"))
     config.model_store = store if store.is_absolute() else base_dir / store
+    if raw.get("workflow_store"):
+        workflows = Path(raw["workflow_store"])
+        config.workflow_store = workflows if workflows.is_absolute() else base_dir / workflows
     key_file = Path(raw.get("torchgate.key_file", "key_file.json"))
     config.key_file = key_file if key_file.is_absolute() else base_dir / key_file
     config.models = _models(raw.get("models"), config)

@@ -175,6 +175,35 @@ class ModelLoader:
             await backend.close()
             raise
 
+    async def register_path(
+        self,
+        path: Path,
+        settings: ModelSettings,
+        *,
+        model_name: str,
+        url: str,
+        extra: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Register a model directory torchgate wrote itself (a workflow's function node), as
+        `url`; unlike `register`, `path` is not looked for in the model store."""
+        backend = await self._load_local(path, settings, self.work_dir)
+
+        async def ready_backend() -> Backend:
+            return backend
+
+        try:
+            return await self.registry.register(
+                model_name,
+                "1.0",
+                url,
+                ready_backend,
+                settings,
+                backend_info={"kind": "local", **(extra or {})},
+            )
+        except BaseException:
+            await backend.close()
+            raise
+
     async def _register_torchserve(
         self,
         url: str,

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
 from api.core.routing import TrafficRouter
+from api.core.workflow import Workflows
 from api.errors import Unauthenticated
 from api.loader import ModelLoader
 from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_response
@@ -21,6 +22,7 @@ from api.rest.responses import error_parts
 from api.rest.security import MANAGEMENT, TokenAuth
 from api.rest.traffic import traffic_router
 from api.rest.v2 import V2InferEndpoint, is_infer_path, v2_router
+from api.rest.workflows import WfPredictEndpoint, is_wfpredict_path, workflow_router
 
 
 class InferenceApp:
@@ -65,6 +67,7 @@ def build_inference_app(
     max_request_size: int,
     auth: TokenAuth | None,
     max_items: int,
+    workflows: Workflows | None = None,
 ) -> InferenceApp:
     fastapi_app = FastAPI(
         title="torchgate inference API",
@@ -88,6 +91,11 @@ def build_inference_app(
         dataplane, max_request_size=max_request_size, max_items=max_items, auth=auth
     )
     app.add_hot_path("POST", is_infer_path, v2_infer)
+    if workflows is not None:
+        # TorchServe runs a workflow for any method on /wfpredict/{name}; POST and GET here.
+        wfpredict = WfPredictEndpoint(workflows, max_request_size=max_request_size, auth=auth)
+        app.add_hot_path("POST", is_wfpredict_path, wfpredict)
+        app.add_hot_path("GET", is_wfpredict_path, wfpredict)
     return app
 
 
@@ -116,6 +124,7 @@ def build_management_app(
     auth: TokenAuth | None,
     router: TrafficRouter | None = None,
     browser_guard: Callable[[ASGIApp], ASGIApp] | None = None,
+    workflows: Workflows | None = None,
 ) -> ASGIApp:
     """`browser_guard` wraps the app when token auth is off (see api.rest.origin)."""
     app = FastAPI(
@@ -130,6 +139,8 @@ def build_management_app(
     app.include_router(
         management_router(registry, loader, enable_model_api=enable_model_api, auth=auth)
     )
+    if workflows is not None:
+        app.include_router(workflow_router(workflows))
     if auth is None:
         return app if browser_guard is None else browser_guard(app)
     # /token is authorized by the API key inside its handler.
