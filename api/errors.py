@@ -14,6 +14,7 @@
     ├── MethodNotAllowed           405  UNIMPLEMENTED
     │   └── ModelApiDisabled       405  PERMISSION_DENIED  (as TorchServe: REST 405, gRPC 7)
     ├── Conflict                   409  FAILED_PRECONDITION
+    ├── TooManyRequests            429  RESOURCE_EXHAUSTED  (a handler's own 429)
     ├── InferenceFailed            500  INTERNAL       (the handler raised)
     │   ├── WorkerDied                                 (its worker process died mid-batch)
     │   ├── HandlerLoadError                           (import or initialize failed)
@@ -104,6 +105,12 @@ class ModelApiDisabled(MethodNotAllowed):
     """
 
 
+class TooManyRequests(TorchgateError):
+    """A handler answered an item with 429 (`set_response_status`): gRPC's RESOURCE_EXHAUSTED."""
+
+    type_name = "TooManyRequestsException"
+
+
 class Conflict(TorchgateError):
     type_name = "ConflictStatusException"
 
@@ -152,6 +159,7 @@ STATUS_TABLE: dict[type[TorchgateError], tuple[int, str]] = {
     MethodNotAllowed: (405, "UNIMPLEMENTED"),
     ModelApiDisabled: (405, "PERMISSION_DENIED"),
     Conflict: (409, "FAILED_PRECONDITION"),
+    TooManyRequests: (429, "RESOURCE_EXHAUSTED"),
     InferenceFailed: (500, "INTERNAL"),
     BackendUnavailable: (502, "UNAVAILABLE"),
     Overloaded: (503, "UNAVAILABLE"),
