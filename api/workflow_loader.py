@@ -89,6 +89,10 @@ class WorkflowLoader:
                 model_name=node.model,
                 requested=True,
                 extra={WORKFLOW_KEY: spec.name},
+                # The spec's per-node values weigh against the archive's model-config.yaml as
+                # a register call's parameters do.
+                origin="api",
+                api=overrides,
             )
             return
         archive = spec.source
