@@ -24,7 +24,7 @@ import numpy as np
 import uvloop
 
 from api.backends.workers import ProcessWorker, load_worker_backend
-from api.bench import render_table
+from benchmarks.load import render_table
 from api.core.types import InferenceRequest, ModelSettings
 from api.workers.pool import WorkerPool
 

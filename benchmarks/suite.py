@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-from api.bench import (
+from benchmarks.load import (
     LoadSpec,
     PointResult,
     parse_concurrency,

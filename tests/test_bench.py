@@ -1,4 +1,4 @@
-"""`torchgate bench` and the benchmark suite's tables: parsing and aggregation without load,
+"""`benchmarks.load` (closed-loop load) and the benchmark suite's tables: parsing and aggregation without load,
 then short real runs (python engine always, wrk when installed) against a stdlib HTTP server."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from api import bench
-from api.bench import BenchError, LoadSpec, PointResult
+from benchmarks import load as bench
+from benchmarks.load import BenchError, LoadSpec, PointResult
 from benchmarks import report
 from benchmarks.machine import Machine, cpu_model
 from benchmarks.raw import RawResult
