@@ -61,8 +61,7 @@ class InstanceLock:
             pid = _read(fd)[0]
             os.close(fd)
             raise AlreadyRunning(
-                f"already running with this config (pid {pid}); "
-                "stop it with `torchgate stop`"
+                f"already running with this config (pid {pid}); stop it with `torchgate stop`"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n{self.key}\n".encode(), 0)

@@ -193,8 +193,7 @@ def start_command(options: argparse.Namespace, argv: list[str]) -> int:
         pid = instances.is_running(key)
         if pid is not None:
             raise UsageError(
-                f"already running with this config (pid {pid}); "
-                "stop it with `torchgate stop`"
+                f"already running with this config (pid {pid}); stop it with `torchgate stop`"
             )
     except UsageError as exc:
         print(f"torchgate: {exc}", file=sys.stderr)
