@@ -403,7 +403,7 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             "max_response_size",
         ):
             if key in raw:
-                setattr(config, key, int(raw[key]))
+                setattr(config, key, _number(raw, key, int))
         for key in ("grpc_inference_address", "grpc_management_address", "load_models"):
             if key in raw:
                 setattr(config, key, raw[key])
@@ -411,11 +411,11 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             if key in raw:
                 setattr(config, key, raw[key].lower() == "true")
         if "default_response_timeout" in raw:
-            config.default_response_timeout = float(raw["default_response_timeout"])
+            config.default_response_timeout = _number(raw, "default_response_timeout", float)
         if "number_of_gpu" in raw:
-            config.number_of_gpu = int(raw["number_of_gpu"])
+            config.number_of_gpu = _number(raw, "number_of_gpu", int)
         if "torchgate.intra_op_threads" in raw:
-            config.intra_op_threads = int(raw["torchgate.intra_op_threads"])
+            config.intra_op_threads = _number(raw, "torchgate.intra_op_threads", int)
         if "torchgate.max_workers_per_model" in raw:
             bound = raw["torchgate.max_workers_per_model"]
             if not bound.isdigit() or int(bound) < 1:
@@ -450,6 +450,15 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
 
 
 _N = TypeVar("_N", int, float)
+
+
+def _number(raw: dict[str, str], key: str, kind: type[_N]) -> _N:
+    """The value of `key`; a ValueError that names the key and the value otherwise."""
+    try:
+        return kind(raw[key])
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise ValueError(f"{key}={raw[key]!r} is not {noun}") from None
 
 
 def _registration_keys(raw: dict[str, str], config: Config) -> None:
