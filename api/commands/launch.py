@@ -206,6 +206,7 @@ def start_command(options: argparse.Namespace, argv: list[str]) -> int:
 def serve_foreground(config: Config, options: argparse.Namespace, *, lock_key: str | None) -> int:
     """Bind, lock, load, serve until SIGTERM/SIGINT. `lock_key` None: no pid file (`serve`)."""
     from api.commands.listen import StartupError, bind_listeners
+    from api.config import ConfigError
 
     lock = instances.InstanceLock(lock_key) if lock_key is not None else None
     try:
@@ -221,7 +222,7 @@ def serve_foreground(config: Config, options: argparse.Namespace, *, lock_key: s
         pool = _launch_worker_pool(config)
         from api.server import run  # ~1.5 s of imports, while the zygote imports torch
 
-        run(
+        run(  # start-up errors past this point (a bad torchgate.traffic, ...) are ConfigError
             config,
             log_level=options.log_level,
             access_log=options.access_log,
@@ -229,7 +230,12 @@ def serve_foreground(config: Config, options: argparse.Namespace, *, lock_key: s
             sockets=sockets,
             on_ready=_ready_notifier(),
         )
+    except ConfigError as exc:
+        print(f"torchgate: {exc}", file=sys.stderr)
+        return 2
     finally:
+        for sock in sockets:  # closed by the servers already unless start-up failed
+            sock.close()
         if lock is not None:
             lock.release()
     return 0
@@ -280,8 +286,16 @@ def start_background(argv: list[str]) -> int:
             start_new_session=True,  # survives this shell; `torchgate stop` ends it
         )
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as ready:
-        signalled = ready.read(1)  # EOF without a byte: the child exited before serving
+    try:
+        with os.fdopen(read_end, "rb") as ready:
+            signalled = ready.read(1)  # EOF without a byte: the child exited before serving
+    except KeyboardInterrupt:
+        print(
+            f"\ntorchgate: stopped waiting; the server (pid {child.pid}) goes on starting "
+            "(`torchgate stop` ends it)",
+            file=sys.stderr,
+        )
+        return 130
     if signalled:
         print(f"torchgate started (pid {child.pid}); log: {log_path}")
         return 0
