@@ -188,13 +188,14 @@ def check_model_store(config: Config) -> None:
 
 def start_command(options: argparse.Namespace, argv: list[str]) -> int:
     try:
-        path, config = prepare(options)
-        key = instances.instance_key(path)
+        # As TorchServe: a running instance is reported before the flags are checked.
+        key = instances.instance_key(config_path(options.ts_config))
         pid = instances.is_running(key)
         if pid is not None:
             raise UsageError(
                 f"already running with this config (pid {pid}); stop it with `torchgate stop`"
             )
+        _, config = prepare(options)
     except UsageError as exc:
         print(f"torchgate: {exc}", file=sys.stderr)
         return 2

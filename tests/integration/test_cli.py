@@ -156,7 +156,6 @@ def servers(env: Env) -> Iterator[Servers]:
     a_config, a_addresses = env.config("a.properties", **A_CONFIG)
     b_config, b_addresses = env.config(
         "b.properties",
-        model_store=str(env.store),
         load_models="slow.mar",
         disable_token_authorization="true",
         enable_envvars_config="true",
@@ -187,8 +186,12 @@ def servers(env: Env) -> Iterator[Servers]:
         # different configs side by side, and half the start-up wall time on two cores.
         with ThreadPoolExecutor(2) as pool:
             a = pool.submit(env.torchgate, *torchserve_args(env, a_config))
-            b = pool.submit(
-                env.torchgate, "start", "--ts-config", str(b_config), TS_JOB_QUEUE_SIZE="7"
+            b = pool.submit(  # KServe's TorchServe runtime's command line, first word changed
+                env.torchgate,
+                "--start",
+                f"--model-store={env.store}",
+                f"--ts-config={b_config}",
+                TS_JOB_QUEUE_SIZE="7",
             )
             for started in (a.result(), b.result()):
                 assert started.returncode == 0, started.stderr
