@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
+from api.config import load_config
+from benchmarks import machine, raw, report, servers
 from benchmarks.load import (
     LoadSpec,
     PointResult,
@@ -29,8 +31,6 @@ from benchmarks.load import (
     pick_engine,
     run_points,
 )
-from api.config import load_config
-from benchmarks import machine, raw, report, servers
 
 
 @dataclass(frozen=True, slots=True)
