@@ -201,7 +201,7 @@ def start_command(options: argparse.Namespace, argv: list[str]) -> int:
         return 2
     if options.foreground:
         return serve_foreground(config, options, lock_key=key)
-    return start_background(argv)
+    return start_background(argv, config)
 
 
 def serve_foreground(config: Config, options: argparse.Namespace, *, lock_key: str | None) -> int:
@@ -268,7 +268,7 @@ def _launch_worker_pool(config: Config) -> WorkerPool:
     return pool
 
 
-def start_background(argv: list[str]) -> int:
+def start_background(argv: list[str], config: Config) -> int:
     """A detached `--foreground` child with the same arguments (`argv`: the flags after
     `start`); return once it serves, or with its error once it has exited."""
     log_dir = Path(os.environ.get("LOG_LOCATION", "logs"))
@@ -298,7 +298,11 @@ def start_background(argv: list[str]) -> int:
         )
         return 130
     if signalled:
-        print(f"torchgate started (pid {child.pid}); log: {log_path}")
+        print(
+            f"torchgate started (pid {child.pid}): serving on {config.inference_address} "
+            f"(management {config.management_address}, metrics {config.metrics_address}); "
+            f"log: {log_path}"
+        )
         return 0
     code = child.wait()
     print(f"torchgate: {_last_error(log_path, offset)}", file=sys.stderr)
