@@ -11,8 +11,9 @@ Keys torchgate understands (TorchServe's defaults unless noted):
     default_workers_per_model (1 here; TorchServe's default is one per GPU or core),
     job_queue_size (100), default_response_timeout (120 s), max_request_size and
     max_response_size (6553500 bytes), disable_token_authorization (false),
-    enable_model_api (false), allowed_urls (none here: only the model store; TorchServe's is
-    file://.*|http(s)?://.*), cors_allowed_origin (none), number_of_gpu
+    enable_model_api (false), install_py_dep_per_model (false), metrics_config,
+    model_metrics_auto_detect (false), allowed_urls (none here: only the model store;
+    TorchServe's is file://.*|http(s)?://.*), cors_allowed_origin (none), number_of_gpu
 
 torchgate's own keys start with `torchgate.` (for example `torchgate.snapshot_file`), so a
 file stays usable unchanged by `torchserve --ts-config`:
@@ -65,6 +66,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
+from api.metrics_config import MetricsConfigError, MetricsSpec, load_metrics_spec
 from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_ITEMS_PER_REQUEST
 from api.workers.zygote import DEFAULT_PRELOAD
 
@@ -103,6 +105,9 @@ class ModelEntry:
     settings: ModelSettings
     # Extra per-version settings torchgate understands, e.g. {"backend": {...}}.
     extra: dict[str, Any] = field(default_factory=dict)
+    # The entry as written (TorchServe keys): api.model_config weighs it against the archive's
+    # model-config.yaml.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +130,8 @@ class Config:
     grpc_management_address: str = "127.0.0.1"
     grpc_management_port: int = 7071
     model_store: Path = Path("model_store")
+    # Where `POST /workflows?url=x.war` looks (TorchServe's workflow_store); None: model_store.
+    workflow_store: Path | None = None
     load_models: str = ""
     models: list[ModelEntry] = field(default_factory=list)
     default_workers_per_model: int = 1
@@ -164,6 +171,12 @@ class Config:
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
     # torchgate.max_header_size / header_timeout / keep_alive_timeout / max_connections.
     http_limits: EdgeLimits = field(default_factory=lambda: _http_limits({}))
+    # install_py_dep_per_model: install an archive's requirementsFile for its workers
+    # (api.backends.requirements); without it requirements are ignored, as in TorchServe.
+    install_py_dep_per_model: bool = False
+    # metrics_config (TorchServe's metrics.yaml) and model_metrics_auto_detect: the handler
+    # metrics workers declare up front and /metrics exports (api.metrics_config).
+    metrics_spec: MetricsSpec = field(default_factory=MetricsSpec)
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
 
@@ -180,6 +193,13 @@ class Config:
             max_workers=max(int(o.get("maxWorkers", min_workers)), min_workers, 1),
             startup_timeout_s=float(o.get("startupTimeout", 120)),
         )
+
+    def model_options(self, name: str, version: str) -> dict[str, Any]:
+        """The models={...} entry of this version as written ({} when it has none)."""
+        for entry in self.models:
+            if entry.name == name and entry.version == version:
+                return entry.options
+        return {}
 
     @property
     def worker_bound(self) -> int:
@@ -407,7 +427,11 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
         for key in ("grpc_inference_address", "grpc_management_address", "load_models"):
             if key in raw:
                 setattr(config, key, raw[key])
-        for key in ("disable_token_authorization", "enable_model_api"):
+        for key in (
+            "disable_token_authorization",
+            "enable_model_api",
+            "install_py_dep_per_model",
+        ):
             if key in raw:
                 setattr(config, key, raw[key].lower() == "true")
         if "default_response_timeout" in raw:
@@ -437,9 +461,13 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
         raise ConfigError(f"bad value in config.properties: {exc}") from exc
     store = Path(raw.get("model_store", "model_store"))
     config.model_store = store if store.is_absolute() else base_dir / store
+    if raw.get("workflow_store"):
+        workflows = Path(raw["workflow_store"])
+        config.workflow_store = workflows if workflows.is_absolute() else base_dir / workflows
     key_file = Path(raw.get("torchgate.key_file", "key_file.json"))
     config.key_file = key_file if key_file.is_absolute() else base_dir / key_file
     config.models = _models(raw.get("models"), config)
+    config.metrics_spec = _metrics_spec(raw, base_dir)
     snapshot = raw.get("torchgate.snapshot_file", "logs/config/torchgate-snapshot.json")
     if snapshot:
         config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
@@ -459,6 +487,18 @@ def _number(raw: dict[str, str], key: str, kind: type[_N]) -> _N:
     except ValueError:
         noun = "an integer" if kind is int else "a number"
         raise ValueError(f"{key}={raw[key]!r} is not {noun}") from None
+
+
+def _metrics_spec(raw: dict[str, str], base_dir: Path) -> MetricsSpec:
+    """metrics_config: relative to this file's folder, else (as TorchServe) to the cwd."""
+    auto_detect = raw.get("model_metrics_auto_detect", "false").strip().lower() == "true"
+    path = Path(raw["metrics_config"]) if raw.get("metrics_config") else None
+    if path is not None and not path.is_absolute() and (base_dir / path).exists():
+        path = base_dir / path
+    try:
+        return load_metrics_spec(path, auto_detect=auto_detect)
+    except MetricsConfigError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _registration_keys(raw: dict[str, str], config: Config) -> None:
@@ -588,6 +628,7 @@ def _models(text: str | None, config: Config) -> list[ModelEntry]:
                     default=bool(settings.get("defaultVersion", False)),
                     settings=model_settings,
                     extra={k: v for k, v in settings.items() if k.startswith("torchgate")},
+                    options=settings,
                 )
             )
     return entries

@@ -23,7 +23,6 @@ from api.app import build
 from api.config import Address, Config, EdgeLimits
 from api.rest.asgi import ASGIApp
 from api.rest.edge import edge_protocol
-from api.rpc.server import grpc_servers
 from api.workers.pool import WorkerPool
 
 log = logging.getLogger("torchgate")
@@ -88,7 +87,7 @@ async def serve(
             (torchgate.metrics_app, config.metrics_address),
         )
     ]
-    extras = [grpc_servers(torchgate)]
+    extras = [torchgate.grpc_servers()]
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

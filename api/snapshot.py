@@ -42,6 +42,7 @@ from typing import Any
 from api.config import Config
 from api.core.registry import ModelVersion, Registry
 from api.core.routing import TrafficPolicy, TrafficRouter
+from api.core.workflow import WORKFLOW_KEY
 from api.errors import TorchgateError
 from api.loader import ModelLoader
 
@@ -134,10 +135,13 @@ def capture(registry: Registry, router: TrafficRouter) -> dict[str, Any]:
     models: dict[str, dict[str, Any]] = {}
     for name in registry.names():
         default = registry.default_version(name)
-        models[name] = {
+        entries = {
             v.version: _version_entry(v, default=v.version == default)
             for v in registry.versions(name)
+            if WORKFLOW_KEY not in v.backend_info  # a workflow's node: not restored, as in TS
         }
+        if entries:
+            models[name] = entries
     return {
         "name": NAME,
         "formatVersion": FORMAT_VERSION,
@@ -186,6 +190,7 @@ async def restore(data: Mapping[str, Any], loader: ModelLoader, router: TrafficR
                     make_default=bool(entry.get("defaultVersion")),
                     extra={k: v for k, v in entry.items() if k.startswith("torchgate")},
                     keep_failed=True,
+                    origin="snapshot",
                 )
             except Exception as exc:
                 errors.append(f"{name} {version} ({entry.get('marName')}): {exc}")

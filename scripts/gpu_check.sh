@@ -103,7 +103,7 @@ def marked(mark):
 
 def bench_lines(doc):
     for r in doc.get("results", []):
-        # api.bench: "rps" counts successful answers only; "requests" counts every answer.
+        # benchmarks.load: "rps" counts successful answers only; "requests" counts every answer.
         n = r.get("requests", 0)
         answers = n / r["duration_s"] if r.get("duration_s") else 0.0
         bad = {k: v for k, v in (r.get("errors") or {}).items() if v}
@@ -433,7 +433,7 @@ PYEOF
         timeout 20 nvidia-smi --query-compute-apps=pid,used_memory --format=csv 2>&1 | head -10
 
         # ---- 4. load -------------------------------------------------------------------------
-        section "4a. torchgate bench (python engine) c=$BENCH_CONCURRENCY, $BENCH_DURATION per point"
+        section "4a. benchmarks.load (python engine) c=$BENCH_CONCURRENCY, $BENCH_DURATION per point"
         t=$(budget 60 45)
         echo "(timeout ${t}s)"
         timeout -k 5 "$t" "$PY" -m benchmarks.load --url "http://127.0.0.1:$inf/predictions/digits" \

@@ -62,7 +62,9 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=URL",
         help="models to load: [NAME=]FILE.mar (in the model store) or `all`; overrides load_models",
     )
-    parser.add_argument("--workflow-store", dest="workflow_store", help="(workflows: unsupported)")
+    parser.add_argument(
+        "--workflow-store", dest="workflow_store", help=".war directory (default: model store)"
+    )
     parser.add_argument("--log-config", dest="log_config", help="(a log4j file: not read)")
     parser.add_argument("--cpp-log-config", dest="cpp_log_config", help="(C++ backend: unused)")
     parser.add_argument("--plugins-path", "--ppath", dest="plugins_path", help="(refused)")
@@ -151,10 +153,11 @@ def prepare(options: argparse.Namespace) -> tuple[Path | None, Config]:
         exists = Path(value).is_file() if kind == "file" else Path(value).is_dir()
         if not exists:
             raise UsageError(f"{flag} {kind} not found: {value}")
-        print(
-            f"torchgate: warning: {flag} is accepted and not used ({_UNUSED[flag]})",
-            file=sys.stderr,
-        )
+        if flag in _UNUSED:
+            print(
+                f"torchgate: warning: {flag} is accepted and not used ({_UNUSED[flag]})",
+                file=sys.stderr,
+            )
     overrides = Overrides(
         model_store=Path(options.model_store) if options.model_store else None,
         models=tuple(options.models or ()),
@@ -177,7 +180,6 @@ def prepare(options: argparse.Namespace) -> tuple[Path | None, Config]:
 _UNUSED = {
     "--log-config": "a log4j file; torchgate logs with Python logging, see --log-level",
     "--cpp-log-config": "torchgate has no C++ backend",
-    "--workflow-store": "workflow archives are not supported",
 }
 
 

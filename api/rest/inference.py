@@ -7,6 +7,7 @@ OpenAPI document all the same (`/api-description`, which tests/fuzz fuzzes).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -16,7 +17,8 @@ from api.rest.responses import JsonResponse
 from api.v2.tensors import DTYPES
 
 
-def inference_router(dataplane: DataPlane, app: FastAPI) -> APIRouter:
+def inference_router(dataplane: DataPlane, describe: Callable[[], dict[str, Any]]) -> APIRouter:
+    """TorchServe's utilities; `describe` gives the port's whole OpenAPI document."""
     router = APIRouter(tags=["inference"])
 
     @router.get("/ping")
@@ -27,19 +29,27 @@ def inference_router(dataplane: DataPlane, app: FastAPI) -> APIRouter:
 
     @router.options("/")
     async def api_description_options() -> JsonResponse:
-        return JsonResponse(openapi_document(app))
+        return JsonResponse(describe())
 
     @router.get("/api-description")
     async def api_description() -> JsonResponse:
-        return JsonResponse(openapi_document(app))
+        return JsonResponse(describe())
 
     return router
 
 
-def openapi_document(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the plain-ASGI prediction paths it cannot see."""
+def openapi_document(app: FastAPI, *others: FastAPI) -> dict[str, Any]:
+    """One document for the port: `app`'s schema, the other APIs' apps served beside it, and
+    the plain-ASGI prediction paths FastAPI cannot see."""
     document = dict(app.openapi())
     paths = dict(document.get("paths", {}))
+    schemas = dict(document.get("components", {}).get("schemas", {}))
+    for other in others:
+        other_document = other.openapi()
+        paths.update(other_document.get("paths", {}))
+        schemas.update(other_document.get("components", {}).get("schemas", {}))
+    if schemas:
+        document["components"] = {**document.get("components", {}), "schemas": schemas}
     predict = {
         "post": {
             "tags": ["inference"],

@@ -99,6 +99,11 @@ MANAGEMENT_OPERATIONS: dict[str, list[str] | None] = {
     "PUT /models/{model_name}/{version}/set-default": ["scratch"],
     "DELETE /models/{model_name}": [],
     "DELETE /models/{model_name}/{version}": [],
+    # Workflows: the fuzz store holds no .war, so registrations fail; names are generated.
+    "POST /workflows": None,
+    "GET /workflows": None,
+    "GET /workflows/{workflow_name}": None,
+    "DELETE /workflows/{workflow_name}": None,
 }
 
 
