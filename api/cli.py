@@ -15,8 +15,6 @@ import sys
 
 # Imported where used: `torchgate --help` and `torchgate models` stay quick.
 
-COMMANDS = ("start", "stop", "serve", "models", "export", "version")
-
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
