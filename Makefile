@@ -53,7 +53,7 @@ test: lint typecheck pytest
 # wrk drives the load (Debian package); the suite itself lives in benchmarks/.
 bench: venv protos archives
 	./scripts/install_tools.sh wrk
-	HF_HUB_OFFLINE=1 $(BIN)/torchgate bench --suite --out docs/benchmarks.md
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks --out docs/benchmarks.md
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.v2_throughput --append docs/benchmarks.md
 
 clean:

@@ -59,6 +59,7 @@ import logging
 import os
 import re
 import resource
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -241,16 +242,170 @@ def read_properties(text: str) -> dict[str, str]:
     return values
 
 
-def load_config(path: str | os.PathLike[str] | None) -> Config:
-    """Read a config.properties; relative model_store paths resolve against the file's folder."""
+def load_config(
+    path: str | os.PathLike[str] | None,
+    *,
+    overrides: Overrides | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read a config.properties; relative model_store paths resolve against the file's folder.
+
+    In TorchServe's order (ConfigManager): the file, its `$$VAR$$` references replaced by
+    environment variables, then the command line's `overrides`, then `TS_<KEY>` environment
+    variables when the file says `enable_envvars_config=true`. Paths from the command line or
+    the environment resolve against the working directory.
+    """
+    env = os.environ if environ is None else environ
     if path is None:
-        return Config()
-    file = Path(path)
-    try:
-        raw = read_properties(file.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {file}: {exc}") from exc
-    return parse_config(raw, base_dir=file.resolve().parent)
+        raw: dict[str, str] = {}
+    else:
+        file = Path(path)
+        try:
+            raw = read_properties(file.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {file}: {exc}") from exc
+    raw = _resolve_references(raw, env)
+    if overrides is not None:
+        raw.update(overrides.properties())
+    if raw.get("enable_envvars_config", "false").strip().lower() == "true":
+        raw.update(_environment_properties(raw, env))
+    if path is None:
+        if not raw:
+            return Config()
+        config = parse_config(raw, base_dir=Path.cwd())
+        if "torchgate.snapshot_file" not in raw:
+            config.snapshot_file = None  # as without a file: no snapshot
+        return config
+    return parse_config(raw, base_dir=Path(path).resolve().parent)
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """What TorchServe's command line sets over config.properties (`torchgate start`)."""
+
+    model_store: Path | None = None
+    models: tuple[str, ...] = ()  # NAME=URL or URL or "all", as `--models`
+    workflow_store: Path | None = None
+    disable_token_auth: bool = False  # the flag can only turn authorization off
+    enable_model_api: bool = False  # and only turn the model API on
+
+    def properties(self) -> dict[str, str]:
+        values: dict[str, str] = {}
+        if self.model_store is not None:
+            values["model_store"] = str(Path(self.model_store).absolute())
+        if self.workflow_store is not None:
+            values["workflow_store"] = str(Path(self.workflow_store).absolute())
+        if self.models:
+            values["load_models"] = ",".join(
+                "all" if m.lower() == "all" else m for m in self.models
+            )
+        if self.disable_token_auth:
+            values["disable_token_authorization"] = "true"
+        if self.enable_model_api:
+            values["enable_model_api"] = "true"
+        return values
+
+
+# TorchServe 0.12's ConfigManager reads these variables (its `TS_*` constants) over the file
+# when enable_envvars_config=true; the name is not always TS_ + the key in capitals.
+ENVIRONMENT_KEYS: dict[str, str] = {
+    **{
+        f"TS_{key.upper()}": key
+        for key in [
+            "debug",
+            "inference_address",
+            "management_address",
+            "metrics_address",
+            "load_models",
+            "blacklist_env_vars",
+            "default_workers_per_model",
+            "default_response_timeout",
+            "default_startup_timeout",
+            "unregister_model_timeout",
+            "number_of_netty_threads",
+            "netty_client_threads",
+            "job_queue_size",
+            "number_of_gpu",
+            "metrics_config",
+            "metrics_mode",
+            "model_metrics_auto_detect",
+            "disable_system_metrics",
+            "ipex_enable",
+            "cpu_launcher_enable",
+            "cpu_launcher_args",
+            "ipex_gpu_enable",
+            "async_logging",
+            "cors_allowed_origin",
+            "cors_allowed_methods",
+            "cors_allowed_headers",
+            "decode_input_request",
+            "keystore",
+            "keystore_pass",
+            "keystore_type",
+            "certificate_file",
+            "private_key_file",
+            "max_request_size",
+            "max_response_size",
+            "limit_max_image_pixels",
+            "default_service_handler",
+            "service_envelope",
+            "model_server_home",
+            "model_store",
+            "prefer_direct_buffer",
+            "allowed_urls",
+            "install_py_dep_per_model",
+            "enable_metrics_api",
+            "grpc_inference_address",
+            "grpc_management_address",
+            "grpc_inference_port",
+            "grpc_management_port",
+            "grpc_inference_max_connection_age_ms",
+            "grpc_management_max_connection_age_ms",
+            "grpc_inference_max_connection_age_grace_ms",
+            "grpc_management_max_connection_age_grace_ms",
+            "enable_grpc_ssl",
+            "initial_worker_port",
+            "initial_distribution_port",
+            "workflow_store",
+            "cpp_log_config",
+            "disable_token_authorization",
+            "enable_model_api",
+        ]
+    },
+    "TS_OPEN_INFERENCE_PROTOCOL": "ts_open_inference_protocol",
+    "TS_TOKEN_EXPIRATION_TIME_MIN": "token_expiration_min",
+    "TS_HEADER_KEY_SEQUENCE_ID": "ts_header_key_sequence_id",
+    "TS_HEADER_KEY_SEQUENCE_START": "ts_header_key_sequence_start",
+    "TS_HEADER_KEY_SEQUENCE_END": "ts_header_key_sequence_end",
+}
+_PATH_KEYS = frozenset({"model_store", "workflow_store"})
+_REFERENCE = re.compile(r"\$\$([^$]+[^$])\$\$")
+
+
+def _environment_properties(raw: dict[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for name, key in ENVIRONMENT_KEYS.items():
+        if name not in environ:
+            continue
+        # As TorchServe: TS_ALLOWED_URLS counts only with use_env_allowed_urls=true.
+        if key == "allowed_urls" and raw.get("use_env_allowed_urls", "").lower() != "true":
+            log.warning("TS_ALLOWED_URLS is ignored without use_env_allowed_urls=true")
+            continue
+        value = environ[name]
+        values[key] = str(Path(value).absolute()) if key in _PATH_KEYS and value else value
+    return values
+
+
+def _resolve_references(raw: dict[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """`key=$$NAME$$` takes the value of environment variable NAME (TorchServe's syntax)."""
+
+    def value_of(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError(f"config.properties refers to $${name}$$, which is not set")
+        return environ[name]
+
+    return {key: _REFERENCE.sub(value_of, value) for key, value in raw.items()}
 
 
 def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
@@ -268,7 +423,7 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             "max_response_size",
         ):
             if key in raw:
-                setattr(config, key, int(raw[key]))
+                setattr(config, key, _number(raw, key, int))
         for key in ("grpc_inference_address", "grpc_management_address", "load_models"):
             if key in raw:
                 setattr(config, key, raw[key])
@@ -280,11 +435,11 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             if key in raw:
                 setattr(config, key, raw[key].lower() == "true")
         if "default_response_timeout" in raw:
-            config.default_response_timeout = float(raw["default_response_timeout"])
+            config.default_response_timeout = _number(raw, "default_response_timeout", float)
         if "number_of_gpu" in raw:
-            config.number_of_gpu = int(raw["number_of_gpu"])
+            config.number_of_gpu = _number(raw, "number_of_gpu", int)
         if "torchgate.intra_op_threads" in raw:
-            config.intra_op_threads = int(raw["torchgate.intra_op_threads"])
+            config.intra_op_threads = _number(raw, "torchgate.intra_op_threads", int)
         if "torchgate.max_workers_per_model" in raw:
             bound = raw["torchgate.max_workers_per_model"]
             if not bound.isdigit() or int(bound) < 1:
@@ -323,6 +478,15 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
 
 
 _N = TypeVar("_N", int, float)
+
+
+def _number(raw: dict[str, str], key: str, kind: type[_N]) -> _N:
+    """The value of `key`; a ValueError that names the key and the value otherwise."""
+    try:
+        return kind(raw[key])
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise ValueError(f"{key}={raw[key]!r} is not {noun}") from None
 
 
 def _metrics_spec(raw: dict[str, str], base_dir: Path) -> MetricsSpec:

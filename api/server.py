@@ -13,7 +13,8 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Generator
+import socket
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import uvicorn
@@ -66,7 +67,11 @@ async def serve(
     ready: asyncio.Event | None = None,
     access_log: bool | None = None,
     pool: WorkerPool | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
+    """`sockets`: inference, management and metrics listeners bound beforehand
+    (`api.commands.listen`); `on_ready` is called once the start-up models serve."""
     torchgate = build(config, access_log=access_log, pool=pool)
     if torchgate.pool is not None:
         torchgate.pool.start()  # the zygote imports torch while the ports are bound
@@ -96,7 +101,10 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
 
-    tasks = [asyncio.create_task(server.serve()) for server in http_servers]
+    tasks = [
+        asyncio.create_task(server.serve(sockets=[sockets[i]] if sockets else None))
+        for i, server in enumerate(http_servers)
+    ]
     for start, _ in extras:
         await start()
     await torchgate.start()
@@ -113,6 +121,8 @@ async def serve(
     )
     if ready is not None:
         ready.set()
+    if on_ready is not None:
+        on_ready()
 
     done, _ = await asyncio.wait(
         [asyncio.create_task(stopping.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED
@@ -137,6 +147,8 @@ def run(
     log_level: str = "info",
     access_log: bool | None = None,
     pool: WorkerPool | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -148,4 +160,13 @@ def run(
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         runner = asyncio.run
-    runner(serve(config, log_level=log_level, access_log=access_log, pool=pool))
+    runner(
+        serve(
+            config,
+            log_level=log_level,
+            access_log=access_log,
+            pool=pool,
+            sockets=sockets,
+            on_ready=on_ready,
+        )
+    )

@@ -2,7 +2,7 @@
 # Installs the Debian packages the tests and benchmarks run for real, when their command is
 # missing: `install_tools.sh prometheus wrk` (each name is both the command and the package).
 #   prometheus  a real Prometheus server for the scrape tests (tests/integration/test_prometheus.py)
-#   wrk         the HTTP load generator `torchgate bench` drives
+#   wrk         the HTTP load generator `python -m benchmarks.load` drives
 # A no-op for commands already on PATH. Runs apt-get as root, through sudo otherwise; apt-get
 # update runs first because fresh images carry no package lists, and waits for a dpkg lock
 # another process holds instead of failing.
