@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -15,6 +16,7 @@ from api.loader import ModelLoader
 from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_response
 from api.rest.errors import install_error_handlers
 from api.rest.inference import inference_router
+from api.rest.kserve_v1 import V1_INFER, V1InferEndpoint, is_v1_infer_path, kserve_v1_router
 from api.rest.management import management_router
 from api.rest.predictions import PredictionsEndpoint
 from api.rest.responses import error_parts
@@ -70,6 +72,17 @@ def build_inference_app(
         dataplane, max_request_size=max_request_size, max_items=max_items, auth=auth
     )
     app.add_hot_path("POST", is_infer_path, v2_infer)
+    # KServe v1 (its `GET /` liveness too): routes after TorchServe's, a hot path like v2's.
+    fastapi_app.include_router(kserve_v1_router(dataplane))
+    fastapi_app.state.extra_openapi_paths = {
+        **getattr(fastapi_app.state, "extra_openapi_paths", {}),
+        "/v1/models/{model}:predict": V1_INFER,
+        "/v1/models/{model}:explain": V1_INFER,
+    }
+    v1_infer = V1InferEndpoint(
+        dataplane, max_request_size=max_request_size, max_items=max_items, auth=auth
+    )
+    app.add_hot_path("POST", is_v1_infer_path, v1_infer)
     return app
 
 
@@ -127,3 +140,38 @@ def build_metrics_app(render: Callable[[], bytes]) -> FastAPI:
         return Response(render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+class SharedPort:
+    """One listener for APIs configured on the same address, as TorchServe allows.
+
+    KServe's TorchServe examples put `inference_address` and `management_address` on the same
+    port (8085). Paths are TorchServe's: `/models...`, `/token` and `/workflows...` are the
+    management API's, `/metrics` the metrics API's, everything else the inference API's.
+    """
+
+    def __init__(self, apps: dict[str, ASGIApp]) -> None:
+        self.apps = apps  # by kind: "inference", "management", "metrics"
+        self.default = apps.get("inference") or next(iter(apps.values()))
+
+    def app_for(self, path: str) -> ASGIApp:
+        first = path.split("/", 2)[1] if path.count("/") else ""
+        if first in ("models", "token", "workflows") and "management" in self.apps:
+            return self.apps["management"]
+        if path == "/metrics" and "metrics" in self.apps:
+            return self.apps["metrics"]
+        return self.default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app_for(scope.get("path", ""))(scope, receive, send)
+
+
+def listeners(apps: list[tuple[str, ASGIApp, Any]]) -> list[tuple[ASGIApp, Any]]:
+    """(app, address) per distinct address: APIs that share one are served by a `SharedPort`."""
+    by_address: dict[Any, dict[str, ASGIApp]] = {}
+    for kind, app, address in apps:
+        by_address.setdefault(address, {})[kind] = app
+    return [
+        (next(iter(group.values())) if len(group) == 1 else SharedPort(group), address)
+        for address, group in by_address.items()
+    ]
