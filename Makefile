@@ -41,10 +41,11 @@ lint: venv
 typecheck: venv protos
 	$(BIN)/mypy
 
-# Real Prometheus (scrape tests) and wrk (bench tests), from Debian's packages when missing.
+# Real Prometheus (scrape tests), wrk (bench tests) and HAProxy (scale-out tests), from Debian's
+# packages when missing.
 # Needs root or sudo; outside CI a failure is only a warning (those tests then skip, saying why).
 tools:
-	./scripts/install_tools.sh prometheus wrk || [ -z "$$CI" ]
+	./scripts/install_tools.sh prometheus wrk haproxy || [ -z "$$CI" ]
 
 pytest: venv protos archives tools
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
