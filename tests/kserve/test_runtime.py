@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ import pytest
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
 from tests.support.aio import run
-from tests.support.kserve import build_layout
+from tests.support.kserve import build_layout, start_together
 from tests.support.server import TorchgateServer, running_torchgate
-from tests.support.torchserve import running_torchserve
+from tests.support.torchserve import TorchServe, running_torchserve
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +33,7 @@ MAX_ITEMS = 8
 @dataclass(frozen=True)
 class Servers:
     tg: TorchgateServer
+    ts: TorchServe
     layout: Path
 
 
@@ -41,10 +43,23 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     config = build_layout(
         root, "echo", ["1.0"], extra={"torchgate.max_items_per_request": str(MAX_ITEMS)}
     )
-    # TODO(merge): start as KServe does, `torchgate start --foreground --model-store=...
-    # --ts-config=config/config.properties` (the `cli` branch's command).
-    with running_torchgate(config, args=["--ncs"]) as tg:
-        yield Servers(tg, root)
+    with ExitStack() as stack:
+        # TODO(merge): start as KServe does, `torchgate start --foreground --ncs
+        # --model-store=... --ts-config=config/config.properties` (the `cli` branch's command).
+        tg, ts = start_together(
+            stack,
+            [
+                running_torchgate(config, args=["--ncs"]),
+                # TorchServe's own v1 endpoint, unwrapped by the envelope KServe's runtime sets.
+                running_torchserve(
+                    root / "model-store",
+                    models="echo=echo_v1_0.mar",
+                    extra_config={"service_envelope": "kserve"},
+                ),
+            ],
+        )
+        assert isinstance(tg, TorchgateServer) and isinstance(ts, TorchServe)
+        yield Servers(tg, ts, root)
 
 
 def v1_client() -> InferenceRESTClient:
@@ -171,15 +186,11 @@ def test_v2_rest_and_grpc_with_the_sdk(servers: Servers) -> None:
 
 def test_kserve_v1_against_torchserve(servers: Servers) -> None:
     """TorchServe's own /v1/models/{m}:predict with service_envelope=kserve, same archive."""
-    store = servers.layout / "model-store"
     requests = [
         ("echo:predict", {"instances": [{"data": "a"}, {"data": "b"}, [1, 2]]}),
         ("echo:explain", {"instances": [{"data": "a"}]}),
     ]
-    with running_torchserve(
-        store, models="echo=echo_v1_0.mar", extra_config={"service_envelope": "kserve"}
-    ) as ts:
-        for path, body in requests:
-            theirs = httpx.post(f"{ts.inference_url}/v1/models/{path}", json=body, timeout=30)
-            ours = httpx.post(f"{servers.tg.inference_url}/v1/models/{path}", json=body)
-            assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json()), path
+    for path, body in requests:
+        theirs = httpx.post(f"{servers.ts.inference_url}/v1/models/{path}", json=body, timeout=30)
+        ours = httpx.post(f"{servers.tg.inference_url}/v1/models/{path}", json=body)
+        assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json()), path

@@ -18,9 +18,8 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.kserve import build_layout
+from tests.support.kserve import build_layout, start_together
 from tests.support.server import TorchgateServer, post_many, running_torchgate
 from tests.support.torchserve import free_ports
 
@@ -96,23 +95,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         cluster = Cluster(replicas, f"http://127.0.0.1:{all_port}", f"http://127.0.0.1:{one_port}")
         _wait_serving(cluster, process, workdir / "haproxy.log")
         yield cluster
-
-
-def start_together(
-    stack: ExitStack, managers: Sequence[AbstractContextManager[TorchgateServer]]
-) -> list[TorchgateServer]:
-    """Enter the servers' context managers at once (each waits for its /ping), all or none."""
-    with ThreadPoolExecutor(len(managers)) as pool:
-        futures = [pool.submit(manager.__enter__) for manager in managers]
-        wait(futures)
-    for manager, future in zip(managers, futures, strict=True):
-        if future.exception() is None:
-            stack.push(manager.__exit__)
-    for future in futures:
-        error = future.exception()
-        if error is not None:
-            raise error
-    return [future.result() for future in futures]
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:

@@ -15,9 +15,14 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
+from typing import TypeVar
 
 from tests.support.archives import build_archive
+
+T = TypeVar("T")
 
 # Answers each instance (a batch item) with what it got, the version that answered and the
 # `explain` request header TorchServe's frontend sets; `{"status": N}` fails that item alone.
@@ -87,3 +92,18 @@ def build_layout(
     config = root / "config" / "config.properties"
     config.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
     return config
+
+
+def start_together(stack: ExitStack, managers: Sequence[AbstractContextManager[T]]) -> list[T]:
+    """Enter the servers' context managers at once (each waits for its /ping), all or none."""
+    with ThreadPoolExecutor(len(managers)) as pool:
+        futures = [pool.submit(manager.__enter__) for manager in managers]
+        wait(futures)
+    for manager, future in zip(managers, futures, strict=True):
+        if future.exception() is None:
+            stack.push(manager.__exit__)
+    for future in futures:
+        error = future.exception()
+        if error is not None:
+            raise error
+    return [future.result() for future in futures]
