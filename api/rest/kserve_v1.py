@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter
+from starlette.responses import Response
 
 from api.core.dataplane import Answer, DataPlane
 from api.core.types import API_V1_REST, InferenceRequest, Prediction
@@ -58,9 +59,9 @@ def v1_error_parts(exc: TorchgateError, model: str = "") -> tuple[int, bytes, di
     return http_status(exc), dumps({"error": message}), error_headers(exc)
 
 
-def _error_response(exc: TorchgateError, model: str = "") -> JsonResponse:
+def _error_response(exc: TorchgateError, model: str) -> Response:
     status, body, headers = v1_error_parts(exc, model)
-    return JsonResponse(orjson.loads(body), status_code=status, headers=headers)
+    return Response(body, status_code=status, headers=headers)
 
 
 def kserve_v1_router(dataplane: DataPlane) -> APIRouter:
@@ -75,7 +76,7 @@ def kserve_v1_router(dataplane: DataPlane) -> APIRouter:
         return JsonResponse({"models": sorted(dataplane.registry.names())})
 
     @router.get("/v1/models/{model}")
-    async def model_ready(model: str) -> JsonResponse:
+    async def model_ready(model: str) -> Response:
         try:
             if not dataplane.model_ready(model):
                 raise ModelNotReady(f"Model with name {model} is not ready.")
