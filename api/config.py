@@ -468,6 +468,7 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     config.key_file = key_file if key_file.is_absolute() else base_dir / key_file
     config.models = _models(raw.get("models"), config)
     config.metrics_spec = _metrics_spec(raw, base_dir)
+    _kserve_keys(raw, config)
     snapshot = raw.get("torchgate.snapshot_file", "logs/config/torchgate-snapshot.json")
     if snapshot:
         config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
@@ -598,6 +599,32 @@ def _traffic(text: str | None) -> dict[str, Any]:
     if not isinstance(spec, dict) or not all(isinstance(p, dict) for p in spec.values()):
         raise ConfigError('torchgate.traffic must be a JSON object of {"model": {policy}}')
     return spec
+
+
+def _kserve_keys(raw: dict[str, str], config: Config) -> None:
+    """The keys of the config.properties KServe's TorchServe runtime reads (docs/kubernetes.md).
+
+    `model_snapshot` (TorchServe's snapshot format, which KServe's examples use to name their
+    models): as in TorchServe, when present it alone says what loads, each model and version
+    with its settings, and load_models and models= are not read. `service_envelope`: the KServe
+    endpoints unwrap their requests themselves, whatever it says; /predictions is never
+    enveloped, so the key is logged and has no other effect.
+    """
+    snapshot = raw.get("model_snapshot")
+    if snapshot:
+        try:
+            models = json.loads(snapshot).get("models")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise ConfigError(f"model_snapshot is not a JSON object: {exc}") from exc
+        config.models = _models(json.dumps(models or {}), config)
+        config.load_models = ",".join(entry.mar_name for entry in config.models)
+    envelope = raw.get("service_envelope")
+    if envelope:
+        log.warning(
+            "service_envelope=%s has no effect here: /v1/models/{m}:predict and the v2 endpoints "
+            "unwrap KServe requests themselves, and /predictions is never enveloped",
+            envelope,
+        )
 
 
 def _models(text: str | None, config: Config) -> list[ModelEntry]:

@@ -21,6 +21,7 @@ import uvicorn
 
 from api.app import build
 from api.config import Address, Config, EdgeLimits
+from api.rest.apps import listeners
 from api.rest.asgi import ASGIApp
 from api.rest.edge import edge_protocol
 from api.workers.pool import WorkerPool
@@ -81,10 +82,12 @@ async def serve(
     torchgate.dataplane.accepting = False  # /ping stays unhealthy until models are loaded
     http_servers = [
         _http_server(app, address, config.http_limits, log_level=log_level, grace_s=grace_s)
-        for app, address in (
-            (torchgate.inference_app, config.inference_address),
-            (torchgate.management_app, config.management_address),
-            (torchgate.metrics_app, config.metrics_address),
+        for app, address in listeners(
+            [
+                ("inference", torchgate.inference_app, config.inference_address),
+                ("management", torchgate.management_app, config.management_address),
+                ("metrics", torchgate.metrics_app, config.metrics_address),
+            ]
         )
     ]
     extras = [torchgate.grpc_servers()]
