@@ -7,7 +7,8 @@ id, kept in the worker that ran it, so pinning and state isolation are visible i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytest
 
@@ -259,8 +260,8 @@ def test_drain_waits_for_queued_requests() -> None:
 
 class EchoBackend:
     batches = True
-    signature = None
-    manifest: dict[str, str] = {}
+    signature: Mapping[str, Any] | None = None
+    manifest: Mapping[str, Any] = {}
 
     async def start_worker(self, index: int) -> Worker:
         return SummingWorker(str(index))
