@@ -34,12 +34,14 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from api.core.batching import Batcher, Pending
 from api.core.types import (
     REJECT_DEADLINE,
     REJECT_QUEUE_FULL,
     InferenceRequest,
+    ModelSettings,
     NotRun,
     NullObserver,
     Observer,
@@ -366,3 +368,17 @@ def sequence_limits(
         sequence_max_idle_s=sequence_max_idle_ms / 1000.0,
         sequence_timeout_s=max(0.0, sequence_timeout_ms / 1000.0),
     )
+
+
+def describe_fields(settings: ModelSettings) -> dict[str, Any]:
+    """TorchServe 0.12's describe keys for sequence batching, in its order (it shows them for
+    every model, right after "useVenv"). The limits read 0 unless sequenceMaxIdleMSec > 0:
+    TorchServe reads them only then."""
+    read = settings.sequence_max_idle_ms > 0
+    return {
+        "stateful": settings.sequence_batching,
+        "sequenceMaxIdleMSec": int(settings.sequence_max_idle_ms) if read else 0,
+        "sequenceTimeoutMSec": int(settings.sequence_timeout_ms) if read else 0,
+        "maxNumSequence": settings.max_num_sequence if read else 0,
+        "maxSequenceJobQueueSize": settings.max_sequence_job_queue_size if read else 0,
+    }

@@ -17,6 +17,7 @@ from api.core.sequences import (
     SEQUENCE_ID,
     SEQUENCE_START,
     SequenceBatcher,
+    describe_fields,
     refused_message,
     sequence_limits,
 )
@@ -285,3 +286,26 @@ def test_the_registry_uses_sequence_batching_for_such_versions() -> None:
         await registry.close()
 
     aio.run(scenario())
+
+
+def test_describe_fields_as_torchserve_shows_them() -> None:
+    assert describe_fields(ModelSettings()) == {
+        "stateful": False,
+        "sequenceMaxIdleMSec": 0,
+        "sequenceTimeoutMSec": 0,
+        "maxNumSequence": 0,
+        "maxSequenceJobQueueSize": 0,
+    }
+    stateful = ModelSettings(
+        sequence_batching=True,
+        sequence_max_idle_ms=1500,
+        max_num_sequence=2,
+        max_sequence_job_queue_size=2,
+    )
+    assert describe_fields(stateful) == {
+        "stateful": True,
+        "sequenceMaxIdleMSec": 1500,
+        "sequenceTimeoutMSec": 0,
+        "maxNumSequence": 2,
+        "maxSequenceJobQueueSize": 2,
+    }
