@@ -14,8 +14,8 @@ Where torchgate answers differently from TorchServe 0.12, on purpose:
   call with INTERNAL "Worker died." and restarts the worker).
 - ListModels without `limit` lists up to 100 models (TorchServe takes the unset 0 literally and
   answers an empty page whose nextPageToken is "0").
-- StreamPredictions2 runs each message as an independent request and echoes its sequence_id:
-  torchgate has no stateful sequence batching.
+- StreamPredictions2 answers a failed message with the mapped code in `status` (TorchServe:
+  INTERNAL for every error), with TorchServe's messages.
 - DescribeModel ignores `customized`: handlers are not asked for custom metadata.
 - RegisterModel ignores `handler`, `runtime`, `s3_sse_kms` and `startup_timeout`, as REST does.
 """
@@ -32,6 +32,7 @@ from google.protobuf import empty_pb2
 
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
+from api.core.sequences import SEQUENCE_ID
 from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest
 from api.errors import BadRequest, TorchgateError, error_for_status
 from api.loader import ModelLoader
@@ -92,20 +93,25 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
         requests: AsyncIterator[inference.PredictionsRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference.PredictionResponse]:
-        """One answer per message, in order; a failed message answers with `status` set and
-        the stream goes on (TorchServe's contract). Each message needs a `sequence_id`."""
+        """TorchServe's stream for sequence batching: one answer per message, in order.
+
+        Each message names its sequence in `sequence_id`, which the handler reads as the
+        `ts_request_sequence_id` header (`context.get_sequence_id(idx)`); one without it is
+        answered "Parameter sequenceId is required." (TorchServe 0.12 too: it cannot start a
+        sequence here). A failed message answers with `status` set and the stream goes on;
+        answers carry no `sequence_id`, as TorchServe's.
+        """
         headers = metadata_headers(context)
         async for request in requests:
             try:
                 if not request.sequence_id:
-                    raise BadRequest("Parameter sequence_id is required.")
-                response = await self._predict(request, headers)
+                    raise BadRequest("Parameter sequenceId is required.")
+                sequence = {**headers, SEQUENCE_ID: request.sequence_id}
+                response = await self._predict(request, sequence)
             except TorchgateError as exc:
                 response = inference.PredictionResponse()
                 response.status.code = grpc_code(exc).value[0]
                 response.status.message = exc.message
-            if request.sequence_id:
-                response.sequence_id = request.sequence_id
             yield response
 
     async def _predict(

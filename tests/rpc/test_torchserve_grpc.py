@@ -235,12 +235,12 @@ def test_stream_predictions2_answers_each_message_and_survives_bad_ones(tmp_path
             assert len(responses) == 4
             first, no_sequence, unknown, last = responses
             assert json.loads(first.prediction)["inputs"]["data"] == ["bytes", "1"]
-            assert first.sequence_id == "s1" and not first.HasField("status")
-            assert not no_sequence.HasField("sequence_id")
+            assert not first.HasField("status")
+            # As TorchServe 0.12: answers carry no sequence_id, and a message must name one.
+            assert not any(r.HasField("sequence_id") for r in responses)
             assert no_sequence.status.code == Code.INVALID_ARGUMENT.value[0]
-            assert "sequence_id" in no_sequence.status.message
+            assert no_sequence.status.message == "Parameter sequenceId is required."
             assert unknown.status.code == Code.NOT_FOUND.value[0]
-            assert unknown.sequence_id == "s1"
             assert json.loads(last.prediction)["version"] == "2.0"
 
     run(scenario())
