@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 
 from api.app import Torchgate
+from api.auth import INFERENCE, MANAGEMENT, TokenAuth
 from api.core.types import REJECT_AUTH
 from api.errors import Unauthenticated
-from api.rest.security import INFERENCE, MANAGEMENT, TokenAuth
 from api.rpc.decoding import DecodingInterceptor
 from api.rpc.errors import grpc_code
 

@@ -33,8 +33,9 @@ from google.protobuf import empty_pb2
 from api.app import Torchgate
 from api.core.dataplane import DataPlane
 from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest
+from api.encoding import prediction_parts
 from api.errors import BadRequest, TorchgateError, error_for_status
-from api.rest.asgi import request_id
+from api.request_ids import request_id
 from api.rest.management import (
     SCALE_ACCEPTED,
     check_model_api,
@@ -45,7 +46,6 @@ from api.rest.management import (
     remove_version,
     scale_workers,
 )
-from api.rest.responses import prediction_parts
 from api.rpc.errors import abort, grpc_code, grpc_errors, metadata_headers
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
