@@ -21,7 +21,10 @@ _FIXED = {
 }
 
 
-def describe(model_version: ModelVersion, *, default: bool) -> dict[str, Any]:
+def describe(
+    model_version: ModelVersion, *, default: bool, customized: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """`customized`: `{"customizedMetadata": ...}` when asked, placed where TorchServe puts it."""
     settings = model_version.settings
     batcher = model_version.batcher
     stateful = settings.sequence_batching
@@ -54,6 +57,7 @@ def describe(model_version: ModelVersion, *, default: bool) -> dict[str, Any]:
             "remainingCapacity": max(batcher.queue_size - batcher.depth, 0),
             "pendingRequests": batcher.depth,
         },
+        **(customized or {}),
         # torchgate's own, after TorchServe's fields.
         "defaultVersion": default,
         "status": model_version.state.value,

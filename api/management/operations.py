@@ -149,10 +149,14 @@ class Management:
         else:
             versions = [self.registry.get(model_name, version)]
         default = self.registry.default_version(model_name)
-        documents = [describe(v, default=v.version == default) for v in versions]
-        if customized:
-            for document, model_version in zip(documents, versions, strict=True):
-                document["customizedMetadata"] = await self._customized(model_version)
+        documents = []
+        for model_version in versions:
+            extra = None
+            if customized:
+                extra = {"customizedMetadata": await self._customized(model_version)}
+            documents.append(
+                describe(model_version, default=model_version.version == default, customized=extra)
+            )
         return Reply(200, documents)
 
     async def _customized(self, model_version: ModelVersion) -> Any:

@@ -144,7 +144,7 @@ class TorchServeManagement(management_grpc.ManagementAPIsServiceServicer):
         self, request: management.RegisterModelRequest, context: grpc.aio.ServicerContext
     ) -> management.ManagementResponse:
         args = RegisterArgs(
-            url=request.url,
+            url=request.url or None,  # unset: "Parameter url is required."
             model_name=request.model_name or None,
             runtime=request.runtime or None,
             handler=request.handler or None,
