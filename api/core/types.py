@@ -106,8 +106,7 @@ class ModelSettings:
         # 0/0 is a version registered without workers (TorchServe's register default).
         if self.min_workers < 0 or self.max_workers < self.min_workers:
             raise ValueError(
-                f"need 0 <= min_workers <= max_workers, "
-                f"got {self.min_workers}/{self.max_workers}"
+                f"need 0 <= min_workers <= max_workers, got {self.min_workers}/{self.max_workers}"
             )
 
 
