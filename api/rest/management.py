@@ -83,11 +83,15 @@ def management_router(
             await management.describe(model_name, customized=lenient_bool(customized, False))
         )
 
+    @router.get("/models/{model_name}/all")
+    async def describe_all(model_name: str, customized: str | None = None) -> JsonResponse:
+        flag = lenient_bool(customized, False)
+        return _send(await management.describe(model_name, "all", customized=flag))
+
     @router.get("/models/{model_name}/{version}")
     async def describe_version(
         model_name: str, version: str, customized: str | None = None
     ) -> JsonResponse:
-        """`version` "all" describes every version."""
         flag = lenient_bool(customized, False)
         return _send(await management.describe(model_name, version, customized=flag))
 
