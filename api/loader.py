@@ -33,8 +33,9 @@ from api.errors import BadRequest, NotFound
 
 log = logging.getLogger(__name__)
 
-# Builds a backend for an archive path: (path, settings, work_dir) -> Backend.
-LocalBackendLoader = Callable[[Path, ModelSettings, Path], Awaitable[Backend]]
+# Builds a backend for an archive path: (path, settings, work_dir) -> Backend. Called with a
+# `handler=` keyword too when a registration overrides the manifest's handler.
+LocalBackendLoader = Callable[..., Awaitable[Backend]]
 
 
 class ModelLoader:
@@ -106,20 +107,25 @@ class ModelLoader:
         extra: dict[str, Any] | None = None,
         keep_failed: bool = False,
         requested: bool = False,
+        handler: str | None = None,
     ) -> ModelVersion:
         """Register the archive at `url`; `keep_failed` as in `Registry.register` (start-up).
 
         `requested`: a client asked through the management API, so a TorchServe target must
         be named by allowed_urls (config.properties and the snapshot are the operator's).
+        `handler` replaces the manifest's handler (the register API's `handler` parameter).
         """
         if model_name is not None:
             check_model_name(model_name)  # before unpacking anything; the registry checks again
         if _wants_torchserve(url, extra):
+            if handler is not None:
+                raise BadRequest("handler cannot be overridden for a version TorchServe serves")
             return await self._register_torchserve(
                 url, settings, model_name, version, make_default, extra or {}, requested
             )
         path = self.resolve(url)
-        backend = await self._load_local(path, settings, self.work_dir)
+        options = {} if handler is None else {"handler": handler}
+        backend = await self._load_local(path, settings, self.work_dir, **options)
         manifest_model = backend.manifest.get("model", {})
         name = model_name or str(manifest_model.get("modelName") or path.stem)
         version = version or str(manifest_model.get("modelVersion") or "1.0")

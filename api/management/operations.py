@@ -84,11 +84,6 @@ class Management:
             raise ModelNotFound("empty url")  # TorchServe's 404 for url=
         if args.runtime is not None and args.runtime not in RUNTIMES:
             raise BadRequest(f"Invalid RuntimeType value: {args.runtime}")
-        if args.handler is not None:
-            raise BadRequest(
-                f"handler={args.handler}: torchgate runs the handler the archive's manifest "
-                "names; repackage the archive with torch-model-archiver --handler instead"
-            )
         workers = max(
             args.initial_workers if args.initial_workers is not None else self.default_workers, 0
         )
@@ -114,8 +109,9 @@ class Management:
             raise BadRequest(f"Invalid registration parameter: {exc}") from None
         # Loading runs the handlers' initialize(); asynchronous registration answers 202 as
         # TorchServe does, once the workers are up.
+        # A handler the archive cannot resolve is refused here (400), before any worker.
         version = await self.loader.register(
-            args.url, settings, model_name=args.model_name, requested=True
+            args.url, settings, model_name=args.model_name, requested=True, handler=args.handler
         )
         head = f'Model "{version.name}" Version: {version.version} registered with'
         if not workers:
@@ -189,6 +185,9 @@ class Management:
         if high < low:
             raise BadRequest("max_worker cannot be less than min_worker.")
         model_version = self.registry.get(model_name, version)
+        for key, value in (("number_gpu", args.number_gpu), ("timeout", args.timeout)):
+            if value is not None:
+                log.warning("scale %s: %s=%s is ignored by torchgate", model_name, key, value)
         if args.batch_size is not None or args.max_batch_delay is not None:
             self.registry.update_batching(
                 model_name,

@@ -98,6 +98,10 @@ class ScaleArgs:
     synchronous: bool = False
     batch_size: int | None = None
     max_batch_delay: int | None = None
+    # Accepted as TorchServe accepts them, with a warning: devices come from number_of_gpu,
+    # and scaling down waits for a worker's current batch, not `timeout`.
+    number_gpu: str | None = None
+    timeout: str | None = None
 
     @classmethod
     def from_query(
@@ -108,6 +112,8 @@ class ScaleArgs:
         synchronous: str | None = None,
         batch_size: str | None = None,
         max_batch_delay: str | None = None,
+        number_gpu: str | None = None,
+        timeout: str | None = None,
     ) -> ScaleArgs:
         delay = lenient_int(max_batch_delay)
         return cls(
@@ -116,6 +122,8 @@ class ScaleArgs:
             synchronous=lenient_bool(synchronous, False),
             batch_size=positive(lenient_int(batch_size)),
             max_batch_delay=delay if delay is not None and delay >= 0 else None,
+            number_gpu=number_gpu,
+            timeout=timeout,
         )
 
 

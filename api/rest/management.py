@@ -104,6 +104,8 @@ def management_router(
         synchronous: str | None = None,
         batch_size: str | None = None,
         max_batch_delay: str | None = None,
+        number_gpu: str | None = None,
+        timeout: str | None = None,
     ) -> JsonResponse:
         args = ScaleArgs.from_query(
             min_worker=min_worker,
@@ -111,6 +113,8 @@ def management_router(
             synchronous=synchronous,
             batch_size=batch_size,
             max_batch_delay=max_batch_delay,
+            number_gpu=number_gpu,
+            timeout=timeout,
         )
         return _send(await management.scale(model_name, None, args))
 
@@ -127,6 +131,8 @@ def management_router(
         synchronous: str | None = None,
         batch_size: str | None = None,
         max_batch_delay: str | None = None,
+        number_gpu: str | None = None,
+        timeout: str | None = None,
     ) -> JsonResponse:
         args = ScaleArgs.from_query(
             min_worker=min_worker,
@@ -134,6 +140,8 @@ def management_router(
             synchronous=synchronous,
             batch_size=batch_size,
             max_batch_delay=max_batch_delay,
+            number_gpu=number_gpu,
+            timeout=timeout,
         )
         return _send(await management.scale(model_name, version, args))
 

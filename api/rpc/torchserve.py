@@ -168,6 +168,8 @@ class TorchServeManagement(management_grpc.ManagementAPIsServiceServicer):
             min_worker=request.min_worker or None,
             max_worker=request.max_worker or None,
             synchronous=request.synchronous,
+            number_gpu=str(request.number_gpu) if request.number_gpu else None,
+            timeout=str(request.timeout) if request.timeout else None,
         )
         reply = await self.management.scale(name, request.model_version or None, args)
         return management.ManagementResponse(msg=reply.message)
