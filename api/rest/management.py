@@ -8,6 +8,7 @@ TorchServe parses them (`batch_size=dd` means the default, not a 400). A trailin
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,6 +24,29 @@ from api.rest.responses import JsonResponse
 
 def _send(reply: Reply) -> JsonResponse:
     return JsonResponse(reply.body, status_code=reply.status)
+
+
+def _is_json(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "")
+    return content_type.split(";")[0].strip().lower() == "application/json"
+
+
+def _json_fields(body: bytes, names: dict[str, str | None]) -> dict[str, str | None]:
+    """The register fields of a JSON object body, as the query's strings (then parsed the
+    same lenient way); fields it does not name are not given."""
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise BadRequest(f"Invalid JSON body: {exc}") from None
+    if not isinstance(document, dict):
+        raise BadRequest("The JSON body must be an object of register parameters")
+    fields: dict[str, str | None] = dict.fromkeys(names)
+    for key in names:
+        value = document.get(key)
+        if value is None:
+            continue
+        fields[key] = json.dumps(value) if isinstance(value, bool) else str(value)
+    return fields
 
 
 def management_router(
@@ -44,6 +68,7 @@ def management_router(
 
     @router.post("/models")
     async def register_model(
+        request: Request,
         url: str | None = None,
         model_name: str | None = None,
         runtime: str | None = None,
@@ -55,19 +80,22 @@ def management_router(
         response_timeout: str | None = None,
         startup_timeout: str | None = None,
     ) -> JsonResponse:
-        args = RegisterArgs.from_query(
-            url=url,
-            model_name=model_name,
-            runtime=runtime,
-            handler=handler,
-            batch_size=batch_size,
-            max_batch_delay=max_batch_delay,
-            initial_workers=initial_workers,
-            synchronous=synchronous,
-            response_timeout=response_timeout,
-            startup_timeout=startup_timeout,
-        )
-        return _send(await management.register(args))
+        fields = {
+            "url": url,
+            "model_name": model_name,
+            "runtime": runtime,
+            "handler": handler,
+            "batch_size": batch_size,
+            "max_batch_delay": max_batch_delay,
+            "initial_workers": initial_workers,
+            "synchronous": synchronous,
+            "response_timeout": response_timeout,
+            "startup_timeout": startup_timeout,
+        }
+        if _is_json(request):
+            # TorchServe takes the same fields from a JSON body instead of the query.
+            fields = _json_fields(await request.body(), fields)
+        return _send(await management.register(RegisterArgs.from_query(**fields)))
 
     @router.get("/models")
     async def list_models(
