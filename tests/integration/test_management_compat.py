@@ -156,6 +156,7 @@ STEPS = [
     # Last of the REST calls: TorchServe unregisters the version after answering, so whether
     # it is gone by the next call is a race on its side.
     rest("POST", "/models?url=other.mar&model_name=st0&initial_workers=1&startup_timeout=0"),
+    rpc("DescribeModel", model_name="custom", customized=True),
     rpc("ListModels", limit=1),
     rpc("ListModels", limit=1, next_page_token=1),
     rpc("RegisterModel"),
