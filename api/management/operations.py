@@ -107,9 +107,9 @@ class Management:
             settings = dataclasses.replace(settings, max_workers=workers)
         except ValueError as exc:
             raise BadRequest(f"Invalid registration parameter: {exc}") from None
-        # Loading runs the handlers' initialize(); asynchronous registration answers 202 as
-        # TorchServe does, once the workers are up.
-        # A handler the archive cannot resolve is refused here (400), before any worker.
+        # Loading starts the workers (their handlers' initialize()) before either answer; an
+        # asynchronous registration answers TorchServe's 202 then. A handler the archive
+        # cannot resolve is refused here (400), before any worker starts.
         version = await self.loader.register(
             args.url, settings, model_name=args.model_name, requested=True, handler=args.handler
         )
