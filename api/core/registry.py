@@ -24,6 +24,7 @@ from api.core.types import Backend, ModelSettings, NullObserver, Observer
 from api.errors import (
     BadRequest,
     Conflict,
+    DefaultVersionInUse,
     HandlerLoadError,
     ModelNotFound,
     ModelNotReady,
@@ -222,9 +223,9 @@ class Registry:
             model_version = self.get(name, version)
             others = [v for v in self._models[name] if v != model_version.version]
             if others and self._defaults[name] == model_version.version:
-                raise Conflict(
-                    f"Cannot remove default version {model_version.version} of model {name}: "
-                    f"set another default version first"
+                raise DefaultVersionInUse(
+                    f"Cannot remove default version for model {name} (version "
+                    f"{model_version.version}): set another default version first"
                 )
             for guard in self.before_unregister:
                 guard(name, model_version.version)

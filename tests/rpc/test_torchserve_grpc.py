@@ -354,7 +354,9 @@ def test_register_and_unregister(tmp_path: Path) -> None:
             register = client.management.RegisterModel
             unregister = client.management.UnregisterModel
             response = await register(
-                management.RegisterModelRequest(url="n-1.0.mar", batch_size=4, initial_workers=2)
+                management.RegisterModelRequest(
+                    url="n-1.0.mar", batch_size=4, initial_workers=2, synchronous=True
+                )
             )
             assert response.msg == 'Model "n" Version: 1.0 registered with 2 initial workers'
             assert client.tg.registry.get("n").settings.batch_size == 4
@@ -371,7 +373,7 @@ def test_register_and_unregister(tmp_path: Path) -> None:
             await expect_error(register(management.RegisterModelRequest()), Code.INVALID_ARGUMENT)
 
             response = await unregister(management.UnregisterModelRequest(model_name="n"))
-            assert response.msg == 'Model "n" Version: 1.0 unregistered'
+            assert response.msg == 'Model "n" unregistered'
             await expect_error(
                 client.management.DescribeModel(management.DescribeModelRequest(model_name="n")),
                 Code.NOT_FOUND,
@@ -379,12 +381,12 @@ def test_register_and_unregister(tmp_path: Path) -> None:
             # The default version of a model with other versions stays (as in TorchServe).
             await expect_error(
                 unregister(management.UnregisterModelRequest(model_name="m")),
-                Code.FAILED_PRECONDITION,
+                Code.PERMISSION_DENIED,
             )
             response = await unregister(
                 management.UnregisterModelRequest(model_name="m", model_version="2.0")
             )
-            assert response.msg == 'Model "m" Version: 2.0 unregistered'
+            assert response.msg == 'Model "m" unregistered'
             await expect_error(
                 unregister(management.UnregisterModelRequest(model_name="nope")), Code.NOT_FOUND
             )
