@@ -53,6 +53,7 @@ def worker_backend_loader(
             limits=limits,
             max_image_pixels=config.image_pixel_limit,
             max_items_per_request=config.max_items_per_request,
+            service_envelope=config.service_envelope,
         )
 
     return load

@@ -12,7 +12,9 @@ Keys torchgate understands (TorchServe's defaults unless noted):
     job_queue_size (100), default_response_timeout (120 s), max_request_size and
     max_response_size (6553500 bytes), disable_token_authorization (false),
     enable_model_api (false), allowed_urls (none here: only the model store; TorchServe's is
-    file://.*|http(s)?://.*), cors_allowed_origin (none), number_of_gpu
+    file://.*|http(s)?://.*), cors_allowed_origin (none), number_of_gpu,
+    service_envelope (kserve, kservev2, body or json: TorchServe's request envelope around
+    every handler; none by default)
 
 torchgate's own keys start with `torchgate.` (for example `torchgate.snapshot_file`), so a
 file stays usable unchanged by `torchserve --ts-config`:
@@ -161,6 +163,9 @@ class Config:
     limit_max_image_pixels: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
+    # TorchServe's service_envelope: ts.torch_handler.request_envelope's module wrapping every
+    # handler in its worker (api.workers.main.wrap_in_envelope); None: no envelope.
+    service_envelope: str | None = None
     # torchgate.max_header_size / header_timeout / keep_alive_timeout / max_connections.
     http_limits: EdgeLimits = field(default_factory=lambda: _http_limits({}))
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
@@ -291,7 +296,21 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     config.traffic = _traffic(raw.get("torchgate.traffic"))
     _input_limits(raw, config)
     config.http_limits = _http_limits(raw)
+    config.service_envelope = _service_envelope(raw.get("service_envelope"))
     return config
+
+
+SERVICE_ENVELOPES = ("kserve", "kservev2", "body", "json")
+
+
+def _service_envelope(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    if value.strip() not in SERVICE_ENVELOPES:
+        raise ConfigError(
+            f"service_envelope must be one of {', '.join(SERVICE_ENVELOPES)}, got {value!r}"
+        )
+    return value.strip()
 
 
 _N = TypeVar("_N", int, float)

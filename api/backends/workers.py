@@ -78,6 +78,7 @@ async def load_worker_backend(
     on_metric: MetricCallback | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
+    service_envelope: str | None = None,
 ) -> WorkerBackend:
     """Validate and extract the archive at `path` (off the event loop) for worker processes.
 
@@ -96,6 +97,7 @@ async def load_worker_backend(
         on_metric=on_metric,
         max_image_pixels=max_image_pixels,
         max_items_per_request=max_items_per_request,
+        service_envelope=service_envelope,
     )
 
 
@@ -115,6 +117,7 @@ class WorkerBackend:
         on_metric: MetricCallback | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
+        service_envelope: str | None = None,
     ) -> None:
         self.archive = archive
         self.settings = settings
@@ -131,6 +134,7 @@ class WorkerBackend:
         self._on_metric = on_metric
         self._max_image_pixels = max_image_pixels
         self._max_items_per_request = max_items_per_request
+        self._service_envelope = service_envelope
         self._workers: set[ProcessWorker] = set()
 
     async def start_worker(self, index: int) -> ProcessWorker:
@@ -144,6 +148,7 @@ class WorkerBackend:
             intra_op_threads=self._intra_op_threads,
             max_image_pixels=self._max_image_pixels,
             max_items_per_request=self._max_items_per_request,
+            service_envelope=self._service_envelope,
         )
         label = f"{archive.name}/{archive.version} w{index}"
         what = f"Model {archive.name} version {archive.version} worker {index}"

@@ -16,7 +16,7 @@ from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_respo
 from api.rest.errors import install_error_handlers
 from api.rest.inference import inference_router
 from api.rest.management import management_router
-from api.rest.predictions import PredictionsEndpoint
+from api.rest.predictions import PREFIXES, PredictionsEndpoint
 from api.rest.responses import error_parts
 from api.rest.security import MANAGEMENT, TokenAuth
 from api.rest.traffic import traffic_router
@@ -65,7 +65,9 @@ def build_inference_app(
     fastapi_app.include_router(v2_router(dataplane))
     app = InferenceApp(fastapi_app)
     predictions = PredictionsEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
-    app.add_hot_path("POST", lambda path: path.startswith("/predictions/"), predictions)
+    # TorchServe runs inference for any method there (OPTIONS: the model's description).
+    for method in ("POST", "PUT", "GET", "DELETE", "PATCH", "HEAD", "OPTIONS"):
+        app.add_hot_path(method, lambda path: path.startswith(PREFIXES), predictions)
     v2_infer = V2InferEndpoint(
         dataplane, max_request_size=max_request_size, max_items=max_items, auth=auth
     )

@@ -33,6 +33,14 @@ Headers = list[tuple[str, str]]
 Reply = tuple[int, bytes, Headers]
 
 
+class StreamingReply(ABC):
+    """A reply sent in parts as its content is produced (HTTP/1.1 chunked transfer)."""
+
+    @abstractmethod
+    async def send(self, send: Send, headers: Headers) -> None:
+        """Send the whole response, with `headers` (the request id) added to the handler's."""
+
+
 class InferenceEndpoint(ABC):
     def __init__(
         self, dataplane: DataPlane, *, max_request_size: int, auth: TokenAuth | None = None
@@ -54,7 +62,7 @@ class InferenceEndpoint(ABC):
         body: bytes,
         model: str,
         version: str | None,
-    ) -> Reply:
+    ) -> Reply | StreamingReply:
         """Decode `body`, run it through the dataplane, encode the answer."""
 
     @abstractmethod
@@ -73,6 +81,10 @@ class InferenceEndpoint(ABC):
             reply = await cancel_on_disconnect(
                 receive, self.answer(scope, headers, rid, body, model, version)
             )
+            if isinstance(reply, StreamingReply):
+                # Streaming runs on after the first part: a client that leaves cancels it too.
+                await cancel_on_disconnect(receive, reply.send(send, [("x-request-id", rid)]))
+                return
         except (ClientDisconnected, asyncio.CancelledError):
             return  # nobody is left to answer
         except TorchgateError as exc:

@@ -58,6 +58,9 @@ class WorkerSpec:
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     # The most rows (images, texts) one request may bring the shipped handlers.
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
+    # TorchServe's service_envelope (kserve, kservev2, body, json): the envelope of
+    # ts.torch_handler.request_envelope that wraps the handler; None: the handler alone.
+    service_envelope: str | None = None
 
 
 class _Metrics(list[tuple[str, float, str, dict[str, str], str]]):
@@ -110,9 +113,31 @@ def run(spec: WorkerSpec, sock: socket.socket) -> None:
     info = {"pid": os.getpid(), "device": device, "description": entry.description}
     wire.send(sock, wire.encode(("ready", info, metrics.take())))
     log.info("worker %d: %s on %s", spec.index, entry.description, device)
+    handle = entry.handle
+    if spec.service_envelope:
+        handle = wrap_in_envelope(handle, spec.service_envelope)
     global _LOOP
-    _LOOP = _Loop(spec, context, entry.handle, metrics, torch)
+    _LOOP = _Loop(spec, context, handle, metrics, torch)
     _LOOP.serve(sock)
+
+
+def wrap_in_envelope(handle: Any, envelope: str) -> Any:
+    """`handle` inside TorchServe's request envelope `envelope`, as its model loader wraps the
+    entry point: the envelope unwraps each batch for the handler and wraps what it returns."""
+    import importlib
+
+    module = importlib.import_module(f"ts.torch_handler.request_envelope.{envelope}")
+    from ts.torch_handler.request_envelope.base import BaseEnvelope
+
+    classes = [
+        value
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, BaseEnvelope)
+        and value is not BaseEnvelope
+        and value.__module__ == module.__name__
+    ]
+    return classes[0](handle).handle
 
 
 def _device(torch: Any, spec: WorkerSpec) -> int | None:
@@ -185,19 +210,24 @@ class _Loop:
             return ("error", 500, f"{self._what}: {problem}", self._metrics.take())
         try:
             responses = [
-                self._response(body, processor)
+                self._response(body, processor, last=True)
                 for body, processor in zip(result, processors, strict=False)
             ]
         except TypeError as exc:
             return ("error", 500, f"{self._what}: {exc}", self._metrics.take())
         return ("result", responses, self._metrics.take())
 
-    def _response(self, body: Any, processor: Any) -> tuple[Any, int, str, dict[str, str]]:
+    def _response(
+        self, body: Any, processor: Any, *, last: bool = False
+    ) -> tuple[Any, int, str, dict[str, str]]:
+        headers = dict(processor.get_response_headers())
+        if last and headers.get("ts_stream_next") == "true":
+            headers["ts_stream_next"] = "false"  # the end of a stream, as TorchServe's worker
         return (
             self.portable(body),
             int(processor.get_response_status_code()),
             processor.get_response_status_phrase() or "",
-            dict(processor.get_response_headers()),
+            headers,
         )
 
     def portable(self, value: Any) -> Any:
