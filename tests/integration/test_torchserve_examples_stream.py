@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -25,8 +23,8 @@ from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from tests.support.archives import build_archive
 from tests.support.chunked import request_chunks
-from tests.support.server import running_torchgate
-from tests.support.torchserve import running_torchserve
+from tests.support.side_by_side import Endpoints as Server
+from tests.support.side_by_side import side_by_side
 
 pytestmark = [
     pytest.mark.integration,
@@ -124,12 +122,6 @@ FILES = """
 """
 
 
-@dataclass(frozen=True)
-class Server:
-    inference: str
-    grpc_port: int
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
     work = tmp_path_factory.mktemp("examples")
@@ -153,36 +145,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         "index_to_name.json": json.dumps({"0": "negative", "1": "positive"}),
     }
     build_archive(work, "hf_pattern", "files.py", files, export_dir=store)
-    found: dict[str, Server] = {}
-    ready = threading.Event()
-    failure: list[BaseException] = []
-    stop = threading.Event()
-
-    def torchserve() -> None:  # started beside torchgate: the two start-ups overlap
-        try:
-            with running_torchserve(store, None, "all") as ts:
-                found["torchserve"] = Server(ts.inference_url, ts.grpc_inference_port)
-                ready.set()
-                stop.wait()
-        except BaseException as exc:
-            failure.append(exc)
-            ready.set()
-
-    thread = threading.Thread(target=torchserve)
-    thread.start()
-    try:
-        config = f"model_store={store}\nload_models=all\n"
-        with running_torchgate(config, workdir=work / "torchgate") as tg:
-            ready.wait()
-            if failure:
-                raise failure[0]
-            yield {
-                "torchserve": found["torchserve"],
-                "torchgate": Server(tg.inference_url, tg.grpc_inference_port),
-            }
-    finally:
-        stop.set()
-        thread.join()
+    with side_by_side(store) as servers:
+        yield servers
 
 
 def both(
