@@ -39,6 +39,8 @@ def request_chunks(
         sock.sendall("\r\n".join(lines).encode("latin-1") + body)
         reader = _Reader(sock)
         status_line = reader.line()
+        if status_line is None:
+            raise ConnectionError(f"{method} {path}: the server closed without answering")
         status = int(status_line.split(b" ", 2)[1])
         reply_headers: dict[str, str] = {}
         while line := reader.line():
@@ -47,7 +49,7 @@ def request_chunks(
         if reply_headers.get("transfer-encoding", "").lower() != "chunked":
             length = int(reply_headers.get("content-length", "0"))
             data = b"" if method == "HEAD" else reader.exactly(length)
-            return ChunkedReply(status, reply_headers, [data], data is not None)
+            return ChunkedReply(status, reply_headers, [data or b""], data is not None)
         chunks: list[bytes] = []
         while True:
             size_line = reader.line()
