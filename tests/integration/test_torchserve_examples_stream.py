@@ -19,8 +19,12 @@ import grpc
 import httpx
 import pytest
 
+from api.backends.torchserve import TorchServeSpec, open_backend
+from api.core.types import InferenceRequest, ModelSettings, Prediction
+from api.errors import BackendUnavailable
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
+from tests.support import aio
 from tests.support.archives import build_archive
 from tests.support.chunked import request_chunks
 from tests.support.side_by_side import Endpoints as Server
@@ -311,3 +315,49 @@ def test_handler_reads_files_relative_to_the_model_dir(servers: dict[str, Server
     assert ours.status_code == theirs.status_code == 200
     assert ours.json() == theirs.json()
     assert ours.json()["labels"] == {"0": "negative", "1": "positive"}
+
+
+def test_the_torchserve_proxy_relays_streams_and_explanations(
+    servers: dict[str, Server],
+) -> None:
+    """torchgate's proxy backend in front of this TorchServe: a stream comes back piece by
+    piece (one per chunk, as TorchServe flushes each), and an explain request reaches
+    /explanations."""
+
+    async def scenario() -> None:
+        spec = TorchServeSpec(
+            inference_url=servers["torchserve"].inference,
+            model_name="streamer",
+            model_version="1.0",
+            health_interval_s=3600.0,
+        )
+        backend = await open_backend(spec, ModelSettings(), name="streamer", version="1.0")
+        try:
+            pieces: list[Prediction] = []
+            request = InferenceRequest({"body": b"relayed in pieces"}, {}, "r1")
+            request.stream = pieces.append
+            final = await backend.forward(request)
+            assert b"".join(p.body for p in pieces) + final.body == b"relayed in pieces"
+            assert pieces and all(p.headers["ts_stream_next"] == "true" for p in pieces)
+            assert final.headers["ts_stream_next"] == "false"
+            cut = InferenceRequest({"body": b"first fail never"}, {}, "r2")
+            cut.stream = pieces.append
+            with pytest.raises(BackendUnavailable):
+                await backend.forward(cut)
+        finally:
+            await backend.close()
+        explain_spec = TorchServeSpec(
+            inference_url=servers["torchserve"].inference,
+            model_name="inspector",
+            model_version="1.0",
+            health_interval_s=3600.0,
+        )
+        backend = await open_backend(explain_spec, ModelSettings(), name="i", version="1.0")
+        try:
+            asked = InferenceRequest({"body": b"x"}, {"explain": "True"}, "r3")
+            answer = await backend.forward(asked)
+            assert json.loads(answer.body)["explain"] == "True"
+        finally:
+            await backend.close()
+
+    aio.run(scenario(), timeout=60)
