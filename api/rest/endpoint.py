@@ -33,14 +33,6 @@ Headers = list[tuple[str, str]]
 Reply = tuple[int, bytes, Headers]
 
 
-class StreamingReply(ABC):
-    """A reply sent in parts as its content is produced (HTTP/1.1 chunked transfer)."""
-
-    @abstractmethod
-    async def send(self, send: Send, headers: Headers) -> None:
-        """Send the whole response, with `headers` (the request id) added to the handler's."""
-
-
 class InferenceEndpoint(ABC):
     def __init__(
         self, dataplane: DataPlane, *, max_request_size: int, auth: TokenAuth | None = None
@@ -62,8 +54,22 @@ class InferenceEndpoint(ABC):
         body: bytes,
         model: str,
         version: str | None,
-    ) -> Reply | StreamingReply:
+    ) -> Reply:
         """Decode `body`, run it through the dataplane, encode the answer."""
+
+    async def respond(
+        self,
+        scope: Scope,
+        headers: dict[str, str],
+        rid: str,
+        body: bytes,
+        model: str,
+        version: str | None,
+        send: Send,
+    ) -> Reply | None:
+        """The reply to send; or None once the endpoint sent its response itself (a streamed
+        one, `api.rest.predictions`), errors included. By default, `answer`'s reply."""
+        return await self.answer(scope, headers, rid, body, model, version)
 
     @abstractmethod
     def error_reply(self, exc: TorchgateError) -> Reply:
@@ -79,12 +85,10 @@ class InferenceEndpoint(ABC):
                 self.auth.check(INFERENCE, headers.get("authorization"))
             body = await read_body(receive, self.max_request_size, headers)
             reply = await cancel_on_disconnect(
-                receive, self.answer(scope, headers, rid, body, model, version)
+                receive, self.respond(scope, headers, rid, body, model, version, send)
             )
-            if isinstance(reply, StreamingReply):
-                # Streaming runs on after the first part: a client that leaves cancels it too.
-                await cancel_on_disconnect(receive, reply.send(send, [("x-request-id", rid)]))
-                return
+            if reply is None:
+                return  # sent already
         except (ClientDisconnected, asyncio.CancelledError):
             return  # nobody is left to answer
         except TorchgateError as exc:

@@ -20,7 +20,7 @@ without the closing chunk, as TorchServe resets it: the client sees a truncated 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -28,11 +28,11 @@ import orjson
 from starlette.requests import Request
 
 from api.core.dataplane import Answer
-from api.core.streaming import PredictionStream, StreamPart
+from api.core.streaming import PredictionStream
 from api.core.types import API_TORCHSERVE_REST, InferenceRequest, Prediction
 from api.errors import BadRequest, NotFound, TorchgateError
 from api.rest.asgi import Scope, Send
-from api.rest.endpoint import Headers, InferenceEndpoint, Reply, StreamingReply
+from api.rest.endpoint import InferenceEndpoint, Reply
 from api.rest.inference import model_api_document
 from api.rest.responses import JSON, error_parts, prediction_parts
 
@@ -57,21 +57,58 @@ class PredictionsEndpoint(InferenceEndpoint):
         body: bytes,
         model: str,
         version: str | None,
-    ) -> Reply | StreamingReply:
+    ) -> Reply:
+        """The whole answer in one reply; a streaming handler's intermediate responses are
+        dropped (`respond` streams them)."""
         if scope["method"] == "OPTIONS":
-            self.dataplane.registry.get(model, version)  # ModelNotFound, as TorchServe
-            return 200, model_api_document(model), [("content-type", JSON)]
+            return self._description(model, version)
+        request = await self._request(scope, headers, rid, body)
+        return reply_parts(await self.dataplane.infer(model, version, request))
+
+    async def respond(
+        self,
+        scope: Scope,
+        headers: dict[str, str],
+        rid: str,
+        body: bytes,
+        model: str,
+        version: str | None,
+        send: Send,
+    ) -> Reply | None:
+        if scope["method"] == "OPTIONS":
+            return self._description(model, version)
+        request = await self._request(scope, headers, rid, body)
+        chunks = ChunkedReply(send, rid)
+        stream = PredictionStream(request, chunks.part)
+
+        def infer(item: InferenceRequest) -> Awaitable[Answer]:
+            return self.dataplane.infer(model, version, item)
+
+        try:
+            answer = await stream.run(infer)
+        except Exception as exc:
+            if not stream.streamed:
+                raise
+            # Too late for an error status. Returning without the last chunk makes the server
+            # close the connection: the client sees a truncated body, as TorchServe's reset.
+            log.warning("stream for %s cut short after it started: %s", model, exc)
+            return None
+        if not stream.streamed:
+            return reply_parts(answer)
+        await chunks.last(answer.prediction)
+        return None
+
+    def _description(self, model: str, version: str | None) -> Reply:
+        self.dataplane.registry.get(model, version)  # ModelNotFound, as TorchServe
+        return 200, model_api_document(model), [("content-type", JSON)]
+
+    async def _request(
+        self, scope: Scope, headers: dict[str, str], rid: str, body: bytes
+    ) -> InferenceRequest:
         inputs = await decode_inputs(scope, body, headers)
         # TorchServe's frontend sets this on every inference request, over the client's.
         headers["explain"] = "True" if scope["path"].startswith("/explanations/") else "False"
-        request = InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
-        stream = PredictionStream(self.dataplane, model, version, request)
-        parts = aiter(stream)
-        first = await anext(parts)
-        if first.last:
-            assert stream.answer is not None
-            return reply_parts(stream.answer)
-        return ChunkedReply(first, parts)
+        return InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
 
     def error_reply(self, exc: TorchgateError) -> Reply:
         status, payload, headers = error_parts(exc)
@@ -91,35 +128,33 @@ def _encoded(prediction: Prediction) -> Reply:
     return status, payload, reply_headers
 
 
-class ChunkedReply(StreamingReply):
+class ChunkedReply:
     """A streaming handler's responses as HTTP chunks, as TorchServe's frontend sends them.
 
     The status and headers are the first intermediate response's (with TorchServe's
     `ts_stream_next: true`); each response's body is one chunk, the final one's last.
     """
 
-    def __init__(self, first: StreamPart, rest: AsyncIterator[StreamPart]) -> None:
-        self.first = first
-        self.rest = rest
+    def __init__(self, send: Send, rid: str) -> None:
+        self._send = send
+        self._rid = rid
+        self._started = False
 
-    async def send(self, send: Send, headers: Headers) -> None:
-        status, payload, reply_headers = _encoded(self.first.prediction)
-        raw_headers = [
-            (k.encode("latin-1"), v.encode("latin-1")) for k, v in reply_headers + headers
-        ]
-        # No content-length: the server sends the body with chunked transfer-encoding.
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": payload, "more_body": True})
-        try:
-            async for part in self.rest:
-                _, payload, _ = prediction_parts(part.prediction)
-                await send(
-                    {"type": "http.response.body", "body": payload, "more_body": not part.last}
-                )
-        except TorchgateError as exc:
-            # Too late for an error status. Returning without the last chunk makes the server
-            # close the connection: the client sees a truncated body, as TorchServe's reset.
-            log.warning("stream cut short after it started: %s", exc.message)
+    async def part(self, prediction: Prediction) -> None:
+        if not self._started:
+            self._started = True
+            status, payload, headers = _encoded(prediction)
+            headers.append(("x-request-id", self._rid))
+            raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+            # No content-length: the server sends the body with chunked transfer-encoding.
+            await self._send({"type": "http.response.start", "status": status, "headers": raw})
+        else:
+            _, payload, _ = prediction_parts(prediction)
+        await self._send({"type": "http.response.body", "body": payload, "more_body": True})
+
+    async def last(self, prediction: Prediction) -> None:
+        _, payload, _ = prediction_parts(prediction)
+        await self._send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
 async def decode_inputs(scope: Scope, body: bytes, headers: dict[str, str]) -> dict[str, Any]:

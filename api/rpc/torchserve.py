@@ -24,7 +24,7 @@ Where torchgate answers differently from TorchServe 0.12, on purpose:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import grpc
@@ -32,8 +32,8 @@ import orjson
 from google.protobuf import empty_pb2
 
 from api.app import Torchgate
-from api.core.dataplane import DataPlane
-from api.core.streaming import PredictionStream
+from api.core.dataplane import Answer, DataPlane
+from api.core.streaming import iterate
 from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest, Prediction
 from api.errors import BadRequest, TorchgateError, error_for_status
 from api.rest.asgi import request_id
@@ -85,9 +85,13 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
         status."""
         try:
             item, model = self._item(request, metadata_headers(context))
-            stream = PredictionStream(self.dataplane, model, request.model_version or None, item)
-            async for part in stream:
-                yield _prediction_message(part.prediction)
+            version = request.model_version or None
+
+            def infer(item: InferenceRequest) -> Awaitable[Answer]:
+                return self.dataplane.infer(model, version, item)
+
+            async for prediction in iterate(item, infer):
+                yield _prediction_message(prediction)
         except TorchgateError as exc:
             await abort(context, exc)
 

@@ -19,7 +19,6 @@ import pytest
 
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
-from api.core.streaming import PredictionStream
 from api.core.types import InferenceRequest, ModelSettings, Prediction
 from api.errors import InferenceFailed
 from api.rest.apps import build_inference_app
@@ -220,31 +219,5 @@ def test_options_answers_the_model_description() -> None:
             missing = await http.options("/predictions/nope")
             assert missing.status_code == 404
             assert missing.json()["type"] == "ModelNotFoundException"
-
-    aio.run(scenario())
-
-
-def test_prediction_stream_yields_parts_in_order_then_the_answer() -> None:
-    async def scenario() -> None:
-        registry = Registry()
-        backend: Any = StreamingBackend()
-        await registry.register("m", "1.0", "m.mar", factory(backend), ModelSettings())
-        try:
-            request = InferenceRequest({"body": b"a b c"})
-            stream = PredictionStream(DataPlane(registry), "m", None, request)
-            parts = [part async for part in stream]
-            assert [p.prediction.body for p in parts[:2]] == ["a ", "b "]
-            assert [p.last for p in parts] == [False, False, True]
-            assert stream.answer is not None and stream.answer.model_version.version == "1.0"
-            failing = PredictionStream(
-                DataPlane(registry), "m", None, InferenceRequest({"body": b"a fail b"})
-            )
-            seen = []
-            with pytest.raises(InferenceFailed):
-                async for part in failing:
-                    seen.append(part.prediction.body)
-            assert seen == ["a "]
-        finally:
-            await registry.close()
 
     aio.run(scenario())
