@@ -62,6 +62,7 @@ def worker_backend_loader(
             max_image_pixels=config.image_pixel_limit,
             max_items_per_request=config.max_items_per_request,
             declared_metrics=config.metrics_spec.model_metrics,
+            service_envelope=config.service_envelope,
         )
 
     return load

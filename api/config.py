@@ -13,7 +13,9 @@ Keys torchgate understands (TorchServe's defaults unless noted):
     max_response_size (6553500 bytes), disable_token_authorization (false),
     enable_model_api (false), install_py_dep_per_model (false), metrics_config,
     model_metrics_auto_detect (false), allowed_urls (none here: only the model store;
-    TorchServe's is file://.*|http(s)?://.*), cors_allowed_origin (none), number_of_gpu
+    TorchServe's is file://.*|http(s)?://.*), cors_allowed_origin (none), number_of_gpu,
+    service_envelope (kserve, kservev2, body or json: TorchServe's request envelope around
+    every handler; none by default)
 
 torchgate's own keys start with `torchgate.` (for example `torchgate.snapshot_file`), so a
 file stays usable unchanged by `torchserve --ts-config`:
@@ -169,6 +171,9 @@ class Config:
     limit_max_image_pixels: bool = True
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
+    # TorchServe's service_envelope: ts.torch_handler.request_envelope's module wrapping every
+    # handler in its worker (api.workers.main.wrap_in_envelope); None: no envelope.
+    service_envelope: str | None = None
     # torchgate.max_header_size / header_timeout / keep_alive_timeout / max_connections.
     http_limits: EdgeLimits = field(default_factory=lambda: _http_limits({}))
     # install_py_dep_per_model: install an archive's requirementsFile for its workers
@@ -477,7 +482,21 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     config.traffic = _traffic(raw.get("torchgate.traffic"))
     _input_limits(raw, config)
     config.http_limits = _http_limits(raw)
+    config.service_envelope = _service_envelope(raw.get("service_envelope"))
     return config
+
+
+SERVICE_ENVELOPES = ("kserve", "kservev2", "body", "json")
+
+
+def _service_envelope(value: str | None) -> str | None:
+    if value is None or not value.strip():
+        return None
+    if value.strip() not in SERVICE_ENVELOPES:
+        raise ConfigError(
+            f"service_envelope must be one of {', '.join(SERVICE_ENVELOPES)}, got {value!r}"
+        )
+    return value.strip()
 
 
 _N = TypeVar("_N", int, float)
@@ -604,14 +623,9 @@ def _traffic(text: str | None) -> dict[str, Any]:
 
 
 def _kserve_keys(raw: dict[str, str], config: Config) -> None:
-    """The keys of the config.properties KServe's TorchServe runtime reads (docs/kubernetes.md).
-
-    `model_snapshot` (TorchServe's snapshot format, which KServe's examples use to name their
+    """`model_snapshot` (TorchServe's snapshot format, which KServe's examples use to name their
     models): as in TorchServe, when present it alone says what loads, each model and version
-    with its settings, and load_models and models= are not read. `service_envelope`: the KServe
-    endpoints unwrap their requests themselves, whatever it says; /predictions is never
-    enveloped, so the key is logged and has no other effect.
-    """
+    with its settings, and load_models and models= are not read (docs/kubernetes.md)."""
     snapshot = raw.get("model_snapshot")
     if snapshot:
         try:
@@ -620,13 +634,6 @@ def _kserve_keys(raw: dict[str, str], config: Config) -> None:
             raise ConfigError(f"model_snapshot is not a JSON object: {exc}") from exc
         config.models = _models(json.dumps(models or {}), config)
         config.load_models = ",".join(entry.mar_name for entry in config.models)
-    envelope = raw.get("service_envelope")
-    if envelope:
-        log.warning(
-            "service_envelope=%s has no effect here: /v1/models/{m}:predict and the v2 endpoints "
-            "unwrap KServe requests themselves, and /predictions is never enveloped",
-            envelope,
-        )
 
 
 def _models(text: str | None, config: Config) -> list[ModelEntry]:

@@ -43,7 +43,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -318,18 +318,31 @@ class TorchServeBackend:
     async def forward(self, request: InferenceRequest) -> Prediction:
         """Send one request to TorchServe; its answer, whatever the status, is the prediction.
 
+        `/explanations` when the request asks to explain (the REST transport's `explain: True`
+        header). A streamed answer (`ts_stream_next: true`, chunked) is relayed to the
+        request's `stream` piece by piece as it arrives, the last piece being the final answer;
+        a stream cut short raises BackendUnavailable after the pieces already relayed.
+
         Raises BackendUnavailable (cannot connect, connection lost), DeadlineExceeded (no answer
         within `timeout_s`) or Overloaded (no free connection in time).
         """
         outgoing = encode_request(request)
+        explain = request.api == API_TORCHSERVE_REST and (
+            header_value(request.headers, "explain") == "True"
+        )
+        endpoint = "explanations" if explain else "predictions"
         with self._translated(f"Model {self.name} version {self.version}"):
-            response = await self.client.post(
-                f"{self.spec.inference_url}/predictions/{self._path}",
+            async with self.client.stream(
+                "POST",
+                f"{self.spec.inference_url}/{endpoint}/{self._path}",
                 params=tuple(outgoing.params),
                 headers=outgoing.headers,
                 content=outgoing.content,
                 files=outgoing.files,
-            )
+            ) as response:
+                if request.stream is not None and response.headers.get(STREAM_NEXT) == "true":
+                    return await _relay(response, request.stream)
+                await response.aread()
         return decode_response(response, v2=request.kserve_v2)
 
     @contextmanager
@@ -540,6 +553,26 @@ def decode_response(response: httpx.Response, *, v2: bool) -> Prediction:
     headers = {k: v for k, v in response.headers.multi_items() if k.lower() not in _RESPONSE_DROP}
     message = "" if response.is_success else _error_message(response)
     return Prediction(body, status=response.status_code, message=message, headers=headers)
+
+
+STREAM_NEXT = "ts_stream_next"  # TorchServe's header on a streamed answer
+
+
+async def _relay(response: httpx.Response, stream: Callable[[Prediction], None]) -> Prediction:
+    """Each piece of a streamed answer to `stream`, as it arrives; the last one is returned.
+
+    A piece is what one read of the chunked body gave: one chunk of TorchServe's (one
+    intermediate response) unless the network split it.
+    """
+    headers = {k: v for k, v in response.headers.multi_items() if k.lower() not in _RESPONSE_DROP}
+    pending: bytes | None = None
+    async for piece in response.aiter_raw():
+        if pending is not None:
+            stream(Prediction(pending, status=response.status_code, headers=headers))
+        pending = piece
+    return Prediction(
+        pending or b"", status=response.status_code, headers={**headers, STREAM_NEXT: "false"}
+    )
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -38,7 +38,15 @@ from api.backends.archive import Archive, default_work_dir, open_archive
 from api.backends.extract import ArchiveLimits
 from api.backends.requirements import install_requirements as install_requirements_into
 from api.backends.requirements import requirements_file
-from api.core.types import InferenceRequest, ModelSettings, NotRun, Prediction
+from api.core.types import (
+    API_V1_REST,
+    API_V2_GRPC,
+    API_V2_REST,
+    InferenceRequest,
+    ModelSettings,
+    NotRun,
+    Prediction,
+)
 from api.errors import (
     DeadlineExceeded,
     HandlerLoadError,
@@ -51,12 +59,15 @@ from api.metrics_config import DEFAULT_MODEL_METRICS, DeclaredMetric
 from api.workers.main import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_ITEMS_PER_REQUEST,
+    PLAIN_ITEM,
     WorkerSpec,
 )
 from api.workers.pool import NotStarted, WorkerExit, WorkerPool, WorkerProcess
 from api.workers.wire import blobs
 
 log = logging.getLogger(__name__)
+
+_UNWRAPPED_APIS = frozenset((API_V1_REST, API_V2_REST, API_V2_GRPC))
 
 DEFAULT_INTRA_OP_THREADS = 1
 STOP_GRACE_S = 5.0  # a stopping worker that has not exited by then is killed
@@ -83,6 +94,7 @@ async def load_worker_backend(
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
     declared_metrics: Sequence[DeclaredMetric] = DEFAULT_MODEL_METRICS,
+    service_envelope: str | None = None,
 ) -> WorkerBackend:
     """Validate and extract the archive at `path` (off the event loop) for worker processes.
 
@@ -103,6 +115,7 @@ async def load_worker_backend(
         max_items_per_request=max_items_per_request,
         declared_metrics=declared_metrics,
         work_dir=work_dir,
+        service_envelope=service_envelope,
     )
 
 
@@ -124,6 +137,7 @@ class WorkerBackend:
         max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
         declared_metrics: Sequence[DeclaredMetric] = DEFAULT_MODEL_METRICS,
         work_dir: Path | None = None,
+        service_envelope: str | None = None,
     ) -> None:
         self.archive = archive
         self.settings = settings
@@ -141,6 +155,7 @@ class WorkerBackend:
         self._max_image_pixels = max_image_pixels
         self._max_items_per_request = max_items_per_request
         self._declared_metrics = tuple(declared_metrics)
+        self._service_envelope = service_envelope
         self._workers: set[ProcessWorker] = set()
         # The model's own package directory (api.backends.requirements), if it has one, made
         # under the work dir (never in a model directory the user handed in).
@@ -194,6 +209,7 @@ class WorkerBackend:
             max_items_per_request=self._max_items_per_request,
             python_path=() if self._packages is None else (str(self._packages),),
             declared_metrics=self._declared_metrics,
+            service_envelope=self._service_envelope,
         )
         label = f"{archive.name}/{archive.version} w{index}"
         what = f"Model {archive.name} version {archive.version} worker {index}"
@@ -284,13 +300,20 @@ class ProcessWorker:
         except (OSError, ValueError, IndexError):
             return 0
 
+    def _item_headers(self, request: InferenceRequest) -> Mapping[str, str]:
+        # torchgate's KServe endpoints unwrap their requests themselves: service_envelope is
+        # for TorchServe's own APIs only (the worker skips it for items marked so).
+        if self._backend._service_envelope and request.api in _UNWRAPPED_APIS:
+            return {**request.headers, PLAIN_ITEM: "1"}
+        return request.headers
+
     async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
         if self._closed:  # stopped on purpose: not a death, and nothing to replace
             raise ModelNotReady(f"{self._what} is closed")
         items = [
             (
                 request.request_id or f"{self._id_prefix}{next(self._ids)}",
-                request.headers,
+                self._item_headers(request),
                 blobs(request.inputs),
             )
             for request in batch

@@ -25,7 +25,7 @@ from api.rest.kserve_v1 import (
     kserve_v1_router,
 )
 from api.rest.management import management_router
-from api.rest.predictions import PredictionsEndpoint
+from api.rest.predictions import PREFIXES, PredictionsEndpoint
 from api.rest.responses import error_parts
 from api.rest.security import MANAGEMENT, TokenAuth
 from api.rest.traffic import traffic_router
@@ -100,7 +100,9 @@ def build_inference_app(
     app.add_api("/v1", kserve_v1)
     app.add_api("/v2", kserve_v2)
     predictions = PredictionsEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
-    app.add_hot_path("POST", lambda path: path.startswith("/predictions/"), predictions)
+    # TorchServe runs inference for any method there (OPTIONS: the model's description).
+    for method in ("POST", "PUT", "GET", "DELETE", "PATCH", "HEAD", "OPTIONS"):
+        app.add_hot_path(method, lambda path: path.startswith(PREFIXES), predictions)
     for matches, endpoint in (
         (is_infer_path, V2InferEndpoint),
         (is_v1_infer_path, V1InferEndpoint),

@@ -57,6 +57,20 @@ class InferenceEndpoint(ABC):
     ) -> Reply:
         """Decode `body`, run it through the dataplane, encode the answer."""
 
+    async def respond(
+        self,
+        scope: Scope,
+        headers: dict[str, str],
+        rid: str,
+        body: bytes,
+        model: str,
+        version: str | None,
+        send: Send,
+    ) -> Reply | None:
+        """The reply to send; or None once the endpoint sent its response itself (a streamed
+        one, `api.rest.predictions`), errors included. By default, `answer`'s reply."""
+        return await self.answer(scope, headers, rid, body, model, version)
+
     @abstractmethod
     def error_reply(self, exc: TorchgateError) -> Reply:
         """The protocol's error body for `exc`, with the status from `api.errors`."""
@@ -71,8 +85,10 @@ class InferenceEndpoint(ABC):
                 self.auth.check(INFERENCE, headers.get("authorization"))
             body = await read_body(receive, self.max_request_size, headers)
             reply = await cancel_on_disconnect(
-                receive, self.answer(scope, headers, rid, body, model, version)
+                receive, self.respond(scope, headers, rid, body, model, version, send)
             )
+            if reply is None:
+                return  # sent already
         except (ClientDisconnected, asyncio.CancelledError):
             return  # nobody is left to answer
         except TorchgateError as exc:

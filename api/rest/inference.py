@@ -1,12 +1,13 @@
 """TorchServe's inference API utilities (port 8080): /ping, OPTIONS /, /api-description.
 
-`POST /predictions/...` and KServe v2's `POST .../infer` are plain ASGI (`api.rest.predictions`,
-`api.rest.v2`), mounted in front of this router by `api.rest.apps`; they are listed in the
-OpenAPI document all the same (`/api-description`, which tests/fuzz fuzzes).
+`/predictions/...` (any method) and KServe v2's `POST .../infer` are plain ASGI
+(`api.rest.predictions`, `api.rest.v2`), mounted in front of this router by `api.rest.apps`;
+they are listed in the OpenAPI document all the same (`/api-description`, which tests/fuzz fuzzes).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -140,3 +141,43 @@ V2_INFER: dict[str, Any] = {
         },
     }
 }
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["code", "type", "message"],
+    "properties": {
+        "code": {"type": "integer", "description": "Error code."},
+        "type": {"type": "string", "description": "Error type."},
+        "message": {"type": "string", "description": "Error message."},
+    },
+}
+
+
+def model_api_document(model: str) -> bytes:
+    """`OPTIONS /predictions/{model}`: TorchServe's per-model OpenAPI document, byte for byte
+    (its Gson pretty printing is json.dumps' indent=2, plus a newline)."""
+    operation = {
+        "post": {
+            "description": f"A predict entry point for model: {model}.",
+            "operationId": model,
+            "parameters": [],
+            "responses": {
+                "200": {"description": "OK"},
+                "500": {
+                    "description": "Internal Server Error",
+                    "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+                },
+            },
+        }
+    }
+    document = {
+        "openapi": "3.0.1",
+        "info": {"title": f"RESTful API for: {model}", "version": "1.0.0"},
+        "paths": {
+            f"/prediction/{model}": operation,
+            "/v1/models/{model_name}:predict": operation,
+            "/v2/models/{model_name}/infer": operation,
+        },
+    }
+    return json.dumps(document, indent=2).encode() + b"\n"

@@ -1,23 +1,45 @@
-"""`POST /predictions/{model}[/{version}]`: TorchServe's inference endpoint, as plain ASGI.
+"""`/predictions/{model}[/{version}]` and `/explanations/...`: TorchServe's inference endpoints,
+as plain ASGI.
+
+As in TorchServe, any method runs inference (`curl -T file` PUTs, a bare GET sends an empty
+body) except OPTIONS, which answers the model's OpenAPI description. `/explanations` runs the
+same request with the request header `explain: True` (`False` on `/predictions`): that header is
+how TorchServe's `BaseHandler` knows to call `explain_handle`.
 
 Inputs reach the handler the way TorchServe's frontend and Python worker pass them: the raw body
-as the "body" parameter, each multipart form field under its own name, each query parameter
-under its own name; values decoded by content type (JSON parsed, text/* as str, else bytes).
+as the "body" parameter, each form field (multipart or `application/x-www-form-urlencoded`)
+under its own name, each query parameter under its own name. Bodies and files are decoded by
+content type (JSON parsed, text/* as str, else bytes); plain form fields stay bytes.
+
+A handler that streams (`send_intermediate_predict_response`) is answered with chunked transfer:
+the first intermediate response's status and headers, then one chunk per response, the final
+one last (`ChunkedReply`). If the request fails after the first chunk, the connection is closed
+without the closing chunk, as TorchServe resets it: the client sees a truncated body.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
 from starlette.requests import Request
 
-from api.core.types import API_TORCHSERVE_REST, InferenceRequest
+from api.core.dataplane import Answer
+from api.core.streaming import PredictionStream
+from api.core.types import API_TORCHSERVE_REST, InferenceRequest, Prediction
 from api.errors import BadRequest, NotFound, TorchgateError
-from api.rest.asgi import Scope
+from api.rest.asgi import Scope, Send
 from api.rest.endpoint import InferenceEndpoint, Reply
-from api.rest.responses import error_parts, prediction_parts
+from api.rest.inference import model_api_document
+from api.rest.responses import JSON, error_parts, prediction_parts
+
+log = logging.getLogger(__name__)
+
+# The prefixes this endpoint answers (api.rest.apps mounts it on them, for every method).
+PREFIXES = ("/predictions/", "/explanations/")
 
 
 class PredictionsEndpoint(InferenceEndpoint):
@@ -36,22 +58,103 @@ class PredictionsEndpoint(InferenceEndpoint):
         model: str,
         version: str | None,
     ) -> Reply:
+        """The whole answer in one reply; a streaming handler's intermediate responses are
+        dropped (`respond` streams them)."""
+        if scope["method"] == "OPTIONS":
+            return self._description(model, version)
+        request = await self._request(scope, headers, rid, body)
+        return reply_parts(await self.dataplane.infer(model, version, request))
+
+    async def respond(
+        self,
+        scope: Scope,
+        headers: dict[str, str],
+        rid: str,
+        body: bytes,
+        model: str,
+        version: str | None,
+        send: Send,
+    ) -> Reply | None:
+        if scope["method"] == "OPTIONS":
+            return self._description(model, version)
+        request = await self._request(scope, headers, rid, body)
+        chunks = ChunkedReply(send, rid)
+        stream = PredictionStream(request, chunks.part)
+
+        def infer(item: InferenceRequest) -> Awaitable[Answer]:
+            return self.dataplane.infer(model, version, item)
+
+        try:
+            answer = await stream.run(infer)
+        except Exception as exc:
+            if not stream.streamed:
+                raise
+            # Too late for an error status. Returning without the last chunk makes the server
+            # close the connection: the client sees a truncated body, as TorchServe's reset.
+            log.warning("stream for %s cut short after it started: %s", model, exc)
+            return None
+        if not stream.streamed:
+            return reply_parts(answer)
+        await chunks.last(answer.prediction)
+        return None
+
+    def _description(self, model: str, version: str | None) -> Reply:
+        self.dataplane.registry.get(model, version)  # ModelNotFound, as TorchServe
+        return 200, model_api_document(model), [("content-type", JSON)]
+
+    async def _request(
+        self, scope: Scope, headers: dict[str, str], rid: str, body: bytes
+    ) -> InferenceRequest:
         inputs = await decode_inputs(scope, body, headers)
-        request = InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
-        answer = await self.dataplane.infer(model, version, request)
-        status, payload, content_type = prediction_parts(answer.prediction)
-        reply_headers = [
-            (k, v) for k, v in answer.prediction.headers.items() if k.lower() != "content-type"
-        ]
-        reply_headers += [
-            ("content-type", content_type),
-            ("x-model-version", answer.model_version.version),
-        ]
-        return status, payload, reply_headers
+        # TorchServe's frontend sets this on every inference request, over the client's.
+        headers["explain"] = "True" if scope["path"].startswith("/explanations/") else "False"
+        return InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
 
     def error_reply(self, exc: TorchgateError) -> Reply:
         status, payload, headers = error_parts(exc)
         return status, payload, list(headers.items())
+
+
+def reply_parts(answer: Answer) -> Reply:
+    status, payload, reply_headers = _encoded(answer.prediction)
+    reply_headers.append(("x-model-version", answer.model_version.version))
+    return status, payload, reply_headers
+
+
+def _encoded(prediction: Prediction) -> Reply:
+    status, payload, content_type = prediction_parts(prediction)
+    reply_headers = [(k, v) for k, v in prediction.headers.items() if k.lower() != "content-type"]
+    reply_headers.append(("content-type", content_type))
+    return status, payload, reply_headers
+
+
+class ChunkedReply:
+    """A streaming handler's responses as HTTP chunks, as TorchServe's frontend sends them.
+
+    The status and headers are the first intermediate response's (with TorchServe's
+    `ts_stream_next: true`); each response's body is one chunk, the final one's last.
+    """
+
+    def __init__(self, send: Send, rid: str) -> None:
+        self._send = send
+        self._rid = rid
+        self._started = False
+
+    async def part(self, prediction: Prediction) -> None:
+        if not self._started:
+            self._started = True
+            status, payload, headers = _encoded(prediction)
+            headers.append(("x-request-id", self._rid))
+            raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+            # No content-length: the server sends the body with chunked transfer-encoding.
+            await self._send({"type": "http.response.start", "status": status, "headers": raw})
+        else:
+            _, payload, _ = prediction_parts(prediction)
+        await self._send({"type": "http.response.body", "body": payload, "more_body": True})
+
+    async def last(self, prediction: Prediction) -> None:
+        _, payload, _ = prediction_parts(prediction)
+        await self._send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
 async def decode_inputs(scope: Scope, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
@@ -63,6 +166,10 @@ async def decode_inputs(scope: Scope, body: bytes, headers: dict[str, str]) -> d
     content_type = headers.get("content-type", "")
     if content_type.startswith("multipart/form-data"):
         inputs.update(await _form_fields(scope, body))
+    elif content_type.split(";", 1)[0].strip().lower() == "application/x-www-form-urlencoded":
+        # As TorchServe's form decoder: each field's value as bytes.
+        for name, value in parse_qsl(body, keep_blank_values=True):
+            inputs[name.decode("utf-8", "replace")] = value
     elif body or "body" not in inputs:
         inputs["body"] = decode_value(body, content_type)
     return inputs
@@ -103,7 +210,7 @@ async def _form_fields(scope: Scope, body: bytes) -> dict[str, Any]:
     try:
         for name, value in form.multi_items():
             if isinstance(value, str):
-                fields[name] = value
+                fields[name] = value.encode()  # a plain field: bytes, as TorchServe gives it
             else:
                 data = await value.read()
                 fields[name] = decode_value(data, value.content_type or "")

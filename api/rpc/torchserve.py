@@ -11,7 +11,8 @@ Where torchgate answers differently from TorchServe 0.12, on purpose:
   mapped code, INVALID_ARGUMENT for 400 (TorchServe drops the status and answers OK with the
   error document as the prediction).
 - StreamPredictions on a handler that does not stream answers one message (TorchServe fails the
-  call with INTERNAL "Worker died." and restarts the worker).
+  call with INTERNAL "Worker died." and restarts the worker). On a streaming handler it sends
+  one message per intermediate response and the final one, as TorchServe.
 - ListModels without `limit` lists up to 100 models (TorchServe takes the unset 0 literally and
   answers an empty page whose nextPageToken is "0").
 - StreamPredictions2 answers a failed message with the mapped code in `status` (TorchServe:
@@ -23,15 +24,16 @@ Where torchgate answers differently from TorchServe 0.12, on purpose:
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 from google.protobuf import empty_pb2
 
-from api.core.dataplane import DataPlane
+from api.core.dataplane import Answer, DataPlane
 from api.core.registry import Registry
 from api.core.sequences import SEQUENCE_ID
-from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest
+from api.core.streaming import iterate
+from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest, Prediction
 from api.encoding import prediction_parts
 from api.errors import BadRequest, TorchgateError, error_for_status
 from api.loader import ModelLoader
@@ -66,13 +68,20 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
     async def StreamPredictions(
         self, request: inference.PredictionsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference.PredictionResponse]:
-        """One message: torchgate's handlers answer once per request."""
+        """One message per response of a streaming handler (`send_intermediate_predict_
+        response`), the final one last; a failure, even after messages, ends the call with its
+        status."""
         try:
-            response = await self._predict(request, metadata_headers(context))
+            item, model = self._item(request, metadata_headers(context))
+            version = request.model_version or None
+
+            def infer(item: InferenceRequest) -> Awaitable[Answer]:
+                return self.dataplane.infer(model, version, item)
+
+            async for prediction in iterate(item, infer):
+                yield _prediction_message(prediction)
         except TorchgateError as exc:
             await abort(context, exc)
-        else:
-            yield response
 
     async def StreamPredictions2(
         self,
@@ -103,19 +112,29 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
     async def _predict(
         self, request: inference.PredictionsRequest, headers: dict[str, str]
     ) -> inference.PredictionResponse:
+        item, model = self._item(request, headers)
+        answer = await self.dataplane.infer(model, request.model_version or None, item)
+        return _prediction_message(answer.prediction)
+
+    @staticmethod
+    def _item(
+        request: inference.PredictionsRequest, headers: dict[str, str]
+    ) -> tuple[InferenceRequest, str]:
         # As TorchServe's frontend: each input entry is one parameter of the handler's request
         # item, as bytes with no content type.
         item = InferenceRequest(
             dict(request.input), headers, request_id(headers), API_TORCHSERVE_GRPC
         )
-        model = _required(request.model_name, "model_name")
-        answer = await self.dataplane.infer(model, request.model_version or None, item)
-        prediction = answer.prediction
-        _, body, _ = prediction_parts(prediction)
-        if not prediction.ok:
-            message = prediction.message or body.decode("utf-8", "replace")
-            raise error_for_status(prediction.status, message)
-        return inference.PredictionResponse(prediction=body)
+        return item, _required(request.model_name, "model_name")
+
+
+def _prediction_message(prediction: Prediction) -> inference.PredictionResponse:
+    """The message for one handler response; a per-item error raises its TorchgateError."""
+    _, body, _ = prediction_parts(prediction)
+    if not prediction.ok:
+        message = prediction.message or body.decode("utf-8", "replace")
+        raise error_for_status(prediction.status, message)
+    return inference.PredictionResponse(prediction=body)
 
 
 class TorchServeManagement(management_grpc.ManagementAPIsServiceServicer):

@@ -64,6 +64,9 @@ class WorkerSpec:
     python_path: tuple[str, ...] = ()
     # metrics_config's model_metrics, created in the handler's metrics cache up front.
     declared_metrics: tuple[DeclaredMetric, ...] = DEFAULT_MODEL_METRICS
+    # TorchServe's service_envelope (kserve, kservev2, body, json): the envelope of
+    # ts.torch_handler.request_envelope that wraps the handler; None: the handler alone.
+    service_envelope: str | None = None
 
 
 class _Metrics(list[tuple[str, float, str, dict[str, str], str]]):
@@ -116,9 +119,36 @@ def run(spec: WorkerSpec, sock: socket.socket) -> None:
     info = {"pid": os.getpid(), "device": device, "description": entry.description}
     wire.send(sock, wire.encode(("ready", info, metrics.take())))
     log.info("worker %d: %s on %s", spec.index, entry.description, device)
+    handle = plain = entry.handle
+    if spec.service_envelope:
+        handle = wrap_in_envelope(plain, spec.service_envelope)
     global _LOOP
-    _LOOP = _Loop(spec, context, entry.handle, metrics, torch)
+    _LOOP = _Loop(spec, context, handle, metrics, torch, plain=plain)
     _LOOP.serve(sock)
+
+
+# A request header the frontend sets on the items its own KServe endpoints unwrapped, so that
+# service_envelope does not unwrap them again; taken out before the handler sees the headers.
+PLAIN_ITEM = "x-torchgate-plain-item"
+
+
+def wrap_in_envelope(handle: Any, envelope: str) -> Any:
+    """`handle` inside TorchServe's request envelope `envelope`, as its model loader wraps the
+    entry point: the envelope unwraps each batch for the handler and wraps what it returns."""
+    import importlib
+
+    module = importlib.import_module(f"ts.torch_handler.request_envelope.{envelope}")
+    from ts.torch_handler.request_envelope.base import BaseEnvelope
+
+    classes = [
+        value
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, BaseEnvelope)
+        and value is not BaseEnvelope
+        and value.__module__ == module.__name__
+    ]
+    return classes[0](handle).handle
 
 
 def _device(torch: Any, spec: WorkerSpec) -> int | None:
@@ -134,7 +164,14 @@ def _device(torch: Any, spec: WorkerSpec) -> int | None:
 
 class _Loop:
     def __init__(
-        self, spec: WorkerSpec, context: Any, handle: Any, metrics: _Metrics, torch: Any
+        self,
+        spec: WorkerSpec,
+        context: Any,
+        handle: Any,
+        metrics: _Metrics,
+        torch: Any,
+        *,
+        plain: Any = None,
     ) -> None:
         from ts.context import RequestProcessor
         from ts.metrics.metric_type_enum import MetricTypes
@@ -142,6 +179,9 @@ class _Loop:
         self._processor = RequestProcessor
         self._context = context
         self._handle = handle
+        # The handler without service_envelope, for items torchgate's own KServe endpoints
+        # already unwrapped (marked with PLAIN_ITEM by the frontend).
+        self._plain = plain if plain is not handle else None
         self._metrics = metrics
         self._tensor = torch.Tensor
         self._what = f"Model {spec.archive.name} version {spec.archive.version} handler failed"
@@ -161,6 +201,29 @@ class _Loop:
             del message  # do not keep the last batch alive while idle
 
     def _answer(self, items: list[tuple[str, dict[str, str], dict[str, Any]]]) -> tuple[Any, ...]:
+        if self._plain is None:
+            return self._run(items, self._handle)
+        plain = [i for i, (_, headers, _) in enumerate(items) if headers.pop(PLAIN_ITEM, None)]
+        if not plain:
+            return self._run(items, self._handle)
+        if len(plain) == len(items):
+            return self._run(items, self._plain)
+        # A batch mixing both: each group through its own entry point, answers back in order.
+        wrapped = [i for i in range(len(items)) if i not in set(plain)]
+        answers: list[Any] = [None] * len(items)
+        metrics: list[Any] = []
+        for group, handle in ((wrapped, self._handle), (plain, self._plain)):
+            reply = self._run([items[i] for i in group], handle)
+            metrics += reply[-1]
+            if reply[0] != "result":
+                return (*reply[:-1], metrics)
+            for i, response in zip(group, reply[1], strict=True):
+                answers[i] = response
+        return ("result", answers, metrics)
+
+    def _run(
+        self, items: list[tuple[str, dict[str, str], dict[str, Any]]], handle: Any
+    ) -> tuple[Any, ...]:
         from ts.utils.util import PredictionException
 
         context = self._context
@@ -172,7 +235,7 @@ class _Loop:
         data = [inputs for _, _, inputs in items]
         started = time.perf_counter()
         try:
-            result = self._handle(data, context)
+            result = handle(data, context)
         except PredictionException as exc:
             # TorchServe's way for a handler to fail a batch with a status of its choosing.
             return ("error", int(exc.error_code), str(exc.message), self._metrics.take())
@@ -191,19 +254,24 @@ class _Loop:
             return ("error", 500, f"{self._what}: {problem}", self._metrics.take())
         try:
             responses = [
-                self._response(body, processor)
+                self._response(body, processor, last=True)
                 for body, processor in zip(result, processors, strict=False)
             ]
         except TypeError as exc:
             return ("error", 500, f"{self._what}: {exc}", self._metrics.take())
         return ("result", responses, self._metrics.take())
 
-    def _response(self, body: Any, processor: Any) -> tuple[Any, int, str, dict[str, str]]:
+    def _response(
+        self, body: Any, processor: Any, *, last: bool = False
+    ) -> tuple[Any, int, str, dict[str, str]]:
+        headers = dict(processor.get_response_headers())
+        if last and headers.get("ts_stream_next") == "true":
+            headers["ts_stream_next"] = "false"  # the end of a stream, as TorchServe's worker
         return (
             self.portable(body),
             int(processor.get_response_status_code()),
             processor.get_response_status_phrase() or "",
-            dict(processor.get_response_headers()),
+            headers,
         )
 
     def portable(self, value: Any) -> Any:

@@ -1,0 +1,116 @@
+"""One request's responses as they come: a streaming handler's intermediate responses, then its
+final one. Transport-neutral: REST sends them as HTTP chunks, gRPC as stream messages.
+
+A handler streams with TorchServe's `send_intermediate_predict_response`; the worker backend hands
+each intermediate response to the request's `stream` callback (`InferenceRequest.stream`), on the
+event loop, before the request's future resolves with the final `Prediction`. `PredictionStream`
+passes those responses to the transport's `send_part`, in order, and returns the final answer
+once every part before it was sent:
+
+    stream = PredictionStream(request, send_part)      # send_part: async (Prediction) -> None
+    answer = await stream.run(infer)                   # infer: async (request) -> Answer
+    stream.streamed                                    # True once a part was handed over
+
+`iterate(request, infer)` gives the same responses as an async iterator, for transports that
+yield their messages (gRPC).
+
+A request whose handler does not stream costs nothing more than a plain `infer` (no task, no
+queue): the sending task starts with the first intermediate response. When the request fails
+after parts were sent, `run` raises the request's error after those parts: the transport decides
+what a failure mid-stream looks like on its wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from api.core.dataplane import Answer
+from api.core.types import InferenceRequest, Prediction
+
+# What a stream runs: the dataplane's `infer` for a model, or another path's (a sequence's).
+Infer = Callable[[InferenceRequest], Awaitable[Answer]]
+SendPart = Callable[[Prediction], Awaitable[None]]
+
+
+class PredictionStream:
+    """Runs one request, handing its intermediate responses to `send_part`; see the module
+    docstring."""
+
+    def __init__(self, request: InferenceRequest, send_part: SendPart) -> None:
+        self._request = request
+        self._send_part = send_part
+        self._parts: deque[Prediction] = deque()
+        self._sender: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._finished = False
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the handler sent an intermediate response (the transport began a stream)."""
+        return self._sender is not None
+
+    async def run(self, infer: Infer) -> Answer:
+        """The final answer, after every intermediate part was sent; raises what `infer` (or
+        `send_part`) raised. Cancelling it cancels the request and the sending."""
+        self._request.stream = self._on_part
+        try:
+            answer = await infer(self._request)
+        except asyncio.CancelledError:
+            if self._sender is not None:
+                self._sender.cancel()
+            raise
+        except BaseException:
+            await self._finish()  # the parts before the failure still go out
+            raise
+        await self._finish()
+        return answer
+
+    def _on_part(self, prediction: Prediction) -> None:
+        # Called by the backend on the event loop, synchronously: queue, never block it.
+        self._parts.append(prediction)
+        if self._sender is None:
+            self._sender = asyncio.ensure_future(self._send_parts())
+        self._wake.set()
+
+    async def _send_parts(self) -> None:
+        while True:
+            while self._parts:
+                await self._send_part(self._parts.popleft())
+            if self._finished:
+                return
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _finish(self) -> None:
+        self._finished = True
+        self._wake.set()
+        if self._sender is not None:
+            await self._sender
+
+
+async def iterate(request: InferenceRequest, infer: Infer) -> AsyncIterator[Prediction]:
+    """The request's responses as an async iterator, intermediate ones then the final one, for
+    transports that yield their messages (gRPC's response streams). Raises the request's error
+    after the parts that came before it; closing the iterator early cancels the request."""
+    queue: asyncio.Queue[Prediction | None] = asyncio.Queue()
+
+    async def send_part(prediction: Prediction) -> None:
+        queue.put_nowait(prediction)
+
+    async def run() -> None:
+        try:
+            answer = await PredictionStream(request, send_part).run(infer)
+            queue.put_nowait(answer.prediction)
+        finally:
+            queue.put_nowait(None)
+
+    task = asyncio.ensure_future(run())
+    try:
+        while (prediction := await queue.get()) is not None:
+            yield prediction
+        task.result()  # the request's error, if it failed
+    finally:
+        if not task.done():
+            task.cancel()

@@ -1,0 +1,116 @@
+"""PredictionStream with a fake infer: the order of parts, failures, cancellation, no cost
+without streaming."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from api.core.dataplane import Answer
+from api.core.streaming import PredictionStream, iterate
+from api.core.types import InferenceRequest, Prediction
+from api.errors import InferenceFailed
+from tests.support import aio
+
+
+def fake_infer(words: list[str], *, fail_after: int | None = None, gate: Any = None) -> Any:
+    """Streams each word but the last as a part (yielding to the loop between them), then
+    answers with the last; or raises after `fail_after` parts."""
+
+    async def infer(request: InferenceRequest) -> Answer:
+        for index, word in enumerate(words[:-1]):
+            if index == fail_after:
+                raise InferenceFailed("failed mid-stream")
+            assert request.stream is not None
+            request.stream(Prediction(word))
+            await asyncio.sleep(0)
+        if gate is not None:
+            await gate.wait()
+        return Answer(model_version=None, prediction=Prediction(words[-1]))  # type: ignore[arg-type]
+
+    return infer
+
+
+def test_parts_are_sent_in_order_before_the_answer_returns() -> None:
+    async def scenario() -> None:
+        sent: list[str] = []
+
+        async def send_part(prediction: Prediction) -> None:
+            await asyncio.sleep(0.001)  # a slow client: parts queue up behind it
+            sent.append(prediction.body)
+
+        stream = PredictionStream(InferenceRequest({}), send_part)
+        answer = await stream.run(fake_infer(["a", "b", "c", "d"]))
+        assert sent == ["a", "b", "c"]
+        assert answer.prediction.body == "d"
+        assert stream.streamed
+
+    aio.run(scenario())
+
+
+def test_without_parts_nothing_is_started() -> None:
+    async def scenario() -> None:
+        async def send_part(prediction: Prediction) -> None:
+            raise AssertionError("no part expected")
+
+        stream = PredictionStream(InferenceRequest({}), send_part)
+        tasks = len(asyncio.all_tasks())
+        answer = await stream.run(fake_infer(["only"]))
+        assert answer.prediction.body == "only"
+        assert not stream.streamed
+        assert len(asyncio.all_tasks()) == tasks
+
+    aio.run(scenario())
+
+
+def test_a_failure_after_parts_raises_once_they_were_sent() -> None:
+    async def scenario() -> None:
+        sent: list[str] = []
+
+        async def send_part(prediction: Prediction) -> None:
+            sent.append(prediction.body)
+
+        stream = PredictionStream(InferenceRequest({}), send_part)
+        with pytest.raises(InferenceFailed):
+            await stream.run(fake_infer(["a", "b", "c"], fail_after=1))
+        assert sent == ["a"]
+        assert stream.streamed
+
+    aio.run(scenario())
+
+
+def test_cancelling_stops_the_sending_too() -> None:
+    async def scenario() -> None:
+        blocked = asyncio.Event()
+
+        async def send_part(prediction: Prediction) -> None:
+            await blocked.wait()  # a client that stopped reading
+
+        stream = PredictionStream(InferenceRequest({}), send_part)
+        gate = asyncio.Event()
+        run = asyncio.ensure_future(stream.run(fake_infer(["a", "b"], gate=gate)))
+        await asyncio.sleep(0.01)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        await asyncio.sleep(0)
+        assert stream._sender is not None and stream._sender.cancelled()
+
+    aio.run(scenario())
+
+
+def test_iterate_yields_parts_then_the_answer_and_raises_after_them() -> None:
+    async def scenario() -> None:
+        got = [p.body async for p in iterate(InferenceRequest({}), fake_infer(["a", "b", "c"]))]
+        assert got == ["a", "b", "c"]
+        seen = []
+        with pytest.raises(InferenceFailed):
+            async for part in iterate(
+                InferenceRequest({}), fake_infer(["a", "b", "c"], fail_after=1)
+            ):
+                seen.append(part.body)
+        assert seen == ["a"]
+
+    aio.run(scenario())
