@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -42,9 +41,3 @@ def test_model_snapshot_alone_says_what_loads(tmp_path: Path) -> None:
 def test_a_malformed_model_snapshot_is_refused(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError, match="model_snapshot"):
         parse_config({"model_snapshot": value}, base_dir=tmp_path)
-
-
-def test_service_envelope_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="api.config"):
-        parse_config({"service_envelope": "kserve"}, base_dir=tmp_path)
-    assert "service_envelope=kserve has no effect" in caplog.text
