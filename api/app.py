@@ -19,8 +19,8 @@ from api.core.registry import Registry
 from api.core.routing import TrafficRouter
 from api.core.types import Backend, ModelSettings
 from api.loader import LocalBackendLoader, ModelLoader
-from api.metrics import PrometheusObserver
-from api.observability import access_log_setting, build_observability
+from api.observability.compose import access_log_setting, build_observability
+from api.observability.metrics import PrometheusObserver
 from api.rest.apps import build_inference_app, build_management_app, build_metrics_app
 from api.rest.asgi import ASGIApp
 from api.rest.origin import BrowserGuard, HostPolicy
@@ -113,7 +113,8 @@ def build(
     """Assemble torchgate; tests pass `backend_loader` to serve fake archives. `pool`: a
     worker pool already launched, whose cleanup folder is the work dir.
 
-    `access_log` overrides `torchgate.access_log` from config.properties (see api.observability).
+    `access_log` overrides `torchgate.access_log` from config.properties
+    (see api.observability.compose).
     """
     observability = build_observability(
         access_log=access_log_setting(config.raw) if access_log is None else access_log

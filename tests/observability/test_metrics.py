@@ -1,4 +1,4 @@
-"""`api.metrics`: what the Prometheus observer records and how /metrics writes it."""
+"""`api.observability.metrics`: what the Prometheus observer records and how /metrics writes it."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from api.core.types import (
     ModelSettings,
     Prediction,
 )
-from api.metrics import LATENCY_BUCKETS, FastHistogram, PrometheusObserver
+from api.observability.metrics import LATENCY_BUCKETS, FastHistogram, PrometheusObserver
 from tests.support.exposition import parse, value
 from tests.support.fake_backend import FakeBackend, load_fake_backend, write_fake_archive
 

@@ -11,7 +11,8 @@ What the metrics port serves (docs/observability.md lists every name and label):
 - TorchServe's own counters, `ts_inference_requests_total`, `ts_inference_latency_microseconds`
   and `ts_queue_latency_microseconds{model_name,model_version,hostname}`, written exactly as
   TorchServe 0.12 writes them, so existing TorchServe dashboards keep working;
-- process and Python metrics, GPUs (`api.gpu`), handlers' custom metrics (`api.handler_metrics`).
+- process and Python metrics, GPUs (`api.observability.gpu`), handlers' custom metrics
+  (`api.observability.handler_metrics`).
 
 Histograms are in seconds, with buckets from 50 µs up, fine enough for sub-millisecond requests.
 
