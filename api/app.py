@@ -23,6 +23,7 @@ from api.observability.compose import access_log_setting, build_observability
 from api.observability.metrics import PrometheusObserver
 from api.rest.apps import build_inference_app, build_management_app, build_metrics_app
 from api.rest.asgi import ASGIApp
+from api.rest.cors import with_cors
 from api.rest.origin import BrowserGuard, HostPolicy
 from api.rest.security import TokenAuth
 from api.snapshot import Snapshotter, load_startup_state
@@ -146,7 +147,7 @@ def build(
     auth = None if config.disable_token_authorization else TokenAuth(config.key_file)
     if auth is not None:
         log.info("token authorization is on; keys are in %s", config.key_file)
-    return Torchgate(
+    torchgate = Torchgate(
         config=config,
         registry=registry,
         dataplane=dataplane,
@@ -177,3 +178,22 @@ def build(
         owned_work_dir=owned,
         pool=pool,
     )
+    _add_cors(torchgate)
+    return torchgate
+
+
+def _add_cors(torchgate: Torchgate) -> None:
+    """TorchServe's CORS keys, on every port (api.rest.cors)."""
+    config = torchgate.config
+    for name in ("inference_app", "management_app", "metrics_app"):
+        app = getattr(torchgate, name)
+        setattr(
+            torchgate,
+            name,
+            with_cors(
+                app,
+                origin=",".join(config.cors_allowed_origin),
+                methods=config.cors_allowed_methods,
+                headers=config.cors_allowed_headers,
+            ),
+        )

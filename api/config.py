@@ -156,6 +156,9 @@ class Config:
     archive_max_members: int = 10_000
     archive_max_ratio: float = 100.0
     cors_allowed_origin: tuple[str, ...] = ()
+    # TorchServe's cors_allowed_methods / cors_allowed_headers, sent as written (api.rest.cors).
+    cors_allowed_methods: str = ""
+    cors_allowed_headers: str = ""
     allowed_hosts: tuple[str, ...] = ()
     # Inputs to the shipped handlers and the prediction APIs (docs/security.md).
     limit_max_image_pixels: bool = True
@@ -163,8 +166,12 @@ class Config:
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
     # torchgate.max_header_size / header_timeout / keep_alive_timeout / max_connections.
     http_limits: EdgeLimits = field(default_factory=lambda: _http_limits({}))
+    # TorchServe's model_snapshot: a snapshot JSON whose models are loaded at start (api.snapshot).
+    model_snapshot: str | None = None
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
+    # The config file's folder: where relative paths in it start (the current one without a file).
+    base_dir: Path = field(default_factory=Path.cwd)
 
     def model_settings(self, overrides: dict[str, Any] | None = None) -> ModelSettings:
         """Settings for a version: TorchServe's `models={...}` keys over this file's defaults."""
@@ -234,7 +241,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
 
 
 def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
-    config = Config(raw=raw)
+    config = Config(raw=raw, base_dir=base_dir)
     try:
         for key in ("inference_address", "management_address", "metrics_address"):
             if key in raw:
@@ -289,6 +296,7 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     if snapshot:
         config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
     config.traffic = _traffic(raw.get("torchgate.traffic"))
+    config.model_snapshot = raw.get("model_snapshot") or None
     _input_limits(raw, config)
     config.http_limits = _http_limits(raw)
     return config
@@ -322,6 +330,8 @@ def _registration_keys(raw: dict[str, str], config: Config) -> None:
         config.archive_max_ratio = ratio
     if "cors_allowed_origin" in raw:
         config.cors_allowed_origin = _csv(raw["cors_allowed_origin"])
+    config.cors_allowed_methods = raw.get("cors_allowed_methods", "").strip()
+    config.cors_allowed_headers = raw.get("cors_allowed_headers", "").strip()
     if "torchgate.allowed_hosts" in raw:
         config.allowed_hosts = tuple(h.lower() for h in _csv(raw["torchgate.allowed_hosts"]))
 

@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from api.config import Config
+from api.config import Config, ConfigError
 from api.core.registry import ModelVersion, Registry
 from api.core.routing import TrafficPolicy, TrafficRouter
 from api.errors import TorchgateError
@@ -263,17 +263,55 @@ class Snapshotter:
             return None
 
 
+def model_snapshot(config: Config) -> dict[str, Any] | None:
+    """TorchServe's `model_snapshot=` key as restore data, None when the key is absent.
+
+    TorchServe's value is the snapshot JSON itself, inline (what its snapshot .cfg files hold:
+    `{"name": ..., "modelCount": n, "models": {name: {version: {"marName", "minWorkers", ...}}}}`);
+    a path to a file holding that JSON is read too. A bad value stops the start (ConfigError).
+    """
+    text = config.model_snapshot
+    if not text:
+        return None
+    if not text.lstrip().startswith("{"):
+        path = Path(text).expanduser()
+        path = path if path.is_absolute() else config.base_dir / path
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"model_snapshot: cannot read {path}: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"model_snapshot is not valid JSON: {exc}") from exc
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict) or not all(
+        isinstance(versions, dict) and all(isinstance(e, dict) for e in versions.values())
+        for versions in models.values()
+    ):
+        raise ConfigError('model_snapshot must be {"models": {name: {version: {...}}}}')
+    return {"models": models, "traffic": {}}
+
+
 async def load_startup_state(
     config: Config, loader: ModelLoader, router: TrafficRouter, snapshotter: Snapshotter | None
 ) -> list[str]:
-    """Restore the snapshot if there is one, else load what config.properties asks for."""
+    """Restore the snapshot if there is one, else TorchServe's `model_snapshot=` when set
+    (which, as in TorchServe, replaces `load_models`), else load what config.properties asks."""
     if snapshotter is None:
-        errors = await loader.load_startup_models()
-        return errors + apply_policies(router, config.traffic)
+        return await _from_config(config, loader, router)
     with snapshotter.paused():
         saved = snapshotter.load()
         if saved is not None:
             log.info("restoring models and traffic policies from snapshot %s", snapshotter.path)
             return await restore(saved, loader, router)
-        errors = await loader.load_startup_models()
-        return errors + apply_policies(router, config.traffic)
+        return await _from_config(config, loader, router)
+
+
+async def _from_config(config: Config, loader: ModelLoader, router: TrafficRouter) -> list[str]:
+    snapshot = model_snapshot(config)
+    if snapshot is not None:
+        log.info("loading the models of model_snapshot (load_models is not read)")
+        return await restore(snapshot, loader, router) + apply_policies(router, config.traffic)
+    errors = await loader.load_startup_models()
+    return errors + apply_policies(router, config.traffic)

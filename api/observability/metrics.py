@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import socket
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -363,3 +363,31 @@ def _escape_help(text: str) -> str:
 
 def _escape_label(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def filter_samples(text: bytes, names: Collection[str]) -> bytes:
+    """`/metrics?name[]=a&name[]=b` as TorchServe filters: only samples named exactly so.
+
+    TorchServe's Prometheus client keeps the samples whose name (`ts_queue_latency_microseconds`,
+    a histogram's `x_bucket`, a counter's `x_total` as written) is one of the names, and a
+    family's HELP and TYPE lines only when one of its samples is kept. No name: everything.
+    """
+    if not names:
+        return text
+    wanted = set(names)
+    out: list[bytes] = []
+    header: list[bytes] = []  # the current family's comment lines, held until a sample matches
+    for line in text.splitlines(keepends=True):
+        if line.startswith(b"#"):
+            if line.startswith((b"# HELP ", b"# TYPE ")) and not (
+                header and header[0].split(b" ", 3)[2] == line.split(b" ", 3)[2]
+            ):
+                header = []
+            header.append(line)
+            continue
+        name = line.split(b"{", 1)[0].split(b" ", 1)[0].strip()
+        if name and name.decode("utf-8", "replace") in wanted:
+            out.extend(header)
+            header = []
+            out.append(line)
+    return b"".join(out)

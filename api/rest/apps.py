@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from api.core.dataplane import DataPlane
@@ -12,6 +12,7 @@ from api.core.registry import Registry
 from api.core.routing import TrafficRouter
 from api.errors import Unauthenticated
 from api.loader import ModelLoader
+from api.observability.metrics import filter_samples
 from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_response
 from api.rest.errors import install_error_handlers
 from api.rest.inference import inference_router
@@ -123,7 +124,9 @@ def build_metrics_app(render: Callable[[], bytes]) -> FastAPI:
     install_error_handlers(app)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(request: Request) -> Response:
+        # TorchServe's name filter: /metrics?name[]=ts_inference_requests_total&name[]=...
+        body = filter_samples(render(), request.query_params.getlist("name[]"))
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

@@ -19,6 +19,7 @@ from api.errors import Unauthenticated
 from api.rest.security import INFERENCE, MANAGEMENT, TokenAuth
 from api.rpc.decoding import DecodingInterceptor
 from api.rpc.errors import grpc_code
+from api.tls import KeyMaterial, grpc_credentials
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +89,12 @@ def _server(torchgate: Torchgate, kind: str) -> grpc.aio.Server:
 
 
 def grpc_servers(
-    torchgate: Torchgate,
+    torchgate: Torchgate, *, tls: KeyMaterial | None = None
 ) -> tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]:
-    """(start, stop) for both gRPC servers; `api.server` runs them beside the HTTP ones."""
+    """(start, stop) for both gRPC servers; `api.server` runs them beside the HTTP ones.
+
+    With `enable_grpc_ssl=true` both ports serve TLS with `tls` (api.tls.load_tls).
+    """
     from api.rpc.kserve import add_kserve_servicer
     from api.rpc.torchserve import add_torchserve_inference_servicer, add_torchserve_management
 
@@ -100,8 +104,15 @@ def grpc_servers(
     add_kserve_servicer(inference, torchgate)
     add_torchserve_inference_servicer(inference, torchgate)
     add_torchserve_management(management, torchgate)
-    inference.add_insecure_port(f"{config.grpc_inference_address}:{config.grpc_inference_port}")
-    management.add_insecure_port(f"{config.grpc_management_address}:{config.grpc_management_port}")
+    inference_at = f"{config.grpc_inference_address}:{config.grpc_inference_port}"
+    management_at = f"{config.grpc_management_address}:{config.grpc_management_port}"
+    if tls is not None and config.raw.get("enable_grpc_ssl", "").strip().lower() == "true":
+        credentials = grpc_credentials(tls)
+        inference.add_secure_port(inference_at, credentials)
+        management.add_secure_port(management_at, credentials)
+    else:
+        inference.add_insecure_port(inference_at)
+        management.add_insecure_port(management_at)
 
     async def start() -> None:
         await inference.start()
