@@ -21,6 +21,7 @@ import uvicorn
 
 from api.app import build
 from api.config import Address, Config, EdgeLimits
+from api.config_keys import report as report_config
 from api.rest.asgi import ASGIApp
 from api.rest.edge import edge_protocol
 from api.rpc.server import grpc_servers
@@ -84,6 +85,7 @@ async def serve(
     access_log: bool | None = None,
     pool: WorkerPool | None = None,
 ) -> None:
+    report_config(config)  # unknown and unsupported keys, then the effective configuration
     tls = load_tls(config)  # a bad key or certificate stops the start here, before any work
     torchgate = build(config, access_log=access_log, pool=pool)
     if torchgate.pool is not None:
