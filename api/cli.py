@@ -63,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(args)
     if options.command == "serve":
         from api.config import ConfigError, load_config
+        from api.tls import load_tls
 
         try:
             config = load_config(options.config)
+            load_tls(config)  # a bad key or keystore: a clear message before anything starts
         except ConfigError as exc:
             print(f"torchgate: {exc}", file=sys.stderr)
             return 2
