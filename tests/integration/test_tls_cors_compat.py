@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,16 +74,17 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         "enable_grpc_ssl": "true",
         "load_models": "echo.mar",
         "default_workers_per_model": "1",
+        "metrics_mode": "prometheus",  # TorchServe's default (log) leaves /metrics empty
         **CORS,
     }
     config = folder / "config.properties"
     config.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
-    with (
-        running_torchserve(store, config, scheme="https") as ts,
-        running_torchgate(
-            config.read_text() + f"model_store={store}\ntorchgate.snapshot_file=\n", scheme="https"
-        ) as tg,
-    ):
+    with ExitStack() as stack, ThreadPoolExecutor(1) as pool:
+        # torchgate starts while TorchServe's JVM does: the two start-ups overlap.
+        text = config.read_text() + f"model_store={store}\ntorchgate.snapshot_file=\n"
+        starting = pool.submit(stack.enter_context, running_torchgate(text, scheme="https"))
+        ts = stack.enter_context(running_torchserve(store, config, scheme="https"))
+        tg = starting.result()
         yield Servers(
             Server(ts.inference_url, ts.management_url, ts.metrics_url, ts.grpc_inference_port),
             Server(tg.inference_url, tg.management_url, tg.metrics_url, tg.grpc_inference_port),
