@@ -12,7 +12,10 @@ Keys torchgate understands (TorchServe's defaults unless noted):
     job_queue_size (100), default_response_timeout (120 s), max_request_size and
     max_response_size (6553500 bytes), disable_token_authorization (false),
     enable_model_api (false), allowed_urls (none here: only the model store; TorchServe's is
-    file://.*|http(s)?://.*), cors_allowed_origin (none), number_of_gpu
+    file://.*|http(s)?://.*), cors_allowed_origin, cors_allowed_methods and
+    cors_allowed_headers (none; api.rest.cors), number_of_gpu, model_snapshot (api.snapshot);
+    certificate_file, private_key_file, keystore, keystore_pass, keystore_type and
+    enable_grpc_ssl are read by api.tls; every key's status is in api.config_keys
 
 torchgate's own keys start with `torchgate.` (for example `torchgate.snapshot_file`), so a
 file stays usable unchanged by `torchserve --ts-config`:
