@@ -7,7 +7,9 @@ Status codes, bodies where they are the same API, and the CORS headers must matc
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -33,6 +35,17 @@ CORS = {
     "cors_allowed_methods": "GET, POST, OPTIONS",
     "cors_allowed_headers": "Content-Type, X-Custom",
 }
+SNAPSHOT = {
+    "name": "startup.cfg",
+    "modelCount": 1,
+    "models": {
+        "echo": {
+            "1.0": {"defaultVersion": True, "marName": "echo.mar", "minWorkers": 1,
+                    "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 100,
+                    "responseTimeout": 120, "startupTimeout": 120, "runtimeType": "python"}
+        }
+    },
+}  # fmt: skip
 CORS_HEADERS = (
     "access-control-allow-origin",
     "access-control-allow-methods",
@@ -72,7 +85,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         "certificate_file": str(cert),
         "private_key_file": str(key),
         "enable_grpc_ssl": "true",
-        "load_models": "echo.mar",
+        # Both load the model from TorchServe's snapshot JSON (no load_models).
+        "model_snapshot": json.dumps(SNAPSHOT),
         "default_workers_per_model": "1",
         "metrics_mode": "prometheus",  # TorchServe's default (log) leaves /metrics empty
         **CORS,
@@ -85,11 +99,35 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         starting = pool.submit(stack.enter_context, running_torchgate(text, scheme="https"))
         ts = stack.enter_context(running_torchserve(store, config, scheme="https"))
         tg = starting.result()
+        wait_ready(ts.management_url + "/models/echo", cert)
         yield Servers(
             Server(ts.inference_url, ts.management_url, ts.metrics_url, ts.grpc_inference_port),
             Server(tg.inference_url, tg.management_url, tg.metrics_url, tg.grpc_inference_port),
             cert,
         )
+
+
+def wait_ready(url: str, cert: Path, timeout: float = 120.0) -> None:
+    """Until the model's workers are READY (TorchServe's /ping turns healthy before)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        answer = httpx.get(url, verify=str(cert), timeout=10)
+        if answer.status_code == 200 and all(
+            w["status"] == "READY" for w in answer.json()[0]["workers"] or [{"status": ""}]
+        ):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not READY")
+
+
+def test_model_snapshot_loads_the_same_models(servers: Servers) -> None:
+    answers = servers.both("GET", "management", "/models")
+    assert answers["torchgate"].json() == answers["torchserve"].json()
+    assert answers["torchgate"].json()["models"][0]["modelName"] == "echo"
+    answers = servers.both("GET", "management", "/models/echo")
+    for name in ("torchgate", "torchserve"):
+        (described,) = answers[name].json()
+        assert described["modelVersion"] == "1.0" and described["minWorkers"] == 1
 
 
 def test_https_answers_alike_on_the_three_ports(servers: Servers) -> None:
