@@ -1,4 +1,5 @@
-"""TorchServe's inference API utilities (port 8080): /ping, OPTIONS /, /api-description.
+"""TorchServe's inference API utilities (port 8080): /ping, OPTIONS /, /api-description,
+OPTIONS /predictions/{model}.
 
 `POST /predictions/...` and KServe v2's `POST .../infer` are plain ASGI (`api.rest.predictions`,
 `api.rest.v2`), mounted in front of this router by `api.rest.apps`; they are listed in the
@@ -33,7 +34,29 @@ def inference_router(dataplane: DataPlane, app: FastAPI) -> APIRouter:
     async def api_description() -> JsonResponse:
         return JsonResponse(openapi_document(app))
 
+    # TorchServe answers OPTIONS on a prediction path with the model's API description (a
+    # browser's CORS preflight gets it, with api.rest.cors's headers); 404 without the model.
+    @router.options("/predictions/{model_name}", include_in_schema=False)
+    @router.options("/predictions/{model_name}/{model_version}", include_in_schema=False)
+    async def model_api(model_name: str, model_version: str | None = None) -> JsonResponse:
+        dataplane.registry.get(model_name, model_version)  # raises ModelNotFound
+        return JsonResponse(model_api_document(app, model_name))
+
     return router
+
+
+def model_api_document(app: FastAPI, model: str) -> dict[str, Any]:
+    """TorchServe's `OPTIONS /predictions/{model}` document: its title and paths."""
+    predict = openapi_document(app)["paths"]["/predictions/{model_name}"]
+    return {
+        "openapi": "3.0.1",
+        "info": {"title": f"RESTful API for: {model}", "version": "1.0.0"},
+        "paths": {
+            f"/prediction/{model}": predict,
+            "/v1/models/{model_name}:predict": predict,
+            "/v2/models/{model_name}/infer": predict,
+        },
+    }
 
 
 def openapi_document(app: FastAPI) -> dict[str, Any]:

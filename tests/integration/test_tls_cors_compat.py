@@ -206,6 +206,37 @@ def test_cors_preflight_on_the_api_description(servers: Servers) -> None:
     assert "openapi" in answers["torchserve"].json()
 
 
+def test_cors_preflight_on_a_prediction_path(servers: Servers) -> None:
+    """A browser's preflight before a JSON POST: TorchServe answers the model's API, 200."""
+    headers = {
+        "origin": ORIGIN,
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "content-type",
+    }
+    for path, status in (
+        ("/predictions/echo", 200),
+        ("/predictions/echo/1.0", 200),
+        ("/predictions/nope", 404),
+    ):
+        answers = servers.both("OPTIONS", "inference", path, headers=headers)
+        assert answers["torchgate"].status_code == answers["torchserve"].status_code == status
+        for name in CORS_HEADERS:
+            assert answers["torchgate"].headers[name] == answers["torchserve"].headers[name]
+        ours, theirs = answers["torchgate"].json(), answers["torchserve"].json()
+        if status == 200:
+            assert (
+                ours["info"]
+                == theirs["info"]
+                == {
+                    "title": "RESTful API for: echo",
+                    "version": "1.0.0",
+                }
+            )
+            assert sorted(ours["paths"]) == sorted(theirs["paths"])
+        else:
+            assert ours["code"] == theirs["code"] == 404
+
+
 def sample_names(text: str) -> set[str]:
     return {
         re.split(r"[{ ]", line, maxsplit=1)[0]
