@@ -18,7 +18,7 @@ from api.rest.errors import install_error_handlers
 from api.rest.inference import inference_router
 from api.rest.management import management_router
 from api.rest.predictions import PredictionsEndpoint
-from api.rest.responses import error_parts
+from api.rest.responses import JsonResponse, error_parts
 from api.rest.security import MANAGEMENT, TokenAuth
 from api.rest.traffic import traffic_router
 from api.rest.v2 import V2InferEndpoint, is_infer_path, v2_router
@@ -113,6 +113,14 @@ def build_management_app(
     app.include_router(
         management_router(registry, loader, enable_model_api=enable_model_api, auth=auth)
     )
+
+    # TorchServe's API description on this port too: `OPTIONS /` (a CORS preflight's answer)
+    # and `GET /api-description`.
+    @app.options("/", include_in_schema=False)
+    @app.get("/api-description", include_in_schema=False)
+    async def api_description() -> JsonResponse:
+        return JsonResponse(app.openapi())
+
     if auth is None:
         return app if browser_guard is None else browser_guard(app)
     # /token is authorized by the API key inside its handler.

@@ -189,21 +189,21 @@ def test_cors_headers_on_errors_and_posts(servers: Servers) -> None:
 
 
 def test_cors_preflight_on_the_api_description(servers: Servers) -> None:
-    """TorchServe answers `OPTIONS /` with its API description; a preflight gets the headers.
-
-    (The management port's `OPTIONS /` is not served by torchgate: docs/compatibility.md.)
-    """
+    """TorchServe answers `OPTIONS /` with its API description; a preflight gets the headers."""
     headers = {
         "origin": ORIGIN,
         "access-control-request-method": "POST",
         "access-control-request-headers": "x-custom",
     }
-    answers = servers.both("OPTIONS", "inference", "/", headers=headers)
-    assert answers["torchgate"].status_code == answers["torchserve"].status_code == 200
-    for name in CORS_HEADERS:
-        assert answers["torchgate"].headers[name] == answers["torchserve"].headers[name]
-    assert "openapi" in answers["torchgate"].json()
-    assert "openapi" in answers["torchserve"].json()
+    for api in ("inference", "management"):
+        answers = servers.both("OPTIONS", api, "/", headers=headers)
+        assert answers["torchgate"].status_code == answers["torchserve"].status_code == 200
+        for name in CORS_HEADERS:
+            assert answers["torchgate"].headers[name] == answers["torchserve"].headers[name]
+        assert "openapi" in answers["torchgate"].json()
+        assert "openapi" in answers["torchserve"].json()
+        answers = servers.both("GET", api, "/api-description")
+        assert answers["torchgate"].status_code == answers["torchserve"].status_code == 200
 
 
 def test_cors_preflight_on_a_prediction_path(servers: Servers) -> None:
