@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps kserve==0.21.0
 	@touch $@
 
 protos: $(PROTOS_STAMP)
@@ -40,10 +41,11 @@ lint: venv
 typecheck: venv protos
 	$(BIN)/mypy
 
-# Real Prometheus (scrape tests) and wrk (bench tests), from Debian's packages when missing.
+# Real Prometheus (scrape tests), wrk (bench tests) and HAProxy (scale-out tests), from Debian's
+# packages when missing.
 # Needs root or sudo; outside CI a failure is only a warning (those tests then skip, saying why).
 tools:
-	./scripts/install_tools.sh prometheus wrk || [ -z "$$CI" ]
+	./scripts/install_tools.sh prometheus wrk haproxy || [ -z "$$CI" ]
 
 pytest: venv protos archives tools
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -53,7 +55,7 @@ test: lint typecheck pytest
 # wrk drives the load (Debian package); the suite itself lives in benchmarks/.
 bench: venv protos archives
 	./scripts/install_tools.sh wrk
-	HF_HUB_OFFLINE=1 $(BIN)/torchgate bench --suite --out docs/benchmarks.md
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks --out docs/benchmarks.md
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.v2_throughput --append docs/benchmarks.md
 
 clean:

@@ -1,4 +1,5 @@
-"""Assembles torchgate from a Config: registry, dataplane, loader, auth and the HTTP apps.
+"""The composition root: torchgate from a Config — registry, dataplane, loader, auth, the HTTP
+apps and (`Torchgate.grpc_servers`) the gRPC servers.
 
 This is where backends are injected into the core: the registry only sees `Backend` objects.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from api.core.dataplane import DataPlane
 from api.core.registry import Registry
 from api.core.routing import TrafficRouter
 from api.core.types import Backend, ModelSettings
+from api.core.workflow import Workflows
 from api.loader import LocalBackendLoader, ModelLoader
 from api.observability.compose import access_log_setting, build_observability
 from api.observability.metrics import PrometheusObserver
@@ -25,9 +28,12 @@ from api.rest.apps import build_inference_app, build_management_app, build_metri
 from api.rest.asgi import ASGIApp
 from api.rest.cors import with_cors
 from api.rest.origin import BrowserGuard, HostPolicy
+from api.rest.responses import prediction_parts
 from api.rest.security import TokenAuth
 from api.snapshot import Snapshotter, load_startup_state
+from api.tls import KeyMaterial
 from api.workers.pool import WorkerPool
+from api.workflow_loader import WorkflowLoader
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ def worker_backend_loader(
             limits=limits,
             max_image_pixels=config.image_pixel_limit,
             max_items_per_request=config.max_items_per_request,
+            declared_metrics=config.metrics_spec.model_metrics,
         )
 
     return load
@@ -78,6 +85,7 @@ class Torchgate:
     owned_work_dir: Path | None = None
     # Forks the worker processes; None when tests inject their own backends.
     pool: WorkerPool | None = None
+    workflows: Workflows | None = None
 
     async def start(self) -> None:
         """Restore the snapshot, or load what config.properties asks for.
@@ -93,9 +101,29 @@ class Torchgate:
         for model_version in self.registry:
             model_version.backend_info["startup"] = True
 
+    def grpc_servers(
+        self, *, tls: KeyMaterial | None = None
+    ) -> tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]:
+        """(start, stop) for the gRPC servers, built from the parts the HTTP apps were.
+
+        Built on demand, inside the running event loop grpc.aio needs.
+        """
+        from api.rpc.server import grpc_servers
+
+        return grpc_servers(
+            self.config,
+            auth=self.auth,
+            dataplane=self.dataplane,
+            registry=self.registry,
+            loader=self.loader,
+            tls=tls,
+        )
+
     async def stop(self) -> None:
         """Stop accepting, finish what is queued, then unload every model."""
         self.dataplane.accepting = False
+        if self.workflows is not None:
+            await self.workflows.close()
         await self.registry.close()
         if self.pool is not None:
             await self.pool.close()
@@ -110,17 +138,22 @@ def build(
     backend_loader: LocalBackendLoader | None = None,
     access_log: bool | None = None,
     pool: WorkerPool | None = None,
+    workflow_store: Path | None = None,
 ) -> Torchgate:
     """Assemble torchgate; tests pass `backend_loader` to serve fake archives. `pool`: a
     worker pool already launched, whose cleanup folder is the work dir.
 
     `access_log` overrides `torchgate.access_log` from config.properties
     (see api.observability.compose).
+    `workflow_store` overrides `workflow_store` from config.properties (`--workflow-store`).
     """
+    if workflow_store is not None:
+        config.workflow_store = workflow_store
     observability = build_observability(
         access_log=access_log_setting(config.raw) if access_log is None else access_log
     )
     observer = observability.observer
+    observability.handler_metrics.spec = config.metrics_spec
     registry = Registry(observer, max_workers_per_model=config.worker_bound)
     observability.metrics.track(registry)
     router = TrafficRouter(registry)
@@ -144,6 +177,9 @@ def build(
             pool, config, observability.handler_metrics.on_metric
         )
     loader = ModelLoader(config, registry, work, backend_loader)
+    workflows = Workflows(
+        dataplane, WorkflowLoader(loader, work), encode=lambda p: prediction_parts(p)[1]
+    )
     auth = None if config.disable_token_authorization else TokenAuth(config.key_file)
     if auth is not None:
         log.info("token authorization is on; keys are in %s", config.key_file)
@@ -159,6 +195,7 @@ def build(
             max_request_size=config.max_request_size,
             auth=auth,
             max_items=config.max_items_per_request,
+            workflows=workflows,
         ),
         management_app=build_management_app(
             registry,
@@ -171,12 +208,14 @@ def build(
                 HostPolicy(config.management_address.host, config.allowed_hosts),
                 allowed_origins=config.cors_allowed_origin,
             ),
+            workflows=workflows,
         ),
         metrics_app=build_metrics_app(observability.metrics.render),
         router=router,
         snapshotter=snapshotter,
         owned_work_dir=owned,
         pool=pool,
+        workflows=workflows,
     )
     _add_cors(torchgate)
     return torchgate

@@ -1,25 +1,51 @@
-"""`torchgate` command line: serve, export, bench."""
+"""`torchgate` command line.
+
+torchgate start|stop [torchserve's flags]    TorchServe's command line (api.commands.launch);
+torchgate --start|--stop|--version [...]     also in torchserve's own form
+torchgate serve --config config.properties   serve in the foreground (what `make serve` runs)
+torchgate models list|describe|register|...  the management API (api.commands.models)
+torchgate export ...                         build the example archives (export.cli)
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # imported where used: `torchgate --help` stays instant
-    from api.config import Config
-    from api.workers.pool import WorkerPool
+# Imported where used: `torchgate --help` and `torchgate models` stay quick.
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "export":
+        from export.cli import main as export_main
+
+        return export_main(args[1:])
+    if args and args[0] == "models":
+        from api.commands.models import main as models_main
+
+        return models_main(args[1:])
+    if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
+        from api.commands.launch import main_torchserve  # `torchgate --start ...`
+
+        return main_torchserve(args)
+
+    from api.commands import launch
+
     parser = argparse.ArgumentParser(
         prog="torchgate",
-        description="Serve TorchServe model archives without Java.",
+        description="Serve TorchServe model archives without Java. `torchgate --start ...` "
+        "takes torchserve's own command line.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve the archives config.properties names")
+    parser.add_argument("-v", "--version", action="store_true", help="print the version")
+    sub = parser.add_subparsers(dest="command")
+    start = sub.add_parser("start", help="start a server (in the background unless --foreground)")
+    launch.add_server_flags(start)
+    stop = sub.add_parser("stop", help="stop running servers; they finish accepted requests")
+    stop.add_argument("--ts-config", dest="ts_config", help="only the one running this config")
+    sub.add_parser("version", help="print the version")
+    serve = sub.add_parser("serve", help="serve config.properties in the foreground")
     serve.add_argument(
         "--config",
         "--ts-config",
@@ -34,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
-        default=_env_flag("TORCHGATE_ACCESS_LOG"),
+        default=launch.env_flag("TORCHGATE_ACCESS_LOG"),
         help="JSON access log lines on stdout (default: torchgate.access_log in "
         "config.properties, on when absent; env TORCHGATE_ACCESS_LOG)",
     )
@@ -46,58 +72,38 @@ def main(argv: list[str] | None = None) -> int:
         help="neither read nor write the state snapshot (TorchServe's --ncs): start from "
         "config.properties",
     )
+    sub.add_parser("models", help="list, describe, register, scale, ... models", add_help=False)
     sub.add_parser(
         "export", help="train/export example models and build .mar archives", add_help=False
     )
-    sub.add_parser("bench", help="closed-loop load test against a URL", add_help=False)
-
-    if args and args[0] == "export":
-        from export.cli import main as export_main
-
-        return export_main(args[1:])
-    if args and args[0] == "bench":
-        from api.bench import main as bench_main
-
-        return bench_main(args[1:])
 
     options = parser.parse_args(args)
-    if options.command == "serve":
-        from api.config import ConfigError, load_config
-        from api.tls import load_tls
-
-        try:
-            config = load_config(options.config)
-            load_tls(config)  # a bad key or keystore: a clear message before anything starts
-        except ConfigError as exc:
-            print(f"torchgate: {exc}", file=sys.stderr)
-            return 2
-        if options.no_snapshot:
-            config.snapshot_file = None
-        pool = _launch_worker_pool(config)
-        from api.server import run  # ~1.5 s of imports, while the zygote imports torch
-
-        run(config, log_level=options.log_level, access_log=options.access_log, pool=pool)
+    if options.version or options.command == "version":
+        print(launch.version())
         return 0
+    if options.command == "start":
+        return launch.start_command(options, args[1:])
+    if options.command == "stop":
+        return launch.stop_command(options.ts_config)
+    if options.command == "serve":
+        return _serve(options)
     parser.print_help()
     return 2
 
 
-def _env_flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    if value is None or not value.strip():
-        return None
-    return value.strip().lower() not in ("false", "0", "no", "off")
+def _serve(options: argparse.Namespace) -> int:
+    from api.commands.launch import UsageError, check_model_store, serve_foreground
+    from api.config import ConfigError, load_config
 
-
-def _launch_worker_pool(config: Config) -> WorkerPool:
-    """Start the zygote first: its imports (torch, onnxruntime: ~3 s) then overlap the
-    frontend's own (~1.5 s), which shortens start-up to ready by about that much."""
-    from api.backends.workdir import make_work_dir
-    from api.workers.pool import WorkerPool
-
-    pool = WorkerPool(cleanup=make_work_dir(), preload=config.worker_preload)
-    pool.launch()
-    return pool
+    try:
+        config = load_config(options.config)
+        check_model_store(config)
+    except (ConfigError, UsageError) as exc:
+        print(f"torchgate: {exc}", file=sys.stderr)
+        return 2
+    if options.no_snapshot:
+        config.snapshot_file = None
+    return serve_foreground(config, options, lock_key=None)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ Keys torchgate understands (TorchServe's defaults unless noted):
     default_workers_per_model (1 here; TorchServe's default is one per GPU or core),
     job_queue_size (100), default_response_timeout (120 s), max_request_size and
     max_response_size (6553500 bytes), disable_token_authorization (false),
-    enable_model_api (false), allowed_urls (none here: only the model store; TorchServe's is
-    file://.*|http(s)?://.*), cors_allowed_origin, cors_allowed_methods and
-    cors_allowed_headers (none; api.rest.cors), number_of_gpu, model_snapshot (api.snapshot);
+    enable_model_api (false), install_py_dep_per_model (false), metrics_config,
+    model_metrics_auto_detect (false), allowed_urls (none here: only the model store;
+    TorchServe's is file://.*|http(s)?://.*), cors_allowed_origin, cors_allowed_methods and
+    cors_allowed_headers (none; api.rest.cors), number_of_gpu;
     certificate_file, private_key_file, keystore, keystore_pass, keystore_type and
     enable_grpc_ssl are read by api.tls; every key's status is in api.config_keys
 
@@ -61,12 +62,14 @@ import logging
 import os
 import re
 import resource
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from api.core.types import ModelSettings
+from api.metrics_config import MetricsConfigError, MetricsSpec, load_metrics_spec
 from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_ITEMS_PER_REQUEST
 from api.workers.zygote import DEFAULT_PRELOAD
 
@@ -105,6 +108,9 @@ class ModelEntry:
     settings: ModelSettings
     # Extra per-version settings torchgate understands, e.g. {"backend": {...}}.
     extra: dict[str, Any] = field(default_factory=dict)
+    # The entry as written (TorchServe keys): api.model_config weighs it against the archive's
+    # model-config.yaml.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +133,8 @@ class Config:
     grpc_management_address: str = "127.0.0.1"
     grpc_management_port: int = 7071
     model_store: Path = Path("model_store")
+    # Where `POST /workflows?url=x.war` looks (TorchServe's workflow_store); None: model_store.
+    workflow_store: Path | None = None
     load_models: str = ""
     models: list[ModelEntry] = field(default_factory=list)
     default_workers_per_model: int = 1
@@ -169,8 +177,12 @@ class Config:
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
     # torchgate.max_header_size / header_timeout / keep_alive_timeout / max_connections.
     http_limits: EdgeLimits = field(default_factory=lambda: _http_limits({}))
-    # TorchServe's model_snapshot: a snapshot JSON whose models are loaded at start (api.snapshot).
-    model_snapshot: str | None = None
+    # install_py_dep_per_model: install an archive's requirementsFile for its workers
+    # (api.backends.requirements); without it requirements are ignored, as in TorchServe.
+    install_py_dep_per_model: bool = False
+    # metrics_config (TorchServe's metrics.yaml) and model_metrics_auto_detect: the handler
+    # metrics workers declare up front and /metrics exports (api.metrics_config).
+    metrics_spec: MetricsSpec = field(default_factory=MetricsSpec)
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
     # The config file's folder: where relative paths in it start (the current one without a file).
@@ -189,6 +201,13 @@ class Config:
             max_workers=max(int(o.get("maxWorkers", min_workers)), min_workers, 1),
             startup_timeout_s=float(o.get("startupTimeout", 120)),
         )
+
+    def model_options(self, name: str, version: str) -> dict[str, Any]:
+        """The models={...} entry of this version as written ({} when it has none)."""
+        for entry in self.models:
+            if entry.name == name and entry.version == version:
+                return entry.options
+        return {}
 
     @property
     def worker_bound(self) -> int:
@@ -231,16 +250,170 @@ def read_properties(text: str) -> dict[str, str]:
     return values
 
 
-def load_config(path: str | os.PathLike[str] | None) -> Config:
-    """Read a config.properties; relative model_store paths resolve against the file's folder."""
+def load_config(
+    path: str | os.PathLike[str] | None,
+    *,
+    overrides: Overrides | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Read a config.properties; relative model_store paths resolve against the file's folder.
+
+    In TorchServe's order (ConfigManager): the file, its `$$VAR$$` references replaced by
+    environment variables, then the command line's `overrides`, then `TS_<KEY>` environment
+    variables when the file says `enable_envvars_config=true`. Paths from the command line or
+    the environment resolve against the working directory.
+    """
+    env = os.environ if environ is None else environ
     if path is None:
-        return Config()
-    file = Path(path)
-    try:
-        raw = read_properties(file.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {file}: {exc}") from exc
-    return parse_config(raw, base_dir=file.resolve().parent)
+        raw: dict[str, str] = {}
+    else:
+        file = Path(path)
+        try:
+            raw = read_properties(file.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read {file}: {exc}") from exc
+    raw = _resolve_references(raw, env)
+    if overrides is not None:
+        raw.update(overrides.properties())
+    if raw.get("enable_envvars_config", "false").strip().lower() == "true":
+        raw.update(_environment_properties(raw, env))
+    if path is None:
+        if not raw:
+            return Config()
+        config = parse_config(raw, base_dir=Path.cwd())
+        if "torchgate.snapshot_file" not in raw:
+            config.snapshot_file = None  # as without a file: no snapshot
+        return config
+    return parse_config(raw, base_dir=Path(path).resolve().parent)
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """What TorchServe's command line sets over config.properties (`torchgate start`)."""
+
+    model_store: Path | None = None
+    models: tuple[str, ...] = ()  # NAME=URL or URL or "all", as `--models`
+    workflow_store: Path | None = None
+    disable_token_auth: bool = False  # the flag can only turn authorization off
+    enable_model_api: bool = False  # and only turn the model API on
+
+    def properties(self) -> dict[str, str]:
+        values: dict[str, str] = {}
+        if self.model_store is not None:
+            values["model_store"] = str(Path(self.model_store).absolute())
+        if self.workflow_store is not None:
+            values["workflow_store"] = str(Path(self.workflow_store).absolute())
+        if self.models:
+            values["load_models"] = ",".join(
+                "all" if m.lower() == "all" else m for m in self.models
+            )
+        if self.disable_token_auth:
+            values["disable_token_authorization"] = "true"
+        if self.enable_model_api:
+            values["enable_model_api"] = "true"
+        return values
+
+
+# TorchServe 0.12's ConfigManager reads these variables (its `TS_*` constants) over the file
+# when enable_envvars_config=true; the name is not always TS_ + the key in capitals.
+ENVIRONMENT_KEYS: dict[str, str] = {
+    **{
+        f"TS_{key.upper()}": key
+        for key in [
+            "debug",
+            "inference_address",
+            "management_address",
+            "metrics_address",
+            "load_models",
+            "blacklist_env_vars",
+            "default_workers_per_model",
+            "default_response_timeout",
+            "default_startup_timeout",
+            "unregister_model_timeout",
+            "number_of_netty_threads",
+            "netty_client_threads",
+            "job_queue_size",
+            "number_of_gpu",
+            "metrics_config",
+            "metrics_mode",
+            "model_metrics_auto_detect",
+            "disable_system_metrics",
+            "ipex_enable",
+            "cpu_launcher_enable",
+            "cpu_launcher_args",
+            "ipex_gpu_enable",
+            "async_logging",
+            "cors_allowed_origin",
+            "cors_allowed_methods",
+            "cors_allowed_headers",
+            "decode_input_request",
+            "keystore",
+            "keystore_pass",
+            "keystore_type",
+            "certificate_file",
+            "private_key_file",
+            "max_request_size",
+            "max_response_size",
+            "limit_max_image_pixels",
+            "default_service_handler",
+            "service_envelope",
+            "model_server_home",
+            "model_store",
+            "prefer_direct_buffer",
+            "allowed_urls",
+            "install_py_dep_per_model",
+            "enable_metrics_api",
+            "grpc_inference_address",
+            "grpc_management_address",
+            "grpc_inference_port",
+            "grpc_management_port",
+            "grpc_inference_max_connection_age_ms",
+            "grpc_management_max_connection_age_ms",
+            "grpc_inference_max_connection_age_grace_ms",
+            "grpc_management_max_connection_age_grace_ms",
+            "enable_grpc_ssl",
+            "initial_worker_port",
+            "initial_distribution_port",
+            "workflow_store",
+            "cpp_log_config",
+            "disable_token_authorization",
+            "enable_model_api",
+        ]
+    },
+    "TS_OPEN_INFERENCE_PROTOCOL": "ts_open_inference_protocol",
+    "TS_TOKEN_EXPIRATION_TIME_MIN": "token_expiration_min",
+    "TS_HEADER_KEY_SEQUENCE_ID": "ts_header_key_sequence_id",
+    "TS_HEADER_KEY_SEQUENCE_START": "ts_header_key_sequence_start",
+    "TS_HEADER_KEY_SEQUENCE_END": "ts_header_key_sequence_end",
+}
+_PATH_KEYS = frozenset({"model_store", "workflow_store"})
+_REFERENCE = re.compile(r"\$\$([^$]+[^$])\$\$")
+
+
+def _environment_properties(raw: dict[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for name, key in ENVIRONMENT_KEYS.items():
+        if name not in environ:
+            continue
+        # As TorchServe: TS_ALLOWED_URLS counts only with use_env_allowed_urls=true.
+        if key == "allowed_urls" and raw.get("use_env_allowed_urls", "").lower() != "true":
+            log.warning("TS_ALLOWED_URLS is ignored without use_env_allowed_urls=true")
+            continue
+        value = environ[name]
+        values[key] = str(Path(value).absolute()) if key in _PATH_KEYS and value else value
+    return values
+
+
+def _resolve_references(raw: dict[str, str], environ: Mapping[str, str]) -> dict[str, str]:
+    """`key=$$NAME$$` takes the value of environment variable NAME (TorchServe's syntax)."""
+
+    def value_of(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in environ:
+            raise ConfigError(f"config.properties refers to $${name}$$, which is not set")
+        return environ[name]
+
+    return {key: _REFERENCE.sub(value_of, value) for key, value in raw.items()}
 
 
 def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
@@ -258,19 +431,23 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             "max_response_size",
         ):
             if key in raw:
-                setattr(config, key, int(raw[key]))
+                setattr(config, key, _number(raw, key, int))
         for key in ("grpc_inference_address", "grpc_management_address", "load_models"):
             if key in raw:
                 setattr(config, key, raw[key])
-        for key in ("disable_token_authorization", "enable_model_api"):
+        for key in (
+            "disable_token_authorization",
+            "enable_model_api",
+            "install_py_dep_per_model",
+        ):
             if key in raw:
                 setattr(config, key, raw[key].lower() == "true")
         if "default_response_timeout" in raw:
-            config.default_response_timeout = float(raw["default_response_timeout"])
+            config.default_response_timeout = _number(raw, "default_response_timeout", float)
         if "number_of_gpu" in raw:
-            config.number_of_gpu = int(raw["number_of_gpu"])
+            config.number_of_gpu = _number(raw, "number_of_gpu", int)
         if "torchgate.intra_op_threads" in raw:
-            config.intra_op_threads = int(raw["torchgate.intra_op_threads"])
+            config.intra_op_threads = _number(raw, "torchgate.intra_op_threads", int)
         if "torchgate.max_workers_per_model" in raw:
             bound = raw["torchgate.max_workers_per_model"]
             if not bound.isdigit() or int(bound) < 1:
@@ -292,20 +469,45 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
         raise ConfigError(f"bad value in config.properties: {exc}") from exc
     store = Path(raw.get("model_store", "model_store"))
     config.model_store = store if store.is_absolute() else base_dir / store
+    if raw.get("workflow_store"):
+        workflows = Path(raw["workflow_store"])
+        config.workflow_store = workflows if workflows.is_absolute() else base_dir / workflows
     key_file = Path(raw.get("torchgate.key_file", "key_file.json"))
     config.key_file = key_file if key_file.is_absolute() else base_dir / key_file
     config.models = _models(raw.get("models"), config)
+    config.metrics_spec = _metrics_spec(raw, base_dir)
+    _kserve_keys(raw, config)
     snapshot = raw.get("torchgate.snapshot_file", "logs/config/torchgate-snapshot.json")
     if snapshot:
         config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
     config.traffic = _traffic(raw.get("torchgate.traffic"))
-    config.model_snapshot = raw.get("model_snapshot") or None
     _input_limits(raw, config)
     config.http_limits = _http_limits(raw)
     return config
 
 
 _N = TypeVar("_N", int, float)
+
+
+def _number(raw: dict[str, str], key: str, kind: type[_N]) -> _N:
+    """The value of `key`; a ValueError that names the key and the value otherwise."""
+    try:
+        return kind(raw[key])
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise ValueError(f"{key}={raw[key]!r} is not {noun}") from None
+
+
+def _metrics_spec(raw: dict[str, str], base_dir: Path) -> MetricsSpec:
+    """metrics_config: relative to this file's folder, else (as TorchServe) to the cwd."""
+    auto_detect = raw.get("model_metrics_auto_detect", "false").strip().lower() == "true"
+    path = Path(raw["metrics_config"]) if raw.get("metrics_config") else None
+    if path is not None and not path.is_absolute() and (base_dir / path).exists():
+        path = base_dir / path
+    try:
+        return load_metrics_spec(path, auto_detect=auto_detect)
+    except MetricsConfigError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _registration_keys(raw: dict[str, str], config: Config) -> None:
@@ -409,6 +611,32 @@ def _traffic(text: str | None) -> dict[str, Any]:
     return spec
 
 
+def _kserve_keys(raw: dict[str, str], config: Config) -> None:
+    """The keys of the config.properties KServe's TorchServe runtime reads (docs/kubernetes.md).
+
+    `model_snapshot` (TorchServe's snapshot format, which KServe's examples use to name their
+    models): as in TorchServe, when present it alone says what loads, each model and version
+    with its settings, and load_models and models= are not read. `service_envelope`: the KServe
+    endpoints unwrap their requests themselves, whatever it says; /predictions is never
+    enveloped, so the key is logged and has no other effect.
+    """
+    snapshot = raw.get("model_snapshot")
+    if snapshot:
+        try:
+            models = json.loads(snapshot).get("models")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise ConfigError(f"model_snapshot is not a JSON object: {exc}") from exc
+        config.models = _models(json.dumps(models or {}), config)
+        config.load_models = ",".join(entry.mar_name for entry in config.models)
+    envelope = raw.get("service_envelope")
+    if envelope:
+        log.warning(
+            "service_envelope=%s has no effect here: /v1/models/{m}:predict and the v2 endpoints "
+            "unwrap KServe requests themselves, and /predictions is never enveloped",
+            envelope,
+        )
+
+
 def _models(text: str | None, config: Config) -> list[ModelEntry]:
     if not text:
         return []
@@ -437,6 +665,7 @@ def _models(text: str | None, config: Config) -> list[ModelEntry]:
                     default=bool(settings.get("defaultVersion", False)),
                     settings=model_settings,
                     extra={k: v for k, v in settings.items() if k.startswith("torchgate")},
+                    options=settings,
                 )
             )
     return entries

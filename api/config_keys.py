@@ -88,6 +88,7 @@ KEYS: dict[str, Key] = {
             ("metrics_config", "metrics.yaml of the handlers' custom metrics"),
             ("model_metrics_auto_detect", "custom metrics registered on first use"),
             ("enable_envvars_config", "TS_* environment variables override keys"),
+            ("use_env_allowed_urls", "TS_ALLOWED_URLS counts only with it"),
         ),
         *_keys(
             IGNORED,
@@ -107,6 +108,7 @@ KEYS: dict[str, Key] = {
             ("unregister_model_timeout", "unregistering drains queued requests, then stops"),
             ("ts_open_inference_protocol", "KServe v2 (OIP) is always served on REST and gRPC"),
             ("python", "workers run this interpreter"),
+            ("metrics_format", "in KServe's example config; TorchServe 0.12 does not read it"),
             ("version", "written by TorchServe into its snapshots"),
             ("tsConfigFile", "written by TorchServe into its snapshots"),
             ("grpc_inference_max_connection_age_ms", "gRPC connections are not aged out"),
@@ -125,7 +127,6 @@ KEYS: dict[str, Key] = {
             ("cpu_launcher_enable", "no CPU launcher (one thread per worker here)", "false"),
             ("cpu_launcher_args", "no CPU launcher"),
             ("plugins_path", "Java plugins cannot run here"),
-            ("use_env_allowed_urls", "set allowed_urls in the file", "false"),
             ("ts_header_key_sequence_id", "sequence header names are TorchServe's defaults"),
             ("ts_header_key_sequence_start", "sequence header names are TorchServe's defaults"),
             ("ts_header_key_sequence_end", "sequence header names are TorchServe's defaults"),

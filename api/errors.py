@@ -2,19 +2,23 @@
 
     TorchgateError
     ├── BadRequest                 400  INVALID_ARGUMENT
-    │   └── PayloadTooLarge        413  RESOURCE_EXHAUSTED
+    │   ├── PayloadTooLarge        413  RESOURCE_EXHAUSTED
+    │   ├── InvalidWorkflow                            (a .war without a usable manifest/spec)
+    │   └── InvalidDag                                 (its dag: is not one DAG)
     ├── Unauthenticated            401  UNAUTHENTICATED
     ├── Forbidden                  403  PERMISSION_DENIED
     ├── NotFound                   404  NOT_FOUND
     │   ├── ModelNotFound
-    │   └── VersionNotFound
+    │   ├── VersionNotFound
+    │   └── WorkflowNotFound
     ├── MethodNotAllowed           405  UNIMPLEMENTED
     │   └── ModelApiDisabled       405  PERMISSION_DENIED  (as TorchServe: REST 405, gRPC 7)
     ├── Conflict                   409  FAILED_PRECONDITION
-    ├── TooManyRequests            429  RESOURCE_EXHAUSTED
+    ├── TooManyRequests            429  RESOURCE_EXHAUSTED  (a handler's own 429)
     ├── InferenceFailed            500  INTERNAL       (the handler raised)
     │   ├── WorkerDied                                 (its worker process died mid-batch)
-    │   └── HandlerLoadError                           (import or initialize failed)
+    │   ├── HandlerLoadError                           (import or initialize failed)
+    │   └── WorkflowFailed                             (a workflow's node could not register)
     ├── BackendUnavailable         502  UNAVAILABLE    (a remote backend is down)
     ├── Overloaded                 503  UNAVAILABLE    (queue full; carries Retry-After)
     ├── ModelNotReady              503  UNAVAILABLE
@@ -78,6 +82,18 @@ class VersionNotFound(NotFound):
     type_name = "ModelVersionNotFoundException"
 
 
+class WorkflowNotFound(NotFound):
+    type_name = "WorkflowNotFoundException"
+
+
+class InvalidWorkflow(BadRequest):
+    type_name = "InvalidWorkflowException"
+
+
+class InvalidDag(BadRequest):
+    type_name = "InvalidDAGException"
+
+
 class MethodNotAllowed(TorchgateError):
     type_name = "MethodNotAllowedException"
 
@@ -90,6 +106,8 @@ class ModelApiDisabled(MethodNotAllowed):
 
 
 class TooManyRequests(TorchgateError):
+    """A handler answered an item with 429 (`set_response_status`): gRPC's RESOURCE_EXHAUSTED."""
+
     type_name = "TooManyRequestsException"
 
 
@@ -107,6 +125,12 @@ class WorkerDied(InferenceFailed):
 
 class HandlerLoadError(InferenceFailed):
     """The archive's handler could not be imported or initialized in its worker."""
+
+
+class WorkflowFailed(InferenceFailed):
+    """A workflow's node model failed to register; the ones that did were rolled back."""
+
+    type_name = "WorkflowException"
 
 
 class BackendUnavailable(TorchgateError):

@@ -20,9 +20,9 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from api.config import Config
@@ -30,11 +30,25 @@ from api.core.names import check_model_name
 from api.core.registry import ModelVersion, Registry
 from api.core.types import Backend, ModelSettings
 from api.errors import BadRequest, NotFound
+from api.model_config import Origin, resolve_settings
 
 log = logging.getLogger(__name__)
 
 # Builds a backend for an archive path: (path, settings, work_dir) -> Backend.
 LocalBackendLoader = Callable[[Path, ModelSettings, Path], Awaitable[Backend]]
+
+
+@runtime_checkable
+class ArchiveBackend(Protocol):
+    """A backend that hosts an archive itself (`api.backends.workers.WorkerBackend`): its
+    model-config.yaml weighs in on its settings, and its requirements are installed before
+    any worker starts."""
+
+    model_config: Mapping[str, Any]
+
+    async def prepare(
+        self, settings: ModelSettings, *, install_requirements: bool, model: str
+    ) -> None: ...
 
 
 class ModelLoader:
@@ -106,11 +120,15 @@ class ModelLoader:
         extra: dict[str, Any] | None = None,
         keep_failed: bool = False,
         requested: bool = False,
+        origin: Origin = "config",
+        api: Mapping[str, Any] | None = None,
     ) -> ModelVersion:
         """Register the archive at `url`; `keep_failed` as in `Registry.register` (start-up).
 
         `requested`: a client asked through the management API, so a TorchServe target must
         be named by allowed_urls (config.properties and the snapshot are the operator's).
+        `origin` and `api` (the register API's parameters, as TorchServe keys) decide how the
+        archive's model-config.yaml weighs against `settings` (`api.model_config`).
         """
         if model_name is not None:
             check_model_name(model_name)  # before unpacking anything; the registry checks again
@@ -128,6 +146,21 @@ class ModelLoader:
             return backend
 
         try:
+            if isinstance(backend, ArchiveBackend):
+                settings = resolve_settings(
+                    self.config,
+                    backend.model_config,
+                    name=name,
+                    version=version,
+                    origin=origin,
+                    settings=settings,
+                    api=api,
+                )
+                await backend.prepare(
+                    settings,
+                    install_requirements=self.config.install_py_dep_per_model,
+                    model=name,
+                )
             return await self.registry.register(
                 name,
                 version,
@@ -137,6 +170,35 @@ class ModelLoader:
                 make_default=make_default,
                 backend_info={"kind": "local", **(extra or {})},
                 keep_failed=keep_failed,
+            )
+        except BaseException:
+            await backend.close()
+            raise
+
+    async def register_path(
+        self,
+        path: Path,
+        settings: ModelSettings,
+        *,
+        model_name: str,
+        url: str,
+        extra: dict[str, Any] | None = None,
+    ) -> ModelVersion:
+        """Register a model directory torchgate wrote itself (a workflow's function node), as
+        `url`; unlike `register`, `path` is not looked for in the model store."""
+        backend = await self._load_local(path, settings, self.work_dir)
+
+        async def ready_backend() -> Backend:
+            return backend
+
+        try:
+            return await self.registry.register(
+                model_name,
+                "1.0",
+                url,
+                ready_backend,
+                settings,
+                backend_info={"kind": "local", **(extra or {})},
             )
         except BaseException:
             await backend.close()

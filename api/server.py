@@ -13,8 +13,9 @@ import gc
 import logging
 import os
 import signal
+import socket
 import ssl
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import uvicorn
@@ -22,9 +23,9 @@ import uvicorn
 from api.app import build
 from api.config import Address, Config, EdgeLimits
 from api.config_keys import report as report_config
+from api.rest.apps import listeners
 from api.rest.asgi import ASGIApp
 from api.rest.edge import edge_protocol
-from api.rpc.server import grpc_servers
 from api.tls import KeyMaterial, load_tls, server_ssl_context
 from api.workers.pool import WorkerPool
 
@@ -84,7 +85,11 @@ async def serve(
     ready: asyncio.Event | None = None,
     access_log: bool | None = None,
     pool: WorkerPool | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
+    """`sockets`: inference, management and metrics listeners bound beforehand
+    (`api.commands.listen`); `on_ready` is called once the start-up models serve."""
     report_config(config)  # unknown and unsupported keys, then the effective configuration
     tls = load_tls(config)  # a bad key or certificate stops the start here, before any work
     torchgate = build(config, access_log=access_log, pool=pool)
@@ -104,13 +109,15 @@ async def serve(
             grace_s=grace_s,
             ssl_context=ssl_context,
         )
-        for app, address in (
-            (torchgate.inference_app, config.inference_address),
-            (torchgate.management_app, config.management_address),
-            (torchgate.metrics_app, config.metrics_address),
+        for app, address in listeners(
+            [
+                ("inference", torchgate.inference_app, config.inference_address),
+                ("management", torchgate.management_app, config.management_address),
+                ("metrics", torchgate.metrics_app, config.metrics_address),
+            ]
         )
     ]
-    extras = [grpc_servers(torchgate, tls=tls)]
+    extras = [torchgate.grpc_servers(tls=tls)]
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -124,7 +131,10 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
 
-    tasks = [asyncio.create_task(server.serve()) for server in http_servers]
+    tasks = [
+        asyncio.create_task(server.serve(sockets=[sockets[i]] if sockets else None))
+        for i, server in enumerate(http_servers)
+    ]
     for start, _ in extras:
         await start()
     await torchgate.start()
@@ -141,6 +151,8 @@ async def serve(
     )
     if ready is not None:
         ready.set()
+    if on_ready is not None:
+        on_ready()
 
     done, _ = await asyncio.wait(
         [asyncio.create_task(stopping.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED
@@ -165,6 +177,8 @@ def run(
     log_level: str = "info",
     access_log: bool | None = None,
     pool: WorkerPool | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -176,4 +190,13 @@ def run(
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         runner = asyncio.run
-    runner(serve(config, log_level=log_level, access_log=access_log, pool=pool))
+    runner(
+        serve(
+            config,
+            log_level=log_level,
+            access_log=access_log,
+            pool=pool,
+            sockets=sockets,
+            on_ready=on_ready,
+        )
+    )

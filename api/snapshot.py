@@ -39,9 +39,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from api.config import Config, ConfigError
+from api.config import Config
 from api.core.registry import ModelVersion, Registry
 from api.core.routing import TrafficPolicy, TrafficRouter
+from api.core.workflow import WORKFLOW_KEY
 from api.errors import TorchgateError
 from api.loader import ModelLoader
 
@@ -134,10 +135,13 @@ def capture(registry: Registry, router: TrafficRouter) -> dict[str, Any]:
     models: dict[str, dict[str, Any]] = {}
     for name in registry.names():
         default = registry.default_version(name)
-        models[name] = {
+        entries = {
             v.version: _version_entry(v, default=v.version == default)
             for v in registry.versions(name)
+            if WORKFLOW_KEY not in v.backend_info  # a workflow's node: not restored, as in TS
         }
+        if entries:
+            models[name] = entries
     return {
         "name": NAME,
         "formatVersion": FORMAT_VERSION,
@@ -186,6 +190,7 @@ async def restore(data: Mapping[str, Any], loader: ModelLoader, router: TrafficR
                     make_default=bool(entry.get("defaultVersion")),
                     extra={k: v for k, v in entry.items() if k.startswith("torchgate")},
                     keep_failed=True,
+                    origin="snapshot",
                 )
             except Exception as exc:
                 errors.append(f"{name} {version} ({entry.get('marName')}): {exc}")
@@ -263,55 +268,17 @@ class Snapshotter:
             return None
 
 
-def model_snapshot(config: Config) -> dict[str, Any] | None:
-    """TorchServe's `model_snapshot=` key as restore data, None when the key is absent.
-
-    TorchServe's value is the snapshot JSON itself, inline (what its snapshot .cfg files hold:
-    `{"name": ..., "modelCount": n, "models": {name: {version: {"marName", "minWorkers", ...}}}}`);
-    a path to a file holding that JSON is read too. A bad value stops the start (ConfigError).
-    """
-    text = config.model_snapshot
-    if not text:
-        return None
-    if not text.lstrip().startswith("{"):
-        path = Path(text).expanduser()
-        path = path if path.is_absolute() else config.base_dir / path
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"model_snapshot: cannot read {path}: {exc}") from exc
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise ConfigError(f"model_snapshot is not valid JSON: {exc}") from exc
-    models = data.get("models") if isinstance(data, dict) else None
-    if not isinstance(models, dict) or not all(
-        isinstance(versions, dict) and all(isinstance(e, dict) for e in versions.values())
-        for versions in models.values()
-    ):
-        raise ConfigError('model_snapshot must be {"models": {name: {version: {...}}}}')
-    return {"models": models, "traffic": {}}
-
-
 async def load_startup_state(
     config: Config, loader: ModelLoader, router: TrafficRouter, snapshotter: Snapshotter | None
 ) -> list[str]:
-    """Restore the snapshot if there is one, else TorchServe's `model_snapshot=` when set
-    (which, as in TorchServe, replaces `load_models`), else load what config.properties asks."""
+    """Restore the snapshot if there is one, else load what config.properties asks for."""
     if snapshotter is None:
-        return await _from_config(config, loader, router)
+        errors = await loader.load_startup_models()
+        return errors + apply_policies(router, config.traffic)
     with snapshotter.paused():
         saved = snapshotter.load()
         if saved is not None:
             log.info("restoring models and traffic policies from snapshot %s", snapshotter.path)
             return await restore(saved, loader, router)
-        return await _from_config(config, loader, router)
-
-
-async def _from_config(config: Config, loader: ModelLoader, router: TrafficRouter) -> list[str]:
-    snapshot = model_snapshot(config)
-    if snapshot is not None:
-        log.info("loading the models of model_snapshot (load_models is not read)")
-        return await restore(snapshot, loader, router) + apply_policies(router, config.traffic)
-    errors = await loader.load_startup_models()
-    return errors + apply_policies(router, config.traffic)
+        errors = await loader.load_startup_models()
+        return errors + apply_policies(router, config.traffic)

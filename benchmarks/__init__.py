@@ -9,6 +9,6 @@ One machine, one go, one server under load at a time:
     report.py    the side-by-side tables, the targets, docs/benchmarks.md
     suite.py     the command line and the order things run in
 
-HTTP load comes from `api.bench` (wrk, closed loop, connections = concurrency).
+HTTP load comes from `benchmarks.load` (wrk, closed loop, connections = concurrency).
 `metrics_overhead.py` is a separate study (what metrics cost), not part of `make bench`.
 """

@@ -24,9 +24,9 @@ import numpy as np
 import uvloop
 
 from api.backends.workers import ProcessWorker, load_worker_backend
-from api.bench import render_table
 from api.core.types import InferenceRequest, ModelSettings
 from api.workers.pool import WorkerPool
+from benchmarks.load import render_table
 
 ECHO = """
 def handle(data, context):

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from api.bench import wrk_version
+from benchmarks.load import wrk_version
 
 PACKAGES = ("torchgate", "torch", "onnxruntime-gpu", "torchserve", "uvicorn", "fastapi")
 

@@ -299,7 +299,7 @@ def http_mode(
     concurrency: int,
     new_loop: Callable[[], asyncio.AbstractEventLoop],
 ) -> dict[str, list[Run]]:
-    from api.bench import LoadSpec, run_wrk
+    from benchmarks.load import LoadSpec, run_wrk
 
     loop = new_loop()
     ready = threading.Event()

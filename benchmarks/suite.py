@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-from api.bench import (
+from api.config import load_config
+from benchmarks import machine, raw, report, servers
+from benchmarks.load import (
     LoadSpec,
     PointResult,
     parse_concurrency,
@@ -29,8 +31,6 @@ from api.bench import (
     pick_engine,
     run_points,
 )
-from api.config import load_config
-from benchmarks import machine, raw, report, servers
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,13 @@ in interleaved rounds (each row is its median round, so background load hits all
     torchgate  v2 gRPC, binary    grpc.aio with pre-serialized ModelInferRequest bytes
                                   (raw_input_contents); the cheapest client Python has
     torchgate  v2 gRPC, binary    tritonclient.grpc.aio, as a Triton user would call it
-    torchgate  v2 REST, JSON      wrk (api.bench's Lua script) posting the v2 JSON body
+    torchgate  v2 REST, JSON      wrk (benchmarks.load's Lua script) posting the v2 JSON body
     torchgate  v2 REST, binary    wrk, Triton's binary tensor extension
     torchgate  /predictions       wrk, a JSON array of 64 numbers
     TorchServe /predictions       wrk, the same body
 
-Without wrk (`scripts/install_tools.sh wrk`) the HTTP rows use api.bench's asyncio client, which
-saturates an order of magnitude earlier. Clients and servers share the machine's cores, so
+Without wrk (`scripts/install_tools.sh wrk`) the HTTP rows use benchmarks.load's asyncio client,
+which saturates an order of magnitude earlier. Clients and servers share the machine's cores, so
 besides throughput each row reports the CPU time per request of the server (its whole process
 tree: TorchServe's Java frontend and Python worker) and of the client (this process for the gRPC
 rows, wrk for the others): on a 2-core machine a Python gRPC client costs about as much CPU per
@@ -44,8 +44,8 @@ import numpy as np
 import orjson
 import psutil
 
-from api.bench import LoadSpec, PointResult, pick_engine, render_table, summarize
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
+from benchmarks.load import LoadSpec, PointResult, pick_engine, render_table, summarize
 from tests.support.server import running_torchgate
 from tests.support.torchserve import running_torchserve
 

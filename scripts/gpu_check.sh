@@ -103,7 +103,7 @@ def marked(mark):
 
 def bench_lines(doc):
     for r in doc.get("results", []):
-        # api.bench: "rps" counts successful answers only; "requests" counts every answer.
+        # benchmarks.load: "rps" counts successful answers only; "requests" counts every answer.
         n = r.get("requests", 0)
         answers = n / r["duration_s"] if r.get("duration_s") else 0.0
         bad = {k: v for k, v in (r.get("errors") or {}).items() if v}
@@ -311,7 +311,7 @@ PYEOF
     # gRPC stubs (generated here with grpcio-tools 1.81.1 / protoc 6.33.5): they need grpcio >=
     # 1.81.1 and protobuf 6.33.5..7. If this machine's pair refuses them, use the carried pair.
     section "1b. gRPC stubs and the frontend's imports"
-    if timeout 60 "$PY" $STRICT -c 'import api.rpc.server, api.server, api.bench; print("frontend imports ok")' 2>"$WORK/imp.err"; then
+    if timeout 60 "$PY" $STRICT -c 'import api.rpc.server, api.server, benchmarks.load; print("frontend imports ok")' 2>"$WORK/imp.err"; then
         result grpc_stubs "import ok with this machine's grpcio/protobuf"
     else
         tail -5 "$WORK/imp.err"
@@ -433,10 +433,10 @@ PYEOF
         timeout 20 nvidia-smi --query-compute-apps=pid,used_memory --format=csv 2>&1 | head -10
 
         # ---- 4. load -------------------------------------------------------------------------
-        section "4a. torchgate bench (python engine) c=$BENCH_CONCURRENCY, $BENCH_DURATION per point"
+        section "4a. benchmarks.load (python engine) c=$BENCH_CONCURRENCY, $BENCH_DURATION per point"
         t=$(budget 60 45)
         echo "(timeout ${t}s)"
-        timeout -k 5 "$t" "$PY" -m api.cli bench --url "http://127.0.0.1:$inf/predictions/digits" \
+        timeout -k 5 "$t" "$PY" -m benchmarks.load --url "http://127.0.0.1:$inf/predictions/digits" \
             --concurrency "$BENCH_CONCURRENCY" --duration "$BENCH_DURATION" \
             --warmup "$BENCH_WARMUP" --engine python --json --body-json "$body" \
             >"$OUT/bench.json" 2>"$WORK/bench.err"

@@ -2,7 +2,9 @@
 # Installs the Debian packages the tests and benchmarks run for real, when their command is
 # missing: `install_tools.sh prometheus wrk` (each name is both the command and the package).
 #   prometheus  a real Prometheus server for the scrape tests (tests/integration/test_prometheus.py)
-#   wrk         the HTTP load generator `torchgate bench` drives
+#   wrk         the HTTP load generator `python -m benchmarks.load` drives
+#   haproxy     a real load balancer in front of torchgate replicas (tests/kserve/test_scale_out.py);
+#               Debian installs it in /usr/sbin
 # A no-op for commands already on PATH. Runs apt-get as root, through sudo otherwise; apt-get
 # update runs first because fresh images carry no package lists, and waits for a dpkg lock
 # another process holds instead of failing.
@@ -10,7 +12,8 @@ set -euo pipefail
 
 missing=()
 for tool in "$@"; do
-    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/bin/$tool" ] || missing+=("$tool")
+    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/bin/$tool" ] || [ -x "/usr/sbin/$tool" ] \
+        || missing+=("$tool")
 done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
@@ -30,5 +33,5 @@ $sudo apt-get update -qq "${lock[@]}"
 # tests start their own server; the package's service start is skipped without an init system.
 $sudo apt-get install -y -qq --no-install-recommends "${lock[@]}" "${missing[@]}" >/dev/null
 for tool in "${missing[@]}"; do
-    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/bin/$tool" ]
+    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/bin/$tool" ] || [ -x "/usr/sbin/$tool" ]
 done

@@ -1,5 +1,6 @@
-"""`torchgate bench` and the benchmark suite's tables: parsing and aggregation without load,
-then short real runs (python engine always, wrk when installed) against a stdlib HTTP server."""
+"""`benchmarks.load` (closed-loop load) and the benchmark suite's tables: parsing and aggregation
+without load, then short real runs (python engine always, wrk when installed) against a stdlib
+HTTP server."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from api import bench
-from api.bench import BenchError, LoadSpec, PointResult
+from benchmarks import load as bench
 from benchmarks import report
+from benchmarks.load import BenchError, LoadSpec, PointResult
 from benchmarks.machine import Machine, cpu_model
 from benchmarks.raw import RawResult
 from benchmarks.servers import Memory, ProcessMemory

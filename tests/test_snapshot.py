@@ -17,8 +17,8 @@ import pytest
 import api.snapshot
 from api.app import Torchgate, build
 from api.cli import main as cli_main
-from api.config import Config, ConfigError, load_config, parse_config
-from api.snapshot import Snapshotter, model_snapshot, read_snapshot, write_atomic
+from api.config import Config, ConfigError, load_config
+from api.snapshot import Snapshotter, read_snapshot, write_atomic
 from tests.support.aio import run
 from tests.support.fake_backend import load_fake_backend, write_fake_archive
 
@@ -269,21 +269,3 @@ def test_a_malformed_torchgate_traffic_key_is_a_config_error(tmp_path: Path, val
     path = config_in(tmp_path, f"torchgate.traffic={value}\n")
     with pytest.raises(ConfigError, match=r"torchgate\.traffic"):
         load_config(path)
-
-
-def test_model_snapshot_key_inline_json_or_a_file(tmp_path: Path) -> None:
-    entry = {"marName": "m.mar", "minWorkers": 1, "defaultVersion": True}
-    text = json.dumps({"name": "startup.cfg", "modelCount": 1, "models": {"m": {"1.0": entry}}})
-    inline = parse_config({"model_snapshot": text}, base_dir=tmp_path)
-    assert model_snapshot(inline) == {"models": {"m": {"1.0": entry}}, "traffic": {}}
-    (tmp_path / "snap.json").write_text(text)
-    from_file = parse_config({"model_snapshot": "snap.json"}, base_dir=tmp_path)
-    assert model_snapshot(from_file) == model_snapshot(inline)
-    assert model_snapshot(parse_config({}, base_dir=tmp_path)) is None
-    for bad, message in (
-        ("{not json", "not valid JSON"),
-        ('{"models": []}', "must be"),
-        ("missing.json", "cannot read"),
-    ):
-        with pytest.raises(ConfigError, match=message):
-            model_snapshot(parse_config({"model_snapshot": bad}, base_dir=tmp_path))

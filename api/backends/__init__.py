@@ -4,6 +4,7 @@
                    it, extract it safely, read its manifest          -> Archive
     extract.py     the safe extraction itself (path traversal, symlinks, zip bombs)
     workers.py     WorkerBackend: the handler hosted in worker processes (`api.workers`)
+    requirements.py  an archive's requirements.txt, installed for its own workers
     torchserve.py  a proxy to a running TorchServe
 
 Nothing here imports torch or handler code: that happens in the worker processes only.

@@ -234,9 +234,7 @@ def _describe(
     serialized = _named_file(model_dir, model, "serializedFile")
     _named_file(model_dir, model, "modelFile")
     config_file = _named_file(model_dir, model, "configFile")
-    if model.get("requirementsFile"):
-        # TorchServe installs these only with install_py_dep_per_model=true; so does nobody here.
-        log.info("%s: requirementsFile %s is not installed", path, model["requirementsFile"])
+    # requirementsFile: installed (or not) by api.backends.requirements, per the server's config.
     spec = handler_override or model.get("handler")
     if not isinstance(spec, str) or not spec.strip():
         raise _Invalid(f'{MANIFEST} names no handler ("model.handler")')

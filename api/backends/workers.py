@@ -28,13 +28,16 @@ import asyncio
 import itertools
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from api.backends.archive import Archive, open_archive
+from api.backends.archive import Archive, default_work_dir, open_archive
 from api.backends.extract import ArchiveLimits
+from api.backends.requirements import install_requirements as install_requirements_into
+from api.backends.requirements import requirements_file
 from api.core.types import InferenceRequest, ModelSettings, NotRun, Prediction
 from api.errors import (
     DeadlineExceeded,
@@ -44,6 +47,7 @@ from api.errors import (
     WorkerDied,
     error_for_status,
 )
+from api.metrics_config import DEFAULT_MODEL_METRICS, DeclaredMetric
 from api.workers.main import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_ITEMS_PER_REQUEST,
@@ -78,6 +82,7 @@ async def load_worker_backend(
     on_metric: MetricCallback | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
+    declared_metrics: Sequence[DeclaredMetric] = DEFAULT_MODEL_METRICS,
 ) -> WorkerBackend:
     """Validate and extract the archive at `path` (off the event loop) for worker processes.
 
@@ -96,6 +101,8 @@ async def load_worker_backend(
         on_metric=on_metric,
         max_image_pixels=max_image_pixels,
         max_items_per_request=max_items_per_request,
+        declared_metrics=declared_metrics,
+        work_dir=work_dir,
     )
 
 
@@ -115,6 +122,8 @@ class WorkerBackend:
         on_metric: MetricCallback | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST,
+        declared_metrics: Sequence[DeclaredMetric] = DEFAULT_MODEL_METRICS,
+        work_dir: Path | None = None,
     ) -> None:
         self.archive = archive
         self.settings = settings
@@ -131,7 +140,46 @@ class WorkerBackend:
         self._on_metric = on_metric
         self._max_image_pixels = max_image_pixels
         self._max_items_per_request = max_items_per_request
+        self._declared_metrics = tuple(declared_metrics)
         self._workers: set[ProcessWorker] = set()
+        # The model's own package directory (api.backends.requirements), if it has one, made
+        # under the work dir (never in a model directory the user handed in).
+        self._work_dir = work_dir or default_work_dir()
+        self._packages: Path | None = None
+
+    @property
+    def model_config(self) -> Mapping[str, Any]:
+        """The archive's model-config.yaml (`api.model_config` reads its frontend keys)."""
+        return self.archive.model_config
+
+    async def prepare(
+        self, settings: ModelSettings, *, install_requirements: bool, model: str
+    ) -> None:
+        """Take the version's final settings and, with `install_py_dep_per_model`, install
+        the archive's requirements; before any worker starts. `model` names the model as it
+        registers. Raises `RequirementsError`."""
+        self.settings = settings
+        archive = self.archive
+        requirements = requirements_file(archive.manifest)
+        if requirements is None:
+            return
+        if not install_requirements:
+            log.warning(
+                "Model %s: requirementsFile %s is not installed: install_py_dep_per_model is "
+                "false (as in TorchServe)",
+                model,
+                requirements,
+            )
+            return
+        if settings.use_venv:
+            log.info(
+                "Model %s: useVenv: its requirements go into a package directory of its own, "
+                "on top of the server's environment (docs/compatibility.md)",
+                model,
+            )
+        self._packages = await install_requirements_into(
+            archive.model_dir, requirements, self._work_dir, model=model
+        )
 
     async def start_worker(self, index: int) -> ProcessWorker:
         """Fork worker `index` and wait until its handler is initialized."""
@@ -144,6 +192,8 @@ class WorkerBackend:
             intra_op_threads=self._intra_op_threads,
             max_image_pixels=self._max_image_pixels,
             max_items_per_request=self._max_items_per_request,
+            python_path=() if self._packages is None else (str(self._packages),),
+            declared_metrics=self._declared_metrics,
         )
         label = f"{archive.name}/{archive.version} w{index}"
         what = f"Model {archive.name} version {archive.version} worker {index}"
@@ -177,6 +227,9 @@ class WorkerBackend:
         """Stop workers still running, then delete the extracted archive."""
         await asyncio.gather(*(worker.close() for worker in list(self._workers)))
         await asyncio.to_thread(self.archive.remove)
+        if self._packages is not None:
+            await asyncio.to_thread(shutil.rmtree, self._packages, True)
+            self._packages = None
 
     def _report(self, metrics: Sequence[tuple[str, float, str, dict[str, str], str]]) -> None:
         if self._on_metric is None:

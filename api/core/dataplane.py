@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -134,6 +134,35 @@ class DataPlane:
             prediction,
         )
         return Answer(model_version, prediction)
+
+    async def infer_many(
+        self, model: str, version: str | None, requests: Sequence[InferenceRequest]
+    ) -> list[Answer]:
+        """Several requests that one client sent together (KServe v1's `instances`).
+
+        They are routed once, from the first one's headers, so every one runs on the same
+        version (and each goes to the shadow, if the route has one); then each is queued on its
+        own, so the batcher batches them as it would separate requests. The first failure is
+        raised and the others still queued are withdrawn. No request: the model and version are
+        still checked (404, 503).
+        """
+        shadows: tuple[str, ...] = ()
+        if version is None and self.router is not None:
+            choice = self.router.choose(model, requests[0].headers if requests else {})
+            version, shadows = choice.version, choice.shadows
+        self.registry.ready_version(model, version)
+        for request in requests:
+            for shadow in shadows:
+                self._start_shadow(model, shadow, request, None)
+        tasks = [asyncio.ensure_future(self.infer(model, version, r)) for r in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            # Collect the others' outcomes, so none is left unretrieved.
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
 
     async def _run(self, model_version: ModelVersion, request: InferenceRequest) -> Prediction:
         future = model_version.batcher.submit(request)

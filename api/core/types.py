@@ -18,6 +18,7 @@ API_TORCHSERVE_REST = "torchserve-rest"
 API_TORCHSERVE_GRPC = "torchserve-grpc"
 API_V2_REST = "v2-rest"
 API_V2_GRPC = "v2-grpc"
+API_V1_REST = "v1-rest"  # KServe v1 (api.rest.kserve_v1)
 
 
 @dataclass(slots=True)
@@ -274,4 +275,3 @@ REJECT_QUEUE_FULL = "queue_full"
 REJECT_DEADLINE = "deadline"
 REJECT_AUTH = "auth"
 REJECT_TOO_LARGE = "too_large"
-REJECT_DISCONNECTED = "disconnected"

@@ -12,6 +12,9 @@ They come out as TorchServe 0.12 exports them in `metrics_mode=prometheus`:
   no `_total` added; gauges keep the last value; histograms count values into prometheus_client's
   default buckets (the ones TorchServe's Java client uses).
 
+With `metrics_config=`, only the metrics it declares are exported, unless
+`model_metrics_auto_detect=true` (`api.metrics_config`).
+
 A metric keeps the type and label names of its first update. Updates that disagree, names that
 would shadow torchgate's own families, and series past `max_series` are dropped, each kind with
 one warning, so a handler's bug cannot break the scrape or grow memory without bound.
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import Histogram
 
+from api.metrics_config import MetricsSpec
 from api.observability.metrics import FastHistogram, counter_text
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,8 @@ class HandlerMetrics:
         self._families: dict[str, _Family] = {}
         self._series_count = 0
         self._warned: set[tuple[str, str]] = set()
+        # metrics_config / model_metrics_auto_detect: which metrics are exported.
+        self.spec = MetricsSpec()
         # Updates arrive on the event loop while scrapes run in prometheus_client's thread:
         # every read and write holds the lock.
         self._lock = threading.Lock()
@@ -76,6 +82,13 @@ class HandlerMetrics:
         kind = str(getattr(metric_type, "value", metric_type)).lower()
         if kind not in (COUNTER, GAUGE, HISTOGRAM):
             self._warn(name, f"unknown metric type {metric_type!r}")
+            return
+        if not self.spec.exports(name, kind):
+            self._warn(
+                name,
+                f"a {kind} not declared in metrics_config {self.spec.source} "
+                f"(model_metrics_auto_detect=true exports it)",
+            )
             return
         family_name = _metric_name(name)
         if family_name.startswith(_RESERVED_PREFIXES) or family_name in _RESERVED_NAMES:

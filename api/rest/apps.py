@@ -3,45 +3,68 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
 from api.core.routing import TrafficRouter
+from api.core.workflow import Workflows
 from api.errors import Unauthenticated
 from api.loader import ModelLoader
 from api.observability.metrics import filter_samples
 from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_response
-from api.rest.errors import install_error_handlers
-from api.rest.inference import inference_router
+from api.rest.errors import install_error_handlers, kserve_error_body, torchserve_error_body
+from api.rest.inference import inference_router, openapi_document
+from api.rest.kserve_v1 import (
+    V1_INFER,
+    V1InferEndpoint,
+    is_v1_infer_path,
+    kserve_liveness_router,
+    kserve_v1_router,
+)
 from api.rest.management import management_router
 from api.rest.predictions import PredictionsEndpoint
 from api.rest.responses import JsonResponse, error_parts
 from api.rest.security import MANAGEMENT, TokenAuth
 from api.rest.traffic import traffic_router
 from api.rest.v2 import V2InferEndpoint, is_infer_path, v2_router
+from api.rest.workflows import WfPredictEndpoint, is_wfpredict_path, workflow_router
 
 
 class InferenceApp:
-    """Sends `POST /predictions/...` (and other registered hot paths) past FastAPI.
+    """The inference port: TorchServe's API, and the other protocols served beside it.
 
-    Hot paths are matched by prefix and method only; all else is FastAPI's.
+    `POST /predictions/...` (and other registered hot paths) go past FastAPI, matched by
+    method and path only. Each other protocol (KServe's) is its own app under its own path
+    prefix, so its routes, 404s and error bodies are its own; all else is TorchServe's app.
     """
 
     def __init__(self, fastapi_app: FastAPI) -> None:
         self.fastapi_app = fastapi_app
         self._hot: list[tuple[str, Callable[[str], bool], ASGIApp]] = []
+        self._apis: list[tuple[str, ASGIApp]] = []
 
     def add_hot_path(self, method: str, matches: Callable[[str], bool], app: ASGIApp) -> None:
         self._hot.append((method, matches, app))
+
+    def add_api(self, prefix: str, app: ASGIApp) -> None:
+        """Serves `prefix` and every path below it with `app`."""
+        self._apis.append((prefix, app))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             method, path = scope["method"], scope["path"]
             for hot_method, matches, app in self._hot:
                 if method == hot_method and matches(path):
+                    await app(scope, receive, send)
+                    return
+        if scope["type"] in ("http", "websocket"):
+            path = scope["path"]
+            for prefix, app in self._apis:
+                if path == prefix or path.startswith(prefix + "/"):
                     await app(scope, receive, send)
                     return
         await self.fastapi_app(scope, receive, send)
@@ -53,6 +76,7 @@ def build_inference_app(
     max_request_size: int,
     auth: TokenAuth | None,
     max_items: int,
+    workflows: Workflows | None = None,
 ) -> InferenceApp:
     fastapi_app = FastAPI(
         title="torchgate inference API",
@@ -61,16 +85,44 @@ def build_inference_app(
         docs_url=None,
         redoc_url=None,
     )
-    install_error_handlers(fastapi_app)
-    fastapi_app.include_router(inference_router(dataplane, fastapi_app))
-    fastapi_app.include_router(v2_router(dataplane))
+    install_error_handlers(fastapi_app, torchserve_error_body)
+    # KServe's protocols: each its own app with KServe's error body, under its own prefix.
+    kserve_v1 = _kserve_app("KServe v1", kserve_v1_router(dataplane))
+    kserve_v2 = _kserve_app("KServe v2", v2_router(dataplane))
+    fastapi_app.include_router(
+        inference_router(dataplane, lambda: openapi_document(fastapi_app, kserve_v1, kserve_v2))
+    )
+    fastapi_app.include_router(kserve_liveness_router())  # KServe v1's `GET /`
+    fastapi_app.state.extra_openapi_paths = {
+        "/v1/models/{model}:predict": V1_INFER,
+        "/v1/models/{model}:explain": V1_INFER,
+    }
     app = InferenceApp(fastapi_app)
+    app.add_api("/v1", kserve_v1)
+    app.add_api("/v2", kserve_v2)
     predictions = PredictionsEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
     app.add_hot_path("POST", lambda path: path.startswith("/predictions/"), predictions)
-    v2_infer = V2InferEndpoint(
-        dataplane, max_request_size=max_request_size, max_items=max_items, auth=auth
-    )
-    app.add_hot_path("POST", is_infer_path, v2_infer)
+    for matches, endpoint in (
+        (is_infer_path, V2InferEndpoint),
+        (is_v1_infer_path, V1InferEndpoint),
+    ):
+        app.add_hot_path(
+            "POST",
+            matches,
+            endpoint(dataplane, max_request_size=max_request_size, max_items=max_items, auth=auth),
+        )
+    if workflows is not None:
+        # TorchServe runs a workflow for any method on /wfpredict/{name}; POST and GET here.
+        wfpredict = WfPredictEndpoint(workflows, max_request_size=max_request_size, auth=auth)
+        app.add_hot_path("POST", is_wfpredict_path, wfpredict)
+        app.add_hot_path("GET", is_wfpredict_path, wfpredict)
+    return app
+
+
+def _kserve_app(title: str, router: APIRouter) -> FastAPI:
+    app = FastAPI(title=title, openapi_url=None, docs_url=None, redoc_url=None)
+    install_error_handlers(app, kserve_error_body)
+    app.include_router(router)
     return app
 
 
@@ -99,6 +151,7 @@ def build_management_app(
     auth: TokenAuth | None,
     router: TrafficRouter | None = None,
     browser_guard: Callable[[ASGIApp], ASGIApp] | None = None,
+    workflows: Workflows | None = None,
 ) -> ASGIApp:
     """`browser_guard` wraps the app when token auth is off (see api.rest.origin)."""
     app = FastAPI(
@@ -121,6 +174,8 @@ def build_management_app(
     async def api_description() -> JsonResponse:
         return JsonResponse(app.openapi())
 
+    if workflows is not None:
+        app.include_router(workflow_router(workflows))
     if auth is None:
         return app if browser_guard is None else browser_guard(app)
     # /token is authorized by the API key inside its handler.
@@ -138,3 +193,38 @@ def build_metrics_app(render: Callable[[], bytes]) -> FastAPI:
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+class SharedPort:
+    """One listener for APIs configured on the same address, as TorchServe allows.
+
+    KServe's TorchServe examples put `inference_address` and `management_address` on the same
+    port (8085). Paths are TorchServe's: `/models...`, `/token` and `/workflows...` are the
+    management API's, `/metrics` the metrics API's, everything else the inference API's.
+    """
+
+    def __init__(self, apps: dict[str, ASGIApp]) -> None:
+        self.apps = apps  # by kind: "inference", "management", "metrics"
+        self.default = apps.get("inference") or next(iter(apps.values()))
+
+    def app_for(self, path: str) -> ASGIApp:
+        first = path.split("/", 2)[1] if path.count("/") else ""
+        if first in ("models", "token", "workflows") and "management" in self.apps:
+            return self.apps["management"]
+        if path == "/metrics" and "metrics" in self.apps:
+            return self.apps["metrics"]
+        return self.default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app_for(scope.get("path", ""))(scope, receive, send)
+
+
+def listeners(apps: list[tuple[str, ASGIApp, Any]]) -> list[tuple[ASGIApp, Any]]:
+    """(app, address) per distinct address: APIs that share one are served by a `SharedPort`."""
+    by_address: dict[Any, dict[str, ASGIApp]] = {}
+    for kind, app, address in apps:
+        by_address.setdefault(address, {})[kind] = app
+    return [
+        (next(iter(group.values())) if len(group) == 1 else SharedPort(group), address)
+        for address, group in by_address.items()
+    ]

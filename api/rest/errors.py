@@ -1,58 +1,68 @@
-"""Exception handlers: every error leaves FastAPI in TorchServe's `{"code", "type", "message"}`."""
+"""Exception handlers: each HTTP API answers errors in its own protocol's shape.
+
+The app an API is served by knows which API it is: TorchServe's apps install
+`torchserve_error_body` (`{"code", "type", "message"}`), the KServe app `kserve_error_body`
+(`{"error": "..."}`). Status codes come from the one table in `api.errors` either way.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from api.errors import TorchgateError
-from api.rest.responses import JSON, dumps, error_body, error_parts
+from api.errors import TorchgateError, http_status
+from api.rest.responses import JSON, dumps, error_body, error_headers
+
+ErrorBody = Callable[[int, str, str], bytes]
+"""Encodes (status, TorchServe's type name, message) as one API's error body."""
 
 
-def _is_v2(request: Request) -> bool:
-    return request.url.path.startswith("/v2")
+def torchserve_error_body(status: int, type_name: str, message: str) -> bytes:
+    return error_body(status, type_name, message)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """TorchServe's error body everywhere, except `{"error": ...}` on KServe v2 paths."""
+def kserve_error_body(status: int, type_name: str, message: str) -> bytes:
+    return dumps({"error": message})
+
+
+_HTTP_ERRORS = {
+    404: (
+        "ResourceNotFoundException",
+        "Requested resource is not found, please refer to API document.",
+    ),
+    405: (
+        "MethodNotAllowedException",
+        "Requested method is not allowed, please refer to API document.",
+    ),
+}
+
+
+def install_error_handlers(app: FastAPI, encode: ErrorBody = torchserve_error_body) -> None:
+    """Every error `app` raises or meets leaves it encoded by `encode`."""
 
     @app.exception_handler(TorchgateError)
     async def on_torchgate_error(request: Request, exc: TorchgateError) -> Response:
-        status, body, headers = error_parts(exc)
-        if _is_v2(request):
-            body = dumps({"error": exc.message})
-        return Response(body, status_code=status, headers=headers)
+        status = http_status(exc)
+        return Response(
+            encode(status, exc.type_name, exc.message),
+            status_code=status,
+            headers=error_headers(exc),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
-        message = f"Invalid request: {problems}"
-        body = (
-            dumps({"error": message})
-            if _is_v2(request)
-            else error_body(400, "BadRequestException", message)
-        )
+        body = encode(400, "BadRequestException", f"Invalid request: {problems}")
         return Response(body, status_code=400, media_type=JSON)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        type_name = {404: "ResourceNotFoundException", 405: "MethodNotAllowedException"}.get(
-            exc.status_code, "HttpException"
-        )
-        message = (
-            "Requested resource is not found, please refer to API document."
-            if exc.status_code == 404
-            else "Requested method is not allowed, please refer to API document."
-            if exc.status_code == 405
-            else str(exc.detail)
-        )
-        body = (
-            dumps({"error": message})
-            if _is_v2(request)
-            else error_body(exc.status_code, type_name, message)
-        )
+        type_name, message = _HTTP_ERRORS.get(exc.status_code, ("HttpException", str(exc.detail)))
+        body = encode(exc.status_code, type_name, message)
         return Response(body, status_code=exc.status_code, media_type=JSON)

@@ -8,6 +8,7 @@ OpenAPI document all the same (`/api-description`, which tests/fuzz fuzzes).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -17,7 +18,8 @@ from api.rest.responses import JsonResponse
 from api.v2.tensors import DTYPES
 
 
-def inference_router(dataplane: DataPlane, app: FastAPI) -> APIRouter:
+def inference_router(dataplane: DataPlane, describe: Callable[[], dict[str, Any]]) -> APIRouter:
+    """TorchServe's utilities; `describe` gives the port's whole OpenAPI document."""
     router = APIRouter(tags=["inference"])
 
     @router.get("/ping")
@@ -28,11 +30,11 @@ def inference_router(dataplane: DataPlane, app: FastAPI) -> APIRouter:
 
     @router.options("/")
     async def api_description_options() -> JsonResponse:
-        return JsonResponse(openapi_document(app))
+        return JsonResponse(describe())
 
     @router.get("/api-description")
     async def api_description() -> JsonResponse:
-        return JsonResponse(openapi_document(app))
+        return JsonResponse(describe())
 
     # TorchServe answers OPTIONS on a prediction path with the model's API description (a
     # browser's CORS preflight gets it, with api.rest.cors's headers); 404 without the model.
@@ -40,14 +42,14 @@ def inference_router(dataplane: DataPlane, app: FastAPI) -> APIRouter:
     @router.options("/predictions/{model_name}/{model_version}", include_in_schema=False)
     async def model_api(model_name: str, model_version: str | None = None) -> JsonResponse:
         dataplane.registry.get(model_name, model_version)  # raises ModelNotFound
-        return JsonResponse(model_api_document(app, model_name))
+        return JsonResponse(model_api_document(describe(), model_name))
 
     return router
 
 
-def model_api_document(app: FastAPI, model: str) -> dict[str, Any]:
+def model_api_document(port_document: dict[str, Any], model: str) -> dict[str, Any]:
     """TorchServe's `OPTIONS /predictions/{model}` document: its title and paths."""
-    predict = openapi_document(app)["paths"]["/predictions/{model_name}"]
+    predict = port_document["paths"]["/predictions/{model_name}"]
     return {
         "openapi": "3.0.1",
         "info": {"title": f"RESTful API for: {model}", "version": "1.0.0"},
@@ -59,10 +61,18 @@ def model_api_document(app: FastAPI, model: str) -> dict[str, Any]:
     }
 
 
-def openapi_document(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the plain-ASGI prediction paths it cannot see."""
+def openapi_document(app: FastAPI, *others: FastAPI) -> dict[str, Any]:
+    """One document for the port: `app`'s schema, the other APIs' apps served beside it, and
+    the plain-ASGI prediction paths FastAPI cannot see."""
     document = dict(app.openapi())
     paths = dict(document.get("paths", {}))
+    schemas = dict(document.get("components", {}).get("schemas", {}))
+    for other in others:
+        other_document = other.openapi()
+        paths.update(other_document.get("paths", {}))
+        schemas.update(other_document.get("components", {}).get("schemas", {}))
+    if schemas:
+        document["components"] = {**document.get("components", {}), "schemas": schemas}
     predict = {
         "post": {
             "tags": ["inference"],

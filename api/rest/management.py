@@ -180,7 +180,9 @@ async def load_archive(
     settings = loader.config.model_settings(overrides)
     # Loading runs the handlers' initialize(); TorchServe's synchronous=false only skips
     # waiting for workers, which here start with the model, so both wait.
-    version = await loader.register(url, settings, model_name=model_name, requested=True)
+    version = await loader.register(
+        url, settings, model_name=model_name, requested=True, origin="api", api=overrides
+    )
     return (
         f'Model "{version.name}" Version: {version.version} registered with '
         f"{len(version.workers)} initial workers"

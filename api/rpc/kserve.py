@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from api.app import Torchgate
+from api.core.dataplane import DataPlane
 from api.core.types import API_V2_GRPC
 from api.errors import TorchgateError
 from api.rest.asgi import request_id
@@ -23,9 +23,9 @@ from api.v2.codec import decode_grpc, encode_grpc
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, torchgate: Torchgate) -> None:
-        self.dataplane = torchgate.dataplane
-        self.max_items = torchgate.config.max_items_per_request
+    def __init__(self, dataplane: DataPlane, *, max_items: int) -> None:
+        self.dataplane = dataplane
+        self.max_items = max_items
 
     @grpc_errors
     async def ServerLive(
@@ -109,5 +109,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             return encode_grpc(response, v2_request.outputs)
 
 
-def add_kserve_servicer(server: grpc.aio.Server, torchgate: Torchgate) -> None:
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(torchgate), server)
+def add_kserve_servicer(server: grpc.aio.Server, dataplane: DataPlane, *, max_items: int) -> None:
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeServicer(dataplane, max_items=max_items), server
+    )

@@ -13,9 +13,12 @@ from typing import Any
 
 import grpc
 
-from api.app import Torchgate
+from api.config import Config
+from api.core.dataplane import DataPlane
+from api.core.registry import Registry
 from api.core.types import REJECT_AUTH
 from api.errors import Unauthenticated
+from api.loader import ModelLoader
 from api.rest.security import INFERENCE, MANAGEMENT, TokenAuth
 from api.rpc.decoding import DecodingInterceptor
 from api.rpc.errors import grpc_code
@@ -67,14 +70,13 @@ def _refusal(exc: Unauthenticated) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-def _server(torchgate: Torchgate, kind: str) -> grpc.aio.Server:
-    config = torchgate.config
+def _server(
+    config: Config, auth: TokenAuth | None, kind: str, dataplane: DataPlane
+) -> grpc.aio.Server:
     interceptors: list[grpc.aio.ServerInterceptor] = []
-    if torchgate.auth is not None:
+    if auth is not None:
         interceptors.append(
-            TokenInterceptor(
-                torchgate.auth, kind, lambda: torchgate.dataplane.note_rejected("", "", REJECT_AUTH)
-            )
+            TokenInterceptor(auth, kind, lambda: dataplane.note_rejected("", "", REJECT_AUTH))
         )
     # After the token check: a caller without the key learns nothing about message parsing.
     interceptors.append(DecodingInterceptor())
@@ -89,21 +91,27 @@ def _server(torchgate: Torchgate, kind: str) -> grpc.aio.Server:
 
 
 def grpc_servers(
-    torchgate: Torchgate, *, tls: KeyMaterial | None = None
+    config: Config,
+    *,
+    auth: TokenAuth | None,
+    dataplane: DataPlane,
+    registry: Registry,
+    loader: ModelLoader,
+    tls: KeyMaterial | None = None,
 ) -> tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]:
-    """(start, stop) for both gRPC servers; `api.server` runs them beside the HTTP ones.
-
-    With `enable_grpc_ssl=true` both ports serve TLS with `tls` (api.tls.load_tls).
-    """
+    """(start, stop) for both gRPC servers; `api.app.Torchgate.grpc_servers` composes them
+    from the same parts as the HTTP apps, and `api.server` runs them beside those. With
+    `enable_grpc_ssl=true` both ports serve TLS with `tls` (api.tls.load_tls)."""
     from api.rpc.kserve import add_kserve_servicer
     from api.rpc.torchserve import add_torchserve_inference_servicer, add_torchserve_management
 
-    config = torchgate.config
-    inference = _server(torchgate, INFERENCE)
-    management = _server(torchgate, MANAGEMENT)
-    add_kserve_servicer(inference, torchgate)
-    add_torchserve_inference_servicer(inference, torchgate)
-    add_torchserve_management(management, torchgate)
+    inference = _server(config, auth, INFERENCE, dataplane)
+    management = _server(config, auth, MANAGEMENT, dataplane)
+    add_kserve_servicer(inference, dataplane, max_items=config.max_items_per_request)
+    add_torchserve_inference_servicer(inference, dataplane)
+    add_torchserve_management(
+        management, registry, loader, enable_model_api=config.enable_model_api
+    )
     inference_at = f"{config.grpc_inference_address}:{config.grpc_inference_port}"
     management_at = f"{config.grpc_management_address}:{config.grpc_management_port}"
     if tls is not None and config.raw.get("enable_grpc_ssl", "").strip().lower() == "true":

@@ -30,10 +30,11 @@ import grpc
 import orjson
 from google.protobuf import empty_pb2
 
-from api.app import Torchgate
 from api.core.dataplane import DataPlane
+from api.core.registry import Registry
 from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest
 from api.errors import BadRequest, TorchgateError, error_for_status
+from api.loader import ModelLoader
 from api.rest.asgi import request_id
 from api.rest.management import (
     SCALE_ACCEPTED,
@@ -130,10 +131,10 @@ class TorchServeManagement(management_grpc.ManagementAPIsServiceServicer):
     same JSON document (pretty-printed, as TorchServe's), the others REST's status text (the
     `status` field of REST's JSON), the bare text TorchServe's gRPC API answers."""
 
-    def __init__(self, torchgate: Torchgate) -> None:
-        self.registry = torchgate.registry
-        self.loader = torchgate.loader
-        self.enable_model_api = torchgate.config.enable_model_api
+    def __init__(self, registry: Registry, loader: ModelLoader, *, enable_model_api: bool) -> None:
+        self.registry = registry
+        self.loader = loader
+        self.enable_model_api = enable_model_api
 
     @grpc_errors
     async def DescribeModel(
@@ -215,13 +216,15 @@ def _document(value: Any) -> management.ManagementResponse:
     return management.ManagementResponse(msg=text)
 
 
-def add_torchserve_inference_servicer(server: grpc.aio.Server, torchgate: Torchgate) -> None:
+def add_torchserve_inference_servicer(server: grpc.aio.Server, dataplane: DataPlane) -> None:
     inference_grpc.add_InferenceAPIsServiceServicer_to_server(
-        TorchServeInference(torchgate.dataplane), server
+        TorchServeInference(dataplane), server
     )
 
 
-def add_torchserve_management(server: grpc.aio.Server, torchgate: Torchgate) -> None:
+def add_torchserve_management(
+    server: grpc.aio.Server, registry: Registry, loader: ModelLoader, *, enable_model_api: bool
+) -> None:
     management_grpc.add_ManagementAPIsServiceServicer_to_server(
-        TorchServeManagement(torchgate), server
+        TorchServeManagement(registry, loader, enable_model_api=enable_model_api), server
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from ts.metrics.metric_cache_abstract import MetricCacheAbstract
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
+from api.metrics_config import DeclaredMetric
 from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_ITEMS_PER_REQUEST
 
 __all__ = [
@@ -110,7 +111,12 @@ class MetricsStore(MetricCacheAbstract):
     handler (a handler's own threads too, hence the lock); read it with `snapshot()`.
     """
 
-    def __init__(self, model_name: str, on_metric: MetricCallback | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        on_metric: MetricCallback | None = None,
+        declared: Iterable[DeclaredMetric] = (),
+    ) -> None:
         super().__init__(config_file_path="")
         self.model_name = model_name
         # As TorchServe's model loader does: a request id for what initialize records, so those
@@ -119,9 +125,15 @@ class MetricsStore(MetricCacheAbstract):
         self.on_metric = on_metric
         self.series: dict[SeriesKey, float] = {}
         self._lock = threading.Lock()
+        # As TorchServe's MetricsCacheYamlImpl.initialize_cache: metrics_config's model_metrics
+        # exist before the handler asks for them (`get_metric`).
+        for metric in declared:
+            self.add_metric_to_cache(
+                metric.name, metric.unit, list(metric.dimensions), MetricTypes(metric.kind)
+            )
 
     def initialize_cache(self) -> None:
-        """Metrics are created on first use; there is no metrics.yaml to read."""
+        """The declared metrics are created by the constructor; others on first use."""
 
     def add_metric_to_cache(
         self,

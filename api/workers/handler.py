@@ -15,8 +15,9 @@ import importlib
 import inspect
 import logging
 import os
+import site
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -55,10 +56,18 @@ def archive_module_names(model_dir: Path) -> frozenset[str]:
     return frozenset(name for name in names if name.isidentifier())
 
 
-def enter_model_dir(model_dir: Path) -> None:
-    """Make this process see the archive as a TorchServe worker does (see the module docstring)."""
+def enter_model_dir(model_dir: Path, packages: Sequence[str] = ()) -> None:
+    """Make this process see the archive as a TorchServe worker does (see the module docstring).
+
+    `packages`: the model's own package directories (its installed requirements), searched
+    right after the model directory; their .pth files are processed as in site-packages.
+    """
     os.chdir(model_dir)
-    sys.path.insert(0, str(model_dir))
+    before = list(sys.path)
+    for directory in packages:
+        site.addsitedir(directory)
+    added = [entry for entry in sys.path if entry not in before]
+    sys.path[:] = [str(model_dir), *added, *before]
     importlib.invalidate_caches()
 
 

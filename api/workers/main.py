@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.backends.archive import Archive
+from api.metrics_config import DEFAULT_MODEL_METRICS, DeclaredMetric
 from api.workers import wire
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,11 @@ class WorkerSpec:
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
     # The most rows (images, texts) one request may bring the shipped handlers.
     max_items_per_request: int = DEFAULT_MAX_ITEMS_PER_REQUEST
+    # The model's own package directories (its requirementsFile), after the model directory
+    # on sys.path.
+    python_path: tuple[str, ...] = ()
+    # metrics_config's model_metrics, created in the handler's metrics cache up front.
+    declared_metrics: tuple[DeclaredMetric, ...] = DEFAULT_MODEL_METRICS
 
 
 class _Metrics(list[tuple[str, float, str, dict[str, str], str]]):
@@ -87,14 +93,14 @@ def run(spec: WorkerSpec, sock: socket.socket) -> None:
         gpu_id = _device(torch, spec)
         if gpu_id is None and spec.intra_op_threads > 0:
             torch.set_num_threads(spec.intra_op_threads)
-        enter_model_dir(archive.model_dir)
+        enter_model_dir(archive.model_dir, spec.python_path)
         context = make_context(
             model_name=archive.name,
             model_dir=archive.model_dir,
             manifest=archive.manifest,
             batch_size=spec.batch_size,
             gpu_id=gpu_id,
-            metrics=MetricsStore(archive.name, metrics),
+            metrics=MetricsStore(archive.name, metrics, spec.declared_metrics),
             model_yaml_config=archive.model_config,
             max_image_pixels=spec.max_image_pixels,
             max_items_per_request=spec.max_items_per_request,

@@ -104,7 +104,9 @@ def test_a_jks_keystore_stops_the_start_with_the_conversion_command(tmp_path: Pa
     jks = tmp_path / "server.jks"
     jks.write_bytes(b"\xfe\xed\xfe\xed" + b"\x00" * 60)  # JKS magic (test_tls makes a real one)
     config = tmp_path / "config.properties"
-    config.write_text(f"inference_address=https://127.0.0.1:1\nkeystore={jks}\n")
+    config.write_text(
+        f"model_store={tmp_path}\ninference_address=https://127.0.0.1:1\nkeystore={jks}\n"
+    )
     done = subprocess.run(
         [sys.executable, "-m", "api.cli", "serve", "--config", str(config)],
         env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -33,11 +33,13 @@ def build_archive(
     model_file: str | None = None,
     archive_format: str = "default",
     export_dir: Path | None = None,
+    requirements: str | None = None,
 ) -> Path:
     """Write `files` under `workdir`, run torch-model-archiver, return the archive's path.
 
     `handler` is a file among `files` or a built-in handler name; the files not named by
-    `handler`, `serialized`, `config` or `model_file` become --extra-files. The archive goes to
+    `handler`, `serialized`, `config`, `model_file` or `requirements` (--requirements-file)
+    become --extra-files. The archive goes to
     `export_dir` (a fresh folder under `workdir` unless given).
     """
     files = files or {}
@@ -53,7 +55,7 @@ def build_archive(
             target.write_text(textwrap.dedent(content))
     export = export_dir or workdir / f"export-{next(_counter)}"
     export.mkdir(parents=True, exist_ok=True)
-    special = {handler, serialized, config, model_file}
+    special = {handler, serialized, config, model_file, requirements}
     extra = [str(src / f) for f in files if f not in special and "/" not in f]
     if any("/" in f for f in files):
         extra.append(str(src / "_tree"))
@@ -72,6 +74,8 @@ def build_archive(
         command += ["--config-file", str(src / config)]
     if model_file:
         command += ["--model-file", str(src / model_file)]
+    if requirements:
+        command += ["--requirements-file", str(src / requirements)]
     if extra:
         command += ["--extra-files", ",".join(extra)]
     subprocess.run(command, check=True, capture_output=True)

@@ -18,7 +18,6 @@ from pathlib import Path
 from api.app import Torchgate, build
 from api.config import parse_config
 from api.loader import LocalBackendLoader
-from api.rpc.server import grpc_servers
 from tests.support.torchserve import free_ports
 
 
@@ -56,7 +55,7 @@ async def started_torchgate(
     assert tg.startup_errors == []
     stop_grpc = None
     if grpc:
-        start, stop_grpc = grpc_servers(tg)
+        start, stop_grpc = tg.grpc_servers()
         await start()
     try:
         yield InProcess(tg, inference_port, management_port)

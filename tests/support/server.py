@@ -92,9 +92,13 @@ def running_torchgate(
     startup_timeout: float = 60.0,
     stop_timeout: float = 30.0,
     healthy: bool = True,
+    command: str = "serve",
     scheme: str = "http",
 ) -> Iterator[TorchgateServer]:
     """Start `torchgate serve --config <copy of config> *args`; see the module docstring.
+
+    `command="start"`: TorchServe's form instead, `torchgate start --foreground
+    --ts-config=<copy of config> *args` (as KServe's runtime starts it).
 
     `healthy=False`: return once the start-up models are loaded (torchgate logs "torchgate
     serving"), even if one of them is not ready and /ping stays unhealthy. `scheme="https"`:
@@ -127,7 +131,7 @@ def running_torchgate(
     log_path = workdir / "torchgate.log"
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--config", str(config_path), *args],
+            [sys.executable, "-m", "api.cli", *_command(command, config_path), *args],
             cwd=workdir,
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
             stdout=log,
@@ -152,6 +156,13 @@ def running_torchgate(
         server.stop(stop_timeout)
         if private:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _command(command: str, config_path: Path) -> list[str]:
+    if command == "serve":
+        return ["serve", "--config", str(config_path)]
+    assert command == "start", command
+    return ["start", "--foreground", f"--ts-config={config_path}"]
 
 
 def _wait_healthy(server: TorchgateServer, timeout: float, ping: str | None) -> None:

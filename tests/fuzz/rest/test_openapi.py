@@ -83,6 +83,11 @@ INFERENCE_OPERATIONS: dict[str, list[str] | None] = {
     "POST /predictions/{model_name}/{model_version}": REAL_NAMES,
     "POST /v2/models/{model}/infer": REAL_NAMES,
     "POST /v2/models/{model}/versions/{version}/infer": REAL_NAMES,
+    "GET /": None,
+    "GET /v1/models": None,
+    "GET /v1/models/{model}": REAL_NAMES,
+    "POST /v1/models/{model}:predict": REAL_NAMES,
+    "POST /v1/models/{model}:explain": REAL_NAMES,
 }
 MANAGEMENT_OPERATIONS: dict[str, list[str] | None] = {
     "GET /models": None,
@@ -99,6 +104,11 @@ MANAGEMENT_OPERATIONS: dict[str, list[str] | None] = {
     "PUT /models/{model_name}/{version}/set-default": ["scratch"],
     "DELETE /models/{model_name}": [],
     "DELETE /models/{model_name}/{version}": [],
+    # Workflows: the fuzz store holds no .war, so registrations fail; names are generated.
+    "POST /workflows": None,
+    "GET /workflows": None,
+    "GET /workflows/{workflow_name}": None,
+    "DELETE /workflows/{workflow_name}": None,
 }
 
 

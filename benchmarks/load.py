@@ -1,6 +1,6 @@
-"""`torchgate bench`: closed-loop HTTP load against one URL at several concurrencies.
+"""`python -m benchmarks.load`: closed-loop HTTP load against one URL at several concurrencies.
 
-    torchgate bench --url http://127.0.0.1:8080/predictions/digits \\
+    python -m benchmarks.load --url http://127.0.0.1:8080/predictions/digits \\
         --body-json "$(python -c 'print([0.0] * 64)')" --concurrency 1,8,32 --duration 10s
 
 Each concurrency level is one point: `concurrency` keep-alive connections, each sending its next
@@ -20,8 +20,8 @@ Errors: "status" counts answers the engine deems failed. wrk counts HTTP status 
 counts as a success there); the python engine counts every non-2xx. Both also count connect,
 read, write and timeout errors; a point with errors is still reported, never hidden.
 
-`torchgate bench --suite [...]` runs the repository's benchmark suite instead (`benchmarks/`,
-see `python -m benchmarks --help`); it needs the repository checkout as working directory.
+The repository's benchmark suite (`python -m benchmarks`, `make bench`) drives its load
+through this module.
 """
 
 from __future__ import annotations
@@ -434,9 +434,8 @@ def parse_header(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="torchgate bench",
+        prog="python -m benchmarks.load",
         description="Closed-loop HTTP load at several concurrencies (wrk, or a Python fallback).",
-        epilog="`torchgate bench --suite ...` runs the repository's benchmark suite instead.",
     )
     parser.add_argument("--url", required=True, help="the URL every request goes to")
     parser.add_argument(
@@ -512,24 +511,8 @@ def spec_from_args(options: argparse.Namespace) -> LoadSpec:
     )
 
 
-def _run_suite(argv: list[str]) -> int:
-    """`--suite`: the benchmark suite lives in the checkout, not in the installed package."""
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        from benchmarks.suite import main as suite_main
-    except ImportError as exc:
-        print(f"torchgate bench --suite: run from the repository root ({exc})", file=sys.stderr)
-        return 2
-    return suite_main(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--suite" in args:
-        args.remove("--suite")
-        return _run_suite(args)
-    options = build_parser().parse_args(args)
+    options = build_parser().parse_args(argv)
     try:
         spec = spec_from_args(options)
         engine_name, engine = pick_engine(options.engine)
@@ -541,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         results = run_points(spec, options.concurrency, options.duration, options.warmup, engine)
     except (BenchError, OSError) as exc:
-        print(f"torchgate bench: {exc}", file=sys.stderr)
+        print(f"benchmarks.load: {exc}", file=sys.stderr)
         return 1
     if options.json:
         document = {
@@ -556,3 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(render_table(COLUMNS, [result_row(result) for result in results]))
     return 1 if any(result.requests == 0 for result in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

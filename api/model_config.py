@@ -1,0 +1,186 @@
+"""model-config.yaml's frontend keys, merged with config.properties and the register API as
+TorchServe 0.12 merges them.
+
+An archive built with `torch-model-archiver --config-file model-config.yaml` carries settings
+for the frontend (minWorkers, batchSize, ...) beside a section for its handler. The whole file
+reaches the handler as `context.model_yaml_config`; this module reads the frontend's keys.
+Who wins, key by key (TorchServe's `ModelManager.createModel`, `Model(...)`,
+`ModelServer.initModelStore` and `ApiUtils.handleRegister`):
+
+    batchSize, maxBatchDelay          register API parameter > yaml > models={...} > default
+    responseTimeout, startupTimeout   yaml > models={...} > register API parameter > default
+    minWorkers + maxWorkers           yaml (when 0 < minWorkers <= maxWorkers) >
+                                      initial_workers (API) or models={...} (start-up) > default
+    jobQueueSize                      yaml > models={...} > job_queue_size
+    sequenceBatching, sequenceMaxIdleMSec, sequenceTimeoutMSec, maxNumSequence,
+    maxSequenceJobQueueSize, useVenv  yaml only
+
+A version restored from a snapshot keeps the snapshot's workers, batch and timeouts (TorchServe's
+`setModelState`); the yaml-only keys still apply. A value of the wrong type is warned about and
+ignored, as TorchServe's `ModelConfig` does. Frontend keys torchgate does not implement
+(deviceType, parallelType, continuousBatching, ...) are warned about, never silently dropped;
+any other key belongs to the handler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from api.config import Config
+from api.core.types import ModelSettings
+
+log = logging.getLogger(__name__)
+
+Origin = Literal["api", "config", "snapshot"]
+
+_INT_KEYS = (
+    "minWorkers",
+    "maxWorkers",
+    "batchSize",
+    "maxBatchDelay",
+    "responseTimeout",
+    "startupTimeout",
+    "jobQueueSize",
+    "sequenceMaxIdleMSec",
+    "sequenceTimeoutMSec",
+    "maxNumSequence",
+    "maxSequenceJobQueueSize",
+)
+_BOOL_KEYS = ("sequenceBatching", "useVenv")
+# TorchServe's other frontend keys (ModelConfig.build): read by TorchServe, not by torchgate.
+UNSUPPORTED_KEYS = frozenset(
+    {
+        "deviceType",
+        "deviceIds",
+        "parallelLevel",
+        "parallelType",
+        "torchrun",
+        "maxRetryTimeoutInSec",
+        "clientTimeoutInMills",
+        "useJobTicket",
+        "continuousBatching",
+        "asyncCommunication",
+    }
+)
+
+
+def frontend_keys(model_config: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The frontend keys of a model-config.yaml with usable values; warns about the rest."""
+    values: dict[str, Any] = {}
+    for key, value in model_config.items():
+        if key in _INT_KEYS:
+            usable = isinstance(value, int) and not isinstance(value, bool)
+            kind = "an integer"
+        elif key in _BOOL_KEYS:
+            usable, kind = isinstance(value, bool), "true or false"
+        elif key in UNSUPPORTED_KEYS:
+            log.warning(
+                "%s: model-config.yaml key %s=%r is not implemented by torchgate; ignored "
+                "(docs/compatibility.md)",
+                *(where, key, value),
+            )
+            continue
+        else:
+            continue  # the handler's
+        if usable:
+            values[key] = value
+        else:
+            log.warning("%s: model-config.yaml %s=%r is not %s: ignored", where, key, value, kind)
+    return values
+
+
+def resolve_settings(
+    config: Config,
+    model_config: Mapping[str, Any],
+    *,
+    name: str,
+    version: str,
+    origin: Origin,
+    settings: ModelSettings,
+    api: Mapping[str, Any] | None = None,
+) -> ModelSettings:
+    """The version's settings with TorchServe's precedence (see the module docstring).
+
+    `settings` is what the caller built without the archive (config.properties' defaults with
+    the API's parameters, a models={...} entry, or a snapshot's entry); `api` the register
+    API's parameters as TorchServe keys (batchSize, maxBatchDelay, responseTimeout,
+    minWorkers/maxWorkers for initial_workers), given only for origin "api".
+    """
+    where = f"Model {name} version {version}"
+    yaml = frontend_keys(model_config, where)
+    if origin != "snapshot":
+        settings = config.model_settings(_merged(config, yaml, name, version, origin, api or {}))
+    elif "jobQueueSize" in yaml and yaml["jobQueueSize"] > 0:
+        settings = dataclasses.replace(settings, job_queue_size=yaml["jobQueueSize"])
+    return _sequence_keys(settings, yaml, where)
+
+
+def _merged(
+    config: Config,
+    yaml: Mapping[str, Any],
+    name: str,
+    version: str,
+    origin: Origin,
+    api: Mapping[str, Any],
+) -> dict[str, Any]:
+    """TorchServe keys for `Config.model_settings`, each from the layer that wins it."""
+    entry = config.model_options(name, version)
+    positive = {k: v for k, v in yaml.items() if k in _INT_KEYS and v > 0}
+    merged: dict[str, Any] = {}
+
+    def first(key: str, *layers: Mapping[str, Any]) -> None:
+        for layer in layers:
+            if key in layer:
+                merged[key] = layer[key]
+                return
+
+    first("batchSize", api, positive, entry)
+    first("maxBatchDelay", api, positive, entry)
+    first("responseTimeout", positive, entry, api)
+    first("startupTimeout", positive, entry, api)
+    first("jobQueueSize", positive, entry)
+    low, high = yaml.get("minWorkers", 0), yaml.get("maxWorkers", 0)
+    if 0 < low <= high:
+        merged["minWorkers"], merged["maxWorkers"] = low, high
+    else:
+        if "minWorkers" in yaml or "maxWorkers" in yaml:
+            log.warning(
+                "Model %s version %s: model-config.yaml minWorkers=%s maxWorkers=%s ignored "
+                "(TorchServe uses them only when 0 < minWorkers <= maxWorkers)",
+                name,
+                version,
+                yaml.get("minWorkers"),
+                yaml.get("maxWorkers"),
+            )
+        workers = api if origin == "api" else entry
+        first("minWorkers", workers)
+        first("maxWorkers", workers)
+    return merged
+
+
+def _sequence_keys(settings: ModelSettings, yaml: Mapping[str, Any], where: str) -> ModelSettings:
+    changes: dict[str, Any] = {}
+    if "sequenceBatching" in yaml:
+        changes["sequence_batching"] = yaml["sequenceBatching"]
+    if "useVenv" in yaml:
+        changes["use_venv"] = yaml["useVenv"]
+    # As TorchServe's Model: the sequence limits are read only with sequenceMaxIdleMSec > 0, and
+    # at least one sequence per batch slot of every worker is allowed.
+    idle = yaml.get("sequenceMaxIdleMSec", 0)
+    if idle > 0:
+        changes["sequence_max_idle_ms"] = idle
+        changes["sequence_timeout_ms"] = max(0, yaml.get("sequenceTimeoutMSec", 0))
+        changes["max_sequence_job_queue_size"] = max(1, yaml.get("maxSequenceJobQueueSize", 1))
+        changes["max_num_sequence"] = max(
+            yaml.get("maxNumSequence", 1), settings.batch_size * settings.max_workers, 1
+        )
+    elif yaml.get("sequenceBatching"):
+        log.warning(
+            "%s: sequenceBatching without sequenceMaxIdleMSec > 0: TorchServe then keeps no "
+            "sequence limits (maxNumSequence, maxSequenceJobQueueSize ignored)",
+            where,
+        )
+    return dataclasses.replace(settings, **changes) if changes else settings

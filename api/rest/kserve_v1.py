@@ -1,0 +1,228 @@
+"""KServe protocol v1 on the inference port, as KServe's TorchServe runtime answers it.
+
+    GET  /                            {"status": "alive"}            (KServe's liveness)
+    GET  /v1/models                   {"models": ["digits", ...]}
+    GET  /v1/models/{m}               {"name": m, "ready": true}; 503 when not ready
+    POST /v1/models/{m}:predict       {"instances": [...]}  ->  {"predictions": [...]}
+    POST /v1/models/{m}:explain       {"instances": [...]}  ->  {"explanations": [...]}
+
+Errors are KServe's `{"error": "..."}`, with the status from `api.errors` (404 "Model with
+name m does not exist.", 503 "Model with name m is not ready.", 400 for a malformed body).
+
+How instances reach a `.mar` handler: as with TorchServe's `service_envelope=kserve` (the
+envelope KServe's runtime sets), each instance is one item of the handler's batch and each
+answer one prediction, in order. An instance that is a JSON object is the item itself
+(`{"data": "<base64>"}` reaches the handler as `row["data"]`, as in KServe's TorchServe
+examples); any other instance arrives as `{"body": instance}`, as the same JSON posted to
+`/predictions` would. Unlike TorchServe's envelope, which hands the whole request to the
+handler as one batch whatever `batchSize` says (and keeps only the first request of a batch
+of several), the instances are queued one by one, so `batchSize` and `maxBatchDelay` batch
+them, with other clients' requests too. `:explain` sets the `explain: True` request header that
+TorchServe's frontend sets, so `BaseHandler.handle` calls `explain_handle`. All instances of one
+request run on one model version (one routing decision: `DataPlane.infer_many`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter
+from starlette.responses import Response
+
+from api.core.dataplane import Answer, DataPlane
+from api.core.types import API_V1_REST, InferenceRequest, Prediction
+from api.errors import (
+    BadRequest,
+    InferenceFailed,
+    ModelNotFound,
+    ModelNotReady,
+    NotFound,
+    PayloadTooLarge,
+    TorchgateError,
+    error_for_status,
+    http_status,
+)
+from api.rest.asgi import Scope
+from api.rest.endpoint import InferenceEndpoint, Reply
+from api.rest.responses import JsonResponse, dumps, error_headers
+from api.rest.security import TokenAuth
+
+PREDICT, EXPLAIN = ":predict", ":explain"
+
+
+def v1_error_parts(exc: TorchgateError, model: str = "") -> tuple[int, bytes, dict[str, str]]:
+    """KServe's error body; an unknown model gets KServe's own sentence for it."""
+    message = exc.message
+    if isinstance(exc, ModelNotFound) and model:
+        message = f"Model with name {model} does not exist."
+    return http_status(exc), dumps({"error": message}), error_headers(exc)
+
+
+def _error_response(exc: TorchgateError, model: str) -> Response:
+    status, body, headers = v1_error_parts(exc, model)
+    return Response(body, status_code=status, headers=headers)
+
+
+def kserve_liveness_router() -> APIRouter:
+    """KServe's `GET /` liveness, served at the port's root beside TorchServe's API."""
+    router = APIRouter(tags=["kserve-v1"])
+
+    @router.get("/")
+    async def alive() -> JsonResponse:
+        return JsonResponse({"status": "alive"})
+
+    return router
+
+
+def kserve_v1_router(dataplane: DataPlane) -> APIRouter:
+    router = APIRouter(tags=["kserve-v1"])
+
+    @router.get("/v1/models")
+    async def models() -> JsonResponse:
+        return JsonResponse({"models": sorted(dataplane.registry.names())})
+
+    @router.get("/v1/models/{model}")
+    async def model_ready(model: str) -> Response:
+        try:
+            if not dataplane.model_ready(model):
+                raise ModelNotReady(f"Model with name {model} is not ready.")
+        except TorchgateError as exc:
+            return _error_response(exc, model)
+        return JsonResponse({"name": model, "ready": True})
+
+    return router
+
+
+def is_v1_infer_path(path: str) -> bool:
+    return path.startswith("/v1/models/") and path.endswith((PREDICT, EXPLAIN))
+
+
+class V1InferEndpoint(InferenceEndpoint):
+    """`POST /v1/models/{m}:predict` and `:explain` (see the module docstring)."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        max_request_size: int,
+        max_items: int,
+        auth: TokenAuth | None = None,
+    ) -> None:
+        super().__init__(dataplane, max_request_size=max_request_size, auth=auth)
+        self.max_items = max_items
+
+    def route(self, path: str) -> tuple[str, str | None]:
+        name = path[len("/v1/models/") :].rpartition(":")[0]  # already percent-decoded
+        if not name or "/" in name:
+            raise NotFound(f"Unknown v1 path: {path}")
+        return name, None
+
+    async def answer(
+        self,
+        scope: Scope,
+        headers: dict[str, str],
+        rid: str,
+        body: bytes,
+        model: str,
+        version: str | None,
+    ) -> Reply:
+        explain = scope["path"].endswith(EXPLAIN)
+        instances = self._instances(body)
+        # TorchServe's frontend sets this header on every v1 request; handlers read it.
+        item_headers = {**headers, "explain": "True" if explain else "False"}
+        requests = [
+            InferenceRequest(
+                instance if isinstance(instance, dict) else {"body": instance},
+                item_headers,
+                rid,
+                API_V1_REST,
+            )
+            for instance in instances
+        ]
+        try:
+            answers = await self.dataplane.infer_many(model, version, requests)
+        except ModelNotFound:
+            raise ModelNotFound(f"Model with name {model} does not exist.") from None
+        key = "explanations" if explain else "predictions"
+        payload = dumps({key: [_value(answer.prediction) for answer in answers]})
+        reply_headers = [("content-type", "application/json")]
+        if answers:
+            reply_headers.append(("x-model-version", _version(answers)))
+        return 200, payload, reply_headers
+
+    def _instances(self, body: bytes) -> list[Any]:
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"Unrecognized request format: {exc}") from None
+        instances = request.get("instances") if isinstance(request, dict) else None
+        if not isinstance(instances, list):
+            raise BadRequest('Expected "instances" to be a list')
+        if len(instances) > self.max_items:
+            raise PayloadTooLarge(
+                f"{len(instances)} instances, over the limit of {self.max_items} per request: "
+                f"send them in several requests"
+            )
+        return instances
+
+    def error_reply(self, exc: TorchgateError) -> Reply:
+        status, payload, headers = v1_error_parts(exc)
+        return status, payload, list(headers.items())
+
+
+def _version(answers: list[Answer]) -> str:
+    return answers[0].model_version.version
+
+
+def _value(prediction: Prediction) -> Any:
+    """One prediction as a JSON value; a handler's per-item error fails the request."""
+    body = prediction.body
+    if not prediction.ok:
+        message = prediction.message
+        if not message and isinstance(body, bytes | str):
+            message = body.decode(errors="replace") if isinstance(body, bytes) else body
+        raise error_for_status(prediction.status, message or f"status {prediction.status}")
+    if isinstance(body, bytes | bytearray | memoryview):
+        # What a handler (or a proxied TorchServe) answered as bytes is JSON or text, or it
+        # cannot be a prediction: TorchServe's envelope fails to encode it too.
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InferenceFailed(
+                "Handler output is binary; a v1 prediction must be JSON or text"
+            ) from None
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return text
+    return body
+
+
+# The plain-ASGI path is described by hand for /api-description (`api.rest.inference`).
+V1_INFER: dict[str, Any] = {
+    "post": {
+        "tags": ["kserve-v1"],
+        "summary": "KServe v1 prediction (:predict) or explanation (:explain)",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["instances"],
+                        "properties": {"instances": {"type": "array"}},
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": {"description": '{"predictions": [...]} or {"explanations": [...]}'},
+            "400": {"description": "Malformed body, or an instance the handler refused"},
+            "404": {"description": "Model not found"},
+            "413": {"description": "Body over max_request_size, or too many instances"},
+            "503": {"description": "Queue full (Retry-After) or model not ready"},
+            "504": {"description": "responseTimeout passed"},
+        },
+    }
+}
