@@ -48,12 +48,15 @@ def worker_backend_loader(
         max_ratio=config.archive_max_ratio,
     )
 
-    async def load(path: Path, settings: ModelSettings, work_dir: Path) -> Backend:
+    async def load(
+        path: Path, settings: ModelSettings, work_dir: Path, handler: str | None = None
+    ) -> Backend:
         return await load_worker_backend(
             path,
             settings,
             pool=pool,
             work_dir=work_dir,
+            handler=handler,
             on_metric=on_metric,
             intra_op_threads=config.intra_op_threads,
             gpu_count=config.number_of_gpu,

@@ -198,7 +198,9 @@ class Config:
             response_timeout_s=float(o.get("responseTimeout", self.default_response_timeout)),
             job_queue_size=int(o.get("jobQueueSize", self.job_queue_size)),
             min_workers=min_workers,
-            max_workers=max(int(o.get("maxWorkers", min_workers)), min_workers, 1),
+            # 0/0 only when asked for (a registration without initial_workers, as TorchServe).
+            max_workers=max(int(o.get("maxWorkers", min_workers)), min_workers)
+            or (0 if "maxWorkers" in o else 1),
             startup_timeout_s=float(o.get("startupTimeout", 120)),
         )
 

@@ -7,6 +7,7 @@
     │   └── InvalidDag                                 (its dag: is not one DAG)
     ├── Unauthenticated            401  UNAUTHENTICATED
     ├── Forbidden                  403  PERMISSION_DENIED
+    │   └── DefaultVersionInUse        (unregistering the default of several versions)
     ├── NotFound                   404  NOT_FOUND
     │   ├── ModelNotFound
     │   ├── VersionNotFound
@@ -68,6 +69,12 @@ class Unauthenticated(TorchgateError):
 
 class Forbidden(TorchgateError):
     type_name = "ForbiddenException"
+
+
+class DefaultVersionInUse(Forbidden):
+    """Unregistering a model's default version while it has others (TorchServe's 403)."""
+
+    type_name = "InvalidModelVersionException"
 
 
 class NotFound(TorchgateError):

@@ -34,8 +34,9 @@ from api.model_config import Origin, resolve_settings
 
 log = logging.getLogger(__name__)
 
-# Builds a backend for an archive path: (path, settings, work_dir) -> Backend.
-LocalBackendLoader = Callable[[Path, ModelSettings, Path], Awaitable[Backend]]
+# Builds a backend for an archive path: (path, settings, work_dir) -> Backend. Called with a
+# `handler=` keyword too when a registration overrides the manifest's handler.
+LocalBackendLoader = Callable[..., Awaitable[Backend]]
 
 
 @runtime_checkable
@@ -122,6 +123,7 @@ class ModelLoader:
         requested: bool = False,
         origin: Origin = "config",
         api: Mapping[str, Any] | None = None,
+        handler: str | None = None,
     ) -> ModelVersion:
         """Register the archive at `url`; `keep_failed` as in `Registry.register` (start-up).
 
@@ -129,15 +131,19 @@ class ModelLoader:
         be named by allowed_urls (config.properties and the snapshot are the operator's).
         `origin` and `api` (the register API's parameters, as TorchServe keys) decide how the
         archive's model-config.yaml weighs against `settings` (`api.model_config`).
+        `handler` replaces the manifest's handler (the register API's `handler` parameter).
         """
         if model_name is not None:
             check_model_name(model_name)  # before unpacking anything; the registry checks again
         if _wants_torchserve(url, extra):
+            if handler is not None:
+                raise BadRequest("handler cannot be overridden for a version TorchServe serves")
             return await self._register_torchserve(
                 url, settings, model_name, version, make_default, extra or {}, requested
             )
         path = self.resolve(url)
-        backend = await self._load_local(path, settings, self.work_dir)
+        options = {} if handler is None else {"handler": handler}
+        backend = await self._load_local(path, settings, self.work_dir, **options)
         manifest_model = backend.manifest.get("model", {})
         name = model_name or str(manifest_model.get("modelName") or path.stem)
         version = version or str(manifest_model.get("modelVersion") or "1.0")

@@ -167,16 +167,15 @@ def _sequence_keys(settings: ModelSettings, yaml: Mapping[str, Any], where: str)
         changes["sequence_batching"] = yaml["sequenceBatching"]
     if "useVenv" in yaml:
         changes["use_venv"] = yaml["useVenv"]
-    # As TorchServe's Model: the sequence limits are read only with sequenceMaxIdleMSec > 0, and
-    # at least one sequence per batch slot of every worker is allowed.
+    # As TorchServe's Model: the sequence limits are read only with sequenceMaxIdleMSec > 0.
+    # Its code raises maxNumSequence to batchSize x maxWorkers, but both are still 0 when it
+    # does, so the configured value is enforced as it is (checked against TorchServe 0.12).
     idle = yaml.get("sequenceMaxIdleMSec", 0)
     if idle > 0:
         changes["sequence_max_idle_ms"] = idle
         changes["sequence_timeout_ms"] = max(0, yaml.get("sequenceTimeoutMSec", 0))
         changes["max_sequence_job_queue_size"] = max(1, yaml.get("maxSequenceJobQueueSize", 1))
-        changes["max_num_sequence"] = max(
-            yaml.get("maxNumSequence", 1), settings.batch_size * settings.max_workers, 1
-        )
+        changes["max_num_sequence"] = max(1, yaml.get("maxNumSequence", 1))
     elif yaml.get("sequenceBatching"):
         log.warning(
             "%s: sequenceBatching without sequenceMaxIdleMSec > 0: TorchServe then keeps no "

@@ -61,8 +61,9 @@ def test_the_stateful_example_fills_the_sequence_settings() -> None:
     assert settings.sequence_batching is True
     assert settings.sequence_max_idle_ms == 10
     assert settings.max_sequence_job_queue_size == 10
-    # As TorchServe's Model: at least batchSize x maxWorkers sequences.
-    assert settings.max_num_sequence == 8
+    # As TorchServe 0.12 enforces it: the configured value (its raise to batchSize x maxWorkers
+    # happens while both are still 0).
+    assert settings.max_num_sequence == 4
 
 
 def test_yaml_beats_models_at_startup_and_models_beats_defaults() -> None:

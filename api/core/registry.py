@@ -18,11 +18,13 @@ from typing import Any
 
 from api.core.batching import Batcher
 from api.core.names import check_model_name, check_model_version
+from api.core.sequences import SequenceBatcher, sequence_limits
 from api.core.supervision import WorkerSlot, supervise
 from api.core.types import Backend, ModelSettings, NullObserver, Observer
 from api.errors import (
     BadRequest,
     Conflict,
+    DefaultVersionInUse,
     HandlerLoadError,
     ModelNotFound,
     ModelNotReady,
@@ -186,12 +188,7 @@ class Registry:
             if version in self._models.get(name, {}):
                 raise Conflict(f"Model version {version} is already registered for model {name}")
             backend = await backend_factory()
-            batcher = Batcher(
-                model=name,
-                version=version,
-                observer=self._observer,
-                **_batcher_limits(settings, backend),
-            )
+            batcher = _make_batcher(name, version, settings, backend, self._observer)
             model_version = ModelVersion(
                 name, version, url, settings, backend, batcher, backend_info=backend_info or {}
             )
@@ -226,9 +223,9 @@ class Registry:
             model_version = self.get(name, version)
             others = [v for v in self._models[name] if v != model_version.version]
             if others and self._defaults[name] == model_version.version:
-                raise Conflict(
-                    f"Cannot remove default version {model_version.version} of model {name}: "
-                    f"set another default version first"
+                raise DefaultVersionInUse(
+                    f"Cannot remove default version for model {name} (version "
+                    f"{model_version.version}): set another default version first"
                 )
             for guard in self.before_unregister:
                 guard(name, model_version.version)
@@ -435,6 +432,37 @@ def _batcher_limits(settings: ModelSettings, backend: Backend) -> dict[str, Any]
         "queue_size": settings.job_queue_size,
         "response_timeout_s": settings.response_timeout_s,
     }
+
+
+def _make_batcher(
+    name: str, version: str, settings: ModelSettings, backend: Backend, observer: Observer
+) -> Batcher:
+    """A version's batcher: per-sequence queues for TorchServe's sequenceBatching models."""
+    limits = _batcher_limits(settings, backend)
+    if not settings.sequence_batching:
+        return Batcher(model=name, version=version, observer=observer, **limits)
+    if not backend.batches:
+        # A remote TorchServe keeps the sequences itself: pass requests (and the header) on.
+        return Batcher(model=name, version=version, observer=observer, **limits)
+    if settings.sequence_max_idle_ms <= 0:
+        log.warning(
+            "%s/%s: sequenceBatching without sequenceMaxIdleMSec > 0: TorchServe then refuses "
+            "every request (503), and so does torchgate",
+            name,
+            version,
+        )
+    return SequenceBatcher(
+        model=name,
+        version=version,
+        observer=observer,
+        limits=sequence_limits(
+            max_num_sequence=settings.max_num_sequence,
+            max_sequence_job_queue_size=settings.max_sequence_job_queue_size,
+            sequence_max_idle_ms=settings.sequence_max_idle_ms,
+            sequence_timeout_ms=settings.sequence_timeout_ms,
+        ),
+        **limits,
+    )
 
 
 def _free_index(model_version: ModelVersion) -> int:

@@ -104,10 +104,10 @@ class ModelSettings:
             raise ValueError(f"startup_timeout must be > 0, got {self.startup_timeout_s}")
         if self.job_queue_size < 1:
             raise ValueError(f"job_queue_size must be >= 1, got {self.job_queue_size}")
-        if self.min_workers < 0 or self.max_workers < max(self.min_workers, 1):
+        # 0/0 is a version registered without workers (TorchServe's register default).
+        if self.min_workers < 0 or self.max_workers < self.min_workers:
             raise ValueError(
-                f"need 0 <= min_workers <= max_workers and max_workers >= 1, "
-                f"got {self.min_workers}/{self.max_workers}"
+                f"need 0 <= min_workers <= max_workers, got {self.min_workers}/{self.max_workers}"
             )
 
 

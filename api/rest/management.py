@@ -1,25 +1,52 @@
-"""TorchServe's management API (port 8081): same paths, parameters, JSON shapes, status codes.
+"""TorchServe's management API over HTTP (port 8081): each route decodes its query into the
+arguments of `api.management` and sends the `Reply` it gets back as JSON.
 
-The operations themselves (`load_archive`, `model_list`, `describe_versions`, `scale_workers`,
-`make_default`, `remove_version`) are module functions that return the answer's document or
-status text: the gRPC management API (`api.rpc.torchserve`) calls the same ones, so the two
-cannot drift apart.
+Query values are plain strings here and parsed leniently by `api.management.params`, as
+TorchServe parses them (`batch_size=dd` means the default, not a 400). A trailing slash
+(`DELETE /models/m/`) names the same resource, as in TorchServe, rather than a redirect.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import os
+import json
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 
-from api.core.registry import ModelVersion, Registry
-from api.core.supervision import WorkerSlot
-from api.errors import BadRequest, ModelApiDisabled
+from api.auth import TokenAuth
+from api.core.registry import Registry
+from api.errors import BadRequest
 from api.loader import ModelLoader
+from api.management import ListArgs, Management, RegisterArgs, Reply, ScaleArgs
+from api.management.params import lenient_bool
 from api.rest.responses import JsonResponse
-from api.rest.security import TokenAuth
+
+
+def _send(reply: Reply) -> JsonResponse:
+    return JsonResponse(reply.body, status_code=reply.status)
+
+
+def _is_json(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "")
+    return content_type.split(";")[0].strip().lower() == "application/json"
+
+
+def _json_fields(body: bytes, names: dict[str, str | None]) -> dict[str, str | None]:
+    """The register fields of a JSON object body, as the query's strings (then parsed the
+    same lenient way); fields it does not name are not given."""
+    try:
+        document = json.loads(body)
+    except ValueError as exc:
+        raise BadRequest(f"Invalid JSON body: {exc}") from None
+    if not isinstance(document, dict):
+        raise BadRequest("The JSON body must be an object of register parameters")
+    fields: dict[str, str | None] = dict.fromkeys(names)
+    for key in names:
+        value = document.get(key)
+        if value is None:
+            continue
+        fields[key] = json.dumps(value) if isinstance(value, bool) else str(value)
+    return fields
 
 
 def management_router(
@@ -30,276 +57,138 @@ def management_router(
     auth: TokenAuth | None,
 ) -> APIRouter:
     router = APIRouter(tags=["management"])
+    management = Management(registry, loader, enable_model_api=enable_model_api)
 
-    def require_model_api() -> None:
-        check_model_api(enable_model_api)
+    @router.options("/", include_in_schema=False)
+    @router.get("/api-description", include_in_schema=False)
+    async def api_description(request: Request) -> JsonResponse:
+        """This API's OpenAPI document, where TorchServe serves its own."""
+        document: dict[str, Any] = request.app.openapi()
+        return JsonResponse(document)
 
     @router.post("/models")
     async def register_model(
-        url: str = Query(..., description="a .mar file name in model_store, or an allowed path"),
+        request: Request,
+        url: str | None = None,
         model_name: str | None = None,
-        batch_size: int | None = Query(None, ge=1),
-        max_batch_delay: float | None = Query(None, ge=0),
-        initial_workers: int | None = Query(None, ge=0),
-        synchronous: bool = True,
-        response_timeout: float | None = Query(None, gt=0),
+        runtime: str | None = None,
+        handler: str | None = None,
+        batch_size: str | None = None,
+        max_batch_delay: str | None = None,
+        initial_workers: str | None = None,
+        synchronous: str | None = None,
+        response_timeout: str | None = None,
+        startup_timeout: str | None = None,
     ) -> JsonResponse:
-        require_model_api()
-        status = await load_archive(
-            loader,
-            url,
-            model_name=model_name,
-            batch_size=batch_size,
-            max_batch_delay=max_batch_delay,
-            initial_workers=initial_workers,
-            response_timeout=response_timeout,
-        )
-        return JsonResponse({"status": status})
+        fields = {
+            "url": url,
+            "model_name": model_name,
+            "runtime": runtime,
+            "handler": handler,
+            "batch_size": batch_size,
+            "max_batch_delay": max_batch_delay,
+            "initial_workers": initial_workers,
+            "synchronous": synchronous,
+            "response_timeout": response_timeout,
+            "startup_timeout": startup_timeout,
+        }
+        if _is_json(request):
+            # TorchServe takes the same fields from a JSON body instead of the query.
+            fields = _json_fields(await request.body(), fields)
+        return _send(await management.register(RegisterArgs.from_query(**fields)))
 
     @router.get("/models")
     async def list_models(
-        limit: int = Query(100, ge=1), next_page_token: int = Query(0, ge=0)
+        limit: str | None = None, next_page_token: str | None = None
     ) -> JsonResponse:
-        return JsonResponse(model_list(registry, limit, next_page_token))
+        args = ListArgs.from_query(limit=limit, next_page_token=next_page_token)
+        return _send(management.list_models(args))
 
     @router.get("/models/{model_name}")
-    async def describe_default(model_name: str) -> JsonResponse:
-        return JsonResponse(describe_versions(registry, model_name))
+    @router.get("/models/{model_name}/", include_in_schema=False)
+    async def describe_default(model_name: str, customized: str | None = None) -> JsonResponse:
+        return _send(
+            await management.describe(model_name, customized=lenient_bool(customized, False))
+        )
 
     @router.get("/models/{model_name}/all")
-    async def describe_all(model_name: str) -> JsonResponse:
-        return JsonResponse(describe_versions(registry, model_name, "all"))
+    async def describe_all(model_name: str, customized: str | None = None) -> JsonResponse:
+        flag = lenient_bool(customized, False)
+        return _send(await management.describe(model_name, "all", customized=flag))
 
     @router.get("/models/{model_name}/{version}")
-    async def describe_version(model_name: str, version: str) -> JsonResponse:
-        return JsonResponse(describe_versions(registry, model_name, version))
-
-    async def scale(
-        model_name: str,
-        version: str | None,
-        min_worker: int | None,
-        max_worker: int | None,
-        synchronous: bool,
-        batch_size: int | None,
-        max_batch_delay: float | None,
+    async def describe_version(
+        model_name: str, version: str, customized: str | None = None
     ) -> JsonResponse:
-        message = await scale_workers(
-            registry, model_name, version, min_worker, max_worker, batch_size, max_batch_delay
-        )
-        # Workers are started before this answers either way; TorchServe's asynchronous form
-        # answers 202, and clients check for it.
-        if synchronous:
-            return JsonResponse({"status": message})
-        return JsonResponse({"status": SCALE_ACCEPTED}, status_code=202)
+        flag = lenient_bool(customized, False)
+        return _send(await management.describe(model_name, version, customized=flag))
 
     @router.put("/models/{model_name}")
+    @router.put("/models/{model_name}/", include_in_schema=False)
     async def scale_default(
         model_name: str,
-        min_worker: int | None = Query(None, ge=0),
-        max_worker: int | None = Query(None, ge=0),
-        synchronous: bool = False,
-        batch_size: int | None = Query(None, ge=1),
-        max_batch_delay: float | None = Query(None, ge=0),
+        min_worker: str | None = None,
+        max_worker: str | None = None,
+        synchronous: str | None = None,
+        batch_size: str | None = None,
+        max_batch_delay: str | None = None,
+        number_gpu: str | None = None,
+        timeout: str | None = None,
     ) -> JsonResponse:
-        return await scale(
-            model_name, None, min_worker, max_worker, synchronous, batch_size, max_batch_delay
+        args = ScaleArgs.from_query(
+            min_worker=min_worker,
+            max_worker=max_worker,
+            synchronous=synchronous,
+            batch_size=batch_size,
+            max_batch_delay=max_batch_delay,
+            number_gpu=number_gpu,
+            timeout=timeout,
         )
+        return _send(await management.scale(model_name, None, args))
 
     @router.put("/models/{model_name}/{version}/set-default")
     async def set_default(model_name: str, version: str) -> JsonResponse:
-        return JsonResponse({"status": make_default(registry, model_name, version)})
+        return _send(management.set_default(model_name, version))
 
     @router.put("/models/{model_name}/{version}")
     async def scale_version(
         model_name: str,
         version: str,
-        min_worker: int | None = Query(None, ge=0),
-        max_worker: int | None = Query(None, ge=0),
-        synchronous: bool = False,
-        batch_size: int | None = Query(None, ge=1),
-        max_batch_delay: float | None = Query(None, ge=0),
+        min_worker: str | None = None,
+        max_worker: str | None = None,
+        synchronous: str | None = None,
+        batch_size: str | None = None,
+        max_batch_delay: str | None = None,
+        number_gpu: str | None = None,
+        timeout: str | None = None,
     ) -> JsonResponse:
-        return await scale(
-            model_name, version, min_worker, max_worker, synchronous, batch_size, max_batch_delay
+        args = ScaleArgs.from_query(
+            min_worker=min_worker,
+            max_worker=max_worker,
+            synchronous=synchronous,
+            batch_size=batch_size,
+            max_batch_delay=max_batch_delay,
+            number_gpu=number_gpu,
+            timeout=timeout,
         )
+        return _send(await management.scale(model_name, version, args))
 
     @router.delete("/models/{model_name}")
+    @router.delete("/models/{model_name}/", include_in_schema=False)
     async def unregister_default(model_name: str) -> JsonResponse:
-        require_model_api()
-        return JsonResponse({"status": await remove_version(registry, model_name, None)})
+        return _send(await management.unregister(model_name))
 
     @router.delete("/models/{model_name}/{version}")
     async def unregister_version(model_name: str, version: str) -> JsonResponse:
-        require_model_api()
-        return JsonResponse({"status": await remove_version(registry, model_name, version)})
+        return _send(await management.unregister(model_name, version))
 
     @router.post("/token")
-    async def new_token(request: Request, type: str = Query(...)) -> JsonResponse:
+    async def new_token(request: Request, type: str | None = None) -> JsonResponse:
         if auth is None:
             raise BadRequest("Token authorization is disabled (disable_token_authorization)")
+        if type is None:
+            raise BadRequest("Parameter type is required.")
         key = auth.regenerate(type, request.headers.get("authorization"))
         return JsonResponse({type: {"key": key}})
 
     return router
-
-
-# TorchServe's status text for an asynchronous scale (REST answers it with 202).
-SCALE_ACCEPTED = "Processing worker updates..."
-
-
-def check_model_api(enabled: bool) -> None:
-    """Register and unregister need `enable_model_api=true`, as in TorchServe."""
-    if not enabled:
-        raise ModelApiDisabled(
-            "Model API is disabled: set enable_model_api=true in config.properties to "
-            "register or unregister models"
-        )
-
-
-async def load_archive(
-    loader: ModelLoader,
-    url: str,
-    *,
-    model_name: str | None = None,
-    batch_size: int | None = None,
-    max_batch_delay: float | None = None,
-    initial_workers: int | None = None,
-    response_timeout: float | None = None,
-) -> str:
-    """Register an archive (None keeps config.properties' default); the status text."""
-    overrides: dict[str, Any] = {}
-    if batch_size is not None:
-        overrides["batchSize"] = batch_size
-    if max_batch_delay is not None:
-        overrides["maxBatchDelay"] = max_batch_delay
-    if initial_workers is not None:
-        overrides["minWorkers"] = initial_workers
-        overrides["maxWorkers"] = max(initial_workers, 1)
-    if response_timeout is not None:
-        overrides["responseTimeout"] = response_timeout
-    settings = loader.config.model_settings(overrides)
-    # Loading runs the handlers' initialize(); TorchServe's synchronous=false only skips
-    # waiting for workers, which here start with the model, so both wait.
-    version = await loader.register(
-        url, settings, model_name=model_name, requested=True, origin="api", api=overrides
-    )
-    return (
-        f'Model "{version.name}" Version: {version.version} registered with '
-        f"{len(version.workers)} initial workers"
-    )
-
-
-def model_list(registry: Registry, limit: int, next_page_token: int) -> dict[str, Any]:
-    """One page of ListModels: `{"models": [...], "nextPageToken": "..."}` (token if more)."""
-    limit = min(limit, 1000)
-    names = registry.names()
-    page = names[next_page_token : next_page_token + limit]
-    body: dict[str, Any] = {
-        "models": [{"modelName": name, "modelUrl": registry.get(name).url} for name in page]
-    }
-    if next_page_token + limit < len(names):
-        body["nextPageToken"] = str(next_page_token + limit)
-    return body
-
-
-def describe_versions(
-    registry: Registry, model_name: str, version: str | None = None
-) -> list[dict[str, Any]]:
-    """DescribeModel: the default version (None), one version, or every version ("all")."""
-    if version == "all":
-        return [describe(registry, v) for v in registry.versions(model_name)]
-    return [describe(registry, registry.get(model_name, version))]
-
-
-async def scale_workers(
-    registry: Registry,
-    model_name: str,
-    version: str | None,
-    min_worker: int | None,
-    max_worker: int | None,
-    batch_size: int | None = None,
-    max_batch_delay: float | None = None,
-) -> str:
-    """Apply new worker range / batching to a version (None keeps it); the status text."""
-    model_version = registry.get(model_name, version)
-    if batch_size is not None or max_batch_delay is not None:
-        registry.update_batching(
-            model_name,
-            model_version.version,
-            batch_size=batch_size,
-            max_batch_delay_ms=max_batch_delay,
-        )
-    if min_worker is not None or max_worker is not None:
-        low = min_worker if min_worker is not None else model_version.settings.min_workers
-        high = max_worker if max_worker is not None else max(low, 1)
-        if high < low:
-            high = low
-        await registry.scale(model_name, model_version.version, low, high)
-    return (
-        f"Workers scaled to {len(model_version.workers)} for model: {model_name}, "
-        f"version: {model_version.version}"
-    )
-
-
-def make_default(registry: Registry, model_name: str, version: str) -> str:
-    registry.set_default(model_name, version)
-    return f'Default version successfully updated for model "{model_name}" to "{version}"'
-
-
-async def remove_version(registry: Registry, model_name: str, version: str | None) -> str:
-    """Unregister a version (None: the default one); the status text."""
-    model_version = await registry.unregister(model_name, version)
-    return f'Model "{model_name}" Version: {model_version.version} unregistered'
-
-
-def describe(registry: Registry, model_version: ModelVersion) -> dict[str, Any]:
-    """TorchServe's DescribeModel shape for one version."""
-    settings = model_version.settings
-    batcher = model_version.batcher
-    default = registry.default_version(model_version.name) == model_version.version
-    return {
-        "modelName": model_version.name,
-        "modelVersion": model_version.version,
-        "modelUrl": model_version.url,
-        "runtime": "python",
-        "minWorkers": settings.min_workers,
-        "maxWorkers": settings.max_workers,
-        "batchSize": settings.batch_size,
-        "maxBatchDelay": settings.max_batch_delay_ms,
-        "responseTimeout": settings.response_timeout_s,
-        "loadedAtStartup": model_version.backend_info.get("startup", False),
-        "defaultVersion": default,
-        "status": model_version.state.value,
-        **({"error": model_version.unavailable} if model_version.state.value == "FAILED" else {}),
-        # Whether this version can take a request now (v2's model ready), and why not: a version
-        # scaled to 0 on purpose is not ready yet leaves the server healthy (see /ping).
-        "ready": model_version.ready,
-        **({"unavailable": model_version.unavailable} if not model_version.ready else {}),
-        "backend": model_version.backend_info,
-        "workers": [_describe_worker(slot) for slot in model_version.workers],
-        "jobQueueStatus": {
-            "remainingCapacity": max(batcher.queue_size - batcher.depth, 0),
-            "pendingRequests": batcher.depth,
-        },
-    }
-
-
-def _describe_worker(slot: WorkerSlot) -> dict[str, Any]:
-    """TorchServe's worker entry, plus what torchgate knows of the process."""
-    worker = slot.worker
-    device = worker.device if worker is not None else "none"
-    memory = getattr(worker, "memory_bytes", None)
-    entry: dict[str, Any] = {
-        "id": str(9000 + slot.index),
-        "startTime": dt.datetime.fromtimestamp(slot.started_at, dt.UTC).isoformat(),
-        "status": slot.status,
-        "memoryUsage": memory() if memory is not None else 0,
-        "pid": getattr(worker, "pid", os.getpid()) if worker is not None else -1,
-        "gpu": device.startswith("cuda"),
-        "gpuUsage": "N/A",
-        "device": device,
-        "restarts": slot.restarts,
-    }
-    if slot.last_error is not None and not slot.live:
-        entry["error"] = slot.last_error
-    return entry

@@ -24,12 +24,8 @@ from api.rest.asgi import Scope
 from api.rest.endpoint import InferenceEndpoint, Reply
 from api.rest.responses import JsonResponse, dumps, error_headers
 from api.rest.security import TokenAuth
-from api.v2 import bridge
+from api.v2 import EXTENSIONS, SERVER_NAME, SERVER_VERSION, bridge
 from api.v2.codec import decode_rest, encode_rest
-
-SERVER_NAME = "torchgate"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data"]
 
 
 def v2_error_parts(exc: TorchgateError) -> tuple[int, bytes, dict[str, str]]:

@@ -13,12 +13,11 @@ import grpc
 from api.core.dataplane import DataPlane
 from api.core.types import API_V2_GRPC
 from api.errors import TorchgateError
-from api.rest.asgi import request_id
-from api.rest.v2 import EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from api.request_ids import request_id
 from api.rpc.errors import grpc_errors, metadata_headers
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
-from api.v2 import bridge
+from api.v2 import EXTENSIONS, SERVER_NAME, SERVER_VERSION, bridge
 from api.v2.codec import decode_grpc, encode_grpc
 
 

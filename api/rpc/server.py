@@ -13,13 +13,13 @@ from typing import Any
 
 import grpc
 
+from api.auth import INFERENCE, MANAGEMENT, TokenAuth
 from api.config import Config
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
 from api.core.types import REJECT_AUTH
 from api.errors import Unauthenticated
 from api.loader import ModelLoader
-from api.rest.security import INFERENCE, MANAGEMENT, TokenAuth
 from api.rpc.decoding import DecodingInterceptor
 from api.rpc.errors import grpc_code
 from api.tls import KeyMaterial, grpc_credentials

@@ -2,7 +2,7 @@
 
 Wire-compatible with TorchServe 0.12's published protos, so its generated clients call torchgate
 unchanged. Each method decodes, calls the dataplane or the same management operations as REST
-(`api.rest.management`), and encodes; errors go through `api.errors`' one table.
+(`api.management`), and encodes; errors go through `api.errors`' one table.
 
 Where torchgate answers differently from TorchServe 0.12, on purpose:
 
@@ -14,48 +14,35 @@ Where torchgate answers differently from TorchServe 0.12, on purpose:
   call with INTERNAL "Worker died." and restarts the worker).
 - ListModels without `limit` lists up to 100 models (TorchServe takes the unset 0 literally and
   answers an empty page whose nextPageToken is "0").
-- StreamPredictions2 runs each message as an independent request and echoes its sequence_id:
-  torchgate has no stateful sequence batching.
-- DescribeModel ignores `customized`: handlers are not asked for custom metadata.
-- RegisterModel ignores `handler`, `runtime`, `s3_sse_kms` and `startup_timeout`, as REST does.
+- StreamPredictions2 answers a failed message with the mapped code in `status` (TorchServe:
+  INTERNAL for every error), with TorchServe's messages.
+- RegisterModel refuses a `handler` the archive cannot resolve (INVALID_ARGUMENT) as REST does;
+  see docs/compatibility.md.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
-import orjson
 from google.protobuf import empty_pb2
 
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
+from api.core.sequences import SEQUENCE_ID
 from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest
+from api.encoding import prediction_parts
 from api.errors import BadRequest, TorchgateError, error_for_status
 from api.loader import ModelLoader
-from api.rest.asgi import request_id
-from api.rest.management import (
-    SCALE_ACCEPTED,
-    check_model_api,
-    describe_versions,
-    load_archive,
-    make_default,
-    model_list,
-    remove_version,
-    scale_workers,
-)
-from api.rest.responses import prediction_parts
+from api.management import ListArgs, Management, RegisterArgs, ScaleArgs
+from api.management.params import positive
+from api.request_ids import request_id
 from api.rpc.errors import abort, grpc_code, grpc_errors, metadata_headers
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from api.rpc.generated import management_pb2 as management
 from api.rpc.generated import management_pb2_grpc as management_grpc
-
-# TorchServe's defaults for unset (0) fields: ListModels' page size, ScaleWorker's min_worker.
-DEFAULT_PAGE_SIZE = 100
-DEFAULT_MIN_WORKERS = 1
 
 
 class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
@@ -92,20 +79,25 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
         requests: AsyncIterator[inference.PredictionsRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference.PredictionResponse]:
-        """One answer per message, in order; a failed message answers with `status` set and
-        the stream goes on (TorchServe's contract). Each message needs a `sequence_id`."""
+        """TorchServe's stream for sequence batching: one answer per message, in order.
+
+        Each message names its sequence in `sequence_id`, which the handler reads as the
+        `ts_request_sequence_id` header (`context.get_sequence_id(idx)`); one without it is
+        answered "Parameter sequenceId is required." (TorchServe 0.12 too: it cannot start a
+        sequence here). A failed message answers with `status` set and the stream goes on;
+        answers carry no `sequence_id`, as TorchServe's.
+        """
         headers = metadata_headers(context)
         async for request in requests:
             try:
                 if not request.sequence_id:
-                    raise BadRequest("Parameter sequence_id is required.")
-                response = await self._predict(request, headers)
+                    raise BadRequest("Parameter sequenceId is required.")
+                sequence = {**headers, SEQUENCE_ID: request.sequence_id}
+                response = await self._predict(request, sequence)
             except TorchgateError as exc:
                 response = inference.PredictionResponse()
                 response.status.code = grpc_code(exc).value[0]
                 response.status.message = exc.message
-            if request.sequence_id:
-                response.sequence_id = request.sequence_id
             yield response
 
     async def _predict(
@@ -127,14 +119,13 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
 
 
 class TorchServeManagement(management_grpc.ManagementAPIsServiceServicer):
-    """Each call answers what REST's management API answers: DescribeModel and ListModels the
-    same JSON document (pretty-printed, as TorchServe's), the others REST's status text (the
-    `status` field of REST's JSON), the bare text TorchServe's gRPC API answers."""
+    """Each call runs the same `api.management` operation as REST and answers its `Reply`'s
+    message: the status text (REST's `status` field), or DescribeModel's and ListModels'
+    document as pretty-printed JSON, as TorchServe's gRPC API does. proto3 cannot tell an
+    unset number from 0, so 0 means the parameter's default, as in TorchServe."""
 
-    def __init__(self, registry: Registry, loader: ModelLoader, *, enable_model_api: bool) -> None:
-        self.registry = registry
-        self.loader = loader
-        self.enable_model_api = enable_model_api
+    def __init__(self, management: Management) -> None:
+        self.management = management
 
     @grpc_errors
     async def DescribeModel(
@@ -142,42 +133,52 @@ class TorchServeManagement(management_grpc.ManagementAPIsServiceServicer):
     ) -> management.ManagementResponse:
         """The default version, one version, or every version with model_version "all"."""
         name = _required(request.model_name, "model_name")
-        return _document(describe_versions(self.registry, name, request.model_version or None))
+        reply = await self.management.describe(
+            name, request.model_version or None, customized=request.customized
+        )
+        return management.ManagementResponse(msg=reply.message)
 
     @grpc_errors
     async def ListModels(
         self, request: management.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> management.ManagementResponse:
-        limit = request.limit if request.limit > 0 else DEFAULT_PAGE_SIZE
-        return _document(model_list(self.registry, limit, max(request.next_page_token, 0)))
+        args = ListArgs.of(request.limit or None, request.next_page_token)
+        return management.ManagementResponse(msg=self.management.list_models(args).message)
 
     @grpc_errors
     async def RegisterModel(
         self, request: management.RegisterModelRequest, context: grpc.aio.ServicerContext
     ) -> management.ManagementResponse:
-        """Unset (0) numbers take config.properties' defaults, as in TorchServe."""
-        check_model_api(self.enable_model_api)
-        status = await load_archive(
-            self.loader,
-            _required(request.url, "url"),
+        args = RegisterArgs(
+            url=request.url or None,  # unset: "Parameter url is required."
             model_name=request.model_name or None,
-            batch_size=_optional(request.batch_size, "batch_size"),
-            max_batch_delay=_optional(request.max_batch_delay, "max_batch_delay"),
-            initial_workers=_optional(request.initial_workers, "initial_workers"),
-            response_timeout=_optional(request.response_timeout, "response_timeout"),
+            runtime=request.runtime or None,
+            handler=request.handler or None,
+            batch_size=positive(request.batch_size),
+            max_batch_delay=positive(request.max_batch_delay),
+            initial_workers=request.initial_workers or None,
+            response_timeout=positive(request.response_timeout),
+            startup_timeout=positive(request.startup_timeout),
+            synchronous=request.synchronous,
         )
-        return management.ManagementResponse(msg=status)
+        reply = await self.management.register(args)
+        return management.ManagementResponse(msg=reply.message)
 
     @grpc_errors
     async def ScaleWorker(
         self, request: management.ScaleWorkerRequest, context: grpc.aio.ServicerContext
     ) -> management.ManagementResponse:
         """As TorchServe: unset min_worker means 1, unset max_worker means min_worker."""
-        low = _optional(request.min_worker, "min_worker") or DEFAULT_MIN_WORKERS
-        high = _optional(request.max_worker, "max_worker") or low
         name = _required(request.model_name, "model_name")
-        status = await scale_workers(self.registry, name, request.model_version or None, low, high)
-        return management.ManagementResponse(msg=status if request.synchronous else SCALE_ACCEPTED)
+        args = ScaleArgs(
+            min_worker=request.min_worker or None,
+            max_worker=request.max_worker or None,
+            synchronous=request.synchronous,
+            number_gpu=str(request.number_gpu) if request.number_gpu else None,
+            timeout=str(request.timeout) if request.timeout else None,
+        )
+        reply = await self.management.scale(name, request.model_version or None, args)
+        return management.ManagementResponse(msg=reply.message)
 
     @grpc_errors
     async def SetDefault(
@@ -185,35 +186,23 @@ class TorchServeManagement(management_grpc.ManagementAPIsServiceServicer):
     ) -> management.ManagementResponse:
         name = _required(request.model_name, "model_name")
         version = _required(request.model_version, "model_version")
-        return management.ManagementResponse(msg=make_default(self.registry, name, version))
+        return management.ManagementResponse(msg=self.management.set_default(name, version).message)
 
     @grpc_errors
     async def UnregisterModel(
         self, request: management.UnregisterModelRequest, context: grpc.aio.ServicerContext
     ) -> management.ManagementResponse:
         """Without model_version, the default version (refused while others exist)."""
-        check_model_api(self.enable_model_api)
+        self.management.check_model_api()
         name = _required(request.model_name, "model_name")
-        status = await remove_version(self.registry, name, request.model_version or None)
-        return management.ManagementResponse(msg=status)
+        reply = await self.management.unregister(name, request.model_version or None)
+        return management.ManagementResponse(msg=reply.message)
 
 
 def _required(value: str, field: str) -> str:
     if not value:
         raise BadRequest(f"Parameter {field} is required.")
     return value
-
-
-def _optional(value: int, field: str) -> int | None:
-    """proto3 cannot tell unset from 0: 0 means "the default" (None), as in TorchServe."""
-    if value < 0:
-        raise BadRequest(f"Parameter {field} must not be negative, got {value}")
-    return value or None
-
-
-def _document(value: Any) -> management.ManagementResponse:
-    text = orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode()
-    return management.ManagementResponse(msg=text)
 
 
 def add_torchserve_inference_servicer(server: grpc.aio.Server, dataplane: DataPlane) -> None:
@@ -226,5 +215,6 @@ def add_torchserve_management(
     server: grpc.aio.Server, registry: Registry, loader: ModelLoader, *, enable_model_api: bool
 ) -> None:
     management_grpc.add_ManagementAPIsServiceServicer_to_server(
-        TorchServeManagement(registry, loader, enable_model_api=enable_model_api), server
+        TorchServeManagement(Management(registry, loader, enable_model_api=enable_model_api)),
+        server,
     )

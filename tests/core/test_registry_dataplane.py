@@ -14,6 +14,7 @@ from api.errors import (
     BadRequest,
     Conflict,
     DeadlineExceeded,
+    DefaultVersionInUse,
     ModelNotFound,
     ModelNotReady,
     VersionNotFound,
@@ -43,7 +44,7 @@ def test_register_serve_and_unregister_versions() -> None:
         answer = await dataplane.infer("m", "2.0", InferenceRequest({"body": 2}))
         assert answer.model_version.version == "2.0"
 
-        with pytest.raises(Conflict):  # the default version goes last
+        with pytest.raises(DefaultVersionInUse):  # the default version goes last
             await registry.unregister("m", "1.0")
         registry.set_default("m", "2.0")
         await registry.unregister("m", "1.0")

@@ -191,7 +191,7 @@ def test_a_stuck_or_failing_shadow_never_slows_or_fails_the_primary(
     gate.touch()  # version 8.0 holds every batch while this file exists
     try:
         for archive in ("ab-gated.mar&response_timeout=1", "ab-fail.mar"):
-            response = management.post(f"/models?url={archive}")
+            response = management.post(f"/models?url={archive}&initial_workers=1")
             assert response.status_code == 200, response.text
         policy = {"weights": {"1.0": 1}, "shadow": {"version": "8.0", "percent": 100}}
         assert management.put("/models/ab/traffic", json=policy).status_code == 200
@@ -254,7 +254,7 @@ def test_state_survives_a_graceful_restart_and_a_kill_9(store: Path, tmp_path: P
     with running_torchgate(config(store), workdir=workdir) as tg:
         with httpx.Client(base_url=tg.management_url, timeout=30) as client:
             for method, path in [
-                ("POST", "/models?url=ab-3.0.mar&batch_size=4&max_batch_delay=9"),
+                ("POST", "/models?url=ab-3.0.mar&batch_size=4&max_batch_delay=9&initial_workers=1"),
                 ("PUT", "/models/ab/1.0?min_worker=2&max_worker=3&synchronous=true"),
                 ("PUT", "/models/ab/2.0?batch_size=8&max_batch_delay=7&synchronous=true"),
                 ("PUT", "/models/ab/2.0/set-default"),

@@ -1,0 +1,220 @@
+"""The management operations; see the package docstring."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from api.core.registry import ModelVersion, Registry
+from api.core.types import API_TORCHSERVE_REST, InferenceRequest
+from api.errors import (
+    BadRequest,
+    InferenceFailed,
+    ModelApiDisabled,
+    ModelNotFound,
+    error_for_status,
+)
+from api.loader import ModelLoader
+from api.management.describe import describe
+from api.management.params import ListArgs, RegisterArgs, ScaleArgs
+from api.request_ids import request_id
+
+log = logging.getLogger(__name__)
+
+# TorchServe's status text for work it answers before the workers are up (HTTP 202).
+PROCESSING = "Processing worker updates..."
+# Runtimes TorchServe's register API accepts that torchgate's workers run.
+RUNTIMES = ("python", "python3")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One answer: TorchServe's HTTP status and JSON body.
+
+    `body` is `{"status": text}` for calls that change something, the document for describe
+    and list. gRPC sends `message` (the bare text, or the document as JSON) as TorchServe's
+    gRPC API does.
+    """
+
+    status: int
+    body: dict[str, Any] | list[dict[str, Any]]
+
+    @property
+    def message(self) -> str:
+        if isinstance(self.body, dict) and set(self.body) == {"status"}:
+            return str(self.body["status"])
+        return json.dumps(self.body, indent=2)
+
+
+def _status(text: str, status: int = 200) -> Reply:
+    return Reply(status, {"status": text})
+
+
+class Management:
+    """TorchServe's management API over a registry and a loader, for any transport."""
+
+    def __init__(self, registry: Registry, loader: ModelLoader, *, enable_model_api: bool) -> None:
+        self.registry = registry
+        self.loader = loader
+        self.enable_model_api = enable_model_api
+        config = loader.config
+        # TorchServe's register API starts default_workers_per_model workers when the file sets
+        # it, else none (at start-up it uses one per core instead; so does torchgate's default).
+        self.default_workers = (
+            config.default_workers_per_model if "default_workers_per_model" in config.raw else 0
+        )
+
+    def check_model_api(self) -> None:
+        """Register and unregister need `enable_model_api=true`, as in TorchServe."""
+        if not self.enable_model_api:
+            raise ModelApiDisabled(
+                "Model API is disabled: set enable_model_api=true in config.properties to "
+                "register or unregister models"
+            )
+
+    async def register(self, args: RegisterArgs) -> Reply:
+        self.check_model_api()
+        if args.url is None:
+            raise BadRequest("Parameter url is required.")
+        if not args.url:
+            raise ModelNotFound("empty url")  # TorchServe's 404 for url=
+        if args.runtime is not None and args.runtime not in RUNTIMES:
+            raise BadRequest(f"Invalid RuntimeType value: {args.runtime}")
+        workers = max(
+            args.initial_workers if args.initial_workers is not None else self.default_workers, 0
+        )
+        if workers and args.startup_timeout == 0:
+            # TorchServe starts the workers, gives up at once and unregisters: same outcome.
+            raise InferenceFailed(
+                f"Failed to start workers for model {args.model_name or args.url}: "
+                "startup_timeout=0"
+            )
+        overrides: dict[str, Any] = {"minWorkers": workers, "maxWorkers": workers}
+        for key, value in (
+            ("batchSize", args.batch_size),
+            ("maxBatchDelay", args.max_batch_delay),
+            ("responseTimeout", args.response_timeout),
+            ("startupTimeout", args.startup_timeout),
+        ):
+            if value is not None:
+                overrides[key] = value
+        try:
+            settings = self.loader.config.model_settings(overrides)
+        except ValueError as exc:
+            raise BadRequest(f"Invalid registration parameter: {exc}") from None
+        # Loading starts the workers (their handlers' initialize()) before either answer; an
+        # asynchronous registration answers TorchServe's 202 then. A handler the archive
+        # cannot resolve is refused here (400), before any worker starts.
+        version = await self.loader.register(
+            args.url,
+            settings,
+            model_name=args.model_name,
+            requested=True,
+            handler=args.handler,
+            # The parameters weigh against the archive's model-config.yaml (api.model_config).
+            origin="api",
+            api=overrides,
+        )
+        head = f'Model "{version.name}" Version: {version.version} registered with'
+        if not workers:
+            return _status(
+                f"{head} 0 initial workers. Use scale workers API to add workers for the model."
+            )
+        if not args.synchronous:
+            return _status(PROCESSING, 202)
+        return _status(f"{head} {workers} initial workers")
+
+    def list_models(self, args: ListArgs) -> Reply:
+        """One page, by model name: `{"nextPageToken": "..."}` first when more may follow."""
+        names = self.registry.names()
+        start = args.next_page_token
+        end = start + args.limit
+        body: dict[str, Any] = {}
+        if end <= len(names):
+            body["nextPageToken"] = str(end)
+        body["models"] = [
+            {"modelName": name, "modelUrl": self.registry.get(name).url}
+            for name in names[start:end]
+        ]
+        return Reply(200, body)
+
+    async def describe(
+        self, model_name: str, version: str | None = None, *, customized: bool = False
+    ) -> Reply:
+        """The default version (None), one version, or every version ("all")."""
+        if version == "all":
+            versions = self.registry.versions(model_name)
+        else:
+            versions = [self.registry.get(model_name, version)]
+        default = self.registry.default_version(model_name)
+        documents = []
+        for model_version in versions:
+            extra = None
+            if customized:
+                extra = {"customizedMetadata": await self._customized(model_version)}
+            documents.append(
+                describe(model_version, default=model_version.version == default, customized=extra)
+            )
+        return Reply(200, documents)
+
+    async def _customized(self, model_version: ModelVersion) -> Any:
+        """What the handler answers to TorchServe's describe request (a `describe: True`
+        header; `BaseHandler` calls `describe_handle()`): JSON when it parses, else text."""
+        ready = self.registry.ready_version(model_version.name, model_version.version)
+        headers = {"describe": "True"}
+        request = InferenceRequest({}, headers, request_id(headers), API_TORCHSERVE_REST)
+        prediction = await asyncio.wait_for(
+            ready.batcher.submit(request), ready.settings.response_timeout_s
+        )
+        if not prediction.ok:
+            raise error_for_status(prediction.status, prediction.message)
+        body = prediction.body
+        if isinstance(body, bytes | bytearray | memoryview):
+            body = bytes(body).decode("utf-8", "replace")
+        if isinstance(body, str):
+            try:
+                return json.loads(body)
+            except ValueError:
+                return body
+        return body
+
+    async def scale(self, model_name: str, version: str | None, args: ScaleArgs) -> Reply:
+        low = args.min_worker if args.min_worker is not None else 1
+        high = args.max_worker if args.max_worker is not None else low
+        if low < 0:
+            # TorchServe fails here with its own IndexOutOfBoundsException (500).
+            raise BadRequest(f"min_worker must not be negative, got {low}")
+        if high < low:
+            raise BadRequest("max_worker cannot be less than min_worker.")
+        model_version = self.registry.get(model_name, version)
+        for key, value in (("number_gpu", args.number_gpu), ("timeout", args.timeout)):
+            if value is not None:
+                log.warning("scale %s: %s=%s is ignored by torchgate", model_name, key, value)
+        if args.batch_size is not None or args.max_batch_delay is not None:
+            self.registry.update_batching(
+                model_name,
+                model_version.version,
+                batch_size=args.batch_size,
+                max_batch_delay_ms=args.max_batch_delay,
+            )
+        await self.registry.scale(model_name, model_version.version, low, high)
+        # The workers are up before either answer; clients check for TorchServe's 202.
+        if not args.synchronous:
+            return _status(PROCESSING, 202)
+        text = f"Workers scaled to {low} for model: {model_name}"
+        return _status(text if version is None else f"{text}, version: {version}")
+
+    def set_default(self, model_name: str, version: str) -> Reply:
+        self.registry.set_default(model_name, version)
+        return _status(
+            f'Default version successfully updated for model "{model_name}" to "{version}"'
+        )
+
+    async def unregister(self, model_name: str, version: str | None = None) -> Reply:
+        """Without a version, the default one (refused, 403, while others exist)."""
+        self.check_model_api()
+        await self.registry.unregister(model_name, version)
+        return _status(f'Model "{model_name}" unregistered')
