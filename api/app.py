@@ -22,14 +22,16 @@ from api.core.routing import TrafficRouter
 from api.core.types import Backend, ModelSettings
 from api.core.workflow import Workflows
 from api.loader import LocalBackendLoader, ModelLoader
-from api.metrics import PrometheusObserver
-from api.observability import access_log_setting, build_observability
+from api.observability.compose import access_log_setting, build_observability
+from api.observability.metrics import PrometheusObserver
 from api.rest.apps import build_inference_app, build_management_app, build_metrics_app
 from api.rest.asgi import ASGIApp
+from api.rest.cors import with_cors
 from api.rest.origin import BrowserGuard, HostPolicy
 from api.rest.responses import prediction_parts
 from api.rest.security import TokenAuth
 from api.snapshot import Snapshotter, load_startup_state
+from api.tls import KeyMaterial
 from api.workers.pool import WorkerPool
 from api.workflow_loader import WorkflowLoader
 
@@ -104,7 +106,7 @@ class Torchgate:
             model_version.backend_info["startup"] = True
 
     def grpc_servers(
-        self,
+        self, *, tls: KeyMaterial | None = None
     ) -> tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]:
         """(start, stop) for the gRPC servers, built from the parts the HTTP apps were.
 
@@ -118,6 +120,7 @@ class Torchgate:
             dataplane=self.dataplane,
             registry=self.registry,
             loader=self.loader,
+            tls=tls,
         )
 
     async def stop(self) -> None:
@@ -144,7 +147,8 @@ def build(
     """Assemble torchgate; tests pass `backend_loader` to serve fake archives. `pool`: a
     worker pool already launched, whose cleanup folder is the work dir.
 
-    `access_log` overrides `torchgate.access_log` from config.properties (see api.observability).
+    `access_log` overrides `torchgate.access_log` from config.properties
+    (see api.observability.compose).
     `workflow_store` overrides `workflow_store` from config.properties (`--workflow-store`).
     """
     if workflow_store is not None:
@@ -183,7 +187,7 @@ def build(
     auth = None if config.disable_token_authorization else TokenAuth(config.key_file)
     if auth is not None:
         log.info("token authorization is on; keys are in %s", config.key_file)
-    return Torchgate(
+    torchgate = Torchgate(
         config=config,
         registry=registry,
         dataplane=dataplane,
@@ -217,3 +221,22 @@ def build(
         pool=pool,
         workflows=workflows,
     )
+    _add_cors(torchgate)
+    return torchgate
+
+
+def _add_cors(torchgate: Torchgate) -> None:
+    """TorchServe's CORS keys, on every port (api.rest.cors)."""
+    config = torchgate.config
+    for name in ("inference_app", "management_app", "metrics_app"):
+        app = getattr(torchgate, name)
+        setattr(
+            torchgate,
+            name,
+            with_cors(
+                app,
+                origin=",".join(config.cors_allowed_origin),
+                methods=config.cors_allowed_methods,
+                headers=config.cors_allowed_headers,
+            ),
+        )

@@ -13,9 +13,12 @@ Keys torchgate understands (TorchServe's defaults unless noted):
     max_response_size (6553500 bytes), disable_token_authorization (false),
     enable_model_api (false), install_py_dep_per_model (false), metrics_config,
     model_metrics_auto_detect (false), allowed_urls (none here: only the model store;
-    TorchServe's is file://.*|http(s)?://.*), cors_allowed_origin (none), number_of_gpu,
+    TorchServe's is file://.*|http(s)?://.*), cors_allowed_origin, cors_allowed_methods and
+    cors_allowed_headers (none; api.rest.cors), number_of_gpu,
     service_envelope (kserve, kservev2, body or json: TorchServe's request envelope around
-    every handler; none by default)
+    every handler; none by default);
+    certificate_file, private_key_file, keystore, keystore_pass, keystore_type and
+    enable_grpc_ssl are read by api.tls; every key's status is in api.config_keys
 
 torchgate's own keys start with `torchgate.` (for example `torchgate.snapshot_file`), so a
 file stays usable unchanged by `torchserve --ts-config`:
@@ -166,6 +169,9 @@ class Config:
     archive_max_members: int = 10_000
     archive_max_ratio: float = 100.0
     cors_allowed_origin: tuple[str, ...] = ()
+    # TorchServe's cors_allowed_methods / cors_allowed_headers, sent as written (api.rest.cors).
+    cors_allowed_methods: str = ""
+    cors_allowed_headers: str = ""
     allowed_hosts: tuple[str, ...] = ()
     # Inputs to the shipped handlers and the prediction APIs (docs/security.md).
     limit_max_image_pixels: bool = True
@@ -184,6 +190,8 @@ class Config:
     metrics_spec: MetricsSpec = field(default_factory=MetricsSpec)
     # Everything that was in the file, for keys read elsewhere (`torchgate.*`).
     raw: dict[str, str] = field(default_factory=dict)
+    # The config file's folder: where relative paths in it start (the current one without a file).
+    base_dir: Path = field(default_factory=Path.cwd)
 
     def model_settings(self, overrides: dict[str, Any] | None = None) -> ModelSettings:
         """Settings for a version: TorchServe's `models={...}` keys over this file's defaults."""
@@ -416,7 +424,7 @@ def _resolve_references(raw: dict[str, str], environ: Mapping[str, str]) -> dict
 
 
 def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
-    config = Config(raw=raw)
+    config = Config(raw=raw, base_dir=base_dir)
     try:
         for key in ("inference_address", "management_address", "metrics_address"):
             if key in raw:
@@ -548,6 +556,8 @@ def _registration_keys(raw: dict[str, str], config: Config) -> None:
         config.archive_max_ratio = ratio
     if "cors_allowed_origin" in raw:
         config.cors_allowed_origin = _csv(raw["cors_allowed_origin"])
+    config.cors_allowed_methods = raw.get("cors_allowed_methods", "").strip()
+    config.cors_allowed_headers = raw.get("cors_allowed_headers", "").strip()
     if "torchgate.allowed_hosts" in raw:
         config.allowed_hosts = tuple(h.lower() for h in _csv(raw["torchgate.allowed_hosts"]))
 

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
@@ -21,9 +22,11 @@ import uvicorn
 
 from api.app import build
 from api.config import Address, Config, EdgeLimits
+from api.config_keys import report as report_config
 from api.rest.apps import listeners
 from api.rest.asgi import ASGIApp
 from api.rest.edge import edge_protocol
+from api.tls import KeyMaterial, load_tls, server_ssl_context
 from api.workers.pool import WorkerPool
 
 log = logging.getLogger("torchgate")
@@ -38,10 +41,17 @@ class _Server(uvicorn.Server):
 
 
 def _http_server(
-    app: ASGIApp, address: Address, limits: EdgeLimits, *, log_level: str, grace_s: float
+    app: ASGIApp,
+    address: Address,
+    limits: EdgeLimits,
+    *,
+    log_level: str,
+    grace_s: float,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> _Server:
-    if address.scheme == "https":
-        raise ValueError(f"TLS is not supported on {address}; terminate TLS in front of torchgate")
+    if address.scheme not in ("http", "https"):
+        raise ValueError(f"{address}: the scheme must be http or https")
+    context = ssl_context if address.scheme == "https" else None
     config = uvicorn.Config(
         app,
         host=address.host,
@@ -57,8 +67,15 @@ def _http_server(
         proxy_headers=False,  # no X-Forwarded-* rewriting layer on every request
         timeout_graceful_shutdown=int(grace_s),
         timeout_keep_alive=limits.keep_alive_timeout_s,
+        # uvicorn serves TLS when given a context factory (api.tls builds the context).
+        ssl_context_factory=None if context is None else (lambda _config, _default: context),
     )
     return _Server(config)
+
+
+def https_context(tls: KeyMaterial | None) -> ssl.SSLContext | None:
+    """One server context for every https:// address (`load_tls(config)` gives `tls`)."""
+    return None if tls is None else server_ssl_context(tls)
 
 
 async def serve(
@@ -73,6 +90,8 @@ async def serve(
 ) -> None:
     """`sockets`: inference, management and metrics listeners bound beforehand
     (`api.commands.listen`); `on_ready` is called once the start-up models serve."""
+    report_config(config)  # unknown and unsupported keys, then the effective configuration
+    tls = load_tls(config)  # a bad key or certificate stops the start here, before any work
     torchgate = build(config, access_log=access_log, pool=pool)
     if torchgate.pool is not None:
         torchgate.pool.start()  # the zygote imports torch while the ports are bound
@@ -80,8 +99,16 @@ async def serve(
     # timeout (a model's own responseTimeout is capped by it; a second signal exits at once).
     grace_s = config.default_response_timeout + 5.0
     torchgate.dataplane.accepting = False  # /ping stays unhealthy until models are loaded
+    ssl_context = https_context(tls)
     http_servers = [
-        _http_server(app, address, config.http_limits, log_level=log_level, grace_s=grace_s)
+        _http_server(
+            app,
+            address,
+            config.http_limits,
+            log_level=log_level,
+            grace_s=grace_s,
+            ssl_context=ssl_context,
+        )
         for app, address in listeners(
             [
                 ("inference", torchgate.inference_app, config.inference_address),
@@ -90,7 +117,7 @@ async def serve(
             ]
         )
     ]
-    extras = [torchgate.grpc_servers()]
+    extras = [torchgate.grpc_servers(tls=tls)]
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -46,7 +46,6 @@ from typing import Any
 
 import uvicorn
 
-from api.access_log import AccessLog
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
 from api.core.types import (
@@ -58,9 +57,10 @@ from api.core.types import (
     Observers,
     Prediction,
 )
-from api.gpu import GpuCollector
-from api.handler_metrics import HandlerMetrics
-from api.metrics import PrometheusObserver
+from api.observability.access_log import AccessLog
+from api.observability.gpu import GpuCollector
+from api.observability.handler_metrics import HandlerMetrics
+from api.observability.metrics import PrometheusObserver
 from api.rest.apps import build_inference_app
 from api.rest.asgi import ASGIApp, Message
 from tests.support.torchserve import free_ports

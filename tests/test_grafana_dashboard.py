@@ -28,8 +28,8 @@ from api.core.types import (
     ModelSettings,
     Prediction,
 )
-from api.gpu import GpuCollector
-from api.observability import build_observability
+from api.observability.compose import build_observability
+from api.observability.gpu import GpuCollector
 from tests.support.exposition import parse
 from tests.support.fake_backend import FakeBackend
 from tests.support.fake_nvml import FakeDevice, FakeNvml

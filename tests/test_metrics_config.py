@@ -2,9 +2,9 @@
 `model_metrics_auto_detect` decides whether undeclared ones reach /metrics.
 
 The worker side is the real metrics store (`api.workers.context.MetricsStore`) a handler gets as
-`context.metrics`; the exporter side is `api.handler_metrics.HandlerMetrics` behind a real
-Prometheus observer. tests/integration/test_archive_environment.py compares the result with a
-real TorchServe.
+`context.metrics`; the exporter side is `api.observability.handler_metrics.HandlerMetrics`
+behind a real Prometheus observer. tests/integration/test_archive_environment.py compares the
+result with a real TorchServe.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
 from api.config import ConfigError, parse_config
-from api.handler_metrics import HandlerMetrics
-from api.metrics import PrometheusObserver
 from api.metrics_config import DEFAULT_MODEL_METRICS, DeclaredMetric, load_metrics_spec
+from api.observability.handler_metrics import HandlerMetrics
+from api.observability.metrics import PrometheusObserver
 from api.workers.context import MetricsStore
 from tests.support.exposition import parse, value
 
@@ -145,7 +145,7 @@ def test_undeclared_metrics_need_auto_detect(
     store = MetricsStore("mnist", sink.on_metric, sink.spec.model_metrics)
     store.set_request_ids({0: "req-0"})
     store.add_size("SizeOfImage", 1.5, None, "kB")
-    with caplog.at_level(logging.WARNING, logger="api.handler_metrics"):
+    with caplog.at_level(logging.WARNING, logger="api.observability.handler_metrics"):
         store.add_counter("UndeclaredCount", 2)
         store.add_counter("UndeclaredCount", 2)
     samples, types = parse(observer.render().decode())

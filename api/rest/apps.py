@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from api.core.dataplane import DataPlane
@@ -14,6 +14,7 @@ from api.core.routing import TrafficRouter
 from api.core.workflow import Workflows
 from api.errors import Unauthenticated
 from api.loader import ModelLoader
+from api.observability.metrics import filter_samples
 from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_response
 from api.rest.errors import install_error_handlers, kserve_error_body, torchserve_error_body
 from api.rest.inference import inference_router, openapi_document
@@ -167,6 +168,7 @@ def build_management_app(
     app.include_router(
         management_router(registry, loader, enable_model_api=enable_model_api, auth=auth)
     )
+
     if workflows is not None:
         app.include_router(workflow_router(workflows))
     if auth is None:
@@ -180,8 +182,10 @@ def build_metrics_app(render: Callable[[], bytes]) -> FastAPI:
     install_error_handlers(app)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(request: Request) -> Response:
+        # TorchServe's name filter: /metrics?name[]=ts_inference_requests_total&name[]=...
+        body = filter_samples(render(), request.query_params.getlist("name[]"))
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
 

@@ -1,4 +1,5 @@
-"""TorchServe's inference API utilities (port 8080): /ping, OPTIONS /, /api-description.
+"""TorchServe's inference API utilities (port 8080): /ping, OPTIONS /, /api-description
+(OPTIONS /predictions/{model} is the predictions endpoint's: `api.rest.predictions`).
 
 `/predictions/...` (any method) and KServe v2's `POST .../infer` are plain ASGI
 (`api.rest.predictions`, `api.rest.v2`), mounted in front of this router by `api.rest.apps`;

@@ -12,7 +12,7 @@ browsers (curl, httpx, TorchServe's clients send no Origin and the listener's ad
   own: rebinding always needs a DNS name, and names are what this refuses.
 - `Origin`, when sent, must be the request's own origin or one `cors_allowed_origin` allows
   (TorchServe's key; `*` allows every origin). An allowed cross origin gets TorchServe's
-  `Access-Control-Allow-Origin` header on the answer.
+  `Access-Control-Allow-Origin` header on the answer from api.rest.cors, as on every port.
 
 Both answer 403 with TorchServe's error body; the server keeps serving everyone else.
 """
@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from api.errors import Forbidden
-from api.rest.asgi import ASGIApp, Message, Receive, Scope, Send, header_dict, send_response
+from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_response
 from api.rest.responses import error_parts
 
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})
@@ -84,20 +84,7 @@ class BrowserGuard:
                 f"with cors_allowed_origin, or turn token authorization on",
             )
             return
-        await self.app(scope, receive, _allow_origin(send, origin))
-
-
-def _allow_origin(send: Send, origin: str) -> Send:
-    """TorchServe's CORS answer header, so the allowed page may read the response."""
-
-    async def send_with_header(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            headers = list(message.get("headers", []))
-            headers.append((b"access-control-allow-origin", origin.encode("latin-1")))
-            message = {**message, "headers": headers}
-        await send(message)
-
-    return send_with_header
+        await self.app(scope, receive, send)
 
 
 async def _refuse(send: Send, reason: str) -> None:

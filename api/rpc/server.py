@@ -22,6 +22,7 @@ from api.errors import Unauthenticated
 from api.loader import ModelLoader
 from api.rpc.decoding import DecodingInterceptor
 from api.rpc.errors import grpc_code
+from api.tls import KeyMaterial, grpc_credentials
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,11 @@ def grpc_servers(
     dataplane: DataPlane,
     registry: Registry,
     loader: ModelLoader,
+    tls: KeyMaterial | None = None,
 ) -> tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]:
     """(start, stop) for both gRPC servers; `api.app.Torchgate.grpc_servers` composes them
-    from the same parts as the HTTP apps, and `api.server` runs them beside those."""
+    from the same parts as the HTTP apps, and `api.server` runs them beside those. With
+    `enable_grpc_ssl=true` both ports serve TLS with `tls` (api.tls.load_tls)."""
     from api.rpc.kserve import add_kserve_servicer
     from api.rpc.torchserve import add_torchserve_inference_servicer, add_torchserve_management
 
@@ -109,8 +112,15 @@ def grpc_servers(
     add_torchserve_management(
         management, registry, loader, enable_model_api=config.enable_model_api
     )
-    inference.add_insecure_port(f"{config.grpc_inference_address}:{config.grpc_inference_port}")
-    management.add_insecure_port(f"{config.grpc_management_address}:{config.grpc_management_port}")
+    inference_at = f"{config.grpc_inference_address}:{config.grpc_inference_port}"
+    management_at = f"{config.grpc_management_address}:{config.grpc_management_port}"
+    if tls is not None and config.raw.get("enable_grpc_ssl", "").strip().lower() == "true":
+        credentials = grpc_credentials(tls)
+        inference.add_secure_port(inference_at, credentials)
+        management.add_secure_port(management_at, credentials)
+    else:
+        inference.add_insecure_port(inference_at)
+        management.add_insecure_port(management_at)
 
     async def start() -> None:
         await inference.start()

@@ -201,7 +201,7 @@ def test_kserve_storage_example_loads() -> None:
 
 
 def test_autoscaling_reads_metrics_torchgate_exports() -> None:
-    from api.metrics import RegistryCollector
+    from api.observability.metrics import RegistryCollector
 
     class EmptyRegistry:
         def __iter__(self) -> Any:

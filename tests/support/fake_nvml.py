@@ -1,6 +1,6 @@
 """A stand-in for the `pynvml` module (nvidia-ml-py), for testing GPU metrics without a GPU.
 
-Only the calls `api.gpu.GpuCollector` makes are implemented. Devices are given as
+Only the calls `api.observability.gpu.GpuCollector` makes are implemented. Devices are given as
 `FakeDevice(used, total, utilization)`; `utilization=None` makes
 `nvmlDeviceGetUtilizationRates` raise, as it does on devices without that counter.
 """

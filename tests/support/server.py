@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,7 @@ def running_torchgate(
     stop_timeout: float = 30.0,
     healthy: bool = True,
     command: str = "serve",
+    scheme: str = "http",
 ) -> Iterator[TorchgateServer]:
     """Start `torchgate serve --config <copy of config> *args`; see the module docstring.
 
@@ -99,7 +101,9 @@ def running_torchgate(
     --ts-config=<copy of config> *args` (as KServe's runtime starts it).
 
     `healthy=False`: return once the start-up models are loaded (torchgate logs "torchgate
-    serving"), even if one of them is not ready and /ping stays unhealthy.
+    serving"), even if one of them is not ready and /ping stays unhealthy. `scheme="https"`:
+    the three REST addresses are https:// (the config must name the key; /ping is polled
+    without verifying the certificate).
     """
     private = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="torchgate-")) if workdir is None else workdir
@@ -111,9 +115,9 @@ def running_torchgate(
     raw = read_properties(text)
     ports = free_ports(5)
     overrides = {
-        "inference_address": f"http://127.0.0.1:{ports[0]}",
-        "management_address": f"http://127.0.0.1:{ports[1]}",
-        "metrics_address": f"http://127.0.0.1:{ports[2]}",
+        "inference_address": f"{scheme}://127.0.0.1:{ports[0]}",
+        "management_address": f"{scheme}://127.0.0.1:{ports[1]}",
+        "metrics_address": f"{scheme}://127.0.0.1:{ports[2]}",
         "grpc_inference_address": "127.0.0.1",
         "grpc_management_address": "127.0.0.1",
         "grpc_inference_port": str(ports[3]),
@@ -174,7 +178,10 @@ def _wait_healthy(server: TorchgateServer, timeout: float, ping: str | None) -> 
                 return
         else:
             try:
-                with urllib.request.urlopen(f"{server.inference_url}{ping}", timeout=5) as response:
+                url = f"{server.inference_url}{ping}"
+                # A test server's certificate is its own: not verified here.
+                unverified = ssl._create_unverified_context() if url.startswith("https") else None
+                with urllib.request.urlopen(url, timeout=5, context=unverified) as response:
                     if response.status == 200:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):

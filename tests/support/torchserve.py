@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -148,11 +149,14 @@ def running_torchserve(
     *,
     extra_config: Mapping[str, str] | None = None,
     startup_timeout: float = 240.0,
+    scheme: str = "http",
 ) -> Iterator[TorchServe]:
     """Run TorchServe on `model_store` with a test copy of `config_path`.
 
     `models` (TorchServe's ``load_models`` syntax: ``"digits=digits.mar,minilm.mar"`` or
     ``"all"``) replaces the config's ``load_models``; `extra_config` sets any other key.
+    `scheme="https"`: the three REST addresses are https:// (`extra_config` names the key;
+    readiness is polled without verifying the certificate).
     """
     torchserve = Path(sys.executable).with_name("torchserve")
     if shutil.which("java") is None:
@@ -162,9 +166,9 @@ def running_torchserve(
     workdir = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
     ports = free_ports(5)
     overrides = {
-        "inference_address": f"http://127.0.0.1:{ports[0]}",
-        "management_address": f"http://127.0.0.1:{ports[1]}",
-        "metrics_address": f"http://127.0.0.1:{ports[2]}",
+        "inference_address": f"{scheme}://127.0.0.1:{ports[0]}",
+        "management_address": f"{scheme}://127.0.0.1:{ports[1]}",
+        "metrics_address": f"{scheme}://127.0.0.1:{ports[2]}",
         "grpc_inference_address": "127.0.0.1",
         "grpc_management_address": "127.0.0.1",
         "grpc_inference_port": str(ports[3]),
@@ -214,7 +218,9 @@ def running_torchserve(
 
 
 def _get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
+    # A test server's certificate is its own: not verified here.
+    unverified = ssl._create_unverified_context() if url.startswith("https") else None
+    with urllib.request.urlopen(url, timeout=5, context=unverified) as response:
         return json.loads(response.read())
 
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import Histogram
 
-from api.metrics import FastHistogram, counter_text
 from api.metrics_config import MetricsSpec
+from api.observability.metrics import FastHistogram, counter_text
 
 log = logging.getLogger(__name__)
 

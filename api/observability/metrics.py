@@ -11,7 +11,8 @@ What the metrics port serves (docs/observability.md lists every name and label):
 - TorchServe's own counters, `ts_inference_requests_total`, `ts_inference_latency_microseconds`
   and `ts_queue_latency_microseconds{model_name,model_version,hostname}`, written exactly as
   TorchServe 0.12 writes them, so existing TorchServe dashboards keep working;
-- process and Python metrics, GPUs (`api.gpu`), handlers' custom metrics (`api.handler_metrics`).
+- process and Python metrics, GPUs (`api.observability.gpu`), handlers' custom metrics
+  (`api.observability.handler_metrics`).
 
 Histograms are in seconds, with buckets from 50 µs up, fine enough for sub-millisecond requests.
 
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import socket
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -362,3 +363,31 @@ def _escape_help(text: str) -> str:
 
 def _escape_label(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def filter_samples(text: bytes, names: Collection[str]) -> bytes:
+    """`/metrics?name[]=a&name[]=b` as TorchServe filters: only samples named exactly so.
+
+    TorchServe's Prometheus client keeps the samples whose name (`ts_queue_latency_microseconds`,
+    a histogram's `x_bucket`, a counter's `x_total` as written) is one of the names, and a
+    family's HELP and TYPE lines only when one of its samples is kept. No name: everything.
+    """
+    if not names:
+        return text
+    wanted = set(names)
+    out: list[bytes] = []
+    header: list[bytes] = []  # the current family's comment lines, held until a sample matches
+    for line in text.splitlines(keepends=True):
+        if line.startswith(b"#"):
+            if line.startswith((b"# HELP ", b"# TYPE ")) and not (
+                header and header[0].split(b" ", 3)[2] == line.split(b" ", 3)[2]
+            ):
+                header = []
+            header.append(line)
+            continue
+        name = line.split(b"{", 1)[0].split(b" ", 1)[0].strip()
+        if name and name.decode("utf-8", "replace") in wanted:
+            out.extend(header)
+            header = []
+            out.append(line)
+    return b"".join(out)

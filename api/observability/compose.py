@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from api.access_log import AccessLog
 from api.core.types import Observer, Observers
-from api.gpu import GpuCollector
-from api.handler_metrics import HandlerMetrics
-from api.metrics import PrometheusObserver
+from api.observability.access_log import AccessLog
+from api.observability.gpu import GpuCollector
+from api.observability.handler_metrics import HandlerMetrics
+from api.observability.metrics import PrometheusObserver
 
 ACCESS_LOG_KEY = "torchgate.access_log"
 

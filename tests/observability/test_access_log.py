@@ -1,4 +1,7 @@
-"""`api.access_log`: one JSON line per answered request, switched by config, flag and level."""
+"""`api.observability.access_log`: one JSON line per answered request.
+
+Switched by config, flag and level.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api import access_log
-from api.access_log import ACCESS_LOGGER, AccessLog
 from api.app import build
 from api.config import parse_config
 from api.core.types import API_V2_REST, InferenceRequest, Prediction
-from api.observability import access_log_setting
+from api.observability import access_log
+from api.observability.access_log import ACCESS_LOGGER, AccessLog
+from api.observability.compose import access_log_setting
 from tests.support.fake_backend import load_fake_backend, write_fake_archive
 
 # 2025-06-01T12:00:00.123456Z

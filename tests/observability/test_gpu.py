@@ -1,4 +1,4 @@
-"""`api.gpu`: GPU metrics per device, absent without a GPU.
+"""`api.observability.gpu`: GPU metrics per device, absent without a GPU.
 
 This project's test machines have no GPU, so NVML is a fake module injected into the collector
 (`tests.support.fake_nvml`); the calls and fields it fakes are the ones of nvidia-ml-py's
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from api.gpu import GpuCollector
+from api.observability.gpu import GpuCollector
 from tests.support.exposition import parse, value
 from tests.support.fake_nvml import FakeDevice, FakeNvml, NVMLError
 

@@ -1,4 +1,4 @@
-"""`api.metrics`: what the Prometheus observer records and how /metrics writes it."""
+"""`api.observability.metrics`: what the Prometheus observer records and how /metrics writes it."""
 
 from __future__ import annotations
 
@@ -21,7 +21,12 @@ from api.core.types import (
     ModelSettings,
     Prediction,
 )
-from api.metrics import LATENCY_BUCKETS, FastHistogram, PrometheusObserver
+from api.observability.metrics import (
+    LATENCY_BUCKETS,
+    FastHistogram,
+    PrometheusObserver,
+    filter_samples,
+)
 from tests.support.exposition import parse, value
 from tests.support.fake_backend import FakeBackend, load_fake_backend, write_fake_archive
 
@@ -234,3 +239,17 @@ def test_metrics_port_serves_what_the_inference_port_did(tmp_path: Path) -> None
 def test_default_buckets_start_below_a_tenth_of_a_millisecond() -> None:
     assert LATENCY_BUCKETS[0] <= 0.0001
     assert list(LATENCY_BUCKETS) == sorted(LATENCY_BUCKETS)
+
+
+def test_name_filter_keeps_exactly_the_named_samples() -> None:
+    text = (
+        b'# HELP a_total A.\n# TYPE a_total counter\na_total{x="1"} 1.0\na_total{x="2"} 2.0\n'
+        b'# HELP h H.\n# TYPE h histogram\nh_bucket{le="1"} 1.0\nh_count 1.0\nh_sum 0.5\n'
+        b"# HELP g G.\n# TYPE g gauge\ng 3.0\n"
+    )
+    assert filter_samples(text, []) == text
+    assert filter_samples(text, ["a_total", "h_count"]) == (
+        b'# HELP a_total A.\n# TYPE a_total counter\na_total{x="1"} 1.0\na_total{x="2"} 2.0\n'
+        b"# HELP h H.\n# TYPE h histogram\nh_count 1.0\n"
+    )
+    assert filter_samples(text, ["h"]) == b""  # a histogram's samples are h_bucket, h_count...

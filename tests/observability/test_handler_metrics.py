@@ -1,4 +1,4 @@
-"""`api.handler_metrics`: a handler's `context.metrics` calls come out on /metrics.
+"""`api.observability.handler_metrics`: a handler's `context.metrics` calls come out on /metrics.
 
 Updates go through the real metrics store (`api.workers.context.MetricsStore`, TorchServe's
 `MetricCacheAbstract` API) wired straight to `HandlerMetrics.on_metric`. In the server the store
@@ -14,8 +14,8 @@ import pytest
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
-from api.handler_metrics import HandlerMetrics
-from api.metrics import PrometheusObserver
+from api.observability.handler_metrics import HandlerMetrics
+from api.observability.metrics import PrometheusObserver
 from api.workers.context import MetricsStore
 from tests.support.exposition import parse, value
 

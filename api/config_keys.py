@@ -1,0 +1,212 @@
+"""Every config.properties key torchgate knows: TorchServe 0.12's and torchgate's own.
+
+Each key is one of
+
+    supported          means what it means in TorchServe (or, for `torchgate.*`, what
+                       docs/ say)
+    ignored-harmless   accepted; has no effect here and needs none (a JVM or Netty setting)
+    unsupported        not implemented: a warning at start says so and what to do instead
+
+A key whose value is TorchServe's default is never warned about, whatever its status (an
+`ipex_enable=false` changes nothing). Unknown keys get a warning naming the nearest known key
+(`inferance_address` -> `inference_address`). `report(config)` logs the warnings and the
+effective configuration (secrets masked) at start; `docs/compatibility.md` lists the same table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+
+from api.config import Config
+
+log = logging.getLogger("torchgate.config")
+
+SUPPORTED = "supported"
+IGNORED = "ignored-harmless"
+UNSUPPORTED = "unsupported"
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    name: str
+    status: str
+    note: str
+    # TorchServe's default, lower case: a value equal to it is never warned about.
+    default: str | None = None
+
+
+def _keys(status: str, *entries: tuple[str, ...]) -> list[Key]:
+    """(name, note) or (name, note, TorchServe's default) -> Key."""
+    return [Key(e[0], status, e[1], e[2] if len(e) > 2 else None) for e in entries]
+
+
+KEYS: dict[str, Key] = {
+    key.name: key
+    for key in [
+        *_keys(
+            SUPPORTED,
+            ("inference_address", "REST inference listener; https:// serves TLS"),
+            ("management_address", "REST management listener; https:// serves TLS"),
+            ("metrics_address", "REST metrics listener (/metrics); https:// serves TLS"),
+            ("grpc_inference_address", "gRPC inference bind address"),
+            ("grpc_inference_port", "gRPC inference port (7070)"),
+            ("grpc_management_address", "gRPC management bind address"),
+            ("grpc_management_port", "gRPC management port (7071)"),
+            ("enable_grpc_ssl", "TLS on both gRPC ports with the REST key and certificate"),
+            ("certificate_file", "PEM certificate chain for https:// and gRPC TLS"),
+            ("private_key_file", "PEM private key (PKCS8 or PKCS1, unencrypted)"),
+            ("keystore", "PKCS12 keystore; JKS is refused with the keytool command"),
+            ("keystore_pass", "keystore password (changeit)"),
+            ("keystore_type", "PKCS12 only (JKS: convert with keytool)", "pkcs12"),
+            ("cors_allowed_origin", "Access-Control-Allow-Origin on every answer"),
+            ("cors_allowed_methods", "Access-Control-Allow-Methods on every answer"),
+            ("cors_allowed_headers", "Access-Control-Allow-Headers on every answer"),
+            ("model_store", "folder of .mar archives"),
+            ("load_models", "archives loaded at start (all, or name=file.mar,...)"),
+            ("models", "per-version settings JSON, as TorchServe"),
+            ("model_snapshot", "snapshot JSON whose models load at start (replaces load_models)"),
+            ("default_workers_per_model", "workers per model (1 here; TorchServe: one per core)"),
+            ("default_response_timeout", "seconds a worker may take per batch (120)"),
+            ("job_queue_size", "queued requests per model before 503 (100)"),
+            ("max_request_size", "largest request body, bytes (6553500)"),
+            ("max_response_size", "largest response body, bytes (6553500)"),
+            ("number_of_gpu", "GPUs workers are spread over"),
+            ("disable_token_authorization", "token authorization off when true"),
+            ("token_expiration_min", "minutes an inference/management token lives (60)"),
+            ("enable_model_api", "register/unregister over the management API"),
+            ("allowed_urls", "regexes registration URLs must match (none here: model store)"),
+            ("limit_max_image_pixels", "PIL's decompression-bomb limit in the handlers"),
+            ("enable_metrics_api", "the metrics listener (always on here)", "true"),
+            ("metrics_mode", "prometheus only", "prometheus"),
+            ("decode_input_request", "handlers get decoded JSON/text (always here)", "true"),
+            # Implemented by their own modules (model archives, workflows, metrics, envelopes).
+            ("service_envelope", "json or kserve/kservev2 request envelopes"),
+            ("workflow_store", "folder of .war workflow archives"),
+            ("install_py_dep_per_model", "pip-installs an archive's requirements.txt"),
+            ("metrics_config", "metrics.yaml of the handlers' custom metrics"),
+            ("model_metrics_auto_detect", "custom metrics registered on first use"),
+            ("enable_envvars_config", "TS_* environment variables override keys"),
+            ("use_env_allowed_urls", "TS_ALLOWED_URLS counts only with it"),
+        ),
+        *_keys(
+            IGNORED,
+            ("number_of_netty_threads", "Netty: torchgate runs on one asyncio loop"),
+            ("netty_client_threads", "Netty: torchgate runs on one asyncio loop"),
+            ("async_logging", "log4j setting"),
+            ("prefer_direct_buffer", "Netty buffer setting"),
+            ("use_native_io", "Netty epoll setting"),
+            ("io_ratio", "Netty setting"),
+            ("model_server_home", "where TorchServe's Java frontend lives"),
+            ("initial_worker_port", "workers talk over pipes, not TCP ports"),
+            ("initial_distribution_port", "torchrun ports: no distributed workers"),
+            ("metric_time_interval", "system metrics are sampled per scrape"),
+            ("disable_system_metrics", "system metrics are sampled per scrape"),
+            ("system_metrics_cmd", "system metrics are sampled per scrape"),
+            ("cpp_log_config", "TorchServe's C++ backend logging"),
+            ("unregister_model_timeout", "unregistering drains queued requests, then stops"),
+            ("ts_open_inference_protocol", "KServe v2 (OIP) is always served on REST and gRPC"),
+            ("python", "workers run this interpreter"),
+            ("metrics_format", "in KServe's example config; TorchServe 0.12 does not read it"),
+            ("version", "written by TorchServe into its snapshots"),
+            ("tsConfigFile", "written by TorchServe into its snapshots"),
+            ("grpc_inference_max_connection_age_ms", "gRPC connections are not aged out"),
+            ("grpc_management_max_connection_age_ms", "gRPC connections are not aged out"),
+            ("grpc_inference_max_connection_age_grace_ms", "gRPC connections are not aged out"),
+            ("grpc_management_max_connection_age_grace_ms", "gRPC connections are not aged out"),
+        ),
+        *_keys(
+            UNSUPPORTED,
+            ("debug", "no debug mode (workers stay as configured)", "false"),
+            ("default_startup_timeout", "use startupTimeout per model in models={...}", "120"),
+            ("blacklist_env_vars", "workers inherit the whole environment", ""),
+            ("default_service_handler", "every archive names its handler"),
+            ("ipex_enable", "no Intel Extension for PyTorch launch", "false"),
+            ("ipex_gpu_enable", "no Intel Extension for PyTorch launch", "false"),
+            ("cpu_launcher_enable", "no CPU launcher (one thread per worker here)", "false"),
+            ("cpu_launcher_args", "no CPU launcher"),
+            ("plugins_path", "Java plugins cannot run here"),
+            ("ts_header_key_sequence_id", "sequence header names are TorchServe's defaults"),
+            ("ts_header_key_sequence_start", "sequence header names are TorchServe's defaults"),
+            ("ts_header_key_sequence_end", "sequence header names are TorchServe's defaults"),
+        ),
+        *_keys(
+            SUPPORTED,
+            ("torchgate.snapshot_file", "where torchgate's state snapshot lives"),
+            ("torchgate.traffic", "traffic policies by model (docs/traffic.md)"),
+            ("torchgate.intra_op_threads", "torch/ONNX Runtime threads per CPU worker"),
+            ("torchgate.worker_preload", "modules the worker zygote imports once"),
+            ("torchgate.max_workers_per_model", "the most workers one version may have"),
+            ("torchgate.archive_max_bytes", "bytes one archive may unpack to"),
+            ("torchgate.archive_max_members", "files one archive may hold"),
+            ("torchgate.archive_max_ratio", "compression ratio one archive may have"),
+            ("torchgate.allowed_hosts", "Host names the management API answers"),
+            ("torchgate.key_file", "where token authorization keeps its keys"),
+            ("torchgate.access_log", "JSON access log lines (true)"),
+            ("torchgate.max_image_pixels", "pixels an image may have for shipped handlers"),
+            ("torchgate.max_items_per_request", "items in one request"),
+            ("torchgate.max_header_size", "request line and headers, bytes"),
+            ("torchgate.header_timeout", "seconds for a request's headers"),
+            ("torchgate.keep_alive_timeout", "seconds an idle connection stays open"),
+            ("torchgate.max_connections", "open connections per listener"),
+        ),
+    ]
+}
+
+SECRET_KEYS = frozenset({"keystore_pass"})
+MASK = "********"
+
+
+def check_keys(raw: dict[str, str]) -> list[str]:
+    """One warning line per unknown key and per unsupported key set to a non-default value."""
+    warnings = []
+    for name, value in raw.items():
+        key = KEYS.get(name)
+        if key is None:
+            near = difflib.get_close_matches(name, list(KEYS), n=1, cutoff=0.75)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            warnings.append(f"unknown config key {name}{hint} (ignored)")
+        elif key.status == UNSUPPORTED and value.strip().lower() != (key.default or "\0"):
+            warnings.append(f"config key {name} is not supported by torchgate: {key.note}")
+    return warnings
+
+
+def effective_config(config: Config) -> list[str]:
+    """`key: value` lines of what torchgate runs with: the main settings, then every key the
+    file set (secrets masked)."""
+    lines = [
+        f"inference_address: {config.inference_address}",
+        f"management_address: {config.management_address}",
+        f"metrics_address: {config.metrics_address}",
+        f"grpc_inference: {config.grpc_inference_address}:{config.grpc_inference_port}",
+        f"grpc_management: {config.grpc_management_address}:{config.grpc_management_port}",
+        f"model_store: {config.model_store}",
+        f"load_models: {config.load_models or 'N/A'}",
+        f"default_workers_per_model: {config.default_workers_per_model}",
+        f"job_queue_size: {config.job_queue_size}",
+        f"default_response_timeout: {config.default_response_timeout:g}",
+        f"max_request_size: {config.max_request_size}",
+        f"max_response_size: {config.max_response_size}",
+        f"disable_token_authorization: {str(config.disable_token_authorization).lower()}",
+        f"enable_model_api: {str(config.enable_model_api).lower()}",
+        f"snapshot_file: {config.snapshot_file or 'N/A'}",
+    ]
+    shown = {line.split(":", 1)[0] for line in lines}
+    for name in sorted(config.raw):
+        if name in shown:
+            continue
+        value = config.raw[name]
+        if name in SECRET_KEYS or "pass" in name.lower() or "secret" in name.lower():
+            value = MASK
+        elif len(value) > 200:
+            value = value[:200] + "..."
+        lines.append(f"{name}: {value}")
+    return lines
+
+
+def report(config: Config) -> None:
+    """At start: the warnings of `check_keys`, then the effective configuration."""
+    for line in check_keys(config.raw):
+        log.warning(line)
+    log.info("effective configuration:\n  %s", "\n  ".join(effective_config(config)))
