@@ -119,6 +119,8 @@ class Management:
             api=overrides,
         )
         head = f'Model "{version.name}" Version: {version.version} registered with'
+        # What started: the parameter's count, or a proxied TorchServe target's concurrency.
+        workers = len(version.workers)
         if not workers:
             return _status(
                 f"{head} 0 initial workers. Use scale workers API to add workers for the model."

@@ -53,7 +53,7 @@ SCRATCH = """
 def handle(data, context):
     if data is None:
         return None
-    return [len(row.get("body") or row.get("data") or b"") for row in data]
+    return [len(str(row.get("body") or row.get("data") or "")) for row in data]
 """
 
 MODELS = {
