@@ -34,7 +34,7 @@ from api.core.registry import Registry
 from api.core.sequences import SEQUENCE_ID
 from api.core.streaming import iterate
 from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest, Prediction
-from api.encoding import prediction_parts
+from api.encoding import encode_prediction
 from api.errors import BadRequest, TorchgateError, error_for_status
 from api.loader import ModelLoader
 from api.management import ListArgs, Management, RegisterArgs, ScaleArgs
@@ -130,7 +130,7 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
 
 def _prediction_message(prediction: Prediction) -> inference.PredictionResponse:
     """The message for one handler response; a per-item error raises its TorchgateError."""
-    _, body, _ = prediction_parts(prediction)
+    body = encode_prediction(prediction).body
     if not prediction.ok:
         message = prediction.message or body.decode("utf-8", "replace")
         raise error_for_status(prediction.status, message)
