@@ -23,7 +23,7 @@ from api.core.routing import TrafficRouter
 from api.core.types import Backend, ModelSettings
 from api.core.workflow import Workflows
 from api.encoding import encode_prediction
-from api.loader import LocalBackendLoader, ModelLoader
+from api.model_loader import ArchiveBackendLoader, ModelLoader
 from api.observability.compose import access_log_setting, build_observability
 from api.observability.metrics import PrometheusObserver
 from api.rest.apps import build_inference_app, build_management_app, build_metrics_app
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def worker_backend_loader(
     pool: WorkerPool, config: Config, on_metric: MetricCallback | None
-) -> LocalBackendLoader:
+) -> ArchiveBackendLoader:
     """Archives become `WorkerBackend`s whose workers the pool forks."""
     limits = ArchiveLimits(
         max_total_bytes=config.archive_max_bytes,
@@ -139,7 +139,7 @@ def build(
     config: Config,
     *,
     work_dir: Path | None = None,
-    backend_loader: LocalBackendLoader | None = None,
+    backend_loader: ArchiveBackendLoader | None = None,
     access_log: bool | None = None,
     pool: WorkerPool | None = None,
     workflow_store: Path | None = None,

@@ -15,7 +15,7 @@ from api.core.routing import TrafficRouter
 from api.core.workflow import Workflows
 from api.encoding import encode_error, kserve_error_body, torchserve_error_body
 from api.errors import Unauthenticated
-from api.loader import ModelLoader
+from api.model_loader import ModelLoader
 from api.observability.metrics import filter_samples
 from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_response
 from api.rest.errors import install_error_handlers

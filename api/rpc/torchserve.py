@@ -36,9 +36,9 @@ from api.core.streaming import iterate
 from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest, Prediction
 from api.encoding import encode_prediction
 from api.errors import BadRequest, TorchgateError, error_for_status
-from api.loader import ModelLoader
 from api.management import ListArgs, Management, RegisterArgs, ScaleArgs
 from api.management.params import positive
+from api.model_loader import ModelLoader
 from api.request_ids import request_id
 from api.rpc.errors import abort, grpc_code, grpc_errors, metadata_headers
 from api.rpc.generated import inference_pb2 as inference
