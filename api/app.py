@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from api.auth import TokenAuth
 from api.backends.extract import ArchiveLimits
 from api.backends.workdir import make_work_dir, remove_orphans
 from api.backends.workers import MetricCallback, load_worker_backend
@@ -21,15 +22,14 @@ from api.core.registry import Registry
 from api.core.routing import TrafficRouter
 from api.core.types import Backend, ModelSettings
 from api.core.workflow import Workflows
-from api.loader import LocalBackendLoader, ModelLoader
+from api.encoding import encode_prediction
+from api.model_loader import ArchiveBackendLoader, ModelLoader
 from api.observability.compose import access_log_setting, build_observability
 from api.observability.metrics import PrometheusObserver
 from api.rest.apps import build_inference_app, build_management_app, build_metrics_app
 from api.rest.asgi import ASGIApp
 from api.rest.cors import with_cors
 from api.rest.origin import BrowserGuard, HostPolicy
-from api.rest.responses import prediction_parts
-from api.rest.security import TokenAuth
 from api.snapshot import Snapshotter, load_startup_state
 from api.tls import KeyMaterial
 from api.workers.pool import WorkerPool
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def worker_backend_loader(
     pool: WorkerPool, config: Config, on_metric: MetricCallback | None
-) -> LocalBackendLoader:
+) -> ArchiveBackendLoader:
     """Archives become `WorkerBackend`s whose workers the pool forks."""
     limits = ArchiveLimits(
         max_total_bytes=config.archive_max_bytes,
@@ -139,7 +139,7 @@ def build(
     config: Config,
     *,
     work_dir: Path | None = None,
-    backend_loader: LocalBackendLoader | None = None,
+    backend_loader: ArchiveBackendLoader | None = None,
     access_log: bool | None = None,
     pool: WorkerPool | None = None,
     workflow_store: Path | None = None,
@@ -182,7 +182,7 @@ def build(
         )
     loader = ModelLoader(config, registry, work, backend_loader)
     workflows = Workflows(
-        dataplane, WorkflowLoader(loader, work), encode=lambda p: prediction_parts(p)[1]
+        dataplane, WorkflowLoader(loader, work), encode=lambda p: encode_prediction(p).body
     )
     auth = None if config.disable_token_authorization else TokenAuth(config.key_file)
     if auth is not None:

@@ -4,12 +4,14 @@ handler's output as bytes and content type (REST sends them, gRPC puts the bytes
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from api.core.types import Prediction
-from api.errors import InferenceFailed, wrapping
+from api.errors import InferenceFailed, TorchgateError, http_status, retry_after, wrapping
 
 JSON = "application/json"
 _ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -24,30 +26,62 @@ def error_body(status: int, type_name: str, message: str) -> bytes:
     return dumps({"code": status, "type": type_name, "message": message})
 
 
-def prediction_parts(prediction: Prediction) -> tuple[int, bytes, str]:
-    """Body and content type for a handler's answer, following TorchServe's worker.
+@dataclass(slots=True)
+class Encoded:
+    """One answer encoded for the wire: REST sends all three parts; gRPC sends the body and
+    maps the status. `headers` holds the content type and, for a prediction, the headers the
+    handler set (`context.set_response_header`)."""
 
-    bytes go out as they are, str as UTF-8 text, anything else as JSON. A per-item error with
-    no body of its own gets TorchServe's error JSON.
-    """
+    status: int
+    body: bytes
+    headers: list[tuple[str, str]]
+
+
+ErrorBody = Callable[[int, str, str], bytes]
+"""Encodes (status, TorchServe's type name, message) as one API's error body."""
+
+
+def torchserve_error_body(status: int, type_name: str, message: str) -> bytes:
+    return error_body(status, type_name, message)
+
+
+def kserve_error_body(status: int, type_name: str, message: str) -> bytes:
+    """KServe's protocols (v1 and v2): `{"error": "..."}`."""
+    return dumps({"error": message})
+
+
+def error_headers(exc: TorchgateError) -> list[tuple[str, str]]:
+    headers = [("content-type", JSON)]
+    seconds = retry_after(exc)
+    if seconds is not None:
+        headers.append(("retry-after", seconds))
+    return headers
+
+
+def encode_error(exc: TorchgateError, body: ErrorBody = torchserve_error_body) -> Encoded:
+    """`exc` with the status from `api.errors`' table, in one API's error body."""
+    status = http_status(exc)
+    return Encoded(status, body(status, exc.type_name, exc.message), error_headers(exc))
+
+
+def encode_prediction(prediction: Prediction) -> Encoded:
+    """A handler's answer, following TorchServe's worker: bytes go out as they are, str as
+    UTF-8 text, anything else as JSON; a per-item error with no body of its own gets
+    TorchServe's error JSON. The handler's content type wins over those defaults."""
     body = prediction.body
-    content_type = next(
-        (v for k, v in prediction.headers.items() if k.lower() == "content-type"), None
-    )
+    headers = [(k, v) for k, v in prediction.headers.items() if k.lower() != "content-type"]
+    chosen = next((v for k, v in prediction.headers.items() if k.lower() == "content-type"), None)
     if not prediction.ok and body in (None, b"", ""):
-        return (
-            prediction.status,
-            error_body(
-                prediction.status,
-                "InternalServerException" if prediction.status >= 500 else "BadRequestException",
-                prediction.message,
-            ),
-            JSON,
-        )
-    if isinstance(body, bytes | bytearray | memoryview):
-        return prediction.status, bytes(body), content_type or "application/octet-stream"
-    if isinstance(body, str):
-        return prediction.status, body.encode(), content_type or "text/plain; charset=utf-8"
-    with wrapping(InferenceFailed, "Handler output cannot be sent as JSON"):
-        encoded = dumps(body)
-    return prediction.status, encoded, content_type or JSON
+        type_name = "InternalServerException" if prediction.status >= 500 else "BadRequestException"
+        payload = error_body(prediction.status, type_name, prediction.message)
+        content_type = JSON
+    elif isinstance(body, bytes | bytearray | memoryview):
+        payload, content_type = bytes(body), chosen or "application/octet-stream"
+    elif isinstance(body, str):
+        payload, content_type = body.encode(), chosen or "text/plain; charset=utf-8"
+    else:
+        with wrapping(InferenceFailed, "Handler output cannot be sent as JSON"):
+            payload = dumps(body)
+        content_type = chosen or JSON
+    headers.append(("content-type", content_type))
+    return Encoded(prediction.status, payload, headers)

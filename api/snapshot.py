@@ -44,7 +44,7 @@ from api.core.registry import ModelVersion, Registry
 from api.core.routing import TrafficPolicy, TrafficRouter
 from api.core.workflow import WORKFLOW_KEY
 from api.errors import TorchgateError
-from api.loader import ModelLoader
+from api.model_loader import ModelLoader
 
 log = logging.getLogger(__name__)
 

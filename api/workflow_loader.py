@@ -18,7 +18,7 @@ from api.backends.extract import ArchiveLimits
 from api.backends.war import WorkflowArchive, function_model, open_war
 from api.core.workflow import WORKFLOW_KEY, Node, RegisterOptions, WorkflowSpec, parse_spec
 from api.errors import BadRequest, WorkflowNotFound
-from api.loader import ModelLoader
+from api.model_loader import ModelLoader
 
 
 class WorkflowLoader:

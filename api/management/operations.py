@@ -17,9 +17,9 @@ from api.errors import (
     ModelNotFound,
     error_for_status,
 )
-from api.loader import ModelLoader
 from api.management.describe import describe
 from api.management.params import ListArgs, RegisterArgs, ScaleArgs
+from api.model_loader import ModelLoader
 from api.request_ids import request_id
 
 log = logging.getLogger(__name__)

@@ -8,15 +8,17 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
+from api.auth import MANAGEMENT, TokenAuth
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
 from api.core.routing import TrafficRouter
 from api.core.workflow import Workflows
+from api.encoding import encode_error, kserve_error_body, torchserve_error_body
 from api.errors import Unauthenticated
-from api.loader import ModelLoader
+from api.model_loader import ModelLoader
 from api.observability.metrics import filter_samples
 from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_response
-from api.rest.errors import install_error_handlers, kserve_error_body, torchserve_error_body
+from api.rest.errors import install_error_handlers
 from api.rest.inference import inference_router, openapi_document
 from api.rest.kserve_v1 import (
     V1_INFER,
@@ -27,8 +29,6 @@ from api.rest.kserve_v1 import (
 )
 from api.rest.management import management_router
 from api.rest.predictions import PREFIXES, PredictionsEndpoint
-from api.rest.responses import error_parts
-from api.rest.security import MANAGEMENT, TokenAuth
 from api.rest.traffic import traffic_router
 from api.rest.v2 import V2InferEndpoint, is_infer_path, v2_router
 from api.rest.workflows import WfPredictEndpoint, is_wfpredict_path, workflow_router
@@ -139,8 +139,8 @@ class RequireKey:
             try:
                 self.auth.check(self.kind, header_dict(scope).get("authorization"))
             except Unauthenticated as exc:
-                status, body, headers = error_parts(exc)
-                await send_response(send, status, body, headers)
+                refusal = encode_error(exc)
+                await send_response(send, refusal.status, refusal.body, refusal.headers)
                 return
         await self.app(scope, receive, send)
 

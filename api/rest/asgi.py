@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from api.errors import PayloadTooLarge
-from api.request_ids import request_id as request_id  # its home is api.request_ids
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

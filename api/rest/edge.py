@@ -36,7 +36,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.config import EdgeLimits
-from api.rest.responses import error_body
+from api.encoding import error_body
 
 log = logging.getLogger("torchgate.edge")
 

@@ -11,9 +11,12 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 
+from api.auth import INFERENCE, TokenAuth
 from api.core.dataplane import DataPlane
 from api.core.types import REJECT_AUTH, REJECT_TOO_LARGE
+from api.encoding import Encoded
 from api.errors import InferenceFailed, PayloadTooLarge, TorchgateError, Unauthenticated
+from api.request_ids import request_id
 from api.rest.asgi import (
     ClientDisconnected,
     Receive,
@@ -22,15 +25,10 @@ from api.rest.asgi import (
     cancel_on_disconnect,
     header_dict,
     read_body,
-    request_id,
     send_response,
 )
-from api.rest.security import INFERENCE, TokenAuth
 
 log = logging.getLogger(__name__)
-
-Headers = list[tuple[str, str]]
-Reply = tuple[int, bytes, Headers]
 
 
 class InferenceEndpoint(ABC):
@@ -54,7 +52,7 @@ class InferenceEndpoint(ABC):
         body: bytes,
         model: str,
         version: str | None,
-    ) -> Reply:
+    ) -> Encoded:
         """Decode `body`, run it through the dataplane, encode the answer."""
 
     async def respond(
@@ -66,13 +64,13 @@ class InferenceEndpoint(ABC):
         model: str,
         version: str | None,
         send: Send,
-    ) -> Reply | None:
+    ) -> Encoded | None:
         """The reply to send; or None once the endpoint sent its response itself (a streamed
         one, `api.rest.predictions`), errors included. By default, `answer`'s reply."""
         return await self.answer(scope, headers, rid, body, model, version)
 
     @abstractmethod
-    def error_reply(self, exc: TorchgateError) -> Reply:
+    def error_reply(self, exc: TorchgateError) -> Encoded:
         """The protocol's error body for `exc`, with the status from `api.errors`."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,6 +97,5 @@ class InferenceEndpoint(ABC):
         except Exception as exc:  # a bug, not the client's: still an answer in the API's shape
             log.exception("unexpected error answering %s", scope["path"])
             reply = self.error_reply(InferenceFailed(f"{type(exc).__name__}: {exc}"))
-        status, payload, reply_headers = reply
-        reply_headers.append(("x-request-id", rid))
-        await send_response(send, status, payload, reply_headers)
+        reply.headers.append(("x-request-id", rid))
+        await send_response(send, reply.status, reply.body, reply.headers)

@@ -7,27 +7,13 @@ The app an API is served by knows which API it is: TorchServe's apps install
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from api.errors import TorchgateError, http_status
-from api.rest.responses import JSON, dumps, error_body, error_headers
-
-ErrorBody = Callable[[int, str, str], bytes]
-"""Encodes (status, TorchServe's type name, message) as one API's error body."""
-
-
-def torchserve_error_body(status: int, type_name: str, message: str) -> bytes:
-    return error_body(status, type_name, message)
-
-
-def kserve_error_body(status: int, type_name: str, message: str) -> bytes:
-    return dumps({"error": message})
-
+from api.encoding import JSON, ErrorBody, encode_error, torchserve_error_body
+from api.errors import TorchgateError
 
 _HTTP_ERRORS = {
     404: (
@@ -46,12 +32,8 @@ def install_error_handlers(app: FastAPI, encode: ErrorBody = torchserve_error_bo
 
     @app.exception_handler(TorchgateError)
     async def on_torchgate_error(request: Request, exc: TorchgateError) -> Response:
-        status = http_status(exc)
-        return Response(
-            encode(status, exc.type_name, exc.message),
-            status_code=status,
-            headers=error_headers(exc),
-        )
+        encoded = encode_error(exc, encode)
+        return Response(encoded.body, status_code=encoded.status, headers=dict(encoded.headers))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -30,8 +30,10 @@ import orjson
 from fastapi import APIRouter
 from starlette.responses import Response
 
+from api.auth import TokenAuth
 from api.core.dataplane import Answer, DataPlane
 from api.core.types import API_V1_REST, InferenceRequest, Prediction
+from api.encoding import Encoded, dumps, encode_error, kserve_error_body
 from api.errors import (
     BadRequest,
     InferenceFailed,
@@ -41,27 +43,24 @@ from api.errors import (
     PayloadTooLarge,
     TorchgateError,
     error_for_status,
-    http_status,
 )
 from api.rest.asgi import Scope
-from api.rest.endpoint import InferenceEndpoint, Reply
-from api.rest.responses import JsonResponse, dumps, error_headers
-from api.rest.security import TokenAuth
+from api.rest.endpoint import InferenceEndpoint
+from api.rest.responses import JsonResponse
 
 PREDICT, EXPLAIN = ":predict", ":explain"
 
 
-def v1_error_parts(exc: TorchgateError, model: str = "") -> tuple[int, bytes, dict[str, str]]:
+def v1_error(exc: TorchgateError, model: str = "") -> Encoded:
     """KServe's error body; an unknown model gets KServe's own sentence for it."""
-    message = exc.message
     if isinstance(exc, ModelNotFound) and model:
-        message = f"Model with name {model} does not exist."
-    return http_status(exc), dumps({"error": message}), error_headers(exc)
+        exc = ModelNotFound(f"Model with name {model} does not exist.")
+    return encode_error(exc, kserve_error_body)
 
 
 def _error_response(exc: TorchgateError, model: str) -> Response:
-    status, body, headers = v1_error_parts(exc, model)
-    return Response(body, status_code=status, headers=headers)
+    encoded = v1_error(exc, model)
+    return Response(encoded.body, status_code=encoded.status, headers=dict(encoded.headers))
 
 
 def kserve_liveness_router() -> APIRouter:
@@ -126,7 +125,7 @@ class V1InferEndpoint(InferenceEndpoint):
         body: bytes,
         model: str,
         version: str | None,
-    ) -> Reply:
+    ) -> Encoded:
         explain = scope["path"].endswith(EXPLAIN)
         instances = self._instances(body)
         # TorchServe's frontend sets this header on every v1 request; handlers read it.
@@ -149,7 +148,7 @@ class V1InferEndpoint(InferenceEndpoint):
         reply_headers = [("content-type", "application/json")]
         if answers:
             reply_headers.append(("x-model-version", _version(answers)))
-        return 200, payload, reply_headers
+        return Encoded(200, payload, reply_headers)
 
     def _instances(self, body: bytes) -> list[Any]:
         try:
@@ -166,9 +165,8 @@ class V1InferEndpoint(InferenceEndpoint):
             )
         return instances
 
-    def error_reply(self, exc: TorchgateError) -> Reply:
-        status, payload, headers = v1_error_parts(exc)
-        return status, payload, list(headers.items())
+    def error_reply(self, exc: TorchgateError) -> Encoded:
+        return v1_error(exc)
 
 
 def _version(answers: list[Answer]) -> str:

@@ -16,9 +16,9 @@ from fastapi import APIRouter, Request
 from api.auth import TokenAuth
 from api.core.registry import Registry
 from api.errors import BadRequest
-from api.loader import ModelLoader
 from api.management import ListArgs, Management, RegisterArgs, Reply, ScaleArgs
 from api.management.params import lenient_bool
+from api.model_loader import ModelLoader
 from api.rest.responses import JsonResponse
 
 

@@ -23,9 +23,9 @@ import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from api.encoding import encode_error
 from api.errors import Forbidden
 from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_response
-from api.rest.responses import error_parts
 
 WILDCARDS = frozenset({"0.0.0.0", "::", ""})
 LOCAL_NAMES = frozenset({"localhost"})
@@ -88,8 +88,8 @@ class BrowserGuard:
 
 
 async def _refuse(send: Send, reason: str) -> None:
-    status, body, headers = error_parts(Forbidden(reason))
-    await send_response(send, status, body, headers)
+    refusal = encode_error(Forbidden(reason))
+    await send_response(send, refusal.status, refusal.body, refusal.headers)
 
 
 def _same_origin(origin: str, host: str | None) -> bool:

@@ -30,11 +30,11 @@ from starlette.requests import Request
 from api.core.dataplane import Answer
 from api.core.streaming import PredictionStream
 from api.core.types import API_TORCHSERVE_REST, InferenceRequest, Prediction
+from api.encoding import JSON, Encoded, encode_error, encode_prediction
 from api.errors import BadRequest, NotFound, TorchgateError
 from api.rest.asgi import Scope, Send
-from api.rest.endpoint import InferenceEndpoint, Reply
+from api.rest.endpoint import InferenceEndpoint
 from api.rest.inference import model_api_document
-from api.rest.responses import JSON, error_parts, prediction_parts
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class PredictionsEndpoint(InferenceEndpoint):
         body: bytes,
         model: str,
         version: str | None,
-    ) -> Reply:
+    ) -> Encoded:
         """The whole answer in one reply; a streaming handler's intermediate responses are
         dropped (`respond` streams them)."""
         if scope["method"] == "OPTIONS":
@@ -74,7 +74,7 @@ class PredictionsEndpoint(InferenceEndpoint):
         model: str,
         version: str | None,
         send: Send,
-    ) -> Reply | None:
+    ) -> Encoded | None:
         if scope["method"] == "OPTIONS":
             return self._description(model, version)
         request = await self._request(scope, headers, rid, body)
@@ -98,9 +98,9 @@ class PredictionsEndpoint(InferenceEndpoint):
         await chunks.last(answer.prediction)
         return None
 
-    def _description(self, model: str, version: str | None) -> Reply:
+    def _description(self, model: str, version: str | None) -> Encoded:
         self.dataplane.registry.get(model, version)  # ModelNotFound, as TorchServe
-        return 200, model_api_document(model), [("content-type", JSON)]
+        return Encoded(200, model_api_document(model), [("content-type", JSON)])
 
     async def _request(
         self, scope: Scope, headers: dict[str, str], rid: str, body: bytes
@@ -110,22 +110,14 @@ class PredictionsEndpoint(InferenceEndpoint):
         headers["explain"] = "True" if scope["path"].startswith("/explanations/") else "False"
         return InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
 
-    def error_reply(self, exc: TorchgateError) -> Reply:
-        status, payload, headers = error_parts(exc)
-        return status, payload, list(headers.items())
+    def error_reply(self, exc: TorchgateError) -> Encoded:
+        return encode_error(exc)
 
 
-def reply_parts(answer: Answer) -> Reply:
-    status, payload, reply_headers = _encoded(answer.prediction)
-    reply_headers.append(("x-model-version", answer.model_version.version))
-    return status, payload, reply_headers
-
-
-def _encoded(prediction: Prediction) -> Reply:
-    status, payload, content_type = prediction_parts(prediction)
-    reply_headers = [(k, v) for k, v in prediction.headers.items() if k.lower() != "content-type"]
-    reply_headers.append(("content-type", content_type))
-    return status, payload, reply_headers
+def reply_parts(answer: Answer) -> Encoded:
+    encoded = encode_prediction(answer.prediction)
+    encoded.headers.append(("x-model-version", answer.model_version.version))
+    return encoded
 
 
 class ChunkedReply:
@@ -143,17 +135,19 @@ class ChunkedReply:
     async def part(self, prediction: Prediction) -> None:
         if not self._started:
             self._started = True
-            status, payload, headers = _encoded(prediction)
-            headers.append(("x-request-id", self._rid))
-            raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+            first = encode_prediction(prediction)
+            first.headers.append(("x-request-id", self._rid))
+            raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in first.headers]
             # No content-length: the server sends the body with chunked transfer-encoding.
-            await self._send({"type": "http.response.start", "status": status, "headers": raw})
+            start = {"type": "http.response.start", "status": first.status, "headers": raw}
+            await self._send(start)
+            payload = first.body
         else:
-            _, payload, _ = prediction_parts(prediction)
+            payload = encode_prediction(prediction).body
         await self._send({"type": "http.response.body", "body": payload, "more_body": True})
 
     async def last(self, prediction: Prediction) -> None:
-        _, payload, _ = prediction_parts(prediction)
+        payload = encode_prediction(prediction).body
         await self._send({"type": "http.response.body", "body": payload, "more_body": False})
 
 

@@ -11,25 +11,21 @@ import zlib
 
 from fastapi import APIRouter
 
+from api.auth import TokenAuth
 from api.core.dataplane import DataPlane, ModelMetadata
 from api.core.types import API_V2_REST
+from api.encoding import Encoded, encode_error, kserve_error_body
 from api.errors import (
     BadRequest,
     NotFound,
     PayloadTooLarge,
     TorchgateError,
-    http_status,
 )
 from api.rest.asgi import Scope
-from api.rest.endpoint import InferenceEndpoint, Reply
-from api.rest.responses import JsonResponse, dumps, error_headers
-from api.rest.security import TokenAuth
+from api.rest.endpoint import InferenceEndpoint
+from api.rest.responses import JsonResponse
 from api.v2 import EXTENSIONS, SERVER_NAME, SERVER_VERSION, bridge
 from api.v2.codec import decode_rest, encode_rest
-
-
-def v2_error_parts(exc: TorchgateError) -> tuple[int, bytes, dict[str, str]]:
-    return http_status(exc), dumps({"error": exc.message}), error_headers(exc)
 
 
 def v2_router(dataplane: DataPlane) -> APIRouter:
@@ -125,7 +121,7 @@ class V2InferEndpoint(InferenceEndpoint):
         body: bytes,
         model: str,
         version: str | None,
-    ) -> Reply:
+    ) -> Encoded:
         body = _decompress(body, headers.get("content-encoding"), self.max_request_size)
         with bridge.codec_errors():
             request = decode_rest(body, headers.get("inference-header-content-length"))
@@ -137,11 +133,10 @@ class V2InferEndpoint(InferenceEndpoint):
             payload, extra = encode_rest(response, request.outputs, request.binary_data_output)
         if response.model_version:
             extra["x-model-version"] = response.model_version
-        return 200, payload, list(extra.items())
+        return Encoded(200, payload, list(extra.items()))
 
-    def error_reply(self, exc: TorchgateError) -> Reply:
-        status, payload, headers = v2_error_parts(exc)
-        return status, payload, list(headers.items())
+    def error_reply(self, exc: TorchgateError) -> Encoded:
+        return encode_error(exc, kserve_error_body)
 
 
 def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:

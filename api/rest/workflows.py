@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query
 
+from api.auth import TokenAuth
 from api.core.types import API_TORCHSERVE_REST, InferenceRequest
 from api.core.workflow import RegisterOptions, Workflows
+from api.encoding import JSON, Encoded, encode_error
 from api.errors import NotFound, TorchgateError
 from api.rest.asgi import Scope
-from api.rest.endpoint import InferenceEndpoint, Reply
+from api.rest.endpoint import InferenceEndpoint
 from api.rest.predictions import decode_inputs
-from api.rest.responses import JSON, JsonResponse, error_parts
-from api.rest.security import TokenAuth
+from api.rest.responses import JsonResponse
 
 
 def workflow_router(workflows: Workflows) -> APIRouter:
@@ -87,12 +88,11 @@ class WfPredictEndpoint(InferenceEndpoint):
         body: bytes,
         model: str,
         version: str | None,
-    ) -> Reply:
+    ) -> Encoded:
         inputs = await decode_inputs(scope, body, headers)
         request = InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
         payload = await self.workflows.predict(model, request)
-        return 200, payload, [("content-type", JSON)]
+        return Encoded(200, payload, [("content-type", JSON)])
 
-    def error_reply(self, exc: TorchgateError) -> Reply:
-        status, payload, headers = error_parts(exc)
-        return status, payload, list(headers.items())
+    def error_reply(self, exc: TorchgateError) -> Encoded:
+        return encode_error(exc)

@@ -19,7 +19,7 @@ from api.core.dataplane import DataPlane
 from api.core.registry import Registry
 from api.core.types import REJECT_AUTH
 from api.errors import Unauthenticated
-from api.loader import ModelLoader
+from api.model_loader import ModelLoader
 from api.rpc.decoding import DecodingInterceptor
 from api.rpc.errors import grpc_code
 from api.tls import KeyMaterial, grpc_credentials

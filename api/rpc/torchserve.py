@@ -34,11 +34,11 @@ from api.core.registry import Registry
 from api.core.sequences import SEQUENCE_ID
 from api.core.streaming import iterate
 from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest, Prediction
-from api.encoding import prediction_parts
+from api.encoding import encode_prediction
 from api.errors import BadRequest, TorchgateError, error_for_status
-from api.loader import ModelLoader
 from api.management import ListArgs, Management, RegisterArgs, ScaleArgs
 from api.management.params import positive
+from api.model_loader import ModelLoader
 from api.request_ids import request_id
 from api.rpc.errors import abort, grpc_code, grpc_errors, metadata_headers
 from api.rpc.generated import inference_pb2 as inference
@@ -130,7 +130,7 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
 
 def _prediction_message(prediction: Prediction) -> inference.PredictionResponse:
     """The message for one handler response; a per-item error raises its TorchgateError."""
-    _, body, _ = prediction_parts(prediction)
+    body = encode_prediction(prediction).body
     if not prediction.ok:
         message = prediction.message or body.decode("utf-8", "replace")
         raise error_for_status(prediction.status, message)

@@ -20,7 +20,7 @@ from api.core.routing import TrafficRouter
 from api.core.types import Backend, ModelSettings, NullObserver
 from api.core.workflow import WORKFLOW_KEY
 from api.errors import BadRequest, InvalidWorkflow, WorkflowNotFound, http_status
-from api.loader import ModelLoader
+from api.model_loader import ModelLoader
 from api.snapshot import capture
 from api.workflow_loader import WorkflowLoader
 from tests.support import aio

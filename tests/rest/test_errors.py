@@ -15,8 +15,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from api.encoding import kserve_error_body, torchserve_error_body
 from api.errors import NotFound, Overloaded
-from api.rest.errors import install_error_handlers, kserve_error_body, torchserve_error_body
+from api.rest.errors import install_error_handlers
 from tests.support.aio import run
 from tests.support.inprocess import started_torchgate
 from tests.support.tensor_backend import SIGNATURE, load_tensor_backend, write_archive

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from api.core.types import Prediction
+from api.encoding import Encoded, encode_prediction
 from api.errors import BadRequest
 from api.rest.predictions import decode_inputs, decode_value
-from api.rest.responses import prediction_parts
 from tests.support.aio import run
 from tests.support.fake_backend import load_fake_backend, write_fake_archive
 from tests.support.inprocess import started_torchgate
@@ -127,4 +127,6 @@ def test_query_parameters_join_the_body_in_the_request_item() -> None:
 def test_handler_outputs_are_encoded_as_torchserve_sends_them(
     prediction: Prediction, status: int, payload: bytes, content_type: str
 ) -> None:
-    assert prediction_parts(prediction) == (status, payload, content_type)
+    assert encode_prediction(prediction) == Encoded(
+        status, payload, [("content-type", content_type)]
+    )

@@ -21,8 +21,8 @@ import pytest
 from google.protobuf import empty_pb2
 
 from api.app import Torchgate
+from api.auth import INFERENCE, MANAGEMENT
 from api.core.types import InferenceRequest, ModelSettings, Prediction
-from api.rest.security import INFERENCE, MANAGEMENT
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from api.rpc.generated import management_pb2 as management

@@ -88,7 +88,7 @@ def write_fake_archive(
 
 
 async def load_fake_backend(path: Path, settings: ModelSettings, work_dir: Path) -> FakeBackend:
-    """A `LocalBackendLoader` for fake archives."""
+    """A `ArchiveBackendLoader` for fake archives."""
     manifest = json.loads(path.read_text())
     model = manifest["model"]
     return FakeBackend(model["modelName"], model["modelVersion"], fail=manifest.get("fail", False))

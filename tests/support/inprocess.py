@@ -17,7 +17,7 @@ from pathlib import Path
 
 from api.app import Torchgate, build
 from api.config import parse_config
-from api.loader import LocalBackendLoader
+from api.model_loader import ArchiveBackendLoader
 from tests.support.torchserve import free_ports
 
 
@@ -32,7 +32,7 @@ class InProcess:
 async def started_torchgate(
     tmp_path: Path,
     config: Mapping[str, str],
-    backend_loader: LocalBackendLoader,
+    backend_loader: ArchiveBackendLoader,
     *,
     grpc: bool = False,
 ) -> AsyncIterator[InProcess]:

@@ -19,7 +19,7 @@ import pytest
 
 from api.backends.workers import WorkerBackend, load_worker_backend
 from api.core.types import Backend, ModelSettings
-from api.loader import LocalBackendLoader
+from api.model_loader import ArchiveBackendLoader
 from api.workers.pool import WorkerPool
 
 
@@ -40,8 +40,8 @@ def worker_pool() -> Iterator[WorkerPool]:
     asyncio.run(close())
 
 
-def worker_loader(pool: WorkerPool, **options: Any) -> LocalBackendLoader:
-    """A `LocalBackendLoader` (what `api.app.build` takes) forking workers from `pool`."""
+def worker_loader(pool: WorkerPool, **options: Any) -> ArchiveBackendLoader:
+    """A `ArchiveBackendLoader` (what `api.app.build` takes) forking workers from `pool`."""
 
     async def load(path: Path, settings: ModelSettings, work_dir: Path) -> Backend:
         backend: WorkerBackend = await load_worker_backend(

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Builds a backend for an archive path: (path, settings, work_dir) -> Backend. Called with a
 # `handler=` keyword too when a registration overrides the manifest's handler.
-LocalBackendLoader = Callable[..., Awaitable[Backend]]
+ArchiveBackendLoader = Callable[..., Awaitable[Backend]]
 
 
 @runtime_checkable
@@ -58,7 +58,7 @@ class ModelLoader:
         config: Config,
         registry: Registry,
         work_dir: Path,
-        load_local: LocalBackendLoader,
+        load_local: ArchiveBackendLoader,
     ) -> None:
         self.config = config
         self.registry = registry

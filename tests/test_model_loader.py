@@ -1,4 +1,4 @@
-"""api.loader without a server: which urls register, and the signature of proxied versions."""
+"""api.model_loader without a server: which urls register, and the signature of proxied versions."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from api.config import parse_config
 from api.core.registry import Registry
 from api.core.types import Backend, ModelSettings
 from api.errors import BadRequest, NotFound, http_status
-from api.loader import ModelLoader, archive_signature
+from api.model_loader import ModelLoader, archive_signature
 
 
 def test_a_proxied_versions_signature_comes_from_the_archive_in_the_store(
