@@ -32,14 +32,6 @@ from api.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
-TLS_KEYS = (
-    "certificate_file",
-    "private_key_file",
-    "keystore",
-    "keystore_pass",
-    "keystore_type",
-    "enable_grpc_ssl",
-)
 DEFAULT_KEYSTORE_PASS = "changeit"  # TorchServe's default, Java's too
 JKS_MAGIC = b"\xfe\xed\xfe\xed"
 JCEKS_MAGIC = b"\xce\xce\xce\xce"

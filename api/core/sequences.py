@@ -58,7 +58,6 @@ Clock = Callable[[], float]
 # TorchServe's header names (ConfigManager's defaults; ts.context reads the same ones).
 SEQUENCE_ID = "ts_request_sequence_id"
 SEQUENCE_START = "ts_request_sequence_start"
-SEQUENCE_END = "ts_request_sequence_end"
 
 
 def new_sequence_id() -> str:
