@@ -47,6 +47,9 @@ typecheck: venv protos
 tools:
 	./scripts/install_tools.sh prometheus wrk haproxy || [ -z "$$CI" ]
 
+# Two pytest workers, one per core; a test module stays on one worker (its servers start once).
+PYTEST_ARGS ?= -n 2 --dist loadfile
+
 pytest: venv protos archives tools
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
