@@ -9,9 +9,9 @@ TorchServe parses them (`batch_size=dd` means the default, not a 400). A trailin
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from api.auth import TokenAuth
 from api.core.registry import Registry
@@ -20,6 +20,10 @@ from api.management import ListArgs, Management, RegisterArgs, Reply, ScaleArgs
 from api.management.params import lenient_bool
 from api.model_loader import ModelLoader
 from api.rest.responses import JsonResponse
+
+# The query parameters of list and scale, parsed leniently as TorchServe does (api.management).
+ListQuery = Annotated[ListArgs, Depends(ListArgs.from_query)]
+ScaleQuery = Annotated[ScaleArgs, Depends(ScaleArgs.from_query)]
 
 
 def _send(reply: Reply) -> JsonResponse:
@@ -98,10 +102,7 @@ def management_router(
         return _send(await management.register(RegisterArgs.from_query(**fields)))
 
     @router.get("/models")
-    async def list_models(
-        limit: str | None = None, next_page_token: str | None = None
-    ) -> JsonResponse:
-        args = ListArgs.from_query(limit=limit, next_page_token=next_page_token)
+    async def list_models(args: ListQuery) -> JsonResponse:
         return _send(management.list_models(args))
 
     @router.get("/models/{model_name}")
@@ -125,25 +126,7 @@ def management_router(
 
     @router.put("/models/{model_name}")
     @router.put("/models/{model_name}/", include_in_schema=False)
-    async def scale_default(
-        model_name: str,
-        min_worker: str | None = None,
-        max_worker: str | None = None,
-        synchronous: str | None = None,
-        batch_size: str | None = None,
-        max_batch_delay: str | None = None,
-        number_gpu: str | None = None,
-        timeout: str | None = None,
-    ) -> JsonResponse:
-        args = ScaleArgs.from_query(
-            min_worker=min_worker,
-            max_worker=max_worker,
-            synchronous=synchronous,
-            batch_size=batch_size,
-            max_batch_delay=max_batch_delay,
-            number_gpu=number_gpu,
-            timeout=timeout,
-        )
+    async def scale_default(model_name: str, args: ScaleQuery) -> JsonResponse:
         return _send(await management.scale(model_name, None, args))
 
     @router.put("/models/{model_name}/{version}/set-default")
@@ -151,26 +134,7 @@ def management_router(
         return _send(management.set_default(model_name, version))
 
     @router.put("/models/{model_name}/{version}")
-    async def scale_version(
-        model_name: str,
-        version: str,
-        min_worker: str | None = None,
-        max_worker: str | None = None,
-        synchronous: str | None = None,
-        batch_size: str | None = None,
-        max_batch_delay: str | None = None,
-        number_gpu: str | None = None,
-        timeout: str | None = None,
-    ) -> JsonResponse:
-        args = ScaleArgs.from_query(
-            min_worker=min_worker,
-            max_worker=max_worker,
-            synchronous=synchronous,
-            batch_size=batch_size,
-            max_batch_delay=max_batch_delay,
-            number_gpu=number_gpu,
-            timeout=timeout,
-        )
+    async def scale_version(model_name: str, version: str, args: ScaleQuery) -> JsonResponse:
         return _send(await management.scale(model_name, version, args))
 
     @router.delete("/models/{model_name}")
