@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import ssl
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 import uvicorn
@@ -85,10 +85,10 @@ async def serve(
     ready: asyncio.Event | None = None,
     access_log: bool | None = None,
     pool: WorkerPool | None = None,
-    sockets: Sequence[socket.socket] | None = None,
+    sockets: Mapping[Address, socket.socket] | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """`sockets`: inference, management and metrics listeners bound beforehand
+    """`sockets`: the listener of each HTTP address, bound beforehand
     (`api.commands.listen`); `on_ready` is called once the start-up models serve."""
     report_config(config)  # unknown and unsupported keys, then the effective configuration
     tls = load_tls(config)  # a bad key or certificate stops the start here, before any work
@@ -101,13 +101,16 @@ async def serve(
     torchgate.dataplane.accepting = False  # /ping stays unhealthy until models are loaded
     ssl_context = https_context(tls)
     http_servers = [
-        _http_server(
-            app,
+        (
+            _http_server(
+                app,
+                address,
+                config.http_limits,
+                log_level=log_level,
+                grace_s=grace_s,
+                ssl_context=ssl_context,
+            ),
             address,
-            config.http_limits,
-            log_level=log_level,
-            grace_s=grace_s,
-            ssl_context=ssl_context,
         )
         for app, address in listeners(
             [
@@ -132,8 +135,8 @@ async def serve(
         loop.add_signal_handler(sig, on_signal)
 
     tasks = [
-        asyncio.create_task(server.serve(sockets=[sockets[i]] if sockets else None))
-        for i, server in enumerate(http_servers)
+        asyncio.create_task(server.serve(sockets=[sockets[address]] if sockets else None))
+        for server, address in http_servers
     ]
     for start, _ in extras:
         await start()
@@ -162,7 +165,7 @@ async def serve(
             log.error("an HTTP server failed: %s", task.exception())
     log.info("shutting down: finishing accepted requests")
     torchgate.dataplane.accepting = False
-    for server in http_servers:
+    for server, _ in http_servers:
         server.should_exit = True
     for _, stop in extras:
         await stop(grace_s)
@@ -177,7 +180,7 @@ def run(
     log_level: str = "info",
     access_log: bool | None = None,
     pool: WorkerPool | None = None,
-    sockets: Sequence[socket.socket] | None = None,
+    sockets: Mapping[Address, socket.socket] | None = None,
     on_ready: Callable[[], None] | None = None,
 ) -> None:
     logging.basicConfig(

@@ -237,7 +237,7 @@ def serve_foreground(config: Config, options: argparse.Namespace, *, lock_key: s
         print(f"torchgate: {exc}", file=sys.stderr)
         return 2
     finally:
-        for sock in sockets:  # closed by the servers already unless start-up failed
+        for sock in sockets.values():  # closed by the servers already unless start-up failed
             sock.close()
         if lock is not None:
             lock.release()

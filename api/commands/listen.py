@@ -18,23 +18,26 @@ class StartupError(RuntimeError):
     """torchgate cannot start; the message is the one line the command line prints."""
 
 
-def bind_listeners(config: Config) -> list[socket.socket]:
-    """Listening sockets for inference, management and metrics, in that order."""
-    bound: list[socket.socket] = []
+def bind_listeners(config: Config) -> dict[Address, socket.socket]:
+    """One listening socket per distinct HTTP address: APIs that share an address (KServe's
+    layout puts inference and management on one port) share its socket, as
+    `api.rest.apps.listeners` serves them."""
+    bound: dict[Address, socket.socket] = {}
     try:
         for what, address in (
             ("inference_address", config.inference_address),
             ("management_address", config.management_address),
             ("metrics_address", config.metrics_address),
         ):
-            bound.append(_bind(what, address))
+            if address not in bound:
+                bound[address] = _bind(what, address)
         for what, host, port in (
             ("grpc_inference_port", config.grpc_inference_address, config.grpc_inference_port),
             ("grpc_management_port", config.grpc_management_address, config.grpc_management_port),
         ):
             _bind(what, Address(host, port)).close()
     except StartupError:
-        for sock in bound:
+        for sock in bound.values():
             sock.close()
         raise
     return bound

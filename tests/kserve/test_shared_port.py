@@ -3,6 +3,9 @@ allows and KServe's example config.properties does (inference and management bot
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -11,7 +14,10 @@ from api.config import Address
 from api.rest.apps import SharedPort, listeners
 from tests.support.aio import run
 from tests.support.inprocess import started_torchgate
+from tests.support.processes import wait_until
+from tests.support.server import ROOT
 from tests.support.tensor_backend import load_tensor_backend
+from tests.support.torchserve import free_ports
 
 
 def test_listeners_group_apis_by_address(tmp_path: Path) -> None:
@@ -46,3 +52,45 @@ def test_listeners_group_apis_by_address(tmp_path: Path) -> None:
     assert answers["/ping"] == (200, {"status": "Healthy"})
     assert answers["/v2/health/live"] == (200, {"live": True})
     assert answers["/"] == (200, {"status": "alive"})
+
+
+def test_a_server_listens_once_on_an_address_two_apis_share(tmp_path: Path) -> None:
+    """The real command line with KServe's example addresses: inference and management on one
+    port. The port is bound once (a second bind would be "port in use") and serves both."""
+    shared, metrics, grpc_inference, grpc_management = free_ports(4)
+    (tmp_path / "model-store").mkdir()
+    config = tmp_path / "config.properties"
+    config.write_text(
+        f"inference_address=http://127.0.0.1:{shared}\n"
+        f"management_address=http://127.0.0.1:{shared}\n"
+        f"metrics_address=http://127.0.0.1:{metrics}\n"
+        f"grpc_inference_port={grpc_inference}\ngrpc_management_port={grpc_management}\n"
+        "disable_token_authorization=true\n"
+    )
+    command = [sys.executable, "-m", "api.cli", "start", "--foreground", "--ncs"]
+    command += [f"--model-store={tmp_path / 'model-store'}", f"--ts-config={config}"]
+    log = tmp_path / "torchgate.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{shared}"
+    try:
+
+        def healthy() -> bool:
+            assert process.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"{base}/ping", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(healthy, timeout=60)
+        assert httpx.get(f"{base}/models").json() == {"models": []}  # management
+        assert httpx.get(f"{base}/v1/models").json() == {"models": []}  # inference
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0
