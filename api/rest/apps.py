@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -21,7 +21,6 @@ from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_respo
 from api.rest.errors import install_error_handlers
 from api.rest.inference import inference_router, openapi_document
 from api.rest.kserve_v1 import (
-    V1_INFER,
     V1InferEndpoint,
     is_v1_infer_path,
     kserve_liveness_router,
@@ -44,11 +43,13 @@ class InferenceApp:
 
     def __init__(self, fastapi_app: FastAPI) -> None:
         self.fastapi_app = fastapi_app
-        self._hot: list[tuple[str, Callable[[str], bool], ASGIApp]] = []
+        self._hot: list[tuple[frozenset[str], Callable[[str], bool], ASGIApp]] = []
         self._apis: list[tuple[str, ASGIApp]] = []
 
-    def add_hot_path(self, method: str, matches: Callable[[str], bool], app: ASGIApp) -> None:
-        self._hot.append((method, matches, app))
+    def add_hot_path(
+        self, methods: Iterable[str], matches: Callable[[str], bool], app: ASGIApp
+    ) -> None:
+        self._hot.append((frozenset(methods), matches, app))
 
     def add_api(self, prefix: str, app: ASGIApp) -> None:
         """Serves `prefix` and every path below it with `app`."""
@@ -57,8 +58,8 @@ class InferenceApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             method, path = scope["method"], scope["path"]
-            for hot_method, matches, app in self._hot:
-                if method == hot_method and matches(path):
+            for methods, matches, app in self._hot:
+                if method in methods and matches(path):
                     await app(scope, receive, send)
                     return
         if scope["type"] in ("http", "websocket"):
@@ -93,31 +94,26 @@ def build_inference_app(
         inference_router(dataplane, lambda: openapi_document(fastapi_app, kserve_v1, kserve_v2))
     )
     fastapi_app.include_router(kserve_liveness_router())  # KServe v1's `GET /`
-    fastapi_app.state.extra_openapi_paths = {
-        "/v1/models/{model}:predict": V1_INFER,
-        "/v1/models/{model}:explain": V1_INFER,
-    }
     app = InferenceApp(fastapi_app)
     app.add_api("/v1", kserve_v1)
     app.add_api("/v2", kserve_v2)
     predictions = PredictionsEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
     # TorchServe runs inference for any method there (OPTIONS: the model's description).
-    for method in ("POST", "PUT", "GET", "DELETE", "PATCH", "HEAD", "OPTIONS"):
-        app.add_hot_path(method, lambda path: path.startswith(PREFIXES), predictions)
+    every_method = ("POST", "PUT", "GET", "DELETE", "PATCH", "HEAD", "OPTIONS")
+    app.add_hot_path(every_method, lambda path: path.startswith(PREFIXES), predictions)
     for matches, endpoint in (
         (is_infer_path, V2InferEndpoint),
         (is_v1_infer_path, V1InferEndpoint),
     ):
         app.add_hot_path(
-            "POST",
+            ("POST",),
             matches,
             endpoint(dataplane, max_request_size=max_request_size, max_items=max_items, auth=auth),
         )
     if workflows is not None:
         # TorchServe runs a workflow for any method on /wfpredict/{name}; POST and GET here.
         wfpredict = WfPredictEndpoint(workflows, max_request_size=max_request_size, auth=auth)
-        app.add_hot_path("POST", is_wfpredict_path, wfpredict)
-        app.add_hot_path("GET", is_wfpredict_path, wfpredict)
+        app.add_hot_path(("POST", "GET"), is_wfpredict_path, wfpredict)
     return app
 
 

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from api.auth import INFERENCE, TokenAuth
 from api.core.dataplane import DataPlane
 from api.core.types import REJECT_AUTH, REJECT_TOO_LARGE
-from api.encoding import Encoded
+from api.encoding import Encoded, ErrorBody, encode_error, kserve_error_body, torchserve_error_body
 from api.errors import InferenceFailed, PayloadTooLarge, TorchgateError, Unauthenticated
 from api.request_ids import request_id
 from api.rest.asgi import (
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 
 class InferenceEndpoint(ABC):
+    # The protocol's error body; TorchServe's unless the endpoint speaks another protocol.
+    error_body: ErrorBody = staticmethod(torchserve_error_body)
+
     def __init__(
         self, dataplane: DataPlane, *, max_request_size: int, auth: TokenAuth | None = None
     ) -> None:
@@ -43,7 +46,6 @@ class InferenceEndpoint(ABC):
     def route(self, path: str) -> tuple[str, str | None]:
         """(model, version or None) for a path; NotFound if the path names none."""
 
-    @abstractmethod
     async def answer(
         self,
         scope: Scope,
@@ -53,7 +55,9 @@ class InferenceEndpoint(ABC):
         model: str,
         version: str | None,
     ) -> Encoded:
-        """Decode `body`, run it through the dataplane, encode the answer."""
+        """Decode `body`, run it through the dataplane, encode the answer. (An endpoint that
+        sends its response itself overrides `respond` instead.)"""
+        raise NotImplementedError
 
     async def respond(
         self,
@@ -69,9 +73,9 @@ class InferenceEndpoint(ABC):
         one, `api.rest.predictions`), errors included. By default, `answer`'s reply."""
         return await self.answer(scope, headers, rid, body, model, version)
 
-    @abstractmethod
     def error_reply(self, exc: TorchgateError) -> Encoded:
         """The protocol's error body for `exc`, with the status from `api.errors`."""
+        return encode_error(exc, self.error_body)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = header_dict(scope)
@@ -99,3 +103,21 @@ class InferenceEndpoint(ABC):
             reply = self.error_reply(InferenceFailed(f"{type(exc).__name__}: {exc}"))
         reply.headers.append(("x-request-id", rid))
         await send_response(send, reply.status, reply.body, reply.headers)
+
+
+class KServeEndpoint(InferenceEndpoint):
+    """KServe's inference paths (v1 `:predict`, v2 `/infer`): KServe's error body, and a bound
+    on the items (instances, tensor rows) one request may carry."""
+
+    error_body = staticmethod(kserve_error_body)
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        max_request_size: int,
+        max_items: int,
+        auth: TokenAuth | None = None,
+    ) -> None:
+        super().__init__(dataplane, max_request_size=max_request_size, auth=auth)
+        self.max_items = max_items

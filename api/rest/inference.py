@@ -75,8 +75,8 @@ def openapi_document(app: FastAPI, *others: FastAPI) -> dict[str, Any]:
     paths["/predictions/{model_name}/{model_version}"] = predict
     paths["/v2/models/{model}/infer"] = V2_INFER
     paths["/v2/models/{model}/versions/{version}/infer"] = V2_INFER
-    for path, summary in getattr(app.state, "extra_openapi_paths", {}).items():
-        paths[path] = summary
+    paths["/v1/models/{model}:predict"] = V1_INFER
+    paths["/v1/models/{model}:explain"] = V1_INFER
     document["paths"] = paths
     return document
 
@@ -182,3 +182,32 @@ def model_api_document(model: str) -> bytes:
         },
     }
     return json.dumps(document, indent=2).encode() + b"\n"
+
+
+# KServe v1's `:predict` / `:explain` is plain ASGI too (`api.rest.kserve_v1`).
+V1_INFER: dict[str, Any] = {
+    "post": {
+        "tags": ["kserve-v1"],
+        "summary": "KServe v1 prediction (:predict) or explanation (:explain)",
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["instances"],
+                        "properties": {"instances": {"type": "array"}},
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": {"description": '{"predictions": [...]} or {"explanations": [...]}'},
+            "400": {"description": "Malformed body, or an instance the handler refused"},
+            "404": {"description": "Model not found"},
+            "413": {"description": "Body over max_request_size, or too many instances"},
+            "503": {"description": "Queue full (Retry-After) or model not ready"},
+            "504": {"description": "responseTimeout passed"},
+        },
+    }
+}

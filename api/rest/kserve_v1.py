@@ -28,12 +28,10 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter
-from starlette.responses import Response
 
-from api.auth import TokenAuth
 from api.core.dataplane import Answer, DataPlane
 from api.core.types import API_V1_REST, InferenceRequest, Prediction
-from api.encoding import Encoded, dumps, encode_error, kserve_error_body
+from api.encoding import Encoded, dumps
 from api.errors import (
     BadRequest,
     InferenceFailed,
@@ -41,26 +39,18 @@ from api.errors import (
     ModelNotReady,
     NotFound,
     PayloadTooLarge,
-    TorchgateError,
     error_for_status,
 )
 from api.rest.asgi import Scope
-from api.rest.endpoint import InferenceEndpoint
+from api.rest.endpoint import KServeEndpoint
 from api.rest.responses import JsonResponse
 
 PREDICT, EXPLAIN = ":predict", ":explain"
 
 
-def v1_error(exc: TorchgateError, model: str = "") -> Encoded:
-    """KServe's error body; an unknown model gets KServe's own sentence for it."""
-    if isinstance(exc, ModelNotFound) and model:
-        exc = ModelNotFound(f"Model with name {model} does not exist.")
-    return encode_error(exc, kserve_error_body)
-
-
-def _error_response(exc: TorchgateError, model: str) -> Response:
-    encoded = v1_error(exc, model)
-    return Response(encoded.body, status_code=encoded.status, headers=dict(encoded.headers))
+def _not_found(model: str) -> ModelNotFound:
+    """KServe's own sentence for an unknown model."""
+    return ModelNotFound(f"Model with name {model} does not exist.")
 
 
 def kserve_liveness_router() -> APIRouter:
@@ -82,12 +72,14 @@ def kserve_v1_router(dataplane: DataPlane) -> APIRouter:
         return JsonResponse({"models": sorted(dataplane.registry.names())})
 
     @router.get("/v1/models/{model}")
-    async def model_ready(model: str) -> Response:
+    async def model_ready(model: str) -> JsonResponse:
+        # Errors leave through the KServe app's handlers (api.rest.apps): KServe's body.
         try:
-            if not dataplane.model_ready(model):
-                raise ModelNotReady(f"Model with name {model} is not ready.")
-        except TorchgateError as exc:
-            return _error_response(exc, model)
+            ready = dataplane.model_ready(model)
+        except ModelNotFound:
+            raise _not_found(model) from None
+        if not ready:
+            raise ModelNotReady(f"Model with name {model} is not ready.")
         return JsonResponse({"name": model, "ready": True})
 
     return router
@@ -97,19 +89,8 @@ def is_v1_infer_path(path: str) -> bool:
     return path.startswith("/v1/models/") and path.endswith((PREDICT, EXPLAIN))
 
 
-class V1InferEndpoint(InferenceEndpoint):
+class V1InferEndpoint(KServeEndpoint):
     """`POST /v1/models/{m}:predict` and `:explain` (see the module docstring)."""
-
-    def __init__(
-        self,
-        dataplane: DataPlane,
-        *,
-        max_request_size: int,
-        max_items: int,
-        auth: TokenAuth | None = None,
-    ) -> None:
-        super().__init__(dataplane, max_request_size=max_request_size, auth=auth)
-        self.max_items = max_items
 
     def route(self, path: str) -> tuple[str, str | None]:
         name = path[len("/v1/models/") :].rpartition(":")[0]  # already percent-decoded
@@ -142,7 +123,7 @@ class V1InferEndpoint(InferenceEndpoint):
         try:
             answers = await self.dataplane.infer_many(model, version, requests)
         except ModelNotFound:
-            raise ModelNotFound(f"Model with name {model} does not exist.") from None
+            raise _not_found(model) from None
         key = "explanations" if explain else "predictions"
         payload = dumps({key: [_value(answer.prediction) for answer in answers]})
         reply_headers = [("content-type", "application/json")]
@@ -164,9 +145,6 @@ class V1InferEndpoint(InferenceEndpoint):
                 f"send them in several requests"
             )
         return instances
-
-    def error_reply(self, exc: TorchgateError) -> Encoded:
-        return v1_error(exc)
 
 
 def _version(answers: list[Answer]) -> str:
@@ -195,32 +173,3 @@ def _value(prediction: Prediction) -> Any:
         except orjson.JSONDecodeError:
             return text
     return body
-
-
-# The plain-ASGI path is described by hand for /api-description (`api.rest.inference`).
-V1_INFER: dict[str, Any] = {
-    "post": {
-        "tags": ["kserve-v1"],
-        "summary": "KServe v1 prediction (:predict) or explanation (:explain)",
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["instances"],
-                        "properties": {"instances": {"type": "array"}},
-                    }
-                }
-            },
-        },
-        "responses": {
-            "200": {"description": '{"predictions": [...]} or {"explanations": [...]}'},
-            "400": {"description": "Malformed body, or an instance the handler refused"},
-            "404": {"description": "Model not found"},
-            "413": {"description": "Body over max_request_size, or too many instances"},
-            "503": {"description": "Queue full (Retry-After) or model not ready"},
-            "504": {"description": "responseTimeout passed"},
-        },
-    }
-}

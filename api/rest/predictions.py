@@ -30,8 +30,8 @@ from starlette.requests import Request
 from api.core.dataplane import Answer
 from api.core.streaming import PredictionStream
 from api.core.types import API_TORCHSERVE_REST, InferenceRequest, Prediction
-from api.encoding import JSON, Encoded, encode_error, encode_prediction
-from api.errors import BadRequest, NotFound, TorchgateError
+from api.encoding import JSON, Encoded, encode_prediction
+from api.errors import BadRequest, NotFound
 from api.rest.asgi import Scope, Send
 from api.rest.endpoint import InferenceEndpoint
 from api.rest.inference import model_api_document
@@ -48,22 +48,6 @@ class PredictionsEndpoint(InferenceEndpoint):
         if len(parts) == 2 or (len(parts) == 3 and parts[2]):
             return parts[1], parts[2] if len(parts) == 3 else None
         raise NotFound(f"Requested resource is not found, please refer to API document: {path}")
-
-    async def answer(
-        self,
-        scope: Scope,
-        headers: dict[str, str],
-        rid: str,
-        body: bytes,
-        model: str,
-        version: str | None,
-    ) -> Encoded:
-        """The whole answer in one reply; a streaming handler's intermediate responses are
-        dropped (`respond` streams them)."""
-        if scope["method"] == "OPTIONS":
-            return self._description(model, version)
-        request = await self._request(scope, headers, rid, body)
-        return reply_parts(await self.dataplane.infer(model, version, request))
 
     async def respond(
         self,
@@ -109,9 +93,6 @@ class PredictionsEndpoint(InferenceEndpoint):
         # TorchServe's frontend sets this on every inference request, over the client's.
         headers["explain"] = "True" if scope["path"].startswith("/explanations/") else "False"
         return InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
-
-    def error_reply(self, exc: TorchgateError) -> Encoded:
-        return encode_error(exc)
 
 
 def reply_parts(answer: Answer) -> Encoded:

@@ -11,18 +11,16 @@ import zlib
 
 from fastapi import APIRouter
 
-from api.auth import TokenAuth
 from api.core.dataplane import DataPlane, ModelMetadata
 from api.core.types import API_V2_REST
-from api.encoding import Encoded, encode_error, kserve_error_body
+from api.encoding import Encoded
 from api.errors import (
     BadRequest,
     NotFound,
     PayloadTooLarge,
-    TorchgateError,
 )
 from api.rest.asgi import Scope
-from api.rest.endpoint import InferenceEndpoint
+from api.rest.endpoint import KServeEndpoint
 from api.rest.responses import JsonResponse
 from api.v2 import EXTENSIONS, SERVER_NAME, SERVER_VERSION, bridge
 from api.v2.codec import decode_rest, encode_rest
@@ -90,19 +88,8 @@ def is_infer_path(path: str) -> bool:
     return path.startswith("/v2/models/") and path.endswith("/infer")
 
 
-class V2InferEndpoint(InferenceEndpoint):
+class V2InferEndpoint(KServeEndpoint):
     """`POST /v2/models/{m}[/versions/{v}]/infer`, JSON or binary tensors."""
-
-    def __init__(
-        self,
-        dataplane: DataPlane,
-        *,
-        max_request_size: int,
-        max_items: int,
-        auth: TokenAuth | None = None,
-    ) -> None:
-        super().__init__(dataplane, max_request_size=max_request_size, auth=auth)
-        self.max_items = max_items
 
     def route(self, path: str) -> tuple[str, str | None]:
         parts = [p for p in path.split("/") if p]  # the server already percent-decoded it
@@ -134,9 +121,6 @@ class V2InferEndpoint(InferenceEndpoint):
         if response.model_version:
             extra["x-model-version"] = response.model_version
         return Encoded(200, payload, list(extra.items()))
-
-    def error_reply(self, exc: TorchgateError) -> Encoded:
-        return encode_error(exc, kserve_error_body)
 
 
 def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:

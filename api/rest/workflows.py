@@ -12,8 +12,8 @@ from fastapi import APIRouter, Query
 from api.auth import TokenAuth
 from api.core.types import API_TORCHSERVE_REST, InferenceRequest
 from api.core.workflow import RegisterOptions, Workflows
-from api.encoding import JSON, Encoded, encode_error
-from api.errors import NotFound, TorchgateError
+from api.encoding import JSON, Encoded
+from api.errors import NotFound
 from api.rest.asgi import Scope
 from api.rest.endpoint import InferenceEndpoint
 from api.rest.predictions import decode_inputs
@@ -93,6 +93,3 @@ class WfPredictEndpoint(InferenceEndpoint):
         request = InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
         payload = await self.workflows.predict(model, request)
         return Encoded(200, payload, [("content-type", JSON)])
-
-    def error_reply(self, exc: TorchgateError) -> Encoded:
-        return encode_error(exc)
