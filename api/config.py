@@ -145,6 +145,8 @@ class Config:
     max_request_size: int = 6553500
     max_response_size: int = 6553500
     disable_token_authorization: bool = False
+    # TorchServe's enable_grpc_ssl: both gRPC ports serve TLS with the REST ports' key (api.tls).
+    enable_grpc_ssl: bool = False
     enable_model_api: bool = False
     # Stricter than TorchServe's `file://.*|http(s)?://.*`: none, so only archives inside the
     # model store register (see docs/security.md, "Registration and the management API").
@@ -449,6 +451,7 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
         ):
             if key in raw:
                 setattr(config, key, raw[key].lower() == "true")
+        config.enable_grpc_ssl = raw.get("enable_grpc_ssl", "").strip().lower() == "true"
         if "default_response_timeout" in raw:
             config.default_response_timeout = _number(raw, "default_response_timeout", float)
         if "number_of_gpu" in raw:

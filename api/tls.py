@@ -11,9 +11,10 @@ and `enable_grpc_ssl=true` puts the same key and chain on both gRPC ports. A JKS
 own format) cannot be read outside Java: it is refused at start with the keytool command that
 converts it to PKCS12. Relative paths resolve against config.properties' folder, as model_store.
 
-`load_tls(config)` reads the files once (at start, before any port is bound; a bad file is a
-ConfigError naming the key); `server_ssl_context` and `grpc_credentials` build what uvicorn and
-grpc take from it.
+`load_tls(config)` reads the files once, at start before the servers are built (the ports are
+bound and the worker pool launched already, so that torch's import overlaps the frontend's; a
+bad file stops the start with a ConfigError naming the key); `server_ssl_context` and
+`grpc_credentials` build what uvicorn and grpc take from it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def tls_wanted(config: Config) -> bool:
     """True when a REST address is https:// or gRPC TLS is on."""
     schemes = {a.scheme for a in (config.inference_address, config.management_address)}
     schemes.add(config.metrics_address.scheme)
-    return "https" in schemes or _flag(config.raw.get("enable_grpc_ssl"))
+    return "https" in schemes or config.enable_grpc_ssl
 
 
 def load_tls(config: Config) -> KeyMaterial | None:
@@ -206,7 +207,3 @@ def _read(path: Path, key: str) -> bytes:
 def _path(value: str, base: Path) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else base / path
-
-
-def _flag(value: str | None) -> bool:
-    return value is not None and value.strip().lower() == "true"

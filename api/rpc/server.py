@@ -114,7 +114,7 @@ def grpc_servers(
     )
     inference_at = f"{config.grpc_inference_address}:{config.grpc_inference_port}"
     management_at = f"{config.grpc_management_address}:{config.grpc_management_port}"
-    if tls is not None and config.raw.get("enable_grpc_ssl", "").strip().lower() == "true":
+    if tls is not None and config.enable_grpc_ssl:
         credentials = grpc_credentials(tls)
         inference.add_secure_port(inference_at, credentials)
         management.add_secure_port(management_at, credentials)
