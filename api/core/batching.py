@@ -217,7 +217,7 @@ class Batcher:
         the queue waits in the worker's socket instead."""
         lane = asyncio.current_task()
         assert lane is not None
-        while _alive(worker) and not stopping.is_set():
+        while worker_alive(worker) and not stopping.is_set():
             if overload:
                 # Models that do not batch keep the plain job-queue semantics (jobQueueSize
                 # requests wait here, one more in the worker): an overload lane would hand
@@ -226,7 +226,7 @@ class Batcher:
                     self._full.clear()
                     await self._full.wait()
             batch = await self._next_batch()
-            if not _alive(worker):
+            if not worker_alive(worker):
                 self._queue.extendleft(reversed(batch))
                 self._arrived.set()
                 return
@@ -285,16 +285,21 @@ class Batcher:
             pending = self._queue.popleft()
             if pending.future.done():
                 continue  # the client went away or the dataplane already answered 504
-            if now > pending.deadline:
-                self._observer.request_rejected(self.model, self.version, REJECT_DEADLINE)
-                pending.future.set_exception(
-                    DeadlineExceeded(
-                        f"Request for model {self.model} version {self.version} timed out in "
-                        f"the queue after {self.response_timeout_s:g} s"
-                    )
-                )
-                continue
-            batch.append(pending)
+            if not self._expired(pending, now):
+                batch.append(pending)
+
+    def _expired(self, pending: Pending, now: float) -> bool:
+        """Answer `pending` 504 if its deadline passed while it was queued; True if so."""
+        if now <= pending.deadline:
+            return False
+        self._observer.request_rejected(self.model, self.version, REJECT_DEADLINE)
+        pending.future.set_exception(
+            DeadlineExceeded(
+                f"Request for model {self.model} version {self.version} timed out in "
+                f"the queue after {self.response_timeout_s:g} s"
+            )
+        )
+        return True
 
     async def _run(self, worker: Worker, batch: list[Pending]) -> None:
         started = self._clock()
@@ -321,6 +326,10 @@ class Batcher:
         except Exception as exc:
             self._fail(batch, InferenceFailed(f"Worker died: {type(exc).__name__}: {exc}"))
             return
+        self._deliver(batch, predictions, started)
+
+    def _deliver(self, batch: list[Pending], predictions: list[Prediction], started: float) -> None:
+        """Resolve each request of a batch that ran with its own prediction, in order."""
         finished = self._clock()
         self._observer.batch_finished(self.model, self.version, len(batch), finished - started)
         if len(predictions) != len(batch):
@@ -349,6 +358,6 @@ class Batcher:
             self._idle.set()
 
 
-def _alive(worker: Worker) -> bool:
+def worker_alive(worker: Worker) -> bool:
     """A worker that can die (a process) says whether it lives; others always do."""
     return getattr(worker, "alive", True)

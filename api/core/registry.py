@@ -439,10 +439,9 @@ def _make_batcher(
 ) -> Batcher:
     """A version's batcher: per-sequence queues for TorchServe's sequenceBatching models."""
     limits = _batcher_limits(settings, backend)
-    if not settings.sequence_batching:
-        return Batcher(model=name, version=version, observer=observer, **limits)
-    if not backend.batches:
-        # A remote TorchServe keeps the sequences itself: pass requests (and the header) on.
+    # A remote TorchServe (a backend that does not batch) keeps its sequences itself: pass
+    # requests (and the sequence header) on.
+    if not (settings.sequence_batching and backend.batches):
         return Batcher(model=name, version=version, observer=observer, **limits)
     if settings.sequence_max_idle_ms <= 0:
         log.warning(

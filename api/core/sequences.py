@@ -32,28 +32,24 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.core.batching import Batcher, Pending
+from api.core.batching import Batcher, Clock, Pending, worker_alive
 from api.core.types import (
-    REJECT_DEADLINE,
     REJECT_QUEUE_FULL,
     InferenceRequest,
     ModelSettings,
     NotRun,
-    NullObserver,
     Observer,
     Prediction,
     Worker,
     header_value,
 )
-from api.errors import DeadlineExceeded, InferenceFailed, Overloaded, TorchgateError
+from api.errors import InferenceFailed, Overloaded, TorchgateError
 
 log = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
 
 # TorchServe's header names (ConfigManager's defaults; ts.context reads the same ones).
 SEQUENCE_ID = "ts_request_sequence_id"
@@ -125,7 +121,7 @@ class SequenceBatcher(Batcher):
             max_batch_delay_s=max_batch_delay_s,  # batches never wait for more sequences
             queue_size=queue_size,
             response_timeout_s=response_timeout_s,
-            observer=observer or NullObserver(),
+            observer=observer,
             clock=clock,
         )
         self.limits = limits
@@ -219,7 +215,7 @@ class SequenceBatcher(Batcher):
     async def serve(self, worker: Worker) -> None:  # one lane per worker: no pipelining
         """Run batches on `worker` until cancelled or it dies; its sequences then move on."""
         try:
-            while getattr(worker, "alive", True):
+            while worker_alive(worker):
                 batch = self._take(worker)
                 if not batch:
                     self._changed.clear()
@@ -259,30 +255,19 @@ class SequenceBatcher(Batcher):
     def _next_pending(self, sequence: Sequence, now: float) -> Pending | None:
         while sequence.queue:
             pending = sequence.queue.popleft()
-            if pending.future.done():
-                continue
-            if now > pending.deadline:
-                self._observer.request_rejected(self.model, self.version, REJECT_DEADLINE)
-                pending.future.set_exception(
-                    DeadlineExceeded(
-                        f"Request for model {self.model} version {self.version} timed out in "
-                        f"the queue after {self.response_timeout_s:g} s"
-                    )
-                )
-                continue
-            return pending
+            if not pending.future.done() and not self._expired(pending, now):
+                return pending
         return None
 
     async def _run_sequences(self, worker: Worker, batch: list[tuple[Sequence, Pending]]) -> None:
         self._busy_workers.add(id(worker))
         self._running_requests += len(batch)
+        pendings = [pending for _, pending in batch]
         started = self._clock()
         try:
-            predictions = await worker.predict([pending.request for _, pending in batch])
+            predictions = await worker.predict([pending.request for pending in pendings])
         except asyncio.CancelledError:
-            self._fail_sequences(
-                batch, InferenceFailed(f"Model {self.model}: its worker was stopped")
-            )
+            self._fail(pendings, InferenceFailed(f"Model {self.model}: its worker was stopped"))
             raise
         except NotRun:
             for sequence, pending in batch:
@@ -290,30 +275,14 @@ class SequenceBatcher(Batcher):
                 sequence.worker = None
             return
         except TorchgateError as exc:
-            self._fail_sequences(batch, exc)
+            self._fail(pendings, exc)
             return
         except Exception as exc:
-            self._fail_sequences(
-                batch, InferenceFailed(f"Worker died: {type(exc).__name__}: {exc}")
-            )
+            self._fail(pendings, InferenceFailed(f"Worker died: {type(exc).__name__}: {exc}"))
             return
         finally:
             self._release(worker, batch)
-        self._observer.batch_finished(self.model, self.version, len(batch), self._clock() - started)
-        if len(predictions) != len(batch):
-            self._fail_sequences(
-                batch,
-                InferenceFailed(
-                    f"Handler returned {len(predictions)} responses for a batch of "
-                    f"{len(batch)} requests"
-                ),
-            )
-            return
-        for (_, pending), prediction in zip(batch, predictions, strict=True):
-            if not pending.future.done():
-                prediction.queue_seconds = started - pending.enqueued_at
-                prediction.batch_size = len(batch)
-                pending.future.set_result(prediction)
+        self._deliver(pendings, predictions, started)
 
     def _release(self, worker: Worker, batch: list[tuple[Sequence, Pending]]) -> None:
         now = self._clock()
@@ -324,12 +293,6 @@ class SequenceBatcher(Batcher):
         self._running_requests -= len(batch)
         self._changed.set()
         self._note_if_idle()
-
-    @staticmethod
-    def _fail_sequences(batch: list[tuple[Sequence, Pending]], error: TorchgateError) -> None:
-        for _, pending in batch:
-            if not pending.future.done():
-                pending.future.set_exception(error)
 
     def _expire(self, now: float) -> None:
         """End the sequences idle past sequenceMaxIdleMSec or past sequenceTimeoutMSec."""
