@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import re
 import shutil
-import tarfile
 import tempfile
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -43,8 +39,6 @@ import yaml
 from api.backends.extract import ArchiveLimits, ExtractError, open_reader
 from api.core.names import MODEL_NAME
 from api.errors import BadRequest
-
-log = logging.getLogger(__name__)
 
 MANIFEST = PurePosixPath("MAR-INF", "MANIFEST.json")
 SIGNATURE = "signature.json"
@@ -151,25 +145,26 @@ def _extract(
     name: str | None,
     handler: str | None,
 ) -> Archive:
-    try:
-        with open_reader(path, limits) as reader:
-            manifest_path = _find_manifest(reader.members)
-            manifest = _parse_manifest(reader.read(manifest_path, MAX_METADATA_BYTES))
-            model_name, version = _name_and_version(manifest, name)
-            work = work_dir or default_work_dir()
-            work.mkdir(parents=True, exist_ok=True)
-            prefix = f"{_UNSAFE_CHARS.sub('_', model_name)}-{_UNSAFE_CHARS.sub('_', version)}-"
-            target = Path(tempfile.mkdtemp(prefix=prefix, dir=work))
-            try:
-                reader.extract_all(target)
-                model_dir = target.joinpath(*manifest_path.parts[:-2]).resolve()
-                return _describe(path, model_dir, manifest, name, handler, target)
-            except BaseException:
-                shutil.rmtree(target, ignore_errors=True)
-                raise
-    except (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, RuntimeError) as exc:
-        # RuntimeError: zipfile's answer to encrypted members.
-        raise _Invalid(f"corrupt archive: {exc}") from exc
+    with open_reader(path, limits) as reader:
+        manifest_path = _find_manifest(reader.members)
+        manifest = _parse_manifest(reader.read(manifest_path, MAX_METADATA_BYTES))
+        model_name, version = _name_and_version(manifest, name)
+        work = work_dir or default_work_dir()
+        work.mkdir(parents=True, exist_ok=True)
+        prefix = f"{safe_name(model_name)}-{safe_name(version)}-"
+        target = Path(tempfile.mkdtemp(prefix=prefix, dir=work))
+        try:
+            reader.extract_all(target)
+            model_dir = target.joinpath(*manifest_path.parts[:-2]).resolve()
+            return _describe(path, model_dir, manifest, name, handler, target)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+
+
+def safe_name(text: str) -> str:
+    """`text` fit for a file name: characters outside [A-Za-z0-9_.-] become "_"."""
+    return _UNSAFE_CHARS.sub("_", text)
 
 
 def _find_manifest(members: dict[PurePosixPath, Any]) -> PurePosixPath:

@@ -20,6 +20,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -211,19 +212,28 @@ class TarReader:
         self._tar.close()
 
 
+# What zipfile, tarfile and zlib raise for a damaged archive (RuntimeError: zipfile's answer
+# to encrypted members).
+_CORRUPT = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError, RuntimeError)
+
+
 @contextmanager
 def open_reader(path: Path, limits: ArchiveLimits) -> Iterator[ArchiveReader]:
-    """A validated zip or tar archive, closed on exit."""
+    """A validated zip or tar archive, closed on exit. A corrupt one (found while listing or
+    while reading inside the block) raises ExtractError "corrupt archive: ..."."""
     reader: ArchiveReader
-    if zipfile.is_zipfile(path):
-        reader = ZipReader(path, limits)
-    elif tarfile.is_tarfile(path):
-        reader = TarReader(path, limits)
-    else:
-        raise ExtractError(
-            "not a model archive: expected a .mar (zip), a .tar.gz or an extracted directory"
-        )
     try:
-        yield reader
-    finally:
-        reader.close()
+        if zipfile.is_zipfile(path):
+            reader = ZipReader(path, limits)
+        elif tarfile.is_tarfile(path):
+            reader = TarReader(path, limits)
+        else:
+            raise ExtractError(
+                "not a model archive: expected a .mar (zip), a .tar.gz or an extracted directory"
+            )
+        try:
+            yield reader
+        finally:
+            reader.close()
+    except _CORRUPT as exc:
+        raise ExtractError(f"corrupt archive: {exc}") from exc

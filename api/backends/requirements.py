@@ -38,6 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from api.backends.archive import safe_name
 from api.errors import BadRequest
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ async def install_requirements(
             f"{requirements!r} is not a file in the archive"
         )
     work_dir.mkdir(parents=True, exist_ok=True)
-    target = Path(tempfile.mkdtemp(prefix=f"{_safe(model)}-deps-", dir=work_dir))
+    target = Path(tempfile.mkdtemp(prefix=f"{safe_name(model)}-deps-", dir=work_dir))
     try:
         report_file = target / ".report.json"
         await _pip(
@@ -198,7 +199,3 @@ def _describe(item: dict[str, Any]) -> str:
 
 def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
