@@ -42,11 +42,7 @@ def worker_backend_loader(
     pool: WorkerPool, config: Config, on_metric: MetricCallback | None
 ) -> ArchiveBackendLoader:
     """Archives become `WorkerBackend`s whose workers the pool forks."""
-    limits = ArchiveLimits(
-        max_total_bytes=config.archive_max_bytes,
-        max_members=config.archive_max_members,
-        max_ratio=config.archive_max_ratio,
-    )
+    limits = ArchiveLimits.of(config)
 
     async def load(
         path: Path, settings: ModelSettings, work_dir: Path, handler: str | None = None

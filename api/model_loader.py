@@ -148,9 +148,6 @@ class ModelLoader:
         name = model_name or str(manifest_model.get("modelName") or path.stem)
         version = version or str(manifest_model.get("modelVersion") or "1.0")
 
-        async def ready_backend() -> Backend:
-            return backend
-
         try:
             if isinstance(backend, ArchiveBackend):
                 settings = resolve_settings(
@@ -167,19 +164,19 @@ class ModelLoader:
                     install_requirements=self.config.install_py_dep_per_model,
                     model=name,
                 )
-            return await self.registry.register(
-                name,
-                version,
-                url,
-                ready_backend,
-                settings,
-                make_default=make_default,
-                backend_info={"kind": "local", **(extra or {})},
-                keep_failed=keep_failed,
-            )
         except BaseException:
             await backend.close()
             raise
+        return await self._register_local(
+            backend,
+            name,
+            version,
+            url,
+            settings,
+            make_default=make_default,
+            extra=extra,
+            keep_failed=keep_failed,
+        )
 
     async def register_path(
         self,
@@ -193,18 +190,35 @@ class ModelLoader:
         """Register a model directory torchgate wrote itself (a workflow's function node), as
         `url`; unlike `register`, `path` is not looked for in the model store."""
         backend = await self._load_local(path, settings, self.work_dir)
+        return await self._register_local(backend, model_name, "1.0", url, settings, extra=extra)
+
+    async def _register_local(
+        self,
+        backend: Backend,
+        name: str,
+        version: str,
+        url: str,
+        settings: ModelSettings,
+        *,
+        make_default: bool = False,
+        extra: dict[str, Any] | None = None,
+        keep_failed: bool = False,
+    ) -> ModelVersion:
+        """Register a backend torchgate hosts; it is closed if registering fails."""
 
         async def ready_backend() -> Backend:
             return backend
 
         try:
             return await self.registry.register(
-                model_name,
-                "1.0",
+                name,
+                version,
                 url,
                 ready_backend,
                 settings,
+                make_default=make_default,
                 backend_info={"kind": "local", **(extra or {})},
+                keep_failed=keep_failed,
             )
         except BaseException:
             await backend.close()

@@ -57,11 +57,7 @@ class WorkflowLoader:
 
     async def open(self, url: str, name: str | None) -> WorkflowSpec:
         path = self.resolve(url)
-        limits = ArchiveLimits(
-            max_total_bytes=self.config.archive_max_bytes,
-            max_members=self.config.archive_max_members,
-            max_ratio=self.config.archive_max_ratio,
-        )
+        limits = ArchiveLimits.of(self.config)
         archive = await asyncio.to_thread(open_war, path, self.work_dir, name=name, limits=limits)
         try:
             return parse_spec(archive.name, url, archive.spec, source=archive)

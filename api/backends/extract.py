@@ -25,7 +25,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from api.config import Config
 
 GiB = 1024**3
 MiB = 1024**2
@@ -47,6 +50,15 @@ class ArchiveLimits:
     # `ratio_min_bytes` are not checked: a small file of spaces is no bomb.
     max_ratio: float = 100.0
     ratio_min_bytes: int = 1 * MiB
+
+    @classmethod
+    def of(cls, config: Config) -> ArchiveLimits:
+        """config.properties' torchgate.archive_max_* keys."""
+        return cls(
+            max_total_bytes=config.archive_max_bytes,
+            max_members=config.archive_max_members,
+            max_ratio=config.archive_max_ratio,
+        )
 
 
 @dataclass(frozen=True, slots=True)
