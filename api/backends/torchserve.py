@@ -550,7 +550,7 @@ def decode_response(response: httpx.Response, *, v2: bool) -> Prediction:
     if v2 and (content_type is None or _is_json(content_type)):
         with contextlib.suppress(orjson.JSONDecodeError):  # not JSON after all: sent as bytes
             body = orjson.loads(body)
-    headers = {k: v for k, v in response.headers.multi_items() if k.lower() not in _RESPONSE_DROP}
+    headers = _passed_headers(response)
     message = "" if response.is_success else _error_message(response)
     return Prediction(body, status=response.status_code, message=message, headers=headers)
 
@@ -564,7 +564,7 @@ async def _relay(response: httpx.Response, stream: Callable[[Prediction], None])
     A piece is what one read of the chunked body gave: one chunk of TorchServe's (one
     intermediate response) unless the network split it.
     """
-    headers = {k: v for k, v in response.headers.multi_items() if k.lower() not in _RESPONSE_DROP}
+    headers = _passed_headers(response)
     pending: bytes | None = None
     async for piece in response.aiter_raw():
         if pending is not None:
@@ -573,6 +573,11 @@ async def _relay(response: httpx.Response, stream: Callable[[Prediction], None])
     return Prediction(
         pending or b"", status=response.status_code, headers={**headers, STREAM_NEXT: "false"}
     )
+
+
+def _passed_headers(response: httpx.Response) -> dict[str, str]:
+    """TorchServe's response headers that go on to the client (not hop-by-hop or framing)."""
+    return {k: v for k, v in response.headers.multi_items() if k.lower() not in _RESPONSE_DROP}
 
 
 def _error_message(response: httpx.Response) -> str:

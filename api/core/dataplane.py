@@ -104,10 +104,7 @@ class DataPlane:
         not as an exception, so the transport can send the handler's own body.
         """
         started = time.monotonic()
-        shadows: tuple[str, ...] = ()
-        if version is None and self.router is not None:
-            choice = self.router.choose(model, request.headers)
-            version, shadows = choice.version, choice.shadows
+        version, shadows = self._route(model, version, request.headers)
         model_version = self.registry.ready_version(model, version)
         for shadow in shadows:
             self._start_shadow(model, shadow, request, adapt)
@@ -146,10 +143,7 @@ class DataPlane:
         raised and the others still queued are withdrawn. No request: the model and version are
         still checked (404, 503).
         """
-        shadows: tuple[str, ...] = ()
-        if version is None and self.router is not None:
-            choice = self.router.choose(model, requests[0].headers if requests else {})
-            version, shadows = choice.version, choice.shadows
+        version, shadows = self._route(model, version, requests[0].headers if requests else {})
         self.registry.ready_version(model, version)
         for request in requests:
             for shadow in shadows:
@@ -163,6 +157,16 @@ class DataPlane:
             # Collect the others' outcomes, so none is left unretrieved.
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+
+    def _route(
+        self, model: str, version: str | None, headers: Mapping[str, str]
+    ) -> tuple[str | None, tuple[str, ...]]:
+        """The version a request without one goes to (the traffic policy's choice) and the
+        versions shadowing it; a named version is taken as it is."""
+        if version is None and self.router is not None:
+            choice = self.router.choose(model, headers)
+            return choice.version, choice.shadows
+        return version, ()
 
     async def _run(self, model_version: ModelVersion, request: InferenceRequest) -> Prediction:
         future = model_version.batcher.submit(request)

@@ -28,7 +28,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from api.core.dataplane import DataPlane
@@ -190,21 +190,12 @@ def parse_spec(name: str, url: str, spec: Any, *, source: Any = None) -> Workflo
 def _settings(
     workflow: str, where: str, values: Mapping[str, Any], base: NodeSettings
 ) -> NodeSettings:
-    fields = {
-        "min_workers": base.min_workers,
-        "max_workers": base.max_workers,
-        "batch_size": base.batch_size,
-        "max_batch_delay_ms": base.max_batch_delay_ms,
-        "retry_attempts": base.retry_attempts,
-        "timeout_ms": base.timeout_ms,
-    }
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InvalidWorkflow(
                 f"Workflow {workflow}: {where}.{key} must be a whole number >= 0, not {value!r}"
             )
-        fields[SETTING_KEYS[key]] = value
-    return NodeSettings(**fields)
+    return replace(base, **{SETTING_KEYS[key]: value for key, value in values.items()})
 
 
 def _topological(
