@@ -10,7 +10,6 @@ torchgate export ...                         build the example archives (export.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 # Imported where used: `torchgate --help` and `torchgate models` stay quick.
@@ -38,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         description="Serve TorchServe model archives without Java. `torchgate --start ...` "
         "takes torchserve's own command line.",
     )
-    parser.add_argument("-v", "--version", action="store_true", help="print the version")
     sub = parser.add_subparsers(dest="command")
     start = sub.add_parser("start", help="start a server (in the background unless --foreground)")
     launch.add_server_flags(start)
@@ -52,18 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         default="config.properties",
         help="a TorchServe config.properties (default: ./config.properties)",
     )
-    serve.add_argument(
-        "--log-level",
-        default=os.environ.get("TORCHGATE_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"],
-    )
-    serve.add_argument(
-        "--access-log",
-        action=argparse.BooleanOptionalAction,
-        default=launch.env_flag("TORCHGATE_ACCESS_LOG"),
-        help="JSON access log lines on stdout (default: torchgate.access_log in "
-        "config.properties, on when absent; env TORCHGATE_ACCESS_LOG)",
-    )
+    launch.add_logging_flags(serve)
     serve.add_argument(
         "--ncs",
         "--no-snapshot",
@@ -78,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     options = parser.parse_args(args)
-    if options.version or options.command == "version":
+    if options.command == "version":  # -v/--version: torchserve's form (main_torchserve)
         print(launch.version())
         return 0
     if options.command == "start":

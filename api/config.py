@@ -645,7 +645,7 @@ def _kserve_keys(raw: dict[str, str], config: Config) -> None:
             models = json.loads(snapshot).get("models")
         except (json.JSONDecodeError, AttributeError) as exc:
             raise ConfigError(f"model_snapshot is not a JSON object: {exc}") from exc
-        config.models = _models(json.dumps(models or {}), config)
+        config.models = _model_entries(models or {}, config)
         config.load_models = ",".join(entry.mar_name for entry in config.models)
 
 
@@ -656,6 +656,11 @@ def _models(text: str | None, config: Config) -> list[ModelEntry]:
         spec = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"models= is not valid JSON: {exc}") from exc
+    return _model_entries(spec, config)
+
+
+def _model_entries(spec: Any, config: Config) -> list[ModelEntry]:
+    """models={...}'s {name: {version: settings}} (or a model_snapshot's "models") as entries."""
     if not isinstance(spec, dict):
         raise ConfigError("models= must be a JSON object of {name: {version: settings}}")
     entries = []

@@ -35,7 +35,10 @@ def pid_file(key: str) -> Path:
 
 
 class AlreadyRunning(RuntimeError):
-    pass
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(
+            f"already running with this config (pid {pid}); stop it with `torchgate stop`"
+        )
 
 
 @dataclass
@@ -60,9 +63,7 @@ class InstanceLock:
         except BlockingIOError:
             pid = _read(fd)[0]
             os.close(fd)
-            raise AlreadyRunning(
-                f"already running with this config (pid {pid}); stop it with `torchgate stop`"
-            ) from None
+            raise AlreadyRunning(pid) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n{self.key}\n".encode(), 0)
         self._fd = fd
@@ -77,10 +78,8 @@ class InstanceLock:
 
 def is_running(key: str) -> int | None:
     """The pid serving `key`, or None."""
-    path = pid_file(key)
-    for instance in _locked([path] if path.exists() else []):
-        return instance.pid
-    return None
+    found = running(key)
+    return found[0].pid if found else None
 
 
 def running(key: str | None = None) -> list[Instance]:

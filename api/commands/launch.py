@@ -80,6 +80,11 @@ def add_server_flags(parser: argparse.ArgumentParser) -> None:
         "--disable-token-auth", "--dt", dest="disable_token_auth", action="store_true"
     )
     parser.add_argument("--enable-model-api", dest="enable_model_api", action="store_true")
+    add_logging_flags(parser)
+
+
+def add_logging_flags(parser: argparse.ArgumentParser) -> None:
+    """--log-level and --access-log, for `start` and `serve` alike."""
     parser.add_argument(
         "--log-level",
         default=os.environ.get("TORCHGATE_LOG_LEVEL", "info"),
@@ -134,11 +139,11 @@ def config_path(ts_config: str | None) -> Path | None:
     return default if default.is_file() else None
 
 
-def prepare(options: argparse.Namespace) -> tuple[Path | None, Config]:
-    """Read and check everything a start needs; raise UsageError with the one line to print."""
+def prepare(options: argparse.Namespace, path: Path | None) -> Config:
+    """Read and check everything a start needs (`path`: `config_path`'s choice); raise
+    UsageError with the one line to print."""
     from api.config import ConfigError, Overrides, load_config
 
-    path = config_path(options.ts_config)
     if options.plugins_path:
         raise UsageError(
             "--plugins-path: TorchServe's Java plugins cannot run in torchgate (refused)"
@@ -174,7 +179,7 @@ def prepare(options: argparse.Namespace) -> tuple[Path | None, Config]:
     check_model_store(config)
     if options.no_config_snapshots:
         config.snapshot_file = None
-    return path, config
+    return config
 
 
 _UNUSED = {
@@ -191,14 +196,13 @@ def check_model_store(config: Config) -> None:
 def start_command(options: argparse.Namespace, argv: list[str]) -> int:
     try:
         # As TorchServe: a running instance is reported before the flags are checked.
-        key = instances.instance_key(config_path(options.ts_config))
+        path = config_path(options.ts_config)
+        key = instances.instance_key(path)
         pid = instances.is_running(key)
         if pid is not None:
-            raise UsageError(
-                f"already running with this config (pid {pid}); stop it with `torchgate stop`"
-            )
-        _, config = prepare(options)
-    except UsageError as exc:
+            raise instances.AlreadyRunning(pid)
+        config = prepare(options, path)
+    except (UsageError, instances.AlreadyRunning) as exc:
         print(f"torchgate: {exc}", file=sys.stderr)
         return 2
     if options.foreground:

@@ -203,13 +203,14 @@ class _Loop:
     def _answer(self, items: list[tuple[str, dict[str, str], dict[str, Any]]]) -> tuple[Any, ...]:
         if self._plain is None:
             return self._run(items, self._handle)
-        plain = [i for i, (_, headers, _) in enumerate(items) if headers.pop(PLAIN_ITEM, None)]
+        marked = [headers.pop(PLAIN_ITEM, None) is not None for _, headers, _ in items]
+        plain = [i for i, is_plain in enumerate(marked) if is_plain]
         if not plain:
             return self._run(items, self._handle)
         if len(plain) == len(items):
             return self._run(items, self._plain)
         # A batch mixing both: each group through its own entry point, answers back in order.
-        wrapped = [i for i in range(len(items)) if i not in set(plain)]
+        wrapped = [i for i, is_plain in enumerate(marked) if not is_plain]
         answers: list[Any] = [None] * len(items)
         metrics: list[Any] = []
         for group, handle in ((wrapped, self._handle), (plain, self._plain)):
