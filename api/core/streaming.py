@@ -43,7 +43,7 @@ class PredictionStream:
         self._send_part = send_part
         self._parts: deque[Prediction] = deque()
         self._sender: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event | None = None  # made with the first part, as the sender
         self._finished = False
 
     @property
@@ -64,28 +64,34 @@ class PredictionStream:
         except BaseException:
             await self._finish()  # the parts before the failure still go out
             raise
+        finally:
+            # The request and this stream refer to each other; unlinked, both are freed by
+            # reference counting when the request ends instead of by the cycle collector.
+            self._request.stream = None
         await self._finish()
         return answer
 
     def _on_part(self, prediction: Prediction) -> None:
         # Called by the backend on the event loop, synchronously: queue, never block it.
         self._parts.append(prediction)
-        if self._sender is None:
-            self._sender = asyncio.ensure_future(self._send_parts())
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            self._sender = asyncio.ensure_future(self._send_parts(self._wake))
         self._wake.set()
 
-    async def _send_parts(self) -> None:
+    async def _send_parts(self, wake: asyncio.Event) -> None:
         while True:
             while self._parts:
                 await self._send_part(self._parts.popleft())
             if self._finished:
                 return
-            self._wake.clear()
-            await self._wake.wait()
+            wake.clear()
+            await wake.wait()
 
     async def _finish(self) -> None:
         self._finished = True
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
         if self._sender is not None:
             await self._sender
 

@@ -61,14 +61,28 @@ async def send_response(
     await send({"type": "http.response.body", "body": body})
 
 
-async def cancel_on_disconnect(receive: Receive, work: Awaitable[Any]) -> Any:
+# Scope key set by the edge protocol (`api.rest.edge`): `watch(callback)` calls `callback` when
+# the client's connection is lost and returns the function that stops watching.
+DISCONNECT_WATCH = "torchgate.watch_disconnect"
+
+
+async def cancel_on_disconnect(scope: Scope, receive: Receive, work: Awaitable[Any]) -> Any:
     """Await `work`, cancelling it if the client disconnects first.
 
     Cancelling reaches the batcher as a cancelled future, so a request whose client went away
-    while it was queued is never run.
+    while it was queued is never run. Under torchgate's edge protocol the connection itself
+    says when it is lost; any other ASGI server is asked through `receive()`, which costs a
+    task per request.
     """
     task = asyncio.current_task()
     assert task is not None
+    watch_disconnect = scope.get(DISCONNECT_WATCH)
+    if watch_disconnect is not None:
+        stop = watch_disconnect(task.cancel)
+        try:
+            return await work
+        finally:
+            stop()
 
     def on_message(watch: asyncio.Future[Message]) -> None:
         disconnected = (

@@ -14,6 +14,14 @@ them. `edge_protocol()` subclasses that protocol, per listener, with:
   for by flow control do not count); a new connection that sends nothing is closed after
   `keep_alive_timeout_s`, as uvicorn closes one idle between requests. A stalled request gets
   408 and is closed.
+- **one write per answer**: uvicorn writes a response's status line and headers as soon as
+  the app starts the response, and its body in a second write; each write to a socket whose
+  reader is waiting wakes that reader. The head is held until the body's first bytes and both
+  go out in one write (`HeadWithBody`), which on small answers is one system call and one
+  wake-up of the client fewer per request.
+- **disconnects**: `connection_lost` cancels what the request's endpoint asked it to
+  (`api.rest.asgi.cancel_on_disconnect`), so a hot path needs no task per request waiting on
+  `receive()` to learn that the client went away.
 - **open connections**: at most `max_connections` per listener. A new connection over the
   bound closes the one that has waited longest without a request in progress (idle, or still
   sending headers: the stalled clients a flood leaves behind), so a good client still gets in;
@@ -31,12 +39,14 @@ import asyncio
 import enum
 import logging
 from collections import OrderedDict
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.config import EdgeLimits
 from api.encoding import error_body
+from api.rest.asgi import DISCONNECT_WATCH
 
 log = logging.getLogger("torchgate.edge")
 
@@ -47,6 +57,11 @@ LINGER_S = 2.0
 # What the edge refused is logged as one summary per listener at most this often, not per
 # connection: a flood must not become a flood of log lines.
 REPORT_S = 60.0
+# A held head goes out with a body of at most this size in one joined write; a larger body
+# is written after it instead of being copied to join them.
+JOIN_BYTES = 64 * 1024
+# What uvicorn writes, before the response, to a client that sent `Expect: 100-continue`.
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _Phase(enum.Enum):
@@ -89,6 +104,51 @@ def _response(status: int, phrase: str, kind: str, message: str) -> bytes:
     ).encode("ascii") + body
 
 
+class HeadWithBody:
+    """The transport one request's response is written to: the head uvicorn writes when the
+    response starts is held until the body's first write (or the end of this loop step, for
+    an answer with no body written, HEAD's) and sent with it. Everything else passes through.
+    """
+
+    __slots__ = ("_head", "_holding", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._head: bytes | None = None
+        self._holding = True  # until the head went by
+
+    def write(self, data: bytes) -> None:
+        head = self._head
+        if head is not None:
+            self._head = None
+            if len(data) <= JOIN_BYTES:
+                self._transport.write(head + data)
+                return
+            self._transport.write(head)
+        elif self._holding and data != CONTINUE:  # an interim "100 Continue" goes at once
+            self._holding = False
+            self._head = data
+            self._loop.call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        head, self._head = self._head, None
+        if head is not None and not self._transport.is_closing():
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class EdgeProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits above; `edge_protocol()` makes one."""
 
@@ -104,6 +164,8 @@ class EdgeProtocol(HttpToolsProtocol):
         self._timeout_s = self.listener.limits.header_timeout_s
         self._max_header_bytes = self.listener.limits.max_header_bytes
         self._refused = False  # answered 431/503 or dropped: nothing more is parsed
+        # What to call when the connection is lost (an ordered set: registered callbacks).
+        self._on_lost: dict[Callable[[], object], None] = {}
 
     # Connection life
 
@@ -136,7 +198,18 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.waiting.pop(self, None)
+        on_lost, self._on_lost = self._on_lost, {}
+        for callback in on_lost:
+            callback()
+        if self.scope is not None:
+            # The scope holds this protocol's bound method; unlinked, the connection is freed
+            # by reference counting rather than by the cycle collector.
+            cast(dict[str, Any], self.scope).pop(DISCONNECT_WATCH, None)
         super().connection_lost(exc)
+
+    def _watch_disconnect(self, callback: Callable[[], object]) -> Callable[[], None]:
+        self._on_lost[callback] = None
+        return lambda: self._on_lost.pop(callback, None) and None
 
     def _sweep(self) -> None:
         listener = self.listener
@@ -232,12 +305,19 @@ class EdgeProtocol(HttpToolsProtocol):
 
     # Parser callbacks (the parser runs inside data_received)
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        cast(dict[str, Any], self.scope)[DISCONNECT_WATCH] = self._watch_disconnect
+
     def on_headers_complete(self) -> None:
         self._header_bytes = 0
         self._phase = _Phase.BODY
         self._deadline = self.loop.time() + self._timeout_s
         self._waiting.pop(self, None)  # a request in progress is never evicted
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope:  # not when upgraded (websocket)
+            cycle.transport = cast(asyncio.Transport, HeadWithBody(self.transport, self.loop))
 
     def on_message_complete(self) -> None:
         self._phase = _Phase.BUSY

@@ -87,7 +87,7 @@ class InferenceEndpoint(ABC):
                 self.auth.check(INFERENCE, headers.get("authorization"))
             body = await read_body(receive, self.max_request_size, headers)
             reply = await cancel_on_disconnect(
-                receive, self.respond(scope, headers, rid, body, model, version, send)
+                scope, receive, self.respond(scope, headers, rid, body, model, version, send)
             )
             if reply is None:
                 return  # sent already

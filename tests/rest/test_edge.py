@@ -6,6 +6,7 @@ no error. Attackers are raw sockets, since an HTTP client would not send what th
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from api.config import ConfigError, parse_config
+from api.rest.edge import CONTINUE, JOIN_BYTES, HeadWithBody
 from tests.support.server import TorchgateServer, running_torchgate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,6 +172,78 @@ def test_pipelined_requests_are_all_answered(bounded: TorchgateServer) -> None:
     answer = read_all(sock)
     sock.close()
     assert answer.count(b"HTTP/1.1 200 OK") == 4
+
+
+def test_a_head_request_gets_its_head_and_no_body(bounded: TorchgateServer) -> None:
+    # uvicorn writes no body for HEAD: the held head must still go out on its own.
+    sock = connect(bounded.inference_url)
+    sock.sendall(
+        b"HEAD /predictions/digits HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(DIGIT), DIGIT)
+    )
+    answer = read_all(sock)
+    sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert status_of(answer) == 200
+    assert b"x-model-version: 1.0" in head
+    assert body == b""
+
+
+def test_expect_100_continue_is_answered_before_the_body_is_sent(
+    bounded: TorchgateServer,
+) -> None:
+    sock = connect(bounded.inference_url)
+    sock.sendall(
+        b"POST /predictions/digits HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"expect: 100-continue\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(DIGIT)
+    )
+    sock.settimeout(5)  # a held "100 Continue" would leave the client waiting here
+    interim = sock.recv(65536)
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+    sock.sendall(DIGIT)
+    answer = read_all(sock)
+    sock.close()
+    assert status_of(answer) == 200
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])
+
+
+def gc_collected(metrics_url: str) -> float:
+    """Objects the server's cycle collector has freed so far (prometheus_client's counter)."""
+    text = http_get(f"{metrics_url}/metrics")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("python_gc_objects_collected_total{")
+    )
+
+
+def http_get(url: str) -> str:
+    host, port = address(url)
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    conn.request("GET", urlsplit(url).path)
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return text
+
+
+def test_answering_predictions_leaves_no_reference_cycles(bounded: TorchgateServer) -> None:
+    # Each request's objects must be freed by reference counting. A cycle per request (a
+    # request and its stream callback, a transport and its response) made the cycle collector
+    # walk every request in flight every few requests: about a quarter of the serving
+    # process's CPU at 32 connections. Garbage that only the collector frees piles up between
+    # collections and is counted when it runs, so 2,000 requests leaving cycles behind show
+    # up here as tens of thousands of collected objects.
+    host, port = address(bounded.inference_url)
+    before = gc_collected(bounded.metrics_url)
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    for _ in range(2000):
+        conn.request("POST", "/predictions/digits", DIGIT, JSON_TYPE)
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+    conn.close()
+    collected = gc_collected(bounded.metrics_url) - before
+    assert collected < 2000, f"{collected:.0f} objects left in reference cycles by 2000 requests"
 
 
 def test_huge_header_pipelined_behind_a_request_is_refused(bounded: TorchgateServer) -> None:
@@ -350,3 +424,63 @@ def test_limits_default_safely() -> None:
     assert limits.header_timeout_s == 20.0
     assert limits.keep_alive_timeout_s == 30
     assert limits.max_connections >= 16
+
+
+class RecordingTransport:
+    """Stands in for the socket transport only to see how the bytes are split into writes;
+    the real-server tests above cover what reaches the client."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_small_answer_goes_out_with_its_head_in_one_write() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        sock = RecordingTransport()
+        transport = HeadWithBody(sock, loop)  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        assert sock.writes == []
+        transport.write(b"{}")
+        assert sock.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+        transport.write(b"next")  # a chunk of a stream: as it comes
+        assert sock.writes[1:] == [b"next"]
+    finally:
+        loop.close()
+
+
+def test_a_head_with_no_body_written_still_goes_out_and_large_bodies_are_not_copied() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        sock = RecordingTransport()
+        transport = HeadWithBody(sock, loop)  # type: ignore[arg-type]
+        transport.write(CONTINUE)
+        assert sock.writes == [CONTINUE]  # the interim answer is never held
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        loop.run_until_complete(asyncio.sleep(0))  # the end of the loop step that wrote it
+        assert sock.writes == [CONTINUE, b"HTTP/1.1 200 OK\r\n\r\n"]
+
+        sock = RecordingTransport()
+        transport = HeadWithBody(sock, loop)  # type: ignore[arg-type]
+        large = b"x" * (JOIN_BYTES + 1)
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.write(large)
+        assert sock.writes == [b"HTTP/1.1 200 OK\r\n\r\n", large]
+
+        sock = RecordingTransport()
+        transport = HeadWithBody(sock, loop)  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+        transport.close()
+        assert sock.writes == [b"HTTP/1.1 500 Internal Server Error\r\n\r\n"] and sock.closed
+    finally:
+        loop.close()
