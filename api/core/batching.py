@@ -4,13 +4,16 @@ The rule, per worker:
 
 1. Block (on an event, never polling) until a request is queued; it opens the batch.
 2. Take whatever else is already queued, up to `max_batch_size`.
-3. Only while another worker of this model is busy — the model is saturated, more requests are
-   coming and compute is already occupied — wait for the batch to fill, at most until the first
-   request's arrival plus `max_batch_delay`. The delay clock starts when the first request of the
-   batch arrived, not when a worker picked it up, so a request that already queued that long
-   goes at once.
+3. Only while another batch of this model is running (on another worker, or on this one, which
+   takes its next batch while it runs the current one) — the model is saturated, more requests
+   are coming and compute is already occupied — wait for the batch to fill, at most until the
+   first request's arrival plus `max_batch_delay`, and no longer than some batch still runs.
+   The delay clock starts when the first request of the batch arrived, not when a worker picked
+   it up, so a request that already queued that long goes at once.
    Otherwise go at once: holding a batch while no other batch runs only leaves compute idle,
-   and under load batches fill anyway, because requests queue up while the worker runs.
+   and under load batches fill anyway, because requests queue up while the worker runs. (The
+   clients of the running batch are often the ones that would fill the held one: with 8
+   connections and batches of 8, a held batch fills only after the running one answers.)
    (TorchServe always waits the full delay for a partial batch: 7-8 ms at concurrency 1.)
 4. Run the batch and resolve each request's future on its own.
 
@@ -84,6 +87,7 @@ class Batcher:
         self._queue: deque[Pending] = deque()
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()  # a full batch is queued (see `_lane`'s overload lanes)
+        self._fillers: list[asyncio.Future[None]] = []  # lanes waiting for a batch to fill
         self._idle = asyncio.Event()
         self._idle.set()
         self._running = 0  # batches being run by workers right now
@@ -124,6 +128,8 @@ class Batcher:
         self._queue.append(Pending(request, future, now, now + self.response_timeout_s))
         self._idle.clear()
         self._arrived.set()
+        if self._fillers:
+            self._wake_fillers()
         if len(self._queue) >= self.max_batch_size:
             self._full.set()
         self._observer.queue_changed(self.model, self.version, len(self._queue))
@@ -241,6 +247,8 @@ class Batcher:
                 self._busy -= not running
                 self._running -= 1
                 self._running_requests -= len(batch)
+                if self._running == 0:
+                    self._wake_fillers()  # a batch held for company goes now (see `_fill`)
                 self._note_if_idle()
 
     async def _next_batch(self) -> list[Pending]:
@@ -268,15 +276,23 @@ class Batcher:
         close_at = batch[0].enqueued_at + self.max_batch_delay_s
         while len(batch) < self.max_batch_size:
             remaining = close_at - self._clock()
-            if remaining <= 0:
-                return
-            self._arrived.clear()
+            if remaining <= 0 or self._running == 0:
+                return  # waited long enough, or compute went idle (`_wake_fillers`)
+            # A future of its own, not `_arrived`: a lane that finds the queue empty clears
+            # that event, which could swallow the wake-up before this wait began.
+            waiter = asyncio.get_running_loop().create_future()
+            self._fillers.append(waiter)
+            timer = asyncio.get_running_loop().call_later(remaining, _wake, waiter)
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
-                return
+                await waiter
             finally:
+                timer.cancel()
+                self._fillers.remove(waiter)
                 self._take_queued(batch)
+
+    def _wake_fillers(self) -> None:
+        for waiter in self._fillers:
+            _wake(waiter)
 
     def _take_queued(self, batch: list[Pending]) -> None:
         """Move queued requests into `batch`, skipping abandoned and expired ones."""
@@ -361,3 +377,8 @@ class Batcher:
 def worker_alive(worker: Worker) -> bool:
     """A worker that can die (a process) says whether it lives; others always do."""
     return getattr(worker, "alive", True)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

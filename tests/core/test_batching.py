@@ -135,6 +135,28 @@ def test_saturated_model_holds_a_partial_batch_until_full() -> None:
     run(scenario())
 
 
+def test_a_held_batch_goes_as_soon_as_no_other_batch_runs() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher()  # max_batch_delay 1000 s: only the running batch ending frees it
+        gate = asyncio.Event()
+        busy, second = GatedWorker(gate=gate), GatedWorker()
+        tasks = [asyncio.create_task(batcher.serve(busy))]
+        first = batcher.submit(request("first"))
+        await busy.started.wait()
+        tasks.append(asyncio.create_task(batcher.serve(second)))
+        held = batcher.submit(request("a"))
+        await asyncio.sleep(0)
+        assert second.batches == []  # held for company while "first" runs
+        gate.set()  # "first" is answered: holding "a" now would only leave compute idle
+        await first
+        assert (await held).body == "a"
+        assert second.batches == [["a"]] or busy.batches[1:] == [["a"]]
+        for task in tasks:
+            task.cancel()
+
+    run(scenario())
+
+
 def test_delay_clock_starts_at_first_arrival() -> None:
     async def scenario() -> None:
         clock = FakeClock()
