@@ -171,17 +171,29 @@ class DataPlane:
     async def _run(self, model_version: ModelVersion, request: InferenceRequest) -> Prediction:
         future = model_version.batcher.submit(request)
         timeout = model_version.settings.response_timeout_s
+        # At the deadline the future is answered 504, so a request still queued is never run
+        # (the batcher skips done futures). A timer, not wait_for: no task or extra future per
+        # request. Cancelling this coroutine (the client left) cancels the future the same way.
+        timer = asyncio.get_running_loop().call_later(
+            timeout, self._deadline_passed, future, model_version, timeout
+        )
         try:
-            # On timeout wait_for cancels the future, so a request still queued is never run.
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            self._observer.request_rejected(
-                model_version.name, model_version.version, REJECT_DEADLINE
-            )
-            raise DeadlineExceeded(
+            return await future
+        finally:
+            timer.cancel()
+
+    def _deadline_passed(
+        self, future: asyncio.Future[Prediction], model_version: ModelVersion, timeout: float
+    ) -> None:
+        if future.done():
+            return
+        self._observer.request_rejected(model_version.name, model_version.version, REJECT_DEADLINE)
+        future.set_exception(
+            DeadlineExceeded(
                 f"Request for model {model_version.name} version {model_version.version} "
                 f"did not finish within responseTimeout {timeout:g} s"
-            ) from None
+            )
+        )
 
     def _start_shadow(
         self, model: str, version: str, request: InferenceRequest, adapt: Adapt | None

@@ -65,6 +65,12 @@ class ModelVersion:
     @property
     def unavailable(self) -> str | None:
         """Why this version cannot take requests now, or None when it can."""
+        if (
+            self.state is ModelState.READY
+            and getattr(self.backend, "unavailable", None) is None
+            and any(slot.live for slot in self.workers)
+        ):
+            return None  # every request asks: the common answer first, without the message
         what = f"Model {self.name} version {self.version}"
         errors = "; ".join(slot.last_error for slot in self.workers if slot.last_error)
         if self.state is ModelState.FAILED:
