@@ -269,7 +269,9 @@ def _launch_worker_pool(config: Config) -> WorkerPool:
     from api.backends.workdir import make_work_dir
     from api.workers.pool import WorkerPool
 
-    pool = WorkerPool(cleanup=make_work_dir(), preload=config.worker_preload)
+    pool = WorkerPool(
+        cleanup=make_work_dir(), preload=config.worker_preload, spin_us=config.worker_spin_us
+    )
     pool.launch()
     return pool
 

@@ -83,8 +83,9 @@ class _Metrics(list[tuple[str, float, str, dict[str, str], str]]):
         return taken
 
 
-def run(spec: WorkerSpec, sock: socket.socket) -> None:
-    """Load the handler, report, then serve batches until told to stop. Blocking."""
+def run(spec: WorkerSpec, sock: socket.socket, *, spin: float = 0.0) -> None:
+    """Load the handler, report, then serve batches until told to stop. Blocking. `spin`:
+    seconds to poll for the next batch before sleeping (`wire.FrameReader`)."""
     import torch  # imported by the zygote already: free
 
     from api.workers.context import MetricsStore, make_context
@@ -124,7 +125,7 @@ def run(spec: WorkerSpec, sock: socket.socket) -> None:
         handle = wrap_in_envelope(plain, spec.service_envelope)
     global _LOOP
     _LOOP = _Loop(spec, context, handle, metrics, torch, plain=plain)
-    _LOOP.serve(sock)
+    _LOOP.serve(sock, spin=spin)
 
 
 # A request header the frontend sets on the items its own KServe endpoints unwrapped, so that
@@ -190,8 +191,8 @@ class _Loop:
         )
         self._model_dims = [spec.archive.name, "Model"]
 
-    def serve(self, sock: socket.socket) -> None:
-        reader = wire.FrameReader(sock)
+    def serve(self, sock: socket.socket, *, spin: float) -> None:
+        reader = wire.FrameReader(sock, spin=spin)
         while (frame := reader.read()) is not None:
             message = wire.loads(frame)
             del frame

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from api.workers import wire
-from api.workers.zygote import DEFAULT_PRELOAD
+from api.workers.zygote import DEFAULT_PRELOAD, DEFAULT_SPIN_US
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("torchgate.worker")
@@ -56,10 +56,12 @@ class WorkerPool:
         *,
         cleanup: Path | None = None,
         preload: Sequence[str] = DEFAULT_PRELOAD,
+        spin_us: int = DEFAULT_SPIN_US,
         python: str = sys.executable,
     ) -> None:
         self._cleanup = cleanup
         self._preload = preload
+        self._spin_us = spin_us
         self._python = python
         self._zygote: subprocess.Popen[bytes] | None = None
         self._control: socket.socket | None = None
@@ -94,7 +96,7 @@ class WorkerPool:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         command = [self._python, "-m", "api.workers.zygote", "--control-fd", str(theirs.fileno())]
-        command += ["--preload", ",".join(self._preload)]
+        command += ["--preload", ",".join(self._preload), "--spin-us", str(self._spin_us)]
         if self._cleanup is not None:
             command += ["--cleanup", str(self._cleanup)]
         # Its own session: a terminal's Ctrl-C or a signal to the frontend's process group does

@@ -21,9 +21,11 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -199,10 +201,19 @@ class FrameReader:
     than a second system call); a frame larger than the buffer gets a buffer of its own size
     that the socket fills directly. Never reads past a frame it returns into the next one's
     buffer of its own: leftover bytes stay for the next `read`.
+
+    With `spin` (seconds) the reader polls the socket that long before it sleeps in `recv`:
+    under load the next batch comes within a few hundred microseconds of the last answer, and
+    a worker that sleeps in between pays a wake-up and cold caches for every batch (on the
+    2-core VM, c=1 p50 0.65 -> 0.44 ms and c=32 +13 % with 300 us). It yields the CPU between
+    polls, so a runnable frontend on the same core goes first.
     """
 
-    def __init__(self, sock: socket.socket, buffer_size: int = 256 * 1024) -> None:
+    def __init__(
+        self, sock: socket.socket, buffer_size: int = 256 * 1024, *, spin: float = 0.0
+    ) -> None:
         self._sock = sock
+        self._spin = spin
         self._buffer = bytearray(buffer_size)
         self._view = memoryview(self._buffer)
         self._start = self._end = 0
@@ -226,12 +237,24 @@ class FrameReader:
                 size = self._end - self._start
                 self._buffer[:size] = self._buffer[self._start : self._end]
                 self._start, self._end = 0, size
-            received = self._sock.recv_into(self._view[self._end :])
+            received = self._receive(self._view[self._end :])
             if received == 0:
                 if self._start == self._end:
                     return None
                 raise WireError("stream ended inside a frame")
             self._end += received
+
+    def _receive(self, into: memoryview) -> int:
+        if self._spin:
+            deadline = time.perf_counter() + self._spin
+            while True:
+                try:
+                    return self._sock.recv_into(into, 0, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    if time.perf_counter() >= deadline:
+                        break
+                    os.sched_yield()
+        return self._sock.recv_into(into)
 
     def _read_large(self, pending: memoryview, total: int) -> memoryview:
         frame = memoryview(bytearray(total))

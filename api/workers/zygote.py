@@ -45,6 +45,9 @@ log = logging.getLogger("torchgate.zygote")
 
 PR_SET_PDEATHSIG = 1
 DEFAULT_PRELOAD = ("torch", "numpy", "ts.torch_handler.base_handler", "onnxruntime", "PIL.Image")
+# Microseconds a worker polls for its next batch before it sleeps (wire.FrameReader): about the
+# time the frontend takes to answer one batch and hand over the next under load.
+DEFAULT_SPIN_US = 250
 # Modules that ask the GPU something when imported: TorchServe's base_handler reads the device's
 # compute capability (and turns TF32 on) at import. One CUDA call here poisons every fork (torch
 # refuses CUDA in the child of a process that used it), so with a GPU build of torch each worker
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--cleanup", default=None)
     parser.add_argument("--preload", default=",".join(DEFAULT_PRELOAD))
+    parser.add_argument("--spin-us", type=int, default=DEFAULT_SPIN_US)
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ctrl-C reaches the whole foreground group: the frontend drains, then stops the workers.
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if gpu_build() and sys.modules["torch"].cuda.is_initialized():
         log.warning("a preloaded module initialised CUDA: workers will fail to use the GPU")
     gc.freeze()
-    Zygote(control, args.cleanup).run()
+    Zygote(control, args.cleanup, spin=args.spin_us / 1e6).run()
 
 
 def gpu_build() -> bool:
@@ -94,9 +98,10 @@ def gpu_build() -> bool:
 
 
 class Zygote:
-    def __init__(self, control: socket.socket, cleanup: str | None) -> None:
+    def __init__(self, control: socket.socket, cleanup: str | None, *, spin: float = 0.0) -> None:
         self._control = control
         self._cleanup = cleanup
+        self._spin = spin  # what each worker polls for its next batch (wire.FrameReader)
         self._selector = selectors.DefaultSelector()
         self._children: dict[int, int] = {}  # pid -> pidfd
 
@@ -189,7 +194,7 @@ class Zygote:
         )
         from api.workers.main import run
 
-        run(spec, socket.socket(fileno=data_fd))
+        run(spec, socket.socket(fileno=data_fd), spin=self._spin)
 
     def _reap(self, pid: int) -> None:
         pidfd = self._children.pop(pid)

@@ -183,3 +183,27 @@ def test_a_stream_that_ends_inside_a_frame(pair: tuple[socket.socket, socket.soc
         writer2.shutdown(socket.SHUT_WR)
         with pytest.raises(wire.WireError, match="stream ended inside a frame"):
             wire.FrameReader(reader2).read()
+
+
+def test_a_spinning_reader_polls_then_sleeps_until_the_next_frame() -> None:
+    """With `spin` the reader polls first (the worker's side: a blocking socket, no timeout),
+    then sleeps in recv; frames that come during the poll, after it, and the end all arrive."""
+    writer, reader = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with writer, reader:
+        frames = wire.FrameReader(reader, spin=0.05)
+
+        def write() -> None:
+            wire.send(writer, wire.encode(("batch", 0)))
+            threading.Event().wait(0.01)  # inside the reader's 50 ms of polling
+            wire.send(writer, wire.encode(("batch", 1)))
+            threading.Event().wait(0.3)  # long after it: the reader sleeps in recv
+            wire.send(writer, wire.encode(("batch", 2)))
+            writer.shutdown(socket.SHUT_WR)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        try:
+            got = [wire.loads(frame) for frame in iter(frames.read, None)]
+        finally:
+            thread.join(10)
+        assert got == [("batch", 0), ("batch", 1), ("batch", 2)]
