@@ -168,9 +168,7 @@ def build(
         owned = None if work_dir is not None else make_work_dir()
         if backend_loader is None:
             # The zygote removes the extracted archives itself if this process is killed.
-            pool = WorkerPool(
-                cleanup=owned, preload=config.worker_preload, spin_us=config.worker_spin_us
-            )
+            pool = WorkerPool(cleanup=owned, preload=config.worker_preload, spin_us=config.spin_us)
     work = work_dir or owned
     assert work is not None
     if backend_loader is None:

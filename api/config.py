@@ -35,9 +35,10 @@ file stays usable unchanged by `torchserve --ts-config`:
     torchgate.worker_preload    modules the worker zygote imports once for every worker to
                                 share (default torch,numpy,ts.torch_handler.base_handler,
                                 onnxruntime,PIL.Image; missing ones are skipped)
-    torchgate.worker_spin_us    microseconds a worker polls for its next batch before it
-                                sleeps (default 250; 0: sleep at once, for hosts where idle
-                                workers must not spend CPU)
+    torchgate.spin_us           microseconds a worker polls for its next batch, and the event
+                                loop for a worker's answer, before sleeping (default 250; 0:
+                                sleep at once, where polling must not spend CPU; see
+                                api.workers.spin)
     torchgate.max_workers_per_model
                                 the most workers one model version may have (default
                                 max(4, 2 x CPU cores, 4 x number_of_gpu)); scale and register
@@ -76,7 +77,8 @@ from urllib.parse import urlsplit
 from api.core.types import ModelSettings
 from api.metrics_config import MetricsConfigError, MetricsSpec, load_metrics_spec
 from api.workers.main import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_ITEMS_PER_REQUEST
-from api.workers.zygote import DEFAULT_PRELOAD, DEFAULT_SPIN_US
+from api.workers.spin import DEFAULT_SPIN_US
+from api.workers.zygote import DEFAULT_PRELOAD
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +161,8 @@ class Config:
     intra_op_threads: int | None = None
     # torchgate.worker_preload: what the worker zygote imports before forking workers.
     worker_preload: tuple[str, ...] = DEFAULT_PRELOAD
-    # torchgate.worker_spin_us: how long a worker polls for its next batch (wire.FrameReader).
-    worker_spin_us: int = DEFAULT_SPIN_US
+    # torchgate.spin_us: how long workers and the event loop poll before sleeping.
+    spin_us: int = DEFAULT_SPIN_US
     key_file: Path = Path("key_file.json")
     # None: no snapshot is read or written (the default without a config file, and `--ncs`).
     snapshot_file: Path | None = None
@@ -400,7 +402,7 @@ ENVIRONMENT_KEYS: dict[str, str] = {
     "TS_HEADER_KEY_SEQUENCE_START": "ts_header_key_sequence_start",
     "TS_HEADER_KEY_SEQUENCE_END": "ts_header_key_sequence_end",
 }
-# A worker that polls longer than this wastes more CPU than a wake-up costs.
+# Polling longer than this wastes more CPU than a wake-up costs.
 MAX_SPIN_US = 10_000
 _PATH_KEYS = frozenset({"model_store", "workflow_store"})
 _REFERENCE = re.compile(r"\$\$([^$]+[^$])\$\$")
@@ -478,13 +480,13 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
                 config.worker_bound,
             )
             config.default_workers_per_model = config.worker_bound
-        if "torchgate.worker_spin_us" in raw:
-            spin = _number(raw, "torchgate.worker_spin_us", int)
+        if "torchgate.spin_us" in raw:
+            spin = _number(raw, "torchgate.spin_us", int)
             if not 0 <= spin <= MAX_SPIN_US:
                 raise ValueError(
-                    f"torchgate.worker_spin_us must be 0..{MAX_SPIN_US} microseconds, not {spin}"
+                    f"torchgate.spin_us must be 0..{MAX_SPIN_US} microseconds, not {spin}"
                 )
-            config.worker_spin_us = spin
+            config.spin_us = spin
         if "torchgate.worker_preload" in raw:
             preload = raw["torchgate.worker_preload"].split(",")
             config.worker_preload = tuple(name.strip() for name in preload if name.strip())

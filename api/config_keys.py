@@ -137,7 +137,7 @@ KEYS: dict[str, Key] = {
             ("torchgate.traffic", "traffic policies by model (docs/traffic.md)"),
             ("torchgate.intra_op_threads", "torch/ONNX Runtime threads per CPU worker"),
             ("torchgate.worker_preload", "modules the worker zygote imports once"),
-            ("torchgate.worker_spin_us", "microseconds a worker polls for its next batch"),
+            ("torchgate.spin_us", "microseconds workers and event loop poll before sleeping"),
             ("torchgate.max_workers_per_model", "the most workers one version may have"),
             ("torchgate.archive_max_bytes", "bytes one archive may unpack to"),
             ("torchgate.archive_max_members", "files one archive may hold"),

@@ -1,5 +1,5 @@
 """`torchgate.max_workers_per_model` (read, checked, defaulted from cores and GPUs) and
-`torchgate.worker_spin_us`."""
+`torchgate.spin_us`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from api.app import build
 from api.config import ConfigError, default_max_workers, parse_config
-from api.workers.zygote import DEFAULT_SPIN_US
+from api.workers.spin import DEFAULT_SPIN_US
 
 
 def test_the_bound_is_read_from_config_properties(tmp_path: Path) -> None:
@@ -46,13 +46,13 @@ def test_default_workers_per_model_above_the_bound_is_clamped(
 
 
 def test_worker_spin_is_read_checked_and_given_to_the_zygote(tmp_path: Path) -> None:
-    """torchgate.worker_spin_us reaches the zygote, which hands it to every worker it forks."""
-    assert parse_config({}, base_dir=tmp_path).worker_spin_us == DEFAULT_SPIN_US
-    config = parse_config({"torchgate.worker_spin_us": "0"}, base_dir=tmp_path)
-    assert config.worker_spin_us == 0
+    """torchgate.spin_us reaches the zygote, which hands it to every worker it forks."""
+    assert parse_config({}, base_dir=tmp_path).spin_us == DEFAULT_SPIN_US
+    config = parse_config({"torchgate.spin_us": "0"}, base_dir=tmp_path)
+    assert config.spin_us == 0
     for value in ("-1", "10001", "fast"):
-        with pytest.raises(ConfigError, match="worker_spin_us"):
-            parse_config({"torchgate.worker_spin_us": value}, base_dir=tmp_path)
+        with pytest.raises(ConfigError, match="spin_us"):
+            parse_config({"torchgate.spin_us": value}, base_dir=tmp_path)
     torchgate = build(config, work_dir=tmp_path)
     assert torchgate.pool is not None
     torchgate.pool.launch()

@@ -270,7 +270,7 @@ def _launch_worker_pool(config: Config) -> WorkerPool:
     from api.workers.pool import WorkerPool
 
     pool = WorkerPool(
-        cleanup=make_work_dir(), preload=config.worker_preload, spin_us=config.worker_spin_us
+        cleanup=make_work_dir(), preload=config.worker_preload, spin_us=config.spin_us
     )
     pool.launch()
     return pool

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from api.workers import wire
-from api.workers.zygote import DEFAULT_PRELOAD, DEFAULT_SPIN_US
+from api.workers.spin import DEFAULT_SPIN_US, LoopSpinner
+from api.workers.zygote import DEFAULT_PRELOAD
 
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("torchgate.worker")
@@ -69,6 +70,7 @@ class WorkerPool:
         self._spawning: dict[int, asyncio.Future[int]] = {}
         self._workers: dict[int, WorkerProcess] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.spinner: LoopSpinner | None = None  # the event loop's polling (api.workers.spin)
 
     @property
     def zygote_pid(self) -> int | None:
@@ -123,6 +125,7 @@ class WorkerPool:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._control.fileno())
         self._loop = loop
+        self.spinner = LoopSpinner(loop, self._spin_us / 1e6)
         self._spawning.clear()
         self._workers.clear()
         loop.add_reader(self._control.fileno(), self._on_control)
@@ -248,6 +251,8 @@ class WorkerProcess(asyncio.BufferedProtocol):
         self._pool = pool
         loop = asyncio.get_running_loop()
         self._loop = loop
+        assert pool.spinner is not None, "spawned after the pool attached to this loop"
+        self._spinner = pool.spinner
         self.exited: asyncio.Future[str] = loop.create_future()
         self._transport: asyncio.Transport | None = None
         # Calls whose answers are due, oldest first: the worker answers in order.
@@ -293,7 +298,11 @@ class WorkerProcess(asyncio.BufferedProtocol):
         if not self.alive or self._transport is None:
             raise WorkerExit(self._exit_reason())
         self._transport.writelines(wire.encode(message))
-        return await self._wait(timeout, on_chunk)
+        self._spinner.call_started()
+        try:
+            return await self._wait(timeout, on_chunk)
+        finally:
+            self._spinner.call_ended()
 
     async def _wait(self, timeout: float, on_chunk: ChunkCallback | None) -> Any:
         if self._inbox:

@@ -202,11 +202,9 @@ class FrameReader:
     that the socket fills directly. Never reads past a frame it returns into the next one's
     buffer of its own: leftover bytes stay for the next `read`.
 
-    With `spin` (seconds) the reader polls the socket that long before it sleeps in `recv`:
-    under load the next batch comes within a few hundred microseconds of the last answer, and
-    a worker that sleeps in between pays a wake-up and cold caches for every batch (on the
-    2-core VM, c=1 p50 0.65 -> 0.44 ms and c=32 +13 % with 300 us). It yields the CPU between
-    polls, so a runnable frontend on the same core goes first.
+    With `spin` (seconds) the reader polls the socket that long before it sleeps in `recv`,
+    yielding the CPU between polls (see `api.workers.spin`): the worker's side of
+    `torchgate.spin_us`.
     """
 
     def __init__(

@@ -41,13 +41,12 @@ import sys
 import warnings
 from typing import Any
 
+from api.workers.spin import DEFAULT_SPIN_US
+
 log = logging.getLogger("torchgate.zygote")
 
 PR_SET_PDEATHSIG = 1
 DEFAULT_PRELOAD = ("torch", "numpy", "ts.torch_handler.base_handler", "onnxruntime", "PIL.Image")
-# Microseconds a worker polls for its next batch before it sleeps (wire.FrameReader): about the
-# time the frontend takes to answer one batch and hand over the next under load.
-DEFAULT_SPIN_US = 250
 # Modules that ask the GPU something when imported: TorchServe's base_handler reads the device's
 # compute capability (and turns TF32 on) at import. One CUDA call here poisons every fork (torch
 # refuses CUDA in the child of a process that used it), so with a GPU build of torch each worker
