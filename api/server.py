@@ -31,6 +31,9 @@ from api.workers.pool import WorkerPool
 
 log = logging.getLogger("torchgate")
 
+# Allocations (net of frees) between two young-generation collections; Python's default is 700.
+YOUNG_COLLECTION_THRESHOLD = 20_000
+
 
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signal handling to `serve()`, which runs several."""
@@ -144,6 +147,11 @@ async def serve(
     # Models are loaded: move everything alive now out of the garbage collector's generations,
     # so collections on the hot path only walk what requests allocate.
     gc.freeze()
+    # Requests leave no reference cycles (docs/architecture.md), so young collections find
+    # next to nothing, and at the default threshold (700) they came every few requests: with
+    # 200 connections in flight, what each scanned was alive, got promoted and was scanned
+    # again, 12 % of the frontend's CPU (10,400 -> 11,900 req/s with 20,000).
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
     torchgate.dataplane.accepting = True
     log.info(
         "torchgate serving %d model version(s): inference %s, management %s, metrics %s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def test_default_workers_per_model_above_the_bound_is_clamped(
     assert "default_workers_per_model=8 is above torchgate.max_workers_per_model=2" in caplog.text
 
 
-def test_worker_spin_is_read_checked_and_given_to_the_zygote(tmp_path: Path) -> None:
+def test_spin_is_read_checked_and_given_to_the_zygote(tmp_path: Path) -> None:
     """torchgate.spin_us reaches the zygote, which hands it to every worker it forks."""
     assert parse_config({}, base_dir=tmp_path).spin_us == DEFAULT_SPIN_US
     config = parse_config({"torchgate.spin_us": "0"}, base_dir=tmp_path)
@@ -58,7 +59,12 @@ def test_worker_spin_is_read_checked_and_given_to_the_zygote(tmp_path: Path) -> 
     torchgate.pool.launch()
     try:
         pid = torchgate.pool.zygote_pid
-        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        command: list[bytes] = []
+        for _ in range(100):  # until /proc shows the command the zygote runs
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"--spin-us" in command:
+                break
+            time.sleep(0.05)
         assert command[command.index(b"--spin-us") + 1] == b"0"
     finally:
         asyncio.run(torchgate.pool.close())
