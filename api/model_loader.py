@@ -20,12 +20,12 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
-from api.config import Config
+from api.config import Config, ModelEntry
 from api.core.names import check_model_name
 from api.core.registry import ModelVersion, Registry
 from api.core.types import Backend, ModelSettings
@@ -33,6 +33,7 @@ from api.errors import BadRequest, NotFound
 from api.model_config import Origin, resolve_settings
 
 log = logging.getLogger(__name__)
+_Item = TypeVar("_Item")
 
 # Builds a backend for an archive path: (path, settings, work_dir) -> Backend. Called with a
 # `handler=` keyword too when a registration overrides the manifest's handler.
@@ -292,26 +293,37 @@ class ModelLoader:
     async def load_startup_models(self) -> list[str]:
         """Register what config.properties asks for; returns one error line per failure.
 
-        One bad archive never stops the others from loading.
+        One bad archive never stops the others from loading. The models of models={...} load
+        at once, each one's versions in order (`load_by_model`); the other archives load_models
+        names come after, one by one: their model names are inside them, so two could be
+        versions of one model, whose default must not depend on which unpacks first.
         """
-        errors: list[str] = []
         wanted = _startup_urls(self.config)
-        for entry in self.config.models:
-            # As in TorchServe, models={...} only describes; load_models decides what loads.
-            if not wanted or ("all" not in wanted and entry.mar_name not in wanted):
-                continue
-            try:
-                await self.register(
-                    entry.mar_name,
-                    entry.settings,
-                    model_name=entry.name,
-                    version=entry.version,
-                    make_default=entry.default,
-                    extra=entry.extra,
-                    keep_failed=True,
-                )
-            except Exception as exc:
-                errors.append(f"{entry.name} {entry.version} ({entry.mar_name}): {exc}")
+        # As in TorchServe, models={...} only describes; load_models decides what loads.
+        entries = [
+            entry
+            for entry in self.config.models
+            if wanted and ("all" in wanted or entry.mar_name in wanted)
+        ]
+
+        async def load(entry: ModelEntry) -> None:
+            await self.register(
+                entry.mar_name,
+                entry.settings,
+                model_name=entry.name,
+                version=entry.version,
+                make_default=entry.default,
+                extra=entry.extra,
+                keep_failed=True,
+            )
+
+        errors = await load_by_model(
+            [
+                (entry.name, f"{entry.name} {entry.version} ({entry.mar_name})", entry)
+                for entry in entries
+            ],
+            load,
+        )
         listed = {entry.mar_name for entry in self.config.models}
         for url, name in _extra_startup_archives(self.config, wanted, listed):
             try:
@@ -323,6 +335,34 @@ class ModelLoader:
         for line in errors:
             log.error("could not load model: %s", line)
         return errors
+
+
+async def load_by_model(
+    items: Sequence[tuple[str, str, _Item]], load: Callable[[_Item], Awaitable[object]]
+) -> list[str]:
+    """`load` each item: one model's items in their order, different models at once.
+
+    For start-up and snapshot restore: a large archive's extraction (the 90 MB minilm takes
+    0.5 s here) then overlaps the zygote's imports and the other models' loading instead of
+    waiting behind them; registration itself is still one at a time (the registry's lock).
+    `items`: (model name, what to call the item in an error line, item). Returns one error
+    line per failure, in the order of `items`; a failure never stops the others.
+    """
+    by_model: dict[str, list[int]] = {}
+    for index, (name, _, _) in enumerate(items):
+        by_model.setdefault(name, []).append(index)
+    errors: list[str | None] = [None] * len(items)
+
+    async def load_model(indexes: list[int]) -> None:
+        for index in indexes:
+            _, what, item = items[index]
+            try:
+                await load(item)
+            except Exception as exc:
+                errors[index] = f"{what}: {exc}"
+
+    await asyncio.gather(*(load_model(indexes) for indexes in by_model.values()))
+    return [line for line in errors if line is not None]
 
 
 def _wants_torchserve(url: str, extra: dict[str, Any] | None) -> bool:

@@ -44,7 +44,7 @@ from api.core.registry import ModelVersion, Registry
 from api.core.routing import TrafficPolicy, TrafficRouter
 from api.core.workflow import WORKFLOW_KEY
 from api.errors import TorchgateError
-from api.model_loader import ModelLoader
+from api.model_loader import ModelLoader, load_by_model
 
 log = logging.getLogger(__name__)
 
@@ -175,25 +175,29 @@ async def restore(data: Mapping[str, Any], loader: ModelLoader, router: TrafficR
     A version that fails to load does not stop the others; a policy that names it is skipped.
     A handler that fails to start keeps its version registered, retried (see `Registry.register`).
     """
-    errors: list[str] = []
+    items: list[tuple[str, str, tuple[str, str, dict[str, Any]]]] = []
     for name, versions in data["models"].items():
         # The default version first, so the model serves as soon as it is there.
         ordered = sorted(versions.items(), key=lambda item: not item[1].get("defaultVersion"))
-        for version, entry in ordered:
-            try:
-                settings = loader.config.model_settings(entry)
-                await loader.register(
-                    str(entry["marName"]),
-                    settings,
-                    model_name=name,
-                    version=version,
-                    make_default=bool(entry.get("defaultVersion")),
-                    extra={k: v for k, v in entry.items() if k.startswith("torchgate")},
-                    keep_failed=True,
-                    origin="snapshot",
-                )
-            except Exception as exc:
-                errors.append(f"{name} {version} ({entry.get('marName')}): {exc}")
+        items += [
+            (name, f"{name} {version} ({entry.get('marName')})", (name, version, entry))
+            for version, entry in ordered
+        ]
+
+    async def load(item: tuple[str, str, dict[str, Any]]) -> None:
+        name, version, entry = item
+        await loader.register(
+            str(entry["marName"]),
+            loader.config.model_settings(entry),
+            model_name=name,
+            version=version,
+            make_default=bool(entry.get("defaultVersion")),
+            extra={k: v for k, v in entry.items() if k.startswith("torchgate")},
+            keep_failed=True,
+            origin="snapshot",
+        )
+
+    errors = await load_by_model(items, load)
     for line in errors:
         log.error("could not restore from snapshot: %s", line)
     return errors + apply_policies(router, data.get("traffic", {}))

@@ -14,7 +14,7 @@ from api.config import parse_config
 from api.core.registry import Registry
 from api.core.types import Backend, ModelSettings
 from api.errors import BadRequest, NotFound, http_status
-from api.model_loader import ModelLoader, archive_signature
+from api.model_loader import ModelLoader, archive_signature, load_by_model
 
 
 def test_a_proxied_versions_signature_comes_from_the_archive_in_the_store(
@@ -159,3 +159,29 @@ def test_api_registrations_reach_torchserve_only_where_allowed_urls_names_it(
     assert "torchserve://169.254.169.254:80 is not named" in message
     tls = "torchserve+https://ts:8443/m/1.0?management_url=none"
     assert "torchserve+https://ts:8443 is not named" in asyncio.run(scenario(named, tls))
+
+
+def test_startup_loads_models_at_once_and_each_models_versions_in_order() -> None:
+    """`load_by_model`: a slow model does not hold up another; one model's versions keep
+    their order (the default first); errors come back in the items' order."""
+    events: list[str] = []
+
+    async def load(item: tuple[str, float]) -> None:
+        what, seconds = item
+        events.append(f"start {what}")
+        await asyncio.sleep(seconds)
+        if what == "b 2.0":
+            raise ValueError("broken archive")
+        events.append(f"done {what}")
+
+    items = [
+        ("a", "a 1.0", ("a 1.0", 0.2)),
+        ("b", "b 1.0", ("b 1.0", 0.01)),
+        ("a", "a 2.0", ("a 2.0", 0.0)),
+        ("b", "b 2.0", ("b 2.0", 0.0)),
+    ]
+    errors = asyncio.run(load_by_model(items, load))
+    assert errors == ["b 2.0: broken archive"]
+    assert events.index("done b 1.0") < events.index("done a 1.0"), "b does not wait for a"
+    assert events.index("done a 1.0") < events.index("start a 2.0"), "a's versions in order"
+    assert "done a 2.0" in events
