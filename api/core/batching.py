@@ -94,6 +94,16 @@ class Batcher:
         self._busy = 0  # workers running at least one batch
         self._running_requests = 0  # requests in those batches
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop, remembered: in Python 3.11 `get_running_loop` is a getpid()
+        system call, per request a few % of the frontend's CPU. Asked again once the
+        remembered loop stops (tests run one batcher on successive loops)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     # -- called by the dataplane -------------------------------------------------------------
 
@@ -124,7 +134,7 @@ class Batcher:
                 retry_after=1,
             )
         now = self._clock()
-        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Prediction] = self._event_loop().create_future()
         self._queue.append(Pending(request, future, now, now + self.response_timeout_s))
         self._idle.clear()
         self._arrived.set()
@@ -280,9 +290,9 @@ class Batcher:
                 return  # waited long enough, or compute went idle (`_wake_fillers`)
             # A future of its own, not `_arrived`: a lane that finds the queue empty clears
             # that event, which could swallow the wake-up before this wait began.
-            waiter = asyncio.get_running_loop().create_future()
+            waiter = self._event_loop().create_future()
             self._fillers.append(waiter)
-            timer = asyncio.get_running_loop().call_later(remaining, _wake, waiter)
+            timer = waiter.get_loop().call_later(remaining, _wake, waiter)
             try:
                 await waiter
             finally:

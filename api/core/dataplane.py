@@ -174,7 +174,7 @@ class DataPlane:
         # At the deadline the future is answered 504, so a request still queued is never run
         # (the batcher skips done futures). A timer, not wait_for: no task or extra future per
         # request. Cancelling this coroutine (the client left) cancels the future the same way.
-        timer = asyncio.get_running_loop().call_later(
+        timer = future.get_loop().call_later(
             timeout, self._deadline_passed, future, model_version, timeout
         )
         try:

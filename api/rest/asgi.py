@@ -61,7 +61,7 @@ async def send_response(
     await send({"type": "http.response.body", "body": body})
 
 
-# Scope key set by the edge protocol (`api.rest.edge`): `watch(callback)` calls `callback` when
+# Scope key set by the edge protocol (`api.rest.edge`): `watch()` cancels the calling task when
 # the client's connection is lost and returns the function that stops watching.
 DISCONNECT_WATCH = "torchgate.watch_disconnect"
 
@@ -74,15 +74,16 @@ async def cancel_on_disconnect(scope: Scope, receive: Receive, work: Awaitable[A
     says when it is lost; any other ASGI server is asked through `receive()`, which costs a
     task per request.
     """
-    task = asyncio.current_task()
-    assert task is not None
     watch_disconnect = scope.get(DISCONNECT_WATCH)
     if watch_disconnect is not None:
-        stop = watch_disconnect(task.cancel)
+        stop = watch_disconnect()
         try:
             return await work
         finally:
             stop()
+
+    task = asyncio.current_task()
+    assert task is not None
 
     def on_message(watch: asyncio.Future[Message]) -> None:
         disconnected = (
