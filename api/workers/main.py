@@ -86,7 +86,7 @@ class _Metrics(list[tuple[str, float, str, dict[str, str], str]]):
         return taken
 
 
-def run(spec: WorkerSpec, sock: socket.socket, *, spin: float = 0.0) -> None:
+def run(spec: WorkerSpec, sock: socket.socket, *, spin: float) -> None:
     """Load the handler, report, then serve batches until told to stop. Blocking. `spin`:
     seconds to poll for the next batch before sleeping (`wire.FrameReader`)."""
     import torch  # imported by the zygote already: free

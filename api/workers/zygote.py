@@ -97,7 +97,7 @@ def gpu_build() -> bool:
 
 
 class Zygote:
-    def __init__(self, control: socket.socket, cleanup: str | None, *, spin: float = 0.0) -> None:
+    def __init__(self, control: socket.socket, cleanup: str | None, *, spin: float) -> None:
         self._control = control
         self._cleanup = cleanup
         self._spin = spin  # what each worker polls for its next batch (wire.FrameReader)
