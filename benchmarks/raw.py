@@ -7,6 +7,11 @@ the top-5 answer) with one intra-op thread, as torchgate's CPU workers run it â€
 server cannot avoid. Each at
 batch 1 and at the archive's batchSize from config.properties. Timing is `timeit`: autorange,
 then the best of five repeats, per call and per item.
+
+The minilm handler is timed both ways: the best of five short bursts, and calls back to back for
+as long as a load point runs. A server's throughput is the second: on the 2-core VM the bursts
+ran 18.8-20.0 ms a call and eight-second loops 20.8-21.2 ms (the host does not hold its burst
+speed), so the served figure is compared with the sustained one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 import timeit
 import zipfile
 from collections.abc import Callable
@@ -37,6 +43,7 @@ class RawResult:
     batch: int
     per_call_us: float
     threads: int | None = None  # intra-op threads; None: the runtime's default
+    sustained_s: float | None = None  # calls back to back for this long; None: best of five
 
     @property
     def per_item_us(self) -> float:
@@ -60,6 +67,17 @@ def seconds_per_call(call: Callable[[], object]) -> float:
     timer = timeit.Timer(call)
     number, _ = timer.autorange()
     return min(timer.repeat(repeat=REPEATS, number=number)) / number
+
+
+def seconds_per_call_sustained(call: Callable[[], object], seconds: float) -> float:
+    """Mean time of one call over calls back to back for `seconds` (after one warm-up call)."""
+    call()
+    calls = 0
+    began = time.perf_counter()
+    while (elapsed := time.perf_counter() - began) < seconds:
+        call()
+        calls += 1
+    return elapsed / max(calls, 1)
 
 
 def sample_pixels(batch: int) -> np.ndarray:
@@ -137,9 +155,10 @@ def bench_archive(mar: Path, batch_sizes: list[int]) -> list[RawResult]:
 MINILM_SENTENCE = "torchgate serves TorchServe model archives without Java."
 
 
-def bench_minilm(mar: Path, batch: int) -> RawResult:
+def bench_minilm(mar: Path, batch: int, sustained_s: float) -> list[RawResult]:
     """The minilm handler in-process at `batch` texts per call, one intra-op thread as
-    torchgate's workers run it: the batched throughput a server of it can at best reach."""
+    torchgate's workers run it: the best of five bursts, and calls back to back for
+    `sustained_s` seconds, the batched throughput a server of it can at best keep up."""
     import torch
 
     from handlers.minilm_handler import MiniLMHandler
@@ -153,6 +172,15 @@ def bench_minilm(mar: Path, batch: int) -> RawResult:
         handler = MiniLMHandler()
         handler.initialize(context)
         data = [{"body": MINILM_SENTENCE.encode()} for _ in range(batch)]
-        per_call = seconds_per_call(lambda: handler.handle(data, context)) * 1e6
+
+        def call() -> object:
+            return handler.handle(data, context)
+
+        burst = seconds_per_call(call) * 1e6
+        sustained = seconds_per_call_sustained(call, sustained_s) * 1e6
     label = f"{manifest['model']['modelName']} {manifest['model'].get('modelVersion', '1.0')}"
-    return RawResult(label, "handler (ONNX Runtime)", batch, per_call, HANDLER_THREADS)
+    runtime = "handler (ONNX Runtime)"
+    return [
+        RawResult(label, runtime, batch, burst, HANDLER_THREADS),
+        RawResult(label, runtime, batch, sustained, HANDLER_THREADS, sustained_s=sustained_s),
+    ]

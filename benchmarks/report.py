@@ -89,10 +89,12 @@ def targets(result: SuiteResult) -> list[Target]:
         )
     )
     _, minilm32 = result.pair("minilm", 32)
-    raw_minilm = next((r for r in result.raw if r.model.startswith("minilm")), None)
+    raw_minilm = next(
+        (r for r in result.raw if r.model.startswith("minilm") and r.sustained_s), None
+    )
     found.append(
         _ratio_target(
-            "minilm c=32: >= 90% of the handler's batched throughput in-process",
+            "minilm c=32: >= 90% of the handler's sustained batched throughput in-process",
             minilm32.rps if minilm32 else None,
             1e6 / raw_minilm.per_item_us if raw_minilm else None,
             0.9,
@@ -234,7 +236,7 @@ def process_rows(result: SuiteResult) -> list[list[str]]:
     return rows
 
 
-RAW_COLUMNS = ("model", "runtime", "threads", "batch", "us/call", "us/item")
+RAW_COLUMNS = ("model", "runtime", "threads", "batch", "timing", "us/call", "us/item")
 
 
 def raw_rows(raw: Sequence[RawResult]) -> list[list[str]]:
@@ -244,6 +246,7 @@ def raw_rows(raw: Sequence[RawResult]) -> list[list[str]]:
             r.runtime,
             "default" if r.threads is None else str(r.threads),
             str(r.batch),
+            "best of 5" if r.sustained_s is None else f"{r.sustained_s:g} s back to back",
             f"{r.per_call_us:.1f}",
             f"{r.per_item_us:.1f}",
         ]
@@ -369,7 +372,9 @@ def markdown(result: SuiteResult) -> str:
             "`timeit`, best of 5, no server: the bare runtime on a ready tensor (threads: "
             "intra-op threads), and the archive's handler (`handle()`: decode the parsed JSON "
             "body, collate, run, top-5 answer) with one intra-op thread, as torchgate's CPU "
-            "workers run it (TorchServe's workers use torch's default, one per core).",
+            "workers run it (TorchServe's workers use torch's default, one per core). The "
+            "minilm handler also runs back to back for as long as a load point: a server keeps "
+            "up that rate, not a burst's, and its target compares with it.",
             "",
             markdown_table(RAW_COLUMNS, raw_rows(result.raw)),
             "",

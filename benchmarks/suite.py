@@ -221,8 +221,8 @@ def run_raw(options: argparse.Namespace) -> list[raw.RawResult]:
     minilm = next((m for m in config.models if m.name == "minilm" and m.default), None)
     if minilm is not None and "minilm" in options.models:
         _say(f"timing {minilm.mar_name} in-process at batch {minilm.settings.batch_size} ...")
-        results.append(
-            raw.bench_minilm(options.model_store / minilm.mar_name, minilm.settings.batch_size)
+        results += raw.bench_minilm(
+            options.model_store / minilm.mar_name, minilm.settings.batch_size, options.duration
         )
     return results
 

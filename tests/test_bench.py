@@ -174,7 +174,9 @@ def test_side_by_side_rows_pair_servers_by_concurrency() -> None:
 
 def test_targets_report_what_was_measured() -> None:
     result = suite_result()
-    result.raw.append(RawResult("minilm 1.0", "handler (ONNX Runtime)", 8, 8000.0, 1))
+    # The burst (best of five) is faster than the host keeps up; the target takes the sustained.
+    result.raw.append(RawResult("minilm 1.0", "handler (ONNX Runtime)", 8, 7000.0, 1))
+    result.raw.append(RawResult("minilm 1.0", "handler (ONNX Runtime)", 8, 8000.0, 1, 10.0))
     tg = result.runs[report.TORCHGATE]
     tg.points["digits"].append(point(200, 6500, 20.0, 40.0))
     tg.points["minilm"] = [point(32, 950, 30.0, 40.0)]
@@ -184,7 +186,7 @@ def test_targets_report_what_was_measured() -> None:
     c200 = found["digits c=200: 2xx goodput >= 90% of torchgate's c=32 req/s"]
     assert c200.met is True and c200.measured.startswith("93%")
     assert found["digits c=1: torchgate p50 <= 0.3 ms"].met is False
-    minilm = found["minilm c=32: >= 90% of the handler's batched throughput in-process"]
+    minilm = found["minilm c=32: >= 90% of the handler's sustained batched throughput in-process"]
     assert minilm.met is True and minilm.measured.startswith("95%")  # 950 of 1,000 items/s
     pss = found["PSS serving the example models <= 50% of TorchServe's"]
     assert pss.met is True and pss.measured.startswith("40%")
@@ -205,7 +207,7 @@ def test_markdown_holds_machine_tables_and_targets() -> None:
     assert "| 32 | 3,000 | 10.00 |" in text
     assert "| torchgate | 400 | 420 | 360 | frontend, worker |" in text
     assert "share the same 2 cores" in text
-    assert "| digits 1.0 | TorchScript | 1 | 8 | 40.0 | 5.0 |" in text
+    assert "| digits 1.0 | TorchScript | 1 | 8 | best of 5 | 40.0 | 5.0 |" in text
     console = report.console(suite_result())
     assert "POST /predictions/digits" in console and "targets" in console
 
