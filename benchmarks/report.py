@@ -320,6 +320,9 @@ def markdown(result: SuiteResult) -> str:
         f"{s.get('torchserve_threads', '?')}. (With torch's default, 2 threads in each of its "
         "3 workers on 2 cores, TorchServe's OpenMP pools oversubscribe the cores and its "
         "throughput drops several-fold; `--torchserve-threads 0` measures that.)",
+        "- Logging: each server's default, one access-log line per request written to a file "
+        "(TorchServe's `logs/access_log.log`; torchgate's JSON access log on stdout, sent to a "
+        "file).",
         "- req/s counts successful (2xx) answers only; refused ones (503 when the queue is "
         "full) are in the errors column.",
         "- One server at a time: start it, wait until every model version is ready, run every "

@@ -133,7 +133,8 @@ def torchgate(
         config_path.read_text()
         + f"\nmodel_store={model_store.resolve()}\ndisable_token_authorization=true\n"
     )
-    with running_torchgate(
-        text, args=("--log-level", "warning"), startup_timeout=startup_timeout
-    ) as tg:
+    # Default logging, as TorchServe's: each server writes one access-log line per request to
+    # a file (TorchServe's logs/access_log.log; torchgate's JSON lines on stdout, which the
+    # launcher sends to a file). Turning only torchgate's off would flatter it by up to ~10 %.
+    with running_torchgate(text, startup_timeout=startup_timeout) as tg:
         yield Server("torchgate", tg.inference_url, tg.process.pid)

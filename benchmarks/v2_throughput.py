@@ -333,11 +333,9 @@ def run(options: argparse.Namespace) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="v2-throughput-") as tmp, ExitStack() as stack:
         config = Path(tmp, "config.properties")
         config.write_text(CONFIG.format(store=MODEL_STORE))
-        tg = stack.enter_context(
-            running_torchgate(
-                config, workdir=Path(tmp, "torchgate"), args=["--log-level", "warning"]
-            )
-        )
+        # Default logging for both: an access-log line per request, to a file (see
+        # benchmarks/servers.py).
+        tg = stack.enter_context(running_torchgate(config, workdir=Path(tmp, "torchgate")))
         torchserve = None
         if not options.skip_torchserve:
             ts = stack.enter_context(running_torchserve(MODEL_STORE, config))
