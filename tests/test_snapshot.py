@@ -21,6 +21,7 @@ from api.config import Config, ConfigError, load_config
 from api.snapshot import Snapshotter, read_snapshot, write_atomic
 from tests.support.aio import run
 from tests.support.fake_backend import load_fake_backend, write_fake_archive
+from tests.support.torchserve import free_addresses
 
 CONFIG = """\
 model_store=model_store
@@ -228,7 +229,11 @@ def test_a_version_that_fails_to_restore_does_not_stop_the_others(tmp_path: Path
 def test_snapshots_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = config_in(tmp_path, CONFIG + "torchgate.snapshot_file=\n")
     assert load_config(path).snapshot_file is None
-    custom = config_in(tmp_path, CONFIG + f"torchgate.snapshot_file={tmp_path}/s/x.json\n")
+    # Free ports: `serve` checks its listeners before it runs, and the defaults may be taken.
+    listeners = "".join(f"{key}={value}\n" for key, value in free_addresses().items())
+    custom = config_in(
+        tmp_path, CONFIG + listeners + f"torchgate.snapshot_file={tmp_path}/s/x.json\n"
+    )
     assert load_config(custom).snapshot_file == tmp_path / "s/x.json"
 
     seen: list[Config] = []

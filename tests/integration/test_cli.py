@@ -30,7 +30,7 @@ import pytest
 
 from tests.support.archives import ECHO, build_archive
 from tests.support.processes import wait_until
-from tests.support.torchserve import free_ports
+from tests.support.torchserve import free_addresses
 
 pytestmark = [pytest.mark.integration]
 
@@ -84,14 +84,7 @@ class Env:
         )
 
     def config(self, name: str, **values: str) -> tuple[Path, dict[str, str]]:
-        ports = free_ports(5)
-        addresses = {
-            "inference_address": f"http://127.0.0.1:{ports[0]}",
-            "management_address": f"http://127.0.0.1:{ports[1]}",
-            "metrics_address": f"http://127.0.0.1:{ports[2]}",
-            "grpc_inference_port": str(ports[3]),
-            "grpc_management_port": str(ports[4]),
-        }
+        addresses = free_addresses()
         lines = {**addresses, **values}
         path = self.root / name
         path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import (
 from tests.support.archives import ECHO, build_archive
 from tests.support.server import ROOT, TorchgateServer, running_torchgate
 from tests.support.tls import write_certificate
+from tests.support.torchserve import free_addresses
 
 pytestmark = pytest.mark.integration
 
@@ -104,8 +105,12 @@ def test_a_jks_keystore_stops_the_start_with_the_conversion_command(tmp_path: Pa
     jks = tmp_path / "server.jks"
     jks.write_bytes(b"\xfe\xed\xfe\xed" + b"\x00" * 60)  # JKS magic (test_tls makes a real one)
     config = tmp_path / "config.properties"
+    # The other listeners on free ports: the start must stop at the keystore, not at a port
+    # some other server holds.
+    listeners = {**free_addresses(), "inference_address": "https://127.0.0.1:1"}
     config.write_text(
-        f"model_store={tmp_path}\ninference_address=https://127.0.0.1:1\nkeystore={jks}\n"
+        f"model_store={tmp_path}\nkeystore={jks}\n"
+        + "".join(f"{key}={value}\n" for key, value in listeners.items())
     )
     done = subprocess.run(
         [sys.executable, "-m", "api.cli", "serve", "--config", str(config)],

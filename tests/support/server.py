@@ -43,7 +43,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from api.config import read_properties
-from tests.support.torchserve import free_ports
+from tests.support.torchserve import free_addresses
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,15 +113,8 @@ def running_torchgate(
     else:
         text, base = config, workdir
     raw = read_properties(text)
-    ports = free_ports(5)
     overrides = {
-        "inference_address": f"{scheme}://127.0.0.1:{ports[0]}",
-        "management_address": f"{scheme}://127.0.0.1:{ports[1]}",
-        "metrics_address": f"{scheme}://127.0.0.1:{ports[2]}",
-        "grpc_inference_address": "127.0.0.1",
-        "grpc_management_address": "127.0.0.1",
-        "grpc_inference_port": str(ports[3]),
-        "grpc_management_port": str(ports[4]),
+        **free_addresses(scheme),
         "disable_token_authorization": raw.get("disable_token_authorization", "true"),
         "model_store": str(base / raw.get("model_store", "model_store")),
     }
@@ -142,8 +135,8 @@ def running_torchgate(
         inference_url=overrides["inference_address"],
         management_url=overrides["management_address"],
         metrics_url=overrides["metrics_address"],
-        grpc_inference_port=ports[3],
-        grpc_management_port=ports[4],
+        grpc_inference_port=int(overrides["grpc_inference_port"]),
+        grpc_management_port=int(overrides["grpc_management_port"]),
         workdir=workdir,
         config_path=config_path,
         log_path=log_path,

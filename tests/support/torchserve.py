@@ -80,6 +80,21 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in sockets]
 
 
+def free_addresses(scheme: str = "http") -> dict[str, str]:
+    """config.properties keys putting all five listeners on free loopback ports, so a test's
+    server never meets another server on the default ports (a `make serve` left running)."""
+    ports = free_ports(5)
+    return {
+        "inference_address": f"{scheme}://127.0.0.1:{ports[0]}",
+        "management_address": f"{scheme}://127.0.0.1:{ports[1]}",
+        "metrics_address": f"{scheme}://127.0.0.1:{ports[2]}",
+        "grpc_inference_address": "127.0.0.1",
+        "grpc_management_address": "127.0.0.1",
+        "grpc_inference_port": str(ports[3]),
+        "grpc_management_port": str(ports[4]),
+    }
+
+
 def read_properties(path: Path) -> list[tuple[str | None, str]]:
     """(key, logical line) pairs of a .properties file; continuation lines (trailing ``\\``)
     are joined into their logical line, comments and blanks get key None."""
@@ -164,15 +179,8 @@ def running_torchserve(
     # A short private directory: worker sockets live in it and unix socket paths are limited
     # to about 100 bytes, which pytest's tmp_path can exceed.
     workdir = Path(tempfile.mkdtemp(prefix="ts-", dir="/tmp"))
-    ports = free_ports(5)
     overrides = {
-        "inference_address": f"{scheme}://127.0.0.1:{ports[0]}",
-        "management_address": f"{scheme}://127.0.0.1:{ports[1]}",
-        "metrics_address": f"{scheme}://127.0.0.1:{ports[2]}",
-        "grpc_inference_address": "127.0.0.1",
-        "grpc_management_address": "127.0.0.1",
-        "grpc_inference_port": str(ports[3]),
-        "grpc_management_port": str(ports[4]),
+        **free_addresses(scheme),
         "disable_token_authorization": "true",
         "model_store": str(model_store.resolve()),
         **({"load_models": models} if models is not None else {}),
@@ -202,8 +210,8 @@ def running_torchserve(
         inference_url=overrides["inference_address"],
         management_url=overrides["management_address"],
         metrics_url=overrides["metrics_address"],
-        grpc_inference_port=ports[3],
-        grpc_management_port=ports[4],
+        grpc_inference_port=int(overrides["grpc_inference_port"]),
+        grpc_management_port=int(overrides["grpc_management_port"]),
         workdir=workdir,
         config_path=config,
         pid=process.pid,
