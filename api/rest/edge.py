@@ -14,11 +14,15 @@ them. `edge_protocol()` subclasses that protocol, per listener, with:
   for by flow control do not count); a new connection that sends nothing is closed after
   `keep_alive_timeout_s`, as uvicorn closes one idle between requests. A stalled request gets
   408 and is closed.
-- **one write per answer**: uvicorn writes a response's status line and headers as soon as
-  the app starts the response, and its body in a second write; each write to a socket whose
-  reader is waiting wakes that reader. The head is held until the body's first bytes and both
-  go out in one write (`HeadWithBody`), which on small answers is one system call and one
-  wake-up of the client fewer per request.
+- **writes at the end of the loop's turn**: uvicorn writes a response's status line and
+  headers as soon as the app starts the response, and its body in a second write; each write
+  to a socket whose reader is waiting wakes that reader. A connection's writes wait in its
+  listener's `Outbox` until the end of the event loop's turn, then go out in order, a
+  connection's consecutive pieces joined: a small answer is one system call, and the answers
+  of one batch (resolved together) leave back to back, not between stretches of Python, so a
+  client reading many connections finds several ready per wake-up. At 32 connections on the
+  2-core VM, wrk slept 0.6-0.8 times per answer instead of 0.95, and throughput rose by about
+  15 % over one joined write per answer (docs/architecture.md).
 - **disconnects**: `connection_lost` cancels what the request's endpoint asked it to
   (`api.rest.asgi.cancel_on_disconnect`), so a hot path needs no task per request waiting on
   `receive()` to learn that the client went away.
@@ -57,11 +61,9 @@ LINGER_S = 2.0
 # What the edge refused is logged as one summary per listener at most this often, not per
 # connection: a flood must not become a flood of log lines.
 REPORT_S = 60.0
-# A held head goes out with a body of at most this size in one joined write; a larger body
-# is written after it instead of being copied to join them.
+# Consecutive pieces of one connection are joined into one write up to this size; a larger
+# piece (an image, a big tensor) is written on its own instead of being copied.
 JOIN_BYTES = 64 * 1024
-# What uvicorn writes, before the response, to a client that sent `Expect: 100-continue`.
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _Phase(enum.Enum):
@@ -80,6 +82,7 @@ class _Listener:
         self.limits = limits
         # Connections with no request in progress, longest waiting first (insertion order).
         self.waiting: OrderedDict[EdgeProtocol, None] = OrderedDict()
+        self.outbox: Outbox | None = None  # made on the loop of the first connection
         self.sweep: asyncio.TimerHandle | None = None
         self.period_s = max(0.01, min(limits.header_timeout_s, limits.keep_alive_timeout_s) / 4)
         self.refused: dict[str, int] = {}  # since the last report: "431 header too large": n
@@ -104,46 +107,83 @@ def _response(status: int, phrase: str, kind: str, message: str) -> bytes:
     ).encode("ascii") + body
 
 
-class HeadWithBody:
-    """The transport one request's response is written to: the head uvicorn writes when the
-    response starts is held until the body's first write (or the end of this loop step, for
-    an answer with no body written, HEAD's) and sent with it. Everything else passes through.
+class Outbox:
+    """What a listener's connections wrote during the current turn of the event loop.
+
+    The first write of a turn schedules `flush` at the end of the loop's ready queue, so every
+    answer resolved in the same turn (a batch's) is written before it runs.
     """
 
-    __slots__ = ("_head", "_holding", "_loop", "_transport")
+    __slots__ = ("_pending", "loop")
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._head: bytes | None = None
-        self._holding = True  # until the head went by
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Transport, bytes]] = []
 
-    def write(self, data: bytes) -> None:
-        head = self._head
-        if head is not None:
-            self._head = None
-            if len(data) <= JOIN_BYTES:
-                self._transport.write(head + data)
-                return
-            self._transport.write(head)
-        elif self._holding and data != CONTINUE:  # an interim "100 Continue" goes at once
-            self._holding = False
-            self._head = data
-            self._loop.call_soon(self.flush)
-            return
-        self._transport.write(data)
+    def add(self, transport: asyncio.Transport, data: bytes) -> None:
+        pending = self._pending
+        pending.append((transport, data))
+        if len(pending) == 1:
+            self.loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        head, self._head = self._head, None
-        if head is not None and not self._transport.is_closing():
-            self._transport.write(head)
+        """Write everything pending, in order; a connection's consecutive pieces joined up to
+        JOIN_BYTES. What a connection closed meanwhile had pending is dropped, as a write to a
+        closed socket would be."""
+        pending, self._pending = self._pending, []
+        count = len(pending)
+        i = 0
+        while i < count:
+            transport, data = pending[i]
+            i += 1
+            if i < count and pending[i][0] is transport and len(data) < JOIN_BYTES:
+                pieces = [data]
+                size = len(data)
+                while i < count and pending[i][0] is transport:
+                    piece = pending[i][1]
+                    if size + len(piece) > JOIN_BYTES:
+                        break
+                    pieces.append(piece)
+                    size += len(piece)
+                    i += 1
+                data = b"".join(pieces)
+            if not transport.is_closing():
+                transport.write(data)
 
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
+
+class TurnWriter:
+    """The transport a connection's protocol and its requests write to: writes go through the
+    listener's `Outbox`; closing, EOF and abort first send what is pending, so nothing written
+    before them is lost or overtaken. Everything else passes through to the socket's transport.
+    """
+
+    __slots__ = ("_outbox", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, outbox: Outbox) -> None:
+        self._transport = transport
+        self._outbox = outbox
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._outbox.add(self._transport, bytes(data))
+
+    def writelines(self, lines: Any) -> None:
+        self.write(b"".join(lines))
 
     def is_closing(self) -> bool:
         return self._transport.is_closing()
+
+    def close(self) -> None:
+        self._outbox.flush()
+        self._transport.close()
+
+    def write_eof(self) -> None:
+        self._outbox.flush()
+        self._transport.write_eof()
+
+    def abort(self) -> None:
+        self._outbox.flush()
+        self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -190,7 +230,11 @@ class EdgeProtocol(HttpToolsProtocol):
                 )
                 transport.close()
                 return
-        super().connection_made(transport)
+        outbox = listener.outbox
+        if outbox is None or outbox.loop is not self.loop:
+            outbox = listener.outbox = Outbox(self.loop)
+        writer = TurnWriter(transport, outbox)
+        super().connection_made(cast(asyncio.Transport, writer))
         self._deadline = self.loop.time() + listener.limits.keep_alive_timeout_s
         self._waiting[self] = None
         if listener.sweep is None:
@@ -320,9 +364,6 @@ class EdgeProtocol(HttpToolsProtocol):
         self._deadline = self.loop.time() + self._timeout_s
         self._waiting.pop(self, None)  # a request in progress is never evicted
         super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope:  # not when upgraded (websocket)
-            cycle.transport = cast(asyncio.Transport, HeadWithBody(self.transport, self.loop))
 
     def on_message_complete(self) -> None:
         self._phase = _Phase.BUSY

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from api.config import ConfigError, parse_config
-from api.rest.edge import CONTINUE, JOIN_BYTES, HeadWithBody
+from api.rest.edge import JOIN_BYTES, Outbox, TurnWriter
 from tests.support.server import TorchgateServer, running_torchgate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -433,6 +433,7 @@ class RecordingTransport:
     def __init__(self) -> None:
         self.writes: list[bytes] = []
         self.closed = False
+        self.eof = False
 
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
@@ -443,44 +444,63 @@ class RecordingTransport:
     def close(self) -> None:
         self.closed = True
 
+    def write_eof(self) -> None:
+        self.eof = True
 
-def test_a_small_answer_goes_out_with_its_head_in_one_write() -> None:
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+
+
+def test_a_turns_answers_go_out_at_its_end_in_order_each_in_one_write() -> None:
     loop = asyncio.new_event_loop()
     try:
-        sock = RecordingTransport()
-        transport = HeadWithBody(sock, loop)  # type: ignore[arg-type]
-        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
-        assert sock.writes == []
-        transport.write(b"{}")
-        assert sock.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
-        transport.write(b"next")  # a chunk of a stream: as it comes
-        assert sock.writes[1:] == [b"next"]
+        outbox = Outbox(loop)
+        a, b = RecordingTransport(), RecordingTransport()
+        writer_a = TurnWriter(a, outbox)  # type: ignore[arg-type]
+        writer_b = TurnWriter(b, outbox)  # type: ignore[arg-type]
+        writer_a.write(HEAD)
+        writer_a.write(b"{}")
+        writer_b.write(HEAD)
+        writer_b.write(b"[]")
+        assert a.writes == [] and b.writes == []  # held until the end of the turn
+        loop.run_until_complete(asyncio.sleep(0))
+        assert a.writes == [HEAD + b"{}"] and b.writes == [HEAD + b"[]"]
+        writer_a.write(b"next")  # a stream's next chunk: the next turn's own write
+        loop.run_until_complete(asyncio.sleep(0))
+        assert a.writes[1:] == [b"next"]
     finally:
         loop.close()
 
 
-def test_a_head_with_no_body_written_still_goes_out_and_large_bodies_are_not_copied() -> None:
+def test_large_pieces_are_not_copied_and_closing_sends_what_is_pending_first() -> None:
     loop = asyncio.new_event_loop()
     try:
+        outbox = Outbox(loop)
         sock = RecordingTransport()
-        transport = HeadWithBody(sock, loop)  # type: ignore[arg-type]
-        transport.write(CONTINUE)
-        assert sock.writes == [CONTINUE]  # the interim answer is never held
-        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
-        loop.run_until_complete(asyncio.sleep(0))  # the end of the loop step that wrote it
-        assert sock.writes == [CONTINUE, b"HTTP/1.1 200 OK\r\n\r\n"]
-
-        sock = RecordingTransport()
-        transport = HeadWithBody(sock, loop)  # type: ignore[arg-type]
+        writer = TurnWriter(sock, outbox)  # type: ignore[arg-type]
         large = b"x" * (JOIN_BYTES + 1)
-        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
-        transport.write(large)
-        assert sock.writes == [b"HTTP/1.1 200 OK\r\n\r\n", large]
+        writer.write(HEAD)
+        writer.write(large)
+        loop.run_until_complete(asyncio.sleep(0))
+        assert sock.writes == [HEAD, large]
 
         sock = RecordingTransport()
-        transport = HeadWithBody(sock, loop)  # type: ignore[arg-type]
-        transport.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
-        transport.close()
+        writer = TurnWriter(sock, outbox)  # type: ignore[arg-type]
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+        writer.close()
         assert sock.writes == [b"HTTP/1.1 500 Internal Server Error\r\n\r\n"] and sock.closed
+
+        sock = RecordingTransport()
+        writer = TurnWriter(sock, outbox)  # type: ignore[arg-type]
+        writer.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n\r\n")
+        writer.write_eof()
+        assert len(sock.writes) == 1 and sock.eof
+
+        # A connection closed before the end of the turn: its pending bytes go nowhere.
+        sock = RecordingTransport()
+        TurnWriter(sock, outbox).write(HEAD)  # type: ignore[arg-type]
+        sock.closed = True
+        loop.run_until_complete(asyncio.sleep(0))
+        assert sock.writes == []
     finally:
         loop.close()
