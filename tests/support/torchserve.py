@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -71,13 +72,51 @@ class TorchServe:
         return _processes(pgid=self.pid, marker=str(self.workdir))
 
 
+# Ports handed to test servers come from below the kernel's ephemeral range (see free_ports).
+LOWEST_TEST_PORT = 10_000
+
+
 def free_ports(count: int) -> list[int]:
-    """`count` distinct free TCP ports on 127.0.0.1 (held open together while choosing)."""
+    """`count` distinct free TCP ports on 127.0.0.1 (held open together while choosing).
+
+    Not from `bind(0)`: the kernel picks those from its ephemeral range, where any outgoing
+    connection (a load test opens thousands) may take the port in the seconds before the server
+    binds it, and TorchServe then dies with "Address already in use". Below that range only an
+    explicit bind takes a port, and each pytest-xdist worker draws from its own slice of it, so
+    two workers never pick the same one.
+    """
+    low, high = _port_slice()
+    chosen: list[int] = []
     with ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        for port in _random.sample(range(low, high), k=min(high - low, 50 * count + 100)):
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or lingering): try another
+            chosen.append(port)
+            if len(chosen) == count:
+                return chosen
+    raise RuntimeError(f"no {count} free ports between {low} and {high}")
+
+
+_random = random.SystemRandom()  # not the test run's seeded generator: workers must differ
+
+
+def _port_slice() -> tuple[int, int]:
+    """[low, high) for this process: below the ephemeral range, split among xdist workers."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    low, high = LOWEST_TEST_PORT, max(ephemeral_low, LOWEST_TEST_PORT + 1000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ...
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if worker.startswith("gw") and worker[2:].isdigit() and workers > 1:
+        size = (high - low) // workers
+        low += int(worker[2:]) % workers * size
+        high = low + size
+    return low, high
 
 
 def free_addresses(scheme: str = "http") -> dict[str, str]:
