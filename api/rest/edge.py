@@ -131,30 +131,29 @@ class Outbox:
         JOIN_BYTES. What a connection closed meanwhile had pending is dropped, as a write to a
         closed socket would be."""
         pending, self._pending = self._pending, []
-        count = len(pending)
-        i = 0
-        while i < count:
-            transport, data = pending[i]
-            i += 1
-            if i < count and pending[i][0] is transport and len(data) < JOIN_BYTES:
-                pieces = [data]
-                size = len(data)
-                while i < count and pending[i][0] is transport:
-                    piece = pending[i][1]
-                    if size + len(piece) > JOIN_BYTES:
-                        break
-                    pieces.append(piece)
-                    size += len(piece)
-                    i += 1
-                data = b"".join(pieces)
-            if not transport.is_closing():
-                transport.write(data)
+        owner: asyncio.Transport | None = None
+        run: list[bytes] = []  # consecutive pieces of `owner`, to go out in one write
+        size = 0
+        for transport, data in pending:
+            if transport is owner and size + len(data) <= JOIN_BYTES:
+                run.append(data)
+                size += len(data)
+                continue
+            _write(owner, run)
+            owner, run, size = transport, [data], len(data)
+        _write(owner, run)
+
+
+def _write(transport: asyncio.Transport | None, pieces: list[bytes]) -> None:
+    if transport is not None and not transport.is_closing():
+        transport.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
 
 class TurnWriter:
     """The transport a connection's protocol and its requests write to: writes go through the
-    listener's `Outbox`; closing, EOF and abort first send what is pending, so nothing written
-    before them is lost or overtaken. Everything else passes through to the socket's transport.
+    listener's `Outbox`; closing and EOF first send what is pending, so nothing written before
+    them is lost or overtaken. Everything else passes through to the socket's transport (abort
+    too: it discards what is unsent, and the flush skips a closing connection).
     """
 
     __slots__ = ("_outbox", "_transport")
@@ -180,10 +179,6 @@ class TurnWriter:
     def write_eof(self) -> None:
         self._outbox.flush()
         self._transport.write_eof()
-
-    def abort(self) -> None:
-        self._outbox.flush()
-        self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)

@@ -21,6 +21,7 @@ workers) if anything is still alive.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -103,6 +104,7 @@ def free_ports(count: int) -> list[int]:
 _random = random.SystemRandom()  # not the test run's seeded generator: workers must differ
 
 
+@functools.cache  # the range and the worker's name do not change while the process runs
 def _port_slice() -> tuple[int, int]:
     """[low, high) for this process: below the ephemeral range, split among xdist workers."""
     try:
