@@ -20,7 +20,8 @@ Control protocol, over a SOCK_SEQPACKET socket (one message per packet, pickled)
 Lifetime: nothing outlives the frontend. When the control socket ends (the frontend exited or
 was killed, even with SIGKILL) the zygote kills every worker, waits for them, removes the
 `--cleanup` directory (the extracted archives) and exits; each worker also has
-PR_SET_PDEATHSIG=SIGKILL, so it dies with the zygote whatever it is doing.
+PR_SET_PDEATHSIG=SIGKILL, so it dies with the zygote whatever it is doing. The processes a
+handler starts end with its worker or at the latest with the zygote (`descendants`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import sys
 import warnings
 from typing import Any
 
+from api.workers import descendants
 from api.workers.spin import DEFAULT_SPIN_US
 
 log = logging.getLogger("torchgate.zygote")
@@ -103,10 +105,18 @@ class Zygote:
         self._spin = spin  # what each worker polls for its next batch (wire.FrameReader)
         self._selector = selectors.DefaultSelector()
         self._children: dict[int, int] = {}  # pid -> pidfd
+        # SIGCHLD wakes the selector: an adopted process (see `descendants`) that ends is
+        # reaped then. Workers are not: each has its pidfd.
+        self._wake, self._wake_writer = socket.socketpair()
+        self._wake_writer.setblocking(False)
 
     def run(self) -> None:
+        descendants.become_subreaper()
+        signal.set_wakeup_fd(self._wake_writer.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         self._send(("hello", os.getpid()))
         self._selector.register(self._control, selectors.EVENT_READ)
+        self._selector.register(self._wake, selectors.EVENT_READ)
         try:
             while self._serve_once():
                 pass
@@ -118,6 +128,9 @@ class Zygote:
             if key.fileobj is self._control:
                 if not self._on_control():
                     return False
+            elif key.fileobj is self._wake:
+                self._wake.recv(4096)
+                descendants.reap_adopted(self._children)
             else:
                 self._reap(key.data)
         return True
@@ -157,6 +170,9 @@ class Zygote:
                     with contextlib.suppress(Exception):
                         stream.flush()
                 os._exit(code)
+        # Also here, not only in the child: the group must exist before a kill can target it.
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)
         os.close(data_fd)
         os.close(log_fd)
         pidfd = os.pidfd_open(pid)
@@ -170,8 +186,13 @@ class Zygote:
         _set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != parent:  # the zygote died before the line above
             os._exit(1)
+        descendants.lead_own_group()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self._selector.close()
         self._control.close()
+        self._wake.close()
+        self._wake_writer.close()
         for pidfd in self._children.values():
             os.close(pidfd)
         os.dup2(log_fd, 1)
@@ -196,6 +217,8 @@ class Zygote:
         run(spec, socket.socket(fileno=data_fd), spin=self._spin)
 
     def _reap(self, pid: int) -> None:
+        # Before waitpid, while the worker's pid still names its group: what it left goes too.
+        descendants.kill_group(pid)
         pidfd = self._children.pop(pid)
         self._selector.unregister(pidfd)
         os.close(pidfd)
@@ -205,7 +228,8 @@ class Zygote:
     def _kill(self, pid: int) -> None:
         pidfd = self._children.get(pid)
         if pidfd is not None:
-            with contextlib.suppress(ProcessLookupError):
+            descendants.kill_group(pid)
+            with contextlib.suppress(ProcessLookupError):  # in case it left its group
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
     def _send(self, message: tuple[Any, ...]) -> None:
@@ -221,6 +245,7 @@ class Zygote:
                 os.waitpid(pid, 0)
             os.close(pidfd)
         self._children.clear()
+        descendants.end_adopted(self._children)
         if self._cleanup:
             shutil.rmtree(self._cleanup, ignore_errors=True)
 

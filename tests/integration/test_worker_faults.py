@@ -10,7 +10,7 @@ itself: its worker was restarted, no operator involved.
 Other tests here: a handler whose `initialize` raises marks its version FAILED with the
 handler's message after a few tries and recovers once the cause is gone; SIGTERM drains and
 exits on one signal, hung handler and all; after a stop or a SIGKILL of the frontend no worker
-process and no extracted archive is left behind.
+process and no extracted archive is left behind, nor any process a handler started.
 """
 
 from __future__ import annotations
@@ -71,6 +71,32 @@ FLAKY_INIT = """
 
         def handle(self, data, context):
             return ["up"] * len(data)
+"""
+
+HELPERS = """
+    import os
+    import subprocess
+
+    started = []
+
+    def handle(data, context):
+        if data is None:
+            return None
+        out = []
+        for row in data:
+            body = row.get("body") or row.get("data")
+            if isinstance(body, (bytes, bytearray)):
+                body = body.decode()
+            if body == "start":
+                # A helper left in the worker's process group (subprocess's default), a daemon
+                # in a session of its own, and a daemon that ends by itself soon.
+                started.append(subprocess.Popen(["sleep", "600"]).pid)
+                started.append(subprocess.Popen(["sleep", "600"], start_new_session=True).pid)
+                started.append(subprocess.Popen(["sleep", "0.5"], start_new_session=True).pid)
+            if body == "exit":
+                os._exit(3)
+            out.append({"pid": os.getpid(), "helpers": started})
+        return out
 """
 
 RESPONSE_TIMEOUT_S = 2
@@ -254,6 +280,32 @@ def test_nothing_outlives_a_killed_frontend(store: Path) -> None:
         for pid in [*pids, zygote]:
             wait_until(lambda pid=pid: not alive(pid), timeout=10)
         wait_until(lambda: not any(d.exists() for d in model_dirs), timeout=10)
+
+
+def test_what_a_handler_starts_ends_with_its_worker_or_with_the_server(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    build_archive(tmp_path, "helpers", "helpers.py", {"helpers.py": HELPERS}, export_dir=store)
+    with running_torchgate(f"model_store={store}\nload_models=helpers.mar\n") as server:
+
+        def post(body: bytes) -> httpx.Response:
+            return httpx.post(f"{server.inference_url}/predictions/helpers", content=body)
+
+        in_group, daemon, brief = post(b"start").json()["helpers"]
+        [worker] = worker_pids(server, "helpers")
+        zygote = parent_of(worker)
+        assert post(b"exit").status_code == 500
+        # The crashed worker's group went with it; its daemons were adopted by the zygote,
+        # which reaps the one that ended (no zombie left) and keeps the other until it stops:
+        # it cannot tell which worker a daemon serves.
+        wait_until(lambda: not alive(in_group))
+        wait_until(lambda: not Path(f"/proc/{brief}").exists())
+        assert parent_of(daemon) == zygote
+        wait_until(lambda: post(b"start").status_code == 200)
+        replacement = post(b"again").json()["helpers"]
+        server.kill()  # SIGKILL: the zygote ends everything on its own
+        for pid in [daemon, *replacement, zygote]:
+            wait_until(lambda pid=pid: not alive(pid), timeout=10)
 
 
 def test_the_frontend_never_loads_torch_or_handler_code(server: TorchgateServer) -> None:

@@ -1,0 +1,80 @@
+"""Process groups and adoption: what a handler starts cannot outlive its worker or the zygote.
+
+Real processes (`sh`, `sleep`). The subreaper test runs in a child Python: a pytest process
+that adopted orphans would collect other tests' processes too.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from api.workers import descendants
+from tests.support.processes import alive, wait_until
+
+
+def members(group: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is `group`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_killing_a_group_ends_the_helpers_left_in_it() -> None:
+    leader = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
+    wait_until(lambda: len(members(leader.pid)) == 2)  # sh and its sleep
+    descendants.kill_group(leader.pid)
+    assert leader.wait(timeout=10) == -9
+    wait_until(lambda: not members(leader.pid), timeout=10)
+    descendants.kill_group(leader.pid)  # an empty group: nothing to do, no error
+
+
+def test_adopted_lists_children_the_caller_did_not_fork_as_workers() -> None:
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert child.pid in descendants.adopted(())
+        assert child.pid not in descendants.adopted({child.pid})
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_subreaper_ends_and_reaps_the_orphans_below_it() -> None:
+    script = textwrap.dedent(
+        """
+        import os, subprocess, time
+        from api.workers import descendants
+
+        assert descendants.become_subreaper()
+        # sh exits at once: its background sleeps become orphans, adopted by this process.
+        subprocess.run(["sh", "-c", "sleep 60 & sleep 0.2 &"], check=True)
+        time.sleep(0.1)
+        orphans = descendants.adopted(())
+        assert len(orphans) == 2, orphans
+        time.sleep(0.5)  # the short one has ended: a zombie until reaped
+        descendants.reap_adopted(())
+        [left] = descendants.adopted(())
+        descendants.end_adopted(())
+        assert descendants.adopted(()) == []
+        assert not os.path.exists(f"/proc/{left}")
+        print("ended", left)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    left = int(result.stdout.split()[-1])
+    assert not alive(left)
