@@ -1,10 +1,11 @@
-"""What a handler starts ends with its worker, and nothing it starts outlives the server.
+"""The processes below the zygote: workers die with it, and what handlers start dies too.
 
 Handlers start helper processes: a `subprocess` for a tokenizer or a converter, a
 `multiprocessing` pool, now and then a daemon in a session of its own. Killing a worker does not
 kill them, so a worker killed at its `responseTimeout` or crashed would leave them running,
-one more set at every restart, and after the server stopped. Two mechanisms, both Linux's:
+one more set at every restart, and after the server stopped. Three mechanisms, all Linux's:
 
+- Each worker has PR_SET_PDEATHSIG=SIGKILL: it dies with the zygote whatever it is doing.
 - Each worker leads its own process group, and the zygote signals the group, not the worker
   alone: whatever the handler started and left in that group (`subprocess` and
   `multiprocessing` children do, by default) ends with the worker, whichever way it ends.
@@ -13,52 +14,91 @@ one more set at every restart, and after the server stopped. Two mechanisms, bot
   zygote's child instead of init's. The zygote reaps those that exit while it serves, and ends
   every one left when it shuts down. It cannot tell which worker started such a process, so
   while the server runs it leaves them alone: they may still serve a live worker.
+
+If the zygote itself is killed (SIGKILL, the OOM killer), its workers still die, but the
+helpers they started do not; the frontend then kills the workers' process groups
+(`api.workers.pool`), which ends those left in them. Daemons in a session of their own are
+then handed to init.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import time
 from collections.abc import Collection
 
+log = logging.getLogger("torchgate.zygote")
+
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
-SHUTDOWN_S = 2.0  # at most this long ending adopted processes when the zygote stops
+TERM_GRACE_S = 1.0  # adopted processes get SIGTERM first, then SIGKILL after this long
+SHUTDOWN_S = 3.0  # at most this long ending adopted processes when the zygote stops
 
 
-def become_subreaper() -> bool:
-    """Adopt this process's orphaned descendants (Linux >= 3.4); False where it cannot."""
+def _prctl(option: int, value: int) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
+        return int(libc.prctl(option, value, 0, 0, 0)) == 0
+    except (OSError, AttributeError):  # not Linux
         return False
+
+
+def become_subreaper() -> None:
+    """Adopt this process's orphaned descendants (Linux >= 3.4)."""
+    if not _prctl(PR_SET_CHILD_SUBREAPER, 1):
+        log.warning(
+            "cannot become a child subreaper: daemons that handlers start in a session of "
+            "their own may outlive the server"
+        )
+
+
+def die_with_parent(sig: signal.Signals) -> None:
+    """Deliver `sig` to this process when its parent exits (a no-op outside Linux, where the
+    zygote's shutdown still kills its workers)."""
+    _prctl(PR_SET_PDEATHSIG, int(sig))
 
 
 def lead_own_group() -> None:
     """In a new worker: start a process group that the worker's helpers inherit."""
-    with contextlib.suppress(OSError):  # already a group leader
+    with contextlib.suppress(PermissionError):  # only a session leader cannot; no worker is
         os.setpgid(0, 0)
 
 
 def kill_group(leader: int) -> None:
     """SIGKILL the process group `leader` leads: a worker and the helpers it left in it.
 
-    Safe while `leader` is not yet reaped (alive or a zombie): its pid, hence the group's id,
-    cannot be reused until then.
+    Safe while `leader` is not yet reaped (alive or a zombie), and while any process is left
+    in its group: until then its pid, hence the group's id, cannot be reused.
     """
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(leader, signal.SIGKILL)
 
 
 def adopted(known: Collection[int]) -> list[int]:
-    """This process's children other than `known` (the workers it forked itself)."""
+    """This process's children other than `known` (the workers it forked itself): the
+    zygote starts nothing else, so the rest were adopted."""
+    try:
+        return [pid for pid in _children() if pid not in known]
+    except OSError:  # no procfs (a sandbox): nothing to adopt from either
+        return []
+
+
+def _children() -> list[int]:
+    children: list[int] = []
+    try:  # the kernel's own list (CONFIG_PROC_CHILDREN): cheap however busy the host
+        for task in os.scandir("/proc/self/task"):
+            with open(os.path.join(task.path, "children"), "rb") as listed:
+                children += map(int, listed.read().split())
+        return children
+    except FileNotFoundError:
+        pass
     me = os.getpid()
-    children = []
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) in known:
+        if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/stat", "rb") as stat:
@@ -78,18 +118,29 @@ def reap_adopted(known: Collection[int]) -> None:
 
 
 def end_adopted(known: Collection[int]) -> None:
-    """SIGKILL and reap every adopted process, and those that their deaths orphan in turn.
+    """SIGTERM every adopted process, SIGKILL what is left after `TERM_GRACE_S`, and reap
+    them all, also those that their deaths orphan in turn.
 
-    Gives up after a few seconds (a process stuck in the kernel dies when it leaves it; if
-    the zygote has exited by then, init reaps it).
+    Gives up after `SHUTDOWN_S`: a process stuck in the kernel dies when it leaves it, and
+    init (or the nearest subreaper) reaps it if the zygote has exited by then.
     """
-    deadline = time.monotonic() + SHUTDOWN_S
+    started = time.monotonic()
+    asked: set[int] = set()
     while orphans := adopted(known):
+        waited = time.monotonic() - started
         for pid in orphans:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            if waited >= TERM_GRACE_S:
+                _signal(pid, signal.SIGKILL)
+            elif pid not in asked:  # a daemon may want to remove its shared memory, its files
+                _signal(pid, signal.SIGTERM)
+                asked.add(pid)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-        if time.monotonic() >= deadline:
+        if waited >= SHUTDOWN_S:
             return
         time.sleep(0.01)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api.workers import wire
+from api.workers import descendants, wire
 from api.workers.spin import DEFAULT_SPIN_US, LoopSpinner
 from api.workers.zygote import DEFAULT_PRELOAD
 
@@ -184,6 +184,7 @@ class WorkerPool:
             await asyncio.wait_for(asyncio.to_thread(zygote.wait), 10)
         except TimeoutError:
             zygote.kill()
+            self._kill_worker_groups()
         for process in list(self._workers.values()):
             process.exit_reported(-signal.SIGKILL)
 
@@ -228,6 +229,7 @@ class WorkerPool:
         self._control = self._zygote = None
         code = zygote.poll() if zygote is not None else None
         log.error("the worker zygote exited (%s); workers will be restarted", describe_exit(code))
+        self._kill_worker_groups()
         for future in self._spawning.values():
             if not future.done():
                 future.set_exception(
@@ -237,6 +239,14 @@ class WorkerPool:
         for process in list(self._workers.values()):
             process.exit_reported(-signal.SIGKILL)
         self._workers.clear()
+
+    def _kill_worker_groups(self) -> None:
+        """The zygote died without its shutdown: its workers die with it, the helpers they
+        left in their process groups do not. Safe although the zygote no longer holds the
+        pids: a group's id is not reused while any process is left in it, and a worker that
+        died moments ago leaves an empty group that no new process has had time to lead."""
+        for pid in self._workers:
+            descendants.kill_group(pid)
 
     def forget(self, pid: int) -> None:
         self._workers.pop(pid, None)

@@ -19,26 +19,27 @@ Control protocol, over a SOCK_SEQPACKET socket (one message per packet, pickled)
 
 Lifetime: nothing outlives the frontend. When the control socket ends (the frontend exited or
 was killed, even with SIGKILL) the zygote kills every worker, waits for them, removes the
-`--cleanup` directory (the extracted archives) and exits; each worker also has
-PR_SET_PDEATHSIG=SIGKILL, so it dies with the zygote whatever it is doing. The processes a
-handler starts end with its worker or at the latest with the zygote (`descendants`).
+`--cleanup` directory (the extracted archives) and exits; each worker also dies with the
+zygote whatever it is doing. The processes a handler starts end with its worker or at the
+latest with the zygote (`descendants`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import importlib
 import logging
 import os
 import pickle
+import select
 import selectors
 import shutil
 import signal
 import socket
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -47,7 +48,7 @@ from api.workers.spin import DEFAULT_SPIN_US
 
 log = logging.getLogger("torchgate.zygote")
 
-PR_SET_PDEATHSIG = 1
+WORKER_EXIT_S = 5.0  # at shutdown; the frontend SIGKILLs a zygote that takes 10 s
 DEFAULT_PRELOAD = ("torch", "numpy", "ts.torch_handler.base_handler", "onnxruntime", "PIL.Image")
 # Modules that ask the GPU something when imported: TorchServe's base_handler reads the device's
 # compute capability (and turns TF32 on) at import. One CUDA call here poisons every fork (torch
@@ -107,16 +108,18 @@ class Zygote:
         self._children: dict[int, int] = {}  # pid -> pidfd
         # SIGCHLD wakes the selector: an adopted process (see `descendants`) that ends is
         # reaped then. Workers are not: each has its pidfd.
-        self._wake, self._wake_writer = socket.socketpair()
-        self._wake_writer.setblocking(False)
+        self._sigchld_reader, self._sigchld_writer = socket.socketpair()
+        self._sigchld_writer.setblocking(False)
 
     def run(self) -> None:
         descendants.become_subreaper()
-        signal.set_wakeup_fd(self._wake_writer.fileno(), warn_on_full_buffer=False)
+        signal.set_wakeup_fd(self._sigchld_writer.fileno(), warn_on_full_buffer=False)
+        # A handler that does nothing: SIGCHLD is ignored by default, and the wakeup fd only
+        # hears of signals that have a Python handler.
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         self._send(("hello", os.getpid()))
         self._selector.register(self._control, selectors.EVENT_READ)
-        self._selector.register(self._wake, selectors.EVENT_READ)
+        self._selector.register(self._sigchld_reader, selectors.EVENT_READ)
         try:
             while self._serve_once():
                 pass
@@ -128,8 +131,8 @@ class Zygote:
             if key.fileobj is self._control:
                 if not self._on_control():
                     return False
-            elif key.fileobj is self._wake:
-                self._wake.recv(4096)
+            elif key.fileobj is self._sigchld_reader:
+                self._sigchld_reader.recv(4096)
                 descendants.reap_adopted(self._children)
             else:
                 self._reap(key.data)
@@ -183,7 +186,7 @@ class Zygote:
     def _become_worker(self, spec: Any, data_fd: int, log_fd: int) -> None:
         """Runs in the forked child: detach from the zygote's state, then serve."""
         parent = os.getppid()
-        _set_parent_death_signal(signal.SIGKILL)
+        descendants.die_with_parent(signal.SIGKILL)
         if os.getppid() != parent:  # the zygote died before the line above
             os._exit(1)
         descendants.lead_own_group()
@@ -191,8 +194,8 @@ class Zygote:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self._selector.close()
         self._control.close()
-        self._wake.close()
-        self._wake_writer.close()
+        self._sigchld_reader.close()
+        self._sigchld_writer.close()
         for pidfd in self._children.values():
             os.close(pidfd)
         os.dup2(log_fd, 1)
@@ -238,25 +241,29 @@ class Zygote:
             self._control.send(pickle.dumps(message))
 
     def _shutdown(self) -> None:
-        for pid in list(self._children):
-            self._kill(pid)
+        try:
+            for pid in list(self._children):
+                self._kill(pid)
+            self._wait_for_workers(WORKER_EXIT_S)
+            # What the workers left is adopted by now; a worker stuck in the kernel stays
+            # known, so it is not signalled again.
+            descendants.end_adopted(self._children)
+        finally:
+            if self._cleanup:
+                shutil.rmtree(self._cleanup, ignore_errors=True)
+
+    def _wait_for_workers(self, seconds: float) -> None:
+        """Reap the killed workers, waiting at most `seconds` in all: a SIGKILLed process
+        stuck in the kernel (a driver's teardown, NFS) must not hold up the rest."""
+        deadline = time.monotonic() + seconds
         for pid, pidfd in list(self._children.items()):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-            os.close(pidfd)
-        self._children.clear()
-        descendants.end_adopted(self._children)
-        if self._cleanup:
-            shutil.rmtree(self._cleanup, ignore_errors=True)
-
-
-def _set_parent_death_signal(sig: int) -> None:
-    """Linux: deliver `sig` to this process when its parent (the zygote) exits."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the zygote's shutdown still kills workers
-        pass
+            exited = select.poll()
+            exited.register(pidfd, select.POLLIN)
+            if exited.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+                os.close(pidfd)
+                del self._children[pid]
 
 
 if __name__ == "__main__":

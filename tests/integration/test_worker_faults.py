@@ -16,6 +16,7 @@ process and no extracted archive is left behind, nor any process a handler start
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -306,6 +307,26 @@ def test_what_a_handler_starts_ends_with_its_worker_or_with_the_server(tmp_path:
         server.kill()  # SIGKILL: the zygote ends everything on its own
         for pid in [daemon, *replacement, zygote]:
             wait_until(lambda pid=pid: not alive(pid), timeout=10)
+
+
+def test_a_killed_zygote_takes_the_helpers_in_its_workers_groups_along(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    build_archive(tmp_path, "helpers", "helpers.py", {"helpers.py": HELPERS}, export_dir=store)
+    with running_torchgate(f"model_store={store}\nload_models=helpers.mar\n") as server:
+        url = f"{server.inference_url}/predictions/helpers"
+        in_group, daemon, _ = httpx.post(url, content=b"start").json()["helpers"]
+        [worker] = worker_pids(server, "helpers")
+        try:
+            os.kill(parent_of(worker), signal.SIGKILL)  # as the OOM killer would
+            wait_until(lambda: not alive(worker), timeout=10)
+            # The frontend ends the worker's group; the daemon left it, so goes to init
+            # (docs/architecture.md says so), and this test ends it itself.
+            wait_until(lambda: not alive(in_group), timeout=10)
+            wait_until(lambda: httpx.post(url, content=b"x").status_code == 200)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(daemon, signal.SIGKILL)
 
 
 def test_the_frontend_never_loads_torch_or_handler_code(server: TorchgateServer) -> None:

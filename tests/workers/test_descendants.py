@@ -53,19 +53,27 @@ def test_a_subreaper_ends_and_reaps_the_orphans_below_it() -> None:
         import os, subprocess, time
         from api.workers import descendants
 
-        assert descendants.become_subreaper()
-        # sh exits at once: its background sleeps become orphans, adopted by this process.
-        subprocess.run(["sh", "-c", "sleep 60 & sleep 0.2 &"], check=True)
+        descendants.become_subreaper()
+        # sh exits at once: its background processes become orphans, adopted by this one. One
+        # ends by itself, one ignores SIGTERM.
+        subprocess.run(
+            ["sh", "-c", "sleep 60 & sleep 0.2 & (trap '' TERM; exec sleep 60) &"], check=True
+        )
         time.sleep(0.1)
         orphans = descendants.adopted(())
-        assert len(orphans) == 2, orphans
+        assert len(orphans) == 3, orphans
         time.sleep(0.5)  # the short one has ended: a zombie until reaped
         descendants.reap_adopted(())
-        [left] = descendants.adopted(())
+        left = descendants.adopted(())
+        assert len(left) == 2, left
+        started = time.monotonic()
         descendants.end_adopted(())
+        took = time.monotonic() - started
         assert descendants.adopted(()) == []
-        assert not os.path.exists(f"/proc/{left}")
-        print("ended", left)
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in left)
+        # SIGTERM first; SIGKILL only for the one that ignored it, after the grace period.
+        assert descendants.TERM_GRACE_S <= took < descendants.SHUTDOWN_S, took
+        print(*left)
         """
     )
     result = subprocess.run(
@@ -76,5 +84,4 @@ def test_a_subreaper_ends_and_reaps_the_orphans_below_it() -> None:
         cwd=Path(__file__).resolve().parents[2],
     )
     assert result.returncode == 0, result.stderr
-    left = int(result.stdout.split()[-1])
-    assert not alive(left)
+    assert not any(alive(int(pid)) for pid in result.stdout.split())
