@@ -36,47 +36,8 @@ pytestmark = pytest.mark.integration
 FAULTY = """
     import ctypes
     import os
-    import time
-
-    def handle(data, context):
-        if data is None:
-            return None
-        out = []
-        for row in data:
-            body = row.get("body") or row.get("data")
-            if isinstance(body, (bytes, bytearray)):
-                body = body.decode()
-            if body == "exit":
-                os._exit(3)
-            if body == "segv":
-                ctypes.string_at(0)
-            if body == "hang":
-                time.sleep(3600)
-            if body == "spin":  # pure Python: holds this worker's interpreter lock throughout
-                end = time.monotonic() + 12
-                while time.monotonic() < end:
-                    pass
-            out.append({"pid": os.getpid(), "echo": body})
-        return out
-"""
-
-FLAKY_INIT = """
-    import os
-
-    FLAG = {flag!r}
-
-    class Handler:
-        def initialize(self, context):
-            if os.path.exists(FLAG):
-                raise RuntimeError("weights are missing: " + FLAG)
-
-        def handle(self, data, context):
-            return ["up"] * len(data)
-"""
-
-HELPERS = """
-    import os
     import subprocess
+    import time
 
     started = []
 
@@ -96,8 +57,30 @@ HELPERS = """
                 started.append(subprocess.Popen(["sleep", "0.5"], start_new_session=True).pid)
             if body == "exit":
                 os._exit(3)
-            out.append({"pid": os.getpid(), "helpers": started})
+            if body == "segv":
+                ctypes.string_at(0)
+            if body == "hang":
+                time.sleep(3600)
+            if body == "spin":  # pure Python: holds this worker's interpreter lock throughout
+                end = time.monotonic() + 12
+                while time.monotonic() < end:
+                    pass
+            out.append({"pid": os.getpid(), "echo": body, "helpers": started})
         return out
+"""
+
+FLAKY_INIT = """
+    import os
+
+    FLAG = {flag!r}
+
+    class Handler:
+        def initialize(self, context):
+            if os.path.exists(FLAG):
+                raise RuntimeError("weights are missing: " + FLAG)
+
+        def handle(self, data, context):
+            return ["up"] * len(data)
 """
 
 RESPONSE_TIMEOUT_S = 2
@@ -283,17 +266,14 @@ def test_nothing_outlives_a_killed_frontend(store: Path) -> None:
         wait_until(lambda: not any(d.exists() for d in model_dirs), timeout=10)
 
 
-def test_what_a_handler_starts_ends_with_its_worker_or_with_the_server(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    build_archive(tmp_path, "helpers", "helpers.py", {"helpers.py": HELPERS}, export_dir=store)
-    with running_torchgate(f"model_store={store}\nload_models=helpers.mar\n") as server:
+def test_what_a_handler_starts_ends_with_its_worker_or_with_the_server(store: Path) -> None:
+    with running_torchgate(config(store, "faulty.mar")) as server:
 
         def post(body: bytes) -> httpx.Response:
-            return httpx.post(f"{server.inference_url}/predictions/helpers", content=body)
+            return httpx.post(f"{server.inference_url}/predictions/faulty", content=body)
 
         in_group, daemon, brief = post(b"start").json()["helpers"]
-        [worker] = worker_pids(server, "helpers")
+        [worker] = worker_pids(server, "faulty")
         zygote = parent_of(worker)
         assert post(b"exit").status_code == 500
         # The crashed worker's group went with it; its daemons were adopted by the zygote,
@@ -309,14 +289,11 @@ def test_what_a_handler_starts_ends_with_its_worker_or_with_the_server(tmp_path:
             wait_until(lambda pid=pid: not alive(pid), timeout=10)
 
 
-def test_a_killed_zygote_takes_the_helpers_in_its_workers_groups_along(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
-    build_archive(tmp_path, "helpers", "helpers.py", {"helpers.py": HELPERS}, export_dir=store)
-    with running_torchgate(f"model_store={store}\nload_models=helpers.mar\n") as server:
-        url = f"{server.inference_url}/predictions/helpers"
+def test_a_killed_zygote_takes_the_helpers_in_its_workers_groups_along(store: Path) -> None:
+    with running_torchgate(config(store, "faulty.mar")) as server:
+        url = f"{server.inference_url}/predictions/faulty"
         in_group, daemon, _ = httpx.post(url, content=b"start").json()["helpers"]
-        [worker] = worker_pids(server, "helpers")
+        [worker] = worker_pids(server, "faulty")
         try:
             os.kill(parent_of(worker), signal.SIGKILL)  # as the OOM killer would
             wait_until(lambda: not alive(worker), timeout=10)
