@@ -164,10 +164,12 @@ class Zygote:
             try:
                 self._become_worker(spec, data_fd, log_fd)
                 code = 0
-            except BaseException:
+            except BaseException as exc:
                 import traceback
 
-                traceback.print_exc()
+                traceback.print_exc()  # also for sys.exit(): who ended the worker is worth a line
+                if isinstance(exc, SystemExit):
+                    code = _exit_status(exc)
             finally:
                 for stream in (sys.stdout, sys.stderr):
                     with contextlib.suppress(Exception):
@@ -264,6 +266,14 @@ class Zygote:
                     os.waitpid(pid, 0)
                 os.close(pidfd)
                 del self._children[pid]
+
+
+def _exit_status(exc: SystemExit) -> int:
+    """The status Python itself exits with for `exc`: its code when an int, 0 for None, else 1
+    (sys.exit("message"))."""
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 1
 
 
 if __name__ == "__main__":

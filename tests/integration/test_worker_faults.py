@@ -37,6 +37,7 @@ FAULTY = """
     import ctypes
     import os
     import subprocess
+    import sys
     import time
 
     started = []
@@ -57,6 +58,8 @@ FAULTY = """
                 started.append(subprocess.Popen(["sleep", "0.5"], start_new_session=True).pid)
             if body == "exit":
                 os._exit(3)
+            if body == "sysexit":  # not an Exception: the worker ends (TorchServe: 500 too)
+                sys.exit(4)
             if body == "segv":
                 ctypes.string_at(0)
             if body == "hang":
@@ -126,6 +129,7 @@ async def steady_traffic(url: str, stop: asyncio.Event) -> list[tuple[int, float
     ("fault", "status", "message"),
     [
         ("exit", 500, "exit code 3"),
+        ("sysexit", 500, "exit code 4"),
         ("segv", 500, "signal 11 (SIGSEGV)"),
         ("hang", 504, "responseTimeout"),
         ("spin", 504, "responseTimeout"),
