@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -26,7 +24,7 @@ import pytest
 from tests.support.archives import build_archive
 from tests.support.processes import alive, wait_until
 from tests.support.server import running_torchgate, worker_pids
-from tests.support.torchserve import running_torchserve
+from tests.support.side_by_side import side_by_side
 
 pytestmark = [pytest.mark.integration, pytest.mark.torchserve]
 
@@ -64,42 +62,32 @@ def model(method: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("pools")
     store = work / "store"
     store.mkdir()
     for method in METHODS:
         handler = POOLED.format(method=method, size=POOL_SIZE)
         build_archive(work, model(method), "pooled.py", {"pooled.py": handler}, export_dir=store)
-    models = {
-        model(method): {"1.0": {"marName": f"{model(method)}.mar", "batchSize": 1}}
-        for method in METHODS
-    }
-    path = work / "config.properties"
-    path.write_text(
-        f"model_store={store}\n"
-        f"load_models={','.join(f'{model(method)}.mar' for method in METHODS)}\n"
-        "default_workers_per_model=1\n"
-        f"models={json.dumps(models)}\n"
-    )
-    return path
+    return store
+
+
+# One worker per model, one request per batch, on both servers.
+KEYS = {
+    "default_workers_per_model": "1",
+    "models": json.dumps(
+        {
+            model(method): {"1.0": {"marName": f"{model(method)}.mar", "batchSize": 1}}
+            for method in METHODS
+        }
+    ),
+}
 
 
 @pytest.fixture(scope="module")
-def servers(config: Path) -> Iterator[dict[str, str]]:
-    # Started side by side: start-up is mostly loading workers.
-    with ThreadPoolExecutor(1) as pool, ExitStack() as stack:
-        starting = running_torchgate(config)
-        torchgate_ready = pool.submit(starting.__enter__)
-        try:
-            torchserve = stack.enter_context(running_torchserve(config.parent / "store", config))
-        finally:
-            torchgate = torchgate_ready.result()
-            stack.push(starting.__exit__)
-        yield {
-            "torchserve": torchserve.inference_url,
-            "torchgate": torchgate.inference_url,
-        }
+def servers(store: Path) -> Iterator[dict[str, str]]:
+    with side_by_side(store, KEYS) as both:
+        yield {name: endpoints.inference for name, endpoints in both.items()}
 
 
 def predict(url: str, method: str, body: bytes = b"hi") -> httpx.Response:
@@ -156,8 +144,9 @@ def test_a_crashed_worker_takes_its_pool_along(
     assert after["squares"] == [0, 1, 4, 9]
 
 
-def test_no_pool_process_outlives_the_server(config: Path) -> None:
-    with running_torchgate(config) as server:
+def test_no_pool_process_outlives_the_server(store: Path) -> None:
+    keys = "".join(f"{key}={value}\n" for key, value in KEYS.items())
+    with running_torchgate(f"model_store={store}\nload_models=all\n{keys}") as server:
         for method in METHODS:
             assert predict(server.inference_url, method).status_code == 200
         workers = [pid for method in METHODS for pid in worker_pids(server, model(method))]
