@@ -5,7 +5,6 @@ the workflow store."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from api.model_loader import ModelLoader
 from api.snapshot import capture
 from api.workflow_loader import WorkflowLoader
 from tests.support import aio
+from tests.support.archives import run_archiver
 from tests.support.echo_backend import EchoBackend, factory
 
 WORKFLOW_ARCHIVER = Path(sys.executable).with_name("torch-workflow-archiver")
@@ -45,7 +45,7 @@ def war(tmp_path: Path) -> Path:
         "--handler", str(tmp_path / "wf_handler.py"),
         "--export-path", str(tmp_path / "store"),
     ]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True)
+    run_archiver(command, tmp_path)
     return tmp_path / "store" / "wf.war"
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
-import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -37,6 +36,7 @@ import tritonclient.http.aio
 from sklearn.datasets import load_digits
 from tritonclient.utils import InferenceServerException
 
+from tests.support.archives import run_archiver
 from tests.support.server import ROOT, TorchgateServer, running_torchgate
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,7 @@ def build_linear_archive(store: Path, work: Path) -> None:
         "--handler", str(work / "linear_handler.py"),
         "--export-path", str(store),
     ]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True)
+    run_archiver(command, work)
 
 
 @pytest.fixture(scope="module")

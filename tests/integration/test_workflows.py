@@ -13,7 +13,6 @@ for an aggregate).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.archives import build_archive
+from tests.support.archives import build_archive, run_archiver
 from tests.support.server import running_torchgate
 from tests.support.torchserve import running_torchserve
 
@@ -119,7 +118,7 @@ def build_war(workdir: Path, name: str, spec: str, handler: str, export: Path) -
         "--export-path", str(export),
         "-f",
     ]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True)
+    run_archiver(command, workdir)
     return export / f"{name}.war"
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 ARCHIVER = Path(sys.executable).with_name("torch-model-archiver")
@@ -78,6 +80,19 @@ def build_archive(
         command += ["--requirements-file", str(src / requirements)]
     if extra:
         command += ["--extra-files", ",".join(extra)]
-    subprocess.run(command, check=True, capture_output=True)
+    run_archiver(command, workdir)
     suffix = {"default": ".mar", "tgz": ".tar.gz", "no-archive": ""}[archive_format]
     return export / f"{name}{suffix}"
+
+
+def run_archiver(command: Sequence[str], workdir: Path) -> None:
+    """Run torch-model-archiver or torch-workflow-archiver with a temporary directory of its own.
+
+    Both stage an archive's files in `$TMPDIR/<model or workflow name>`, deleting that directory
+    before and after: two test modules archiving models of the same name at once (pytest-xdist
+    runs modules side by side) would delete each other's files, and a model called "echo"
+    deletes a /tmp/echo that has nothing to do with it.
+    """
+    with tempfile.TemporaryDirectory(dir=workdir, prefix=".archiving-") as scratch:
+        env = {**os.environ, "TMPDIR": scratch}
+        subprocess.run(list(command), check=True, capture_output=True, env=env)
