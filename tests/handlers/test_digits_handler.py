@@ -15,6 +15,7 @@ from PIL import Image, ImageFile
 
 from export.models import digits
 from handlers.digits_handler import INK_THRESHOLD, DigitsHandler, image_to_digits
+from handlers.torchgate_base import Decoded
 from tests.support.bombs import deep_json, png_bomb
 
 ARCHIVES = ["digits", "digits_v2"]  # TorchScript 1.0, ONNX 2.0
@@ -175,6 +176,18 @@ def test_v2_item_gets_v2_outputs(
         np.testing.assert_allclose(np.ravel(output["data"]), expected.ravel(), atol=1e-6)
         if isinstance(tensor["data"], list):
             json.dumps(response)  # TorchServe json.dumps()es the response
+
+
+def test_labels_come_by_probability_and_ties_keep_label_order(
+    loaded_handler: Callable[[str], Any],
+) -> None:
+    handler = loaded_handler("digits")
+    probabilities = np.array([[0.1, 0.3, 0.05, 0.3, 0.0, 0.1, 0.05, 0.1, 0.0, 0.0]], np.float32)
+    item = Decoded(1, None, options={"topk": 6})
+    response = handler.respond(item, probabilities)
+    assert list(response) == ["1", "3", "0", "5", "7", "2"]
+    assert all(type(value) is float for value in response.values())  # JSON numbers, not numpy
+    assert response["1"] == float(np.float32(0.3))
 
 
 def test_v2_item_with_several_images(
