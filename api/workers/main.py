@@ -43,8 +43,8 @@ DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
 DEFAULT_MAX_ITEMS_PER_REQUEST = 1024
 PREDICTION_METRIC = "PredictionTime"  # TorchServe's per-batch model metric, in ms
 _PLAIN = (str, bytes, bytearray, int, float, bool, type(None))
-# What a row of numbers or labels holds: sent as it is, without a call per element (an
-# embedding's 384 floats cost 2 % of the minilm worker's time one by one).
+# What a row of numbers or labels, or a flat JSON object, holds: sent as it is, without a call
+# per element (an embedding's 384 floats cost 2 % of the minilm worker's time one by one).
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
@@ -290,6 +290,8 @@ class _Loop:
         if isinstance(value, self._tensor):
             return value.detach().cpu().numpy()
         if isinstance(value, dict):
+            if _SCALARS.issuperset(map(type, value.values())):  # e.g. labels -> probabilities
+                return value if type(value) is dict else dict(value)
             return {k: self.portable(v) for k, v in value.items()}
         if isinstance(value, list | tuple):
             if _SCALARS.issuperset(map(type, value)):

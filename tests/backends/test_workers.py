@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from api.backends.archive import ArchiveError, open_archive
@@ -327,6 +328,33 @@ def test_metrics_reach_the_callback_with_each_models_name(
     ]
 
 
+def test_responses_leave_the_worker_as_builtins_and_numpy(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
+    source = """
+        import collections
+        import torch
+
+        def handle(data, context):
+            if data is None:
+                return None
+            return [
+                {"7": 0.75, "1": 0.25},
+                collections.OrderedDict(scores=torch.tensor([1.0, 2.0]), name="x"),
+                torch.tensor([[3, 4]]),
+                [{"nested": (1, 2)}, b"raw"],
+            ]
+    """
+    path = build_archive("types", "handler.py", {"handler.py": source})
+    [out] = run(serve(worker_pool, path, [requests("a", "b", "c", "d")]))
+    flat, tensors, tensor, nested = bodies(out)
+    assert flat == {"7": 0.75, "1": 0.25} and list(flat) == ["7", "1"]
+    assert type(tensors) is dict and tensors["name"] == "x"
+    assert isinstance(tensors["scores"], np.ndarray) and tensors["scores"].tolist() == [1.0, 2.0]
+    assert isinstance(tensor, np.ndarray) and tensor.tolist() == [[3, 4]]
+    assert nested == [{"nested": [1, 2]}, b"raw"]
+
+
 # -- failures ---------------------------------------------------------------------------------
 
 CRASHY = """
@@ -342,6 +370,8 @@ CRASHY = """
         if any(row["body"] == "teapot" for row in data):
             from ts.utils.util import PredictionException
             raise PredictionException("no coffee", 400)
+        if any(row["body"] == "object" for row in data):
+            return [{"label": object()}] * len(data)  # nothing the frontend may unpickle
         return ["ok"] * len(data)
 """
 
@@ -353,6 +383,7 @@ CRASHY = """
         ("short", InferenceFailed, "returned 1 responses for a batch of 2 requests"),
         ("none", InferenceFailed, "returned NoneType, expected a list of 2 responses"),
         ("teapot", BadRequest, "no coffee"),
+        ("object", InferenceFailed, "returned a builtins.object; a response must be"),
     ],
 )
 def test_failed_batch_then_the_next_one_works(
