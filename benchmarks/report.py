@@ -25,6 +25,9 @@ class ServerRun:
     memory_idle: Memory
     memory_loaded: Memory | None = None  # after all its load points
     points: dict[str, list[PointResult]] = field(default_factory=dict)
+    # GET /ping at one connection: an HTTP round trip with no model and no worker, which
+    # bounds what the client and loopback TCP take of the c=1 latency on this machine.
+    ping: PointResult | None = None
 
     def point(self, workload: str, concurrency: int) -> PointResult | None:
         return next(
@@ -271,6 +274,20 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 # --- documents ----------------------------------------------------------------------------------
 
 
+def _floor(result: SuiteResult) -> list[str]:
+    """How much of the c=1 latency the client and loopback TCP take on this machine."""
+    pings = [(run.server, run.ping) for run in result.runs.values() if run.ping]
+    if not pings:
+        return []
+    each = ", ".join(f"{name} {ping.p50_ms:.3f} ms" for name, ping in pings)
+    return [
+        f"`GET /ping` at one connection, p50: {each}. No model and no worker: the lower figure "
+        "bounds what wrk and loopback TCP take of every c=1 request on this machine. "
+        "(torchgate's /ping is a FastAPI route; predictions take its leaner plain-ASGI path.)",
+        "",
+    ]
+
+
 def workloads(result: SuiteResult) -> list[str]:
     seen: list[str] = []
     for run in result.runs.values():
@@ -343,6 +360,7 @@ def markdown(result: SuiteResult) -> str:
         "",
         markdown_table(TARGET_COLUMNS, target_rows(targets(result))),
         "",
+        *_floor(result),
     ]
     for workload in workloads(result):
         out += [

@@ -176,6 +176,9 @@ def run_server(
             run.points[workload.model] = run_points(
                 spec, levels, options.duration, options.warmup, engine, progress
             )
+        ping = LoadSpec(url=server.inference_url + "/ping", threads=options.threads)
+        [run.ping] = run_points(ping, [1], options.duration, options.warmup, engine)
+        _say(f"  {label} GET /ping c=1: p50 {run.ping.p50_ms:.3f} ms")
         run.memory_loaded = server.memory()
     return run
 
@@ -238,6 +241,7 @@ def _write_json(path: Path, result: report.SuiteResult) -> None:
                 "rss_loaded": run.memory_loaded.rss if run.memory_loaded else None,
                 "pss_loaded": run.memory_loaded.pss if run.memory_loaded else None,
                 "points": {w: [p.to_json() for p in pts] for w, pts in run.points.items()},
+                "ping": run.ping.to_json() if run.ping else None,
             }
             for name, run in result.runs.items()
         },

@@ -185,7 +185,8 @@ def test_targets_report_what_was_measured() -> None:
     assert c32.met is False and c32.measured.startswith("2.33x")
     c200 = found["digits c=200: 2xx goodput >= 90% of torchgate's c=32 req/s"]
     assert c200.met is True and c200.measured.startswith("93%")
-    assert found["digits c=1: torchgate p50 <= 0.3 ms"].met is False
+    c1 = found["digits c=1: torchgate p50 <= 0.3 ms"]
+    assert c1.met is False and c1.measured == "0.400 ms"
     minilm = found["minilm c=32: >= 90% of the handler's sustained batched throughput in-process"]
     assert minilm.met is True and minilm.measured.startswith("95%")  # 950 of 1,000 items/s
     pss = found["PSS serving the example models <= 50% of TorchServe's"]
@@ -208,6 +209,11 @@ def test_markdown_holds_machine_tables_and_targets() -> None:
     assert "| torchgate | 400 | 420 | 360 | frontend, worker |" in text
     assert "share the same 2 cores" in text
     assert "| digits 1.0 | TorchScript | 1 | 8 | best of 5 | 40.0 | 5.0 |" in text
+    assert "GET /ping" not in text  # not measured: no floor line
+    result = suite_result()
+    result.runs[report.TORCHSERVE].ping = point(1, 900, 1.1, 1.5)
+    result.runs[report.TORCHGATE].ping = point(1, 5000, 0.2, 0.3)
+    assert "p50: TorchServe 1.100 ms, torchgate 0.200 ms." in report.markdown(result)
     console = report.console(suite_result())
     assert "POST /predictions/digits" in console and "targets" in console
 
