@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.support.archives import build_archive
-from tests.support.processes import alive, wait_until
+from tests.support.processes import alive, descendants, wait_until
 from tests.support.server import running_torchgate, worker_pids
 from tests.support.side_by_side import side_by_side
 
@@ -92,25 +92,6 @@ def servers(store: Path) -> Iterator[dict[str, str]]:
 
 def predict(url: str, method: str, body: bytes = b"hi") -> httpx.Response:
     return httpx.post(f"{url}/predictions/{model(method)}", content=body, timeout=60)
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below `pid`, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended while listed
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: set[int] = set()
-    pending = [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            if child not in found:
-                found.add(child)
-                pending.append(child)
-    return {pid for pid in found if alive(pid)}
 
 
 @pytest.mark.parametrize("method", METHODS)

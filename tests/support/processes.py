@@ -1,11 +1,18 @@
-"""Watching processes from a test: liveness (zombies count as gone), parents, polling."""
+"""Watching processes from a test: liveness (zombies count as gone), parents, descendants,
+the process table, polling."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def _fields(stat: Path) -> list[str]:
+    """A /proc/<pid>/stat after the command name (which may hold spaces and parentheses):
+    state, parent, process group, ..."""
+    return stat.read_text().rsplit(")", 1)[1].split()
 
 
 def alive(pid: int) -> bool:
@@ -14,11 +21,36 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+    return not (stat.exists() and _fields(stat)[0] == "Z")
 
 
 def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return int(_fields(Path(f"/proc/{pid}/stat"))[1])
+
+
+def process_table() -> Iterator[tuple[int, list[str]]]:
+    """(pid, stat fields after the command name) of every process; one that ends while the
+    table is read is left out."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            yield int(stat.parent.name), _fields(stat)
+        except OSError:
+            continue
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`."""
+    children: dict[int, list[int]] = {}
+    for child, fields in process_table():
+        children.setdefault(int(fields[1]), []).append(child)
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            if child not in found:
+                found.add(child)
+                pending.append(child)
+    return {pid for pid in found if alive(pid)}
 
 
 def wait_until(condition: Callable[..., object], timeout: float = 20.0) -> None:

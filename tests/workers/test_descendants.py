@@ -12,20 +12,12 @@ import textwrap
 from pathlib import Path
 
 from api.workers import descendants
-from tests.support.processes import alive, wait_until
+from tests.support.processes import alive, process_table, wait_until
 
 
 def members(group: int) -> list[int]:
     """Live (non-zombie) processes whose process group is `group`."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
+    return [pid for pid, fields in process_table() if int(fields[2]) == group and fields[0] != "Z"]
 
 
 def test_killing_a_group_ends_the_helpers_left_in_it() -> None:
