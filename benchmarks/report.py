@@ -283,7 +283,8 @@ def _floor(result: SuiteResult) -> list[str]:
     return [
         f"`GET /ping` at one connection, p50: {each}. No model and no worker: the lower figure "
         "bounds what wrk and loopback TCP take of every c=1 request on this machine. "
-        "(torchgate's /ping is a FastAPI route; predictions take its leaner plain-ASGI path.)",
+        "(Both servers answer /ping in their frontend: torchgate's is plain ASGI, as its "
+        "prediction paths.)",
         "",
     ]
 

@@ -27,6 +27,7 @@ from api.rest.kserve_v1 import (
     kserve_v1_router,
 )
 from api.rest.management import management_router
+from api.rest.ping import PingEndpoint, is_ping_path
 from api.rest.predictions import PREFIXES, PredictionsEndpoint
 from api.rest.traffic import traffic_router
 from api.rest.v2 import V2InferEndpoint, is_infer_path, v2_router
@@ -91,15 +92,16 @@ def build_inference_app(
     kserve_v1 = _kserve_app("KServe v1", kserve_v1_router(dataplane))
     kserve_v2 = _kserve_app("KServe v2", v2_router(dataplane))
     fastapi_app.include_router(
-        inference_router(dataplane, lambda: openapi_document(fastapi_app, kserve_v1, kserve_v2))
+        inference_router(lambda: openapi_document(fastapi_app, kserve_v1, kserve_v2))
     )
     fastapi_app.include_router(kserve_liveness_router())  # KServe v1's `GET /`
     app = InferenceApp(fastapi_app)
     app.add_api("/v1", kserve_v1)
     app.add_api("/v2", kserve_v2)
+    every_method = ("POST", "PUT", "GET", "DELETE", "PATCH", "HEAD", "OPTIONS")
+    app.add_hot_path(every_method, is_ping_path, PingEndpoint(dataplane))
     predictions = PredictionsEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
     # TorchServe runs inference for any method there (OPTIONS: the model's description).
-    every_method = ("POST", "PUT", "GET", "DELETE", "PATCH", "HEAD", "OPTIONS")
     app.add_hot_path(every_method, lambda path: path.startswith(PREFIXES), predictions)
     for matches, endpoint in (
         (is_infer_path, V2InferEndpoint),

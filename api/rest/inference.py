@@ -1,9 +1,10 @@
-"""TorchServe's inference API utilities (port 8080): /ping, OPTIONS /, /api-description
+"""TorchServe's inference API utilities (port 8080): OPTIONS /, /api-description
 (OPTIONS /predictions/{model} is the predictions endpoint's: `api.rest.predictions`).
 
-`/predictions/...` (any method) and KServe v2's `POST .../infer` are plain ASGI
-(`api.rest.predictions`, `api.rest.v2`), mounted in front of this router by `api.rest.apps`;
-they are listed in the OpenAPI document all the same (`/api-description`, which tests/fuzz fuzzes).
+`/ping` and `/predictions/...` (any method) and KServe v2's `POST .../infer` are plain ASGI
+(`api.rest.ping`, `api.rest.predictions`, `api.rest.v2`), mounted in front of this router by
+`api.rest.apps`; they are listed in the OpenAPI document all the same (`/api-description`,
+which tests/fuzz fuzzes).
 """
 
 from __future__ import annotations
@@ -14,20 +15,13 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
-from api.core.dataplane import DataPlane
 from api.rest.responses import JsonResponse
 from api.v2.tensors import DTYPES
 
 
-def inference_router(dataplane: DataPlane, describe: Callable[[], dict[str, Any]]) -> APIRouter:
+def inference_router(describe: Callable[[], dict[str, Any]]) -> APIRouter:
     """TorchServe's utilities; `describe` gives the port's whole OpenAPI document."""
     router = APIRouter(tags=["inference"])
-
-    @router.get("/ping")
-    async def ping() -> JsonResponse:
-        if dataplane.ready():
-            return JsonResponse({"status": "Healthy"})
-        return JsonResponse({"status": "Unhealthy"}, status_code=500)
 
     @router.options("/")
     async def api_description_options() -> JsonResponse:
@@ -71,6 +65,7 @@ def openapi_document(app: FastAPI, *others: FastAPI) -> dict[str, Any]:
             },
         }
     }
+    paths["/ping"] = PING
     paths["/predictions/{model_name}"] = predict
     paths["/predictions/{model_name}/{model_version}"] = predict
     paths["/v2/models/{model}/infer"] = V2_INFER
@@ -80,6 +75,26 @@ def openapi_document(app: FastAPI, *others: FastAPI) -> dict[str, Any]:
     document["paths"] = paths
     return document
 
+
+# `/ping` is plain ASGI too (`api.rest.ping`); it answers every method, GET is the one to use.
+_STATUS = {"type": "object", "properties": {"status": {"type": "string"}}}
+PING: dict[str, Any] = {
+    "get": {
+        "tags": ["inference"],
+        "summary": "Health of the server: every model's default version has its workers",
+        "operationId": "ping",
+        "responses": {
+            "200": {
+                "description": '{"status": "Healthy"}',
+                "content": {"application/json": {"schema": _STATUS}},
+            },
+            "500": {
+                "description": '{"status": "Unhealthy"}',
+                "content": {"application/json": {"schema": _STATUS}},
+            },
+        },
+    }
+}
 
 _V2_PARAMETERS = {
     "type": "object",

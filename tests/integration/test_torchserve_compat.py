@@ -72,6 +72,24 @@ def test_ping(servers: dict[str, Urls]) -> None:
     answers = both(servers, "GET", "inference", "/ping")
     assert {r.status_code for r in answers.values()} == {200}
     assert answers["torchgate"].json() == answers["torchserve"].json() == {"status": "Healthy"}
+    assert [r.headers["content-type"] for r in answers.values()] == ["application/json"] * 2
+    assert all(r.headers.get("x-request-id") for r in answers.values())
+
+
+@pytest.mark.parametrize("method", ["HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
+@pytest.mark.parametrize("path", ["/ping", "/ping/", "/ping?probe=1"])
+def test_ping_answers_every_method_and_a_trailing_slash(
+    servers: dict[str, Urls], method: str, path: str
+) -> None:
+    """TorchServe answers its health check whatever the method (load balancers probe with HEAD)
+    and with a trailing slash; a body sent with it is ignored."""
+    body = b'{"probe": true}' if method in ("POST", "PUT", "PATCH") else None
+    answers = both(servers, method, "inference", path, content=body)
+    assert {r.status_code for r in answers.values()} == {200}, answers
+    if method == "HEAD":
+        assert [r.content for r in answers.values()] == [b"", b""]
+    else:
+        assert answers["torchgate"].json() == answers["torchserve"].json() == {"status": "Healthy"}
 
 
 @pytest.mark.parametrize("path", ["/predictions/digits", "/predictions/digits/2.0"])

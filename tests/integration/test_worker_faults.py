@@ -225,7 +225,9 @@ def test_a_handler_failing_to_start_marks_its_version_failed_then_recovers(
         assert refused.status_code == 503
         assert "weights are missing" in refused.json()["message"]
         assert httpx.get(f"{server.inference_url}/v2/models/flaky/ready").status_code == 503
-        assert httpx.get(f"{server.inference_url}/ping").status_code == 500
+        unhealthy = httpx.get(f"{server.inference_url}/ping")
+        assert (unhealthy.status_code, unhealthy.json()) == (500, {"status": "Unhealthy"})
+        assert httpx.head(f"{server.inference_url}/ping").status_code == 500  # probes use HEAD
         assert httpx.post(f"{server.inference_url}/predictions/steady", content=b"x").text == "x"
 
         flag.unlink()  # the cause is fixed: the retries find it, no operator needed
