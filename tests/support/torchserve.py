@@ -8,10 +8,12 @@
     assert not ts.leftover_pids()
 
 The config is copied with the five ports rewritten to free ones on 127.0.0.1, token
-authorization off and ``model_store`` made absolute; everything else (``models={...}``, batch
-sizes, ...) is kept. TorchServe keeps its pid file and worker sockets in ``TEMP``/``TMPDIR`` and
-writes logs to ``LOG_LOCATION``/``METRICS_LOCATION``: all point into a private temporary
-directory, so an instance started here never meets another (or the developer's own) one.
+authorization off (``extra_config={"disable_token_authorization": "false"}`` turns it on;
+``ts.key("inference")`` then reads the keys TorchServe wrote) and ``model_store`` made
+absolute; everything else (``models={...}``, batch sizes, ...) is kept. TorchServe keeps its
+pid file and worker sockets in ``TEMP``/``TMPDIR`` and writes logs to
+``LOG_LOCATION``/``METRICS_LOCATION``: all point into a private temporary directory, so an
+instance started here never meets another (or the developer's own) one.
 
 The context manager returns once every model version to load has all its workers READY (GET
 /ping turns healthy before workers have loaded). On exit it runs ``torchserve --stop`` with
@@ -62,6 +64,14 @@ class TorchServe:
     @property
     def log_dir(self) -> Path:
         return self.workdir / "logs"
+
+    def key(self, kind: str) -> str | None:
+        """With token authorization on, the key of `kind` ("inference", "management", "API")
+        from the key_file.json TorchServe writes in its working directory; else None."""
+        path = self.workdir / "key_file.json"
+        if not path.exists():
+            return None
+        return str(json.loads(path.read_text())[kind]["key"])
 
     def log_text(self, name: str = "ts_log.log") -> str:
         path = self.log_dir / name
@@ -266,10 +276,11 @@ def running_torchserve(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _get_json(url: str) -> Any:
+def _get_json(url: str, key: str | None = None) -> Any:
     # A test server's certificate is its own: not verified here.
     unverified = ssl._create_unverified_context() if url.startswith("https") else None
-    with urllib.request.urlopen(url, timeout=5, context=unverified) as response:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    with urllib.request.urlopen(request, timeout=5, context=unverified) as response:
         return json.loads(response.read())
 
 
@@ -288,7 +299,8 @@ def _wait_ready(
                 + _tail(ts.workdir / "torchserve.out")
             )
         try:
-            _get_json(f"{ts.inference_url}/ping")
+            # With token authorization on, TorchServe 0.12 wants the inference key for /ping.
+            _get_json(f"{ts.inference_url}/ping", ts.key("inference"))
             pending = [mv for mv in pending if not _workers_ready(ts, *mv)]
             if not pending:
                 return
@@ -304,7 +316,7 @@ def _wait_ready(
 
 def _workers_ready(ts: TorchServe, name: str, version: str) -> bool:
     try:
-        described = _get_json(f"{ts.management_url}/models/{name}/{version}")
+        described = _get_json(f"{ts.management_url}/models/{name}/{version}", ts.key("management"))
     except urllib.error.HTTPError:
         return False  # 404 until registered
     workers = described[0].get("workers", []) if described else []

@@ -1,0 +1,117 @@
+"""Token authorization on, side by side: real TorchServe 0.12 and torchgate, the same archive and
+config.properties with `disable_token_authorization=false`, each with the keys it wrote.
+
+Two differences are torchgate's on purpose (docs/compatibility.md, "Token authorization"):
+- a missing or wrong key answers **401** where TorchServe answers 400, with the same error
+  type and message: 401 is HTTP's status for missing credentials, and what KServe and Triton
+  clients report as an authentication failure;
+- `/ping` needs no key. TorchServe 0.12 answers it 400 without the inference key, and its keys
+  expire (60 minutes by default), so a Kubernetes probe or a load balancer's health check,
+  which cannot send a changing key, could never see it healthy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.server import running_torchgate
+from tests.support.torchserve import running_torchserve
+
+pytestmark = [pytest.mark.integration, pytest.mark.torchserve]
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = (
+    f"model_store={ROOT / 'model_store'}\nload_models=digits.mar\n"
+    "disable_token_authorization=false\n"
+)
+DIGIT = [0.0] * 64
+MESSAGE = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
+
+
+@dataclass(frozen=True)
+class Server:
+    inference: str
+    management: str
+    keys: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    config = tmp_path_factory.mktemp("token") / "config.properties"
+    config.write_text(CONFIG)
+    with (
+        running_torchserve(
+            ROOT / "model_store", config, extra_config={"disable_token_authorization": "false"}
+        ) as ts,
+        running_torchgate(CONFIG) as tg,
+    ):
+        tg_keys = json.loads((tg.workdir / "key_file.json").read_text())
+        yield {
+            "torchserve": Server(
+                ts.inference_url,
+                ts.management_url,
+                {kind: str(ts.key(kind)) for kind in ("inference", "management")},
+            ),
+            "torchgate": Server(
+                tg.inference_url,
+                tg.management_url,
+                {kind: tg_keys[kind]["key"] for kind in ("inference", "management")},
+            ),
+        }
+
+
+def both(
+    servers: dict[str, Server], method: str, path: str, key: str | None = None, **kwargs: object
+) -> dict[str, httpx.Response]:
+    """The same request to each server; `key` names the key to send ("inference", ...)."""
+    answers = {}
+    for name, server in servers.items():
+        base = server.management if path.startswith("/models") else server.inference
+        headers = {"Authorization": f"Bearer {server.keys[key]}"} if key else {}
+        answers[name] = httpx.request(method, base + path, headers=headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+    return answers
+
+
+def test_the_right_key_is_served_alike(servers: dict[str, Server]) -> None:
+    predicted = both(servers, "POST", "/predictions/digits", "inference", json=DIGIT)
+    assert [r.status_code for r in predicted.values()] == [200, 200]
+    assert list(predicted["torchgate"].json()) == list(predicted["torchserve"].json())
+    described = both(servers, "GET", "/models/digits", "management")
+    assert [r.status_code for r in described.values()] == [200, 200]
+    pinged = both(servers, "GET", "/ping", "inference")
+    assert [r.json() for r in pinged.values()] == [{"status": "Healthy"}] * 2
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "key"),
+    [
+        ("POST", "/predictions/digits", None),
+        ("POST", "/predictions/digits", "management"),  # the other API's key
+        ("GET", "/models/digits", None),
+        ("GET", "/models/digits", "inference"),
+    ],
+)
+def test_a_missing_or_wrong_key_is_refused_with_the_same_error(
+    servers: dict[str, Server], method: str, path: str, key: str | None
+) -> None:
+    answers = both(servers, method, path, key, json=DIGIT if method == "POST" else None)
+    # TorchServe 400, torchgate 401 (see the module docstring); the body is the same.
+    assert answers["torchserve"].status_code == 400
+    assert answers["torchgate"].status_code == 401
+    for answer in answers.values():
+        assert answer.json()["type"] == "InvalidKeyException"
+        assert answer.json()["message"] == MESSAGE
+
+
+def test_ping_needs_no_key_on_torchgate(servers: dict[str, Server]) -> None:
+    for method in ("GET", "HEAD"):
+        answers = both(servers, method, "/ping")
+        # TorchServe 0.12 wants the inference key here; torchgate's probes need none.
+        assert answers["torchserve"].status_code == 400
+        assert answers["torchgate"].status_code == 200
