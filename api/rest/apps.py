@@ -17,7 +17,7 @@ from api.encoding import encode_error, kserve_error_body, torchserve_error_body
 from api.errors import Unauthenticated
 from api.model_loader import ModelLoader
 from api.observability.metrics import filter_samples
-from api.rest.asgi import ASGIApp, Receive, Scope, Send, header_dict, send_response
+from api.rest.asgi import EVERY_METHOD, ASGIApp, Receive, Scope, Send, header_dict, send_response
 from api.rest.errors import install_error_handlers
 from api.rest.inference import inference_router, openapi_document
 from api.rest.kserve_v1 import (
@@ -98,11 +98,10 @@ def build_inference_app(
     app = InferenceApp(fastapi_app)
     app.add_api("/v1", kserve_v1)
     app.add_api("/v2", kserve_v2)
-    every_method = ("POST", "PUT", "GET", "DELETE", "PATCH", "HEAD", "OPTIONS")
-    app.add_hot_path(every_method, is_ping_path, PingEndpoint(dataplane))
+    app.add_hot_path(EVERY_METHOD, is_ping_path, PingEndpoint(dataplane))
     predictions = PredictionsEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
     # TorchServe runs inference for any method there (OPTIONS: the model's description).
-    app.add_hot_path(every_method, lambda path: path.startswith(PREFIXES), predictions)
+    app.add_hot_path(EVERY_METHOD, lambda path: path.startswith(PREFIXES), predictions)
     for matches, endpoint in (
         (is_infer_path, V2InferEndpoint),
         (is_v1_infer_path, V1InferEndpoint),
@@ -180,6 +179,9 @@ def build_metrics_app(render: Callable[[], bytes]) -> FastAPI:
     install_error_handlers(app)
 
     @app.get("/metrics")
+    # TorchServe answers /metrics (and /metrics/) whatever the method; GET is the documented one.
+    @app.api_route("/metrics", methods=list(EVERY_METHOD), include_in_schema=False)
+    @app.api_route("/metrics/", methods=list(EVERY_METHOD), include_in_schema=False)
     async def metrics(request: Request) -> Response:
         # TorchServe's name filter: /metrics?name[]=ts_inference_requests_total&name[]=...
         body = filter_samples(render(), request.query_params.getlist("name[]"))

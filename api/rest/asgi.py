@@ -13,6 +13,10 @@ from typing import Any
 
 from api.errors import PayloadTooLarge
 
+# What TorchServe answers on its paths that take any method (/ping, /predictions, /metrics,
+# /api-description): every method an HTTP client sends to an API.
+EVERY_METHOD = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

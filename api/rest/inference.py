@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
+from api.rest.asgi import EVERY_METHOD
 from api.rest.responses import JsonResponse
 from api.v2.tensors import DTYPES
 
@@ -28,6 +29,8 @@ def inference_router(describe: Callable[[], dict[str, Any]]) -> APIRouter:
         return JsonResponse(describe())
 
     @router.get("/api-description")
+    # TorchServe describes its API whatever the method; GET is the one in the document.
+    @router.api_route("/api-description", methods=list(EVERY_METHOD), include_in_schema=False)
     async def api_description() -> JsonResponse:
         return JsonResponse(describe())
 

@@ -19,6 +19,7 @@ from api.errors import BadRequest
 from api.management import ListArgs, Management, RegisterArgs, Reply, ScaleArgs
 from api.management.params import lenient_bool
 from api.model_loader import ModelLoader
+from api.rest.asgi import EVERY_METHOD
 from api.rest.responses import JsonResponse
 
 # The query parameters of list and scale, parsed leniently as TorchServe does (api.management).
@@ -64,7 +65,8 @@ def management_router(
     management = Management(registry, loader, enable_model_api=enable_model_api)
 
     @router.options("/", include_in_schema=False)
-    @router.get("/api-description", include_in_schema=False)
+    # TorchServe describes its API whatever the method.
+    @router.api_route("/api-description", methods=list(EVERY_METHOD), include_in_schema=False)
     async def api_description(request: Request) -> JsonResponse:
         """This API's OpenAPI document, where TorchServe serves its own."""
         document: dict[str, Any] = request.app.openapi()
@@ -102,6 +104,7 @@ def management_router(
         return _send(await management.register(RegisterArgs.from_query(**fields)))
 
     @router.get("/models")
+    @router.get("/models/", include_in_schema=False)  # TorchServe lists there too, no redirect
     async def list_models(args: ListQuery) -> JsonResponse:
         return _send(management.list_models(args))
 

@@ -32,6 +32,7 @@ DIGITS = load_digits()
 class Urls:
     inference: str
     management: str
+    metrics: str
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,8 @@ def servers() -> Iterator[dict[str, Urls]]:
         running_torchgate(ROOT / "config.properties") as tg,
     ):
         yield {
-            "torchserve": Urls(ts.inference_url, ts.management_url),
-            "torchgate": Urls(tg.inference_url, tg.management_url),
+            "torchserve": Urls(ts.inference_url, ts.management_url, ts.metrics_url),
+            "torchgate": Urls(tg.inference_url, tg.management_url, tg.metrics_url),
         }
 
 
@@ -51,7 +52,7 @@ def both(
 ) -> dict[str, httpx.Response]:
     answers = {}
     for name, urls in servers.items():
-        base = urls.inference if api == "inference" else urls.management
+        base = getattr(urls, api)
         answers[name] = httpx.request(method, base + path, timeout=60, **kwargs)  # type: ignore[arg-type]
     return answers
 
@@ -90,6 +91,39 @@ def test_ping_answers_every_method_and_a_trailing_slash(
         assert [r.content for r in answers.values()] == [b"", b""]
     else:
         assert answers["torchgate"].json() == answers["torchserve"].json() == {"status": "Healthy"}
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
+@pytest.mark.parametrize(
+    ("api", "path"),
+    [
+        ("inference", "/api-description"),
+        ("management", "/api-description"),
+        ("metrics", "/metrics"),
+        ("metrics", "/metrics/"),
+    ],
+)
+def test_descriptions_and_metrics_answer_every_method(
+    servers: dict[str, Urls], method: str, api: str, path: str
+) -> None:
+    """As /ping: TorchServe serves these whatever the method, and /metrics/ without a redirect.
+    (The documents' contents are each server's own; the metrics are compared elsewhere.)"""
+    answers = both(servers, method, api, path)
+    assert {r.status_code for r in answers.values()} == {200}, answers
+    if method == "HEAD":
+        assert [r.content for r in answers.values()] == [b"", b""]
+    elif api == "metrics":
+        assert all(r.text.startswith("# HELP") for r in answers.values())
+    else:
+        assert all("paths" in r.json() for r in answers.values())
+
+
+def test_the_model_list_with_a_trailing_slash(servers: dict[str, Urls]) -> None:
+    answers = both(servers, "GET", "management", "/models/")
+    assert {r.status_code for r in answers.values()} == {200}  # no redirect
+    assert answers["torchgate"].json() == answers["torchserve"].json()
+    refused = both(servers, "POST", "management", "/models/?url=digits.mar")
+    assert {r.status_code for r in refused.values()} == {405}
 
 
 @pytest.mark.parametrize("path", ["/predictions/digits", "/predictions/digits/2.0"])

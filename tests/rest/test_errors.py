@@ -53,7 +53,7 @@ def test_each_api_on_the_inference_port_answers_its_own_shape(tmp_path: Path) ->
             body = torchserve_shape(await client.post("/predictions/nope", content=b"1"), 404)
             assert body["type"] == "ModelNotFoundException"
             torchserve_shape(await client.get("/no/such/path"), 404)
-            torchserve_shape(await client.post("/api-description"), 405)
+            torchserve_shape(await client.delete("/"), 405)
 
             assert "nope" in kserve_shape(await client.get("/v2/models/nope"), 404)
             kserve_shape(await client.post("/v2/models/nope/infer", json={}), 400)
