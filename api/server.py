@@ -31,6 +31,15 @@ from api.workers.pool import WorkerPool
 
 log = logging.getLogger("torchgate")
 
+# TorchServe (NettyUtils.sendHttpResponse) marks every REST answer uncacheable, so a cache or
+# proxy between client and server never serves a stored prediction, health or model list.
+# uvicorn adds these to every response it sends, at no cost per request in Python.
+NO_CACHE_HEADERS = [
+    ("cache-control", "no-cache; no-store, must-revalidate, private"),
+    ("expires", "Thu, 01 Jan 1970 00:00:00 UTC"),
+    ("pragma", "no-cache"),
+]
+
 # Allocations (net of frees) between two young-generation collections; Python's default is 700.
 YOUNG_COLLECTION_THRESHOLD = 20_000
 
@@ -66,6 +75,7 @@ def _http_server(
         log_level=log_level,
         server_header=False,
         date_header=False,
+        headers=NO_CACHE_HEADERS,
         backlog=4096,
         proxy_headers=False,  # no X-Forwarded-* rewriting layer on every request
         timeout_graceful_shutdown=int(grace_s),

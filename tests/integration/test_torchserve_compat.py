@@ -118,6 +118,31 @@ def test_descriptions_and_metrics_answer_every_method(
         assert all("paths" in r.json() for r in answers.values())
 
 
+@pytest.mark.parametrize(
+    ("method", "api", "path"),
+    [
+        ("GET", "inference", "/ping"),
+        ("POST", "inference", "/predictions/digits"),
+        ("POST", "inference", "/predictions/nope"),
+        ("GET", "inference", "/api-description"),
+        ("GET", "management", "/models"),
+        ("GET", "management", "/models/nope"),
+        ("GET", "metrics", "/metrics"),
+    ],
+)
+def test_every_answer_is_marked_uncacheable(
+    servers: dict[str, Urls], method: str, api: str, path: str
+) -> None:
+    """TorchServe sends the same three headers on every REST answer, errors included, so no
+    cache between client and server keeps a prediction or a health answer."""
+    answers = both(servers, method, api, path, json=[0.0] * 64 if method == "POST" else None)
+    assert answers["torchgate"].status_code == answers["torchserve"].status_code
+    names = ("cache-control", "expires", "pragma")
+    sent = {name: [answer.headers.get(n) for n in names] for name, answer in answers.items()}
+    assert sent["torchgate"] == sent["torchserve"]
+    assert sent["torchgate"][0] == "no-cache; no-store, must-revalidate, private"
+
+
 def test_the_model_list_with_a_trailing_slash(servers: dict[str, Urls]) -> None:
     answers = both(servers, "GET", "management", "/models/")
     assert {r.status_code for r in answers.values()} == {200}  # no redirect
