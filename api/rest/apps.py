@@ -17,7 +17,16 @@ from api.encoding import encode_error, kserve_error_body, torchserve_error_body
 from api.errors import Unauthenticated
 from api.model_loader import ModelLoader
 from api.observability.metrics import filter_samples
-from api.rest.asgi import EVERY_METHOD, ASGIApp, Receive, Scope, Send, header_dict, send_response
+from api.rest.asgi import (
+    EVERY_METHOD,
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    TrailingSlashIgnored,
+    header_dict,
+    send_response,
+)
 from api.rest.errors import install_error_handlers
 from api.rest.inference import inference_router, openapi_document
 from api.rest.kserve_v1 import (
@@ -29,6 +38,7 @@ from api.rest.kserve_v1 import (
 from api.rest.management import management_router
 from api.rest.ping import PingEndpoint, is_ping_path
 from api.rest.predictions import PREFIXES, PredictionsEndpoint
+from api.rest.responses import JsonResponse
 from api.rest.traffic import traffic_router
 from api.rest.v2 import V2InferEndpoint, is_infer_path, v2_router
 from api.rest.workflows import WfPredictEndpoint, is_wfpredict_path, workflow_router
@@ -42,8 +52,8 @@ class InferenceApp:
     prefix, so its routes, 404s and error bodies are its own; all else is TorchServe's app.
     """
 
-    def __init__(self, fastapi_app: FastAPI) -> None:
-        self.fastapi_app = fastapi_app
+    def __init__(self, torchserve_app: ASGIApp) -> None:
+        self.torchserve_app = torchserve_app
         self._hot: list[tuple[frozenset[str], Callable[[str], bool], ASGIApp]] = []
         self._apis: list[tuple[str, ASGIApp]] = []
 
@@ -69,7 +79,7 @@ class InferenceApp:
                 if path == prefix or path.startswith(prefix + "/"):
                     await app(scope, receive, send)
                     return
-        await self.fastapi_app(scope, receive, send)
+        await self.torchserve_app(scope, receive, send)
 
 
 def build_inference_app(
@@ -95,7 +105,7 @@ def build_inference_app(
         inference_router(lambda: openapi_document(fastapi_app, kserve_v1, kserve_v2))
     )
     fastapi_app.include_router(kserve_liveness_router())  # KServe v1's `GET /`
-    app = InferenceApp(fastapi_app)
+    app = InferenceApp(TrailingSlashIgnored(fastapi_app))
     app.add_api("/v1", kserve_v1)
     app.add_api("/v2", kserve_v2)
     app.add_hot_path(EVERY_METHOD, is_ping_path, PingEndpoint(dataplane))
@@ -169,25 +179,31 @@ def build_management_app(
     if workflows is not None:
         app.include_router(workflow_router(workflows))
     if auth is None:
-        return app if browser_guard is None else browser_guard(app)
+        guarded = app if browser_guard is None else browser_guard(app)
+        return TrailingSlashIgnored(guarded)
     # /token is authorized by the API key inside its handler.
-    return RequireKey(app, auth, MANAGEMENT, exempt=("/token",))
+    return TrailingSlashIgnored(RequireKey(app, auth, MANAGEMENT, exempt=("/token",)))
 
 
-def build_metrics_app(render: Callable[[], bytes]) -> FastAPI:
+def build_metrics_app(render: Callable[[], bytes]) -> ASGIApp:
     app = FastAPI(title="torchgate metrics API", docs_url=None, redoc_url=None)
     install_error_handlers(app)
 
+    @app.options("/", include_in_schema=False)
+    # TorchServe describes each port's API there too, whatever the method.
+    @app.api_route("/api-description", methods=list(EVERY_METHOD), include_in_schema=False)
+    async def api_description() -> JsonResponse:
+        return JsonResponse(app.openapi())
+
     @app.get("/metrics")
-    # TorchServe answers /metrics (and /metrics/) whatever the method; GET is the documented one.
+    # TorchServe answers /metrics whatever the method; GET is the documented one.
     @app.api_route("/metrics", methods=list(EVERY_METHOD), include_in_schema=False)
-    @app.api_route("/metrics/", methods=list(EVERY_METHOD), include_in_schema=False)
     async def metrics(request: Request) -> Response:
         # TorchServe's name filter: /metrics?name[]=ts_inference_requests_total&name[]=...
         body = filter_samples(render(), request.query_params.getlist("name[]"))
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return app
+    return TrailingSlashIgnored(app)
 
 
 class SharedPort:

@@ -24,6 +24,21 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+class TrailingSlashIgnored:
+    """ASGI middleware: `/models/` is `/models`, as in TorchServe, which splits a path on '/'
+    and drops the empty segments at its end. Starlette would answer a 307 redirect instead,
+    which costs a probe a round trip and which clients do not follow for PUT or POST."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+        await self.app(scope, receive, send)
+
+
 class ClientDisconnected(Exception):
     """The client went away before its body was read."""
 

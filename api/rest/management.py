@@ -104,12 +104,10 @@ def management_router(
         return _send(await management.register(RegisterArgs.from_query(**fields)))
 
     @router.get("/models")
-    @router.get("/models/", include_in_schema=False)  # TorchServe lists there too, no redirect
     async def list_models(args: ListQuery) -> JsonResponse:
         return _send(management.list_models(args))
 
     @router.get("/models/{model_name}")
-    @router.get("/models/{model_name}/", include_in_schema=False)
     async def describe_default(model_name: str, customized: str | None = None) -> JsonResponse:
         return _send(
             await management.describe(model_name, customized=lenient_bool(customized, False))
@@ -128,7 +126,6 @@ def management_router(
         return _send(await management.describe(model_name, version, customized=flag))
 
     @router.put("/models/{model_name}")
-    @router.put("/models/{model_name}/", include_in_schema=False)
     async def scale_default(model_name: str, args: ScaleQuery) -> JsonResponse:
         return _send(await management.scale(model_name, None, args))
 
@@ -141,7 +138,6 @@ def management_router(
         return _send(await management.scale(model_name, version, args))
 
     @router.delete("/models/{model_name}")
-    @router.delete("/models/{model_name}/", include_in_schema=False)
     async def unregister_default(model_name: str) -> JsonResponse:
         return _send(await management.unregister(model_name))
 
@@ -149,13 +145,50 @@ def management_router(
     async def unregister_version(model_name: str, version: str) -> JsonResponse:
         return _send(await management.unregister(model_name, version))
 
+    # What one model's management API offers: TorchServe's answer to OPTIONS there, which is
+    # also how a browser's CORS preflight for PUT or DELETE gets its 200. The version of
+    # .../set-default is not looked up, as in TorchServe.
+    @router.options("/models/{model_name}", include_in_schema=False)
+    @router.options("/models/{model_name}/{version}/set-default", include_in_schema=False)
+    async def model_api_description(request: Request, model_name: str) -> JsonResponse:
+        registry.get(model_name)
+        return JsonResponse(model_management_document(request.app.openapi(), model_name))
+
+    @router.options("/models/{model_name}/{version}", include_in_schema=False)
+    async def version_api_description(
+        request: Request, model_name: str, version: str
+    ) -> JsonResponse:
+        registry.get(model_name, version)
+        return JsonResponse(model_management_document(request.app.openapi(), model_name))
+
+    if auth is None:
+        # As TorchServe with its token plugin off: /token is not there at all (404).
+        return router
+
     @router.post("/token")
     async def new_token(request: Request, type: str | None = None) -> JsonResponse:
-        if auth is None:
-            raise BadRequest("Token authorization is disabled (disable_token_authorization)")
         if type is None:
             raise BadRequest("Parameter type is required.")
         key = auth.regenerate(type, request.headers.get("authorization"))
         return JsonResponse({type: {"key": key}})
 
     return router
+
+
+MODEL_PATHS = (
+    "/models/{model_name}",
+    "/models/{model_name}/{version}",
+    "/models/{model_name}/{version}/set-default",
+)
+
+
+def model_management_document(document: dict[str, Any], model: str) -> dict[str, Any]:
+    """The port's OpenAPI `document` cut to the paths that act on one model, titled as
+    TorchServe titles its own (`RESTful Management API for: <model>`)."""
+    info = {**document.get("info", {}), "title": f"RESTful Management API for: {model}"}
+    paths = document.get("paths", {})
+    return {
+        **document,
+        "info": info,
+        "paths": {path: paths[path] for path in MODEL_PATHS if path in paths},
+    }

@@ -1,9 +1,10 @@
 """`/ping`: TorchServe's health check, as plain ASGI.
 
-TorchServe 0.12 answers it for every method (GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH), with
-or without a trailing slash, and load balancers and probes call it several times a second, some
-with HEAD: so it goes past FastAPI's routing, as the prediction paths do, and answers them all.
-It needs no token, as in TorchServe. Healthy is `DataPlane.ready()`.
+TorchServe 0.12 answers it for every method (GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH), and
+below it too (`/ping/`, `/ping/anything`: it looks at the first path segment only). Load
+balancers and probes call it several times a second, some with HEAD: so it goes past FastAPI's
+routing, as the prediction paths do, and answers them all. It needs no token, as in TorchServe.
+Healthy is `DataPlane.ready()`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from api.encoding import JSON, dumps
 from api.request_ids import request_id
 from api.rest.asgi import Receive, Scope, Send, header_dict, send_response
 
-PATHS = frozenset({"/ping", "/ping/"})
 HEALTHY = dumps({"status": "Healthy"})
 UNHEALTHY = dumps({"status": "Unhealthy"})
 
 
 def is_ping_path(path: str) -> bool:
-    return path in PATHS
+    return path == "/ping" or path.startswith("/ping/")
 
 
 class PingEndpoint:

@@ -151,6 +151,84 @@ def test_the_model_list_with_a_trailing_slash(servers: dict[str, Urls]) -> None:
     assert {r.status_code for r in refused.values()} == {405}
 
 
+# Found by sending 7 methods x 14 paths to both servers: torchgate answered each of these with a
+# 307 redirect, a 404 or a 405 where TorchServe answers as below. TorchServe splits a path on
+# '/' and drops the empty segments at its end, and looks only at the first segment for /ping.
+@pytest.mark.parametrize(
+    ("method", "api", "path", "status"),
+    [
+        ("GET", "management", "/models/digits/1.0/", 200),
+        ("POST", "management", "/models/digits/1.0/", 405),
+        ("PATCH", "management", "/models/digits/1.0/", 405),
+        ("GET", "management", "/workflows/", 200),
+        ("POST", "management", "/workflows/", 400),  # "Parameter url is required."
+        ("PUT", "management", "/workflows/", 405),
+        ("GET", "inference", "/api-description/", 200),
+        ("DELETE", "inference", "/api-description/", 200),
+        ("GET", "inference", "/ping/anything", 200),
+        ("HEAD", "inference", "/ping/anything/else", 200),
+        ("GET", "metrics", "/api-description", 200),
+        ("POST", "metrics", "/api-description/", 200),
+        ("OPTIONS", "metrics", "/", 200),
+        ("GET", "metrics", "/", 405),
+        ("PUT", "metrics", "/", 405),
+    ],
+)
+def test_paths_answer_as_in_torchserve(
+    servers: dict[str, Urls], method: str, api: str, path: str, status: int
+) -> None:
+    answers = both(servers, method, api, path)
+    assert [r.status_code for r in answers.values()] == [status, status], answers
+    if method == "HEAD":
+        return
+    ours, theirs = answers["torchgate"].json(), answers["torchserve"].json()
+    if status != 200:
+        assert ours["type"] == theirs["type"]
+    elif isinstance(theirs, dict) and "paths" in theirs:  # each server's own API description
+        assert "paths" in ours
+    elif path.startswith("/models/"):
+        assert [(m["modelName"], m["modelVersion"]) for m in ours] == [("digits", "1.0")]
+        assert [(m["modelName"], m["modelVersion"]) for m in theirs] == [("digits", "1.0")]
+    else:
+        assert ours == theirs
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/models/digits", 200),
+        ("/models/digits/2.0", 200),
+        ("/models/digits/2.0/set-default", 200),
+        ("/models/digits/9.9/set-default", 200),  # TorchServe looks up the model only there
+        ("/models/nope", 404),
+        ("/models/digits/9.9", 404),
+        ("/models/digits/all", 404),  # "all" is a version name to OPTIONS
+    ],
+)
+def test_options_on_a_model_describes_its_management_api(
+    servers: dict[str, Urls], path: str, status: int
+) -> None:
+    """What a browser's CORS preflight for `PUT /models/digits` gets: 200 and the API the model
+    offers (it was 405 on torchgate, which fails the preflight), or 404 as for a GET."""
+    answers = both(servers, "OPTIONS", "management", path)
+    assert [r.status_code for r in answers.values()] == [status, status], answers
+    ours, theirs = answers["torchgate"].json(), answers["torchserve"].json()
+    if status == 404:
+        assert ours["type"] == theirs["type"]
+        return
+    assert ours["info"]["title"] == theirs["info"]["title"] == "RESTful Management API for: digits"
+    assert len(ours["paths"]) == len(theirs["paths"]) == 3
+    for document in (ours, theirs):
+        assert {"get", "put", "delete"} <= set(document["paths"]["/models/{model_name}"])
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "DELETE"])
+def test_no_token_api_with_token_authorization_off(servers: dict[str, Urls], method: str) -> None:
+    answers = both(servers, method, "management", "/token?type=inference")
+    assert [r.status_code for r in answers.values()] == [404, 404], answers
+    assert answers["torchgate"].json()["type"] == answers["torchserve"].json()["type"]
+
+
 @pytest.mark.parametrize("path", ["/predictions/digits", "/predictions/digits/2.0"])
 def test_digits_json_and_image(servers: dict[str, Urls], path: str) -> None:
     for kwargs in ({"json": DIGITS.data[5].tolist()}, {"content": png(5)}):
