@@ -2,7 +2,7 @@
 
 One server per module serves the example archives plus small archives built here with
 torch-model-archiver: `sleepy` (sleeps as long as its body says, logging what it ran), `expiry`
-(the same handler with a 1 s responseTimeout), `thirdparty` (TorchServe's BaseHandler subclassed
+(the same handler with a 1 s responseTimeout, whose workers take 1.5 s to start), `thirdparty` (TorchServe's BaseHandler subclassed
 the way TorchServe users do, on a TorchScript model) and `broken.mar` (not an archive at all, to
 show one bad archive never stops the others). Timing tests leave seconds of margin and wait on
 observable state.
@@ -40,8 +40,11 @@ STORE = ROOT / "model_store"
 SLEEPY = """
 import os, time
 
+STARTUP_S = 0.0
+
 def handle(data, context):
     if data is None:  # TorchServe calls a function handler once with None to initialize it
+        time.sleep(STARTUP_S)
         return None
     answers = []
     for idx, row in enumerate(data):
@@ -97,7 +100,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("digits.mar", "digits_v2.mar", "minilm.mar"):
         (store / name).symlink_to(STORE / name)
     build_archive(work, "sleepy", "sleepy.py", {"sleepy.py": SLEEPY}, export_dir=store)
-    build_archive(work, "expiry", "sleepy.py", {"sleepy.py": SLEEPY}, export_dir=store)
+    # Its workers take 1.5 s to start: see test_expired_requests_get_504_and_never_run.
+    expiry = SLEEPY.replace("STARTUP_S = 0.0", "STARTUP_S = 1.5")
+    build_archive(work, "expiry", "sleepy.py", {"sleepy.py": expiry}, export_dir=store)
     linear = torch.nn.Linear(2, 1)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[2.0, -1.0]]))
@@ -306,6 +311,11 @@ def test_full_queue_is_refused_at_once(
 
 
 def test_expired_requests_get_504_and_never_run(server: TorchgateServer, store: Path) -> None:
+    """"late" waits in the worker's socket behind "busy" (pipelining); when "busy" passes its
+    deadline the worker is killed and "late", never started, goes back to the queue with the
+    rest of its own deadline. The replacement takes 1.5 s to start, so that rest has run out
+    before anyone could take it: with a fast start, it would rightly run (CI once saw that)."""
+
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=server.inference_url, timeout=60) as aclient:
             busy = asyncio.create_task(
