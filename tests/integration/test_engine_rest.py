@@ -2,10 +2,10 @@
 
 One server per module serves the example archives plus small archives built here with
 torch-model-archiver: `sleepy` (sleeps as long as its body says, logging what it ran), `expiry`
-(the same handler with a 1 s responseTimeout, whose workers take 1.5 s to start), `thirdparty` (TorchServe's BaseHandler subclassed
-the way TorchServe users do, on a TorchScript model) and `broken.mar` (not an archive at all, to
-show one bad archive never stops the others). Timing tests leave seconds of margin and wait on
-observable state.
+(the same handler with a 1 s responseTimeout, whose workers take 1.5 s to start), `thirdparty`
+(TorchServe's BaseHandler subclassed the way TorchServe users do, on a TorchScript model) and
+`broken.mar` (not an archive at all, to show one bad archive never stops the others). Timing
+tests leave seconds of margin and wait on observable state.
 """
 
 from __future__ import annotations
@@ -311,10 +311,11 @@ def test_full_queue_is_refused_at_once(
 
 
 def test_expired_requests_get_504_and_never_run(server: TorchgateServer, store: Path) -> None:
-    """"late" waits in the worker's socket behind "busy" (pipelining); when "busy" passes its
-    deadline the worker is killed and "late", never started, goes back to the queue with the
-    rest of its own deadline. The replacement takes 1.5 s to start, so that rest has run out
-    before anyone could take it: with a fast start, it would rightly run (CI once saw that)."""
+    """The request "late" waits in the worker's socket behind "busy" (pipelining); when "busy"
+    passes its deadline the worker is killed and "late", never started, goes back to the queue
+    with the rest of its own deadline. The replacement takes 1.5 s to start, so that rest has
+    run out before anyone could take it: with a fast start, it would rightly run (CI once saw
+    that)."""
 
     async def scenario() -> None:
         async with httpx.AsyncClient(base_url=server.inference_url, timeout=60) as aclient:
