@@ -21,6 +21,7 @@ from api.rest.asgi import (
     EVERY_METHOD,
     ASGIApp,
     Receive,
+    RequestIdHeader,
     Scope,
     Send,
     TrailingSlashIgnored,
@@ -105,9 +106,9 @@ def build_inference_app(
         inference_router(lambda: openapi_document(fastapi_app, kserve_v1, kserve_v2))
     )
     fastapi_app.include_router(kserve_liveness_router())  # KServe v1's `GET /`
-    app = InferenceApp(TrailingSlashIgnored(fastapi_app))
-    app.add_api("/v1", kserve_v1)
-    app.add_api("/v2", kserve_v2)
+    app = InferenceApp(RequestIdHeader(TrailingSlashIgnored(fastapi_app)))
+    app.add_api("/v1", RequestIdHeader(kserve_v1))
+    app.add_api("/v2", RequestIdHeader(kserve_v2))
     app.add_hot_path(EVERY_METHOD, is_ping_path, PingEndpoint(dataplane))
     predictions = PredictionsEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
     # TorchServe runs inference for any method there (OPTIONS: the model's description).
@@ -180,9 +181,10 @@ def build_management_app(
         app.include_router(workflow_router(workflows))
     if auth is None:
         guarded = app if browser_guard is None else browser_guard(app)
-        return TrailingSlashIgnored(guarded)
+        return RequestIdHeader(TrailingSlashIgnored(guarded))
     # /token is authorized by the API key inside its handler.
-    return TrailingSlashIgnored(RequireKey(app, auth, MANAGEMENT, exempt=("/token",)))
+    keyed = RequireKey(app, auth, MANAGEMENT, exempt=("/token",))
+    return RequestIdHeader(TrailingSlashIgnored(keyed))
 
 
 def build_metrics_app(render: Callable[[], bytes]) -> ASGIApp:
@@ -203,7 +205,7 @@ def build_metrics_app(render: Callable[[], bytes]) -> ASGIApp:
         body = filter_samples(render(), request.query_params.getlist("name[]"))
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return TrailingSlashIgnored(app)
+    return RequestIdHeader(TrailingSlashIgnored(app))
 
 
 class SharedPort:

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from api.errors import PayloadTooLarge
+from api.request_ids import request_id
 
 # What TorchServe answers on its paths that take any method (/ping, /predictions, /metrics,
 # /api-description): every method an HTTP client sends to an API.
@@ -37,6 +38,31 @@ class TrailingSlashIgnored:
         if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
             scope = {**scope, "path": path.rstrip("/") or "/"}
         await self.app(scope, receive, send)
+
+
+class RequestIdHeader:
+    """ASGI middleware: the answer carries `x-request-id` (the client's, or a new one), as every
+    TorchServe answer does. The plain-ASGI prediction and /ping paths set their own, so this
+    wraps only what goes through FastAPI."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id(header_dict(scope)).encode("latin-1")
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if all(name.lower() != b"x-request-id" for name, _ in headers):
+                    headers.append((b"x-request-id", rid))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class ClientDisconnected(Exception):

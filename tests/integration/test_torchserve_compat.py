@@ -128,19 +128,26 @@ def test_descriptions_and_metrics_answer_every_method(
         ("GET", "management", "/models"),
         ("GET", "management", "/models/nope"),
         ("GET", "metrics", "/metrics"),
+        ("GET", "metrics", "/nope"),
+        ("GET", "management", "/api-description"),
+        ("PATCH", "management", "/models"),
     ],
 )
-def test_every_answer_is_marked_uncacheable(
+def test_every_answer_is_uncacheable_and_has_a_request_id(
     servers: dict[str, Urls], method: str, api: str, path: str
 ) -> None:
     """TorchServe sends the same three headers on every REST answer, errors included, so no
-    cache between client and server keeps a prediction or a health answer."""
+    cache between client and server keeps a prediction or a health answer; and an
+    `x-request-id` (torchgate sent it on the inference paths only, until this test)."""
     answers = both(servers, method, api, path, json=[0.0] * 64 if method == "POST" else None)
     assert answers["torchgate"].status_code == answers["torchserve"].status_code
     names = ("cache-control", "expires", "pragma")
     sent = {name: [answer.headers.get(n) for n in names] for name, answer in answers.items()}
     assert sent["torchgate"] == sent["torchserve"]
     assert sent["torchgate"][0] == "no-cache; no-store, must-revalidate, private"
+    assert all(answer.headers.get("x-request-id") for answer in answers.values()), answers
+    asked = both(servers, method, api, path, headers={"x-request-id": "probe-42"})
+    assert asked["torchgate"].headers["x-request-id"] == "probe-42"
 
 
 def test_the_model_list_with_a_trailing_slash(servers: dict[str, Urls]) -> None:
