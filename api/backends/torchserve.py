@@ -455,6 +455,7 @@ class TorchServeWorker:
     """Forwards the batcher's batches (always of one: the backend does not batch)."""
 
     device = KIND
+    keeps_time = True  # httpx's read timeout (`timeout_s`) answers 504 for a slow TorchServe
 
     def __init__(self, backend: TorchServeBackend) -> None:
         self.backend = backend

@@ -267,6 +267,9 @@ class ProcessWorker:
     # waits in the worker's socket, so the worker goes straight on instead of idling for the
     # frontend's turn-around (at 32 connections on 2 cores, it idled over half the time).
     pipeline_depth = 2
+    # responseTimeout is timed on the process's own calls (`WorkerProcess.call`), from when
+    # it takes a batch up; past it, the process is killed and replaced.
+    keeps_time = True
 
     def __init__(
         self, backend: WorkerBackend, index: int, process: WorkerProcess, device: str

@@ -135,6 +135,7 @@ class Batcher:
             )
         now = self._clock()
         future: asyncio.Future[Prediction] = self._event_loop().create_future()
+        request.dispatched = False  # a request sent again (a workflow's retry) queues afresh
         self._queue.append(Pending(request, future, now, now + self.response_timeout_s))
         self._idle.clear()
         self._arrived.set()
@@ -246,6 +247,8 @@ class Batcher:
                 self._queue.extendleft(reversed(batch))
                 self._arrived.set()
                 return
+            for pending in batch:
+                pending.request.dispatched = True
             self._busy += not running
             running.add(lane)
             self._running += 1
@@ -330,7 +333,9 @@ class Batcher:
     async def _run(self, worker: Worker, batch: list[Pending]) -> None:
         started = self._clock()
         try:
-            predictions = await worker.predict([pending.request for pending in batch])
+            predictions = await predict_in_time(
+                worker, [pending.request for pending in batch], self.response_timeout_s
+            )
         except asyncio.CancelledError:
             self._fail(
                 batch,
@@ -343,6 +348,8 @@ class Batcher:
         except NotRun:
             # Never reached the handler: back to the front of the queue, in order, deadlines
             # unchanged, for another worker or this one's replacement.
+            for pending in batch:
+                pending.request.dispatched = False
             self._queue.extendleft(reversed(batch))
             self._arrived.set()
             return
@@ -382,6 +389,21 @@ class Batcher:
     def _note_if_idle(self) -> None:
         if not self._queue and self._running == 0:
             self._idle.set()
+
+
+async def predict_in_time(
+    worker: Worker, requests: list[InferenceRequest], timeout_s: float
+) -> list[Prediction]:
+    """`worker.predict`, failed with 504 past `timeout_s` unless the worker keeps that time
+    itself (`Worker.keeps_time`; a process worker also kills and replaces its process)."""
+    if getattr(worker, "keeps_time", False):
+        return await worker.predict(requests)
+    try:
+        return await asyncio.wait_for(worker.predict(requests), timeout_s)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"The worker did not answer within responseTimeout {timeout_s:g} s"
+        ) from None
 
 
 def worker_alive(worker: Worker) -> bool:

@@ -171,11 +171,13 @@ class DataPlane:
     async def _run(self, model_version: ModelVersion, request: InferenceRequest) -> Prediction:
         future = model_version.batcher.submit(request)
         timeout = model_version.settings.response_timeout_s
-        # At the deadline the future is answered 504, so a request still queued is never run
-        # (the batcher skips done futures). A timer, not wait_for: no task or extra future per
-        # request. Cancelling this coroutine (the client left) cancels the future the same way.
+        # A request still queued at its deadline is answered 504 and never run (the batcher
+        # skips done futures). One handed to a worker is the worker's to time, as in
+        # TorchServe, where responseTimeout bounds the handler's time on a batch. A timer, not
+        # wait_for: no task or extra future per request. Cancelling this coroutine (the client
+        # left) cancels the future the same way.
         timer = future.get_loop().call_later(
-            timeout, self._deadline_passed, future, model_version, timeout
+            timeout, self._deadline_passed, future, request, model_version, timeout
         )
         try:
             return await future
@@ -183,15 +185,26 @@ class DataPlane:
             timer.cancel()
 
     def _deadline_passed(
-        self, future: asyncio.Future[Prediction], model_version: ModelVersion, timeout: float
+        self,
+        future: asyncio.Future[Prediction],
+        request: InferenceRequest,
+        model_version: ModelVersion,
+        timeout: float,
     ) -> None:
         if future.done():
+            return
+        if request.dispatched:
+            # Looked at again later: it comes back to the queue if its worker dies before
+            # starting it, and must not wait there forever if no worker is left to take it.
+            future.get_loop().call_later(
+                timeout, self._deadline_passed, future, request, model_version, timeout
+            )
             return
         self._observer.request_rejected(model_version.name, model_version.version, REJECT_DEADLINE)
         future.set_exception(
             DeadlineExceeded(
                 f"Request for model {model_version.name} version {model_version.version} "
-                f"did not finish within responseTimeout {timeout:g} s"
+                f"waited in the queue past its responseTimeout of {timeout:g} s"
             )
         )
 

@@ -35,7 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.core.batching import Batcher, Clock, Pending, worker_alive
+from api.core.batching import Batcher, Clock, Pending, predict_in_time, worker_alive
 from api.core.types import (
     REJECT_QUEUE_FULL,
     InferenceRequest,
@@ -179,6 +179,7 @@ class SequenceBatcher(Batcher):
         elif len(sequence.queue) >= self.limits.max_sequence_job_queue_size:
             self._refuse("maxSequenceJobQueueSize", sequence_id)
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        request.dispatched = False  # a request sent again (a workflow's retry) queues afresh
         sequence.queue.append(Pending(request, future, now, now + self.response_timeout_s))
         sequence.last_active = now
         self._idle.clear()
@@ -264,13 +265,18 @@ class SequenceBatcher(Batcher):
         self._running_requests += len(batch)
         pendings = [pending for _, pending in batch]
         started = self._clock()
+        for pending in pendings:
+            pending.request.dispatched = True
         try:
-            predictions = await worker.predict([pending.request for pending in pendings])
+            predictions = await predict_in_time(
+                worker, [pending.request for pending in pendings], self.response_timeout_s
+            )
         except asyncio.CancelledError:
             self._fail(pendings, InferenceFailed(f"Model {self.model}: its worker was stopped"))
             raise
         except NotRun:
             for sequence, pending in batch:
+                pending.request.dispatched = False
                 sequence.queue.appendleft(pending)
                 sequence.worker = None
             return

@@ -40,6 +40,9 @@ class InferenceRequest:
     # send_intermediate_predict_response), in order, before the final Prediction. None: the
     # transport does not stream, and intermediate responses are dropped.
     stream: Callable[[Prediction], None] | None = None
+    # Set by the batcher while the request is in a batch handed to a worker: from then on the
+    # worker's responseTimeout clock, not the request's deadline in the queue, governs it.
+    dispatched: bool = False
 
 
 def header_value(headers: Mapping[str, str], name: str) -> str | None:
@@ -129,6 +132,9 @@ class Worker(Protocol):
     `pipeline_depth: int` (default 1) lets the batcher give it that many batches at once; it
     must then answer them in order, and raise `NotRun` for a batch it never started (it died
     while running the one before): the batcher gives that batch to another worker.
+    `keeps_time: bool` (default False) says that `predict` itself fails a batch the handler
+    spends more than the version's responseTimeout on (a process worker kills its process);
+    for other workers the batcher bounds the call.
     """
 
     device: str

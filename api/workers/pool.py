@@ -302,6 +302,10 @@ class WorkerProcess(asyncio.BufferedProtocol):
 
         Calls may overlap: the worker reads the next message while the frontend waits for the
         answer to the one before (so it never idles between batches), and answers in order.
+        `timeout` counts, as TorchServe's responseTimeout does, only the time the worker
+        spends on this call: from when it takes it up (the call before it was answered), and
+        afresh after each chunk it streams. A call waiting behind a slow one is not charged
+        for it, so a healthy worker is never killed for the queue in its socket.
         A caller cancelled mid-call kills the worker: the answer it was waiting for would
         otherwise be taken for the next call's.
         """
@@ -319,16 +323,24 @@ class WorkerProcess(asyncio.BufferedProtocol):
             return self._inbox.pop(0)
         if not self.alive:
             raise WorkerExit(self._exit_reason())
-        waiter = _Waiter(self._loop.create_future(), on_chunk)
+        waiter = _Waiter(self._loop.create_future(), on_chunk, timeout)
         self._waiters.append(waiter)
-        timer = self._loop.call_later(timeout, _time_out, waiter.future)
+        if len(self._waiters) == 1:
+            self._start_clock(waiter)  # the worker takes it up now
         try:
             return await waiter.future
         except (TimeoutError, asyncio.CancelledError):
             self.kill()
             raise
         finally:
-            timer.cancel()
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+
+    def _start_clock(self, waiter: _Waiter) -> None:
+        """(Re)start the time the worker has for `waiter`'s call, the one it is running."""
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        waiter.timer = self._loop.call_later(waiter.timeout, _time_out, waiter.future)
 
     def send(self, message: Any) -> None:
         """Send without waiting for an answer (the stop request)."""
@@ -466,8 +478,11 @@ class WorkerProcess(asyncio.BufferedProtocol):
             self._protocol_error(exc)
             return
         if message[0] == "chunk":  # for the oldest call: the one the worker is running
-            if self._waiters and self._waiters[0].on_chunk is not None:
-                self._waiters[0].on_chunk(message[1])
+            if self._waiters:
+                running = self._waiters[0]
+                if running.on_chunk is not None:
+                    running.on_chunk(message[1])
+                self._start_clock(running)  # TorchServe waits responseTimeout per reply
             return
         if not self._waiters:
             self._inbox.append(message)
@@ -475,6 +490,8 @@ class WorkerProcess(asyncio.BufferedProtocol):
         future = self._waiters.popleft().future
         if not future.done():
             future.set_result(message)
+        if self._waiters:
+            self._start_clock(self._waiters[0])  # the worker goes on to the next call
 
     def _protocol_error(self, exc: Exception) -> None:
         log.error("%s: %s; killing the worker", self.label, exc)
@@ -489,6 +506,8 @@ class WorkerProcess(asyncio.BufferedProtocol):
 class _Waiter:
     future: asyncio.Future[Any]
     on_chunk: ChunkCallback | None
+    timeout: float
+    timer: asyncio.TimerHandle | None = None  # runs while the worker is on this call
 
 
 def _time_out(waiter: asyncio.Future[Any]) -> None:

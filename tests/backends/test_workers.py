@@ -3,6 +3,7 @@ worker processes give each archive (its own process, working directory and `sys.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -15,8 +16,14 @@ import pytest
 
 from api.backends.archive import ArchiveError, open_archive
 from api.backends.workers import ProcessWorker, WorkerBackend, load_worker_backend
-from api.core.types import InferenceRequest, Prediction
-from api.errors import BadRequest, HandlerLoadError, InferenceFailed, ModelNotReady
+from api.core.types import InferenceRequest, NotRun, Prediction
+from api.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    HandlerLoadError,
+    InferenceFailed,
+    ModelNotReady,
+)
 from api.workers.main import WorkerSpec, _device
 from api.workers.pool import WorkerPool
 from tests.backends.conftest import (
@@ -429,6 +436,94 @@ def test_closed_worker_refuses_batches(
     assert exited == "exit code 0", "asked to stop, the process exits cleanly"
     assert worker.memory_bytes() == 0
     assert not backend.archive.model_dir.exists()
+
+
+# Body "S N": N intermediate responses S seconds apart, then the answer S seconds later.
+PACED = """
+    import time
+    from ts.protocol.otf_message_handler import send_intermediate_predict_response
+
+    def handle(data, context):
+        if data is None:
+            return None
+        body = data[0]["body"]
+        seconds, chunks = str(body.decode() if isinstance(body, bytes) else body).split()
+        for _ in range(int(chunks)):
+            time.sleep(float(seconds))
+            send_intermediate_predict_response(
+                ["tick"], context.request_ids, "Intermediate Prediction success", 200, context
+            )
+        time.sleep(float(seconds))
+        return ["done"]
+"""
+
+
+def test_response_timeout_counts_from_when_the_worker_takes_a_batch_up(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
+    """As TorchServe's responseTimeout: the time the handler spends on a batch. The second of two
+    0.6 s batches waits 0.6 s in the worker's socket behind the first (pipelining), then runs:
+    1.2 s after it was sent, against a 1 s timeout, it answers, and the worker lives on."""
+    path = build_archive("paced", "handler.py", {"handler.py": PACED})
+
+    async def scenario() -> list[list[Prediction]]:
+        backend = await load(worker_pool, path, model_settings=settings(response_timeout_s=1.0))
+        worker = await backend.start_worker(0)
+        try:
+            answers = await asyncio.gather(
+                worker.predict(requests("0.6 0")), worker.predict(requests("0.6 0"))
+            )
+            assert worker.alive
+            return list(answers)
+        finally:
+            await backend.close()
+
+    assert [bodies(answer) for answer in run(scenario())] == [["done"], ["done"]]
+
+
+def test_a_stream_has_response_timeout_per_response_not_in_all(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
+    """TorchServe waits responseTimeout for each reply of a streaming handler: a generation
+    that sends a token every 0.4 s may run 2 s against a 1 s timeout."""
+    path = build_archive("paced", "handler.py", {"handler.py": PACED})
+    chunks: list[Prediction] = []
+
+    async def scenario() -> list[Prediction]:
+        backend = await load(worker_pool, path, model_settings=settings(response_timeout_s=1.0))
+        worker = await backend.start_worker(0)
+        try:
+            request = InferenceRequest({"body": "0.4 4"}, {}, "req-0", stream=chunks.append)
+            return await worker.predict([request])
+        finally:
+            await backend.close()
+
+    assert bodies(run(scenario())) == ["done"]
+    assert [chunk.body for chunk in chunks] == ["tick"] * 4
+
+
+def test_a_batch_past_response_timeout_kills_the_worker_and_frees_the_one_behind(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
+    path = build_archive("paced", "handler.py", {"handler.py": PACED})
+
+    async def scenario() -> tuple[BaseException | list[Prediction], ...]:
+        backend = await load(worker_pool, path, model_settings=settings(response_timeout_s=1.0))
+        worker = await backend.start_worker(0)
+        try:
+            outcomes = await asyncio.gather(
+                worker.predict(requests("1.5 0")),
+                worker.predict(requests("0 0")),
+                return_exceptions=True,
+            )
+            assert not worker.alive
+            return tuple(outcomes)
+        finally:
+            await backend.close()
+
+    slow, behind = run(scenario())
+    assert isinstance(slow, DeadlineExceeded)
+    assert isinstance(behind, NotRun)  # never started: the batcher gives it to another worker
 
 
 # -- what a worker process gives its archive --------------------------------------------------

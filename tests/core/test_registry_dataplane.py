@@ -111,6 +111,26 @@ def test_request_past_response_timeout_gets_504() -> None:
     run(scenario())
 
 
+def test_a_request_its_worker_times_is_not_cut_short_by_its_queue_deadline() -> None:
+    """Once a worker that times its own batches (`keeps_time`: a process worker, killed past
+    responseTimeout) has the request, the request's deadline no longer applies to it: the
+    batch takes 50 ms against a 10 ms responseTimeout and still answers."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        backend = EchoBackend("1.0", delay=0.05)
+        await registry.register(
+            "timed", "1.0", "t.mar", factory(backend), ModelSettings(response_timeout_s=0.01)
+        )
+        (worker,) = backend.workers
+        worker.keeps_time = True  # type: ignore[attr-defined]
+        answer = await dataplane.infer("timed", None, InferenceRequest({"body": 7}))
+        assert answer.prediction.body == {"version": "1.0", "body": 7}
+
+    run(scenario())
+
+
 def test_metadata_comes_from_the_signature() -> None:
     async def scenario() -> None:
         registry = Registry()

@@ -2,7 +2,8 @@
 
 One server per module serves the example archives plus small archives built here with
 torch-model-archiver: `sleepy` (sleeps as long as its body says, logging what it ran), `expiry`
-(the same handler with a 1 s responseTimeout, whose workers take 1.5 s to start), `thirdparty`
+(the same handler with a 1 s responseTimeout, whose workers take 1.5 s to start), `patient` (the
+same with a 1 s responseTimeout), `thirdparty`
 (TorchServe's BaseHandler subclassed the way TorchServe users do, on a TorchScript model) and
 `broken.mar` (not an archive at all, to show one bad archive never stops the others). Timing
 tests leave seconds of margin and wait on observable state.
@@ -30,7 +31,7 @@ from sklearn.datasets import load_digits
 
 from tests.support.archives import build_archive
 from tests.support.processes import wait_until
-from tests.support.server import TorchgateServer, post_many, running_torchgate
+from tests.support.server import TorchgateServer, post_many, running_torchgate, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -76,13 +77,14 @@ MODELS = {
     "minilm": {"1.0": {"marName": "minilm.mar", "batchSize": 8, "maxBatchDelay": 5}},
     "sleepy": {"1.0": {"marName": "sleepy.mar", "responseTimeout": 60, "jobQueueSize": 2}},
     "expiry": {"1.0": {"marName": "expiry.mar", "responseTimeout": 1}},
+    "patient": {"1.0": {"marName": "patient.mar", "responseTimeout": 1}},
 }
 
 
 def config_text(store: Path, **extra: str) -> str:
     lines = {
         "model_store": str(store),
-        "load_models": "digits.mar,digits_v2.mar,minilm.mar,sleepy.mar,expiry.mar,"
+        "load_models": "digits.mar,digits_v2.mar,minilm.mar,sleepy.mar,expiry.mar,patient.mar,"
         "thirdparty.mar,broken.mar",
         "models": json.dumps(MODELS),
         "enable_model_api": "true",
@@ -103,6 +105,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Its workers take 1.5 s to start: see test_expired_requests_get_504_and_never_run.
     expiry = SLEEPY.replace("STARTUP_S = 0.0", "STARTUP_S = 1.5")
     build_archive(work, "expiry", "sleepy.py", {"sleepy.py": expiry}, export_dir=store)
+    build_archive(work, "patient", "sleepy.py", {"sleepy.py": SLEEPY}, export_dir=store)
     linear = torch.nn.Linear(2, 1)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[2.0, -1.0]]))
@@ -334,6 +337,21 @@ def test_expired_requests_get_504_and_never_run(server: TorchgateServer, store: 
         assert "expiry-late" not in sleepy_log(server, store)
 
     asyncio.run(scenario())
+
+
+def test_response_timeout_bounds_the_handlers_time_not_the_wait(server: TorchgateServer) -> None:
+    """As in TorchServe, responseTimeout bounds the time the handler spends on a batch. Two
+    0.7 s requests sent together against a 1 s timeout: the second waits 0.7 s behind the
+    first, then runs 0.7 s; both answer 200, from the worker that was there before."""
+    before = worker_pids(server, "patient")
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.inference_url, timeout=30) as aclient:
+            sent = [aclient.post("/predictions/patient", content=b"0.7") for _ in range(2)]
+            return list(await asyncio.gather(*sent))
+
+    assert [reply.status_code for reply in asyncio.run(scenario())] == [200, 200]
+    assert worker_pids(server, "patient") == before
 
 
 def test_disconnected_clients_are_dropped_before_inference(
