@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,6 +40,8 @@ pytestmark = [
 # examples/LLM: one intermediate response per generated token, the last token as the answer.
 # Handlers import the function from either module (examples use both): tokens alternate.
 STREAMER = """
+    import os
+
     from ts.handler_utils.utils import send_intermediate_predict_response as send_utils
     from ts.protocol.otf_message_handler import send_intermediate_predict_response as send_otf
     from ts.torch_handler.base_handler import BaseHandler
@@ -57,6 +60,8 @@ STREAMER = """
             for index, word in enumerate(words[:-1]):
                 if word == "fail":
                     raise ValueError("generation failed after some tokens")
+                if word == "crash":  # the worker process dies mid-generation
+                    os._exit(3)
                 send = send_otf if index % 2 else send_utils
                 send(
                     [word + " "], context.request_ids, "Intermediate Prediction success", 200,
@@ -191,6 +196,28 @@ def test_a_failure_after_chunks_cuts_the_stream_short(servers: dict[str, Server]
     assert not ours.complete and not theirs.complete
 
 
+def test_a_worker_dying_mid_stream_cuts_only_that_stream(servers: dict[str, Server]) -> None:
+    """The worker process exits after a chunk: on both servers the client gets the chunks sent
+    so far and no closing chunk, the worker is replaced, and the next stream is whole."""
+    for server in (servers["torchserve"], servers["torchgate"]):
+        cut = request_chunks(server.inference, "POST", "/predictions/streamer", b"first crash x")
+        assert (cut.status, cut.chunks, cut.complete) == (200, [b"first "], False)
+    for server in (servers["torchserve"], servers["torchgate"]):
+        assert streams_whole_again(server)
+
+
+def streams_whole_again(server: Server) -> bool:
+    """Whether the streamer serves a whole stream again within a minute (TorchServe restarts
+    a dead worker after a second or so; until then it answers 503)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        again = request_chunks(server.inference, "POST", "/predictions/streamer", b"a b c")
+        if again.status == 200:
+            return (again.chunks, again.complete) == ([b"a ", b"b ", b"c"], True)
+        time.sleep(0.2)
+    return False
+
+
 def test_grpc_stream_predictions_sends_one_message_per_response(
     servers: dict[str, Server],
 ) -> None:
@@ -216,6 +243,12 @@ def test_grpc_stream_predictions_sends_one_message_per_response(
     ours = stream(servers["torchgate"], b"first fail never")
     assert ours[0] == theirs[0] == [b"first "]
     assert (ours[1], theirs[1]) == (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE)
+    # The worker process dies after a message: the same on both.
+    theirs = stream(servers["torchserve"], b"first crash never")
+    ours = stream(servers["torchgate"], b"first crash never")
+    assert ours == theirs == ([b"first "], grpc.StatusCode.INTERNAL)
+    for server in (servers["torchserve"], servers["torchgate"]):
+        assert streams_whole_again(server)
 
 
 @pytest.mark.parametrize("path", ["/explanations/explainer", "/explanations/explainer/1.0"])
