@@ -213,6 +213,10 @@ class WorkerPool:
             future = self._spawning.pop(message[1], None)
             if future is not None and not future.done():
                 future.set_result(message[2])
+            else:
+                # Its caller stopped waiting (the slot was stopped mid-start): nobody will
+                # ever drive this worker, which would otherwise run `initialize` to its end.
+                self.kill(message[2])
         elif kind == "exited":
             process = self._workers.pop(message[1], None)
             if process is not None:
@@ -495,10 +499,13 @@ class WorkerProcess(asyncio.BufferedProtocol):
 
     def _protocol_error(self, exc: Exception) -> None:
         log.error("%s: %s; killing the worker", self.label, exc)
-        for waiter in self._waiters:
-            if not waiter.future.done():
-                waiter.future.set_exception(WorkerExit(f"it sent an unreadable answer ({exc})"))
-        self._waiters.clear()
+        started = True  # the unreadable answer was to the call it was running
+        while self._waiters:
+            future = self._waiters.popleft().future
+            if not future.done():
+                reason = f"it sent an unreadable answer ({exc})"
+                future.set_exception(WorkerExit(reason) if started else NotStarted(reason))
+            started = False
         self.kill()
 
 

@@ -35,6 +35,7 @@ from tests.backends.conftest import (
     settings,
     write_zip,
 )
+from tests.support.processes import descendants
 
 ECHO = """
     def handle(data, context):
@@ -524,6 +525,47 @@ def test_a_batch_past_response_timeout_kills_the_worker_and_frees_the_one_behind
     slow, behind = run(scenario())
     assert isinstance(slow, DeadlineExceeded)
     assert isinstance(behind, NotRun)  # never started: the batcher gives it to another worker
+
+
+SLOW_START = """
+    import time
+
+    def handle(data, context):
+        if data is None:
+            time.sleep(30)  # loading a large model
+            return None
+        return ["up"] * len(data)
+"""
+
+
+def test_a_worker_whose_start_was_abandoned_is_killed_at_once(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
+    """A slot stopped while its worker is being forked (a scale-down during a restart): the
+    zygote forks it all the same, and nobody will drive it. It is killed as soon as its pid is
+    known, not left to finish a long `initialize` first."""
+    path = build_archive("slow_start", "handler.py", {"handler.py": SLOW_START})
+    ready = build_archive("ready", "handler.py", {"handler.py": ECHO})
+
+    async def scenario() -> None:
+        warm = await load(worker_pool, ready)
+        await (await warm.start_worker(0)).close()  # the zygote has imported torch: it forks now
+        zygote = worker_pool.zygote_pid
+        assert zygote is not None
+        before = descendants(zygote)
+        backend = await load(worker_pool, path)
+        try:
+            start = asyncio.ensure_future(backend.start_worker(0))
+            await asyncio.sleep(0)  # the fork request is sent; its pid is not back yet
+            start.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await start
+            await asyncio.sleep(1.0)  # forked, its pid reported, and killed
+            assert descendants(zygote) == before
+        finally:
+            await asyncio.gather(backend.close(), warm.close())
+
+    run(scenario())
 
 
 # -- what a worker process gives its archive --------------------------------------------------
