@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
@@ -24,9 +25,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
+from api.rpc.generated import grpc_predict_v2_pb2 as v2
+from api.rpc.generated import grpc_predict_v2_pb2_grpc as v2_grpc
+from api.rpc.generated import inference_pb2 as inference
+from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from tests.support.archives import ECHO, build_archive
 from tests.support.processes import alive, parent_of, wait_until
 from tests.support.server import TorchgateServer, running_torchgate, worker_pids
@@ -170,6 +176,57 @@ def test_a_fault_costs_only_its_own_requests(
     described = httpx.get(f"{server.management_url}/models/faulty").json()[0]
     assert described["status"] == "READY"
     assert described["workers"][0]["restarts"] >= 1
+
+
+def send_through(server: TorchgateServer, api: str, command: str) -> tuple[str, str]:
+    """`command` to `faulty` through `api`; (outcome, message): "ok" with the answer, or the
+    API's status (HTTP code or gRPC code name) with its error message."""
+    if api == "v2-rest":
+        tensor = {"name": "command", "shape": [1], "datatype": "BYTES", "data": [command]}
+        reply = httpx.post(
+            f"{server.inference_url}/v2/models/faulty/infer", json={"inputs": [tensor]}, timeout=60
+        )
+        if reply.status_code == 200:
+            return "ok", json.dumps(reply.json()["outputs"])
+        return str(reply.status_code), reply.json()["error"]
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_inference_port}") as channel:
+        try:
+            if api == "v2-grpc":
+                request = v2.ModelInferRequest(model_name="faulty")
+                request.inputs.add(
+                    name="command", datatype="BYTES", shape=[1]
+                ).contents.bytes_contents.append(command.encode())
+                answer = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+                return "ok", str(answer.outputs)
+            predict = inference.PredictionsRequest(
+                model_name="faulty", input={"data": command.encode()}
+            )
+            stub = inference_grpc.InferenceAPIsServiceStub(channel)
+            return "ok", stub.Predictions(predict, timeout=60).prediction.decode()
+        except grpc.RpcError as exc:
+            return exc.code().name, exc.details() or ""
+
+
+@pytest.mark.parametrize(
+    ("api", "failed"),
+    [("v2-rest", "500"), ("v2-grpc", "INTERNAL"), ("torchserve-grpc", "INTERNAL")],
+)
+def test_a_crash_fails_only_its_request_on_every_api(
+    server: TorchgateServer, api: str, failed: str
+) -> None:
+    """The crash of the test above, through KServe v2 (REST, gRPC) and TorchServe's gRPC API:
+    the request fails with that API's code for a server error, naming the exit, and the
+    version serves again through the same API."""
+    [before] = worker_pids(server, "faulty")
+    assert send_through(server, api, "ok")[0] == "ok"
+    outcome, message = send_through(server, api, "exit")
+    assert (outcome, "exit code 3" in message) == (failed, True), message
+    deadline = time.monotonic() + 20
+    while send_through(server, api, "ok")[0] != "ok":
+        assert time.monotonic() < deadline, "the faulty version did not come back"
+        time.sleep(0.05)
+    [after] = worker_pids(server, "faulty")
+    assert after != before and not alive(before)
 
 
 def test_requests_queued_behind_a_crash_are_served_by_the_replacement(
