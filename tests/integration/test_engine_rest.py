@@ -354,6 +354,31 @@ def test_response_timeout_bounds_the_handlers_time_not_the_wait(server: Torchgat
     assert worker_pids(server, "patient") == before
 
 
+def test_while_its_only_worker_restarts_a_version_is_not_ready_and_says_why(
+    server: TorchgateServer,
+) -> None:
+    """The worker is SIGKILLed from outside (as the OOM killer would); its replacement takes
+    1.5 s to start. Meanwhile the version is not ready on every API and new requests get 503
+    with the reason; then it serves again, no operator involved."""
+    inference, management = server.inference_url, server.management_url
+    [pid] = worker_pids(server, "expiry")
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: httpx.get(f"{inference}/v2/models/expiry/ready").status_code == 503, 5)
+    [described] = httpx.get(f"{management}/models/expiry").json()
+    assert described["ready"] is False
+    assert [w["status"] for w in described["workers"]] == ["RESTARTING"]
+    assert described["unavailable"] == (
+        "Model expiry version 1.0 has no live worker: worker 0 killed by signal 9 (SIGKILL)"
+    )
+    refused = httpx.post(f"{inference}/predictions/expiry", content=b"0")
+    assert refused.status_code == 503
+    assert refused.json()["message"] == described["unavailable"]
+    wait_until(lambda: httpx.get(f"{inference}/v2/models/expiry/ready").status_code == 200, 20)
+    assert httpx.post(f"{inference}/predictions/expiry", content=b"0").status_code == 200
+    [described] = httpx.get(f"{management}/models/expiry").json()
+    assert described["workers"][0]["restarts"] >= 1 and described["workers"][0]["pid"] != pid
+
+
 def test_disconnected_clients_are_dropped_before_inference(
     server: TorchgateServer, store: Path
 ) -> None:
