@@ -249,6 +249,45 @@ def test_requests_queued_behind_a_crash_are_served_by_the_replacement(
     assert all(code in (200, 504) for code in statuses[1:]), statuses
 
 
+def test_scaling_down_past_a_hung_worker_takes_at_most_a_response_timeout(
+    server: TorchgateServer,
+) -> None:
+    """Scale-down while one of two workers hangs in its handler: the hung batch gets its
+    responseTimeout, no more, then 504; the scale answers, and no process of the stopped
+    workers is left. The version then serves again once scaled back up."""
+    management = httpx.Client(base_url=server.management_url, timeout=60)
+
+    def scale(workers: int) -> httpx.Response:
+        return management.put(
+            "/models/faulty",
+            params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
+        )
+
+    assert scale(2).status_code == 200
+    workers = worker_pids(server, "faulty")
+    assert len(workers) == 2
+
+    async def scenario() -> tuple[httpx.Response, httpx.Response, float]:
+        async with httpx.AsyncClient(base_url=server.inference_url, timeout=60) as client:
+            hang = asyncio.create_task(client.post("/predictions/faulty", content=b"hang"))
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            scaled = await asyncio.to_thread(scale, 0)
+            return scaled, await hang, time.monotonic() - started
+
+    try:
+        scaled, hung, took = asyncio.run(scenario())
+        assert scaled.status_code == 200, scaled.text
+        assert took < RESPONSE_TIMEOUT_S + 3
+        assert hung.status_code == 504
+        wait_until(lambda: [pid for pid in workers if alive(pid)] == [], 10)
+    finally:
+        assert scale(1).status_code == 200
+    assert (
+        httpx.post(f"{server.inference_url}/predictions/faulty", content=b"ok").status_code == 200
+    )
+
+
 def test_worker_logs_reach_the_server_log_under_the_models_name(
     server: TorchgateServer,
 ) -> None:
