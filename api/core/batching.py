@@ -244,8 +244,7 @@ class Batcher:
                     await self._full.wait()
             batch = await self._next_batch()
             if not worker_alive(worker):
-                self._queue.extendleft(reversed(batch))
-                self._arrived.set()
+                self._give_back(batch)
                 return
             for pending in batch:
                 pending.request.dispatched = True
@@ -280,7 +279,7 @@ class Batcher:
                 await self._fill(batch)
             except asyncio.CancelledError:
                 # The worker is stopping: hand the open batch back to the others, in order.
-                self._queue.extendleft(reversed(batch))
+                self._give_back(batch)
                 raise
         self._observer.queue_changed(self.model, self.version, len(self._queue))
         return batch
@@ -346,12 +345,11 @@ class Batcher:
             )
             raise
         except NotRun:
-            # Never reached the handler: back to the front of the queue, in order, deadlines
-            # unchanged, for another worker or this one's replacement.
+            # Never reached the handler: back to the queue, deadlines unchanged, for another
+            # worker or this one's replacement.
             for pending in batch:
                 pending.request.dispatched = False
-            self._queue.extendleft(reversed(batch))
-            self._arrived.set()
+            self._give_back(batch)
             return
         except TorchgateError as exc:
             self._fail(batch, exc)
@@ -360,6 +358,20 @@ class Batcher:
             self._fail(batch, InferenceFailed(f"Worker died: {type(exc).__name__}: {exc}"))
             return
         self._deliver(batch, predictions, started)
+
+    def _give_back(self, batch: list[Pending]) -> None:
+        """Queue a batch that never ran again where its requests arrived. Not simply at the
+        front: when a worker dies, the batches pipelined to it come back one by one, oldest
+        first, and each would otherwise jump ahead of the one before."""
+        if self._queue and self._queue[0].enqueued_at < batch[-1].enqueued_at:
+            merged = sorted([*batch, *self._queue], key=_arrival)  # two sorted runs: O(n)
+            self._queue.clear()
+            self._queue.extend(merged)
+        else:
+            self._queue.extendleft(reversed(batch))
+        self._arrived.set()
+        if len(self._queue) >= self.max_batch_size:
+            self._full.set()
 
     def _deliver(self, batch: list[Pending], predictions: list[Prediction], started: float) -> None:
         """Resolve each request of a batch that ran with its own prediction, in order."""
@@ -409,6 +421,10 @@ async def predict_in_time(
 def worker_alive(worker: Worker) -> bool:
     """A worker that can die (a process) says whether it lives; others always do."""
     return getattr(worker, "alive", True)
+
+
+def _arrival(pending: Pending) -> float:
+    return pending.enqueued_at
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from api.core.batching import Batcher
-from api.core.types import InferenceRequest, Prediction
+from api.core.types import InferenceRequest, NotRun, Prediction
 from api.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from tests.support import aio
 
@@ -311,5 +311,60 @@ def test_stopping_a_stuck_worker_gives_up_after_the_response_timeout() -> None:
             await task
         with pytest.raises(InferenceFailed):
             await future
+
+    run(scenario())
+
+
+class PipelinedWorker:
+    """A process-like worker that takes batches ahead (`pipeline_depth`) until `die()`: the
+    batch it was running fails, the ones waiting behind it are given back (NotRun)."""
+
+    device = "cpu"
+    pipeline_depth = 2
+    keeps_time = True
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.batches: list[list[str]] = []
+        self._calls: list[asyncio.Future[list[Prediction]]] = []
+
+    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+        self.batches.append([r.request_id for r in batch])
+        call: asyncio.Future[list[Prediction]] = asyncio.get_running_loop().create_future()
+        self._calls.append(call)
+        return await call
+
+    def die(self) -> None:
+        self.alive = False
+        for index, call in enumerate(self._calls):
+            call.set_exception(InferenceFailed("died") if index == 0 else NotRun())
+
+    async def close(self) -> None:
+        pass
+
+
+def test_batches_a_dead_worker_never_started_go_to_the_next_in_arrival_order() -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        batcher = make_batcher(clock, max_batch_size=2)
+        futures = []
+        for index in range(8):
+            clock.now = float(index)
+            futures.append(batcher.submit(request(f"r{index}")))
+        dying = PipelinedWorker()
+        serving = asyncio.create_task(batcher.serve(dying))
+        while len(dying.batches) < 4:  # two lanes, and two overload lanes for full batches
+            await asyncio.sleep(0)
+        assert dying.batches == [["r0", "r1"], ["r2", "r3"], ["r4", "r5"], ["r6", "r7"]]
+        dying.die()
+        await serving
+        for running in futures[:2]:  # the batch it was running fails
+            with pytest.raises(InferenceFailed):
+                await running
+        worker = GatedWorker()
+        task = asyncio.create_task(batcher.serve(worker))
+        assert [(await f).body for f in futures[2:]] == [f"r{i}" for i in range(2, 8)]
+        assert worker.batches == [["r2", "r3"], ["r4", "r5"], ["r6", "r7"]]
+        task.cancel()
 
     run(scenario())
