@@ -391,15 +391,17 @@ class WorkerProcess(asyncio.BufferedProtocol):
             return self.exited.result()
         return "its connection closed"
 
-    def _fail_waiter(self) -> None:
-        """The worker is gone: the oldest call due is the one it was running; the calls behind
-        it were never started (it runs one at a time), so they can run elsewhere."""
+    def _fail_waiter(self, reason: str | None = None) -> None:
+        """The worker is gone (for `reason`, by default how it exited): the oldest call due is
+        the one it was running; the calls behind it were never started (it runs one at a
+        time), so they can run elsewhere."""
+        reason = reason or self._exit_reason()
         started = True
         while self._waiters:
             future = self._waiters.popleft().future
             if not future.done():
                 error = WorkerExit if started else NotStarted
-                future.set_exception(error(self._exit_reason()))
+                future.set_exception(error(reason))
             started = False
 
     # -- asyncio.BufferedProtocol ----------------------------------------------------------------
@@ -499,13 +501,7 @@ class WorkerProcess(asyncio.BufferedProtocol):
 
     def _protocol_error(self, exc: Exception) -> None:
         log.error("%s: %s; killing the worker", self.label, exc)
-        started = True  # the unreadable answer was to the call it was running
-        while self._waiters:
-            future = self._waiters.popleft().future
-            if not future.done():
-                reason = f"it sent an unreadable answer ({exc})"
-                future.set_exception(WorkerExit(reason) if started else NotStarted(reason))
-            started = False
+        self._fail_waiter(f"it sent an unreadable answer ({exc})")
         self.kill()
 
 
