@@ -135,7 +135,6 @@ class Batcher:
             )
         now = self._clock()
         future: asyncio.Future[Prediction] = self._event_loop().create_future()
-        request.dispatched = False  # a request sent again (a workflow's retry) queues afresh
         self._queue.append(Pending(request, future, now, now + self.response_timeout_s))
         self._idle.clear()
         self._arrived.set()
@@ -246,8 +245,6 @@ class Batcher:
             if not worker_alive(worker):
                 self._give_back(batch)
                 return
-            for pending in batch:
-                pending.request.dispatched = True
             self._busy += not running
             running.add(lane)
             self._running += 1
@@ -347,8 +344,6 @@ class Batcher:
         except NotRun:
             # Never reached the handler: back to the queue, deadlines unchanged, for another
             # worker or this one's replacement.
-            for pending in batch:
-                pending.request.dispatched = False
             self._give_back(batch)
             return
         except TorchgateError as exc:
@@ -407,15 +402,22 @@ async def predict_in_time(
     worker: Worker, requests: list[InferenceRequest], timeout_s: float
 ) -> list[Prediction]:
     """`worker.predict`, failed with 504 past `timeout_s` unless the worker keeps that time
-    itself (`Worker.keeps_time`; a process worker also kills and replaces its process)."""
-    if getattr(worker, "keeps_time", False):
-        return await worker.predict(requests)
+    itself (`Worker.keeps_time`; a process worker also kills and replaces its process).
+    Meanwhile the requests are `dispatched`: the worker's clock, not their deadline in the
+    queue, governs them (a batch given back, or a request sent again, queues afresh)."""
+    for request in requests:
+        request.dispatched = True
     try:
+        if getattr(worker, "keeps_time", False):
+            return await worker.predict(requests)
         return await asyncio.wait_for(worker.predict(requests), timeout_s)
     except TimeoutError:
         raise DeadlineExceeded(
             f"The worker did not answer within responseTimeout {timeout_s:g} s"
         ) from None
+    finally:
+        for request in requests:
+            request.dispatched = False
 
 
 def worker_alive(worker: Worker) -> bool:

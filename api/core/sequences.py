@@ -179,7 +179,6 @@ class SequenceBatcher(Batcher):
         elif len(sequence.queue) >= self.limits.max_sequence_job_queue_size:
             self._refuse("maxSequenceJobQueueSize", sequence_id)
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        request.dispatched = False  # a request sent again (a workflow's retry) queues afresh
         sequence.queue.append(Pending(request, future, now, now + self.response_timeout_s))
         sequence.last_active = now
         self._idle.clear()
@@ -265,8 +264,6 @@ class SequenceBatcher(Batcher):
         self._running_requests += len(batch)
         pendings = [pending for _, pending in batch]
         started = self._clock()
-        for pending in pendings:
-            pending.request.dispatched = True
         try:
             predictions = await predict_in_time(
                 worker, [pending.request for pending in pendings], self.response_timeout_s
@@ -276,7 +273,6 @@ class SequenceBatcher(Batcher):
             raise
         except NotRun:
             for sequence, pending in batch:
-                pending.request.dispatched = False
                 sequence.queue.appendleft(pending)
                 sequence.worker = None
             return

@@ -40,8 +40,9 @@ class InferenceRequest:
     # send_intermediate_predict_response), in order, before the final Prediction. None: the
     # transport does not stream, and intermediate responses are dropped.
     stream: Callable[[Prediction], None] | None = None
-    # Set by the batcher while the request is in a batch handed to a worker: from then on the
-    # worker's responseTimeout clock, not the request's deadline in the queue, governs it.
+    # True while the request is in a batch handed to a worker (`batching.predict_in_time`):
+    # then the worker's responseTimeout clock, not the request's deadline in the queue,
+    # governs it.
     dispatched: bool = False
 
 
