@@ -18,7 +18,7 @@ import pytest
 
 from tests.support.archives import ECHO, build_archive
 from tests.support.processes import alive, wait_until
-from tests.support.server import TorchgateServer, running_torchgate, worker_pids
+from tests.support.server import TorchgateServer, running_torchgate, scale_workers, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -88,15 +88,11 @@ def test_scaling_up_and_down_under_load_answers_every_request(server: TorchgateS
     async def scenario() -> list[Answer]:
         stop = asyncio.Event()
         load = asyncio.create_task(traffic(server.inference_url, "echo", stop))
-        async with httpx.AsyncClient(base_url=server.management_url, timeout=60) as management:
-            for workers in (3, 1, 2, 0, 1, 3, 1):
-                reply = await management.put(
-                    "/models/echo",
-                    params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
-                )
-                assert reply.status_code == 200, reply.text
-                seen.update(await asyncio.to_thread(worker_pids, server, "echo"))
-                await asyncio.sleep(0.4)
+        for workers in (3, 1, 2, 0, 1, 3, 1):
+            reply = await asyncio.to_thread(scale_workers, server, "echo", workers)
+            assert reply.status_code == 200, reply.text
+            seen.update(await asyncio.to_thread(worker_pids, server, "echo"))
+            await asyncio.sleep(0.4)
         stop.set()
         return await load
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from tests.support.archives import ECHO, build_archive
 from tests.support.processes import alive, parent_of, wait_until
-from tests.support.server import TorchgateServer, running_torchgate, worker_pids
+from tests.support.server import TorchgateServer, running_torchgate, scale_workers, worker_pids
 
 pytestmark = pytest.mark.integration
 
@@ -255,14 +256,7 @@ def test_scaling_down_past_a_hung_worker_takes_at_most_a_response_timeout(
     """Scale-down while one of two workers hangs in its handler: the hung batch gets its
     responseTimeout, no more, then 504; the scale answers, and no process of the stopped
     workers is left. The version then serves again once scaled back up."""
-    management = httpx.Client(base_url=server.management_url, timeout=60)
-
-    def scale(workers: int) -> httpx.Response:
-        return management.put(
-            "/models/faulty",
-            params={"min_worker": workers, "max_worker": workers, "synchronous": "true"},
-        )
-
+    scale = functools.partial(scale_workers, server, "faulty")
     assert scale(2).status_code == 200
     workers = worker_pids(server, "faulty")
     assert len(workers) == 2

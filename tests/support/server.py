@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
+
 from api.config import read_properties
 from tests.support.torchserve import free_addresses
 
@@ -239,6 +241,16 @@ async def post_many(
     await asyncio.gather(*(connection() for _ in range(min(concurrency, count))))
     assert all(reply is not None for reply in replies)
     return [reply for reply in replies if reply is not None]
+
+
+def scale_workers(server: TorchgateServer, model: str, workers: int) -> httpx.Response:
+    """Set `model`'s default version to exactly `workers` workers; answers once they run."""
+    params: dict[str, int | str] = {
+        "min_worker": workers,
+        "max_worker": workers,
+        "synchronous": "true",
+    }
+    return httpx.put(f"{server.management_url}/models/{model}", params=params, timeout=60)
 
 
 def worker_pids(server: TorchgateServer, model: str) -> list[int]:
