@@ -168,7 +168,12 @@ def build(
         owned = None if work_dir is not None else make_work_dir()
         if backend_loader is None:
             # The zygote removes the extracted archives itself if this process is killed.
-            pool = WorkerPool(cleanup=owned, preload=config.worker_preload, spin_us=config.spin_us)
+            pool = WorkerPool(
+                cleanup=owned,
+                preload=config.worker_preload,
+                spin_us=config.spin_us,
+                environment=config.worker_environment,
+            )
     work = work_dir or owned
     assert work is not None
     if backend_loader is None:
@@ -196,6 +201,7 @@ def build(
             auth=auth,
             max_items=config.max_items_per_request,
             workflows=workflows,
+            startup_models=lambda: loader.startup_models,
         ),
         management_app=build_management_app(
             registry,

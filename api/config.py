@@ -68,6 +68,7 @@ import logging
 import os
 import re
 import resource
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,8 @@ class Config:
     # install_py_dep_per_model: install an archive's requirementsFile for its workers
     # (api.backends.requirements); without it requirements are ignored, as in TorchServe.
     install_py_dep_per_model: bool = False
+    # decode_input_request: workers decode JSON and text inputs for handlers (api.workers.items).
+    decode_input_request: bool = True
     # metrics_config (TorchServe's metrics.yaml) and model_metrics_auto_detect: the handler
     # metrics workers declare up front and /metrics exports (api.metrics_config).
     metrics_spec: MetricsSpec = field(default_factory=MetricsSpec)
@@ -230,6 +233,18 @@ class Config:
         if self.max_workers_per_model is not None:
             return self.max_workers_per_model
         return default_max_workers(len(os.sched_getaffinity(0)), self.number_of_gpu or 0)
+
+    @property
+    def worker_environment(self) -> dict[str, str]:
+        """What TorchServe's frontend sets in its workers' environment, where handlers and
+        TorchServe's own Python code read it."""
+        return {
+            "TEMP": tempfile.gettempdir(),
+            "TS_DECODE_INPUT_REQUEST": "true" if self.decode_input_request else "false",
+            # ipex_enable and ipex_gpu_enable are not supported (api.config_keys): off.
+            "TS_IPEX_ENABLE": "false",
+            "TS_IPEX_GPU_ENABLE": "false",
+        }
 
     @property
     def image_pixel_limit(self) -> int | None:
@@ -457,9 +472,10 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             "disable_token_authorization",
             "enable_model_api",
             "install_py_dep_per_model",
+            "decode_input_request",
         ):
             if key in raw:
-                setattr(config, key, raw[key].lower() == "true")
+                setattr(config, key, raw[key].strip().lower() == "true")
         config.enable_grpc_ssl = raw.get("enable_grpc_ssl", "").strip().lower() == "true"
         if "default_response_timeout" in raw:
             config.default_response_timeout = _number(raw, "default_response_timeout", float)

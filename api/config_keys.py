@@ -80,7 +80,7 @@ KEYS: dict[str, Key] = {
             ("limit_max_image_pixels", "PIL's decompression-bomb limit in the handlers"),
             ("enable_metrics_api", "the metrics listener (always on here)", "true"),
             ("metrics_mode", "prometheus only", "prometheus"),
-            ("decode_input_request", "handlers get decoded JSON/text (always here)", "true"),
+            ("decode_input_request", "workers decode JSON/text for handlers unless false", "true"),
             # Implemented by their own modules (model archives, workflows, metrics, envelopes).
             ("service_envelope", "json or kserve/kservev2 request envelopes"),
             ("workflow_store", "folder of .war workflow archives"),

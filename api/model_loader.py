@@ -65,6 +65,9 @@ class ModelLoader:
         self.registry = registry
         self.work_dir = work_dir
         self._load_local = load_local
+        # The names of the models registered at start (TorchServe's "startup models"):
+        # `/invocations` without a model name goes to the model when there is one.
+        self.startup_models: set[str] = set()
 
     def resolve(self, url: str) -> Path:
         """The local archive a url names; BadRequest/NotFound when it is not allowed or absent.
@@ -316,6 +319,7 @@ class ModelLoader:
                 extra=entry.extra,
                 keep_failed=True,
             )
+            self.startup_models.add(entry.name)
 
         errors = await load_by_model(
             [
@@ -327,9 +331,10 @@ class ModelLoader:
         listed = {entry.mar_name for entry in self.config.models}
         for url, name in _extra_startup_archives(self.config, wanted, listed):
             try:
-                await self.register(
+                registered = await self.register(
                     url, self.config.model_settings(), model_name=name, keep_failed=True
                 )
+                self.startup_models.add(registered.name)
             except Exception as exc:
                 errors.append(f"{url}: {exc}")
         for line in errors:

@@ -483,11 +483,11 @@ class Outgoing:
 def encode_request(request: InferenceRequest) -> Outgoing:
     """One torchgate request item as the HTTP request TorchServe's frontend would have received.
 
-    The item's "body" was decoded by content type (api.rest.predictions.decode_inputs); it goes
-    back as it came: bytes as they are, str as UTF-8, parsed JSON through orjson (the same value,
-    not necessarily the same bytes), with the client's Content-Type when it sent one. Other
-    inputs are query parameters, or multipart fields when the client posted a form (or when one
-    is not text). Client headers are forwarded (handlers read them) except the connection's own
+    A TorchServe REST item holds its inputs as the client sent them (`api.rest.predictions`):
+    the body goes back as those bytes with the client's Content-Type, form inputs as multipart
+    parts with their own content types. Other APIs' items may hold decoded values: str goes as
+    UTF-8, anything else as JSON. Inputs besides the body (query parameters) go as query
+    parameters. Client headers are forwarded (handlers read them) except the connection's own
     and `Authorization`, which holds the gateway's key, not TorchServe's.
     """
     headers: dict[str, str] = {}
@@ -499,17 +499,25 @@ def encode_request(request: InferenceRequest) -> Outgoing:
         client_type = header_value(request.headers, "content-type")
     if request.request_id:
         headers["X-Request-Id"] = request.request_id
-    others = {k: v for k, v in request.inputs.items() if k != "body"}
-    multipart = (client_type or "").lower().startswith("multipart/form-data") or any(
-        not isinstance(v, str) for v in others.values()
-    )
-    if multipart:
-        files = [_form_part(name, value) for name, value in request.inputs.items()]
+    if "body" not in request.inputs or (client_type or "").lower().startswith(
+        "multipart/form-data"
+    ):
+        files = [
+            _form_part(name, value, request.input_types.get(name))
+            for name, value in request.inputs.items()
+        ]
         return Outgoing([], headers, files=files)
-    content, content_type = _encode_body(request.inputs.get("body", b""), client_type)
+    content, content_type = _encode_body(request.inputs["body"], client_type)
     if content_type is not None:
         headers["Content-Type"] = content_type
-    return Outgoing(list(others.items()), headers, content=content)
+    params = [(k, _text(v)) for k, v in request.inputs.items() if k != "body"]
+    return Outgoing(params, headers, content=content)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return value if isinstance(value, str) else _json(value).decode()
 
 
 def _encode_body(body: Any, client_type: str | None) -> tuple[bytes, str | None]:
@@ -520,12 +528,17 @@ def _encode_body(body: Any, client_type: str | None) -> tuple[bytes, str | None]
     return _json(body), client_type if _is_json(client_type) else JSON
 
 
-def _form_part(name: str, value: Any) -> tuple[str, tuple[str | None, bytes, str | None]]:
-    """A multipart part: text as a plain field, bytes as a file, anything else as JSON."""
+def _form_part(
+    name: str, value: Any, content_type: str | None
+) -> tuple[str, tuple[str | None, bytes, str | None]]:
+    """A multipart part: a plain field for text and for bytes without a content type, a file
+    for bytes with one, anything else as a JSON file."""
     if isinstance(value, str):
         return name, (None, value.encode("utf-8"), None)
     if isinstance(value, bytes | bytearray | memoryview):
-        return name, (name, bytes(value), "application/octet-stream")
+        if not content_type:
+            return name, (None, bytes(value), None)
+        return name, (name, bytes(value), content_type)
     return name, (name, _json(value), JSON)
 
 

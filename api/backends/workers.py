@@ -318,6 +318,7 @@ class ProcessWorker:
                 request.request_id or f"{self._id_prefix}{next(self._ids)}",
                 self._item_headers(request),
                 blobs(request.inputs),
+                request.input_types,
             )
             for request in batch
         ]

@@ -270,7 +270,10 @@ def _launch_worker_pool(config: Config) -> WorkerPool:
     from api.workers.pool import WorkerPool
 
     pool = WorkerPool(
-        cleanup=make_work_dir(), preload=config.worker_preload, spin_us=config.spin_us
+        cleanup=make_work_dir(),
+        preload=config.worker_preload,
+        spin_us=config.spin_us,
+        environment=config.worker_environment,
     )
     pool.launch()
     return pool

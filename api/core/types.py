@@ -44,6 +44,10 @@ class InferenceRequest:
     # then the worker's responseTimeout clock, not the request's deadline in the queue,
     # governs it.
     dispatched: bool = False
+    # The content type of each input that came with one (a body's, a multipart file's), as
+    # TorchServe's frontend sends it beside the value; its handlers read it from the request
+    # headers (`context.get_request_header(idx, "body")["content-type"]`).
+    input_types: Mapping[str, str] = field(default_factory=dict)
 
 
 def header_value(headers: Mapping[str, str], name: str) -> str | None:

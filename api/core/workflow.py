@@ -451,7 +451,12 @@ async def run_dag(
 
     def launch(name: str) -> None:
         node_request = InferenceRequest(
-            inputs.pop(name), request.headers, uuid.uuid4().hex, request.api
+            inputs.pop(name),
+            request.headers,
+            uuid.uuid4().hex,
+            request.api,
+            # The client's inputs (and their content types) reach the start node only.
+            input_types=request.input_types if name == spec.start else {},
         )
         running[asyncio.ensure_future(call(spec.nodes[name], node_request))] = name
 

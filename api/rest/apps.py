@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -30,6 +30,7 @@ from api.rest.asgi import (
 )
 from api.rest.errors import install_error_handlers
 from api.rest.inference import inference_router, openapi_document
+from api.rest.invocations import InvocationsEndpoint, is_invocation_path
 from api.rest.kserve_v1 import (
     V1InferEndpoint,
     is_v1_infer_path,
@@ -90,7 +91,10 @@ def build_inference_app(
     auth: TokenAuth | None,
     max_items: int,
     workflows: Workflows | None = None,
+    startup_models: Callable[[], Collection[str]] = frozenset,
 ) -> InferenceApp:
+    """`startup_models`: the models registered at start (where `/invocations` without a model
+    name goes when there is one)."""
     fastapi_app = FastAPI(
         title="torchgate inference API",
         description="TorchServe-compatible inference API (and KServe v2) served by torchgate",
@@ -126,6 +130,11 @@ def build_inference_app(
         # TorchServe runs a workflow for any method on /wfpredict/{name}; POST and GET here.
         wfpredict = WfPredictEndpoint(workflows, max_request_size=max_request_size, auth=auth)
         app.add_hot_path(("POST", "GET"), is_wfpredict_path, wfpredict)
+    # Matched last: the paths above are the busy ones.
+    invocations = InvocationsEndpoint(
+        dataplane, max_request_size=max_request_size, startup_models=startup_models, auth=auth
+    )
+    app.add_hot_path(EVERY_METHOD, is_invocation_path, invocations)
     return app
 
 

@@ -8,8 +8,13 @@ how TorchServe's `BaseHandler` knows to call `explain_handle`.
 
 Inputs reach the handler the way TorchServe's frontend and Python worker pass them: the raw body
 as the "body" parameter, each form field (multipart or `application/x-www-form-urlencoded`)
-under its own name, each query parameter under its own name. Bodies and files are decoded by
-content type (JSON parsed, text/* as str, else bytes); plain form fields stay bytes.
+under its own name. Query parameters are not passed here, as in TorchServe (its other inference
+paths pass them: `api.rest.invocations`). Each value goes as the bytes it came as, with its
+content type: the worker decodes it as TorchServe's worker does (`api.workers.items`: JSON
+parsed, text as str, unless `decode_input_request` or the handler's own environment says not
+to). `/predictions/{model}/{version}/{path...}` serves
+the model too, the rest of the path in the request header `url_path` (TorchServe 0.12's, for
+handlers that serve OpenAI-style paths; empty on the plain path).
 
 A handler that streams (`send_intermediate_predict_response`) is answered with chunked transfer:
 the first intermediate response's status and headers, then one chunk per response, the final
@@ -21,10 +26,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
-import orjson
 from starlette.requests import Request
 
 from api.core.dataplane import Answer
@@ -43,11 +48,25 @@ PREFIXES = ("/predictions/", "/explanations/")
 
 
 class PredictionsEndpoint(InferenceEndpoint):
+    # TorchServe hands query parameters to handlers on its other inference paths only.
+    takes_query = False
+
     def route(self, path: str) -> tuple[str, str | None]:
         parts = [p for p in path.split("/") if p]  # the server already percent-decoded it
-        if len(parts) == 2 or (len(parts) == 3 and parts[2]):
-            return parts[1], parts[2] if len(parts) == 3 else None
+        if len(parts) >= 2:
+            return parts[1], parts[2] if len(parts) >= 3 else None
         raise NotFound(f"Requested resource is not found, please refer to API document: {path}")
+
+    def model_for(self, scope: Scope, model: str, item: RequestItem) -> str:
+        """The model a request goes to: the one its path names here."""
+        return model
+
+    def item_headers(self, scope: Scope, headers: dict[str, str]) -> None:
+        """The request headers TorchServe's frontend adds on these paths."""
+        # Set on every inference request, over the client's: how BaseHandler picks explain.
+        headers["explain"] = "True" if scope["path"].startswith("/explanations/") else "False"
+        parts = [p for p in scope["path"].split("/") if p]
+        headers["url_path"] = "/".join(parts[3:])
 
     async def respond(
         self,
@@ -59,9 +78,15 @@ class PredictionsEndpoint(InferenceEndpoint):
         version: str | None,
         send: Send,
     ) -> Encoded | None:
+        item = await request_item(scope, body, headers, query=self.takes_query)
+        model = self.model_for(scope, model, item)
         if scope["method"] == "OPTIONS":
             return self._description(model, version)
-        request = await self._request(scope, headers, rid, body)
+        as_aggregated(headers, body)
+        self.item_headers(scope, headers)
+        request = InferenceRequest(
+            item.inputs, headers, rid, API_TORCHSERVE_REST, input_types=item.types
+        )
         chunks = ChunkedReply(send, rid)
         stream = PredictionStream(request, chunks.part)
 
@@ -86,13 +111,13 @@ class PredictionsEndpoint(InferenceEndpoint):
         self.dataplane.registry.get(model, version)  # ModelNotFound, as TorchServe
         return Encoded(200, model_api_document(model), [("content-type", JSON)])
 
-    async def _request(
-        self, scope: Scope, headers: dict[str, str], rid: str, body: bytes
-    ) -> InferenceRequest:
-        inputs = await decode_inputs(scope, body, headers)
-        # TorchServe's frontend sets this on every inference request, over the client's.
-        headers["explain"] = "True" if scope["path"].startswith("/explanations/") else "False"
-        return InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
+
+def as_aggregated(headers: dict[str, str], body: bytes) -> None:
+    """The headers as TorchServe's frontend hands them on once it has the whole body (Netty's
+    aggregator): a Content-Length always, no chunked Transfer-Encoding."""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        del headers["transfer-encoding"]
+    headers.setdefault("content-length", str(len(body)))
 
 
 def reply_parts(answer: Answer) -> Encoded:
@@ -132,41 +157,44 @@ class ChunkedReply:
         await self._send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
-async def decode_inputs(scope: Scope, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
-    """TorchServe's request item for one HTTP request."""
-    inputs: dict[str, Any] = {}
-    query = scope.get("query_string", b"")
-    if query:
-        inputs.update(parse_qsl(query.decode("latin-1"), keep_blank_values=True))
+@dataclass(slots=True)
+class RequestItem:
+    """TorchServe's request item for one HTTP request: each input's value (bytes), and the
+    content type of each input that came with one."""
+
+    inputs: dict[str, Any] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)
+
+
+async def request_item(
+    scope: Scope, body: bytes, headers: dict[str, str], *, query: bool = False
+) -> RequestItem:
+    """The item as TorchServe's frontend builds it: `query` parameters first (where the path
+    takes them), then the form fields, or else the body under "body"."""
+    item = RequestItem()
+    if query and (raw_query := scope.get("query_string", b"")):
+        for name, value in parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True):
+            item.inputs[name] = value.encode()
     content_type = headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        inputs.update(await _form_fields(scope, body))
-    elif content_type.split(";", 1)[0].strip().lower() == "application/x-www-form-urlencoded":
-        # As TorchServe's form decoder: each field's value as bytes.
+    media_type = media_type_of(content_type)
+    if media_type.lower() == "multipart/form-data":
+        await _form_fields(scope, body, item)
+    elif media_type.lower() == "application/x-www-form-urlencoded":
         for name, value in parse_qsl(body, keep_blank_values=True):
-            inputs[name.decode("utf-8", "replace")] = value
-    elif body or "body" not in inputs:
-        inputs["body"] = decode_value(body, content_type)
-    return inputs
+            item.inputs[name.decode("utf-8", "replace")] = value
+    else:
+        item.inputs["body"] = body
+        if media_type:
+            item.types["body"] = media_type
+    return item
 
 
-def decode_value(value: bytes, content_type: str) -> Any:
-    """Decode one parameter as TorchServe's Python worker does (JSON, text, else bytes)."""
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type == "application/json":
-        try:
-            return orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"Malformed JSON body: {exc}") from None
-    if media_type.startswith("text/"):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BadRequest("Text body is not valid UTF-8") from None
-    return value
+def media_type_of(content_type: str) -> str:
+    """A Content-Type without its parameters, as TorchServe's frontend passes it on."""
+    return content_type.split(";", 1)[0].strip()
 
 
-async def _form_fields(scope: Scope, body: bytes) -> dict[str, Any]:
+async def _form_fields(scope: Scope, body: bytes, item: RequestItem) -> None:
     sent = False
 
     async def replay() -> dict[str, Any]:
@@ -181,14 +209,13 @@ async def _form_fields(scope: Scope, body: bytes) -> dict[str, Any]:
         form = await Request(scope, replay).form(max_part_size=len(body) + 1)
     except Exception as exc:  # python-multipart raises its own types
         raise BadRequest(f"Malformed multipart form data: {exc}") from None
-    fields: dict[str, Any] = {}
     try:
         for name, value in form.multi_items():
-            if isinstance(value, str):
-                fields[name] = value.encode()  # a plain field: bytes, as TorchServe gives it
+            if isinstance(value, str):  # a plain field: no content type of its own
+                item.inputs[name] = value.encode()
+                item.types.pop(name, None)
             else:
-                data = await value.read()
-                fields[name] = decode_value(data, value.content_type or "")
+                item.inputs[name] = await value.read()
+                item.types[name] = media_type_of(value.content_type or "")
     finally:
         await form.close()
-    return fields

@@ -16,7 +16,7 @@ from api.encoding import JSON, Encoded
 from api.errors import NotFound
 from api.rest.asgi import Scope
 from api.rest.endpoint import InferenceEndpoint
-from api.rest.predictions import decode_inputs
+from api.rest.predictions import request_item
 from api.rest.responses import JsonResponse
 
 
@@ -89,7 +89,9 @@ class WfPredictEndpoint(InferenceEndpoint):
         model: str,
         version: str | None,
     ) -> Encoded:
-        inputs = await decode_inputs(scope, body, headers)
-        request = InferenceRequest(inputs, headers, rid, API_TORCHSERVE_REST)
+        item = await request_item(scope, body, headers)
+        request = InferenceRequest(
+            item.inputs, headers, rid, API_TORCHSERVE_REST, input_types=item.types
+        )
         payload = await self.workflows.predict(model, request)
         return Encoded(200, payload, [("content-type", JSON)])

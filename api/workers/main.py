@@ -4,9 +4,12 @@
 process ends when the frontend says stop, closes the socket, or dies. The loop is TorchServe's
 `Service.predict` without its wire format:
 
-1. the frontend sends `("batch", items)`, each item `(request_id, headers, inputs)`;
-2. the worker sets the per-batch context (request ids, one `RequestProcessor` per item), calls
-   `handle(data, context)` once, checks one response per request;
+1. the frontend sends `("batch", items)`, each item `(request_id, headers, inputs,
+   input_types)` (`input_types`: the content type of each input that had one);
+2. the worker shapes each item as TorchServe's worker does (`items.py`: bytearray values, the
+   inputs' content types among the headers), sets the per-batch context (request ids, one
+   `RequestProcessor` per item), calls `handle(data, context)` once, checks one response per
+   request;
 3. it answers `("result", responses, metrics)`, each response `(body, status, phrase, headers)`,
    or `("error", status, message, metrics)` when the whole batch failed.
 
@@ -32,6 +35,7 @@ from typing import Any
 from api.backends.archive import Archive
 from api.metrics_config import DEFAULT_MODEL_METRICS, DeclaredMetric
 from api.workers import wire
+from api.workers.items import handler_headers, handler_row
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,10 @@ class WorkerSpec:
     # TorchServe's service_envelope (kserve, kservev2, body, json): the envelope of
     # ts.torch_handler.request_envelope that wraps the handler; None: the handler alone.
     service_envelope: str | None = None
+
+
+# (request_id, headers, inputs, input_types): one request of a batch, as the frontend sends it.
+Item = tuple[str, dict[str, str], dict[str, Any], dict[str, str]]
 
 
 class _Metrics(list[tuple[str, float, str, dict[str, str], str]]):
@@ -204,10 +212,10 @@ class _Loop:
             wire.send(sock, wire.encode(self._answer(message[1])))
             del message  # do not keep the last batch alive while idle
 
-    def _answer(self, items: list[tuple[str, dict[str, str], dict[str, Any]]]) -> tuple[Any, ...]:
+    def _answer(self, items: list[Item]) -> tuple[Any, ...]:
         if self._plain is None:
             return self._run(items, self._handle)
-        marked = [headers.pop(PLAIN_ITEM, None) is not None for _, headers, _ in items]
+        marked = [headers.pop(PLAIN_ITEM, None) is not None for _, headers, _, _ in items]
         plain = [i for i, is_plain in enumerate(marked) if is_plain]
         if not plain:
             return self._run(items, self._handle)
@@ -226,18 +234,19 @@ class _Loop:
                 answers[i] = response
         return ("result", answers, metrics)
 
-    def _run(
-        self, items: list[tuple[str, dict[str, str], dict[str, Any]]], handle: Any
-    ) -> tuple[Any, ...]:
+    def _run(self, items: list[Item], handle: Any) -> tuple[Any, ...]:
         from ts.utils.util import PredictionException
 
         context = self._context
-        processors = [self._processor(headers) for _, headers, _ in items]
-        ids = {idx: request_id for idx, (request_id, _, _) in enumerate(items)}
+        processors = [
+            self._processor(handler_headers(headers, inputs, types))
+            for _, headers, inputs, types in items
+        ]
+        ids = {idx: request_id for idx, (request_id, _, _, _) in enumerate(items)}
         context.request_ids = ids
         context.request_processor = processors
         context.metrics.request_ids = ids
-        data = [inputs for _, _, inputs in items]
+        data = [handler_row(inputs, types) for _, _, inputs, types in items]
         started = time.perf_counter()
         try:
             result = handle(data, context)

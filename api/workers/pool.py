@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,8 +59,11 @@ class WorkerPool:
         preload: Sequence[str] = DEFAULT_PRELOAD,
         spin_us: int = DEFAULT_SPIN_US,
         python: str = sys.executable,
+        environment: Mapping[str, str] | None = None,
     ) -> None:
         self._cleanup = cleanup
+        # Variables every worker gets (TorchServe's TS_* ones: `Config.worker_environment`).
+        self._environment = dict(environment or {})
         self._preload = preload
         self._spin_us = spin_us
         self._python = python
@@ -103,7 +106,7 @@ class WorkerPool:
             command += ["--cleanup", str(self._cleanup)]
         # Its own session: a terminal's Ctrl-C or a signal to the frontend's process group does
         # not reach the workers; the frontend drains and then stops them itself.
-        env = dict(os.environ)
+        env = {**os.environ, **self._environment}
         root = str(Path(__file__).resolve().parents[2])  # where `api` is importable from
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         self._zygote = subprocess.Popen(

@@ -73,12 +73,24 @@ class Blob:
         return bytes, (pickle.PickleBuffer(self.data),)
 
 
+class InputBlob(Blob):
+    """A request's input sent out of band: it arrives as the `bytearray` a TorchServe handler
+    gets (`api.workers.items`), in the same one copy."""
+
+    __slots__ = ()
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return bytearray, (pickle.PickleBuffer(self.data),)
+
+
 def blobs(values: dict[str, Any]) -> dict[str, Any]:
-    """`values` with large bytes wrapped in `Blob` (a request's inputs: the body, form files)."""
+    """`values` with large bytes wrapped in `InputBlob` (a request's inputs: the body, form
+    files)."""
     if not any(type(v) is bytes and len(v) >= BLOB_BYTES for v in values.values()):
         return values
     return {
-        k: Blob(v) if type(v) is bytes and len(v) >= BLOB_BYTES else v for k, v in values.items()
+        k: InputBlob(v) if type(v) is bytes and len(v) >= BLOB_BYTES else v
+        for k, v in values.items()
     }
 
 

@@ -208,7 +208,9 @@ class Zygote:
         os.close(devnull)
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A worker's signals are a Python process's defaults, as in TorchServe's worker; the
+        # zygote's session keeps a terminal's Ctrl-C away from it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         gc.enable()
         logging.basicConfig(

@@ -250,14 +250,16 @@ def test_encodes_bodies_as_they_came() -> None:
         )
     )
     assert grpc.headers == {"X-Request-Id": "r3"}
-    assert grpc.files == [("data", ("data", b"\x01", "application/octet-stream"))]
+    # Bytes without a content type: a plain field, which TorchServe passes with none either.
+    assert grpc.files == [("data", (None, b"\x01", None))]
 
 
 def test_forwards_multipart_forms(fake: FakeTorchServe, port: int) -> None:
     request = InferenceRequest(
-        {"image": b"\x01\x02", "meta": {"a": 1}, "topk": "2"},
+        {"image": b"\x01\x02", "meta": {"a": 1}, "topk": "2", "plain": b"p"},
         {"content-type": "multipart/form-data; boundary=client-boundary"},
         "rid-2",
+        input_types={"image": "image/png"},
     )
 
     async def scenario() -> None:
@@ -266,9 +268,10 @@ def test_forwards_multipart_forms(fake: FakeTorchServe, port: int) -> None:
         seen = echoed(prediction.body)
         assert "client-boundary" not in seen["headers"]["content-type"]  # re-encoded
         assert seen["form"] == {
-            "image": {"filename": "image", "type": "application/octet-stream", "data": "\x01\x02"},
+            "image": {"filename": "image", "type": "image/png", "data": "\x01\x02"},
             "meta": {"filename": "meta", "type": "application/json", "data": '{"a":1}'},
             "topk": {"text": "2"},
+            "plain": {"text": "p"},
         }
         assert seen["query"] == []
 

@@ -7,15 +7,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from api.core.types import Prediction
 from api.encoding import Encoded, encode_prediction
-from api.errors import BadRequest
-from api.rest.predictions import decode_inputs, decode_value
+from api.rest.invocations import is_invocation_path
+from api.rest.predictions import RequestItem, request_item
 from tests.support.aio import run
 from tests.support.fake_backend import load_fake_backend, write_fake_archive
 from tests.support.inprocess import started_torchgate
@@ -51,7 +50,7 @@ def test_the_default_or_the_named_version_answers_and_says_which(tmp_path: Path)
 def test_unknown_models_versions_and_paths_are_torchserve_404s(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with serving(tmp_path) as client:
-            for path in ("/predictions/nope", "/predictions/m/9.9", "/predictions/m/1.0/extra"):
+            for path in ("/predictions/nope", "/predictions/m/9.9", "/predictions/m/9.9/extra"):
                 answer = await client.post(path, content=b"1")
                 assert answer.status_code == 404, path
                 assert set(answer.json()) == {"code", "type", "message"}
@@ -69,45 +68,64 @@ def test_a_failing_handler_is_500_and_the_server_keeps_serving(tmp_path: Path) -
     run(scenario())
 
 
-def test_malformed_json_is_400(tmp_path: Path) -> None:
+def test_malformed_json_reaches_the_handler_as_it_came(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with serving(tmp_path) as client:
             answer = await client.post(
                 "/predictions/m", content=b"{", headers={"content-type": "application/json"}
             )
-            assert answer.status_code == 400 and "Malformed JSON" in answer.json()["message"]
+            # As TorchServe's worker: not decoded, passed on (a bytearray) with a warning.
+            assert answer.status_code == 200 and answer.json()["body"] == "{"
 
     run(scenario())
 
 
+def test_a_path_below_the_version_is_the_url_path_header(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            answer = await client.post("/predictions/m/2.0/v1/chat/completions", content=b"x")
+            assert answer.status_code == 200 and answer.json()["version"] == "2.0"
+
+    run(scenario())
+
+
+def items(query: bytes, body: bytes, content_type: str, *, takes_query: bool) -> RequestItem:
+    scope = {"query_string": query}
+    headers = {"content-type": content_type} if content_type else {}
+    return run(request_item(scope, body, headers, query=takes_query))
+
+
+def test_the_body_goes_as_bytes_with_its_media_type() -> None:
+    item = items(b"", b'{"x": 1}', "application/json; charset=utf-8", takes_query=False)
+    assert item == RequestItem({"body": b'{"x": 1}'}, {"body": "application/json"})
+    assert items(b"", b"\x00", "", takes_query=False) == RequestItem({"body": b"\x00"}, {})
+
+
+def test_query_parameters_join_the_item_only_where_the_path_takes_them() -> None:
+    # /predictions drops them, as TorchServe; /invocations and the others pass them as bytes.
+    assert items(b"top_k=3", b"x", "text/plain", takes_query=False).inputs == {"body": b"x"}
+    taken = items(b"top_k=3&empty=", b"x", "text/plain", takes_query=True)
+    assert taken.inputs == {"top_k": b"3", "empty": b"", "body": b"x"}
+    assert taken.types == {"body": "text/plain"}
+
+
 @pytest.mark.parametrize(
-    ("content_type", "raw", "decoded"),
+    ("path", "taken"),
     [
-        ("application/json", b'{"a": [1, 2]}', {"a": [1, 2]}),
-        ("application/json; charset=utf-8", b"3", 3),
-        ("text/plain", "héllo".encode(), "héllo"),
-        ("TEXT/CSV", b"a,b", "a,b"),
-        ("image/png", b"\x89PNG", b"\x89PNG"),
-        ("", b"\x00\x01", b"\x00\x01"),
+        ("/invocations", True),
+        ("/invocations/", True),
+        ("/models/m/invoke", True),
+        ("/m/predict", True),
+        ("/m/1.0/predict", True),
+        ("/invocations/x", False),
+        ("/models/m/predict", False),
+        ("/ping/predict", False),
+        ("/predictions/predict", False),
+        ("/m/1.0/x/predict", False),
     ],
 )
-def test_values_decode_by_content_type_as_torchserve_s_worker(
-    content_type: str, raw: bytes, decoded: Any
-) -> None:
-    assert decode_value(raw, content_type) == decoded
-
-
-def test_undecodable_text_is_a_bad_request() -> None:
-    with pytest.raises(BadRequest, match="UTF-8"):
-        decode_value(b"\xff\xfe", "text/plain")
-
-
-def test_query_parameters_join_the_body_in_the_request_item() -> None:
-    async def scenario() -> dict[str, Any]:
-        scope = {"query_string": b"top_k=3&empty="}
-        return await decode_inputs(scope, b'{"x": 1}', {"content-type": "application/json"})
-
-    assert run(scenario()) == {"top_k": "3", "empty": "", "body": {"x": 1}}
+def test_invocation_paths(path: str, taken: bool) -> None:
+    assert is_invocation_path(path) is taken
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ class StreamingWorker:
                     {
                         "last": words[-1] if words else None,
                         "inputs": {k: _plain(v) for k, v in request.inputs.items()},
+                        "types": dict(request.input_types),
                         "explain": request.headers.get("explain"),
                     }
                 )
@@ -204,7 +205,9 @@ def test_forms_reach_the_handler_as_fields() -> None:
             assert reply.json()["inputs"] == {"a": ["bytes", "1"], "b": ["bytes", "two words"]}
             files = {"doc": ("d.json", b'{"k": 1}', "application/json")}
             reply = await http.post("/predictions/m", data={"f": "v"}, files=files)
-            assert reply.json()["inputs"] == {"f": ["bytes", "v"], "doc": {"k": 1}}
+            # Each as it came, with a file's content type: the worker decodes (api.workers.items).
+            assert reply.json()["inputs"] == {"f": ["bytes", "v"], "doc": ["bytes", '{"k": 1}']}
+            assert reply.json()["types"] == {"doc": "application/json"}
 
     aio.run(scenario())
 

@@ -178,7 +178,7 @@ def test_predictions_pass_inputs_as_bytes_and_answer_the_routed_version(tmp_path
             response = await client.inference.Predictions(predictions_request(version="2.0"))
             answer = json.loads(response.prediction)
             assert answer["version"] == "2.0"
-            assert len(answer["request_id"]) == 32  # generated when the client sends none
+            assert len(answer["request_id"]) == 36  # generated when the client sends none: a uuid4
 
     run(scenario())
 

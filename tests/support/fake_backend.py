@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from api.core.types import InferenceRequest, ModelSettings, Prediction
+from api.workers.items import handler_row
 
 
 class FakeWorker:
@@ -95,5 +96,6 @@ async def load_fake_backend(path: Path, settings: ModelSettings, work_dir: Path)
 
 
 def _text(request: InferenceRequest) -> Any:
-    body = request.inputs.get("body")
+    # Decoded as a worker decodes it for a handler (JSON parsed, text as str).
+    body = handler_row(request.inputs, request.input_types).get("body")
     return body.decode("latin-1") if isinstance(body, bytes | bytearray) else body
