@@ -1,0 +1,263 @@
+"""What a handler sees of its request and its process, against real TorchServe 0.12 and
+torchgate side by side on the same archives and config.properties.
+
+One handler reports everything it can observe — its row of `data` (each value's type and
+content), `context.get_all_request_header`, `system_properties`, the manifest, its working
+directory and `sys.path`, the TS_* environment, its signal handlers, the request id's shape —
+for requests in every form TorchServe's inference API takes: raw bodies of each content type,
+bodies that do not decode, forms, query strings, the paths `/predictions/{m}/{v}/{more}`,
+`/invocations`, `/models/{m}/invoke` and `/{m}[/{v}]/predict`. A second handler sets
+`TS_DECODE_INPUT_REQUEST=false` when its module loads, as real handlers do to decode their
+bodies themselves.
+
+Two differences are expected and asserted as such: header names arrive in lower case (HTTP
+servers hand torchgate no other spelling; lookups match in any case, `api.workers.items`), and
+torchgate adds two system properties of its own (`max_image_pixels`, `max_items_per_request`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.archives import build_archive
+from tests.support.server import running_torchgate
+from tests.support.torchserve import running_torchserve
+
+pytestmark = [pytest.mark.integration, pytest.mark.torchserve]
+
+PROBE = """
+    import os
+    import signal
+    import sys
+    import threading
+
+    def _value(value):
+        if isinstance(value, (bytes, bytearray)):
+            return [type(value).__name__, bytes(value).decode("latin-1")]
+        return [type(value).__name__, value]
+
+    def handle(data, context):
+        if data is None:
+            return None
+        model_dir = context.system_properties["model_dir"]
+        answers = []
+        for idx, row in enumerate(data):
+            headers = context.get_all_request_header(idx)
+            answers.append({
+                "row": {name: _value(value) for name, value in row.items()},
+                "headers": dict(headers),
+                "content_type_any_case": context.get_request_header(idx, "Content-Type"),
+                "request_id": context.get_request_id(idx),
+                "properties": {
+                    k: v for k, v in context.system_properties.items() if k != "model_dir"
+                },
+                "manifest": context.manifest,
+                "cwd_is_model_dir": os.path.samefile(os.getcwd(), model_dir),
+                "model_dir_first_on_path": sys.path[0] == model_dir,
+                "files": sorted(os.listdir(model_dir)),
+                "main_thread": threading.current_thread() is threading.main_thread(),
+                "environment": {
+                    k: os.environ.get(k)
+                    for k in ("TS_DECODE_INPUT_REQUEST", "TS_IPEX_ENABLE", "TS_IPEX_GPU_ENABLE")
+                },
+                "has_temp": "TEMP" in os.environ,
+                "sigint": getattr(signal.getsignal(signal.SIGINT), "__name__", None),
+                "sigterm": str(signal.getsignal(signal.SIGTERM)),
+            })
+        return answers
+"""
+
+# As fairseq's and Dynabench's handlers do: bodies reach handle() undecoded.
+RAW = """
+    import os
+
+    os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
+
+    def handle(data, context):
+        if data is None:
+            return None
+        return [
+            {name: [type(value).__name__, bytes(value).decode()] for name, value in row.items()}
+            for row in data
+        ]
+"""
+
+FORM_FILE = ("doc", ("d.json", b'{"k": 1}', "application/json"))
+
+# (label, method, path, httpx keyword arguments)
+REQUESTS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("json", "POST", "/predictions/probe", {"json": {"a": [1, 2]}}),
+    (
+        "json with charset",
+        "POST",
+        "/predictions/probe",
+        {"content": b'"s"', "headers": {"Content-Type": "application/json; charset=utf-8"}},
+    ),
+    (
+        "text",
+        "POST",
+        "/predictions/probe",
+        {"content": b"hello", "headers": {"Content-Type": "text/plain"}},
+    ),
+    (
+        "binary",
+        "POST",
+        "/predictions/probe",
+        {"content": b"\x00\x01", "headers": {"Content-Type": "application/octet-stream"}},
+    ),
+    ("no content type", "PUT", "/predictions/probe", {"content": b"raw"}),
+    ("empty", "POST", "/predictions/probe", {"content": b""}),
+    (
+        "malformed json",
+        "POST",
+        "/predictions/probe",
+        {"content": b"{bad", "headers": {"Content-Type": "application/json"}},
+    ),
+    (
+        "text that is not utf-8",
+        "POST",
+        "/predictions/probe",
+        {"content": b"\xff\xfe", "headers": {"Content-Type": "text/plain"}},
+    ),
+    (
+        "json suffix type",
+        "POST",
+        "/predictions/probe",
+        {"content": b'{"a":1}', "headers": {"Content-Type": "application/x-custom+json"}},
+    ),
+    (
+        "query on /predictions",
+        "POST",
+        "/predictions/probe?foo=bar",
+        {"content": b"q", "headers": {"Content-Type": "text/plain"}},
+    ),
+    ("multipart", "POST", "/predictions/probe", {"data": {"f1": "v1"}, "files": [FORM_FILE]}),
+    ("urlencoded", "POST", "/predictions/probe", {"data": {"k": "v", "k2": "v2"}}),
+    (
+        "path below the version",
+        "POST",
+        "/predictions/probe/1.0/v1/chat/completions",
+        {"content": b"t", "headers": {"Content-Type": "text/plain"}},
+    ),
+    ("explanations", "POST", "/explanations/probe", {"content": b"e"}),
+    ("invocations", "POST", "/invocations?model_name=probe&foo=bar", {"content": b"i"}),
+    ("invocations form", "POST", "/invocations", {"data": {"model_name": "probe"}}),
+    ("invocations without a model", "POST", "/invocations", {"content": b"i"}),
+    ("invoke", "POST", "/models/probe/invoke?foo=bar", {"content": b"i"}),
+    ("legacy predict", "POST", "/probe/predict?foo=bar", {"content": b"l"}),
+    ("legacy versioned predict", "GET", "/probe/1.0/predict", {}),
+    ("undecoded by the handler's wish", "POST", "/predictions/raw", {"json": {"a": 1}}),
+    (
+        "undecoded text",
+        "POST",
+        "/predictions/raw",
+        {"content": b"t", "headers": {"Content-Type": "text/plain"}},
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def answers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    work = tmp_path_factory.mktemp("worker-contract")
+    store = work / "store"
+    store.mkdir()
+    files = {"handler.py": PROBE, "setup_config.json": "{}"}
+    build_archive(work, "probe", "handler.py", files, export_dir=store)
+    build_archive(work, "raw", "handler.py", {"handler.py": RAW}, export_dir=store)
+    config = work / "config.properties"
+    config.write_text(
+        f"model_store={store}\nload_models=probe.mar,raw.mar\ndefault_workers_per_model=1\n"
+    )
+    with ThreadPoolExecutor(1) as pool, ExitStack() as stack:
+        starting = running_torchgate(config)
+        torchgate_ready = pool.submit(starting.__enter__)
+        try:
+            torchserve = stack.enter_context(running_torchserve(store, config))
+        finally:
+            torchgate = torchgate_ready.result()
+            stack.push(starting.__exit__)
+        return {
+            "torchserve": _ask(torchserve.inference_url),
+            "torchgate": _ask(torchgate.inference_url),
+        }
+
+
+def _ask(url: str) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for label, method, path, kwargs in REQUESTS:
+            response = client.request(method, path, **kwargs)
+            body = response.json()
+            seen[label] = (response.status_code, body[0] if isinstance(body, list) else body)
+    return seen
+
+
+def _comparable(answer: Any) -> Any:
+    """What must be equal: header names in lower case (see the module docstring), without the
+    ones that differ by nature (the port in Host, a form's random boundary)."""
+    if not isinstance(answer, dict) or "headers" not in answer:
+        return answer
+    headers = {name.lower(): value for name, value in answer["headers"].items()}
+    headers.pop("host")
+    seen = dict(answer)
+    if str(headers.get("content-type", "")).startswith("multipart/"):
+        headers["content-type"] = seen["content_type_any_case"] = "multipart/form-data"
+        headers.pop("content-length")
+    properties = dict(answer["properties"])
+    for own in ("max_image_pixels", "max_items_per_request"):
+        properties.pop(own, None)
+    return {**seen, "headers": headers, "properties": properties, "request_id": None}
+
+
+@pytest.mark.parametrize("label", [label for label, *_ in REQUESTS])
+def test_a_handler_sees_what_it_sees_in_torchserve(
+    answers: dict[str, dict[str, Any]], label: str
+) -> None:
+    ts_status, ts_answer = answers["torchserve"][label]
+    tg_status, tg_answer = answers["torchgate"][label]
+    assert tg_status == ts_status, (ts_answer, tg_answer)
+    ts_seen, tg_seen = _comparable(ts_answer), _comparable(tg_answer)
+    if isinstance(ts_seen, dict) and isinstance(tg_seen, dict):
+        differing = {
+            key: {"torchserve": ts_seen.get(key), "torchgate": tg_seen.get(key)}
+            for key in ts_seen.keys() | tg_seen.keys()
+            if ts_seen.get(key) != tg_seen.get(key)
+        }
+        assert not differing, json.dumps(differing, indent=1, default=str)
+    assert tg_seen == ts_seen
+
+
+def test_header_lookups_match_the_clients_spelling(answers: dict[str, dict[str, Any]]) -> None:
+    # TorchServe keeps the spelling the client sent, torchgate finds any spelling.
+    for server in ("torchserve", "torchgate"):
+        _, answer = answers[server]["text"]
+        assert answer["content_type_any_case"] == "text/plain", server
+    _, answer = answers["torchgate"]["text"]
+    assert "content-type" in answer["headers"] and "Content-Type" not in answer["headers"]
+
+
+def test_request_ids_are_uuids_on_both(answers: dict[str, dict[str, Any]]) -> None:
+    for server in ("torchserve", "torchgate"):
+        _, answer = answers[server]["json"]
+        assert str(uuid.UUID(answer["request_id"])) == answer["request_id"], server
+
+
+def test_torchgates_own_properties(answers: dict[str, dict[str, Any]]) -> None:
+    _, answer = answers["torchgate"]["json"]
+    assert set(answer["properties"]) - set(answers["torchserve"]["json"][1]["properties"]) == {
+        "max_image_pixels",
+        "max_items_per_request",
+    }
+
+
+def test_the_probe_ran_where_torchserve_runs_it(answers: dict[str, dict[str, Any]]) -> None:
+    _, answer = answers["torchgate"]["json"]
+    assert answer["cwd_is_model_dir"] and answer["model_dir_first_on_path"]
+    assert answer["main_thread"] and "setup_config.json" in answer["files"]
