@@ -341,8 +341,8 @@ def test_malformed_json_body(servers: dict[str, Urls]) -> None:
         content=b"{not json",
         headers={"content-type": "application/json"},
     )
-    # TorchServe hands undecodable JSON to the worker, whose decoding fails the request as a
-    # server error; torchgate refuses it at the edge as the client's mistake.
+    # Both hand undecodable JSON to the handler as it came (a bytearray); torchgate's digits
+    # handler refuses it as the client's mistake.
     assert answers["torchserve"].status_code >= 400
     assert answers["torchgate"].status_code == 400
 
