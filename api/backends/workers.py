@@ -305,8 +305,9 @@ class ProcessWorker:
 
     def _item_headers(self, request: InferenceRequest) -> Mapping[str, str]:
         # torchgate's KServe endpoints unwrap their requests themselves: service_envelope is
-        # for TorchServe's own APIs only (the worker skips it for items marked so).
-        if self._backend._service_envelope and request.api in _UNWRAPPED_APIS:
+        # for TorchServe's own APIs only (the worker skips it for items marked so), and only
+        # TorchServe's APIs answer a handler's torch tensor in torch.save's format.
+        if request.api in _UNWRAPPED_APIS:
             return {**request.headers, PLAIN_ITEM: "1"}
         return request.headers
 

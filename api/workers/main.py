@@ -24,6 +24,7 @@ Messages at start: `("ready", info)` once `initialize` returned, or `("failed", 
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
@@ -139,8 +140,9 @@ def run(spec: WorkerSpec, sock: socket.socket, *, spin: float) -> None:
     _LOOP.serve(sock, spin=spin)
 
 
-# A request header the frontend sets on the items its own KServe endpoints unwrapped, so that
-# service_envelope does not unwrap them again; taken out before the handler sees the headers.
+# A request header the frontend sets on the items of its own KServe endpoints, which unwrapped
+# them already (service_envelope does not unwrap them again) and take a handler's tensor as a
+# tensor; taken out before the handler sees the headers.
 PLAIN_ITEM = "x-torchgate-plain-item"
 
 
@@ -196,6 +198,7 @@ class _Loop:
         self._plain = plain if plain is not handle else None
         self._metrics = metrics
         self._tensor = torch.Tensor
+        self._torch_save = torch.save
         self._what = f"Model {spec.archive.name} version {spec.archive.version} handler failed"
         self._prediction_time = context.metrics.add_metric_to_cache(
             PREDICTION_METRIC, "ms", ["ModelName", "Level"], MetricTypes.GAUGE
@@ -213,20 +216,18 @@ class _Loop:
             del message  # do not keep the last batch alive while idle
 
     def _answer(self, items: list[Item]) -> tuple[Any, ...]:
-        if self._plain is None:
-            return self._run(items, self._handle)
         marked = [headers.pop(PLAIN_ITEM, None) is not None for _, headers, _, _ in items]
         plain = [i for i, is_plain in enumerate(marked) if is_plain]
-        if not plain:
-            return self._run(items, self._handle)
+        if self._plain is None or not plain:
+            return self._run(items, self._handle, marked)
         if len(plain) == len(items):
-            return self._run(items, self._plain)
+            return self._run(items, self._plain, marked)
         # A batch mixing both: each group through its own entry point, answers back in order.
         wrapped = [i for i, is_plain in enumerate(marked) if not is_plain]
         answers: list[Any] = [None] * len(items)
         metrics: list[Any] = []
         for group, handle in ((wrapped, self._handle), (plain, self._plain)):
-            reply = self._run([items[i] for i in group], handle)
+            reply = self._run([items[i] for i in group], handle, [marked[i] for i in group])
             metrics += reply[-1]
             if reply[0] != "result":
                 return (*reply[:-1], metrics)
@@ -234,7 +235,8 @@ class _Loop:
                 answers[i] = response
         return ("result", answers, metrics)
 
-    def _run(self, items: list[Item], handle: Any) -> tuple[Any, ...]:
+    def _run(self, items: list[Item], handle: Any, kserve: list[bool]) -> tuple[Any, ...]:
+        """One `handle` call; `kserve[i]`: item i came through torchgate's KServe APIs."""
         from ts.utils.util import PredictionException
 
         context = self._context
@@ -268,25 +270,34 @@ class _Loop:
             return ("error", 500, f"{self._what}: {problem}", self._metrics.take())
         try:
             responses = [
-                self._response(body, processor, last=True)
-                for body, processor in zip(result, processors, strict=False)
+                self._response(body, processor, last=True, saved_tensor=not is_kserve)
+                for body, processor, is_kserve in zip(result, processors, kserve, strict=False)
             ]
         except TypeError as exc:
             return ("error", 500, f"{self._what}: {exc}", self._metrics.take())
         return ("result", responses, self._metrics.take())
 
     def _response(
-        self, body: Any, processor: Any, *, last: bool = False
+        self, body: Any, processor: Any, *, last: bool = False, saved_tensor: bool = True
     ) -> tuple[Any, int, str, dict[str, str]]:
+        """`saved_tensor`: a torch tensor answered as TorchServe's worker answers it, the bytes
+        of `torch.save` (clients `torch.load` them); else as its numpy array (a KServe tensor)."""
         headers = dict(processor.get_response_headers())
         if last and headers.get("ts_stream_next") == "true":
             headers["ts_stream_next"] = "false"  # the end of a stream, as TorchServe's worker
+        if saved_tensor and isinstance(body, self._tensor):
+            body = self._saved(body)
         return (
             self.portable(body),
             int(processor.get_response_status_code()),
             processor.get_response_status_phrase() or "",
             headers,
         )
+
+    def _saved(self, tensor: Any) -> bytes:
+        buffer = io.BytesIO()
+        self._torch_save(tensor, buffer)
+        return buffer.getvalue()
 
     def portable(self, value: Any) -> Any:
         """`value` as builtin values and numpy arrays, or TypeError naming what is not."""

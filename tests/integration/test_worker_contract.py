@@ -13,10 +13,15 @@ bodies themselves.
 Two differences are expected and asserted as such: header names arrive in lower case (HTTP
 servers hand torchgate no other spelling; lookups match in any case, `api.workers.items`), and
 torchgate adds two system properties of its own (`max_image_pixels`, `max_items_per_request`).
+
+A third handler answers values of every kind, to compare how each is encoded: the same bodies,
+torch.save's bytes for a tensor, and the differences listed in docs/compatibility.md (a
+Content-Type where the handler set none, compact JSON, numpy values answered, NaN as null).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from tests.support.archives import build_archive
 from tests.support.server import running_torchgate
@@ -88,6 +94,62 @@ RAW = """
             for row in data
         ]
 """
+
+# Answers a value of the kind its body names, as TorchServe's worker encodes each.
+RETURNS = """
+    import numpy as np
+    import torch
+
+    VALUES = {
+        "str": "héllo ✓",
+        "empty str": "",
+        "bytes": b"\\x00\\x01",
+        "empty bytes": b"",
+        "bytearray": bytearray(b"ab"),
+        "dict": {"a": [1, 2.5, "x"], "b": None, "c": True},
+        "list": [1, 2.5, "x"],
+        "tuple": (1, 2),
+        "int": 7,
+        "float": 1.5,
+        "none": None,
+        "tensor": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        # TorchServe refuses these (503 "Unsupported model output data type."): see below.
+        "numpy": np.arange(3),
+        "nested tensor": {"t": torch.tensor([1.0])},
+        "nan": float("nan"),
+    }
+
+    def handle(data, context):
+        if data is None:
+            return None
+        answers = []
+        for idx, row in enumerate(data):
+            kind = row["body"]
+            if kind == "content type":
+                context.set_response_content_type(idx, "text/csv")
+            elif kind == "status":
+                context.set_response_status(418, "teapot", idx)
+            elif kind == "header":
+                context.set_response_header(idx, "X-Custom", "yes")
+            answers.append(VALUES.get(kind, kind))
+        return answers
+"""
+SAME_ANSWERS = [
+    "str",
+    "empty str",
+    "bytes",
+    "empty bytes",
+    "bytearray",
+    "dict",
+    "list",
+    "tuple",
+    "int",
+    "float",
+    "none",
+    "content type",
+    "status",
+    "header",
+]
 
 FORM_FILE = ("doc", ("d.json", b'{"k": 1}', "application/json"))
 
@@ -171,9 +233,11 @@ def answers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     files = {"handler.py": PROBE, "setup_config.json": "{}"}
     build_archive(work, "probe", "handler.py", files, export_dir=store)
     build_archive(work, "raw", "handler.py", {"handler.py": RAW}, export_dir=store)
+    build_archive(work, "returns", "handler.py", {"handler.py": RETURNS}, export_dir=store)
     config = work / "config.properties"
     config.write_text(
-        f"model_store={store}\nload_models=probe.mar,raw.mar\ndefault_workers_per_model=1\n"
+        f"model_store={store}\nload_models=probe.mar,raw.mar,returns.mar\n"
+        "default_workers_per_model=1\n"
     )
     with ThreadPoolExecutor(1) as pool, ExitStack() as stack:
         starting = running_torchgate(config)
@@ -196,6 +260,13 @@ def _ask(url: str) -> dict[str, Any]:
             response = client.request(method, path, **kwargs)
             body = response.json()
             seen[label] = (response.status_code, body[0] if isinstance(body, list) else body)
+        kinds = [*SAME_ANSWERS, "tensor", "numpy", "nested tensor", "nan"]
+        for kind in kinds:
+            seen[f"returns {kind}"] = client.post(
+                "/predictions/returns",
+                content=kind.encode(),
+                headers={"Content-Type": "text/plain"},
+            )
     return seen
 
 
@@ -214,6 +285,56 @@ def _comparable(answer: Any) -> Any:
     for own in ("max_image_pixels", "max_items_per_request"):
         properties.pop(own, None)
     return {**seen, "headers": headers, "properties": properties, "request_id": None}
+
+
+@pytest.mark.parametrize("kind", SAME_ANSWERS)
+def test_a_handlers_answer_is_encoded_as_in_torchserve(
+    answers: dict[str, dict[str, Any]], kind: str
+) -> None:
+    theirs, ours = answers["torchserve"][f"returns {kind}"], answers["torchgate"][f"returns {kind}"]
+    assert ours.status_code == theirs.status_code
+    assert ours.headers.get("x-custom") == theirs.headers.get("x-custom")
+    if theirs.headers.get("content-type"):  # set by the handler
+        assert ours.headers["content-type"] == theirs.headers["content-type"]
+    # TorchServe pretty-prints JSON; torchgate writes it compact: the same value.
+    if ours.headers["content-type"] == "application/json":
+        assert ours.json() == theirs.json()
+    else:
+        assert ours.content == theirs.content
+
+
+def test_content_types_where_the_handler_set_none(answers: dict[str, dict[str, Any]]) -> None:
+    # Differs: TorchServe sends no Content-Type then; torchgate names what it sends.
+    expected = {
+        "str": "text/plain; charset=utf-8",
+        "bytes": "application/octet-stream",
+        "dict": "application/json",
+        "none": "application/json",
+    }
+    for kind, content_type in expected.items():
+        assert "content-type" not in answers["torchserve"][f"returns {kind}"].headers
+        assert answers["torchgate"][f"returns {kind}"].headers["content-type"] == content_type
+
+
+def test_a_tensor_is_answered_in_torch_save_s_format(answers: dict[str, dict[str, Any]]) -> None:
+    for server in ("torchserve", "torchgate"):
+        response = answers[server]["returns tensor"]
+        tensor = torch.load(io.BytesIO(response.content), weights_only=True)
+        assert torch.equal(tensor, torch.tensor([[1.0, 2.0], [3.0, 4.0]])), server
+
+
+def test_what_torchserve_refuses_torchgate_answers(answers: dict[str, dict[str, Any]]) -> None:
+    # TorchServe's worker json.dumps the rest and fails the whole batch with 503 "Unsupported
+    # model output data type." for numpy values and tensors inside a dict; torchgate sends them
+    # as JSON. NaN: TorchServe writes NaN (not JSON), torchgate null.
+    for kind in ("numpy", "nested tensor"):
+        refused = answers["torchserve"][f"returns {kind}"]
+        assert refused.status_code == 503
+        assert refused.json()["message"] == "Unsupported model output data type."
+    assert answers["torchgate"]["returns numpy"].json() == [0, 1, 2]
+    assert answers["torchgate"]["returns nested tensor"].json() == {"t": [1.0]}
+    assert answers["torchserve"]["returns nan"].content == b"NaN"
+    assert answers["torchgate"]["returns nan"].content == b"null"
 
 
 @pytest.mark.parametrize("label", [label for label, *_ in REQUESTS])
