@@ -6,7 +6,8 @@ content), `context.get_all_request_header`, `system_properties`, the manifest, i
 directory and `sys.path`, the TS_* environment, its signal handlers, the request id's shape —
 for requests in every form TorchServe's inference API takes: raw bodies of each content type,
 bodies that do not decode, forms, query strings, the paths `/predictions/{m}/{v}/{more}`,
-`/invocations`, `/models/{m}/invoke` and `/{m}[/{v}]/predict`. A second handler sets
+`/invocations`, `/models/{m}/invoke` and `/{m}[/{v}]/predict`, and TorchServe's gRPC
+`Predictions`. A second handler sets
 `TS_DECODE_INPUT_REQUEST=false` when its module loads, as real handlers do to decode their
 bodies themselves.
 
@@ -28,10 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 import torch
 
+from api.rpc.generated import inference_pb2 as inference
+from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from tests.support.archives import build_archive
 from tests.support.server import running_torchgate
 from tests.support.torchserve import running_torchserve
@@ -248,13 +252,20 @@ def answers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
             torchgate = torchgate_ready.result()
             stack.push(starting.__exit__)
         return {
-            "torchserve": _ask(torchserve.inference_url),
-            "torchgate": _ask(torchgate.inference_url),
+            "torchserve": _ask(torchserve.inference_url, torchserve.grpc_inference_port),
+            "torchgate": _ask(torchgate.inference_url, torchgate.grpc_inference_port),
         }
 
 
-def _ask(url: str) -> dict[str, Any]:
+def _ask(url: str, grpc_port: int) -> dict[str, Any]:
     seen: dict[str, Any] = {}
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = inference_grpc.InferenceAPIsServiceStub(channel)
+        request = inference.PredictionsRequest(
+            model_name="probe", input={"data": b"[1, 2]", "flag": b"on"}
+        )
+        reply = stub.Predictions(request, metadata=(("x-tenant", "acme"),), timeout=60)
+        seen["grpc"] = (0, json.loads(reply.prediction))
     with httpx.Client(base_url=url, timeout=60) as client:
         for label, method, path, kwargs in REQUESTS:
             response = client.request(method, path, **kwargs)
@@ -276,7 +287,7 @@ def _comparable(answer: Any) -> Any:
     if not isinstance(answer, dict) or "headers" not in answer:
         return answer
     headers = {name.lower(): value for name, value in answer["headers"].items()}
-    headers.pop("host")
+    headers.pop("host", None)
     seen = dict(answer)
     if str(headers.get("content-type", "")).startswith("multipart/"):
         headers["content-type"] = seen["content_type_any_case"] = "multipart/form-data"
@@ -335,6 +346,19 @@ def test_what_torchserve_refuses_torchgate_answers(answers: dict[str, dict[str, 
     assert answers["torchgate"]["returns nested tensor"].json() == {"t": [1.0]}
     assert answers["torchserve"]["returns nan"].content == b"NaN"
     assert answers["torchgate"]["returns nan"].content == b"null"
+
+
+def test_grpc_predictions_reach_the_handler_as_in_torchserve(
+    answers: dict[str, dict[str, Any]],
+) -> None:
+    _, theirs = answers["torchserve"]["grpc"]
+    _, ours = answers["torchgate"]["grpc"]
+    # Differs: torchgate hands the call's metadata on as headers too (docs/compatibility.md).
+    metadata = {"x-tenant": "acme", "user-agent": ours["headers"].get("user-agent")}
+    assert {k: v for k, v in ours["headers"].items() if k not in metadata} == theirs["headers"]
+    assert ours["headers"]["x-tenant"] == "acme"
+    assert _comparable({**ours, "headers": {}}) == _comparable({**theirs, "headers": {}})
+    assert ours["row"] == {"data": ["bytearray", "[1, 2]"], "flag": ["bytearray", "on"]}
 
 
 @pytest.mark.parametrize("label", [label for label, *_ in REQUESTS])
