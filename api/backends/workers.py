@@ -19,7 +19,8 @@ What a worker costs its model when it fails, and only its model:
 
 Devices: worker i runs on GPU `i % count` (`number_of_gpu`, else every visible GPU), CPU without
 one; on CPU each worker gets `intra_op_threads` torch threads (default 1: workers side by side
-must not oversubscribe the cores). This module imports neither torch nor handler code.
+must not oversubscribe the cores; with OMP_NUM_THREADS set, torch follows it, as in
+TorchServe). This module imports neither torch nor handler code.
 """
 
 from __future__ import annotations
@@ -147,10 +148,12 @@ class WorkerBackend:
         self._gpu_count = gpu_count
         # One thread per CPU worker; scale with workers, not threads. With two OpenMP threads
         # per worker on a 2-core machine, a TorchScript worker's barrier waited on a descheduled
-        # thread: p99 100-300 ms at concurrency 1, against 1-4 ms with one.
-        self._intra_op_threads = (
-            DEFAULT_INTRA_OP_THREADS if intra_op_threads is None else intra_op_threads
-        )
+        # thread: p99 100-300 ms at concurrency 1, against 1-4 ms with one. An OMP_NUM_THREADS
+        # in the environment is how TorchServe's users size their workers: torch follows it
+        # (0: leave torch's own setting) unless torchgate.intra_op_threads says otherwise.
+        if intra_op_threads is None:
+            intra_op_threads = 0 if os.environ.get("OMP_NUM_THREADS") else DEFAULT_INTRA_OP_THREADS
+        self._intra_op_threads = intra_op_threads
         self._on_metric = on_metric
         self._max_image_pixels = max_image_pixels
         self._max_items_per_request = max_items_per_request

@@ -731,6 +731,25 @@ def test_cpu_worker_has_no_gpu_and_one_torch_thread(
     assert run(scenario(gpu_count=0, intra_op_threads=2)) == ("cpu", [None, 2])
 
 
+def test_omp_num_threads_sizes_cpu_workers_unless_the_key_does(
+    worker_pool: WorkerPool, build_archive: BuildArchive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As TorchServe's users size workers: with OMP_NUM_THREADS set, torch keeps the count it
+    read from it (0: leave it), unless torchgate.intra_op_threads is set."""
+    path = build_archive("omp", "handler.py", {"handler.py": "def handle(d, c): return d"})
+
+    async def threads(**options: Any) -> int:
+        backend = await load(worker_pool, path, **options)
+        await backend.close()
+        return backend._intra_op_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert run(threads()) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert run(threads()) == 0
+    assert run(threads(intra_op_threads=2)) == 2
+
+
 def test_workers_go_round_robin_over_gpus(tmp_path: Path) -> None:
     """Device assignment only (`api.workers.main._device`, what a worker runs after the fork):
     CUDA is faked, because no GPU exists here and a forked worker's torch cannot be patched."""
