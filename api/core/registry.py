@@ -162,7 +162,10 @@ class Registry:
         model_version = self.get(name, version)
         reason = model_version.unavailable
         if reason is not None:
-            raise ModelNotReady(reason)
+            # A registered version's worker being replaced (or its remote server being
+            # reconnected) is back within seconds: say when to try again.
+            serving = model_version.state is ModelState.READY
+            raise ModelNotReady(reason, retry_after=1 if serving else None)
         return model_version
 
     # -- mutations ------------------------------------------------------------------------------

@@ -359,7 +359,8 @@ def test_while_its_only_worker_restarts_a_version_is_not_ready_and_says_why(
 ) -> None:
     """The worker is SIGKILLed from outside (as the OOM killer would); its replacement takes
     1.5 s to start. Meanwhile the version is not ready on every API and new requests get 503
-    with the reason; then it serves again, no operator involved."""
+    with the reason and Retry-After; then it serves again, no operator involved. (TorchServe
+    holds such requests until its replacement worker is up.)"""
     inference, management = server.inference_url, server.management_url
     [pid] = worker_pids(server, "expiry")
     os.kill(pid, signal.SIGKILL)
@@ -371,7 +372,7 @@ def test_while_its_only_worker_restarts_a_version_is_not_ready_and_says_why(
         "Model expiry version 1.0 has no live worker: worker 0 killed by signal 9 (SIGKILL)"
     )
     refused = httpx.post(f"{inference}/predictions/expiry", content=b"0")
-    assert refused.status_code == 503
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
     assert refused.json()["message"] == described["unavailable"]
     wait_until(lambda: httpx.get(f"{inference}/v2/models/expiry/ready").status_code == 200, 20)
     assert httpx.post(f"{inference}/predictions/expiry", content=b"0").status_code == 200
