@@ -25,8 +25,6 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from typing import Any
 
 import grpc
@@ -37,8 +35,7 @@ import torch
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from tests.support.archives import build_archive
-from tests.support.server import running_torchgate
-from tests.support.torchserve import running_torchserve
+from tests.support.side_by_side import side_by_side
 
 pytestmark = [pytest.mark.integration, pytest.mark.torchserve]
 
@@ -157,6 +154,11 @@ SAME_ANSWERS = [
 
 FORM_FILE = ("doc", ("d.json", b'{"k": 1}', "application/json"))
 
+
+def typed(body: bytes, content_type: str) -> dict[str, Any]:
+    return {"content": body, "headers": {"Content-Type": content_type}}
+
+
 # (label, method, path, httpx keyword arguments)
 REQUESTS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("json", "POST", "/predictions/probe", {"json": {"a": [1, 2]}}),
@@ -164,53 +166,28 @@ REQUESTS: list[tuple[str, str, str, dict[str, Any]]] = [
         "json with charset",
         "POST",
         "/predictions/probe",
-        {"content": b'"s"', "headers": {"Content-Type": "application/json; charset=utf-8"}},
+        typed(b'"s"', "application/json; charset=utf-8"),
     ),
-    (
-        "text",
-        "POST",
-        "/predictions/probe",
-        {"content": b"hello", "headers": {"Content-Type": "text/plain"}},
-    ),
-    (
-        "binary",
-        "POST",
-        "/predictions/probe",
-        {"content": b"\x00\x01", "headers": {"Content-Type": "application/octet-stream"}},
-    ),
+    ("text", "POST", "/predictions/probe", typed(b"hello", "text/plain")),
+    ("binary", "POST", "/predictions/probe", typed(b"\x00\x01", "application/octet-stream")),
     ("no content type", "PUT", "/predictions/probe", {"content": b"raw"}),
     ("empty", "POST", "/predictions/probe", {"content": b""}),
-    (
-        "malformed json",
-        "POST",
-        "/predictions/probe",
-        {"content": b"{bad", "headers": {"Content-Type": "application/json"}},
-    ),
-    (
-        "text that is not utf-8",
-        "POST",
-        "/predictions/probe",
-        {"content": b"\xff\xfe", "headers": {"Content-Type": "text/plain"}},
-    ),
+    ("malformed json", "POST", "/predictions/probe", typed(b"{bad", "application/json")),
+    ("text that is not utf-8", "POST", "/predictions/probe", typed(b"\xff\xfe", "text/plain")),
     (
         "json suffix type",
         "POST",
         "/predictions/probe",
-        {"content": b'{"a":1}', "headers": {"Content-Type": "application/x-custom+json"}},
+        typed(b'{"a":1}', "application/x-custom+json"),
     ),
-    (
-        "query on /predictions",
-        "POST",
-        "/predictions/probe?foo=bar",
-        {"content": b"q", "headers": {"Content-Type": "text/plain"}},
-    ),
+    ("query on /predictions", "POST", "/predictions/probe?foo=bar", typed(b"q", "text/plain")),
     ("multipart", "POST", "/predictions/probe", {"data": {"f1": "v1"}, "files": [FORM_FILE]}),
     ("urlencoded", "POST", "/predictions/probe", {"data": {"k": "v", "k2": "v2"}}),
     (
         "path below the version",
         "POST",
         "/predictions/probe/1.0/v1/chat/completions",
-        {"content": b"t", "headers": {"Content-Type": "text/plain"}},
+        typed(b"t", "text/plain"),
     ),
     ("explanations", "POST", "/explanations/probe", {"content": b"e"}),
     ("invocations", "POST", "/invocations?model_name=probe&foo=bar", {"content": b"i"}),
@@ -220,12 +197,7 @@ REQUESTS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("legacy predict", "POST", "/probe/predict?foo=bar", {"content": b"l"}),
     ("legacy versioned predict", "GET", "/probe/1.0/predict", {}),
     ("undecoded by the handler's wish", "POST", "/predictions/raw", {"json": {"a": 1}}),
-    (
-        "undecoded text",
-        "POST",
-        "/predictions/raw",
-        {"content": b"t", "headers": {"Content-Type": "text/plain"}},
-    ),
+    ("undecoded text", "POST", "/predictions/raw", typed(b"t", "text/plain")),
 ]
 
 
@@ -238,23 +210,8 @@ def answers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     build_archive(work, "probe", "handler.py", files, export_dir=store)
     build_archive(work, "raw", "handler.py", {"handler.py": RAW}, export_dir=store)
     build_archive(work, "returns", "handler.py", {"handler.py": RETURNS}, export_dir=store)
-    config = work / "config.properties"
-    config.write_text(
-        f"model_store={store}\nload_models=probe.mar,raw.mar,returns.mar\n"
-        "default_workers_per_model=1\n"
-    )
-    with ThreadPoolExecutor(1) as pool, ExitStack() as stack:
-        starting = running_torchgate(config)
-        torchgate_ready = pool.submit(starting.__enter__)
-        try:
-            torchserve = stack.enter_context(running_torchserve(store, config))
-        finally:
-            torchgate = torchgate_ready.result()
-            stack.push(starting.__exit__)
-        return {
-            "torchserve": _ask(torchserve.inference_url, torchserve.grpc_inference_port),
-            "torchgate": _ask(torchgate.inference_url, torchgate.grpc_inference_port),
-        }
+    with side_by_side(store, {"default_workers_per_model": "1"}) as servers:
+        return {name: _ask(ends.inference, ends.grpc_port) for name, ends in servers.items()}
 
 
 def _ask(url: str, grpc_port: int) -> dict[str, Any]:
