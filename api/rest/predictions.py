@@ -12,9 +12,9 @@ under its own name. Query parameters are not passed here, as in TorchServe (its 
 paths pass them: `api.rest.invocations`). Each value goes as the bytes it came as, with its
 content type: the worker decodes it as TorchServe's worker does (`api.workers.items`: JSON
 parsed, text as str, unless `decode_input_request` or the handler's own environment says not
-to). `/predictions/{model}/{version}/{path...}` serves
-the model too, the rest of the path in the request header `url_path` (TorchServe 0.12's, for
-handlers that serve OpenAI-style paths; empty on the plain path).
+to). `/predictions/{model}/{version}/{path...}` serves the model too, the rest of the path in
+the request header `url_path` (TorchServe 0.12's, for handlers that serve OpenAI-style paths;
+empty on the plain path).
 
 A handler that streams (`send_intermediate_predict_response`) is answered with chunked transfer:
 the first intermediate response's status and headers, then one chunk per response, the final
