@@ -100,6 +100,9 @@ _REQUEST_DROP = frozenset(
         "content-type",
         "accept-encoding",
         "x-request-id",
+        # Set by TorchServe's frontend from the path torchgate calls it on.
+        "explain",
+        "url_path",
     }
 )
 # TorchServe's per-connection and per-response headers; a handler's own headers pass through.
@@ -331,10 +334,15 @@ class TorchServeBackend:
             header_value(request.headers, "explain") == "True"
         )
         endpoint = "explanations" if explain else "predictions"
+        path = f"{endpoint}/{self._path}"
+        # `/predictions/{m}/{v}/{more}`: TorchServe hands `more` to the handler as url_path.
+        url_path = header_value(request.headers, "url_path")
+        if request.api == API_TORCHSERVE_REST and url_path:
+            path += "/" + quote(url_path, safe="/")
         with self._translated(f"Model {self.name} version {self.version}"):
             async with self.client.stream(
                 "POST",
-                f"{self.spec.inference_url}/{endpoint}/{self._path}",
+                f"{self.spec.inference_url}/{path}",
                 params=tuple(outgoing.params),
                 headers=outgoing.headers,
                 content=outgoing.content,

@@ -68,6 +68,7 @@ class FakeTorchServe:
                 Route("/models/{model}", self.describe_default),
                 Route("/models/{model}/{version}", self.describe),
                 Route("/predictions/{model}/{version}", self.predict, methods=["POST"]),
+                Route("/predictions/{model}/{version}/{more:path}", self.predict, methods=["POST"]),
             ]
         )
 
@@ -214,6 +215,21 @@ def test_forwards_body_headers_query_and_request_id(fake: FakeTorchServe, port: 
         assert headers["x-user-id"] == "u1"
         assert "authorization" not in headers  # the gateway's key stays at the gateway
         assert headers["host"] == f"127.0.0.1:{port}"
+
+    with serving(fake, port):
+        run(scenario())
+
+
+def test_the_path_below_the_version_goes_to_torchserve(fake: FakeTorchServe, port: int) -> None:
+    headers = {"url_path": "v1/chat/completions", "explain": "False"}
+    request = InferenceRequest({"body": b"x"}, headers, "rid-3")
+
+    async def scenario() -> None:
+        async with backend_for(spec(port)) as backend:
+            seen = echoed((await backend.forward(request)).body)
+        # TorchServe sets url_path and explain itself, from the path it is called on.
+        assert seen["path"] == "/predictions/digits/2.0/v1/chat/completions"
+        assert "url_path" not in seen["headers"] and "explain" not in seen["headers"]
 
     with serving(fake, port):
         run(scenario())
