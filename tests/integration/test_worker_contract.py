@@ -171,6 +171,8 @@ REQUESTS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("text", "POST", "/predictions/probe", typed(b"hello", "text/plain")),
     ("binary", "POST", "/predictions/probe", typed(b"\x00\x01", "application/octet-stream")),
     ("no content type", "PUT", "/predictions/probe", {"content": b"raw"}),
+    # Chunked transfer: both hand on the whole body with a Content-Length instead.
+    ("chunked", "POST", "/predictions/probe", {"content": [b"ch", b"unk"]}),
     ("empty", "POST", "/predictions/probe", {"content": b""}),
     ("malformed json", "POST", "/predictions/probe", typed(b"{bad", "application/json")),
     ("text that is not utf-8", "POST", "/predictions/probe", typed(b"\xff\xfe", "text/plain")),
