@@ -84,9 +84,7 @@ class PredictionsEndpoint(InferenceEndpoint):
             return self._description(model, version)
         as_aggregated(headers, body)
         self.item_headers(scope, headers)
-        request = InferenceRequest(
-            item.inputs, headers, rid, API_TORCHSERVE_REST, input_types=item.types
-        )
+        request = item.request(headers, rid)
         chunks = ChunkedReply(send, rid)
         stream = PredictionStream(request, chunks.part)
 
@@ -165,6 +163,12 @@ class RequestItem:
     inputs: dict[str, Any] = field(default_factory=dict)
     types: dict[str, str] = field(default_factory=dict)
 
+    def request(self, headers: dict[str, str], rid: str) -> InferenceRequest:
+        """The item as the request the dataplane takes, from TorchServe's REST API."""
+        return InferenceRequest(
+            self.inputs, headers, rid, API_TORCHSERVE_REST, input_types=self.types
+        )
+
 
 async def request_item(
     scope: Scope, body: bytes, headers: dict[str, str], *, query: bool = False
@@ -177,9 +181,10 @@ async def request_item(
             item.inputs[name] = value.encode()
     content_type = headers.get("content-type", "")
     media_type = media_type_of(content_type)
-    if media_type.lower() == "multipart/form-data":
+    form = media_type.lower()
+    if form == "multipart/form-data":
         await _form_fields(scope, body, item)
-    elif media_type.lower() == "application/x-www-form-urlencoded":
+    elif form == "application/x-www-form-urlencoded":
         for name, value in parse_qsl(body, keep_blank_values=True):
             item.inputs[name.decode("utf-8", "replace")] = value
     else:

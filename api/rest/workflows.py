@@ -10,7 +10,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from api.auth import TokenAuth
-from api.core.types import API_TORCHSERVE_REST, InferenceRequest
 from api.core.workflow import RegisterOptions, Workflows
 from api.encoding import JSON, Encoded
 from api.errors import NotFound
@@ -90,8 +89,5 @@ class WfPredictEndpoint(InferenceEndpoint):
         version: str | None,
     ) -> Encoded:
         item = await request_item(scope, body, headers)
-        request = InferenceRequest(
-            item.inputs, headers, rid, API_TORCHSERVE_REST, input_types=item.types
-        )
-        payload = await self.workflows.predict(model, request)
+        payload = await self.workflows.predict(model, item.request(headers, rid))
         return Encoded(200, payload, [("content-type", JSON)])

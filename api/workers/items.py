@@ -33,6 +33,7 @@ import orjson
 log = logging.getLogger(__name__)
 
 DECODE_VARIABLE = "TS_DECODE_INPUT_REQUEST"
+_RAW = (bytes, bytearray)  # what the worker decodes: exactly these types, as they came
 
 
 class RequestHeaders(dict[str, Any]):
@@ -62,13 +63,11 @@ class RequestHeaders(dict[str, Any]):
 def handler_row(inputs: dict[str, Any], input_types: Mapping[str, str]) -> dict[str, Any]:
     """The row as TorchServe's worker hands it over: bytes values decoded (or a bytearray).
     Values that are not bytes (KServe's, already decoded) pass as they are."""
-    if not any(type(value) is bytes or type(value) is bytearray for value in inputs.values()):
+    if not any(type(value) in _RAW for value in inputs.values()):
         return inputs
     decode = os.environ.get(DECODE_VARIABLE) in (None, "true")
     return {
-        name: decoded(value, input_types.get(name, ""), decode)
-        if type(value) is bytes or type(value) is bytearray
-        else value
+        name: decoded(value, input_types.get(name, ""), decode) if type(value) in _RAW else value
         for name, value in inputs.items()
     }
 
