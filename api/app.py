@@ -198,6 +198,7 @@ def build(
         inference_app=build_inference_app(
             dataplane,
             max_request_size=config.max_request_size,
+            max_response_size=config.max_response_size,
             auth=auth,
             max_items=config.max_items_per_request,
             workflows=workflows,

@@ -19,6 +19,7 @@
     ├── InferenceFailed            500  INTERNAL       (the handler raised)
     │   ├── WorkerDied                                 (its worker process died mid-batch)
     │   ├── HandlerLoadError                           (import or initialize failed)
+    │   ├── ResponseTooLarge                           (an answer over max_response_size)
     │   └── WorkflowFailed                             (a workflow's node could not register)
     ├── BackendUnavailable         502  UNAVAILABLE    (a remote backend is down)
     ├── Overloaded                 503  UNAVAILABLE    (queue full; carries Retry-After)
@@ -132,6 +133,10 @@ class WorkerDied(InferenceFailed):
 
 class HandlerLoadError(InferenceFailed):
     """The archive's handler could not be imported or initialized in its worker."""
+
+
+class ResponseTooLarge(InferenceFailed):
+    """The handler's answer is larger than `max_response_size` allows; not sent."""
 
 
 class WorkflowFailed(InferenceFailed):

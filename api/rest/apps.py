@@ -88,6 +88,7 @@ def build_inference_app(
     dataplane: DataPlane,
     *,
     max_request_size: int,
+    max_response_size: int,
     auth: TokenAuth | None,
     max_items: int,
     workflows: Workflows | None = None,
@@ -114,7 +115,8 @@ def build_inference_app(
     app.add_api("/v1", RequestIdHeader(kserve_v1))
     app.add_api("/v2", RequestIdHeader(kserve_v2))
     app.add_hot_path(EVERY_METHOD, is_ping_path, PingEndpoint(dataplane))
-    predictions = PredictionsEndpoint(dataplane, max_request_size=max_request_size, auth=auth)
+    sizes = {"max_request_size": max_request_size, "max_response_size": max_response_size}
+    predictions = PredictionsEndpoint(dataplane, **sizes, auth=auth)
     # TorchServe runs inference for any method there (OPTIONS: the model's description).
     app.add_hot_path(EVERY_METHOD, lambda path: path.startswith(PREFIXES), predictions)
     for matches, endpoint in (
@@ -124,16 +126,14 @@ def build_inference_app(
         app.add_hot_path(
             ("POST",),
             matches,
-            endpoint(dataplane, max_request_size=max_request_size, max_items=max_items, auth=auth),
+            endpoint(dataplane, **sizes, max_items=max_items, auth=auth),
         )
     if workflows is not None:
         # TorchServe runs a workflow for any method on /wfpredict/{name}; POST and GET here.
-        wfpredict = WfPredictEndpoint(workflows, max_request_size=max_request_size, auth=auth)
+        wfpredict = WfPredictEndpoint(workflows, **sizes, auth=auth)
         app.add_hot_path(("POST", "GET"), is_wfpredict_path, wfpredict)
     # Matched last: the paths above are the busy ones.
-    invocations = InvocationsEndpoint(
-        dataplane, max_request_size=max_request_size, startup_models=startup_models, auth=auth
-    )
+    invocations = InvocationsEndpoint(dataplane, **sizes, startup_models=startup_models, auth=auth)
     app.add_hot_path(EVERY_METHOD, is_invocation_path, invocations)
     return app
 

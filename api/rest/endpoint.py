@@ -1,8 +1,9 @@
 """The edge every hot inference path shares, as plain ASGI.
 
-Request id, token check, body size limit, client disconnects, rejections counted, errors
-encoded: once, here. A subclass names the model and version a path asks for and turns a body
-into an answer (`api.rest.predictions` for TorchServe's API, `api.rest.v2` for KServe v2).
+Request id, token check, body size limits (the request's and the answer's), client
+disconnects, rejections counted, errors encoded: once, here. A subclass names the model and
+version a path asks for and turns a body into an answer (`api.rest.predictions` for
+TorchServe's API, `api.rest.v2` for KServe v2).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from api.auth import INFERENCE, TokenAuth
 from api.core.dataplane import DataPlane
 from api.core.types import REJECT_AUTH, REJECT_TOO_LARGE
 from api.encoding import Encoded, ErrorBody, encode_error, kserve_error_body, torchserve_error_body
-from api.errors import InferenceFailed, PayloadTooLarge, TorchgateError, Unauthenticated
+from api.errors import (
+    InferenceFailed,
+    PayloadTooLarge,
+    ResponseTooLarge,
+    TorchgateError,
+    Unauthenticated,
+)
 from api.request_ids import request_id
 from api.rest.asgi import (
     ClientDisconnected,
@@ -36,10 +43,16 @@ class InferenceEndpoint(ABC):
     error_body: ErrorBody = staticmethod(torchserve_error_body)
 
     def __init__(
-        self, dataplane: DataPlane, *, max_request_size: int, auth: TokenAuth | None = None
+        self,
+        dataplane: DataPlane,
+        *,
+        max_request_size: int,
+        max_response_size: int,
+        auth: TokenAuth | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.max_request_size = max_request_size
+        self.max_response_size = max_response_size
         self.auth = auth
 
     @abstractmethod
@@ -73,6 +86,22 @@ class InferenceEndpoint(ABC):
         one, `api.rest.predictions`), errors included. By default, `answer`'s reply."""
         return await self.answer(scope, headers, rid, body, model, version)
 
+    def check_size(self, body: bytes, path: str) -> None:
+        """`ResponseTooLarge` for an answer over `max_response_size`.
+
+        TorchServe bounds what a worker may send back by that key: a larger answer fails its
+        request with 500 (there "Worker died.", and the worker is restarted with its whole
+        batch lost). Here the answer is dropped, its request alone gets 500 saying why, and
+        the worker keeps serving.
+        """
+        if len(body) > self.max_response_size:
+            message = (
+                f"Response of {len(body)} bytes exceeds max_response_size of "
+                f"{self.max_response_size} bytes"
+            )
+            log.warning("%s: %s; not sent", path, message)
+            raise ResponseTooLarge(message)
+
     def error_reply(self, exc: TorchgateError) -> Encoded:
         """The protocol's error body for `exc`, with the status from `api.errors`."""
         return encode_error(exc, self.error_body)
@@ -91,6 +120,8 @@ class InferenceEndpoint(ABC):
             )
             if reply is None:
                 return  # sent already
+            if scope["method"] != "OPTIONS":  # that is the model's description, ours
+                self.check_size(reply.body, scope["path"])
         except (ClientDisconnected, asyncio.CancelledError):
             return  # nobody is left to answer
         except TorchgateError as exc:
@@ -116,8 +147,14 @@ class KServeEndpoint(InferenceEndpoint):
         dataplane: DataPlane,
         *,
         max_request_size: int,
+        max_response_size: int,
         max_items: int,
         auth: TokenAuth | None = None,
     ) -> None:
-        super().__init__(dataplane, max_request_size=max_request_size, auth=auth)
+        super().__init__(
+            dataplane,
+            max_request_size=max_request_size,
+            max_response_size=max_response_size,
+            auth=auth,
+        )
         self.max_items = max_items

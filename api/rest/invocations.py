@@ -49,10 +49,16 @@ class InvocationsEndpoint(PredictionsEndpoint):
         dataplane: DataPlane,
         *,
         max_request_size: int,
+        max_response_size: int,
         startup_models: Callable[[], Collection[str]],
         auth: TokenAuth | None = None,
     ) -> None:
-        super().__init__(dataplane, max_request_size=max_request_size, auth=auth)
+        super().__init__(
+            dataplane,
+            max_request_size=max_request_size,
+            max_response_size=max_response_size,
+            auth=auth,
+        )
         self.startup_models = startup_models
 
     def route(self, path: str) -> tuple[str, str | None]:

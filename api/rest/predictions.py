@@ -25,7 +25,7 @@ without the closing chunk, as TorchServe resets it: the client sees a truncated 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -85,7 +85,7 @@ class PredictionsEndpoint(InferenceEndpoint):
         as_aggregated(headers, body)
         self.item_headers(scope, headers)
         request = item.request(headers, rid)
-        chunks = ChunkedReply(send, rid)
+        chunks = ChunkedReply(send, rid, lambda body: self.check_size(body, scope["path"]))
         stream = PredictionStream(request, chunks.part)
 
         def infer(item: InferenceRequest) -> Awaitable[Answer]:
@@ -93,17 +93,16 @@ class PredictionsEndpoint(InferenceEndpoint):
 
         try:
             answer = await stream.run(infer)
+            if stream.streamed:
+                await chunks.last(answer.prediction)
         except Exception as exc:
-            if not stream.streamed:
-                raise
+            if not chunks.started:
+                raise  # nothing sent yet: the error gets its own status
             # Too late for an error status. Returning without the last chunk makes the server
             # close the connection: the client sees a truncated body, as TorchServe's reset.
             log.warning("stream for %s cut short after it started: %s", model, exc)
             return None
-        if not stream.streamed:
-            return reply_parts(answer)
-        await chunks.last(answer.prediction)
-        return None
+        return None if stream.streamed else reply_parts(answer)
 
     def _description(self, model: str, version: str | None) -> Encoded:
         self.dataplane.registry.get(model, version)  # ModelNotFound, as TorchServe
@@ -129,17 +128,26 @@ class ChunkedReply:
 
     The status and headers are the first intermediate response's (with TorchServe's
     `ts_stream_next: true`); each response's body is one chunk, the final one's last.
+    `check_size` sees each chunk before it is sent (max_response_size bounds each of a
+    streaming handler's responses, as each is one message from TorchServe's worker).
     """
 
-    def __init__(self, send: Send, rid: str) -> None:
+    def __init__(self, send: Send, rid: str, check_size: Callable[[bytes], None]) -> None:
         self._send = send
         self._rid = rid
+        self._check_size = check_size
         self._started = False
+
+    @property
+    def started(self) -> bool:
+        """Whether the response's status and headers went out."""
+        return self._started
 
     async def part(self, prediction: Prediction) -> None:
         if not self._started:
-            self._started = True
             first = encode_prediction(prediction)
+            self._check_size(first.body)
+            self._started = True
             first.headers.append(("x-request-id", self._rid))
             raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in first.headers]
             # No content-length: the server sends the body with chunked transfer-encoding.
@@ -148,10 +156,12 @@ class ChunkedReply:
             payload = first.body
         else:
             payload = encode_prediction(prediction).body
+            self._check_size(payload)
         await self._send({"type": "http.response.body", "body": payload, "more_body": True})
 
     async def last(self, prediction: Prediction) -> None:
         payload = encode_prediction(prediction).body
+        self._check_size(payload)
         await self._send({"type": "http.response.body", "body": payload, "more_body": False})
 
 

@@ -68,9 +68,19 @@ class WfPredictEndpoint(InferenceEndpoint):
     would reach a model; the answer is the workflow's JSON."""
 
     def __init__(
-        self, workflows: Workflows, *, max_request_size: int, auth: TokenAuth | None = None
+        self,
+        workflows: Workflows,
+        *,
+        max_request_size: int,
+        max_response_size: int,
+        auth: TokenAuth | None = None,
     ) -> None:
-        super().__init__(workflows.dataplane, max_request_size=max_request_size, auth=auth)
+        super().__init__(
+            workflows.dataplane,
+            max_request_size=max_request_size,
+            max_response_size=max_response_size,
+            auth=auth,
+        )
         self.workflows = workflows
 
     def route(self, path: str) -> tuple[str, str | None]:

@@ -87,7 +87,11 @@ async def app() -> AsyncIterator[Any]:
     await registry.register("m", "1.0", "m.mar", factory(backend), settings)
     try:
         yield build_inference_app(
-            DataPlane(registry), max_request_size=1 << 20, auth=None, max_items=16
+            DataPlane(registry),
+            max_request_size=1 << 20,
+            max_response_size=1 << 20,
+            auth=None,
+            max_items=16,
         )
     finally:
         await registry.close()
