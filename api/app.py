@@ -185,7 +185,11 @@ def build(
     workflows = Workflows(
         dataplane, WorkflowLoader(loader, work), encode=lambda p: encode_prediction(p).body
     )
-    auth = None if config.disable_token_authorization else TokenAuth(config.key_file)
+    auth = (
+        None
+        if config.disable_token_authorization
+        else TokenAuth(config.key_file, expiration_min=config.token_expiration_min)
+    )
     if auth is not None:
         log.info("token authorization is on; keys are in %s", config.key_file)
     torchgate = Torchgate(

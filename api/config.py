@@ -151,6 +151,10 @@ class Config:
     max_request_size: int = 6553500
     max_response_size: int = 6553500
     disable_token_authorization: bool = False
+    # Minutes the inference and management keys live (TorchServe's token_expiration_min).
+    token_expiration_min: float = 60.0
+    # TorchServe's enable_metrics_api: false leaves the metrics address unbound.
+    enable_metrics_api: bool = True
     # TorchServe's enable_grpc_ssl: both gRPC ports serve TLS with the REST ports' key (api.tls).
     enable_grpc_ssl: bool = False
     enable_model_api: bool = False
@@ -204,6 +208,14 @@ class Config:
     raw: dict[str, str] = field(default_factory=dict)
     # The config file's folder: where relative paths in it start (the current one without a file).
     base_dir: Path = field(default_factory=Path.cwd)
+
+    def http_addresses(self) -> list[tuple[str, Address]]:
+        """(API, address) of each REST listener to serve: inference, management and, unless
+        enable_metrics_api=false, metrics (APIs may share an address)."""
+        apis = [("inference", self.inference_address), ("management", self.management_address)]
+        if self.enable_metrics_api:
+            apis.append(("metrics", self.metrics_address))
+        return apis
 
     def model_settings(self, overrides: dict[str, Any] | None = None) -> ModelSettings:
         """Settings for a version: TorchServe's `models={...}` keys over this file's defaults."""
@@ -473,9 +485,16 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             "enable_model_api",
             "install_py_dep_per_model",
             "decode_input_request",
+            "enable_metrics_api",
         ):
             if key in raw:
                 setattr(config, key, raw[key].strip().lower() == "true")
+        if "token_expiration_min" in raw:
+            config.token_expiration_min = _number(raw, "token_expiration_min", float)
+            if not config.token_expiration_min > 0:
+                raise ValueError(
+                    f"token_expiration_min={raw['token_expiration_min']!r} must be above 0"
+                )
         config.enable_grpc_ssl = raw.get("enable_grpc_ssl", "").strip().lower() == "true"
         if "default_response_timeout" in raw:
             config.default_response_timeout = _number(raw, "default_response_timeout", float)

@@ -35,6 +35,9 @@ class Key:
     note: str
     # TorchServe's default, lower case: a value equal to it is never warned about.
     default: str | None = None
+    # A supported key's values that do what they do in TorchServe (None: all); any other
+    # value is served as the note says, with a warning at start.
+    values: frozenset[str] | None = None
 
 
 def _keys(status: str, *entries: tuple[str, ...]) -> list[Key]:
@@ -45,6 +48,14 @@ def _keys(status: str, *entries: tuple[str, ...]) -> list[Key]:
 KEYS: dict[str, Key] = {
     key.name: key
     for key in [
+        # TorchServe's default is log: handler metrics go to model_metrics.log, not /metrics.
+        Key(
+            "metrics_mode",
+            SUPPORTED,
+            "prometheus: every metric on the metrics port; no metric log files are written",
+            "log",
+            frozenset({"prometheus"}),
+        ),
         *_keys(
             SUPPORTED,
             ("inference_address", "REST inference listener; https:// serves TLS"),
@@ -78,8 +89,7 @@ KEYS: dict[str, Key] = {
             ("enable_model_api", "register/unregister over the management API"),
             ("allowed_urls", "regexes registration URLs must match (none here: model store)"),
             ("limit_max_image_pixels", "PIL's decompression-bomb limit in the handlers"),
-            ("enable_metrics_api", "the metrics listener (always on here)", "true"),
-            ("metrics_mode", "prometheus only", "prometheus"),
+            ("enable_metrics_api", "the metrics listener; false leaves its address unbound"),
             ("decode_input_request", "workers decode JSON/text for handlers unless false", "true"),
             # Implemented by their own modules (model archives, workflows, metrics, envelopes).
             ("service_envelope", "json or kserve/kservev2 request envelopes"),
@@ -170,6 +180,8 @@ def check_keys(raw: dict[str, str]) -> list[str]:
             warnings.append(f"unknown config key {name}{hint} (ignored)")
         elif key.status == UNSUPPORTED and value.strip().lower() != (key.default or "\0"):
             warnings.append(f"config key {name} is not supported by torchgate: {key.note}")
+        elif key.values is not None and value.strip().lower() not in key.values:
+            warnings.append(f"config key {name}={value} is not supported by torchgate: {key.note}")
     return warnings
 
 

@@ -113,6 +113,11 @@ async def serve(
     grace_s = config.default_response_timeout + 5.0
     torchgate.dataplane.accepting = False  # /ping stays unhealthy until models are loaded
     ssl_context = https_context(tls)
+    apps = {
+        "inference": torchgate.inference_app,
+        "management": torchgate.management_app,
+        "metrics": torchgate.metrics_app,
+    }
     http_servers = [
         (
             _http_server(
@@ -126,11 +131,7 @@ async def serve(
             address,
         )
         for app, address in listeners(
-            [
-                ("inference", torchgate.inference_app, config.inference_address),
-                ("management", torchgate.management_app, config.management_address),
-                ("metrics", torchgate.metrics_app, config.metrics_address),
-            ]
+            [(api, apps[api], address) for api, address in config.http_addresses()]
         )
     ]
     extras = [torchgate.grpc_servers(tls=tls)]
@@ -168,7 +169,7 @@ async def serve(
         sum(1 for _ in torchgate.registry),
         config.inference_address,
         config.management_address,
-        config.metrics_address,
+        config.metrics_address if config.enable_metrics_api else "off (enable_metrics_api=false)",
     )
     if ready is not None:
         ready.set()

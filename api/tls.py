@@ -49,8 +49,7 @@ class KeyMaterial:
 
 def tls_wanted(config: Config) -> bool:
     """True when a REST address is https:// or gRPC TLS is on."""
-    schemes = {a.scheme for a in (config.inference_address, config.management_address)}
-    schemes.add(config.metrics_address.scheme)
+    schemes = {address.scheme for _, address in config.http_addresses()}
     return "https" in schemes or config.enable_grpc_ssl
 
 

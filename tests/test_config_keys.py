@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from api.config import parse_config
 from api.config_keys import IGNORED, KEYS, SUPPORTED, UNSUPPORTED, check_keys, effective_config
 
@@ -62,3 +64,23 @@ def test_effective_config_masks_secrets(tmp_path: Path) -> None:
     assert "cors_allowed_origin: *" in lines
     assert "job_queue_size: 7" in lines
     assert "inference_address: http://127.0.0.1:8080" in lines
+
+
+def test_a_supported_key_warns_for_values_served_otherwise() -> None:
+    assert check_keys({"metrics_mode": "prometheus"}) == []
+    (warning,) = check_keys({"metrics_mode": "log"})
+    assert warning.startswith("config key metrics_mode=log is not supported by torchgate")
+    assert "no metric log files" in warning
+
+
+def test_metrics_api_and_token_lifetime_are_read(tmp_path: Path) -> None:
+    config = parse_config({}, base_dir=tmp_path)
+    assert config.enable_metrics_api and config.token_expiration_min == 60
+    assert [api for api, _ in config.http_addresses()] == ["inference", "management", "metrics"]
+    raw = {"enable_metrics_api": "False", "token_expiration_min": "0.5"}
+    config = parse_config(raw, base_dir=tmp_path)
+    assert not config.enable_metrics_api and config.token_expiration_min == 0.5
+    assert [api for api, _ in config.http_addresses()] == ["inference", "management"]
+    for bad in ("soon", "0", "-1"):
+        with pytest.raises(ValueError, match="token_expiration_min"):
+            parse_config({"token_expiration_min": bad}, base_dir=tmp_path)

@@ -311,7 +311,8 @@ def start_background(argv: list[str], config: Config) -> int:
     if signalled:
         print(
             f"torchgate started (pid {child.pid}): serving on {config.inference_address} "
-            f"(management {config.management_address}, metrics {config.metrics_address}); "
+            f"(management {config.management_address}, "
+            f"metrics {config.metrics_address if config.enable_metrics_api else 'off'}); "
             f"log: {log_path}"
         )
         return 0

@@ -24,13 +24,9 @@ def bind_listeners(config: Config) -> dict[Address, socket.socket]:
     `api.rest.apps.listeners` serves them."""
     bound: dict[Address, socket.socket] = {}
     try:
-        for what, address in (
-            ("inference_address", config.inference_address),
-            ("management_address", config.management_address),
-            ("metrics_address", config.metrics_address),
-        ):
+        for api, address in config.http_addresses():
             if address not in bound:
-                bound[address] = _bind(what, address)
+                bound[address] = _bind(f"{api}_address", address)
         for what, host, port in (
             ("grpc_inference_port", config.grpc_inference_address, config.grpc_inference_port),
             ("grpc_management_port", config.grpc_management_address, config.grpc_management_port),

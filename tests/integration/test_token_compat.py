@@ -13,6 +13,7 @@ Two differences are torchgate's on purpose (docs/compatibility.md, "Token author
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,8 @@ class Server:
     inference: str
     management: str
     keys: dict[str, str]
+    metrics: str = ""
+    key_file: Path = Path()
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +118,67 @@ def test_ping_needs_no_key_on_torchgate(servers: dict[str, Server]) -> None:
         # TorchServe 0.12 wants the inference key here; torchgate's probes need none.
         assert answers["torchserve"].status_code == 400
         assert answers["torchgate"].status_code == 200
+
+
+@pytest.fixture(scope="module")
+def short_lived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    """Keys that live 2.4 s, and no metrics API: both keys TorchServe reads at start."""
+    extra = {"token_expiration_min": "0.04", "enable_metrics_api": "false"}
+    text = CONFIG + "".join(f"{key}={value}\n" for key, value in extra.items())
+    config = tmp_path_factory.mktemp("short") / "config.properties"
+    config.write_text(text)
+    with (
+        running_torchserve(
+            ROOT / "model_store",
+            config,
+            extra_config={"disable_token_authorization": "false", **extra},
+        ) as ts,
+        running_torchgate(text) as tg,
+    ):
+        tg_keys = json.loads((tg.workdir / "key_file.json").read_text())
+        yield {
+            "torchserve": Server(
+                ts.inference_url,
+                ts.management_url,
+                {"API": str(ts.key("API"))},
+                ts.metrics_url,
+                ts.workdir / "key_file.json",
+            ),
+            "torchgate": Server(
+                tg.inference_url,
+                tg.management_url,
+                {"API": tg_keys["API"]["key"]},
+                tg.metrics_url,
+                tg.workdir / "key_file.json",
+            ),
+        }
+
+
+def test_keys_expire_after_token_expiration_min_alike(short_lived: dict[str, Server]) -> None:
+    # The start-up keys may have expired during start-up: new ones live from now on.
+    for server in short_lived.values():
+        answer = httpx.post(
+            server.management + "/token",
+            params={"type": "inference"},
+            headers={"Authorization": f"Bearer {server.keys['API']}"},
+            timeout=60,
+        )
+        assert answer.status_code == 200, answer.text
+        # Both write it to key_file.json (TorchServe 0.12's answer has an empty body).
+        server.keys["inference"] = json.loads(server.key_file.read_text())["inference"]["key"]
+    fresh = both(short_lived, "POST", "/predictions/digits", "inference", json=DIGIT)
+    assert [r.status_code for r in fresh.values()] == [200, 200]
+    time.sleep(2.6)
+    expired = both(short_lived, "POST", "/predictions/digits", "inference", json=DIGIT)
+    assert expired["torchserve"].status_code == 400
+    assert expired["torchgate"].status_code == 401
+    for answer in expired.values():
+        assert answer.json()["message"] == MESSAGE
+
+
+def test_enable_metrics_api_false_leaves_the_metrics_address_unbound(
+    short_lived: dict[str, Server],
+) -> None:
+    for server in short_lived.values():
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.metrics + "/metrics", timeout=5)
