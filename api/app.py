@@ -213,6 +213,7 @@ def build(
             loader,
             enable_model_api=config.enable_model_api,
             auth=auth,
+            max_request_size=config.max_request_size,
             router=router,
             browser_guard=lambda app: BrowserGuard(
                 app,

@@ -81,7 +81,7 @@ KEYS: dict[str, Key] = {
             ("default_workers_per_model", "workers per model (1 here; TorchServe: one per core)"),
             ("default_response_timeout", "seconds a worker may take per batch (120)"),
             ("job_queue_size", "queued requests per model before 503 (100)"),
-            ("max_request_size", "largest request body, bytes (6553500)"),
+            ("max_request_size", "largest request body on every port, bytes (6553500)"),
             ("max_response_size", "largest answer (each streamed part), bytes (6553500)"),
             ("number_of_gpu", "GPUs workers are spread over"),
             ("disable_token_authorization", "token authorization off when true"),

@@ -20,6 +20,7 @@ from api.observability.metrics import filter_samples
 from api.rest.asgi import (
     EVERY_METHOD,
     ASGIApp,
+    BodyLimit,
     Receive,
     RequestIdHeader,
     Scope,
@@ -111,9 +112,12 @@ def build_inference_app(
         inference_router(lambda: openapi_document(fastapi_app, kserve_v1, kserve_v2))
     )
     fastapi_app.include_router(kserve_liveness_router())  # KServe v1's `GET /`
-    app = InferenceApp(RequestIdHeader(TrailingSlashIgnored(fastapi_app)))
-    app.add_api("/v1", RequestIdHeader(kserve_v1))
-    app.add_api("/v2", RequestIdHeader(kserve_v2))
+    app = InferenceApp(
+        RequestIdHeader(TrailingSlashIgnored(BodyLimit(fastapi_app, max_request_size)))
+    )
+    for prefix, kserve_app in (("/v1", kserve_v1), ("/v2", kserve_v2)):
+        limited = BodyLimit(kserve_app, max_request_size, kserve_error_body)
+        app.add_api(prefix, RequestIdHeader(limited))
     app.add_hot_path(EVERY_METHOD, is_ping_path, PingEndpoint(dataplane))
     sizes = {"max_request_size": max_request_size, "max_response_size": max_response_size}
     predictions = PredictionsEndpoint(dataplane, **sizes, auth=auth)
@@ -168,6 +172,7 @@ def build_management_app(
     *,
     enable_model_api: bool,
     auth: TokenAuth | None,
+    max_request_size: int,
     router: TrafficRouter | None = None,
     browser_guard: Callable[[ASGIApp], ASGIApp] | None = None,
     workflows: Workflows | None = None,
@@ -190,10 +195,11 @@ def build_management_app(
         app.include_router(workflow_router(workflows))
     if auth is None:
         guarded = app if browser_guard is None else browser_guard(app)
-        return RequestIdHeader(TrailingSlashIgnored(guarded))
+        return RequestIdHeader(TrailingSlashIgnored(BodyLimit(guarded, max_request_size)))
     # /token is authorized by the API key inside its handler.
     keyed = RequireKey(app, auth, MANAGEMENT, exempt=("/token",))
-    return RequestIdHeader(TrailingSlashIgnored(keyed))
+    # The size first, as TorchServe's: its 413 comes before the key is looked at.
+    return RequestIdHeader(TrailingSlashIgnored(BodyLimit(keyed, max_request_size)))
 
 
 def build_metrics_app(render: Callable[[], bytes]) -> ASGIApp:

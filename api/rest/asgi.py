@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from api.encoding import ErrorBody, encode_error, torchserve_error_body
 from api.errors import PayloadTooLarge
 from api.request_ids import request_id
 
@@ -38,6 +39,43 @@ class TrailingSlashIgnored:
         if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
             scope = {**scope, "path": path.rstrip("/") or "/"}
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: `max_request_size` on the paths that go through FastAPI (management,
+    metadata), as TorchServe bounds every request on every port. The body is read whole before
+    the app runs, as TorchServe's aggregator reads it, so one over `limit` (declared or chunked)
+    is refused with 413 even where the route never reads it."""
+
+    def __init__(
+        self, app: ASGIApp, limit: int, error_body: ErrorBody = torchserve_error_body
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.error_body = error_body  # the API's own: KServe's under /v1 and /v2
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await read_body(receive, self.limit, header_dict(scope))
+        except ClientDisconnected:
+            return
+        except PayloadTooLarge as exc:
+            refusal = encode_error(exc, self.error_body)
+            await send_response(send, refusal.status, refusal.body, refusal.headers)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # only a disconnect is left to come
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class RequestIdHeader:

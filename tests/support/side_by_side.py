@@ -23,6 +23,7 @@ from tests.support.torchserve import running_torchserve
 class Endpoints:
     inference: str  # base URL, no trailing slash
     grpc_port: int
+    management: str = ""  # base URL, no trailing slash
 
 
 @contextmanager
@@ -37,7 +38,9 @@ def side_by_side(
     def torchserve() -> None:
         try:
             with running_torchserve(store, None, "all", extra_config=config) as ts:
-                found["torchserve"] = Endpoints(ts.inference_url, ts.grpc_inference_port)
+                found["torchserve"] = Endpoints(
+                    ts.inference_url, ts.grpc_inference_port, ts.management_url
+                )
                 ready.set()
                 stop.wait()
         except BaseException as exc:
@@ -55,7 +58,7 @@ def side_by_side(
                 raise failure[0]
             yield {
                 "torchserve": found["torchserve"],
-                "torchgate": Endpoints(tg.inference_url, tg.grpc_inference_port),
+                "torchgate": Endpoints(tg.inference_url, tg.grpc_inference_port, tg.management_url),
             }
     finally:
         stop.set()

@@ -1,4 +1,5 @@
-"""`max_response_size` on answers, against real TorchServe 0.12 and torchgate side by side.
+"""`max_response_size` and `max_request_size`, against real TorchServe 0.12 and torchgate side by
+side.
 
 TorchServe bounds each message a worker sends back (a whole answer, or one intermediate
 response of a streaming handler) by `max_response_size`. Over it, its frontend fails the frame:
@@ -7,6 +8,10 @@ worker is killed and restarted, with every other request of its batch. torchgate
 same statuses and chunks, says why in the message (and a WARNING in the log), and keeps the
 worker: the limit is about what is sent, not a fault of the handler's process
 (docs/compatibility.md).
+
+`max_request_size` bounds a request body on every port: the management API's too, before the
+body is read, whether its length is declared or it comes chunked. TorchServe answers 413 with
+an empty body there; torchgate with its error JSON.
 """
 
 from __future__ import annotations
@@ -70,7 +75,11 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Endp
     store = work / "store"
     store.mkdir()
     build_archive(work, "sized", "handler.py", {"handler.py": SIZED}, export_dir=store)
-    config = {"max_response_size": str(LIMIT), "default_workers_per_model": "1"}
+    config = {
+        "max_response_size": str(LIMIT),
+        "max_request_size": str(LIMIT),
+        "default_workers_per_model": "1",
+    }
     with side_by_side(store, config) as both:
         yield both
 
@@ -169,3 +178,17 @@ def test_grpc_answers_over_the_limit_fail_with_a_status(servers: dict[str, Endpo
     # gRPC's own limit on sent messages answers here, with its standard code and the sizes.
     assert codes["torchgate"][0] == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max (2003 vs. 1000)" in codes["torchgate"][1]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared", "chunked"])
+@pytest.mark.parametrize("path", ["/models?url=x.mar", "/models/sized", "/workflows?url=x.war"])
+def test_a_management_body_over_max_request_size_is_refused_with_413(
+    servers: dict[str, Endpoints], path: str, chunked: bool
+) -> None:
+    body = b"a" * (2 * LIMIT)
+    for name, server in servers.items():
+        content = iter([body[:LIMIT], body[LIMIT:]]) if chunked else body
+        answer = httpx.post(server.management + path, content=content, timeout=60)
+        assert answer.status_code == 413, (name, answer.text)
+        if name == "torchgate":
+            assert "exceeds max_request_size" in answer.json()["message"]
