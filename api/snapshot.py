@@ -162,6 +162,7 @@ def _version_entry(model_version: ModelVersion, *, default: bool) -> dict[str, A
         "batchSize": settings.batch_size,
         "maxBatchDelay": settings.max_batch_delay_ms,
         "responseTimeout": settings.response_timeout_s,
+        "startupTimeout": settings.startup_timeout_s,
         "jobQueueSize": settings.job_queue_size,
     }
     # torchgate's own per-version settings from models={...} (e.g. a backend choice).

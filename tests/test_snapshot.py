@@ -29,7 +29,8 @@ load_models=all
 disable_token_authorization=true
 enable_model_api=true
 models={"m": {"1.0": {"marName": "m-1.0.mar", "defaultVersion": true}, \\
-              "2.0": {"marName": "m-2.0.mar", "batchSize": 2, "maxBatchDelay": 3}}}
+              "2.0": {"marName": "m-2.0.mar", "batchSize": 2, "maxBatchDelay": 3, \
+                      "startupTimeout": 45}}}
 torchgate.traffic={"m": {"weights": {"1.0": 80, "2.0": 20}}}
 """
 
@@ -60,6 +61,7 @@ def state(tg: Torchgate) -> dict[str, Any]:
             "default": tg.registry.default_version(v.name) == v.version,
             "workers": (len(v.workers), s.min_workers, s.max_workers),
             "batch": (s.batch_size, s.max_batch_delay_ms, s.response_timeout_s),
+            "startup_timeout": s.startup_timeout_s,
         }
     policies = {m: p.to_json() for m, p in tg.router.policies().items()}
     return {"versions": versions, "traffic": policies}
@@ -172,6 +174,7 @@ def test_a_restart_restores_models_versions_defaults_workers_batching_and_traffi
         assert saved["versions"]["m/1.0"]["workers"] == (2, 2, 3)
         assert saved["versions"]["m/2.0"]["batch"][:2] == (8, 7.0)
         assert saved["versions"]["m/2.0"]["default"] and "m/3.0" not in saved["versions"]
+        assert saved["versions"]["m/2.0"]["startup_timeout"] == 45
         assert saved["versions"]["n/1.0"]["workers"] == (2, 2, 2)
         await tg.stop()
 
