@@ -145,6 +145,9 @@ class Config:
     workflow_store: Path | None = None
     load_models: str = ""
     models: list[ModelEntry] = field(default_factory=list)
+    # True when `models` came from TorchServe's model_snapshot key: as in TorchServe, their
+    # settings then win over an archive's model-config.yaml (a snapshot restores, not describes).
+    models_from_snapshot: bool = False
     default_workers_per_model: int = 1
     job_queue_size: int = 100
     default_response_timeout: float = 120.0
@@ -697,6 +700,7 @@ def _kserve_keys(raw: dict[str, str], config: Config) -> None:
         except (json.JSONDecodeError, AttributeError) as exc:
             raise ConfigError(f"model_snapshot is not a JSON object: {exc}") from exc
         config.models = _model_entries(models or {}, config)
+        config.models_from_snapshot = True
         config.load_models = ",".join(entry.mar_name for entry in config.models)
 
 

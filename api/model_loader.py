@@ -318,6 +318,7 @@ class ModelLoader:
                 make_default=entry.default,
                 extra=entry.extra,
                 keep_failed=True,
+                origin="snapshot" if self.config.models_from_snapshot else "config",
             )
             self.startup_models.add(entry.name)
 

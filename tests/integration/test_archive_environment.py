@@ -300,3 +300,26 @@ def test_declared_and_detected_handler_metrics(servers: dict[str, Urls]) -> None
         "SizeOfImage",
         "UndeclaredCount",
     }
+
+
+def test_a_model_snapshot_key_wins_over_model_config_yaml(store: Path, tmp_path: Path) -> None:
+    # KServe's layout names its models in config.properties' model_snapshot. TorchServe
+    # restores a snapshot's settings as they are: the archive's yaml (batchSize 3,
+    # maxBatchDelay 9, responseTimeout 44) does not override them, unlike models={...}.
+    settings = {"batchSize": 4, "maxBatchDelay": 50, "responseTimeout": 77}
+    entry = {"defaultVersion": True, "marName": "configured.mar", "minWorkers": 1}
+    snapshot = {"name": "startup.cfg", "modelCount": 1}
+    snapshot["models"] = {"configured": {"1.0": {**entry, "maxWorkers": 1, **settings}}}
+    config = tmp_path / "config.properties"
+    config.write_text(f"model_store={store}\nmodel_snapshot={json.dumps(snapshot)}\n")
+    with running_torchserve(store, config) as ts, running_torchgate(config) as tg:
+        for name, management in (
+            ("torchserve", ts.management_url),
+            ("torchgate", tg.management_url),
+        ):
+            described = httpx.get(management + "/models/configured", timeout=60)
+            assert frontend_settings(described) == {
+                **settings,
+                "minWorkers": 1,
+                "maxWorkers": 1,
+            }, name
