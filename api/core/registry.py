@@ -259,7 +259,8 @@ class Registry:
     async def scale(
         self, name: str, version: str | None, min_workers: int, max_workers: int
     ) -> None:
-        """Set the worker range and start or stop workers to reach `min_workers`."""
+        """Set the worker range; start or stop workers only to come within it, as TorchServe
+        does (3 workers stay 3 for a range of 1..4, and become 2 for 1..2)."""
         async with self._lock:
             model_version = self.get(name, version)
             self._check_bound(model_version.backend, min_workers, max_workers)
@@ -273,8 +274,8 @@ class Registry:
             stopping: list[WorkerSlot] = []
             if min_workers > have:
                 await self._start_workers(model_version, min_workers - have)
-            elif min_workers < have:
-                stopping = [model_version.workers.pop() for _ in range(have - min_workers)]
+            elif max_workers < have:
+                stopping = [model_version.workers.pop() for _ in range(have - max_workers)]
         # Outside the lock: a worker finishing (or timing out) its batch must not hold up every
         # other management call.
         await self._stop_slots(model_version, stopping)

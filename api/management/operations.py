@@ -144,10 +144,19 @@ class Management:
         return Reply(200, body)
 
     async def describe(
-        self, model_name: str, version: str | None = None, *, customized: bool = False
+        self,
+        model_name: str,
+        version: str | None = None,
+        *,
+        customized: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> Reply:
-        """The default version (None), one version, or every version ("all")."""
+        """The default version (None), one version, or every version ("all").
+
+        `customized` asks the handler too, with the client's request `headers`, except for
+        "all", as in TorchServe (which describes every version plainly there)."""
         if version == "all":
+            customized = False
             versions = self.registry.versions(model_name)
         else:
             versions = [self.registry.get(model_name, version)]
@@ -156,17 +165,20 @@ class Management:
         for model_version in versions:
             extra = None
             if customized:
-                extra = {"customizedMetadata": await self._customized(model_version)}
+                extra = {"customizedMetadata": await self._customized(model_version, headers)}
             documents.append(
                 describe(model_version, default=model_version.version == default, customized=extra)
             )
         return Reply(200, documents)
 
-    async def _customized(self, model_version: ModelVersion) -> Any:
-        """What the handler answers to TorchServe's describe request (a `describe: True`
-        header; `BaseHandler` calls `describe_handle()`): JSON when it parses, else text."""
+    async def _customized(
+        self, model_version: ModelVersion, client_headers: dict[str, str] | None
+    ) -> Any:
+        """What the handler answers to TorchServe's describe request (the client's headers
+        and `describe: True`; `BaseHandler` calls `describe_handle()`): JSON when it parses,
+        else text."""
         ready = self.registry.ready_version(model_version.name, model_version.version)
-        headers = {"describe": "True"}
+        headers = {**(client_headers or {}), "describe": "True"}
         request = InferenceRequest({}, headers, request_id(headers), API_TORCHSERVE_REST)
         prediction = await asyncio.wait_for(
             ready.batcher.submit(request), ready.settings.response_timeout_s

@@ -108,26 +108,39 @@ def management_router(
         return _send(management.list_models(args))
 
     @router.get("/models/{model_name}")
-    async def describe_default(model_name: str, customized: str | None = None) -> JsonResponse:
-        return _send(
-            await management.describe(model_name, customized=lenient_bool(customized, False))
-        )
+    async def describe_default(
+        request: Request, model_name: str, customized: str | None = None
+    ) -> JsonResponse:
+        return _send(await _describe(request, model_name, None, customized))
 
     @router.get("/models/{model_name}/all")
-    async def describe_all(model_name: str, customized: str | None = None) -> JsonResponse:
-        flag = lenient_bool(customized, False)
-        return _send(await management.describe(model_name, "all", customized=flag))
+    async def describe_all(model_name: str) -> JsonResponse:
+        # As TorchServe: every version described plainly, `customized` or not.
+        return _send(await management.describe(model_name, "all"))
 
     @router.get("/models/{model_name}/{version}")
     async def describe_version(
-        model_name: str, version: str, customized: str | None = None
+        request: Request, model_name: str, version: str, customized: str | None = None
     ) -> JsonResponse:
-        flag = lenient_bool(customized, False)
-        return _send(await management.describe(model_name, version, customized=flag))
+        return _send(await _describe(request, model_name, version, customized))
+
+    async def _describe(
+        request: Request, model_name: str, version: str | None, customized: str | None
+    ) -> Reply:
+        # TorchServe hands the client's request headers to describe_handle().
+        return await management.describe(
+            model_name,
+            version,
+            customized=lenient_bool(customized, False),
+            headers=dict(request.headers),
+        )
 
     @router.put("/models/{model_name}")
-    async def scale_default(model_name: str, args: ScaleQuery) -> JsonResponse:
-        return _send(await management.scale(model_name, None, args))
+    async def scale_default(
+        model_name: str, args: ScaleQuery, model_version: str | None = None
+    ) -> JsonResponse:
+        # TorchServe takes the version from `model_version` here (not on the versioned path).
+        return _send(await management.scale(model_name, model_version, args))
 
     @router.put("/models/{model_name}/{version}/set-default")
     async def set_default(model_name: str, version: str) -> JsonResponse:

@@ -79,7 +79,7 @@ def test_scaling_to_zero_makes_the_model_not_ready_and_back() -> None:
         dataplane = DataPlane(registry)
         backend = EchoBackend("1.0")
         await registry.register("m", "1.0", "m.mar", factory(backend), ModelSettings())
-        await registry.scale("m", None, 0, 1)
+        await registry.scale("m", None, 0, 0)
         assert not dataplane.model_ready("m")
         assert dataplane.ready()  # scaled to 0 on purpose: the server is not sick (TorchServe)
         with pytest.raises(ModelNotReady):
@@ -89,6 +89,11 @@ def test_scaling_to_zero_makes_the_model_not_ready_and_back() -> None:
         assert dataplane.ready() and dataplane.model_ready("m")
         with pytest.raises(BadRequest):
             await registry.scale("m", None, 2, 1)
+        # As TorchServe: workers change only to come within the new range.
+        await registry.scale("m", None, 1, 4)
+        assert len(registry.get("m").workers) == 3
+        await registry.scale("m", None, 1, 2)
+        assert len(registry.get("m").workers) == 2
 
     run(scenario())
 
@@ -153,7 +158,7 @@ def test_scaling_to_zero_answers_the_queue_at_once() -> None:
         running = batcher.submit(InferenceRequest({"body": 1}))
         await asyncio.sleep(0.05)  # the one worker has the first request
         queued = batcher.submit(InferenceRequest({"body": 2}))
-        await registry.scale("m", None, 0, 1)
+        await registry.scale("m", None, 0, 0)
         assert (await running).body == {"version": "1.0", "body": 1}  # finished, not dropped
         with pytest.raises(ModelNotReady):
             await queued  # answered now, not at its deadline

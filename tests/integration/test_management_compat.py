@@ -33,7 +33,10 @@ CUSTOM = """
         if data is None:
             return None
         if context.get_request_header(0, "describe") == "True":
-            return [{"labels": ["a", "b"], "n": len(data)}]
+            # The client's own headers reach describe_handle() too.
+            headers = context.get_all_request_header(0)
+            agent = [v for k, v in headers.items() if k.lower() == "user-agent"]
+            return [{"labels": ["a", "b"], "n": len(data), "agent": agent}]
         return [row.get("body") or row.get("data") for row in data]
 """
 
@@ -85,8 +88,16 @@ STEPS = [
     rest("PUT", "/models/nope?min_worker=1"),
     rest("PUT", "/models/echo?min_worker=1&max_worker=2&synchronous=true"),
     rest("GET", "/models/echo/"),
+    # Workers change only to come within the new range: 3 stay 3 for 1..4, become 2 for 1..2.
+    rest("PUT", "/models/echo?min_worker=3&max_worker=3&synchronous=true"),
+    rest("PUT", "/models/echo?min_worker=1&max_worker=4&synchronous=true"),
+    rest("GET", "/models/echo"),
+    rest("PUT", "/models/echo?min_worker=1&max_worker=2&synchronous=true"),
+    rest("GET", "/models/echo"),
     rest("POST", "/models?url=echo.mar"),
     rest("POST", "/models?url=echo_v2.mar&initial_workers=0&synchronous=true"),
+    # The unversioned path scales the version its model_version parameter names.
+    rest("PUT", "/models/echo?model_version=2.0&min_worker=1&synchronous=true"),
     rest("GET", "/models/echo/all"),
     rest("PUT", "/models/echo/2.0/set-default"),
     rest("PUT", "/models/echo/9.9/set-default"),
@@ -135,6 +146,7 @@ STEPS = [
     rest("GET", "/models/custom?customized=true"),
     rest("GET", "/models/custom/1.0?customized=true"),
     rest("GET", "/models/custom/all?customized=false"),
+    rest("GET", "/models/custom/all?customized=true"),
     rest("GET", "/models?limit="),
     rest("GET", "/models?limit=&next_page_token="),
     rest("GET", "/models?limit=0"),
