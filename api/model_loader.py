@@ -33,6 +33,8 @@ from api.errors import BadRequest, NotFound
 from api.model_config import Origin, resolve_settings
 
 log = logging.getLogger(__name__)
+# Registration urls of versions a TorchServe serves behind torchgate (api.backends.torchserve).
+TORCHSERVE_SCHEMES = ("torchserve://", "torchserve+http://", "torchserve+https://")
 _Item = TypeVar("_Item")
 
 # Builds a backend for an archive path: (path, settings, work_dir) -> Backend. Called with a
@@ -376,7 +378,7 @@ def _wants_torchserve(url: str, extra: dict[str, Any] | None) -> bool:
     backend = (extra or {}).get("torchgate.backend")
     if backend is not None:  # anything but {"kind": "local"} goes where its errors are reported
         return not (isinstance(backend, dict) and backend.get("kind") == "local")
-    return url.startswith(("torchserve://", "torchserve+http://", "torchserve+https://"))
+    return url.startswith(TORCHSERVE_SCHEMES)
 
 
 def _startup_urls(config: Config) -> set[str]:

@@ -19,7 +19,7 @@ from api.errors import (
 )
 from api.management.describe import describe
 from api.management.params import ListArgs, RegisterArgs, ScaleArgs
-from api.model_loader import ModelLoader
+from api.model_loader import TORCHSERVE_SCHEMES, ModelLoader
 from api.request_ids import request_id
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,20 @@ class Management:
                 f"Failed to start workers for model {args.model_name or args.url}: "
                 "startup_timeout=0"
             )
+        if args.url.startswith(TORCHSERVE_SCHEMES):
+            given = {
+                "initial_workers": args.initial_workers,
+                "batch_size": args.batch_size,
+                "max_batch_delay": args.max_batch_delay,
+                "startup_timeout": args.startup_timeout,
+            }
+            if ignored := [name for name, value in given.items() if value is not None]:
+                # TorchServe batches and runs that version's workers: these are its to set.
+                log.warning(
+                    "register %s: %s ignored for a version TorchServe serves",
+                    args.url,
+                    ", ".join(ignored),
+                )
         overrides: dict[str, Any] = {"minWorkers": workers, "maxWorkers": workers}
         for key, value in (
             ("batchSize", args.batch_size),

@@ -132,3 +132,19 @@ def test_rest_and_grpc_answer_alike(tmp_path: Path) -> None:
                 assert (await rest.options("/")).json()["openapi"]
 
     aio.run(scenario(), timeout=30)
+
+
+def test_worker_and_batch_parameters_for_a_torchserve_target_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with running(tmp_path) as (_, ops):
+            url = "torchserve://127.0.0.1:9/m/1.0"
+            with pytest.raises(BadRequest, match="allowed_urls"):  # and not registered
+                await ops.register(RegisterArgs(url=url, batch_size=4, initial_workers=2))
+
+    aio.run(scenario())
+    assert (
+        "register torchserve://127.0.0.1:9/m/1.0: initial_workers, batch_size ignored for a "
+        "version TorchServe serves"
+    ) in caplog.text
