@@ -306,8 +306,9 @@ def load_config(
 
     In TorchServe's order (ConfigManager): the file, its `$$VAR$$` references replaced by
     environment variables, then the command line's `overrides`, then `TS_<KEY>` environment
-    variables when the file says `enable_envvars_config=true`. Paths from the command line or
-    the environment resolve against the working directory.
+    variables when the file says `enable_envvars_config=true`. The model and workflow stores
+    given on the command line or in the environment resolve against the working directory;
+    TLS files from the environment against the file's folder, as when written in it.
     """
     env = os.environ if environ is None else environ
     if path is None:

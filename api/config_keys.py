@@ -152,7 +152,7 @@ KEYS: dict[str, Key] = {
             ("torchgate.archive_max_bytes", "bytes one archive may unpack to"),
             ("torchgate.archive_max_members", "files one archive may hold"),
             ("torchgate.archive_max_ratio", "compression ratio one archive may have"),
-            ("torchgate.allowed_hosts", "Host names the management API answers"),
+            ("torchgate.allowed_hosts", "Host names the management API takes, token auth off"),
             ("torchgate.key_file", "where token authorization keeps its keys"),
             ("torchgate.access_log", "JSON access log lines (true)"),
             ("torchgate.max_image_pixels", "pixels an image may have for shipped handlers"),
