@@ -147,7 +147,9 @@ async def build_variant(name: str, *, timed: bool = False) -> Variant:
 
     await registry.register("echo", "1.0", "echo.mar", backend, SETTINGS)
     dataplane = DataPlane(registry, observer=observer)
-    app = build_inference_app(dataplane, max_request_size=1 << 20, auth=None, max_items=1024)
+    app = build_inference_app(
+        dataplane, max_request_size=1 << 20, max_response_size=1 << 20, auth=None, max_items=1024
+    )
     return Variant(name, app, scrape, timer)
 
 
