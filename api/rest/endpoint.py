@@ -97,7 +97,7 @@ class InferenceEndpoint(ABC):
         if len(body) > self.max_response_size:
             message = (
                 f"Response of {len(body)} bytes exceeds max_response_size of "
-                f"{self.max_response_size} bytes"
+                f"{self.max_response_size} bytes (config.properties)"
             )
             log.warning("%s: %s; not sent", path, message)
             raise ResponseTooLarge(message)

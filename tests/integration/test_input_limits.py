@@ -33,7 +33,10 @@ FINITE = "pixel values must be finite numbers"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[TorchgateServer]:
+    # 1024 embeddings are about 8 MB of JSON: over max_response_size's default (6553500), as
+    # they would be on TorchServe.
     config = f"model_store={STORE}\nload_models=digits.mar,minilm.mar\n"
+    config += "max_response_size=16777216\n"
     with running_torchgate(config, startup_timeout=180) as tg:
         yield tg
 

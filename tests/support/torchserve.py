@@ -304,6 +304,9 @@ def _wait_ready(
             pending = [mv for mv in pending if not _workers_ready(ts, *mv)]
             if not pending:
                 return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 400 and ts.key("API"):
+                _renew_keys(ts)  # a short token_expiration_min outlived by a slow start
         except (urllib.error.URLError, ConnectionError, TimeoutError, json.JSONDecodeError):
             pass  # not listening yet, or the model not registered yet
         if time.monotonic() > deadline:
@@ -317,10 +320,25 @@ def _wait_ready(
 def _workers_ready(ts: TorchServe, name: str, version: str) -> bool:
     try:
         described = _get_json(f"{ts.management_url}/models/{name}/{version}", ts.key("management"))
-    except urllib.error.HTTPError:
+    except urllib.error.HTTPError as exc:
+        if exc.code == 400 and ts.key("API"):
+            _renew_keys(ts)  # expired (its 400 InvalidKeyException); asked again next round
         return False  # 404 until registered
     workers = described[0].get("workers", []) if described else []
     return bool(workers) and all(worker.get("status") == "READY" for worker in workers)
+
+
+def _renew_keys(ts: TorchServe) -> None:
+    """New inference and management keys (TorchServe writes them to key_file.json), asked for
+    with the API key, which never expires."""
+    for kind in ("inference", "management"):
+        request = urllib.request.Request(
+            f"{ts.management_url}/token?type={kind}",
+            method="POST",
+            headers={"Authorization": f"Bearer {ts.key('API')}"},
+        )
+        with suppress(urllib.error.URLError, TimeoutError):
+            urllib.request.urlopen(request, timeout=5).close()
 
 
 def _stop(ts: TorchServe, process: subprocess.Popen[bytes], env: Mapping[str, str]) -> None:
