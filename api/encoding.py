@@ -4,6 +4,7 @@ handler's output as bytes and content type (REST sends them, gRPC puts the bytes
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,16 @@ from typing import Any
 import orjson
 
 from api.core.types import Prediction
-from api.errors import InferenceFailed, TorchgateError, http_status, retry_after, wrapping
+from api.errors import (
+    InferenceFailed,
+    ResponseTooLarge,
+    TorchgateError,
+    http_status,
+    retry_after,
+    wrapping,
+)
+
+log = logging.getLogger(__name__)
 
 JSON = "application/json"
 _ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
@@ -62,6 +72,24 @@ def encode_error(exc: TorchgateError, body: ErrorBody = torchserve_error_body) -
     """`exc` with the status from `api.errors`' table, in one API's error body."""
     status = http_status(exc)
     return Encoded(status, body(status, exc.type_name, exc.message), error_headers(exc))
+
+
+def check_response_size(body: bytes, limit: int, where: str) -> None:
+    """`ResponseTooLarge` (500) for a handler's answer over `max_response_size` (`limit`),
+    with a WARNING naming `where` (a path, a model).
+
+    TorchServe bounds what a worker may send back by that key: a larger answer fails its
+    request with 500 (there "Worker died.", and the worker is restarted with its whole batch
+    lost). Here the answer is dropped, its request alone gets 500 saying why, and the worker
+    keeps serving.
+    """
+    if len(body) > limit:
+        message = (
+            f"Response of {len(body)} bytes exceeds max_response_size of {limit} bytes "
+            "(config.properties)"
+        )
+        log.warning("%s: %s; not sent", where, message)
+        raise ResponseTooLarge(message)
 
 
 def encode_prediction(prediction: Prediction) -> Encoded:

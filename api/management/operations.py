@@ -10,6 +10,7 @@ from typing import Any
 
 from api.core.registry import ModelVersion, Registry
 from api.core.types import API_TORCHSERVE_REST, InferenceRequest
+from api.encoding import check_response_size, encode_prediction
 from api.errors import (
     BadRequest,
     InferenceFailed,
@@ -199,6 +200,10 @@ class Management:
         )
         if not prediction.ok:
             raise error_for_status(prediction.status, prediction.message)
+        # Bounded as any answer a worker sends back (TorchServe bounds this one too).
+        where = f"describe {model_version.name} {model_version.version}"
+        limit = self.loader.config.max_response_size
+        check_response_size(encode_prediction(prediction).body, limit, where)
         body = prediction.body
         if isinstance(body, bytes | bytearray | memoryview):
             body = bytes(body).decode("utf-8", "replace")

@@ -15,11 +15,17 @@ from abc import ABC, abstractmethod
 from api.auth import INFERENCE, TokenAuth
 from api.core.dataplane import DataPlane
 from api.core.types import REJECT_AUTH, REJECT_TOO_LARGE
-from api.encoding import Encoded, ErrorBody, encode_error, kserve_error_body, torchserve_error_body
+from api.encoding import (
+    Encoded,
+    ErrorBody,
+    check_response_size,
+    encode_error,
+    kserve_error_body,
+    torchserve_error_body,
+)
 from api.errors import (
     InferenceFailed,
     PayloadTooLarge,
-    ResponseTooLarge,
     TorchgateError,
     Unauthenticated,
 )
@@ -87,20 +93,8 @@ class InferenceEndpoint(ABC):
         return await self.answer(scope, headers, rid, body, model, version)
 
     def check_size(self, body: bytes, path: str) -> None:
-        """`ResponseTooLarge` for an answer over `max_response_size`.
-
-        TorchServe bounds what a worker may send back by that key: a larger answer fails its
-        request with 500 (there "Worker died.", and the worker is restarted with its whole
-        batch lost). Here the answer is dropped, its request alone gets 500 saying why, and
-        the worker keeps serving.
-        """
-        if len(body) > self.max_response_size:
-            message = (
-                f"Response of {len(body)} bytes exceeds max_response_size of "
-                f"{self.max_response_size} bytes (config.properties)"
-            )
-            log.warning("%s: %s; not sent", path, message)
-            raise ResponseTooLarge(message)
+        """`ResponseTooLarge` for an answer over `max_response_size` (`check_response_size`)."""
+        check_response_size(body, self.max_response_size, path)
 
     def error_reply(self, exc: TorchgateError) -> Encoded:
         """The protocol's error body for `exc`, with the status from `api.errors`."""

@@ -47,6 +47,8 @@ SIZED = """
     def handle(data, context):
         if data is None:
             return None
+        if context.get_request_header(0, "describe") == "True":  # ?customized=true
+            return ["m" * 2000]
         answers = []
         for row in data:
             body = row.get("body") or row.get("data")
@@ -192,3 +194,16 @@ def test_a_management_body_over_max_request_size_is_refused_with_413(
         assert answer.status_code == 413, (name, answer.text)
         if name == "torchgate":
             assert "exceeds max_request_size" in answer.json()["message"]
+
+
+def test_a_customized_description_over_the_limit_fails_alike(
+    servers: dict[str, Endpoints],
+) -> None:
+    messages = {}
+    for name, server in servers.items():
+        described = httpx.get(server.management + "/models/sized?customized=true", timeout=60)
+        assert described.status_code == 500, (name, described.text)
+        messages[name] = described.json()["message"]
+        plain = httpx.get(server.management + "/models/sized", timeout=60)
+        assert plain.status_code == 200, name
+    assert "exceeds max_response_size" in messages["torchgate"]
