@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,33 +41,53 @@ class Server:
     inference: str
     management: str
     keys: dict[str, str]
-    metrics: str = ""
-    key_file: Path = Path()
+    metrics: str
+    key_file: Path
 
 
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
-    config = tmp_path_factory.mktemp("token") / "config.properties"
-    config.write_text(CONFIG)
+KINDS = ("inference", "management", "API")
+
+
+@contextmanager
+def token_servers(
+    workdir: Path, extra: dict[str, str] | None = None
+) -> Iterator[dict[str, Server]]:
+    """Both servers on CONFIG plus `extra`, each with the keys it wrote at start."""
+    text = CONFIG + "".join(f"{key}={value}\n" for key, value in (extra or {}).items())
+    config = workdir / "config.properties"
+    config.write_text(text)
     with (
         running_torchserve(
-            ROOT / "model_store", config, extra_config={"disable_token_authorization": "false"}
+            ROOT / "model_store",
+            config,
+            extra_config={"disable_token_authorization": "false", **(extra or {})},
         ) as ts,
-        running_torchgate(CONFIG) as tg,
+        running_torchgate(text) as tg,
     ):
-        tg_keys = json.loads((tg.workdir / "key_file.json").read_text())
+        tg_file = tg.workdir / "key_file.json"
+        tg_keys = json.loads(tg_file.read_text())
         yield {
             "torchserve": Server(
                 ts.inference_url,
                 ts.management_url,
-                {kind: str(ts.key(kind)) for kind in ("inference", "management")},
+                {kind: str(ts.key(kind)) for kind in KINDS},
+                ts.metrics_url,
+                ts.workdir / "key_file.json",
             ),
             "torchgate": Server(
                 tg.inference_url,
                 tg.management_url,
-                {kind: tg_keys[kind]["key"] for kind in ("inference", "management")},
+                {kind: tg_keys[kind]["key"] for kind in KINDS},
+                tg.metrics_url,
+                tg_file,
             ),
         }
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    with token_servers(tmp_path_factory.mktemp("token")) as both_servers:
+        yield both_servers
 
 
 def both(
@@ -124,34 +145,8 @@ def test_ping_needs_no_key_on_torchgate(servers: dict[str, Server]) -> None:
 def short_lived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
     """Keys that live 2.4 s, and no metrics API: both keys TorchServe reads at start."""
     extra = {"token_expiration_min": "0.04", "enable_metrics_api": "false"}
-    text = CONFIG + "".join(f"{key}={value}\n" for key, value in extra.items())
-    config = tmp_path_factory.mktemp("short") / "config.properties"
-    config.write_text(text)
-    with (
-        running_torchserve(
-            ROOT / "model_store",
-            config,
-            extra_config={"disable_token_authorization": "false", **extra},
-        ) as ts,
-        running_torchgate(text) as tg,
-    ):
-        tg_keys = json.loads((tg.workdir / "key_file.json").read_text())
-        yield {
-            "torchserve": Server(
-                ts.inference_url,
-                ts.management_url,
-                {"API": str(ts.key("API"))},
-                ts.metrics_url,
-                ts.workdir / "key_file.json",
-            ),
-            "torchgate": Server(
-                tg.inference_url,
-                tg.management_url,
-                {"API": tg_keys["API"]["key"]},
-                tg.metrics_url,
-                tg.workdir / "key_file.json",
-            ),
-        }
+    with token_servers(tmp_path_factory.mktemp("short"), extra) as both_servers:
+        yield both_servers
 
 
 def test_keys_expire_after_token_expiration_min_alike(short_lived: dict[str, Server]) -> None:
