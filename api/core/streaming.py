@@ -45,6 +45,8 @@ class PredictionStream:
         self._sender: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None  # made with the first part, as the sender
         self._finished = False
+        self._owner: asyncio.Task[object] | None = None  # the task running `run`
+        self._failure: Exception | None = None  # what `send_part` raised
 
     @property
     def streamed(self) -> bool:
@@ -55,11 +57,15 @@ class PredictionStream:
         """The final answer, after every intermediate part was sent; raises what `infer` (or
         `send_part`) raised. Cancelling it cancels the request and the sending."""
         self._request.stream = self._on_part
+        self._owner = asyncio.current_task()
         try:
             answer = await infer(self._request)
         except asyncio.CancelledError:
             if self._sender is not None:
                 self._sender.cancel()
+            if self._failure is not None and self._owner is not None:
+                self._owner.uncancel()  # the sender's cancel: a part could not go out
+                raise self._failure from None
             raise
         except BaseException:
             await self._finish()  # the parts before the failure still go out
@@ -80,13 +86,20 @@ class PredictionStream:
         self._wake.set()
 
     async def _send_parts(self, wake: asyncio.Event) -> None:
-        while True:
-            while self._parts:
-                await self._send_part(self._parts.popleft())
-            if self._finished:
-                return
-            wake.clear()
-            await wake.wait()
+        try:
+            while True:
+                while self._parts:
+                    await self._send_part(self._parts.popleft())
+                if self._finished:
+                    return
+                wake.clear()
+                await wake.wait()
+        except Exception as exc:
+            # A part that cannot go out (over max_response_size, the client gone) ends the
+            # request now, not when the handler has produced the rest of its stream.
+            self._failure = exc
+            if not self._finished and self._owner is not None:
+                self._owner.cancel()
 
     async def _finish(self) -> None:
         self._finished = True
@@ -94,6 +107,8 @@ class PredictionStream:
             self._wake.set()
         if self._sender is not None:
             await self._sender
+        if self._failure is not None:
+            raise self._failure
 
 
 async def iterate(request: InferenceRequest, infer: Infer) -> AsyncIterator[Prediction]:

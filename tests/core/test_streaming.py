@@ -114,3 +114,23 @@ def test_iterate_yields_parts_then_the_answer_and_raises_after_them() -> None:
         assert seen == ["a"]
 
     aio.run(scenario())
+
+
+def test_a_part_that_cannot_be_sent_ends_the_request_at_once() -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()  # the handler would go on streaming until it is set: never
+
+        async def send_part(prediction: Prediction) -> None:
+            if prediction.body == "b":
+                raise InferenceFailed("part over max_response_size")
+
+        stream = PredictionStream(InferenceRequest({}), send_part)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(InferenceFailed, match="over max_response_size"):
+            await stream.run(fake_infer(["a", "b", "c", "d"], gate=gate))
+        # Not after the handler's whole stream: the request was cancelled when "b" failed.
+        assert asyncio.get_running_loop().time() - started < 5
+        current = asyncio.current_task()
+        assert current is not None and current.cancelling() == 0
+
+    aio.run(asyncio.wait_for(scenario(), 10))
