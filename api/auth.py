@@ -34,7 +34,8 @@ class TokenAuth:
 
     def __init__(self, key_file: Path, *, expiration_min: float = 60.0) -> None:
         self.key_file = key_file
-        self.expiration_s = expiration_min * 60.0
+        # Whole seconds, as TorchServe counts them ((long) minutes * 60).
+        self.expiration_s = float(int(expiration_min * 60.0))
         self._keys: dict[str, _Key] = {}
         for kind in (INFERENCE, MANAGEMENT):
             self._keys[kind] = self._new_key(expires=True)

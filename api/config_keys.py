@@ -8,9 +8,12 @@ Each key is one of
     unsupported        not implemented: a warning at start says so and what to do instead
 
 A key whose value is TorchServe's default is never warned about, whatever its status (an
-`ipex_enable=false` changes nothing). Unknown keys get a warning naming the nearest known key
-(`inferance_address` -> `inference_address`). `report(config)` logs the warnings and the
-effective configuration (secrets masked) at start; `docs/compatibility.md` lists the same table.
+`ipex_enable=false` changes nothing), unless the key lists the values torchgate serves as
+TorchServe does (`Key.values`): `metrics_mode=log`, TorchServe's default, is served as
+prometheus here, so saying it gets a warning. Unknown keys get a warning naming the nearest
+known key (`inferance_address` -> `inference_address`). `report(config)` logs the warnings and
+the effective configuration (secrets masked) at start; `docs/compatibility.md` lists the same
+table.
 """
 
 from __future__ import annotations

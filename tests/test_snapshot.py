@@ -29,7 +29,7 @@ load_models=all
 disable_token_authorization=true
 enable_model_api=true
 models={"m": {"1.0": {"marName": "m-1.0.mar", "defaultVersion": true}, \\
-              "2.0": {"marName": "m-2.0.mar", "batchSize": 2, "maxBatchDelay": 3, \
+              "2.0": {"marName": "m-2.0.mar", "batchSize": 2, "maxBatchDelay": 3, \\
                       "startupTimeout": 45}}}
 torchgate.traffic={"m": {"weights": {"1.0": 80, "2.0": 20}}}
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -78,6 +79,15 @@ class Management:
 
     async def register(self, args: RegisterArgs) -> Reply:
         self.check_model_api()
+        ignored = _owned_by_torchserve(args)
+        if ignored:
+            args = dataclasses.replace(
+                args,
+                initial_workers=None,
+                batch_size=None,
+                max_batch_delay=None,
+                startup_timeout=None,
+            )
         if args.url is None:
             raise BadRequest("Parameter url is required.")
         if not args.url:
@@ -93,20 +103,6 @@ class Management:
                 f"Failed to start workers for model {args.model_name or args.url}: "
                 "startup_timeout=0"
             )
-        if args.url.startswith(TORCHSERVE_SCHEMES):
-            given = {
-                "initial_workers": args.initial_workers,
-                "batch_size": args.batch_size,
-                "max_batch_delay": args.max_batch_delay,
-                "startup_timeout": args.startup_timeout,
-            }
-            if ignored := [name for name, value in given.items() if value is not None]:
-                # TorchServe batches and runs that version's workers: these are its to set.
-                log.warning(
-                    "register %s: %s ignored for a version TorchServe serves",
-                    args.url,
-                    ", ".join(ignored),
-                )
         overrides: dict[str, Any] = {"minWorkers": workers, "maxWorkers": workers}
         for key, value in (
             ("batchSize", args.batch_size),
@@ -133,6 +129,12 @@ class Management:
             origin="api",
             api=overrides,
         )
+        if ignored:
+            log.warning(
+                "register %s: %s ignored for a version TorchServe serves",
+                args.url,
+                ", ".join(ignored),
+            )
         head = f'Model "{version.name}" Version: {version.version} registered with'
         # What started: the parameter's count, or a proxied TorchServe target's concurrency.
         workers = len(version.workers)
@@ -251,3 +253,12 @@ class Management:
         self.check_model_api()
         await self.registry.unregister(model_name, version)
         return _status(f'Model "{model_name}" unregistered')
+
+
+def _owned_by_torchserve(args: RegisterArgs) -> list[str]:
+    """The parameters given that TorchServe sets for a version it serves (a torchserve:// url):
+    it batches and runs that version's workers."""
+    if args.url is None or not args.url.startswith(TORCHSERVE_SCHEMES):
+        return []
+    owned = ("initial_workers", "batch_size", "max_batch_delay", "startup_timeout")
+    return [name for name in owned if getattr(args, name) is not None]

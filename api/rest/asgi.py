@@ -116,7 +116,9 @@ async def read_body(receive: Receive, limit: int, headers: dict[str, str]) -> by
     """The whole body, or PayloadTooLarge as soon as it passes `limit` bytes."""
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body of {declared} bytes exceeds max_request_size {limit}")
+        raise PayloadTooLarge(
+            f"Request body of {declared} bytes exceeds max_request_size of {limit} bytes"
+        )
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -143,8 +143,8 @@ def test_ping_needs_no_key_on_torchgate(servers: dict[str, Server]) -> None:
 
 @pytest.fixture(scope="module")
 def short_lived(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
-    """Keys that live 2.4 s, and no metrics API: both keys TorchServe reads at start."""
-    extra = {"token_expiration_min": "0.04", "enable_metrics_api": "false"}
+    """Keys that live 3 s, and no metrics API: both keys TorchServe reads at start."""
+    extra = {"token_expiration_min": "0.05", "enable_metrics_api": "false"}
     with token_servers(tmp_path_factory.mktemp("short"), extra) as both_servers:
         yield both_servers
 
@@ -163,7 +163,7 @@ def test_keys_expire_after_token_expiration_min_alike(short_lived: dict[str, Ser
         server.keys["inference"] = json.loads(server.key_file.read_text())["inference"]["key"]
     fresh = both(short_lived, "POST", "/predictions/digits", "inference", json=DIGIT)
     assert [r.status_code for r in fresh.values()] == [200, 200]
-    time.sleep(2.6)
+    time.sleep(3.5)
     expired = both(short_lived, "POST", "/predictions/digits", "inference", json=DIGIT)
     assert expired["torchserve"].status_code == 400
     assert expired["torchgate"].status_code == 401

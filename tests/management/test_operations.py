@@ -14,6 +14,7 @@ import pytest
 from api.core.types import ModelSettings
 from api.errors import BadRequest, DefaultVersionInUse, ModelNotFound, http_status
 from api.management import ListArgs, Management, RegisterArgs, ScaleArgs
+from api.management.operations import _owned_by_torchserve
 from api.rpc.generated import management_pb2 as management
 from api.rpc.generated import management_pb2_grpc as management_grpc
 from tests.support import aio
@@ -134,17 +135,22 @@ def test_rest_and_grpc_answer_alike(tmp_path: Path) -> None:
     aio.run(scenario(), timeout=30)
 
 
-def test_worker_and_batch_parameters_for_a_torchserve_target_are_warned_about(
+def test_worker_and_batch_parameters_for_a_torchserve_target_are_torchserves(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> None:
         async with running(tmp_path) as (_, ops):
             url = "torchserve://127.0.0.1:9/m/1.0"
-            with pytest.raises(BadRequest, match="allowed_urls"):  # and not registered
-                await ops.register(RegisterArgs(url=url, batch_size=4, initial_workers=2))
+            args = RegisterArgs(url=url, batch_size=4, initial_workers=1, startup_timeout=0)
+            # Refused for its url, not for a startup_timeout TorchServe would own.
+            with pytest.raises(BadRequest, match="allowed_urls"):
+                await ops.register(args)
+            assert "ignored" not in caplog.text  # said only of a registration that happens
+            assert _owned_by_torchserve(args) == [
+                "initial_workers",
+                "batch_size",
+                "startup_timeout",
+            ]
+            assert _owned_by_torchserve(RegisterArgs(url="m-1.0.mar", batch_size=4)) == []
 
     aio.run(scenario())
-    assert (
-        "register torchserve://127.0.0.1:9/m/1.0: initial_workers, batch_size ignored for a "
-        "version TorchServe serves"
-    ) in caplog.text

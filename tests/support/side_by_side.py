@@ -23,7 +23,7 @@ from tests.support.torchserve import running_torchserve
 class Endpoints:
     inference: str  # base URL, no trailing slash
     grpc_port: int
-    management: str = ""  # base URL, no trailing slash
+    management: str  # base URL, no trailing slash
 
 
 @contextmanager
