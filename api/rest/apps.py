@@ -29,6 +29,7 @@ from api.rest.asgi import (
     header_dict,
     send_response,
 )
+from api.rest.endpoint import SizeLimits
 from api.rest.errors import install_error_handlers
 from api.rest.inference import inference_router, openapi_document
 from api.rest.invocations import InvocationsEndpoint, is_invocation_path
@@ -119,8 +120,8 @@ def build_inference_app(
         limited = BodyLimit(kserve_app, max_request_size, kserve_error_body)
         app.add_api(prefix, RequestIdHeader(limited))
     app.add_hot_path(EVERY_METHOD, is_ping_path, PingEndpoint(dataplane))
-    sizes = {"max_request_size": max_request_size, "max_response_size": max_response_size}
-    predictions = PredictionsEndpoint(dataplane, **sizes, auth=auth)
+    limits = SizeLimits(request=max_request_size, response=max_response_size)
+    predictions = PredictionsEndpoint(dataplane, limits=limits, auth=auth)
     # TorchServe runs inference for any method there (OPTIONS: the model's description).
     app.add_hot_path(EVERY_METHOD, lambda path: path.startswith(PREFIXES), predictions)
     for matches, endpoint in (
@@ -130,14 +131,16 @@ def build_inference_app(
         app.add_hot_path(
             ("POST",),
             matches,
-            endpoint(dataplane, **sizes, max_items=max_items, auth=auth),
+            endpoint(dataplane, limits=limits, max_items=max_items, auth=auth),
         )
     if workflows is not None:
         # TorchServe runs a workflow for any method on /wfpredict/{name}; POST and GET here.
-        wfpredict = WfPredictEndpoint(workflows, **sizes, auth=auth)
+        wfpredict = WfPredictEndpoint(workflows, limits=limits, auth=auth)
         app.add_hot_path(("POST", "GET"), is_wfpredict_path, wfpredict)
     # Matched last: the paths above are the busy ones.
-    invocations = InvocationsEndpoint(dataplane, **sizes, startup_models=startup_models, auth=auth)
+    invocations = InvocationsEndpoint(
+        dataplane, limits=limits, startup_models=startup_models, auth=auth
+    )
     app.add_hot_path(EVERY_METHOD, is_invocation_path, invocations)
     return app
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 from api.auth import INFERENCE, TokenAuth
 from api.core.dataplane import DataPlane
@@ -44,21 +45,23 @@ from api.rest.asgi import (
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class SizeLimits:
+    """TorchServe's max_request_size and max_response_size, in bytes."""
+
+    request: int
+    response: int
+
+
 class InferenceEndpoint(ABC):
     # The protocol's error body; TorchServe's unless the endpoint speaks another protocol.
     error_body: ErrorBody = staticmethod(torchserve_error_body)
 
     def __init__(
-        self,
-        dataplane: DataPlane,
-        *,
-        max_request_size: int,
-        max_response_size: int,
-        auth: TokenAuth | None = None,
+        self, dataplane: DataPlane, *, limits: SizeLimits, auth: TokenAuth | None = None
     ) -> None:
         self.dataplane = dataplane
-        self.max_request_size = max_request_size
-        self.max_response_size = max_response_size
+        self.limits = limits
         self.auth = auth
 
     @abstractmethod
@@ -94,7 +97,7 @@ class InferenceEndpoint(ABC):
 
     def check_size(self, body: bytes, path: str) -> None:
         """`ResponseTooLarge` for an answer over `max_response_size` (`check_response_size`)."""
-        check_response_size(body, self.max_response_size, path)
+        check_response_size(body, self.limits.response, path)
 
     def error_reply(self, exc: TorchgateError) -> Encoded:
         """The protocol's error body for `exc`, with the status from `api.errors`."""
@@ -108,7 +111,7 @@ class InferenceEndpoint(ABC):
             model, version = self.route(scope["path"])
             if self.auth is not None:
                 self.auth.check(INFERENCE, headers.get("authorization"))
-            body = await read_body(receive, self.max_request_size, headers)
+            body = await read_body(receive, self.limits.request, headers)
             reply = await cancel_on_disconnect(
                 scope, receive, self.respond(scope, headers, rid, body, model, version, send)
             )
@@ -140,15 +143,9 @@ class KServeEndpoint(InferenceEndpoint):
         self,
         dataplane: DataPlane,
         *,
-        max_request_size: int,
-        max_response_size: int,
+        limits: SizeLimits,
         max_items: int,
         auth: TokenAuth | None = None,
     ) -> None:
-        super().__init__(
-            dataplane,
-            max_request_size=max_request_size,
-            max_response_size=max_response_size,
-            auth=auth,
-        )
+        super().__init__(dataplane, limits=limits, auth=auth)
         self.max_items = max_items

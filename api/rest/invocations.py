@@ -19,6 +19,7 @@ from api.auth import TokenAuth
 from api.core.dataplane import DataPlane
 from api.errors import BadRequest, NotFound
 from api.rest.asgi import Scope
+from api.rest.endpoint import SizeLimits
 from api.rest.predictions import PredictionsEndpoint, RequestItem
 
 # First path segments with paths of their own on the inference port: `/{x}/predict` there is
@@ -48,17 +49,11 @@ class InvocationsEndpoint(PredictionsEndpoint):
         self,
         dataplane: DataPlane,
         *,
-        max_request_size: int,
-        max_response_size: int,
+        limits: SizeLimits,
         startup_models: Callable[[], Collection[str]],
         auth: TokenAuth | None = None,
     ) -> None:
-        super().__init__(
-            dataplane,
-            max_request_size=max_request_size,
-            max_response_size=max_response_size,
-            auth=auth,
-        )
+        super().__init__(dataplane, limits=limits, auth=auth)
         self.startup_models = startup_models
 
     def route(self, path: str) -> tuple[str, str | None]:

@@ -109,7 +109,7 @@ class V2InferEndpoint(KServeEndpoint):
         model: str,
         version: str | None,
     ) -> Encoded:
-        body = _decompress(body, headers.get("content-encoding"), self.max_request_size)
+        body = _decompress(body, headers.get("content-encoding"), self.limits.request)
         with bridge.codec_errors():
             request = decode_rest(body, headers.get("inference-header-content-length"))
         response = await bridge.infer(

@@ -14,7 +14,7 @@ from api.core.workflow import RegisterOptions, Workflows
 from api.encoding import JSON, Encoded
 from api.errors import NotFound
 from api.rest.asgi import Scope
-from api.rest.endpoint import InferenceEndpoint
+from api.rest.endpoint import InferenceEndpoint, SizeLimits
 from api.rest.predictions import request_item
 from api.rest.responses import JsonResponse
 
@@ -68,19 +68,9 @@ class WfPredictEndpoint(InferenceEndpoint):
     would reach a model; the answer is the workflow's JSON."""
 
     def __init__(
-        self,
-        workflows: Workflows,
-        *,
-        max_request_size: int,
-        max_response_size: int,
-        auth: TokenAuth | None = None,
+        self, workflows: Workflows, *, limits: SizeLimits, auth: TokenAuth | None = None
     ) -> None:
-        super().__init__(
-            workflows.dataplane,
-            max_request_size=max_request_size,
-            max_response_size=max_response_size,
-            auth=auth,
-        )
+        super().__init__(workflows.dataplane, limits=limits, auth=auth)
         self.workflows = workflows
 
     def route(self, path: str) -> tuple[str, str | None]:
