@@ -66,16 +66,7 @@ class BodyLimit:
             refusal = encode_error(exc, self.error_body)
             await send_response(send, refusal.status, refusal.body, refusal.headers)
             return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # only a disconnect is left to come
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replayed(body, then=receive), send)
 
 
 class RequestIdHeader:
@@ -101,6 +92,25 @@ class RequestIdHeader:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+async def _disconnected() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def replayed(body: bytes, then: Receive = _disconnected) -> Receive:
+    """A `receive` that hands an app the `body` already read, whole, and then what `then`
+    gives (by default a disconnect: nothing more is coming)."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return await then()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
 
 
 class ClientDisconnected(Exception):

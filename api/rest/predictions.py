@@ -37,7 +37,7 @@ from api.core.streaming import PredictionStream
 from api.core.types import API_TORCHSERVE_REST, InferenceRequest, Prediction
 from api.encoding import JSON, Encoded, encode_prediction
 from api.errors import BadRequest, NotFound
-from api.rest.asgi import Scope, Send
+from api.rest.asgi import Scope, Send, replayed
 from api.rest.endpoint import InferenceEndpoint
 from api.rest.inference import model_api_document
 
@@ -210,18 +210,9 @@ def media_type_of(content_type: str) -> str:
 
 
 async def _form_fields(scope: Scope, body: bytes, item: RequestItem) -> None:
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
     try:
         # Text fields may be as large as the body may be (starlette's default is 1 MB).
-        form = await Request(scope, replay).form(max_part_size=len(body) + 1)
+        form = await Request(scope, replayed(body)).form(max_part_size=len(body) + 1)
     except Exception as exc:  # python-multipart raises its own types
         raise BadRequest(f"Malformed multipart form data: {exc}") from None
     try:
