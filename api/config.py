@@ -145,9 +145,6 @@ class Config:
     workflow_store: Path | None = None
     load_models: str = ""
     models: list[ModelEntry] = field(default_factory=list)
-    # True when `models` came from TorchServe's model_snapshot key: as in TorchServe, their
-    # settings then win over an archive's model-config.yaml (a snapshot restores, not describes).
-    models_from_snapshot: bool = False
     default_workers_per_model: int = 1
     job_queue_size: int = 100
     default_response_timeout: float = 120.0
@@ -211,6 +208,13 @@ class Config:
     raw: dict[str, str] = field(default_factory=dict)
     # The config file's folder: where relative paths in it start (the current one without a file).
     base_dir: Path = field(default_factory=Path.cwd)
+
+    @property
+    def models_from_snapshot(self) -> bool:
+        """Whether `models` came from TorchServe's model_snapshot key (which, when present,
+        alone says what loads): as in TorchServe, their settings then win over an archive's
+        model-config.yaml (a snapshot restores, not describes)."""
+        return bool(self.raw.get("model_snapshot"))
 
     def http_addresses(self) -> list[tuple[str, Address]]:
         """(API, address) of each REST listener to serve: inference, management and, unless
@@ -701,7 +705,6 @@ def _kserve_keys(raw: dict[str, str], config: Config) -> None:
         except (json.JSONDecodeError, AttributeError) as exc:
             raise ConfigError(f"model_snapshot is not a JSON object: {exc}") from exc
         config.models = _model_entries(models or {}, config)
-        config.models_from_snapshot = True
         config.load_models = ",".join(entry.mar_name for entry in config.models)
 
 
