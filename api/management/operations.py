@@ -81,13 +81,8 @@ class Management:
         self.check_model_api()
         ignored = _owned_by_torchserve(args)
         if ignored:
-            args = dataclasses.replace(
-                args,
-                initial_workers=None,
-                batch_size=None,
-                max_batch_delay=None,
-                startup_timeout=None,
-            )
+            unset: dict[str, Any] = dict.fromkeys(ignored)
+            args = dataclasses.replace(args, **unset)
         if args.url is None:
             raise BadRequest("Parameter url is required.")
         if not args.url:
