@@ -212,8 +212,11 @@ class DataPlane:
         self, model: str, version: str, request: InferenceRequest, adapt: Adapt | None
     ) -> None:
         """Send a copy to a shadow version; it never delays, fails or changes the primary."""
-        # A handler may mutate its request item; the shadow's must not be the primary's.
-        copy = replace(request, inputs=dict(request.inputs), headers=dict(request.headers))
+        # A handler may mutate its request item; the shadow's must not be the primary's. Nor
+        # may a streaming shadow's parts reach the primary's client: no stream for the copy.
+        copy = replace(
+            request, inputs=dict(request.inputs), headers=dict(request.headers), stream=None
+        )
 
         async def shadow() -> None:
             started = time.monotonic()

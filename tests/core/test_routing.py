@@ -19,11 +19,40 @@ import pytest
 from api.core.dataplane import DataPlane
 from api.core.registry import ModelState, Registry
 from api.core.routing import Choice, Shadow, TrafficPolicy, TrafficRouter, _uniform
+from api.core.streaming import PredictionStream
 from api.core.types import Backend, InferenceRequest, ModelSettings, NullObserver, Prediction
 from api.errors import BadRequest, Conflict, ModelNotFound, VersionNotFound
 from tests.support import aio
+from tests.support.echo_backend import EchoBackend
+from tests.support.echo_backend import factory as echo_factory
 from tests.support.fake_backend import FakeBackend
 from tests.support.stats import within_binomial
+
+def test_a_shadow_never_streams_into_the_primary() -> None:
+    async def scenario() -> None:
+        registry = Registry()
+        for version in ("1.0", "2.0"):  # both stream: two parts before each answer
+            backend = EchoBackend(version, parts=2)
+            await registry.register("m", version, "m.mar", echo_factory(backend), ModelSettings())
+        router = TrafficRouter(registry)
+        router.set_policy("m", TrafficPolicy({"1.0": 1}, shadow=Shadow("2.0", 100)))
+        dataplane = DataPlane(registry, router=router)
+        parts: list[object] = []
+
+        async def send_part(prediction: Prediction) -> None:
+            parts.append(prediction.body)
+
+        request = InferenceRequest({"body": 1})
+        answer = await PredictionStream(request, send_part).run(
+            lambda item: dataplane.infer("m", None, item)
+        )
+        await registry.close()
+        await asyncio.gather(*dataplane._shadow_tasks)  # the shadow has streamed too, by now
+        assert answer.prediction.body == {"version": "1.0", "body": 1}
+        assert parts == [{"version": "1.0", "part": 0}, {"version": "1.0", "part": 1}]
+
+    run(scenario())
+
 
 IDS = [f"user-{i}" for i in range(10_000)]
 
