@@ -171,13 +171,14 @@ class DataPlane:
     async def _run(self, model_version: ModelVersion, request: InferenceRequest) -> Prediction:
         future = model_version.batcher.submit(request)
         timeout = model_version.settings.response_timeout_s
+        wait = timeout if request.queue_timeout_s is None else min(request.queue_timeout_s, timeout)
         # A request still queued at its deadline is answered 504 and never run (the batcher
         # skips done futures). One handed to a worker is the worker's to time, as in
         # TorchServe, where responseTimeout bounds the handler's time on a batch. A timer, not
         # wait_for: no task or extra future per request. Cancelling this coroutine (the client
         # left) cancels the future the same way.
         timer = future.get_loop().call_later(
-            timeout, self._deadline_passed, future, request, model_version, timeout
+            wait, self._deadline_passed, future, request, model_version, timeout
         )
         try:
             return await future
@@ -201,10 +202,14 @@ class DataPlane:
             )
             return
         self._observer.request_rejected(model_version.name, model_version.version, REJECT_DEADLINE)
+        if request.queue_timeout_s is not None and request.queue_timeout_s < timeout:
+            bound = f"the request's timeout of {request.queue_timeout_s * 1e6:.0f} µs"
+        else:
+            bound = f"its responseTimeout of {timeout:g} s"
         future.set_exception(
             DeadlineExceeded(
                 f"Request for model {model_version.name} version {model_version.version} "
-                f"waited in the queue past its responseTimeout of {timeout:g} s"
+                f"waited in the queue past {bound}"
             )
         )
 

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 # TorchServe's header names (ConfigManager's defaults; ts.context reads the same ones).
 SEQUENCE_ID = "ts_request_sequence_id"
 SEQUENCE_START = "ts_request_sequence_start"
+SEQUENCE_END = "ts_request_sequence_end"  # passed to the handler; ends nothing here
 
 
 def new_sequence_id() -> str:

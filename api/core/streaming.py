@@ -11,8 +11,8 @@ once every part before it was sent:
     answer = await stream.run(infer)                   # infer: async (request) -> Answer
     stream.streamed                                    # True once a part was handed over
 
-`iterate(request, infer)` gives the same responses as an async iterator, for transports that
-yield their messages (gRPC).
+`iterate(request, infer)` gives the same responses as an async iterator, each with whether it is
+the final one, for transports that yield their messages (gRPC).
 
 A request whose handler does not stream costs nothing more than a plain `infer` (no task, no
 queue): the sending task starts with the first intermediate response. When the request fails
@@ -111,26 +111,29 @@ class PredictionStream:
             raise self._failure
 
 
-async def iterate(request: InferenceRequest, infer: Infer) -> AsyncIterator[Prediction]:
-    """The request's responses as an async iterator, intermediate ones then the final one, for
-    transports that yield their messages (gRPC's response streams). Raises the request's error
-    after the parts that came before it; closing the iterator early cancels the request."""
-    queue: asyncio.Queue[Prediction | None] = asyncio.Queue()
+async def iterate(
+    request: InferenceRequest, infer: Infer
+) -> AsyncIterator[tuple[Prediction, bool]]:
+    """The request's responses as an async iterator of (response, final): intermediate ones,
+    then the final one, for transports that yield their messages (gRPC's response streams).
+    Raises the request's error after the parts that came before it; closing the iterator
+    early cancels the request."""
+    queue: asyncio.Queue[tuple[Prediction, bool] | None] = asyncio.Queue()
 
     async def send_part(prediction: Prediction) -> None:
-        queue.put_nowait(prediction)
+        queue.put_nowait((prediction, False))
 
     async def run() -> None:
         try:
             answer = await PredictionStream(request, send_part).run(infer)
-            queue.put_nowait(answer.prediction)
+            queue.put_nowait((answer.prediction, True))
         finally:
             queue.put_nowait(None)
 
     task = asyncio.ensure_future(run())
     try:
-        while (prediction := await queue.get()) is not None:
-            yield prediction
+        while (response := await queue.get()) is not None:
+            yield response
         task.result()  # the request's error, if it failed
     finally:
         if not task.done():

@@ -48,6 +48,9 @@ class InferenceRequest:
     # TorchServe's frontend sends it beside the value; its handlers read it from the request
     # headers (`context.get_request_header(idx, "body")["content-type"]`).
     input_types: Mapping[str, str] = field(default_factory=dict)
+    # The client's own bound on its wait in the queue (v2's `timeout` parameter), in seconds;
+    # the version's responseTimeout bounds it either way.
+    queue_timeout_s: float | None = None
 
 
 def header_value(headers: Mapping[str, str], name: str) -> str | None:

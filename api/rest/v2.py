@@ -112,12 +112,13 @@ class V2InferEndpoint(KServeEndpoint):
         body = _decompress(body, headers.get("content-encoding"), self.limits.request)
         with bridge.codec_errors():
             request = decode_rest(body, headers.get("inference-header-content-length"))
-        response = await bridge.infer(
+        call = bridge.V2Call(
             self.dataplane, model, version, request,
             headers=headers, request_id=rid, api=API_V2_REST, max_items=self.max_items,
         )  # fmt: skip
+        response = await call.answer()
         with bridge.codec_errors():
-            payload, extra = encode_rest(response, request.outputs, request.binary_data_output)
+            payload, extra = encode_rest(response, request.outputs, call.options.binary_data_output)
         if response.model_version:
             extra["x-model-version"] = response.model_version
         return Encoded(200, payload, list(extra.items()))

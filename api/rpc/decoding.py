@@ -6,8 +6,8 @@ servicer runs; when it raises, grpc.aio answers UNKNOWN with "Unexpected <class
 names for the client. A deserializer cannot pick the status itself, so `DecodingInterceptor`
 wraps each method: its deserializer hands a `_Malformed` marker on instead of raising, and the
 method aborts with INVALID_ARGUMENT when it meets one (the first message of a unary request, or
-any message of a request stream). Streaming methods here are async generators, as
-torchgate's servicers are.
+any message of a request stream, once the servicer has answered the messages before it).
+Streaming methods here are async generators, as torchgate's servicers are.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ class _Malformed:
 
 
 _MALFORMED = _Malformed()
+
+
+class _MalformedStream(Exception):
+    """A request stream met a message that did not parse: the call ends INVALID_ARGUMENT."""
 
 
 def malformed_details(method: str) -> str:
@@ -83,7 +87,12 @@ def _wrap(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler
         requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
         async for request in requests:
-            yield await checked(request, context)
+            if isinstance(request, _Malformed):
+                # Raised, not aborted here: a servicer that reads ahead (`api.rpc.ordered`)
+                # still sends the responses of the requests before this one, then the wrapper
+                # below aborts the call.
+                raise _MalformedStream
+            yield request
 
     if handler.unary_unary is not None:
         unary_unary = handler.unary_unary
@@ -104,7 +113,10 @@ def _wrap(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler
         stream_unary = handler.stream_unary
 
         async def su(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-            return await stream_unary(checked_stream(requests, context), context)
+            try:
+                return await stream_unary(checked_stream(requests, context), context)
+            except _MalformedStream:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
 
         return grpc.stream_unary_rpc_method_handler(su, deserialize, serialize)
     stream_stream = handler.stream_stream
@@ -112,7 +124,10 @@ def _wrap(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler
     async def ss(
         requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Any]:
-        async for response in stream_stream(checked_stream(requests, context), context):
-            yield response
+        try:
+            async for response in stream_stream(checked_stream(requests, context), context):
+                yield response
+        except _MalformedStream:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
 
     return grpc.stream_stream_rpc_method_handler(ss, deserialize, serialize)

@@ -17,8 +17,14 @@ from api.request_ids import request_id
 from api.rpc.errors import grpc_errors, metadata_headers
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from api.rpc.ordered import in_order
 from api.v2 import EXTENSIONS, SERVER_NAME, SERVER_VERSION, bridge
 from api.v2.codec import decode_grpc, encode_grpc
+from api.v2.parameters import FINAL_RESPONSE
+
+# Requests of one ModelStreamInfer call read ahead of the one being answered: enough to fill
+# batches from one client, and a bound on what a client that stops reading makes us buffer.
+STREAM_WINDOW = 64
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -80,32 +86,72 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's stream: each request runs as soon as it is read, and its responses go out
+        in request order (`api.rpc.ordered`). Every response says whether it is the request's
+        last in the `triton_final_response` parameter, which Triton's clients wait for."""
         headers = metadata_headers(context)
-        async for request in requests:
-            try:
-                response = await self._infer(request, headers)
-            except TorchgateError as exc:
-                yield pb.ModelStreamInferResponse(error_message=exc.message)
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+
+        def respond(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelStreamInferResponse]:
+            return self._stream_responses(request, headers)
+
+        async for response in in_order(requests, respond, window=STREAM_WINDOW):
+            yield response
+
+    async def _stream_responses(
+        self, request: pb.ModelInferRequest, headers: dict[str, str]
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One request's responses: one, or a streaming handler's parts and then its final
+        response, as a decoupled Triton model sends them. With the request parameter
+        `triton_enable_empty_final_response`, a streamed request ends with an empty response
+        that carries the final flag, as Triton's decoupled models end theirs. A failure is a
+        response with `error_message`, and the stream goes on."""
+        streamed = False
+        try:
+            call = self._call(request, headers)
+            empty_final = call.options.empty_final_response
+            async for v2_response, final in call.responses():
+                streamed = streamed or not final
+                with bridge.codec_errors():
+                    message = encode_grpc(v2_response, call.request.outputs)
+                _mark_final(message, final and not (streamed and empty_final))
+                yield pb.ModelStreamInferResponse(infer_response=message)
+            if streamed and empty_final:
+                yield pb.ModelStreamInferResponse(infer_response=_final_response(request))
+        except TorchgateError as exc:
+            # As Triton: the request's id, model and version say which request failed.
+            yield pb.ModelStreamInferResponse(
+                error_message=exc.message, infer_response=_final_response(request)
+            )
 
     async def _infer(
         self, request: pb.ModelInferRequest, headers: dict[str, str]
     ) -> pb.ModelInferResponse:
+        call = self._call(request, headers)
+        response = await call.answer()
+        with bridge.codec_errors():
+            return encode_grpc(response, call.request.outputs)
+
+    def _call(self, request: pb.ModelInferRequest, headers: dict[str, str]) -> bridge.V2Call:
         with bridge.codec_errors():
             v2_request = decode_grpc(request)
-        response = await bridge.infer(
-            self.dataplane,
-            request.model_name,
-            request.model_version or None,
-            v2_request,
-            headers=headers,
-            request_id=request_id(headers),
-            api=API_V2_GRPC,
+        return bridge.V2Call(
+            self.dataplane, request.model_name, request.model_version or None, v2_request,
+            headers=headers, request_id=request_id(headers), api=API_V2_GRPC,
             max_items=self.max_items,
-        )
-        with bridge.codec_errors():
-            return encode_grpc(response, v2_request.outputs)
+        )  # fmt: skip
+
+
+def _mark_final(message: pb.ModelInferResponse, final: bool) -> None:
+    message.parameters[FINAL_RESPONSE].bool_param = final
+
+
+def _final_response(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """An empty response for `request` that ends its responses."""
+    message = pb.ModelInferResponse(
+        id=request.id, model_name=request.model_name, model_version=request.model_version
+    )
+    _mark_final(message, True)
+    return message
 
 
 def add_kserve_servicer(server: grpc.aio.Server, dataplane: DataPlane, *, max_items: int) -> None:

@@ -78,7 +78,7 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
             def infer(item: InferenceRequest) -> Awaitable[Answer]:
                 return self.dataplane.infer(model, version, item)
 
-            async for prediction in iterate(item, infer):
+            async for prediction, _ in iterate(item, infer):
                 yield _prediction_message(prediction)
         except TorchgateError as exc:
             await abort(context, exc)

@@ -33,8 +33,9 @@ may route to a version with another signature), for any backend.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
@@ -42,9 +43,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from api.core.dataplane import DataPlane
+from api.core.dataplane import Answer, DataPlane
 from api.core.registry import ModelVersion
-from api.core.types import InferenceRequest, Prediction
+from api.core.sequences import SEQUENCE_END, SEQUENCE_ID, SEQUENCE_START
+from api.core.streaming import iterate
+from api.core.types import API_V2_GRPC, InferenceRequest, Prediction
 from api.errors import (
     BadRequest,
     InferenceFailed,
@@ -53,7 +56,10 @@ from api.errors import (
     error_for_status,
 )
 from api.v2.codec import CodecError, Tensor, V2Request, V2Response, numpy_dtype
+from api.v2.parameters import RequestOptions, request_options
 from api.v2.tensors import as_bytes, object_array
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = "output0"
 
@@ -74,37 +80,102 @@ def codec_errors() -> Iterator[None]:
         raise InferenceFailed(f"Handler output is not a valid v2 tensor: {exc}") from exc
 
 
-async def infer(
-    dataplane: DataPlane,
-    model: str,
-    version: str | None,
-    request: V2Request,
-    *,
-    headers: Mapping[str, str],
-    request_id: str,
-    api: str,
-    max_items: int,
-) -> V2Response:
-    """One v2 inference through the dataplane, for the REST and gRPC endpoints alike."""
-    check_extensions(request)
-    check_items(request, max_items)
-    item = InferenceRequest({"body": handler_body(request)}, headers, request_id, api, True)
+class V2Call:
+    """One v2 request through the dataplane: checked, shaped for the version it is routed to
+    (rules 0 to 2), and its answers turned into v2 responses (rule 3).
 
-    def for_version(model_version: ModelVersion, item: InferenceRequest) -> InferenceRequest:
+    `answer()` gives the final answer; `responses()` also gives a streaming handler's
+    intermediate responses (TorchServe's `send_intermediate_predict_response`) as they come,
+    each with whether it is the final one, for gRPC's `ModelStreamInfer`.
+    """
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        model: str,
+        version: str | None,
+        request: V2Request,
+        *,
+        headers: Mapping[str, str],
+        request_id: str,
+        api: str,
+        max_items: int,
+    ) -> None:
+        with codec_errors():
+            self.options = request_options(request.parameters, grpc=api == API_V2_GRPC)
+        check_extensions(request)
+        check_items(request, max_items)
+        self.dataplane, self.model, self.version, self.request = dataplane, model, version, request
+        self.item = InferenceRequest(
+            {"body": handler_body(request)},
+            _with_sequence(headers, self.options),
+            request_id,
+            api,
+            True,
+            queue_timeout_s=self.options.timeout_us / 1e6 or None,
+        )
+        if self.options.priority:
+            _note_priority(model)
+        self._routed_to: ModelVersion | None = None  # the version `item` went to
+
+    async def answer(self) -> V2Response:
+        answer = await self._infer(self.item)
+        return self._response(answer.prediction, answer.model_version)
+
+    async def responses(self) -> AsyncIterator[tuple[V2Response, bool]]:
+        async for prediction, final in iterate(self.item, self._infer):
+            assert self._routed_to is not None  # routed before it ran, so before any response
+            yield self._response(prediction, self._routed_to), final
+
+    def _infer(self, item: InferenceRequest) -> Awaitable[Answer]:
+        return self.dataplane.infer(self.model, self.version, item, adapt=self._for_version)
+
+    def _for_version(self, model_version: ModelVersion, item: InferenceRequest) -> InferenceRequest:
         signature = model_version.backend.signature
-        check_inputs(request, signature)
+        check_inputs(self.request, signature)
+        check_outputs(self.request, signature, self.model)
+        if item is self.item:  # not a shadow's copy, which is adapted here too
+            self._routed_to = model_version
         if signature is None:  # rule 2, whatever the backend
             return replace(item, inputs=plain_item(item.inputs["body"]))
         return item
 
-    answer = await dataplane.infer(model, version, item, adapt=for_version)
-    return response_tensors(
-        answer.prediction,
-        model=model,
-        version=answer.model_version.version,
-        request_id=request.id,
-        signature=answer.model_version.backend.signature,
-    )
+    def _response(self, prediction: Prediction, model_version: ModelVersion) -> V2Response:
+        return response_tensors(
+            prediction,
+            model=self.model,
+            version=model_version.version,
+            request_id=self.request.id,
+            signature=model_version.backend.signature,
+        )
+
+
+def _with_sequence(headers: Mapping[str, str], options: RequestOptions) -> Mapping[str, str]:
+    """The request's headers, with its sequence parameters as TorchServe's sequence headers."""
+    if options.sequence_id is None and not (options.sequence_start or options.sequence_end):
+        return headers
+    headers = dict(headers)
+    if options.sequence_id is not None:
+        headers[SEQUENCE_ID] = options.sequence_id
+    if options.sequence_start:
+        headers[SEQUENCE_START] = "true"
+    if options.sequence_end:
+        headers[SEQUENCE_END] = "true"
+    return headers
+
+
+_priority_noted: set[str] = set()
+
+
+def _note_priority(model: str) -> None:
+    """Say once per model that `priority` is not used, rather than drop it in silence."""
+    if model not in _priority_noted:
+        _priority_noted.add(model)
+        log.warning(
+            "%s: a v2 request set 'priority'; torchgate accepts it but does not use it "
+            "(each model version has one queue, served in order)",
+            model,
+        )
 
 
 def check_extensions(request: V2Request) -> None:
@@ -164,6 +235,18 @@ def check_inputs(request: V2Request, signature: Mapping[str, Any] | None) -> Non
     missing = [name for name in specs if name not in seen]
     if missing:
         raise BadRequest(f"missing input {_names(missing)}")
+
+
+def check_outputs(request: V2Request, signature: Mapping[str, Any] | None, model: str) -> None:
+    """Raise BadRequest for a requested output the signature does not list, before the model
+    runs, as Triton does. Without a signature (or its outputs) the answer shows what the
+    handler gives: an unknown name is refused then, when the answer is encoded."""
+    names = {str(spec["name"]) for spec in (signature or {}).get("outputs") or []}
+    if not names:
+        return
+    for output in request.outputs:
+        if output.name not in names:
+            raise BadRequest(f"unexpected inference output {output.name!r} for model {model!r}")
 
 
 def _shape_fits(shape: Sequence[int], dims: Sequence[int]) -> bool:

@@ -141,7 +141,9 @@ def encode_rest(
     followed by raw bytes, ``Content-Type`` is ``application/octet-stream`` and
     ``Inference-Header-Content-Length`` gives the header's size; otherwise plain JSON.
     """
-    flags = {output.name: output.binary_data for output in requested}
+    flags: dict[str, bool | None] = {}
+    for output in requested:
+        flags.setdefault(output.name, output.binary_data)  # a name asked twice: the first says
     entries: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
     for tensor in _select(response.outputs, requested):
@@ -374,8 +376,12 @@ def _from_grpc_parameters(parameters: Mapping[str, pb.InferParameter]) -> Parame
     decoded: Parameters = {}
     for key, parameter in parameters.items():
         choice = parameter.WhichOneof("parameter_choice")
-        if choice is not None:  # unset: a choice newer than this proto; nothing to read
-            decoded[key] = getattr(parameter, choice)
+        if choice is None:  # unset, or a choice newer than this proto: nothing to read
+            raise CodecError(
+                f"parameter {key!r} has no value: expected bool_param, int64_param, "
+                "string_param, double_param or uint64_param"
+            )
+        decoded[key] = getattr(parameter, choice)
     return decoded
 
 
@@ -403,11 +409,14 @@ def _to_grpc_parameters(
 
 
 def _select(outputs: list[Tensor], requested: Sequence[RequestedOutput]) -> list[Tensor]:
+    """The requested outputs in request order; a name asked for twice is sent once, as Triton
+    merges it."""
     if not requested:
         return outputs
     by_name = {tensor.name: tensor for tensor in outputs}
+    names = dict.fromkeys(output.name for output in requested)  # ordered, without repeats
     try:
-        return [by_name[output.name] for output in requested]
+        return [by_name[name] for name in names]
     except KeyError as exc:
         raise CodecError(f"unknown output {exc.args[0]!r} requested") from None
 

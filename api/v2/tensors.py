@@ -104,18 +104,14 @@ class V2Request:
     """A decoded inference request.
 
     Per-tensor transport parameters (``binary_data_size``, ``binary_data``) are removed while
-    decoding; request parameters are kept as sent, ``binary_data_output`` included.
+    decoding; request parameters are kept as sent, the reserved ones included
+    (:mod:`api.v2.parameters` reads those).
     """
 
     id: str | None
     parameters: Parameters
     inputs: list[Tensor]
     outputs: list[RequestedOutput]
-
-    @property
-    def binary_data_output(self) -> bool:
-        """Whether outputs without their own ``binary_data`` go binary (REST only)."""
-        return self.parameters.get("binary_data_output") is True
 
 
 @dataclass(slots=True)

@@ -28,32 +28,6 @@ from tests.support.echo_backend import factory as echo_factory
 from tests.support.fake_backend import FakeBackend
 from tests.support.stats import within_binomial
 
-def test_a_shadow_never_streams_into_the_primary() -> None:
-    async def scenario() -> None:
-        registry = Registry()
-        for version in ("1.0", "2.0"):  # both stream: two parts before each answer
-            backend = EchoBackend(version, parts=2)
-            await registry.register("m", version, "m.mar", echo_factory(backend), ModelSettings())
-        router = TrafficRouter(registry)
-        router.set_policy("m", TrafficPolicy({"1.0": 1}, shadow=Shadow("2.0", 100)))
-        dataplane = DataPlane(registry, router=router)
-        parts: list[object] = []
-
-        async def send_part(prediction: Prediction) -> None:
-            parts.append(prediction.body)
-
-        request = InferenceRequest({"body": 1})
-        answer = await PredictionStream(request, send_part).run(
-            lambda item: dataplane.infer("m", None, item)
-        )
-        await registry.close()
-        await asyncio.gather(*dataplane._shadow_tasks)  # the shadow has streamed too, by now
-        assert answer.prediction.body == {"version": "1.0", "body": 1}
-        assert parts == [{"version": "1.0", "part": 0}, {"version": "1.0", "part": 1}]
-
-    run(scenario())
-
-
 IDS = [f"user-{i}" for i in range(10_000)]
 
 
@@ -400,5 +374,31 @@ def test_a_failing_shadow_never_fails_the_primary() -> None:
         await asyncio.gather(*dataplane._shadow_tasks)
         shadow = [f for f in recorder.finished if f[2]]
         assert shadow == [("2.0", 500, True)] * 5
+
+    run(scenario())
+
+
+def test_a_shadow_never_streams_into_the_primary() -> None:
+    async def scenario() -> None:
+        registry = Registry()
+        for version in ("1.0", "2.0"):  # both stream: two parts before each answer
+            backend = EchoBackend(version, parts=2)
+            await registry.register("m", version, "m.mar", echo_factory(backend), ModelSettings())
+        router = TrafficRouter(registry)
+        router.set_policy("m", TrafficPolicy({"1.0": 1}, shadow=Shadow("2.0", 100)))
+        dataplane = DataPlane(registry, router=router)
+        parts: list[object] = []
+
+        async def send_part(prediction: Prediction) -> None:
+            parts.append(prediction.body)
+
+        request = InferenceRequest({"body": 1})
+        answer = await PredictionStream(request, send_part).run(
+            lambda item: dataplane.infer("m", None, item)
+        )
+        await registry.close()
+        await asyncio.gather(*dataplane._shadow_tasks)  # the shadow has streamed too, by now
+        assert answer.prediction.body == {"version": "1.0", "body": 1}
+        assert parts == [{"version": "1.0", "part": 0}, {"version": "1.0", "part": 1}]
 
     run(scenario())

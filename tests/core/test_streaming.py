@@ -103,11 +103,14 @@ def test_cancelling_stops_the_sending_too() -> None:
 
 def test_iterate_yields_parts_then_the_answer_and_raises_after_them() -> None:
     async def scenario() -> None:
-        got = [p.body async for p in iterate(InferenceRequest({}), fake_infer(["a", "b", "c"]))]
-        assert got == ["a", "b", "c"]
+        got = [
+            (p.body, final)
+            async for p, final in iterate(InferenceRequest({}), fake_infer(["a", "b", "c"]))
+        ]
+        assert got == [("a", False), ("b", False), ("c", True)]
         seen = []
         with pytest.raises(InferenceFailed):
-            async for part in iterate(
+            async for part, _ in iterate(
                 InferenceRequest({}), fake_infer(["a", "b", "c"], fail_after=1)
             ):
                 seen.append(part.body)

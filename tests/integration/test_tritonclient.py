@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import queue
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -454,7 +455,10 @@ def test_wrong_datatype_shape_and_output(server: TorchgateServer, flavor: str) -
         )
         pixels = t.input("pixels", digits_images(1), "FP32")
         error = await t.error(t.call("infer", "digits", [pixels], outputs=[t.output("nope")]))
-        assert (error.status(), error.message()) == (bad, "unknown output 'nope' requested")
+        assert (error.status(), error.message()) == (
+            bad,
+            "unexpected inference output 'nope' for model 'digits'",
+        )
         top3 = t.module.InferRequestedOutput("probabilities", class_count=3)
         error = await t.error(t.call("infer", "digits", [pixels], outputs=[top3]))
         assert (error.status(), error.message()) == (
@@ -503,6 +507,37 @@ def test_grpc_stream_infer_reports_each_answer(server: TorchgateServer) -> None:
         assert errors == [None, "input 'pixels': datatype INT32, the model takes FP32", None]
 
     run("grpc.aio", server, scenario)
+
+
+def test_grpc_stream_clients_that_wait_for_the_final_flag(server: TorchgateServer) -> None:
+    """The loop Triton's streaming clients run: read responses until one carries
+    `triton_final_response`; asked for with `enable_empty_final_response` as LLM clients do."""
+    images = digits_images(3)
+    expected = top_labels(server, "digits", images)
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{server.grpc_inference_port}")
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        labels = []
+        for index, image in enumerate(images):
+            pixels = tritonclient.grpc.InferInput("pixels", [1, 1, 8, 8], "FP32")
+            pixels.set_data_from_numpy(image[None])
+            client.async_stream_infer(
+                "digits", [pixels], request_id=str(index), enable_empty_final_response=True
+            )
+            while True:  # without the flag this loop would wait forever
+                result, error = results.get(timeout=30)
+                assert error is None
+                response = result.get_response()
+                assert response.id == str(index)
+                if response.outputs:
+                    labels.append(int(result.as_numpy("probabilities").argmax()))
+                if response.parameters["triton_final_response"].bool_param:
+                    break
+        assert labels == expected
+    finally:
+        client.stop_stream()
+        client.close()
 
 
 # -- token authorization -----------------------------------------------------------------------

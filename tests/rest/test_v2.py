@@ -369,7 +369,25 @@ def test_a_plain_archive_takes_any_input(tmp_path: Path) -> None:
             "/v2/models/m/infer",
             {"inputs": [x_input([[1, 2]])], "outputs": [{"name": "nope"}]},
             400,
-            "unknown output 'nope' requested",
+            "unexpected inference output 'nope' for model 'm'",  # Triton's words
+        ),
+        (
+            "/v2/models/m/infer",
+            {"inputs": [x_input([[1, 2]])], "parameters": {"triton_x": 1}},
+            400,
+            "parameter keys starting with 'triton_' are reserved for Triton usage",
+        ),
+        (
+            "/v2/models/m/infer",
+            {"inputs": [x_input([[1, 2]])], "parameters": {"binary_data_output": "yes"}},
+            400,
+            "Unable to parse 'binary_data_output'",
+        ),
+        (
+            "/v2/models/m/infer",
+            {"inputs": [x_input([[1, 2]])], "parameters": {"sequence_id": -3}},
+            400,
+            "Unable to parse 'sequence_id'",
         ),
         (
             "/v2/models/m/infer",
@@ -388,6 +406,39 @@ def test_errors_have_the_tables_status_and_a_v2_body(
             response = await s.client.post(path, json=request_doc)
             assert error_of(response, status).startswith(message)
             assert response.headers["content-type"] == "application/json"
+
+    run(scenario())
+
+
+def test_requested_outputs_are_checked_before_the_model_runs(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            doc = {"inputs": [x_input([[1, 2]])], "outputs": [{"name": "total"}, {"name": "z"}]}
+            response = await s.client.post("/v2/models/m/infer", json=doc)
+            assert error_of(response, 400) == "unexpected inference output 'z' for model 'm'"
+            assert s.backend().seen == []  # refused before it was queued, as Triton does
+            # A name asked for twice is answered once, with the first one's flags (Triton).
+            binary = {"name": "total", "parameters": {"binary_data": True}}
+            doc = {"inputs": [x_input([[1, 2]])], "outputs": [binary, {"name": "total"}]}
+            response = await s.client.post("/v2/models/m/infer", json=doc)
+            header, raw = split_binary(response)
+            assert [o["name"] for o in header["outputs"]] == ["total"]
+            assert np.frombuffer(raw, np.float32).tolist() == [3.0]
+
+    run(scenario())
+
+
+def test_sequence_parameters_reach_the_handler_as_torchserves_headers(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            parameters = {"sequence_id": 42, "sequence_start": True, "sequence_end": True}
+            doc = {"inputs": [x_input([[1, 2]])], "parameters": parameters}
+            response = await s.client.post("/v2/models/m/infer", json=doc)
+            assert response.status_code == 200, response.text
+            headers = s.backend().seen[-1].headers
+            assert headers["ts_request_sequence_id"] == "42"
+            assert headers["ts_request_sequence_start"] == "true"
+            assert headers["ts_request_sequence_end"] == "true"
 
     run(scenario())
 

@@ -8,8 +8,9 @@ interceptor and servicer are the real ones. The client is the generated stub.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from tests.support.tensor_backend import (
 
 T = TypeVar("T")
 Code = grpc.StatusCode
+FINAL = "triton_final_response"
 MAX_REQUEST_SIZE = 4096
 
 
@@ -110,6 +112,13 @@ def outputs_of(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
             dtype = {"FP32": np.float32, "FP64": np.float64}[output.datatype]
             arrays[output.name] = np.frombuffer(raw, dtype).reshape(tuple(output.shape))
     return arrays
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll `condition` until it holds; fail the test past `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
 
 
 # -- health and metadata ---------------------------------------------------------------------
@@ -235,6 +244,109 @@ def test_stream_infer_answers_each_request_and_reports_errors_in_the_stream(
             ]
             assert outputs_of(answers[0].infer_response)["total"].tolist() == [2.0]
             assert answers[3].infer_response.model_version == "2.0"
+            # As Triton: every response says it is its request's last, which clients wait
+            # for, and a failed one says which request failed.
+            for answer in answers:
+                assert answer.infer_response.parameters[FINAL].bool_param is True
+                assert answer.infer_response.id == "req-7"
+            assert answers[2].infer_response.model_name == "nope"
+
+    run(scenario())
+
+
+def test_stream_infer_runs_the_requests_it_has_read_together(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            backend = client.backend()
+            backend.gate = asyncio.Event()  # holds every batch
+            requests = [infer_request([[float(i), 0.0]]) for i in range(3)]
+            for i, request in enumerate(requests):
+                request.id = f"r{i}"
+            call = client.stub.ModelStreamInfer(iter(requests))
+            batcher = client.tg.registry.get("m", "1.0").batcher
+            # All three are queued or running before the first is answered: Triton issues
+            # each request as it reads it, rather than awaiting the one before.
+            await wait_for(lambda: batcher.in_flight == 3)
+            backend.gate.set()
+            answers = [await call.read() for _ in requests]
+            assert [a.infer_response.id for a in answers] == ["r0", "r1", "r2"]  # in order
+            assert [outputs_of(a.infer_response)["total"].tolist() for a in answers] == [
+                [0.0],
+                [1.0],
+                [2.0],
+            ]
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("empty_final", [False, True])
+def test_stream_infer_sends_a_streaming_handlers_parts(tmp_path: Path, empty_final: bool) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            streamed = infer_request(answer="stream")
+            plain = infer_request()
+            for request in (streamed, plain):
+                if empty_final:
+                    request.parameters["triton_enable_empty_final_response"].bool_param = True
+            answers = [a async for a in client.stub.ModelStreamInfer(iter([streamed, plain]))]
+            finals = [a.infer_response.parameters[FINAL].bool_param for a in answers]
+            parts = [outputs_of(a.infer_response)["y"].tolist() for a in answers[:2]]
+            assert parts == [[b"part 0"], [b"part 1"]]
+            if empty_final:  # decoupled Triton's way: an empty response ends a streamed request
+                assert finals == [False, False, False, True, True]
+                assert not answers[3].infer_response.outputs
+                assert answers[3].infer_response.id == "req-7"
+            else:
+                assert finals == [False, False, True, True]
+            assert all(a.error_message == "" for a in answers)
+            # The plain request, after the streamed one, answers once, with the final flag.
+            assert outputs_of(answers[-1].infer_response)["total"].tolist() == [3.0]
+
+    run(scenario())
+
+
+def test_reserved_parameters(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            request = infer_request()
+            request.parameters["sequence_id"].string_param = "s-1"
+            request.parameters["sequence_start"].bool_param = True
+            request.parameters["priority"].uint64_param = 1
+            await client.stub.ModelInfer(request)
+            headers = client.backend().seen[-1].headers
+            assert headers["ts_request_sequence_id"] == "s-1"
+            assert headers["ts_request_sequence_start"] == "true"
+
+            for key, set_value, message in [
+                ("triton_x", lambda p: setattr(p, "bool_param", True), "reserved for Triton"),
+                ("sequence_end", lambda p: setattr(p, "string_param", "y"), "sequence_end"),
+                ("priority", lambda p: setattr(p, "int64_param", -1), "priority"),
+                ("timeout", lambda p: setattr(p, "double_param", 1.5), "timeout"),
+                ("unset", lambda p: None, "'unset' has no value"),
+            ]:
+                request = infer_request()
+                request.parameters[key].CopyFrom(pb.InferParameter())
+                set_value(request.parameters[key])
+                details = await expect_error(client.stub.ModelInfer(request), Code.INVALID_ARGUMENT)
+                assert message in details
+
+    run(scenario())
+
+
+def test_a_request_timeout_bounds_its_wait_in_the_queue(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            backend = client.backend()
+            backend.gate = asyncio.Event()
+            first = asyncio.ensure_future(client.stub.ModelInfer(infer_request()))
+            await wait_for(lambda: len(backend.seen) == 1)  # the only worker is busy
+            waiting = infer_request()
+            waiting.parameters["timeout"].int64_param = 50_000  # µs
+            details = await expect_error(client.stub.ModelInfer(waiting), Code.DEADLINE_EXCEEDED)
+            assert "past the request's timeout of 50000 µs" in details
+            backend.gate.set()
+            assert outputs_of(await first)["total"].tolist() == [3.0]
+            assert len(backend.seen) == 1  # the timed-out request never ran
 
     run(scenario())
 
@@ -263,7 +375,11 @@ def test_stream_infer_answers_each_request_and_reports_errors_in_the_stream(
             "input 'x': shape [1, 3] does not fit the model's [-1, 2]",
         ),
         ({"name": "z"}, Code.INVALID_ARGUMENT, "unexpected input 'z': the model takes 'x'"),
-        ({"outputs": ("nope",)}, Code.INVALID_ARGUMENT, "unknown output 'nope' requested"),
+        (
+            {"outputs": ("nope",)},
+            Code.INVALID_ARGUMENT,
+            "unexpected inference output 'nope' for model 'm'",
+        ),
         ({"answer": "fail"}, Code.INVALID_ARGUMENT, "x must be positive"),
         ({"answer": "raise"}, Code.INTERNAL, "Worker died: RuntimeError: the handler raised"),
     ],

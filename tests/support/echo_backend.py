@@ -22,8 +22,11 @@ class EchoWorker:
         if self.delay:
             await asyncio.sleep(self.delay)
         for request in batch:
-            for index in range(self.parts if request.stream is not None else 0):
-                request.stream(Prediction({"version": self.version, "part": index}))
+            stream = request.stream
+            if stream is None:
+                continue
+            for index in range(self.parts):
+                stream(Prediction({"version": self.version, "part": index}))
         return [Prediction({"version": self.version, "body": r.inputs["body"]}) for r in batch]
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ would (see `TensorWorker`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,9 +33,11 @@ class TensorWorker:
     """Answers v2 items as torchgate's handlers do, or as a plain handler would when asked.
 
     Request parameter "answer": "label" -> `{"7": 0.9}`; "text" -> a str; "fail" -> the item
-    fails alone with 400; "raise" -> the whole batch raises. A plain archive's items carry no
-    v2 parameters (they get what /predictions would give, see `api.v2.bridge`): for those the
-    answer comes from the request header "x-answer" (default "text").
+    fails alone with 400; "raise" -> the whole batch raises; "stream" -> the texts "part 0" and
+    "part 1" as intermediate responses (where the transport streams), then the tensors. A plain
+    archive's items carry no v2 parameters (they get what /predictions would give, see
+    `api.v2.bridge`): for those the answer comes from the request header "x-answer" (default
+    "text"). The backend's `gate`, when set to an event, holds every batch until it is set.
     """
 
     device = "cpu"
@@ -44,8 +47,14 @@ class TensorWorker:
 
     async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
         self.backend.seen.extend(batch)
+        if self.backend.gate is not None:
+            await self.backend.gate.wait()
         if any(_answer_asked(r) == "raise" for r in batch):
             raise RuntimeError("the handler raised")
+        for request in batch:
+            if _answer_asked(request) == "stream" and request.stream is not None:
+                for part in ("part 0", "part 1"):
+                    request.stream(Prediction(part))
         return [self._answer(r.inputs["body"], _answer_asked(r)) for r in batch]
 
     def _answer(self, body: Any, answer: str | None) -> Prediction:
@@ -86,6 +95,7 @@ class TensorBackend:
     manifest: Mapping[str, Any]
     batches: bool = True
     seen: list[InferenceRequest] = field(default_factory=list)
+    gate: asyncio.Event | None = None
 
     async def start_worker(self, index: int) -> TensorWorker:
         return TensorWorker(self)

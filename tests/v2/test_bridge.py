@@ -377,7 +377,7 @@ async def infer_through_workers(
     registry = Registry()
     await registry.register("echo", "1.0", path.name, factory, settings)
     try:
-        response = await bridge.infer(
+        call = bridge.V2Call(
             DataPlane(registry),
             "echo",
             None,
@@ -387,6 +387,7 @@ async def infer_through_workers(
             api="v2-rest",
             max_items=MAX_ITEMS,
         )
+        response = await call.answer()
     finally:
         await registry.close()
     return response.outputs
@@ -424,15 +425,14 @@ def test_an_archive_without_a_signature_gets_what_predictions_would_give(
 def test_an_unknown_model_fails_before_anything_runs() -> None:
     request = v2_request(tensor("x", np.ones(1, np.float32)))
     with pytest.raises(ModelNotFound):
-        run(
-            bridge.infer(
-                DataPlane(Registry()),
-                "m",
-                None,
-                request,
-                headers={},
-                request_id="",
-                api="v2-rest",
-                max_items=MAX_ITEMS,
-            )
+        call = bridge.V2Call(
+            DataPlane(Registry()),
+            "m",
+            None,
+            request,
+            headers={},
+            request_id="",
+            api="v2-rest",
+            max_items=MAX_ITEMS,
         )
+        run(call.answer())

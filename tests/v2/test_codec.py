@@ -153,12 +153,12 @@ def test_rest_request_mixes_binary_and_json_inputs_in_order() -> None:
     assert request.id is None
     assert request.parameters == {"mode": "fast", "k": 2, "t": 0.5}
     assert request.outputs == [RequestedOutput("y", True), RequestedOutput("z", False)]
-    assert not request.binary_data_output
+    assert "binary_data_output" not in request.parameters
 
 
 def test_rest_request_without_outputs_asks_for_binary_output() -> None:
     body, length = http_request({"x": SAMPLES["FP32"]}, binary=True)
-    assert decode_rest(body, length).binary_data_output
+    assert decode_rest(body, length).parameters["binary_data_output"] is True
 
 
 def test_binary_inputs_are_read_only_views_of_the_body() -> None:

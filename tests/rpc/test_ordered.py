@@ -1,0 +1,107 @@
+"""`api.rpc.ordered.in_order`: requests run together, responses in request order, reading
+bounded by the window, failures neither lost nor leaked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from api.rpc.ordered import in_order
+from tests.support.aio import run
+
+
+async def numbers(count: int, *, fail_at: int | None = None) -> AsyncIterator[int]:
+    for number in range(count):
+        if number == fail_at:
+            raise ConnectionError("the client's stream broke off")
+        yield number
+
+
+def test_responses_follow_the_requests_order_whatever_finishes_first() -> None:
+    async def scenario() -> None:
+        async def respond(number: int) -> AsyncIterator[str]:
+            await asyncio.sleep(0.01 * (3 - number))  # the last request finishes first
+            yield f"{number}a"
+            yield f"{number}b"
+
+        got = [r async for r in in_order(numbers(4), respond, window=8)]
+        assert got == ["0a", "0b", "1a", "1b", "2a", "2b", "3a", "3b"]
+
+    run(scenario())
+
+
+def test_requests_run_together_up_to_the_window() -> None:
+    async def scenario() -> None:
+        running: list[int] = []
+        release = asyncio.Event()
+
+        async def respond(number: int) -> AsyncIterator[int]:
+            running.append(number)
+            await release.wait()
+            yield number
+
+        responses = in_order(numbers(10), respond, window=3)
+        first = asyncio.ensure_future(anext(responses))
+        await asyncio.sleep(0.05)
+        assert running == [0, 1, 2]  # read ahead, all three started; the fourth not read
+        release.set()
+        assert await first == 0
+        assert [r async for r in responses] == list(range(1, 10))
+
+    run(scenario())
+
+
+def test_a_broken_request_stream_ends_after_the_responses_before_it() -> None:
+    async def scenario() -> None:
+        async def respond(number: int) -> AsyncIterator[int]:
+            await asyncio.sleep(0.01)
+            yield number
+
+        got = []
+        with pytest.raises(ConnectionError):
+            async for response in in_order(numbers(5, fail_at=3), respond, window=8):
+                got.append(response)
+        assert got == [0, 1, 2]
+
+    run(scenario())
+
+
+def test_a_failing_respond_is_raised_not_lost() -> None:
+    async def scenario() -> None:
+        async def respond(number: int) -> AsyncIterator[int]:
+            if number == 1:
+                raise RuntimeError("a bug")
+            yield number
+
+        got = []
+        with pytest.raises(RuntimeError, match="a bug"):
+            async for response in in_order(numbers(3), respond, window=8):
+                got.append(response)
+        assert got == [0]
+
+    run(scenario())
+
+
+def test_closing_early_cancels_what_is_still_running() -> None:
+    async def scenario() -> None:
+        cancelled: list[int] = []
+
+        async def respond(number: int) -> AsyncIterator[int]:
+            try:
+                if number > 0:
+                    await asyncio.Event().wait()  # never answers
+                yield number
+            except asyncio.CancelledError:
+                cancelled.append(number)
+                raise
+
+        responses = in_order(numbers(4), respond, window=8)
+        assert await anext(responses) == 0
+        await asyncio.sleep(0.01)  # 1..3 read and running
+        await responses.aclose()  # type: ignore[attr-defined]
+        await asyncio.sleep(0.01)
+        assert sorted(cancelled) == [1, 2, 3]
+
+    run(scenario())
