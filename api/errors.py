@@ -3,6 +3,7 @@
     TorchgateError
     ├── BadRequest                 400  INVALID_ARGUMENT
     │   ├── PayloadTooLarge        413  RESOURCE_EXHAUSTED
+    │   ├── UnsupportedEncoding    415  INVALID_ARGUMENT  (a Content-Encoding we cannot undo)
     │   ├── InvalidWorkflow                            (a .war without a usable manifest/spec)
     │   └── InvalidDag                                 (its dag: is not one DAG)
     ├── Unauthenticated            401  UNAUTHENTICATED
@@ -62,6 +63,10 @@ class BadRequest(TorchgateError):
 
 class PayloadTooLarge(BadRequest):
     type_name = "RequestEntityTooLargeException"
+
+
+class UnsupportedEncoding(BadRequest):
+    type_name = "UnsupportedMediaTypeException"
 
 
 class Unauthenticated(TorchgateError):
@@ -165,6 +170,7 @@ STATUS_TABLE: dict[type[TorchgateError], tuple[int, str]] = {
     TorchgateError: (500, "INTERNAL"),
     BadRequest: (400, "INVALID_ARGUMENT"),
     PayloadTooLarge: (413, "RESOURCE_EXHAUSTED"),
+    UnsupportedEncoding: (415, "INVALID_ARGUMENT"),
     Unauthenticated: (401, "UNAUTHENTICATED"),
     Forbidden: (403, "PERMISSION_DENIED"),
     NotFound: (404, "NOT_FOUND"),

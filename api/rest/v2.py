@@ -2,24 +2,20 @@
 
 Health and metadata are FastAPI routes; `POST .../infer` is plain ASGI like `/predictions`.
 Errors are `{"error": "..."}` as the protocol says, with the status from `api.errors`.
-Triton's binary tensor extension is handled by `api.v2.codec`.
+Triton's binary tensor extension is handled by `api.v2.codec`; compressed bodies and answers
+(`Content-Encoding`, `Accept-Encoding`) by `api.rest.content_coding`.
 """
 
 from __future__ import annotations
-
-import zlib
 
 from fastapi import APIRouter
 
 from api.core.dataplane import DataPlane, ModelMetadata
 from api.core.types import API_V2_REST
 from api.encoding import Encoded
-from api.errors import (
-    BadRequest,
-    NotFound,
-    PayloadTooLarge,
-)
+from api.errors import NotFound, TorchgateError, UnsupportedEncoding
 from api.rest.asgi import Scope
+from api.rest.content_coding import ACCEPTED, chosen_coding, compressed, decompressed
 from api.rest.endpoint import KServeEndpoint
 from api.rest.responses import JsonResponse
 from api.v2 import EXTENSIONS, SERVER_NAME, SERVER_VERSION, bridge
@@ -109,7 +105,7 @@ class V2InferEndpoint(KServeEndpoint):
         model: str,
         version: str | None,
     ) -> Encoded:
-        body = _decompress(body, headers.get("content-encoding"), self.limits.request)
+        body = decompressed(body, headers.get("content-encoding"), self.limits.request)
         with bridge.codec_errors():
             request = decode_rest(body, headers.get("inference-header-content-length"))
         call = bridge.V2Call(
@@ -121,23 +117,17 @@ class V2InferEndpoint(KServeEndpoint):
             payload, extra = encode_rest(response, request.outputs, call.options.binary_data_output)
         if response.model_version:
             extra["x-model-version"] = response.model_version
+        coding = chosen_coding(headers.get("accept-encoding"))
+        if coding is not None:
+            # max_response_size bounds the answer itself, not what it compresses to.
+            self.check_size(payload, scope["path"])
+            payload = compressed(payload, coding)
+            extra["content-encoding"] = coding
+            extra["vary"] = "Accept-Encoding"
         return Encoded(200, payload, list(extra.items()))
 
-
-def _decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """Undo `Content-Encoding: gzip|deflate` (tritonclient's request_compression_algorithm)."""
-    if not encoding or encoding == "identity":
-        return body
-    if encoding not in ("gzip", "deflate"):
-        raise BadRequest(f"Unsupported Content-Encoding: {encoding}")
-    wbits = 31 if encoding == "gzip" else 15
-    inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"Body is not valid {encoding} data: {exc}") from None
-    if len(data) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"Decompressed body exceeds max_request_size of {limit} bytes")
-    if not inflater.eof:  # zlib hands back what it could of a cut-off stream, silently
-        raise BadRequest(f"Body is not valid {encoding} data: the stream is truncated")
-    return data
+    def error_reply(self, exc: TorchgateError) -> Encoded:
+        reply = super().error_reply(exc)
+        if isinstance(exc, UnsupportedEncoding):
+            reply.headers.append(("accept-encoding", ACCEPTED))  # what we take (RFC 7694)
+        return reply

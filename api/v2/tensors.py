@@ -162,13 +162,20 @@ def checked_data(tensor: Tensor) -> np.ndarray:
 
 
 def narrow(name: str, values: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
-    """Cast to ``dtype``, refusing integers that do not fit (a cast would wrap silently)."""
+    """Cast to ``dtype``, refusing values that do not fit: an integer cast would wrap silently,
+    and a float one turn a finite number into infinity (70000 as FP16, 1e39 as FP32)."""
     if values.dtype == dtype:
         return values
     if dtype.kind in "iu" and values.size:
         info = np.iinfo(dtype)
         if values.min() < info.min or values.max() > info.max:
             raise CodecError(f"input {name!r}: value out of range for {_DATATYPES[dtype]}")
+    if dtype.kind == "f" and values.size:
+        with np.errstate(over="ignore"):
+            narrowed = values.astype(dtype)
+        if np.isinf(narrowed).any() and (np.isinf(narrowed) & ~np.isinf(values)).any():
+            raise CodecError(f"input {name!r}: value out of range for {_DATATYPES[dtype]}")
+        return narrowed
     return values.astype(dtype)
 
 

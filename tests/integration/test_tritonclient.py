@@ -362,7 +362,7 @@ def test_compressed_requests(server: TorchgateServer, flavor: str) -> None:
             if t.http:
                 options = {
                     "request_compression_algorithm": algorithm,
-                    "response_compression_algorithm": algorithm,  # answered uncompressed
+                    "response_compression_algorithm": algorithm,  # answered compressed
                 }
             else:
                 options = {"compression_algorithm": algorithm}

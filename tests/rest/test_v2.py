@@ -270,7 +270,10 @@ def test_gzip_and_deflate_request_bodies(tmp_path: Path) -> None:
             response = await s.client.post(
                 "/v2/models/m/infer", content=body, headers={"content-encoding": "br"}
             )
-            assert error_of(response, 400) == "Unsupported Content-Encoding: br"
+            assert error_of(response, 415) == (
+                "Unsupported Content-Encoding: br (this server takes gzip, deflate)"
+            )
+            assert response.headers["accept-encoding"] == "gzip, deflate"  # RFC 7694
             response = await s.client.post(
                 "/v2/models/m/infer", content=b"not gzip", headers={"content-encoding": "gzip"}
             )
@@ -286,6 +289,44 @@ def test_gzip_and_deflate_request_bodies(tmp_path: Path) -> None:
                 "/v2/models/m/infer", content=bomb, headers={"content-encoding": "gzip"}
             )
             assert "exceeds max_request_size" in error_of(response, 413)
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("accept", "coding"),
+    [
+        ("gzip", "gzip"),
+        ("deflate", "deflate"),
+        ("deflate;q=0.5, gzip;q=0.4", "deflate"),
+        ("br, gzip", "gzip"),
+        ("*", "gzip"),
+        ("identity", None),
+        ("gzip;q=0.5, identity", None),
+        ("gzip;q=0", None),
+        ("br", None),
+    ],
+)
+def test_answers_are_compressed_as_accept_encoding_asks(
+    tmp_path: Path, accept: str, coding: str | None
+) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            doc = {"inputs": [x_input([[1.0, 2.0]])], "parameters": {"binary_data_output": True}}
+            headers = {"accept-encoding": accept}
+            # Streamed, to read the bytes as sent: httpx would undo the coding.
+            async with s.client.stream(
+                "POST", "/v2/models/m/infer", json=doc, headers=headers
+            ) as response:
+                assert response.status_code == 200
+                raw = b"".join([chunk async for chunk in response.aiter_raw()])
+            assert response.headers.get("content-encoding") == coding
+            if coding is not None:
+                assert response.headers["vary"] == "Accept-Encoding"
+                raw = zlib.decompress(raw, 31 if coding == "gzip" else 15)
+            length = int(response.headers[HEADER_LENGTH])  # of the uncompressed answer
+            assert orjson.loads(raw[:length])["outputs"][1]["name"] == "total"
+            assert np.frombuffer(raw[length:][-4:], np.float32).tolist() == [3.0]
 
     run(scenario())
 

@@ -314,6 +314,9 @@ def fp32(**overrides: Any) -> dict[str, Any]:
         (body_of(fp32(datatype="UINT64", data=[-1, 2])), "out of range for UINT64"),
         (body_of(fp32(datatype="UINT64", data=[-1, 2**64 - 1])), "out of range for UINT64"),
         (body_of(fp32(datatype="INT64", data=[1, 2**63])), "out of range for INT64"),
+        # A finite number a float type cannot hold would silently become infinity.
+        (body_of(fp32(datatype="FP16", data=[70000.0, 1.0])), "out of range for FP16"),
+        (body_of(fp32(data=[1e39, 1.0])), "out of range for FP32"),
         (body_of(fp32(datatype="UINT64", data=[0.5, 2**64 - 1])), "does not hold UINT64"),
         (body_of(fp32(datatype="BYTES", data=["a", 2])), "BYTES data must be JSON strings"),
         (body_of(fp32(name=3)), "input name must be a string"),
