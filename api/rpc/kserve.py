@@ -23,8 +23,10 @@ from api.v2.codec import decode_grpc, encode_grpc
 from api.v2.parameters import FINAL_RESPONSE
 
 # Requests of one ModelStreamInfer call read ahead of the one being answered: enough to fill
-# batches from one client, and a bound on what a client that stops reading makes us buffer.
-STREAM_WINDOW = 64
+# batches from one client (16 to 64 measured alike with digits), a bound on what a client that
+# stops reading makes us buffer, and few enough that three streams fit the default
+# job_queue_size of 100 (past it, a request's response is the 503 error, as for any client).
+STREAM_WINDOW = 32
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
