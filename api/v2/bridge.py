@@ -114,8 +114,6 @@ class V2Call:
             True,
             queue_timeout_s=self.options.timeout_us / 1e6 or None,
         )
-        if self.options.priority:
-            _note_priority(model)
         self._routed_to: ModelVersion | None = None  # the version `item` went to
 
     async def answer(self) -> V2Response:
@@ -136,6 +134,8 @@ class V2Call:
         check_outputs(self.request, signature, self.model)
         if item is self.item:  # not a shadow's copy, which is adapted here too
             self._routed_to = model_version
+            if self.options.priority:  # here, once the model is known to exist
+                _note_priority(self.model)
         if signature is None:  # rule 2, whatever the backend
             return replace(item, inputs=plain_item(item.inputs["body"]))
         return item
