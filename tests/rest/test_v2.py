@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ import pytest
 
 from api.app import Torchgate
 from api.core.types import API_V2_REST
+from api.v2 import bridge
 from tests.support.aio import run
 from tests.support.inprocess import started_torchgate
 from tests.support.tensor_backend import (
@@ -482,6 +484,26 @@ def test_sequence_parameters_reach_the_handler_as_torchserves_headers(tmp_path: 
             assert headers["ts_request_sequence_end"] == "true"
 
     run(scenario())
+
+
+def test_priority_is_accepted_and_warned_about_once_per_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bridge, "_priority_noted", set())  # once per process: start afresh
+
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            doc = {"inputs": [x_input([[1, 2]])], "parameters": {"priority": 2}}
+            response = await s.client.post("/v2/models/nope/infer", json=doc)
+            assert response.status_code == 404
+            for _ in range(2):
+                response = await s.client.post("/v2/models/m/infer", json=doc)
+                assert response.status_code == 200, response.text
+
+    with caplog.at_level(logging.WARNING, logger="api.v2.bridge"):
+        run(scenario())
+    notes = [r.getMessage() for r in caplog.records if "'priority'" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].startswith("m: ")  # not for the unknown model
 
 
 def test_malformed_bodies_are_400(tmp_path: Path) -> None:
