@@ -96,7 +96,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         def respond(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelStreamInferResponse]:
             return self._stream_responses(request, headers)
 
-        async for response in in_order(requests, respond, window=STREAM_WINDOW):
+        async for response in in_order(
+            requests, respond, window=STREAM_WINDOW, alone=_names_a_sequence
+        ):
             yield response
 
     async def _stream_responses(
@@ -141,6 +143,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             headers=headers, request_id=request_id(headers), api=API_V2_GRPC,
             max_items=self.max_items,
         )  # fmt: skip
+
+
+def _names_a_sequence(request: pb.ModelInferRequest) -> bool:
+    """A sequence's requests run one after the other, as before read-ahead: each sees the state
+    the one before left, and TorchServe's maxSequenceJobQueueSize (1 by default) would refuse
+    one queued behind another."""
+    return "sequence_id" in request.parameters
 
 
 def _mark_final(message: pb.ModelInferResponse, final: bool) -> None:

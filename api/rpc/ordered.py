@@ -8,6 +8,9 @@ them one at a time, each waiting for the previous one's round trip.
     async for response in in_order(requests, respond, window=64):
         yield response
 
+A request that must not overlap the ones before it (a sequence's, whose handler state each
+request leaves for the next) is marked by `alone`: it waits until they have finished.
+
 `respond(request)` gives one request's responses (one, or several for a streaming handler) and
 answers its own failures as responses: an exception out of it is a bug, and ends the stream.
 At most `window` requests are read ahead of the one whose responses are being sent, so a client
@@ -31,8 +34,12 @@ async def in_order(
     respond: Callable[[Request], AsyncIterator[Response]],
     *,
     window: int,
+    alone: Callable[[Request], bool] | None = None,
 ) -> AsyncIterator[Response]:
-    """`respond`'s responses for each request, requests run concurrently, responses in order."""
+    """`respond`'s responses for each request, requests run concurrently, responses in order.
+
+    A request for which `alone(request)` is true starts only once every request before it has
+    finished, as one at a time would run it."""
     # One queue of responses per request, in request order; None once the requests end.
     outboxes: asyncio.Queue[tuple[asyncio.Queue[object], asyncio.Task[None]] | None] = (
         asyncio.Queue()
@@ -46,12 +53,19 @@ async def in_order(
         finally:
             outbox.put_nowait(_DONE)
 
+    running: set[asyncio.Task[None]] = set()
+
     async def read() -> None:
         try:
             async for request in requests:
                 await slots.acquire()
+                if alone is not None and alone(request) and running:
+                    await asyncio.wait(running)
                 outbox: asyncio.Queue[object] = asyncio.Queue()
-                outboxes.put_nowait((outbox, asyncio.ensure_future(run(request, outbox))))
+                task = asyncio.ensure_future(run(request, outbox))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                outboxes.put_nowait((outbox, task))
         finally:
             outboxes.put_nowait(None)
 

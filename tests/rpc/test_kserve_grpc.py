@@ -279,6 +279,29 @@ def test_stream_infer_runs_the_requests_it_has_read_together(tmp_path: Path) -> 
     run(scenario())
 
 
+def test_stream_infer_runs_a_sequences_requests_one_at_a_time(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            backend = client.backend()
+            backend.gate = asyncio.Event()
+            requests = [infer_request([[float(i), 0.0]]) for i in range(3)]
+            for request in requests:
+                request.parameters["sequence_id"].int64_param = 9
+            call = client.stub.ModelStreamInfer(iter(requests))
+            batcher = client.tg.registry.get("m", "1.0").batcher
+            await wait_for(lambda: batcher.in_flight == 1)
+            await asyncio.sleep(0.1)
+            # Not read ahead into the queue, where a sequence model's maxSequenceJobQueueSize
+            # (1 by default) would refuse the third.
+            assert batcher.in_flight == 1
+            backend.gate.set()
+            answers = [await call.read() for _ in requests]
+            assert [a.error_message for a in answers] == ["", "", ""]
+            assert [h.headers["ts_request_sequence_id"] for h in backend.seen] == ["9"] * 3
+
+    run(scenario())
+
+
 @pytest.mark.parametrize("empty_final", [False, True])
 def test_stream_infer_sends_a_streaming_handlers_parts(tmp_path: Path, empty_final: bool) -> None:
     async def scenario() -> None:

@@ -53,6 +53,26 @@ def test_requests_run_together_up_to_the_window() -> None:
     run(scenario())
 
 
+def test_a_request_marked_alone_waits_for_those_before_it() -> None:
+    async def scenario() -> None:
+        events: list[str] = []
+
+        async def respond(number: int) -> AsyncIterator[int]:
+            events.append(f"start {number}")
+            await asyncio.sleep(0.01)
+            events.append(f"end {number}")
+            yield number
+
+        got = [r async for r in in_order(numbers(4), respond, window=8, alone=lambda n: n == 2)]
+        assert got == [0, 1, 2, 3]
+        # 0 and 1 overlap; 2 starts once both ended; 3 may start beside 2 again.
+        assert events.index("start 2") > max(events.index("end 0"), events.index("end 1"))
+        assert events.index("start 1") < events.index("end 0")
+        assert events.index("start 3") < events.index("end 2")
+
+    run(scenario())
+
+
 def test_a_broken_request_stream_ends_after_the_responses_before_it() -> None:
     async def scenario() -> None:
         async def respond(number: int) -> AsyncIterator[int]:
