@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from api.core.registry import ModelVersion, Registry
 from api.core.routing import Router
@@ -20,8 +20,15 @@ from api.errors import DeadlineExceeded, TorchgateError, http_status
 
 log = logging.getLogger(__name__)
 
+
 # Checks a request against the version it was routed to and returns what that version gets.
-Adapt = Callable[[ModelVersion, InferenceRequest], InferenceRequest]
+class Adapt(Protocol):
+    """Checks a request against the version it goes to and returns what that version's
+    handler gets (see `DataPlane.infer`); `shadow` for a shadow's copy."""
+
+    def __call__(
+        self, model_version: ModelVersion, request: InferenceRequest, /, *, shadow: bool
+    ) -> InferenceRequest: ...
 
 
 @dataclass(slots=True)
@@ -96,9 +103,10 @@ class DataPlane:
     ) -> Answer:
         """Route, queue and run one request; raises a `TorchgateError` on failure.
 
-        `adapt(model_version, request)` runs once the version is chosen, before queueing: it
-        checks the request against that version (its signature) and returns the request that
-        version's handler gets, or raises (BadRequest). Shadow copies are adapted to theirs.
+        `adapt(model_version, request, shadow=False)` runs once the version is chosen, before
+        queueing: it checks the request against that version (its signature) and returns the
+        request that version's handler gets, or raises (BadRequest). Shadow copies are adapted
+        to theirs, with `shadow=True`.
 
         A handler's per-item error (status >= 400) comes back as a `Prediction` with that status,
         not as an exception, so the transport can send the handler's own body.
@@ -109,7 +117,7 @@ class DataPlane:
         for shadow in shadows:
             self._start_shadow(model, shadow, request, adapt)
         if adapt is not None:
-            request = adapt(model_version, request)
+            request = adapt(model_version, request, shadow=False)
         try:
             prediction = await self._run(model_version, request)
         except TorchgateError as exc:
@@ -197,8 +205,13 @@ class DataPlane:
         if request.dispatched:
             # Looked at again later: it comes back to the queue if its worker dies before
             # starting it, and must not wait there forever if no worker is left to take it.
+            # A client's own bound is looked at as often as it asks, but not more than every
+            # 10 ms while a worker holds the request.
+            recheck = timeout
+            if request.queue_timeout_s is not None:
+                recheck = max(min(request.queue_timeout_s, timeout), 0.01)
             future.get_loop().call_later(
-                timeout, self._deadline_passed, future, request, model_version, timeout
+                recheck, self._deadline_passed, future, request, model_version, timeout
             )
             return
         self._observer.request_rejected(model_version.name, model_version.version, REJECT_DEADLINE)
@@ -228,7 +241,7 @@ class DataPlane:
             status, prediction = 500, None
             try:
                 model_version = self.registry.ready_version(model, version)
-                adapted = copy if adapt is None else adapt(model_version, copy)
+                adapted = copy if adapt is None else adapt(model_version, copy, shadow=True)
                 prediction = await self._run(model_version, adapted)
                 status = prediction.status
             except TorchgateError as exc:

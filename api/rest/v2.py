@@ -117,13 +117,15 @@ class V2InferEndpoint(KServeEndpoint):
             payload, extra = encode_rest(response, request.outputs, call.options.binary_data_output)
         if response.model_version:
             extra["x-model-version"] = response.model_version
+        extra["vary"] = "Accept-Encoding"  # the answer may differ with it, compressed or not
         coding = chosen_coding(headers.get("accept-encoding"))
         if coding is not None:
             # max_response_size bounds the answer itself, not what it compresses to.
             self.check_size(payload, scope["path"])
-            payload = compressed(payload, coding)
-            extra["content-encoding"] = coding
-            extra["vary"] = "Accept-Encoding"
+            packed = await compressed(payload, coding)
+            if packed is not None:
+                payload = packed
+                extra["content-encoding"] = coding
         return Encoded(200, payload, list(extra.items()))
 
     def error_reply(self, exc: TorchgateError) -> Encoded:

@@ -6,26 +6,27 @@ repository, statistics, shared memory) get UNIMPLEMENTED from gRPC itself.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 
 from api.core.dataplane import DataPlane
-from api.core.types import API_V2_GRPC
-from api.errors import TorchgateError
+from api.core.sequences import SEQUENCE_ID
+from api.core.types import API_V2_GRPC, header_value
+from api.errors import Overloaded, TorchgateError
 from api.request_ids import request_id
 from api.rpc.errors import grpc_errors, metadata_headers
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
-from api.rpc.ordered import in_order
+from api.rpc.ordered import Earlier, in_order
 from api.v2 import EXTENSIONS, SERVER_NAME, SERVER_VERSION, bridge
-from api.v2.codec import decode_grpc, encode_grpc
+from api.v2.codec import V2Response, decode_grpc, encode_grpc
 from api.v2.parameters import FINAL_RESPONSE
 
 # Requests of one ModelStreamInfer call read ahead of the one being answered: enough to fill
-# batches from one client (16 to 64 measured alike with digits), a bound on what a client that
-# stops reading makes us buffer, and few enough that three streams fit the default
-# job_queue_size of 100 (past it, a request's response is the 503 error, as for any client).
+# batches from one client (16 to 64 measured alike with digits), and a bound on what a client
+# that stops reading makes us buffer. A request refused by a queue its own stream filled waits
+# for the stream's earlier requests and tries again (`_backpressured`).
 STREAM_WINDOW = 32
 
 
@@ -93,16 +94,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         last in the `triton_final_response` parameter, which Triton's clients wait for."""
         headers = metadata_headers(context)
 
-        def respond(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelStreamInferResponse]:
-            return self._stream_responses(request, headers)
+        def respond(
+            request: pb.ModelInferRequest, earlier: Earlier
+        ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+            return self._stream_responses(request, headers, earlier)
 
-        async for response in in_order(
-            requests, respond, window=STREAM_WINDOW, alone=_names_a_sequence
-        ):
+        def sequence_of(request: pb.ModelInferRequest) -> str | None:
+            return _sequence_id(request, headers)
+
+        async for response in in_order(requests, respond, window=STREAM_WINDOW, key=sequence_of):
             yield response
 
     async def _stream_responses(
-        self, request: pb.ModelInferRequest, headers: dict[str, str]
+        self, request: pb.ModelInferRequest, headers: dict[str, str], earlier: Earlier
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """One request's responses: one, or a streaming handler's parts and then its final
         response, as a decoupled Triton model sends them. With the request parameter
@@ -113,7 +117,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             call = self._call(request, headers)
             empty_final = call.options.empty_final_response
-            async for v2_response, final in call.responses():
+            async for v2_response, final in _backpressured(call, earlier):
                 streamed = streamed or not final
                 with bridge.codec_errors():
                     message = encode_grpc(v2_response, call.request.outputs)
@@ -145,11 +149,35 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         )  # fmt: skip
 
 
-def _names_a_sequence(request: pb.ModelInferRequest) -> bool:
-    """A sequence's requests run one after the other, as before read-ahead: each sees the state
-    the one before left, and TorchServe's maxSequenceJobQueueSize (1 by default) would refuse
-    one queued behind another."""
-    return "sequence_id" in request.parameters
+async def _backpressured(
+    call: bridge.V2Call, earlier: Earlier
+) -> AsyncIterator[tuple[V2Response, bool]]:
+    """`call.responses()`; refused for a full queue while requests read before it on the same
+    stream still run, it waits for those and tries once more. Read-ahead must not cost a
+    request that one-at-a-time reading would have served. (The refusal is still counted, as a
+    503 and in `torchgate_rejected_total`, beside the request's own outcome.)"""
+    try:
+        async for response in call.responses():
+            yield response
+        return
+    except Overloaded:
+        if not await earlier():
+            raise
+    async for response in call.responses():
+        yield response
+
+
+def _sequence_id(request: pb.ModelInferRequest, headers: Mapping[str, str]) -> str | None:
+    """The sequence a stream's request belongs to, as `api.v2.bridge` will read it: its
+    `sequence_id` parameter (0 or "" is none), else the stream's `ts_request_sequence_id`
+    metadata. Its requests run one after the other (`api.rpc.ordered`)."""
+    if "sequence_id" in request.parameters:
+        parameter = request.parameters["sequence_id"]
+        choice = parameter.WhichOneof("parameter_choice")
+        value = None if choice is None else getattr(parameter, choice)
+        if value not in (None, 0, ""):
+            return str(value)
+    return header_value(headers, SEQUENCE_ID)
 
 
 def _mark_final(message: pb.ModelInferResponse, final: bool) -> None:

@@ -5,67 +5,92 @@ of a non-decoupled model in the order the requests came; a client that sends a b
 stream has them batched together. Awaiting each request before reading the next would run
 them one at a time, each waiting for the previous one's round trip.
 
-    async for response in in_order(requests, respond, window=64):
+    async for response in in_order(requests, respond, window=32, key=sequence_of):
         yield response
 
-A request that must not overlap the ones before it (a sequence's, whose handler state each
-request leaves for the next) is marked by `alone`: it waits until they have finished.
+`respond(request, earlier)` gives one request's responses (one, or several for a streaming
+handler) and answers its own failures as responses: an exception out of it is a bug, and ends
+the stream. `await earlier()` waits until every request read before this one has finished, and
+says whether any was still running: a request refused for a reason its own stream's read-ahead
+caused (a full queue) waits, then tries again, as it would have run one at a time.
 
-`respond(request)` gives one request's responses (one, or several for a streaming handler) and
-answers its own failures as responses: an exception out of it is a bug, and ends the stream.
-At most `window` requests are read ahead of the one whose responses are being sent, so a client
-that stops reading its responses stops the server from reading (and buffering) more requests.
+Requests with the same `key(request)` (not None) run one after the other, in order: a
+sequence's, whose handler state each request leaves for the next, and which a sequence model
+queues only `maxSequenceJobQueueSize` deep. Requests of other keys, or none, run beside them.
+
+At most `window` requests are read ahead of the one whose responses are being sent (one more
+is read and waits for a slot), so a client that stops reading its responses stops the server
+from reading, and buffering, more.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Hashable
 from typing import TypeVar, cast
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 
+Earlier = Callable[[], Awaitable[bool]]
 _DONE = object()  # ends one request's responses
 
 
 async def in_order(
     requests: AsyncIterable[Request],
-    respond: Callable[[Request], AsyncIterator[Response]],
+    respond: Callable[[Request, Earlier], AsyncIterator[Response]],
     *,
     window: int,
-    alone: Callable[[Request], bool] | None = None,
+    key: Callable[[Request], Hashable | None] | None = None,
 ) -> AsyncIterator[Response]:
-    """`respond`'s responses for each request, requests run concurrently, responses in order.
-
-    A request for which `alone(request)` is true starts only once every request before it has
-    finished, as one at a time would run it."""
+    """`respond`'s responses for each request, requests run concurrently, responses in order;
+    see the module docstring."""
     # One queue of responses per request, in request order; None once the requests end.
     outboxes: asyncio.Queue[tuple[asyncio.Queue[object], asyncio.Task[None]] | None] = (
         asyncio.Queue()
     )
     slots = asyncio.Semaphore(window)
+    running: set[asyncio.Task[None]] = set()
+    last_of_key: dict[Hashable, asyncio.Task[None]] = {}
 
-    async def run(request: Request, outbox: asyncio.Queue[object]) -> None:
+    async def run(
+        request: Request,
+        outbox: asyncio.Queue[object],
+        before: tuple[asyncio.Task[None], ...],
+        same_key: asyncio.Task[None] | None,
+    ) -> None:
+        async def earlier() -> bool:
+            still = [task for task in before if not task.done()]
+            if still:
+                await asyncio.wait(still)
+            return bool(still)
+
         try:
-            async for response in respond(request):
+            if same_key is not None:
+                await asyncio.wait([same_key])
+            async for response in respond(request, earlier):
                 outbox.put_nowait(response)
         finally:
             outbox.put_nowait(_DONE)
 
-    running: set[asyncio.Task[None]] = set()
+    def start(request: Request) -> asyncio.Task[None]:
+        name = None if key is None else key(request)
+        same_key = None if name is None else last_of_key.get(name)
+        outbox: asyncio.Queue[object] = asyncio.Queue()
+        task = asyncio.ensure_future(run(request, outbox, tuple(running), same_key))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        if name is not None:
+            last_of_key[name] = task
+            task.add_done_callback(lambda done: _forget(last_of_key, name, done))
+        outboxes.put_nowait((outbox, task))
+        return task
 
     async def read() -> None:
         try:
             async for request in requests:
                 await slots.acquire()
-                if alone is not None and alone(request) and running:
-                    await asyncio.wait(running)
-                outbox: asyncio.Queue[object] = asyncio.Queue()
-                task = asyncio.ensure_future(run(request, outbox))
-                running.add(task)
-                task.add_done_callback(running.discard)
-                outboxes.put_nowait((outbox, task))
+                start(request)
         finally:
             outboxes.put_nowait(None)
 
@@ -88,3 +113,11 @@ async def in_order(
             entry = outboxes.get_nowait()
             if entry is not None:
                 entry[1].cancel()
+
+
+def _forget(
+    last_of_key: dict[Hashable, asyncio.Task[None]], name: Hashable, task: asyncio.Task[None]
+) -> None:
+    """Drop a finished task from `last_of_key` unless a later one of its key took its place."""
+    if last_of_key.get(name) is task:
+        del last_of_key[name]

@@ -38,7 +38,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -101,8 +101,10 @@ class V2Call:
         api: str,
         max_items: int,
     ) -> None:
-        with codec_errors():
+        try:
             self.options = request_options(request.parameters, grpc=api == API_V2_GRPC)
+        except CodecError as exc:
+            raise BadRequest(str(exc)) from None
         check_extensions(request)
         check_items(request, max_items)
         self.dataplane, self.model, self.version, self.request = dataplane, model, version, request
@@ -122,17 +124,20 @@ class V2Call:
 
     async def responses(self) -> AsyncIterator[tuple[V2Response, bool]]:
         async for prediction, final in iterate(self.item, self._infer):
-            assert self._routed_to is not None  # routed before it ran, so before any response
-            yield self._response(prediction, self._routed_to), final
+            # Routed (`_for_version`) before it was queued, so before any response came.
+            routed_to = cast(ModelVersion, self._routed_to)
+            yield self._response(prediction, routed_to), final
 
     def _infer(self, item: InferenceRequest) -> Awaitable[Answer]:
         return self.dataplane.infer(self.model, self.version, item, adapt=self._for_version)
 
-    def _for_version(self, model_version: ModelVersion, item: InferenceRequest) -> InferenceRequest:
+    def _for_version(
+        self, model_version: ModelVersion, item: InferenceRequest, *, shadow: bool
+    ) -> InferenceRequest:
         signature = model_version.backend.signature
         check_inputs(self.request, signature)
         check_outputs(self.request, signature, self.model)
-        if item is self.item:  # not a shadow's copy, which is adapted here too
+        if not shadow:
             self._routed_to = model_version
             if self.options.priority:  # here, once the model is known to exist
                 _note_priority(self.model)

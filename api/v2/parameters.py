@@ -67,12 +67,12 @@ def request_options(parameters: Parameters, *, grpc: bool) -> RequestOptions:
 
 
 def _sequence_id(value: ParamValue | None) -> str | None:
-    if value is None or value == "" or value == 0:
+    if value is None:
         return None
     if isinstance(value, str):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return str(value)
+        return value or None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value) if value else None
     raise CodecError(
         f"Unable to parse 'sequence_id': expected an unsigned integer or a string, got {value!r}"
     )

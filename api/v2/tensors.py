@@ -173,7 +173,8 @@ def narrow(name: str, values: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
     if dtype.kind == "f" and values.size:
         with np.errstate(over="ignore"):
             narrowed = values.astype(dtype)
-        if np.isinf(narrowed).any() and (np.isinf(narrowed) & ~np.isinf(values)).any():
+        infinite = np.isinf(narrowed)
+        if infinite.any() and (infinite & ~np.isinf(values)).any():
             raise CodecError(f"input {name!r}: value out of range for {_DATATYPES[dtype]}")
         return narrowed
     return values.astype(dtype)

@@ -511,7 +511,9 @@ def test_grpc_stream_infer_reports_each_answer(server: TorchgateServer) -> None:
 
 def test_grpc_stream_clients_that_wait_for_the_final_flag(server: TorchgateServer) -> None:
     """The loop Triton's streaming clients run: read responses until one carries
-    `triton_final_response`; asked for with `enable_empty_final_response` as LLM clients do."""
+    `triton_final_response`. With `enable_empty_final_response` set, as LLM clients set it, a
+    model that does not stream still answers once, with the flag (a streaming handler's parts
+    and empty final: tests/rpc/test_kserve_grpc.py)."""
     images = digits_images(3)
     expected = top_labels(server, "digits", images)
     results: queue.Queue[tuple[Any, Any]] = queue.Queue()

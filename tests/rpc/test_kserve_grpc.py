@@ -12,7 +12,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,8 +20,9 @@ import grpc
 import numpy as np
 import pytest
 
+import api.core.registry as registry_module
 from api.app import Torchgate
-from api.core.types import API_V2_GRPC
+from api.core.types import API_V2_GRPC, ModelSettings
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.support.aio import expect_grpc_error as expect_error
@@ -279,25 +280,68 @@ def test_stream_infer_runs_the_requests_it_has_read_together(tmp_path: Path) -> 
     run(scenario())
 
 
-def test_stream_infer_runs_a_sequences_requests_one_at_a_time(tmp_path: Path) -> None:
+@pytest.fixture
+def sequence_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model "m" with TorchServe's sequenceBatching on (a fake archive has no
+    model-config.yaml to say so): a sequence queues maxSequenceJobQueueSize=1 request."""
+    make = registry_module._make_batcher
+
+    def make_sequence_batcher(name: str, version: str, settings: ModelSettings, *rest: Any) -> Any:
+        if name == "m":
+            settings = replace(settings, sequence_batching=True, sequence_max_idle_ms=60_000)
+            settings.max_num_sequence = 4
+        return make(name, version, settings, *rest)
+
+    monkeypatch.setattr(registry_module, "_make_batcher", make_sequence_batcher)
+
+
+@pytest.mark.parametrize("named_by", ["parameter", "metadata"])
+@pytest.mark.usefixtures("sequence_model")
+def test_stream_infer_queues_a_sequences_requests_one_at_a_time(
+    tmp_path: Path, named_by: str
+) -> None:
     async def scenario() -> None:
         async with serving(tmp_path) as client:
             backend = client.backend()
             backend.gate = asyncio.Event()
-            requests = [infer_request([[float(i), 0.0]]) for i in range(3)]
-            for request in requests:
-                request.parameters["sequence_id"].int64_param = 9
+            requests = [infer_request([[float(i), 0.0]]) for i in range(4)]
+            other = infer_request([[9.0, 0.0]])
+            metadata: tuple[tuple[str, str], ...] = ()
+            if named_by == "parameter":
+                for request in requests:
+                    request.parameters["sequence_id"].string_param = "s1"
+                other.parameters["sequence_id"].string_param = "s2"
+            else:
+                metadata = (("ts_request_sequence_id", "s1"),)
+            call = client.stub.ModelStreamInfer(iter([*requests, other]), metadata=metadata)
+            await asyncio.sleep(0.2)  # all five read by now
+            backend.gate.set()
+            answers = [await call.read() for _ in range(5)]
+            # Read ahead into the sequence's queue (1 deep), the third would have been 503.
+            assert [a.error_message for a in answers] == [""] * 5
+            sequences = [r.headers["ts_request_sequence_id"] for r in backend.seen]
+            if named_by == "parameter":  # another sequence's request ran beside s1's
+                assert sequences.count("s1") == 4 and sequences.index("s2") < 4
+            else:  # the stream's metadata names one sequence for all
+                assert sequences == ["s1"] * 5
+
+    run(scenario())
+
+
+def test_stream_read_ahead_waits_rather_than_overflow_a_small_queue(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path, job_queue_size="4") as client:
+            backend = client.backend()
+            backend.gate = asyncio.Event()
+            requests = [infer_request([[float(i), 0.0]]) for i in range(10)]
             call = client.stub.ModelStreamInfer(iter(requests))
-            batcher = client.tg.registry.get("m", "1.0").batcher
-            await wait_for(lambda: batcher.in_flight == 1)
-            await asyncio.sleep(0.1)
-            # Not read ahead into the queue, where a sequence model's maxSequenceJobQueueSize
-            # (1 by default) would refuse the third.
-            assert batcher.in_flight == 1
+            await asyncio.sleep(0.2)  # read ahead: more than 4 tried the queue
             backend.gate.set()
             answers = [await call.read() for _ in requests]
-            assert [a.error_message for a in answers] == ["", "", ""]
-            assert [h.headers["ts_request_sequence_id"] for h in backend.seen] == ["9"] * 3
+            # One at a time, none would have met a full queue: none does now either.
+            assert [a.error_message for a in answers] == [""] * 10
+            totals = [outputs_of(a.infer_response)["total"].tolist() for a in answers]
+            assert totals == [[float(i)] for i in range(10)]
 
     run(scenario())
 

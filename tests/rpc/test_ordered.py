@@ -1,5 +1,6 @@
 """`api.rpc.ordered.in_order`: requests run together, responses in request order, reading
-bounded by the window, failures neither lost nor leaked."""
+bounded by the window, a key's requests one after the other, failures neither lost nor
+leaked."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from api.rpc.ordered import in_order
+from api.rpc.ordered import Earlier, in_order
 from tests.support.aio import run
 
 
@@ -21,7 +22,7 @@ async def numbers(count: int, *, fail_at: int | None = None) -> AsyncIterator[in
 
 def test_responses_follow_the_requests_order_whatever_finishes_first() -> None:
     async def scenario() -> None:
-        async def respond(number: int) -> AsyncIterator[str]:
+        async def respond(number: int, earlier: Earlier) -> AsyncIterator[str]:
             await asyncio.sleep(0.01 * (3 - number))  # the last request finishes first
             yield f"{number}a"
             yield f"{number}b"
@@ -37,7 +38,7 @@ def test_requests_run_together_up_to_the_window() -> None:
         running: list[int] = []
         release = asyncio.Event()
 
-        async def respond(number: int) -> AsyncIterator[int]:
+        async def respond(number: int, earlier: Earlier) -> AsyncIterator[int]:
             running.append(number)
             await release.wait()
             yield number
@@ -45,7 +46,7 @@ def test_requests_run_together_up_to_the_window() -> None:
         responses = in_order(numbers(10), respond, window=3)
         first = asyncio.ensure_future(anext(responses))
         await asyncio.sleep(0.05)
-        assert running == [0, 1, 2]  # read ahead, all three started; the fourth not read
+        assert running == [0, 1, 2]  # read ahead, three started; a fourth read waits for a slot
         release.set()
         assert await first == 0
         assert [r async for r in responses] == list(range(1, 10))
@@ -53,29 +54,57 @@ def test_requests_run_together_up_to_the_window() -> None:
     run(scenario())
 
 
-def test_a_request_marked_alone_waits_for_those_before_it() -> None:
+def test_requests_of_one_key_run_one_after_the_other() -> None:
     async def scenario() -> None:
         events: list[str] = []
 
-        async def respond(number: int) -> AsyncIterator[int]:
+        async def respond(number: int, earlier: Earlier) -> AsyncIterator[int]:
             events.append(f"start {number}")
             await asyncio.sleep(0.01)
             events.append(f"end {number}")
             yield number
 
-        got = [r async for r in in_order(numbers(4), respond, window=8, alone=lambda n: n == 2)]
-        assert got == [0, 1, 2, 3]
-        # 0 and 1 overlap; 2 starts once both ended; 3 may start beside 2 again.
-        assert events.index("start 2") > max(events.index("end 0"), events.index("end 1"))
-        assert events.index("start 1") < events.index("end 0")
-        assert events.index("start 3") < events.index("end 2")
+        def key(number: int) -> str | None:
+            return None if number == 4 else "odd" if number % 2 else "even"
+
+        got = [r async for r in in_order(numbers(5), respond, window=8, key=key)]
+        assert got == [0, 1, 2, 3, 4]
+        for before, after in ((0, 2), (1, 3)):  # one key: the next starts once the last ended
+            assert events.index(f"start {after}") > events.index(f"end {before}")
+        for first, second in ((0, 1), (2, 3), (0, 4)):  # other keys, or none: side by side
+            assert events.index(f"start {second}") < events.index(f"end {first}")
+
+    run(scenario())
+
+
+def test_earlier_waits_for_the_requests_read_before() -> None:
+    async def scenario() -> None:
+        waited: dict[int, bool] = {}
+        release = asyncio.Event()
+
+        async def respond(number: int, earlier: Earlier) -> AsyncIterator[int]:
+            if number == 0:
+                await release.wait()
+            else:
+                asyncio.get_running_loop().call_later(0.02, release.set)
+                waited[number] = await earlier()
+                assert release.is_set()  # it returned only once request 0 had finished
+            yield number
+
+        got = [r async for r in in_order(numbers(2), respond, window=8)]
+        assert got == [0, 1] and waited == {1: True}
+
+        async def alone(number: int, earlier: Earlier) -> AsyncIterator[bool]:
+            yield await earlier()
+
+        assert [r async for r in in_order(numbers(1), alone, window=8)] == [False]
 
     run(scenario())
 
 
 def test_a_broken_request_stream_ends_after_the_responses_before_it() -> None:
     async def scenario() -> None:
-        async def respond(number: int) -> AsyncIterator[int]:
+        async def respond(number: int, earlier: Earlier) -> AsyncIterator[int]:
             await asyncio.sleep(0.01)
             yield number
 
@@ -90,7 +119,7 @@ def test_a_broken_request_stream_ends_after_the_responses_before_it() -> None:
 
 def test_a_failing_respond_is_raised_not_lost() -> None:
     async def scenario() -> None:
-        async def respond(number: int) -> AsyncIterator[int]:
+        async def respond(number: int, earlier: Earlier) -> AsyncIterator[int]:
             if number == 1:
                 raise RuntimeError("a bug")
             yield number
@@ -108,7 +137,7 @@ def test_closing_early_cancels_what_is_still_running() -> None:
     async def scenario() -> None:
         cancelled: list[int] = []
 
-        async def respond(number: int) -> AsyncIterator[int]:
+        async def respond(number: int, earlier: Earlier) -> AsyncIterator[int]:
             try:
                 if number > 0:
                     await asyncio.Event().wait()  # never answers

@@ -47,6 +47,8 @@ def test_a_sequence_id_is_an_unsigned_integer_or_a_string(value: Any, expected: 
         ("sequence_id", -1, "Unable to parse 'sequence_id'"),
         ("sequence_id", 1.5, "Unable to parse 'sequence_id'"),
         ("sequence_id", True, "Unable to parse 'sequence_id'"),
+        ("sequence_id", False, "Unable to parse 'sequence_id'"),
+        ("sequence_id", 0.0, "Unable to parse 'sequence_id'"),
         ("sequence_start", "yes", "Unable to parse 'sequence_start'"),
         ("sequence_end", 1, "Unable to parse 'sequence_end'"),
         ("priority", -2, "Unable to parse 'priority'"),
