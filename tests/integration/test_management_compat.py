@@ -191,6 +191,18 @@ STEPS = [
 ]
 
 # Step id -> (TorchServe's status, torchgate's, why). Everything else must match.
+# Steps whose TorchServe answer depends on timing on its own side: (its possible statuses,
+# ours, why). Ours is asserted as docs/compatibility.md says.
+RACES = {
+    "POST /models?url=other.mar&model_name=st0&initial_workers=1&startup_timeout=0": (
+        {500, 200},
+        500,
+        "TorchServe starts the worker with no time to load and gives up on it: it answers 500, "
+        "or 200 when its registration answers first (seen under load), and unregisters either "
+        "way; torchgate refuses at once with 500",
+    ),
+}
+
 DEVIATIONS = {
     "PUT /models/echo?min_worker=-1": (
         500,
@@ -308,6 +320,11 @@ IDS = step_ids()
 @pytest.mark.parametrize("index", range(len(STEPS)), ids=IDS)
 def test_same_answer(answers: list[tuple[Any, Any]], index: int) -> None:
     (their_status, theirs), (our_status, ours) = answers[index]
+    race = RACES.get(IDS[index])
+    if race is not None:
+        possible, expected, why = race
+        assert their_status in possible and our_status == expected, why
+        return
     deviation = DEVIATIONS.get(IDS[index])
     if deviation is not None:
         assert (their_status, our_status) == deviation[:2], deviation[2]
