@@ -20,8 +20,10 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and _fields(stat)[0] == "Z")
+    try:
+        return _fields(Path(f"/proc/{pid}/stat"))[0] != "Z"
+    except OSError:  # gone, or reaped between the kill above and this read
+        return False
 
 
 def parent_of(pid: int) -> int:
