@@ -158,6 +158,7 @@ class WorkerBackend:
         self._max_image_pixels = max_image_pixels
         self._max_items_per_request = max_items_per_request
         self._declared_metrics = tuple(declared_metrics)
+        self._unstreamed_apis: set[str] = set()  # warned about (`note_unstreamed`)
         self._service_envelope = service_envelope
         self._workers: set[ProcessWorker] = set()
         # The model's own package directory (api.backends.requirements), if it has one, made
@@ -262,6 +263,23 @@ class WorkerBackend:
     def _forget(self, worker: ProcessWorker) -> None:
         self._workers.discard(worker)
 
+    def note_unstreamed(self, api: str) -> None:
+        """A streaming handler's intermediate response reached a request whose API answers
+        once (v2 infer, v1 predict, unary gRPC): it is dropped, and the client gets the final
+        response alone. Said once per API, not in silence."""
+        if api in self._unstreamed_apis:
+            return
+        self._unstreamed_apis.add(api)
+        log.warning(
+            "Model %s version %s: the handler sent intermediate responses "
+            "(send_intermediate_predict_response) to a %s request, which answers once: they "
+            "are dropped and the client gets the final response only. Stream with REST "
+            "/predictions, gRPC StreamPredictions or KServe v2 ModelStreamInfer",
+            self.archive.name,
+            self.archive.version,
+            api,
+        )
+
 
 class ProcessWorker:
     """One worker process of a `WorkerBackend`, as the batcher drives it."""
@@ -327,7 +345,7 @@ class ProcessWorker:
             for request in batch
         ]
         timeout = self._backend.settings.response_timeout_s
-        on_chunk = _chunk_forwarder(batch) if any(r.stream for r in batch) else None
+        on_chunk = _chunk_forwarder(batch, self._backend.note_unstreamed)
         try:
             reply = await self._process.call(("batch", items), timeout, on_chunk)
         except TimeoutError:
@@ -353,13 +371,20 @@ class ProcessWorker:
         await self._process.stop(STOP_GRACE_S)
 
 
-def _chunk_forwarder(batch: Sequence[InferenceRequest]) -> Callable[[list[Any]], None]:
-    """Hands each intermediate response to its request's `stream` callback."""
+def _chunk_forwarder(
+    batch: Sequence[InferenceRequest], unstreamed: Callable[[str], None]
+) -> Callable[[list[Any]], None]:
+    """Hands each intermediate response to its request's `stream` callback; one whose request
+    came through an API that cannot stream is dropped, and `unstreamed(api)` says so."""
 
     def forward(responses: list[Any]) -> None:
         for idx, *response in responses:
-            stream = batch[idx].stream if 0 <= idx < len(batch) else None
-            if stream is not None:
-                stream(Prediction(*response))
+            if not 0 <= idx < len(batch):
+                continue
+            request = batch[idx]
+            if request.stream is not None:
+                request.stream(Prediction(*response))
+            else:
+                unstreamed(request.api)
 
     return forward

@@ -231,9 +231,12 @@ class DataPlane:
     ) -> None:
         """Send a copy to a shadow version; it never delays, fails or changes the primary."""
         # A handler may mutate its request item; the shadow's must not be the primary's. Nor
-        # may a streaming shadow's parts reach the primary's client: no stream for the copy.
+        # may a streaming shadow's parts reach the primary's client: they are discarded.
         copy = replace(
-            request, inputs=dict(request.inputs), headers=dict(request.headers), stream=None
+            request,
+            inputs=dict(request.inputs),
+            headers=dict(request.headers),
+            stream=None if request.stream is None else _discard_part,
         )
 
         async def shadow() -> None:
@@ -301,3 +304,7 @@ def _specs(entries: Any) -> list[TensorSpec]:
             )
         )
     return specs
+
+
+def _discard_part(prediction: Prediction) -> None:
+    """Where a shadow copy's intermediate responses go: nowhere, on purpose."""

@@ -4,6 +4,7 @@ worker processes give each archive (its own process, working directory and `sys.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -503,6 +504,31 @@ def test_a_stream_has_response_timeout_per_response_not_in_all(
 
     assert bodies(run(scenario())) == ["done"]
     assert [chunk.body for chunk in chunks] == ["tick"] * 4
+
+
+def test_parts_for_an_api_that_answers_once_are_dropped_with_one_warning(
+    worker_pool: WorkerPool, build_archive: BuildArchive, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A streaming handler reached through v2 infer (no `stream`): the client gets the final
+    response; the parts are dropped, and the log says so once per API, not in silence."""
+    path = build_archive("paced", "handler.py", {"handler.py": PACED})
+
+    async def scenario() -> list[list[Prediction]]:
+        backend = await load(worker_pool, path)
+        worker = await backend.start_worker(0)
+        try:
+            return [
+                await worker.predict([InferenceRequest({"body": "0 2"}, {}, "r", "v2-rest")])
+                for _ in range(2)
+            ]
+        finally:
+            await backend.close()
+
+    with caplog.at_level(logging.WARNING, logger="api.backends.workers"):
+        answers = run(scenario())
+    assert [bodies(answer) for answer in answers] == [["done"], ["done"]]
+    notes = [r.getMessage() for r in caplog.records if "intermediate responses" in r.getMessage()]
+    assert len(notes) == 1 and "to a v2-rest request" in notes[0]
 
 
 def test_a_batch_past_response_timeout_kills_the_worker_and_frees_the_one_behind(
