@@ -385,3 +385,21 @@ def test_the_torchserve_proxy_relays_streams_and_explanations(
             await backend.close()
 
     aio.run(scenario(), timeout=60)
+
+
+def test_unary_predictions_on_a_streaming_handler(servers: dict[str, Server]) -> None:
+    """gRPC Predictions answers once. TorchServe completes the call with the handler's first
+    intermediate response and drops the rest; torchgate answers with the final response and
+    logs a WARNING that the parts were dropped (docs/compatibility.md)."""
+
+    def unary(server: Server) -> bytes:
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub = inference_grpc.InferenceAPIsServiceStub(channel)
+            request = inference.PredictionsRequest(
+                model_name="streamer", input={"data": b"a few tokens"}
+            )
+            prediction: bytes = stub.Predictions(request, timeout=60).prediction
+            return prediction
+
+    assert unary(servers["torchserve"]) == b"a "
+    assert unary(servers["torchgate"]) == b"tokens"
