@@ -28,6 +28,9 @@ from api.v2.parameters import FINAL_RESPONSE
 # that stops reading makes us buffer. A request refused by a queue its own stream filled waits
 # for the stream's earlier requests and tries again (`_backpressured`).
 STREAM_WINDOW = 32
+# ... and at most this many bytes of them (one request alone may be larger, up to
+# max_request_size): 32 requests of 6.5 MB would hold 200 MB for one stream.
+STREAM_WINDOW_BYTES = 64 * 1024 * 1024
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -102,7 +105,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         def sequence_of(request: pb.ModelInferRequest) -> str | None:
             return _sequence_id(request, headers)
 
-        async for response in in_order(requests, respond, window=STREAM_WINDOW, key=sequence_of):
+        async for response in in_order(
+            requests,
+            respond,
+            window=STREAM_WINDOW,
+            window_bytes=STREAM_WINDOW_BYTES,
+            size=pb.ModelInferRequest.ByteSize,
+            key=sequence_of,
+        ):
             yield response
 
     async def _stream_responses(

@@ -18,9 +18,10 @@ Requests with the same `key(request)` (not None) run one after the other, in ord
 sequence's, whose handler state each request leaves for the next, and which a sequence model
 queues only `maxSequenceJobQueueSize` deep. Requests of other keys, or none, run beside them.
 
-At most `window` requests are read ahead of the one whose responses are being sent (one more
-is read and waits for a slot), so a client that stops reading its responses stops the server
-from reading, and buffering, more.
+At most `window` requests are read ahead of the one whose responses are being sent, and at
+most `window_bytes` of them by `size(request)` (one request alone may be larger); one more is
+read and waits for room. So a client that stops reading its responses stops the server from
+reading, and buffering, more.
 """
 
 from __future__ import annotations
@@ -36,20 +37,49 @@ Earlier = Callable[[], Awaitable[bool]]
 _DONE = object()  # ends one request's responses
 
 
+class _Window:
+    """Room for requests read ahead: a count, and bytes (a lone request always fits)."""
+
+    def __init__(self, count: int, size: int | None) -> None:
+        self._count_limit, self._size_limit = count, size
+        self._count = self._size = 0
+        self._changed = asyncio.Condition()
+
+    def _fits(self, size: int) -> bool:
+        if self._count >= self._count_limit:
+            return False
+        return self._size_limit is None or not self._count or self._size + size <= self._size_limit
+
+    async def enter(self, size: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._fits(size))
+            self._count += 1
+            self._size += size
+
+    async def leave(self, size: int) -> None:
+        async with self._changed:
+            self._count -= 1
+            self._size -= size
+            self._changed.notify_all()
+
+
 async def in_order(
     requests: AsyncIterable[Request],
     respond: Callable[[Request, Earlier], AsyncIterator[Response]],
     *,
     window: int,
+    window_bytes: int | None = None,
+    size: Callable[[Request], int] | None = None,
     key: Callable[[Request], Hashable | None] | None = None,
 ) -> AsyncIterator[Response]:
     """`respond`'s responses for each request, requests run concurrently, responses in order;
     see the module docstring."""
-    # One queue of responses per request, in request order; None once the requests end.
-    outboxes: asyncio.Queue[tuple[asyncio.Queue[object], asyncio.Task[None]] | None] = (
+    # One queue of responses per request, in request order, with the request's size; None
+    # once the requests end.
+    outboxes: asyncio.Queue[tuple[asyncio.Queue[object], asyncio.Task[None], int] | None] = (
         asyncio.Queue()
     )
-    slots = asyncio.Semaphore(window)
+    room = _Window(window, window_bytes)
     running: set[asyncio.Task[None]] = set()
     last_of_key: dict[Hashable, asyncio.Task[None]] = {}
 
@@ -73,7 +103,7 @@ async def in_order(
         finally:
             outbox.put_nowait(_DONE)
 
-    def start(request: Request) -> asyncio.Task[None]:
+    def start(request: Request, weight: int) -> asyncio.Task[None]:
         name = None if key is None else key(request)
         same_key = None if name is None else last_of_key.get(name)
         outbox: asyncio.Queue[object] = asyncio.Queue()
@@ -83,14 +113,15 @@ async def in_order(
         if name is not None:
             last_of_key[name] = task
             task.add_done_callback(lambda done: _forget(last_of_key, name, done))
-        outboxes.put_nowait((outbox, task))
+        outboxes.put_nowait((outbox, task, weight))
         return task
 
     async def read() -> None:
         try:
             async for request in requests:
-                await slots.acquire()
-                start(request)
+                weight = 0 if size is None else size(request)
+                await room.enter(weight)
+                start(request, weight)
         finally:
             outboxes.put_nowait(None)
 
@@ -98,12 +129,12 @@ async def in_order(
     current: asyncio.Task[None] | None = None
     try:
         while (entry := await outboxes.get()) is not None:
-            outbox, current = entry
+            outbox, current, weight = entry
             while (response := await outbox.get()) is not _DONE:
                 yield cast(Response, response)
             current.result()  # respond's own failure: a bug, raised here rather than lost
             current = None
-            slots.release()
+            await room.leave(weight)
         reader.result()  # the client's stream broke off: raise what reading it raised
     finally:
         reader.cancel()

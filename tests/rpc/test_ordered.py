@@ -54,6 +54,30 @@ def test_requests_run_together_up_to_the_window() -> None:
     run(scenario())
 
 
+def test_requests_run_together_up_to_the_bytes_window() -> None:
+    async def scenario() -> None:
+        running: list[int] = []
+        release = asyncio.Event()
+
+        async def respond(number: int, earlier: Earlier) -> AsyncIterator[int]:
+            running.append(number)
+            await release.wait()
+            yield number
+
+        sizes = [40, 40, 40, 500]  # bytes of each request; 100 fit, a lone big one too
+        responses = in_order(
+            numbers(4), respond, window=8, window_bytes=100, size=sizes.__getitem__
+        )
+        first = asyncio.ensure_future(anext(responses))
+        await asyncio.sleep(0.05)
+        assert running == [0, 1]  # a third 40 would pass 100 bytes
+        release.set()
+        assert await first == 0
+        assert [r async for r in responses] == [1, 2, 3]
+
+    run(scenario())
+
+
 def test_requests_of_one_key_run_one_after_the_other() -> None:
     async def scenario() -> None:
         events: list[str] = []
