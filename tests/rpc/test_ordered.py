@@ -33,7 +33,16 @@ def test_responses_follow_the_requests_order_whatever_finishes_first() -> None:
     run(scenario())
 
 
-def test_requests_run_together_up_to_the_window() -> None:
+@pytest.mark.parametrize(
+    ("window", "window_bytes", "started"),
+    [
+        (3, None, [0, 1, 2]),  # three read ahead and started; a fourth read waits for a slot
+        (8, 100, [0, 1]),  # 40 bytes each: a third would pass 100 bytes
+    ],
+)
+def test_requests_run_together_up_to_the_window(
+    window: int, window_bytes: int | None, started: list[int]
+) -> None:
     async def scenario() -> None:
         running: list[int] = []
         release = asyncio.Event()
@@ -43,37 +52,16 @@ def test_requests_run_together_up_to_the_window() -> None:
             await release.wait()
             yield number
 
-        responses = in_order(numbers(10), respond, window=3)
-        first = asyncio.ensure_future(anext(responses))
-        await asyncio.sleep(0.05)
-        assert running == [0, 1, 2]  # read ahead, three started; a fourth read waits for a slot
-        release.set()
-        assert await first == 0
-        assert [r async for r in responses] == list(range(1, 10))
-
-    run(scenario())
-
-
-def test_requests_run_together_up_to_the_bytes_window() -> None:
-    async def scenario() -> None:
-        running: list[int] = []
-        release = asyncio.Event()
-
-        async def respond(number: int, earlier: Earlier) -> AsyncIterator[int]:
-            running.append(number)
-            await release.wait()
-            yield number
-
-        sizes = [40, 40, 40, 500]  # bytes of each request; 100 fit, a lone big one too
+        sizes = [40] * 9 + [500]  # the last alone is over the bytes window: it still runs
         responses = in_order(
-            numbers(4), respond, window=8, window_bytes=100, size=sizes.__getitem__
+            numbers(10), respond, window=window, window_bytes=window_bytes, size=sizes.__getitem__
         )
         first = asyncio.ensure_future(anext(responses))
         await asyncio.sleep(0.05)
-        assert running == [0, 1]  # a third 40 would pass 100 bytes
+        assert running == started
         release.set()
         assert await first == 0
-        assert [r async for r in responses] == [1, 2, 3]
+        assert [r async for r in responses] == list(range(1, 10))
 
     run(scenario())
 
