@@ -179,7 +179,7 @@ class DataPlane:
     async def _run(self, model_version: ModelVersion, request: InferenceRequest) -> Prediction:
         future = model_version.batcher.submit(request)
         timeout = model_version.settings.response_timeout_s
-        wait = timeout if request.queue_timeout_s is None else min(request.queue_timeout_s, timeout)
+        wait = _queue_bound(request, timeout)
         # A request still queued at its deadline is answered 504 and never run (the batcher
         # skips done futures). One handed to a worker is the worker's to time, as in
         # TorchServe, where responseTimeout bounds the handler's time on a batch. A timer, not
@@ -209,14 +209,15 @@ class DataPlane:
             # 10 ms while a worker holds the request.
             recheck = timeout
             if request.queue_timeout_s is not None:
-                recheck = max(min(request.queue_timeout_s, timeout), 0.01)
+                recheck = max(_queue_bound(request, timeout), 0.01)
             future.get_loop().call_later(
                 recheck, self._deadline_passed, future, request, model_version, timeout
             )
             return
         self._observer.request_rejected(model_version.name, model_version.version, REJECT_DEADLINE)
-        if request.queue_timeout_s is not None and request.queue_timeout_s < timeout:
-            bound = f"the request's timeout of {request.queue_timeout_s * 1e6:.0f} µs"
+        own = _queue_bound(request, timeout)
+        if own < timeout:
+            bound = f"the request's timeout of {own * 1e6:.0f} µs"
         else:
             bound = f"its responseTimeout of {timeout:g} s"
         future.set_exception(
@@ -304,6 +305,14 @@ def _specs(entries: Any) -> list[TensorSpec]:
             )
         )
     return specs
+
+
+def _queue_bound(request: InferenceRequest, timeout: float) -> float:
+    """How long `request` may wait in the queue: the version's responseTimeout (`timeout`), or
+    the client's own bound when that is shorter."""
+    if request.queue_timeout_s is None:
+        return timeout
+    return min(request.queue_timeout_s, timeout)
 
 
 def _discard_part(prediction: Prediction) -> None:

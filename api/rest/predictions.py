@@ -191,10 +191,10 @@ async def request_item(
             item.inputs[name] = value.encode()
     content_type = headers.get("content-type", "")
     media_type = media_type_of(content_type)
-    form = media_type.lower()
-    if form == "multipart/form-data":
+    media = media_type.lower()
+    if media == "multipart/form-data":
         await _form_fields(scope, body, item)
-    elif form == "application/x-www-form-urlencoded":
+    elif media == "application/x-www-form-urlencoded":
         for name, value in parse_qsl(body, keep_blank_values=True):
             item.inputs[name.decode("utf-8", "replace")] = value
     else:

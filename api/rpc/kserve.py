@@ -20,8 +20,8 @@ from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from api.rpc.ordered import Earlier, in_order
 from api.v2 import EXTENSIONS, SERVER_NAME, SERVER_VERSION, bridge
-from api.v2.codec import V2Response, decode_grpc, encode_grpc
-from api.v2.parameters import FINAL_RESPONSE
+from api.v2.codec import CodecError, V2Response, decode_grpc, encode_grpc, grpc_parameter
+from api.v2.parameters import FINAL_RESPONSE, sequence_named
 
 # Requests of one ModelStreamInfer call read ahead of the one being answered: enough to fill
 # batches from one client (16 to 64 measured alike with digits), and a bound on what a client
@@ -182,11 +182,12 @@ def _sequence_id(request: pb.ModelInferRequest, headers: Mapping[str, str]) -> s
     `sequence_id` parameter (0 or "" is none), else the stream's `ts_request_sequence_id`
     metadata. Its requests run one after the other (`api.rpc.ordered`)."""
     if "sequence_id" in request.parameters:
-        parameter = request.parameters["sequence_id"]
-        choice = parameter.WhichOneof("parameter_choice")
-        value = None if choice is None else getattr(parameter, choice)
-        if value not in (None, 0, ""):
-            return str(value)
+        try:
+            sequence = sequence_named(grpc_parameter(request.parameters["sequence_id"]))
+        except CodecError:  # the request is refused for it when it runs; no sequence to keep
+            sequence = None
+        if sequence is not None:
+            return sequence
     return header_value(headers, SEQUENCE_ID)
 
 

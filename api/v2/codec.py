@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import numpy as np
 import orjson
@@ -60,6 +60,7 @@ __all__ = [
     "decode_rest",
     "encode_grpc",
     "encode_rest",
+    "grpc_parameter",
     "numpy_dtype",
 ]
 
@@ -375,14 +376,20 @@ def _from_contents(
 def _from_grpc_parameters(parameters: Mapping[str, pb.InferParameter]) -> Parameters:
     decoded: Parameters = {}
     for key, parameter in parameters.items():
-        choice = parameter.WhichOneof("parameter_choice")
-        if choice is None:  # unset, or a choice newer than this proto: nothing to read
+        value = grpc_parameter(parameter)
+        if value is None:
             raise CodecError(
                 f"parameter {key!r} has no value: expected bool_param, int64_param, "
                 "string_param, double_param or uint64_param"
             )
-        decoded[key] = getattr(parameter, choice)
+        decoded[key] = value
     return decoded
+
+
+def grpc_parameter(parameter: pb.InferParameter) -> ParamValue | None:
+    """An `InferParameter`'s value; None when unset (or a choice newer than this proto)."""
+    choice = parameter.WhichOneof("parameter_choice")
+    return None if choice is None else cast(ParamValue, getattr(parameter, choice))
 
 
 def _to_grpc_parameters(

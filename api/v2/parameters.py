@@ -56,7 +56,7 @@ def request_options(parameters: Parameters, *, grpc: bool) -> RequestOptions:
                 f"usage and should not be specified ({key!r}{only})"
             )
     return RequestOptions(
-        sequence_id=_sequence_id(parameters.get("sequence_id")),
+        sequence_id=sequence_named(parameters.get("sequence_id")),
         sequence_start=_bool(parameters, "sequence_start"),
         sequence_end=_bool(parameters, "sequence_end"),
         priority=_unsigned(parameters, "priority"),
@@ -66,7 +66,9 @@ def request_options(parameters: Parameters, *, grpc: bool) -> RequestOptions:
     )
 
 
-def _sequence_id(value: ParamValue | None) -> str | None:
+def sequence_named(value: ParamValue | None) -> str | None:
+    """The sequence a `sequence_id` value names: None for none (absent, 0 or ""); CodecError
+    for a value of the wrong type."""
     if value is None:
         return None
     if isinstance(value, str):
