@@ -130,8 +130,9 @@ class ModelLoader:
         origin: Origin = "config",
         api: Mapping[str, Any] | None = None,
         handler: str | None = None,
+        wait: bool = True,
     ) -> ModelVersion:
-        """Register the archive at `url`; `keep_failed` as in `Registry.register` (start-up).
+        """Register the archive at `url`; `keep_failed` and `wait` as in `Registry.register`.
 
         `requested`: a client asked through the management API, so a TorchServe target must
         be named by allowed_urls (config.properties and the snapshot are the operator's).
@@ -182,6 +183,7 @@ class ModelLoader:
             make_default=make_default,
             extra=extra,
             keep_failed=keep_failed,
+            wait=wait,
         )
 
     async def register_path(
@@ -209,6 +211,7 @@ class ModelLoader:
         make_default: bool = False,
         extra: dict[str, Any] | None = None,
         keep_failed: bool = False,
+        wait: bool = True,
     ) -> ModelVersion:
         """Register a backend torchgate hosts; it is closed if registering fails."""
 
@@ -225,6 +228,7 @@ class ModelLoader:
                 make_default=make_default,
                 backend_info={"kind": "local", **(extra or {})},
                 keep_failed=keep_failed,
+                wait=wait,
             )
         except BaseException:
             await backend.close()

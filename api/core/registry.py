@@ -123,6 +123,8 @@ class Registry:
         self._models: dict[str, dict[str, ModelVersion]] = {}
         self._defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()  # serialises register/scale/unregister, not inference
+        # Workers an asynchronous scale-down is stopping; `close` waits for them.
+        self._stopping: set[asyncio.Task[None]] = set()
         self.on_change: list[Callable[[], None]] = []
         # Asked (model, version) before a version is unloaded; raising (e.g. Conflict) refuses.
         self.before_unregister: list[Callable[[str, str], None]] = []
@@ -181,6 +183,7 @@ class Registry:
         make_default: bool = False,
         backend_info: dict[str, Any] | None = None,
         keep_failed: bool = False,
+        wait: bool = True,
     ) -> ModelVersion:
         """Load a model version and start its `min_workers` workers.
 
@@ -189,6 +192,10 @@ class Registry:
         that fails to start raises `HandlerLoadError` too, unless `keep_failed` (server
         start-up, as TorchServe): then the version stays registered, its workers keep being
         retried with backoff, and it reports the handler's error until one starts.
+
+        `wait=False` (TorchServe's asynchronous register) returns once the version is
+        registered: its workers start in the background, and failing ones are retried as
+        with `keep_failed`.
         """
         # Here, not at each source (url, model_name, manifest, snapshot), so none can skip it.
         check_model_name(name)
@@ -206,9 +213,12 @@ class Registry:
                     self._clamp(model_version)
                 else:
                     self._check_bound(backend, settings.min_workers, settings.max_workers)
-                await self._start_workers(
-                    model_version, settings.min_workers, keep_failed=keep_failed
-                )
+                if wait:
+                    await self._start_workers(
+                        model_version, settings.min_workers, keep_failed=keep_failed
+                    )
+                else:
+                    self._start_in_background(model_version, settings.min_workers)
             except BaseException:
                 await self._stop_workers(model_version, len(model_version.workers))
                 await backend.close()
@@ -257,10 +267,21 @@ class Registry:
         self._changed()
 
     async def scale(
-        self, name: str, version: str | None, min_workers: int, max_workers: int
+        self,
+        name: str,
+        version: str | None,
+        min_workers: int,
+        max_workers: int,
+        *,
+        wait: bool = True,
     ) -> None:
         """Set the worker range; start or stop workers only to come within it, as TorchServe
-        does (3 workers stay 3 for a range of 1..4, and become 2 for 1..2)."""
+        does (3 workers stay 3 for a range of 1..4, and become 2 for 1..2).
+
+        `wait=False` (TorchServe's asynchronous scale) returns once the range is set: new
+        workers start in the background (describe shows them STARTING), and the workers
+        leaving finish their batch in the background; they take no new one from then on.
+        """
         async with self._lock:
             model_version = self.get(name, version)
             self._check_bound(model_version.backend, min_workers, max_workers)
@@ -272,14 +293,21 @@ class Registry:
                 ) from None
             have = len(model_version.workers)
             stopping: list[WorkerSlot] = []
-            if min_workers > have:
+            if min_workers > have and wait:
                 await self._start_workers(model_version, min_workers - have)
+            elif min_workers > have:
+                self._start_in_background(model_version, min_workers - have)
             elif max_workers < have:
                 stopping = [model_version.workers.pop() for _ in range(have - max_workers)]
+        self._changed()
         # Outside the lock: a worker finishing (or timing out) its batch must not hold up every
         # other management call.
-        await self._stop_slots(model_version, stopping)
-        self._changed()
+        if wait:
+            await self._stop_slots(model_version, stopping)
+        elif stopping:
+            task = asyncio.create_task(self._stop_slots(model_version, stopping))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
 
     def update_batching(
         self,
@@ -312,6 +340,8 @@ class Registry:
         Draining waits at most the longest response timeout (plus a little): by then every
         accepted request has had its answer or its 504.
         """
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
         versions = list(self)
         longest = max((v.settings.response_timeout_s for v in versions), default=0.0)
         drains = asyncio.gather(*(v.batcher.drain() for v in versions), return_exceptions=True)
@@ -380,18 +410,31 @@ class Registry:
                 if not keep_failed:
                     raise
                 log.error("%s worker %d failed to start: %s", label, index, exc.message)
-                slot = WorkerSlot(index, None, failed_starts=1, last_error=exc.message)
-            slot.task = asyncio.create_task(
-                supervise(
-                    slot,
-                    model_version.batcher,
-                    model_version.backend.start_worker,
-                    model_version.health_changed,
-                    label,
-                ),
-                name=f"worker {label}#{index}",
+                slot = WorkerSlot(
+                    index, None, failed_starts=1, last_error=exc.message, starting=True
+                )
+            self._supervise(model_version, slot)
+
+    def _start_in_background(self, model_version: ModelVersion, count: int) -> None:
+        """Add `count` slots whose supervisors start their workers (they start side by side)."""
+        for _ in range(count):
+            self._supervise(
+                model_version, WorkerSlot(_free_index(model_version), None, starting=True)
             )
-            model_version.workers.append(slot)
+
+    def _supervise(self, model_version: ModelVersion, slot: WorkerSlot) -> None:
+        label = f"{model_version.name}/{model_version.version}"
+        slot.task = asyncio.create_task(
+            supervise(
+                slot,
+                model_version.batcher,
+                model_version.backend.start_worker,
+                model_version.health_changed,
+                label,
+            ),
+            name=f"worker {label}#{slot.index}",
+        )
+        model_version.workers.append(slot)
 
     async def _stop_workers(self, model_version: ModelVersion, count: int) -> None:
         count = min(count, len(model_version.workers))

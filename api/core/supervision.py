@@ -47,6 +47,9 @@ class WorkerSlot:
     restarts: int = 0
     failed_starts: int = 0  # in a row; reset by a start that succeeds
     last_error: str | None = None
+    # Began without a worker (started in the background, or its first start failed) and has
+    # not served yet: its first start is a start, not a restart.
+    starting: bool = False
 
     @property
     def live(self) -> bool:
@@ -60,7 +63,9 @@ class WorkerSlot:
     def status(self) -> str:
         if self.live:
             return "READY"
-        return "FAILED" if self.failed else "RESTARTING"
+        if self.failed:
+            return "FAILED"
+        return "STARTING" if self.starting else "RESTARTING"
 
 
 async def supervise(
@@ -72,8 +77,9 @@ async def supervise(
 ) -> None:
     """Serve and replace the slot's worker until cancelled (see the module docstring).
 
-    A slot may begin without a worker (its first start failed, at server start-up): it is
-    then started with backoff first, as a replacement would be.
+    A slot may begin without a worker (`starting`: an asynchronous register or scale, or its
+    first start failed at server start-up): it is then started with backoff first, as a
+    replacement would be.
     """
     while True:
         if slot.worker is None:
@@ -90,7 +96,6 @@ async def supervise(
 async def _start_with_backoff(
     slot: WorkerSlot, start: StartWorker, on_change: Callable[[], None], label: str
 ) -> None:
-    first = slot.restarts == 0 and slot.failed_starts > 0  # never served yet
     while slot.worker is None:
         await asyncio.sleep(RESTART_BACKOFF_S[min(slot.failed_starts, len(RESTART_BACKOFF_S) - 1)])
         try:
@@ -110,7 +115,8 @@ async def _start_with_backoff(
         slot.worker = replacement
         slot.failed_starts = 0
         slot.started_at = time.time()
-        if first:
+        if slot.starting:
+            slot.starting = False
             log.info("%s worker %d started", label, slot.index)
         else:
             slot.restarts += 1

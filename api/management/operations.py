@@ -92,8 +92,9 @@ class Management:
         workers = max(
             args.initial_workers if args.initial_workers is not None else self.default_workers, 0
         )
-        if workers and args.startup_timeout == 0:
+        if workers and args.startup_timeout == 0 and args.synchronous:
             # TorchServe starts the workers, gives up at once and unregisters: same outcome.
+            # (Asynchronously it answers 202 and the version keeps failing to start: so here.)
             raise InferenceFailed(
                 f"Failed to start workers for model {args.model_name or args.url}: "
                 "startup_timeout=0"
@@ -111,9 +112,10 @@ class Management:
             settings = self.loader.config.model_settings(overrides)
         except ValueError as exc:
             raise BadRequest(f"Invalid registration parameter: {exc}") from None
-        # Loading starts the workers (their handlers' initialize()) before either answer; an
-        # asynchronous registration answers TorchServe's 202 then. A handler the archive
-        # cannot resolve is refused here (400), before any worker starts.
+        # A synchronous registration answers once the workers (their handlers' initialize())
+        # are up; an asynchronous one, as TorchServe, once the archive is loaded, with 202,
+        # its workers starting in the background. A handler the archive cannot resolve is
+        # refused here (400) either way, before any worker starts.
         version = await self.loader.register(
             args.url,
             settings,
@@ -123,6 +125,7 @@ class Management:
             # The parameters weigh against the archive's model-config.yaml (api.model_config).
             origin="api",
             api=overrides,
+            wait=args.synchronous,
         )
         if ignored:
             log.warning(
@@ -230,9 +233,10 @@ class Management:
                 batch_size=args.batch_size,
                 max_batch_delay_ms=args.max_batch_delay,
             )
-        await self.registry.scale(model_name, model_version.version, low, high)
-        # The workers are up before either answer; clients check for TorchServe's 202.
-        if not args.synchronous:
+        await self.registry.scale(
+            model_name, model_version.version, low, high, wait=args.synchronous
+        )
+        if not args.synchronous:  # answered at once, as TorchServe; clients check for the 202
             return _status(PROCESSING, 202)
         text = f"Workers scaled to {low} for model: {model_name}"
         return _status(text if version is None else f"{text}, version: {version}")

@@ -118,7 +118,7 @@ def test_failing_starts_back_off_then_fail_the_slot_until_one_succeeds(
             return MortalWorker(attempts)
 
         # As the registry leaves a slot whose first start failed at server start-up.
-        slot = WorkerSlot(0, None, failed_starts=1)
+        slot = WorkerSlot(0, None, failed_starts=1, starting=True)
         seen: list[tuple[str, int]] = []
         task = asyncio.ensure_future(
             supervise(
@@ -131,10 +131,10 @@ def test_failing_starts_back_off_then_fail_the_slot_until_one_succeeds(
         )
         while slot.worker is None:
             await asyncio.sleep(0)
-        # RESTARTING until FAILED_AFTER failures in a row, then FAILED with the handler's
+        # STARTING until FAILED_AFTER failures in a row, then FAILED with the handler's
         # message, then READY once a start succeeds; each failure waits longer than the last.
         assert seen == [
-            ("RESTARTING", 2),
+            ("STARTING", 2),
             ("FAILED", 3),
             ("FAILED", 4),
             ("FAILED", 5),
