@@ -231,7 +231,8 @@ class SharedPort:
 
     KServe's TorchServe examples put `inference_address` and `management_address` on the same
     port (8085). Paths are TorchServe's: `/models...`, `/token` and `/workflows...` are the
-    management API's, `/metrics` the metrics API's, everything else the inference API's.
+    management API's, except `/models/{m}/invoke` (an inference path, asked first there too),
+    `/metrics` the metrics API's, everything else the inference API's.
     """
 
     def __init__(self, apps: dict[str, ASGIApp]) -> None:
@@ -240,7 +241,11 @@ class SharedPort:
 
     def app_for(self, path: str) -> ASGIApp:
         first = path.split("/", 2)[1] if path.count("/") else ""
-        if first in ("models", "token", "workflows") and "management" in self.apps:
+        if (
+            first in ("models", "token", "workflows")
+            and "management" in self.apps
+            and not is_invocation_path(path)
+        ):
             return self.apps["management"]
         if path == "/metrics" and "metrics" in self.apps:
             return self.apps["metrics"]

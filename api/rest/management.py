@@ -179,6 +179,8 @@ def management_router(
         return router
 
     @router.post("/token")
+    # TorchServe regenerates on /token whatever the method; its docs' examples are GETs.
+    @router.api_route("/token", methods=list(EVERY_METHOD), include_in_schema=False)
     async def new_token(request: Request, type: str | None = None) -> JsonResponse:
         if type is None:
             raise BadRequest("Parameter type is required.")

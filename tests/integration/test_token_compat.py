@@ -177,3 +177,25 @@ def test_enable_metrics_api_false_leaves_the_metrics_address_unbound(
     for server in short_lived.values():
         with pytest.raises(httpx.ConnectError):
             httpx.get(server.metrics + "/metrics", timeout=5)
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_the_token_api_regenerates_whatever_the_method(
+    short_lived: dict[str, Server], method: str
+) -> None:
+    """TorchServe's own docs regenerate a key with a plain `curl` GET; it answers any method."""
+    for name, server in short_lived.items():
+        before = json.loads(server.key_file.read_text())["management"]["key"]
+        answer = httpx.request(
+            method,
+            server.management + "/token",
+            params={"type": "management"},
+            headers={"Authorization": f"Bearer {server.keys['API']}"},
+            timeout=60,
+        )
+        assert answer.status_code == 200, (name, answer.text)
+        after = json.loads(server.key_file.read_text())["management"]["key"]
+        assert after != before, name
+        server.keys["management"] = after
+    described = both(short_lived, "GET", "/models/digits", "management")
+    assert [r.status_code for r in described.values()] == [200, 200]

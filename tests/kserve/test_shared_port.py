@@ -44,6 +44,10 @@ def test_listeners_group_apis_by_address(tmp_path: Path) -> None:
                 for path in ("/models", "/v1/models", "/ping", "/v2/health/live", "/"):
                     reply = await client.get(path)
                     answers[path] = (reply.status_code, reply.json())
+                # An inference path under /models: TorchServe asks its inference API first.
+                # (The management API would answer POST on /models/{m}/{v} with 405.)
+                reply = await client.post("/models/nope/invoke", content=b"x")
+                answers["invoke"] = (reply.status_code, reply.json())
             return answers
 
     answers = run(scenario())
@@ -52,6 +56,8 @@ def test_listeners_group_apis_by_address(tmp_path: Path) -> None:
     assert answers["/ping"] == (200, {"status": "Healthy"})
     assert answers["/v2/health/live"] == (200, {"live": True})
     assert answers["/"] == (200, {"status": "alive"})
+    assert answers["invoke"][0] == 404
+    assert answers["invoke"][1]["message"] == "Model not found: nope"
 
 
 def test_a_server_listens_once_on_an_address_two_apis_share(tmp_path: Path) -> None:
