@@ -274,7 +274,8 @@ class WorkerBackend:
             "Model %s version %s: the handler sent intermediate responses "
             "(send_intermediate_predict_response) to a %s request, which answers once: they "
             "are dropped and the client gets the final response only. Stream with REST "
-            "/predictions, gRPC StreamPredictions or KServe v2 ModelStreamInfer",
+            "/predictions, gRPC StreamPredictions or StreamPredictions2, or KServe v2 "
+            "ModelStreamInfer",
             self.archive.name,
             self.archive.version,
             api,

@@ -16,7 +16,8 @@ Where torchgate answers differently from TorchServe 0.12, on purpose:
 - ListModels without `limit` lists up to 100 models (TorchServe takes the unset 0 literally and
   answers an empty page whose nextPageToken is "0").
 - StreamPredictions2 answers a failed message with the mapped code in `status` (TorchServe:
-  INTERNAL for every error), with TorchServe's messages.
+  INTERNAL for every error), with TorchServe's messages; a handler's per-item error too
+  (TorchServe answers it OK, with the error document as the prediction).
 - RegisterModel refuses a `handler` the archive cannot resolve (INVALID_ARGUMENT) as REST does;
   see docs/compatibility.md.
 """
@@ -72,14 +73,8 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
         response`), the final one last; a failure, even after messages, ends the call with its
         status."""
         try:
-            item, model = self._item(request, metadata_headers(context))
-            version = request.model_version or None
-
-            def infer(item: InferenceRequest) -> Awaitable[Answer]:
-                return self.dataplane.infer(model, version, item)
-
-            async for prediction, _ in iterate(item, infer):
-                yield _prediction_message(prediction)
+            async for message in self._responses(request, metadata_headers(context)):
+                yield message
         except TorchgateError as exc:
             await abort(context, exc)
 
@@ -88,13 +83,15 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
         requests: AsyncIterator[inference.PredictionsRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[inference.PredictionResponse]:
-        """TorchServe's stream for sequence batching: one answer per message, in order.
+        """TorchServe's stream for sequence batching: each message's answers, in order.
 
         Each message names its sequence in `sequence_id`, which the handler reads as the
         `ts_request_sequence_id` header (`context.get_sequence_id(idx)`); one without it is
         answered "Parameter sequenceId is required." (TorchServe 0.12 too: it cannot start a
-        sequence here). A failed message answers with `status` set and the stream goes on;
-        answers carry no `sequence_id`, as TorchServe's.
+        sequence here). A streaming handler's intermediate responses go out as messages
+        before the final one, as TorchServe sends them (its stateful, LLM-style handlers do).
+        A failed message answers with `status` set and the stream goes on; answers carry no
+        `sequence_id`, as TorchServe's.
         """
         headers = metadata_headers(context)
         async for request in requests:
@@ -102,12 +99,27 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
                 if not request.sequence_id:
                     raise BadRequest("Parameter sequenceId is required.")
                 sequence = {**headers, SEQUENCE_ID: request.sequence_id}
-                response = await self._predict(request, sequence)
+                async for message in self._responses(request, sequence):
+                    yield message
             except TorchgateError as exc:
-                response = inference.PredictionResponse()
-                response.status.code = grpc_code(exc).value[0]
-                response.status.message = exc.message
-            yield response
+                failed = inference.PredictionResponse()
+                failed.status.code = grpc_code(exc).value[0]
+                failed.status.message = exc.message
+                yield failed
+
+    async def _responses(
+        self, request: inference.PredictionsRequest, headers: dict[str, str]
+    ) -> AsyncIterator[inference.PredictionResponse]:
+        """One message per response of the request's handler: its intermediate responses
+        (`send_intermediate_predict_response`), then its final one."""
+        item, model = self._item(request, headers)
+        version = request.model_version or None
+
+        def infer(item: InferenceRequest) -> Awaitable[Answer]:
+            return self.dataplane.infer(model, version, item)
+
+        async for prediction, _ in iterate(item, infer):
+            yield _prediction_message(prediction)
 
     async def _predict(
         self, request: inference.PredictionsRequest, headers: dict[str, str]

@@ -45,11 +45,14 @@ pytestmark = [
 
 IDLE_MS = 1500
 # examples/stateful/stateful_handler.py, with a dict for its LRU (lru-dict is not a dependency
-# here) and two response headers for the test.
+# here) and two response headers for the test. A request of several numbers ("1 2 3") streams,
+# as the LLM examples' stateful handlers do: each running sum but the last is sent as an
+# intermediate response (batchSize is 1), the last one is the answer.
 HANDLER = """
     import os
     from collections import OrderedDict
 
+    from ts.handler_utils.utils import send_intermediate_predict_response
     from ts.torch_handler.base_handler import BaseHandler
 
 
@@ -71,6 +74,12 @@ HANDLER = """
                 request = row.get("data") or row.get("body")
                 if isinstance(request, (bytes, bytearray)):
                     request = request.decode("utf-8")
+                *parts, request = request.split()
+                for part in parts:
+                    prev += int(part)
+                    send_intermediate_predict_response(
+                        [str(prev)], self.context.request_ids, "Intermediate", 200, self.context
+                    )
                 self.cache[sequence_id] = prev + int(request)
                 self.cache.move_to_end(sequence_id)
                 while len(self.cache) > self.capacity:
@@ -243,16 +252,19 @@ def test_requests_without_an_id_start_their_own_sequence(servers: dict[str, Serv
         assert first.headers["x-sequence-id"] != second.headers["x-sequence-id"]
 
 
-def stream(server: Server, messages: list[inference.PredictionsRequest]) -> list[Any]:
+def stream(
+    server: Server, messages: list[inference.PredictionsRequest], parts: int = 0
+) -> list[Any]:
     """Send one message per answer, in lockstep, and half-close only after the last answer:
     TorchServe 0.12 ends the call as soon as the client half-closes, dropping answers still
-    being computed."""
+    being computed. `parts`: the intermediate responses the first message streams first."""
     answered = threading.Semaphore(0)
 
     def requests() -> Iterator[inference.PredictionsRequest]:
-        for message in messages:
+        for index, message in enumerate(messages):
             yield message
-            assert answered.acquire(timeout=30)
+            for _ in range(1 + (parts if index == 0 else 0)):
+                assert answered.acquire(timeout=30)
 
     responses = []
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
@@ -282,3 +294,23 @@ def test_stream_predictions2_runs_a_sequence(servers: dict[str, Server]) -> None
     # TorchServe answers every error with INTERNAL; torchgate with the mapped code.
     assert answers["torchserve"][3].status.code == grpc.StatusCode.INTERNAL.value[0]
     assert answers["torchgate"][3].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def test_stream_predictions2_streams_a_handlers_intermediate_responses(
+    servers: dict[str, Server],
+) -> None:
+    """A streaming handler's intermediate responses are messages of their own, before the
+    final one, then the next message of the sequence is answered (TorchServe 0.12 too)."""
+    wait_until_idle()
+    answers = {}
+    for name, server in servers.items():
+        messages = [
+            inference.PredictionsRequest(
+                model_name="stateful", input={"data": data}, sequence_id=f"{name}-streamed"
+            )
+            for data in (b"1 2 3", b"4")
+        ]
+        answers[name] = stream(server, messages, parts=2)
+    for name, responses in answers.items():
+        assert [r.prediction for r in responses] == [b"1", b"3", b"6", b"10"], name
+        assert not any(r.HasField("status") for r in responses), name
