@@ -111,6 +111,12 @@ class DataPlane:
         A handler's per-item error (status >= 400) comes back as a `Prediction` with that status,
         not as an exception, so the transport can send the handler's own body.
         """
+        request.version_named = version
+        return await self._infer(model, version, request, adapt)
+
+    async def _infer(
+        self, model: str, version: str | None, request: InferenceRequest, adapt: Adapt | None
+    ) -> Answer:
         started = time.monotonic()
         version, shadows = self._route(model, version, request.headers)
         model_version = self.registry.ready_version(model, version)
@@ -151,12 +157,14 @@ class DataPlane:
         raised and the others still queued are withdrawn. No request: the model and version are
         still checked (404, 503).
         """
+        named = version
         version, shadows = self._route(model, version, requests[0].headers if requests else {})
         self.registry.ready_version(model, version)
         for request in requests:
+            request.version_named = named
             for shadow in shadows:
                 self._start_shadow(model, shadow, request, None)
-        tasks = [asyncio.ensure_future(self.infer(model, version, r)) for r in requests]
+        tasks = [asyncio.ensure_future(self._infer(model, version, r, None)) for r in requests]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException:

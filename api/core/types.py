@@ -51,6 +51,12 @@ class InferenceRequest:
     # The client's own bound on its wait in the queue (v2's `timeout` parameter), in seconds;
     # the version's responseTimeout bounds it either way.
     queue_timeout_s: float | None = None
+    # The version the client named, None for the default (set by `DataPlane.infer`): TorchServe's
+    # ts_* metrics label a request by it, "default" when it named none.
+    version_named: str | None = None
+    # False for the second and later of the requests one client request was split into (KServe
+    # v1's instances): TorchServe's ts_* metrics count a client's request once.
+    counted: bool = True
 
 
 def header_value(headers: Mapping[str, str], name: str) -> str | None:

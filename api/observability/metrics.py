@@ -136,6 +136,8 @@ class PrometheusObserver:
         self._requests: dict[RequestKey, _RequestSeries] = {}
         self._batches: dict[tuple[str, str], _BatchSeries] = {}
         self._rejected: dict[tuple[str, str, str], int] = {}
+        # TorchServe's ts_* counters: requests, latency µs, queue µs by (model, version label).
+        self._torchserve: dict[tuple[str, str], list[float]] = {}
         self._models: Registry | None = None
         self._texts: list[Callable[[], str]] = [self._torchserve_text]
         self.registry.register(_ObserverCollector(self))
@@ -178,10 +180,19 @@ class PrometheusObserver:
         latency = series.latency
         latency.counts[bisect_left(LATENCY_BUCKETS, latency_s)] += 1
         latency.total += latency_s
+        wait = 0.0
         if prediction is not None:
             queue, wait = series.queue, prediction.queue_seconds
             queue.counts[bisect_left(LATENCY_BUCKETS, wait)] += 1
             queue.total += wait
+        if request.counted and not shadow:  # TorchServe never saw shadow copies
+            named = (model, request.version_named or "default")
+            totals = self._torchserve.get(named)
+            if totals is None:
+                totals = self._torchserve[named] = [0.0, 0.0, 0.0]
+            totals[0] += 1
+            totals[1] += latency_s * 1e6
+            totals[2] += wait * 1e6
 
     def request_rejected(self, model: str, version: str, reason: str) -> None:
         if reason in _EDGE_REASONS and not self._known(model, version):
@@ -274,17 +285,11 @@ class PrometheusObserver:
 
         TorchServe's Java client writes `# TYPE ts_inference_latency_microseconds counter` with
         samples of that same name; prometheus_client would add `_total` to every counter, so
-        these three families are written here. Shadow copies are left out: TorchServe never saw
-        them.
+        these three families are written here. As TorchServe's, a request is labelled with the
+        version it named, "default" when it named none, and a client's request counts once
+        (KServe v1 instances too).
         """
-        totals: dict[tuple[str, str], list[float]] = {}
-        for (model, version, _, shadow), series in list(self._requests.items()):
-            if shadow:
-                continue
-            total = totals.setdefault((model, version), [0.0, 0.0, 0.0])
-            total[0] += sum(list(series.statuses.values()))
-            total[1] += series.latency.total * 1e6
-            total[2] += series.queue.total * 1e6
+        totals = list(self._torchserve.items())  # a copy, should a scrape run off the loop
         families = (
             ("ts_inference_requests_total", "Total number of inference requests."),
             ("ts_inference_latency_microseconds", "Cumulative inference duration in microseconds"),
@@ -297,7 +302,7 @@ class PrometheusObserver:
                     {"model_name": model, "model_version": version, "hostname": self.hostname},
                     values[index],
                 )
-                for (model, version), values in totals.items()
+                for (model, version), values in totals
             ]
             parts.append(counter_text(name, help_text, samples))
         return "".join(parts)

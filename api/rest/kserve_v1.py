@@ -120,6 +120,8 @@ class V1InferEndpoint(KServeEndpoint):
             )
             for instance in instances
         ]
+        for split in requests[1:]:
+            split.counted = False  # one client request, for TorchServe's ts_* counters
         try:
             answers = await self.dataplane.infer_many(model, version, requests)
         except ModelNotFound:

@@ -253,6 +253,12 @@ def test_metrics_name_filter(servers: Servers) -> None:
     ours, theirs = answers["torchgate"].text, answers["torchserve"].text
     assert sample_names(ours) == sample_names(theirs) == set(wanted)
     assert "# TYPE ts_inference_requests_total counter" in ours
+    # TorchServe labels a request by the version its URL named, "default" when none.
+    servers.both("POST", "inference", "/predictions/echo/1.0", content=b"count me too")
+    answers = servers.both("GET", "metrics", "/metrics", params={"name[]": wanted[0]})
+    for text in (answers["torchgate"].text, answers["torchserve"].text):
+        labels = set(re.findall(r'model_name="echo",model_version="([^"]*)"', text))
+        assert labels == {"default", "1.0"}, text
     # Names no sample has: nothing at all, as TorchServe.
     answers = servers.both("GET", "metrics", "/metrics", params={"name[]": "no_such_metric"})
     assert answers["torchgate"].text.strip() == answers["torchserve"].text.strip() == ""

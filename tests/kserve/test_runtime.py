@@ -9,6 +9,7 @@ requests, for the differential tests.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
                 running_torchserve(
                     root / "model-store",
                     models="echo=echo_v1_0.mar",
-                    extra_config={"service_envelope": "kserve"},
+                    # Its metrics API in Prometheus form (0.12's default is log lines).
+                    extra_config={"service_envelope": "kserve", "metrics_mode": "prometheus"},
                 ),
             ],
         )
@@ -190,7 +192,23 @@ def test_kserve_v1_against_torchserve(servers: Servers) -> None:
         ("echo:predict", {"instances": [{"data": "a"}, {"data": "b"}, [1, 2]]}),
         ("echo:explain", {"instances": [{"data": "a"}]}),
     ]
+    before = {
+        url: requests_counted(url) for url in (servers.ts.metrics_url, servers.tg.metrics_url)
+    }
     for path, body in requests:
         theirs = httpx.post(f"{servers.ts.inference_url}/v1/models/{path}", json=body, timeout=30)
         ours = httpx.post(f"{servers.tg.inference_url}/v1/models/{path}", json=body)
         assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json()), path
+    # TorchServe's counter counts a client's request once, whatever its instances, under the
+    # version label "default" (the path named none); torchgate's ts_* counter too.
+    counted = {url: requests_counted(url) - n for url, n in before.items()}
+    assert list(counted.values()) == [len(requests)] * 2, counted
+
+
+def requests_counted(metrics_url: str) -> float:
+    """ts_inference_requests_total of echo's default-labelled series (0 before any)."""
+    text = httpx.get(
+        f"{metrics_url}/metrics", params={"name[]": "ts_inference_requests_total"}
+    ).text
+    found = re.search(r'model_name="echo",model_version="default".*\} (\S+)', text)
+    return float(found.group(1)) if found else 0.0

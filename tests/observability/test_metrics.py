@@ -136,11 +136,20 @@ def test_rejections_by_reason_and_unknown_models_are_not_labels() -> None:
     assert value(samples, "torchgate_rejected_total", model="", reason="auth") == 3
 
 
+def named(version: str | None, *, counted: bool = True) -> InferenceRequest:
+    """A request as the dataplane hands it over: with the version its client named."""
+    asked = request()
+    asked.version_named, asked.counted = version, counted
+    return asked
+
+
 def test_torchserve_counters_are_written_as_torchserve_writes_them() -> None:
     observer = PrometheusObserver(process_metrics=False, hostname="host-1")
-    observer.request_finished(request(), "m", "1.0", 200, 0.002, answered(0.0005))
-    observer.request_finished(request(API_V2_REST), "m", "1.0", 500, 0.001, None)
-    observer.request_finished(request(), "m", "1.0", 200, 9.0, answered(9.0), shadow=True)
+    observer.request_finished(named("1.0"), "m", "1.0", 200, 0.002, answered(0.0005))
+    v2 = request(API_V2_REST)
+    v2.version_named = "1.0"
+    observer.request_finished(v2, "m", "1.0", 500, 0.001, None)
+    observer.request_finished(named("1.0"), "m", "1.0", 200, 9.0, answered(9.0), shadow=True)
 
     text = observer.render().decode()
     samples, types = parse(text)
@@ -157,6 +166,20 @@ def test_torchserve_counters_are_written_as_torchserve_writes_them() -> None:
     assert value(samples, "ts_inference_latency_microseconds") == pytest.approx(3000)
     assert value(samples, "ts_queue_latency_microseconds") == pytest.approx(500)
     assert '{model_name="m",model_version="1.0",hostname="host-1"}' in text
+
+
+def test_torchserve_counters_label_a_request_by_the_version_it_named() -> None:
+    """As TorchServe: "default" when the client named no version (its URL had none), and a
+    client's request counted once even when torchgate split it (KServe v1 instances)."""
+    observer = PrometheusObserver(process_metrics=False, hostname="h")
+    observer.request_finished(named(None), "m", "2.0", 200, 0.001, answered(0.0))
+    observer.request_finished(named(None, counted=False), "m", "2.0", 200, 0.001, None)
+    observer.request_finished(named("2.0"), "m", "2.0", 200, 0.001, None)
+    samples, _ = scrape(observer)
+    assert value(samples, "ts_inference_requests_total", model_version="default") == 1
+    assert value(samples, "ts_inference_requests_total", model_version="2.0") == 1
+    # torchgate's own families keep the version that answered, and every request.
+    assert value(samples, "torchgate_requests_total", version="2.0") == 3
 
 
 def test_label_values_are_escaped_in_hand_written_families() -> None:
