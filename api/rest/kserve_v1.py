@@ -20,6 +20,9 @@ of several), the instances are queued one by one, so `batchSize` and `maxBatchDe
 them, with other clients' requests too. `:explain` sets the `explain: True` request header that
 TorchServe's frontend sets, so `BaseHandler.handle` calls `explain_handle`. All instances of one
 request run on one model version (one routing decision: `DataPlane.infer_many`).
+
+A request sent as a CloudEvent (Knative Eventing's binary or structured mode) is unwrapped and
+answered as one, as KServe's model server does (`api.rest.cloudevents`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from api.errors import (
     PayloadTooLarge,
     error_for_status,
 )
+from api.rest import cloudevents
 from api.rest.asgi import Scope
 from api.rest.endpoint import KServeEndpoint
 from api.rest.responses import JsonResponse
@@ -108,7 +112,8 @@ class V1InferEndpoint(KServeEndpoint):
         version: str | None,
     ) -> Encoded:
         explain = scope["path"].endswith(EXPLAIN)
-        instances = self._instances(body)
+        request, event = cloudevents.unwrap(headers, _parse(body))
+        instances = self._instances(request)
         # TorchServe's frontend sets this header on every v1 request; handlers read it.
         item_headers = {**headers, "explain": "True" if explain else "False"}
         requests = [
@@ -127,17 +132,16 @@ class V1InferEndpoint(KServeEndpoint):
         except ModelNotFound:
             raise _not_found(model) from None
         key = "explanations" if explain else "predictions"
-        payload = dumps({key: [_value(answer.prediction) for answer in answers]})
-        reply_headers = [("content-type", "application/json")]
+        document = {key: [_value(answer.prediction) for answer in answers]}
+        if event is None:
+            payload, reply_headers = dumps(document), [("content-type", "application/json")]
+        else:
+            payload, reply_headers = cloudevents.wrap(event, model, document)
         if answers:
             reply_headers.append(("x-model-version", _version(answers)))
         return Encoded(200, payload, reply_headers)
 
-    def _instances(self, body: bytes) -> list[Any]:
-        try:
-            request = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"Unrecognized request format: {exc}") from None
+    def _instances(self, request: Any) -> list[Any]:
         instances = request.get("instances") if isinstance(request, dict) else None
         if not isinstance(instances, list):
             raise BadRequest('Expected "instances" to be a list')
@@ -147,6 +151,13 @@ class V1InferEndpoint(KServeEndpoint):
                 f"send them in several requests"
             )
         return instances
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"Unrecognized request format: {exc}") from None
 
 
 def _version(answers: list[Answer]) -> str:

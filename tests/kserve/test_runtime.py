@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from cloudevents.http import CloudEvent, from_http, to_binary, to_structured
 from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
 from tests.support.aio import run
@@ -212,3 +213,26 @@ def requests_counted(metrics_url: str) -> float:
     ).text
     found = re.search(r'model_name="echo",model_version="default".*\} (\S+)', text)
     return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_v1_cloudevents_are_answered_in_kind(servers: Servers, mode: str) -> None:
+    """Knative Eventing's request, sent with the CloudEvents SDK: unwrapped, answered with an
+    event in the same mode, read back by the SDK, as KServe's model server does."""
+    url = f"{servers.tg.inference_url}/v1/models/echo:predict"
+    request = {"instances": [{"data": "a"}, {"data": "b"}]}
+    plain = httpx.post(url, json=request)
+    assert plain.status_code == 200, plain.text
+    event = CloudEvent({"type": "com.example.request", "source": "tests"}, request)
+    headers, body = to_binary(event) if mode == "binary" else to_structured(event)
+    reply = httpx.post(url, headers=headers, content=body)
+    assert reply.status_code == 200, reply.text
+    expected = "application/json" if mode == "binary" else "application/cloudevents+json"
+    assert reply.headers["content-type"] == expected
+    assert ("ce-id" in reply.headers) == (mode == "binary")
+    answer = from_http(dict(reply.headers), reply.content)
+    assert answer["type"] == "io.kserve.inference.response"
+    assert answer["source"] == "io.kserve.inference.echo"
+    assert answer["id"] != event["id"] and answer["time"]
+    data = answer.get_data()
+    assert (json.loads(data) if isinstance(data, bytes | str) else data) == plain.json()
