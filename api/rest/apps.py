@@ -216,8 +216,10 @@ def build_metrics_app(render: Callable[[], bytes]) -> ASGIApp:
         return JsonResponse(app.openapi())
 
     @app.get("/metrics")
-    # TorchServe answers /metrics whatever the method; GET is the documented one.
+    # TorchServe answers /metrics whatever the method (GET is the documented one), and any
+    # path below it.
     @app.api_route("/metrics", methods=list(EVERY_METHOD), include_in_schema=False)
+    @app.api_route("/metrics/{rest:path}", methods=list(EVERY_METHOD), include_in_schema=False)
     async def metrics(request: Request) -> Response:
         # TorchServe's name filter: /metrics?name[]=ts_inference_requests_total&name[]=...
         body = filter_samples(render(), request.query_params.getlist("name[]"))

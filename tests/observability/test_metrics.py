@@ -244,6 +244,9 @@ def test_metrics_port_serves_what_the_inference_port_did(tmp_path: Path) -> None
             assert (await client.post("/predictions/m/9.9", content=b"x")).status_code == 404
         async with httpx.AsyncClient(transport=metrics, base_url="http://m") as client:
             response = await client.get("/metrics")
+            # TorchServe serves the metrics under any path below /metrics, for any method.
+            below = await client.post("/metrics/anything/here")
+            assert below.status_code == 200 and "ts_inference_requests_total" in below.text
         await tg.stop()
         return response.headers["content-type"], response.text
 
