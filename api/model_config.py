@@ -48,6 +48,7 @@ _INT_KEYS = (
     "sequenceTimeoutMSec",
     "maxNumSequence",
     "maxSequenceJobQueueSize",
+    "maxRetryTimeoutInSec",
 )
 _BOOL_KEYS = ("sequenceBatching", "useVenv")
 # TorchServe's other frontend keys (ModelConfig.build): read by TorchServe, not by torchgate.
@@ -58,7 +59,6 @@ UNSUPPORTED_KEYS = frozenset(
         "parallelLevel",
         "parallelType",
         "torchrun",
-        "maxRetryTimeoutInSec",
         "clientTimeoutInMills",
         "useJobTicket",
         "continuousBatching",
@@ -115,7 +115,7 @@ def resolve_settings(
         settings = config.model_settings(_merged(config, yaml, name, version, origin, api or {}))
     elif "jobQueueSize" in yaml and yaml["jobQueueSize"] > 0:
         settings = dataclasses.replace(settings, job_queue_size=yaml["jobQueueSize"])
-    return _sequence_keys(settings, yaml, where)
+    return _yaml_only_keys(settings, yaml, where)
 
 
 def _merged(
@@ -161,12 +161,15 @@ def _merged(
     return merged
 
 
-def _sequence_keys(settings: ModelSettings, yaml: Mapping[str, Any], where: str) -> ModelSettings:
+def _yaml_only_keys(settings: ModelSettings, yaml: Mapping[str, Any], where: str) -> ModelSettings:
+    """The keys only model-config.yaml sets (no other layer has them)."""
     changes: dict[str, Any] = {}
     if "sequenceBatching" in yaml:
         changes["sequence_batching"] = yaml["sequenceBatching"]
     if "useVenv" in yaml:
         changes["use_venv"] = yaml["useVenv"]
+    if yaml.get("maxRetryTimeoutInSec", 0) > 0:  # TorchServe keeps its 300 s otherwise
+        changes["max_retry_timeout_s"] = yaml["maxRetryTimeoutInSec"]
     # As TorchServe's Model: the sequence limits are read only with sequenceMaxIdleMSec > 0.
     # Its code raises maxNumSequence to batchSize x maxWorkers, but both are still 0 when it
     # does, so the configured value is enforced as it is (checked against TorchServe 0.12).

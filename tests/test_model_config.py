@@ -126,6 +126,13 @@ def test_job_queue_size_and_use_venv() -> None:
     assert resolve(config_with(job_queue_size="40"), {}).job_queue_size == 40
 
 
+def test_max_retry_timeout_is_read_when_positive() -> None:
+    assert resolve(config_with(), {"maxRetryTimeoutInSec": 30}).max_retry_timeout_s == 30
+    # TorchServe keeps its 300 s for 0 or a negative value.
+    assert resolve(config_with(), {"maxRetryTimeoutInSec": 0}).max_retry_timeout_s == 300
+    assert resolve(config_with(), {}).max_retry_timeout_s == 300
+
+
 def test_unsupported_and_mistyped_keys_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
     yaml = {
         "deviceType": "gpu",

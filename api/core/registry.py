@@ -90,14 +90,17 @@ class ModelVersion:
     @property
     def healthy(self) -> bool:
         """TorchServe's rule for `/ping`: at least `min_workers` workers that are serving or
-        still being (re)started; a slot that failed to start `FAILED_AFTER` times in a row does
-        not count (TorchServe's worker past its retry window). A version scaled to 0 on purpose
-        is healthy: it lacks nothing it was asked to have."""
+        still being (re)started; a worker that has kept failing for maxRetryTimeoutInSec (300 s
+        by default) does not count, as TorchServe's past its retry window. (That window is
+        longer than `FAILED_AFTER` failed starts, which mark the version FAILED for its own
+        clients at once.) A version scaled to 0 on purpose is healthy: it lacks nothing it was
+        asked to have."""
         if self.state not in (ModelState.READY, ModelState.FAILED):
             return False
         if getattr(self.backend, "unavailable", None) is not None:
             return False  # a remote TorchServe that cannot serve
-        working = sum(1 for slot in self.workers if not slot.failed)
+        window = self.settings.max_retry_timeout_s
+        working = sum(1 for slot in self.workers if not slot.given_up(window))
         return working >= self.settings.min_workers
 
     def health_changed(self) -> None:
@@ -411,7 +414,12 @@ class Registry:
                     raise
                 log.error("%s worker %d failed to start: %s", label, index, exc.message)
                 slot = WorkerSlot(
-                    index, None, failed_starts=1, last_error=exc.message, starting=True
+                    index,
+                    None,
+                    failed_starts=1,
+                    last_error=exc.message,
+                    starting=True,
+                    failing_since=time.monotonic(),
                 )
             self._supervise(model_version, slot)
 

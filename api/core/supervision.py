@@ -50,6 +50,9 @@ class WorkerSlot:
     # Began without a worker (started in the background, or its first start failed) and has
     # not served yet: its first start is a start, not a restart.
     starting: bool = False
+    # When (time.monotonic) its worker last stopped or failed to start, while no start has
+    # succeeded since (TorchServe's recoveryStartTS); None while it serves or starts afresh.
+    failing_since: float | None = None
 
     @property
     def live(self) -> bool:
@@ -58,6 +61,12 @@ class WorkerSlot:
     @property
     def failed(self) -> bool:
         return self.worker is None and self.failed_starts >= FAILED_AFTER
+
+    def given_up(self, window_s: float) -> bool:
+        """Failing for `window_s` or longer (TorchServe's maxRetryTimeoutInSec): such a
+        worker no longer counts toward the server's health."""
+        since = self.failing_since
+        return self.worker is None and since is not None and time.monotonic() - since >= window_s
 
     @property
     def status(self) -> str:
@@ -88,6 +97,7 @@ async def supervise(
         assert worker is not None
         reason = await _serve_until_exit(batcher, worker)
         slot.worker = None
+        slot.failing_since = time.monotonic()
         slot.last_error = f"worker {slot.index} {reason}"
         log.warning("%s worker %d exited (%s); restarting it", label, slot.index, reason)
         on_change()
@@ -102,6 +112,8 @@ async def _start_with_backoff(
             replacement = await start(slot.index)
         except Exception as exc:
             slot.failed_starts += 1
+            if slot.failing_since is None:
+                slot.failing_since = time.monotonic()
             slot.last_error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
             log.error(
                 "%s worker %d failed to start (%d in a row): %s",
@@ -114,6 +126,7 @@ async def _start_with_backoff(
             continue
         slot.worker = replacement
         slot.failed_starts = 0
+        slot.failing_since = None
         slot.started_at = time.time()
         if slot.starting:
             slot.starting = False

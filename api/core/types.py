@@ -109,6 +109,9 @@ class ModelSettings:
     max_sequence_job_queue_size: int = 1
     # model-config.yaml's useVenv: the archive's requirements go into a per-model environment.
     use_venv: bool = False
+    # model-config.yaml's maxRetryTimeoutInSec: how long a worker may keep failing (to start,
+    # or dying before it serves again) and still count toward the server's health (/ping).
+    max_retry_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

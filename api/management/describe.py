@@ -12,10 +12,9 @@ from api.core.sequences import describe_fields
 from api.core.supervision import WorkerSlot
 
 # TorchServe's fixed answers for features torchgate has no equivalent of (model-config.yaml's
-# maxRetryTimeoutInSec, clientTimeoutInMills, parallelType/Level, continuousBatching,
-# useJobTicket): their defaults, so clients that read them see TorchServe's values.
+# clientTimeoutInMills, parallelType/Level, continuousBatching, useJobTicket): their defaults,
+# so clients that read them see TorchServe's values.
 _FIXED = {
-    "maxRetryTimeoutInSec": 300,
     "clientTimeoutInMills": 0,
     "parallelType": "",
     "parallelLevel": 0,
@@ -41,6 +40,7 @@ def describe(
         "maxBatchDelay": _number(settings.max_batch_delay_ms),
         "responseTimeout": _number(settings.response_timeout_s),
         "startupTimeout": _number(settings.startup_timeout_s),
+        "maxRetryTimeoutInSec": _number(settings.max_retry_timeout_s),
         **_FIXED,
         "deviceType": "gpu" if on_gpu else "cpu",
         "continuousBatching": False,

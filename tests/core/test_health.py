@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 
 import pytest
 
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
+from api.core.supervision import WorkerSlot
 from api.core.types import ModelSettings
 from api.errors import BadRequest, HandlerLoadError, http_status
 from tests.support import aio
@@ -42,27 +44,46 @@ def test_a_model_scaled_to_zero_leaves_the_server_healthy_but_is_not_ready() -> 
     run(scenario())
 
 
-def test_a_version_that_cannot_start_its_workers_makes_the_server_unhealthy() -> None:
+def test_a_version_failing_past_its_retry_window_makes_the_server_unhealthy() -> None:
+    """TorchServe's rule: a worker that keeps failing counts toward /ping until it has failed
+    for maxRetryTimeoutInSec (300 s by default; 1 s here); its version's own clients are told
+    at once (FAILED after FAILED_AFTER starts, not ready, 503)."""
+
     async def scenario() -> None:
         registry = Registry()
         dataplane = DataPlane(registry)
         await registry.register("a", "1.0", "a.mar", factory(EchoBackend("1.0")), ModelSettings())
         await registry.register(
-            "broken", "1.0", "b.mar", factory(BrokenBackend("1.0")), ModelSettings(),
-            keep_failed=True,
+            "broken", "1.0", "b.mar", factory(BrokenBackend("1.0")),
+            ModelSettings(max_retry_timeout_s=1.0), keep_failed=True,
         )  # fmt: skip
-        # Restarting (fewer failed starts than FAILED_AFTER) counts as having its worker, as a
-        # TorchServe worker inside its retry window does.
-        assert dataplane.ready()
         broken = registry.get("broken")
         while broken.state.value != "FAILED":
             await asyncio.sleep(0.05)
-        assert not dataplane.ready()
         assert not dataplane.model_ready("broken") and dataplane.model_ready("a")
         assert "weights are missing" in (broken.unavailable or "")
+        # Failing for less than the window: still counted, as TorchServe's worker retrying.
+        (slot,) = broken.workers
+        assert slot.failing_since is not None
+        if time.monotonic() - slot.failing_since < 0.9:
+            assert dataplane.ready()
+        while time.monotonic() - slot.failing_since < 1.0:
+            await asyncio.sleep(0.05)
+        assert not dataplane.ready()
         await registry.close()
 
     run(scenario())
+
+
+def test_the_retry_window_restarts_with_each_success() -> None:
+    """A worker that served and then died starts a new window: its earlier failures do not
+    count (TorchServe resets its recoveryStartTS once a worker loads)."""
+    slot = WorkerSlot(0, None, failing_since=time.monotonic() - 10)
+    assert slot.given_up(5.0)
+    slot.failing_since = time.monotonic()
+    assert not slot.given_up(5.0)
+    slot.worker, slot.failing_since = EchoWorker("1.0", 0.0), None
+    assert not slot.given_up(0.0)
 
 
 def test_worker_counts_above_the_bound_are_refused_naming_it() -> None:

@@ -298,7 +298,12 @@ def test_a_handler_failing_to_start_marks_its_version_failed_then_recovers(
     store = tmp_path / "store"
     store.mkdir()
     source = FLAKY_INIT.format(flag=str(flag))
-    build_archive(tmp_path, "flaky", "flaky.py", {"flaky.py": source}, export_dir=store)
+    # The server's health (/ping) counts a failing worker until it has failed for
+    # maxRetryTimeoutInSec (TorchServe's 300 s by default): 1 s here.
+    files = {"flaky.py": source, "model-config.yaml": "maxRetryTimeoutInSec: 1\n"}
+    build_archive(
+        tmp_path, "flaky", "flaky.py", files, config="model-config.yaml", export_dir=store
+    )
     build_archive(tmp_path, "steady", "echo.py", {"echo.py": ECHO}, export_dir=store)
     with running_torchgate(config(store, "flaky.mar,steady.mar"), healthy=False) as server:
         management = httpx.Client(base_url=server.management_url)
@@ -315,6 +320,8 @@ def test_a_handler_failing_to_start_marks_its_version_failed_then_recovers(
         assert refused.status_code == 503
         assert "weights are missing" in refused.json()["message"]
         assert httpx.get(f"{server.inference_url}/v2/models/flaky/ready").status_code == 503
+        assert status()["maxRetryTimeoutInSec"] == 1
+        wait_until(lambda: httpx.get(f"{server.inference_url}/ping").status_code == 500)
         unhealthy = httpx.get(f"{server.inference_url}/ping")
         assert (unhealthy.status_code, unhealthy.json()) == (500, {"status": "Unhealthy"})
         assert httpx.head(f"{server.inference_url}/ping").status_code == 500  # probes use HEAD
