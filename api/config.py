@@ -171,6 +171,9 @@ class Config:
     key_file: Path = Path("key_file.json")
     # None: no snapshot is read or written (the default without a config file, and `--ncs`).
     snapshot_file: Path | None = None
+    # False: the snapshot is written but not read at start (`torchgate start` with a config
+    # file named, as TorchServe reads its last snapshot only when none is).
+    snapshot_restore: bool = True
     # torchgate.traffic: {model: policy JSON}, applied at start when there is no snapshot.
     traffic: dict[str, Any] = field(default_factory=dict)
     # torchgate.max_workers_per_model: the bound on one version's workers (None: the default

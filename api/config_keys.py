@@ -102,6 +102,7 @@ KEYS: dict[str, Key] = {
             ("model_metrics_auto_detect", "custom metrics registered on first use"),
             ("enable_envvars_config", "TS_* environment variables override keys"),
             ("use_env_allowed_urls", "TS_ALLOWED_URLS counts only with it"),
+            ("disable_system_metrics", "true leaves the GPU metrics out of /metrics"),
         ),
         *_keys(
             IGNORED,
@@ -115,7 +116,6 @@ KEYS: dict[str, Key] = {
             ("initial_worker_port", "workers talk over pipes, not TCP ports"),
             ("initial_distribution_port", "torchrun ports: no distributed workers"),
             ("metric_time_interval", "system metrics are sampled per scrape"),
-            ("disable_system_metrics", "system metrics are sampled per scrape"),
             ("system_metrics_cmd", "system metrics are sampled per scrape"),
             ("cpp_log_config", "TorchServe's C++ backend logging"),
             ("unregister_model_timeout", "unregistering drains queued requests, then stops"),

@@ -386,13 +386,28 @@ def _wants_torchserve(url: str, extra: dict[str, Any] | None) -> bool:
 
 
 def _startup_urls(config: Config) -> set[str]:
-    """Archive file names named by load_models (name=file.mar or file.mar), or {"all"}."""
+    """Archive file names named by load_models (name=file.mar or file.mar), or {"all"} (any
+    case: TorchServe compares "ALL" ignoring case)."""
     urls: set[str] = set()
     for item in config.load_models.split(","):
         item = item.strip()
-        if item:
+        if item.lower() == "all":
+            urls.add("all")
+        elif item:
             urls.add(item.split("=", 1)[1] if "=" in item else item)
     return urls
+
+
+def _store_models(store: Path) -> list[Path]:
+    """What `load_models=all` loads, as TorchServe: every entry of the model store that is not
+    hidden and is a folder (an archive made with --archive-format no-archive) or a .mar,
+    .model or .tar.gz file."""
+    return [
+        entry
+        for entry in sorted(store.iterdir())
+        if not entry.name.startswith(".")
+        and (entry.is_dir() or entry.name.endswith((".mar", ".model", ".tar.gz")))
+    ]
 
 
 def _extra_startup_archives(
@@ -403,7 +418,7 @@ def _extra_startup_archives(
     if "all" in wanted:
         store = config.model_store
         if store.is_dir():
-            found += [(p.name, None) for p in sorted(store.glob("*.mar")) if p.name not in listed]
+            found += [(p.name, None) for p in _store_models(store) if p.name not in listed]
         return found
     for item in config.load_models.split(","):
         item = item.strip()

@@ -276,14 +276,23 @@ class Snapshotter:
 async def load_startup_state(
     config: Config, loader: ModelLoader, router: TrafficRouter, snapshotter: Snapshotter | None
 ) -> list[str]:
-    """Restore the snapshot if there is one, else load what config.properties asks for."""
-    if snapshotter is None:
+    """Restore the snapshot if there is one (and `config.snapshot_restore`), else load what
+    config.properties asks for."""
+    if snapshotter is None or not config.snapshot_restore:
         errors = await loader.load_startup_models()
         return errors + apply_policies(router, config.traffic)
     with snapshotter.paused():
         saved = snapshotter.load()
         if saved is not None:
             log.info("restoring models and traffic policies from snapshot %s", snapshotter.path)
+            if config.load_models or config.models or config.traffic:
+                # Said out loud: an edited config.properties or --models is not what serves.
+                log.warning(
+                    "snapshot %s restored: load_models, models= and torchgate.traffic (and "
+                    "--models) are not used while it exists; delete it or start with --ncs "
+                    "to load them",
+                    snapshotter.path,
+                )
             return await restore(saved, loader, router)
         errors = await loader.load_startup_models()
         return errors + apply_policies(router, config.traffic)

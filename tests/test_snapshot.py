@@ -7,6 +7,7 @@ integration tests restart the real server, after SIGTERM and after kill -9.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,38 @@ def test_a_restart_restores_models_versions_defaults_workers_batching_and_traffi
         assert tg.startup_errors == []
         assert state(tg) == saved
         await tg.stop()
+
+    run(scenario())
+
+
+def test_a_restored_snapshot_says_what_it_overrides_and_can_be_written_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`serve`: the snapshot wins over load_models/models=, and the log says so as a WARNING.
+    `snapshot_restore=False` (`torchgate start` with a named config file, as TorchServe): the
+    config loads and the snapshot is only written."""
+
+    async def scenario() -> None:
+        config = load_config(
+            config_in(tmp_path, CONFIG.replace("load_models=all", "load_models=m-1.0.mar"))
+        )
+        tg = await started(config, tmp_path)
+        await tg.stop()
+        config = load_config(
+            config_in(tmp_path, CONFIG.replace("load_models=all", "load_models=m-2.0.mar"))
+        )
+        with caplog.at_level(logging.WARNING, logger="api.snapshot"):
+            tg = await started(config, tmp_path)
+        assert [f"{v.name}/{v.version}" for v in tg.registry] == ["m/1.0"]  # the snapshot's
+        assert "are not used while it exists" in caplog.text
+        await tg.stop()
+        config.snapshot_restore = False
+        tg = await started(config, tmp_path)
+        assert [f"{v.name}/{v.version}" for v in tg.registry] == ["m/2.0"]  # the config's
+        await tg.stop()
+        assert config.snapshot_file is not None
+        saved = read_snapshot(config.snapshot_file)
+        assert saved is not None and set(saved["models"]["m"]) == {"2.0"}  # still written
 
     run(scenario())
 

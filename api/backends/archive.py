@@ -148,7 +148,7 @@ def _extract(
     with open_reader(path, limits) as reader:
         manifest_path = _find_manifest(reader.members)
         manifest = _parse_manifest(reader.read(manifest_path, MAX_METADATA_BYTES))
-        model_name, version = _name_and_version(manifest, name)
+        model_name, version = _name_and_version(manifest, name, path)
         work = work_dir or default_work_dir()
         work.mkdir(parents=True, exist_ok=True)
         prefix = f"{safe_name(model_name)}-{safe_name(version)}-"
@@ -201,9 +201,11 @@ def _parse_manifest(raw: bytes) -> dict[str, Any]:
     return manifest
 
 
-def _name_and_version(manifest: dict[str, Any], override: str | None) -> tuple[str, str]:
+def _name_and_version(
+    manifest: dict[str, Any], override: str | None, path: Path
+) -> tuple[str, str]:
     model = manifest["model"]
-    name = override or model.get("modelName")
+    name = override or model.get("modelName") or _default_name(path)
     if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
         raise _Invalid(
             f"invalid or missing model name {name!r} (letters, digits, '_', '-', '.'; "
@@ -215,6 +217,17 @@ def _name_and_version(manifest: dict[str, Any], override: str | None) -> tuple[s
     return name, str(version)
 
 
+def _default_name(path: Path) -> str:
+    """A manifest without modelName: the archive's file or folder name without its extension,
+    each character other than a letter, digit or '_' made '_', as TorchServe names it."""
+    base = path.name
+    for suffix in (".tar.gz", ".mar", ".model", ".tgz", ".zip"):
+        if base.endswith(suffix) and base != suffix:
+            base = base[: -len(suffix)]
+            break
+    return re.sub(r"\W", "_", base, flags=re.ASCII)
+
+
 def _describe(
     path: Path,
     model_dir: Path,
@@ -224,7 +237,7 @@ def _describe(
     extracted_to: Path | None,
 ) -> Archive:
     """Check what the manifest names against the files in `model_dir`."""
-    name, version = _name_and_version(manifest, name_override)
+    name, version = _name_and_version(manifest, name_override, path)
     model = manifest["model"]
     serialized = _named_file(model_dir, model, "serializedFile")
     _named_file(model_dir, model, "modelFile")

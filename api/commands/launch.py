@@ -148,6 +148,15 @@ def prepare(options: argparse.Namespace, path: Path | None) -> Config:
         raise UsageError(
             "--plugins-path: TorchServe's Java plugins cannot run in torchgate (refused)"
         )
+    temp = os.environ.get("TEMP")
+    if temp and not Path(temp).is_dir():  # TorchServe refuses it too (ts/model_server.py)
+        raise UsageError(f"Invalid temp directory: {temp}")
+    if os.environ.get("METRICS_LOCATION"):
+        print(
+            "torchgate: warning: METRICS_LOCATION is not used: torchgate writes no metrics "
+            "log files; its metrics are on the metrics API (/metrics)",
+            file=sys.stderr,
+        )
     for flag, value, kind in (
         ("--log-config", options.log_config, "file"),
         ("--cpp-log-config", options.cpp_log_config, "file"),
@@ -177,9 +186,21 @@ def prepare(options: argparse.Namespace, path: Path | None) -> Config:
     if "model_store" not in config.raw:
         raise UsageError("missing --model-store (or model_store in config.properties)")
     check_model_store(config)
+    _snapshot_rule(config, named=bool(os.environ.get("TS_CONFIG_FILE") or options.ts_config))
     if options.no_config_snapshots:
         config.snapshot_file = None
     return config
+
+
+def _snapshot_rule(config: Config, *, named: bool) -> None:
+    """TorchServe's rule for its last snapshot (ConfigManager): read only when no config file
+    is named (TS_CONFIG_FILE, --ts-config), from `$LOG_LOCATION/config` (./logs/config);
+    a named file and the flags say what loads, and the snapshot is only written then."""
+    if named:
+        config.snapshot_restore = False
+    elif config.snapshot_file is None:  # no config file at all
+        logs = Path(os.environ.get("LOG_LOCATION") or "logs").absolute()
+        config.snapshot_file = logs / "config" / "torchgate-snapshot.json"
 
 
 _UNUSED = {
@@ -315,10 +336,23 @@ def start_background(argv: list[str], config: Config) -> int:
             f"metrics {config.metrics_address if config.enable_metrics_api else 'off'}); "
             f"log: {log_path}"
         )
+        # The server runs on without a model it could not load, as TorchServe's does; the
+        # operator who started it hears about it here, not only in the log.
+        for failure in _load_failures(log_path, offset):
+            print(f"torchgate: warning: {failure}", file=sys.stderr)
         return 0
     code = child.wait()
     print(f"torchgate: {_last_error(log_path, offset)}", file=sys.stderr)
     return code or 2
+
+
+def _load_failures(log_path: Path, offset: int) -> list[str]:
+    """The start-up models that failed to load, from the log written since `offset`."""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").splitlines()
+    marker = "could not load model: "
+    return [marker + line.split(marker, 1)[1] for line in lines if marker in line]
 
 
 def _last_error(log_path: Path, offset: int) -> str:

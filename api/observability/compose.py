@@ -36,12 +36,17 @@ def access_log_setting(raw: dict[str, str]) -> bool:
     return raw.get(ACCESS_LOG_KEY, "true").strip().lower() not in ("false", "0", "no", "off")
 
 
-def build_observability(*, access_log: bool, gpu: GpuCollector | None = None) -> Observability:
+def build_observability(
+    *, access_log: bool, system_metrics: bool = True, gpu: GpuCollector | None = None
+) -> Observability:
+    """`system_metrics` False (TorchServe's disable_system_metrics=true): no GPU metrics, the
+    system metrics torchgate collects, as TorchServe then collects none."""
     metrics = PrometheusObserver()
     handler_metrics = HandlerMetrics(hostname=metrics.hostname)
     metrics.add_collector(handler_metrics)
     metrics.add_text(handler_metrics.counters_text)
-    metrics.add_collector(gpu or GpuCollector(hostname=metrics.hostname))
+    if system_metrics:
+        metrics.add_collector(gpu or GpuCollector(hostname=metrics.hostname))
     log = AccessLog() if AccessLog.wanted(access_log) else None
     observer: Observer = metrics if log is None else Observers(metrics, log)
     return Observability(metrics, handler_metrics, log, observer)

@@ -299,3 +299,26 @@ def test_a_real_archive_passes_the_whole_archive_ratio(
     path = build_archive("text", "handler.py", {"handler.py": HANDLER, "vocab.txt": vocab})
     opened = open_archive(path, work_dir=tmp_path / "w")
     opened.remove()
+
+
+@pytest.mark.parametrize(
+    ("file_name", "expected"),
+    [("noname.mar", "noname"), ("my-model.v2.mar", "my_model_v2"), ("tarred.tar.gz", "tarred")],
+)
+def test_a_manifest_without_model_name_is_named_after_the_file(
+    tmp_path: Path, file_name: str, expected: str
+) -> None:
+    """As TorchServe: the file's name without its extension, other characters than letters,
+    digits and '_' made '_'."""
+    files = {"MAR-INF/MANIFEST.json": manifest(modelName=None), "handler.py": HANDLER}
+    if file_name.endswith(".tar.gz"):
+        path = tmp_path / file_name
+        with tarfile.open(path, "w:gz") as tar:
+            for name, text in files.items():
+                data = text.encode()
+                info = tarfile.TarInfo(f"tarred/{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    else:
+        path = write_zip(tmp_path / file_name, files)
+    assert open_archive(path, work_dir=tmp_path / "w").name == expected

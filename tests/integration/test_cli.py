@@ -273,6 +273,10 @@ def test_config_errors_are_one_line(env: Env) -> None:
         env.torchgate("start", "--model-store", str(env.store), "--plugins-path", str(env.root)),
         "--plugins-path",
     )
+    one_line_exit_2(  # as TorchServe's model_server.py: a TEMP that is not a directory
+        env.torchgate("start", "--model-store", str(env.store), TEMP=str(env.root / "gone")),
+        "Invalid temp directory",
+    )
 
 
 def test_port_in_use_is_one_line_before_anything_is_announced(env: Env) -> None:
@@ -386,3 +390,66 @@ def test_stop_drains_in_flight_requests(env: Env, servers: Servers) -> None:
         httpx.get(f"{servers.b_inference}/ping")
     assert httpx.get(f"{servers.a_inference}/ping").status_code == 200
     assert len(list(env.tmp.glob("torchgate-*.pid"))) == 1
+
+
+def test_a_named_config_and_its_flags_win_over_the_last_snapshot(env: Env) -> None:
+    """TorchServe reads its last snapshot only when no config file is named: with
+    `--ts-config`, a restart serves what the command line now says (`--models`), not what the
+    previous run saved. torchgate still writes its snapshot then."""
+    config, addresses = env.config("snap.properties", disable_token_authorization="true")
+    management = addresses["management_address"]
+    common = ["--start", "--model-store", str(env.store), "--ts-config", str(config)]
+    try:
+        for model in ("echo", "slow"):
+            started = env.torchgate(*common, "--models", f"{model}={model}.mar")
+            assert started.returncode == 0, started.stderr
+            listed = httpx.get(f"{management}/models").json()["models"]
+            assert [m["modelName"] for m in listed] == [model]
+            stopped = env.torchgate("stop", "--ts-config", str(config))
+            assert stopped.returncode == 0, stopped.stderr
+        snapshot = json.loads((env.root / "logs/config/torchgate-snapshot.json").read_text())
+        assert list(snapshot["models"]) == ["slow"]  # written by the second run
+    finally:
+        env.torchgate("stop", "--ts-config", str(config))
+
+
+def test_load_models_all_loads_every_archive_form_in_the_store(env: Env) -> None:
+    """`load_models=ALL` (TorchServe compares it ignoring case) loads each non-hidden entry of
+    the store that is a folder (--archive-format no-archive) or a .mar, .model or .tar.gz
+    file, as TorchServe's model server does; anything else is left alone."""
+    store = env.root / "every-form"
+    store.mkdir()
+    for name, form in (("plain", "default"), ("folder", "no-archive"), ("tarred", "tgz")):
+        build_archive(
+            env.root, name, "handler.py", {"handler.py": ECHO},
+            archive_format=form, export_dir=store,
+        )  # fmt: skip
+    (store / ".hidden").mkdir()
+    (store / "notes.txt").write_text("not a model")
+    config, addresses = env.config(
+        "all.properties", model_store=str(store), load_models="ALL",
+        disable_token_authorization="true",
+    )  # fmt: skip
+    try:
+        started = env.torchgate("--start", "--ncs", "--ts-config", str(config))
+        assert started.returncode == 0, started.stderr
+        listed = httpx.get(f"{addresses['management_address']}/models").json()["models"]
+        assert sorted(m["modelName"] for m in listed) == ["folder", "plain", "tarred"]
+    finally:
+        env.torchgate("stop", "--ts-config", str(config))
+
+
+def test_a_model_that_cannot_load_is_reported_on_the_start_command(env: Env) -> None:
+    """The server serves the models it could load (as TorchServe's); `torchgate start` says
+    on stderr which it could not, not only in the log."""
+    config, addresses = env.config("partial.properties", disable_token_authorization="true")
+    args = ["--start", "--ncs", "--model-store", str(env.store), "--ts-config", str(config)]
+    try:
+        started = env.torchgate(*args, "--models", "echo=echo.mar", "ghost=ghost.mar")
+        assert started.returncode == 0, started.stderr
+        assert "torchgate: warning: could not load model: " in started.stderr
+        assert "ghost.mar" in started.stderr
+        listed = httpx.get(f"{addresses['management_address']}/models").json()["models"]
+        assert [m["modelName"] for m in listed] == ["echo"]
+    finally:
+        env.torchgate("stop", "--ts-config", str(config))

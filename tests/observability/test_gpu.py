@@ -77,3 +77,16 @@ def test_the_real_library_on_this_machine_reports_only_what_exists() -> None:
     devices = collector.devices()
     used = [s for s in samples if s.name == "torchgate_gpu_memory_used_bytes"]
     assert len(used) == devices
+
+
+@pytest.mark.parametrize("system_metrics", [True, False])
+def test_disable_system_metrics_leaves_the_gpu_metrics_out(system_metrics: bool) -> None:
+    """TorchServe's disable_system_metrics=true: no system metrics are collected, GPU ones
+    included (the model and request metrics stay)."""
+    from api.observability.compose import build_observability
+
+    gpu = GpuCollector(hostname="h", nvml=FakeNvml([FakeDevice(1, 2)]))
+    observability = build_observability(access_log=False, system_metrics=system_metrics, gpu=gpu)
+    text = observability.metrics.render().decode()
+    assert ("GPUMemoryUsed" in text) is system_metrics
+    assert ("torchgate_gpu_memory_used_bytes" in text) is system_metrics
