@@ -98,8 +98,7 @@ class Torchgate:
         self.startup_errors = await load_startup_state(
             self.config, self.loader, self.router, self.snapshotter
         )
-        for model_version in self.registry:
-            model_version.backend_info["startup"] = True
+        self.registry.loaded_at_startup.update(self.registry.names())
 
     def grpc_servers(
         self, *, tls: KeyMaterial | None = None

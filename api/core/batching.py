@@ -93,6 +93,9 @@ class Batcher:
         self._running = 0  # batches being run by workers right now
         self._busy = 0  # workers running at least one batch
         self._running_requests = 0  # requests in those batches
+        # Requests of batches handed to a worker behind the batch it runs (pipelining): not
+        # started yet, so pending as the queued ones are (`pending`).
+        self._waiting_in_workers = 0
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -114,6 +117,12 @@ class Batcher:
     @property
     def busy_workers(self) -> int:
         return self._busy
+
+    @property
+    def pending(self) -> int:
+        """Requests not started yet (describe's pendingRequests, as TorchServe's job queue):
+        queued, or in a batch waiting in a worker behind the one it runs."""
+        return self.depth + self._waiting_in_workers
 
     @property
     def in_flight(self) -> int:
@@ -189,9 +198,12 @@ class Batcher:
         """
         depth = max(1, getattr(worker, "pipeline_depth", 1))
         running: set[asyncio.Task[None]] = set()  # lanes with a batch in hand
+        in_hand: deque[list[Pending]] = deque()  # their batches, in the order the worker runs them
         stopping = asyncio.Event()  # set: lanes take no further batch
         lanes = [
-            asyncio.ensure_future(self._lane(worker, running, stopping, overload=index >= depth))
+            asyncio.ensure_future(
+                self._lane(worker, running, in_hand, stopping, overload=index >= depth)
+            )
             for index in range(depth * OVERLOAD_LANES if depth > 1 else 1)
         ]
         try:
@@ -222,6 +234,7 @@ class Batcher:
         self,
         worker: Worker,
         running: set[asyncio.Task[None]],
+        in_hand: deque[list[Pending]],
         stopping: asyncio.Event,
         *,
         overload: bool = False,
@@ -249,9 +262,13 @@ class Batcher:
             running.add(lane)
             self._running += 1
             self._running_requests += len(batch)
+            if in_hand:  # the worker runs an earlier batch first: this one waits behind it
+                self._waiting_in_workers += len(batch)
+            in_hand.append(batch)
             try:
                 await self._run(worker, batch)
             finally:
+                self._leave_hand(in_hand, batch)
                 running.discard(lane)
                 self._busy -= not running
                 self._running -= 1
@@ -259,6 +276,15 @@ class Batcher:
                 if self._running == 0:
                     self._wake_fillers()  # a batch held for company goes now (see `_fill`)
                 self._note_if_idle()
+
+    def _leave_hand(self, in_hand: deque[list[Pending]], batch: list[Pending]) -> None:
+        """`batch` is answered: if it was the one running, the next in hand starts."""
+        index = next(i for i, held in enumerate(in_hand) if held is batch)
+        del in_hand[index]
+        if index > 0:
+            self._waiting_in_workers -= len(batch)
+        elif in_hand:
+            self._waiting_in_workers -= len(in_hand[0])
 
     async def _next_batch(self) -> list[Pending]:
         while True:

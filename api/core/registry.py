@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -126,9 +127,13 @@ class Registry:
         self._models: dict[str, dict[str, ModelVersion]] = {}
         self._defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()  # serialises register/scale/unregister, not inference
+        self._worker_ids = itertools.count(9000)  # describe's worker ids (`WorkerSlot.id`)
         # Workers an asynchronous scale-down is stopping; `close` waits for them.
         self._stopping: set[asyncio.Task[None]] = set()
         self.on_change: list[Callable[[], None]] = []
+        # Names of the models loaded at server start (describe's loadedAtStartup: TorchServe
+        # answers it per model name, so a version registered later says true too).
+        self.loaded_at_startup: set[str] = set()
         # Asked (model, version) before a version is unloaded; raising (e.g. Conflict) refuses.
         self.before_unregister: list[Callable[[str, str], None]] = []
 
@@ -431,6 +436,7 @@ class Registry:
             )
 
     def _supervise(self, model_version: ModelVersion, slot: WorkerSlot) -> None:
+        slot.id = next(self._worker_ids)
         label = f"{model_version.name}/{model_version.version}"
         slot.task = asyncio.create_task(
             supervise(

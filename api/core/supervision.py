@@ -53,6 +53,9 @@ class WorkerSlot:
     # When (time.monotonic) its worker last stopped or failed to start, while no start has
     # succeeded since (TorchServe's recoveryStartTS); None while it serves or starts afresh.
     failing_since: float | None = None
+    # Describe's worker id: unique in the server and never reused, as TorchServe's (9000, 9001,
+    # ... across every model); kept across restarts of the slot's worker.
+    id: int = 0
 
     @property
     def live(self) -> bool:

@@ -22,9 +22,14 @@ _FIXED = {
 
 
 def describe(
-    model_version: ModelVersion, *, default: bool, customized: dict[str, Any] | None = None
+    model_version: ModelVersion,
+    *,
+    default: bool,
+    loaded_at_startup: bool = False,
+    customized: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """`customized`: `{"customizedMetadata": ...}` when asked, placed where TorchServe puts it."""
+    """`customized`: `{"customizedMetadata": ...}` when asked, placed where TorchServe puts it;
+    `loaded_at_startup`: the model (any version of it) was loaded when the server started."""
     settings = model_version.settings
     batcher = model_version.batcher
     workers = [_worker(slot) for slot in model_version.workers]
@@ -47,11 +52,11 @@ def describe(
         "useJobTicket": False,
         "useVenv": settings.use_venv,
         **describe_fields(settings),
-        "loadedAtStartup": bool(model_version.backend_info.get("startup", False)),
+        "loadedAtStartup": loaded_at_startup,
         "workers": workers,
         "jobQueueStatus": {
             "remainingCapacity": max(batcher.queue_size - batcher.depth, 0),
-            "pendingRequests": batcher.depth,
+            "pendingRequests": batcher.pending,
         },
         **(customized or {}),
         # torchgate's own, after TorchServe's fields.
@@ -81,7 +86,7 @@ def _worker(slot: WorkerSlot) -> dict[str, Any]:
     memory = getattr(worker, "memory_bytes", None)
     started = dt.datetime.fromtimestamp(slot.started_at, dt.UTC)
     entry: dict[str, Any] = {
-        "id": str(9000 + slot.index),
+        "id": str(slot.id),
         # TorchServe's form: milliseconds and a Z.
         "startTime": started.strftime("%Y-%m-%dT%H:%M:%S.") + f"{started.microsecond // 1000:03d}Z",
         "status": slot.status,

@@ -17,6 +17,7 @@ from api.errors import (
     InferenceFailed,
     ModelApiDisabled,
     ModelNotFound,
+    ModelNotReady,
     error_for_status,
 )
 from api.management.describe import describe
@@ -182,7 +183,12 @@ class Management:
             if customized:
                 extra = {"customizedMetadata": await self._customized(model_version, headers)}
             documents.append(
-                describe(model_version, default=model_version.version == default, customized=extra)
+                describe(
+                    model_version,
+                    default=model_version.version == default,
+                    loaded_at_startup=model_name in self.registry.loaded_at_startup,
+                    customized=extra,
+                )
             )
         return Reply(200, documents)
 
@@ -192,7 +198,14 @@ class Management:
         """What the handler answers to TorchServe's describe request (the client's headers
         and `describe: True`; `BaseHandler` calls `describe_handle()`): JSON when it parses,
         else text."""
-        ready = self.registry.ready_version(model_version.name, model_version.version)
+        try:
+            ready = self.registry.ready_version(model_version.name, model_version.version)
+        except ModelNotReady as exc:  # TorchServe's own sentence for a describe request
+            raise ModelNotReady(
+                f'Model "{model_version.name}" has no worker to serve describe request. '
+                "Please use scale workers API to add workers.",
+                retry_after=exc.retry_after,
+            ) from None
         headers = {**(client_headers or {}), "describe": "True"}
         request = InferenceRequest({}, headers, request_id(headers), API_TORCHSERVE_REST)
         prediction = await asyncio.wait_for(

@@ -138,3 +138,24 @@ def test_the_bound_leaves_a_remote_backends_in_flight_slots_alone() -> None:
         assert len(registry.get("m").workers) == 16
 
     run(scenario())
+
+
+def test_worker_ids_are_unique_in_the_server_and_never_reused() -> None:
+    """As TorchServe's (its worker ids are ports from one counter): describe's ids do not
+    collide across models, and a worker scaled away leaves its id unused."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        for name in ("a", "b"):
+            await registry.register(
+                name, "1.0", f"{name}.mar", factory(EchoBackend("1.0")), ModelSettings()
+            )
+        ids = lambda name: [slot.id for slot in registry.get(name).workers]  # noqa: E731
+        assert (ids("a"), ids("b")) == ([9000], [9001])
+        await registry.scale("a", None, 2, 2)
+        await registry.scale("a", None, 1, 1)
+        await registry.scale("a", None, 2, 2)
+        assert ids("a") == [9000, 9003]
+        await registry.close()
+
+    run(scenario())

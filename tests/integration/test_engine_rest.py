@@ -298,10 +298,11 @@ def test_full_queue_is_refused_at_once(
                 asyncio.create_task(aclient.post("/predictions/sleepy", content=b"0"))
                 for _ in range(2)
             ]
-            pending = lambda: management.get("/models/sleepy").json()[0]["jobQueueStatus"][  # noqa: E731
-                "pendingRequests"
-            ]
-            await asyncio.to_thread(wait_until, lambda: pending() == 2)
+            status = lambda: management.get("/models/sleepy").json()[0]["jobQueueStatus"]  # noqa: E731
+            # Pending, as TorchServe counts its job queue: the two queued and the one waiting
+            # in the worker behind "busy"; the queue itself is full.
+            full = {"pendingRequests": 3, "remainingCapacity": 0}
+            await asyncio.to_thread(wait_until, lambda: status() == full)
             started = time.monotonic()
             refused = await aclient.post("/predictions/sleepy", content=b"0")
             assert time.monotonic() - started < 1.0  # at once, not after the 3 s sleep

@@ -125,6 +125,7 @@ STEPS = [
         "&response_timeout=7&startup_timeout=30&initial_workers=0&synchronous=TRUE",
     ),
     rest("GET", "/models/renamed"),
+    rest("GET", "/models/renamed?customized=true"),  # no worker to ask
     # With max_batch_delay: without it TorchServe's JSON path registers -10000 ms (its bug;
     # torchgate's default is 100 ms, as for the query).
     rest(
