@@ -278,11 +278,11 @@ async def load_startup_state(
 ) -> list[str]:
     """Restore the snapshot if there is one (and `config.snapshot_restore`), else load what
     config.properties asks for."""
-    if snapshotter is None or not config.snapshot_restore:
+    if snapshotter is None:
         errors = await loader.load_startup_models()
         return errors + apply_policies(router, config.traffic)
-    with snapshotter.paused():
-        saved = snapshotter.load()
+    with snapshotter.paused():  # written once, when everything is loaded
+        saved = snapshotter.load() if config.snapshot_restore else None
         if saved is not None:
             log.info("restoring models and traffic policies from snapshot %s", snapshotter.path)
             if config.load_models or config.models or config.traffic:

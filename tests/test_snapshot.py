@@ -220,6 +220,39 @@ def test_a_restored_snapshot_says_what_it_overrides_and_can_be_written_only(
     run(scenario())
 
 
+def test_a_snapshot_not_restored_is_still_written_once_and_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`snapshot_restore=False` (a named config file): written once, after everything loaded,
+    and written even when nothing loads, so a stale snapshot of an earlier run cannot come
+    back at a later start without a config file."""
+    writes: list[int] = []
+    real_write = api.snapshot.write_atomic
+
+    def recording(path: Path, data: bytes) -> None:
+        writes.append(json.loads(data)["modelCount"])
+        real_write(path, data)
+
+    monkeypatch.setattr(api.snapshot, "write_atomic", recording)
+
+    async def scenario() -> None:
+        config = load_config(config_in(tmp_path))
+        config.snapshot_restore = False
+        tg = await started(config, tmp_path)
+        await tg.stop()
+        assert writes == [2]
+        empty = "model_store=model_store\ndisable_token_authorization=true\n"
+        config = load_config(config_in(tmp_path, empty))
+        config.snapshot_restore = False
+        tg = await started(config, tmp_path)
+        await tg.stop()
+        assert config.snapshot_file is not None
+        saved = read_snapshot(config.snapshot_file)
+        assert saved is not None and saved["models"] == {}
+
+    run(scenario())
+
+
 def test_start_writes_the_snapshot_once_after_everything_loaded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

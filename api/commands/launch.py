@@ -186,19 +186,20 @@ def prepare(options: argparse.Namespace, path: Path | None) -> Config:
     if "model_store" not in config.raw:
         raise UsageError("missing --model-store (or model_store in config.properties)")
     check_model_store(config)
-    _snapshot_rule(config, named=bool(os.environ.get("TS_CONFIG_FILE") or options.ts_config))
+    _snapshot_rule(config, path, named=bool(os.environ.get("TS_CONFIG_FILE") or options.ts_config))
     if options.no_config_snapshots:
         config.snapshot_file = None
     return config
 
 
-def _snapshot_rule(config: Config, *, named: bool) -> None:
+def _snapshot_rule(config: Config, path: Path | None, *, named: bool) -> None:
     """TorchServe's rule for its last snapshot (ConfigManager): read only when no config file
     is named (TS_CONFIG_FILE, --ts-config), from `$LOG_LOCATION/config` (./logs/config);
-    a named file and the flags say what loads, and the snapshot is only written then."""
+    a named file and the flags say what loads, and the snapshot is only written then.
+    (`path`: the config file read, named or ./config.properties; its snapshot_file stands.)"""
     if named:
         config.snapshot_restore = False
-    elif config.snapshot_file is None:  # no config file at all
+    elif path is None:  # no config file at all
         logs = Path(os.environ.get("LOG_LOCATION") or "logs").absolute()
         config.snapshot_file = logs / "config" / "torchgate-snapshot.json"
 

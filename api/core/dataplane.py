@@ -157,9 +157,10 @@ class DataPlane:
         raised and the others still queued are withdrawn. No request: the model and version are
         still checked (404, 503).
         """
+        started = time.monotonic()
         named = version
         version, shadows = self._route(model, version, requests[0].headers if requests else {})
-        self.registry.ready_version(model, version)
+        answering = self.registry.ready_version(model, version).version
         for request in requests:
             request.version_named = named
             for shadow in shadows:
@@ -167,11 +168,24 @@ class DataPlane:
         tasks = [asyncio.ensure_future(self._infer(model, version, r, None)) for r in requests]
         try:
             return list(await asyncio.gather(*tasks))
-        except BaseException:
+        except BaseException as exc:
+            # The first request is the one the client's request is counted by (`counted`);
+            # withdrawn before it finished, it is recorded here, with the failure that ended
+            # the client's request.
+            first_withdrawn = not tasks[0].done()
             for task in tasks:
                 task.cancel()
             # Collect the others' outcomes, so none is left unretrieved.
             await asyncio.gather(*tasks, return_exceptions=True)
+            if first_withdrawn and isinstance(exc, TorchgateError):
+                self._observer.request_finished(
+                    requests[0],
+                    model,
+                    answering,
+                    http_status(exc),
+                    time.monotonic() - started,
+                    None,
+                )
             raise
 
     def _route(

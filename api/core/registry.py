@@ -264,6 +264,10 @@ class Registry:
         try:
             await model_version.batcher.drain()
         finally:
+            # Workers an asynchronous scale-down is still stopping: done before the backend
+            # (and the archive it extracted) goes.
+            if self._stopping:
+                await asyncio.gather(*list(self._stopping), return_exceptions=True)
             await self._stop_workers(model_version, len(model_version.workers))
             await model_version.backend.close()
         self._changed()
@@ -455,10 +459,13 @@ class Registry:
         await self._stop_slots(model_version, [model_version.workers.pop() for _ in range(count)])
 
     async def _stop_slots(self, model_version: ModelVersion, slots: list[WorkerSlot]) -> None:
+        # Every leaving worker stops taking batches at once; then each finishes the one in
+        # hand, side by side (one after another, n slots could take n response timeouts).
+        tasks = [slot.task for slot in slots if slot.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for slot in slots:
-            if slot.task is not None:
-                slot.task.cancel()
-                await asyncio.gather(slot.task, return_exceptions=True)
             if slot.worker is None:
                 continue
             try:

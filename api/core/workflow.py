@@ -457,6 +457,9 @@ async def run_dag(
             request.api,
             # The client's inputs (and their content types) reach the start node only.
             input_types=request.input_types if name == spec.start else {},
+            # TorchServe's ts_* request counters count its inference API's requests, and a
+            # workflow's nodes never pass through that API.
+            counted=False,
         )
         running[asyncio.ensure_future(call(spec.nodes[name], node_request))] = name
 

@@ -234,7 +234,7 @@ class SharedPort:
     KServe's TorchServe examples put `inference_address` and `management_address` on the same
     port (8085). Paths are TorchServe's: `/models...`, `/token` and `/workflows...` are the
     management API's, except `/models/{m}/invoke` (an inference path, asked first there too),
-    `/metrics` the metrics API's, everything else the inference API's.
+    `/metrics` (and any path below it) the metrics API's, everything else the inference API's.
     """
 
     def __init__(self, apps: dict[str, ASGIApp]) -> None:
@@ -249,7 +249,7 @@ class SharedPort:
             and not is_invocation_path(path)
         ):
             return self.apps["management"]
-        if path == "/metrics" and "metrics" in self.apps:
+        if first == "metrics" and "metrics" in self.apps:
             return self.apps["metrics"]
         return self.default
 

@@ -6,13 +6,14 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Sequence
 
 import pytest
 
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
 from api.core.supervision import WorkerSlot
-from api.core.types import ModelSettings
+from api.core.types import InferenceRequest, ModelSettings, Prediction
 from api.errors import BadRequest, HandlerLoadError, http_status
 from tests.support import aio
 from tests.support.echo_backend import EchoBackend, EchoWorker, factory
@@ -156,6 +157,46 @@ def test_worker_ids_are_unique_in_the_server_and_never_reused() -> None:
         await registry.scale("a", None, 1, 1)
         await registry.scale("a", None, 2, 2)
         assert ids("a") == [9000, 9003]
+        await registry.close()
+
+    run(scenario())
+
+
+def test_workers_scaled_away_take_no_new_batch() -> None:
+    """A scale-down stops every leaving worker at once: none starts another batch while the
+    others finish theirs (stopped one after another, the later ones kept serving the queue)."""
+    started: list[tuple[float, int]] = []
+
+    class Recording(EchoWorker):
+        def __init__(self, index: int) -> None:
+            super().__init__("1.0", 0.3)
+            self.index = index
+
+        async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+            started.append((time.monotonic(), self.index))
+            return await super().predict(batch)
+
+    class Backend(EchoBackend):
+        async def start_worker(self, index: int) -> EchoWorker:
+            return Recording(index)
+
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        settings = ModelSettings(min_workers=4, max_workers=4)
+        await registry.register("m", "1.0", "m.mar", factory(Backend("1.0")), settings)
+        requests = [
+            asyncio.ensure_future(dataplane.infer("m", None, InferenceRequest({"body": i})))
+            for i in range(40)
+        ]
+        await asyncio.sleep(0.05)  # each worker has a batch in hand
+        scaled_at = time.monotonic()
+        await registry.scale("m", None, 1, 1, wait=False)
+        await asyncio.sleep(0.5)  # the leaving ones finish their batch meanwhile
+        assert [index for at, index in started if at > scaled_at and index != 0] == []
+        for request in requests:
+            request.cancel()
+        await asyncio.gather(*requests, return_exceptions=True)
         await registry.close()
 
     run(scenario())

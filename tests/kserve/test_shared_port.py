@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -59,6 +60,15 @@ def test_listeners_group_apis_by_address(tmp_path: Path) -> None:
     status, body = answers["invoke"]
     assert status == 404
     assert isinstance(body, dict) and body["message"] == "Model not found: nope"
+
+
+def test_the_metrics_api_takes_every_path_below_metrics_on_a_shared_port() -> None:
+    """TorchServe's metrics handler takes any path whose first segment is `metrics`."""
+    apps: dict[str, Any] = {"inference": object(), "management": object(), "metrics": object()}
+    port = SharedPort(apps)
+    for path in ("/metrics", "/metrics/", "/metrics/anything/here"):
+        assert port.app_for(path) is apps["metrics"], path
+    assert port.app_for("/metricsx") is apps["inference"]
 
 
 def test_a_server_listens_once_on_an_address_two_apis_share(tmp_path: Path) -> None:

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from api.app import build
 from api.config import parse_config
+from api.core.dataplane import DataPlane
 from api.core.registry import Registry
 from api.core.types import (
     API_TORCHSERVE_REST,
+    API_V1_REST,
     API_V2_GRPC,
     API_V2_REST,
     REJECT_AUTH,
@@ -21,12 +24,14 @@ from api.core.types import (
     ModelSettings,
     Prediction,
 )
+from api.errors import Overloaded
 from api.observability.metrics import (
     LATENCY_BUCKETS,
     FastHistogram,
     PrometheusObserver,
     filter_samples,
 )
+from tests.support.echo_backend import EchoBackend, factory
 from tests.support.exposition import parse, value
 from tests.support.fake_backend import FakeBackend, load_fake_backend, write_fake_archive
 
@@ -279,3 +284,25 @@ def test_name_filter_keeps_exactly_the_named_samples() -> None:
         b"# HELP h H.\n# TYPE h histogram\nh_count 1.0\n"
     )
     assert filter_samples(text, ["h"]) == b""  # a histogram's samples are h_bucket, h_count...
+
+
+def test_a_failed_kserve_v1_request_is_still_counted_once() -> None:
+    """The first instance carries the client's request in the ts_* counters; when another
+    instance fails while it still waits (503, queue full), it is withdrawn, and the client's
+    request is counted once all the same, with that failure."""
+
+    async def scenario() -> list[Any]:
+        observer = PrometheusObserver(process_metrics=False, hostname="h")
+        registry = Registry(observer)
+        dataplane = DataPlane(registry, observer=observer)
+        slow = factory(EchoBackend("1.0", delay=0.2))
+        await registry.register("m", "1.0", "m.mar", slow, ModelSettings(job_queue_size=1))
+        requests = [InferenceRequest({"body": i}, {}, "rid", API_V1_REST) for i in range(2)]
+        requests[1].counted = False  # as api.rest.kserve_v1 marks all but the first
+        with pytest.raises(Overloaded):
+            await dataplane.infer_many("m", None, requests)
+        await registry.close()
+        return scrape(observer)[0]
+
+    samples = asyncio.run(scenario())
+    assert value(samples, "ts_inference_requests_total", model_version="default") == 1

@@ -1,0 +1,52 @@
+"""`torchgate start`'s choices before anything starts: which snapshot it reads and writes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from api.commands.launch import add_server_flags, config_path, prepare
+
+
+def options(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_server_flags(parser)
+    return parser.parse_known_args(list(argv))[0]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TS_CONFIG_FILE", raising=False)
+    monkeypatch.delenv("LOG_LOCATION", raising=False)
+    (tmp_path / "store").mkdir()
+    return tmp_path
+
+
+def test_a_named_config_file_writes_its_snapshot_and_does_not_read_it(workdir: Path) -> None:
+    named = workdir / "named.properties"
+    named.write_text("model_store=store\n")
+    config = prepare(options("--ts-config", str(named)), config_path(str(named)))
+    assert config.snapshot_file == workdir / "logs/config/torchgate-snapshot.json"
+    assert config.snapshot_restore is False
+
+
+def test_without_a_config_file_the_last_snapshot_is_read_from_log_location(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = prepare(options("--model-store", "store"), config_path(None))
+    assert config.snapshot_file == workdir / "logs/config/torchgate-snapshot.json"
+    assert config.snapshot_restore is True
+    monkeypatch.setenv("LOG_LOCATION", str(workdir / "elsewhere"))
+    config = prepare(options("--model-store", "store"), config_path(None))
+    assert config.snapshot_file == workdir / "elsewhere/config/torchgate-snapshot.json"
+
+
+def test_an_implicit_config_properties_keeps_its_own_snapshot_setting(workdir: Path) -> None:
+    """./config.properties read without being named: not named, so its snapshot is read; and
+    `torchgate.snapshot_file=` (empty) there still means no snapshot at all."""
+    (workdir / "config.properties").write_text("model_store=store\ntorchgate.snapshot_file=\n")
+    config = prepare(options(), config_path(None))
+    assert config.snapshot_file is None
