@@ -16,7 +16,7 @@ from api.auth import TokenAuth
 from api.backends.extract import ArchiveLimits
 from api.backends.workdir import make_work_dir, remove_orphans
 from api.backends.workers import MetricCallback, load_worker_backend
-from api.config import Config
+from api.config import Config, ConfigError
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
 from api.core.routing import TrafficRouter
@@ -185,11 +185,15 @@ def build(
     workflows = Workflows(
         dataplane, WorkflowLoader(loader, work), encode=lambda p: encode_prediction(p).body
     )
-    auth = (
-        None
-        if config.disable_token_authorization
-        else TokenAuth(config.key_file, expiration_min=config.token_expiration_min)
-    )
+    auth = None
+    if not config.disable_token_authorization:
+        try:
+            auth = TokenAuth(config.key_file, expiration_min=config.token_expiration_min)
+        except OSError as exc:  # a read-only folder: say so in one line, before serving
+            raise ConfigError(
+                f"cannot write token authorization keys to {config.key_file}: {exc.strerror} "
+                "(torchgate.key_file in config.properties, or disable_token_authorization)"
+            ) from None
     if auth is not None:
         log.info("token authorization is on; keys are in %s", config.key_file)
     torchgate = Torchgate(

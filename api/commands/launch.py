@@ -186,22 +186,27 @@ def prepare(options: argparse.Namespace, path: Path | None) -> Config:
     if "model_store" not in config.raw:
         raise UsageError("missing --model-store (or model_store in config.properties)")
     check_model_store(config)
-    _snapshot_rule(config, path, named=bool(os.environ.get("TS_CONFIG_FILE") or options.ts_config))
+    _torchserve_paths(config, named=bool(os.environ.get("TS_CONFIG_FILE") or options.ts_config))
     if options.no_config_snapshots:
         config.snapshot_file = None
     return config
 
 
-def _snapshot_rule(config: Config, path: Path | None, *, named: bool) -> None:
-    """TorchServe's rule for its last snapshot (ConfigManager): read only when no config file
-    is named (TS_CONFIG_FILE, --ts-config), from `$LOG_LOCATION/config` (./logs/config);
-    a named file and the flags say what loads, and the snapshot is only written then.
-    (`path`: the config file read, named or ./config.properties; its snapshot_file stands.)"""
+def _torchserve_paths(config: Config, *, named: bool) -> None:
+    """Where TorchServe keeps its state, and when it reads it back, unless config.properties
+    names torchgate's own places (`torchgate.snapshot_file`, `torchgate.key_file`):
+    - the snapshot under `$LOG_LOCATION/config` (./logs/config), read at start only when no
+      config file is named (TS_CONFIG_FILE, --ts-config): a named file and the flags say what
+      loads, and the snapshot is only written then (ConfigManager);
+    - key_file.json in the working directory (TokenAuthorization).
+    Both stay out of the config file's folder, which KServe mounts read-only."""
     if named:
         config.snapshot_restore = False
-    elif path is None:  # no config file at all
+    if "torchgate.snapshot_file" not in config.raw:
         logs = Path(os.environ.get("LOG_LOCATION") or "logs").absolute()
         config.snapshot_file = logs / "config" / "torchgate-snapshot.json"
+    if "torchgate.key_file" not in config.raw:
+        config.key_file = Path.cwd() / "key_file.json"
 
 
 _UNUSED = {

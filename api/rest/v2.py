@@ -40,6 +40,11 @@ def v2_router(dataplane: DataPlane) -> APIRouter:
         is_ready = dataplane.ready()
         return JsonResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
+    @router.get("/models")
+    async def models() -> JsonResponse:
+        # KServe's model server lists its models here, as v1 does at /v1/models.
+        return JsonResponse({"models": sorted(dataplane.registry.names())})
+
     @router.get("/models/{model}")
     async def model_metadata(model: str) -> JsonResponse:
         return JsonResponse(metadata_json(dataplane.metadata(model)))

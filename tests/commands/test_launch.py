@@ -33,6 +33,37 @@ def test_a_named_config_file_writes_its_snapshot_and_does_not_read_it(workdir: P
     assert config.snapshot_restore is False
 
 
+def test_state_is_kept_where_torchserve_keeps_it_not_beside_the_config(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KServe mounts config.properties' folder read-only: TorchServe writes key_file.json to
+    its working directory and snapshots under $LOG_LOCATION/config, and so does `start`."""
+    mounted = workdir / "mnt" / "config"
+    mounted.mkdir(parents=True)
+    (mounted / "config.properties").write_text(f"model_store={workdir / 'store'}\n")
+    monkeypatch.setenv("LOG_LOCATION", str(workdir / "logs-here"))
+    named = mounted / "config.properties"
+    config = prepare(options("--ts-config", str(named)), config_path(str(named)))
+    assert config.key_file == workdir / "key_file.json"
+    assert config.snapshot_file == workdir / "logs-here/config/torchgate-snapshot.json"
+    # torchgate's own keys still say where, as they do for `torchgate serve`.
+    (mounted / "config.properties").write_text(
+        f"model_store={workdir / 'store'}\ntorchgate.key_file=keys.json\n"
+    )
+    config = prepare(options("--ts-config", str(named)), config_path(str(named)))
+    assert config.key_file == mounted / "keys.json"
+
+
+def test_keys_that_cannot_be_written_stop_the_start_with_one_line(workdir: Path) -> None:
+    from api.app import build
+    from api.config import ConfigError, load_config
+
+    named = workdir / "named.properties"
+    named.write_text("model_store=store\ntorchgate.key_file=no/such/folder/key_file.json\n")
+    with pytest.raises(ConfigError, match="cannot write token authorization keys"):
+        build(load_config(named), access_log=False)
+
+
 def test_without_a_config_file_the_last_snapshot_is_read_from_log_location(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -220,3 +220,30 @@ def test_autoscaling_reads_metrics_torchgate_exports() -> None:
     assert wanted == {"torchgate_inflight_requests", "torchgate_queue_depth"} and wanted <= served
     deployments = {d["metadata"]["name"] for d in by_kind("Deployment")}
     assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
+
+
+def test_the_runtime_listens_on_kserves_ports_and_declares_none() -> None:
+    """REST on 8080 and gRPC v2 on 8081, KServe's ports (its TorchServe docs point an
+    InferenceService's `h2c` port at 8081); no container port declared, as Knative serves one
+    and an InferenceService's own would make two; the management API on loopback only."""
+    (runtime,) = by_kind("ClusterServingRuntime")
+    (container,) = runtime["spec"]["containers"]
+    assert "ports" not in container
+    env = {item["name"]: item["value"] for item in container["env"]}
+    raw = {
+        "enable_envvars_config": "true",
+        "model_store": "/mnt/models/model-store",
+    }
+    config = parse_config(
+        {**raw, **{_key(name): value for name, value in env.items()}}, base_dir=ROOT
+    )
+    assert (config.inference_address.port, config.grpc_inference_port) == (8080, 8081)
+    assert config.management_address.host == "127.0.0.1"
+    assert config.management_address.port not in (8080, 8081, 8082)
+
+
+def _key(variable: str) -> str:
+    """config.properties' key for a TS_* variable, as TorchServe maps them."""
+    from api.config import ENVIRONMENT_KEYS
+
+    return ENVIRONMENT_KEYS.get(variable, variable)

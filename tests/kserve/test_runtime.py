@@ -69,6 +69,12 @@ def v1_client() -> InferenceRESTClient:
     return InferenceRESTClient(RESTConfig(protocol="v1", timeout=30))
 
 
+def test_v2_lists_models(servers: Servers) -> None:
+    """KServe's model server answers GET /v2/models with its models' names."""
+    reply = httpx.get(f"{servers.tg.inference_url}/v2/models")
+    assert (reply.status_code, reply.json()) == (200, {"models": ["echo"]})
+
+
 def test_v1_lists_models_and_readiness(servers: Servers) -> None:
     url = servers.tg.inference_url
     assert httpx.get(f"{url}/v1/models").json() == {"models": ["echo"]}

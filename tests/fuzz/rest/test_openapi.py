@@ -75,6 +75,7 @@ INFERENCE_OPERATIONS: dict[str, list[str] | None] = {
     "GET /v2": None,
     "GET /v2/health/live": None,
     "GET /v2/health/ready": None,
+    "GET /v2/models": None,
     "GET /v2/models/{model}": REAL_NAMES,
     "GET /v2/models/{model}/versions/{version}": REAL_NAMES,
     "GET /v2/models/{model}/ready": REAL_NAMES,
