@@ -305,10 +305,11 @@ class Registry:
                 ) from None
             have = len(model_version.workers)
             stopping: list[WorkerSlot] = []
-            if min_workers > have and wait:
-                await self._start_workers(model_version, min_workers - have)
-            elif min_workers > have:
-                self._start_in_background(model_version, min_workers - have)
+            if min_workers > have:
+                if wait:
+                    await self._start_workers(model_version, min_workers - have)
+                else:
+                    self._start_in_background(model_version, min_workers - have)
             elif max_workers < have:
                 stopping = [model_version.workers.pop() for _ in range(have - max_workers)]
         self._changed()
