@@ -25,10 +25,10 @@ without the closing chunk, as TorchServe resets it: the client sees a truncated 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus, unquote_to_bytes
 
 from starlette.requests import Request
 
@@ -195,13 +195,23 @@ async def request_item(
     if media == "multipart/form-data":
         await _form_fields(scope, body, item)
     elif media == "application/x-www-form-urlencoded":
-        for name, value in parse_qsl(body, keep_blank_values=True):
-            item.inputs[name.decode("utf-8", "replace")] = value
+        for name, value in _urlencoded(body):
+            item.inputs[name] = value
     else:
         item.inputs["body"] = body
         if media_type:
             item.types["body"] = media_type
     return item
+
+
+def _urlencoded(body: bytes) -> Iterator[tuple[str, bytes]]:
+    """A form's fields, each value the bytes its percent-escapes stand for (`%C3%A9` is UTF-8
+    `é`, `%FF` a byte of its own): parse_qsl on bytes encodes what it unquoted as ASCII and
+    failed on both. A field without `=` is dropped, as TorchServe's frontend drops it."""
+    for pair in body.split(b"&"):
+        name, equals, value = pair.partition(b"=")
+        if equals:
+            yield unquote_plus(name.decode("latin-1")), unquote_to_bytes(value.replace(b"+", b" "))
 
 
 def media_type_of(content_type: str) -> str:

@@ -186,6 +186,12 @@ REQUESTS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("multipart", "POST", "/predictions/probe", {"data": {"f1": "v1"}, "files": [FORM_FILE]}),
     ("urlencoded", "POST", "/predictions/probe", {"data": {"k": "v", "k2": "v2"}}),
     (
+        "urlencoded, not ascii",
+        "POST",
+        "/predictions/probe",
+        typed(b"b=%C3%A9&c=a+b&d", "application/x-www-form-urlencoded"),
+    ),
+    (
         "path below the version",
         "POST",
         "/predictions/probe/1.0/v1/chat/completions",
