@@ -26,6 +26,10 @@ all but `inference_url` optional (`SPEC_KEYS`):
                        version's torchgate workers, each forwarding one request at a time
     health_interval_s  seconds between health checks (default 2)
     signature          the version's signature.json as a JSON object (v2 metadata); default none
+    key_file           TorchServe's key_file.json, for a TorchServe with token authorization on
+                       (0.12's default): its `inference` key goes with predictions and /ping,
+                       its `management` key with describe. Read again at every health check, so
+                       keys TorchServe regenerates (`/token`) are picked up. Default: no key
 
 Health: at start and every `health_interval_s` the backend asks TorchServe for `/ping` and
 `GET /models/{model}/{version}`; while TorchServe is unreachable, or has no READY worker for the
@@ -46,6 +50,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -54,6 +59,7 @@ import orjson
 
 from api.core.types import (
     API_TORCHSERVE_REST,
+    API_V1_REST,
     InferenceRequest,
     ModelSettings,
     Prediction,
@@ -78,6 +84,7 @@ SPEC_KEYS = frozenset(
         "concurrency",
         "health_interval_s",
         "signature",
+        "key_file",
     }
 )
 
@@ -137,6 +144,7 @@ class TorchServeSpec:
     concurrency: int = 16
     health_interval_s: float = 2.0
     signature: Mapping[str, Any] | None = None
+    key_file: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("inference_url", "management_url"):
@@ -154,6 +162,8 @@ class TorchServeSpec:
             raise BadRequest(f"TorchServe backend: concurrency must be >= 1: {self.concurrency!r}")
         if self.signature is not None and not isinstance(self.signature, Mapping):
             raise BadRequest("TorchServe backend: signature must be a JSON object")
+        if self.key_file is not None and not isinstance(self.key_file, str):
+            raise BadRequest("TorchServe backend: key_file must be a path")
 
     @classmethod
     def from_config(cls, data: Any) -> TorchServeSpec:
@@ -289,6 +299,24 @@ class TorchServeBackend:
         self.info: dict[str, Any] = {"kind": KIND, "url": spec.url, "status": "UNKNOWN"}
         self.manifest: Mapping[str, Any] = _manifest(spec)
         self._watcher: asyncio.Task[None] | None = None
+        # TorchServe's keys by kind ("inference", "management"), from `spec.key_file`.
+        self._keys: dict[str, str] = {}
+        self._read_keys()
+
+    def _read_keys(self) -> str | None:
+        """Load TorchServe's keys from `spec.key_file`; why they could not be read, or None."""
+        if self.spec.key_file is None:
+            return None
+        try:
+            document = orjson.loads(Path(self.spec.key_file).read_bytes())
+            self._keys = {kind: str(document[kind]["key"]) for kind in ("inference", "management")}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"cannot read TorchServe's keys from {self.spec.key_file} ({exc})"
+        return None
+
+    def _auth(self, kind: str) -> dict[str, str]:
+        key = self._keys.get(kind)
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     @property
     def _what(self) -> str:
@@ -330,7 +358,8 @@ class TorchServeBackend:
         within `timeout_s`) or Overloaded (no free connection in time).
         """
         outgoing = encode_request(request)
-        explain = request.api == API_TORCHSERVE_REST and (
+        # REST's /explanations and KServe v1's :explain both set TorchServe's header.
+        explain = request.api in (API_TORCHSERVE_REST, API_V1_REST) and (
             header_value(request.headers, "explain") == "True"
         )
         endpoint = "explanations" if explain else "predictions"
@@ -344,7 +373,7 @@ class TorchServeBackend:
                 "POST",
                 f"{self.spec.inference_url}/{path}",
                 params=tuple(outgoing.params),
-                headers=outgoing.headers,
+                headers={**outgoing.headers, **self._auth("inference")},
                 content=outgoing.content,
                 files=outgoing.files,
             ) as response:
@@ -414,17 +443,30 @@ class TorchServeBackend:
         """(why the model cannot be served or None, TorchServe's worker counts if known)."""
         timeout = min(self.spec.connect_timeout_s + 1.0, self.timeout_s)
         prefix = f"Model {self.name} version {self.version} is unavailable"
+        unreadable = self._read_keys()
+        if unreadable is not None:
+            return f"{prefix}: {unreadable}", None
         try:
-            ping = await self.client.get(f"{self.spec.inference_url}/ping", timeout=timeout)
+            ping = await self.client.get(
+                f"{self.spec.inference_url}/ping", timeout=timeout, headers=self._auth("inference")
+            )
             if self.spec.management_url is None:
                 if ping.status_code != 200:
                     return f"{prefix}: {self._what} answers /ping with {ping.status_code}", None
                 return None, None
             described = await self.client.get(
-                f"{self.spec.management_url}/models/{self._path}", timeout=timeout
+                f"{self.spec.management_url}/models/{self._path}",
+                timeout=timeout,
+                headers=self._auth("management"),
             )
         except httpx.HTTPError as exc:
             return f"{prefix}: {self._what} is unreachable ({type(exc).__name__}: {exc})", None
+        if _refused_key(ping) or _refused_key(described):
+            return (
+                f"{prefix}: {self._what} refused the key (token authorization is on there: "
+                "give the backend its key_file)",
+                None,
+            )
         if described.status_code != 200:
             return (
                 f"{prefix}: {self._what} does not serve it "
@@ -445,7 +487,8 @@ class TorchServeBackend:
             raise BadRequest("TorchServe backend: name a model_version, or give a management_url")
         with self._translated(f"Registering model {self.name}"):
             described = await self.client.get(
-                f"{self.spec.management_url}/models/{quote(self.spec.model_name or '', safe='')}"
+                f"{self.spec.management_url}/models/{quote(self.spec.model_name or '', safe='')}",
+                headers=self._auth("management"),
             )
         if described.status_code != 200:
             raise BadRequest(
@@ -457,6 +500,11 @@ class TorchServeBackend:
         self.version = self.version or version
         self.manifest = _manifest(self.spec)
         self.info["url"] = self.spec.url
+
+
+def _refused_key(response: httpx.Response) -> bool:
+    """TorchServe 0.12's answer to a missing or wrong key: 400 InvalidKeyException."""
+    return response.status_code == 400 and b"InvalidKeyException" in response.content
 
 
 class TorchServeWorker:

@@ -37,7 +37,7 @@ from api.backends.torchserve import (
     open_backend,
 )
 from api.config import parse_config
-from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest, ModelSettings
+from api.core.types import API_TORCHSERVE_GRPC, API_V1_REST, InferenceRequest, ModelSettings
 from api.errors import BackendUnavailable, BadRequest, DeadlineExceeded
 from tests.support import aio
 from tests.support.fake_backend import load_fake_backend, write_fake_archive
@@ -60,6 +60,8 @@ class FakeTorchServe:
     answer_status: int = 200
     delay_s: float = 0.0
     seen: list[dict[str, Any]] = field(default_factory=list)
+    # TorchServe 0.12's token authorization: {"inference": key, "management": key}, or off.
+    keys: dict[str, str] | None = None
 
     def app(self) -> Starlette:
         return Starlette(
@@ -69,16 +71,26 @@ class FakeTorchServe:
                 Route("/models/{model}/{version}", self.describe),
                 Route("/predictions/{model}/{version}", self.predict, methods=["POST"]),
                 Route("/predictions/{model}/{version}/{more:path}", self.predict, methods=["POST"]),
+                Route("/explanations/{model}/{version}", self.predict, methods=["POST"]),
             ]
         )
 
+    def refused(self, request: Request, kind: str) -> Response | None:
+        """TorchServe 0.12's 400 for a missing or wrong key, when its keys are on."""
+        if self.keys is None or request.headers.get("authorization") == f"Bearer {self.keys[kind]}":
+            return None
+        body = {"code": 400, "type": "InvalidKeyException", "message": "Token Authorization failed"}
+        return JSONResponse(body, status_code=400)
+
     async def ping(self, request: Request) -> Response:
-        return JSONResponse({"status": "Healthy"})
+        return self.refused(request, "inference") or JSONResponse({"status": "Healthy"})
 
     async def describe_default(self, request: Request) -> Response:
         return await self.describe(request, version="2.0")
 
     async def describe(self, request: Request, version: str | None = None) -> Response:
+        if (refusal := self.refused(request, "management")) is not None:
+            return refusal
         model = request.path_params["model"]
         version = version or request.path_params["version"]
         if self.worker_status is None or (model, version) != ("digits", "2.0"):
@@ -88,6 +100,8 @@ class FakeTorchServe:
         return JSONResponse([{"modelName": model, "modelVersion": version, "workers": [worker]}])
 
     async def predict(self, request: Request) -> Response:
+        if (refusal := self.refused(request, "inference")) is not None:
+            return refusal
         raw = await request.body()
         seen: dict[str, Any] = {
             "path": request.url.path,
@@ -653,6 +667,53 @@ def test_snapshot_restores_a_torchserve_version(
             assert restored.ready and again.registry.default_version("m") == "1.0"
         finally:
             await again.stop()
+
+    with serving(fake, port):
+        run(scenario())
+
+
+def test_a_torchserve_with_token_authorization_gets_its_keys_from_key_file(
+    fake: FakeTorchServe, port: int, tmp_path: Path
+) -> None:
+    """TorchServe 0.12 turns token authorization on by default: without its keys the version
+    is not ready and says why; with `key_file`, predictions carry the inference key, the
+    health check the management key, and keys TorchServe regenerates are picked up."""
+    fake.keys = {"inference": "i-1", "management": "m-1"}
+    key_file = tmp_path / "key_file.json"
+
+    def write_keys() -> None:
+        assert fake.keys is not None
+        document = {kind: {"key": key} for kind, key in fake.keys.items()}
+        key_file.write_bytes(orjson.dumps({**document, "API": {"key": "a"}}))
+
+    write_keys()
+
+    async def scenario() -> None:
+        async with backend_for(spec(port)) as backend:
+            assert backend.unavailable is not None and "refused the key" in backend.unavailable
+        async with backend_for(spec(port, key_file=str(key_file))) as backend:
+            assert backend.unavailable is None
+            answer = await backend.forward(InferenceRequest({"body": b"x"}, {}, "r"))
+            assert answer.status == 200
+            assert echoed(answer.body)["headers"]["authorization"] == "Bearer i-1"
+            fake.keys = {"inference": "i-2", "management": "m-2"}  # TorchServe's /token
+            write_keys()
+            await backend.check()
+            assert backend.unavailable is None
+            answer = await backend.forward(InferenceRequest({"body": b"x"}, {}, "r"))
+            assert echoed(answer.body)["headers"]["authorization"] == "Bearer i-2"
+
+    with serving(fake, port):
+        run(scenario())
+
+
+def test_a_kserve_v1_explain_goes_to_explanations(fake: FakeTorchServe, port: int) -> None:
+    request = InferenceRequest({"body": b"x"}, {"explain": "True"}, "r", API_V1_REST)
+
+    async def scenario() -> None:
+        async with backend_for(spec(port)) as backend:
+            seen = echoed((await backend.forward(request)).body)
+        assert seen["path"] == "/explanations/digits/2.0"
 
     with serving(fake, port):
         run(scenario())
