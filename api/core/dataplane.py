@@ -15,8 +15,15 @@ from typing import Any, Protocol
 
 from api.core.registry import ModelVersion, Registry
 from api.core.routing import Router
-from api.core.types import REJECT_DEADLINE, InferenceRequest, NullObserver, Observer, Prediction
-from api.errors import DeadlineExceeded, TorchgateError, http_status
+from api.core.types import (
+    REJECT_DEADLINE,
+    REJECT_NOT_READY,
+    InferenceRequest,
+    NullObserver,
+    Observer,
+    Prediction,
+)
+from api.errors import DeadlineExceeded, ModelNotReady, TorchgateError, http_status
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +126,7 @@ class DataPlane:
     ) -> Answer:
         started = time.monotonic()
         version, shadows = self._route(model, version, request.headers)
-        model_version = self.registry.ready_version(model, version)
+        model_version = self._ready_version(model, version)
         for shadow in shadows:
             self._start_shadow(model, shadow, request, adapt)
         if adapt is not None:
@@ -160,7 +167,7 @@ class DataPlane:
         started = time.monotonic()
         named = version
         version, shadows = self._route(model, version, requests[0].headers if requests else {})
-        answering = self.registry.ready_version(model, version).version
+        answering = self._ready_version(model, version).version
         for request in requests:
             request.version_named = named
             for shadow in shadows:
@@ -186,6 +193,15 @@ class DataPlane:
                     time.monotonic() - started,
                     None,
                 )
+            raise
+
+    def _ready_version(self, model: str, version: str | None) -> ModelVersion:
+        """The version, ready to take a request; a refusal for not being ready is counted
+        (`torchgate_rejected_total`), as the others before inference are."""
+        try:
+            return self.registry.ready_version(model, version)
+        except ModelNotReady:
+            self._observer.request_rejected(model, version or "", REJECT_NOT_READY)
             raise
 
     def _route(

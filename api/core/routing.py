@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from api.core.registry import Registry
 from api.core.types import header_value
-from api.errors import BadRequest, Conflict, VersionNotFound
+from api.errors import BadRequest, Conflict, TorchgateError, VersionNotFound
 
 DEFAULT_STICKY_HEADER = "X-User-Id"
 
@@ -216,6 +216,11 @@ class TrafficRouter:
         if policy is None:
             return _plain_choice(self.registry.default_version(model))
         version = policy.pick(headers, self._rng)
+        if not self._ready(model, version):
+            # Its version cannot serve now (no live worker, its TorchServe down): the request
+            # goes to one of the policy's ready versions, by their weights, rather than to a
+            # 503; a sticky user comes back once theirs is ready again.
+            version = self._ready_pick(model, policy) or version
         shadow = policy.shadow
         if (
             shadow is not None
@@ -225,6 +230,23 @@ class TrafficRouter:
         ):
             return Choice(version, (shadow.version,))
         return _plain_choice(version)
+
+    def _ready(self, model: str, version: str) -> bool:
+        try:
+            return self.registry.get(model, version).ready
+        except TorchgateError:
+            return False
+
+    def _ready_pick(self, model: str, policy: TrafficPolicy) -> str | None:
+        weights = [(v, w) for v, w in policy.weights.items() if w > 0 and self._ready(model, v)]
+        if not weights:
+            return None
+        point = self._rng.random() * sum(w for _, w in weights)
+        for version, weight in weights:
+            point -= weight
+            if point < 0:
+                return version
+        return weights[-1][0]
 
     # -- management -----------------------------------------------------------------------------
 

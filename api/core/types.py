@@ -298,3 +298,4 @@ REJECT_QUEUE_FULL = "queue_full"
 REJECT_DEADLINE = "deadline"
 REJECT_AUTH = "auth"
 REJECT_TOO_LARGE = "too_large"
+REJECT_NOT_READY = "not_ready"  # the version has no live worker (or its TorchServe is down)

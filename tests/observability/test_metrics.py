@@ -24,7 +24,7 @@ from api.core.types import (
     ModelSettings,
     Prediction,
 )
-from api.errors import Overloaded
+from api.errors import ModelNotReady, Overloaded
 from api.observability.metrics import (
     LATENCY_BUCKETS,
     FastHistogram,
@@ -306,3 +306,22 @@ def test_a_failed_kserve_v1_request_is_still_counted_once() -> None:
 
     samples = asyncio.run(scenario())
     assert value(samples, "ts_inference_requests_total", model_version="default") == 1
+
+
+def test_a_request_refused_for_a_version_not_ready_is_counted() -> None:
+    """503 for a version with no live worker (or whose TorchServe is down) is a refusal
+    before inference, counted as the others are."""
+
+    async def scenario() -> list[Any]:
+        observer = PrometheusObserver(process_metrics=False, hostname="h")
+        registry = Registry(observer)
+        dataplane = DataPlane(registry, observer=observer)
+        idle = ModelSettings(min_workers=0, max_workers=0)
+        await registry.register("m", "1.0", "m.mar", factory(EchoBackend("1.0")), idle)
+        with pytest.raises(ModelNotReady):
+            await dataplane.infer("m", None, InferenceRequest({"body": b"x"}))
+        await registry.close()
+        return scrape(observer)[0]
+
+    samples = asyncio.run(scenario())
+    assert value(samples, "torchgate_rejected_total", model="m", reason="not_ready") == 1
