@@ -68,6 +68,9 @@ from api.core.types import (
 from api.errors import BackendUnavailable, BadRequest, DeadlineExceeded, Overloaded
 
 log = logging.getLogger(__name__)
+# httpx logs an INFO line for every request: each prediction and each health check (two every
+# health_interval_s per version) would fill the server's log.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 KIND = "torchserve"
 BACKEND_KEY = "torchgate.backend"  # the models={...} key, and the snapshot's
@@ -542,9 +545,11 @@ def encode_request(request: InferenceRequest) -> Outgoing:
     A TorchServe REST item holds its inputs as the client sent them (`api.rest.predictions`):
     the body goes back as those bytes with the client's Content-Type, form inputs as multipart
     parts with their own content types. Other APIs' items may hold decoded values: str goes as
-    UTF-8, anything else as JSON. Inputs besides the body (query parameters) go as query
-    parameters. Client headers are forwarded (handlers read them) except the connection's own
-    and `Authorization`, which holds the gateway's key, not TorchServe's.
+    UTF-8, anything else as JSON. A REST item's inputs besides the body (its query parameters)
+    go as query parameters; another API's (gRPC's `input` map) go with the body as multipart
+    parts, since TorchServe's `/predictions` drops query parameters and its gRPC API hands every
+    input to the handler. Client headers are forwarded (handlers read them) except the
+    connection's own and `Authorization`, which holds the gateway's key, not TorchServe's.
     """
     headers: dict[str, str] = {}
     client_type = None
@@ -555,8 +560,11 @@ def encode_request(request: InferenceRequest) -> Outgoing:
         client_type = header_value(request.headers, "content-type")
     if request.request_id:
         headers["X-Request-Id"] = request.request_id
-    if "body" not in request.inputs or (client_type or "").lower().startswith(
-        "multipart/form-data"
+    several = len(request.inputs) > 1 and request.api != API_TORCHSERVE_REST
+    if (
+        "body" not in request.inputs
+        or several
+        or (client_type or "").lower().startswith("multipart/form-data")
     ):
         files = [
             _form_part(name, value, request.input_types.get(name))

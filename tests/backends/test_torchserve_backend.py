@@ -717,3 +717,14 @@ def test_a_kserve_v1_explain_goes_to_explanations(fake: FakeTorchServe, port: in
 
     with serving(fake, port):
         run(scenario())
+
+
+def test_a_grpc_request_with_several_inputs_sends_them_all() -> None:
+    """TorchServe's gRPC API hands every `input` entry to the handler; its `/predictions`
+    drops query parameters, so they go as multipart fields, with the body."""
+    request = InferenceRequest(
+        {"body": b"a", "x": b"1", "op": b"add"}, {}, "r", API_TORCHSERVE_GRPC
+    )
+    raw = encode_request(request)
+    assert raw.params == []
+    assert raw.files is not None and sorted(part[0] for part in raw.files) == ["body", "op", "x"]
