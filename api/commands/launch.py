@@ -352,19 +352,22 @@ def start_background(argv: list[str], config: Config) -> int:
     return code or 2
 
 
-def _load_failures(log_path: Path, offset: int) -> list[str]:
-    """The start-up models that failed to load, from the log written since `offset`."""
+def _lines_since(log_path: Path, offset: int) -> list[str]:
+    """What the server logged since `offset`: this start's lines."""
     with open(log_path, "rb") as log:
         log.seek(offset)
-        lines = log.read().decode(errors="replace").splitlines()
+        return log.read().decode(errors="replace").splitlines()
+
+
+def _load_failures(log_path: Path, offset: int) -> list[str]:
+    """The start-up models that failed to load, from the log written since `offset`."""
     marker = "could not load model: "
+    lines = _lines_since(log_path, offset)
     return [marker + line.split(marker, 1)[1] for line in lines if marker in line]
 
 
 def _last_error(log_path: Path, offset: int) -> str:
-    with open(log_path, "rb") as log:
-        log.seek(offset)
-        lines = log.read().decode(errors="replace").splitlines()
+    lines = _lines_since(log_path, offset)
     errors = [line.removeprefix("torchgate: ") for line in lines if line.startswith("torchgate: ")]
     if errors:
         return errors[-1]

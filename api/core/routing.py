@@ -175,6 +175,19 @@ class TrafficPolicy:
         index = bisect.bisect_right(self._cumulative, point)
         return self._versions[min(index, len(self._versions) - 1)]
 
+    def pick_among(self, usable: Callable[[str], bool], rng: random.Random) -> str | None:
+        """A version by weight among those `usable` accepts (None if it accepts none): where a
+        request goes while the version `pick` gave it cannot serve."""
+        chosen = [(v, w) for v, w in zip(self._versions, self._weights, strict=True) if usable(v)]
+        if not chosen:
+            return None
+        point = rng.random() * sum(weight for _, weight in chosen)
+        for version, weight in chosen:
+            point -= weight
+            if point < 0:
+                return version
+        return chosen[-1][0]
+
     def sticky_version(self, sticky_id: str) -> str:
         """The version weighted rendezvous hashing gives `sticky_id` (see the module docstring)."""
         best, best_score = self._versions[0], -1.0
@@ -220,7 +233,7 @@ class TrafficRouter:
             # Its version cannot serve now (no live worker, its TorchServe down): the request
             # goes to one of the policy's ready versions, by their weights, rather than to a
             # 503; a sticky user comes back once theirs is ready again.
-            version = self._ready_pick(model, policy) or version
+            version = policy.pick_among(functools.partial(self._ready, model), self._rng) or version
         shadow = policy.shadow
         if (
             shadow is not None
@@ -236,17 +249,6 @@ class TrafficRouter:
             return self.registry.get(model, version).ready
         except TorchgateError:
             return False
-
-    def _ready_pick(self, model: str, policy: TrafficPolicy) -> str | None:
-        weights = [(v, w) for v, w in policy.weights.items() if w > 0 and self._ready(model, v)]
-        if not weights:
-            return None
-        point = self._rng.random() * sum(w for _, w in weights)
-        for version, weight in weights:
-            point -= weight
-            if point < 0:
-                return version
-        return weights[-1][0]
 
     # -- management -----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.encoding import dumps
+from api.rest.predictions import media_type_of
 
 BINARY_HEADERS = ("ce-specversion", "ce-source", "ce-type", "ce-id")
 STRUCTURED = "application/cloudevents+json"
@@ -54,7 +55,7 @@ def unwrap(headers: Mapping[str, str], request: Any) -> tuple[Any, Event | None]
     if all(name in headers for name in BINARY_HEADERS):
         attributes = {name[3:]: value for name, value in headers.items() if name[:3] == "ce-"}
         return request, Event(binary=True, attributes=attributes)
-    structured = _media_type(headers.get("content-type", "")) == STRUCTURED
+    structured = media_type_of(headers.get("content-type", "")).lower() == STRUCTURED
     attributes = {}
     if isinstance(request, dict) and all(key in request for key in STRUCTURED_KEYS):
         attributes = {key: value for key, value in request.items() if key != "data"}
@@ -79,7 +80,3 @@ def wrap(event: Event, model: str, answer: Any) -> tuple[bytes, list[tuple[str, 
         headers = [(f"ce-{name}", str(value)) for name, value in attributes.items()]
         return dumps(answer), [("content-type", "application/json"), *headers]
     return dumps({**attributes, "data": answer}), [("content-type", STRUCTURED)]
-
-
-def _media_type(content_type: str) -> str:
-    return content_type.split(";", 1)[0].strip().lower()
