@@ -150,7 +150,7 @@ def build(
         config.workflow_store = workflow_store
     observability = build_observability(
         access_log=access_log_setting(config.raw) if access_log is None else access_log,
-        system_metrics=config.raw.get("disable_system_metrics", "").strip().lower() != "true",
+        system_metrics=not config.disable_system_metrics,
     )
     observer = observability.observer
     observability.handler_metrics.spec = config.metrics_spec

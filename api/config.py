@@ -155,6 +155,8 @@ class Config:
     token_expiration_min: float = 60.0
     # TorchServe's enable_metrics_api: false leaves the metrics address unbound.
     enable_metrics_api: bool = True
+    # TorchServe's disable_system_metrics: true leaves the GPU metrics out of /metrics.
+    disable_system_metrics: bool = False
     # TorchServe's enable_grpc_ssl: both gRPC ports serve TLS with the REST ports' key (api.tls).
     enable_grpc_ssl: bool = False
     enable_model_api: bool = False
@@ -497,6 +499,7 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
             "install_py_dep_per_model",
             "decode_input_request",
             "enable_metrics_api",
+            "disable_system_metrics",
         ):
             if key in raw:
                 setattr(config, key, raw[key].strip().lower() == "true")

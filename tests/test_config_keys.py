@@ -84,3 +84,9 @@ def test_metrics_api_and_token_lifetime_are_read(tmp_path: Path) -> None:
     for bad in ("soon", "0", "-1"):
         with pytest.raises(ValueError, match="token_expiration_min"):
             parse_config({"token_expiration_min": bad}, base_dir=tmp_path)
+
+
+def test_disable_system_metrics_is_read(tmp_path: Path) -> None:
+    assert not parse_config({}, base_dir=tmp_path).disable_system_metrics
+    raw = {"disable_system_metrics": "TRUE"}
+    assert parse_config(raw, base_dir=tmp_path).disable_system_metrics
