@@ -25,6 +25,7 @@ is ever run.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -93,9 +94,9 @@ class Batcher:
         self._running = 0  # batches being run by workers right now
         self._busy = 0  # workers running at least one batch
         self._running_requests = 0  # requests in those batches
-        # Requests of batches handed to a worker behind the batch it runs (pipelining): not
-        # started yet, so pending as the queued ones are (`pending`).
-        self._waiting_in_workers = 0
+        # Each served worker's batches in hand, in the order it runs them (by id(worker)): all
+        # but the first wait in the worker, not started yet (`pending`).
+        self._hands: dict[int, deque[list[Pending]]] = {}
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -122,7 +123,9 @@ class Batcher:
     def pending(self) -> int:
         """Requests not started yet (describe's pendingRequests, as TorchServe's job queue):
         queued, or in a batch waiting in a worker behind the one it runs."""
-        return self.depth + self._waiting_in_workers
+        hands = list(self._hands.values())  # a copy, should a scrape run off the loop
+        waiting = sum(len(batch) for hand in hands for batch in itertools.islice(hand, 1, None))
+        return self.depth + waiting
 
     @property
     def in_flight(self) -> int:
@@ -198,7 +201,7 @@ class Batcher:
         """
         depth = max(1, getattr(worker, "pipeline_depth", 1))
         running: set[asyncio.Task[None]] = set()  # lanes with a batch in hand
-        in_hand: deque[list[Pending]] = deque()  # their batches, in the order the worker runs them
+        in_hand = self._hands[id(worker)] = deque()  # their batches, in the worker's order
         stopping = asyncio.Event()  # set: lanes take no further batch
         lanes = [
             asyncio.ensure_future(
@@ -224,6 +227,8 @@ class Batcher:
             if busy:
                 await asyncio.shield(asyncio.ensure_future(self._finish(busy)))
             raise
+        finally:
+            self._hands.pop(id(worker), None)
 
     async def _finish(self, lanes: list[asyncio.Task[None]]) -> None:
         await asyncio.wait(lanes, timeout=self.response_timeout_s)
@@ -262,13 +267,11 @@ class Batcher:
             running.add(lane)
             self._running += 1
             self._running_requests += len(batch)
-            if in_hand:  # the worker runs an earlier batch first: this one waits behind it
-                self._waiting_in_workers += len(batch)
             in_hand.append(batch)
             try:
                 await self._run(worker, batch)
             finally:
-                self._leave_hand(in_hand, batch)
+                del in_hand[next(i for i, held in enumerate(in_hand) if held is batch)]
                 running.discard(lane)
                 self._busy -= not running
                 self._running -= 1
@@ -276,15 +279,6 @@ class Batcher:
                 if self._running == 0:
                     self._wake_fillers()  # a batch held for company goes now (see `_fill`)
                 self._note_if_idle()
-
-    def _leave_hand(self, in_hand: deque[list[Pending]], batch: list[Pending]) -> None:
-        """`batch` is answered: if it was the one running, the next in hand starts."""
-        index = next(i for i, held in enumerate(in_hand) if held is batch)
-        del in_hand[index]
-        if index > 0:
-            self._waiting_in_workers -= len(batch)
-        elif in_hand:
-            self._waiting_in_workers -= len(in_hand[0])
 
     async def _next_batch(self) -> list[Pending]:
         while True:
