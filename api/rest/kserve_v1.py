@@ -112,6 +112,10 @@ class V1InferEndpoint(KServeEndpoint):
         version: str | None,
     ) -> Encoded:
         explain = scope["path"].endswith(EXPLAIN)
+        try:
+            self.dataplane.registry.get(model, version)  # KServe: an unknown model is 404
+        except ModelNotFound:  # whatever the body holds
+            raise _not_found(model) from None
         request, event = cloudevents.unwrap(headers, _parse(body))
         instances = self._instances(request)
         # TorchServe's frontend sets this header on every v1 request; handlers read it.

@@ -110,6 +110,8 @@ class V2InferEndpoint(KServeEndpoint):
         model: str,
         version: str | None,
     ) -> Encoded:
+        # An unknown model or version is 404 whatever the body holds, as in KServe and Triton.
+        self.dataplane.registry.get(model, version)
         body = decompressed(body, headers.get("content-encoding"), self.limits.request)
         with bridge.codec_errors():
             request = decode_rest(body, headers.get("inference-header-content-length"))
