@@ -29,7 +29,7 @@ import random
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from api.core.registry import Registry
 from api.core.types import header_value
@@ -166,18 +166,22 @@ class TrafficPolicy:
         """The version for one request (sticky when it carries the sticky header)."""
         if len(self._versions) == 1:
             return self._versions[0]
-        key = self._header_key
-        if key is not None:
-            sticky_id = header_value(headers, key)
-            if sticky_id is not None:
-                return self.sticky_version(sticky_id)
+        sticky_id = self._sticky_id(headers)
+        if sticky_id is not None:
+            return self.sticky_version(sticky_id)
         point = rng.random() * self._cumulative[-1]
         index = bisect.bisect_right(self._cumulative, point)
         return self._versions[min(index, len(self._versions) - 1)]
 
-    def pick_among(self, usable: Callable[[str], bool], rng: random.Random) -> str | None:
-        """A version by weight among those `usable` accepts (None if it accepts none): where a
-        request goes while the version `pick` gave it cannot serve."""
+    def pick_among(
+        self, headers: Mapping[str, str], usable: Callable[[str], bool], rng: random.Random
+    ) -> str | None:
+        """A version among those `usable` accepts (None if it accepts none): where a request
+        goes while the version `pick` gave it cannot serve. A sticky user gets the best of them
+        by the same hashing, so stays on one version until theirs is back; others go by weight."""
+        sticky_id = self._sticky_id(headers)
+        if sticky_id is not None:
+            return self.sticky_version(sticky_id, usable)
         chosen = [(v, w) for v, w in zip(self._versions, self._weights, strict=True) if usable(v)]
         if not chosen:
             return None
@@ -188,15 +192,28 @@ class TrafficPolicy:
                 return version
         return chosen[-1][0]
 
-    def sticky_version(self, sticky_id: str) -> str:
-        """The version weighted rendezvous hashing gives `sticky_id` (see the module docstring)."""
-        best, best_score = self._versions[0], -1.0
+    def _sticky_id(self, headers: Mapping[str, str]) -> str | None:
+        return None if self._header_key is None else header_value(headers, self._header_key)
+
+    @overload
+    def sticky_version(self, sticky_id: str) -> str: ...
+    @overload
+    def sticky_version(self, sticky_id: str, usable: Callable[[str], bool]) -> str | None: ...
+    def sticky_version(
+        self, sticky_id: str, usable: Callable[[str], bool] | None = None
+    ) -> str | None:
+        """The version weighted rendezvous hashing gives `sticky_id` (see the module docstring),
+        among those `usable` accepts when given (None if it accepts none). Leaving versions out
+        only takes their users elsewhere: the others' scores, so their users, stay the same."""
+        best, best_score = None, -1.0
         hashed_id = hashlib.blake2b(
             sticky_id.encode("utf-8", "surrogatepass") + b"\x00", digest_size=8
         )
         for version, encoded, weight in zip(
             self._versions, self._encoded, self._weights, strict=True
         ):
+            if usable is not None and not usable(version):
+                continue
             per_version = hashed_id.copy()
             per_version.update(encoded)
             score = -weight / math.log(_uniform(per_version.digest()))
@@ -231,9 +248,10 @@ class TrafficRouter:
         version = policy.pick(headers, self._rng)
         if not self._ready(model, version):
             # Its version cannot serve now (no live worker, its TorchServe down): the request
-            # goes to one of the policy's ready versions, by their weights, rather than to a
-            # 503; a sticky user comes back once theirs is ready again.
-            version = policy.pick_among(functools.partial(self._ready, model), self._rng) or version
+            # goes to one of the policy's ready versions rather than to a 503: by their
+            # weights, or a sticky user's next best; they come back once theirs is ready again.
+            usable = functools.partial(self._ready, model)
+            version = policy.pick_among(headers, usable, self._rng) or version
         shadow = policy.shadow
         if (
             shadow is not None
