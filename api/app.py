@@ -45,13 +45,18 @@ def worker_backend_loader(
     limits = ArchiveLimits.of(config)
 
     async def load(
-        path: Path, settings: ModelSettings, work_dir: Path, handler: str | None = None
+        path: Path,
+        settings: ModelSettings,
+        work_dir: Path,
+        name: str | None = None,
+        handler: str | None = None,
     ) -> Backend:
         return await load_worker_backend(
             path,
             settings,
             pool=pool,
             work_dir=work_dir,
+            name=name,
             handler=handler,
             on_metric=on_metric,
             intra_op_threads=config.intra_op_threads,

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 TORCHSERVE_SCHEMES = ("torchserve://", "torchserve+http://", "torchserve+https://")
 _Item = TypeVar("_Item")
 
-# Builds a backend for an archive path: (path, settings, work_dir) -> Backend. Called with a
-# `handler=` keyword too when a registration overrides the manifest's handler.
+# Builds a backend for an archive path: (path, settings, work_dir) -> Backend. Called with
+# `name=` and `handler=` keywords too when a registration overrides the manifest's.
 ArchiveBackendLoader = Callable[..., Awaitable[Backend]]
 
 
@@ -149,7 +149,10 @@ class ModelLoader:
                 url, settings, model_name, version, make_default, extra or {}, requested
             )
         path = self.resolve(url)
-        options = {} if handler is None else {"handler": handler}
+        # The registered name, not the manifest's, is the model's name in its workers too
+        # (context.model_name, handler metrics, log prefixes), as in TorchServe.
+        options = {"name": model_name, "handler": handler}
+        options = {key: value for key, value in options.items() if value is not None}
         backend = await self._load_local(path, settings, self.work_dir, **options)
         manifest_model = backend.manifest.get("model", {})
         name = model_name or str(manifest_model.get("modelName") or path.stem)
@@ -197,7 +200,7 @@ class ModelLoader:
     ) -> ModelVersion:
         """Register a model directory torchgate wrote itself (a workflow's function node), as
         `url`; unlike `register`, `path` is not looked for in the model store."""
-        backend = await self._load_local(path, settings, self.work_dir)
+        backend = await self._load_local(path, settings, self.work_dir, name=model_name)
         return await self._register_local(backend, model_name, "1.0", url, settings, extra=extra)
 
     async def _register_local(

@@ -35,7 +35,7 @@ import torch
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from tests.support.archives import build_archive
-from tests.support.side_by_side import side_by_side
+from tests.support.side_by_side import Endpoints, side_by_side
 
 pytestmark = [pytest.mark.integration, pytest.mark.torchserve]
 
@@ -62,6 +62,7 @@ PROBE = """
                 "headers": dict(headers),
                 "content_type_any_case": context.get_request_header(idx, "Content-Type"),
                 "request_id": context.get_request_id(idx),
+                "model_name": context.model_name,
                 "properties": {
                     k: v for k, v in context.system_properties.items() if k != "model_dir"
                 },
@@ -203,6 +204,7 @@ REQUESTS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("invocations without a model", "POST", "/invocations", {"content": b"i"}),
     ("invoke", "POST", "/models/probe/invoke?foo=bar", {"content": b"i"}),
     ("legacy predict", "POST", "/probe/predict?foo=bar", {"content": b"l"}),
+    ("registered under another name", "POST", "/predictions/renamed", {"content": b"r"}),
     ("legacy versioned predict", "GET", "/probe/1.0/predict", {}),
     ("undecoded by the handler's wish", "POST", "/predictions/raw", {"json": {"a": 1}}),
     ("undecoded text", "POST", "/predictions/raw", typed(b"t", "text/plain")),
@@ -218,12 +220,22 @@ def answers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     build_archive(work, "probe", "handler.py", files, export_dir=store)
     build_archive(work, "raw", "handler.py", {"handler.py": RAW}, export_dir=store)
     build_archive(work, "returns", "handler.py", {"handler.py": RETURNS}, export_dir=store)
-    with side_by_side(store, {"default_workers_per_model": "1"}) as servers:
-        return {name: _ask(ends.inference, ends.grpc_port) for name, ends in servers.items()}
+    config = {"default_workers_per_model": "1", "enable_model_api": "true"}
+    with side_by_side(store, config) as servers:
+        return {name: _ask(ends) for name, ends in servers.items()}
 
 
-def _ask(url: str, grpc_port: int) -> dict[str, Any]:
+def _ask(ends: Endpoints) -> dict[str, Any]:
+    url, grpc_port = ends.inference, ends.grpc_port
     seen: dict[str, Any] = {}
+    # The probe's archive registered again under a name of the client's choosing: the handler
+    # sees that name (context.model_name), whatever the manifest says.
+    registered = httpx.post(
+        f"{ends.management}/models",
+        params={"url": "probe.mar", "model_name": "renamed", "initial_workers": "1"},
+        timeout=120,
+    )
+    assert registered.status_code == 200, registered.text
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         stub = inference_grpc.InferenceAPIsServiceStub(channel)
         request = inference.PredictionsRequest(

@@ -23,7 +23,9 @@ run = functools.partial(aio.run, timeout=30)
 SPEC = "models:\n  m:\n    url: m.mar\n    batch-size: 4\ndag:\n  pre: [m]\n  m: [post]\n"
 
 
-async def load(path: Path, settings: ModelSettings, work_dir: Path) -> FakeBackend:
+async def load(
+    path: Path, settings: ModelSettings, work_dir: Path, name: str | None = None
+) -> FakeBackend:
     """Fake archives, and the model directories torchgate writes for function nodes."""
     if path.is_dir():
         manifest = json.loads((path / "MAR-INF" / "MANIFEST.json").read_text())

@@ -88,8 +88,10 @@ def write_fake_archive(
     return file_name
 
 
-async def load_fake_backend(path: Path, settings: ModelSettings, work_dir: Path) -> FakeBackend:
-    """A `ArchiveBackendLoader` for fake archives."""
+async def load_fake_backend(
+    path: Path, settings: ModelSettings, work_dir: Path, name: str | None = None
+) -> FakeBackend:
+    """A `ArchiveBackendLoader` for fake archives (`name` has no use here)."""
     manifest = json.loads(path.read_text())
     model = manifest["model"]
     return FakeBackend(model["modelName"], model["modelVersion"], fail=manifest.get("fail", False))

@@ -109,7 +109,10 @@ def write_archive(store: Path, name: str, version: str, signature: dict[str, Any
     return write_fake_archive(store, name, version, signature=signature)
 
 
-async def load_tensor_backend(path: Path, settings: ModelSettings, work_dir: Path) -> TensorBackend:
+async def load_tensor_backend(
+    path: Path, settings: ModelSettings, work_dir: Path, name: str | None = None
+) -> TensorBackend:
+    """A `ArchiveBackendLoader` for fake archives with a signature (`name` has no use here)."""
     document = json.loads(path.read_text())
     manifest = {"model": document["model"]}
     return TensorBackend(document["model"]["modelVersion"], document["signature"], manifest)

@@ -43,9 +43,11 @@ def worker_pool() -> Iterator[WorkerPool]:
 def worker_loader(pool: WorkerPool, **options: Any) -> ArchiveBackendLoader:
     """A `ArchiveBackendLoader` (what `api.app.build` takes) forking workers from `pool`."""
 
-    async def load(path: Path, settings: ModelSettings, work_dir: Path) -> Backend:
+    async def load(
+        path: Path, settings: ModelSettings, work_dir: Path, name: str | None = None
+    ) -> Backend:
         backend: WorkerBackend = await load_worker_backend(
-            path, settings, pool=pool, work_dir=work_dir, **options
+            path, settings, pool=pool, work_dir=work_dir, name=name, **options
         )
         return backend
 
