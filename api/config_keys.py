@@ -4,7 +4,8 @@ Each key is one of
 
     supported          means what it means in TorchServe (or, for `torchgate.*`, what
                        docs/ say)
-    ignored-harmless   accepted; has no effect here and needs none (a JVM or Netty setting)
+    ignored-harmless   accepted; has no effect here and needs none (a JVM or Netty setting);
+                       an INFO line at start names each one the file sets
     unsupported        not implemented: a warning at start says so and what to do instead
 
 A key whose value is TorchServe's default is never warned about, whatever its status (an
@@ -188,6 +189,16 @@ def check_keys(raw: dict[str, str]) -> list[str]:
     return warnings
 
 
+def ignored_keys(raw: dict[str, str]) -> list[str]:
+    """`name (why)` for each ignored-harmless key the file sets: said once at start, so no
+    key is dropped in silence."""
+    return [
+        f"{name} ({key.note})"
+        for name in raw
+        if (key := KEYS.get(name)) is not None and key.status == IGNORED
+    ]
+
+
 def effective_config(config: Config) -> list[str]:
     """`key: value` lines of what torchgate runs with: the main settings, then every key the
     file set (secrets masked)."""
@@ -225,4 +236,7 @@ def report(config: Config) -> None:
     """At start: the warnings of `check_keys`, then the effective configuration."""
     for line in check_keys(config.raw):
         log.warning(line)
+    ignored = ignored_keys(config.raw)
+    if ignored:
+        log.info("config keys with no effect in torchgate: %s", "; ".join(ignored))
     log.info("effective configuration:\n  %s", "\n  ".join(effective_config(config)))

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from api.config import parse_config
-from api.config_keys import IGNORED, KEYS, SUPPORTED, UNSUPPORTED, check_keys, effective_config
+from api.config_keys import (
+    IGNORED,
+    KEYS,
+    SUPPORTED,
+    UNSUPPORTED,
+    check_keys,
+    effective_config,
+    ignored_keys,
+    report,
+)
 
 
 def test_every_key_torchserve_0_12_reads_is_classified() -> None:
@@ -53,6 +62,23 @@ def test_unsupported_keys_warn_unless_at_torchserve_default() -> None:
     (warning,) = check_keys({"ipex_enable": "true"})
     assert warning.startswith("config key ipex_enable is not supported by torchgate")
     assert check_keys({"async_logging": "true", "number_of_netty_threads": "4"}) == []
+
+
+def test_ignored_keys_are_named_at_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Not warned about (they need nothing here), but not dropped in silence either."""
+    raw = {"number_of_netty_threads": "4", "metrics_format": "prometheus", "job_queue_size": "9"}
+    assert ignored_keys(raw) == [
+        "number_of_netty_threads (Netty: torchgate runs on one asyncio loop)",
+        "metrics_format (in KServe's example config; TorchServe 0.12 does not read it)",
+    ]
+    with caplog.at_level("INFO", logger="torchgate.config"):
+        report(parse_config(raw, base_dir=tmp_path))
+    said = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
+    assert said == [f"config keys with no effect in torchgate: {'; '.join(ignored_keys(raw))}"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="torchgate.config"):
+        report(parse_config({"job_queue_size": "9"}, base_dir=tmp_path))
+    assert not [r for r in caplog.records if "no effect" in r.getMessage()]
 
 
 def test_effective_config_masks_secrets(tmp_path: Path) -> None:

@@ -88,10 +88,26 @@ class TorchModel:
     def __init__(self, module: torch.nn.Module, device: torch.device) -> None:
         self.module = module.to(device).eval()
         self.device = device
+        # A scripted torchvision detector's forward takes `images: List[Tensor]`, not a batch
+        # tensor (eager modules iterate a batch tensor as well as a list).
+        self.takes_tensor_list = _first_argument_type(self.module) == "List[Tensor]"
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         with torch.inference_mode():
             return self.module(*(tensor.to(self.device) for tensor in inputs))
+
+    def call_with_list(self, tensors: list[torch.Tensor]) -> Any:
+        """forward(images) with one tensor per image, each of its own size."""
+        with torch.inference_mode():
+            return self.module([tensor.to(self.device) for tensor in tensors])
+
+
+def _first_argument_type(module: torch.nn.Module) -> str | None:
+    """The TorchScript type of forward's first argument after self; None for an eager module."""
+    if not isinstance(module, torch.jit.ScriptModule):
+        return None
+    arguments = module.forward.schema.arguments  # type: ignore[attr-defined]
+    return str(arguments[1].type) if len(arguments) > 1 else None
 
 
 class OnnxModel:

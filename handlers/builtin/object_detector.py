@@ -7,18 +7,20 @@ torchvision's detection models do; per request the detections with ``score >= 0.
 model's order, each ``{label: [x1, y1, x2, y2], "score": score}`` with the label from
 ``index_to_name.json`` (the class index as a string without it).
 
-Also taken from the model: a scripted torchvision detector's ``(losses, detections)`` pair,
-and an ONNX graph answering ``boxes``, ``labels``, ``scores`` (by those names, else in that
-order). An ONNX graph whose image input has rank 3 (torchvision's export takes one image) is
-run once per image.
+Also taken: a scripted torchvision detector, whose forward takes ``images: List[Tensor]``
+and answers a ``(losses, detections)`` pair (one forward pass for the whole batch, whatever the
+images' sizes); and an ONNX graph answering ``boxes``, ``labels``, ``scores`` (by those names,
+else in that order). An ONNX graph whose image input has rank 3 (torchvision's export takes one
+image) is run once per image.
 
-Images of different sizes in one batch run as separate forward passes (TorchServe stacks them
-and fails the batch). This module defines exactly one class (TorchServe's loader takes it).
+Otherwise images of different sizes in one batch run as separate forward passes (TorchServe
+stacks them and fails the batch). This module defines exactly one class (TorchServe's loader
+takes it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
@@ -26,7 +28,7 @@ from PIL import Image
 
 from .base import Prepared
 from .labels import label
-from .model import OnnxModel
+from .model import OnnxModel, TorchModel
 from .vision import VisionHandler, to_tensor
 
 _KEYS = ("boxes", "labels", "scores")
@@ -38,10 +40,18 @@ class ObjectDetector(VisionHandler):
     def transform(self, image: Image.Image) -> torch.Tensor:
         return to_tensor(image)
 
+    def group_key(self, prepared: Prepared) -> Hashable:
+        if isinstance(self.model, TorchModel) and self.model.takes_tensor_list:
+            return prepared.tensor.dtype  # a list of images of any sizes is one forward pass
+        return super().group_key(prepared)
+
     def run(self, items: list[Prepared]) -> list[Any]:
         model = self.model
         if isinstance(model, OnnxModel) and model.input_ranks[:1] == [3]:
             return [self.postprocess(model(item.tensor), 1)[0] for item in items]
+        if isinstance(model, TorchModel) and model.takes_tensor_list:
+            found = model.call_with_list([item.tensor for item in items])
+            return self.postprocess(found, len(items))
         return super().run(items)
 
     def postprocess(self, output: Any, count: int) -> list[Any]:

@@ -56,6 +56,17 @@ class FixedBoxes(torch.nn.Module):
         return found
 '''
 INDEX_TO_NAME = {"1": "cat", "2": "dog", "3": "bird"}
+# The same detector as torchvision scripts its own: images as a list of [3, H, W] tensors, each
+# of its own size, and a (losses, detections) pair back.
+LIST_SOURCE = (
+    SOURCE.replace("from typing import Dict, List", "from typing import Dict, List, Tuple")
+    .replace(
+        "def forward(self, images: torch.Tensor) -> List[Dict[str, torch.Tensor]]:",
+        "def forward(\n        self, images: List[torch.Tensor]\n"
+        "    ) -> Tuple[Dict[str, torch.Tensor], List[Dict[str, torch.Tensor]]]:",
+    )
+    .replace("        return found\n", "        return {}, found\n")
+)
 
 
 class OneImage(torch.nn.Module):
@@ -133,6 +144,20 @@ def test_detections_match_reference(serve: Serve, tmp_path: Path, fmt: str) -> N
     for answer, image in zip(ok(answers), IMAGES, strict=True):
         assert_same(answer, reference(model, image, INDEX_TO_NAME))
         assert 1 <= len(answer) <= 2 and "cat" in answer[0]  # box 0 always, box 1 never
+
+
+def test_a_scripted_detector_taking_a_list_of_images(serve: Serve, tmp_path: Path) -> None:
+    """torchvision's scripted detectors take `images: List[Tensor]`: the batch goes as a list
+    (images of different sizes in one pass), the (losses, detections) pair is unpacked."""
+    model, _ = detector(tmp_path, "eager")
+    listed = model_class(LIST_SOURCE, tmp_path)().eval()
+    listed.load_state_dict(model.state_dict())
+    [_, images] = torch.jit.script(listed).forward.schema.arguments  # type: ignore[attr-defined]
+    assert str(images.type) == "List[Tensor]"
+    labelled = torchscript(listed).plus({"index_to_name.json": json.dumps(INDEX_TO_NAME)})
+    [answers] = serve("object_detector", labelled, items(*IMAGES))
+    for answer, image in zip(ok(answers), IMAGES, strict=True):
+        assert_same(answer, reference(model, image, INDEX_TO_NAME))
 
 
 def test_bad_image_fails_alone_and_labels_default_to_indices(serve: Serve, tmp_path: Path) -> None:
