@@ -55,7 +55,8 @@ HTTP edge limits, per HTTP listener (api.rest.edge; docs/security.md "HTTP edge"
     torchgate.max_header_size       request line + headers, bytes (65536); more: 431
     torchgate.header_timeout        seconds for a request's headers to arrive, and the longest
                                     pause inside its body (20); more: 408 and closed
-    torchgate.keep_alive_timeout    whole seconds a connection may sit idle (30)
+    torchgate.keep_alive_timeout    whole seconds a connection may sit idle (620: longer than
+                                    load balancers keep theirs, so they close first)
     torchgate.max_connections       open connections (a quarter of the descriptor limit,
                                     `ulimit -n`); over it the longest-waiting idle or stalled
                                     connection is closed, or the new one gets 503
@@ -682,7 +683,11 @@ def _http_limits(raw: dict[str, str]) -> EdgeLimits:
     return EdgeLimits(
         max_header_bytes=read("max_header_size", int, 64 * 1024, 1024),
         header_timeout_s=read("header_timeout", float, 20.0, 0.01),
-        keep_alive_timeout_s=read("keep_alive_timeout", int, 30, 1),
+        # TorchServe never closes an idle connection. A balancer that reuses one the server has
+        # just closed answers its client 502, so the server must outwait the balancer's own
+        # idle timeout (AWS ALB 60 s, nginx 75 s, Google Cloud's 600 s). Idle connections
+        # cost little: at max_connections the longest-waiting one makes way.
+        keep_alive_timeout_s=read("keep_alive_timeout", int, 620, 1),
         max_connections=read("max_connections", int, default_connections, 1),
     )
 

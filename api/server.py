@@ -69,6 +69,7 @@ def _http_server(
         host=address.host,
         port=address.port,
         http=edge_protocol(limits),  # httptools with header, timeout and connection limits
+        ws="none",  # no WebSocket: an Upgrade is answered as a plain request (api.rest.edge)
         loop="none",
         lifespan="off",
         access_log=False,

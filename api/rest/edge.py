@@ -26,6 +26,12 @@ them. `edge_protocol()` subclasses that protocol, per listener, with:
 - **disconnects**: `connection_lost` cancels what the request's endpoint asked it to
   (`api.rest.asgi.cancel_on_disconnect`), so a hot path needs no task per request waiting on
   `receive()` to learn that the client went away.
+- **no protocol upgrades**: a request asking to switch protocols (`Upgrade: h2c`, which
+  `curl --http2` sends to an http:// URL, or `websocket`) is answered as a plain request, as
+  TorchServe answers it. llhttp would skip its body and hand the bytes after its headers over
+  as another protocol; the request is parsed again without the `upgrade` token in Connection.
+- **a malformed request behind one in progress** (pipelined, or bytes after a body) is answered
+  400 after the answers before it, not in their place.
 - **open connections**: at most `max_connections` per listener. A new connection over the
   bound closes the one that has waited longest without a request in progress (idle, or still
   sending headers: the stalled clients a flood leaves behind), so a good client still gets in;
@@ -46,6 +52,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, cast
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.config import EdgeLimits
@@ -199,6 +206,9 @@ class EdgeProtocol(HttpToolsProtocol):
         self._timeout_s = self.listener.limits.header_timeout_s
         self._max_header_bytes = self.listener.limits.max_header_bytes
         self._refused = False  # answered 431/503 or dropped: nothing more is parsed
+        # The head of a request that asked for a protocol upgrade, to parse again without it.
+        self._upgrade_head: bytes | None = None
+        self._malformed = False  # a 400 is owed once the answers before it are out
         # What to call when the connection is lost (an ordered set: registered callbacks).
         self._on_lost: dict[Callable[[], object], None] = {}
 
@@ -299,7 +309,7 @@ class EdgeProtocol(HttpToolsProtocol):
         phase = self._phase
         if phase is _Phase.BODY:
             self._deadline = self.loop.time() + self._timeout_s
-            super().data_received(data)
+            self._feed(data)
             return
         if phase is _Phase.NEW or phase is _Phase.IDLE:
             # A request starts. It keeps its place among the waiting: longest waiting first.
@@ -312,16 +322,50 @@ class EdgeProtocol(HttpToolsProtocol):
             # Feed only what fits: either the headers end inside it, or they are too big.
             self._header_bytes = self._max_header_bytes
             if room > 0:
-                super().data_received(data[:room])
-            if self.transport.is_closing():
-                return  # the parser refused it (400)
+                self._feed(data[:room])
+            if self.transport.is_closing() or self._refused:
+                return  # the parser refused it (400, now or after the answer in progress)
             if self._header_bytes >= self._max_header_bytes:
                 self._too_large()
             else:
                 self.data_received(data[room:])
             return
         self._header_bytes += len(data)
-        super().data_received(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's data_received, with what the module docstring says of upgrades and of
+        malformed requests."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self.cycle is None or self.cycle.response_complete:
+                self.send_400_response("Invalid HTTP request received.")
+            else:
+                self._malformed = True  # on_response_complete answers it, in its turn
+                self._refused = True
+                self.flow.pause_reading()
+        except httptools.HttpParserUpgrade as upgrade:
+            head, self._upgrade_head = self._upgrade_head, None
+            if head is None:  # CONNECT: not ours to tunnel
+                self.send_400_response("Invalid HTTP request received.")
+                return
+            self.parser = httptools.HttpRequestParser(self)
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn
+            self._feed(head + data[upgrade.args[0] :])
+
+    def _head_without_upgrade(self) -> bytes:
+        """The request line and headers just parsed, the `upgrade` token left out of
+        Connection (llhttp upgrades only with it; the Upgrade header stays for the app)."""
+        version = self.parser.get_http_version().encode()
+        lines = [self.parser.get_method() + b" " + self.url + b" HTTP/" + version]
+        for name, value in self.headers:
+            if name == b"connection":
+                tokens = [t.strip() for t in value.split(b",")]
+                value = b", ".join(t for t in tokens if t.lower() != b"upgrade")
+            lines.append(name + b": " + value)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
 
     def _too_large(self) -> None:
         self._refused = True
@@ -354,18 +398,32 @@ class EdgeProtocol(HttpToolsProtocol):
         cast(dict[str, Any], self.scope)[DISCONNECT_WATCH] = self._watch_disconnect
 
     def on_headers_complete(self) -> None:
+        if self.parser.should_upgrade() and self.parser.get_method() != b"CONNECT":
+            self._upgrade_head = self._head_without_upgrade()  # parsed again: _feed
+            return
         self._header_bytes = 0
         self._phase = _Phase.BODY
         self._deadline = self.loop.time() + self._timeout_s
         self._waiting.pop(self, None)  # a request in progress is never evicted
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if self._upgrade_head is None:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._upgrade_head is not None:
+            return  # llhttp's end of an upgrading request: it is parsed again
         self._phase = _Phase.BUSY
         self._deadline = 0.0  # the handler's time is bounded by the response timeout
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        if self._malformed and not self.pipeline:
+            self._malformed = False
+            self.server_state.total_requests += 1
+            self.send_400_response("Invalid HTTP request received.")
+            return
         super().on_response_complete()
         # A pipelined request may have started in its place (self.cycle is the latest one).
         if self._phase is _Phase.BUSY and self.cycle.response_complete:

@@ -174,6 +174,67 @@ def test_pipelined_requests_are_all_answered(bounded: TorchgateServer) -> None:
     assert answer.count(b"HTTP/1.1 200 OK") == 4
 
 
+def answers_of(stream: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each answer in a stream of Content-Length framed answers."""
+    answers = []
+    while stream:
+        head, _, rest = stream.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answers.append((status_of(head), rest[:length]))
+        stream = rest[length:]
+    return answers
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        # curl --http2 to an http:// URL
+        b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+        b"http2-settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+        b"connection: upgrade\r\nupgrade: websocket\r\nsec-websocket-key: dGhlIHNhbXBsZQ==\r\n",
+    ],
+    ids=["h2c", "websocket"],
+)  # fmt: skip
+def test_a_request_asking_to_upgrade_is_answered_as_a_plain_one(
+    bounded: TorchgateServer, upgrade: bytes
+) -> None:
+    """As TorchServe answers it: the body reaches the handler, the connection stays HTTP/1.1
+    (the request after it is answered too). llhttp alone skipped the body and read it as the
+    next request: the handler saw none, then the client got a 400 and a closed connection."""
+    body = json.dumps([[0.0] * 64] * 2000).encode()  # more than one read
+    sock = connect(bounded.inference_url)
+    for payload in (DIGIT, body):
+        sock.sendall(
+            b"POST /predictions/digits HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + upgrade
+            + b"content-length: %d\r\n\r\n" % len(payload)
+            + payload
+        )
+    sock.sendall(b"GET /ping HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    [(one, digit), (many, refused), (ping, healthy)] = answers_of(read_all(sock))
+    sock.close()
+    assert (one, many, ping) == (200, 400, 200)
+    assert json.loads(digit) and b"got 128000" in refused  # the handler saw every byte
+    assert json.loads(healthy) == {"status": "Healthy"}
+
+
+def test_a_malformed_request_behind_a_good_one_is_refused_after_its_answer(
+    bounded: TorchgateServer,
+) -> None:
+    """The good requests read in the same bytes are answered first, as TorchServe does, then
+    the 400 and the close; uvicorn alone sent only the 400."""
+    sock = connect(bounded.inference_url)
+    sock.sendall(
+        b"POST /predictions/digits HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%sGET /ping HTTP/1.1\r\nhost: x\r\n\r\nXYZ\r\n\r\n"
+        % (len(DIGIT), DIGIT)
+    )
+    answers = answers_of(read_all(sock))
+    sock.close()
+    assert [status for status, _ in answers] == [200, 200, 400]
+    assert answers[2][1] == b"Invalid HTTP request received."
+
+
 def test_a_head_request_gets_its_head_and_no_body(bounded: TorchgateServer) -> None:
     # uvicorn writes no body for HEAD: the held head must still go out on its own.
     sock = connect(bounded.inference_url)
@@ -422,7 +483,7 @@ def test_limits_default_safely() -> None:
     limits = parse_config({}, base_dir=ROOT).http_limits
     assert limits.max_header_bytes == 65536
     assert limits.header_timeout_s == 20.0
-    assert limits.keep_alive_timeout_s == 30
+    assert limits.keep_alive_timeout_s == 620  # past load balancers' idle timeouts
     assert limits.max_connections >= 16
 
 
