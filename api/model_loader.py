@@ -29,7 +29,7 @@ from api.config import Config, ModelEntry
 from api.core.names import check_model_name
 from api.core.registry import ModelVersion, Registry
 from api.core.types import Backend, ModelSettings
-from api.errors import BadRequest, NotFound
+from api.errors import BadRequest, ModelNotFound
 from api.model_config import Origin, resolve_settings
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class ModelLoader:
                 f"URL(s) (allowed_urls)"
             )
         if not exists:
-            raise NotFound(f"Model archive not found: {url}")
+            raise ModelNotFound(f"Model not found at: {url}")  # TorchServe's type and words
         return path
 
     async def register(

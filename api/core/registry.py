@@ -166,7 +166,9 @@ class Registry:
         try:
             return versions[version]
         except KeyError:
-            raise VersionNotFound(f"Model version not found: {name}/{version}") from None
+            raise VersionNotFound(
+                f"Model version: {version} does not exist for model: {name}"  # TorchServe's
+            ) from None
 
     def ready_version(self, name: str, version: str | None = None) -> ModelVersion:
         model_version = self.get(name, version)

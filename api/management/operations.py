@@ -18,6 +18,7 @@ from api.errors import (
     ModelApiDisabled,
     ModelNotFound,
     ModelNotReady,
+    VersionNotFound,
     error_for_status,
 )
 from api.management.describe import describe
@@ -255,7 +256,12 @@ class Management:
         return _status(text if version is None else f"{text}, version: {version}")
 
     def set_default(self, model_name: str, version: str) -> Reply:
-        self.registry.set_default(model_name, version)
+        try:
+            self.registry.set_default(model_name, version)
+        except VersionNotFound:  # TorchServe words it without its colons here
+            raise VersionNotFound(
+                f"Model version {version} does not exist for model {model_name}"
+            ) from None
         return _status(
             f'Default version successfully updated for model "{model_name}" to "{version}"'
         )

@@ -425,7 +425,7 @@ def test_unknown_model_and_version(server: TorchgateServer, flavor: str) -> None
         error = await t.error(t.call("infer", "digits", [pixels], model_version="9.9"))
         assert (error.status(), error.message()) == (
             t.status(404, "NOT_FOUND"),
-            "Model version not found: digits/9.9",
+            "Model version: 9.9 does not exist for model: digits",
         )
 
     run(flavor, server, scenario)

@@ -133,7 +133,7 @@ def test_model_readiness_with_and_without_version(tmp_path: Path) -> None:
             message = error_of(await s.client.get("/v2/models/nope/ready"), 404)
             assert message == "Model not found: nope"
             message = error_of(await s.client.get("/v2/models/m/versions/9/ready"), 404)
-            assert message == "Model version not found: m/9"
+            assert message == "Model version: 9 does not exist for model: m"
 
     run(scenario())
 
@@ -383,7 +383,7 @@ def test_a_plain_archive_takes_any_input(tmp_path: Path) -> None:
             "/v2/models/m/versions/9/infer",
             {"inputs": [x_input([[1, 2]])]},
             404,
-            "Model version not found: m/9",
+            "Model version: 9 does not exist for model: m",
         ),
         (
             "/v2/models/m/infer",

@@ -425,7 +425,7 @@ def test_a_request_timeout_bounds_its_wait_in_the_queue(tmp_path: Path) -> None:
     ("request_args", "code", "details"),
     [
         ({"model": "nope"}, Code.NOT_FOUND, "Model not found: nope"),
-        ({"version": "9"}, Code.NOT_FOUND, "Model version not found: m/9"),
+        ({"version": "9"}, Code.NOT_FOUND, "Model version: 9 does not exist for model: m"),
         (
             {"datatype": "INT32"},
             Code.INVALID_ARGUMENT,
