@@ -141,6 +141,10 @@ class Config:
     grpc_inference_port: int = 7070
     grpc_management_address: str = "127.0.0.1"
     grpc_management_port: int = 7071
+    # TorchServe's grpc_{inference,management}_max_connection_age[_grace]_ms, by "inference" /
+    # "management"; absent: connections live on (TorchServe's Long.MAX_VALUE).
+    grpc_max_connection_age_ms: dict[str, int] = field(default_factory=dict)
+    grpc_max_connection_age_grace_ms: dict[str, int] = field(default_factory=dict)
     model_store: Path = Path("model_store")
     # Where `POST /workflows?url=x.war` looks (TorchServe's workflow_store); None: model_store.
     workflow_store: Path | None = None
@@ -491,6 +495,16 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
         ):
             if key in raw:
                 setattr(config, key, _number(raw, key, int))
+        for kind in ("inference", "management"):
+            for suffix, ages in (
+                ("", config.grpc_max_connection_age_ms),
+                ("_grace", config.grpc_max_connection_age_grace_ms),
+            ):
+                key = f"grpc_{kind}_max_connection_age{suffix}_ms"
+                if key in raw:
+                    ages[kind] = _number(raw, key, int)
+                    if ages[kind] <= 0:  # TorchServe's gRPC server refuses it at start too
+                        raise ValueError(f"{key}={raw[key]!r} must be above 0")
         for key in ("grpc_inference_address", "grpc_management_address", "load_models"):
             if key in raw:
                 setattr(config, key, raw[key])

@@ -104,6 +104,10 @@ KEYS: dict[str, Key] = {
             ("enable_envvars_config", "TS_* environment variables override keys"),
             ("use_env_allowed_urls", "TS_ALLOWED_URLS counts only with it"),
             ("disable_system_metrics", "true leaves the GPU metrics out of /metrics"),
+            ("grpc_inference_max_connection_age_ms", "gRPC connections closed at this age"),
+            ("grpc_management_max_connection_age_ms", "gRPC connections closed at this age"),
+            ("grpc_inference_max_connection_age_grace_ms", "time calls get to end at that age"),
+            ("grpc_management_max_connection_age_grace_ms", "time calls get to end at that age"),
         ),
         *_keys(
             IGNORED,
@@ -125,10 +129,6 @@ KEYS: dict[str, Key] = {
             ("metrics_format", "in KServe's example config; TorchServe 0.12 does not read it"),
             ("version", "written by TorchServe into its snapshots"),
             ("tsConfigFile", "written by TorchServe into its snapshots"),
-            ("grpc_inference_max_connection_age_ms", "gRPC connections are not aged out"),
-            ("grpc_management_max_connection_age_ms", "gRPC connections are not aged out"),
-            ("grpc_inference_max_connection_age_grace_ms", "gRPC connections are not aged out"),
-            ("grpc_management_max_connection_age_grace_ms", "gRPC connections are not aged out"),
         ),
         *_keys(
             UNSUPPORTED,

@@ -25,6 +25,7 @@ from api.rpc.errors import grpc_code
 from api.tls import KeyMaterial, grpc_credentials
 
 log = logging.getLogger(__name__)
+_INT32_MAX = 2**31 - 1
 
 # Calls that need no key, as on REST: /ping, and KServe v2 health and metadata (REST's
 # GET /v2/... routes are open; only inference needs the inference key on either protocol).
@@ -80,14 +81,21 @@ def _server(
         )
     # After the token check: a caller without the key learns nothing about message parsing.
     interceptors.append(DecodingInterceptor())
-    return grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", config.max_request_size),
-            ("grpc.max_send_message_length", config.max_response_size),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
+    options: list[tuple[str, int]] = [
+        ("grpc.max_receive_message_length", config.max_request_size),
+        ("grpc.max_send_message_length", config.max_response_size),
+        ("grpc.so_reuseport", 0),
+    ]
+    # Aged connections make clients reconnect, so a Service's new replicas get their share
+    # (a gRPC connection otherwise stays on the pod it first reached). gRPC core takes 32-bit
+    # values; a longer age is no age.
+    for option, ages in (
+        ("grpc.max_connection_age_ms", config.grpc_max_connection_age_ms),
+        ("grpc.max_connection_age_grace_ms", config.grpc_max_connection_age_grace_ms),
+    ):
+        if kind in ages and ages[kind] < _INT32_MAX:
+            options.append((option, ages[kind]))
+    return grpc.aio.server(interceptors=interceptors, options=options)
 
 
 def grpc_servers(

@@ -275,6 +275,7 @@ def replay(base_url: str, grpc_port: int) -> list[tuple[int | str, Any]]:
                 answers.append(("OK", {"status": msg}))
     return answers
 
+
 # Errors whose message says more than TorchServe's, after TorchServe's own words.
 EXTENDED_MESSAGES = {
     "DELETE /models/echo",  # which version is the default, and what to do
