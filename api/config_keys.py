@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
+import shutil
+import sys
 from dataclasses import dataclass
 
 from api.config import Config
@@ -125,7 +128,7 @@ KEYS: dict[str, Key] = {
             ("cpp_log_config", "TorchServe's C++ backend logging"),
             ("unregister_model_timeout", "unregistering drains queued requests, then stops"),
             ("ts_open_inference_protocol", "KServe v2 (OIP) is always served on REST and gRPC"),
-            ("python", "workers run this interpreter"),
+            ("python", "workers run this interpreter (another one is warned about)"),
             ("metrics_format", "in KServe's example config; TorchServe 0.12 does not read it"),
             ("version", "written by TorchServe into its snapshots"),
             ("tsConfigFile", "written by TorchServe into its snapshots"),
@@ -186,7 +189,19 @@ def check_keys(raw: dict[str, str]) -> list[str]:
             warnings.append(f"config key {name} is not supported by torchgate: {key.note}")
         elif key.values is not None and value.strip().lower() not in key.values:
             warnings.append(f"config key {name}={value} is not supported by torchgate: {key.note}")
+        elif name == "python" and not _runs_here(value):
+            warnings.append(
+                f"config key python={value} is not supported by torchgate: workers are forked "
+                f"from the interpreter torchgate runs on ({sys.executable}); install the "
+                f"handlers' packages there"
+            )
     return warnings
+
+
+def _runs_here(python: str) -> bool:
+    """Whether `python` (TorchServe's interpreter for its workers) is the one running."""
+    found = shutil.which(python.strip())
+    return found is not None and os.path.realpath(found) == os.path.realpath(sys.executable)
 
 
 def ignored_keys(raw: dict[str, str]) -> list[str]:
@@ -195,7 +210,9 @@ def ignored_keys(raw: dict[str, str]) -> list[str]:
     return [
         f"{name} ({key.note})"
         for name in raw
-        if (key := KEYS.get(name)) is not None and key.status == IGNORED
+        if (key := KEYS.get(name)) is not None
+        and key.status == IGNORED
+        and (name != "python" or _runs_here(raw[name]))  # else check_keys warns
     ]
 
 

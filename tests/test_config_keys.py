@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,18 @@ def test_ignored_keys_are_named_at_start(tmp_path: Path, caplog: pytest.LogCaptu
     with caplog.at_level("INFO", logger="torchgate.config"):
         report(parse_config({"job_queue_size": "9"}, base_dir=tmp_path))
     assert not [r for r in caplog.records if "no effect" in r.getMessage()]
+
+
+def test_a_python_other_than_the_running_one_is_warned_about() -> None:
+    """Workers are forked from torchgate's interpreter: TorchServe's `python` key cannot pick
+    another (say a venv with the handlers' packages), so naming one is not silent."""
+    assert check_keys({"python": sys.executable}) == []
+    assert ignored_keys({"python": sys.executable}) == [
+        "python (workers run this interpreter (another one is warned about))"
+    ]
+    (warning,) = check_keys({"python": "/opt/other-venv/bin/python3"})
+    assert warning.startswith("config key python=/opt/other-venv/bin/python3 is not supported")
+    assert sys.executable in warning and ignored_keys({"python": "/opt/x/python"}) == []
 
 
 def test_effective_config_masks_secrets(tmp_path: Path) -> None:
