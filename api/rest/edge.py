@@ -401,6 +401,8 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade() and self.parser.get_method() != b"CONNECT":
             self._upgrade_head = self._head_without_upgrade()  # parsed again: _feed
             return
+        if self.expect_100_continue and self.parser.get_http_version() == "1.0":
+            self.expect_100_continue = False  # HTTP/1.0 clients know no 100 (RFC 9110 10.1.1)
         self._header_bytes = 0
         self._phase = _Phase.BODY
         self._deadline = self.loop.time() + self._timeout_s

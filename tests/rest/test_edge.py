@@ -268,6 +268,19 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(
     assert json.loads(answer.partition(b"\r\n\r\n")[2])
 
 
+def test_an_http_1_0_request_gets_no_100_continue(bounded: TorchgateServer) -> None:
+    """HTTP/1.0 has no interim answers: the body is expected without one, as TorchServe does."""
+    sock = connect(bounded.inference_url)
+    sock.sendall(
+        b"POST /predictions/digits HTTP/1.0\r\ncontent-type: application/json\r\n"
+        b"expect: 100-continue\r\ncontent-length: %d\r\n\r\n%s" % (len(DIGIT), DIGIT)
+    )
+    answer = read_all(sock)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:100]
+    assert b"100 Continue" not in answer
+
+
 def gc_collected(metrics_url: str) -> float:
     """Objects the server's cycle collector has freed so far (prometheus_client's counter)."""
     text = http_get(f"{metrics_url}/metrics")
