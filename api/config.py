@@ -160,7 +160,7 @@ class Config:
     token_expiration_min: float = 60.0
     # TorchServe's enable_metrics_api: false leaves the metrics address unbound.
     enable_metrics_api: bool = True
-    # TorchServe's disable_system_metrics: true leaves the GPU metrics out of /metrics.
+    # TorchServe's disable_system_metrics: true leaves host and GPU metrics out of /metrics.
     disable_system_metrics: bool = False
     # TorchServe's enable_grpc_ssl: both gRPC ports serve TLS with the REST ports' key (api.tls).
     enable_grpc_ssl: bool = False

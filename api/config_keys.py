@@ -106,7 +106,7 @@ KEYS: dict[str, Key] = {
             ("model_metrics_auto_detect", "custom metrics registered on first use"),
             ("enable_envvars_config", "TS_* environment variables override keys"),
             ("use_env_allowed_urls", "TS_ALLOWED_URLS counts only with it"),
-            ("disable_system_metrics", "true leaves the GPU metrics out of /metrics"),
+            ("disable_system_metrics", "true leaves host and GPU metrics out of /metrics"),
             ("grpc_inference_max_connection_age_ms", "gRPC connections closed at this age"),
             ("grpc_management_max_connection_age_ms", "gRPC connections closed at this age"),
             ("grpc_inference_max_connection_age_grace_ms", "time calls get to end at that age"),

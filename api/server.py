@@ -24,7 +24,7 @@ from api.app import build
 from api.config import Address, Config, EdgeLimits
 from api.config_keys import report as report_config
 from api.rest.apps import listeners
-from api.rest.asgi import ASGIApp
+from api.rest.asgi import ASGIApp, StatusTold
 from api.rest.edge import edge_protocol
 from api.tls import KeyMaterial, load_tls, server_ssl_context
 from api.workers.pool import WorkerPool
@@ -60,15 +60,19 @@ def _http_server(
     log_level: str,
     grace_s: float,
     ssl_context: ssl.SSLContext | None = None,
+    answered: Callable[[int], None] | None = None,
 ) -> _Server:
     if address.scheme not in ("http", "https"):
         raise ValueError(f"{address}: the scheme must be http or https")
     context = ssl_context if address.scheme == "https" else None
+    if answered is not None:
+        app = StatusTold(app, answered)
     config = uvicorn.Config(
         app,
         host=address.host,
         port=address.port,
-        http=edge_protocol(limits),  # httptools with header, timeout and connection limits
+        # httptools with header, timeout and connection limits, and each answer's status told
+        http=edge_protocol(limits, answered),
         ws="none",  # no WebSocket: an Upgrade is answered as a plain request (api.rest.edge)
         loop="none",
         lifespan="off",
@@ -128,6 +132,7 @@ async def serve(
                 log_level=log_level,
                 grace_s=grace_s,
                 ssl_context=ssl_context,
+                answered=torchgate.observer.http_answered,  # TorchServe's Requests2XX...
             ),
             address,
         )

@@ -9,8 +9,10 @@ What the metrics port serves (docs/observability.md lists every name and label):
 - read from the registry at scrape time (`RegistryCollector`): queue depth, in-flight requests,
   workers, busy workers, readiness;
 - TorchServe's own counters, `ts_inference_requests_total`, `ts_inference_latency_microseconds`
-  and `ts_queue_latency_microseconds{model_name,model_version,hostname}`, written exactly as
-  TorchServe 0.12 writes them, so existing TorchServe dashboards keep working;
+  and `ts_queue_latency_microseconds{model_name,model_version,hostname}`, and its
+  `Requests2XX`/`Requests4XX`/`Requests5XX` (every answer of the REST ports, `http_answered`)
+  and `QueueTime`{Level,Hostname}, written exactly as TorchServe 0.12 writes them, so existing
+  TorchServe dashboards keep working;
 - process and Python metrics, GPUs (`api.observability.gpu`), handlers' custom metrics
   (`api.observability.handler_metrics`).
 
@@ -59,6 +61,12 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # fmt: on
 
+# TorchServe's counters of HTTP answers: 2xx, 4xx, and everything else.
+_HTTP_ANSWER_FAMILIES = (
+    ("Requests2XX", "HTTP answers with a 2xx status (TorchServe name)"),
+    ("Requests4XX", "HTTP answers with a 4xx status (TorchServe name)"),
+    ("Requests5XX", "HTTP answers with any other status (TorchServe name)"),
+)
 # Rejections decided by a transport before it knew whether the model exists (auth, body size):
 # their model label comes from the client, so unknown names are blanked to bound cardinality.
 _EDGE_REASONS = frozenset((REJECT_AUTH, REJECT_TOO_LARGE))
@@ -138,6 +146,9 @@ class PrometheusObserver:
         self._rejected: dict[tuple[str, str, str], int] = {}
         # TorchServe's ts_* counters: requests, latency µs, queue µs by (model, version label).
         self._torchserve: dict[tuple[str, str], list[float]] = {}
+        # TorchServe's Requests2XX, Requests4XX, Requests5XX: HTTP answers of the REST ports.
+        self._http_answers = [0, 0, 0]
+        self._last_queue_ms: float | None = None  # TorchServe's QueueTime gauge
         self._models: Registry | None = None
         self._texts: list[Callable[[], str]] = [self._torchserve_text]
         self.registry.register(_ObserverCollector(self))
@@ -186,6 +197,8 @@ class PrometheusObserver:
             queue.counts[bisect_left(LATENCY_BUCKETS, wait)] += 1
             queue.total += wait
         if request.counted and not shadow:  # TorchServe never saw shadow copies
+            if prediction is not None:
+                self._last_queue_ms = wait * 1e3
             named = (model, request.version_named or "default")
             totals = self._torchserve.get(named)
             if totals is None:
@@ -193,6 +206,10 @@ class PrometheusObserver:
             totals[0] += 1
             totals[1] += latency_s * 1e6
             totals[2] += wait * 1e6
+
+    def http_answered(self, status: int) -> None:
+        """An HTTP answer on a REST port, counted as TorchServe counts it: 2xx, 4xx, the rest."""
+        self._http_answers[0 if 200 <= status < 300 else 1 if 400 <= status < 500 else 2] += 1
 
     def request_rejected(self, model: str, version: str, reason: str) -> None:
         if reason in _EDGE_REASONS and not self._known(model, version):
@@ -280,6 +297,15 @@ class PrometheusObserver:
             rejected.add_metric([model, version, reason], n)
         yield rejected
 
+        if self._last_queue_ms is not None:
+            queue_time = GaugeMetricFamily(
+                "QueueTime",
+                "Queue time of the latest request (milliseconds; TorchServe name)",
+                labels=["Level", "Hostname"],
+            )
+            queue_time.add_metric(["Host", self.hostname], self._last_queue_ms)
+            yield queue_time
+
     def _torchserve_text(self) -> str:
         """TorchServe 0.12's per-model counters, named and typed exactly as it writes them.
 
@@ -305,6 +331,10 @@ class PrometheusObserver:
                 for (model, version), values in totals
             ]
             parts.append(counter_text(name, help_text, samples))
+        host = {"Level": "Host", "Hostname": self.hostname}
+        for (name, help_text), count in zip(_HTTP_ANSWER_FAMILIES, self._http_answers, strict=True):
+            # As TorchServe: the family is listed from the start, its sample once it counts.
+            parts.append(counter_text(name, help_text, [(host, count)] if count else []))
         return "".join(parts)
 
 

@@ -94,6 +94,24 @@ class RequestIdHeader:
         await self.app(scope, receive, send_with_id)
 
 
+class StatusTold:
+    """ASGI middleware: `answered` is told the status of every answer `app` sends (what
+    TorchServe's Requests2XX, Requests4XX and Requests5XX count, on every port)."""
+
+    def __init__(self, app: ASGIApp, answered: Callable[[int], None]) -> None:
+        self.app, self.answered = app, answered
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answered = self.answered
+
+        async def send_and_tell(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                answered(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, send_and_tell)
+
+
 async def _disconnected() -> Message:
     return {"type": "http.disconnect"}
 

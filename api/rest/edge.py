@@ -85,8 +85,10 @@ class _Phase(enum.Enum):
 class _Listener:
     """What the connections of one listener share: limits, the waiting queue, the sweep."""
 
-    def __init__(self, limits: EdgeLimits) -> None:
+    def __init__(self, limits: EdgeLimits, answered: Callable[[int], None] | None) -> None:
         self.limits = limits
+        # Told the status of every answer on this listener (TorchServe's Requests2XX...).
+        self.answered = answered
         # Connections with no request in progress, longest waiting first (insertion order).
         self.waiting: OrderedDict[EdgeProtocol, None] = OrderedDict()
         self.outbox: Outbox | None = None  # made on the loop of the first connection
@@ -225,6 +227,7 @@ class EdgeProtocol(HttpToolsProtocol):
                 self.transport = transport  # uvicorn's connection_lost closes it
                 self._refused = True
                 listener.count("503 over torchgate.max_connections")
+                self._answered(503)
                 transport.write(
                     _response(
                         503,
@@ -288,6 +291,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def _drop(self) -> None:
         """Close a stalled or waiting connection; a half-sent request is told why."""
         if not self._refused and self._phase in (_Phase.HEADERS, _Phase.BODY):
+            self._answered(408)
             self.transport.write(
                 _response(
                     408,
@@ -355,6 +359,14 @@ class EdgeProtocol(HttpToolsProtocol):
             self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn
             self._feed(head + data[upgrade.args[0] :])
 
+    def send_400_response(self, msg: str) -> None:
+        self._answered(400)
+        super().send_400_response(msg)
+
+    def _answered(self, status: int) -> None:
+        if self.listener.answered is not None:
+            self.listener.answered(status)
+
     def _head_without_upgrade(self) -> bytes:
         """The request line and headers just parsed, the `upgrade` token left out of
         Connection (llhttp upgrades only with it; the Upgrade header stays for the app)."""
@@ -376,6 +388,7 @@ class EdgeProtocol(HttpToolsProtocol):
             self.transport.close()
             return
         self.listener.count("431 header too large")
+        self._answered(431)
         self.transport.write(
             _response(
                 431,
@@ -433,10 +446,14 @@ class EdgeProtocol(HttpToolsProtocol):
             self._waiting[self] = None  # waiting again, behind every longer waiter
 
 
-def edge_protocol(limits: EdgeLimits) -> type[EdgeProtocol]:
-    """A protocol class for one listener (its connections share a bound and a sweep)."""
+def edge_protocol(
+    limits: EdgeLimits, answered: Callable[[int], None] | None = None
+) -> type[EdgeProtocol]:
+    """A protocol class for one listener (its connections share a bound and a sweep);
+    `answered` is told the status of each answer the edge itself sends (431, 408, 503, 400;
+    `api.rest.asgi.StatusTold` tells the app's)."""
 
     class ListenerProtocol(EdgeProtocol):
-        listener = _Listener(limits)
+        listener = _Listener(limits, answered)
 
     return ListenerProtocol

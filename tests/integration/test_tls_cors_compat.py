@@ -23,6 +23,7 @@ from google.protobuf import empty_pb2
 
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from tests.support.archives import ECHO, build_archive
+from tests.support.exposition import parse
 from tests.support.server import running_torchgate
 from tests.support.tls import write_certificate
 from tests.support.torchserve import running_torchserve
@@ -262,6 +263,42 @@ def test_metrics_name_filter(servers: Servers) -> None:
     # Names no sample has: nothing at all, as TorchServe.
     answers = servers.both("GET", "metrics", "/metrics", params={"name[]": "no_such_metric"})
     assert answers["torchgate"].text.strip() == answers["torchserve"].text.strip() == ""
+
+
+# TorchServe families torchgate does not export: its frontend's worker-thread and worker-load
+# times describe TorchServe's Java threads (docs/observability.md), and GPU families come only
+# with a GPU (TorchServe lists them empty without one).
+NOT_EXPORTED = {
+    "WorkerThreadTime",
+    "WorkerLoadTime",
+    "GPUMemoryUsed",
+    "GPUMemoryUtilization",
+    "GPUUtilization",
+}
+
+
+def test_torchserve_s_metric_families_are_listed_with_its_types_and_labels(
+    servers: Servers,
+) -> None:
+    servers.both("POST", "inference", "/predictions/echo", content=b"count me")
+    servers.both("GET", "inference", "/predictions/nope")  # a 404, for Requests4XX
+    answers = servers.both("GET", "metrics", "/metrics")
+    theirs, ours = (parse(answers[name].text) for name in ("torchserve", "torchgate"))
+    (their_samples, their_types), (our_samples, our_types) = theirs, ours
+    # Every family TorchServe has written a sample of by now (it also lists declared handler
+    # metrics before any sample; torchgate lists a handler metric once written).
+    assert {s.name for s in their_samples} - set(our_types) <= NOT_EXPORTED
+    assert {"Requests2XX", "Requests4XX", "Requests5XX"} <= set(our_types)
+    assert {n: our_types[n] for n in their_types if n in our_types} == {
+        n: t for n, t in their_types.items() if n in our_types
+    }
+    # Samples both have by now carry the same labels (host metrics come after TorchServe's
+    # first minute: their labels are checked in tests/observability/test_system.py).
+    their_labels = {s.name: sorted(s.labels) for s in their_samples}
+    our_labels = {s.name: sorted(s.labels) for s in our_samples}
+    shared = their_labels.keys() & our_labels.keys()
+    assert {"Requests2XX", "Requests4XX", "QueueTime", "ts_inference_requests_total"} <= shared
+    assert {n: our_labels[n] for n in shared} == {n: their_labels[n] for n in shared}
 
 
 def test_grpc_tls_with_ssl_channel_credentials(servers: Servers) -> None:

@@ -173,6 +173,28 @@ def test_torchserve_counters_are_written_as_torchserve_writes_them() -> None:
     assert '{model_name="m",model_version="1.0",hostname="host-1"}' in text
 
 
+def test_http_answers_and_queue_time_as_torchserve_counts_them() -> None:
+    """TorchServe's Requests2XX/4XX/5XX count every answer of its REST ports by class (its
+    "5XX" is everything not 2xx or 4xx); QueueTime is the latest request's queue wait, ms."""
+    observer = PrometheusObserver(process_metrics=False, hostname="host-1")
+    samples, types = scrape(observer)
+    assert {types[f"Requests{c}XX"] for c in "245"} == {"counter"}  # listed from the start
+    assert not [s for s in samples if s.name.startswith("Requests") or s.name == "QueueTime"]
+    for status in (200, 201, 404, 413, 500, 503, 302):
+        observer.http_answered(status)
+    observer.request_finished(named("1.0"), "m", "1.0", 200, 0.01, answered(0.004))
+    observer.request_finished(named("1.0"), "m", "1.0", 200, 0.01, answered(0.0025))
+    observer.request_finished(named("1.0"), "m", "1.0", 200, 9.0, answered(9.0), shadow=True)
+    samples, types = scrape(observer)
+    host = {"Level": "Host", "Hostname": "host-1"}
+    for name, count in (("Requests2XX", 2), ("Requests4XX", 2), ("Requests5XX", 3)):
+        [sample] = [s for s in samples if s.name == name]
+        assert (sample.labels, sample.value) == (host, count)
+    [queue] = [s for s in samples if s.name == "QueueTime"]
+    assert types["QueueTime"] == "gauge"
+    assert (queue.labels, queue.value) == (host, pytest.approx(2.5))  # the shadow is not it
+
+
 def test_torchserve_counters_label_a_request_by_the_version_it_named() -> None:
     """As TorchServe: "default" when the client named no version (its URL had none), and a
     client's request counted once even when torchgate split it (KServe v1 instances)."""
