@@ -419,8 +419,10 @@ class Registry:
         label = f"{model_version.name}/{model_version.version}"
         for _ in range(count):
             index = _free_index(model_version)
+            began = time.monotonic()
             try:
-                slot = WorkerSlot(index, await model_version.backend.start_worker(index))
+                worker = await model_version.backend.start_worker(index)
+                slot = WorkerSlot(index, worker, load_s=time.monotonic() - began)
             except HandlerLoadError as exc:
                 if not keep_failed:
                     raise

@@ -56,6 +56,8 @@ class WorkerSlot:
     # Describe's worker id: unique in the server and never reused, as TorchServe's (9000, 9001,
     # ... across every model); kept across restarts of the slot's worker.
     id: int = 0
+    # Seconds its worker's latest successful start took (TorchServe's WorkerLoadTime).
+    load_s: float | None = None
 
     @property
     def live(self) -> bool:
@@ -111,6 +113,7 @@ async def _start_with_backoff(
 ) -> None:
     while slot.worker is None:
         await asyncio.sleep(RESTART_BACKOFF_S[min(slot.failed_starts, len(RESTART_BACKOFF_S) - 1)])
+        began = time.monotonic()
         try:
             replacement = await start(slot.index)
         except Exception as exc:
@@ -128,6 +131,7 @@ async def _start_with_backoff(
             on_change()
             continue
         slot.worker = replacement
+        slot.load_s = time.monotonic() - began
         slot.failed_starts = 0
         slot.failing_since = None
         slot.started_at = time.time()

@@ -160,7 +160,7 @@ class PrometheusObserver:
     def track(self, models: Registry) -> None:
         """Export the registry's queue depth, in-flight requests, workers and readiness."""
         self._models = models
-        self.registry.register(RegistryCollector(models))
+        self.registry.register(RegistryCollector(models, self.hostname))
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
@@ -349,8 +349,9 @@ class _ObserverCollector:
 class RegistryCollector:
     """Gauges read from the model registry when Prometheus scrapes, not on every change."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, hostname: str) -> None:
         self._registry = registry
+        self._hostname = hostname
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "version"]
@@ -378,6 +379,22 @@ class RegistryCollector:
             busy.add_metric(values, batcher.busy_workers)
             ready.add_metric(values, 1.0 if model_version.ready else 0.0)
         yield from (depth, in_flight, workers, busy, ready)
+        yield self._worker_load_times()
+
+    def _worker_load_times(self) -> Metric:
+        """TorchServe's WorkerLoadTime: each worker's latest start, ms, by TorchServe's name
+        for it (`W-<worker id>-<model>_<version>`)."""
+        family = GaugeMetricFamily(
+            "WorkerLoadTime",
+            "Time the worker's latest start took (milliseconds; TorchServe name)",
+            labels=["WorkerName", "Level", "Hostname"],
+        )
+        for model_version in list(self._registry):
+            for slot in list(model_version.workers):
+                if slot.load_s is not None:
+                    name = f"W-{slot.id}-{model_version.name}_{model_version.version}"
+                    family.add_metric([name, "Host", self._hostname], slot.load_s * 1e3)
+        return family
 
 
 def counter_text(name: str, help_text: str, samples: Iterable[tuple[dict[str, str], float]]) -> str:

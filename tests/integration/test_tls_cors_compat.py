@@ -265,12 +265,11 @@ def test_metrics_name_filter(servers: Servers) -> None:
     assert answers["torchgate"].text.strip() == answers["torchserve"].text.strip() == ""
 
 
-# TorchServe families torchgate does not export: its frontend's worker-thread and worker-load
-# times describe TorchServe's Java threads (docs/observability.md), and GPU families come only
-# with a GPU (TorchServe lists them empty without one).
+# TorchServe families torchgate does not export: its frontend's worker-thread time describes
+# TorchServe's Java threads (docs/observability.md), and GPU families come only with a GPU
+# (TorchServe lists them empty without one).
 NOT_EXPORTED = {
     "WorkerThreadTime",
-    "WorkerLoadTime",
     "GPUMemoryUsed",
     "GPUMemoryUtilization",
     "GPUUtilization",
@@ -297,7 +296,13 @@ def test_torchserve_s_metric_families_are_listed_with_its_types_and_labels(
     their_labels = {s.name: sorted(s.labels) for s in their_samples}
     our_labels = {s.name: sorted(s.labels) for s in our_samples}
     shared = their_labels.keys() & our_labels.keys()
-    assert {"Requests2XX", "Requests4XX", "QueueTime", "ts_inference_requests_total"} <= shared
+    assert {
+        "Requests2XX",
+        "Requests4XX",
+        "QueueTime",
+        "WorkerLoadTime",
+        "ts_inference_requests_total",
+    } <= shared
     assert {n: our_labels[n] for n in shared} == {n: their_labels[n] for n in shared}
 
 

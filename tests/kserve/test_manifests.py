@@ -207,7 +207,8 @@ def test_autoscaling_reads_metrics_torchgate_exports() -> None:
         def __iter__(self) -> Any:
             return iter(())
 
-    exported = {family.name for family in RegistryCollector(EmptyRegistry()).collect()}  # type: ignore[arg-type]
+    collector = RegistryCollector(EmptyRegistry(), "host")  # type: ignore[arg-type]
+    exported = {family.name for family in collector.collect()}
     (adapter,) = [c for c in by_kind("ConfigMap") if c["metadata"]["name"] == "prometheus-adapter"]
     rules = yaml.safe_load(adapter["data"]["config.yaml"])["rules"]
     served = set()

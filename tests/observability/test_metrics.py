@@ -250,6 +250,10 @@ def test_registry_gauges_are_read_at_scrape_time() -> None:
     assert value(after, "torchgate_queue_depth") == 0
     assert value(after, "torchgate_inflight_requests") == 0
     assert value(after, "torchgate_workers_busy") == 0
+    # TorchServe's WorkerLoadTime, named by its worker name (W-<worker id>-<model>_<version>).
+    [load] = [s for s in after if s.name == "WorkerLoadTime"]
+    assert load.labels["WorkerName"] == "W-9000-m_1.0" and load.labels["Level"] == "Host"
+    assert 0 <= load.value < 10_000
 
 
 def test_metrics_port_serves_what_the_inference_port_did(tmp_path: Path) -> None:
