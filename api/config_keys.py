@@ -199,9 +199,19 @@ def check_keys(raw: dict[str, str]) -> list[str]:
 
 
 def _runs_here(python: str) -> bool:
-    """Whether `python` (TorchServe's interpreter for its workers) is the one running."""
+    """Whether `python` (TorchServe's interpreter for its workers) runs in this environment."""
     found = shutil.which(python.strip())
-    return found is not None and os.path.realpath(found) == os.path.realpath(sys.executable)
+    return found is not None and _environment_of(found) == _environment_of(sys.executable)
+
+
+def _environment_of(executable: str) -> str:
+    """A virtual environment's folder for its interpreters (they are links to one base
+    interpreter, so the file alone cannot tell two venvs apart), else the interpreter's file."""
+    path = os.path.abspath(executable)
+    root = os.path.dirname(os.path.dirname(path))
+    if os.path.exists(os.path.join(root, "pyvenv.cfg")):
+        return os.path.realpath(root)
+    return os.path.realpath(path)
 
 
 def ignored_keys(raw: dict[str, str]) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -82,10 +84,15 @@ def test_ignored_keys_are_named_at_start(tmp_path: Path, caplog: pytest.LogCaptu
     assert not [r for r in caplog.records if "no effect" in r.getMessage()]
 
 
-def test_a_python_other_than_the_running_one_is_warned_about() -> None:
+def test_a_python_other_than_the_running_one_is_warned_about(tmp_path: Path) -> None:
     """Workers are forked from torchgate's interpreter: TorchServe's `python` key cannot pick
     another (say a venv with the handlers' packages), so naming one is not silent."""
     assert check_keys({"python": sys.executable}) == []
+    # Another venv on the same base interpreter: its python is a link to the same file.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "v")], check=True)
+    (warning,) = check_keys({"python": str(tmp_path / "v" / "bin" / "python")})
+    assert "is not supported by torchgate" in warning
+    (warning,) = check_keys({"python": os.path.realpath(sys.executable)})  # the bare base
     assert ignored_keys({"python": sys.executable}) == [
         "python (workers run this interpreter (another one is warned about))"
     ]

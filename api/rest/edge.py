@@ -211,6 +211,7 @@ class EdgeProtocol(HttpToolsProtocol):
         # The head of a request that asked for a protocol upgrade, to parse again without it.
         self._upgrade_head: bytes | None = None
         self._malformed = False  # a 400 is owed once the answers before it are out
+        self._head_open = False  # a request's head is being parsed (begun, not complete)
         # What to call when the connection is lost (an ordered set: registered callbacks).
         self._on_lost: dict[Callable[[], object], None] = {}
 
@@ -341,23 +342,31 @@ class EdgeProtocol(HttpToolsProtocol):
         """uvicorn's data_received, with what the module docstring says of upgrades and of
         malformed requests."""
         self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            if self.cycle is None or self.cycle.response_complete:
-                self.send_400_response("Invalid HTTP request received.")
-            else:
-                self._malformed = True  # on_response_complete answers it, in its turn
-                self._refused = True
-                self.flow.pause_reading()
-        except httptools.HttpParserUpgrade as upgrade:
-            head, self._upgrade_head = self._upgrade_head, None
-            if head is None:  # CONNECT: not ours to tunnel
-                self.send_400_response("Invalid HTTP request received.")
+        while True:
+            try:
+                self.parser.feed_data(data)
                 return
-            self.parser = httptools.HttpRequestParser(self)
-            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn
-            self._feed(head + data[upgrade.args[0] :])
+            except httptools.HttpParserError:
+                cycle = self.cycle
+                if cycle is None or cycle.response_complete or cycle.more_body:
+                    # Nothing before it to answer, or the request in progress is the one whose
+                    # body is malformed (its app may be waiting for the rest): at once.
+                    self.send_400_response("Invalid HTTP request received.")
+                else:
+                    self._malformed = True  # on_response_complete answers it, in its turn
+                    self._refused = True
+                    self.flow.pause_reading()
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                head, self._upgrade_head = self._upgrade_head, None
+                if head is None:  # CONNECT: not ours to tunnel
+                    self.send_400_response("Invalid HTTP request received.")
+                    return
+                # Again, on a fresh parser, from the head without the upgrade (a loop, not a
+                # call: many such requests may come pipelined in one read).
+                self.parser = httptools.HttpRequestParser(self)
+                self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn
+                data = head + data[upgrade.args[0] :]
 
     def send_400_response(self, msg: str) -> None:
         self._answered(400)
@@ -407,6 +416,7 @@ class EdgeProtocol(HttpToolsProtocol):
     # Parser callbacks (the parser runs inside data_received)
 
     def on_message_begin(self) -> None:
+        self._head_open = True
         super().on_message_begin()
         cast(dict[str, Any], self.scope)[DISCONNECT_WATCH] = self._watch_disconnect
 
@@ -414,6 +424,7 @@ class EdgeProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade() and self.parser.get_method() != b"CONNECT":
             self._upgrade_head = self._head_without_upgrade()  # parsed again: _feed
             return
+        self._head_open = False
         if self.expect_100_continue and self.parser.get_http_version() == "1.0":
             self.expect_100_continue = False  # HTTP/1.0 clients know no 100 (RFC 9110 10.1.1)
         self._header_bytes = 0
@@ -442,7 +453,13 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_response_complete()
         # A pipelined request may have started in its place (self.cycle is the latest one).
         if self._phase is _Phase.BUSY and self.cycle.response_complete:
-            self._phase = _Phase.IDLE  # uvicorn's keep-alive timer closes it
+            if self._head_open:
+                # Part of the next request's head came in behind this one: it has the header
+                # timeout from now, not the idle one.
+                self._phase = _Phase.HEADERS
+                self._deadline = self.loop.time() + self._timeout_s
+            else:
+                self._phase = _Phase.IDLE  # uvicorn's keep-alive timer closes it
             self._waiting[self] = None  # waiting again, behind every longer waiter
 
 

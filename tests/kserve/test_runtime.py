@@ -95,7 +95,7 @@ def test_v1_unknown_model_is_kserve_404(servers: Servers) -> None:
     for reply in (
         httpx.get(f"{url}/v1/models/nope"),
         httpx.post(f"{url}/v1/models/nope:predict", json={"instances": [1]}),
-        # 404 whatever the body holds: KServe looks the model up before reading it.
+        # 404 whatever the body holds: KServe looks the model up before parsing it.
         httpx.post(f"{url}/v1/models/nope:predict", json={"rows": [1]}),
         httpx.post(f"{url}/v1/models/nope:predict", content=b"not json"),
     ):

@@ -218,6 +218,36 @@ def test_a_request_asking_to_upgrade_is_answered_as_a_plain_one(
     assert json.loads(healthy) == {"status": "Healthy"}
 
 
+def test_a_malformed_chunk_in_the_body_being_read_is_refused_at_once(
+    bounded: TorchgateServer,
+) -> None:
+    """The request in progress is the malformed one: its app waits for the rest of the body,
+    so there is nothing to answer first (deferring the 400 would hang the connection)."""
+    sock = connect(bounded.inference_url)
+    sock.sendall(
+        b"POST /predictions/digits HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"transfer-encoding: chunked\r\n\r\n5\r\n[0.0,\r\n"
+    )
+    time.sleep(0.3)  # the app is reading the body by now
+    sock.sendall(b"ZZZ\r\n")
+    sock.settimeout(10)  # bounded's header timeout is 120 s: a hang fails here
+    answer = read_all(sock)
+    sock.close()
+    assert status_of(answer) == 400
+
+
+def test_many_pipelined_upgrade_requests_are_all_answered(bounded: TorchgateServer) -> None:
+    count = 1500  # past Python's recursion limit, were each re-parse a call deeper
+    sock = connect(bounded.inference_url)
+    sock.sendall(
+        b"GET /ping HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n" * count
+        + b"GET /ping HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    answers = answers_of(read_all(sock))
+    sock.close()
+    assert [status for status, _ in answers] == [200] * (count + 1)
+
+
 def test_a_malformed_request_behind_a_good_one_is_refused_after_its_answer(
     bounded: TorchgateServer,
 ) -> None:
@@ -344,6 +374,20 @@ def test_half_sent_headers_are_answered_408_and_closed(hasty: TorchgateServer) -
     assert status_of(answer) == 408
     assert 0.25 < elapsed < 30  # configured: 0.5 s
     assert [e for t in traffic for e in t.errors] == []
+
+
+def test_half_sent_headers_pipelined_behind_a_request_get_the_header_timeout(
+    hasty: TorchgateServer,
+) -> None:
+    """Not the idle timeout (620 s by default): the head began, so it must end in time."""
+    sock = connect(hasty.inference_url)
+    sock.sendall(b"GET /ping HTTP/1.1\r\nhost: x\r\n\r\nGET /ping HTTP/1.1\r\nhost: ")
+    started = time.perf_counter()
+    answers = answers_of(read_all(sock))
+    elapsed = time.perf_counter() - started
+    sock.close()
+    assert [status for status, _ in answers] == [200, 408]
+    assert elapsed < 30  # configured: 0.5 s; hasty's idle timeout is 1 s, so check the 408
 
 
 def test_what_the_edge_refuses_is_logged_as_a_summary(hasty: TorchgateServer) -> None:

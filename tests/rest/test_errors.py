@@ -56,7 +56,7 @@ def test_each_api_on_the_inference_port_answers_its_own_shape(tmp_path: Path) ->
             torchserve_shape(await client.delete("/"), 405)
 
             assert "nope" in kserve_shape(await client.get("/v2/models/nope"), 404)
-            # An unknown model is 404 before the body is read, as in KServe and Triton.
+            # An unknown model is 404 before the body is parsed, as in KServe and Triton.
             assert "nope" in kserve_shape(await client.post("/v2/models/nope/infer", json={}), 404)
             kserve_shape(await client.post("/v2/models/m/infer", json={}), 400)
             kserve_shape(await client.get("/v2/no/such/path"), 404)
