@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
+from api.backends.archive import archive_identity
 from api.config import Config, ModelEntry
 from api.core.names import check_model_name
 from api.core.registry import ModelVersion, Registry
@@ -131,8 +132,13 @@ class ModelLoader:
         api: Mapping[str, Any] | None = None,
         handler: str | None = None,
         wait: bool = True,
+        described: Callable[[str, str], ModelEntry | None] | None = None,
     ) -> ModelVersion:
         """Register the archive at `url`; `keep_failed` and `wait` as in `Registry.register`.
+
+        `described(name, version)`: the models={...} entry of the name and version the archive
+        registers as, if any; its settings, defaultVersion and torchgate keys then apply (how
+        TorchServe applies config.properties' models={...} at start).
 
         `requested`: a client asked through the management API, so a TorchServe target must
         be named by allowed_urls (config.properties and the snapshot are the operator's).
@@ -157,6 +163,10 @@ class ModelLoader:
         manifest_model = backend.manifest.get("model", {})
         name = model_name or str(manifest_model.get("modelName") or path.stem)
         version = version or str(manifest_model.get("modelVersion") or "1.0")
+        entry = None if described is None else described(name, version)
+        if entry is not None:
+            settings, make_default = entry.settings, make_default or entry.default
+            extra = {**entry.extra, **(extra or {})}
 
         try:
             if isinstance(backend, ArchiveBackend):
@@ -305,18 +315,100 @@ class ModelLoader:
     async def load_startup_models(self) -> list[str]:
         """Register what config.properties asks for; returns one error line per failure.
 
-        One bad archive never stops the others from loading. The models of models={...} load
-        at once, each one's versions in order (`load_by_model`); the other archives load_models
-        names come after, one by one: their model names are inside them, so two could be
-        versions of one model, whose default must not depend on which unpacks first.
+        As TorchServe: load_models (or the model_snapshot) decides what loads. Each archive
+        registers under load_models' `name=` or its manifest's name, with its manifest's
+        version; a models={...} entry only gives the settings of the (name, version) it is
+        keyed by (`api.model_config`), and an entry that matches no archive loaded is unused
+        (said in a warning). torchgate's own addition: an entry with a `torchgate.backend` of a
+        TorchServe registers that version as a proxy, in place of the archive of the same name
+        and version.
+
+        One bad archive never stops the others from loading. Different models load at once,
+        one model's versions in load_models' order (`load_by_model`), so that which version is
+        the default never depends on which archive unpacks first.
         """
+        if self.config.models_from_snapshot:
+            return await self._load_snapshot_models()
         wanted = _startup_urls(self.config)
-        # As in TorchServe, models={...} only describes; load_models decides what loads.
-        entries = [
-            entry
-            for entry in self.config.models
-            if wanted and ("all" in wanted or entry.mar_name in wanted)
-        ]
+        entries = {(entry.name, entry.version): entry for entry in self.config.models}
+        proxies = {
+            key: entry
+            for key, entry in entries.items()
+            if _wants_torchserve(entry.mar_name, entry.extra)
+            and wanted
+            and ("all" in wanted or entry.mar_name in wanted)
+        }
+        used: set[tuple[str, str | None]] = set()
+
+        def described(name: str, version: str) -> ModelEntry | None:
+            entry = entries.get((name, version))
+            if entry is not None:
+                used.add((name, version))
+            return entry
+
+        items: list[tuple[str, str, _Startup]] = []
+        for url, name in _startup_archives(self.config, wanted):
+            identity = await self._identity(url, name)
+            proxy = None if identity is None else proxies.pop(identity, None)
+            if proxy is not None:  # a TorchServe serves this version, not the archive
+                items.append((proxy.name, _what(proxy), _Startup(proxy.mar_name, None, proxy)))
+            else:
+                model = url if identity is None else identity[0]  # unreadable: fails alone
+                items.append((model, url, _Startup(url, name, None)))
+        for proxy in proxies.values():  # named by no archive loaded: after the archives
+            items.append((proxy.name, _what(proxy), _Startup(proxy.mar_name, None, proxy)))
+
+        async def load(item: _Startup) -> None:
+            entry = item.entry
+            if entry is not None:  # a proxied version: its entry names it
+                used.add((entry.name, entry.version))
+                registered = await self.register(
+                    entry.mar_name,
+                    entry.settings,
+                    model_name=entry.name,
+                    version=entry.version,
+                    make_default=entry.default,
+                    extra=entry.extra,
+                    keep_failed=True,
+                )
+            else:
+                registered = await self.register(
+                    item.url,
+                    self.config.model_settings(),
+                    model_name=item.name,
+                    keep_failed=True,
+                    described=described,
+                )
+            self.startup_models.add(registered.name)
+
+        errors = await load_by_model(items, load)
+        for line in errors:
+            log.error("could not load model: %s", line)
+        for (model, version), entry in entries.items():
+            if (model, version) not in used:
+                log.warning(
+                    "models.%s.%s (marName %s) is not used: as in TorchServe, an entry gives "
+                    "the settings of the name and version an archive of load_models registers "
+                    "as, and no archive loaded at start is %s %s",
+                    model,
+                    version,
+                    entry.mar_name,
+                    model,
+                    version,
+                )
+        return errors
+
+    async def _identity(self, url: str, name: str | None) -> tuple[str, str] | None:
+        """(name, version) the archive `url` registers as, from its manifest; None when it
+        cannot be read (its registration then fails with the reason)."""
+        try:
+            return await asyncio.to_thread(archive_identity, self.resolve(url), name=name)
+        except Exception:
+            return None
+
+    async def _load_snapshot_models(self) -> list[str]:
+        """A model_snapshot's models, as TorchServe restores them: each entry registered under
+        its own name from its marName, with the entry's settings."""
 
         async def load(entry: ModelEntry) -> None:
             await self.register(
@@ -327,29 +419,30 @@ class ModelLoader:
                 make_default=entry.default,
                 extra=entry.extra,
                 keep_failed=True,
-                origin="snapshot" if self.config.models_from_snapshot else "config",
+                origin="snapshot",
             )
             self.startup_models.add(entry.name)
 
         errors = await load_by_model(
-            [
-                (entry.name, f"{entry.name} {entry.version} ({entry.mar_name})", entry)
-                for entry in entries
-            ],
-            load,
+            [(entry.name, _what(entry), entry) for entry in self.config.models], load
         )
-        listed = {entry.mar_name for entry in self.config.models}
-        for url, name in _extra_startup_archives(self.config, wanted, listed):
-            try:
-                registered = await self.register(
-                    url, self.config.model_settings(), model_name=name, keep_failed=True
-                )
-                self.startup_models.add(registered.name)
-            except Exception as exc:
-                errors.append(f"{url}: {exc}")
         for line in errors:
             log.error("could not load model: %s", line)
         return errors
+
+
+@dataclasses.dataclass(frozen=True)
+class _Startup:
+    """One version to register at start: an archive (`url`, load_models' `name=`), or, with
+    an `entry`, a version a TorchServe serves, named by its models={...} entry."""
+
+    url: str
+    name: str | None
+    entry: ModelEntry | None
+
+
+def _what(entry: ModelEntry) -> str:
+    return f"{entry.name} {entry.version} ({entry.mar_name})"
 
 
 async def load_by_model(
@@ -413,22 +506,17 @@ def _store_models(store: Path) -> list[Path]:
     ]
 
 
-def _extra_startup_archives(
-    config: Config, wanted: set[str], listed: set[str]
-) -> list[tuple[str, str | None]]:
-    """Archives load_models asks for that models={...} does not describe."""
-    found: list[tuple[str, str | None]] = []
+def _startup_archives(config: Config, wanted: set[str]) -> list[tuple[str, str | None]]:
+    """(url, load_models' `name=` or None) of each archive load_models loads, in its order;
+    every archive of the model store for `all`."""
     if "all" in wanted:
         store = config.model_store
-        if store.is_dir():
-            found += [(p.name, None) for p in _store_models(store) if p.name not in listed]
-        return found
+        return [(p.name, None) for p in _store_models(store)] if store.is_dir() else []
+    found: list[tuple[str, str | None]] = []
     for item in config.load_models.split(","):
         item = item.strip()
-        if not item:
-            continue
-        name, _, url = item.rpartition("=")
-        if url not in listed:
+        if item:
+            name, _, url = item.rpartition("=")
             found.append((url, name or None))
     return found
 

@@ -134,6 +134,27 @@ def open_archive(
         raise ArchiveError(f"Model archive {path} cannot be read: {exc}") from exc
 
 
+def archive_identity(
+    path: Path, *, name: str | None = None, limits: ArchiveLimits | None = None
+) -> tuple[str, str]:
+    """(model name, version) the archive at `path` registers as (`name` overriding the
+    manifest's, as load_models' `name=`), read from its manifest alone, nothing extracted.
+    Blocking: run it in a thread. ArchiveError as `open_archive` raises it."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return _name_and_version(_read_dir_manifest(path), name, path)
+        if not path.is_file():
+            raise _Invalid("does not exist")
+        with open_reader(path, limits or ArchiveLimits()) as reader:
+            raw = reader.read(_find_manifest(reader.members), MAX_METADATA_BYTES)
+        return _name_and_version(_parse_manifest(raw), name, path)
+    except (_Invalid, ExtractError) as exc:
+        raise ArchiveError(f"Model archive {path}: {exc}") from exc
+    except OSError as exc:
+        raise ArchiveError(f"Model archive {path} cannot be read: {exc}") from exc
+
+
 def default_work_dir() -> Path:
     return Path(tempfile.gettempdir()) / "torchgate-models"
 
