@@ -362,15 +362,7 @@ class ModelLoader:
             entry = item.entry
             if entry is not None:  # a proxied version: its entry names it
                 used.add((entry.name, entry.version))
-                registered = await self.register(
-                    entry.mar_name,
-                    entry.settings,
-                    model_name=entry.name,
-                    version=entry.version,
-                    make_default=entry.default,
-                    extra=entry.extra,
-                    keep_failed=True,
-                )
+                registered = await self._register_entry(entry, "config")
             else:
                 registered = await self.register(
                     item.url,
@@ -398,6 +390,20 @@ class ModelLoader:
                 )
         return errors
 
+    async def _register_entry(self, entry: ModelEntry, origin: Origin) -> ModelVersion:
+        """The version an entry names, registered from its marName under its own name and
+        version with its settings (a snapshot's entry, or a proxied version's)."""
+        return await self.register(
+            entry.mar_name,
+            entry.settings,
+            model_name=entry.name,
+            version=entry.version,
+            make_default=entry.default,
+            extra=entry.extra,
+            keep_failed=True,
+            origin=origin,
+        )
+
     async def _identity(self, url: str, name: str | None) -> tuple[str, str] | None:
         """(name, version) the archive `url` registers as, from its manifest; None when it
         cannot be read (its registration then fails with the reason)."""
@@ -411,16 +417,7 @@ class ModelLoader:
         its own name from its marName, with the entry's settings."""
 
         async def load(entry: ModelEntry) -> None:
-            await self.register(
-                entry.mar_name,
-                entry.settings,
-                model_name=entry.name,
-                version=entry.version,
-                make_default=entry.default,
-                extra=entry.extra,
-                keep_failed=True,
-                origin="snapshot",
-            )
+            await self._register_entry(entry, "snapshot")
             self.startup_models.add(entry.name)
 
         errors = await load_by_model(
