@@ -329,14 +329,14 @@ class ModelLoader:
         """
         if self.config.models_from_snapshot:
             return await self._load_snapshot_models()
-        wanted = _startup_urls(self.config)
+        archives, everything = _startup_archives(self.config)
+        named = {url for url, _ in archives}
         entries = {(entry.name, entry.version): entry for entry in self.config.models}
         proxies = {
             key: entry
             for key, entry in entries.items()
             if _wants_torchserve(entry.mar_name, entry.extra)
-            and wanted
-            and ("all" in wanted or entry.mar_name in wanted)
+            and (everything or entry.mar_name in named)
         }
         used: set[tuple[str, str | None]] = set()
 
@@ -347,7 +347,7 @@ class ModelLoader:
             return entry
 
         items: list[tuple[str, str, _Startup]] = []
-        for url, name in _startup_archives(self.config, wanted):
+        for url, name in archives:
             identity = await self._identity(url, name)
             proxy = None if identity is None else proxies.pop(identity, None)
             if proxy is not None:  # a TorchServe serves this version, not the archive
@@ -478,19 +478,6 @@ def _wants_torchserve(url: str, extra: dict[str, Any] | None) -> bool:
     return url.startswith(TORCHSERVE_SCHEMES)
 
 
-def _startup_urls(config: Config) -> set[str]:
-    """Archive file names named by load_models (name=file.mar or file.mar), or {"all"} (any
-    case: TorchServe compares "ALL" ignoring case)."""
-    urls: set[str] = set()
-    for item in config.load_models.split(","):
-        item = item.strip()
-        if item.lower() == "all":
-            urls.add("all")
-        elif item:
-            urls.add(item.split("=", 1)[1] if "=" in item else item)
-    return urls
-
-
 def _store_models(store: Path) -> list[Path]:
     """What `load_models=all` loads, as TorchServe: every entry of the model store that is not
     hidden and is a folder (an archive made with --archive-format no-archive) or a .mar,
@@ -503,19 +490,23 @@ def _store_models(store: Path) -> list[Path]:
     ]
 
 
-def _startup_archives(config: Config, wanted: set[str]) -> list[tuple[str, str | None]]:
-    """(url, load_models' `name=` or None) of each archive load_models loads, in its order;
-    every archive of the model store for `all`."""
-    if "all" in wanted:
+def _startup_archives(config: Config) -> tuple[list[tuple[str, str | None]], bool]:
+    """(url, load_models' `name=` or None) of each archive load_models loads, in its order,
+    and whether it said `all` (every archive of the model store).
+
+    Read as TorchServe reads it: `all` is the whole value, in any case; each item is split at
+    its first `=`, so a URL may hold `=` of its own (`name=https://host/m.mar?sig=x`)."""
+    if config.load_models.strip().lower() == "all":
         store = config.model_store
-        return [(p.name, None) for p in _store_models(store)] if store.is_dir() else []
+        return ([(p.name, None) for p in _store_models(store)] if store.is_dir() else []), True
     found: list[tuple[str, str | None]] = []
     for item in config.load_models.split(","):
-        item = item.strip()
-        if item:
-            name, _, url = item.rpartition("=")
+        name, equals, url = item.strip().partition("=")
+        if not equals:
+            name, url = "", name
+        if url:
             found.append((url, name or None))
-    return found
+    return found, False
 
 
 SIGNATURE_MAX_BYTES = 1 << 20

@@ -185,3 +185,29 @@ def test_startup_loads_models_at_once_and_each_models_versions_in_order() -> Non
     assert events.index("done b 1.0") < events.index("done a 1.0"), "b does not wait for a"
     assert events.index("done a 1.0") < events.index("start a 2.0"), "a's versions in order"
     assert "done a 2.0" in events
+
+
+def test_load_models_items_split_at_their_first_equals_sign_as_torchserve_splits_them(
+    tmp_path: Path,
+) -> None:
+    """TorchServe splits `name=url` at the first `=` (`split("=", 2)`), so a file or URL may
+    hold `=` of its own; a plain item is the url alone."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for file in ("a=b.mar", "plain.mar"):
+        (store / file).write_bytes(b"zip")
+    loaded: list[tuple[str, str | None]] = []
+
+    async def load(
+        path: Path, settings: ModelSettings, work_dir: Path, name: str | None = None
+    ) -> Backend:
+        loaded.append((path.name, name))
+        raise ValueError("not an archive")
+
+    config = parse_config(
+        {"model_store": str(store), "load_models": "named=a=b.mar, plain.mar"}, base_dir=tmp_path
+    )
+    loader = ModelLoader(config, Registry(), tmp_path / "work", load)
+    errors = asyncio.run(loader.load_startup_models())
+    assert sorted(loaded) == [("a=b.mar", "named"), ("plain.mar", None)]
+    assert len(errors) == 2
