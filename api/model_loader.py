@@ -265,6 +265,13 @@ class ModelLoader:
         spec = spec_for(url, extra)
         if requested:  # before reading the store for a target that is refused anyway
             self._check_torchserve_targets([spec.inference_url, spec.management_url])
+            if spec.key_file is not None:
+                # A client could aim it at any file the server can read (and the server would
+                # send what it holds to the target as keys): the operator's to name.
+                raise BadRequest(
+                    "TorchServe backend: key_file is set in config.properties (models={...}), "
+                    "not through the management API"
+                )
         if spec.signature is None:
             # The archive TorchServe serves is often in our model store too: its signature
             # makes v2 requests reach TorchServe's handler as v2 tensors (bridge rule 1)

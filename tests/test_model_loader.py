@@ -159,6 +159,10 @@ def test_api_registrations_reach_torchserve_only_where_allowed_urls_names_it(
     assert "torchserve://169.254.169.254:80 is not named" in message
     tls = "torchserve+https://ts:8443/m/1.0?management_url=none"
     assert "torchserve+https://ts:8443 is not named" in asyncio.run(scenario(named, tls))
+    # A client cannot name the file the gateway reads TorchServe's keys from (it would read
+    # any file, /dev/zero too, and send what it holds to the target): the operator's to name.
+    keys = "torchserve://ts:8080/m/1.0?key_file=/dev/zero"
+    assert "key_file is set in config.properties" in asyncio.run(scenario(named, keys))
 
 
 def test_startup_loads_models_at_once_and_each_models_versions_in_order() -> None:

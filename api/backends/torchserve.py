@@ -50,7 +50,6 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -73,6 +72,8 @@ log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 KIND = "torchserve"
+# TorchServe's key_file.json is a few hundred bytes; it is read on the event loop.
+KEY_FILE_MAX_BYTES = 64 * 1024
 BACKEND_KEY = "torchgate.backend"  # the models={...} key, and the snapshot's
 URL_SCHEMES = {"torchserve": "http", "torchserve+http": "http", "torchserve+https": "https"}
 SPEC_KEYS = frozenset(
@@ -311,7 +312,11 @@ class TorchServeBackend:
         if self.spec.key_file is None:
             return None
         try:
-            document = orjson.loads(Path(self.spec.key_file).read_bytes())
+            with open(self.spec.key_file, "rb") as file:
+                raw = file.read(KEY_FILE_MAX_BYTES + 1)
+            if len(raw) > KEY_FILE_MAX_BYTES:
+                raise ValueError(f"larger than {KEY_FILE_MAX_BYTES} bytes")
+            document = orjson.loads(raw)
             self._keys = {kind: str(document[kind]["key"]) for kind in ("inference", "management")}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return f"cannot read TorchServe's keys from {self.spec.key_file} ({exc})"

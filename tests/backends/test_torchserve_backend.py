@@ -691,6 +691,8 @@ def test_a_torchserve_with_token_authorization_gets_its_keys_from_key_file(
     async def scenario() -> None:
         async with backend_for(spec(port)) as backend:
             assert backend.unavailable is not None and "refused the key" in backend.unavailable
+        async with backend_for(spec(port, key_file="/dev/zero")) as backend:  # read bounded
+            assert backend.unavailable is not None and "larger than" in backend.unavailable
         async with backend_for(spec(port, key_file=str(key_file))) as backend:
             assert backend.unavailable is None
             answer = await backend.forward(InferenceRequest({"body": b"x"}, {}, "r"))
