@@ -35,6 +35,8 @@ from api.model_config import Origin, resolve_settings
 
 log = logging.getLogger(__name__)
 # Registration urls of versions a TorchServe serves behind torchgate (api.backends.torchserve).
+# The models={...} and snapshot key naming a version's backend (api.backends.torchserve's).
+BACKEND_KEY = "torchgate.backend"
 TORCHSERVE_SCHEMES = ("torchserve://", "torchserve+http://", "torchserve+https://")
 _Item = TypeVar("_Item")
 
@@ -166,7 +168,13 @@ class ModelLoader:
         entry = None if described is None else described(name, version)
         if entry is not None:
             settings, make_default = entry.settings, make_default or entry.default
-            extra = {**entry.extra, **(extra or {})}
+            described_extra = entry.extra
+            if _wants_torchserve("", described_extra):
+                # An entry for a proxied version that load_models did not ask for as one: its
+                # settings apply to this archive (TorchServe's rule), its TorchServe does not
+                # (kept, the snapshot would restore this version as a proxy).
+                described_extra = {k: v for k, v in entry.extra.items() if k != BACKEND_KEY}
+            extra = {**described_extra, **(extra or {})}
 
         try:
             if isinstance(backend, ArchiveBackend):
@@ -260,7 +268,7 @@ class ModelLoader:
         # Imported here, so httpx and the proxy load only when a version asks for them, and
         # in a thread: the first import takes ~100 ms that would stall every client.
         await asyncio.to_thread(importlib.import_module, "api.backends.torchserve")
-        from api.backends.torchserve import BACKEND_KEY, open_backend, spec_for
+        from api.backends.torchserve import open_backend, spec_for
 
         spec = spec_for(url, extra)
         if requested:  # before reading the store for a target that is refused anyway
@@ -354,9 +362,11 @@ class ModelLoader:
             return entry
 
         items: list[tuple[str, str, _Startup]] = []
+        labels = {entry.mar_name: key for key, entry in proxies.items()}
         for url, name in archives:
             identity = await self._identity(url, name)
-            proxy = None if identity is None else proxies.pop(identity, None)
+            key = identity if identity is not None else labels.get(url)  # no archive: a label?
+            proxy = None if key is None else proxies.pop(key, None)
             if proxy is not None:  # a TorchServe serves this version, not the archive
                 items.append((proxy.name, _what(proxy), _Startup(proxy.mar_name, None, proxy)))
             else:
@@ -479,7 +489,7 @@ async def load_by_model(
 
 def _wants_torchserve(url: str, extra: dict[str, Any] | None) -> bool:
     """Cheap test, so that registering an archive never imports the proxy (and httpx)."""
-    backend = (extra or {}).get("torchgate.backend")
+    backend = (extra or {}).get(BACKEND_KEY)
     if backend is not None:  # anything but {"kind": "local"} goes where its errors are reported
         return not (isinstance(backend, dict) and backend.get("kind") == "local")
     return url.startswith(TORCHSERVE_SCHEMES)

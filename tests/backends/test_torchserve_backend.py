@@ -477,6 +477,49 @@ def test_a_bad_backend_entry_fails_that_version_only(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_load_models_names_a_proxied_version_by_its_label_and_an_archive_keeps_its_own_backend(
+    tmp_path: Path,
+) -> None:
+    """A proxied version's marName is a label, not a file in the store: load_models naming it
+    registers the proxy, with no error for a missing archive. An entry for a proxied version
+    that load_models does not ask for still gives its settings to the archive of that name and
+    version (TorchServe's rule), but not its TorchServe: that archive is served here."""
+    store = tmp_path / "model_store"
+    write_fake_archive(store, "m", "1.0")
+    write_fake_archive(store, "n", "2.0")
+    down = {"kind": "torchserve", "inference_url": "http://127.0.0.1:9", "health_interval_s": 3600}
+    models = {
+        "m": {"2.0": {"marName": "m-remote.mar", "torchgate.backend": down}},
+        "n": {"2.0": {"marName": "n-remote.mar", "batchSize": 3, "torchgate.backend": down}},
+    }
+    config = parse_config(
+        {
+            "model_store": str(store),
+            "load_models": "m-1.0.mar,m-remote.mar,n-2.0.mar",
+            "models": orjson.dumps(models).decode(),
+            "torchgate.snapshot_file": "",
+            "disable_token_authorization": "true",
+        },
+        base_dir=tmp_path,
+    )
+
+    async def scenario() -> None:
+        tg = build(config, work_dir=tmp_path / "work", backend_loader=load_fake_backend)
+        try:
+            await tg.start()
+            assert tg.startup_errors == []
+            assert tg.registry.get("m", "1.0").backend_info["kind"] == "local"
+            assert tg.registry.get("m", "2.0").backend_info["kind"] == "torchserve"
+            archive = tg.registry.get("n", "2.0")
+            assert archive.backend_info["kind"] == "local"
+            assert "torchgate.backend" not in archive.backend_info  # a snapshot keeps it local
+            assert archive.settings.batch_size == 3
+        finally:
+            await tg.stop()
+
+    run(scenario())
+
+
 # -- in the gateway: registry, management API, health endpoints ---------------------------------
 
 
