@@ -128,8 +128,9 @@ class Registry:
         self._defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()  # serialises register/scale/unregister, not inference
         self._worker_ids = itertools.count(9000)  # describe's worker ids (`WorkerSlot.id`)
-        # Workers an asynchronous scale-down is stopping; `close` waits for them.
-        self._stopping: set[asyncio.Task[None]] = set()
+        # Asynchronous scale-downs stopping workers, by the version they scale: its unregister
+        # waits for them, `close` for all.
+        self._stopping: dict[asyncio.Task[None], ModelVersion] = {}
         self.on_change: list[Callable[[], None]] = []
         # Names of the models loaded at server start (describe's loadedAtStartup: TorchServe
         # answers it per model name, so a version registered later says true too).
@@ -266,10 +267,11 @@ class Registry:
         try:
             await model_version.batcher.drain()
         finally:
-            # Workers an asynchronous scale-down is still stopping: done before the backend
-            # (and the archive it extracted) goes.
-            if self._stopping:
-                await asyncio.gather(*list(self._stopping), return_exceptions=True)
+            # Its workers an asynchronous scale-down is still stopping: done before the backend
+            # (and the archive it extracted) goes. Other versions' are not waited for.
+            stopping = [task for task, of in self._stopping.items() if of is model_version]
+            if stopping:
+                await asyncio.gather(*stopping, return_exceptions=True)
             await self._stop_workers(model_version, len(model_version.workers))
             await model_version.backend.close()
         self._changed()
@@ -321,8 +323,11 @@ class Registry:
             await self._stop_slots(model_version, stopping)
         elif stopping:
             task = asyncio.create_task(self._stop_slots(model_version, stopping))
-            self._stopping.add(task)
-            task.add_done_callback(self._stopping.discard)
+            self._stopping[task] = model_version
+            task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        self._stopping.pop(task, None)
 
     def update_batching(
         self,
@@ -356,7 +361,7 @@ class Registry:
         accepted request has had its answer or its 504.
         """
         if self._stopping:
-            await asyncio.gather(*self._stopping, return_exceptions=True)
+            await asyncio.gather(*list(self._stopping), return_exceptions=True)
         versions = list(self)
         longest = max((v.settings.response_timeout_s for v in versions), default=0.0)
         drains = asyncio.gather(*(v.batcher.drain() for v in versions), return_exceptions=True)

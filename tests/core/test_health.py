@@ -200,3 +200,27 @@ def test_workers_scaled_away_take_no_new_batch() -> None:
         await registry.close()
 
     run(scenario())
+
+
+def test_unregistering_a_version_waits_only_for_its_own_asynchronous_scale_down() -> None:
+    """A scale-down answered at once (202) leaves its workers finishing their batch; only
+    their own version's unregister waits for them, not another model's."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        await registry.register(
+            "slow", "1.0", "s.mar", factory(EchoBackend("1.0", 3.0)), ModelSettings()
+        )
+        await registry.register("b", "1.0", "b.mar", factory(EchoBackend("1.0")), ModelSettings())
+        held = asyncio.ensure_future(dataplane.infer("slow", None, InferenceRequest({"body": 1})))
+        await asyncio.sleep(0.05)  # its worker has the batch in hand
+        await registry.scale("slow", None, 0, 0, wait=False)
+        began = time.monotonic()
+        await registry.unregister("b", "1.0")
+        assert time.monotonic() - began < 1.0, "b waited for slow's leaving worker"
+        await registry.unregister("slow", "1.0")  # waits for it: the batch is answered
+        assert held.done() and (await held).prediction.status == 200
+        await registry.close()
+
+    run(scenario())
