@@ -28,7 +28,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote_plus, unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 from starlette.requests import Request
 
@@ -211,7 +211,8 @@ def _urlencoded(body: bytes) -> Iterator[tuple[str, bytes]]:
     for pair in body.split(b"&"):
         name, equals, value = pair.partition(b"=")
         if equals:
-            yield unquote_plus(name.decode("latin-1")), unquote_to_bytes(value.replace(b"+", b" "))
+            key = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace")
+            yield key, unquote_to_bytes(value.replace(b"+", b" "))
 
 
 def media_type_of(content_type: str) -> str:

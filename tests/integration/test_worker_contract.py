@@ -193,6 +193,12 @@ REQUESTS: list[tuple[str, str, str, dict[str, Any]]] = [
         typed(b"b=%C3%A9&c=a+b&d", "application/x-www-form-urlencoded"),
     ),
     (
+        "urlencoded, raw utf-8 name",
+        "POST",
+        "/predictions/probe",
+        typed("café=x&na%C3%AFve=y".encode(), "application/x-www-form-urlencoded"),
+    ),
+    (
         "path below the version",
         "POST",
         "/predictions/probe/1.0/v1/chat/completions",
