@@ -122,11 +122,17 @@ class DataPlane:
         return await self._infer(model, version, request, adapt)
 
     async def _infer(
-        self, model: str, version: str | None, request: InferenceRequest, adapt: Adapt | None
+        self,
+        model: str,
+        version: str | None,
+        request: InferenceRequest,
+        adapt: Adapt | None,
+        *,
+        note_not_ready: bool = True,
     ) -> Answer:
         started = time.monotonic()
         version, shadows = self._route(model, version, request.headers)
-        model_version = self._ready_version(model, version)
+        model_version = self._ready_version(model, version, note=note_not_ready)
         for shadow in shadows:
             self._start_shadow(model, shadow, request, adapt)
         if adapt is not None:
@@ -172,7 +178,12 @@ class DataPlane:
             request.version_named = named
             for shadow in shadows:
                 self._start_shadow(model, shadow, request, None)
-        tasks = [asyncio.ensure_future(self._infer(model, version, r, None)) for r in requests]
+        # Should the version stop being ready before they run, the client's one request is
+        # counted as refused once, not once per instance.
+        tasks = [
+            asyncio.ensure_future(self._infer(model, version, r, None, note_not_ready=index == 0))
+            for index, r in enumerate(requests)
+        ]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException as exc:
@@ -195,13 +206,14 @@ class DataPlane:
                 )
             raise
 
-    def _ready_version(self, model: str, version: str | None) -> ModelVersion:
+    def _ready_version(self, model: str, version: str | None, *, note: bool = True) -> ModelVersion:
         """The version, ready to take a request; a refusal for not being ready is counted
-        (`torchgate_rejected_total`), as the others before inference are."""
+        (`torchgate_rejected_total`, unless not `note`), as the others before inference are."""
         try:
             return self.registry.ready_version(model, version)
         except ModelNotReady:
-            self._observer.request_rejected(model, version or "", REJECT_NOT_READY)
+            if note:
+                self._observer.request_rejected(model, version or "", REJECT_NOT_READY)
             raise
 
     def _route(

@@ -10,10 +10,16 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from api.core.dataplane import DataPlane
-from api.core.registry import Registry
+from api.core.registry import ModelVersion, Registry
 from api.core.routing import TrafficPolicy, TrafficRouter
-from api.core.types import Backend, InferenceRequest, ModelSettings
-from api.errors import InferenceFailed, ModelNotFound
+from api.core.types import (
+    REJECT_NOT_READY,
+    Backend,
+    InferenceRequest,
+    ModelSettings,
+    NullObserver,
+)
+from api.errors import InferenceFailed, ModelNotFound, ModelNotReady
 from tests.support import aio
 from tests.support.fake_backend import FakeBackend
 
@@ -76,5 +82,42 @@ def test_a_failure_fails_the_request_and_no_instance_is_left_running() -> None:
             await plane.infer_many("nope", None, [])
         assert await plane.infer_many("m", "1.0", []) == []
         await plane.registry.close()
+
+    run(scenario())
+
+
+def test_a_version_that_stops_being_ready_under_a_request_is_one_refusal() -> None:
+    """Ready when the request is routed, not once its instances are queued: the client's one
+    request is counted once as refused (not ready), not once per instance."""
+
+    class Rejections(NullObserver):
+        def __init__(self) -> None:
+            self.reasons: list[str] = []
+
+        def request_rejected(self, model: str, version: str, reason: str) -> None:
+            self.reasons.append(reason)
+
+    async def scenario() -> None:
+        registry = Registry()
+        await registry.register(
+            "m", "1.0", "m.mar", factory(FakeBackend("m", "1.0")), ModelSettings()
+        )
+        observer = Rejections()
+        plane = DataPlane(registry, observer=observer)
+        ready_version = registry.ready_version
+        calls = 0
+
+        def ready_once(name: str, version: str | None = None) -> ModelVersion:
+            nonlocal calls
+            calls += 1
+            if calls > 1:  # its last worker died between routing and queueing
+                raise ModelNotReady("Model m version 1.0 has no live worker")
+            return ready_version(name, version)
+
+        registry.ready_version = ready_once  # type: ignore[method-assign]
+        with pytest.raises(ModelNotReady):
+            await plane.infer_many("m", None, requests(5))
+        assert observer.reasons == [REJECT_NOT_READY]
+        await registry.close()
 
     run(scenario())
