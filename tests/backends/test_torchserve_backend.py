@@ -442,6 +442,31 @@ def test_spec_from_url_and_config() -> None:
         TorchServeSpec.from_url("torchserve://ts:8080/")
 
 
+@asynccontextmanager
+async def started(
+    tmp_path: Path, models: dict[str, Any], load_models: str = "all", **raw: str
+) -> AsyncIterator[Torchgate]:
+    """torchgate over `tmp_path`/model_store with config.properties' `models={...}`, started
+    (its start-up errors in `startup_errors`), archives on the fake backend."""
+    config = parse_config(
+        {
+            "model_store": str(tmp_path / "model_store"),
+            "load_models": load_models,
+            "models": orjson.dumps(models).decode(),
+            "torchgate.snapshot_file": "",
+            "disable_token_authorization": "true",
+            **raw,
+        },
+        base_dir=tmp_path,
+    )
+    tg = build(config, work_dir=tmp_path / "work", backend_loader=load_fake_backend)
+    try:
+        await tg.start()
+        yield tg
+    finally:
+        await tg.stop()
+
+
 def test_a_bad_backend_entry_fails_that_version_only(tmp_path: Path) -> None:
     store = tmp_path / "model_store"
     write_fake_archive(store, "m", "1.0")
@@ -452,27 +477,13 @@ def test_a_bad_backend_entry_fails_that_version_only(tmp_path: Path) -> None:
             "3.0": {"torchgate.backend": {"kind": "torchserve", "inference_url": "ftp://ts:1"}},
         }
     }
-    config = parse_config(
-        {
-            "model_store": str(store),
-            "load_models": "all",
-            "models": orjson.dumps(models).decode(),
-            "torchgate.snapshot_file": "",
-            "disable_token_authorization": "true",
-        },
-        base_dir=tmp_path,
-    )
 
     async def scenario() -> None:
-        tg = build(config, work_dir=tmp_path / "work", backend_loader=load_fake_backend)
-        try:
-            await tg.start()
+        async with started(tmp_path, models) as tg:
             assert [v.version for v in tg.registry.versions("m")] == ["1.0"]
             assert len(tg.startup_errors) == 2
             assert "kind must be" in tg.startup_errors[0]
             assert "must be an http(s) URL" in tg.startup_errors[1]
-        finally:
-            await tg.stop()
 
     run(scenario())
 
@@ -492,21 +503,9 @@ def test_load_models_names_a_proxied_version_by_its_label_and_an_archive_keeps_i
         "m": {"2.0": {"marName": "m-remote.mar", "torchgate.backend": down}},
         "n": {"2.0": {"marName": "n-remote.mar", "batchSize": 3, "torchgate.backend": down}},
     }
-    config = parse_config(
-        {
-            "model_store": str(store),
-            "load_models": "m-1.0.mar,m-remote.mar,n-2.0.mar",
-            "models": orjson.dumps(models).decode(),
-            "torchgate.snapshot_file": "",
-            "disable_token_authorization": "true",
-        },
-        base_dir=tmp_path,
-    )
 
     async def scenario() -> None:
-        tg = build(config, work_dir=tmp_path / "work", backend_loader=load_fake_backend)
-        try:
-            await tg.start()
+        async with started(tmp_path, models, "m-1.0.mar,m-remote.mar,n-2.0.mar") as tg:
             assert tg.startup_errors == []
             assert tg.registry.get("m", "1.0").backend_info["kind"] == "local"
             assert tg.registry.get("m", "2.0").backend_info["kind"] == "torchserve"
@@ -514,8 +513,6 @@ def test_load_models_names_a_proxied_version_by_its_label_and_an_archive_keeps_i
             assert archive.backend_info["kind"] == "local"
             assert "torchgate.backend" not in archive.backend_info  # a snapshot keeps it local
             assert archive.settings.batch_size == 3
-        finally:
-            await tg.stop()
 
     run(scenario())
 
@@ -541,34 +538,21 @@ async def gateway(tmp_path: Path, ts_url: str) -> AsyncIterator[tuple[Torchgate,
             "2.0": {"responseTimeout": 5, "torchgate.backend": backend},
         }
     }
-    config = parse_config(
-        {
-            "model_store": str(store),
-            "load_models": "all",
-            "models": orjson.dumps(models).decode(),
-            "disable_token_authorization": "true",
-            "enable_model_api": "true",
-            # Registrations through the API may aim the gateway at a local TorchServe only.
-            "allowed_urls": r"torchserve://127\.0\.0\.1:\d+",
-            "torchgate.snapshot_file": "",
-        },
-        base_dir=tmp_path,
-    )
-    tg = build(config, work_dir=tmp_path / "work", backend_loader=load_fake_backend)
-    await tg.start()
-    assert tg.startup_errors == []
-    inference = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=tg.inference_app), base_url="http://inference"
-    )
-    management = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=tg.management_app), base_url="http://localhost"
-    )
-    try:
-        yield tg, inference, management
-    finally:
-        await inference.aclose()
-        await management.aclose()
-        await tg.stop()
+    # Registrations through the API may aim the gateway at a local TorchServe only.
+    allowed = r"torchserve://127\.0\.0\.1:\d+"
+    async with started(tmp_path, models, enable_model_api="true", allowed_urls=allowed) as tg:
+        assert tg.startup_errors == []
+        inference = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=tg.inference_app), base_url="http://inference"
+        )
+        management = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=tg.management_app), base_url="http://localhost"
+        )
+        try:
+            yield tg, inference, management
+        finally:
+            await inference.aclose()
+            await management.aclose()
 
 
 def test_gateway_serves_a_torchserve_version_beside_a_local_one(
