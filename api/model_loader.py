@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
 from api.backends.archive import archive_identity
+from api.backends.extract import ArchiveLimits
 from api.config import Config, ModelEntry
 from api.core.names import check_model_name
 from api.core.registry import ModelVersion, Registry
@@ -425,7 +426,9 @@ class ModelLoader:
         """(name, version) the archive `url` registers as, from its manifest; None when it
         cannot be read (its registration then fails with the reason)."""
         try:
-            return await asyncio.to_thread(archive_identity, self.resolve(url), name=name)
+            return await asyncio.to_thread(
+                archive_identity, self.resolve(url), name=name, limits=ArchiveLimits.of(self.config)
+            )
         except Exception:
             return None
 

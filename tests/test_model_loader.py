@@ -215,3 +215,20 @@ def test_load_models_items_split_at_their_first_equals_sign_as_torchserve_splits
     errors = asyncio.run(loader.load_startup_models())
     assert sorted(loaded) == [("a=b.mar", "named"), ("plain.mar", None)]
     assert len(errors) == 2
+
+
+def test_an_archives_identity_is_read_within_the_configured_archive_limits(
+    tmp_path: Path,
+) -> None:
+    """A big archive the operator allowed (torchgate.archive_max_members) is known by its
+    manifest's name and version at start, as when it is extracted: that groups its versions
+    (loaded in order, the default first) and matches its models={...} entry."""
+    store = tmp_path / "store"
+    store.mkdir()
+    manifest = {"model": {"modelName": "big", "modelVersion": "2.0", "handler": "h.py"}}
+    with zipfile.ZipFile(store / "big.mar", "w") as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", json.dumps(manifest))
+        for index in range(10_001):  # past the default bound of 10,000 members
+            archive.writestr(f"shard/{index}", b"")
+    loader = loader_for(store, **{"torchgate.archive_max_members": "20000"})
+    assert asyncio.run(loader._identity("big.mar", None)) == ("big", "2.0")
