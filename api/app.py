@@ -165,6 +165,14 @@ def build(
     dataplane = DataPlane(registry, router=router, observer=observer)
     snapshot_file = config.snapshot_file
     snapshotter = None if snapshot_file is None else Snapshotter(snapshot_file, registry, router)
+    if snapshotter is not None:
+        try:
+            snapshotter.check_folder()
+        except OSError as exc:  # a read-only folder: say so in one line, before serving
+            raise ConfigError(
+                f"cannot write snapshots to {snapshotter.path.parent}: {exc.strerror} "
+                "(torchgate.snapshot_file in config.properties, LOG_LOCATION, or --ncs)"
+            ) from None
     if work_dir is None:
         remove_orphans()  # what servers killed with their zygote left in the temp dir
     if pool is not None:  # launched early, with its work dir (see `api.cli`)

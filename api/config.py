@@ -23,8 +23,9 @@ Keys torchgate understands (TorchServe's defaults unless noted):
 torchgate's own keys start with `torchgate.` (for example `torchgate.snapshot_file`), so a
 file stays usable unchanged by `torchserve --ts-config`:
 
-    torchgate.snapshot_file     where the state snapshot lives (default
-                                logs/config/torchgate-snapshot.json beside this file; empty: none)
+    torchgate.snapshot_file     where the state snapshot lives (default: with `torchgate serve
+                                --config`, logs/config/torchgate-snapshot.json beside this file;
+                                with `torchgate start`, under $LOG_LOCATION/config; empty: none)
     torchgate.traffic           traffic policies by model, JSON: {"digits": {"weights": {...}}}
                                 (see api.core.routing / docs/traffic.md)
     torchgate.intra_op_threads  torch / ONNX Runtime threads per CPU worker (default 1)
@@ -176,7 +177,7 @@ class Config:
     # torchgate.spin_us: how long workers and the event loop poll before sleeping.
     spin_us: int = DEFAULT_SPIN_US
     key_file: Path = Path("key_file.json")
-    # None: no snapshot is read or written (the default without a config file, and `--ncs`).
+    # None: no snapshot is read or written (`--ncs`; `torchgate serve` without a config file).
     snapshot_file: Path | None = None
     # False: the snapshot is written but not read at start (`torchgate start` with a config
     # file named, as TorchServe reads its last snapshot only when none is).

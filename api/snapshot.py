@@ -234,6 +234,13 @@ class Snapshotter:
         if not self._paused:
             self.write()
 
+    def check_folder(self) -> None:
+        """OSError unless the snapshot's folder (made if missing) takes a file: checked at
+        start, so a read-only folder stops it rather than failing every later write."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=self.path.parent):
+            pass
+
     def write(self) -> None:
         """Write the current state now; an I/O error is logged, the change stands."""
         data = json.dumps(capture(self.registry, self.router), indent=2).encode()

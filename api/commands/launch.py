@@ -199,7 +199,8 @@ def _torchserve_paths(config: Config, *, named: bool) -> None:
       config file is named (TS_CONFIG_FILE, --ts-config): a named file and the flags say what
       loads, and the snapshot is only written then (ConfigManager);
     - key_file.json in the working directory (TokenAuthorization).
-    Both stay out of the config file's folder, which KServe mounts read-only."""
+    Both stay out of the folder of a config file named elsewhere (KServe mounts it read-only),
+    unless the working directory is that folder."""
     if named:
         config.snapshot_restore = False
     if "torchgate.snapshot_file" not in config.raw:
@@ -359,11 +360,24 @@ def _lines_since(log_path: Path, offset: int) -> list[str]:
         return log.read().decode(errors="replace").splitlines()
 
 
+# How the server logs what it could not load at start: from config.properties, from the
+# snapshot (`api.snapshot.restore`), and traffic policies.
+_LOAD_FAILURES = (
+    "could not load model: ",
+    "could not restore from snapshot: ",
+    "could not apply the traffic policy ",
+)
+
+
 def _load_failures(log_path: Path, offset: int) -> list[str]:
-    """The start-up models that failed to load, from the log written since `offset`."""
-    marker = "could not load model: "
-    lines = _lines_since(log_path, offset)
-    return [marker + line.split(marker, 1)[1] for line in lines if marker in line]
+    """What failed to load at start, from the log written since `offset`."""
+    failures = []
+    for line in _lines_since(log_path, offset):
+        for marker in _LOAD_FAILURES:
+            if marker in line:
+                failures.append(marker + line.split(marker, 1)[1])
+                break
+    return failures
 
 
 def _last_error(log_path: Path, offset: int) -> str:

@@ -64,6 +64,23 @@ def test_keys_that_cannot_be_written_stop_the_start_with_one_line(workdir: Path)
         build(load_config(named), access_log=False)
 
 
+def test_a_snapshot_folder_that_cannot_be_written_stops_the_start_with_one_line(
+    workdir: Path,
+) -> None:
+    """Not a traceback at every later change, with no snapshot ever kept."""
+    from api.app import build
+    from api.config import ConfigError, load_config
+
+    (workdir / "a-file").write_text("")  # a folder cannot be made below it (root or not)
+    named = workdir / "named.properties"
+    named.write_text(
+        "model_store=store\ndisable_token_authorization=true\n"
+        "torchgate.snapshot_file=a-file/config/snapshot.json\n"
+    )
+    with pytest.raises(ConfigError, match=r"cannot write snapshots to .*a-file/config"):
+        build(load_config(named), access_log=False)
+
+
 def test_without_a_config_file_the_last_snapshot_is_read_from_log_location(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -81,3 +98,27 @@ def test_an_implicit_config_properties_keeps_its_own_snapshot_setting(workdir: P
     (workdir / "config.properties").write_text("model_store=store\ntorchgate.snapshot_file=\n")
     config = prepare(options(), config_path(None))
     assert config.snapshot_file is None
+
+
+def test_the_start_command_names_what_failed_to_load_from_the_snapshot_too(
+    workdir: Path,
+) -> None:
+    """`torchgate start` echoes on stderr each model (and traffic policy) the server could not
+    load, whether config.properties or the last snapshot asked for it."""
+    from api.commands.launch import _load_failures
+
+    log = workdir / "torchgate.log"
+    log.write_text("before this start: could not load model: old.mar: gone\n")
+    offset = log.stat().st_size
+    with log.open("a") as file:
+        file.write(
+            "2026-12-07 ERROR api.model_loader: could not load model: a.mar: Model not found\n"
+            "2026-12-07 ERROR api.snapshot: could not restore from snapshot: b 1.0: missing\n"
+            "2026-12-07 ERROR api.snapshot: could not apply the traffic policy for b: 404\n"
+            "2026-12-07 INFO api.server: serving\n"
+        )
+    assert _load_failures(log, offset) == [
+        "could not load model: a.mar: Model not found",
+        "could not restore from snapshot: b 1.0: missing",
+        "could not apply the traffic policy for b: 404",
+    ]
