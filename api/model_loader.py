@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import unquote, urlsplit
 
+from api.backends import BACKEND_KEY
 from api.backends.archive import archive_identity
 from api.backends.extract import ArchiveLimits
 from api.config import Config, ModelEntry
@@ -36,8 +37,6 @@ from api.model_config import Origin, resolve_settings
 
 log = logging.getLogger(__name__)
 # Registration urls of versions a TorchServe serves behind torchgate (api.backends.torchserve).
-# The models={...} and snapshot key naming a version's backend (api.backends.torchserve's).
-BACKEND_KEY = "torchgate.backend"
 TORCHSERVE_SCHEMES = ("torchserve://", "torchserve+http://", "torchserve+https://")
 _Item = TypeVar("_Item")
 

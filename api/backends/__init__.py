@@ -9,3 +9,7 @@
 
 Nothing here imports torch or handler code: that happens in the worker processes only.
 """
+
+# The models={...} and snapshot key that names a version's backend. Here, so the loader reads
+# it without importing the TorchServe proxy (and httpx) for archives.
+BACKEND_KEY = "torchgate.backend"

@@ -56,6 +56,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 import httpx
 import orjson
 
+from api.backends import BACKEND_KEY
 from api.core.types import (
     API_TORCHSERVE_REST,
     API_V1_REST,
@@ -74,7 +75,6 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 KIND = "torchserve"
 # TorchServe's key_file.json is a few hundred bytes; it is read on the event loop.
 KEY_FILE_MAX_BYTES = 64 * 1024
-BACKEND_KEY = "torchgate.backend"  # the models={...} key, and the snapshot's
 URL_SCHEMES = {"torchserve": "http", "torchserve+http": "http", "torchserve+https": "https"}
 SPEC_KEYS = frozenset(
     {

@@ -361,7 +361,7 @@ class Registry:
         accepted request has had its answer or its 504.
         """
         if self._stopping:
-            await asyncio.gather(*list(self._stopping), return_exceptions=True)
+            await asyncio.gather(*self._stopping, return_exceptions=True)
         versions = list(self)
         longest = max((v.settings.response_timeout_s for v in versions), default=0.0)
         drains = asyncio.gather(*(v.batcher.drain() for v in versions), return_exceptions=True)

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from api.backends import BACKEND_KEY
 from api.config import Address, read_properties
 from tests.support.torchserve import write_test_config
 
@@ -33,7 +34,6 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 GATEWAY = "gateway"
 TORCHSERVE = "torchserve"
 PROMETHEUS = "prometheus"
-BACKEND_KEY = "torchgate.backend"
 
 
 def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
