@@ -28,7 +28,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from api.core.types import (
@@ -172,9 +172,29 @@ class Batcher:
         self.response_timeout_s = response_timeout_s
 
     async def drain(self) -> None:
-        """Refuse new requests and wait until everything queued or running has finished."""
+        """Refuse new requests and wait until everything queued or running has finished.
+
+        A queued request answered meanwhile (504 at its deadline, its client gone) has
+        finished too, though it stays queued until a lane skips it: with no live worker no
+        lane ever does, so each queued request's answer is watched from here on.
+        """
         self._closed = True
+        self._watch(self._queued())
+        self._note_if_drained()
         await self._idle.wait()
+
+    def _queued(self) -> Iterable[Pending]:
+        return self._queue
+
+    def _watch(self, pendings: Iterable[Pending]) -> None:
+        """While draining: an answer to any of `pendings` may leave nothing to wait for."""
+        if self._closed:
+            for pending in pendings:
+                pending.future.add_done_callback(self._note_if_drained)
+
+    def _note_if_drained(self, _answered: object = None) -> None:
+        if self._running_requests == 0 and all(p.future.done() for p in self._queued()):
+            self._idle.set()
 
     def fail_queued(self, error: TorchgateError) -> None:
         """Fail every queued request now (the model version is going away without workers)."""
@@ -384,6 +404,7 @@ class Batcher:
             self._queue.extend(merged)
         else:
             self._queue.extendleft(reversed(batch))
+        self._watch(batch)
         self._arrived.set()
         if len(self._queue) >= self.max_batch_size:
             self._full.set()
@@ -416,6 +437,8 @@ class Batcher:
     def _note_if_idle(self) -> None:
         if not self._queue and self._running == 0:
             self._idle.set()
+        elif self._closed:
+            self._note_if_drained()
 
 
 async def predict_in_time(

@@ -32,6 +32,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,10 +199,8 @@ class SequenceBatcher(Batcher):
         self._observer.request_rejected(self.model, self.version, REJECT_QUEUE_FULL)
         raise Overloaded(refused_message(self.model))
 
-    async def drain(self) -> None:
-        self._closed = True
-        self._note_if_idle()
-        await self._idle.wait()
+    def _queued(self) -> Iterable[Pending]:
+        return (pending for s in self._sequences.values() for pending in s.queue)
 
     def fail_queued(self, error: TorchgateError) -> None:
         for sequence in self._sequences.values():
@@ -276,6 +275,7 @@ class SequenceBatcher(Batcher):
             for sequence, pending in batch:
                 sequence.queue.appendleft(pending)
                 sequence.worker = None
+            self._watch(pendings)
             return
         except TorchgateError as exc:
             self._fail(pendings, exc)
@@ -317,6 +317,8 @@ class SequenceBatcher(Batcher):
     def _note_if_idle(self) -> None:
         if self._running_requests == 0 and all(s.idle() for s in self._sequences.values()):
             self._idle.set()
+        elif self._closed:
+            self._note_if_drained()
 
 
 def sequence_limits(

@@ -280,6 +280,48 @@ def test_drain_finishes_queued_work_and_refuses_new() -> None:
     run(scenario())
 
 
+def test_drain_ends_once_every_queued_request_was_answered_without_a_worker() -> None:
+    """With no live worker no lane takes a queued request off the queue, even once the
+    dataplane has answered it 504 at its deadline: a drain (DELETE, shutdown) waited forever."""
+
+    async def scenario() -> None:
+        batcher = make_batcher()
+        before = batcher.submit(request("before"))
+        after = batcher.submit(request("after"))
+        before.set_exception(DeadlineExceeded("answered before the drain"))
+        drained = asyncio.create_task(batcher.drain())
+        await asyncio.sleep(0)
+        assert not drained.done()  # "after" still waits for a worker
+        after.cancel()  # its client went away
+        await asyncio.wait_for(drained, 5)
+        assert isinstance(before.exception(), DeadlineExceeded)
+
+    run(scenario())
+
+
+def test_drain_ends_when_a_dead_workers_given_back_batch_is_answered() -> None:
+    """A batch given back by a worker that died while draining is watched too."""
+
+    async def scenario() -> None:
+        batcher = make_batcher(max_batch_size=1)
+        running, waiting = batcher.submit(request("a")), batcher.submit(request("b"))
+        dying = PipelinedWorker()
+        serving = asyncio.create_task(batcher.serve(dying))
+        while len(dying.batches) < 2:
+            await asyncio.sleep(0)
+        drained = asyncio.create_task(batcher.drain())
+        dying.die()  # "a" fails, "b" goes back to the queue: nobody is left to run it
+        with pytest.raises(InferenceFailed):
+            await running
+        await asyncio.sleep(0)
+        assert not drained.done()
+        waiting.set_exception(DeadlineExceeded("the dataplane's 504"))
+        await asyncio.wait_for(drained, 5)
+        serving.cancel()
+
+    run(scenario())
+
+
 def test_stopping_a_worker_mid_batch_still_answers_the_batch() -> None:
     async def scenario() -> None:
         batcher = make_batcher()

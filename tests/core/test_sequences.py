@@ -259,6 +259,19 @@ def test_drain_waits_for_queued_requests() -> None:
     aio.run(scenario())
 
 
+def test_drain_ends_once_every_queued_request_was_answered_without_a_worker() -> None:
+    async def scenario() -> None:
+        batcher = make(FakeClock())
+        future = batcher.submit(req(3, "s"))
+        drained = asyncio.create_task(batcher.drain())
+        await asyncio.sleep(0)
+        assert not drained.done()
+        future.cancel()  # answered by the dataplane, or its client went away: no worker runs it
+        await asyncio.wait_for(drained, 5)
+
+    aio.run(scenario())
+
+
 class EchoBackend:
     batches = True
     signature: Mapping[str, Any] | None = None

@@ -93,6 +93,24 @@ FLAKY_INIT = """
             return ["up"] * len(data)
 """
 
+# Crashes on "crash", and from then on fails to start (its weights "went missing").
+CRASH_THEN_FAIL = """
+    import os
+
+    FLAG = {flag!r}
+
+    class Handler:
+        def initialize(self, context):
+            if os.path.exists(FLAG):
+                raise RuntimeError("weights are missing: " + FLAG)
+
+        def handle(self, data, context):
+            if any((row.get("body") or b"") == b"crash" for row in data):
+                open(FLAG, "w").close()
+                os._exit(1)
+            return ["up"] * len(data)
+"""
+
 RESPONSE_TIMEOUT_S = 2
 
 
@@ -332,6 +350,35 @@ def test_a_handler_failing_to_start_marks_its_version_failed_then_recovers(
         answer = httpx.post(f"{server.inference_url}/predictions/flaky", content=b"x")
         assert answer.text == "up"
         assert httpx.get(f"{server.inference_url}/ping").status_code == 200
+
+
+def test_deleting_a_version_with_no_live_worker_answers_once_its_queue_was_answered(
+    tmp_path: Path,
+) -> None:
+    """A request queued behind a crash, with no replacement able to start, gets its 504 at
+    its deadline; a DELETE then unloads the version at once (it waited forever for that
+    request to leave the queue, and the version's workers kept being restarted)."""
+    flag = tmp_path / "crashed"
+    store = tmp_path / "store"
+    store.mkdir()
+    files = {"crashy.py": CRASH_THEN_FAIL.format(flag=str(flag))}
+    build_archive(tmp_path, "crashy", "crashy.py", files, export_dir=store)
+    settings = f'models={{"crashy": {{"1.0": {{"responseTimeout": {RESPONSE_TIMEOUT_S}}}}}}}\n'
+    text = f"model_store={store}\nload_models=crashy.mar\nenable_model_api=true\n{settings}"
+    with running_torchgate(text) as server:
+
+        async def scenario() -> tuple[int, int]:
+            async with httpx.AsyncClient(base_url=server.inference_url, timeout=60) as client:
+                crash = client.post("/predictions/crashy", content=b"crash")
+                queued = client.post("/predictions/crashy", content=b"ok")
+                replies = await asyncio.gather(crash, queued)
+                return replies[0].status_code, replies[1].status_code
+
+        assert asyncio.run(scenario()) == (500, 504)
+        assert flag.exists()
+        deleted = httpx.delete(f"{server.management_url}/models/crashy", timeout=30)
+        assert deleted.status_code == 200, deleted.text
+        assert httpx.get(f"{server.management_url}/models/crashy").status_code == 404
 
 
 def test_sigterm_drains_a_hung_handler_and_exits_on_one_signal(store: Path) -> None:
