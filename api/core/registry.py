@@ -13,7 +13,7 @@ import enum
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -128,8 +128,8 @@ class Registry:
         self._defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()  # serialises register/scale/unregister, not inference
         self._worker_ids = itertools.count(9000)  # describe's worker ids (`WorkerSlot.id`)
-        # Asynchronous scale-downs stopping workers, by the version they scale: its unregister
-        # waits for them, `close` for all.
+        # Stops running (scale-downs, unloads), by the version they stop: its unregister waits
+        # for them, `close` for all.
         self._stopping: dict[asyncio.Task[None], ModelVersion] = {}
         self.on_change: list[Callable[[], None]] = []
         # Names of the models loaded at server start (describe's loadedAtStartup: TorchServe
@@ -264,18 +264,29 @@ class Registry:
             if not self._models[name]:
                 del self._models[name]
                 del self._defaults[name]
+        # Shielded, as every stop: a caller that goes away (a gRPC deadline, a client's
+        # disconnect) must not leave the version half unloaded, its workers running and the
+        # snapshot still naming it.
+        await asyncio.shield(self._in_background(model_version, self._unload(model_version)))
+        return model_version
+
+    async def _unload(self, model_version: ModelVersion) -> None:
         try:
             await model_version.batcher.drain()
         finally:
-            # Its workers an asynchronous scale-down is still stopping: done before the backend
-            # (and the archive it extracted) goes. Other versions' are not waited for.
-            stopping = [task for task, of in self._stopping.items() if of is model_version]
+            # Its workers a scale-down is still stopping: done before the backend (and the
+            # archive it extracted) goes. Other versions' are not waited for.
+            this = asyncio.current_task()
+            stopping = [
+                task
+                for task, of in self._stopping.items()
+                if of is model_version and task is not this
+            ]
             if stopping:
                 await asyncio.gather(*stopping, return_exceptions=True)
             await self._stop_workers(model_version, len(model_version.workers))
             await model_version.backend.close()
         self._changed()
-        return model_version
 
     def set_default(self, name: str, version: str) -> None:
         self.get(name, version)  # raises NotFound for an unknown version
@@ -318,13 +329,22 @@ class Registry:
                 stopping = [model_version.workers.pop() for _ in range(have - max_workers)]
         self._changed()
         # Outside the lock: a worker finishing (or timing out) its batch must not hold up every
-        # other management call.
-        if wait:
-            await self._stop_slots(model_version, stopping)
-        elif stopping:
-            task = asyncio.create_task(self._stop_slots(model_version, stopping))
-            self._stopping[task] = model_version
-            task.add_done_callback(self._stopped)
+        # other management call. A task of its own, shielded when waited for: a caller that
+        # goes away must not cut the stop short and leave the leaving processes running.
+        if stopping:
+            task = self._in_background(model_version, self._stop_slots(model_version, stopping))
+            if wait:
+                await asyncio.shield(task)
+
+    def _in_background(
+        self, model_version: ModelVersion, stop: Coroutine[Any, Any, None]
+    ) -> asyncio.Task[None]:
+        """Run `stop` (a stop of some of `model_version`'s workers, or of all of it) to its
+        end whoever waits for it; `unregister` and `close` wait for it."""
+        task = asyncio.create_task(stop)
+        self._stopping[task] = model_version
+        task.add_done_callback(self._stopped)
+        return task
 
     def _stopped(self, task: asyncio.Task[None]) -> None:
         self._stopping.pop(task, None)

@@ -224,3 +224,54 @@ def test_unregistering_a_version_waits_only_for_its_own_asynchronous_scale_down(
         await registry.close()
 
     run(scenario())
+
+
+def test_a_scale_down_whose_caller_goes_away_still_stops_its_workers() -> None:
+    """A synchronous scale-down cancelled part-way (a gRPC client's deadline) finishes in the
+    background: the batch in hand is answered and the leaving worker is closed (its process
+    ended), not left running outside the registry's count; a DELETE waits for it."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        backend = EchoBackend("1.0", 0.5)
+        await registry.register("m", "1.0", "m.mar", factory(backend), ModelSettings())
+        held = asyncio.ensure_future(dataplane.infer("m", None, InferenceRequest({"body": 1})))
+        await asyncio.sleep(0.05)  # its worker has the batch in hand
+        scaling = asyncio.ensure_future(registry.scale("m", None, 0, 0))
+        await asyncio.sleep(0.05)
+        scaling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await scaling
+        assert (await held).prediction.status == 200
+        await registry.unregister("m", "1.0")
+        assert [worker.closed for worker in backend.workers] == [True]
+        await registry.close()
+
+    run(scenario())
+
+
+def test_an_unregister_whose_caller_goes_away_still_unloads_and_says_so() -> None:
+    """Cancelled while it drains, an unregister still stops the workers, closes the backend
+    and tells `on_change` (the snapshot), which otherwise kept the deleted version."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        changes: list[list[str]] = []
+        registry.on_change.append(lambda: changes.append([v.name for v in registry]))
+        backend = EchoBackend("1.0", 0.5)
+        await registry.register("m", "1.0", "m.mar", factory(backend), ModelSettings())
+        held = asyncio.ensure_future(dataplane.infer("m", None, InferenceRequest({"body": 1})))
+        await asyncio.sleep(0.05)
+        unregistering = asyncio.ensure_future(registry.unregister("m", "1.0"))
+        await asyncio.sleep(0.05)
+        unregistering.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await unregistering
+        assert (await held).prediction.status == 200
+        await registry.close()  # waits for the unload in the background
+        assert backend.closed and all(worker.closed for worker in backend.workers)
+        assert changes[-1] == []
+
+    run(scenario())
