@@ -240,6 +240,9 @@ class WorkerBackend:
         self._report(metrics)
         worker = ProcessWorker(self, index, process, info["device"])
         self._workers.add(worker)
+        # A worker that dies is replaced, not closed: forgotten here, or each crash would keep
+        # its receive buffer (and the frame it was reading) until the version is unloaded.
+        process.exited.add_done_callback(lambda _exit: self._forget(worker))
         log.info("%s: %s on %s, pid %d", label, info["description"], worker.device, process.pid)
         return worker
 

@@ -555,6 +555,39 @@ def test_a_batch_past_response_timeout_kills_the_worker_and_frees_the_one_behind
     assert isinstance(behind, NotRun)  # never started: the batcher gives it to another worker
 
 
+DIES_ON_REQUEST = """
+    import os
+
+    def handle(data, context):
+        if data is None:
+            return None
+        os._exit(3)
+"""
+
+
+def test_a_dead_worker_is_not_kept_by_its_backend(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
+    """The supervisor replaces a dead worker without closing it: the backend must not keep
+    it (with its 256 KiB receive buffer) until the version is unloaded, crash after crash."""
+    path = build_archive("dies", "handler.py", {"handler.py": DIES_ON_REQUEST})
+
+    async def scenario() -> None:
+        backend = await load(worker_pool, path)
+        try:
+            worker = await backend.start_worker(0)
+            assert backend._workers == {worker}
+            with pytest.raises(InferenceFailed):
+                await worker.predict(requests("x"))
+            await worker.exited
+            await asyncio.sleep(0)
+            assert backend._workers == set()
+        finally:
+            await backend.close()
+
+    run(scenario())
+
+
 SLOW_START = """
     import time
 
