@@ -221,7 +221,15 @@ class SequenceBatcher(Batcher):
                     self._changed.clear()
                     await self._changed.wait()
                     continue
-                await self._run_sequences(worker, batch)
+                running = asyncio.ensure_future(self._run_sequences(worker, batch))
+                try:
+                    await asyncio.shield(running)
+                except asyncio.CancelledError:
+                    # Stopping this worker (a scale-down): the batch in hand is answered, within
+                    # a response timeout, as `Batcher.serve`'s are.
+                    if not running.done():
+                        await asyncio.shield(asyncio.ensure_future(self._finish([running])))
+                    raise
         finally:
             for sequence in self._sequences.values():
                 if sequence.worker is worker:
@@ -248,6 +256,10 @@ class SequenceBatcher(Batcher):
             sequence.running = True
             batch.append((sequence, pending))
         if batch:
+            # Counted as running from here, not once its task starts: a drain in between
+            # would find nothing queued and nothing running.
+            self._busy_workers.add(id(worker))
+            self._running_requests += len(batch)
             self._observer.queue_changed(self.model, self.version, self.depth)
         self._note_if_idle()
         return batch
@@ -260,8 +272,6 @@ class SequenceBatcher(Batcher):
         return None
 
     async def _run_sequences(self, worker: Worker, batch: list[tuple[Sequence, Pending]]) -> None:
-        self._busy_workers.add(id(worker))
-        self._running_requests += len(batch)
         pendings = [pending for _, pending in batch]
         started = self._clock()
         try:

@@ -272,6 +272,28 @@ def test_drain_ends_once_every_queued_request_was_answered_without_a_worker() ->
     aio.run(scenario())
 
 
+def test_stopping_a_worker_mid_batch_still_answers_the_batch() -> None:
+    """A scale-down cancels the worker's serving: the batch it runs is answered, as a plain
+    batcher's is, not failed with "its worker was stopped"."""
+
+    async def scenario() -> None:
+        batcher = make(FakeClock())
+        gate = asyncio.Event()
+        worker = SummingWorker("a", gate)
+        tasks = await serving(batcher, worker)
+        future = batcher.submit(req(5, "s"))
+        while not worker.batches:
+            await asyncio.sleep(0)
+        tasks[0].cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        assert (await future).body == {"sum": 5, "worker": "a"}
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+
+    aio.run(scenario())
+
+
 class EchoBackend:
     batches = True
     signature: Mapping[str, Any] | None = None
