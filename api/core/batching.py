@@ -237,8 +237,9 @@ class Batcher:
         except asyncio.CancelledError:
             # Stopping this worker: idle lanes stop now; the batches in hand finish, so
             # accepted requests are answered, but a stuck handler must not hold the stop (and
-            # the registry, and shutdown) forever: they get at most a response timeout. Shielded:
-            # a second cancellation (the supervisor's stop after ours) must not cut that short.
+            # the registry, and shutdown) forever: at most a response timeout each (`_finish`).
+            # Shielded: a second cancellation (the supervisor's stop after ours) must not cut
+            # that short.
             stopping.set()
             for lane in lanes:
                 if lane not in running:
@@ -251,7 +252,10 @@ class Batcher:
             self._hands.pop(id(worker), None)
 
     async def _finish(self, lanes: list[asyncio.Task[None]]) -> None:
-        await asyncio.wait(lanes, timeout=self.response_timeout_s)
+        # A worker runs the batches in hand one after another, each with a response timeout
+        # of its own from when it takes it up (and a second for a kill): one timeout for all
+        # failed a pipelined batch that had done nothing wrong.
+        await asyncio.wait(lanes, timeout=self.response_timeout_s * len(lanes) + 1.0)
         for lane in lanes:
             lane.cancel()  # still running: its batch fails with the stop's message
 

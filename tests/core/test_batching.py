@@ -361,6 +361,48 @@ def test_stopping_a_stuck_worker_gives_up_after_the_response_timeout() -> None:
     run(scenario())
 
 
+class SerialWorker:
+    """A process-like worker: batches pipelined to it run one after another, `seconds` each."""
+
+    device = "cpu"
+    pipeline_depth = 2
+    keeps_time = True
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started = 0
+        self._one_at_a_time = asyncio.Lock()
+
+    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+        self.started += 1
+        async with self._one_at_a_time:
+            await asyncio.sleep(self.seconds)
+        return [Prediction(r.request_id) for r in batch]
+
+    async def close(self) -> None:
+        pass
+
+
+def test_stopping_a_pipelining_worker_gives_each_batch_in_hand_its_own_timeout() -> None:
+    """Two batches of 0.6 timeouts each, run one after the other by the leaving worker: both
+    are within their timeout, and both are answered (the second failed once the first
+    had used up a single timeout shared by all)."""
+
+    async def scenario() -> None:
+        batcher = make_batcher(max_batch_size=1, response_timeout_s=0.5)
+        worker = SerialWorker(0.3)
+        task = asyncio.create_task(batcher.serve(worker))
+        futures = [batcher.submit(request("a")), batcher.submit(request("b"))]
+        while worker.started < 2:
+            await asyncio.sleep(0)
+        task.cancel()
+        assert [(await future).body for future in futures] == ["a", "b"]
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(scenario())
+
+
 class PipelinedWorker:
     """A process-like worker that takes batches ahead (`pipeline_depth`) until `die()`: the
     batch it was running fails, the ones waiting behind it are given back (NotRun)."""
