@@ -20,7 +20,7 @@ from typing import Any
 
 import uvicorn
 
-from api.app import build
+from api.app import Torchgate, build
 from api.config import Address, Config, EdgeLimits
 from api.config_keys import report as report_config
 from api.rest.apps import listeners
@@ -160,31 +160,32 @@ async def serve(
     ]
     for start, _ in extras:
         await start()
-    await torchgate.start()
-    # Models are loaded: move everything alive now out of the garbage collector's generations,
-    # so collections on the hot path only walk what requests allocate.
-    gc.freeze()
-    # Requests leave no reference cycles (docs/architecture.md), so young collections find
-    # next to nothing, and at the default threshold (700) they came every few requests: with
-    # 200 connections in flight, what each scanned was alive, got promoted and was scanned
-    # again, 12 % of the frontend's CPU (10,400 -> 11,900 req/s with 20,000).
-    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
-    torchgate.dataplane.accepting = True
-    log.info(
-        "torchgate serving %d model version(s): inference %s, management %s, metrics %s",
-        sum(1 for _ in torchgate.registry),
-        config.inference_address,
-        config.management_address,
-        config.metrics_address if config.enable_metrics_api else "off (enable_metrics_api=false)",
-    )
-    if ready is not None:
-        ready.set()
-    if on_ready is not None:
-        on_ready()
+    signalled = asyncio.create_task(stopping.wait())
+    if await _started(torchgate, signalled):
+        # Models are loaded: move everything alive now out of the garbage collector's
+        # generations, so collections on the hot path only walk what requests allocate.
+        gc.freeze()
+        # Requests leave no reference cycles (docs/architecture.md), so young collections find
+        # next to nothing, and at the default threshold (700) they came every few requests:
+        # with 200 connections in flight, what each scanned was alive, got promoted and was
+        # scanned again, 12 % of the frontend's CPU (10,400 -> 11,900 req/s with 20,000).
+        gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
+        torchgate.dataplane.accepting = True
+        log.info(
+            "torchgate serving %d model version(s): inference %s, management %s, metrics %s",
+            sum(1 for _ in torchgate.registry),
+            config.inference_address,
+            config.management_address,
+            config.metrics_address
+            if config.enable_metrics_api
+            else "off (enable_metrics_api=false)",
+        )
+        if ready is not None:
+            ready.set()
+        if on_ready is not None:
+            on_ready()
 
-    done, _ = await asyncio.wait(
-        [asyncio.create_task(stopping.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED
-    )
+    done, _ = await asyncio.wait([signalled, *tasks], return_when=asyncio.FIRST_COMPLETED)
     for task in done:
         if task in tasks and task.exception() is not None:
             log.error("an HTTP server failed: %s", task.exception())
@@ -197,6 +198,20 @@ async def serve(
     await asyncio.gather(*tasks, return_exceptions=True)
     await torchgate.stop()
     log.info("torchgate stopped")
+
+
+async def _started(torchgate: Torchgate, signalled: asyncio.Task[Any]) -> bool:
+    """Load the start-up models; False if a signal came first. Loading is then abandoned: a
+    stop must not wait out every model's startupTimeout, nor report the server ready."""
+    starting = asyncio.create_task(torchgate.start())
+    await asyncio.wait([starting, signalled], return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        starting.result()
+        return True
+    log.info("signalled while loading the start-up models: loading no more")
+    starting.cancel()
+    await asyncio.gather(starting, return_exceptions=True)
+    return False
 
 
 def run(

@@ -21,6 +21,8 @@ import functools
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,8 +37,15 @@ from api.rpc.generated import grpc_predict_v2_pb2_grpc as v2_grpc
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from tests.support.archives import ECHO, build_archive
-from tests.support.processes import alive, parent_of, wait_until
-from tests.support.server import TorchgateServer, running_torchgate, scale_workers, worker_pids
+from tests.support.processes import alive, descendants, parent_of, wait_until
+from tests.support.server import (
+    ROOT,
+    TorchgateServer,
+    running_torchgate,
+    scale_workers,
+    worker_pids,
+)
+from tests.support.torchserve import free_addresses
 
 pytestmark = pytest.mark.integration
 
@@ -402,6 +411,53 @@ def test_sigterm_drains_a_hung_handler_and_exits_on_one_signal(store: Path) -> N
         assert took < RESPONSE_TIMEOUT_S + 10
         for pid in [*pids, zygote]:
             wait_until(lambda pid=pid: not alive(pid), timeout=10)
+
+
+LOADS_FOREVER = """
+    import time
+    from pathlib import Path
+
+    class Handler:
+        def initialize(self, context):
+            Path({marker!r}).touch()
+            time.sleep(600)  # a very large model
+
+        def handle(self, data, context):
+            return ["up"] * len(data)
+"""
+
+
+def test_sigterm_while_the_start_up_models_load_stops_at_once(tmp_path: Path) -> None:
+    """A stop during start-up does not wait for loading to end (up to every model's
+    startupTimeout, 120 s here) and never reports the server ready."""
+    marker = tmp_path / "loading"
+    store = tmp_path / "store"
+    store.mkdir()
+    files = {"slow.py": LOADS_FOREVER.format(marker=str(marker))}
+    build_archive(tmp_path, "slow", "slow.py", files, export_dir=store)
+    addresses = "".join(f"{key}={value}\n" for key, value in free_addresses().items())
+    config_path = tmp_path / "config.properties"
+    config_path.write_text(f"model_store={store}\nload_models=slow.mar\n{addresses}")
+    log_path = tmp_path / "torchgate.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", "serve", "--config", str(config_path)],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(marker.exists, timeout=60)
+        below = descendants(process.pid)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert "torchgate serving" not in log_path.read_text()
+    for pid in below:
+        wait_until(lambda pid=pid: not alive(pid), timeout=10)
 
 
 def test_nothing_outlives_a_killed_frontend(store: Path) -> None:
