@@ -72,6 +72,11 @@ class WorkerPool:
         self._ids = itertools.count()
         self._spawning: dict[int, asyncio.Future[int]] = {}
         self._workers: dict[int, WorkerProcess] = {}
+        # Workers reported spawned whose `spawn` has not resumed yet, and the exit statuses
+        # of those among them reported exited too: both reports can come in one turn of the
+        # loop (a worker that dies at once), before `spawn` registers the process.
+        self._resuming: set[int] = set()
+        self._exited_early: dict[int, int | None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.spinner: LoopSpinner | None = None  # the event loop's polling (api.workers.spin)
 
@@ -164,10 +169,17 @@ class WorkerPool:
         except BaseException:
             parent.close()
             os.close(log_read)
+            if spawned.done() and not spawned.cancelled():
+                self._resuming.discard(spawned.result())
+                self._exited_early.pop(spawned.result(), None)
             raise
+        self._resuming.discard(pid)
         process = WorkerProcess(pid, label, self)
         self._workers[pid] = process
         await process.connect(parent, log_read)
+        if pid in self._exited_early:
+            self._workers.pop(pid, None)
+            process.exit_reported(self._exited_early.pop(pid))
         return process
 
     def kill(self, pid: int) -> None:
@@ -216,6 +228,7 @@ class WorkerPool:
             future = self._spawning.pop(message[1], None)
             if future is not None and not future.done():
                 future.set_result(message[2])
+                self._resuming.add(message[2])
             else:
                 # Its caller stopped waiting (the slot was stopped mid-start): nobody will
                 # ever drive this worker, which would otherwise run `initialize` to its end.
@@ -224,6 +237,8 @@ class WorkerPool:
             process = self._workers.pop(message[1], None)
             if process is not None:
                 process.exit_reported(message[2])
+            elif message[1] in self._resuming:
+                self._exited_early[message[1]] = message[2]
         elif kind == "hello":
             log.debug("worker zygote %d ready", message[1])
 
