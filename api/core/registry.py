@@ -326,7 +326,7 @@ class Registry:
                 else:
                     self._start_in_background(model_version, min_workers - have)
             elif max_workers < have:
-                stopping = [model_version.workers.pop() for _ in range(have - max_workers)]
+                stopping = _leaving(model_version, have - max_workers)
         self._changed()
         # Outside the lock: a worker finishing (or timing out) its batch must not hold up every
         # other management call. A task of its own, shielded when waited for: a caller that
@@ -566,6 +566,18 @@ def _make_batcher(
         ),
         **limits,
     )
+
+
+def _leaving(model_version: ModelVersion, count: int) -> list[WorkerSlot]:
+    """Take the `count` slots a scale-down stops off the version: those without a live worker
+    first (starting, restarting or failing), then the newest; a scale-down that kept a failing
+    worker and stopped a serving one would leave the version with less than it asked for."""
+    slots = model_version.workers
+    order = sorted(range(len(slots)), key=lambda i: (slots[i].worker is not None, -i))
+    chosen = set(order[:count])
+    leaving = [slots[i] for i in sorted(chosen, reverse=True)]
+    slots[:] = [slot for i, slot in enumerate(slots) if i not in chosen]
+    return leaving
 
 
 def _free_index(model_version: ModelVersion) -> int:

@@ -275,3 +275,25 @@ def test_an_unregister_whose_caller_goes_away_still_unloads_and_says_so() -> Non
         assert changes[-1] == []
 
     run(scenario())
+
+
+def test_a_scale_down_stops_a_failing_worker_before_a_serving_one() -> None:
+    class FirstFails(EchoBackend):
+        async def start_worker(self, index: int) -> EchoWorker:
+            if index == 0:
+                raise HandlerLoadError("initialize: weights are missing")
+            return await super().start_worker(index)
+
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        settings = ModelSettings(min_workers=2, max_workers=2)
+        backend = FirstFails("1.0")
+        await registry.register("m", "1.0", "m.mar", factory(backend), settings, keep_failed=True)
+        await registry.scale("m", None, 1, 1)
+        assert [slot.index for slot in registry.get("m").workers] == [1]
+        answer = await dataplane.infer("m", None, InferenceRequest({"body": 1}))
+        assert answer.prediction.status == 200
+        await registry.close()
+
+    run(scenario())
