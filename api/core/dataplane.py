@@ -287,7 +287,7 @@ class DataPlane:
             request,
             inputs=dict(request.inputs),
             headers=dict(request.headers),
-            stream=None if request.stream is None else _discard_part,
+            stream=None if request.stream is None else discard_part,
         )
 
         async def shadow() -> None:
@@ -365,5 +365,7 @@ def _queue_bound(request: InferenceRequest, timeout: float) -> float:
     return min(request.queue_timeout_s, timeout)
 
 
-def _discard_part(prediction: Prediction) -> None:
-    """Where a shadow copy's intermediate responses go: nowhere, on purpose."""
+def discard_part(prediction: Prediction) -> None:
+    """Where intermediate responses go that nobody sends on, on purpose: a shadow copy's, and
+    those a worker still sends for a stream whose request has ended (its 504, its client
+    gone). A request's `stream` of None would say its API answers once (`note_unstreamed`)."""

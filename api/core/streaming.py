@@ -26,7 +26,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from api.core.dataplane import Answer
+from api.core.dataplane import Answer, discard_part
 from api.core.types import InferenceRequest, Prediction
 
 # What a stream runs: the dataplane's `infer` for a model, or another path's (a sequence's).
@@ -73,7 +73,7 @@ class PredictionStream:
         finally:
             # The request and this stream refer to each other; unlinked, both are freed by
             # reference counting when the request ends instead of by the cycle collector.
-            self._request.stream = None
+            self._request.stream = discard_part
         await self._finish()
         return answer
 

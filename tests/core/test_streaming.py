@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from api.core.dataplane import Answer
+from api.core.dataplane import Answer, discard_part
 from api.core.streaming import PredictionStream, iterate
 from api.core.types import InferenceRequest, Prediction
 from api.errors import InferenceFailed
@@ -46,6 +46,26 @@ def test_parts_are_sent_in_order_before_the_answer_returns() -> None:
         assert sent == ["a", "b", "c"]
         assert answer.prediction.body == "d"
         assert stream.streamed
+
+    aio.run(scenario())
+
+
+def test_a_part_after_the_request_ended_is_dropped_quietly() -> None:
+    """A worker can still stream after its request ended (the request's 504, its client
+    gone): the part is dropped, not taken for one sent to an API that cannot stream (whose
+    warning would tell the operator to use another API)."""
+
+    async def scenario() -> None:
+        sent: list[str] = []
+
+        async def send_part(prediction: Prediction) -> None:
+            sent.append(prediction.body)
+
+        request = InferenceRequest({})
+        await PredictionStream(request, send_part).run(fake_infer(["a", "b"]))
+        assert request.stream is discard_part
+        request.stream(Prediction("late"))
+        assert sent == ["a"]
 
     aio.run(scenario())
 
