@@ -35,6 +35,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -94,12 +95,18 @@ def free_ports(count: int) -> list[int]:
     connection (a load test opens thousands) may take the port in the seconds before the server
     binds it, and TorchServe then dies with "Address already in use". Below that range only an
     explicit bind takes a port, and each pytest-xdist worker draws from its own slice of it, so
-    two workers never pick the same one.
+    two workers never pick the same one. Nor does one worker twice: servers started side by
+    side each choose before either binds (a JVM takes seconds to), so a port handed out once is
+    not handed out again while the slice has others.
     """
     low, high = _port_slice()
     chosen: list[int] = []
-    with ExitStack() as stack:
-        for port in _random.sample(range(low, high), k=min(high - low, 50 * count + 100)):
+    with _handing_out, ExitStack() as stack:
+        unused = [port for port in range(low, high) if port not in _handed_out]
+        if len(unused) < 50 * count + 100:
+            _handed_out.clear()  # a long session went round the slice: start again
+            unused = list(range(low, high))
+        for port in _random.sample(unused, k=min(len(unused), 50 * count + 100)):
             sock = stack.enter_context(socket.socket())
             try:
                 sock.bind(("127.0.0.1", port))
@@ -107,8 +114,13 @@ def free_ports(count: int) -> list[int]:
                 continue  # in use (or lingering): try another
             chosen.append(port)
             if len(chosen) == count:
+                _handed_out.update(chosen)
                 return chosen
     raise RuntimeError(f"no {count} free ports between {low} and {high}")
+
+
+_handed_out: set[int] = set()
+_handing_out = threading.Lock()  # side-by-side servers start from threads
 
 
 _random = random.SystemRandom()  # not the test run's seeded generator: workers must differ
