@@ -31,13 +31,20 @@ def states_after_a_call(port: int, call: str) -> list[grpc.ChannelConnectivity]:
         else:
             stub = management_pb2_grpc.ManagementAPIsServiceStub(channel)
             stub.ListModels(management_pb2.ListModelsRequest(), timeout=30)
+        # States reach `seen` from grpc's own thread, late: the channel's first IDLE can still
+        # be the last one seen after the call returned. Wait for an IDLE after a READY.
         deadline = time.monotonic() + (AGE_MS + GRACE_MS) / 1000 * 3
-        while time.monotonic() < deadline and seen[-1:] != [grpc.ChannelConnectivity.IDLE]:
+        while time.monotonic() < deadline and not _idle_after_ready(seen):
             time.sleep(0.05)
         time.sleep(0.2)  # anything after the last state seen
         return seen
     finally:
         channel.close()
+
+
+def _idle_after_ready(seen: list[grpc.ChannelConnectivity]) -> bool:
+    ready = grpc.ChannelConnectivity.READY
+    return ready in seen and grpc.ChannelConnectivity.IDLE in seen[seen.index(ready) :]
 
 
 def test_an_aged_connection_is_closed_and_the_client_reconnects() -> None:
