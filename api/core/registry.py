@@ -275,7 +275,8 @@ class Registry:
             await model_version.batcher.drain()
         finally:
             # Its workers a scale-down is still stopping: done before the backend (and the
-            # archive it extracted) goes. Other versions' are not waited for.
+            # archive it extracted) goes. Other versions' are not waited for, nor this unload
+            # itself (a stop in `_stopping` too).
             this = asyncio.current_task()
             stopping = [
                 task
@@ -327,27 +328,32 @@ class Registry:
                     self._start_in_background(model_version, min_workers - have)
             elif max_workers < have:
                 stopping = _leaving(model_version, have - max_workers)
-        self._changed()
         # Outside the lock: a worker finishing (or timing out) its batch must not hold up every
         # other management call. A task of its own, shielded when waited for: a caller that
         # goes away must not cut the stop short and leave the leaving processes running.
+        # Started before `_changed`, which may raise (a snapshot that cannot be written).
+        task = None
         if stopping:
             task = self._in_background(model_version, self._stop_slots(model_version, stopping))
-            if wait:
-                await asyncio.shield(task)
+        self._changed()
+        if task is not None and wait:
+            await asyncio.shield(task)
 
     def _in_background(
         self, model_version: ModelVersion, stop: Coroutine[Any, Any, None]
     ) -> asyncio.Task[None]:
         """Run `stop` (a stop of some of `model_version`'s workers, or of all of it) to its
         end whoever waits for it; `unregister` and `close` wait for it."""
-        task = asyncio.create_task(stop)
+        task = asyncio.create_task(stop, name=f"{model_version.name}/{model_version.version}")
         self._stopping[task] = model_version
         task.add_done_callback(self._stopped)
         return task
 
     def _stopped(self, task: asyncio.Task[None]) -> None:
         self._stopping.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            # Said here: its caller may have gone away (or never waited: a 202 scale).
+            log.error("stopping %s failed", task.get_name(), exc_info=task.exception())
 
     def update_batching(
         self,
@@ -573,7 +579,7 @@ def _leaving(model_version: ModelVersion, count: int) -> list[WorkerSlot]:
     first (starting, restarting or failing), then the newest; a scale-down that kept a failing
     worker and stopped a serving one would leave the version with less than it asked for."""
     slots = model_version.workers
-    order = sorted(range(len(slots)), key=lambda i: (slots[i].worker is not None, -i))
+    order = sorted(range(len(slots)), key=lambda i: (slots[i].live, -i))
     chosen = set(order[:count])
     leaving = [slots[i] for i in sorted(chosen, reverse=True)]
     slots[:] = [slot for i, slot in enumerate(slots) if i not in chosen]

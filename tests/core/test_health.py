@@ -252,8 +252,9 @@ def test_a_scale_down_whose_caller_goes_away_still_stops_its_workers() -> None:
 
 
 def test_an_unregister_whose_caller_goes_away_still_unloads_and_says_so() -> None:
-    """Cancelled while it drains, an unregister still stops the workers, closes the backend
-    and tells `on_change` (the snapshot), which otherwise kept the deleted version."""
+    """Cancelled while it drains, an unregister still tells `on_change` (the snapshot), which
+    kept the deleted version until the next change, and still stops the workers and closes
+    the backend."""
 
     async def scenario() -> None:
         registry = Registry()
