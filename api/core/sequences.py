@@ -213,28 +213,37 @@ class SequenceBatcher(Batcher):
     # -- run by the registry, one task per worker ----------------------------------------------
 
     async def serve(self, worker: Worker) -> None:  # one lane per worker: no pipelining
-        """Run batches on `worker` until cancelled or it dies; its sequences then move on."""
+        """Run batches on `worker` until cancelled or it dies; its sequences then move on.
+
+        Cancelled (a scale-down), the batch in hand is answered, within a response timeout,
+        as `Batcher.serve`'s are: the lane runs as a task of its own, which the cancellation
+        stops only when it has no batch.
+        """
+        stopping = asyncio.Event()
+        lane = asyncio.ensure_future(self._lane_of(worker, stopping))
         try:
-            while worker_alive(worker):
-                batch = self._take(worker)
-                if not batch:
-                    self._changed.clear()
-                    await self._changed.wait()
-                    continue
-                running = asyncio.ensure_future(self._run_sequences(worker, batch))
-                try:
-                    await asyncio.shield(running)
-                except asyncio.CancelledError:
-                    # Stopping this worker (a scale-down): the batch in hand is answered, within
-                    # a response timeout, as `Batcher.serve`'s are.
-                    if not running.done():
-                        await asyncio.shield(asyncio.ensure_future(self._finish([running])))
-                    raise
+            await asyncio.shield(lane)
+        except asyncio.CancelledError:
+            stopping.set()  # no further batch
+            if id(worker) in self._busy_workers:
+                await asyncio.shield(asyncio.ensure_future(self._finish([lane])))
+            else:
+                lane.cancel()
+            raise
         finally:
             for sequence in self._sequences.values():
                 if sequence.worker is worker:
                     sequence.worker = None  # its state is gone with the worker
             self._changed.set()
+
+    async def _lane_of(self, worker: Worker, stopping: asyncio.Event) -> None:
+        while worker_alive(worker) and not stopping.is_set():
+            batch = self._take(worker)
+            if batch:
+                await self._run_sequences(worker, batch)
+            else:
+                self._changed.clear()
+                await self._changed.wait()
 
     def _take(self, worker: Worker) -> list[tuple[Sequence, Pending]]:
         """One request from each ready sequence of `worker` (or unpinned), oldest first."""
