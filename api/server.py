@@ -210,7 +210,9 @@ async def _started(torchgate: Torchgate, signalled: asyncio.Task[Any]) -> bool:
         return True
     log.info("signalled while loading the start-up models: loading no more")
     starting.cancel()
-    await asyncio.gather(starting, return_exceptions=True)
+    (outcome,) = await asyncio.gather(starting, return_exceptions=True)
+    if not isinstance(outcome, asyncio.CancelledError | None):
+        log.error("abandoning the start-up models failed: %r", outcome)
     return False
 
 

@@ -105,6 +105,7 @@ FLAKY_INIT = """
 # Crashes on "crash", and from then on fails to start (its weights "went missing").
 CRASH_THEN_FAIL = """
     import os
+    import time
 
     FLAG = {flag!r}
 
@@ -116,6 +117,7 @@ CRASH_THEN_FAIL = """
         def handle(self, data, context):
             if any((row.get("body") or b"") == b"crash" for row in data):
                 open(FLAG, "w").close()
+                time.sleep(0.5)  # long enough for the next request to queue behind this one
                 os._exit(1)
             return ["up"] * len(data)
 """
@@ -378,10 +380,10 @@ def test_deleting_a_version_with_no_live_worker_answers_once_its_queue_was_answe
 
         async def scenario() -> tuple[int, int]:
             async with httpx.AsyncClient(base_url=server.inference_url, timeout=60) as client:
-                crash = client.post("/predictions/crashy", content=b"crash")
-                queued = client.post("/predictions/crashy", content=b"ok")
-                replies = await asyncio.gather(crash, queued)
-                return replies[0].status_code, replies[1].status_code
+                crash = asyncio.create_task(client.post("/predictions/crashy", content=b"crash"))
+                await asyncio.sleep(0.2)  # "crash" runs: "ok" queues behind it
+                queued = await client.post("/predictions/crashy", content=b"ok")
+                return (await crash).status_code, queued.status_code
 
         assert asyncio.run(scenario()) == (500, 504)
         assert flag.exists()

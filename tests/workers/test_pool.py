@@ -23,17 +23,14 @@ def test_a_worker_reported_exited_with_its_spawn_still_knows_how_it_ended() -> N
         pool._control = ours  # the stand-in takes the zygote's place: `launch` starts none
         pool.start()
         try:
-
-            def zygote_answers() -> None:
-                message, fds, _, _ = socket.recv_fds(zygote, 65536, 2)
-                for fd in fds:
-                    socket.close(fd)  # the worker's socket and log: it is gone at once
-                _, request_id, _ = pickle.loads(message)
-                zygote.send(pickle.dumps(("spawned", request_id, 4242)))
-                zygote.send(pickle.dumps(("exited", 4242, 3)))
-
             spawning = asyncio.ensure_future(pool.spawn({"spec": None}, label="m/1.0"))
-            await asyncio.to_thread(zygote_answers)
+            message, fds, _, _ = await asyncio.to_thread(socket.recv_fds, zygote, 65536, 2)
+            for fd in fds:
+                socket.close(fd)  # the worker's socket and log: it is gone at once
+            _, request_id, _ = pickle.loads(message)
+            # Both reports before the loop reads either: no await between the two sends.
+            zygote.send(pickle.dumps(("spawned", request_id, 4242)))
+            zygote.send(pickle.dumps(("exited", 4242, 3)))
             process = await spawning
             assert await asyncio.wait_for(process.exited, 1) == "exit code 3"
         finally:
