@@ -375,7 +375,7 @@ class TorchServeBackend:
         # `/predictions/{m}/{v}/{more}`: TorchServe hands `more` to the handler as url_path.
         url_path = header_value(request.headers, "url_path")
         if request.api == API_TORCHSERVE_REST and url_path:
-            path += "/" + quote(url_path, safe="/")
+            path += "/" + _below_the_version(url_path)
         with self._translated(f"Model {self.name} version {self.version}"):
             async with self.client.stream(
                 "POST",
@@ -697,3 +697,13 @@ def _number(text: str, key: str) -> float:
         return float(text)
     except ValueError:
         raise BadRequest(f"TorchServe backend: {key} must be a number, got {text!r}") from None
+
+
+def _below_the_version(url_path: str) -> str:
+    """`url_path` as a path below the version's, each segment quoted. Dot segments are
+    refused: resolved on the way to TorchServe (`a/1.0/../../b/1.0`), they would reach another
+    model there with the gateway's key, past its routing and queues."""
+    segments = url_path.split("/")
+    if any(segment in (".", "..") for segment in segments):
+        raise BadRequest(f"Invalid path below the model version: {url_path!r}")
+    return "/".join(quote(segment, safe="") for segment in segments)

@@ -249,6 +249,24 @@ def test_the_path_below_the_version_goes_to_torchserve(fake: FakeTorchServe, por
         run(scenario())
 
 
+@pytest.mark.parametrize("below", ["../../mnist/1.0", "v1/../../../mnist", "./x", "a/.."])
+def test_a_path_below_the_version_never_leaves_it(
+    fake: FakeTorchServe, port: int, below: str
+) -> None:
+    """Dot segments would be resolved on the way to TorchServe: `/predictions/digits/2.0/
+    ../../mnist/1.0` reached another model there, with the gateway's key."""
+    request = InferenceRequest({"body": b"x"}, {"url_path": below}, "rid-4")
+
+    async def scenario() -> None:
+        async with backend_for(spec(port)) as backend:
+            with pytest.raises(BadRequest, match="Invalid path below the model version"):
+                await backend.forward(request)
+        assert fake.seen == []
+
+    with serving(fake, port):
+        run(scenario())
+
+
 def test_encodes_bodies_as_they_came() -> None:
     raw = encode_request(InferenceRequest({"body": b"\x89PNG\x00"}, {}, "r"))
     assert raw.content == b"\x89PNG\x00" and "Content-Type" not in raw.headers
