@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from api.core.dataplane import DataPlane
+from api.core.names import check_model_name
 from api.core.types import InferenceRequest, Prediction
 from api.errors import (
     BadRequest,
@@ -164,6 +165,13 @@ def parse_spec(name: str, url: str, spec: Any, *, source: Any = None) -> Workflo
     nodes: dict[str, Node] = {}
     for node in order:
         model = f"{name}__{node}"
+        # A node names a model and a folder (a function node's): `..` or a `/` in it would
+        # put that folder outside the workflow's.
+        try:
+            check_model_name(node)
+            check_model_name(model)
+        except BadRequest as exc:
+            raise InvalidWorkflow(f"Workflow {name}: node {node!r}: {exc.message}") from None
         if node in model_specs:
             node_url, node_settings = model_specs[node]
             nodes[node] = Node(node, model, node_url, node_settings)

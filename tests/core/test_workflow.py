@@ -103,6 +103,10 @@ def test_spec_refuses_what_is_not_one_dag(dag: dict[str, list[str]], message: st
         {"models": {"m": 3}, "dag": {"pre": ["m"]}},
         {"models": {"batch-size": "big"}, "dag": {"pre": ["m"]}},
         {"models": {}, "dag": {"pre": "m"}},
+        # A node names a folder: none may lead out of the workflow's (nor start with a dot).
+        {"models": {}, "dag": {"pre": ["../../../tmp/x"]}},
+        {"models": {}, "dag": {"/tmp/x": ["post"]}},
+        {"models": {}, "dag": {"pre": [".."]}},
     ],
 )
 def test_spec_refuses_malformed_documents(document: Any) -> None:
