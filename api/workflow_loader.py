@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 from api.backends.extract import ArchiveLimits
 from api.backends.war import WorkflowArchive, function_model, open_war
 from api.core.workflow import WORKFLOW_KEY, Node, RegisterOptions, WorkflowSpec, parse_spec
-from api.errors import BadRequest, WorkflowNotFound
+from api.errors import BadRequest, Conflict, WorkflowNotFound
 from api.model_loader import ModelLoader
 
 
@@ -66,6 +66,10 @@ class WorkflowLoader:
             raise
 
     async def add_node(self, spec: WorkflowSpec, node: Node, options: RegisterOptions) -> None:
+        if node.model in self.loader.registry.names():
+            # Added beside it as another version, the node would not be its default: requests
+            # would go to the model already there, and removing the workflow would remove that.
+            raise Conflict(f"Model {node.model} is already registered")
         overrides: dict[str, float | int] = {
             # TorchServe starts max-workers workers for each node (its initial workers).
             "minWorkers": node.settings.max_workers,

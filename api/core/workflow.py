@@ -307,7 +307,7 @@ class Workflows:
                     for node, result in zip(nodes, results, strict=True)
                     if not isinstance(result, BaseException)
                 ]
-                await self._remove_nodes(added)
+                failures += await self._remove_nodes(added)
                 self.host.discard(spec)
                 raise WorkflowFailed(
                     f"Workflow {spec.name} has failed to register. Failures: "

@@ -92,6 +92,33 @@ def test_register_run_and_unregister_in_process(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_a_node_whose_model_name_is_taken_fails_the_workflow_and_leaves_that_model(
+    tmp_path: Path,
+) -> None:
+    """Added beside a model already named `wf__m` as a version of it, the node was not its
+    default: /wfpredict went to the model already there, and DELETE /workflows/wf tried to
+    remove that model's default version (refused), leaving the node's own version behind."""
+    write_fake_archive(tmp_path / "model_store", "m", "1.0", file_name="m.mar")
+    write_fake_archive(tmp_path / "model_store", "wf__m", "2.0", file_name="taken.mar")
+    write_war(tmp_path / "wars")
+
+    async def scenario() -> None:
+        config = {"workflow_store": str(tmp_path / "wars"), "load_models": "taken.mar"}
+        async with started_torchgate(tmp_path, config, load) as started:
+            tg = started.tg
+            management = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=tg.management_app),
+                base_url="http://127.0.0.1:8081",
+            )
+            answer = await management.post("/workflows", params={"url": "wf.war"})
+            assert answer.status_code == 500, answer.text
+            assert "Model wf__m is already registered" in answer.json()["message"]
+            assert tg.registry.names() == ["wf__m"]
+            assert [v.version for v in tg.registry.versions("wf__m")] == ["2.0"]
+
+    run(scenario())
+
+
 def test_wfpredict_needs_the_inference_key_and_the_factory_takes_a_store(tmp_path: Path) -> None:
     raw = {
         "model_store": str(tmp_path / "model_store"),
