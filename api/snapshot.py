@@ -197,6 +197,7 @@ async def restore(data: Mapping[str, Any], loader: ModelLoader, router: TrafficR
             keep_failed=True,
             origin="snapshot",
         )
+        loader.startup_models.add(name)  # as TorchServe's model_snapshot: `/invocations`
 
     errors = await load_by_model(items, load)
     for line in errors:

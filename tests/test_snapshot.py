@@ -183,6 +183,9 @@ def test_a_restart_restores_models_versions_defaults_workers_batching_and_traffi
         tg = await started(config, tmp_path)
         assert tg.startup_errors == []
         assert state(tg) == saved
+        # Restored models are the start-up models (where /invocations without a name goes),
+        # as models restored from TorchServe's model_snapshot are.
+        assert tg.loader.startup_models == {"m", "n"}
         await tg.stop()
 
     run(scenario())
