@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -361,11 +362,14 @@ def _lines_since(log_path: Path, offset: int) -> list[str]:
 
 
 # How the server logs what it could not load at start: from config.properties, from the
-# snapshot (`api.snapshot.restore`), and traffic policies.
+# snapshot (`api.snapshot.restore`), traffic policies, and a handler whose worker could not
+# start (`api.core.registry`: its version stays, retried, and answers 503 meanwhile). Each
+# pattern's group is what the operator is told.
 _LOAD_FAILURES = (
-    "could not load model: ",
-    "could not restore from snapshot: ",
-    "could not apply the traffic policy ",
+    re.compile(r"(could not load model: .*)"),
+    re.compile(r"(could not restore from snapshot: .*)"),
+    re.compile(r"(could not apply the traffic policy .*)"),
+    re.compile(r"api\.core\.registry: (\S+ worker \d+ failed to start: .*)"),
 )
 
 
@@ -373,9 +377,9 @@ def _load_failures(log_path: Path, offset: int) -> list[str]:
     """What failed to load at start, from the log written since `offset`."""
     failures = []
     for line in _lines_since(log_path, offset):
-        for marker in _LOAD_FAILURES:
-            if marker in line:
-                failures.append(marker + line.split(marker, 1)[1])
+        for pattern in _LOAD_FAILURES:
+            if found := pattern.search(line):
+                failures.append(found.group(1))
                 break
     return failures
 

@@ -457,6 +457,7 @@ class Registry:
             except HandlerLoadError as exc:
                 if not keep_failed:
                     raise
+                # `torchgate start` tells the operator from this line (api.commands.launch).
                 log.error("%s worker %d failed to start: %s", label, index, exc.message)
                 slot = WorkerSlot(
                     index,

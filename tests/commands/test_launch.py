@@ -115,10 +115,12 @@ def test_the_start_command_names_what_failed_to_load_from_the_snapshot_too(
             "2026-12-07 ERROR api.model_loader: could not load model: a.mar: Model not found\n"
             "2026-12-07 ERROR api.snapshot: could not restore from snapshot: b 1.0: missing\n"
             "2026-12-07 ERROR api.snapshot: could not apply the traffic policy for b: 404\n"
+            "2026-12-07 ERROR api.core.registry: c/1.0 worker 0 failed to start: ValueError\n"
             "2026-12-07 INFO api.server: serving\n"
         )
     assert _load_failures(log, offset) == [
         "could not load model: a.mar: Model not found",
         "could not restore from snapshot: b 1.0: missing",
         "could not apply the traffic policy for b: 404",
+        "c/1.0 worker 0 failed to start: ValueError",
     ]
