@@ -296,6 +296,9 @@ class TorchServeBackend:
                 max_connections=spec.concurrency + 2, max_keepalive_connections=spec.concurrency
             ),
             trust_env=False,  # a service-to-service call: no proxies from the environment
+            # A stream is relayed as read (`_relay`), not decoded: nothing on the way may
+            # compress it.
+            headers={"accept-encoding": "identity"},
         )
         # None while TorchServe serves the model; otherwise why not (the 503's message).
         self.unavailable: str | None = f"{self._what} has not been checked yet"
@@ -649,18 +652,29 @@ async def _relay(response: httpx.Response, stream: Callable[[Prediction], None])
     """
     headers = _passed_headers(response)
     pending: bytes | None = None
-    async for piece in response.aiter_raw():
-        if pending is not None:
+    try:
+        async for piece in response.aiter_raw():
+            if pending is not None:
+                stream(Prediction(pending, status=response.status_code, headers=headers))
+            pending = piece
+    except BaseException:
+        if pending is not None:  # it came before the stream broke: the client gets it too
             stream(Prediction(pending, status=response.status_code, headers=headers))
-        pending = piece
+        raise
     return Prediction(
         pending or b"", status=response.status_code, headers={**headers, STREAM_NEXT: "false"}
     )
 
 
 def _passed_headers(response: httpx.Response) -> dict[str, str]:
-    """TorchServe's response headers that go on to the client (not hop-by-hop or framing)."""
-    return {k: v for k, v in response.headers.multi_items() if k.lower() not in _RESPONSE_DROP}
+    """TorchServe's response headers that go on to the client (not hop-by-hop or framing).
+    Nor its CORS headers: the gateway's policy (`cors_allowed_*`) is the one that applies,
+    and it only adds what an answer does not already have."""
+    return {
+        k: v
+        for k, v in response.headers.multi_items()
+        if k.lower() not in _RESPONSE_DROP and not k.lower().startswith("access-control-")
+    }
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -131,7 +131,11 @@ class FakeTorchServe:
                 {"code": self.answer_status, "type": "Custom", "message": "handler says no"},
                 status_code=self.answer_status,
             )
-        headers = {"x-handler": "digits", "cache-control": "no-cache"}
+        headers = {
+            "x-handler": "digits",
+            "cache-control": "no-cache",
+            "access-control-allow-origin": "*",  # TorchServe's cors_allowed_origin=*
+        }
         return Response(
             orjson.dumps({"echo": seen}), media_type="application/json", headers=headers
         )
@@ -218,6 +222,7 @@ def test_forwards_body_headers_query_and_request_id(fake: FakeTorchServe, port: 
         assert prediction.headers["content-type"] == "application/json"
         assert prediction.headers["x-handler"] == "digits"  # a handler's own header passes
         assert "cache-control" not in prediction.headers  # TorchServe's per-response headers
+        assert "access-control-allow-origin" not in prediction.headers  # the gateway's CORS
         assert "content-length" not in prediction.headers
         seen = echoed(prediction.body)
         assert seen["path"] == "/predictions/digits/2.0"
@@ -228,6 +233,7 @@ def test_forwards_body_headers_query_and_request_id(fake: FakeTorchServe, port: 
         assert headers["x-request-id"] == "rid-1"
         assert headers["x-user-id"] == "u1"
         assert "authorization" not in headers  # the gateway's key stays at the gateway
+        assert headers["accept-encoding"] == "identity"  # streams are relayed as read
         assert headers["host"] == f"127.0.0.1:{port}"
 
     with serving(fake, port):
