@@ -33,8 +33,10 @@ all but `inference_url` optional (`SPEC_KEYS`):
 
 Health: at start and every `health_interval_s` the backend asks TorchServe for `/ping` and
 `GET /models/{model}/{version}`; while TorchServe is unreachable, or has no READY worker for the
-model, `unavailable` holds the reason, the registry reports the version not ready (`/ping`, v2
-ready, describe) and refuses its requests with 503 and that reason. Other versions never notice.
+model, `unavailable` holds the reason, the registry reports the version not ready (v2 ready,
+describe) and refuses its requests with 503 and that reason. Other versions never notice, and
+the server's health (`/ping`) only once it has lasted maxRetryTimeoutInSec, as a local worker
+that keeps failing to start.
 A request that meets a dead TorchServe before the check does gets 502 (`BackendUnavailable`);
 one TorchServe does not answer within `timeout_s` gets 504. Recovery needs no restart: the next
 check that succeeds makes the version ready again, and the pooled client reconnects.
@@ -47,6 +49,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -302,6 +305,7 @@ class TorchServeBackend:
         )
         # None while TorchServe serves the model; otherwise why not (the 503's message).
         self.unavailable: str | None = f"{self._what} has not been checked yet"
+        self.unavailable_since: float | None = time.monotonic()  # None while it serves
         # Shown by describe as "backend"; BACKEND_KEY is what a snapshot needs to restore it.
         self.info: dict[str, Any] = {"kind": KIND, "url": spec.url, "status": "UNKNOWN"}
         self.manifest: Mapping[str, Any] = _manifest(spec)
@@ -441,6 +445,10 @@ class TorchServeBackend:
                 log.info("%s/%s: %s is serving again", self.name, self.version, self._what)
             else:
                 log.warning("%s/%s: %s", self.name, self.version, problem)
+        if problem is None:
+            self.unavailable_since = None
+        elif self.unavailable_since is None:
+            self.unavailable_since = time.monotonic()
         self.unavailable = problem
         self.info.update(
             status="UNAVAILABLE" if problem else "READY",

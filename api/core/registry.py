@@ -98,9 +98,13 @@ class ModelVersion:
         asked to have."""
         if self.state not in (ModelState.READY, ModelState.FAILED):
             return False
-        if getattr(self.backend, "unavailable", None) is not None:
-            return False  # a remote TorchServe that cannot serve
         window = self.settings.max_retry_timeout_s
+        if getattr(self.backend, "unavailable", None) is not None:
+            # A remote TorchServe that cannot serve counts as a worker that keeps failing:
+            # past the same window only. At once, a blip of it made the whole server unready,
+            # and a load balancer took every model away with it.
+            since = getattr(self.backend, "unavailable_since", None)
+            return since is not None and time.monotonic() - since < window
         working = sum(1 for slot in self.workers if not slot.given_up(window))
         return working >= self.settings.min_workers
 

@@ -176,6 +176,8 @@ class Backend(Protocol):
     A backend whose server can go away (a remote TorchServe) may also have `unavailable:
     str | None`: None while it can serve, else why not. The registry then reports the version
     not ready and refuses its requests with 503 and that message; absent means always able.
+    With it, `unavailable_since` (monotonic seconds, None while it serves) says since when:
+    the server's health counts it only past the version's maxRetryTimeoutInSec.
     One whose workers are not processes (a remote TorchServe's in-flight slots) says
     `worker_processes = False`: `torchgate.max_workers_per_model` then does not bound them.
     """

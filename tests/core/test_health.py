@@ -298,3 +298,31 @@ def test_a_scale_down_stops_a_failing_worker_before_a_serving_one() -> None:
         await registry.close()
 
     run(scenario())
+
+
+def test_a_remote_that_cannot_serve_costs_the_servers_health_only_past_the_retry_window() -> None:
+    """As a local worker that keeps failing to start: the version is not ready at once, but
+    `/ping` turns unhealthy only once that has lasted maxRetryTimeoutInSec (a blip of a
+    proxied TorchServe made the whole server unready, and a load balancer took every model
+    away with it)."""
+
+    class Remote(EchoBackend):
+        unavailable: str | None = None
+        unavailable_since: float | None = None
+
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        remote = Remote("1.0")
+        settings = ModelSettings(max_retry_timeout_s=60)
+        await registry.register("m", "1.0", "m.mar", factory(remote), settings)
+        remote.unavailable, remote.unavailable_since = "TorchServe is down", time.monotonic()
+        assert not dataplane.model_ready("m")
+        assert dataplane.ready()
+        remote.unavailable_since = time.monotonic() - 61
+        assert not dataplane.ready()
+        remote.unavailable = remote.unavailable_since = None
+        assert dataplane.ready() and dataplane.model_ready("m")
+        await registry.close()
+
+    run(scenario())
