@@ -136,6 +136,10 @@ _RESPONSE_DROP = frozenset(
     }
 )
 JSON = "application/json"
+# Requests in flight to one TorchServe, from one version (its `concurrency`, and what the scale
+# API may set): each is a lane and a pooled connection, so a number from a registration URL
+# must not be able to ask for millions.
+MAX_CONCURRENCY = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,8 +169,11 @@ class TorchServeSpec:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int | float) and value > 0):
                 raise BadRequest(f"TorchServe backend: {name} must be a number > 0, got {value!r}")
-        if type(self.concurrency) is not int or self.concurrency < 1:
-            raise BadRequest(f"TorchServe backend: concurrency must be >= 1: {self.concurrency!r}")
+        if type(self.concurrency) is not int or not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise BadRequest(
+                f"TorchServe backend: concurrency must be 1..{MAX_CONCURRENCY}: "
+                f"{self.concurrency!r}"
+            )
         if self.signature is not None and not isinstance(self.signature, Mapping):
             raise BadRequest("TorchServe backend: signature must be a JSON object")
         if self.key_file is not None and not isinstance(self.key_file, str):
@@ -273,6 +280,7 @@ class TorchServeBackend:
 
     batches = False
     worker_processes = False  # its workers are in-flight slots: not bounded like processes
+    max_workers = MAX_CONCURRENCY  # but bounded (the registry's scale checks)
 
     def __init__(
         self,

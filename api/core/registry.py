@@ -408,18 +408,23 @@ class Registry:
     # -- internals -----------------------------------------------------------------------------
 
     def _bound(self, backend: Backend) -> int | None:
-        # A remote TorchServe's "workers" are in-flight request slots, not processes.
+        # A remote TorchServe's "workers" are in-flight request slots, not processes: the
+        # backend bounds them itself.
         if not getattr(backend, "worker_processes", True):
-            return None
+            return getattr(backend, "max_workers", None)
         return self.max_workers_per_model
 
     def _check_bound(self, backend: Backend, min_workers: int, max_workers: int) -> None:
         bound = self._bound(backend)
         if bound is not None and max(min_workers, max_workers) > bound:
+            source = (
+                "torchgate.max_workers_per_model"
+                if getattr(backend, "worker_processes", True)
+                else "requests in flight to one TorchServe"
+            )
             raise BadRequest(
-                f"Worker count above the bound of {bound} workers per model "
-                f"(torchgate.max_workers_per_model): min_worker={min_workers}, "
-                f"max_worker={max_workers}"
+                f"Worker count above the bound of {bound} workers per model ({source}): "
+                f"min_worker={min_workers}, max_worker={max_workers}"
             )
 
     def _clamp(self, model_version: ModelVersion) -> None:

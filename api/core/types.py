@@ -179,7 +179,8 @@ class Backend(Protocol):
     With it, `unavailable_since` (monotonic seconds, None while it serves) says since when:
     the server's health counts it only past the version's maxRetryTimeoutInSec.
     One whose workers are not processes (a remote TorchServe's in-flight slots) says
-    `worker_processes = False`: `torchgate.max_workers_per_model` then does not bound them.
+    `worker_processes = False`: `torchgate.max_workers_per_model` then does not bound them,
+    its own `max_workers` does.
     """
 
     # True when torchgate should batch in front of this backend. A remote TorchServe batches on

@@ -458,7 +458,9 @@ def test_spec_from_url_and_config() -> None:
         ({"kind": "torchserve", "inference_url": "ts:8080"}, "must be an http"),
         ({"kind": "tf", "inference_url": "http://ts:8080"}, "kind must be"),
         ({"kind": "torchserve", "inference_url": "http://t:1", "timeout": 1}, "unknown key"),
-        ({"kind": "torchserve", "inference_url": "http://t:1", "concurrency": 0}, ">= 1"),
+        ({"kind": "torchserve", "inference_url": "http://t:1", "concurrency": 0}, r"1\.\.1024"),
+        # Each slot is a lane and a pooled connection: a url must not ask for millions.
+        ({"kind": "torchserve", "inference_url": "http://t:1", "concurrency": 10**6}, "1024"),
     ]:
         with pytest.raises(BadRequest, match=message):
             TorchServeSpec.from_config(bad)
@@ -656,6 +658,11 @@ def test_register_through_the_management_api(
             assert described["backend"]["torchgate.backend"]["concurrency"] == 2
             answer = await inference.post("/predictions/d", content=b"x")
             assert answer.status_code == 200
+            # Its workers are in-flight slots, bounded all the same: a scale to a million
+            # would have run a million slot starts under the registry's lock.
+            scaled = await management.put("/models/d/2.0", params={"min_worker": 10**6})
+            assert scaled.status_code == 400
+            assert "requests in flight to one TorchServe" in scaled.json()["message"]
             assert (await management.delete("/models/d/2.0")).status_code == 200
 
             refused = await management.post(
