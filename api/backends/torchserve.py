@@ -302,9 +302,12 @@ class TorchServeBackend:
         )
         self.client = httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeout_s, connect=spec.connect_timeout_s),
-            # Two spare connections, so a health check never waits behind busy predictions.
+            # The version's lanes bound the predictions in flight, and the scale API changes
+            # their number at run time: the pool must not bound them lower (the requests
+            # past it waited for a connection, then failed), and a health check never waits
+            # behind busy predictions.
             limits=httpx.Limits(
-                max_connections=spec.concurrency + 2, max_keepalive_connections=spec.concurrency
+                max_connections=MAX_CONCURRENCY + 2, max_keepalive_connections=spec.concurrency
             ),
             trust_env=False,  # a service-to-service call: no proxies from the environment
             # A stream is relayed as read (`_relay`), not decoded: nothing on the way may

@@ -273,6 +273,26 @@ def test_a_path_below_the_version_never_leaves_it(
         run(scenario())
 
 
+def test_requests_past_concurrency_do_not_wait_for_a_connection(
+    fake: FakeTorchServe, port: int
+) -> None:
+    """The scale API sets the lanes (requests in flight) past `concurrency` at run time: the
+    connection pool, sized from `concurrency`, made the extra requests wait for a connection
+    and fail (503) once they had waited `timeout_s`."""
+    fake.delay_s = 0.5
+
+    async def scenario() -> None:
+        async with backend_for(spec(port, concurrency=1), timeout_s=1.5) as backend:
+            # 3 connections (concurrency + 2) took 5 rounds of 0.5 s: the last ones waited
+            # past 1.5 s for theirs.
+            requests = [InferenceRequest({"body": b"x"}, {}, f"r{i}") for i in range(13)]
+            answers = await asyncio.gather(*(backend.forward(r) for r in requests))
+        assert [answer.status for answer in answers] == [200] * 13
+
+    with serving(fake, port):
+        run(scenario())
+
+
 def test_encodes_bodies_as_they_came() -> None:
     raw = encode_request(InferenceRequest({"body": b"\x89PNG\x00"}, {}, "r"))
     assert raw.content == b"\x89PNG\x00" and "Content-Type" not in raw.headers
