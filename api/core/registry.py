@@ -130,7 +130,8 @@ class Registry:
         self.max_workers_per_model = max_workers_per_model
         self._models: dict[str, dict[str, ModelVersion]] = {}
         self._defaults: dict[str, str] = {}
-        self._lock = asyncio.Lock()  # serialises register/scale/unregister, not inference
+        self._lock = asyncio.Lock()  # serialises scale/unregister, not inference
+        self._registering: set[tuple[str, str]] = set()  # versions being loaded (`register`)
         self._worker_ids = itertools.count(9000)  # describe's worker ids (`WorkerSlot.id`)
         # Stops running (scale-downs, unloads), by the version they stop: its unregister waits
         # for them, `close` for all.
@@ -215,9 +216,14 @@ class Registry:
         # Here, not at each source (url, model_name, manifest, snapshot), so none can skip it.
         check_model_name(name)
         check_model_version(version)
-        async with self._lock:
-            if version in self._models.get(name, {}):
-                raise Conflict(f"Model version {version} is already registered for model {name}")
+        key = (name, version)
+        if version in self._models.get(name, {}) or key in self._registering:
+            raise Conflict(f"Model version {version} is already registered for model {name}")
+        # Reserved, then loaded without the lock: one handler's slow `initialize` (up to its
+        # startupTimeout per worker) must not hold up every other model's start, nor every
+        # management call meanwhile.
+        self._registering.add(key)
+        try:
             backend = await backend_factory()
             batcher = _make_batcher(name, version, settings, backend, self._observer)
             model_version = ModelVersion(
@@ -238,10 +244,13 @@ class Registry:
                 await self._stop_workers(model_version, len(model_version.workers))
                 await backend.close()
                 raise
-            model_version.state = ModelState.READY
-            self._models.setdefault(name, {})[version] = model_version
-            if make_default or name not in self._defaults:
-                self._defaults[name] = version
+        finally:
+            self._registering.discard(key)
+        # Published in one step, with no await: no other mutation can come in between.
+        model_version.state = ModelState.READY
+        self._models.setdefault(name, {})[version] = model_version
+        if make_default or name not in self._defaults:
+            self._defaults[name] = version
         self._changed()
         log.info("registered %s/%s with %d workers", name, version, len(model_version.workers))
         return model_version

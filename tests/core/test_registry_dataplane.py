@@ -23,7 +23,7 @@ from api.errors import (
     http_status,
 )
 from tests.support import aio
-from tests.support.echo_backend import EchoBackend, factory
+from tests.support.echo_backend import EchoBackend, EchoWorker, factory
 
 run = functools.partial(aio.run, timeout=10)
 
@@ -182,3 +182,37 @@ def test_a_handler_status_keeps_its_class(status: int, http: int, grpc_name: str
     error = error_for_status(status, "from the handler")
     assert http_status(error) == http
     assert grpc_code_name(error) == grpc_name
+
+
+def test_a_slow_handler_start_holds_up_no_other_registration() -> None:
+    """One handler's `initialize` can take its startupTimeout per worker: another model's
+    registration (at start-up, or through the management API) and a scale of a third model
+    no longer wait behind it. The same version twice is still a Conflict."""
+
+    class SlowStart(EchoBackend):
+        async def start_worker(self, index: int) -> EchoWorker:
+            await asyncio.sleep(3.0)
+            return await super().start_worker(index)
+
+    async def scenario() -> None:
+        registry = Registry()
+        await registry.register("c", "1.0", "c.mar", factory(EchoBackend("1.0")), ModelSettings())
+        slow = asyncio.ensure_future(
+            registry.register("a", "1.0", "a.mar", factory(SlowStart("1.0")), ModelSettings())
+        )
+        await asyncio.sleep(0.05)  # a is starting its worker
+        with pytest.raises(Conflict):
+            await registry.register(
+                "a", "1.0", "a.mar", factory(EchoBackend("1.0")), ModelSettings()
+            )
+        await asyncio.wait_for(
+            registry.register("b", "1.0", "b.mar", factory(EchoBackend("1.0")), ModelSettings()),
+            1.0,
+        )
+        await asyncio.wait_for(registry.scale("c", None, 2, 2), 1.0)
+        assert not slow.done()
+        await slow
+        assert sorted(registry.names()) == ["a", "b", "c"]
+        await registry.close()
+
+    run(scenario())
