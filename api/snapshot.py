@@ -34,6 +34,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -264,6 +265,24 @@ class Snapshotter:
             self._paused = False
         self.write()
 
+    def keep_previous(self, failures: int) -> None:
+        """Keep the snapshot as it was beside the one about to be written without what failed
+        to restore (a model store mounted late, a package index down): renamed back, it
+        restores them once the cause is gone. TorchServe keeps its earlier snapshots too."""
+        previous = self.path.with_name(self.path.name + ".prev")
+        try:
+            shutil.copy2(self.path, previous)
+        except OSError as exc:
+            log.error("could not keep the snapshot as it was in %s: %s", previous, exc)
+            return
+        log.warning(
+            "%d item(s) of snapshot %s could not be restored; the snapshot as it was is kept "
+            "as %s (rename it back once the cause is fixed)",
+            failures,
+            self.path,
+            previous,
+        )
+
     def load(self) -> dict[str, Any] | None:
         """The saved snapshot, or None to start from config.properties.
 
@@ -301,6 +320,9 @@ async def load_startup_state(
                     "to load them",
                     snapshotter.path,
                 )
-            return await restore(saved, loader, router)
+            errors = await restore(saved, loader, router)
+            if errors:
+                snapshotter.keep_previous(len(errors))
+            return errors
         errors = await loader.load_startup_models()
         return errors + apply_policies(router, config.traffic)

@@ -288,11 +288,24 @@ def test_a_version_that_fails_to_restore_does_not_stop_the_others(tmp_path: Path
         config = load_config(config_in(tmp_path))
         tg = await started(config, tmp_path)
         await tg.stop()
-        (tmp_path / "model_store" / "m-2.0.mar").unlink()
+        assert config.snapshot_file is not None
+        whole = config.snapshot_file.read_bytes()
+        archive = tmp_path / "model_store" / "m-2.0.mar"
+        moved = archive.rename(tmp_path / "m-2.0.mar")  # a model store not all there yet
         tg = await started(config, tmp_path)
         assert sorted(state(tg)["versions"]) == ["m/1.0", "m/3.0", "n/1.0"]
         assert len(tg.startup_errors) == 2  # the version, and the policy that names it
         assert tg.router is not None and tg.router.policy("m") is None
+        await tg.stop()
+        # The snapshot written since has lost m/2.0 and its policy; the one it came from is
+        # kept, and renamed back it restores them once the archive is there again.
+        previous = config.snapshot_file.with_name(config.snapshot_file.name + ".prev")
+        assert previous.read_bytes() == whole
+        moved.rename(archive)
+        previous.replace(config.snapshot_file)
+        tg = await started(config, tmp_path)
+        assert tg.startup_errors == []
+        assert sorted(state(tg)["versions"]) == ["m/1.0", "m/2.0", "m/3.0", "n/1.0"]
         await tg.stop()
 
     run(scenario())
