@@ -542,9 +542,6 @@ class TorchServeWorker:
 
     device = KIND
     keeps_time = True  # httpx's read timeout (`timeout_s`) answers 504 for a slow TorchServe
-    # A request whose client went away is cancelled, its connection to TorchServe closed (the
-    # batcher's `_unless_abandoned`): one request at a time, and nothing kept between them.
-    abandons = True
 
     def __init__(self, backend: TorchServeBackend) -> None:
         self.backend = backend

@@ -28,9 +28,8 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from api.core.types import (
     REJECT_DEADLINE,
@@ -373,17 +372,10 @@ class Batcher:
 
     async def _run(self, worker: Worker, batch: list[Pending]) -> None:
         started = self._clock()
-        requests = [pending.request for pending in batch]
         try:
-            if getattr(worker, "abandons", False):
-                answered = await _unless_abandoned(
-                    predict_in_time(worker, requests, self.response_timeout_s), batch
-                )
-                if answered is None:
-                    return  # nobody waits for this batch any more: its work was stopped
-                predictions = answered
-            else:
-                predictions = await predict_in_time(worker, requests, self.response_timeout_s)
+            predictions = await predict_in_time(
+                worker, [pending.request for pending in batch], self.response_timeout_s
+            )
         except asyncio.CancelledError:
             self._fail(
                 batch,
@@ -473,40 +465,6 @@ async def predict_in_time(
     finally:
         for request in requests:
             request.dispatched = False
-
-
-async def _unless_abandoned(
-    work: Coroutine[Any, Any, list[Prediction]], batch: list[Pending]
-) -> list[Prediction] | None:
-    """`work`'s predictions, or None once every request of `batch` has its answer another way
-    (its client went away, its 504 at the deadline): the work is then cancelled. For a worker
-    that `abandons` (a remote TorchServe's slot, one request at a time, no state): an
-    abandoned stream otherwise held its slot, and TorchServe's worker, to its very end."""
-    running = asyncio.ensure_future(work)
-    abandoned = running.get_loop().create_future()
-    waiting = len(batch)
-
-    def answered(_future: object) -> None:
-        nonlocal waiting
-        waiting -= 1
-        if waiting == 0 and not abandoned.done():
-            abandoned.set_result(None)
-
-    for pending in batch:
-        pending.future.add_done_callback(answered)
-    try:
-        await asyncio.wait((running, abandoned), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        running.cancel()  # this worker is stopping: the work goes with it, as unshared
-        raise
-    finally:
-        for pending in batch:
-            pending.future.remove_done_callback(answered)
-    if running.done():
-        return running.result()
-    running.cancel()
-    await asyncio.gather(running, return_exceptions=True)
-    return None
 
 
 def worker_alive(worker: Worker) -> bool:

@@ -152,9 +152,6 @@ class Worker(Protocol):
     `keeps_time: bool` (default False) says that `predict` itself fails a batch the handler
     spends more than the version's responseTimeout on (a process worker kills its process);
     for other workers the batcher bounds the call.
-    `abandons: bool` (default False) says that a `predict` nobody waits for any more (every
-    request of the batch answered another way: its client gone, its 504) may be cancelled; a
-    handler in a process is never cut off mid-batch.
     """
 
     device: str

@@ -403,53 +403,6 @@ def test_stopping_a_pipelining_worker_gives_each_batch_in_hand_its_own_timeout()
     run(scenario())
 
 
-class RemoteWorker:
-    """A remote server's slot (`abandons`): each call runs until it is answered or cancelled."""
-
-    device = "remote"
-    abandons = True
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.cancelled: list[str] = []
-        self.release = asyncio.Event()
-
-    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
-        self.calls.append(batch[0].request_id)
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            self.cancelled.append(batch[0].request_id)
-            raise
-        return [Prediction(r.request_id) for r in batch]
-
-    async def close(self) -> None:
-        pass
-
-
-def test_a_remote_call_nobody_waits_for_is_cancelled_and_frees_its_slot() -> None:
-    """A proxied request whose client went away held its slot (and TorchServe's worker) until
-    TorchServe answered: an abandoned stream, to its very end."""
-
-    async def scenario() -> None:
-        batcher = make_batcher(max_batch_size=1)
-        worker = RemoteWorker()
-        task = asyncio.create_task(batcher.serve(worker))
-        gone = batcher.submit(request("gone"))
-        while not worker.calls:
-            await asyncio.sleep(0)
-        gone.cancel()  # the client disconnected
-        waiting = batcher.submit(request("next"))
-        while len(worker.calls) < 2:
-            await asyncio.sleep(0)
-        assert worker.cancelled == ["gone"]
-        worker.release.set()
-        assert (await waiting).body == "next"
-        task.cancel()
-
-    run(scenario())
-
-
 class PipelinedWorker:
     """A process-like worker that takes batches ahead (`pipeline_depth`) until `die()`: the
     batch it was running fails, the ones waiting behind it are given back (NotRun)."""
