@@ -468,7 +468,8 @@ async def load_by_model(
 
     For start-up and snapshot restore: a large archive's extraction (the 90 MB minilm takes
     0.5 s here) then overlaps the zygote's imports and the other models' loading instead of
-    waiting behind them; registration itself is still one at a time (the registry's lock).
+    waiting behind them, and so do the handlers' starts (as TorchServe starts every model's
+    workers at once).
     `items`: (model name, what to call the item in an error line, item). Returns one error
     line per failure, in the order of `items`; a failure never stops the others.
     """

@@ -268,8 +268,11 @@ class Snapshotter:
     def keep_previous(self, failures: int) -> None:
         """Keep the snapshot as it was beside the one about to be written without what failed
         to restore (a model store mounted late, a package index down): renamed back, it
-        restores them once the cause is gone. TorchServe keeps its earlier snapshots too."""
-        previous = self.path.with_name(self.path.name + ".prev")
+        restores them once the cause is gone. TorchServe keeps its earlier snapshots too. One
+        copy per such start: a second failing start must not replace the whole snapshot kept
+        by the first with its own partial one."""
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        previous = self.path.with_name(f"{self.path.name}.prev-{stamp}")
         try:
             shutil.copy2(self.path, previous)
         except OSError as exc:

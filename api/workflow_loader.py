@@ -66,7 +66,7 @@ class WorkflowLoader:
             raise
 
     async def add_node(self, spec: WorkflowSpec, node: Node, options: RegisterOptions) -> None:
-        if node.model in self.loader.registry.names():
+        if self.loader.registry.taken(node.model):
             # Added beside it as another version, the node would not be its default: requests
             # would go to the model already there, and removing the workflow would remove that.
             raise Conflict(f"Model {node.model} is already registered")

@@ -299,7 +299,7 @@ def test_a_version_that_fails_to_restore_does_not_stop_the_others(tmp_path: Path
         await tg.stop()
         # The snapshot written since has lost m/2.0 and its policy; the one it came from is
         # kept, and renamed back it restores them once the archive is there again.
-        previous = config.snapshot_file.with_name(config.snapshot_file.name + ".prev")
+        (previous,) = config.snapshot_file.parent.glob(config.snapshot_file.name + ".prev-*")
         assert previous.read_bytes() == whole
         moved.rename(archive)
         previous.replace(config.snapshot_file)

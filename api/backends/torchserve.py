@@ -307,7 +307,7 @@ class TorchServeBackend:
             # past it waited for a connection, then failed), and a health check never waits
             # behind busy predictions.
             limits=httpx.Limits(
-                max_connections=MAX_CONCURRENCY + 2, max_keepalive_connections=spec.concurrency
+                max_connections=MAX_CONCURRENCY + 2, max_keepalive_connections=MAX_CONCURRENCY
             ),
             trust_env=False,  # a service-to-service call: no proxies from the environment
             # A stream is relayed as read (`_relay`), not decoded: nothing on the way may
@@ -417,7 +417,7 @@ class TorchServeBackend:
             raise BackendUnavailable(f"{what}: {self._what} did not accept a connection") from exc
         except httpx.PoolTimeout as exc:
             raise Overloaded(
-                f"{what}: all {self.spec.concurrency} connections to {self._what} are busy",
+                f"{what}: every connection to {self._what} is busy",
                 retry_after=1,
             ) from exc
         except httpx.TimeoutException as exc:
@@ -676,7 +676,7 @@ async def _relay(response: httpx.Response, stream: Callable[[Prediction], None])
             if pending is not None:
                 stream(Prediction(pending, status=response.status_code, headers=headers))
             pending = piece
-    except BaseException:
+    except Exception:  # not a cancellation: the request is being given up then
         if pending is not None:  # it came before the stream broke: the client gets it too
             stream(Prediction(pending, status=response.status_code, headers=headers))
         raise

@@ -29,6 +29,7 @@ from api.errors import (
     HandlerLoadError,
     ModelNotFound,
     ModelNotReady,
+    Overloaded,
     TorchgateError,
     VersionNotFound,
 )
@@ -132,6 +133,7 @@ class Registry:
         self._defaults: dict[str, str] = {}
         self._lock = asyncio.Lock()  # serialises scale/unregister, not inference
         self._registering: set[tuple[str, str]] = set()  # versions being loaded (`register`)
+        self._closing = False
         self._worker_ids = itertools.count(9000)  # describe's worker ids (`WorkerSlot.id`)
         # Stops running (scale-downs, unloads), by the version they stop: its unregister waits
         # for them, `close` for all.
@@ -144,6 +146,10 @@ class Registry:
         self.before_unregister: list[Callable[[str, str], None]] = []
 
     # -- reads ----------------------------------------------------------------------------------
+
+    def taken(self, name: str) -> bool:
+        """Whether a model of this name exists or has a version loading."""
+        return name in self._models or any(n == name for n, _ in self._registering)
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -217,6 +223,8 @@ class Registry:
         check_model_name(name)
         check_model_version(version)
         key = (name, version)
+        if self._closing:
+            raise Overloaded(f"Model {name} version {version}: the server is stopping")
         if version in self._models.get(name, {}) or key in self._registering:
             raise Conflict(f"Model version {version} is already registered for model {name}")
         # Reserved, then loaded without the lock: one handler's slow `initialize` (up to its
@@ -246,6 +254,10 @@ class Registry:
                 raise
         finally:
             self._registering.discard(key)
+        if self._closing:  # `close` began while it loaded: it would outlive the server
+            await self._stop_workers(model_version, len(model_version.workers))
+            await model_version.backend.close()
+            raise Overloaded(f"Model {name} version {version}: the server is stopping")
         # Published in one step, with no await: no other mutation can come in between.
         model_version.state = ModelState.READY
         self._models.setdefault(name, {})[version] = model_version
@@ -264,7 +276,10 @@ class Registry:
         """
         async with self._lock:
             model_version = self.get(name, version)
+            # A version still loading counts: removing the default beside it would leave the
+            # model unknown (404) until it is published, and for good should it fail.
             others = [v for v in self._models[name] if v != model_version.version]
+            others += [v for n, v in self._registering if n == name]
             if others and self._defaults[name] == model_version.version:
                 raise DefaultVersionInUse(
                     f"Cannot remove default version for model {name} (version "
@@ -399,6 +414,7 @@ class Registry:
         Draining waits at most the longest response timeout (plus a little): by then every
         accepted request has had its answer or its 504.
         """
+        self._closing = True
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
         versions = list(self)
@@ -426,14 +442,9 @@ class Registry:
     def _check_bound(self, backend: Backend, min_workers: int, max_workers: int) -> None:
         bound = self._bound(backend)
         if bound is not None and max(min_workers, max_workers) > bound:
-            source = (
-                "torchgate.max_workers_per_model"
-                if getattr(backend, "worker_processes", True)
-                else "requests in flight to one TorchServe"
-            )
             raise BadRequest(
-                f"Worker count above the bound of {bound} workers per model ({source}): "
-                f"min_worker={min_workers}, max_worker={max_workers}"
+                f"Worker count above the bound of {bound} workers per model "
+                f"({_bound_source(backend)}): min_worker={min_workers}, max_worker={max_workers}"
             )
 
     def _clamp(self, model_version: ModelVersion) -> None:
@@ -445,13 +456,13 @@ class Registry:
         if bound is None or max(settings.min_workers, settings.max_workers) <= bound:
             return
         log.warning(
-            "%s/%s asks for minWorkers=%d, maxWorkers=%d: clamped to "
-            "torchgate.max_workers_per_model=%d",
+            "%s/%s asks for minWorkers=%d, maxWorkers=%d: clamped to %d (%s)",
             model_version.name,
             model_version.version,
             settings.min_workers,
             settings.max_workers,
             bound,
+            _bound_source(model_version.backend),
         )
         _update(
             settings,
@@ -591,6 +602,12 @@ def _make_batcher(
         ),
         **limits,
     )
+
+
+def _bound_source(backend: Backend) -> str:
+    if getattr(backend, "worker_processes", True):
+        return "torchgate.max_workers_per_model"
+    return "requests in flight to one TorchServe"
 
 
 def _leaving(model_version: ModelVersion, count: int) -> list[WorkerSlot]:

@@ -123,7 +123,7 @@ def test_start_up_settings_above_the_bound_are_clamped_with_a_warning(
 
     with caplog.at_level(logging.WARNING, logger="api.core.registry"):
         run(scenario())
-    assert "minWorkers=6, maxWorkers=9: clamped to torchgate.max_workers_per_model=2" in (
+    assert "minWorkers=6, maxWorkers=9: clamped to 2 (torchgate.max_workers_per_model)" in (
         caplog.text
     )
 

@@ -17,6 +17,7 @@ from api.errors import (
     DefaultVersionInUse,
     ModelNotFound,
     ModelNotReady,
+    Overloaded,
     VersionNotFound,
     error_for_status,
     grpc_code_name,
@@ -214,5 +215,41 @@ def test_a_slow_handler_start_holds_up_no_other_registration() -> None:
         await slow
         assert sorted(registry.names()) == ["a", "b", "c"]
         await registry.close()
+
+    run(scenario())
+
+
+def test_the_default_cannot_go_while_another_version_loads_nor_a_version_land_after_close() -> None:
+    """Loading without the lock: a version still loading counts as one of the model's (its
+    default stays, as TorchServe refuses too), and one that finishes loading after `close`
+    began is stopped rather than published into a registry nobody will close again."""
+
+    class SlowStart(EchoBackend):
+        async def start_worker(self, index: int) -> EchoWorker:
+            await asyncio.sleep(0.5)
+            return await super().start_worker(index)
+
+    async def scenario() -> None:
+        registry = Registry()
+        await registry.register("a", "1.0", "a.mar", factory(EchoBackend("1.0")), ModelSettings())
+        upgrade = SlowStart("2.0")
+        loading = asyncio.ensure_future(
+            registry.register("a", "2.0", "a2.mar", factory(upgrade), ModelSettings())
+        )
+        await asyncio.sleep(0.05)
+        with pytest.raises(DefaultVersionInUse):
+            await registry.unregister("a", "1.0")
+        await loading
+
+        late = SlowStart("1.0")
+        landing = asyncio.ensure_future(
+            registry.register("b", "1.0", "b.mar", factory(late), ModelSettings())
+        )
+        await asyncio.sleep(0.05)
+        await registry.close()
+        with pytest.raises(Overloaded):
+            await landing
+        assert registry.names() == [] and late.closed
+        assert all(worker.closed for worker in late.workers)
 
     run(scenario())

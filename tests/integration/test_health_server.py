@@ -104,7 +104,7 @@ def test_start_up_worker_counts_above_the_bound_are_clamped(server: TorchgateSer
     [described] = httpx.get(f"{server.management_url}/models/wide").json()
     assert (described["minWorkers"], described["maxWorkers"]) == (BOUND, BOUND)
     assert len(described["workers"]) == BOUND
-    assert "clamped to torchgate.max_workers_per_model=3" in server.log_text()
+    assert "clamped to 3 (torchgate.max_workers_per_model)" in server.log_text()
 
 
 def test_a_server_killed_with_its_zygote_leaves_nothing_for_long(
