@@ -29,6 +29,18 @@ from tests.support.echo_backend import EchoBackend, EchoWorker, factory
 run = functools.partial(aio.run, timeout=10)
 
 
+class SlowStart(EchoBackend):
+    """A handler whose `initialize` takes `start_s`."""
+
+    def __init__(self, version: str, start_s: float) -> None:
+        super().__init__(version)
+        self.start_s = start_s
+
+    async def start_worker(self, index: int) -> EchoWorker:
+        await asyncio.sleep(self.start_s)
+        return await super().start_worker(index)
+
+
 def test_register_serve_and_unregister_versions() -> None:
     async def scenario() -> None:
         registry = Registry()
@@ -190,16 +202,11 @@ def test_a_slow_handler_start_holds_up_no_other_registration() -> None:
     registration (at start-up, or through the management API) and a scale of a third model
     no longer wait behind it. The same version twice is still a Conflict."""
 
-    class SlowStart(EchoBackend):
-        async def start_worker(self, index: int) -> EchoWorker:
-            await asyncio.sleep(3.0)
-            return await super().start_worker(index)
-
     async def scenario() -> None:
         registry = Registry()
         await registry.register("c", "1.0", "c.mar", factory(EchoBackend("1.0")), ModelSettings())
         slow = asyncio.ensure_future(
-            registry.register("a", "1.0", "a.mar", factory(SlowStart("1.0")), ModelSettings())
+            registry.register("a", "1.0", "a.mar", factory(SlowStart("1.0", 3.0)), ModelSettings())
         )
         await asyncio.sleep(0.05)  # a is starting its worker
         with pytest.raises(Conflict):
@@ -224,15 +231,10 @@ def test_the_default_cannot_go_while_another_version_loads_nor_a_version_land_af
     default stays, as TorchServe refuses too), and one that finishes loading after `close`
     began is stopped rather than published into a registry nobody will close again."""
 
-    class SlowStart(EchoBackend):
-        async def start_worker(self, index: int) -> EchoWorker:
-            await asyncio.sleep(0.5)
-            return await super().start_worker(index)
-
     async def scenario() -> None:
         registry = Registry()
         await registry.register("a", "1.0", "a.mar", factory(EchoBackend("1.0")), ModelSettings())
-        upgrade = SlowStart("2.0")
+        upgrade = SlowStart("2.0", 0.5)
         loading = asyncio.ensure_future(
             registry.register("a", "2.0", "a2.mar", factory(upgrade), ModelSettings())
         )
@@ -241,7 +243,7 @@ def test_the_default_cannot_go_while_another_version_loads_nor_a_version_land_af
             await registry.unregister("a", "1.0")
         await loading
 
-        late = SlowStart("1.0")
+        late = SlowStart("1.0", 0.5)
         landing = asyncio.ensure_future(
             registry.register("b", "1.0", "b.mar", factory(late), ModelSettings())
         )

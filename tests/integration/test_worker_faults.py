@@ -88,22 +88,9 @@ FAULTY = """
         return out
 """
 
+# Fails to start while FLAG exists; a request "crash" creates it and crashes the worker, so
+# its replacements fail to start from then on (its weights "went missing").
 FLAKY_INIT = """
-    import os
-
-    FLAG = {flag!r}
-
-    class Handler:
-        def initialize(self, context):
-            if os.path.exists(FLAG):
-                raise RuntimeError("weights are missing: " + FLAG)
-
-        def handle(self, data, context):
-            return ["up"] * len(data)
-"""
-
-# Crashes on "crash", and from then on fails to start (its weights "went missing").
-CRASH_THEN_FAIL = """
     import os
     import time
 
@@ -372,7 +359,7 @@ def test_deleting_a_version_with_no_live_worker_answers_once_its_queue_was_answe
     flag = tmp_path / "crashed"
     store = tmp_path / "store"
     store.mkdir()
-    files = {"crashy.py": CRASH_THEN_FAIL.format(flag=str(flag))}
+    files = {"crashy.py": FLAKY_INIT.format(flag=str(flag))}
     build_archive(tmp_path, "crashy", "crashy.py", files, export_dir=store)
     settings = f'models={{"crashy": {{"1.0": {{"responseTimeout": {RESPONSE_TIMEOUT_S}}}}}}}\n'
     text = f"model_store={store}\nload_models=crashy.mar\nenable_model_api=true\n{settings}"
