@@ -186,8 +186,10 @@ def test_a_fault_costs_only_its_own_requests(
     if status == 504:  # at the deadline, not when the handler would have let go
         assert took < RESPONSE_TIMEOUT_S + 2
     assert seen and all(code == 200 for code, _ in seen), [c for c, _ in seen if c != 200]
-    # The event loop never waited on the fault: every steady request stayed fast.
-    assert max(seconds for _, seconds in seen) < 1.0
+    # The event loop never waited on the fault: every steady request stayed fast. A loop that
+    # waited would have held one for the response timeout at least; below that, the margin
+    # is for a 2-core machine that also runs the spinning handler and other tests.
+    assert max(seconds for _, seconds in seen) < RESPONSE_TIMEOUT_S * 0.75
     [after] = worker_pids(server, "faulty")
     assert after != before and not alive(before)
     described = httpx.get(f"{server.management_url}/models/faulty").json()[0]
