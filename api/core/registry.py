@@ -248,16 +248,14 @@ class Registry:
                     )
                 else:
                     self._start_in_background(model_version, settings.min_workers)
+                if self._closing:  # `close` began while it loaded: it would outlive the server
+                    raise Overloaded(f"Model {name} version {version}: the server is stopping")
             except BaseException:
                 await self._stop_workers(model_version, len(model_version.workers))
                 await backend.close()
                 raise
         finally:
             self._registering.discard(key)
-        if self._closing:  # `close` began while it loaded: it would outlive the server
-            await self._stop_workers(model_version, len(model_version.workers))
-            await model_version.backend.close()
-            raise Overloaded(f"Model {name} version {version}: the server is stopping")
         # Published in one step, with no await: no other mutation can come in between.
         model_version.state = ModelState.READY
         self._models.setdefault(name, {})[version] = model_version

@@ -178,8 +178,7 @@ class WorkerPool:
         self._workers[pid] = process
         await process.connect(parent, log_read)
         if pid in self._exited_early:
-            self._workers.pop(pid, None)
-            process.exit_reported(self._exited_early.pop(pid))
+            process.exit_reported(self._exited_early.pop(pid))  # which forgets it too
         return process
 
     def kill(self, pid: int) -> None:
