@@ -41,6 +41,7 @@ from api.core.types import API_TORCHSERVE_GRPC, API_V1_REST, InferenceRequest, M
 from api.errors import BackendUnavailable, BadRequest, DeadlineExceeded
 from tests.support import aio
 from tests.support.fake_backend import load_fake_backend, write_fake_archive
+from tests.support.inprocess import asgi_clients
 from tests.support.torchserve import free_ports
 
 T = TypeVar("T")
@@ -588,17 +589,8 @@ async def gateway(tmp_path: Path, ts_url: str) -> AsyncIterator[tuple[Torchgate,
     allowed = r"torchserve://127\.0\.0\.1:\d+"
     async with started(tmp_path, models, enable_model_api="true", allowed_urls=allowed) as tg:
         assert tg.startup_errors == []
-        inference = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=tg.inference_app), base_url="http://inference"
-        )
-        management = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=tg.management_app), base_url="http://localhost"
-        )
-        try:
+        async with asgi_clients(tg) as (inference, management):
             yield tg, inference, management
-        finally:
-            await inference.aclose()
-            await management.aclose()
 
 
 def test_gateway_serves_a_torchserve_version_beside_a_local_one(

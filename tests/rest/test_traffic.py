@@ -25,6 +25,7 @@ from api.config import parse_config
 from api.core.registry import ModelState
 from tests.support import aio
 from tests.support.fake_backend import FakeBackend, load_fake_backend, write_fake_archive
+from tests.support.inprocess import asgi_clients
 
 
 @dataclass
@@ -57,17 +58,10 @@ async def apps(tmp_path: Path, versions: tuple[str, ...] = ("1.0", "2.0")) -> As
     tg = build(config, work_dir=tmp_path / "work", backend_loader=load_fake_backend)
     await tg.start()
     assert tg.startup_errors == []
-    inference = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=tg.inference_app), base_url="http://inference"
-    )
-    management = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=tg.management_app), base_url="http://localhost"
-    )
     try:
-        yield Apps(tg, inference, management)
+        async with asgi_clients(tg) as (inference, management):
+            yield Apps(tg, inference, management)
     finally:
-        await inference.aclose()
-        await management.aclose()
         await tg.stop()
 
 

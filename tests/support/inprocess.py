@@ -15,6 +15,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from api.app import Torchgate, build
 from api.config import parse_config
 from api.model_loader import ArchiveBackendLoader
@@ -63,3 +65,19 @@ async def started_torchgate(
         if stop_grpc is not None:
             await stop_grpc(0)
         await tg.stop()
+
+
+@asynccontextmanager
+async def asgi_clients(tg: Torchgate) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
+    """Clients of `tg`'s inference and management apps, in process (no sockets)."""
+    inference = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=tg.inference_app), base_url="http://inference"
+    )
+    management = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=tg.management_app), base_url="http://localhost"
+    )
+    try:
+        yield inference, management
+    finally:
+        await inference.aclose()
+        await management.aclose()
