@@ -209,6 +209,11 @@ def grpc_code_name(error: TorchgateError) -> str:
     return _codes(error)[1]
 
 
+# Classes no handler status stands for: the base, and a queue's refusal (a 503 from the
+# handler ran the request; a refusal did not, and a stream may send it again).
+_NOT_A_HANDLERS = (TorchgateError, Overloaded)
+
+
 def error_for_status(status: int, message: str) -> TorchgateError:
     """The error a handler's per-item status (`set_response_status`) stands for.
 
@@ -217,7 +222,7 @@ def error_for_status(status: int, message: str) -> TorchgateError:
     handler's exact status either way.
     """
     for cls, (code, _) in STATUS_TABLE.items():
-        if code == status and cls is not TorchgateError:
+        if code == status and cls not in _NOT_A_HANDLERS:
             return cls(message)
     if 400 <= status < 500:
         return BadRequest(message, status=status)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 
-from api.errors import TorchgateError, grpc_code_name, retry_after
+from api.errors import InferenceFailed, TorchgateError, grpc_code_name, retry_after
+
+log = logging.getLogger(__name__)
 
 Servicer = TypeVar("Servicer")
 Method = Callable[[Servicer, Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -23,8 +26,19 @@ def grpc_errors(method: Method[Servicer]) -> Method[Servicer]:
             return await method(self, request, context)
         except TorchgateError as exc:
             await abort(context, exc)
+        except grpc.aio.AbortError:
+            raise  # aborted inside already, with its own status
+        except Exception as exc:
+            # A bug, not the client's: INTERNAL as REST's 500, not gRPC's UNKNOWN.
+            await abort(context, unexpected(exc, method.__name__))
 
     return wrapper
+
+
+def unexpected(exc: Exception, where: str) -> InferenceFailed:
+    """An exception torchgate did not expect, logged with its traceback, as a client's 500."""
+    log.exception("unexpected error in %s", where, exc_info=exc)
+    return InferenceFailed(f"{type(exc).__name__}: {exc}")
 
 
 def grpc_code(exc: TorchgateError) -> grpc.StatusCode:

@@ -15,7 +15,7 @@ from api.core.sequences import SEQUENCE_ID
 from api.core.types import API_V2_GRPC, header_value
 from api.errors import Overloaded, TorchgateError
 from api.request_ids import request_id
-from api.rpc.errors import grpc_errors, metadata_headers
+from api.rpc.errors import grpc_errors, metadata_headers, unexpected
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from api.rpc.ordered import Earlier, in_order
@@ -135,10 +135,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield pb.ModelStreamInferResponse(infer_response=message)
             if streamed and empty_final:
                 yield pb.ModelStreamInferResponse(infer_response=_final_response(request))
-        except TorchgateError as exc:
-            # As Triton: the request's id, model and version say which request failed.
+        except Exception as exc:
+            # As Triton: the request's id, model and version say which request failed, and
+            # the stream goes on, whatever the failure.
+            error = exc if isinstance(exc, TorchgateError) else unexpected(exc, "ModelStreamInfer")
             yield pb.ModelStreamInferResponse(
-                error_message=exc.message, infer_response=_final_response(request)
+                error_message=error.message, infer_response=_final_response(request)
             )
 
     async def _infer(

@@ -41,7 +41,7 @@ from api.management import ListArgs, Management, RegisterArgs, ScaleArgs
 from api.management.params import positive
 from api.model_loader import ModelLoader
 from api.request_ids import request_id
-from api.rpc.errors import abort, grpc_code, grpc_errors, metadata_headers
+from api.rpc.errors import abort, grpc_code, grpc_errors, metadata_headers, unexpected
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from api.rpc.generated import management_pb2 as management
@@ -75,8 +75,8 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
         try:
             async for message in self._responses(request, metadata_headers(context)):
                 yield message
-        except TorchgateError as exc:
-            await abort(context, exc)
+        except Exception as exc:
+            await abort(context, _as_error(exc, "StreamPredictions"))
 
     async def StreamPredictions2(
         self,
@@ -101,10 +101,11 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
                 sequence = {**headers, SEQUENCE_ID: request.sequence_id}
                 async for message in self._responses(request, sequence):
                     yield message
-            except TorchgateError as exc:
+            except Exception as exc:  # this message's failure; the stream goes on
+                error = _as_error(exc, "StreamPredictions2")
                 failed = inference.PredictionResponse()
-                failed.status.code = grpc_code(exc).value[0]
-                failed.status.message = exc.message
+                failed.status.code = grpc_code(error).value[0]
+                failed.status.message = error.message
                 yield failed
 
     async def _responses(
@@ -138,6 +139,10 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
             dict(request.input), headers, request_id(headers), API_TORCHSERVE_GRPC
         )
         return item, _required(request.model_name, "model_name")
+
+
+def _as_error(exc: Exception, where: str) -> TorchgateError:
+    return exc if isinstance(exc, TorchgateError) else unexpected(exc, where)
 
 
 def _prediction_message(prediction: Prediction) -> inference.PredictionResponse:

@@ -323,10 +323,15 @@ def response_tensors(
     if not prediction.ok:
         raise error_for_status(prediction.status, _error_message(prediction))
     body = prediction.body
-    if isinstance(body, dict) and isinstance(body.get("outputs"), list):
-        outputs = [_tensor_from_dict(entry) for entry in body["outputs"]]
-    else:
-        outputs = [_tensor_from_value(_first_output_name(signature), body)]
+    try:
+        if isinstance(body, dict) and isinstance(body.get("outputs"), list):
+            outputs = [_tensor_from_dict(entry) for entry in body["outputs"]]
+        else:
+            outputs = [_tensor_from_value(_first_output_name(signature), body)]
+    except Exception as exc:  # the handler's answer, not the client's request: never a 400
+        raise InferenceFailed(
+            f"Handler output is not a valid v2 tensor: {type(exc).__name__}: {exc}"
+        ) from exc
     return V2Response(
         model_name=model, model_version=version, id=request_id, parameters={}, outputs=outputs
     )

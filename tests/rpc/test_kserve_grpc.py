@@ -280,6 +280,49 @@ def test_stream_infer_runs_the_requests_it_has_read_together(tmp_path: Path) -> 
     run(scenario())
 
 
+def test_a_handler_answer_that_is_no_tensor_is_internal_and_the_stream_goes_on(
+    tmp_path: Path,
+) -> None:
+    """An answer the codec cannot turn into a tensor is the handler's fault: INTERNAL (as
+    REST's 500), not gRPC's UNKNOWN, and on a stream it fails that request alone."""
+
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            details = await expect_error(
+                client.stub.ModelInfer(infer_request(answer="invalid")), Code.INTERNAL
+            )
+            assert details.startswith("Handler output is not a valid v2 tensor: KeyError")
+            requests = [infer_request(), infer_request(answer="invalid"), infer_request()]
+            answers = [answer async for answer in client.stub.ModelStreamInfer(iter(requests))]
+            assert [bool(a.error_message) for a in answers] == [False, True, False]
+            assert answers[1].error_message.startswith("Handler output is not a valid v2 tensor")
+            assert outputs_of(answers[2].infer_response)["total"].tolist() == [3.0]
+
+    run(scenario())
+
+
+def test_a_stream_request_whose_handler_answers_503_runs_once(tmp_path: Path) -> None:
+    """A stream retries a request its own read-ahead got refused by a full queue; a handler's
+    503 is no such refusal: the request ran, and running it again would repeat its effects."""
+
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            slow = client.backend("m", "2.0")
+            slow.gate = asyncio.Event()  # the first request is still running ...
+            requests = [infer_request(version="2.0"), infer_request(answer="unavailable")]
+            call = client.stub.ModelStreamInfer(iter(requests))
+            handler = client.backend("m", "1.0")
+            await wait_for(lambda: len(handler.seen) == 1)  # ... when the second answers 503
+            await asyncio.sleep(0.2)
+            slow.gate.set()
+            answers = [await call.read() for _ in requests]
+            assert answers[0].error_message == ""
+            assert "warming up" in answers[1].error_message
+            assert len(handler.seen) == 1
+
+    run(scenario())
+
+
 @pytest.fixture
 def sequence_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """Model "m" with TorchServe's sequenceBatching on (a fake archive has no

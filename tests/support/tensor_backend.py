@@ -33,8 +33,10 @@ class TensorWorker:
     """Answers v2 items as torchgate's handlers do, or as a plain handler would when asked.
 
     Request parameter "answer": "label" -> `{"7": 0.9}`; "text" -> a str; "fail" -> the item
-    fails alone with 400; "raise" -> the whole batch raises; "stream" -> the texts "part 0" and
-    "part 1" as intermediate responses (where the transport streams), then the tensors. A plain
+    fails alone with 400; "unavailable" -> it fails alone with 503; "invalid" -> an output
+    that is no v2 tensor (no datatype); "raise" -> the whole batch raises; "stream" -> the
+    texts "part 0" and "part 1" as intermediate responses (where the transport streams), then
+    the tensors. A plain
     archive's items carry no v2 parameters (they get what /predictions would give, see
     `api.v2.bridge`): for those the answer comes from the request header "x-answer" (default
     "text"). The backend's `gate`, when set to an event, holds every batch until it is set.
@@ -65,6 +67,11 @@ class TensorWorker:
         if answer == "fail":
             message = "x must be positive"
             return Prediction({"code": 400, "type": "BadRequest", "message": message}, 400)
+        if answer == "unavailable":
+            message = "warming up"
+            return Prediction({"code": 503, "type": "Unavailable", "message": message}, 503)
+        if answer == "invalid":
+            return Prediction({"outputs": [{"name": "y", "data": [1.0, 2.0]}]})
         x = body["inputs"][0]["data"]
         y = (x * 2).astype(np.float32)
         return Prediction(
