@@ -204,6 +204,9 @@ class _Loop:
             PREDICTION_METRIC, "ms", ["ModelName", "Level"], MetricTypes.GAUGE
         )
         self._model_dims = [spec.archive.name, "Model"]
+        # While a batch mixing entry points runs one group: the batch index of each of the
+        # group's items, since the handler's indexes (and so its parts') are the group's.
+        self._group: list[int] | None = None
 
     def serve(self, sock: socket.socket, *, spin: float) -> None:
         reader = wire.FrameReader(sock, spin=spin)
@@ -226,13 +229,17 @@ class _Loop:
         wrapped = [i for i, is_plain in enumerate(marked) if not is_plain]
         answers: list[Any] = [None] * len(items)
         metrics: list[Any] = []
-        for group, handle in ((wrapped, self._handle), (plain, self._plain)):
-            reply = self._run([items[i] for i in group], handle, [marked[i] for i in group])
-            metrics += reply[-1]
-            if reply[0] != "result":
-                return (*reply[:-1], metrics)
-            for i, response in zip(group, reply[1], strict=True):
-                answers[i] = response
+        try:
+            for group, handle in ((wrapped, self._handle), (plain, self._plain)):
+                self._group = group
+                reply = self._run([items[i] for i in group], handle, [marked[i] for i in group])
+                metrics += reply[-1]
+                if reply[0] != "result":
+                    return (*reply[:-1], metrics)
+                for i, response in zip(group, reply[1], strict=True):
+                    answers[i] = response
+        finally:
+            self._group = None
         return ("result", answers, metrics)
 
     def _run(self, items: list[Item], handle: Any, kserve: list[bool]) -> tuple[Any, ...]:
@@ -330,7 +337,8 @@ class _Loop:
         responses = []
         for idx in req_id_map:
             context.set_response_header(idx, "ts_stream_next", "true")
-            responses.append((idx, *self._response(ret[idx], context.request_processor[idx])))
+            response = self._response(ret[idx], context.request_processor[idx])
+            responses.append((idx if self._group is None else self._group[idx], *response))
         wire.send(sock, wire.encode(("chunk", responses)))
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from api.backends.archive import ArchiveError, open_archive
 from api.backends.workers import ProcessWorker, WorkerBackend, load_worker_backend
-from api.core.types import InferenceRequest, NotRun, Prediction
+from api.core.types import API_V2_GRPC, InferenceRequest, NotRun, Prediction
 from api.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -529,6 +529,50 @@ def test_parts_for_an_api_that_answers_once_are_dropped_with_one_warning(
     assert [bodies(answer) for answer in answers] == [["done"], ["done"]]
     notes = [r.getMessage() for r in caplog.records if "intermediate responses" in r.getMessage()]
     assert len(notes) == 1 and "to a v2-rest request" in notes[0]
+
+
+STREAMS_ITS_IDS = """
+    from ts.protocol.otf_message_handler import send_intermediate_predict_response
+
+    def handle(data, context):
+        if data is None:
+            return None
+        ids = [context.get_request_id(idx) for idx in range(len(data))]
+        send_intermediate_predict_response(ids, context.request_ids, "ok", 200, context)
+        return ids
+"""
+
+
+def test_a_batch_mixing_entry_points_streams_each_part_to_its_own_request(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
+    """With a service_envelope, a batch of a KServe item (unwrapped by torchgate) and a
+    TorchServe item runs the handler once per group; each group's indexes start at 0, and
+    its parts still reach their own requests, not the batch's first."""
+    path = build_archive("ids", "handler.py", {"handler.py": STREAMS_ITS_IDS})
+    parts: dict[str, list[Any]] = {"kserve": [], "torchserve": []}
+
+    async def scenario() -> None:
+        backend = await load(worker_pool, path, service_envelope="body")
+        worker = await backend.start_worker(0)
+        try:
+            batch = [
+                InferenceRequest(
+                    {"body": b"1"}, {}, "kserve", API_V2_GRPC, stream=parts["kserve"].append
+                ),
+                InferenceRequest(
+                    {"body": b"2"}, {}, "torchserve", stream=parts["torchserve"].append
+                ),
+            ]
+            await worker.predict(batch)
+        finally:
+            await backend.close()
+
+    run(scenario())
+    assert {api: [part.body for part in got] for api, got in parts.items()} == {
+        "kserve": ["kserve"],
+        "torchserve": ["torchserve"],
+    }
 
 
 def test_a_batch_past_response_timeout_kills_the_worker_and_frees_the_one_behind(
