@@ -83,9 +83,14 @@ def check_response_size(body: bytes, limit: int, where: str) -> None:
     lost). Here the answer is dropped, its request alone gets 500 saying why, and the worker
     keeps serving.
     """
-    if len(body) > limit:
+    check_answer_size(len(body), limit, where)
+
+
+def check_answer_size(size: int, limit: int, where: str) -> None:
+    """`check_response_size` for an answer of `size` bytes (an encoded message)."""
+    if size > limit:
         message = (
-            f"Response of {len(body)} bytes exceeds max_response_size of {limit} bytes "
+            f"Response of {size} bytes exceeds max_response_size of {limit} bytes "
             "(config.properties)"
         )
         log.warning("%s: %s; not sent", where, message)

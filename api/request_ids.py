@@ -15,4 +15,10 @@ _id_counter = itertools.count()
 
 def request_id(headers: Mapping[str, str]) -> str:
     """The client's X-Request-Id (headers with lower-case names), or a new unique id."""
-    return headers.get("x-request-id") or f"{_ID_PREFIX}{next(_id_counter):012x}"
+    return headers.get("x-request-id") or new_request_id()
+
+
+def new_request_id() -> str:
+    """A new unique id: for each message of a gRPC stream, whose metadata (and so its
+    `x-request-id`) is the whole call's, as TorchServe gives each message its own."""
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"

@@ -13,8 +13,9 @@ import grpc
 from api.core.dataplane import DataPlane
 from api.core.sequences import SEQUENCE_ID
 from api.core.types import API_V2_GRPC, header_value
+from api.encoding import check_answer_size
 from api.errors import Overloaded, TorchgateError
-from api.request_ids import request_id
+from api.request_ids import new_request_id, request_id
 from api.rpc.errors import grpc_errors, metadata_headers, unexpected
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -34,9 +35,10 @@ STREAM_WINDOW_BYTES = 64 * 1024 * 1024
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, *, max_items: int) -> None:
+    def __init__(self, dataplane: DataPlane, *, max_items: int, max_response_size: int) -> None:
         self.dataplane = dataplane
         self.max_items = max_items
+        self.max_response_size = max_response_size
 
     @grpc_errors
     async def ServerLive(
@@ -125,14 +127,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         response with `error_message`, and the stream goes on."""
         streamed = False
         try:
-            call = self._call(request, headers)
+            call = self._call(request, headers, new_request_id())
             empty_final = call.options.empty_final_response
             async for v2_response, final in _backpressured(call, earlier):
                 streamed = streamed or not final
                 with bridge.codec_errors():
                     message = encode_grpc(v2_response, call.request.outputs)
                 _mark_final(message, final and not (streamed and empty_final))
-                yield pb.ModelStreamInferResponse(infer_response=message)
+                response = pb.ModelStreamInferResponse(infer_response=message)
+                # Checked here, not by gRPC's send limit, which would end the whole stream.
+                where = f"ModelStreamInfer {request.model_name}"
+                check_answer_size(response.ByteSize(), self.max_response_size, where)
+                yield response
             if streamed and empty_final:
                 yield pb.ModelStreamInferResponse(infer_response=_final_response(request))
         except Exception as exc:
@@ -146,17 +152,22 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, headers: dict[str, str]
     ) -> pb.ModelInferResponse:
-        call = self._call(request, headers)
+        call = self._call(request, headers, request_id(headers))
         response = await call.answer()
         with bridge.codec_errors():
             return encode_grpc(response, call.request.outputs)
 
-    def _call(self, request: pb.ModelInferRequest, headers: dict[str, str]) -> bridge.V2Call:
+    def _call(
+        self, request: pb.ModelInferRequest, headers: dict[str, str], rid: str
+    ) -> bridge.V2Call:
+        # An unknown model or version is NOT_FOUND whatever the tensors hold, as in Triton
+        # and on REST (and the tensors of a request that goes nowhere are not decoded).
+        self.dataplane.registry.get(request.model_name, request.model_version or None)
         with bridge.codec_errors():
             v2_request = decode_grpc(request)
         return bridge.V2Call(
             self.dataplane, request.model_name, request.model_version or None, v2_request,
-            headers=headers, request_id=request_id(headers), api=API_V2_GRPC,
+            headers=headers, request_id=rid, api=API_V2_GRPC,
             max_items=self.max_items,
         )  # fmt: skip
 
@@ -206,7 +217,8 @@ def _final_response(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
     return message
 
 
-def add_kserve_servicer(server: grpc.aio.Server, dataplane: DataPlane, *, max_items: int) -> None:
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        KServeServicer(dataplane, max_items=max_items), server
-    )
+def add_kserve_servicer(
+    server: grpc.aio.Server, dataplane: DataPlane, *, max_items: int, max_response_size: int
+) -> None:
+    servicer = KServeServicer(dataplane, max_items=max_items, max_response_size=max_response_size)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)

@@ -115,7 +115,12 @@ def grpc_servers(
 
     inference = _server(config, auth, INFERENCE, dataplane)
     management = _server(config, auth, MANAGEMENT, dataplane)
-    add_kserve_servicer(inference, dataplane, max_items=config.max_items_per_request)
+    add_kserve_servicer(
+        inference,
+        dataplane,
+        max_items=config.max_items_per_request,
+        max_response_size=config.max_response_size,
+    )
     add_torchserve_inference_servicer(inference, dataplane)
     add_torchserve_management(
         management, registry, loader, enable_model_api=config.enable_model_api

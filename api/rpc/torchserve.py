@@ -40,7 +40,7 @@ from api.errors import BadRequest, TorchgateError, error_for_status
 from api.management import ListArgs, Management, RegisterArgs, ScaleArgs
 from api.management.params import positive
 from api.model_loader import ModelLoader
-from api.request_ids import request_id
+from api.request_ids import new_request_id, request_id
 from api.rpc.errors import abort, grpc_code, grpc_errors, metadata_headers, unexpected
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
@@ -73,7 +73,8 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
         response`), the final one last; a failure, even after messages, ends the call with its
         status."""
         try:
-            async for message in self._responses(request, metadata_headers(context)):
+            headers = metadata_headers(context)
+            async for message in self._responses(request, headers, request_id(headers)):
                 yield message
         except Exception as exc:
             await abort(context, _as_error(exc, "StreamPredictions"))
@@ -99,7 +100,7 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
                 if not request.sequence_id:
                     raise BadRequest("Parameter sequenceId is required.")
                 sequence = {**headers, SEQUENCE_ID: request.sequence_id}
-                async for message in self._responses(request, sequence):
+                async for message in self._responses(request, sequence, new_request_id()):
                     yield message
             except Exception as exc:  # this message's failure; the stream goes on
                 error = _as_error(exc, "StreamPredictions2")
@@ -109,11 +110,11 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
                 yield failed
 
     async def _responses(
-        self, request: inference.PredictionsRequest, headers: dict[str, str]
+        self, request: inference.PredictionsRequest, headers: dict[str, str], rid: str
     ) -> AsyncIterator[inference.PredictionResponse]:
         """One message per response of the request's handler: its intermediate responses
         (`send_intermediate_predict_response`), then its final one."""
-        item, model = self._item(request, headers)
+        item, model = self._item(request, headers, rid)
         version = request.model_version or None
 
         def infer(item: InferenceRequest) -> Awaitable[Answer]:
@@ -125,19 +126,17 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
     async def _predict(
         self, request: inference.PredictionsRequest, headers: dict[str, str]
     ) -> inference.PredictionResponse:
-        item, model = self._item(request, headers)
+        item, model = self._item(request, headers, request_id(headers))
         answer = await self.dataplane.infer(model, request.model_version or None, item)
         return _prediction_message(answer.prediction)
 
     @staticmethod
     def _item(
-        request: inference.PredictionsRequest, headers: dict[str, str]
+        request: inference.PredictionsRequest, headers: dict[str, str], rid: str
     ) -> tuple[InferenceRequest, str]:
         # As TorchServe's frontend: each input entry is one parameter of the handler's request
         # item, as bytes with no content type.
-        item = InferenceRequest(
-            dict(request.input), headers, request_id(headers), API_TORCHSERVE_GRPC
-        )
+        item = InferenceRequest(dict(request.input), headers, rid, API_TORCHSERVE_GRPC)
         return item, _required(request.model_name, "model_name")
 
 

@@ -301,6 +301,24 @@ def test_a_handler_answer_that_is_no_tensor_is_internal_and_the_stream_goes_on(
     run(scenario())
 
 
+def test_a_stream_answer_over_max_response_size_fails_that_request_alone(
+    tmp_path: Path,
+) -> None:
+    """gRPC's own send limit would end the whole stream (RESOURCE_EXHAUSTED): the answer is
+    refused before it is sent, as on REST, and the stream goes on."""
+
+    async def scenario() -> None:
+        async with serving(tmp_path, max_response_size="400") as client:
+            large = np.ones((64, 2), np.float32)  # 64 rows: 768 bytes of outputs
+            requests = [infer_request(), infer_request(large), infer_request()]
+            answers = [answer async for answer in client.stub.ModelStreamInfer(iter(requests))]
+            assert [bool(a.error_message) for a in answers] == [False, True, False]
+            assert "exceeds max_response_size of 400 bytes" in answers[1].error_message
+            assert outputs_of(answers[2].infer_response)["total"].tolist() == [3.0]
+
+    run(scenario())
+
+
 def test_a_stream_request_whose_handler_answers_503_runs_once(tmp_path: Path) -> None:
     """A stream retries a request its own read-ahead got refused by a full queue; a handler's
     503 is no such refusal: the request ran, and running it again would repeat its effects."""
@@ -319,6 +337,19 @@ def test_a_stream_request_whose_handler_answers_503_runs_once(tmp_path: Path) ->
             assert answers[0].error_message == ""
             assert "warming up" in answers[1].error_message
             assert len(handler.seen) == 1
+
+    run(scenario())
+
+
+def test_each_request_of_a_stream_has_its_own_request_id(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            metadata = (("x-request-id", "the-call"),)
+            call = client.stub.ModelStreamInfer(iter([infer_request()] * 2), metadata=metadata)
+            assert len([answer async for answer in call]) == 2
+            await client.stub.ModelInfer(infer_request(), metadata=metadata)
+            ids = [request.request_id for request in client.backend().seen]
+            assert ids[2] == "the-call" and len({*ids[:2], "the-call"}) == 3
 
     run(scenario())
 
@@ -503,6 +534,21 @@ def test_errors_map_through_the_error_table(
                 client.stub.ModelInfer(infer_request(**request_args)), code
             )
             assert message.startswith(details), message
+
+    run(scenario())
+
+
+def test_an_unknown_model_is_not_found_whatever_its_tensors_hold(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            request = infer_request(model="nope")
+            request.raw_input_contents[0] = b"\x00" * 4  # 1 float for shape [1, 2]
+            details = await expect_error(client.stub.ModelInfer(request), Code.NOT_FOUND)
+            assert details == "Model not found: nope"
+            request = infer_request(version="9.9")
+            request.parameters["triton_x"].bool_param = True  # a reserved name: refused ...
+            details = await expect_error(client.stub.ModelInfer(request), Code.NOT_FOUND)
+            assert details == "Model version: 9.9 does not exist for model: m"  # ... after this
 
     run(scenario())
 

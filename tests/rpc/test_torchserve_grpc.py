@@ -246,6 +246,29 @@ def test_stream_predictions2_answers_each_message_and_survives_bad_ones(tmp_path
     run(scenario())
 
 
+def test_each_message_of_a_stream_has_its_own_request_id(tmp_path: Path) -> None:
+    """A stream's metadata is the whole call's: its x-request-id names the call, and each
+    message gets its own id, as TorchServe gives one (handlers key their state on it)."""
+
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            messages = [
+                inference.PredictionsRequest(model_name="m", input={"data": b"1"}, sequence_id="s")
+                for _ in range(2)
+            ]
+            call = client.inference.StreamPredictions2(
+                iter(messages), metadata=(("x-request-id", "the-call"),)
+            )
+            ids = [json.loads(r.prediction)["request_id"] async for r in call]
+            assert len(set(ids)) == 2 and "the-call" not in ids
+            unary = await client.inference.Predictions(
+                predictions_request(), metadata=(("x-request-id", "the-call"),)
+            )
+            assert json.loads(unary.prediction)["request_id"] == "the-call"
+
+    run(scenario())
+
+
 def test_cancelled_call_is_never_run(tmp_path: Path) -> None:
     """grpc.aio cancels the servicer coroutine; that cancels the queued batcher future."""
 
