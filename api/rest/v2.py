@@ -113,8 +113,8 @@ class V2InferEndpoint(KServeEndpoint):
         # An unknown model or version is 404 whatever the body holds, as in KServe and Triton.
         self.dataplane.registry.get(model, version)
         body = decompressed(body, headers.get("content-encoding"), self.limits.request)
-        with bridge.codec_errors():
-            request = decode_rest(body, headers.get("inference-header-content-length"))
+        header_length = headers.get("inference-header-content-length")
+        request = await bridge.decoded(lambda: decode_rest(body, header_length), len(body))
         call = bridge.V2Call(
             self.dataplane, model, version, request,
             headers=headers, request_id=rid, api=API_V2_REST, max_items=self.max_items,

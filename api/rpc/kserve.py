@@ -127,7 +127,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         response with `error_message`, and the stream goes on."""
         streamed = False
         try:
-            call = self._call(request, headers, new_request_id())
+            call = await self._call(request, headers, new_request_id())
             empty_final = call.options.empty_final_response
             async for v2_response, final in _backpressured(call, earlier):
                 streamed = streamed or not final
@@ -152,19 +152,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: pb.ModelInferRequest, headers: dict[str, str]
     ) -> pb.ModelInferResponse:
-        call = self._call(request, headers, request_id(headers))
+        call = await self._call(request, headers, request_id(headers))
         response = await call.answer()
         with bridge.codec_errors():
             return encode_grpc(response, call.request.outputs)
 
-    def _call(
+    async def _call(
         self, request: pb.ModelInferRequest, headers: dict[str, str], rid: str
     ) -> bridge.V2Call:
         # An unknown model or version is NOT_FOUND whatever the tensors hold, as in Triton
         # and on REST (and the tensors of a request that goes nowhere are not decoded).
         self.dataplane.registry.get(request.model_name, request.model_version or None)
-        with bridge.codec_errors():
-            v2_request = decode_grpc(request)
+        v2_request = await bridge.decoded(lambda: decode_grpc(request), request.ByteSize())
         return bridge.V2Call(
             self.dataplane, request.model_name, request.model_version or None, v2_request,
             headers=headers, request_id=rid, api=API_V2_GRPC,

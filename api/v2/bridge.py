@@ -33,9 +33,18 @@ may route to a version with another signature), for any backend.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any, cast
@@ -63,6 +72,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT = "output0"
 
+# A request this large decodes in a thread: its tensors can take long enough to decode (a
+# BYTES tensor of a million short elements: over a second) to hold up every other request on
+# the event loop, which a thread gives the loop back every switch interval.
+DECODE_IN_THREAD_BYTES = 1 << 20
+
 
 @contextmanager
 def codec_errors() -> Iterator[None]:
@@ -78,6 +92,14 @@ def codec_errors() -> Iterator[None]:
         raise
     except Exception as exc:
         raise InferenceFailed(f"Handler output is not a valid v2 tensor: {exc}") from exc
+
+
+async def decoded(decode: Callable[[], V2Request], size: int) -> V2Request:
+    """`decode()` for a request of `size` bytes, off the event loop when it is large."""
+    with codec_errors():
+        if size < DECODE_IN_THREAD_BYTES:
+            return decode()
+        return await asyncio.to_thread(decode)
 
 
 class V2Call:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -21,10 +22,13 @@ import numpy as np
 import pytest
 
 import api.core.registry as registry_module
+import api.rpc.kserve as kserve_module
 from api.app import Torchgate
 from api.core.types import API_V2_GRPC, ModelSettings
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from api.v2.bridge import DECODE_IN_THREAD_BYTES
+from api.v2.codec import decode_grpc
 from tests.support.aio import expect_grpc_error as expect_error
 from tests.support.aio import run
 from tests.support.inprocess import started_torchgate
@@ -549,6 +553,33 @@ def test_an_unknown_model_is_not_found_whatever_its_tensors_hold(tmp_path: Path)
             request.parameters["triton_x"].bool_param = True  # a reserved name: refused ...
             details = await expect_error(client.stub.ModelInfer(request), Code.NOT_FOUND)
             assert details == "Model version: 9.9 does not exist for model: m"  # ... after this
+
+    run(scenario())
+
+
+def test_a_large_request_decodes_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A million short BYTES elements take over a second to decode: a request over
+    DECODE_IN_THREAD_BYTES decodes in a thread, a small one on the loop."""
+    decoded_in: list[bool] = []
+
+    def decode(request: pb.ModelInferRequest) -> Any:
+        decoded_in.append(threading.current_thread() is threading.main_thread())
+        return decode_grpc(request)
+
+    monkeypatch.setattr(kserve_module, "decode_grpc", decode)
+
+    async def scenario() -> None:
+        async with serving(tmp_path, max_request_size=str(4 << 20)) as client:
+            count = DECODE_IN_THREAD_BYTES // 4 + 1  # empty elements: a length prefix each
+            request = pb.ModelInferRequest(model_name="plain")
+            request.inputs.add(name="t", datatype="BYTES", shape=[1, count])
+            request.raw_input_contents.append(b"\x00\x00\x00\x00" * count)
+            answer = await client.stub.ModelInfer(request)
+            assert answer.outputs[0].datatype == "BYTES"
+            await client.stub.ModelInfer(infer_request())
+            assert decoded_in == [False, True]
 
     run(scenario())
 
