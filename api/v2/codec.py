@@ -124,7 +124,7 @@ def decode_rest(body: bytes, header_length: int | str | None = None) -> V2Reques
     return V2Request(
         id=_optional_str(doc.get("id"), "id"),
         parameters=_parameters(doc.get("parameters"), "request"),
-        inputs=inputs,
+        inputs=_unique(inputs),
         outputs=[_rest_output(item) for item in _list(doc.get("outputs"), "outputs")],
     )
 
@@ -319,12 +319,15 @@ def decode_grpc(request: pb.ModelInferRequest) -> V2Request:
     return V2Request(
         id=request.id or None,
         parameters=_from_grpc_parameters(request.parameters),
-        inputs=inputs,
-        outputs=[
-            RequestedOutput(output.name, None, _from_grpc_parameters(output.parameters))
-            for output in request.outputs
-        ],
+        inputs=_unique(inputs),
+        outputs=[_grpc_output(output) for output in request.outputs],
     )
+
+
+def _grpc_output(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> RequestedOutput:
+    parameters = _from_grpc_parameters(output.parameters)
+    _reject_shared_memory(parameters, output.name)
+    return RequestedOutput(output.name, None, parameters)
 
 
 def encode_grpc(
@@ -435,12 +438,36 @@ def _check_count(name: str, actual: int, expected: int, shape: tuple[int, ...]) 
         )
 
 
+# numpy's bounds on an array, which a shape is checked against before any array is made:
+# dimensions, and elements (those of the non-zero dimensions, of up to 8 bytes each, must
+# count fewer bytes than an int64 holds, even where a zero dimension leaves none).
+_MAX_DIMENSIONS = 64
+_MAX_ELEMENTS = 2**59
+
+
 def _shape(value: object, name: str) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
         isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in value
     ):
         raise CodecError(f"input {name!r}: shape must be a list of non-negative integers")
+    if len(value) > _MAX_DIMENSIONS:
+        raise CodecError(
+            f"input {name!r}: shape has {len(value)} dimensions, at most {_MAX_DIMENSIONS}"
+        )
+    if math.prod(dim for dim in value if dim) > _MAX_ELEMENTS:
+        raise CodecError(f"input {name!r}: shape {value} is larger than any tensor can be")
     return tuple(value)
+
+
+def _unique(inputs: list[Tensor]) -> list[Tensor]:
+    """`inputs`, refused when two share a name (the later would silently replace the
+    earlier where inputs are looked up by name), as Triton refuses them."""
+    names: set[str] = set()
+    for tensor in inputs:
+        if tensor.name in names:
+            raise CodecError(f"input {tensor.name!r} appears more than once in the request")
+        names.add(tensor.name)
+    return inputs
 
 
 def _parameters(value: object, where: str) -> Parameters:

@@ -169,7 +169,7 @@ def test_binary_inputs_are_read_only_views_of_the_body() -> None:
 
 def test_rest_json_accepts_nested_and_flat_data() -> None:
     flat = {"name": "x", "datatype": "INT32", "shape": [2, 2], "data": [1, 2, 3, 4]}
-    nested = {**flat, "data": [[1, 2], [3, 4]]}
+    nested = {**flat, "name": "y", "data": [[1, 2], [3, 4]]}
     strings = {"name": "s", "datatype": "BYTES", "shape": [2, 1], "data": [["a"], ["b"]]}
     request = decode_rest(orjson.dumps({"inputs": [flat, nested, strings]}))
     expected = np.array([[1, 2], [3, 4]], np.int32)
@@ -323,6 +323,9 @@ def fp32(**overrides: Any) -> dict[str, Any]:
         (body_of({"name": "x", "datatype": "FP32", "shape": [1]}), "neither data nor"),
         (body_of(fp32(parameters={"binary_data_size": 8})), "both data and binary_data_size"),
         (body_of(fp32(parameters={"shared_memory_region": "r"})), "shared memory"),
+        (body_of(fp32(), fp32()), "input 'x' appears more than once"),
+        (body_of(fp32(shape=[1] * 65)), "65 dimensions, at most 64"),
+        (body_of(fp32(shape=[0, 2**62])), "larger than any tensor can be"),
         (body_of(fp32(parameters={"p": [1]})), "parameters must map names"),
         (body_of(fp32(), id=5), "id must be a string"),
         (body_of(fp32(), outputs=[{"name": "y", "parameters": {"binary_data": 1}}]), "boolean"),
@@ -509,6 +512,26 @@ def test_grpc_raw_contents_must_cover_every_input_alone() -> None:
     request = grpc_request({"a": SAMPLES["FP32"]})
     request.raw_input_contents[0] = b"\0" * 5
     with pytest.raises(CodecError, match="5 bytes of FP32 data"):
+        decode_grpc(request)
+
+
+def test_grpc_rejects_what_numpy_or_a_lookup_by_name_cannot_take() -> None:
+    """Refused as the client's mistake (INVALID_ARGUMENT), not met later as a server error
+    (numpy's limits) or a silent loss (a second input of the same name)."""
+    request = grpc_request({"a": SAMPLES["FP32"], "b": SAMPLES["FP32"]})
+    request.inputs[1].name = "a"
+    with pytest.raises(CodecError, match="input 'a' appears more than once"):
+        decode_grpc(request)
+    for shape, match in (([0, 2**62], "larger than any tensor"), ([1] * 65, "65 dimensions")):
+        request = grpc_request({"a": SAMPLES["FP32"]})
+        del request.inputs[0].shape[:]
+        request.inputs[0].shape.extend(shape)
+        request.raw_input_contents[0] = b""
+        with pytest.raises(CodecError, match=match):
+            decode_grpc(request)
+    request = grpc_request({"a": SAMPLES["FP32"]})
+    request.outputs.add(name="y").parameters["shared_memory_region"].string_param = "r"
+    with pytest.raises(CodecError, match="tensor 'y': shared memory is not supported"):
         decode_grpc(request)
 
 
