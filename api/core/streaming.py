@@ -47,6 +47,7 @@ class PredictionStream:
         self._finished = False
         self._owner: asyncio.Task[object] | None = None  # the task running `run`
         self._failure: Exception | None = None  # what `send_part` raised
+        self._ended = False  # `run` returned or raised
 
     @property
     def streamed(self) -> bool:
@@ -74,11 +75,14 @@ class PredictionStream:
             # The request and this stream refer to each other; unlinked, both are freed by
             # reference counting when the request ends instead of by the cycle collector.
             self._request.stream = discard_part
+            self._ended = True  # for a copy of the request the batch may hold, still linked
         await self._finish()
         return answer
 
     def _on_part(self, prediction: Prediction) -> None:
         # Called by the backend on the event loop, synchronously: queue, never block it.
+        if self._ended:
+            return  # as `discard_part`: nobody is left to send it to
         self._parts.append(prediction)
         if self._wake is None:
             self._wake = asyncio.Event()

@@ -4,6 +4,7 @@ without streaming."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -66,6 +67,42 @@ def test_a_part_after_the_request_ended_is_dropped_quietly() -> None:
         assert request.stream is discard_part
         request.stream(Prediction("late"))
         assert sent == ["a"]
+
+    aio.run(scenario())
+
+
+def test_a_part_for_a_copy_of_the_request_after_it_ended_is_dropped_too() -> None:
+    """The batch may hold a copy of the request (a v2 request shaped for a version without a
+    signature): once the stream ended, a part the copy still brings is dropped, not queued
+    behind a sender that is gone, nor sent by a new one to nobody."""
+
+    async def scenario() -> None:
+        sent: list[str] = []
+
+        async def send_part(prediction: Prediction) -> None:
+            sent.append(prediction.body)
+
+        copies: list[InferenceRequest] = []
+        started = asyncio.Event()
+
+        async def infer(request: InferenceRequest) -> Answer:
+            copies.append(replace(request, inputs={"copied": True}))
+            started.set()
+            await asyncio.Event().wait()  # the client leaves before any part
+            raise AssertionError("cancelled")
+
+        stream = PredictionStream(InferenceRequest({}), send_part)
+        run = asyncio.ensure_future(stream.run(infer))
+        await started.wait()
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        tasks = len(asyncio.all_tasks())
+        stream_of_copy = copies[0].stream
+        assert stream_of_copy is not None
+        stream_of_copy(Prediction("late"))
+        assert len(asyncio.all_tasks()) == tasks and not stream.streamed
+        assert not stream._parts and sent == []
 
     aio.run(scenario())
 
