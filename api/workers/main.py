@@ -207,6 +207,9 @@ class _Loop:
         # While a batch mixing entry points runs one group: the batch index of each of the
         # group's items, since the handler's indexes (and so its parts') are the group's.
         self._group: list[int] | None = None
+        # (code, message) of an intermediate response with a code other than 200: as in
+        # TorchServe, the whole batch fails with it, and the rest of its responses are dropped.
+        self._stream_failure: tuple[int, str] | None = None
 
     def serve(self, sock: socket.socket, *, spin: float) -> None:
         reader = wire.FrameReader(sock, spin=spin)
@@ -257,8 +260,11 @@ class _Loop:
         context.metrics.request_ids = ids
         data = [handler_row(inputs, types) for _, _, inputs, types in items]
         started = time.perf_counter()
+        self._stream_failure = None
         try:
             result = handle(data, context)
+            if self._stream_failure is not None:
+                return ("error", *self._stream_failure, self._metrics.take())
         except PredictionException as exc:
             # TorchServe's way for a handler to fail a batch with a status of its choosing.
             return ("error", int(exc.error_code), str(exc.message), self._metrics.take())
@@ -331,8 +337,23 @@ class _Loop:
             f"str, bytes, JSON-compatible values, numpy arrays or torch tensors"
         )
 
-    def chunk(self, ret: list[Any], req_id_map: Mapping[int, str], sock: socket.socket) -> None:
-        """One intermediate response per item named in `req_id_map`, sent at once."""
+    def chunk(
+        self,
+        ret: list[Any],
+        req_id_map: Mapping[int, str],
+        sock: socket.socket,
+        *,
+        code: int = 200,
+        message: str = "",
+    ) -> None:
+        """One intermediate response per item named in `req_id_map`, sent at once; with a
+        `code` other than 200, none, and the batch fails with `code` and `message` when the
+        handler returns (TorchServe answers every request of the batch with that error)."""
+        if self._stream_failure is not None:
+            return
+        if code != 200:
+            self._stream_failure = (code, message)
+            return
         context = self._context
         responses = []
         for idx in req_id_map:
@@ -368,7 +389,7 @@ def _install_streaming(sock: socket.socket) -> None:
     ) -> None:
         if str(os.getenv("LOCAL_RANK", 0)) != "0" or _LOOP is None:
             return
-        _LOOP.chunk(ret, req_id_map, sock)
+        _LOOP.chunk(ret, req_id_map, sock, code=int(code), message=str(message))
 
     utils.send_intermediate_predict_response = send_intermediate_predict_response
     otf.send_intermediate_predict_response = send_intermediate_predict_response

@@ -575,6 +575,45 @@ def test_a_batch_mixing_entry_points_streams_each_part_to_its_own_request(
     }
 
 
+FAILS_MID_STREAM = """
+    from ts.handler_utils.utils import send_intermediate_predict_response
+
+    def handle(data, context):
+        if data is None:
+            return None
+        send_intermediate_predict_response(["tick"], context.request_ids, "ok", 200, context)
+        send_intermediate_predict_response(
+            ["lost"], context.request_ids, "upstream gave up", 507, context
+        )
+        send_intermediate_predict_response(["after"], context.request_ids, "ok", 200, context)
+        return ["done"]
+"""
+
+
+def test_an_intermediate_response_with_an_error_code_fails_the_batch(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
+    """TorchServe answers every request of the batch with the code and message of an
+    intermediate response whose code is not 200, and drops what the handler sends after."""
+    path = build_archive("fails", "handler.py", {"handler.py": FAILS_MID_STREAM})
+    parts: list[Prediction] = []
+
+    async def scenario() -> None:
+        backend = await load(worker_pool, path)
+        worker = await backend.start_worker(0)
+        try:
+            request = InferenceRequest({"body": b"x"}, {}, "r", stream=parts.append)
+            with pytest.raises(InferenceFailed) as failed:
+                await worker.predict([request])
+            assert failed.value.message == "upstream gave up"
+            assert failed.value.status == 507
+        finally:
+            await backend.close()
+
+    run(scenario())
+    assert [part.body for part in parts] == ["tick"]
+
+
 def test_a_batch_past_response_timeout_kills_the_worker_and_frees_the_one_behind(
     worker_pool: WorkerPool, build_archive: BuildArchive
 ) -> None:
