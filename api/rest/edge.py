@@ -13,7 +13,10 @@ them. `edge_protocol()` subclasses that protocol, per listener, with:
   first byte, and a body may not pause longer than that between bytes (pauses the server asks
   for by flow control do not count); a new connection that sends nothing is closed after
   `keep_alive_timeout_s`, as uvicorn closes one idle between requests. A stalled request gets
-  408 and is closed.
+  408 and is closed. The other way too: a client that stops reading its answer (the socket's
+  buffers full, writes paused) for longer than `header_timeout_s` is disconnected, and its
+  request cancelled, rather than hold the connection, the request and the answer's unsent
+  pieces (a stream's parts keep coming) for ever.
 - **writes at the end of the loop's turn**: uvicorn writes a response's status line and
   headers as soon as the app starts the response, and its body in a second write; each write
   to a socket whose reader is waiting wakes that reader. A connection's writes wait in its
@@ -30,6 +33,11 @@ them. `edge_protocol()` subclasses that protocol, per listener, with:
   `curl --http2` sends to an http:// URL, or `websocket`) is answered as a plain request, as
   TorchServe answers it. llhttp would skip its body and hand the bytes after its headers over
   as another protocol; the request is parsed again without the `upgrade` token in Connection.
+- **pipelined requests**: at most `MAX_PIPELINED` wait behind the one in progress before
+  reading stops until one is answered. uvicorn pauses reading for each, but resumes it each
+  time the request in progress reads its body, so a client sending requests faster than
+  their answers (or not reading those at all) made the server parse and queue hundreds of
+  thousands (1.2 GB in 5 s from one connection).
 - **a malformed request behind one in progress** (pipelined, or bytes after a body) is answered
   400 after the answers before it, not in their place.
 - **open connections**: at most `max_connections` per listener. A new connection over the
@@ -49,10 +57,11 @@ import asyncio
 import enum
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Any, cast
 
 import httptools
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.config import EdgeLimits
@@ -71,6 +80,9 @@ REPORT_S = 60.0
 # Consecutive pieces of one connection are joined into one write up to this size; a larger
 # piece (an image, a big tensor) is written on its own instead of being copied.
 JOIN_BYTES = 64 * 1024
+# Requests queued behind the one in progress on a connection before reading stops (what one
+# read brings is still parsed: the bound is this plus one read's worth).
+MAX_PIPELINED = 64
 
 
 class _Phase(enum.Enum):
@@ -193,6 +205,18 @@ class TurnWriter:
         return getattr(self._transport, name)
 
 
+class PipelineFlow(FlowControl):
+    """uvicorn's flow control, with reading kept paused while `MAX_PIPELINED` requests wait."""
+
+    def __init__(self, transport: asyncio.Transport, pipeline: Sized) -> None:
+        super().__init__(transport)
+        self._pipeline = pipeline
+
+    def resume_reading(self) -> None:
+        if len(self._pipeline) < MAX_PIPELINED:
+            super().resume_reading()
+
+
 class EdgeProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the limits above; `edge_protocol()` makes one."""
 
@@ -202,6 +226,7 @@ class EdgeProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._phase = _Phase.NEW
         self._deadline = 0.0  # loop time after which the sweep drops it (NEW/HEADERS/BODY)
+        self._write_deadline = 0.0  # ... after which it cuts it: writes paused (pause_writing)
         self._header_bytes = 0
         # Read on every request: kept on the instance, one attribute lookup away.
         self._waiting = self.listener.waiting
@@ -244,6 +269,7 @@ class EdgeProtocol(HttpToolsProtocol):
             outbox = listener.outbox = Outbox(self.loop)
         writer = TurnWriter(transport, outbox)
         super().connection_made(cast(asyncio.Transport, writer))
+        self.flow = PipelineFlow(cast(asyncio.Transport, writer), self.pipeline)
         self._deadline = self.loop.time() + listener.limits.keep_alive_timeout_s
         self._waiting[self] = None
         if listener.sweep is None:
@@ -273,7 +299,11 @@ class EdgeProtocol(HttpToolsProtocol):
         listener = self.listener
         now = self.loop.time()
         for conn in list(self.connections):
-            if isinstance(conn, EdgeProtocol) and conn._deadline and conn._deadline < now:
+            if not isinstance(conn, EdgeProtocol):
+                continue
+            if conn._write_deadline and conn._write_deadline < now:
+                conn._stalled_reader()
+            elif conn._deadline and conn._deadline < now:
                 conn._expire()
         listener.report(now, f"{self.server[0]}:{self.server[1]}" if self.server else "listener")
         listener.sweep = (
@@ -305,6 +335,25 @@ class EdgeProtocol(HttpToolsProtocol):
         self._deadline = 0.0
         self._waiting.pop(self, None)
         self.transport.close()
+
+    # Bytes out
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # The client must read some of what it was sent in time, whatever the phase
+        # (pipelined requests: the next may be arriving while this answer waits).
+        self._write_deadline = self.loop.time() + self._timeout_s
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._write_deadline = 0.0
+
+    def _stalled_reader(self) -> None:
+        self.listener.count("closed: the client stopped reading its answers")
+        self._refused = True
+        self._deadline = self._write_deadline = 0.0
+        self._waiting.pop(self, None)
+        self.transport.abort()  # close() would wait for the unread bytes to go out
 
     # Bytes in
 

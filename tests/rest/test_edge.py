@@ -413,6 +413,41 @@ def test_a_body_that_stops_is_answered_408_and_closed(hasty: TorchgateServer) ->
     assert status_of(answer) == 408
 
 
+def test_a_client_that_stops_reading_its_answers_is_disconnected(hasty: TorchgateServer) -> None:
+    """Pipelined requests whose answers are never read fill the socket's buffers and pause
+    the server's writes: past the read timeout (0.5 s here) the connection is cut, rather
+    than held, with its request and unsent answer, for as long as the client likes. Until
+    then at most MAX_PIPELINED requests wait to be answered: uvicorn kept reading and
+    queueing them (1.2 GB of them in 5 s)."""
+    memory_before = rss_mib(hasty.process.pid)
+    with good_traffic(hasty.inference_url, clients=1) as traffic:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(address(hasty.inference_url))
+        sock.settimeout(0.2)
+        requests = b"OPTIONS / HTTP/1.1\r\nhost: x\r\n\r\n" * 50  # each answer: the API
+        deadline = time.monotonic() + 15
+        cut = False
+        while not cut and time.monotonic() < deadline:
+            try:
+                sock.send(requests)
+            except TimeoutError:  # the server stopped reading as well
+                time.sleep(0.1)
+            except OSError:  # reset, broken pipe
+                cut = True
+        sock.close()
+    assert cut, "the connection was still open after 15 s of unread answers"
+    assert [e for t in traffic for e in t.errors] == []
+    assert rss_mib(hasty.process.pid) - memory_before < 100
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
 def test_a_connection_that_sends_nothing_is_closed_after_the_idle_timeout(
     hasty: TorchgateServer,
 ) -> None:
