@@ -1,8 +1,8 @@
 """Puts metrics and the access log together; `api.app.build` calls `build_observability`.
 
     observer (what the core calls)  = Observers(PrometheusObserver, AccessLog)  or the first alone
-    PrometheusObserver.registry      + SystemCollector, GpuCollector, HandlerMetrics,
-                                       RegistryCollector (track())
+    PrometheusObserver collectors    + SystemCollector, GpuCollector, HandlerMetrics,
+                                       RegistryCollector (track()), rendered off the loop
     HandlerMetrics.on_metric         -> every local backend's `context.metrics`
 
 The access log is on unless `torchgate.access_log=false` (config.properties) or

@@ -15,14 +15,18 @@ They come out as TorchServe 0.12 exports them in `metrics_mode=prometheus`:
 With `metrics_config=`, only the metrics it declares are exported, unless
 `model_metrics_auto_detect=true` (`api.metrics_config`).
 
-A metric keeps the type and label names of its first update. Updates that disagree, names that
-would shadow torchgate's own families, and series past `max_series` are dropped, each kind with
-one warning, so a handler's bug cannot break the scrape or grow memory without bound.
+A metric keeps the type and label names of its first update. Updates that disagree, values that
+are not finite numbers, names that would shadow torchgate's own families (TorchServe's registry
+refuses a name already registered too), and series past `max_series` are dropped, each kind with
+one warning, so a handler's bug cannot break the scrape or grow memory without bound. Label values
+and units may come from a client (a lone surrogate, which `json.loads('"\\udcff"')` yields, cannot
+be encoded as UTF-8): they are recorded with such characters escaped.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from collections.abc import Iterator, Mapping
@@ -32,14 +36,21 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.metrics import Histogram
 
 from api.metrics_config import MetricsSpec
-from api.observability.metrics import FastHistogram, counter_text
+from api.observability.metrics import TORCHSERVE_NAMES, FastHistogram, counter_text
 
 log = logging.getLogger(__name__)
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
 # Families torchgate writes itself; a handler metric by one of these names would duplicate them.
 _RESERVED_PREFIXES = ("torchgate_", "ts_", "process_", "python_")
-_RESERVED_NAMES = frozenset(("GPUMemoryUsed", "GPUMemoryUtilization", "GPUUtilization"))
+# TorchServe's host and GPU families, written by `api.observability.system` and `.gpu`
+# (tests/observability/test_handler_metrics.py checks every built-in family is refused).
+_SYSTEM_NAMES = (
+    "CPUUtilization", "MemoryUsed", "MemoryAvailable", "MemoryUtilization",
+    "DiskUsage", "DiskUtilization", "DiskAvailable",
+    "GPUMemoryUsed", "GPUMemoryUtilization", "GPUUtilization",
+)  # fmt: skip
+_RESERVED_NAMES = TORCHSERVE_NAMES | frozenset(_SYSTEM_NAMES)
 _INVALID_NAME = re.compile(r"[^a-zA-Z0-9_:]")
 _INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -71,8 +82,8 @@ class HandlerMetrics:
         self._warned: set[tuple[str, str]] = set()
         # metrics_config / model_metrics_auto_detect: which metrics are exported.
         self.spec = MetricsSpec()
-        # Updates arrive on the event loop while scrapes run in prometheus_client's thread:
-        # every read and write holds the lock.
+        # Updates arrive on the event loop while scrapes run in a thread (`api.rest.apps`
+        # renders /metrics off the loop): every read and write holds the lock.
         self._lock = threading.Lock()
 
     def on_metric(
@@ -94,7 +105,12 @@ class HandlerMetrics:
         if family_name.startswith(_RESERVED_PREFIXES) or family_name in _RESERVED_NAMES:
             self._warn(name, "the name is reserved for torchgate's own metrics")
             return
-        labels = {_label_name(k): str(v) for k, v in dimensions.items()}
+        number = _finite(value)
+        if number is None:  # workers drop these already (api.workers.context); guard anyway
+            self._warn(name, "a value that is not a finite number")
+            return
+        unit = _encodable(unit)
+        labels = {_label_name(k): _encodable(str(v)) for k, v in dimensions.items()}
         labels.setdefault("Hostname", self._hostname)
         with self._lock:
             family = self._families.get(family_name)
@@ -115,13 +131,13 @@ class HandlerMetrics:
                     return
                 self._series_count += 1
             if kind == COUNTER:
-                family.series[key] = (current if isinstance(current, float) else 0.0) + value
+                family.series[key] = (current if isinstance(current, float) else 0.0) + number
             elif kind == GAUGE:
-                family.series[key] = float(value)
+                family.series[key] = number
             else:
                 if not isinstance(current, FastHistogram):
                     current = family.series[key] = FastHistogram(Histogram.DEFAULT_BUCKETS[:-1])
-                current.observe(value)
+                current.observe(number)
 
     def collect(self) -> Iterator[Metric]:
         for family in self._snapshot(GAUGE, HISTOGRAM):
@@ -176,6 +192,21 @@ class HandlerMetrics:
         if (name, problem) not in self._warned:
             self._warned.add((name, problem))
             log.warning("handler metric %s dropped: %s", name or "(any)", problem)
+
+
+def _finite(value: float) -> float | None:
+    """`value` as a builtin float (a numpy float32 is not one, and would not add up as a
+    counter), or None when it is no finite number: NaN or infinity would stick to a counter."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _encodable(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (lone surrogates) written as `\\udcff` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _metric_name(name: str) -> str:

@@ -25,13 +25,21 @@ project's 2-core machine: `Histogram.observe` 0.8 µs, `Counter.inc` 0.27 µs, `
 event loop, so plain integers need no lock: one dict lookup finds a request's series, then a few
 increments. A collector turns the series into metric families at scrape time, and
 prometheus_client writes the text.
+
+Scrapes run in a thread, off the event loop (`api.rest.apps`), since rendering a large page takes
+long enough to stall every request. So the collectors here read the loop's dicts through a copy
+made in one C-level step (`list(d.items())`, which runs no Python code and so cannot be
+interleaved with the loop's changes), and `render()` renders each collector on its own: one that
+fails loses its families, not the page.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 from bisect import bisect_left
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from functools import partial
 
 from prometheus_client import (
     CollectorRegistry,
@@ -49,9 +57,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from api.core.registry import Registry
+from api.core.registry import ModelVersion, Registry
 from api.core.types import REJECT_AUTH, REJECT_TOO_LARGE, InferenceRequest, Prediction
 from api.errors import TorchgateError
+
+log = logging.getLogger(__name__)
 
 # fmt: off
 LATENCY_BUCKETS = (
@@ -66,6 +76,13 @@ _HTTP_ANSWER_FAMILIES = (
     ("Requests2XX", "HTTP answers with a 2xx status (TorchServe name)"),
     ("Requests4XX", "HTTP answers with a 4xx status (TorchServe name)"),
     ("Requests5XX", "HTTP answers with any other status (TorchServe name)"),
+)
+QUEUE_TIME = "QueueTime"
+WORKER_LOAD_TIME = "WorkerLoadTime"
+# The families this module writes under TorchServe's unprefixed names (the others start with
+# `torchgate_` or `ts_`): no handler metric may take one (`api.observability.handler_metrics`).
+TORCHSERVE_NAMES = frozenset(
+    (*(name for name, _ in _HTTP_ANSWER_FAMILIES), QUEUE_TIME, WORKER_LOAD_TIME)
 )
 # Rejections decided by a transport before it knew whether the model exists (auth, body size):
 # their model label comes from the client, so unknown names are blanked to bound cardinality.
@@ -132,14 +149,7 @@ class PrometheusObserver:
     more collectors (GPUs, handler metrics) and `add_text` more pre-rendered families.
     """
 
-    def __init__(
-        self,
-        registry: CollectorRegistry | None = None,
-        *,
-        hostname: str | None = None,
-        process_metrics: bool = True,
-    ) -> None:
-        self.registry = registry or CollectorRegistry()
+    def __init__(self, *, hostname: str | None = None, process_metrics: bool = True) -> None:
         self.hostname = hostname or socket.gethostname()
         self._requests: dict[RequestKey, _RequestSeries] = {}
         self._batches: dict[tuple[str, str], _BatchSeries] = {}
@@ -151,22 +161,27 @@ class PrometheusObserver:
         self._last_queue_ms: float | None = None  # TorchServe's QueueTime gauge
         self._models: Registry | None = None
         self._texts: list[Callable[[], str]] = [self._torchserve_text]
-        self.registry.register(_ObserverCollector(self))
+        # Rendered in this order, each on its own (`render`), so not in a CollectorRegistry.
+        self._collectors: list[Collector] = [_ObserverCollector(self)]
         if process_metrics:
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-            GCCollector(registry=self.registry)
+            process = CollectorRegistry()  # prometheus_client's collectors register themselves
+            ProcessCollector(registry=process)
+            PlatformCollector(registry=process)
+            GCCollector(registry=process)
+            self._collectors.append(process)
+        self._failed: set[str] = set()  # sources whose failure was logged
 
     def track(self, models: Registry) -> None:
         """Export the registry's queue depth, in-flight requests, workers and readiness."""
         self._models = models
-        self.registry.register(RegistryCollector(models, self.hostname))
+        self._collectors.append(RegistryCollector(models, self.hostname))
 
     def add_collector(self, collector: Collector) -> None:
-        self.registry.register(collector)
+        """Add a prometheus_client collector; its `collect()` runs in the scrape's thread."""
+        self._collectors.append(collector)
 
     def add_text(self, source: Callable[[], str]) -> None:
-        """Add families rendered by `source` (Prometheus text) after the registry's."""
+        """Add families rendered by `source` (Prometheus text) after the collectors'."""
         self._texts.append(source)
 
     # -- Observer (on the event loop; keep these cheap) -----------------------------------------
@@ -240,12 +255,29 @@ class PrometheusObserver:
     # -- exposition -----------------------------------------------------------------------------
 
     def render(self) -> bytes:
-        text = "".join(source() for source in self._texts)
-        return generate_latest(self.registry) + text.encode()
+        """The /metrics body; safe to call from any thread.
+
+        Each collector and text source is rendered on its own: one that raises, or writes a
+        string UTF-8 cannot encode, loses its own families (logged once), not every scrape.
+        """
+        parts = [self._guarded(c, partial(generate_latest, c)) for c in self._collectors]
+        parts += [self._guarded(source, source) for source in self._texts]
+        return b"".join(parts)
+
+    def _guarded(self, source: object, render: Callable[[], bytes | str]) -> bytes:
+        try:
+            text = render()
+            return text.encode() if isinstance(text, str) else text
+        except Exception:
+            what = getattr(source, "__qualname__", type(source).__qualname__)
+            if what not in self._failed:
+                self._failed.add(what)
+                log.exception("/metrics: %s failed; its families are left out", what)
+            return b""
 
     def collect(self) -> Iterator[Metric]:
-        """The families recorded by this observer (the registry adds the others)."""
-        requests = list(self._requests.items())  # a copy, should a scrape run off the loop
+        """The families recorded by this observer (`render` adds the other collectors')."""
+        requests = list(self._requests.items())  # a copy in one step (see the module docstring)
         count = CounterMetricFamily(
             "torchgate_requests_total",
             "Inference requests answered, by status code",
@@ -299,7 +331,7 @@ class PrometheusObserver:
 
         if self._last_queue_ms is not None:
             queue_time = GaugeMetricFamily(
-                "QueueTime",
+                QUEUE_TIME,
                 "Queue time of the latest request (milliseconds; TorchServe name)",
                 labels=["Level", "Hostname"],
             )
@@ -315,7 +347,7 @@ class PrometheusObserver:
         version it named, "default" when it named none, and a client's request counts once
         (KServe v1 instances too).
         """
-        totals = list(self._torchserve.items())  # a copy, should a scrape run off the loop
+        totals = list(self._torchserve.items())  # a copy in one step (see the module docstring)
         families = (
             ("ts_inference_requests_total", "Total number of inference requests."),
             ("ts_inference_latency_microseconds", "Cumulative inference duration in microseconds"),
@@ -370,7 +402,8 @@ class RegistryCollector:
         ready = GaugeMetricFamily(
             "torchgate_model_ready", "1 when the model version answers requests", labels=labels
         )
-        for model_version in list(self._registry):
+        versions = self._versions()
+        for model_version in versions:
             values = [model_version.name, model_version.version]
             batcher = model_version.batcher
             depth.add_metric(values, batcher.depth)
@@ -379,17 +412,28 @@ class RegistryCollector:
             busy.add_metric(values, batcher.busy_workers)
             ready.add_metric(values, 1.0 if model_version.ready else 0.0)
         yield from (depth, in_flight, workers, busy, ready)
-        yield self._worker_load_times()
+        yield self._worker_load_times(versions)
 
-    def _worker_load_times(self) -> Metric:
+    def _versions(self) -> list[ModelVersion]:
+        """The registered versions. The event loop may unregister one while a scrape's thread
+        reads them: one gone meanwhile is left out, not an error that fails the collector."""
+        found: list[ModelVersion] = []
+        for name in self._registry.names():
+            try:
+                found += self._registry.versions(name)
+            except (TorchgateError, KeyError):  # the model, or one of its versions, went
+                continue
+        return found
+
+    def _worker_load_times(self, versions: list[ModelVersion]) -> Metric:
         """TorchServe's WorkerLoadTime: each worker's latest start, ms, by TorchServe's name
         for it (`W-<worker id>-<model>_<version>`)."""
         family = GaugeMetricFamily(
-            "WorkerLoadTime",
+            WORKER_LOAD_TIME,
             "Time the worker's latest start took (milliseconds; TorchServe name)",
             labels=["WorkerName", "Level", "Hostname"],
         )
-        for model_version in list(self._registry):
+        for model_version in versions:
             for slot in list(model_version.workers):
                 if slot.load_s is not None:
                     name = f"W-{slot.id}-{model_version.name}_{model_version.version}"

@@ -14,11 +14,16 @@ metrics.yaml and turns every `add_time` into a log line, which the Java frontend
 `add_time`, `add_size`, `add_percent`, `add_metric`, `add_error`, `get_metric` and
 `add_metric_to_cache` keep their signatures and validation) but records each update in memory
 and hands it to an `on_metric` callback, from which an exporter can feed Prometheus.
+
+Values are taken as `float(value)`, so a one-element tensor (`out.max()`) or a numpy scalar counts
+as its number; one that is no finite number ("abc", NaN) is dropped with one warning per metric,
+as TorchServe's frontend drops a value that does not parse, and the request goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -89,10 +94,13 @@ class RecordingMetric(MetricAbstract):
                 self.dimension_names,
             )
             return
-        if self.is_counter and value < 0:
-            log.error("metric %s: a counter cannot be updated by %s", self.metric_name, value)
+        number = self._store.finite(self.metric_name, value)
+        if number is None:
             return
-        self._store.record(self, value, values)
+        if self.is_counter and number < 0:
+            log.error("metric %s: a counter cannot be updated by %s", self.metric_name, number)
+            return
+        self._store.record(self, number, values)
 
     def update(
         self, value: float, request_id: str = "", dimensions: list[Dimension] | None = None
@@ -125,6 +133,7 @@ class MetricsStore(MetricCacheAbstract):
         self.on_metric = on_metric
         self.series: dict[SeriesKey, float] = {}
         self._lock = threading.Lock()
+        self._unusable: set[str] = set()  # metrics whose values were dropped (warned once)
         # As TorchServe's MetricsCacheYamlImpl.initialize_cache: metrics_config's model_metrics
         # exist before the handler asks for them (`get_metric`).
         for metric in declared:
@@ -167,6 +176,26 @@ class MetricsStore(MetricCacheAbstract):
         # every add_* method: harmless with one model per process, wrong with several here.
         default_dims: list[Dimension] = super()._add_default_dims(idx, list(dimensions))
         return default_dims
+
+    def finite(self, metric_name: str, value: Any) -> float | None:
+        """`value` as a builtin float, or None (warned once per metric) when it is no finite
+        number. Only builtin values reach the frontend: a tensor there would be refused as a
+        foreign object, and the worker replaced; a numpy float32 would not add up."""
+        try:
+            number = float(value)
+        except Exception:  # whatever a handler's object raises from __float__
+            number = math.nan
+        if math.isfinite(number):
+            return number
+        if metric_name not in self._unusable:
+            self._unusable.add(metric_name)
+            log.warning(
+                "metric %s: dropped the value %.100r, which is not a finite number "
+                "(said once per metric)",
+                metric_name,
+                value,
+            )
+        return None
 
     def record(self, metric: RecordingMetric, value: float, dimension_values: list[str]) -> None:
         dims = tuple(zip(metric.dimension_names, map(str, dimension_values), strict=True))

@@ -8,16 +8,25 @@ calls, to `on_metric` on the event loop (`api.app` wires it).
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import threading
 
+import numpy as np
 import pytest
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
+from api.core.registry import Registry
+from api.core.types import InferenceRequest, Prediction
+from api.observability.compose import build_observability
+from api.observability.gpu import GpuCollector
 from api.observability.handler_metrics import HandlerMetrics
 from api.observability.metrics import PrometheusObserver
 from api.workers.context import MetricsStore
 from tests.support.exposition import parse, value
+from tests.support.fake_nvml import FakeDevice, FakeNvml
 
 
 @pytest.fixture
@@ -125,3 +134,60 @@ def test_updates_from_many_threads_add_up(
     samples, _ = parse(observer.render().decode())
     assert value(samples, "Items", ModelName="digits") == 8000
     assert value(samples, "ItemTime_count", ModelName="digits") == 8000
+
+
+def test_a_lone_surrogate_from_a_client_cannot_break_the_scrape(
+    observer: PrometheusObserver, sink: HandlerMetrics
+) -> None:
+    """`json.loads('"\\udcff"')` gives a string UTF-8 cannot encode; as a dimension value or
+    a unit it made every later /metrics page fail. It is recorded escaped."""
+    surrogate = json.loads('"\\udcff"')
+    store = store_for(sink)
+    store.add_metric("Route", 1, surrogate, dimensions=[Dimension("Path", surrogate)])
+    store.add_time("Latency", 2.0, dimensions=[Dimension("Path", surrogate)])
+    store.add_counter("Hits", 1)
+
+    text = observer.render().decode()
+    samples, _ = parse(text)
+    assert value(samples, "Route", Path="\\\\udcff") == 1
+    assert value(samples, "Latency", Path="\\\\udcff") == 2.0
+    assert value(samples, "Hits", ModelName="digits") == 1
+    assert "# HELP Route Handler metric (\\\\udcff)" in text
+
+
+def test_values_are_taken_as_finite_floats(
+    observer: PrometheusObserver, sink: HandlerMetrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers send builtin floats (`api.workers.context`); the frontend converts again, so a
+    numpy float32 adds up and NaN, infinity or a string cannot stick to a series."""
+    model = {"ModelName": "m"}
+    for _ in range(3):
+        sink.on_metric("Confidences", np.float32(0.5), "", model, "counter")  # type: ignore[arg-type]
+        sink.on_metric("Sizes", np.float32(0.5), "", model, "histogram")  # type: ignore[arg-type]
+    for bad in (math.nan, math.inf, "abc"):
+        sink.on_metric("Confidences", bad, "", model, "counter")  # type: ignore[arg-type]
+
+    samples, types = parse(observer.render().decode())
+    assert types["Confidences"] == "counter"
+    assert value(samples, "Confidences", ModelName="m") == 1.5
+    assert value(samples, "Sizes_sum", ModelName="m") == 1.5
+    assert caplog.text.count("not a finite number") == 1
+
+
+def test_no_handler_metric_takes_a_builtin_family_name() -> None:
+    """TorchServe's registry refuses a name already registered; here a handler metric by the
+    name of one of torchgate's families would write the family twice, an invalid page."""
+    gpu = GpuCollector(hostname="h", nvml=FakeNvml([FakeDevice(used=1, total=2, utilization=3)]))
+    observability = build_observability(access_log=False, gpu=gpu)
+    observer = observability.metrics
+    observer.track(Registry())  # WorkerLoadTime
+    observer.request_finished(  # QueueTime
+        InferenceRequest({}), "m", "1", 200, 0.001, Prediction(b"", queue_seconds=0.001)
+    )
+    builtin = set(parse(observer.render().decode())[1])
+
+    for name in builtin:
+        observability.handler_metrics.on_metric(name, 1.0, "", {"ModelName": "m"}, "gauge")
+    families = re.findall(r"^# TYPE (\S+) ", observer.render().decode(), re.MULTILINE)
+    assert set(families) == builtin
+    assert len(families) == len(builtin), "a family is written twice"

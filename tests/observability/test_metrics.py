@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from api.app import build
 from api.config import parse_config
@@ -31,6 +33,7 @@ from api.observability.metrics import (
     PrometheusObserver,
     filter_samples,
 )
+from api.rest.apps import build_metrics_app
 from tests.support.echo_backend import EchoBackend, factory
 from tests.support.exposition import parse, value
 from tests.support.fake_backend import FakeBackend, load_fake_backend, write_fake_archive
@@ -351,3 +354,81 @@ def test_a_request_refused_for_a_version_not_ready_is_counted() -> None:
 
     samples = asyncio.run(scenario())
     assert value(samples, "torchgate_rejected_total", model="m", reason="not_ready") == 1
+
+
+def test_a_failing_collector_or_text_loses_only_its_own_families(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A collector that raises, or writes what UTF-8 cannot encode, made every scrape fail."""
+
+    class Broken:
+        def collect(self) -> Iterator[Metric]:
+            raise RuntimeError("broken collector")
+
+    class Unencodable:
+        def collect(self) -> Iterator[Metric]:
+            family = GaugeMetricFamily("odd", "Odd", labels=["x"])
+            family.add_metric(["\udcff"], 1.0)
+            yield family
+
+    def broken_text() -> str:
+        raise RuntimeError("broken text")
+
+    observer = PrometheusObserver(process_metrics=False, hostname="h")
+    observer.add_collector(Broken())
+    observer.add_collector(Unencodable())
+    observer.add_text(broken_text)
+    observer.request_finished(request(), "m", "1.0", 200, 0.001, answered(0.0))
+    for _ in range(2):
+        samples, types = scrape(observer)
+        assert value(samples, "torchgate_requests_total", model="m") == 1
+        assert value(samples, "ts_inference_requests_total", model_name="m") == 1
+        assert "odd" not in types
+    assert caplog.text.count("its families are left out") == 3  # once each
+
+
+def test_the_metrics_route_renders_off_the_event_loop() -> None:
+    """Rendering a page of many series took over a second: on the loop, it stalled every
+    request meanwhile."""
+    rendered_on_loop: list[bool] = []
+
+    def render() -> bytes:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            rendered_on_loop.append(False)
+        else:
+            rendered_on_loop.append(True)
+        return b"# HELP g G.\n# TYPE g gauge\ng 1.0\n# HELP h H.\n# TYPE h gauge\nh 2.0\n"
+
+    async def main() -> httpx.Response:
+        transport = httpx.ASGITransport(app=build_metrics_app(render))
+        async with httpx.AsyncClient(transport=transport, base_url="http://m") as client:
+            return await client.get("/metrics", params={"name[]": "h"})
+
+    response = asyncio.run(main())
+    assert response.status_code == 200
+    assert response.text == "# HELP h H.\n# TYPE h gauge\nh 2.0\n"
+    assert rendered_on_loop == [False]
+
+
+def test_a_version_unregistered_while_a_scrape_reads_the_registry_is_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Scrapes run in a thread while the loop unregisters: a model listed by `names()` may be
+    gone when its versions are read."""
+
+    async def main() -> list[Any]:
+        observer = PrometheusObserver(process_metrics=False, hostname="h")
+        registry = Registry(observer)
+        observer.track(registry)
+        await registry.register("m", "1.0", "m.mar", factory(EchoBackend("1.0")), ModelSettings())
+        monkeypatch.setattr(registry, "names", lambda: ["gone", "m"])  # "gone": unregistered
+        samples = scrape(observer)[0]
+        monkeypatch.undo()
+        await registry.close()
+        return samples
+
+    samples = asyncio.run(main())
+    assert value(samples, "torchgate_model_ready", model="m") == 1
+    assert not [s for s in samples if s.labels.get("model") == "gone"]
