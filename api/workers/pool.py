@@ -176,7 +176,13 @@ class WorkerPool:
         self._resuming.discard(pid)
         process = WorkerProcess(pid, label, self)
         self._workers[pid] = process
-        await process.connect(parent, log_read)
+        try:
+            await process.connect(parent, log_read)
+        except BaseException:
+            # Cancelled (its slot scaled away mid-start, a DELETE, a gRPC deadline) or failed:
+            # nobody will drive this worker, which would run until the pool closes.
+            process.kill()
+            raise
         if pid in self._exited_early:
             process.exit_reported(self._exited_early.pop(pid))  # which forgets it too
         return process

@@ -4,10 +4,14 @@ order of reports tested here cannot be produced on demand by a real one."""
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 import socket
+from typing import Any
 
-from api.workers.pool import WorkerPool
+import pytest
+
+from api.workers.pool import WorkerPool, WorkerProcess
 from tests.support import aio
 
 
@@ -33,6 +37,53 @@ def test_a_worker_reported_exited_with_its_spawn_still_knows_how_it_ended() -> N
             zygote.send(pickle.dumps(("exited", 4242, 3)))
             process = await spawning
             assert await asyncio.wait_for(process.exited, 1) == "exit code 3"
+        finally:
+            pool._detach()
+            ours.close()
+            zygote.close()
+
+    aio.run(scenario(), timeout=10)
+
+
+@pytest.mark.parametrize("how", ["cancelled", "failed"])
+def test_a_spawn_given_up_while_connecting_kills_its_worker(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while it connects to the forked worker (its slot scaled away mid-start, a
+    DELETE, a gRPC deadline), or failing there, `spawn` kills the worker: it ran, holding its
+    memory and maybe a GPU, until the pool closed."""
+    connecting = asyncio.Event()
+
+    async def connect(self: WorkerProcess, sock: socket.socket, log_fd: int) -> None:
+        sock.close()
+        os.close(log_fd)
+        connecting.set()
+        if how == "failed":
+            raise OSError("connection refused")
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(WorkerProcess, "connect", connect)
+
+    async def scenario() -> None:
+        ours, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        zygote.settimeout(2.0)
+        pool = WorkerPool()
+        pool._control = ours  # the stand-in takes the zygote's place: `launch` starts none
+        pool.start()
+        try:
+            spawning = asyncio.ensure_future(pool.spawn({"spec": None}, label="m/1.0"))
+            message, fds, _, _ = await asyncio.to_thread(socket.recv_fds, zygote, 65536, 2)
+            for fd in fds:
+                socket.close(fd)
+            _, request_id, _ = pickle.loads(message)
+            zygote.send(pickle.dumps(("spawned", request_id, 4242)))
+            await connecting.wait()
+            spawning.cancel()
+            with pytest.raises((asyncio.CancelledError, OSError)):
+                await spawning
+            said: Any = pickle.loads(await asyncio.to_thread(zygote.recv, 65536))
+            assert said == ("kill", 4242)
         finally:
             pool._detach()
             ours.close()
