@@ -71,8 +71,10 @@ class ModelLoader:
         self.work_dir = work_dir
         self._load_local = load_local
         # The names of the models registered at start (TorchServe's "startup models"):
-        # `/invocations` without a model name goes to the model when there is one.
+        # `/invocations` without a model name goes to the model when there is one. One
+        # unregistered leaves it, as in TorchServe: `/invocations` must not pick a model gone.
         self.startup_models: set[str] = set()
+        registry.on_model_gone.append(self.startup_models.discard)
 
     def resolve(self, url: str) -> Path:
         """The local archive a url names; BadRequest/NotFound when it is not allowed or absent.

@@ -20,8 +20,8 @@ from typing import Any
 from api.core.batching import Batcher
 from api.core.names import check_model_name, check_model_version
 from api.core.sequences import SequenceBatcher, sequence_limits
-from api.core.supervision import WorkerSlot, supervise
-from api.core.types import Backend, ModelSettings, NullObserver, Observer
+from api.core.supervision import StartWorker, WorkerSlot, supervise
+from api.core.types import Backend, ModelSettings, NullObserver, Observer, Worker
 from api.errors import (
     BadRequest,
     Conflict,
@@ -37,6 +37,9 @@ from api.errors import (
 log = logging.getLogger(__name__)
 
 BackendFactory = Callable[[], Awaitable[Backend]]
+# How a new slot's first start ended: None once its worker started, else the error (a slot
+# stopped before its start ended gets one saying so). By slot index.
+FirstStarts = dict[int, asyncio.Future[Exception | None]]
 
 
 class ModelState(enum.Enum):
@@ -140,8 +143,11 @@ class Registry:
         self._stopping: dict[asyncio.Task[None], ModelVersion] = {}
         self.on_change: list[Callable[[], None]] = []
         # Names of the models loaded at server start (describe's loadedAtStartup: TorchServe
-        # answers it per model name, so a version registered later says true too).
+        # answers it per model name, so a version registered later says true too). A model
+        # unregistered (every version of it) leaves it, as TorchServe's startupModels.
         self.loaded_at_startup: set[str] = set()
+        # Told the name of a model whose last version was unregistered.
+        self.on_model_gone: list[Callable[[str], None]] = []
         # Asked (model, version) before a version is unloaded; raising (e.g. Conflict) refuses.
         self.before_unregister: list[Callable[[str, str], None]] = []
 
@@ -207,13 +213,13 @@ class Registry:
         keep_failed: bool = False,
         wait: bool = True,
     ) -> ModelVersion:
-        """Load a model version and start its `min_workers` workers.
+        """Load a model version and start its `min_workers` workers, side by side.
 
         The first version of a model becomes its default. Raises `Conflict` if the version
         exists; a backend that fails to load raises and leaves nothing registered. A handler
-        that fails to start raises `HandlerLoadError` too, unless `keep_failed` (server
-        start-up, as TorchServe): then the version stays registered, its workers keep being
-        retried with backoff, and it reports the handler's error until one starts.
+        that fails to start raises its error (`HandlerLoadError`) too, unless `keep_failed`
+        (server start-up, as TorchServe): then the version stays registered, its workers keep
+        being retried with backoff, and it reports the handler's error until one starts.
 
         `wait=False` (TorchServe's asynchronous register) returns once the version is
         registered: its workers start in the background, and failing ones are retried as
@@ -242,12 +248,10 @@ class Registry:
                     self._clamp(model_version)
                 else:
                     self._check_bound(backend, settings.min_workers, settings.max_workers)
+                starts = self._start_in_background(model_version, settings.min_workers)
                 if wait:
-                    await self._start_workers(
-                        model_version, settings.min_workers, keep_failed=keep_failed
-                    )
-                else:
-                    self._start_in_background(model_version, settings.min_workers)
+                    failed = await _failed_starts(starts)
+                    _raise_or_keep(f"{name}/{version}", failed, keep_failed=keep_failed)
                 if self._closing:  # `close` began while it loaded: it would outlive the server
                     raise Overloaded(f"Model {name} version {version}: the server is stopping")
             except BaseException:
@@ -290,6 +294,7 @@ class Registry:
             if not self._models[name]:
                 del self._models[name]
                 del self._defaults[name]
+                self._model_gone(name)
         # Shielded, as every stop: a caller that goes away (a gRPC deadline, a client's
         # disconnect) must not leave the version half unloaded, its workers running and the
         # snapshot still naming it.
@@ -332,26 +337,26 @@ class Registry:
         """Set the worker range; start or stop workers only to come within it, as TorchServe
         does (3 workers stay 3 for a range of 1..4, and become 2 for 1..2).
 
-        `wait=False` (TorchServe's asynchronous scale) returns once the range is set: new
-        workers start in the background (describe shows them STARTING), and the workers
-        leaving finish their batch in the background; they take no new one from then on.
+        New workers start side by side, in slots added at once (describe shows them
+        STARTING; `/ping` counts them), each retried with backoff while its start fails, as
+        any worker's restart. The workers leaving take no new batch from then on and finish
+        the one in hand.
+
+        `wait=False` (TorchServe's asynchronous scale) returns once the range is set. Else it
+        returns once the new workers have started, or the leaving ones stopped; a new worker
+        that failed to start raises `HandlerLoadError` with the handler's error, and its slot
+        stays, retried, the range kept (TorchServe answers 500 and keeps its worker threads
+        retrying). Cancelled, the caller leaves the slots to their retries all the same.
         """
         async with self._lock:
             model_version = self.get(name, version)
-            self._check_bound(model_version.backend, min_workers, max_workers)
-            try:
-                _update(model_version.settings, min_workers=min_workers, max_workers=max_workers)
-            except ValueError:
-                raise BadRequest(
-                    f"Invalid worker range: min_worker={min_workers}, max_worker={max_workers}"
-                ) from None
+            self._check_range(model_version, min_workers, max_workers)
+            _update(model_version.settings, min_workers=min_workers, max_workers=max_workers)
             have = len(model_version.workers)
+            starts: FirstStarts = {}
             stopping: list[WorkerSlot] = []
             if min_workers > have:
-                if wait:
-                    await self._start_workers(model_version, min_workers - have)
-                else:
-                    self._start_in_background(model_version, min_workers - have)
+                starts = self._start_in_background(model_version, min_workers - have)
             elif max_workers < have:
                 stopping = _leaving(model_version, have - max_workers)
         # Outside the lock: a worker finishing (or timing out) its batch must not hold up every
@@ -362,8 +367,24 @@ class Registry:
         if stopping:
             task = self._in_background(model_version, self._stop_slots(model_version, stopping))
         self._changed()
-        if task is not None and wait:
+        if not wait:
+            return
+        if task is not None:
             await asyncio.shield(task)
+        failed = await _failed_starts(starts)
+        if failed:
+            errors = dict.fromkeys(_error_text(error) for error in failed.values())
+            raise HandlerLoadError(
+                f"Failed to start workers for model {model_version.name} version "
+                f"{model_version.version}: {'; '.join(errors)}"
+            )
+
+    def check_scale(
+        self, name: str, version: str | None, min_workers: int, max_workers: int
+    ) -> None:
+        """Raise, changing nothing, where `scale` would refuse this range (BadRequest): for a
+        caller that changes other settings with the same request."""
+        self._check_range(self.get(name, version), min_workers, max_workers)
 
     def _in_background(
         self, model_version: ModelVersion, stop: Coroutine[Any, Any, None]
@@ -437,6 +458,16 @@ class Registry:
             return getattr(backend, "max_workers", None)
         return self.max_workers_per_model
 
+    def _check_range(self, model_version: ModelVersion, min_workers: int, max_workers: int) -> None:
+        """BadRequest for a range above the bound, or not a range (`ModelSettings`' checks)."""
+        self._check_bound(model_version.backend, min_workers, max_workers)
+        try:
+            replace(model_version.settings, min_workers=min_workers, max_workers=max_workers)
+        except ValueError:
+            raise BadRequest(
+                f"Invalid worker range: min_worker={min_workers}, max_worker={max_workers}"
+            ) from None
+
     def _check_bound(self, backend: Backend, min_workers: int, max_workers: int) -> None:
         bound = self._bound(backend)
         if bound is not None and max(min_workers, max_workers) > bound:
@@ -468,55 +499,39 @@ class Registry:
             max_workers=min(settings.max_workers, bound),
         )
 
-    async def _start_workers(
-        self, model_version: ModelVersion, count: int, *, keep_failed: bool = False
-    ) -> None:
-        """Start `count` more workers; the first start of each must succeed (else raise) unless
-        `keep_failed`, which leaves a failed slot to the supervisor's retries, as later restarts
-        are."""
-        label = f"{model_version.name}/{model_version.version}"
+    def _start_in_background(self, model_version: ModelVersion, count: int) -> FirstStarts:
+        """Add `count` slots whose supervisors start their workers (side by side), retrying a
+        failed start with backoff as any restart. A synchronous caller waits for what the
+        first starts return (`_failed_starts`); the slots are supervised whether it does."""
+        starts: FirstStarts = {}
         for _ in range(count):
-            index = _free_index(model_version)
-            began = time.monotonic()
-            try:
-                worker = await model_version.backend.start_worker(index)
-                slot = WorkerSlot(index, worker, load_s=time.monotonic() - began)
-            except HandlerLoadError as exc:
-                if not keep_failed:
-                    raise
-                # `torchgate start` tells the operator from this line (api.commands.launch).
-                log.error("%s worker %d failed to start: %s", label, index, exc.message)
-                slot = WorkerSlot(
-                    index,
-                    None,
-                    failed_starts=1,
-                    last_error=exc.message,
-                    starting=True,
-                    failing_since=time.monotonic(),
-                )
-            self._supervise(model_version, slot)
+            slot = WorkerSlot(_free_index(model_version), None, starting=True)
+            starts[slot.index] = self._supervise(model_version, slot)
+        return starts
 
-    def _start_in_background(self, model_version: ModelVersion, count: int) -> None:
-        """Add `count` slots whose supervisors start their workers (they start side by side)."""
-        for _ in range(count):
-            self._supervise(
-                model_version, WorkerSlot(_free_index(model_version), None, starting=True)
-            )
-
-    def _supervise(self, model_version: ModelVersion, slot: WorkerSlot) -> None:
+    def _supervise(
+        self, model_version: ModelVersion, slot: WorkerSlot
+    ) -> asyncio.Future[Exception | None]:
+        """Start supervising `slot`; the future settles with its first start's outcome."""
         slot.id = next(self._worker_ids)
         label = f"{model_version.name}/{model_version.version}"
+        first_start: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         slot.task = asyncio.create_task(
             supervise(
                 slot,
                 model_version.batcher,
-                model_version.backend.start_worker,
+                _settling(first_start, model_version.backend.start_worker),
                 model_version.health_changed,
                 label,
             ),
             name=f"worker {label}#{slot.index}",
         )
+        # Stopped before its start ended (a scale-down, an unload, a failed registration's
+        # cleanup): whoever waits for it is told, not left waiting.
+        stopped = ModelNotReady(f"{label} worker {slot.index} was stopped before it started")
+        slot.task.add_done_callback(lambda _task: _settle(first_start, stopped))
         model_version.workers.append(slot)
+        return first_start
 
     async def _stop_workers(self, model_version: ModelVersion, count: int) -> None:
         count = min(count, len(model_version.workers))
@@ -544,6 +559,12 @@ class Registry:
                 )
             )
 
+    def _model_gone(self, name: str) -> None:
+        # Registered again, it is a model the server did not start with.
+        self.loaded_at_startup.discard(name)
+        for callback in self.on_model_gone:
+            callback(name)
+
     def _changed(self) -> None:
         for callback in self.on_change:
             try:
@@ -552,6 +573,55 @@ class Registry:
                 raise
             except Exception:
                 log.exception("registry change callback failed")
+
+
+def _settling(outcome: asyncio.Future[Exception | None], start: StartWorker) -> StartWorker:
+    """`start`, settling `outcome` with what its first call returns: None for a worker, else
+    the error. The supervisor then carries on as for any start (a failed one is retried)."""
+
+    async def start_worker(index: int) -> Worker:
+        try:
+            worker = await start(index)
+        except Exception as exc:
+            _settle(outcome, exc)
+            raise
+        _settle(outcome, None)
+        return worker
+
+    return start_worker
+
+
+def _settle(outcome: asyncio.Future[Exception | None], result: Exception | None) -> None:
+    if not outcome.done():
+        outcome.set_result(result)
+
+
+async def _failed_starts(starts: FirstStarts) -> dict[int, Exception]:
+    """Wait for the first start of each of `starts`' slots; the errors of those that failed.
+    Cancelled, it leaves the slots as they are: supervised, starting or retrying."""
+    if starts:
+        await asyncio.wait(starts.values())
+    failed = {}
+    for index, outcome in starts.items():
+        error = outcome.result()
+        if error is not None:
+            failed[index] = error
+    return failed
+
+
+def _raise_or_keep(label: str, failed: dict[int, Exception], *, keep_failed: bool) -> None:
+    """A registration's failed first starts: the first one's error fails it, unless
+    `keep_failed` (server start-up), where each is logged and its slot keeps being retried."""
+    if failed and not keep_failed:
+        raise next(iter(failed.values()))
+    for index, error in failed.items():
+        # `torchgate start` tells the operator from this line (api.commands.launch).
+        log.error("%s worker %d failed to start: %s", label, index, _error_text(error))
+
+
+def _error_text(error: Exception) -> str:
+    """As the slot's supervisor words it (`WorkerSlot.last_error`)."""
+    return getattr(error, "message", None) or f"{type(error).__name__}: {error}"
 
 
 def _update(settings: ModelSettings, **changes: Any) -> None:

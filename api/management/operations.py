@@ -14,6 +14,7 @@ from api.core.types import API_TORCHSERVE_REST, InferenceRequest
 from api.encoding import check_response_size, encode_prediction
 from api.errors import (
     BadRequest,
+    DeadlineExceeded,
     InferenceFailed,
     ModelApiDisabled,
     ModelNotFound,
@@ -209,9 +210,17 @@ class Management:
             ) from None
         headers = {**(client_headers or {}), "describe": "True"}
         request = InferenceRequest({}, headers, request_id(headers), API_TORCHSERVE_REST)
-        prediction = await asyncio.wait_for(
-            ready.batcher.submit(request), ready.settings.response_timeout_s
-        )
+        timeout_s = ready.settings.response_timeout_s
+        try:
+            prediction = await asyncio.wait_for(ready.batcher.submit(request), timeout_s)
+        except TimeoutError:
+            # A worker that times its own batches (a process) may still be at it: the client
+            # gets the timeout a prediction gets (504, gRPC DEADLINE_EXCEEDED), not a bare
+            # TimeoutError (a plain-text 500, gRPC UNKNOWN).
+            raise DeadlineExceeded(
+                f"Model {model_version.name} version {model_version.version} did not answer "
+                f"the describe request within {timeout_s:g} s"
+            ) from None
         if not prediction.ok:
             raise error_for_status(prediction.status, prediction.message)
         # Bounded as any answer a worker sends back (TorchServe bounds this one too).
@@ -237,6 +246,9 @@ class Management:
         if high < low:
             raise BadRequest("max_worker cannot be less than min_worker.")
         model_version = self.registry.get(model_name, version)
+        # Before the batching changes: a range refused (400, above the worker bound) must
+        # leave the version, and the snapshot, as they were.
+        self.registry.check_scale(model_name, model_version.version, low, high)
         for key, value in (("number_gpu", args.number_gpu), ("timeout", args.timeout)):
             if value is not None:
                 log.warning("scale %s: %s=%s is ignored by torchgate", model_name, key, value)

@@ -326,3 +326,105 @@ def test_a_remote_that_cannot_serve_costs_the_servers_health_only_past_the_retry
         await registry.close()
 
     run(scenario())
+
+
+class FailsOnce(EchoBackend):
+    """A handler whose `initialize` fails the first time for the worker indexes in `failing`,
+    after `start_s` (each start takes that long)."""
+
+    def __init__(self, version: str, start_s: float, failing: set[int]) -> None:
+        super().__init__(version)
+        self.start_s, self.failing = start_s, failing
+        self.starts: list[int] = []
+
+    async def start_worker(self, index: int) -> EchoWorker:
+        self.starts.append(index)
+        await asyncio.sleep(self.start_s)
+        if index in self.failing:
+            self.failing.discard(index)
+            raise HandlerLoadError(f"initialize: worker {index} ran out of memory")
+        return await super().start_worker(index)
+
+
+def test_a_failed_synchronous_scale_up_leaves_its_worker_retrying_and_ping_healthy() -> None:
+    """As TorchServe: the scale answers 500 "Failed to start workers" with the handler's
+    error, but the range stays as asked (and is written to the snapshot at once), the failed
+    worker keeps its slot and is retried with backoff, and `/ping` stays healthy meanwhile.
+    (It raised the handler's error before: the failed worker had no slot, nothing retried
+    it, the snapshot was not told, and /ping answered 500 with 3 workers for 4 asked.)"""
+
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        asked: list[int] = []
+        registry.on_change.append(lambda: asked.append(registry.get("m").settings.min_workers))
+        backend = FailsOnce("1.0", 0.05, failing={2})
+        await registry.register("m", "1.0", "m.mar", factory(backend), ModelSettings())
+        with pytest.raises(HandlerLoadError) as failed:
+            await registry.scale("m", None, 4, 4)
+        assert http_status(failed.value) == 500
+        assert failed.value.message == (
+            "Failed to start workers for model m version 1.0: "
+            "initialize: worker 2 ran out of memory"
+        )
+        model = registry.get("m")
+        assert model.settings.min_workers == 4 and asked[-1] == 4
+        assert [slot.index for slot in model.workers] == [0, 1, 2, 3]
+        assert dataplane.ready()
+        while not all(slot.live for slot in model.workers):  # the retry succeeds
+            await asyncio.sleep(0.01)
+        assert backend.starts.count(2) == 2
+        await registry.close()
+
+    run(scenario())
+
+
+def test_the_server_stays_healthy_while_a_synchronous_scale_up_starts_its_workers() -> None:
+    """The new workers' slots are there (STARTING) from the moment the range is set, as with
+    an asynchronous scale: /ping counted min_workers=3 against the workers started so far and
+    answered 500 for the whole scale, and a load balancer dropped the server."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        dataplane = DataPlane(registry)
+        backend = FailsOnce("1.0", 0.0, failing=set())
+        await registry.register("m", "1.0", "m.mar", factory(backend), ModelSettings())
+        backend.start_s = 0.5
+        scaling = asyncio.ensure_future(registry.scale("m", None, 3, 3))
+        await asyncio.sleep(0.1)
+        model = registry.get("m")
+        assert [slot.status for slot in model.workers] == ["READY", "STARTING", "STARTING"]
+        assert dataplane.ready()
+        await scaling
+        assert [slot.status for slot in model.workers] == ["READY"] * 3
+        await registry.close()
+
+    run(scenario())
+
+
+def test_a_synchronous_scale_up_whose_caller_goes_away_leaves_its_workers_starting() -> None:
+    """Cancelled part-way (a gRPC client's deadline), the scale-up still has every slot it
+    added supervised and the range written to the snapshot: its workers come up regardless
+    (before, the ones not started yet were never started, and the range reached the snapshot
+    only with the next unrelated change)."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        asked: list[int] = []
+        registry.on_change.append(lambda: asked.append(registry.get("m").settings.min_workers))
+        backend = FailsOnce("1.0", 0.0, failing=set())
+        await registry.register("m", "1.0", "m.mar", factory(backend), ModelSettings())
+        backend.start_s = 0.2
+        scaling = asyncio.ensure_future(registry.scale("m", None, 4, 4))
+        await asyncio.sleep(0.05)
+        scaling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await scaling
+        assert asked[-1] == 4
+        model = registry.get("m")
+        while len(model.workers) < 4 or not all(slot.live for slot in model.workers):
+            await asyncio.sleep(0.01)
+        assert len(backend.workers) == 4
+        await registry.close()
+
+    run(scenario(), timeout=5)

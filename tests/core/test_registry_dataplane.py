@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 
 import pytest
 
@@ -253,5 +254,50 @@ def test_the_default_cannot_go_while_another_version_loads_nor_a_version_land_af
             await landing
         assert registry.names() == [] and late.closed
         assert all(worker.closed for worker in late.workers)
+
+    run(scenario())
+
+
+def test_a_synchronous_scale_up_holds_up_no_other_management_call() -> None:
+    """Its workers start without the registry's lock: an asynchronous scale of another model
+    is answered at once, as documented, and so is an unregister (both waited for every one of
+    its workers' `initialize` in turn)."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        slow = SlowStart("1.0", 0.0)
+        await registry.register("a", "1.0", "a.mar", factory(slow), ModelSettings())
+        for name in ("b", "c"):
+            await registry.register(
+                name, "1.0", f"{name}.mar", factory(EchoBackend("1.0")), ModelSettings()
+            )
+        slow.start_s = 1.0
+        scaling = asyncio.ensure_future(registry.scale("a", None, 3, 3))
+        await asyncio.sleep(0.05)  # a's new workers are starting
+        await asyncio.wait_for(registry.scale("b", None, 2, 2, wait=False), 0.2)
+        await asyncio.wait_for(registry.unregister("c"), 0.2)
+        assert not scaling.done()
+        await scaling
+        await registry.close()
+
+    run(scenario())
+
+
+def test_workers_start_side_by_side_on_register_and_synchronous_scale() -> None:
+    """A version's new workers run their `initialize` at once, not one after another: 4
+    starts of 0.5 s take 0.5 s, not 2 s."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        slow = SlowStart("1.0", 0.5)
+        began = time.monotonic()
+        settings = ModelSettings(min_workers=4, max_workers=4)
+        await registry.register("a", "1.0", "a.mar", factory(slow), settings)
+        assert time.monotonic() - began < 1.0
+        began = time.monotonic()
+        await registry.scale("a", None, 8, 8)
+        assert time.monotonic() - began < 1.0
+        assert len(slow.workers) == 8
+        await registry.close()
 
     run(scenario())

@@ -12,13 +12,19 @@ import httpx
 import pytest
 
 from api.core.types import ModelSettings
-from api.errors import BadRequest, DefaultVersionInUse, ModelNotFound, http_status
+from api.errors import (
+    BadRequest,
+    DeadlineExceeded,
+    DefaultVersionInUse,
+    ModelNotFound,
+    http_status,
+)
 from api.management import ListArgs, Management, RegisterArgs, ScaleArgs
 from api.management.operations import _owned_by_torchserve
 from api.rpc.generated import management_pb2 as management
 from api.rpc.generated import management_pb2_grpc as management_grpc
 from tests.support import aio
-from tests.support.echo_backend import EchoBackend
+from tests.support.echo_backend import EchoBackend, factory
 from tests.support.fake_backend import write_fake_archive
 from tests.support.inprocess import InProcess, started_torchgate
 
@@ -154,3 +160,74 @@ def test_worker_and_batch_parameters_for_a_torchserve_target_are_torchserves(
             assert _owned_by_torchserve(RegisterArgs(url="m-1.0.mar", batch_size=4)) == []
 
     aio.run(scenario())
+
+
+def test_a_refused_scale_changes_no_batching(tmp_path: Path) -> None:
+    """A scale refused with 400 (above the worker bound) applies none of its other settings:
+    batch_size and max_batch_delay were set (and the snapshot written) before the bound was
+    checked."""
+
+    async def scenario() -> None:
+        async with running(tmp_path) as (run, ops):
+            registry = run.tg.registry
+            registry.max_workers_per_model = 4
+            await ops.register(RegisterArgs(url="m-1.0.mar"))
+            changes: list[int] = []
+            registry.on_change.append(lambda: changes.append(registry.get("m").settings.batch_size))
+            args = ScaleArgs(min_worker=100, batch_size=8, max_batch_delay=7, synchronous=True)
+            with pytest.raises(BadRequest, match="bound of 4 workers"):
+                await ops.scale("m", None, args)
+            settings = registry.get("m").settings
+            assert (settings.batch_size, settings.max_batch_delay_ms) == (1, 100)
+            assert changes == []
+
+    aio.run(scenario(), timeout=30)
+
+
+def test_a_model_unregistered_is_no_longer_a_start_up_model(tmp_path: Path) -> None:
+    """As TorchServe's startupModels: once its last version is gone, `/invocations` without
+    a model name no longer picks it (it answered 404 for it), and registered again it is not
+    `loadedAtStartup`."""
+
+    async def scenario() -> None:
+        async with running(tmp_path, load_models="m-1.0.mar") as (run, ops):
+            tg = run.tg
+            assert tg.loader.startup_models == tg.registry.loaded_at_startup == {"m"}
+            await ops.register(RegisterArgs(url="m-2.0.mar"))
+            await ops.unregister("m", "2.0")
+            assert tg.loader.startup_models == tg.registry.loaded_at_startup == {"m"}
+            await ops.unregister("m", "1.0")
+            assert tg.loader.startup_models == tg.registry.loaded_at_startup == set()
+            transport = httpx.ASGITransport(app=tg.inference_app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://h") as rest:
+                answer = await rest.post("/invocations", content=b"{}")
+            assert answer.status_code == 400
+            assert "model_name is required" in answer.json()["message"]
+            await ops.register(RegisterArgs(url="m-1.0.mar"))
+            (described,) = (await ops.describe("m")).body
+            assert isinstance(described, dict) and described["loadedAtStartup"] is False
+
+    aio.run(scenario(), timeout=30)
+
+
+def test_a_customized_describe_past_the_response_timeout_is_a_deadline_error(
+    tmp_path: Path,
+) -> None:
+    """A worker that times its own batches (a process) gets no deadline from the batcher:
+    describe's own bound answered a bare TimeoutError (a plain-text 500, gRPC UNKNOWN)."""
+
+    async def scenario() -> None:
+        async with running(tmp_path) as (run, ops):
+            backend = EchoBackend("1.0", delay=1.0)
+            settings = ModelSettings(response_timeout_s=0.1)
+            await run.tg.registry.register("slow", "1.0", "s.mar", factory(backend), settings)
+            (worker,) = backend.workers
+            worker.keeps_time = True  # type: ignore[attr-defined]
+            with pytest.raises(DeadlineExceeded) as timed_out:
+                await ops.describe("slow", customized=True)
+            assert http_status(timed_out.value) == 504
+            assert timed_out.value.message == (
+                "Model slow version 1.0 did not answer the describe request within 0.1 s"
+            )
+
+    aio.run(scenario(), timeout=30)
