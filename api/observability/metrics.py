@@ -395,7 +395,11 @@ class RegistryCollector:
             "Requests accepted for a model version and not yet answered (queued or running)",
             labels=labels,
         )
-        workers = GaugeMetricFamily("torchgate_workers", "Workers started", labels=labels)
+        workers = GaugeMetricFamily(
+            "torchgate_workers",
+            "Workers alive (one dead, restarting or failing to start is not counted)",
+            labels=labels,
+        )
         busy = GaugeMetricFamily(
             "torchgate_workers_busy", "Workers running a batch right now", labels=labels
         )
@@ -408,7 +412,7 @@ class RegistryCollector:
             batcher = model_version.batcher
             depth.add_metric(values, batcher.depth)
             in_flight.add_metric(values, batcher.in_flight)
-            workers.add_metric(values, len(model_version.workers))
+            workers.add_metric(values, sum(slot.live for slot in list(model_version.workers)))
             busy.add_metric(values, batcher.busy_workers)
             ready.add_metric(values, 1.0 if model_version.ready else 0.0)
         yield from (depth, in_flight, workers, busy, ready)

@@ -90,8 +90,10 @@ class _Metrics(list[tuple[str, float, str, dict[str, str], str]]):
         self.append((name, value, unit, dict(dims), kind))
 
     def take(self) -> list[tuple[str, float, str, dict[str, str], str]]:
-        taken = list(self)
-        self.clear()
+        # What was copied is what is removed: an update a handler's own thread appends in
+        # between stays for the next answer (clear() would lose it).
+        taken = self[:]
+        del self[: len(taken)]
         return taken
 
 
