@@ -259,6 +259,31 @@ def test_registry_gauges_are_read_at_scrape_time() -> None:
     assert 0 <= load.value < 10_000
 
 
+def test_the_workers_gauge_counts_live_workers_only() -> None:
+    """A slot whose worker died (restarting, or failing to start) is capacity lost: it is not
+    counted, though describe still lists it."""
+
+    async def main() -> list:
+        observer = PrometheusObserver(process_metrics=False)
+        registry = Registry(observer)
+        observer.track(registry)
+        backend = FakeBackend("m", "1.0")
+
+        async def factory() -> FakeBackend:
+            return backend
+
+        version = await registry.register(
+            "m", "1.0", "m.mar", factory, ModelSettings(min_workers=2, max_workers=2)
+        )
+        dead = version.workers[0]
+        dead.worker = None  # as while its supervisor restarts it
+        samples = scrape(observer)[0]
+        await registry.close()
+        return samples
+
+    assert value(asyncio.run(main()), "torchgate_workers", model="m", version="1.0") == 1
+
+
 def test_metrics_port_serves_what_the_inference_port_did(tmp_path: Path) -> None:
     async def main() -> tuple[str, str]:
         store = tmp_path / "model_store"
