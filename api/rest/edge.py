@@ -213,8 +213,10 @@ class PipelineFlow(FlowControl):
         self._pipeline = pipeline
 
     def resume_reading(self) -> None:
-        if len(self._pipeline) < MAX_PIPELINED:
-            super().resume_reading()
+        # FlowControl's, inlined (it runs for every request) with the bound added.
+        if self.read_paused and len(self._pipeline) < MAX_PIPELINED:
+            self.read_paused = False
+            self._transport.resume_reading()
 
 
 class EdgeProtocol(HttpToolsProtocol):
@@ -227,6 +229,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._phase = _Phase.NEW
         self._deadline = 0.0  # loop time after which the sweep drops it (NEW/HEADERS/BODY)
         self._write_deadline = 0.0  # ... after which it cuts it: writes paused (pause_writing)
+        self._unsent = 0  # bytes waiting to be sent when that deadline was set
         self._header_bytes = 0
         # Read on every request: kept on the instance, one attribute lookup away.
         self._waiting = self.listener.waiting
@@ -302,7 +305,7 @@ class EdgeProtocol(HttpToolsProtocol):
             if not isinstance(conn, EdgeProtocol):
                 continue
             if conn._write_deadline and conn._write_deadline < now:
-                conn._stalled_reader()
+                conn._write_stalled(now)
             elif conn._deadline and conn._deadline < now:
                 conn._expire()
         listener.report(now, f"{self.server[0]}:{self.server[1]}" if self.server else "listener")
@@ -343,12 +346,21 @@ class EdgeProtocol(HttpToolsProtocol):
         # The client must read some of what it was sent in time, whatever the phase
         # (pipelined requests: the next may be arriving while this answer waits).
         self._write_deadline = self.loop.time() + self._timeout_s
+        self._unsent = self.transport.get_write_buffer_size()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._write_deadline = 0.0
 
-    def _stalled_reader(self) -> None:
+    def _write_stalled(self, now: float) -> None:
+        """Writes paused for a whole timeout: cut the connection, unless the client read some
+        meanwhile. Writes resume only once the buffer is nearly empty, so a slow reader of a
+        large answer would otherwise be cut as one that reads nothing."""
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self._unsent:
+            self._unsent = unsent
+            self._write_deadline = now + self._timeout_s
+            return
         self.listener.count("closed: the client stopped reading its answers")
         self._refused = True
         self._deadline = self._write_deadline = 0.0
