@@ -439,9 +439,10 @@ def _check_count(name: str, actual: int, expected: int, shape: tuple[int, ...]) 
 
 
 # numpy's bounds on an array, which a shape is checked against before any array is made:
-# dimensions, and elements (those of the non-zero dimensions, of up to 8 bytes each, must
-# count fewer bytes than an int64 holds, even where a zero dimension leaves none).
-_MAX_DIMENSIONS = 64
+# dimensions (32 in numpy 1.x, which the project allows; 64 in 2.x), and elements (those of
+# the non-zero dimensions, of up to 8 bytes each, must count fewer bytes than an int64 holds,
+# even where a zero dimension leaves none).
+_MAX_DIMENSIONS = 32
 _MAX_ELEMENTS = 2**59
 
 
