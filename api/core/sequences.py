@@ -135,7 +135,9 @@ class SequenceBatcher(Batcher):
 
     @property
     def depth(self) -> int:
-        return sum(len(s.queue) for s in self._sequences.values())
+        # A copy first, made in one step: /metrics reads this from its own thread while the
+        # event loop adds and removes sequences (iterating the dict itself could fail).
+        return sum(len(s.queue) for s in list(self._sequences.values()))
 
     @property
     def busy_workers(self) -> int:

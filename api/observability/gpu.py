@@ -17,6 +17,7 @@ functions.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -43,8 +44,14 @@ class GpuCollector:
         self._hostname = hostname
         self._nvml = nvml
         self._devices: int | None = None  # None: not initialised yet; 0: no GPU
+        # Scrapes run in threads (api.rest.apps), two at once possibly: NVML starts once.
+        self._starting = threading.Lock()
 
     def devices(self) -> int:
+        with self._starting:
+            return self._devices_found()
+
+    def _devices_found(self) -> int:
         if self._devices is None:
             self._devices = 0
             nvml = self._nvml if self._nvml is not None else _import_nvml()
