@@ -42,6 +42,10 @@ BackendFactory = Callable[[], Awaitable[Backend]]
 FirstStarts = dict[int, asyncio.Future[Exception | None]]
 
 
+class StoppedBeforeStart(ModelNotReady):
+    """A new slot's worker was stopped (scaled away, unloaded) before its first start ended."""
+
+
 class ModelState(enum.Enum):
     LOADING = "LOADING"
     READY = "READY"
@@ -250,7 +254,7 @@ class Registry:
                     self._check_bound(backend, settings.min_workers, settings.max_workers)
                 starts = self._start_in_background(model_version, settings.min_workers)
                 if wait:
-                    failed = await _failed_starts(starts)
+                    failed = await _failed_starts(starts, until_first=not keep_failed)
                     _raise_or_keep(f"{name}/{version}", failed, keep_failed=keep_failed)
                 if self._closing:  # `close` began while it loaded: it would outlive the server
                     raise Overloaded(f"Model {name} version {version}: the server is stopping")
@@ -372,8 +376,13 @@ class Registry:
         if task is not None:
             await asyncio.shield(task)
         failed = await _failed_starts(starts)
-        if failed:
-            errors = dict.fromkeys(_error_text(error) for error in failed.values())
+        # A slot scaled away or unloaded meanwhile (a later scale, a DELETE) did not fail.
+        errors = dict.fromkeys(
+            _error_text(error)
+            for error in failed.values()
+            if not isinstance(error, StoppedBeforeStart)
+        )
+        if errors:
             raise HandlerLoadError(
                 f"Failed to start workers for model {model_version.name} version "
                 f"{model_version.version}: {'; '.join(errors)}"
@@ -528,7 +537,7 @@ class Registry:
         )
         # Stopped before its start ended (a scale-down, an unload, a failed registration's
         # cleanup): whoever waits for it is told, not left waiting.
-        stopped = ModelNotReady(f"{label} worker {slot.index} was stopped before it started")
+        stopped = StoppedBeforeStart(f"{label} worker {slot.index} was stopped before it started")
         slot.task.add_done_callback(lambda _task: _settle(first_start, stopped))
         model_version.workers.append(slot)
         return first_start
@@ -596,16 +605,16 @@ def _settle(outcome: asyncio.Future[Exception | None], result: Exception | None)
         outcome.set_result(result)
 
 
-async def _failed_starts(starts: FirstStarts) -> dict[int, Exception]:
+async def _failed_starts(starts: FirstStarts, *, until_first: bool = False) -> dict[int, Exception]:
     """Wait for the first start of each of `starts`' slots; the errors of those that failed.
-    Cancelled, it leaves the slots as they are: supervised, starting or retrying."""
-    if starts:
-        await asyncio.wait(starts.values())
-    failed = {}
-    for index, outcome in starts.items():
-        error = outcome.result()
-        if error is not None:
-            failed[index] = error
+    `until_first`: stop waiting at the first failure (a registration that fails with it
+    need not wait for the others' starts, nor its failed slot retry meanwhile). Cancelled,
+    it leaves the slots as they are: supervised, starting or retrying."""
+    failed: dict[int, Exception] = {}
+    pending = set(starts.values())
+    while pending and not (until_first and failed):
+        _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        failed = {i: error for i, o in starts.items() if o.done() and (error := o.result())}
     return failed
 
 

@@ -16,6 +16,7 @@ from api.errors import (
     Conflict,
     DeadlineExceeded,
     DefaultVersionInUse,
+    HandlerLoadError,
     ModelNotFound,
     ModelNotReady,
     Overloaded,
@@ -278,6 +279,60 @@ def test_a_synchronous_scale_up_holds_up_no_other_management_call() -> None:
         await asyncio.wait_for(registry.unregister("c"), 0.2)
         assert not scaling.done()
         await scaling
+        await registry.close()
+
+    run(scenario())
+
+
+class FirstFailsOthersSlow(EchoBackend):
+    """Worker 0's handler fails to start at once; the others' take `start_s`."""
+
+    def __init__(self, version: str, start_s: float) -> None:
+        super().__init__(version)
+        self.start_s = start_s
+        self.starts = 0
+
+    async def start_worker(self, index: int) -> EchoWorker:
+        self.starts += 1
+        if index == 0:
+            raise HandlerLoadError("initialize failed: out of memory")
+        await asyncio.sleep(self.start_s)
+        return await super().start_worker(index)
+
+
+def test_a_failing_registration_answers_at_its_first_failure() -> None:
+    """Without keep_failed the first failed start fails the registration: it need not wait
+    for the other workers' starts (up to startupTimeout each), nor retry the failed one
+    meanwhile, only to be thrown away."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        backend = FirstFailsOthersSlow("1.0", 5.0)
+        began = time.monotonic()
+        with pytest.raises(HandlerLoadError, match="out of memory"):
+            settings = ModelSettings(min_workers=2, max_workers=2)
+            await registry.register("a", "1.0", "a.mar", factory(backend), settings)
+        assert time.monotonic() - began < 2.0
+        assert backend.starts == 2  # no retry of worker 0
+        with pytest.raises(ModelNotFound):
+            registry.get("a", "1.0")
+        await registry.close()
+
+    run(scenario())
+
+
+def test_a_synchronous_scale_up_overtaken_by_a_scale_down_did_not_fail() -> None:
+    """Its new worker scaled away before it started was not a failed start: no 500."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        slow = SlowStart("1.0", 0.5)
+        await registry.register("a", "1.0", "a.mar", factory(slow), ModelSettings())
+        slow.start_s = 5.0
+        scaling_up = asyncio.ensure_future(registry.scale("a", None, 2, 2))
+        await asyncio.sleep(0.1)
+        await registry.scale("a", None, 1, 1)
+        await asyncio.wait_for(scaling_up, 2.0)  # answered, without an error
         await registry.close()
 
     run(scenario())
