@@ -311,7 +311,12 @@ class WorkerProcess(asyncio.BufferedProtocol):
         return not (self._lost or self._killed or self.exited.done())
 
     async def connect(self, sock: socket.socket, log_fd: int) -> None:
-        await self._loop.create_unix_connection(lambda: self, sock=sock)
+        try:
+            await self._loop.create_unix_connection(lambda: self, sock=sock)
+        except BaseException:  # cancelled or failed: both descriptors are still ours to close
+            sock.close()
+            os.close(log_fd)
+            raise
         await self._loop.connect_read_pipe(
             lambda: _LogLines(self.label), os.fdopen(log_fd, "rb", buffering=0)
         )

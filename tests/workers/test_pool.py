@@ -90,3 +90,37 @@ def test_a_spawn_given_up_while_connecting_kills_its_worker(
             zygote.close()
 
     aio.run(scenario(), timeout=10)
+
+
+def test_a_connection_that_fails_closes_both_descriptors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The socket to the worker and its log pipe are the connection's to close until their
+    transports own them: a cancel or failure there left them open until collected."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise OSError("refused")
+
+        monkeypatch.setattr(loop, "create_unix_connection", refuse)
+        control, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        control.setblocking(False)
+        pool = WorkerPool()
+        pool._control = control  # a stand-in for the zygote, as above: `launch` starts none
+        pool.start()
+        ours, theirs = socket.socketpair()
+        log_read, log_write = os.pipe()
+        try:
+            process = WorkerProcess(4242, "m/1.0", pool)
+            with pytest.raises(OSError, match="refused"):
+                await process.connect(ours, log_read)
+            assert ours.fileno() == -1
+            with pytest.raises(OSError):
+                os.fstat(log_read)
+        finally:
+            pool._detach()
+            for sock in (control, zygote, theirs):
+                sock.close()
+            os.close(log_write)
+
+    aio.run(scenario(), timeout=10)
