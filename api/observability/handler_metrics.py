@@ -206,6 +206,8 @@ def _finite(value: float) -> float | None:
 
 def _encodable(text: str) -> str:
     """`text` with what UTF-8 cannot encode (lone surrogates) written as `\\udcff` escapes."""
+    if text.isascii():  # nearly always, and then nothing to do (this runs on the loop)
+        return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
