@@ -102,9 +102,18 @@ async def load_worker_backend(
     Raises `ArchiveError` (400) for an archive that cannot be served. Workers, and with them
     the handler, start when the registry calls `start_worker`.
     """
-    archive = await asyncio.to_thread(
-        open_archive, path, work_dir=work_dir, limits=limits, name=name, handler=handler
+    opening = asyncio.ensure_future(
+        asyncio.to_thread(
+            open_archive, path, work_dir=work_dir, limits=limits, name=name, handler=handler
+        )
     )
+    try:
+        archive = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        # The thread extracts on regardless (up to archive_max_bytes): what it leaves is
+        # removed once it is done, not kept until the server exits.
+        opening.add_done_callback(_remove_extracted)
+        raise
     return WorkerBackend(
         archive,
         settings,
@@ -118,6 +127,11 @@ async def load_worker_backend(
         work_dir=work_dir,
         service_envelope=service_envelope,
     )
+
+
+def _remove_extracted(opening: asyncio.Future[Archive]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().remove()
 
 
 class WorkerBackend:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import api.backends.workers as workers_module
 from api.backends.archive import ArchiveError, open_archive
 from api.backends.workers import ProcessWorker, WorkerBackend, load_worker_backend
 from api.core.types import API_V2_GRPC, InferenceRequest, NotRun, Prediction
@@ -646,6 +648,34 @@ DIES_ON_REQUEST = """
             return None
         os._exit(3)
 """
+
+
+def test_a_registration_cancelled_while_extracting_leaves_no_files(
+    worker_pool: WorkerPool, build_archive: BuildArchive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that goes away (a gRPC deadline) cannot stop the extracting thread; what it
+    extracts is removed when it is done, not left until the server exits."""
+    path = build_archive("echo", "handler.py", {"handler.py": ECHO})
+    work = path.parent / "work"
+    work.mkdir()
+    real_open = workers_module.open_archive
+
+    def slow_open(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(workers_module, "open_archive", slow_open)
+
+    async def scenario() -> None:
+        loading = asyncio.ensure_future(load(worker_pool, path, work_dir=work))
+        await asyncio.sleep(0.1)
+        loading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loading
+        await asyncio.sleep(1.5)  # the thread finishes, its files go
+
+    run(scenario())
+    assert list(work.iterdir()) == []
 
 
 def test_a_dead_worker_is_not_kept_by_its_backend(
