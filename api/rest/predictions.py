@@ -24,20 +24,22 @@ without the closing chunk, as TorchServe resets it: the client sees a truncated 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
-from starlette.requests import Request
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartParser
 
 from api.core.dataplane import Answer
 from api.core.streaming import PredictionStream
 from api.core.types import API_TORCHSERVE_REST, InferenceRequest, Prediction
 from api.encoding import JSON, Encoded, encode_prediction
 from api.errors import BadRequest, NotFound
-from api.rest.asgi import Scope, Send, replayed
+from api.rest.asgi import Scope, Send
 from api.rest.endpoint import InferenceEndpoint
 from api.rest.inference import model_api_document
 
@@ -45,6 +47,19 @@ log = logging.getLogger(__name__)
 
 # The prefixes this endpoint answers (api.rest.apps mounts it on them, for every method).
 PREFIXES = ("/predictions/", "/explanations/")
+
+# The most fields a urlencoded form may have: the bound Starlette puts on a multipart form's
+# fields. Each is an input the worker decodes and a header entry; TorchServe has no bound.
+MAX_FORM_FIELDS = 1000
+# A urlencoded form this large is parsed in a thread: splitting and unquoting a body of the
+# default max_request_size takes a second or more (6.5 MB of `&` or of `%41`), which would
+# hold up every other request on the event loop; a thread gives the loop back every switch
+# interval. Lower than v2's 1 MiB (api.v2.bridge.DECODE_IN_THREAD_BYTES): the worst 1 MiB
+# form still takes 0.1 s, the worst 64 KiB one 5 ms, and the thread costs far less than that.
+PARSE_IN_THREAD_BYTES = 1 << 16
+# The content type of a multipart file sent without one: netty's, as TorchServe's frontend
+# hands it to the worker.
+UNTYPED_FILE = "application/octet-stream"
 
 
 class PredictionsEndpoint(InferenceEndpoint):
@@ -193,9 +208,9 @@ async def request_item(
     media_type = media_type_of(content_type)
     media = media_type.lower()
     if media == "multipart/form-data":
-        await _form_fields(scope, body, item)
+        await _form_fields(content_type, body, item)
     elif media == "application/x-www-form-urlencoded":
-        for name, value in _urlencoded(body):
+        for name, value in await _urlencoded_fields(body):
             item.inputs[name] = value
     else:
         item.inputs["body"] = body
@@ -204,15 +219,28 @@ async def request_item(
     return item
 
 
-def _urlencoded(body: bytes) -> Iterator[tuple[str, bytes]]:
+async def _urlencoded_fields(body: bytes) -> list[tuple[str, bytes]]:
+    """A urlencoded form's fields, parsed off the event loop when the body is large."""
+    if len(body) < PARSE_IN_THREAD_BYTES:
+        return _urlencoded(body)
+    return await asyncio.to_thread(_urlencoded, body)
+
+
+def _urlencoded(body: bytes) -> list[tuple[str, bytes]]:
     """A form's fields, each value the bytes its percent-escapes stand for (`%C3%A9` is UTF-8
     `é`, `%FF` a byte of its own): parse_qsl on bytes encodes what it unquoted as ASCII and
-    failed on both. A field without `=` is dropped, as TorchServe's frontend drops it."""
+    failed on both. A field without `=` is dropped, as TorchServe's frontend drops it, and
+    does not count towards MAX_FORM_FIELDS."""
+    fields: list[tuple[str, bytes]] = []
     for pair in body.split(b"&"):
         name, equals, value = pair.partition(b"=")
-        if equals:
-            key = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace")
-            yield key, unquote_to_bytes(value.replace(b"+", b" "))
+        if not equals:
+            continue
+        if len(fields) == MAX_FORM_FIELDS:  # before unquoting: the rest is never decoded
+            raise BadRequest(f"Too many fields. Maximum number of fields is {MAX_FORM_FIELDS}.")
+        key = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace")
+        fields.append((key, unquote_to_bytes(value.replace(b"+", b" "))))
+    return fields
 
 
 def media_type_of(content_type: str) -> str:
@@ -220,19 +248,45 @@ def media_type_of(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip()
 
 
-async def _form_fields(scope: Scope, body: bytes, item: RequestItem) -> None:
+async def _form_fields(content_type: str, body: bytes, item: RequestItem) -> None:
+    parser = _RawFieldsParser(Headers({"content-type": content_type}), body)
     try:
-        # Text fields may be as large as the body may be (starlette's default is 1 MB).
-        form = await Request(scope, replayed(body)).form(max_part_size=len(body) + 1)
+        form = await parser.parse()
     except Exception as exc:  # python-multipart raises its own types
         raise BadRequest(f"Malformed multipart form data: {exc}") from None
     try:
-        for name, value in form.multi_items():
-            if isinstance(value, str):  # a plain field: no content type of its own
-                item.inputs[name] = value.encode()
+        for name, value in parser.parts:
+            if isinstance(value, bytes):  # a plain field: no content type of its own
+                item.inputs[name] = value
                 item.types.pop(name, None)
             else:
                 item.inputs[name] = await value.read()
-                item.types[name] = media_type_of(value.content_type or "")
+                item.types[name] = media_type_of(value.content_type or UNTYPED_FILE)
     finally:
         await form.close()
+
+
+class _RawFieldsParser(MultiPartParser):
+    """Starlette's multipart parser, with its limits (1000 fields, 1000 files, python-multipart's
+    bounds on part headers), keeping each plain field's bytes as they were sent.
+
+    Starlette hands a part without a filename on as str, decoded by the form's charset (latin-1
+    when that is unknown), and encoding it again changes its bytes: `é` under `charset=bogus`,
+    any binary part (`curl -F 'x=<file'`). TorchServe's frontend passes the part's bytes as
+    they came. `parts` holds each part in order: a field's bytes, or a file's UploadFile.
+    """
+
+    def __init__(self, headers: Headers, body: bytes) -> None:
+        # Text fields may be as large as the body may be (Starlette's default is 1 MB).
+        super().__init__(headers, _whole(body), max_part_size=len(body) + 1)
+        self.parts: list[tuple[str, bytes | UploadFile]] = []
+
+    def on_part_end(self) -> None:
+        part = self._current_part  # Starlette's: the part just read, its data not yet decoded
+        self.parts.append((part.field_name, bytes(part.data) if part.file is None else part.file))
+        super().on_part_end()
+
+
+async def _whole(body: bytes) -> AsyncGenerator[bytes, None]:
+    """The body, already read, as the stream Starlette's parser reads."""
+    yield body

@@ -10,9 +10,9 @@ frontend sends for each request:
   it came, with a warning. The environment variable `TS_DECODE_INPUT_REQUEST` (set from
   `decode_input_request`; handlers set it to "false" at import to decode bodies themselves) is
   read at every batch, as TorchServe's worker reads it for every input;
-- the headers are the client's request headers, then one entry per input, its name mapped to
-  `{"content-type": ...}` (empty when the input had none), written over a header of the same
-  name.
+- the headers are one entry per input, its name mapped to `{"content-type": ...}` (empty when
+  the input had none), then the request's headers, written over an input of the same name: a
+  form field named `explain` or `url_path` cannot stand in for the header the frontend sets.
 
 One difference is unavoidable: HTTP servers hand torchgate header names in lower case, where
 TorchServe keeps the client's spelling and matches names exactly. So `RequestHeaders` finds a
@@ -94,8 +94,8 @@ def decoded(value: bytes | bytearray, content_type: str, decode: bool = True) ->
 def handler_headers(
     headers: Mapping[str, str], inputs: Mapping[str, Any], input_types: Mapping[str, str]
 ) -> RequestHeaders:
-    """The request's headers, then each input's content type under the input's name."""
-    merged = RequestHeaders(headers)
-    for name in inputs:
-        merged[name] = {"content-type": input_types.get(name, "")}
+    """Each input's content type under the input's name, then the request's headers over them
+    (in this order, as TorchServe's worker builds the map: a header wins over an input)."""
+    merged = RequestHeaders({name: {"content-type": input_types.get(name, "")} for name in inputs})
+    merged.update(headers)
     return merged

@@ -4,6 +4,7 @@ the version that served them (tests/support/fake_backend.py); no worker process 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,8 +14,15 @@ import pytest
 
 from api.core.types import Prediction
 from api.encoding import Encoded, encode_prediction
+from api.errors import BadRequest
+from api.rest import predictions
 from api.rest.invocations import is_invocation_path
-from api.rest.predictions import RequestItem, request_item
+from api.rest.predictions import (
+    MAX_FORM_FIELDS,
+    PARSE_IN_THREAD_BYTES,
+    RequestItem,
+    request_item,
+)
 from tests.support.aio import run
 from tests.support.fake_backend import load_fake_backend, write_fake_archive
 from tests.support.inprocess import started_torchgate
@@ -148,3 +156,89 @@ def test_handler_outputs_are_encoded_as_torchserve_sends_them(
     assert encode_prediction(prediction) == Encoded(
         status, payload, [("content-type", content_type)]
     )
+
+
+def form(fields: int) -> bytes:
+    return b"&".join(b"f%d=v" % n for n in range(fields))
+
+
+def test_a_urlencoded_form_of_more_than_1000_fields_is_400(tmp_path: Path) -> None:
+    # As Starlette bounds a multipart form; TorchServe has no bound (docs/security.md).
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            urlencoded = {"content-type": "application/x-www-form-urlencoded"}
+            # Pieces without `=` are dropped, as TorchServe drops them: they do not count.
+            fitting = form(MAX_FORM_FIELDS) + b"&" * 5000
+            answer = await client.post("/predictions/m", content=fitting, headers=urlencoded)
+            assert answer.status_code == 200
+            over = await client.post(
+                "/predictions/m", content=form(MAX_FORM_FIELDS + 1), headers=urlencoded
+            )
+            assert over.status_code == 400
+            assert "Maximum number of fields is 1000" in over.json()["message"]
+
+    run(scenario())
+
+
+def test_a_large_urlencoded_form_is_parsed_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads: list[threading.Thread] = []
+
+    def recorded(body: bytes) -> list[tuple[str, bytes]]:
+        threads.append(threading.current_thread())
+        return parse(body)
+
+    parse = predictions._urlencoded
+    monkeypatch.setattr(predictions, "_urlencoded", recorded)
+    large = b"a=%C3%A9&b=" + b"x" * PARSE_IN_THREAD_BYTES + b"&c=1+2&d"
+    item = items(b"", large, "application/x-www-form-urlencoded", takes_query=False)
+    assert item == RequestItem({"a": "é".encode(), "b": b"x" * PARSE_IN_THREAD_BYTES, "c": b"1 2"})
+    small = items(b"", b"a=1", "application/x-www-form-urlencoded", takes_query=False)
+    assert small == RequestItem({"a": b"1"})
+    # The large form in a thread of its own, the small one on the event loop's.
+    assert threads[0] is not threading.main_thread()
+    assert threads[1] is threading.main_thread()
+
+
+def multipart(*parts: bytes, charset: str = "") -> tuple[bytes, str]:
+    """A multipart body of `parts` (each its headers, a blank line and its content)."""
+    body = b"".join(b"--B\r\n" + part + b"\r\n" for part in parts) + b"--B--\r\n"
+    return body, "multipart/form-data; boundary=B" + (f"; charset={charset}" if charset else "")
+
+
+def test_multipart_fields_reach_the_handler_as_the_bytes_sent() -> None:
+    # As TorchServe's frontend passes a part without a filename: its bytes, whatever the
+    # form's charset says, with no content type of its own.
+    text = b'Content-Disposition: form-data; name="t"\r\n\r\n' + "é".encode()
+    binary = (
+        b'Content-Disposition: form-data; name="x"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n\xff\xd8\xff\x00"
+    )
+    latin = b'Content-Disposition: form-data; name="l"\r\n\r\n\xe9'
+    file = (
+        b'Content-Disposition: form-data; name="f"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n\xff"
+    )
+    for charset in ("", "bogus", "utf-8", "latin-1"):
+        body, content_type = multipart(text, binary, latin, file, charset=charset)
+        item = items(b"", body, content_type, takes_query=False)
+        assert item == RequestItem(
+            {"t": b"\xc3\xa9", "x": b"\xff\xd8\xff\x00", "l": b"\xe9", "f": b"\xff"},
+            {"f": "image/png"},
+        ), charset
+        assert list(item.inputs) == ["t", "x", "l", "f"]  # in the order sent
+
+
+def test_a_file_sent_without_a_content_type_is_octet_stream() -> None:
+    # Netty's default, which TorchServe's frontend hands to the worker.
+    file = b'Content-Disposition: form-data; name="f"; filename="a.bin"\r\n\r\n\xff'
+    item = items(b"", *multipart(file), takes_query=False)
+    assert item == RequestItem({"f": b"\xff"}, {"f": "application/octet-stream"})
+
+
+def test_multipart_keeps_starlette_s_limits() -> None:
+    field = b'Content-Disposition: form-data; name="a"\r\n\r\n1'
+    body, content_type = multipart(*[field] * 1001)
+    with pytest.raises(BadRequest, match="Maximum number of fields is 1000"):
+        items(b"", body, content_type, takes_query=False)

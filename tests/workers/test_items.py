@@ -62,15 +62,26 @@ def test_the_decode_variable_is_read_at_every_batch(monkeypatch: pytest.MonkeyPa
 
 def test_headers_carry_each_inputs_content_type() -> None:
     headers = handler_headers(
-        {"x-tenant": "acme", "accept": "*/*"},
-        {"body": b"x", "accept": b"field"},
-        {"body": "text/plain"},
+        {"x-tenant": "acme"}, {"body": b"x", "f": b"field"}, {"body": "text/plain"}
     )
     assert headers == {
-        "x-tenant": "acme",
         "body": {"content-type": "text/plain"},
-        "accept": {"content-type": ""},  # an input over a header of the same name
+        "f": {"content-type": ""},
+        "x-tenant": "acme",
     }
+    # The inputs first, then the headers, as TorchServe's worker fills its map.
+    assert list(headers) == ["body", "f", "x-tenant"]
+
+
+def test_a_header_wins_over_an_input_of_the_same_name() -> None:
+    # A form field named `explain` must not replace the frontend's header: on /explanations
+    # BaseHandler would run inference instead (TorchServe's worker writes headers last).
+    headers = handler_headers(
+        {"explain": "True", "url_path": ""},
+        {"data": b"x", "explain": b"1", "url_path": b"v1/x"},
+        {"data": "image/png"},
+    )
+    assert headers == {"data": {"content-type": "image/png"}, "explain": "True", "url_path": ""}
 
 
 def test_header_names_match_in_any_case() -> None:
