@@ -25,14 +25,15 @@ never share files. `Archive.remove()` deletes it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
+from importlib.machinery import ModuleSpec, PathFinder, all_suffixes
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -40,9 +41,12 @@ from api.backends.extract import ArchiveLimits, ExtractError, open_reader
 from api.core.names import MODEL_NAME
 from api.errors import BadRequest
 
+if TYPE_CHECKING:
+    from _typeshed.importlib import MetaPathFinderProtocol
+
 MANIFEST = PurePosixPath("MAR-INF", "MANIFEST.json")
 SIGNATURE = "signature.json"
-MAX_METADATA_BYTES = 1024 * 1024  # manifest, signature.json
+MAX_METADATA_BYTES = 1024 * 1024  # manifest, signature.json, model-config.yaml
 PYTHON_RUNTIMES = frozenset({"python", "python3"})
 DEFAULT_VERSION = "1.0"  # TorchServe's, for manifests without modelVersion
 _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
@@ -55,6 +59,9 @@ BUILTIN_HANDLERS = frozenset(
     {"base_handler", "image_classifier", "image_segmenter", "object_detector", "text_classifier"}
 )
 BUILTIN_PACKAGE = "handlers.builtin"
+# libyaml's loader where PyYAML has it: the pure-Python one takes seconds of CPU per 100 KB.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MODULE_SUFFIXES = all_suffixes()  # .py, .pyc, and extension modules' (.so)
 
 
 class ArchiveError(BadRequest):
@@ -204,9 +211,14 @@ def _read_dir_manifest(directory: Path) -> dict[str, Any]:
     manifest = directory.joinpath(*MANIFEST.parts)
     if not manifest.is_file():
         raise _Invalid(f"missing {MANIFEST}: not a TorchServe model directory")
-    if manifest.stat().st_size > MAX_METADATA_BYTES:
-        raise _Invalid(f"{MANIFEST} is larger than {MAX_METADATA_BYTES} bytes")
-    return _parse_manifest(manifest.read_bytes())
+    return _parse_manifest(_read_metadata(manifest, str(MANIFEST)))
+
+
+def _read_metadata(file: Path, what: str) -> bytes:
+    """The bytes of a metadata file, refused past MAX_METADATA_BYTES before they are parsed."""
+    if file.stat().st_size > MAX_METADATA_BYTES:
+        raise _Invalid(f"{what} is larger than {MAX_METADATA_BYTES} bytes")
+    return file.read_bytes()
 
 
 def _parse_manifest(raw: bytes) -> dict[str, Any]:
@@ -300,7 +312,7 @@ def _read_signature(model_dir: Path) -> dict[str, Any] | None:
     if not file.is_file():
         return None
     try:
-        signature = json.loads(file.read_bytes())
+        signature = json.loads(_read_metadata(file, SIGNATURE))
     except ValueError as exc:
         raise _Invalid(f"{SIGNATURE} is not valid JSON: {exc}") from exc
     if not isinstance(signature, dict):
@@ -309,8 +321,9 @@ def _read_signature(model_dir: Path) -> dict[str, Any] | None:
 
 
 def _read_yaml(file: Path) -> dict[str, Any]:
+    raw = _read_metadata(file, file.name)
     try:
-        config = yaml.safe_load(file.read_text(encoding="utf-8"))
+        config = yaml.load(raw.decode("utf-8"), Loader=_YAML_LOADER)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise _Invalid(f"{file.name} is not valid YAML: {exc}") from exc
     if config is None:
@@ -364,7 +377,55 @@ def _archive_module_file(model_dir: Path, module: str) -> Path | None:
 
 
 def _importable(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
+    """Whether `module` is installed, found on disk without importing it or its packages.
+
+    The name comes from the archive or the client, and importing a package runs its
+    `__init__` in the frontend (importlib.util.find_spec imports every parent): `torch.x` would
+    load torch, `test.autotest.x` run CPython's test suite.
+    """
+    top, *submodules = module.split(".")
+    spec = _find_top_level(top)
+    if spec is None:
         return False
+    search = list(spec.submodule_search_locations or ())
+    for submodule in submodules:
+        found = _find_submodule(submodule, search)
+        if found is None:
+            return False
+        search = found
+    return True
+
+
+def _find_submodule(name: str, locations: list[str]) -> list[str] | None:
+    """Where submodule `name` of a package searching `locations` is, by importlib's rules
+    (FileFinder, PathFinder) read off the disk: the directories to search for its own
+    submodules ([] for a module), or None if it is not there.
+
+    Not PathFinder.find_spec(name, locations): it raises KeyError for a namespace package
+    whose parent is not imported.
+    """
+    portions: list[str] = []
+    for location in map(Path, locations):
+        package = location / name
+        if any((package / f"__init__{suffix}").is_file() for suffix in _MODULE_SUFFIXES):
+            return [str(package)]
+        if any((location / f"{name}{suffix}").is_file() for suffix in _MODULE_SUFFIXES):
+            return []
+        if package.is_dir():  # a namespace package's portion, unless a regular one comes later
+            portions.append(str(package))
+    return portions or None
+
+
+def _find_top_level(name: str) -> ModuleSpec | None:
+    """The spec of a top-level module, from sys.path, else from the other finders on
+    sys.meta_path (setuptools' editable installs), which locate it without running it."""
+    others = [finder for finder in sys.meta_path if finder is not PathFinder]
+    finders: list[MetaPathFinderProtocol] = [PathFinder, *others]
+    for finder in finders:
+        try:
+            spec = finder.find_spec(name, None)
+        except (ImportError, ValueError):  # how a finder may turn down a name
+            continue
+        if spec is not None:
+            return spec
+    return None

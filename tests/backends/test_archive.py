@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import bz2
 import io
 import stat
+import subprocess
+import sys
 import tarfile
+import tracemalloc
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from api.backends.archive import ArchiveError, open_archive
-from api.backends.extract import ArchiveLimits
+from api.backends.archive import MAX_METADATA_BYTES, ArchiveError, archive_identity, open_archive
+from api.backends.extract import ArchiveLimits, MiB
 from api.errors import BadRequest, http_status
 from tests.backends.conftest import BuildArchive, manifest, write_zip
 from tests.support.bombs import many_small_members_bomb
@@ -322,3 +326,183 @@ def test_a_manifest_without_model_name_is_named_after_the_file(
     else:
         path = write_zip(tmp_path / file_name, files)
     assert open_archive(path, work_dir=tmp_path / "w").name == expected
+
+
+# -- refused before they cost memory or CPU ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("compression", "method"), [(zipfile.ZIP_BZIP2, "bzip2"), (zipfile.ZIP_LZMA, "LZMA")]
+)
+def test_zip_member_compressed_other_than_deflate(
+    tmp_path: Path, compression: int, method: str
+) -> None:
+    # zipfile decompresses these without bounding the output: 337 bytes of bzip2 took 819 MB.
+    path = write_zip(tmp_path / "m.mar", {"MAR-INF/MANIFEST.json": manifest(), "handler.py": ""})
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("weights.bin", bytes(1000), compress_type=compression)
+    message = refused(path, work_dir=tmp_path / "w")
+    assert f"member 'weights.bin' is compressed with {method} (zip method {compression})" in message
+
+
+def test_manifest_compressed_with_bzip2_is_refused_unread(tmp_path: Path) -> None:
+    # The manifest is read at start-up (load_models=all): it gets the same check.
+    path = tmp_path / "m.mar"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_BZIP2) as archive:
+        archive.writestr("MAR-INF/MANIFEST.json", manifest())
+    with pytest.raises(ArchiveError, match=r"'MAR-INF/MANIFEST.json' is compressed with bzip2"):
+        archive_identity(path)
+
+
+def test_encrypted_zip_member(tmp_path: Path) -> None:
+    path = write_zip(tmp_path / "m.mar", {"MAR-INF/MANIFEST.json": manifest(), "handler.py": ""})
+    data = bytearray(path.read_bytes())
+    # zipfile writes no encrypted members: set the flag in the local and central headers.
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        header = data.rindex(signature)  # handler.py's, the last member
+        data[header + flags_at] |= 0x1
+    path.write_bytes(data)
+    assert "member 'handler.py' is encrypted" in refused(path, work_dir=tmp_path / "w")
+
+
+def _tar_bz2(path: Path, *blocks: bytes) -> Path:
+    path.write_bytes(bz2.compress(b"".join(blocks) + bytes(2 * tarfile.BLOCKSIZE)))
+    return path
+
+
+def test_tar_root_entries_count_toward_the_member_limit(tmp_path: Path) -> None:
+    # The issue's archive held 300,000 "./" headers in 4 KB: 12 s of CPU, then accepted.
+    root = tarfile.TarInfo("./")
+    root.type = tarfile.DIRTYPE
+    path = _tar_bz2(tmp_path / "roots.tar.bz2", root.tobuf() * 20_000)
+    assert path.stat().st_size < 1000
+    # Over the default ratio too (10 MB of headers from 358 bytes): lift it, to see the count.
+    limits = ArchiveLimits(max_ratio=1e9)
+    assert "more than 10000 members" in refused(path, work_dir=tmp_path / "w", limits=limits)
+
+
+def test_tar_data_of_root_entries_counts_toward_the_total(tmp_path: Path) -> None:
+    # A root entry is never extracted, but tarfile decompresses its data to skip it.
+    root = tarfile.TarInfo(".")
+    root.size = 2 * MiB
+    path = _tar_bz2(tmp_path / "root.tar.bz2", root.tobuf(), bytes(root.size))
+    limits = ArchiveLimits(max_total_bytes=MiB)
+    message = refused(path, work_dir=tmp_path / "w", limits=limits)
+    assert f"more than {MiB} bytes" in message
+
+
+def _long_name_header(size: int) -> bytes:
+    header = tarfile.TarInfo("././@LongLink")
+    header.type = tarfile.GNUTYPE_LONGNAME
+    header.size = size
+    return header.tobuf(format=tarfile.GNU_FORMAT)
+
+
+def test_tar_long_name_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    # A 308-byte file with a 200 MB long name took 431 MB.
+    name = b"a" * (8 * MiB)
+    member = tarfile.TarInfo("short")
+    path = _tar_bz2(tmp_path / "long.tar.bz2", _long_name_header(len(name)), name, member.tobuf())
+    tracemalloc.start()
+    try:
+        message = refused(path, work_dir=tmp_path / "w")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"GNU long name or pax header of {len(name)} bytes" in message
+    assert peak < 2 * MiB, f"{peak} bytes allocated: the long name was read"
+
+
+def test_tar_chain_of_small_long_names_is_bounded_too(tmp_path: Path) -> None:
+    link = _long_name_header(1024) + b"a" * 1024
+    path = _tar_bz2(tmp_path / "chain.tar.bz2", link * 200, tarfile.TarInfo("short").tobuf())
+    assert "GNU long name or pax header" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_tar_sparse_member(tmp_path: Path) -> None:
+    sparse = tarfile.TarInfo("m/weights.bin")
+    sparse.type = tarfile.GNUTYPE_SPARSE
+    path = _tar_bz2(tmp_path / "sparse.tar.bz2", sparse.tobuf(format=tarfile.GNU_FORMAT))
+    assert "member 'm/weights.bin' is a sparse file" in refused(path, work_dir=tmp_path / "w")
+
+
+def test_tarfile_still_has_the_hooks_the_bounds_override() -> None:
+    # _BoundedTarInfo overrides these private methods of CPython's tarfile: if one is renamed,
+    # the bound on it silently goes.
+    for hook in ("_proc_member", "_proc_gnusparse_00", "_proc_gnusparse_01", "_proc_gnusparse_10"):
+        assert callable(getattr(tarfile.TarInfo, hook, None)), hook
+
+
+def test_a_long_member_name_is_cut_in_the_error(tmp_path: Path) -> None:
+    member = "../" + "a" * 10_000
+    path = write_zip(tmp_path / "m.mar", {"MAR-INF/MANIFEST.json": manifest(), member: "x"})
+    message = refused(path, work_dir=tmp_path / "w")
+    assert "escapes" in message and "(10003 characters)" in message
+    assert len(message) < 1000
+
+
+# -- handlers resolved without running code -----------------------------------------------------
+
+TRAP = "torchgate_trap_package"
+
+
+@pytest.fixture
+def trap_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An installed package whose import exits the process."""
+    package = tmp_path / "site" / TRAP
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise SystemExit('imported in the frontend')\n")
+    (package / "handler.py").write_text(HANDLER)
+    monkeypatch.syspath_prepend(str(package.parent))
+    return TRAP
+
+
+def test_installed_handler_is_found_without_importing_its_package(
+    trap_package: str, tmp_path: Path
+) -> None:
+    path = write_zip(tmp_path / "m.mar", {"MAR-INF/MANIFEST.json": manifest()})
+    archive = open_archive(path, work_dir=tmp_path / "w", handler=f"{trap_package}.handler")
+    assert (archive.handler.source, archive.handler.module) == (
+        "installed",
+        f"{trap_package}.handler",
+    )
+    assert trap_package not in sys.modules
+
+
+def test_missing_handler_in_an_installed_package_is_refused_without_importing_it(
+    trap_package: str, tmp_path: Path
+) -> None:
+    path = write_zip(tmp_path / "m.mar", {"MAR-INF/MANIFEST.json": manifest()})
+    with pytest.raises(ArchiveError, match="neither a file in the archive"):
+        open_archive(path, work_dir=tmp_path / "w", handler=f"{trap_package}.nothing.here")
+    assert trap_package not in sys.modules
+
+
+def test_handler_in_a_package_the_frontend_must_not_import(tmp_path: Path) -> None:
+    # torch is installed, and loading it into the frontend costs seconds and hundreds of MB
+    # (in a fresh interpreter: this test session imports torch anyway).
+    code = (
+        "import sys\n"
+        "from api.backends.archive import _importable\n"
+        "assert _importable('torch.nn.functional')\n"
+        "assert not _importable('torch.no_such_module')\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# -- metadata files bounded before they are parsed ---------------------------------------------
+
+
+@pytest.mark.parametrize("file_name", ["signature.json", "model-config.yaml"])
+def test_metadata_file_larger_than_the_limit(tmp_path: Path, file_name: str) -> None:
+    big = '{"a": "' + "x" * MAX_METADATA_BYTES + '"}'
+    config = {"configFile": file_name} if file_name.endswith(".yaml") else {}
+    path = write_zip(
+        tmp_path / "m.mar",
+        {"MAR-INF/MANIFEST.json": manifest(**config), "handler.py": HANDLER, file_name: big},
+    )
+    limits = ArchiveLimits(max_ratio=1e9)  # 1 MiB of "x" compresses past the default ratio
+    message = refused(path, work_dir=tmp_path / "w", limits=limits)
+    assert f"{file_name} is larger than {MAX_METADATA_BYTES} bytes" in message
