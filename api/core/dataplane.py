@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from api.core.registry import ModelVersion, Registry
 from api.core.routing import Router
+from api.core.sequences import SEQUENCE_ID
 from api.core.types import (
     REJECT_DEADLINE,
     REJECT_NOT_READY,
@@ -22,6 +23,7 @@ from api.core.types import (
     NullObserver,
     Observer,
     Prediction,
+    header_value,
 )
 from api.errors import DeadlineExceeded, ModelNotReady, TorchgateError, http_status
 
@@ -169,21 +171,48 @@ class DataPlane:
         own, so the batcher batches them as it would separate requests. The first failure is
         raised and the others still queued are withdrawn. No request: the model and version are
         still checked (404, 503).
+
+        TorchServe takes such a request as one job: one place in the job queue, one step of a
+        sequence. So no more of them wait in the queue at once than it had room for when the
+        request came (`_infer_in_turns`), and a sequence batching version gets them one after
+        another, on one sequence (`_infer_in_sequence`).
         """
         started = time.monotonic()
         named = version
         version, shadows = self._route(model, version, requests[0].headers if requests else {})
-        answering = self._ready_version(model, version).version
+        model_version = self._ready_version(model, version)
         for request in requests:
             request.version_named = named
-            for shadow in shadows:
-                self._start_shadow(model, shadow, request, None)
-        # Should the version stop being ready before they run, the client's one request is
-        # counted as refused once, not once per instance.
-        tasks = [
-            asyncio.ensure_future(self._infer(model, version, r, None, note_not_ready=index == 0))
-            for index, r in enumerate(requests)
-        ]
+        if model_version.settings.sequence_batching:
+            return await self._infer_in_sequence(model, model_version.version, requests, shadows)
+        return await self._infer_in_turns(model, model_version, requests, shadows, started)
+
+    async def _infer_in_turns(
+        self,
+        model: str,
+        model_version: ModelVersion,
+        requests: Sequence[InferenceRequest],
+        shadows: tuple[str, ...],
+        started: float,
+    ) -> list[Answer]:
+        """`infer_many`'s requests, as many queued at once as the queue has room for now
+        (at least one: a full queue refuses the first, 503, as it would a lone request); each
+        of the rest is queued once an earlier one is answered. Queued all at once, a request
+        with more instances than `job_queue_size` would be refused (503) even by an idle
+        server, however often it was retried, and a large one would take the whole queue from
+        other clients."""
+        version = model_version.version
+        turns = asyncio.Semaphore(_room(model_version, len(requests)))
+
+        async def in_turn(index: int, request: InferenceRequest) -> Answer:
+            async with turns:
+                self._start_shadows(model, shadows, request)
+                # Should the version stop being ready before they run, the client's one
+                # request is counted as refused once, not once per instance.
+                first = index == 0
+                return await self._infer(model, version, request, None, note_not_ready=first)
+
+        tasks = [asyncio.ensure_future(in_turn(i, r)) for i, r in enumerate(requests)]
         try:
             return list(await asyncio.gather(*tasks))
         except BaseException as exc:
@@ -199,12 +228,41 @@ class DataPlane:
                 self._observer.request_finished(
                     requests[0],
                     model,
-                    answering,
+                    version,
                     http_status(exc),
                     time.monotonic() - started,
                     None,
                 )
             raise
+
+    async def _infer_in_sequence(
+        self,
+        model: str,
+        version: str,
+        requests: Sequence[InferenceRequest],
+        shadows: tuple[str, ...],
+    ) -> list[Answer]:
+        """`infer_many`'s requests to a sequence batching version: one after another, each
+        once the one before is answered, all on one sequence: the client's
+        (`ts_request_sequence_id`) or the one the first request started. TorchServe runs such
+        a request as one step of one sequence; queued together they would take as many places
+        in the sequence's queue (maxSequenceJobQueueSize, 1 by default: 503) or, without an
+        id, start as many sequences (maxNumSequence, 1 by default: 503), none seeing the
+        others' state. A failure ends the request: the rest are never queued."""
+        answers: list[Answer] = []
+        for index, request in enumerate(requests):
+            if index:
+                request.headers = _in_sequence_of(requests[0], request)
+            self._start_shadows(model, shadows, request)
+            first = index == 0
+            answers.append(await self._infer(model, version, request, None, note_not_ready=first))
+        return answers
+
+    def _start_shadows(
+        self, model: str, shadows: tuple[str, ...], request: InferenceRequest
+    ) -> None:
+        for shadow in shadows:
+            self._start_shadow(model, shadow, request, None)
 
     def _ready_version(self, model: str, version: str | None, *, note: bool = True) -> ModelVersion:
         """The version, ready to take a request; a refusal for not being ready is counted
@@ -363,6 +421,26 @@ def _queue_bound(request: InferenceRequest, timeout: float) -> float:
     if request.queue_timeout_s is None:
         return timeout
     return min(request.queue_timeout_s, timeout)
+
+
+def _room(model_version: ModelVersion, count: int) -> int:
+    """How many of `count` requests of one client may wait in `model_version`'s queue at
+    once: the room it has now, at least one, at most `count`."""
+    batcher = model_version.batcher
+    return max(1, min(count, batcher.queue_size - batcher.depth))
+
+
+def _in_sequence_of(first: InferenceRequest, request: InferenceRequest) -> Mapping[str, str]:
+    """`request`'s headers, naming the sequence `first` ran on: the client's id (already
+    there), or the one the sequence batcher gave `first` (`SequenceBatcher.submit`). Not a
+    start: only `first` is. A backend that keeps sequences itself (a remote TorchServe) gives
+    no id back: then each request starts a sequence there, as a lone one would."""
+    if header_value(request.headers, SEQUENCE_ID):
+        return request.headers
+    sequence_id = header_value(first.headers, SEQUENCE_ID)
+    if not sequence_id:
+        return request.headers
+    return {**request.headers, SEQUENCE_ID: sequence_id}
 
 
 def discard_part(prediction: Prediction) -> None:

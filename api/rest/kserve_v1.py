@@ -17,9 +17,14 @@ examples); any other instance arrives as `{"body": instance}`, as the same JSON 
 `/predictions` would. Unlike TorchServe's envelope, which hands the whole request to the
 handler as one batch whatever `batchSize` says (and keeps only the first request of a batch
 of several), the instances are queued one by one, so `batchSize` and `maxBatchDelay` batch
-them, with other clients' requests too. `:explain` sets the `explain: True` request header that
-TorchServe's frontend sets, so `BaseHandler.handle` calls `explain_handle`. All instances of one
-request run on one model version (one routing decision: `DataPlane.infer_many`).
+them, with other clients' requests too. Since TorchServe takes the request as one job, it takes
+no more of the job queue than had room when it came: the rest of its instances are queued as
+earlier ones are answered, so one with more instances than `job_queue_size` is still answered.
+On a stateful model (sequenceBatching) they run one after another as steps of one sequence: the
+client's `ts_request_sequence_id`, or the one the first instance started. `:explain` sets the
+`explain: True` request header that TorchServe's frontend sets, so `BaseHandler.handle` calls
+`explain_handle`. All instances of one request run on one model version (one routing decision:
+`DataPlane.infer_many`).
 
 A request sent as a CloudEvent (Knative Eventing's binary or structured mode) is unwrapped and
 answered as one, as KServe's model server does (`api.rest.cloudevents`).

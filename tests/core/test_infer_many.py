@@ -5,21 +5,25 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import pytest
 
 from api.core.dataplane import DataPlane
 from api.core.registry import ModelVersion, Registry
 from api.core.routing import TrafficPolicy, TrafficRouter
+from api.core.sequences import SEQUENCE_ID, SEQUENCE_START, SequenceBatcher
 from api.core.types import (
     REJECT_NOT_READY,
     Backend,
     InferenceRequest,
     ModelSettings,
     NullObserver,
+    Prediction,
+    header_value,
 )
-from api.errors import InferenceFailed, ModelNotFound, ModelNotReady
+from api.errors import InferenceFailed, ModelNotFound, ModelNotReady, Overloaded
 from tests.support import aio
 from tests.support.fake_backend import FakeBackend
 
@@ -119,5 +123,179 @@ def test_a_version_that_stops_being_ready_under_a_request_is_one_refusal() -> No
             await plane.infer_many("m", None, requests(5))
         assert observer.reasons == [REJECT_NOT_READY]
         await registry.close()
+
+    run(scenario())
+
+
+async def gated(*, batch_size: int, job_queue_size: int) -> tuple[DataPlane, asyncio.Event]:
+    """Model "m" 1.0 alone, on one worker whose batches wait for the event."""
+    backend = FakeBackend("m", "1.0")
+    backend.gate = asyncio.Event()
+    registry = Registry()
+    settings = ModelSettings(batch_size=batch_size, job_queue_size=job_queue_size)
+    await registry.register("m", "1.0", "m.mar", factory(backend), settings)
+    return DataPlane(registry), backend.gate
+
+
+async def settle() -> None:
+    """Let every task that can run, run: queueing, batching, a gated batch reaching its gate."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_more_instances_than_the_job_queue_holds_are_answered_in_turns() -> None:
+    """An idle server answers a request with more instances than `job_queue_size`: no more
+    than the queue had room for wait at once, the rest are queued as those are answered.
+    Queued all at once, those past the queue's size would be refused (503), however often the
+    client retried."""
+
+    async def scenario() -> None:
+        plane, gate = await gated(batch_size=2, job_queue_size=3)
+        batcher = plane.registry.get("m", "1.0").batcher
+        answering = asyncio.ensure_future(plane.infer_many("m", "1.0", requests(10)))
+        await settle()
+        assert batcher.in_flight == 3  # a batch of 2 at the worker, 1 queued
+        gate.set()
+        answers = await answering
+        assert [a.prediction.body["body"] for a in answers] == [str(i) for i in range(10)]
+        await plane.registry.close()
+
+    run(scenario())
+
+
+def test_a_request_takes_the_queue_room_that_was_free_and_a_full_queue_refuses_it() -> None:
+    """Under load a request holds no more of the queue than was free when it came, not one
+    place per instance; a queue already full refuses it at once, 503 with Retry-After, as it
+    would a request of one instance."""
+
+    async def scenario() -> None:
+        plane, gate = await gated(batch_size=1, job_queue_size=4)
+        batcher = plane.registry.get("m", "1.0").batcher
+        others = [
+            asyncio.ensure_future(plane.infer("m", "1.0", request)) for request in requests(3)
+        ]
+        await settle()  # one at the worker, two queued: room for two
+        answering = asyncio.ensure_future(plane.infer_many("m", "1.0", requests(6)))
+        await settle()
+        assert batcher.depth == 4
+        with pytest.raises(Overloaded) as refused:
+            await plane.infer_many("m", "1.0", requests(2))
+        assert refused.value.retry_after == 1
+        gate.set()
+        answers = await answering
+        assert [a.prediction.body["body"] for a in answers] == [str(i) for i in range(6)]
+        assert [(await other).prediction.ok for other in others] == [True] * 3
+        await plane.registry.close()
+
+    run(scenario())
+
+
+class SummingWorker:
+    """examples/stateful's handler reduced to its rule: a running sum per sequence id."""
+
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.sums: dict[str, int] = {}
+
+    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+        answers = []
+        for request in batch:
+            if request.inputs["body"] == "fail":
+                raise RuntimeError("fails on purpose")
+            sequence_id = header_value(request.headers, SEQUENCE_ID) or ""
+            self.sums[sequence_id] = self.sums.get(sequence_id, 0) + int(request.inputs["body"])
+            start = header_value(request.headers, SEQUENCE_START)
+            answers.append(Prediction({"sum": self.sums[sequence_id], "start": start}))
+        return answers
+
+    async def close(self) -> None:
+        pass
+
+
+class SummingBackend:
+    batches = True
+    signature: Mapping[str, Any] | None = None
+    manifest: Mapping[str, Any] = {}
+
+    def __init__(self) -> None:
+        self.worker = SummingWorker()
+
+    async def start_worker(self, index: int) -> SummingWorker:
+        return self.worker
+
+    async def close(self) -> None:
+        pass
+
+
+async def stateful_dataplane() -> DataPlane:
+    """A sequence batching version with TorchServe's default limits: one sequence at a time,
+    one request queued on it."""
+    registry = Registry()
+
+    async def make() -> Backend:
+        return SummingBackend()
+
+    settings = ModelSettings(sequence_batching=True, sequence_max_idle_ms=60_000)
+    await registry.register("s", "1.0", "s.mar", make, settings)
+    return DataPlane(registry)
+
+
+def live_sequences(plane: DataPlane) -> list[str]:
+    batcher = plane.registry.get("s").batcher
+    assert isinstance(batcher, SequenceBatcher)
+    return list(batcher.sequences)
+
+
+def sequence_steps(
+    *bodies: str, headers: Mapping[str, str] | None = None
+) -> list[InferenceRequest]:
+    shared = dict(headers or {})  # one dict for all, as api.rest.kserve_v1 builds them
+    return [InferenceRequest({"body": body}, shared) for body in bodies]
+
+
+def test_a_stateful_models_instances_are_steps_of_the_sequence_the_first_started() -> None:
+    """TorchServe runs a request as one step of one sequence. Queued together, the instances
+    of a request naming no sequence would each start one (the second: 503, maxNumSequence 1)."""
+
+    async def scenario() -> None:
+        plane = await stateful_dataplane()
+        steps = sequence_steps("1", "2", "3")
+        answers = await plane.infer_many("s", None, steps)
+        assert [a.prediction.body["sum"] for a in answers] == [1, 3, 6]
+        assert [a.prediction.body["start"] for a in answers] == ["true", None, None]
+        assert len({r.headers[SEQUENCE_ID] for r in steps}) == 1
+        assert live_sequences(plane) == [steps[0].headers[SEQUENCE_ID]]
+        await plane.registry.close()
+
+    run(scenario())
+
+
+def test_a_stateful_models_instances_are_steps_of_the_clients_sequence() -> None:
+    """Queued together on the client's sequence, the second instance would be refused (503,
+    maxSequenceJobQueueSize 1)."""
+
+    async def scenario() -> None:
+        plane = await stateful_dataplane()
+        named = {SEQUENCE_ID: "s-1"}
+        answers = await plane.infer_many("s", None, sequence_steps("1", "2", headers=named))
+        assert [a.prediction.body["sum"] for a in answers] == [1, 3]
+        later = await plane.infer_many("s", None, sequence_steps("4", headers=named))
+        assert [a.prediction.body["sum"] for a in later] == [7]
+        assert live_sequences(plane) == ["s-1"]
+        await plane.registry.close()
+
+    run(scenario())
+
+
+def test_a_failed_step_ends_the_request_and_the_rest_never_run() -> None:
+    async def scenario() -> None:
+        plane = await stateful_dataplane()
+        named = {SEQUENCE_ID: "s-1"}
+        with pytest.raises(InferenceFailed):
+            await plane.infer_many("s", None, sequence_steps("1", "fail", "5", headers=named))
+        answers = await plane.infer_many("s", None, sequence_steps("10", headers=named))
+        assert [a.prediction.body["sum"] for a in answers] == [11]  # 5 never ran
+        await plane.registry.close()
 
     run(scenario())

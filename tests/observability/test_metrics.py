@@ -342,7 +342,8 @@ def test_name_filter_keeps_exactly_the_named_samples() -> None:
 
 def test_a_failed_kserve_v1_request_is_still_counted_once() -> None:
     """The first instance carries the client's request in the ts_* counters; when another
-    instance fails while it still waits (503, queue full), it is withdrawn, and the client's
+    instance fails while it still waits (503: another client took the queue's last place
+    after the request saw room for all its instances), it is withdrawn, and the client's
     request is counted once all the same, with that failure."""
 
     async def scenario() -> list[Any]:
@@ -350,11 +351,16 @@ def test_a_failed_kserve_v1_request_is_still_counted_once() -> None:
         registry = Registry(observer)
         dataplane = DataPlane(registry, observer=observer)
         slow = factory(EchoBackend("1.0", delay=0.2))
-        await registry.register("m", "1.0", "m.mar", slow, ModelSettings(job_queue_size=1))
+        await registry.register("m", "1.0", "m.mar", slow, ModelSettings(job_queue_size=2))
         requests = [InferenceRequest({"body": i}, {}, "rid", API_V1_REST) for i in range(2)]
         requests[1].counted = False  # as api.rest.kserve_v1 marks all but the first
+        split = asyncio.ensure_future(dataplane.infer_many("m", None, requests))
+        # Queued once the split request has seen room for both instances, before they are.
+        other = InferenceRequest({"body": 9}, {}, "rid", API_V1_REST)
+        cutting_in = asyncio.ensure_future(dataplane.infer("m", "1.0", other))
         with pytest.raises(Overloaded):
-            await dataplane.infer_many("m", None, requests)
+            await split
+        await cutting_in
         await registry.close()
         return scrape(observer)[0]
 
