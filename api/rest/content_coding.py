@@ -21,13 +21,26 @@ from api.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
 # tritonclient sends). x-gzip is gzip's old name, which RFC 9110 asks recipients to take.
 ACCEPTED: Final = "gzip, deflate"
 _WBITS: Final = {"gzip": 31, "x-gzip": 31, "deflate": 15}
+_GZIP_MAGIC: Final = b"\x1f\x8b"  # how every gzip member starts
+# Members one gzip body may have: concatenated files, or BGZF's blocks of at most 64 KiB
+# each (64 MiB of them). Each member costs some µs of the event loop however small it is:
+# a body of 6.5 MB of empty members would hold the loop for over half a second.
+MAX_MEMBERS: Final = 1024
+# What a stream after the first is fed of the body at first (see `_inflate_stream`).
+_FIRST_FEED: Final = 1024
 # Answers at least this big are compressed off the event loop (zlib lets go of the
 # interpreter lock): a 6 MB tensor takes about 0.2 s, which would stall every other request.
 _OFF_LOOP_BYTES: Final = 64 * 1024
 
 
 def decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
-    """`body` with its Content-Encoding undone; at most `limit` bytes once inflated."""
+    """`body` with its Content-Encoding undone; at most `limit` bytes once inflated.
+
+    gzip data may be several members, one after the other (RFC 1952; `cat a.gz b.gz`): each
+    is inflated, as gzip and Python's gzip.decompress do. Bytes after the last member that
+    do not start another, or after the deflate stream, are refused: stopping at the end of
+    the first stream would cut the body short, or take garbage, without a word.
+    """
     coding = (encoding or "identity").strip().lower()
     if coding == "identity":
         return body
@@ -36,16 +49,56 @@ def decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise UnsupportedEncoding(
             f"Unsupported Content-Encoding: {encoding} (this server takes {ACCEPTED})"
         )
+    inflated: list[bytes] = []
+    size = 0
+    rest, feed = memoryview(body), len(body)  # the first stream whole: usually all there is
+    for _ in range(MAX_MEMBERS):
+        stream, rest = _inflate_stream(rest, wbits, coding, feed=feed, limit=limit, size=size)
+        inflated += stream
+        size += sum(len(part) for part in stream)
+        if not rest:
+            return inflated[0] if len(inflated) == 1 else b"".join(inflated)
+        if wbits != _WBITS["gzip"]:
+            raise BadRequest(
+                f"Body is not valid {coding} data: {len(rest)} bytes after the deflate stream"
+            )
+        if rest[:2] != _GZIP_MAGIC:
+            raise BadRequest(
+                f"Body is not valid {coding} data: {len(rest)} bytes after the last gzip "
+                f"member are not a gzip member"
+            )
+        feed = _FIRST_FEED
+    raise BadRequest(f"Body is not valid {coding} data: more than {MAX_MEMBERS} gzip members")
+
+
+def _inflate_stream(
+    data: memoryview, wbits: int, coding: str, *, feed: int, limit: int, size: int
+) -> tuple[list[bytes], memoryview]:
+    """The stream (the gzip member) that `data` starts with, inflated, in parts, and what
+    follows it; 413 should it take what was inflated before (`size` bytes) past `limit`.
+
+    `data` is fed `feed` bytes, then twice as many each time the stream wants more: zlib
+    copies out whatever follows a stream's end (`unused_data`), so feeding all the rest of
+    the body to each of many small members would copy it once per member.
+    """
     inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"Body is not valid {coding} data: {exc}") from None
-    if len(data) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"Decompressed body exceeds max_request_size of {limit} bytes")
-    if not inflater.eof:  # zlib hands back what it could of a cut-off stream, silently
-        raise BadRequest(f"Body is not valid {coding} data: the stream is truncated")
-    return data
+    parts: list[bytes] = []
+    used = 0
+    while not inflater.eof:
+        chunk = data[used : used + feed]
+        if not chunk:  # zlib hands back what it could of a cut-off stream, silently
+            raise BadRequest(f"Body is not valid {coding} data: the stream is truncated")
+        try:
+            part = inflater.decompress(chunk, limit - size + 1)
+        except zlib.error as exc:
+            raise BadRequest(f"Body is not valid {coding} data: {exc}") from None
+        size += len(part)
+        if size > limit or inflater.unconsumed_tail:
+            raise PayloadTooLarge(f"Decompressed body exceeds max_request_size of {limit} bytes")
+        parts.append(part)
+        used += len(chunk) - len(inflater.unused_data)
+        feed *= 2
+    return parts, data[used:]
 
 
 def chosen_coding(accept_encoding: str | None) -> str | None:
