@@ -53,8 +53,14 @@ _ZIP_ENCRYPTED = 0x1 | 0x40  # general purpose flags: encrypted, strong encrypti
 _ZIP_PATCH_DATA = 0x20  # compressed patch data, which zipfile cannot read
 
 # tarfile reads a GNU long name or a pax header whole into memory, before the member it
-# describes. Real names and pax records take a few hundred bytes.
-MAX_TAR_EXTENDED_HEADER = 64 * 1024
+# describes, and on Python before 3.11.10 searches a pax header with a regular expression
+# whose time grows with the square of its size (CVE-2024-6232: 64 KiB took 8 s, holding the
+# interpreter lock). Real names and pax records take a few hundred bytes, Python's tarfile
+# writes some 30 per member (a fractional mtime). So a member's extended headers may take
+# MAX_TAR_EXTENDED_HEADER bytes, and an archive's their squares up to
+# MAX_TAR_EXTENDED_COST: 64 headers of 2 KiB (about 10 ms each), or a million of 16 bytes.
+MAX_TAR_EXTENDED_HEADER = 2 * 1024
+MAX_TAR_EXTENDED_COST = 64 * MAX_TAR_EXTENDED_HEADER**2
 
 
 class ExtractError(Exception):
@@ -261,6 +267,10 @@ class _BoundedTarInfo(tarfile.TarInfo):
                     f"a GNU long name or pax header of {self.size} bytes at offset {self.offset} "
                     f"(a member's extended headers may take {MAX_TAR_EXTENDED_HEADER} bytes)"
                 )
+            if isinstance(archive, _BoundedTarFile):
+                archive.extended_cost += self.size**2
+                if archive.extended_cost > MAX_TAR_EXTENDED_COST:
+                    raise ExtractError("too many GNU long names or pax headers")
         elif self.type == tarfile.GNUTYPE_SPARSE:
             raise ExtractError(f"member {_quoted(self.name)} is a sparse file")
         return super()._proc_member(archive)  # type: ignore[misc]
@@ -277,6 +287,7 @@ class _BoundedTarFile(tarfile.TarFile):
 
     tarinfo = _BoundedTarInfo
     members: list[tarfile.TarInfo]  # undocumented, and missing from typeshed
+    extended_cost = 0  # the sum of the squares of the extended headers' sizes read so far
 
     def next(self) -> tarfile.TarInfo | None:
         info = super().next()
@@ -310,9 +321,11 @@ class TarReader:
                 member = tally.add(info.name, info.size if info.isfile() else 0, info.isdir())
                 # Declared sizes leave out what tarfile decompresses besides members' data:
                 # headers, padding, the data of skipped root entries. Its position in the
-                # decompressed stream counts all of it.
+                # decompressed stream counts all of it against the total; the ratio is the
+                # data's, as for zip: headers compress some 100:1, and a real archive of many
+                # small files (a pax header each, from Python's tarfile) would pass it.
                 tally.check_total(self._tar.offset)
-                tally.check_ratio("the archive", self._tar.offset, compressed)
+                tally.check_ratio("the archive", tally.total, compressed)
                 if member is not None:
                     self._infos[member] = info
             self.members = tally.members

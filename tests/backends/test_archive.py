@@ -419,6 +419,37 @@ def test_tar_chain_of_small_long_names_is_bounded_too(tmp_path: Path) -> None:
     assert "GNU long name or pax header" in refused(path, work_dir=tmp_path / "w")
 
 
+def _python_tgz(path: Path, files: dict[str, bytes], pax: dict[str, str] | None = None) -> Path:
+    """A .tar.gz as torch-model-archiver's tgz format writes it: Python's tarfile, pax format,
+    each member with a pax header (its fractional mtime, and `pax` if given)."""
+    with tarfile.open(path, "w:gz") as archive:
+        for name, data in files.items():
+            info = tarfile.TarInfo(f"m/{name}")
+            info.size, info.mtime = len(data), 1733333333.25
+            info.pax_headers = dict(pax or {})
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_of_many_small_files_from_python_s_tarfile_is_accepted(tmp_path: Path) -> None:
+    """Each member's pax header compresses some 100:1: the ratio is the data's, not the
+    headers' (1,500 small files were refused as a bomb)."""
+    files = {f"conf/{i}.json": b"{}" for i in range(1500)}
+    files["MAR-INF/MANIFEST.json"] = manifest().encode()
+    files["handler.py"] = b"def handle(data, context):\n    return data\n"
+    archive = open_archive(_python_tgz(tmp_path / "many.tar.gz", files), work_dir=tmp_path / "w")
+    assert (archive.model_dir / "conf" / "1499.json").read_bytes() == b"{}"
+    archive.remove()
+
+
+def test_tar_pax_headers_are_bounded_by_their_cost_in_all(tmp_path: Path) -> None:
+    """A pax header is searched in a time that grows with its size squared on Python before
+    3.11.10 (CVE-2024-6232): many of the largest allowed are refused, quickly."""
+    files = {f"{i}.txt": b"x" for i in range(200)}
+    path = _python_tgz(tmp_path / "pax.tar.gz", files, pax={"comment": "1" * 1400})
+    assert "too many GNU long names or pax headers" in refused(path, work_dir=tmp_path / "w")
+
+
 def test_tar_sparse_member(tmp_path: Path) -> None:
     sparse = tarfile.TarInfo("m/weights.bin")
     sparse.type = tarfile.GNUTYPE_SPARSE
