@@ -203,14 +203,26 @@ class DataPlane:
         other clients."""
         version = model_version.version
         turns = asyncio.Semaphore(_room(model_version, len(requests)))
+        failed = False
 
         async def in_turn(index: int, request: InferenceRequest) -> Answer:
-            async with turns:
-                self._start_shadows(model, shadows, request)
+            nonlocal failed
+            await turns.acquire()
+            if failed:  # an earlier one failed: the request has; this one is never queued
+                raise asyncio.CancelledError
+            self._start_shadows(model, shadows, request)
+            try:
                 # Should the version stop being ready before they run, the client's one
                 # request is counted as refused once, not once per instance.
                 first = index == 0
-                return await self._infer(model, version, request, None, note_not_ready=first)
+                answer = await self._infer(model, version, request, None, note_not_ready=first)
+            except BaseException:
+                # The turn is not given back: a waiting one would be queued (and refused,
+                # and counted) before the gather below withdraws it.
+                failed = True
+                raise
+            turns.release()
+            return answer
 
         tasks = [asyncio.ensure_future(in_turn(i, r)) for i, r in enumerate(requests)]
         try:
@@ -255,7 +267,10 @@ class DataPlane:
                 request.headers = _in_sequence_of(requests[0], request)
             self._start_shadows(model, shadows, request)
             first = index == 0
-            answers.append(await self._infer(model, version, request, None, note_not_ready=first))
+            answer = await self._infer(model, version, request, None, note_not_ready=first)
+            answers.append(answer)
+            if not answer.prediction.ok:  # a handler's error for this step ends the request
+                break
         return answers
 
     def _start_shadows(

@@ -190,6 +190,37 @@ def test_a_request_takes_the_queue_room_that_was_free_and_a_full_queue_refuses_i
     run(scenario())
 
 
+def test_a_refused_request_is_refused_once_and_its_other_instances_never_queued() -> None:
+    """At a full queue the first instance is refused, 503; the turn it held is not given to the
+    next, which would be queued, refused and counted in its turn, one per instance."""
+
+    async def scenario() -> None:
+        plane, gate = await gated(batch_size=1, job_queue_size=2)
+        batcher = plane.registry.get("m", "1.0").batcher
+        others = []
+        while batcher.depth < 2:  # the worker holds some; the queue fills behind them
+            others.append(asyncio.ensure_future(plane.infer("m", "1.0", requests(1)[0])))
+            await settle()
+        submitted = 0
+        submit = batcher.submit
+
+        def counted_submit(request: InferenceRequest) -> Any:
+            nonlocal submitted
+            submitted += 1
+            return submit(request)
+
+        batcher.submit = counted_submit  # type: ignore[method-assign]
+        with pytest.raises(Overloaded):
+            await plane.infer_many("m", "1.0", requests(5))
+        await settle()
+        assert submitted == 1
+        gate.set()
+        await asyncio.gather(*others)
+        await plane.registry.close()
+
+    run(scenario())
+
+
 class SummingWorker:
     """examples/stateful's handler reduced to its rule: a running sum per sequence id."""
 
@@ -203,6 +234,9 @@ class SummingWorker:
         for request in batch:
             if request.inputs["body"] == "fail":
                 raise RuntimeError("fails on purpose")
+            if request.inputs["body"] == "bad":  # the handler's own error for this item
+                answers.append(Prediction({"code": 400, "message": "bad step"}, 400))
+                continue
             sequence_id = header_value(request.headers, SEQUENCE_ID) or ""
             self.sums[sequence_id] = self.sums.get(sequence_id, 0) + int(request.inputs["body"])
             start = header_value(request.headers, SEQUENCE_START)
@@ -283,6 +317,22 @@ def test_a_stateful_models_instances_are_steps_of_the_clients_sequence() -> None
         later = await plane.infer_many("s", None, sequence_steps("4", headers=named))
         assert [a.prediction.body["sum"] for a in later] == [7]
         assert live_sequences(plane) == ["s-1"]
+        await plane.registry.close()
+
+    run(scenario())
+
+
+def test_a_step_the_handler_answers_with_an_error_ends_the_request() -> None:
+    """A handler's per-item error is an answer, not an exception: the steps after it must not
+    run all the same (the client, told the request failed, would send them again)."""
+
+    async def scenario() -> None:
+        plane = await stateful_dataplane()
+        named = {SEQUENCE_ID: "s-1"}
+        answers = await plane.infer_many("s", None, sequence_steps("1", "bad", "5", headers=named))
+        assert [a.prediction.status for a in answers] == [200, 400]
+        answers = await plane.infer_many("s", None, sequence_steps("10", headers=named))
+        assert [a.prediction.body["sum"] for a in answers] == [11]  # 5 never ran
         await plane.registry.close()
 
     run(scenario())
