@@ -131,7 +131,8 @@ async def load_worker_backend(
 
 def _remove_extracted(opening: asyncio.Future[Archive]) -> None:
     if not opening.cancelled() and opening.exception() is None:
-        opening.result().remove()
+        # In a thread, as WorkerBackend.close removes it: thousands of files, gigabytes.
+        asyncio.get_running_loop().run_in_executor(None, opening.result().remove)
 
 
 class WorkerBackend:

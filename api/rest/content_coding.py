@@ -62,6 +62,9 @@ def decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
             raise BadRequest(
                 f"Body is not valid {coding} data: {len(rest)} bytes after the deflate stream"
             )
+        if not bytes(rest).strip(b"\0"):
+            # Zero padding after the last member: gzip and gzip.decompress take it.
+            return inflated[0] if len(inflated) == 1 else b"".join(inflated)
         if rest[:2] != _GZIP_MAGIC:
             raise BadRequest(
                 f"Body is not valid {coding} data: {len(rest)} bytes after the last gzip "
