@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from api.core.dataplane import Answer
 from api.core.streaming import PredictionStream
@@ -252,7 +252,9 @@ async def _form_fields(content_type: str, body: bytes, item: RequestItem) -> Non
     parser = _RawFieldsParser(Headers({"content-type": content_type}), body)
     try:
         form = await parser.parse()
-    except Exception as exc:  # python-multipart raises its own types
+    # Starlette's limits, python-multipart's parse errors (ValueErrors); anything else is a
+    # bug of ours (say, Starlette's parser changed under _RawFieldsParser): a 500, logged.
+    except (MultiPartException, ValueError) as exc:
         raise BadRequest(f"Malformed multipart form data: {exc}") from None
     try:
         for name, value in parser.parts:
