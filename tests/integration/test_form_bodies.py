@@ -14,19 +14,16 @@ import httpx
 import pytest
 
 from api.rest.predictions import MAX_FORM_FIELDS
-from tests.support.archives import build_archive
+from tests.support.archives import PROBE_VALUE, build_archive
 from tests.support.side_by_side import side_by_side
 
 pytestmark = [pytest.mark.integration, pytest.mark.torchserve]
 
 # Each input's type and bytes (latin-1, to survive JSON), and the headers under the inputs'
 # names and the frontend's own.
-PROBE = """
-    def _value(value):
-        if isinstance(value, (bytes, bytearray)):
-            return [type(value).__name__, bytes(value).decode("latin-1")]
-        return [type(value).__name__, value]
-
+PROBE = (
+    PROBE_VALUE
+    + """
     def handle(data, context):
         if data is None:
             return None
@@ -41,6 +38,7 @@ PROBE = """
             })
         return answers
 """
+)
 
 
 def multipart(*parts: bytes, charset: str = "") -> dict[str, Any]:

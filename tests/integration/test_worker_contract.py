@@ -34,22 +34,20 @@ import torch
 
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
-from tests.support.archives import build_archive
+from tests.support.archives import PROBE_VALUE, build_archive
 from tests.support.side_by_side import Endpoints, side_by_side
 
 pytestmark = [pytest.mark.integration, pytest.mark.torchserve]
 
-PROBE = """
+PROBE = (
+    """
     import os
     import signal
     import sys
     import threading
-
-    def _value(value):
-        if isinstance(value, (bytes, bytearray)):
-            return [type(value).__name__, bytes(value).decode("latin-1")]
-        return [type(value).__name__, value]
-
+"""
+    + PROBE_VALUE
+    + """
     def handle(data, context):
         if data is None:
             return None
@@ -81,6 +79,7 @@ PROBE = """
             })
         return answers
 """
+)
 
 # As fairseq's and Dynabench's handlers do: bodies reach handle() undecoded.
 RAW = """

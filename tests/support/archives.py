@@ -96,3 +96,14 @@ def run_archiver(command: Sequence[str], workdir: Path) -> None:
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".archiving-") as scratch:
         env = {**os.environ, "TMPDIR": scratch}
         subprocess.run(list(command), check=True, capture_output=True, env=env)
+
+
+# Handler source for probes that report what the handler saw (indented as a test's handler
+# source is, dedented with it): a row's value as its type's name and its content, bytes as
+# latin-1 text so that any byte survives JSON.
+PROBE_VALUE = """
+    def _value(value):
+        if isinstance(value, (bytes, bytearray)):
+            return [type(value).__name__, bytes(value).decode("latin-1")]
+        return [type(value).__name__, value]
+"""

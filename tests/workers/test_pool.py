@@ -7,6 +7,8 @@ import asyncio
 import os
 import pickle
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -15,32 +17,48 @@ from api.workers.pool import WorkerPool, WorkerProcess
 from tests.support import aio
 
 
+@asynccontextmanager
+async def stand_in_zygote() -> AsyncIterator[tuple[WorkerPool, socket.socket]]:
+    """A started pool whose zygote is the socket given: `launch` starts none, and the test
+    reads the pool's requests from it and sends the zygote's reports on it."""
+    ours, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    zygote.settimeout(2.0)
+    pool = WorkerPool()
+    pool._control = ours
+    pool.start()
+    try:
+        yield pool, zygote
+    finally:
+        pool._detach()
+        ours.close()
+        zygote.close()
+
+
+async def spawn_asked(zygote: socket.socket) -> int:
+    """The request id of the spawn the pool asked for; the worker's socket and log it sent
+    are closed, as a worker gone at once."""
+    message, fds, _, _ = await asyncio.to_thread(socket.recv_fds, zygote, 65536, 2)
+    for fd in fds:
+        socket.close(fd)
+    _, request_id, _ = pickle.loads(message)
+    return int(request_id)
+
+
 def test_a_worker_reported_exited_with_its_spawn_still_knows_how_it_ended() -> None:
     """A worker that dies at once can be reported spawned and exited in one turn of the loop,
     before `spawn` registers it: its exit status was dropped, and its death was noticed only
     seconds later, as "exit status unknown"."""
 
     async def scenario() -> None:
-        ours, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        pool = WorkerPool()
-        pool._control = ours  # the stand-in takes the zygote's place: `launch` starts none
-        pool.start()
-        try:
+        async with stand_in_zygote() as (pool, zygote):
             spawning = asyncio.ensure_future(pool.spawn({"spec": None}, label="m/1.0"))
-            message, fds, _, _ = await asyncio.to_thread(socket.recv_fds, zygote, 65536, 2)
-            for fd in fds:
-                socket.close(fd)  # the worker's socket and log: it is gone at once
-            _, request_id, _ = pickle.loads(message)
+            request_id = await spawn_asked(zygote)
             # Both reports before the loop reads either: no await between the two sends.
             zygote.send(pickle.dumps(("spawned", request_id, 4242)))
             zygote.send(pickle.dumps(("exited", 4242, 3)))
             process = await spawning
             assert await asyncio.wait_for(process.exited, 1) == "exit code 3"
-        finally:
-            pool._detach()
-            ours.close()
-            zygote.close()
 
     aio.run(scenario(), timeout=10)
 
@@ -65,29 +83,15 @@ def test_a_spawn_given_up_while_connecting_kills_its_worker(
     monkeypatch.setattr(WorkerProcess, "connect", connect)
 
     async def scenario() -> None:
-        ours, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        zygote.settimeout(2.0)
-        pool = WorkerPool()
-        pool._control = ours  # the stand-in takes the zygote's place: `launch` starts none
-        pool.start()
-        try:
+        async with stand_in_zygote() as (pool, zygote):
             spawning = asyncio.ensure_future(pool.spawn({"spec": None}, label="m/1.0"))
-            message, fds, _, _ = await asyncio.to_thread(socket.recv_fds, zygote, 65536, 2)
-            for fd in fds:
-                socket.close(fd)
-            _, request_id, _ = pickle.loads(message)
-            zygote.send(pickle.dumps(("spawned", request_id, 4242)))
+            zygote.send(pickle.dumps(("spawned", await spawn_asked(zygote), 4242)))
             await connecting.wait()
             spawning.cancel()
             with pytest.raises((asyncio.CancelledError, OSError)):
                 await spawning
             said: Any = pickle.loads(await asyncio.to_thread(zygote.recv, 65536))
             assert said == ("kill", 4242)
-        finally:
-            pool._detach()
-            ours.close()
-            zygote.close()
 
     aio.run(scenario(), timeout=10)
 
@@ -103,24 +107,16 @@ def test_a_connection_that_fails_closes_both_descriptors(monkeypatch: pytest.Mon
             raise OSError("refused")
 
         monkeypatch.setattr(loop, "create_unix_connection", refuse)
-        control, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        control.setblocking(False)
-        pool = WorkerPool()
-        pool._control = control  # a stand-in for the zygote, as above: `launch` starts none
-        pool.start()
         ours, theirs = socket.socketpair()
         log_read, log_write = os.pipe()
-        try:
+        async with stand_in_zygote() as (pool, _):
             process = WorkerProcess(4242, "m/1.0", pool)
             with pytest.raises(OSError, match="refused"):
                 await process.connect(ours, log_read)
-            assert ours.fileno() == -1
-            with pytest.raises(OSError):
-                os.fstat(log_read)
-        finally:
-            pool._detach()
-            for sock in (control, zygote, theirs):
-                sock.close()
-            os.close(log_write)
+        assert ours.fileno() == -1
+        with pytest.raises(OSError):
+            os.fstat(log_read)
+        theirs.close()
+        os.close(log_write)
 
     aio.run(scenario(), timeout=10)
