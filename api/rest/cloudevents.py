@@ -30,12 +30,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.encoding import dumps
+from api.errors import BadRequest
 from api.rest.predictions import media_type_of
 
 BINARY_HEADERS = ("ce-specversion", "ce-source", "ce-type", "ce-id")
 STRUCTURED = "application/cloudevents+json"
 # What makes a JSON body a structured event for KServe (`is_structured_cloudevent`).
 STRUCTURED_KEYS = ("time", "type", "source", "id", "specversion", "data")
+# The CloudEvents versions the SDK KServe uses reads (cloudevents.conversion).
+SPEC_VERSIONS = frozenset(("1.0", "0.3"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +57,22 @@ def unwrap(headers: Mapping[str, str], request: Any) -> tuple[Any, Event | None]
     """
     if all(name in headers for name in BINARY_HEADERS):
         attributes = {name[3:]: value for name, value in headers.items() if name[:3] == "ce-"}
+        _check_specversion(attributes["specversion"])
         return request, Event(binary=True, attributes=attributes)
     structured = media_type_of(headers.get("content-type", "")).lower() == STRUCTURED
     attributes = {}
     if isinstance(request, dict) and all(key in request for key in STRUCTURED_KEYS):
         attributes = {key: value for key, value in request.items() if key != "data"}
+        _check_specversion(attributes["specversion"])
         request = request["data"]
     return request, (Event(binary=False, attributes=attributes) if structured else None)
+
+
+def _check_specversion(specversion: Any) -> None:
+    """400 for an event of a CloudEvents version the SDK KServe uses does not know, as KServe
+    answers it ("Cloud Event Exceptions: ..."), rather than an answer that repeats it."""
+    if specversion not in SPEC_VERSIONS:
+        raise BadRequest(f"Cloud Event Exceptions: Found invalid specversion {specversion}")
 
 
 def wrap(event: Event, model: str, answer: Any) -> tuple[bytes, list[tuple[str, str]]]:

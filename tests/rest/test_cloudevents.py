@@ -5,9 +5,11 @@ with the CloudEvents SDK in tests/kserve/test_runtime.py."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
+from api.errors import BadRequest
 from api.rest.cloudevents import unwrap, wrap
 
 REQUEST = {"instances": [1]}
@@ -35,6 +37,17 @@ def test_a_plain_request_is_no_event() -> None:
     # Three of the four required headers do not make a binary event.
     partial = {k: v for k, v in BINARY.items() if k != "ce-id"}
     assert unwrap(partial, REQUEST) == (REQUEST, None)
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_an_unknown_specversion_is_refused_as_kserve_refuses_it(mode: str) -> None:
+    headers: dict[str, str] = {}
+    request: dict[str, Any] = {**STRUCTURED, "specversion": "9.9"}
+    if mode == "binary":
+        headers, request = {**BINARY, "ce-specversion": "9.9"}, dict(REQUEST)
+    with pytest.raises(BadRequest) as refused:
+        unwrap(headers, request)
+    assert refused.value.message == "Cloud Event Exceptions: Found invalid specversion 9.9"
 
 
 def test_a_structured_body_is_unwrapped_and_answered_as_one_only_when_sent_as_one() -> None:
