@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 PIP_TIMEOUT_S = 600.0
 MAX_PIP_OUTPUT = 4000  # characters of pip's output kept in an error message
+_INVALID_REQUIREMENT = "ERROR: Invalid requirement"
 # Imported by the zygote (or by torchgate itself) before any worker exists: a model cannot
 # replace them. Names as pip normalises them.
 PRELOADED = frozenset(
@@ -146,11 +147,20 @@ async def _pip(python: str, args: Sequence[str], cwd: Path, model: str, timeout:
         log.error("Model %s: pip %s failed:\n%s", model, args[0], text)
         # pip's ERROR lines say what went wrong; its warnings (an unreachable extra index...)
         # are shown only when there are none.
-        errors = [line for line in text.splitlines() if line.startswith("ERROR")]
+        errors = [_told(line) for line in text.splitlines() if line.startswith("ERROR")]
         message = "\n".join(errors) if errors else text
         raise RequirementsError(
             f"Custom pip package installation failed for model {model}: {message[-MAX_PIP_OUTPUT:]}"
         )
+
+
+def _told(error: str) -> str:
+    """A pip ERROR line as the client is told it. pip quotes a line it cannot read as a
+    requirement, and `-r /etc/passwd` in a requirements file makes that any file the server
+    can read: such a line stays in the server log only."""
+    if error.startswith(_INVALID_REQUIREMENT):
+        return f"{_INVALID_REQUIREMENT} (the line is in the server's log)"
+    return error
 
 
 def _missing(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -52,6 +52,20 @@ def test_pip_failure_is_a_registration_error(model_dir: Path, tmp_path: Path) ->
     assert list(work.iterdir()) == []  # the half-made directory is gone
 
 
+def test_a_file_pip_reads_as_requirements_is_not_quoted_to_the_client(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """`-r` in a requirements file names any file the server can read; pip quotes each line it
+    cannot parse: those lines stay in the server's log, not in the API's answer."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:s3cr3t-t0ken:0:0\n")
+    (model_dir / "requirements.txt").write_text(f"-r {secret}\n")
+    with pytest.raises(RequirementsError) as raised:
+        run(install_requirements(model_dir, "requirements.txt", tmp_path / "work", model="m"))
+    assert "ERROR: Invalid requirement" in raised.value.message
+    assert "s3cr3t" not in raised.value.message
+
+
 def test_a_requirements_file_outside_the_archive_is_refused(
     model_dir: Path, tmp_path: Path
 ) -> None:
