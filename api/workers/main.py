@@ -263,21 +263,19 @@ class _Loop:
         data = [handler_row(inputs, types) for _, _, inputs, types in items]
         started = time.perf_counter()
         self._stream_failure = None
+        failure: tuple[int, str] | None = None
         try:
             result = handle(data, context)
-            if self._stream_failure is not None:
-                return ("error", *self._stream_failure, self._metrics.take())
         except PredictionException as exc:
             # TorchServe's way for a handler to fail a batch with a status of its choosing.
-            return ("error", int(exc.error_code), str(exc.message), self._metrics.take())
+            failure = (int(exc.error_code), str(exc.message))
         except Exception as exc:
             log.warning("%s", self._what, exc_info=True)
-            return (
-                "error",
-                500,
-                f"{self._what}: {type(exc).__name__}: {exc}",
-                self._metrics.take(),
-            )
+            failure = (500, f"{self._what}: {type(exc).__name__}: {exc}")
+        # An intermediate response's error came first: TorchServe answered the batch with it.
+        failure = self._stream_failure or failure
+        if failure is not None:
+            return ("error", *failure, self._metrics.take())
         elapsed_ms = round((time.perf_counter() - started) * 1000, 2)
         self._prediction_time.add_or_update(elapsed_ms, self._model_dims)
         problem = _count_problem(result, len(items))

@@ -588,6 +588,8 @@ FAILS_MID_STREAM = """
             ["lost"], context.request_ids, "upstream gave up", 507, context
         )
         send_intermediate_predict_response(["after"], context.request_ids, "ok", 200, context)
+        if data[0].get("body") == b"raise":
+            raise ValueError("raised after the error it streamed")
         return ["done"]
 """
 
@@ -604,16 +606,17 @@ def test_an_intermediate_response_with_an_error_code_fails_the_batch(
         backend = await load(worker_pool, path)
         worker = await backend.start_worker(0)
         try:
-            request = InferenceRequest({"body": b"x"}, {}, "r", stream=parts.append)
-            with pytest.raises(InferenceFailed) as failed:
-                await worker.predict([request])
-            assert failed.value.message == "upstream gave up"
-            assert failed.value.status == 507
+            for body in (b"x", b"raise"):  # the error streamed first wins over a raise after
+                request = InferenceRequest({"body": body}, {}, "r", stream=parts.append)
+                with pytest.raises(InferenceFailed) as failed:
+                    await worker.predict([request])
+                assert failed.value.message == "upstream gave up"
+                assert failed.value.status == 507
         finally:
             await backend.close()
 
     run(scenario())
-    assert [part.body for part in parts] == ["tick"]
+    assert [part.body for part in parts] == ["tick", "tick"]
 
 
 def test_a_batch_past_response_timeout_kills_the_worker_and_frees_the_one_behind(
