@@ -14,6 +14,7 @@ file with the archive's other files) that `api.backends.archive.open_archive` th
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -99,10 +100,12 @@ def function_model(archive: WorkflowArchive, node: str, model_name: str) -> Path
     """A model directory whose handler is the workflow handler's function `node`.
 
     The worker's model directory holds the archive's files, so the handler imports its
-    neighbours as it would in TorchServe. Blocking.
+    neighbours as it would in TorchServe. They are hard links to the extracted files, not
+    copies: a workflow's nodes share its files, as in TorchServe, and 50 function nodes of a
+    workflow with 1 GiB of files take 1 GiB, not 50. Blocking.
     """
     model_dir = archive.directory / "nodes" / node
-    shutil.copytree(archive.directory / "files", model_dir)
+    shutil.copytree(archive.directory / "files", model_dir, copy_function=_link_or_copy)
     manifest = {
         "runtime": "python",
         "model": {
@@ -112,8 +115,17 @@ def function_model(archive: WorkflowArchive, node: str, model_name: str) -> Path
         },
     }
     (model_dir / "MAR-INF").mkdir(exist_ok=True)
-    (model_dir / "MAR-INF" / "MANIFEST.json").write_text(json.dumps(manifest))
+    manifest_file = model_dir / "MAR-INF" / "MANIFEST.json"
+    manifest_file.unlink(missing_ok=True)  # a link to the files' own: never written through
+    manifest_file.write_text(json.dumps(manifest))
     return model_dir
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target)
 
 
 def _json(raw: bytes, path: Path) -> Any:

@@ -58,6 +58,10 @@ def test_open_war_reads_the_archivers_output(war: Path, tmp_path: Path) -> None:
     model_dir = function_model(archive, "pre", "wf__pre")
     opened = open_archive(model_dir)
     assert (opened.name, opened.handler.spec) == ("wf__pre", "wf_handler.py:pre")
+    # Another node's directory shares the files (hard links), not copies of them.
+    other = function_model(archive, "post", "wf__post")
+    handler = "wf_handler.py"
+    assert (other / handler).stat().st_ino == (model_dir / handler).stat().st_ino
     archive.remove()
     assert not archive.directory.exists()
 
