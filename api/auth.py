@@ -11,7 +11,9 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +58,12 @@ class TokenAuth:
                 "Token Authorization failed. Token either incorrect, expired, or not provided "
                 "correctly"
             )
-        scheme, _, token = authorization.partition(" ")
+        bearer = _BEARER.fullmatch(authorization.strip())
         key = self._keys[kind]
-        valid = scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), key.value)
+        # As bytes: compare_digest refuses str with characters outside ASCII, and a client's
+        # byte 0xE9 made a 500 and a traceback.
+        given = bearer.group(1).encode("utf-8", "surrogateescape") if bearer else b""
+        valid = bearer is not None and hmac.compare_digest(given, key.value.encode())
         if not valid or (key.expires_at is not None and time.time() > key.expires_at):
             raise Unauthenticated(
                 "Token Authorization failed. Token either incorrect, expired, or not provided "
@@ -70,21 +75,31 @@ class TokenAuth:
         self.check(API, authorization)
         if kind not in (INFERENCE, MANAGEMENT):
             raise BadRequest(f"type must be inference or management, got {kind!r}")
-        self._keys[kind] = self._new_key(expires=True)
-        self._write()
-        return self._keys[kind].value
+        keys = {**self._keys, kind: self._new_key(expires=True)}
+        self._write(keys)  # first: a key that could not be written is never handed out
+        self._keys = keys
+        return keys[kind].value
 
-    def _write(self) -> None:
+    def _write(self, keys: dict[str, _Key] | None = None) -> None:
         document = {
             kind: {"key": key.value, "expiration time": _iso(key.expires_at)}
-            for kind, key in self._keys.items()
+            for kind, key in (keys or self._keys).items()
         }
         document[API].pop("expiration time")
-        tmp = self.key_file.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(document, f, indent=2)
-        os.replace(tmp, self.key_file)
+        # A new file of a name nobody could have made ready (mkstemp: O_EXCL, mode 0600), so
+        # no planted file or link takes the keys or keeps a looser mode; then renamed.
+        fd, tmp = tempfile.mkstemp(dir=self.key_file.parent, prefix=".key_file.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(document, f, indent=2)
+            os.replace(tmp, self.key_file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# TorchServe's `Bearer\s+(\S+)` (a tab after the scheme too), the scheme in any case.
+_BEARER = re.compile(r"bearer\s+(\S+)", re.IGNORECASE)
 
 
 def _iso(timestamp: float | None) -> str | None:
