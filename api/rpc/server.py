@@ -59,14 +59,21 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
                 self.auth.check(self.kind, metadata.get("authorization"))
             except Unauthenticated as exc:
                 self.on_reject()
-                return _refusal(exc)
+                return _refusal(exc, await continuation(handler_call_details))
         return await continuation(handler_call_details)
 
 
-def _refusal(exc: Unauthenticated) -> grpc.RpcMethodHandler:
+def _refusal(exc: Unauthenticated, method: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    """A handler that fails the call at once, of the method's own kind: one taking a single
+    request would wait for the client's first message of a stream before it could answer."""
+
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc_code(exc), exc.message)
 
+    if method is not None and method.request_streaming:
+        if method.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.stream_unary_rpc_method_handler(refuse)
     # Unary-unary and unary-stream refusals look the same to a client: the call fails at once.
     return grpc.unary_unary_rpc_method_handler(refuse)
 

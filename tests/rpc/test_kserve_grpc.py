@@ -664,6 +664,18 @@ def test_token_authorization(tmp_path: Path) -> None:
                 _ = [answer async for answer in stream]
             assert info.value.code() == Code.UNAUTHENTICATED
             assert client.backend().seen == []
+            # A stream is refused at once, not after the client's first message.
+            silent = asyncio.Event()
+
+            async def nothing_yet() -> AsyncIterator[pb.ModelInferRequest]:
+                await silent.wait()
+                yield infer_request()
+
+            stream = stub.ModelStreamInfer(nothing_yet())
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await asyncio.wait_for(stream.read(), 5)
+            assert info.value.code() == Code.UNAUTHENTICATED
+            silent.set()
 
             good = (("authorization", f"Bearer {key}"),)
             response = await stub.ModelInfer(infer_request(), metadata=good)
