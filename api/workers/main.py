@@ -212,6 +212,9 @@ class _Loop:
         # (code, message) of an intermediate response with a code other than 200: as in
         # TorchServe, the whole batch fails with it, and the rest of its responses are dropped.
         self._stream_failure: tuple[int, str] | None = None
+        # The request ids of the batch (the group) `handle` is running; None between batches.
+        self._running: Mapping[int, str] | None = None
+        self._strays_noted = False
 
     def serve(self, sock: socket.socket, *, spin: float) -> None:
         reader = wire.FrameReader(sock, spin=spin)
@@ -264,6 +267,7 @@ class _Loop:
         started = time.perf_counter()
         self._stream_failure = None
         failure: tuple[int, str] | None = None
+        self._running = ids
         try:
             result = handle(data, context)
         except PredictionException as exc:
@@ -272,6 +276,8 @@ class _Loop:
         except Exception as exc:
             log.warning("%s", self._what, exc_info=True)
             failure = (500, f"{self._what}: {type(exc).__name__}: {exc}")
+        finally:
+            self._running = None
         # An intermediate response's error came first: TorchServe answered the batch with it.
         failure = self._stream_failure or failure
         if failure is not None:
@@ -337,6 +343,17 @@ class _Loop:
             f"str, bytes, JSON-compatible values, numpy arrays or torch tensors"
         )
 
+    def _stray_parts(self, req_id_map: Mapping[int, str]) -> None:
+        if not self._strays_noted:
+            self._strays_noted = True
+            log.warning(
+                "%s: dropped intermediate responses for requests %s, which the batch running "
+                "now does not hold (sent from a thread after their batch was answered?); "
+                "said once",
+                self._what,
+                sorted(req_id_map.values()),
+            )
+
     def chunk(
         self,
         ret: list[Any],
@@ -349,6 +366,12 @@ class _Loop:
         """One intermediate response per item named in `req_id_map`, sent at once; with a
         `code` other than 200, none, and the batch fails with `code` and `message` when the
         handler returns (TorchServe answers every request of the batch with that error)."""
+        running = self._running
+        if running is None or any(running.get(idx) != rid for idx, rid in req_id_map.items()):
+            # Not this batch's (a handler's thread streaming on after its batch was answered,
+            # or into the next one): sent, it would reach other clients' requests.
+            self._stray_parts(req_id_map)
+            return
         if self._stream_failure is not None:
             return
         if code != 200:

@@ -619,6 +619,51 @@ def test_an_intermediate_response_with_an_error_code_fails_the_batch(
     assert [part.body for part in parts] == ["tick", "tick"]
 
 
+STREAMS_LATE = """
+    import threading
+    import time
+    from ts.handler_utils.utils import send_intermediate_predict_response
+
+    def handle(data, context):
+        if data is None:
+            return None
+        if bytes(data[0]["body"]) == b"first":
+            ids = context.request_ids
+
+            def late():  # a generation thread left running after its batch was answered
+                time.sleep(0.3)
+                send_intermediate_predict_response(["stray"], ids, "ok", 200, context)
+
+            threading.Thread(target=late).start()
+            return ["first done"]
+        time.sleep(1.0)
+        return ["second done"]
+"""
+
+
+def test_a_part_sent_after_its_batch_was_answered_reaches_no_other_request(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
+    """Parts name their requests by index in the batch: one a thread sends once its batch is
+    answered would go to the request at that index of the batch running then, another
+    client's. The worker drops what the running batch does not hold."""
+    path = build_archive("late", "handler.py", {"handler.py": STREAMS_LATE})
+    parts: list[Prediction] = []
+
+    async def scenario() -> list[Any]:
+        backend = await load(worker_pool, path)
+        worker = await backend.start_worker(0)
+        try:
+            await worker.predict([InferenceRequest({"body": b"first"}, {}, "r1")])
+            second = InferenceRequest({"body": b"second"}, {}, "r2", stream=parts.append)
+            return bodies(await worker.predict([second]))
+        finally:
+            await backend.close()
+
+    assert run(scenario()) == ["second done"]
+    assert parts == []
+
+
 def test_a_batch_past_response_timeout_kills_the_worker_and_frees_the_one_behind(
     worker_pool: WorkerPool, build_archive: BuildArchive
 ) -> None:
