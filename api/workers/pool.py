@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,11 @@ worker_log = logging.getLogger("torchgate.worker")
 EXIT_REPORT_WAIT_S = 2.0  # after a worker's socket closes, how long its exit status may take
 _RECEIVE_BUFFER = 256 * 1024
 _MAX_LOG_LINE = 64 * 1024
+# A worker's output lines are logged by the event loop, some µs each: a handler printing in a
+# loop took seconds of it per second from every model. Past this many lines a second (a
+# burst of LOG_BURST first), its lines are dropped and counted, and the count logged.
+LOG_LINES_PER_S = 5000
+LOG_BURST = 20_000
 
 ChunkCallback = Callable[[list[Any]], None]
 
@@ -552,14 +558,35 @@ class _LogLines(asyncio.Protocol):
     def __init__(self, label: str) -> None:
         self._label = label
         self._partial = b""
+        self._allowance = float(LOG_BURST)  # lines that may be logged now
+        self._refilled = time.monotonic()
+        self._dropped = 0
 
     def data_received(self, data: bytes) -> None:
+        now = time.monotonic()
+        self._allowance = min(LOG_BURST, self._allowance + (now - self._refilled) * LOG_LINES_PER_S)
+        self._refilled = now
+        if self._allowance < 1:  # not even split: counting the lines is all they cost
+            self._dropped += data.count(b"\n")
+            self._partial = (self._partial + data).rpartition(b"\n")[2][-_MAX_LOG_LINE:]
+            return
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         if len(self._partial) > _MAX_LOG_LINE:
             lines.append(self._partial)
             self._partial = b""
-        for line in lines:
+        if self._dropped:
+            worker_log.warning(
+                "[%s] %d lines of its output dropped: over %d lines a second",
+                self._label,
+                self._dropped,
+                LOG_LINES_PER_S,
+            )
+            self._dropped = 0
+        kept = lines[: int(self._allowance)]
+        self._dropped += len(lines) - len(kept)
+        self._allowance -= len(kept)
+        for line in kept:
             self._emit(line)
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -4,6 +4,7 @@ order of reports tested here cannot be produced on demand by a real one."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pickle
 import socket
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import api.workers.pool as pool_module
 from api.workers.pool import WorkerPool, WorkerProcess
 from tests.support import aio
 
@@ -120,3 +122,24 @@ def test_a_connection_that_fails_closes_both_descriptors(monkeypatch: pytest.Mon
         os.close(log_write)
 
     aio.run(scenario(), timeout=10)
+
+
+def test_a_worker_flooding_its_output_is_logged_within_a_budget(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each line is logged on the event loop: a handler printing in a loop took seconds of it
+    per second from every model. Past the budget lines are counted, not logged."""
+    clock = [1000.0]
+    monkeypatch.setattr(pool_module.time, "monotonic", lambda: clock[0])
+    lines = pool_module._LogLines("m/1.0 w0")
+    with caplog.at_level(logging.INFO, logger=pool_module.worker_log.name):
+        lines.data_received(b"line\n" * (pool_module.LOG_BURST + 500))
+        lines.data_received(b"more\n" * 1000)  # no time has passed: not even split
+        assert len(caplog.records) == pool_module.LOG_BURST
+        clock[0] += 1.0  # a second's allowance
+        lines.data_received(b"later\n")
+    said = [r.getMessage() for r in caplog.records[pool_module.LOG_BURST :]]
+    assert said == [
+        "[m/1.0 w0] 1500 lines of its output dropped: over 5000 lines a second",
+        "[m/1.0 w0] later",
+    ]
