@@ -304,11 +304,16 @@ class _Loop:
         headers = dict(processor.get_response_headers())
         if last and headers.get("ts_stream_next") == "true":
             headers["ts_stream_next"] = "false"  # the end of a stream, as TorchServe's worker
+        status = int(processor.get_response_status_code())
+        if not 100 <= status <= 599:
+            # No HTTP status: the frontend could not send it (the connection was dropped).
+            message = f"{self._what}: set_response_status({status}) is not an HTTP status"
+            return (message, 500, message, {})
         if saved_tensor and isinstance(body, self._tensor):
             body = self._saved(body)
         return (
             self.portable(body),
-            int(processor.get_response_status_code()),
+            status,
             processor.get_response_status_phrase() or "",
             headers,
         )

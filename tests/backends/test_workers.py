@@ -664,6 +664,26 @@ def test_a_part_sent_after_its_batch_was_answered_reaches_no_other_request(
     assert parts == []
 
 
+SETS_NO_STATUS = """
+    def handle(data, context):
+        if data is None:
+            return None
+        context.set_response_status(700, "Out of range")
+        return ["answer"]
+"""
+
+
+def test_a_status_that_is_no_http_status_is_a_500_for_its_request(
+    worker_pool: WorkerPool, build_archive: BuildArchive
+) -> None:
+    """set_response_status(700): the frontend cannot send it (its status line lookup failed
+    after the response had started, and the connection was dropped with a traceback)."""
+    path = build_archive("status", "handler.py", {"handler.py": SETS_NO_STATUS})
+    (answer,) = run(serve(worker_pool, path, [requests("x")]))[0]
+    assert answer.status == 500
+    assert "set_response_status(700) is not an HTTP status" in str(answer.body)
+
+
 def test_a_batch_past_response_timeout_kills_the_worker_and_frees_the_one_behind(
     worker_pool: WorkerPool, build_archive: BuildArchive
 ) -> None:
