@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 worker_log = logging.getLogger("torchgate.worker")
 
 EXIT_REPORT_WAIT_S = 2.0  # after a worker's socket closes, how long its exit status may take
+LOG_DRAIN_S = 2.0  # after a worker's exit is reported, how long its output pipe is read on
 _RECEIVE_BUFFER = 256 * 1024
 _MAX_LOG_LINE = 64 * 1024
 # A worker's output lines are logged by the event loop, some µs each: a handler printing in a
@@ -298,6 +299,7 @@ class WorkerProcess(asyncio.BufferedProtocol):
         self._spinner = pool.spinner
         self.exited: asyncio.Future[str] = loop.create_future()
         self._transport: asyncio.Transport | None = None
+        self._log: asyncio.BaseTransport | None = None  # the worker's stdout/stderr pipe
         # Calls whose answers are due, oldest first: the worker answers in order.
         self._waiters: deque[_Waiter] = deque()
         self._inbox: list[Any] = []  # a message that arrived before anyone waited
@@ -323,7 +325,7 @@ class WorkerProcess(asyncio.BufferedProtocol):
             sock.close()
             os.close(log_fd)
             raise
-        await self._loop.connect_read_pipe(
+        self._log, _ = await self._loop.connect_read_pipe(
             lambda: _LogLines(self.label), os.fdopen(log_fd, "rb", buffering=0)
         )
 
@@ -418,6 +420,11 @@ class WorkerProcess(asyncio.BufferedProtocol):
             self.exited.set_result(describe_exit(code))
         if self._transport is not None:
             self._transport.close()
+        if self._log is not None:
+            # The pipe ends when the last process holding it does: a daemon the handler
+            # started (setsid) would keep it, and its descriptor here, for ever. Its last
+            # lines have this long to arrive.
+            self._loop.call_later(LOG_DRAIN_S, self._log.close)
         self._fail_waiter()
 
     def _exit_reason(self) -> str:

@@ -143,3 +143,26 @@ def test_a_worker_flooding_its_output_is_logged_within_a_budget(
         "[m/1.0 w0] 1500 lines of its output dropped: over 5000 lines a second",
         "[m/1.0 w0] later",
     ]
+
+
+def test_a_dead_workers_output_pipe_is_closed_though_another_process_holds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A daemon a handler started keeps the pipe's write end open after the worker died: the
+    frontend's read end (a descriptor, a transport) was kept for as long, one per restart."""
+    monkeypatch.setattr(pool_module, "LOG_DRAIN_S", 0.05)
+
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        log_read, log_write = os.pipe()  # log_write: held by the "daemon", never closed
+        async with stand_in_zygote() as (pool, _):
+            process = WorkerProcess(4242, "m/1.0", pool)
+            await process.connect(ours, log_read)
+            process.exit_reported(0)
+            await asyncio.sleep(0.2)
+            with pytest.raises(OSError):
+                os.fstat(log_read)
+        theirs.close()
+        os.close(log_write)
+
+    aio.run(scenario(), timeout=10)
