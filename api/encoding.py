@@ -97,12 +97,20 @@ def check_answer_size(size: int, limit: int, where: str) -> None:
         raise ResponseTooLarge(message)
 
 
+# Headers a handler may set that are not passed on as they are: its content type (chosen below)
+# and the ones that frame the message or the connection, which the server writes itself (a
+# second Content-Length or Transfer-Encoding would make clients and proxies read it wrong).
+_NOT_PASSED_ON = frozenset(
+    ("content-type", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade")
+)
+
+
 def encode_prediction(prediction: Prediction) -> Encoded:
     """A handler's answer, following TorchServe's worker: bytes go out as they are, str as
     UTF-8 text, anything else as JSON; a per-item error with no body of its own gets
     TorchServe's error JSON. The handler's content type wins over those defaults."""
     body = prediction.body
-    headers = [(k, v) for k, v in prediction.headers.items() if k.lower() != "content-type"]
+    headers = [(k, v) for k, v in prediction.headers.items() if k.lower() not in _NOT_PASSED_ON]
     chosen = next((v for k, v in prediction.headers.items() if k.lower() == "content-type"), None)
     if not prediction.ok and body in (None, b"", ""):
         type_name = "InternalServerException" if prediction.status >= 500 else "BadRequestException"

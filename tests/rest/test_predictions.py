@@ -158,6 +158,19 @@ def test_handler_outputs_are_encoded_as_torchserve_sends_them(
     )
 
 
+def test_headers_that_frame_the_answer_are_the_servers_own() -> None:
+    """A handler's Content-Length or Transfer-Encoding went out beside the server's own: two
+    framings of one answer, which clients and proxies read each their own way."""
+    headers = {
+        "Content-Length": "999",
+        "transfer-encoding": "chunked",
+        "Connection": "close",
+        "x-kept": "yes",
+    }
+    encoded = encode_prediction(Prediction(b"ok", headers=headers))
+    assert encoded.headers == [("x-kept", "yes"), ("content-type", "application/octet-stream")]
+
+
 def form(fields: int) -> bytes:
     return b"&".join(b"f%d=v" % n for n in range(fields))
 
