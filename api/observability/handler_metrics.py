@@ -115,6 +115,9 @@ class HandlerMetrics:
         with self._lock:
             family = self._families.get(family_name)
             if family is None:
+                if self._series_count >= self._max_series:  # a new family is a new series
+                    self._warn("", f"more than {self._max_series} handler metric series")
+                    return
                 family = _Family(family_name, kind, unit, tuple(labels))
                 self._families[family_name] = family
             elif family.kind != kind or set(family.label_names) != set(labels):
