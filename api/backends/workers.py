@@ -272,11 +272,17 @@ class WorkerBackend:
     def _report(self, metrics: Sequence[tuple[str, float, str, dict[str, str], str]]) -> None:
         if self._on_metric is None:
             return
+        failed = 0
         for update in metrics:
             try:
                 self._on_metric(*update)
             except Exception:
-                log.exception("metric callback failed for %s", update[0])
+                # Logged once per reply, not once per update: a reply can carry many.
+                if not failed:
+                    log.exception("%s: a handler metric could not be recorded", self.archive.name)
+                failed += 1
+        if failed > 1:
+            log.error("%s: %d handler metrics of one reply not recorded", self.archive.name, failed)
 
     def _forget(self, worker: ProcessWorker) -> None:
         self._workers.discard(worker)

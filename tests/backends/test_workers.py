@@ -684,6 +684,34 @@ def test_a_status_that_is_no_http_status_is_a_500_for_its_request(
     assert "set_response_status(700) is not an HTTP status" in str(answer.body)
 
 
+def test_metric_updates_that_fail_are_logged_once_per_reply(
+    worker_pool: WorkerPool,
+    build_archive: BuildArchive,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reply can carry thousands of updates: one traceback each flooded the log, on the
+    event loop."""
+    path = build_archive("echo", "handler.py", {"handler.py": ECHO})
+
+    def refuses(*update: Any) -> None:
+        raise ValueError("malformed")
+
+    async def scenario() -> None:
+        backend = await load(worker_pool, path, on_metric=refuses)
+        try:
+            with caplog.at_level(logging.ERROR, logger="api.backends.workers"):
+                backend._report([("x", 1.0, "", {}, "counter")] * 1000)
+        finally:
+            await backend.close()
+
+    run(scenario())
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "echo: a handler metric could not be recorded",
+        "echo: 1000 handler metrics of one reply not recorded",
+    ]
+
+
 def test_a_batch_past_response_timeout_kills_the_worker_and_frees_the_one_behind(
     worker_pool: WorkerPool, build_archive: BuildArchive
 ) -> None:
