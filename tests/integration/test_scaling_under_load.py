@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -46,10 +46,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchgateServer
 
 
 async def traffic(
-    url: str, model: str, stop: asyncio.Event, *, until: int | None = None
+    url: str,
+    model: str,
+    stop: asyncio.Event,
+    *,
+    until: int | None = None,
+    served: Callable[[], None] | None = None,
 ) -> list[Answer]:
     """`CLIENTS` clients, each sending its next request as soon as the last is answered, until
-    `stop` is set or, with `until`, it got that status."""
+    `stop` is set or, with `until`, it got that status; `served` is called on each 200."""
 
     async def client(number: int) -> list[Answer]:
         answers: list[Answer] = []
@@ -59,6 +64,8 @@ async def traffic(
                 body = f"client {number} request {len(answers)}".encode()
                 reply = await http.post(f"/predictions/{model}", content=body)
                 answers.append((reply.status_code, body, reply.content))
+                if reply.status_code == 200 and served is not None:
+                    served()
                 if reply.status_code == until:
                     break
         return answers
@@ -117,9 +124,20 @@ def test_unregistering_under_load_answers_every_request(server: TorchgateServer)
     assert len(workers) == 2
 
     async def scenario() -> list[Answer]:
-        stop = asyncio.Event()
-        load = asyncio.create_task(traffic(server.inference_url, "gone", stop, until=404))
-        await asyncio.sleep(0.5)
+        stop, serving = asyncio.Event(), asyncio.Event()
+        served = 0
+
+        def count() -> None:
+            nonlocal served
+            served += 1
+            if served > 20:
+                serving.set()
+
+        load = asyncio.create_task(
+            traffic(server.inference_url, "gone", stop, until=404, served=count)
+        )
+        # Under way (the host may be slow: a count, not a time), then the DELETE.
+        await asyncio.wait_for(serving.wait(), 60)
         reply = await asyncio.to_thread(management.delete, "/models/gone")
         assert reply.status_code == 200, reply.text
         return await load  # each client goes on until it is told the model is gone
