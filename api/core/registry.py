@@ -20,7 +20,7 @@ from typing import Any
 from api.core.batching import Batcher
 from api.core.names import check_model_name, check_model_version
 from api.core.sequences import SequenceBatcher, sequence_limits
-from api.core.supervision import StartWorker, WorkerSlot, supervise
+from api.core.supervision import StartWorker, WorkerSlot, start_error, supervise
 from api.core.types import Backend, ModelSettings, NullObserver, Observer, Worker
 from api.errors import (
     BadRequest,
@@ -378,7 +378,7 @@ class Registry:
         failed = await _failed_starts(starts)
         # A slot scaled away or unloaded meanwhile (a later scale, a DELETE) did not fail.
         errors = dict.fromkeys(
-            _error_text(error)
+            start_error(error)
             for error in failed.values()
             if not isinstance(error, StoppedBeforeStart)
         )
@@ -625,12 +625,7 @@ def _raise_or_keep(label: str, failed: dict[int, Exception], *, keep_failed: boo
         raise next(iter(failed.values()))
     for index, error in failed.items():
         # `torchgate start` tells the operator from this line (api.commands.launch).
-        log.error("%s worker %d failed to start: %s", label, index, _error_text(error))
-
-
-def _error_text(error: Exception) -> str:
-    """As the slot's supervisor words it (`WorkerSlot.last_error`)."""
-    return getattr(error, "message", None) or f"{type(error).__name__}: {error}"
+        log.error("%s worker %d failed to start: %s", label, index, start_error(error))
 
 
 def _update(settings: ModelSettings, **changes: Any) -> None:

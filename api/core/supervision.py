@@ -108,6 +108,11 @@ async def supervise(
         on_change()
 
 
+def start_error(exc: Exception) -> str:
+    """A failed start's error as a slot reports it (`WorkerSlot.last_error`)."""
+    return getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+
+
 async def _start_with_backoff(
     slot: WorkerSlot, start: StartWorker, on_change: Callable[[], None], label: str
 ) -> None:
@@ -120,7 +125,7 @@ async def _start_with_backoff(
             slot.failed_starts += 1
             if slot.failing_since is None:
                 slot.failing_since = time.monotonic()
-            slot.last_error = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            slot.last_error = start_error(exc)
             log.error(
                 "%s worker %d failed to start (%d in a row): %s",
                 label,
