@@ -30,13 +30,16 @@ def grpc_errors(method: Method[Servicer]) -> Method[Servicer]:
             raise  # aborted inside already, with its own status
         except Exception as exc:
             # A bug, not the client's: INTERNAL as REST's 500, not gRPC's UNKNOWN.
-            await abort(context, unexpected(exc, method.__name__))
+            await abort(context, as_error(exc, method.__name__))
 
     return wrapper
 
 
-def unexpected(exc: Exception, where: str) -> InferenceFailed:
-    """An exception torchgate did not expect, logged with its traceback, as a client's 500."""
+def as_error(exc: Exception, where: str) -> TorchgateError:
+    """`exc` as the error a client is told: itself when torchgate raised it; else one it did
+    not expect (`where`), logged with its traceback, as a client's 500."""
+    if isinstance(exc, TorchgateError):
+        return exc
     log.exception("unexpected error in %s", where, exc_info=exc)
     return InferenceFailed(f"{type(exc).__name__}: {exc}")
 

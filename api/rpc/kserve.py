@@ -15,9 +15,9 @@ from api.core.dataplane import DataPlane
 from api.core.sequences import SEQUENCE_ID
 from api.core.types import API_V2_GRPC, header_value
 from api.encoding import check_answer_size
-from api.errors import Overloaded, TorchgateError
+from api.errors import Overloaded
 from api.request_ids import new_request_id, request_id
-from api.rpc.errors import grpc_errors, metadata_headers, unexpected
+from api.rpc.errors import as_error, grpc_errors, metadata_headers
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from api.rpc.ordered import Earlier, in_order
@@ -137,17 +137,15 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 _mark_final(message, final and not (streamed and empty_final))
                 response = pb.ModelStreamInferResponse(infer_response=message)
                 # Checked here, not by gRPC's send limit, which would end the whole stream.
-                size = response.ByteSize()
-                if size > self.max_response_size:
-                    where = f"ModelStreamInfer {request.model_name}"
-                    check_answer_size(size, self.max_response_size, where)
+                where = f"ModelStreamInfer {request.model_name}"
+                check_answer_size(response.ByteSize(), self.max_response_size, where)
                 yield response
             if streamed and empty_final:
                 yield pb.ModelStreamInferResponse(infer_response=_final_response(request))
         except Exception as exc:
             # As Triton: the request's id, model and version say which request failed, and
             # the stream goes on, whatever the failure.
-            error = exc if isinstance(exc, TorchgateError) else unexpected(exc, "ModelStreamInfer")
+            error = as_error(exc, "ModelStreamInfer")
             yield pb.ModelStreamInferResponse(
                 error_message=error.message, infer_response=_final_response(request)
             )

@@ -36,12 +36,12 @@ from api.core.sequences import SEQUENCE_ID
 from api.core.streaming import iterate
 from api.core.types import API_TORCHSERVE_GRPC, InferenceRequest, Prediction
 from api.encoding import encode_prediction
-from api.errors import BadRequest, TorchgateError, error_for_status
+from api.errors import BadRequest, error_for_status
 from api.management import ListArgs, Management, RegisterArgs, ScaleArgs
 from api.management.params import positive
 from api.model_loader import ModelLoader
 from api.request_ids import new_request_id, request_id
-from api.rpc.errors import abort, grpc_code, grpc_errors, metadata_headers, unexpected
+from api.rpc.errors import abort, as_error, grpc_code, grpc_errors, metadata_headers
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from api.rpc.generated import management_pb2 as management
@@ -77,7 +77,7 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
             async for message in self._responses(request, headers, request_id(headers)):
                 yield message
         except Exception as exc:
-            await abort(context, _as_error(exc, "StreamPredictions"))
+            await abort(context, as_error(exc, "StreamPredictions"))
 
     async def StreamPredictions2(
         self,
@@ -103,7 +103,7 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
                 async for message in self._responses(request, sequence, new_request_id()):
                     yield message
             except Exception as exc:  # this message's failure; the stream goes on
-                error = _as_error(exc, "StreamPredictions2")
+                error = as_error(exc, "StreamPredictions2")
                 failed = inference.PredictionResponse()
                 failed.status.code = grpc_code(error).value[0]
                 failed.status.message = error.message
@@ -138,10 +138,6 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
         # item, as bytes with no content type.
         item = InferenceRequest(dict(request.input), headers, rid, API_TORCHSERVE_GRPC)
         return item, _required(request.model_name, "model_name")
-
-
-def _as_error(exc: Exception, where: str) -> TorchgateError:
-    return exc if isinstance(exc, TorchgateError) else unexpected(exc, where)
 
 
 def _prediction_message(prediction: Prediction) -> inference.PredictionResponse:
