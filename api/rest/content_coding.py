@@ -56,15 +56,13 @@ def decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
         stream, rest = _inflate_stream(rest, wbits, coding, feed=feed, limit=limit, size=size)
         inflated += stream
         size += sum(len(part) for part in stream)
-        if not rest:
-            return inflated[0] if len(inflated) == 1 else b"".join(inflated)
-        if wbits != _WBITS["gzip"]:
+        if rest and wbits != _WBITS["gzip"]:
             raise BadRequest(
                 f"Body is not valid {coding} data: {len(rest)} bytes after the deflate stream"
             )
+        # The end, or zero padding after the last member (gzip and gzip.decompress take it).
         if not bytes(rest).strip(b"\0"):
-            # Zero padding after the last member: gzip and gzip.decompress take it.
-            return inflated[0] if len(inflated) == 1 else b"".join(inflated)
+            return b"".join(inflated)  # one part is returned as it is, not copied
         if rest[:2] != _GZIP_MAGIC:
             raise BadRequest(
                 f"Body is not valid {coding} data: {len(rest)} bytes after the last gzip "
