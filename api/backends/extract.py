@@ -297,18 +297,18 @@ class _BoundedTarFile(tarfile.TarFile):
         return info
 
 
-def _is_tar(path: Path) -> bool:
-    """tarfile.is_tarfile(path), but reading the first header with `_BoundedTarInfo`."""
+def _open_tar(path: Path) -> tarfile.TarFile | None:
+    """The tar archive at `path`, its first header read with `_BoundedTarInfo`; None when it
+    is not one (tarfile.is_tarfile's test, without opening it a second time)."""
     try:
-        _BoundedTarFile.open(path, "r:*").close()
+        return _BoundedTarFile.open(path, "r:*")
     except tarfile.TarError:
-        return False
-    return True
+        return None
 
 
 class TarReader:
-    def __init__(self, path: Path, limits: ArchiveLimits) -> None:
-        self._tar = _BoundedTarFile.open(path, "r:*")  # closed by close()
+    def __init__(self, tar: tarfile.TarFile, path: Path, limits: ArchiveLimits) -> None:
+        self._tar = tar  # closed by close()
         try:
             tally = _Tally(limits)
             compressed = path.stat().st_size
@@ -370,8 +370,8 @@ def open_reader(path: Path, limits: ArchiveLimits) -> Iterator[ArchiveReader]:
     try:
         if zipfile.is_zipfile(path):
             reader = ZipReader(path, limits)
-        elif _is_tar(path):
-            reader = TarReader(path, limits)
+        elif (tar := _open_tar(path)) is not None:
+            reader = TarReader(tar, path, limits)
         else:
             raise ExtractError(
                 "not a model archive: expected a .mar (zip), a .tar.gz or an extracted directory"
