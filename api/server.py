@@ -71,8 +71,9 @@ def _http_server(
         app,
         host=address.host,
         port=address.port,
-        # httptools with header, timeout and connection limits, and each answer's status told
-        http=edge_protocol(limits, answered),
+        # httptools with header, timeout and connection limits, each answer's status told,
+        # and TLS: the edge's own, so that handshakes count against its bound and deadline
+        http=edge_protocol(limits, answered, context),
         ws="none",  # no WebSocket: an Upgrade is answered as a plain request (api.rest.edge)
         loop="none",
         lifespan="off",
@@ -85,8 +86,6 @@ def _http_server(
         proxy_headers=False,  # no X-Forwarded-* rewriting layer on every request
         timeout_graceful_shutdown=int(grace_s),
         timeout_keep_alive=limits.keep_alive_timeout_s,
-        # uvicorn serves TLS when given a context factory (api.tls builds the context).
-        ssl_context_factory=None if context is None else (lambda _config, _default: context),
     )
     return _Server(config)
 

@@ -45,6 +45,9 @@ them. `edge_protocol()` subclasses that protocol, per listener, with:
   sending headers: the stalled clients a flood leaves behind), so a good client still gets in;
   when every connection has a request in progress the new one gets 503 and is closed. The
   descriptors in use stay bounded either way.
+- **TLS** on an https:// listener is set up here (`loop.start_tls`), not by uvicorn: the
+  connection is counted, and its deadline runs, from its first byte, so a handshake that never
+  ends is one more stalled client (uvicorn's TLS left it outside the bound for 60 s).
 
 Deadlines are checked by one sweep per listener, a few times per timeout, rather than a timer
 per request: the hot path only stores a float. The sweep also logs what was refused, as one
@@ -54,8 +57,10 @@ summary a minute at most.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
+import ssl
 from collections import OrderedDict
 from collections.abc import Callable, Sized
 from typing import Any, cast
@@ -86,19 +91,27 @@ MAX_PIPELINED = 64
 
 
 class _Phase(enum.Enum):
+    HANDSHAKE = "handshake"  # https:// only: connected, TLS not yet set up
     NEW = "new"  # connected, nothing received yet
     HEADERS = "headers"  # a request's headers are arriving
     BODY = "body"  # its body is arriving
     BUSY = "busy"  # the request is complete and being answered
     IDLE = "idle"  # keep-alive, between requests (uvicorn's own timer closes it)
-    # NEW, HEADERS and IDLE connections are "waiting": one may be closed to admit a new client.
+    # HANDSHAKE, NEW, HEADERS and IDLE connections are "waiting": one may be closed to admit a
+    # new client.
 
 
 class _Listener:
     """What the connections of one listener share: limits, the waiting queue, the sweep."""
 
-    def __init__(self, limits: EdgeLimits, answered: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        limits: EdgeLimits,
+        answered: Callable[[int], None] | None,
+        tls: ssl.SSLContext | None,
+    ) -> None:
         self.limits = limits
+        self.tls = tls  # an https:// listener's context: the handshake is the edge's
         # Told the status of every answer on this listener (TorchServe's Requests2XX...).
         self.answered = answered
         # Connections with no request in progress, longest waiting first (insertion order).
@@ -242,31 +255,46 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_open = False  # a request's head is being parsed (begun, not complete)
         # What to call when the connection is lost (an ordered set: registered callbacks).
         self._on_lost: dict[Callable[[], object], None] = {}
+        self._securing: asyncio.Task[None] | None = None  # the TLS handshake (a reference)
+        self._early: list[bytes] = []  # bytes that came before TLS took the connection over
 
     # Connection life
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if not self._admitted(transport):
+            return
+        if self.listener.tls is None:
+            self._open(transport)
+        else:
+            self._handshake(transport)
+
+    def _admitted(self, transport: asyncio.Transport) -> bool:
         listener = self.listener
-        if len(self.connections) >= listener.limits.max_connections:
-            if listener.waiting:
-                oldest = next(iter(listener.waiting))
-                oldest._drop()
-                listener.count("closed to admit a new one at torchgate.max_connections")
-            else:
-                self.transport = transport  # uvicorn's connection_lost closes it
-                self._refused = True
-                listener.count("503 over torchgate.max_connections")
-                self._answered(503)
-                transport.write(
-                    _response(
-                        503,
-                        "Service Unavailable",
-                        "ServiceUnavailableException",
-                        "Too many open connections; retry later",
-                    )
+        if len(self.connections) < listener.limits.max_connections:
+            return True
+        if listener.waiting:
+            oldest = next(iter(listener.waiting))
+            oldest._drop()
+            listener.count("closed to admit a new one at torchgate.max_connections")
+            return True
+        self.transport = transport  # uvicorn's connection_lost closes it
+        self._refused = True
+        listener.count("503 over torchgate.max_connections")
+        if listener.tls is None:  # before a handshake a TLS client could not read an answer
+            self._answered(503)
+            transport.write(
+                _response(
+                    503,
+                    "Service Unavailable",
+                    "ServiceUnavailableException",
+                    "Too many open connections; retry later",
                 )
-                transport.close()
-                return
+            )
+        transport.close()
+        return False
+
+    def _open(self, transport: asyncio.Transport) -> None:
+        listener = self.listener
         outbox = listener.outbox
         if outbox is None or outbox.loop is not self.loop:
             outbox = listener.outbox = Outbox(self.loop)
@@ -275,8 +303,72 @@ class EdgeProtocol(HttpToolsProtocol):
         self.flow = PipelineFlow(cast(asyncio.Transport, writer), self.pipeline)
         self._deadline = self.loop.time() + listener.limits.keep_alive_timeout_s
         self._waiting[self] = None
+        self._start_sweep()
+
+    def _start_sweep(self) -> None:
+        listener = self.listener
         if listener.sweep is None:
             listener.sweep = self.loop.call_later(listener.period_s, self._sweep)
+
+    # TLS
+
+    def _handshake(self, transport: asyncio.Transport) -> None:
+        """Count a TLS connection, and start its deadline, from its first byte: a handshake
+        that never ends is a stalled client like any other (uvicorn's own TLS left it outside
+        the bound for asyncio's 60 s). The sweep drops it after `header_timeout_s`, and at the
+        bound it makes way for a new connection as an idle one does."""
+        self.transport = transport
+        self.connections.add(self)
+        self._phase = _Phase.HANDSHAKE
+        self._deadline = self.loop.time() + self._timeout_s
+        self._waiting[self] = None
+        self._start_sweep()
+        self._securing = self.loop.create_task(self._secure(transport))
+
+    async def _secure(self, raw: asyncio.Transport) -> None:
+        listener = self.listener
+        assert listener.tls is not None
+        secured: asyncio.Transport | None = None
+        if not raw.is_closing():
+            if self._early:
+                # Read before TLS took over (uvloop reads as soon as a connection is made): fed
+                # to it first, as the socket would have, before its handshake starts.
+                self.loop.call_soon(self._feed_early, raw)
+            # ssl.SSLError, a reset, the handshake timeout, a drop by the sweep: all OSError.
+            with contextlib.suppress(OSError):
+                secured = await self.loop.start_tls(
+                    raw,
+                    self,
+                    listener.tls,
+                    server_side=True,
+                    ssl_handshake_timeout=self._timeout_s,
+                )
+        self._securing = None
+        if secured is None or secured.is_closing():
+            # Plain HTTP to an https:// port ends here too: nothing a client could read.
+            if not self._refused:
+                listener.count("TLS handshake failed")
+            self.connections.discard(self)
+            self._waiting.pop(self, None)
+            raw.close()
+            return
+        self._waiting.pop(self, None)
+        self._phase = _Phase.NEW
+        self._open(secured)
+
+    def _feed_early(self, raw: asyncio.Transport) -> None:
+        # asyncio's and uvloop's TLS protocols are buffered ones (uvloop's not by subclass)
+        tls = cast(asyncio.BufferedProtocol, raw.get_protocol())
+        data = memoryview(b"".join(self._early))
+        self._early = []
+        if raw.is_closing() or not hasattr(tls, "buffer_updated"):
+            return
+        while data:
+            buffer = memoryview(tls.get_buffer(len(data)))
+            size = min(len(buffer), len(data))
+            buffer[:size] = data[:size]
+            tls.buffer_updated(size)
+            data = data[size:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.listener.waiting.pop(self, None)
@@ -318,7 +410,9 @@ class EdgeProtocol(HttpToolsProtocol):
             # The server paused reading (the app has not taken the body yet): not the client.
             self._deadline = self.loop.time() + self._timeout_s
             return
-        if self._phase is not _Phase.NEW:  # a connection opened and never used is not news
+        if self._phase is _Phase.HANDSHAKE:
+            self.listener.count("TLS handshake not done in time")
+        elif self._phase is not _Phase.NEW:  # a connection opened and never used is not news
             self.listener.count("408 request not received in time")
         self._drop()
 
@@ -376,6 +470,10 @@ class EdgeProtocol(HttpToolsProtocol):
         if phase is _Phase.BODY:
             self._deadline = self.loop.time() + self._timeout_s
             self._feed(data)
+            return
+        if phase is _Phase.HANDSHAKE:
+            self._early.append(data)  # TLS's first bytes, for it once it takes over (_secure)
+            self.transport.pause_reading()
             return
         if phase is _Phase.NEW or phase is _Phase.IDLE:
             # A request starts. It keeps its place among the waiting: longest waiting first.
@@ -525,13 +623,15 @@ class EdgeProtocol(HttpToolsProtocol):
 
 
 def edge_protocol(
-    limits: EdgeLimits, answered: Callable[[int], None] | None = None
+    limits: EdgeLimits,
+    answered: Callable[[int], None] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> type[EdgeProtocol]:
     """A protocol class for one listener (its connections share a bound and a sweep);
     `answered` is told the status of each answer the edge itself sends (431, 408, 503, 400;
-    `api.rest.asgi.StatusTold` tells the app's)."""
+    `api.rest.asgi.StatusTold` tells the app's); with `tls` the listener speaks https."""
 
     class ListenerProtocol(EdgeProtocol):
-        listener = _Listener(limits, answered)
+        listener = _Listener(limits, answered, tls)
 
     return ListenerProtocol
