@@ -60,16 +60,22 @@ def decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
             raise BadRequest(
                 f"Body is not valid {coding} data: {len(rest)} bytes after the deflate stream"
             )
-        # The end, or zero padding after the last member (gzip and gzip.decompress take it).
-        if not bytes(rest).strip(b"\0"):
+        if rest[:2] == _GZIP_MAGIC:  # another member
+            feed = _FIRST_FEED
+            continue
+        if _only_padding(rest):  # the end, or zeros after it (gzip.decompress takes them)
             return b"".join(inflated)  # one part is returned as it is, not copied
-        if rest[:2] != _GZIP_MAGIC:
-            raise BadRequest(
-                f"Body is not valid {coding} data: {len(rest)} bytes after the last gzip "
-                f"member are not a gzip member"
-            )
-        feed = _FIRST_FEED
+        raise BadRequest(
+            f"Body is not valid {coding} data: {len(rest)} bytes after the last gzip "
+            f"member are not a gzip member"
+        )
     raise BadRequest(f"Body is not valid {coding} data: more than {MAX_MEMBERS} gzip members")
+
+
+def _only_padding(rest: memoryview) -> bool:
+    """Nothing but zero bytes (or nothing). It copies `rest`: asked once per body, at its
+    end, not after each member (1,000 empty members before 6 MB took 0.7 s of the loop)."""
+    return not bytes(rest).strip(b"\0")
 
 
 def _inflate_stream(

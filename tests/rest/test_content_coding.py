@@ -9,6 +9,7 @@ import zlib
 import pytest
 
 from api.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
+from api.rest import content_coding
 from api.rest.content_coding import MAX_MEMBERS, compressed, decompressed
 from tests.support.aio import run
 
@@ -87,3 +88,21 @@ def test_the_members_of_one_body_are_bounded() -> None:
     assert decompressed(empty * MAX_MEMBERS, "gzip", 1000) == b""
     with pytest.raises(BadRequest, match=f"more than {MAX_MEMBERS} gzip members"):
         decompressed(empty * (MAX_MEMBERS + 1), "gzip", 1000)
+
+
+def test_the_rest_of_a_body_is_not_copied_after_each_member(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checking for padding copies what follows a member: done after each of 1,000 empty
+    members in front of 6 MB, it held the event loop for 0.7 s (the body's size squared)."""
+    checks: list[int] = []
+    only_padding = content_coding._only_padding
+
+    def counted(rest: memoryview) -> bool:
+        checks.append(len(rest))
+        return only_padding(rest)
+
+    monkeypatch.setattr(content_coding, "_only_padding", counted)
+    empty, big = gzip.compress(b""), gzip.compress(bytes(100_000))
+    assert decompressed(empty * 500 + big, "gzip", 200_000) == bytes(100_000)
+    assert checks == [0]
