@@ -43,6 +43,13 @@ def install_error_handlers(app: FastAPI, encode: ErrorBody = torchserve_error_bo
         body = encode(400, "BadRequestException", f"Invalid request: {problems}")
         return Response(body, status_code=400, media_type=JSON)
 
+    @app.exception_handler(Exception)
+    async def on_unexpected_error(request: Request, exc: Exception) -> Response:
+        # A bug of ours, not the client's: Starlette logs its traceback and closes the
+        # connection after this answer, which keeps the API's shape (not plain text).
+        body = encode(500, "InternalServerException", "Internal server error")
+        return Response(body, status_code=500, media_type=JSON)
+
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
         type_name, message = _HTTP_ERRORS.get(exc.status_code, ("HttpException", str(exc.detail)))

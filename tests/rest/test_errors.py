@@ -117,3 +117,37 @@ def test_an_app_encodes_the_error_tree_validation_and_routing_errors(
             assert (await client.get("/nowhere")).status_code == 404
 
     run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("encode", "expected"),
+    [
+        (
+            torchserve_error_body,
+            {"code": 500, "type": "InternalServerException", "message": "Internal server error"},
+        ),
+        (kserve_error_body, {"error": "Internal server error"}),
+    ],
+)
+def test_a_bug_in_a_route_is_answered_500_in_the_api_s_shape(
+    encode: object, expected: dict[str, object]
+) -> None:
+    # Starlette answers an unexpected exception with plain text unless the app handles it.
+    app = FastAPI()
+    install_error_handlers(app, encode)  # type: ignore[arg-type]
+
+    @app.get("/bug")
+    async def bug() -> None:
+        raise ZeroDivisionError("a bug of ours")
+
+    async def scenario() -> None:
+        # The exception still reaches the server (uvicorn logs its traceback): not raised here.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            answer = await client.get("/bug")
+            assert answer.status_code == 500
+            assert answer.headers["content-type"] == "application/json"
+            assert answer.json() == expected
+            assert "a bug of ours" not in answer.text
+
+    run(scenario())
