@@ -275,7 +275,8 @@ class _Loop:
             failure = (int(exc.error_code), str(exc.message))
         except Exception as exc:
             log.warning("%s", self._what, exc_info=True)
-            failure = (500, f"{self._what}: {type(exc).__name__}: {exc}")
+            status = 507 if _out_of_resources(exc) else 500  # 507: TorchServe's "Out of resources"
+            failure = (status, f"{self._what}: {type(exc).__name__}: {exc}")
         finally:
             self._running = None
         # An intermediate response's error came first: TorchServe answered the batch with it.
@@ -389,6 +390,19 @@ class _Loop:
             response = self._response(ret[idx], context.request_processor[idx])
             responses.append((idx if self._group is None else self._group[idx], *response))
         wire.send(sock, wire.encode(("chunk", responses)))
+
+
+def _out_of_resources(exc: Exception) -> bool:
+    """Memory ran out, on the host or the GPU: TorchServe answers such a batch 507 "Out of
+    resources" rather than its 503, so clients can tell it from a handler's bug. It tells
+    CUDA's by the text (torch's OutOfMemoryError, cuBLAS failing to allocate), as here."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return any(sign in text for sign in _OUT_OF_GPU_MEMORY)
+
+
+_OUT_OF_GPU_MEMORY = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
 
 def _count_problem(result: Any, expected: int) -> str | None:

@@ -26,6 +26,7 @@ from api.errors import (
     HandlerLoadError,
     InferenceFailed,
     ModelNotReady,
+    http_status,
 )
 from api.workers.main import WorkerSpec, _device
 from api.workers.pool import WorkerPool
@@ -383,6 +384,10 @@ CRASHY = """
         if any(row["body"] == "teapot" for row in data):
             from ts.utils.util import PredictionException
             raise PredictionException("no coffee", 400)
+        if any(row["body"] == "no memory" for row in data):
+            raise MemoryError("no room")
+        if any(row["body"] == "no gpu memory" for row in data):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if any(row["body"] == "object" for row in data):
             return [{"label": object()}] * len(data)  # nothing the frontend may unpickle
         return ["ok"] * len(data)
@@ -420,6 +425,30 @@ def test_failed_batch_then_the_next_one_works(
             await backend.close()
 
     assert bodies(run(scenario())) == ["ok", "ok"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [("crash", 500), ("no memory", 507), ("no gpu memory", 507)],
+)
+def test_a_batch_that_ran_out_of_memory_is_507_as_in_torchserve(
+    worker_pool: WorkerPool, build_archive: BuildArchive, body: str, status: int
+) -> None:
+    # TorchServe's worker answers MemoryError and CUDA's out-of-memory 507 "Out of resources".
+    path = build_archive("crashy", "handler.py", {"handler.py": CRASHY})
+
+    async def scenario() -> InferenceFailed:
+        backend = await load(worker_pool, path)
+        worker = await backend.start_worker(0)
+        try:
+            with pytest.raises(InferenceFailed) as failed:
+                await worker.predict(requests(body))
+            assert worker.alive
+            return failed.value
+        finally:
+            await backend.close()
+
+    assert http_status(run(scenario())) == status
 
 
 def test_closed_worker_refuses_batches(
