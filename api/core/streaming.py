@@ -28,10 +28,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from api.core.dataplane import Answer, discard_part
 from api.core.types import InferenceRequest, Prediction
+from api.errors import InferenceFailed
 
 # What a stream runs: the dataplane's `infer` for a model, or another path's (a sequence's).
 Infer = Callable[[InferenceRequest], Awaitable[Answer]]
 SendPart = Callable[[Prediction], Awaitable[None]]
+
+# What may wait for a client slower than its handler: a handler streams without waiting (as in
+# TorchServe), so a client that reads, but slowly, would have the server hold all the stream
+# has made so far (an endless one, without end). Past this the request fails, as one whose
+# part could not go out does.
+MAX_WAITING_BYTES = 64 * 1024 * 1024
+MAX_WAITING_PARTS = 10_000
+_OBJECT_PART_BYTES = 1024  # a part that is not bytes or text (JSON to be), counted at a guess
+# A gRPC stream's messages taken ahead of the call's writes (`iterate`): few, so that a slow
+# client holds parts back in the stream, where they are bounded.
+_ITERATE_AHEAD = 8
 
 
 class PredictionStream:
@@ -42,6 +54,7 @@ class PredictionStream:
         self._request = request
         self._send_part = send_part
         self._parts: deque[Prediction] = deque()
+        self._waiting_bytes = 0  # the bodies' sizes in `_parts`
         self._sender: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None  # made with the first part, as the sender
         self._finished = False
@@ -81,9 +94,18 @@ class PredictionStream:
 
     def _on_part(self, prediction: Prediction) -> None:
         # Called by the backend on the event loop, synchronously: queue, never block it.
-        if self._ended:
+        if self._ended or self._failure is not None:
             return  # as `discard_part`: nobody is left to send it to
         self._parts.append(prediction)
+        self._waiting_bytes += _part_bytes(prediction)
+        if self._waiting_bytes > MAX_WAITING_BYTES or len(self._parts) > MAX_WAITING_PARTS:
+            self._fail_now(
+                InferenceFailed(
+                    f"The client reads this stream slower than the handler writes it: "
+                    f"{len(self._parts)} parts ({self._waiting_bytes} bytes) were waiting"
+                )
+            )
+            return
         if self._wake is None:
             self._wake = asyncio.Event()
             self._sender = asyncio.ensure_future(self._send_parts(self._wake))
@@ -93,7 +115,9 @@ class PredictionStream:
         try:
             while True:
                 while self._parts:
-                    await self._send_part(self._parts.popleft())
+                    part = self._parts.popleft()
+                    self._waiting_bytes -= _part_bytes(part)
+                    await self._send_part(part)
                 if self._finished:
                     return
                 wake.clear()
@@ -101,9 +125,14 @@ class PredictionStream:
         except Exception as exc:
             # A part that cannot go out (over max_response_size, the client gone) ends the
             # request now, not when the handler has produced the rest of its stream.
-            self._failure = exc
-            if not self._finished and self._owner is not None:
-                self._owner.cancel()
+            self._fail_now(exc)
+
+    def _fail_now(self, failure: Exception) -> None:
+        self._failure = failure
+        self._parts.clear()
+        self._waiting_bytes = 0
+        if not self._finished and self._owner is not None:
+            self._owner.cancel()
 
     async def _finish(self) -> None:
         self._finished = True
@@ -115,6 +144,13 @@ class PredictionStream:
             raise self._failure
 
 
+def _part_bytes(prediction: Prediction) -> int:
+    body = prediction.body
+    if isinstance(body, bytes | bytearray | memoryview | str):
+        return len(body)
+    return _OBJECT_PART_BYTES
+
+
 async def iterate(
     request: InferenceRequest, infer: Infer
 ) -> AsyncIterator[tuple[Prediction, bool]]:
@@ -123,9 +159,14 @@ async def iterate(
     Raises the request's error after the parts that came before it; closing the iterator
     early cancels the request."""
     queue: asyncio.Queue[tuple[Prediction, bool] | None] = asyncio.Queue()
+    room = asyncio.Event()  # set while the consumer keeps up (`_ITERATE_AHEAD`)
+    room.set()
 
     async def send_part(prediction: Prediction) -> None:
         queue.put_nowait((prediction, False))
+        if queue.qsize() >= _ITERATE_AHEAD:
+            room.clear()
+            await room.wait()  # parts wait in the stream, bounded there, not here
 
     async def run() -> None:
         try:
@@ -137,6 +178,8 @@ async def iterate(
     task = asyncio.ensure_future(run())
     try:
         while (response := await queue.get()) is not None:
+            if queue.qsize() < _ITERATE_AHEAD:
+                room.set()
             yield response
         task.result()  # the request's error, if it failed
     finally:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from api.core.dataplane import Answer, discard_part
-from api.core.streaming import PredictionStream, iterate
+from api.core.streaming import MAX_WAITING_BYTES, MAX_WAITING_PARTS, PredictionStream, iterate
 from api.core.types import InferenceRequest, Prediction
 from api.errors import InferenceFailed
 from tests.support import aio
@@ -194,3 +194,51 @@ def test_a_part_that_cannot_be_sent_ends_the_request_at_once() -> None:
         assert current is not None and current.cancelling() == 0
 
     aio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_parts_waiting_for_a_slow_client_are_bounded_in_bytes() -> None:
+    """The handler streams without waiting for the client (as in TorchServe): a client that
+    falls behind would have the server hold all the stream made so far."""
+
+    async def scenario() -> None:
+        async def stuck(prediction: Prediction) -> None:
+            await asyncio.Event().wait()  # a client that reads nothing more
+
+        megabyte = bytes(1024 * 1024)
+        words: list[Any] = [megabyte] * (MAX_WAITING_BYTES // len(megabyte) + 2) + [b"end"]
+        stream = PredictionStream(InferenceRequest({}), stuck)
+        with pytest.raises(InferenceFailed, match="slower than the handler writes it"):
+            await asyncio.wait_for(stream.run(fake_infer(words)), 30)
+
+    aio.run(scenario())
+
+
+def test_parts_waiting_for_a_slow_client_are_bounded_in_number() -> None:
+    async def scenario() -> None:
+        async def stuck(prediction: Prediction) -> None:
+            await asyncio.Event().wait()
+
+        words = ["token"] * (MAX_WAITING_PARTS + 2) + ["end"]
+        stream = PredictionStream(InferenceRequest({}), stuck)
+        with pytest.raises(InferenceFailed, match=f"{MAX_WAITING_PARTS + 1} parts"):
+            await asyncio.wait_for(stream.run(fake_infer(words)), 30)
+
+    aio.run(scenario())
+
+
+def test_iterate_holds_few_parts_ahead_of_a_slow_consumer() -> None:
+    """gRPC writes each yielded message before taking the next: parts a slow client has not
+    taken wait in the stream, under its bound, not in an unbounded queue in front of it."""
+
+    async def scenario() -> None:
+        megabyte = bytes(1024 * 1024)
+        words: list[Any] = [megabyte] * (MAX_WAITING_BYTES // len(megabyte) + 20) + [b"end"]
+        taken = 0
+        with pytest.raises(InferenceFailed, match="slower than the handler writes it"):
+            async for _response, _final in iterate(InferenceRequest({}), fake_infer(words)):
+                taken += 1
+                if taken == 1:
+                    await asyncio.sleep(0.5)  # the client falls behind
+        assert taken < 20
+
+    aio.run(scenario())
