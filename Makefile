@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 protos: $(PROTOS_STAMP)
 
-$(PROTOS_STAMP): $(STAMP) $(wildcard api/rpc/protos/*.proto) scripts/gen_protos.py
+# Every .proto, nested ones (google/rpc/status.proto) included.
+$(PROTOS_STAMP): $(STAMP) $(shell find api/rpc/protos -name '*.proto') scripts/gen_protos.py
 	$(BIN)/python scripts/gen_protos.py
 	@touch $@
 
@@ -41,11 +42,12 @@ lint: venv
 typecheck: venv protos
 	$(BIN)/mypy
 
-# Real Prometheus (scrape tests), wrk (bench tests) and HAProxy (scale-out tests), from Debian's
+# Real Prometheus (scrape tests), wrk (bench tests), HAProxy (scale-out tests) and Java (the
+# tests that compare with a real TorchServe; Debian's default-jre-headless), from Debian's
 # packages when missing.
 # Needs root or sudo; outside CI a failure is only a warning (those tests then skip, saying why).
 tools:
-	./scripts/install_tools.sh prometheus wrk haproxy || [ -z "$$CI" ]
+	./scripts/install_tools.sh prometheus wrk haproxy java || [ -z "$$CI" ]
 
 # Two pytest workers, one per core; a test module stays on one worker (its servers start once).
 PYTEST_ARGS ?= -n 2 --dist loadfile

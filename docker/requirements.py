@@ -4,8 +4,9 @@
     python docker/requirements.py gpu             runtime deps as declared
     python docker/requirements.py pick grpcio-tools   that one requirement, from any group
 
-The images install from pyproject.toml through this script, so their pins cannot drift from the
-ones `make venv` installs. Standard library only: it runs before anything is installed.
+The images install from pyproject.toml through this script, so their requirements cannot drift
+from the ones `make venv` installs; the versions come from constraints.txt (`pip install -c`), as
+in `make venv`. Standard library only: it runs before anything is installed.
 """
 
 from __future__ import annotations

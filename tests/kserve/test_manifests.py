@@ -191,6 +191,29 @@ def test_probes_and_ports_match_torchgate() -> None:
     assert config.models and config.traffic  # the ConfigMap loads models and a policy
 
 
+def test_deployments_environment_variables_apply(tmp_path: Path) -> None:
+    """A TS_* variable a Deployment sets takes effect: the ConfigMap it mounts says
+    enable_envvars_config=true (torchgate, as TorchServe, ignores them otherwise), the name is
+    one TorchServe reads, and it sets what the Deployment means (GPU pods: number_of_gpu=1)."""
+    from api.config import ENVIRONMENT_KEYS, Overrides, load_config
+
+    configmaps = {c["metadata"]["name"]: c for c in by_kind("ConfigMap")}
+    for deployment in by_kind("Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        env = {item["name"]: item["value"] for item in container.get("env", [])}
+        (volume,) = [v for v in pod["volumes"] if "configMap" in v]
+        file = tmp_path / deployment["metadata"]["name"] / "config.properties"
+        file.parent.mkdir()
+        file.write_text(configmaps[volume["configMap"]["name"]]["data"]["config.properties"])
+        overrides = Overrides(model_store=Path("/mnt/models/model-store"))
+        config = load_config(file, overrides=overrides, environ=env)
+        for name in (n for n in env if n.startswith("TS_")):
+            assert name in ENVIRONMENT_KEYS, f"{name}: not a variable TorchServe reads"
+        gpu = "nvidia.com/gpu" in container["resources"]["limits"]
+        assert config.number_of_gpu == (1 if gpu else None), deployment["metadata"]["name"]
+
+
 def test_kserve_storage_example_loads() -> None:
     example = DEPLOY / "kserve" / "storage" / "config" / "config.properties"
     config = parse_config(read_properties(example.read_text()), base_dir=example.parent)
