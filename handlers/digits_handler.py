@@ -4,7 +4,8 @@ Accepted request bodies, one image per request unless it is a KServe v2 tensor:
 
 - an image file (PNG, JPEG, ... of up to 40 M pixels, or the context's ``max_image_pixels``:
   a larger one is refused with 413 from its header, undecoded), or the same base64-encoded in
-  a text body;
+  a text body (wrapped in lines, or a ``data:image/...;base64,`` URL, too); a transparent
+  background counts as paper (a canvas drawing);
 - a JSON array of 64 numbers (0..16, ink high, as in scikit-learn's ``load_digits``; 8x8 nested
   is fine), or ``{"data": [...64 numbers], "topk": k}``;
 - a KServe v2 request ``{"inputs": [{"name", "shape", "datatype", "data"}]}`` whose data (a
@@ -25,8 +26,6 @@ module that has no module-level ``handle`` function.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 import numpy as np
@@ -40,6 +39,7 @@ try:  # in this repo
         Decoded,
         ModelHandler,
         bounded_image,
+        decode_base64,
         image_pixel_limit,
         is_v2,
         looks_like_json,
@@ -55,6 +55,7 @@ except ImportError:  # extracted flat from an archive: the base module sits next
         Decoded,
         ModelHandler,
         bounded_image,
+        decode_base64,
         image_pixel_limit,
         is_v2,
         looks_like_json,
@@ -69,13 +70,30 @@ DEFAULT_TOPK = 5
 INK_THRESHOLD = 0.2  # fraction of full ink that counts as part of the digit when cropping
 
 
+# ITU-R 601 luma, as PIL's convert("L")
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _gray_on_paper(image: Image.Image) -> np.ndarray:
+    """The image in gray, 0..1, its transparent parts as paper: a drawing from a canvas (ink on
+    a transparent background) would otherwise turn all black, ink and background alike, and
+    read as a blank digit. The paper is white under dark ink and black under light ink."""
+    if image.mode not in ("RGBA", "LA", "PA") and "transparency" not in image.info:
+        return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+    alpha, gray = rgba[..., 3], rgba[..., :3] @ _LUMA
+    opaque = alpha > 0.5
+    paper = 0.0 if opaque.any() and float(gray[opaque].mean()) > 0.5 else 1.0
+    return gray * alpha + paper * (1.0 - alpha)
+
+
 def image_to_digits(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Any image of at most `max_pixels` pixels -> 64 float32 values 0..16 shaped like a
     ``load_digits`` sample; `TooLarge` (413) before decoding a larger one."""
     try:
         with bounded_image(data, max_pixels) as image:
             image.load()
-            gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+            gray = _gray_on_paper(image)
     except BadRequest:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
@@ -163,7 +181,8 @@ class DigitsHandler(ModelHandler):
             payload = parse_json(bytes(payload).decode("utf-8", "replace"))
         elif isinstance(payload, str):
             if not looks_like_json(payload):
-                return self._image(self._digits(_base64(payload)), payload, item, idx, context)
+                image = decode_base64(payload)
+                return self._image(self._digits(image), payload, item, idx, context)
             payload = parse_json(payload)
         if is_v2(payload):
             tensor = v2_input(payload, self.input_name)
@@ -228,10 +247,3 @@ class DigitsHandler(ModelHandler):
         if not 1 <= topk <= len(self.labels):
             raise BadRequest(f"topk must be between 1 and {len(self.labels)}, got {topk}")
         return topk
-
-
-def _base64(text: str) -> bytes:
-    try:
-        return base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BadRequest("text body is neither JSON nor a base64-encoded image") from exc

@@ -24,6 +24,8 @@ from outside.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import logging
@@ -130,6 +132,17 @@ def as_text(value: bytes | bytearray | str) -> str:
         return bytes(value).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadRequest(f"body is not valid UTF-8 text ({exc.reason})") from exc
+
+
+def decode_base64(text: str) -> bytes:
+    """Base64 as clients send it: wrapped in lines (the `base64` tool wraps at 76 columns,
+    which TorchServe's lenient decoder accepts) or as a ``data:image/...;base64,`` URL."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"text is not base64-encoded image data: {exc}") from exc
 
 
 def parse_json(text: str) -> Any:

@@ -18,8 +18,6 @@ The ImageNet transform is torchvision's ``Resize(256)``, ``CenterCrop(224)``, ``
 
 from __future__ import annotations
 
-import base64
-import binascii
 from abc import abstractmethod
 from typing import Any
 
@@ -32,6 +30,7 @@ from ..torchgate_base import (
     BadRequest,
     Context,
     bounded_image,
+    decode_base64,
     image_pixel_limit,
 )
 from .base import BuiltinHandler, Prepared
@@ -74,17 +73,6 @@ def decode_image(payload: Any, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
         raise BadRequest("not an image: Pillow knows no image format in these bytes") from exc
     except _UNREADABLE as exc:
         raise BadRequest(f"not a readable image: {exc}") from exc
-
-
-def decode_base64(text: str) -> bytes:
-    """Base64 as clients send it: wrapped in lines (the `base64` tool wraps at 76 columns,
-    which TorchServe's lenient decoder accepts) or as a ``data:image/...;base64,`` URL."""
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BadRequest(f"text is not base64-encoded image data: {exc}") from exc
 
 
 def resize_shorter(image: Image.Image, size: int) -> Image.Image:

@@ -394,3 +394,45 @@ def test_deeply_nested_json_is_a_bad_request(
     context = context_for("digits")
     [response] = loaded_handler("digits").handle([{"body": body}], context)
     assert context.statuses[0][0] == 400, response
+
+
+def transparent(values: np.ndarray, dark_ink: bool, mode: str) -> bytes:
+    """The digit as a canvas draws it: ink of one colour, its strength in the alpha channel,
+    on a fully transparent background."""
+    alpha = (values.reshape(8, 8) / digits.PIXEL_SCALE * 255).astype(np.uint8)
+    ink = np.full((8, 8), 0 if dark_ink else 255, dtype=np.uint8)
+    picture = Image.fromarray(np.dstack([ink, ink, ink, alpha]), "RGBA")
+    if mode == "LA":
+        picture = picture.convert("LA")
+    picture = picture.resize((64, 64), Image.Resampling.NEAREST)
+    out = io.BytesIO()
+    picture.save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+@pytest.mark.parametrize("dark_ink", [True, False], ids=["dark ink", "light ink"])
+def test_a_drawing_on_a_transparent_background_reads_as_on_paper(
+    data: digits.DigitsData, dark_ink: bool, mode: str
+) -> None:
+    # Grey conversion alone turned the transparent background black: all ink, a blank digit.
+    values = raw(data, 1, start=5)[0]
+    on_paper = image_to_digits(image_bytes(values, dark_on_light=dark_ink))
+    drawn = image_to_digits(transparent(values, dark_ink, mode))
+    assert drawn.max() > 8
+    np.testing.assert_allclose(drawn, on_paper, atol=16 / 255 * 2)
+
+
+def test_base64_wrapped_in_lines_or_as_a_data_url_is_an_image(
+    loaded_handler: Callable[[str], Any], context_for: Any, data: digits.DigitsData
+) -> None:
+    # As the `base64` tool wraps it and a browser canvas exports it (TorchServe's decoder is
+    # lenient too).
+    handler = loaded_handler("digits")
+    picture = image_bytes(raw(data, 3)[2], True)
+    wrapped = base64.encodebytes(picture).decode()
+    url = "data:image/png;base64," + base64.b64encode(picture).decode()
+    responses = handler.handle(
+        [{"body": picture}, {"body": wrapped}, {"body": url}], context_for("digits")
+    )
+    assert responses[0] == responses[1] == responses[2]
