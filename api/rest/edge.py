@@ -13,7 +13,10 @@ them. `edge_protocol()` subclasses that protocol, per listener, with:
   first byte, and a body may not pause longer than that between bytes (pauses the server asks
   for by flow control do not count); a new connection that sends nothing is closed after
   `keep_alive_timeout_s`, as uvicorn closes one idle between requests. A stalled request gets
-  408 and is closed. The other way too: a client that stops reading its answer (the socket's
+  408 and is closed (just closed if its answer has begun: a 408 would follow the answer). A
+  request answered before its body is all in (/ping reads none, an early 401/404/413) has
+  `header_timeout_s` from its answer for the rest, in all, then is idle until
+  `keep_alive_timeout_s`. The other way too: a client that stops reading its answer (the socket's
   buffers full, writes paused) for longer than `header_timeout_s` is disconnected, and its
   request cancelled, rather than hold the connection, the request and the answer's unsent
   pieces (a stream's parts keep coming) for ever.
@@ -41,8 +44,9 @@ them. `edge_protocol()` subclasses that protocol, per listener, with:
 - **a malformed request behind one in progress** (pipelined, or bytes after a body) is answered
   400 after the answers before it, not in their place.
 - **open connections**: at most `max_connections` per listener. A new connection over the
-  bound closes the one that has waited longest without a request in progress (idle, or still
-  sending headers: the stalled clients a flood leaves behind), so a good client still gets in;
+  bound closes the one that has waited longest without a request in progress (idle, still
+  sending headers, or sending the body of a request already answered: the stalled clients a
+  flood leaves behind), so a good client still gets in;
   when every connection has a request in progress the new one gets 503 and is closed. The
   descriptors in use stay bounded either way.
 - **TLS** on an https:// listener is set up here (`loop.start_tls`), not by uvicorn: the
@@ -95,10 +99,11 @@ class _Phase(enum.Enum):
     NEW = "new"  # connected, nothing received yet
     HEADERS = "headers"  # a request's headers are arriving
     BODY = "body"  # its body is arriving
+    DRAIN = "drain"  # answered, the rest of its body still arriving (skipped by uvicorn)
     BUSY = "busy"  # the request is complete and being answered
-    IDLE = "idle"  # keep-alive, between requests (uvicorn's own timer closes it)
-    # HANDSHAKE, NEW, HEADERS and IDLE connections are "waiting": one may be closed to admit a
-    # new client.
+    IDLE = "idle"  # keep-alive, between requests (uvicorn's own timer closes it, or the sweep)
+    # HANDSHAKE, NEW, HEADERS, DRAIN and IDLE connections are "waiting": one may be closed to
+    # admit a new client.
 
 
 class _Listener:
@@ -412,13 +417,25 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         if self._phase is _Phase.HANDSHAKE:
             self.listener.count("TLS handshake not done in time")
-        elif self._phase is not _Phase.NEW:  # a connection opened and never used is not news
+        elif self._owes_408():
             self.listener.count("408 request not received in time")
+        elif self._phase is _Phase.BODY or self._phase is _Phase.DRAIN:
+            self.listener.count("closed: a body not received in time after its answer began")
+        # NEW and IDLE: a connection opened and never used, or idle too long, is not news.
         self._drop()
 
+    def _owes_408(self) -> bool:
+        """Whether the request being received has no answer begun, so a 408 may be its one."""
+        if self._refused:
+            return False
+        if self._phase is _Phase.HEADERS:
+            return True  # its cycle is not made yet (self.cycle is an answered one before it)
+        return self._phase is _Phase.BODY and not self.cycle.response_started
+
     def _drop(self) -> None:
-        """Close a stalled or waiting connection; a half-sent request is told why."""
-        if not self._refused and self._phase in (_Phase.HEADERS, _Phase.BODY):
+        """Close a stalled or waiting connection; a half-sent request is told why, unless its
+        answer has begun (a 408 after it would be read as the answer to the next request)."""
+        if self._owes_408():
             self._answered(408)
             self.transport.write(
                 _response(
@@ -468,8 +485,14 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         phase = self._phase
         if phase is _Phase.BODY:
+            # Per piece, with no overall limit or minimum rate: the app is reading this body
+            # (or will answer it), and a large upload on a slow link must not be cut. Once it
+            # is answered the rest has one timeout in all (DRAIN).
             self._deadline = self.loop.time() + self._timeout_s
             self._feed(data)
+            return
+        if phase is _Phase.DRAIN:
+            self._feed(data)  # the deadline set when it was answered stands
             return
         if phase is _Phase.HANDSHAKE:
             self._early.append(data)  # TLS's first bytes, for it once it takes over (_secure)
@@ -599,9 +622,20 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._upgrade_head is not None:
             return  # llhttp's end of an upgrading request: it is parsed again
+        if self.cycle.response_complete:
+            self._answered_body_complete()
+            return  # uvicorn's would ignore it too: nothing is waiting for the body
         self._phase = _Phase.BUSY
         self._deadline = 0.0  # the handler's time is bounded by the response timeout
         super().on_message_complete()
+
+    def _answered_body_complete(self) -> None:
+        """The body of a request answered before it was all in has ended: the connection is
+        idle. uvicorn armed its keep-alive timer at the answer, but the body's next bytes
+        cancelled it (_feed), so the sweep closes it instead, as that timer would have."""
+        self._phase = _Phase.IDLE
+        self._deadline = self.loop.time() + self.listener.limits.keep_alive_timeout_s
+        self._waiting[self] = None  # already waiting since the answer: it keeps its place
 
     def on_response_complete(self) -> None:
         if self._malformed and not self.pipeline:
@@ -620,6 +654,17 @@ class EdgeProtocol(HttpToolsProtocol):
             else:
                 self._phase = _Phase.IDLE  # uvicorn's keep-alive timer closes it
             self._waiting[self] = None  # waiting again, behind every longer waiter
+        elif self._phase is _Phase.BODY and self.cycle.response_complete:
+            self._answered_early()
+
+    def _answered_early(self) -> None:
+        """Answered before its body is all in (/ping reads none, an early 401/404/413): the
+        rest is only skipped, so it is no request in progress. It may be closed to admit a new
+        client, and the rest must come within one timeout in all, not per piece: otherwise a
+        byte now and then would hold the connection for ever."""
+        self._phase = _Phase.DRAIN
+        self._deadline = self.loop.time() + self._timeout_s
+        self._waiting[self] = None
 
 
 def edge_protocol(

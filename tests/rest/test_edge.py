@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -411,6 +411,84 @@ def test_a_body_that_stops_is_answered_408_and_closed(hasty: TorchgateServer) ->
     answer = read_all(sock)
     sock.close()
     assert status_of(answer) == 408
+
+
+def answered_before_its_body(url: str, length: int) -> socket.socket:
+    """A connection whose POST /ping (which reads no body) is answered before its body of
+    `length` bytes is sent."""
+    sock = connect(url)
+    sock.sendall(b"POST /ping HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % length)
+    answer = b""
+    while not answer.endswith(b"}"):  # the answer's JSON body: all of it, and nothing after
+        chunk = sock.recv(65536)
+        assert chunk, answer[:200]
+        answer += chunk
+    assert status_of(answer) == 200, answer[:200]
+    return sock
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bytes:
+    """What the server sends until it closes, which it must do within `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        return read_all(sock)
+    except TimeoutError:
+        raise AssertionError(f"still open after {seconds} s") from None
+
+
+def test_a_body_that_stops_after_its_answer_is_closed_without_a_408(
+    hasty: TorchgateServer,
+) -> None:
+    """A 408 after the 200 would be read as the answer to the client's next request."""
+    with answered_before_its_body(hasty.inference_url, 1) as sock:
+        assert closed_within(sock, 10) == b""
+
+
+def test_an_answered_connection_whose_body_then_ends_is_closed_when_idle(
+    hasty: TorchgateServer,
+) -> None:
+    """The body's byte cancels uvicorn's keep-alive timer: the connection was kept for ever."""
+    with answered_before_its_body(hasty.inference_url, 1) as sock:
+        sock.sendall(b"x")
+        started = time.perf_counter()
+        assert closed_within(sock, 10) == b""
+        assert time.perf_counter() - started > 0.5  # idle, not stalled: 1 s, not 0.5 s
+
+
+def test_the_body_of_an_answered_request_has_one_timeout_in_all(hasty: TorchgateServer) -> None:
+    """A byte every 0.3 s keeps within a 0.5 s pause but not within 0.5 s in all."""
+    closed = False
+    with answered_before_its_body(hasty.inference_url, 100) as sock:
+        sock.settimeout(0.3)
+        started = time.perf_counter()
+        while not closed and time.perf_counter() - started < 5:
+            try:
+                closed = sock.recv(65536) == b""
+            except TimeoutError:
+                try:
+                    sock.sendall(b"x")
+                except OSError:  # reset, broken pipe
+                    closed = True
+            except ConnectionResetError:
+                closed = True
+    assert closed, "a body sent a byte at a time after its answer held the connection 5 s"
+
+
+@pytest.mark.parametrize("rest", [b"xx", b"x"], ids=["body-ended", "body-arriving"])
+def test_answered_connections_beyond_the_bound_make_way_for_good_clients(
+    bounded: TorchgateServer, rest: bytes
+) -> None:
+    """Answered, their bodies ended or still arriving: none is a request in progress."""
+    with ExitStack() as answered:
+        for _ in range(20):
+            answered.enter_context(answered_before_its_body(bounded.inference_url, 2)).sendall(rest)
+        time.sleep(0.2)  # the server has read what they sent
+        host, port = address(bounded.inference_url)
+        for _ in range(3):
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+            conn.request("GET", "/ping")
+            assert conn.getresponse().status == 200
+            conn.close()
 
 
 def test_a_client_that_stops_reading_its_answers_is_disconnected(hasty: TorchgateServer) -> None:
