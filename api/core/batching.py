@@ -99,6 +99,9 @@ class Batcher:
         self._hands: dict[int, deque[list[Pending]]] = {}
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The loop in whose current turn answered requests were last dropped from a full
+        # queue (`_room_made`), until that turn ends.
+        self._dropped_in: asyncio.AbstractEventLoop | None = None
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         """The running loop, remembered: in Python 3.11 `get_running_loop` is a getpid()
@@ -113,7 +116,13 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Live requests queued. One answered while queued (its client gone, a 504) stays in
+        the queue until a lane skips it, but takes no place there (`submit`); counting it
+        overstated describe's pendingRequests and the queue gauge while workers were busy."""
+        if not self._queue:
+            return 0
+        queued = list(self._queue)  # a copy, should a scrape run off the loop
+        return sum(not pending.future.done() for pending in queued)
 
     @property
     def busy_workers(self) -> int:
@@ -138,7 +147,7 @@ class Batcher:
             raise Overloaded(
                 f"Model {self.model} version {self.version} is shutting down", retry_after=1
             )
-        if len(self._queue) >= self.queue_size:
+        if len(self._queue) >= self.queue_size and not self._room_made():
             self._observer.request_rejected(self.model, self.version, REJECT_QUEUE_FULL)
             raise Overloaded(
                 f"Model {self.model} version {self.version} has no capacity to accept more "
@@ -156,6 +165,31 @@ class Batcher:
             self._full.set()
         self._observer.queue_changed(self.model, self.version, len(self._queue))
         return future
+
+    def _room_made(self) -> bool:
+        """Drop the requests answered while queued from a full queue; True if that made room.
+
+        No lane takes them off while every worker is busy, and live clients were refused
+        503 for a queue full of them. Only a full queue pays for the scan, and at most once
+        a turn of the event loop: under overload a turn refuses hundreds of requests, each
+        of which would scan a queue full of live ones. (A request answered later in the same
+        turn holds its place until the next.)"""
+        loop = self._event_loop()
+        if self._dropped_in is loop:
+            return False
+        self._dropped_in = loop
+        loop.call_soon(self._end_drop_turn)
+        self._drop_answered()
+        return len(self._queue) < self.queue_size
+
+    def _drop_answered(self) -> None:
+        live = [pending for pending in self._queue if not pending.future.done()]
+        if len(live) < len(self._queue):
+            self._queue.clear()  # in place: the same deque, however many look at it
+            self._queue.extend(live)
+
+    def _end_drop_turn(self) -> None:
+        self._dropped_in = None
 
     def set_limits(
         self,
@@ -386,9 +420,9 @@ class Batcher:
             )
             raise
         except NotRun:
-            # Never reached the handler: back to the queue, deadlines unchanged, for another
-            # worker or this one's replacement.
-            self._give_back(batch)
+            # Never reached the handler: back to the queue, for another worker or this
+            # one's replacement.
+            self._queue_afresh(batch)
             return
         except TorchgateError as exc:
             self._fail(batch, exc)
@@ -397,6 +431,17 @@ class Batcher:
             self._fail(batch, InferenceFailed(f"Worker died: {type(exc).__name__}: {exc}"))
             return
         self._deliver(batch, predictions, started)
+
+    def _queue_afresh(self, batch: list[Pending]) -> None:
+        """Give back a batch a worker held but never started, each request with a new queue
+        deadline a responseTimeout from now. Its old one ran on while the worker held it: a
+        worker killed for running out the timeout of the batch before it gives it back past
+        that deadline, and it was answered 504 "timed out in the queue" instead of being run.
+        (A client's own v2 `timeout` is not this deadline: the dataplane keeps it.)"""
+        deadline = self._clock() + self.response_timeout_s
+        for pending in batch:
+            pending.deadline = max(pending.deadline, deadline)
+        self._give_back(batch)
 
     def _give_back(self, batch: list[Pending]) -> None:
         """Queue a batch that never ran again where its requests arrived. Not simply at the

@@ -393,9 +393,22 @@ class WorkerProcess(asyncio.BufferedProtocol):
         The worker counts as dead from here on: a batch taken for it before the zygote reports
         the exit goes back to the queue instead of failing against a process being killed.
         """
+        first_kill = not self._killed
         self._killed = True
-        if not self.exited.done():
-            self._pool.kill(self.pid)
+        if self.exited.done():
+            return
+        self._pool.kill(self.pid)
+        if first_kill:
+            self._give_up_on_exit_report_later()
+
+    def _give_up_on_exit_report_later(self) -> None:
+        """Count the worker gone if its exit is not reported in time after a kill. A process
+        stuck in the kernel survives SIGKILL, and a kill message can be lost: the calls
+        waiting behind a timed-out one would never be answered (nor given back), and the
+        worker's slot never replaced."""
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()  # `_exit_overdue`'s, which led here: this one replaces it
+        self._kill_timer = self._loop.call_later(EXIT_REPORT_WAIT_S, self.exit_reported, None)
 
     async def stop(self, grace_s: float) -> None:
         """Ask the worker to exit; kill it if it has not within `grace_s`."""
@@ -403,11 +416,8 @@ class WorkerProcess(asyncio.BufferedProtocol):
         try:
             await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
         except TimeoutError:
-            self.kill()
-            try:
-                await asyncio.wait_for(asyncio.shield(self.exited), EXIT_REPORT_WAIT_S)
-            except TimeoutError:
-                self.exit_reported(-signal.SIGKILL)
+            self.kill()  # which gives up on the exit report after EXIT_REPORT_WAIT_S
+            await asyncio.shield(self.exited)
 
     # -- exit ------------------------------------------------------------------------------------
 
@@ -456,12 +466,13 @@ class WorkerProcess(asyncio.BufferedProtocol):
             self._fail_waiter()
             return
         # The exit status follows from the zygote, normally within milliseconds; the waiter
-        # fails then, with it. A worker that closed its socket but lives on is killed.
-        self._kill_timer = self._loop.call_later(EXIT_REPORT_WAIT_S, self._exit_overdue)
+        # fails then, with it. A worker that closed its socket but lives on is killed. One
+        # killed already has its wait for the report bounded (`kill`).
+        if not self._killed:
+            self._kill_timer = self._loop.call_later(EXIT_REPORT_WAIT_S, self._exit_overdue)
 
     def _exit_overdue(self) -> None:
-        self.kill()
-        self._kill_timer = self._loop.call_later(EXIT_REPORT_WAIT_S, self.exit_reported, None)
+        self.kill()  # which waits for the report as long again, then gives up on it
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._frame is not None:

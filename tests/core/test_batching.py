@@ -456,3 +456,92 @@ def test_batches_a_dead_worker_never_started_go_to_the_next_in_arrival_order() -
         task.cancel()
 
     run(scenario())
+
+
+def test_a_batch_a_dead_worker_never_started_queues_afresh() -> None:
+    """A batch given back unrun kept the queue deadline it got on arrival: held by a worker
+    that ran out its responseTimeout on the batch before it, it was past that deadline when
+    it came back, and was answered 504 "timed out in the queue" instead of being run."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        batcher = make_batcher(clock, max_batch_size=1, response_timeout_s=1.0)
+        running, waiting = batcher.submit(request("a")), batcher.submit(request("b"))
+        dying = PipelinedWorker()
+        serving = asyncio.create_task(batcher.serve(dying))
+        while len(dying.batches) < 2:
+            await asyncio.sleep(0)
+        clock.now = 1.5  # "a" ran past its timeout: its worker is killed, "b" comes back
+        dying.die()
+        with pytest.raises(InferenceFailed):
+            await running
+        clock.now = 2.0  # "b" waits in the queue again, less than a responseTimeout
+        worker = GatedWorker()
+        task = asyncio.create_task(batcher.serve(worker))
+        assert (await waiting).body == "b"
+        assert worker.batches == [["b"]]
+        for serving_task in (serving, task):
+            serving_task.cancel()
+
+    run(scenario())
+
+
+def test_a_given_back_request_still_times_out_in_the_queue() -> None:
+    """Queued afresh, not for ever: a full responseTimeout from when it came back."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        batcher = make_batcher(clock, max_batch_size=1, response_timeout_s=1.0)
+        running, waiting = batcher.submit(request("a")), batcher.submit(request("b"))
+        dying = PipelinedWorker()
+        serving = asyncio.create_task(batcher.serve(dying))
+        while len(dying.batches) < 2:
+            await asyncio.sleep(0)
+        clock.now = 1.5
+        dying.die()
+        with pytest.raises(InferenceFailed):
+            await running
+        clock.now = 2.6  # no worker took "b" within a responseTimeout of its return
+        task = asyncio.create_task(batcher.serve(GatedWorker()))
+        with pytest.raises(DeadlineExceeded, match="timed out in the queue"):
+            await waiting
+        for serving_task in (serving, task):
+            serving_task.cancel()
+
+    run(scenario())
+
+
+def test_answered_requests_do_not_fill_the_queue() -> None:
+    """Requests answered while queued (client gone, 504) leave the queue only when a lane
+    takes them off, which no lane does while every worker is busy: they filled it, and live
+    clients were refused 503 "job queue is full" with nothing live queued."""
+
+    async def scenario() -> None:
+        batcher = make_batcher(queue_size=3)
+        gate = asyncio.Event()
+        worker = GatedWorker(gate=gate)
+        task = asyncio.create_task(batcher.serve(worker))
+        first = batcher.submit(request("first"))
+        await worker.started.wait()  # the only worker is busy: nothing leaves the queue
+        for gone in [batcher.submit(request(f"gone{i}")) for i in range(3)]:
+            gone.cancel()
+        live = batcher.submit(request("live"))
+        assert (batcher.depth, batcher.pending) == (1, 1)  # live requests only
+        gate.set()
+        assert [(await f).body for f in (first, live)] == ["first", "live"]
+        task.cancel()
+
+    run(scenario())
+
+
+def test_a_queue_full_of_live_requests_is_still_refused() -> None:
+    async def scenario() -> None:
+        batcher = make_batcher(queue_size=2)
+        batcher.submit(request("a")).cancel()
+        batcher.submit(request("b"))
+        batcher.submit(request("c"))  # room made by dropping "a"
+        with pytest.raises(Overloaded):
+            batcher.submit(request("d"))
+        assert batcher.depth == 2
+
+    run(scenario())

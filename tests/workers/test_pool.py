@@ -166,3 +166,31 @@ def test_a_dead_workers_output_pipe_is_closed_though_another_process_holds_it(
         os.close(log_write)
 
     aio.run(scenario(), timeout=10)
+
+
+def test_a_killed_worker_that_never_reports_its_exit_is_given_up_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After a timeout kill, nothing bounded the wait for the zygote's exit report: a process
+    that survives SIGKILL (stuck in the kernel) or a lost kill message left the call waiting
+    behind the timed-out one unanswered for ever, and the worker's slot never replaced."""
+    monkeypatch.setattr(pool_module, "EXIT_REPORT_WAIT_S", 0.05)
+
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()  # theirs: a worker that never answers
+        log_read, log_write = os.pipe()
+        async with stand_in_zygote() as (pool, zygote):  # it reports no exit, ever
+            process = WorkerProcess(4242, "m/1.0", pool)
+            await process.connect(ours, log_read)
+            running = asyncio.ensure_future(process.call(("batch", []), 0.05))
+            waiting = asyncio.ensure_future(process.call(("batch", []), 60))
+            with pytest.raises(TimeoutError):
+                await running
+            assert pickle.loads(await asyncio.to_thread(zygote.recv, 65536)) == ("kill", 4242)
+            with pytest.raises(pool_module.NotStarted):
+                await asyncio.wait_for(waiting, 5)
+            assert process.exited.result() == "exit status unknown"
+        theirs.close()
+        os.close(log_write)
+
+    aio.run(scenario(), timeout=10)
