@@ -293,7 +293,11 @@ class SequenceBatcher(Batcher):
             self._fail(pendings, InferenceFailed(f"Model {self.model}: its worker was stopped"))
             raise
         except NotRun:
+            # Never started: back to the front of its sequence, queued afresh (as in `Batcher`:
+            # its arrival deadline ran on while a dying worker held it).
+            deadline = self._clock() + self.response_timeout_s
             for sequence, pending in batch:
+                pending.deadline = max(pending.deadline, deadline)
                 sequence.queue.appendleft(pending)
                 sequence.worker = None
             self._watch(pendings)

@@ -25,6 +25,7 @@ from api.core.types import (
     Backend,
     InferenceRequest,
     ModelSettings,
+    NotRun,
     Prediction,
     Worker,
     header_value,
@@ -344,3 +345,44 @@ def test_describe_fields_as_torchserve_shows_them() -> None:
         "maxNumSequence": 2,
         "maxSequenceJobQueueSize": 2,
     }
+
+
+class NeverStartingWorker:
+    """Takes a batch, then dies before starting it (NotRun) once `die` is set."""
+
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.alive = True
+        self.die = asyncio.Event()
+
+    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+        await self.die.wait()
+        self.alive = False
+        raise NotRun()
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_sequence_request_a_dead_worker_never_started_queues_afresh() -> None:
+    """As in the plain batcher: its arrival deadline ran on while the dying worker held it,
+    and it came back past it, answered 504 "timed out" instead of run."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        batcher = make(clock)
+        batcher.response_timeout_s = 1.0
+        dying = NeverStartingWorker()
+        tasks = await serving(batcher, dying)  # type: ignore[arg-type]
+        future = batcher.submit(req(4, "s"))
+        await asyncio.sleep(0.01)
+        clock.now = 1.5
+        dying.die.set()
+        await asyncio.sleep(0.01)
+        clock.now = 2.0  # back in the queue for less than a responseTimeout
+        tasks += await serving(batcher, SummingWorker("b"))
+        assert (await asyncio.wait_for(future, 5)).body == {"sum": 4, "worker": "b"}
+        await stop(tasks)
+
+    aio.run(scenario())
