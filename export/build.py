@@ -3,20 +3,28 @@
 Both formats are always serialized and checked against eager PyTorch, whichever one the archive
 carries, so a model that does not survive one of the two exporters is noticed at once.
 Intermediate files go to ``build/export/NAME-VERSION/``; only the .mar lands in the store.
+
+Without ``force`` an archive is kept when it is newer than the export and handler sources and
+holds what the spec asks for (model, version, format, seed, torch release), so `--if-stale` never
+serves an archive built with other settings under the asked-for file name.
 """
 
 from __future__ import annotations
 
 import fcntl
 import shutil
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 import handlers
 from export import parity
-from export.archive import make_archive
+from export.archive import make_archive, read_manifest, read_signature
 from export.recipes import RECIPES, ExportError
 from export.serialize import export_onnx, export_torchscript
 from export.signature import Signature
@@ -78,12 +86,56 @@ def _sources() -> list[Path]:
     return [*(REPO_ROOT / "export").rglob("*.py"), *HANDLERS_DIR.glob("*.py")]
 
 
-def is_fresh(archive: Path) -> bool:
-    """The archive exists and is newer than every source file of export/ and handlers/."""
+def staleness(archive: Path, spec: ExportSpec) -> str | None:
+    """Why `archive` must be rebuilt for `spec`, or None when it is up to date: it exists, is
+    newer than every source file of export/ and handlers/, and records the settings of `spec`."""
     if not archive.exists():
-        return False
+        return "it does not exist"
     built = archive.stat().st_mtime
-    return all(source.stat().st_mtime < built for source in _sources())
+    newer = [source for source in _sources() if source.stat().st_mtime >= built]
+    if newer:
+        return f"{newer[0]} is newer"
+    try:
+        recorded = _recorded_settings(archive)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        return f"its manifest or signature.json cannot be read ({exc})"
+    differences = [
+        f"{key} {recorded.get(key)!r}, not {wanted!r}"
+        for key, wanted in _settings(spec).items()
+        if recorded.get(key) != wanted
+    ]
+    return "it was built with " + ", ".join(differences) if differences else None
+
+
+def _settings(spec: ExportSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "version": spec.version,
+        "format": spec.format,
+        "seed": spec.seed,
+        "torch": _release(torch.__version__),
+    }
+
+
+def _recorded_settings(archive: Path) -> dict[str, Any]:
+    # Name and version from the manifest: that is what TorchServe and torchgate serve.
+    model = read_manifest(archive)["model"]
+    signature = read_signature(archive)
+    exported = signature.get("export") or {}  # absent in archives from before it was recorded
+    return {
+        "name": model.get("modelName"),
+        "version": model.get("modelVersion"),
+        "format": signature.get("format"),
+        "seed": exported.get("seed"),
+        "torch": _release(str(exported.get("torch"))),
+    }
+
+
+def _release(torch_version: str) -> str:
+    """The release of a torch version, "2.13.0" for "2.13.0+cpu": the local label (+cpu, +cu121)
+    changes no exported file, and the images install torch without it, so it must not make
+    archives built elsewhere stale."""
+    return torch_version.split("+")[0]
 
 
 @contextmanager
@@ -108,9 +160,12 @@ def build(
     with _exclusive(build_dir):
         destination = out_dir / spec.archive_file
         # Checked under the lock: a concurrent build may just have written it.
-        if not force and is_fresh(destination):
-            print(f"{destination} is up to date")
-            return BuildResult(spec, destination, skipped=True)
+        if not force:
+            reason = staleness(destination, spec)
+            if reason is None:
+                print(f"{destination} is up to date")
+                return BuildResult(spec, destination, skipped=True)
+            print(f"rebuilding {destination}: {reason}")
         return _build(spec, destination, build_dir)
 
 
@@ -159,6 +214,7 @@ def _build(spec: ExportSpec, destination: Path, build_dir: Path) -> BuildResult:
         postprocessing=recipe.postprocessing,
         parity={"tolerance": recipe.tolerance, "max_abs_diff": parity.worst(results)},
         training=recipe.training,
+        export={"seed": spec.seed, "torch": torch.__version__},
     ).write(workdir / "signature.json")
     # An exporter that spills weights to "<file>.data" needs that file next to the model.
     side_data = [p for p in [serialized.with_name(serialized.name + ".data")] if p.exists()]

@@ -5,7 +5,8 @@
 
 `main` takes the arguments after ``export`` (a leading ``"export"`` is dropped too, so the
 top-level CLI may pass its argv either way) and returns the exit status: 0 on success, 1 when
-an export fails (accuracy, parity, archiving) with the reason on stderr, 2 for bad arguments.
+an export fails (accuracy, parity, serializing, archiving, files) with the reason on one line
+of stderr, 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ from export.build import (
     build,
     build_all,
 )
-from export.parity import ParityError
-from export.recipes import RECIPES, ExportError
+from export.recipes import RECIPES
+
+# What an export can meet besides a bug: ExportError, ParityError, ArchiveError and the
+# exporters' errors (all RuntimeErrors; serialize turns onnx's and ONNX Runtime's into one), and
+# paths that cannot be read or written (OSError).
+EXPORT_FAILURES: tuple[type[Exception], ...] = (OSError, RuntimeError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,11 +91,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             fmt = args.format or DEFAULT_FORMATS[args.name]
             spec = ExportSpec(args.name, fmt, args.version, args.seed, args.archive_name)
             build(spec, args.out, args.build_dir, force=not args.if_stale)
-    except (ExportError, ParityError) as exc:
-        print(f"torchgate export: error: {exc}", file=sys.stderr)
+    except EXPORT_FAILURES as exc:
+        print(f"torchgate export: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     print(f"done in {time.monotonic() - started:.1f}s")
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (exporters' messages span several); the type when it is empty."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

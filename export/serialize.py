@@ -87,8 +87,15 @@ def _verify_onnx(path: Path, input_names: list[str], output_names: list[str]) ->
     import onnx
     import onnxruntime
 
-    onnx.checker.check_model(str(path))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # Both raise exception types of their own (not RuntimeError): make them export failures.
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise RuntimeError(f"{path}: not a valid ONNX model: {exc}") from exc
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's Fail, InvalidGraph, ... share no base but Exception
+        raise RuntimeError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
     got_inputs = [node.name for node in session.get_inputs()]
     got_outputs = [node.name for node in session.get_outputs()]
     # The exporter drops inputs the graph does not use; every name it keeps must be ours.

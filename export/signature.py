@@ -15,7 +15,8 @@ Schema (``schema_version`` 1)::
       "preprocessing": {...},                  # what the handler does between the two
       "postprocessing": {...},
       "parity": {"tolerance": 1e-4, "max_abs_diff": {"torchscript": ..., "onnx": ...}},
-      "training": {...} | null                 # e.g. seed and held-out accuracy
+      "training": {...} | null,                # e.g. seed and held-out accuracy
+      "export": {"seed": 0, "torch": "2.13.0+cpu"}  # what `--if-stale` compares to rebuild
     }
 
     TENSOR = {"name": str, "datatype": "FP32" | "INT64" | "BYTES" | ...,   # KServe v2 names
@@ -86,6 +87,7 @@ class Signature:
     postprocessing: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] | None = None
+    export: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,6 +105,7 @@ class Signature:
             "postprocessing": self.postprocessing,
             "parity": self.parity,
             "training": self.training,
+            "export": self.export,
         }
 
     def write(self, path: Path) -> Path:

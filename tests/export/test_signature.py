@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from export.signature import DATATYPES, SCHEMA_VERSION, TensorSpec
 
@@ -50,6 +51,9 @@ def test_archive_signature(
     assert set(signature["parity"]["max_abs_diff"]) == {"torchscript", "onnx"}
     assert max(signature["parity"]["max_abs_diff"].values()) <= 1e-4
     assert signature["preprocessing"]
+    # What `--if-stale` compares: the seed and the torch release it was exported with.
+    assert signature["export"]["seed"] == (1 if stem == "digits_v2" else 0)
+    assert signature["export"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
 
 
 def test_digits_signature_details(model_store: Path) -> None:
