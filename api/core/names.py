@@ -20,6 +20,9 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.]*")
 # characters, spaces or slashes, since they land in the same places as names.
 MODEL_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-.+]*")
 MAX_LENGTH = 255  # a file name's length on common file systems
+# Versions the management API could not reach: `/models/{m}/traffic` is the traffic policy's
+# API (api.rest.traffic), mounted before TorchServe's `/models/{m}/{version}` routes.
+RESERVED_VERSIONS = frozenset({"traffic"})
 
 
 def check_model_name(name: str) -> None:
@@ -41,4 +44,9 @@ def check_model_version(version: str) -> None:
         raise BadRequest(
             f"Invalid model version {version!r}: letters, digits, '_', '-', '.' and '+', "
             f"starting with a letter or digit, at most {MAX_LENGTH} characters"
+        )
+    if version in RESERVED_VERSIONS:
+        raise BadRequest(
+            f"Invalid model version {version!r}: reserved, /models/<model>/{version} is the "
+            f"traffic policy API; choose another version name"
         )

@@ -38,6 +38,14 @@ def test_versions_with_path_or_control_characters_are_refused(version: str) -> N
         check_model_version(version)
 
 
+def test_a_version_the_traffic_api_would_shadow_is_refused() -> None:
+    # /models/{m}/traffic is the traffic policy API: the management API could not reach it.
+    with pytest.raises(BadRequest, match="reserved") as info:
+        check_model_version("traffic")
+    assert http_status(info.value) == 400
+    check_model_version("traffic-2")  # only the exact name
+
+
 def test_the_registry_refuses_a_bad_name_before_loading_anything() -> None:
     loaded: list[str] = []
 
