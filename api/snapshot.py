@@ -174,7 +174,8 @@ def _version_entry(model_version: ModelVersion, *, default: bool) -> dict[str, A
 async def restore(data: Mapping[str, Any], loader: ModelLoader, router: TrafficRouter) -> list[str]:
     """Register the snapshot's versions and apply its policies; one error line per failure.
 
-    A version that fails to load does not stop the others; a policy that names it is skipped.
+    A version that fails to load does not stop the others; a policy that sends it traffic is
+    skipped, one that names it with none goes on without it.
     A handler that fails to start keeps its version registered, retried (see `Registry.register`).
     """
     items: list[tuple[str, str, tuple[str, str, dict[str, Any]]]] = []
@@ -207,14 +208,29 @@ async def restore(data: Mapping[str, Any], loader: ModelLoader, router: TrafficR
 
 
 def apply_policies(router: TrafficRouter, policies: Mapping[str, Any]) -> list[str]:
-    """Set each model's policy (from a snapshot or `torchgate.traffic`); returns error lines."""
+    """Set each model's policy (from a snapshot or `torchgate.traffic`); returns error lines.
+
+    A policy stands while a version it names is not ready yet (`TrafficRouter.restore_policy`):
+    it is served once that version is. Only one naming a version that failed to load, with
+    traffic, is skipped.
+    """
     errors = []
     for model, spec in policies.items():
         try:
-            router.set_policy(model, TrafficPolicy.from_json(spec))
+            policy = TrafficPolicy.from_json(spec)
+            applied = router.restore_policy(model, policy)
         except TorchgateError as exc:
             errors.append(f"traffic policy for {model}: {exc.message}")
             log.error("could not apply the traffic policy for %s: %s", model, exc.message)
+            continue
+        left_out = sorted(policy.versions_named() - applied.versions_named())
+        if left_out:
+            # Said, since the snapshot written next no longer names them.
+            log.warning(
+                "traffic policy for %s: left out version(s) %s, not loaded; they had no traffic",
+                model,
+                ", ".join(left_out),
+            )
     return errors
 
 

@@ -19,6 +19,7 @@ import api.snapshot
 from api.app import Torchgate, build
 from api.cli import main as cli_main
 from api.config import Config, ConfigError, load_config
+from api.core.routing import TrafficPolicy
 from api.snapshot import Snapshotter, read_snapshot, write_atomic
 from tests.support.aio import run
 from tests.support.fake_backend import load_fake_backend, write_fake_archive
@@ -306,6 +307,54 @@ def test_a_version_that_fails_to_restore_does_not_stop_the_others(tmp_path: Path
         tg = await started(config, tmp_path)
         assert tg.startup_errors == []
         assert sorted(state(tg)["versions"]) == ["m/1.0", "m/2.0", "m/3.0", "n/1.0"]
+        await tg.stop()
+
+    run(scenario())
+
+
+def test_a_policy_sending_traffic_to_a_version_not_ready_at_start_stands(tmp_path: Path) -> None:
+    """A version without a live worker at start-up (minWorkers=0 here; a first start failing or
+    a remote TorchServe not up yet alike) keeps its share of the policy, from config.properties
+    and from the snapshot: the ready versions serve it until it is ready, then it serves."""
+    text = CONFIG.replace('"startupTimeout": 45}', '"startupTimeout": 45, "minWorkers": 0}')
+    configured = TrafficPolicy({"1.0": 80, "2.0": 20})
+
+    async def scenario() -> None:
+        config = load_config(config_in(tmp_path, text))
+        for from_snapshot in (False, True):
+            tg = await started(config, tmp_path)
+            assert tg.startup_errors == []
+            assert not tg.registry.get("m", "2.0").ready
+            assert tg.router is not None and tg.router.policy("m") == configured
+            assert {tg.router.choose("m", {}).version for _ in range(100)} == {"1.0"}
+            if from_snapshot:
+                transport = httpx.ASGITransport(app=tg.management_app)
+                async with httpx.AsyncClient(
+                    transport=transport, base_url="http://localhost"
+                ) as client:
+                    url = "/models/m/2.0?min_worker=1&synchronous=true"
+                    assert (await client.put(url)).status_code == 200
+                chosen = {tg.router.choose("m", {}).version for _ in range(200)}
+                assert chosen == {"1.0", "2.0"}
+            await tg.stop()
+
+    run(scenario())
+
+
+def test_a_version_without_traffic_that_fails_to_restore_leaves_the_policy(
+    tmp_path: Path,
+) -> None:
+    """As when it is unregistered: its weight-0 entry goes, the rest of the policy stands."""
+    text = CONFIG.replace('"1.0": 80, "2.0": 20', '"1.0": 100, "2.0": 0')
+
+    async def scenario() -> None:
+        config = load_config(config_in(tmp_path, text))
+        tg = await started(config, tmp_path)
+        await tg.stop()
+        (tmp_path / "model_store" / "m-2.0.mar").unlink()  # a model store not all there yet
+        tg = await started(config, tmp_path)
+        assert len(tg.startup_errors) == 1  # the version only
+        assert tg.router is not None and tg.router.policy("m") == TrafficPolicy({"1.0": 100})
         await tg.stop()
 
     run(scenario())

@@ -25,7 +25,7 @@ from api.core.types import (
     Prediction,
     header_value,
 )
-from api.errors import DeadlineExceeded, ModelNotReady, TorchgateError, http_status
+from api.errors import DeadlineExceeded, ModelNotReady, Overloaded, TorchgateError, http_status
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +368,7 @@ class DataPlane:
             status, prediction = 500, None
             try:
                 model_version = self.registry.ready_version(model, version)
+                _refuse_shadow_past_half_queue(model_version)
                 adapted = copy if adapt is None else adapt(model_version, copy, shadow=True)
                 prediction = await self._run(model_version, adapted)
                 status = prediction.status
@@ -443,6 +444,19 @@ def _room(model_version: ModelVersion, count: int) -> int:
     once: the room it has now, at least one, at most `count`."""
     batcher = model_version.batcher
     return max(1, min(count, batcher.queue_size - batcher.depth))
+
+
+def _refuse_shadow_past_half_queue(model_version: ModelVersion) -> None:
+    """Overloaded (the shadow copy is dropped, counted as a shadow 503) when `model_version`'s
+    job queue is more than half full. Its queue is shared with its real requests (it may
+    carry weight too, or be named): copies filling it would get those refused. Checked just
+    before queueing, with no await between, so the copies never take more than half."""
+    batcher = model_version.batcher
+    if 2 * batcher.depth > batcher.queue_size:
+        raise Overloaded(
+            f"Shadow copy for model {model_version.name} version {model_version.version} "
+            f"dropped: its job queue is more than half full ({batcher.queue_size})"
+        )
 
 
 def _in_sequence_of(first: InferenceRequest, request: InferenceRequest) -> Mapping[str, str]:

@@ -15,8 +15,11 @@ depends only on its own weight, so raising one weight can only make that version
 lost before: users move only into the version whose weight grew, never between the others; and
 lowering a weight moves users only out of that version. Ids are hashed, never stored.
 
-Requests without the sticky header are split at random by weight. An explicit version in the
-request never reaches the router (see `DataPlane.infer`).
+A request of a sequence (TorchServe's `ts_request_sequence_id` header) is sticky by its sequence
+id, whatever the sticky header: a stateful handler keeps a sequence's state in the version that
+began it, and another version would silently start the sequence afresh under the same id.
+Requests with neither id (or a blank sticky value) are split at random by weight. An explicit
+version in the request never reaches the router (see `DataPlane.infer`).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ import hashlib
 import math
 import random
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, overload
 
 from api.core.registry import Registry
+from api.core.sequences import SEQUENCE_ID
 from api.core.types import header_value
 from api.errors import BadRequest, Conflict, TorchgateError, VersionNotFound
 
@@ -68,7 +72,7 @@ class TrafficPolicy:
 
     `weights` are relative (they need not sum to 100); a version with weight 0 gets no traffic.
     `sticky_header` names the request header whose value keeps a user on one version (None:
-    every request is split at random).
+    every request is split at random, but for requests of a sequence).
     """
 
     weights: Mapping[str, float]
@@ -92,10 +96,17 @@ class TrafficPolicy:
             if number < 0:
                 raise BadRequest(f"traffic weight of version {version} is negative: {weight}")
             weights[version] = number
-        if not sum(weights.values()) > 0:
+        total = sum(weights.values())
+        if not total > 0:
             raise BadRequest("traffic weights must sum to more than 0")
+        if not math.isfinite(total):
+            # Each weight is finite, but an infinite sum would skew every random pick.
+            raise BadRequest("traffic weights are too large: their sum is not a finite number")
         if self.sticky_header is not None and not _is_token(self.sticky_header):
-            raise BadRequest(f"sticky_header is not a valid header name: {self.sticky_header!r}")
+            raise BadRequest(
+                f"sticky_header is not a valid header name: {self.sticky_header!r} "
+                f"(null turns sticking off)"
+            )
         if self.shadow is not None:
             percent = _number(self.shadow.percent, "shadow percent")
             if not 0 <= percent <= 100:
@@ -139,7 +150,8 @@ class TrafficPolicy:
             if not isinstance(version, str) or not version:
                 raise BadRequest("shadow.version must be a version string")
             shadow = Shadow(version, _number(shadow_data.get("percent", 100), "shadow percent"))
-        return cls(dict(weights), sticky or None, shadow)
+        # An empty name is refused (by __post_init__), not read as null: it looks like sticking.
+        return cls(dict(weights), sticky, shadow)
 
     def to_json(self) -> dict[str, Any]:
         """`{"weights": {...}, "sticky_header": str | null, "shadow": {...} | null}`."""
@@ -162,8 +174,27 @@ class TrafficPolicy:
             carried.add(self.shadow.version)
         return carried
 
+    def versions_named(self) -> set[str]:
+        """Every version this policy names, with traffic or not."""
+        named = set(self.weights)
+        if self.shadow is not None:
+            named.add(self.shadow.version)
+        return named
+
+    def without(self, versions: Collection[str]) -> TrafficPolicy:
+        """This policy less `versions`, which carry none of its traffic (weight 0, a 0 % shadow):
+        the same routing, naming only versions that are there."""
+        if not versions:
+            return self
+        weights = {v: w for v, w in self.weights.items() if v not in versions}
+        shadow = self.shadow
+        if shadow is not None and shadow.version in versions:
+            shadow = None
+        return TrafficPolicy(weights, self.sticky_header, shadow)
+
     def pick(self, headers: Mapping[str, str], rng: random.Random) -> str:
-        """The version for one request (sticky when it carries the sticky header)."""
+        """The version for one request (sticky when it carries a sequence id or the sticky
+        header)."""
         if len(self._versions) == 1:
             return self._versions[0]
         sticky_id = self._sticky_id(headers)
@@ -193,7 +224,24 @@ class TrafficPolicy:
         return chosen[-1][0]
 
     def _sticky_id(self, headers: Mapping[str, str]) -> str | None:
-        return None if self._header_key is None else header_value(headers, self._header_key)
+        """The id that keeps this request on one version; None when it has none.
+
+        A sequence id first (see the module docstring): any non-empty value, as the sequence
+        batcher reads it. Then the sticky header's value, unless blank: hashed, a blank value
+        would pin every client that sends one to the same version.
+        """
+        # Looked up by its lower-case name only, as every transport passes names
+        # (`header_dict`, `metadata_headers`): a case-blind search on every request without a
+        # sequence, the common case, would cost more than the rest of routing.
+        sequence_id = headers.get(SEQUENCE_ID)
+        if sequence_id:
+            return sequence_id
+        if self._header_key is None:
+            return None
+        user_id = header_value(headers, self._header_key)
+        if not user_id or user_id.isspace():
+            return None
+        return user_id
 
     @overload
     def sticky_version(self, sticky_id: str) -> str: ...
@@ -279,26 +327,39 @@ class TrafficRouter:
         return self._policies.get(model)
 
     def set_policy(self, model: str, policy: TrafficPolicy) -> None:
-        """Apply `policy` from the next request on.
+        """Apply `policy` from the next request on (the management API).
 
         Raises ModelNotFound / VersionNotFound (404) when it names a model or version that is not
-        registered, and Conflict (409) when a version it sends traffic to is not ready.
+        registered, and Conflict (409) when a version it sends traffic to is not ready: whoever
+        sets it live is told at once that part of it would not be served yet.
         """
         versions = {v.version: v for v in self.registry.versions(model)}
-        named = set(policy.weights)
-        if policy.shadow is not None:
-            named.add(policy.shadow.version)
-        missing = sorted(named - set(versions))
-        if missing:
-            raise VersionNotFound(
-                f"Traffic policy for model {model} names unknown version(s): {', '.join(missing)}"
-            )
+        _refuse_unknown(model, policy.versions_named() - versions.keys())
         not_ready = sorted(v for v in policy.versions_with_traffic() if not versions[v].ready)
         if not_ready:
             raise Conflict(
                 f"Traffic policy for model {model} sends traffic to version(s) that are not "
                 f"ready: {', '.join(not_ready)}"
             )
+        self._install(model, policy)
+
+    def restore_policy(self, model: str, policy: TrafficPolicy) -> TrafficPolicy:
+        """Apply a saved or configured `policy` at start-up; returns what was applied.
+
+        Its versions need only be registered, not ready: at start-up one may still be starting,
+        retrying a failed first start, scaled to 0 or behind a TorchServe not up yet, and
+        refusing the policy would leave all traffic on the default version for good. Until a
+        version is ready, `choose` sends its share to the ready ones. A version that carries
+        none of its traffic and is not registered (it failed to load) leaves the policy, as
+        when it is unregistered (`guard_unregister`); one that carries traffic: VersionNotFound.
+        """
+        missing = policy.versions_named() - {v.version for v in self.registry.versions(model)}
+        _refuse_unknown(model, missing & policy.versions_with_traffic())
+        applied = policy.without(missing)
+        self._install(model, applied)
+        return applied
+
+    def _install(self, model: str, policy: TrafficPolicy) -> None:
         self._policies[model] = policy
         self._changed()
 
@@ -324,15 +385,21 @@ class TrafficRouter:
                 f"Cannot remove version {version} of model {model}: the traffic policy sends it "
                 f"requests; change the policy first (PUT or DELETE /models/{model}/traffic)"
             )
-        if version in policy.weights or (policy.shadow and policy.shadow.version == version):
-            weights = {v: w for v, w in policy.weights.items() if v != version}
-            shadow = policy.shadow if policy.shadow and policy.shadow.version != version else None
-            self._policies[model] = TrafficPolicy(weights, policy.sticky_header, shadow)
-            self._changed()
+        if version in policy.versions_named():
+            self._install(model, policy.without({version}))
 
     def _changed(self) -> None:
         for callback in self.on_change:
             callback()
+
+
+def _refuse_unknown(model: str, missing: Collection[str]) -> None:
+    """VersionNotFound (404) when a policy names versions that are not registered."""
+    if missing:
+        raise VersionNotFound(
+            f"Traffic policy for model {model} names unknown version(s): "
+            f"{', '.join(sorted(missing))}"
+        )
 
 
 def _uniform(digest: bytes) -> float:

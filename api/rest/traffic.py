@@ -6,7 +6,7 @@
 
 Mounted before TorchServe's `/models/{model}/{version}` routes, which would otherwise read
 "traffic" as a version. Validation lives in `api.core.routing`; the models here only describe
-the JSON for OpenAPI and reject wrong types early.
+the JSON for OpenAPI and reject wrong types early (numbers strictly: no `true` or `"5"`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ class ShadowBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: str = Field(description="the version that gets copies; its answers are dropped")
-    percent: float = Field(100, ge=0, le=100, description="share of routed requests copied")
+    percent: float = Field(
+        100, ge=0, le=100, strict=True, description="share of routed requests copied"
+    )
 
 
 class TrafficPolicyBody(BaseModel):
@@ -43,7 +45,8 @@ class TrafficPolicyBody(BaseModel):
         },
     )
 
-    weights: dict[str, Annotated[float, Field(ge=0)]] = Field(
+    # Strict: lax mode would read `true` as 1 and "5" as 5, and a typo would route traffic.
+    weights: dict[str, Annotated[float, Field(ge=0, strict=True)]] = Field(
         min_length=1,
         description="relative weight per version (need not sum to 100); 0 sends no traffic",
     )

@@ -19,6 +19,7 @@ import pytest
 from api.core.dataplane import DataPlane
 from api.core.registry import ModelState, Registry
 from api.core.routing import Choice, Shadow, TrafficPolicy, TrafficRouter, _uniform
+from api.core.sequences import SEQUENCE_ID
 from api.core.streaming import PredictionStream
 from api.core.types import Backend, InferenceRequest, ModelSettings, NullObserver, Prediction
 from api.errors import BadRequest, Conflict, ModelNotFound, VersionNotFound
@@ -207,6 +208,37 @@ def test_sticky_header_none_splits_every_request_at_random() -> None:
     assert {router.choose("m", {"x-user-id": "u"}).version for _ in range(200)} == {"1.0", "2.0"}
 
 
+@pytest.mark.parametrize("sticky_header", ["X-User-Id", None])
+def test_a_sequence_stays_on_one_version_whatever_its_other_headers(
+    sticky_header: str | None,
+) -> None:
+    """A stateful handler keeps a sequence's state in one version: a step routed to another
+    would silently start the sequence afresh there, under the same id."""
+    router = router_for("1.0", "2.0", "3.0")
+    weights = {"1.0": 50, "2.0": 25, "3.0": 25}
+    router.set_policy("m", TrafficPolicy(weights, sticky_header=sticky_header))
+    users = ("", "a", "b", "c", "d", "e")  # steps with and without the sticky header
+    for i in IDS[:200]:
+        steps = [{SEQUENCE_ID: i, "x-user-id": user} for user in users] + [{SEQUENCE_ID: i}] * 10
+        assert len({router.choose("m", headers).version for headers in steps}) == 1, i
+    counts = Counter(router.choose("m", {SEQUENCE_ID: i}).version for i in IDS)
+    assert within_binomial(counts["1.0"], len(IDS), 0.5), counts
+    # While its version cannot serve, a sequence goes on one other version, not a new draw.
+    router.registry.get("m", "2.0").state = ModelState.FAILED
+    for i in IDS[:200]:
+        versions = {router.choose("m", {SEQUENCE_ID: i}).version for _ in range(10)}
+        assert len(versions) == 1 and versions != {"2.0"}, i
+
+
+@pytest.mark.parametrize("blank", ["", " ", "\t "])
+def test_a_blank_sticky_value_is_no_id(blank: str) -> None:
+    # Hashed, a blank value would pin every client that sends one to the same version.
+    router = router_for("1.0", "2.0")
+    router.set_policy("m", TrafficPolicy({"1.0": 50, "2.0": 50}))
+    versions = {router.choose("m", {"x-user-id": blank}).version for _ in range(200)}
+    assert versions == {"1.0", "2.0"}
+
+
 # -- shadow -------------------------------------------------------------------------------------
 
 
@@ -245,9 +277,11 @@ def test_shadow_percent_zero_copies_nothing() -> None:
         {"weights": {"1.0": "ten"}},
         {"weights": {"1.0": True}},
         {"weights": {"1.0": float("nan")}},
+        {"weights": {"1.0": 1e308, "2.0": 1e308}},  # each finite, the sum is not
         {"weights": [["1.0", 1]]},
         {"weights": {"1.0": 1}, "sticky_header": "X User"},
         {"weights": {"1.0": 1}, "sticky_header": 7},
+        {"weights": {"1.0": 1}, "sticky_header": ""},  # not read as null: it looks sticky
         {"weights": {"1.0": 1}, "shadow": {"version": "2.0", "percent": 101}},
         {"weights": {"1.0": 1}, "shadow": {"version": "2.0", "percent": -1}},
         {"weights": {"1.0": 1}, "shadow": {"version": "", "percent": 5}},
@@ -288,6 +322,35 @@ def test_a_policy_must_name_registered_ready_versions() -> None:
         router.set_policy("m", TrafficPolicy({"1.0": 1}, shadow=Shadow("2.0", 5)))
     # A version that gets no traffic need not be ready.
     router.set_policy("m", TrafficPolicy({"1.0": 100, "2.0": 0}))
+    assert router.policy("m") == TrafficPolicy({"1.0": 100, "2.0": 0})
+
+
+def test_a_restored_policy_stands_while_its_versions_are_not_ready() -> None:
+    """At start-up (a snapshot, torchgate.traffic) a version may still be starting, retrying a
+    failed first start or scaled to 0: its policy stands, and serves it once it is ready."""
+    router = router_for("1.0", "2.0")
+    not_yet = router.registry.get("m", "2.0")
+    not_yet.state = ModelState.FAILED
+    policy = TrafficPolicy({"1.0": 50, "2.0": 50}, sticky_header=None, shadow=Shadow("2.0", 5))
+    assert router.restore_policy("m", policy) == policy
+    assert router.policy("m") == policy
+    assert {router.choose("m", {}).version for _ in range(200)} == {"1.0"}
+    not_yet.state = ModelState.READY
+    assert {router.choose("m", {}).version for _ in range(200)} == {"1.0", "2.0"}
+
+
+def test_a_restored_policy_leaves_out_missing_versions_without_traffic() -> None:
+    # Versions that failed to load: without traffic they leave it, as when unregistered.
+    router = router_for("1.0", "2.0")
+    saved = TrafficPolicy({"1.0": 100, "2.0": 0, "9.9": 0}, shadow=Shadow("8.8", 0))
+    assert router.restore_policy("m", saved) == TrafficPolicy({"1.0": 100, "2.0": 0})
+    assert router.policy("m") == TrafficPolicy({"1.0": 100, "2.0": 0})
+    with pytest.raises(VersionNotFound):
+        router.restore_policy("m", TrafficPolicy({"1.0": 90, "9.9": 10}))
+    with pytest.raises(VersionNotFound):
+        router.restore_policy("m", TrafficPolicy({"1.0": 1}, shadow=Shadow("9.9", 5)))
+    with pytest.raises(ModelNotFound):
+        router.restore_policy("nope", TrafficPolicy({"1.0": 1}))
     assert router.policy("m") == TrafficPolicy({"1.0": 100, "2.0": 0})
 
 
@@ -401,6 +464,43 @@ def test_a_failing_shadow_never_fails_the_primary() -> None:
         await asyncio.gather(*dataplane._shadow_tasks)
         shadow = [f for f in recorder.finished if f[2]]
         assert shadow == [("2.0", 500, True)] * 5
+
+    run(scenario())
+
+
+def test_shadow_copies_leave_half_the_shadow_versions_queue_to_its_own_requests() -> None:
+    """The shadow version may carry weight too, or be named: copies filling its queue would
+    get its own requests refused (503). Past half full, a copy is dropped (a shadow 503)."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        for version in ("1.0", "2.0"):
+            backend = FakeBackend("m", version)
+            settings = ModelSettings(job_queue_size=4)
+            await registry.register("m", version, "m.mar", factory(backend), settings)
+        shadow_backend = registry.get("m", "2.0").backend
+        assert isinstance(shadow_backend, FakeBackend)
+        shadow_backend.gate = asyncio.Event()  # 2.0 holds every batch: its queue fills up
+        router = TrafficRouter(registry)
+        router.set_policy("m", TrafficPolicy({"1.0": 1}, shadow=Shadow("2.0", 100)))
+        recorder = Recorder()
+        dataplane = DataPlane(registry, router=router, observer=recorder)
+        for i in range(10):
+            await dataplane.infer("m", None, InferenceRequest({"body": i}))
+        for _ in range(5):
+            await asyncio.sleep(0)  # every copy queued or dropped by now
+        assert registry.get("m", "2.0").batcher.depth == 3  # more than 2 of 4: no more copies
+
+        own = asyncio.ensure_future(dataplane.infer("m", "2.0", InferenceRequest({"body": "own"})))
+        await asyncio.sleep(0)
+        shadow_backend.gate.set()
+        answer = await own
+        assert answer.prediction.ok and answer.prediction.body["version"] == "2.0"
+        await registry.close()
+        await asyncio.gather(*dataplane._shadow_tasks)
+        shadows = Counter(f for f in recorder.finished if f[2])
+        # One copy runs, 3 wait in the queue, the other 6 are dropped.
+        assert shadows == {("2.0", 200, True): 4, ("2.0", 503, True): 6}, shadows
 
     run(scenario())
 

@@ -132,6 +132,11 @@ def test_get_put_delete_traffic(tmp_path: Path) -> None:
         ({"weights": {"1.0": 1}, "shadow": {"version": "2.0", "percent": 150}}, 400),
         ({"weights": {"1.0": 1}, "sticky_header": "not a header"}, 400),
         ({"weights": {"1.0": 1}, "sticky": "X-User-Id"}, 400),
+        ({"weights": {"1.0": 1}, "sticky_header": ""}, 400),  # not read as null
+        ({"weights": {"1.0": 1e308, "2.0": 1e308}}, 400),  # the sum is not finite
+        ({"weights": {"1.0": True}}, 400),  # numbers strictly: lax mode read 1
+        ({"weights": {"1.0": "5"}}, 400),
+        ({"weights": {"1.0": 1}, "shadow": {"version": "2.0", "percent": "5"}}, 400),
         ([1, 2, 3], 400),
     ],
 )
