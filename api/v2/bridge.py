@@ -82,7 +82,7 @@ DECODE_IN_THREAD_BYTES = 1 << 20
 def codec_errors() -> Iterator[None]:
     """Around decoding and encoding: the client's mistakes are 400, anything else 500.
 
-    (Encoding can be the client's mistake too: a requested output the model does not have.)
+    (Encoding can be the client's mistake too: a non-UTF-8 BYTES output asked for as JSON.)
     """
     try:
         yield
@@ -168,13 +168,16 @@ class V2Call:
         return item
 
     def _response(self, prediction: Prediction, model_version: ModelVersion) -> V2Response:
-        return response_tensors(
+        signature = model_version.backend.signature
+        response = response_tensors(
             prediction,
             model=self.model,
             version=model_version.version,
             request_id=self.request.id,
-            signature=model_version.backend.signature,
+            signature=signature,
         )
+        check_answered_outputs(self.request, response, signature)
+        return response
 
 
 def _with_sequence(headers: Mapping[str, str], options: RequestOptions) -> Mapping[str, str]:
@@ -267,13 +270,35 @@ def check_inputs(request: V2Request, signature: Mapping[str, Any] | None) -> Non
 def check_outputs(request: V2Request, signature: Mapping[str, Any] | None, model: str) -> None:
     """Raise BadRequest for a requested output the signature does not list, before the model
     runs, as Triton does. Without a signature (or its outputs) the answer shows what the
-    handler gives: an unknown name is refused then, when the answer is encoded."""
-    names = {str(spec["name"]) for spec in (signature or {}).get("outputs") or []}
+    handler gives: an unknown name is refused when it comes (`check_answered_outputs`)."""
+    names = _output_names(signature)
     if not names:
         return
     for output in request.outputs:
         if output.name not in names:
             raise BadRequest(f"unexpected inference output {output.name!r} for model {model!r}")
+
+
+def check_answered_outputs(
+    request: V2Request, response: V2Response, signature: Mapping[str, Any] | None
+) -> None:
+    """Raise for a requested output the handler's answer lacks. With signature outputs
+    `check_outputs` let only those through, so the handler failed to give one: InferenceFailed
+    (500). Without, the name was never checked: the client asked for an unknown output (400)."""
+    answered = {tensor.name for tensor in response.outputs}
+    missing = [output.name for output in request.outputs if output.name not in answered]
+    if not missing:
+        return
+    if _output_names(signature):
+        raise InferenceFailed(
+            f"the handler did not return output {missing[0]!r}, which the model's signature "
+            f"lists (it returned {_names(sorted(answered)) or 'none'})"
+        )
+    raise BadRequest(f"unknown output {missing[0]!r} requested")
+
+
+def _output_names(signature: Mapping[str, Any] | None) -> set[str]:
+    return {str(spec["name"]) for spec in (signature or {}).get("outputs") or []}
 
 
 def _shape_fits(shape: Sequence[int], dims: Sequence[int]) -> bool:

@@ -2,7 +2,8 @@
 
 One codec for both transports, so REST and gRPC agree on every rule:
 
-- REST JSON: ``data`` is a flat or nested row-major list; BYTES elements are UTF-8 strings.
+- REST JSON: ``data`` is a flat or nested row-major list; BYTES elements are UTF-8 strings;
+  non-finite floats are the tokens ``NaN``, ``Infinity`` and ``-Infinity``, both ways, as Triton.
 - REST with Triton's binary tensor extension: the body is N bytes of JSON (N from the
   ``Inference-Header-Content-Length`` header) followed by the raw bytes of each input that has
   ``"parameters": {"binary_data_size": k}``, in input order. Outputs go binary when asked per
@@ -17,8 +18,10 @@ it first builds a gRPC response.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import numpy as np
@@ -71,6 +74,10 @@ HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 _JSON_KINDS: Final = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
 _END: Final = object()  # marks an exhausted iterator in `_collect_strings`
 
+# The tokens tritonclient (python-rapidjson) writes for non-finite floats and Triton reads and
+# writes (rapidjson's kParseNanAndInfFlag, kWriteNanAndInfFlag); orjson reads none of them.
+_NON_FINITE: Final = ("NaN", "Infinity")  # "-Infinity": orjson stops past the sign
+
 # gRPC typed contents: the field that carries each datatype, and that field's element type.
 # FP16 (and BF16) have no field: they travel only as raw contents.
 _CONTENTS: Final = {
@@ -104,10 +111,7 @@ def decode_rest(body: bytes, header_length: int | str | None = None) -> V2Reques
     else:
         length = _header_length(header_length, len(view))
         header, binary = view[:length], view[length:]
-    try:
-        doc = orjson.loads(header)
-    except orjson.JSONDecodeError as exc:
-        raise CodecError(f"request body is not valid JSON: {exc}") from None
+    doc = _json_document(header)
     if not isinstance(doc, dict):
         raise CodecError("request body must be a JSON object")
 
@@ -124,7 +128,7 @@ def decode_rest(body: bytes, header_length: int | str | None = None) -> V2Reques
     return V2Request(
         id=_optional_str(doc.get("id"), "id"),
         parameters=_parameters(doc.get("parameters"), "request"),
-        inputs=_unique(inputs),
+        inputs=_checked_inputs(inputs),
         outputs=[_rest_output(item) for item in _list(doc.get("outputs"), "outputs")],
     )
 
@@ -180,11 +184,36 @@ def encode_rest(
     return b"".join([header, *chunks]), headers
 
 
-def _header_length(value: int | str, body_length: int) -> int:
+def _json_document(header: memoryview) -> Any:
+    """The parsed JSON header. orjson reads every well-formed request; only a document it
+    refuses at a NaN or Infinity token is read again, by the json module, which takes those."""
     try:
-        length = int(value)
-    except ValueError:
-        raise CodecError(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
+        return orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        if not exc.doc[exc.pos : exc.pos + 8].startswith(_NON_FINITE):
+            raise CodecError(f"request body is not valid JSON: {exc}") from None
+        return _json_with_non_finite(exc.doc)
+
+
+def _json_with_non_finite(text: str) -> Any:
+    """`text` parsed with NaN and (-)Infinity taken, and strings held to orjson's rule."""
+    try:
+        doc = json.loads(text)
+        if "\\u" in text:
+            # An escape may make a lone surrogate, which json takes and orjson does not (it
+            # could not write it back either): encoding to UTF-8 refuses those.
+            json.dumps(doc, ensure_ascii=False).encode()
+    except (ValueError, RecursionError) as exc:
+        raise CodecError(f"request body is not valid JSON: {exc}") from None
+    return doc
+
+
+def _header_length(value: int | str, body_length: int) -> int:
+    # Digits only, as a Content-Length: int() would also take signs, spaces, underscores and
+    # non-ASCII digits (Arabic-Indic ones, say).
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise CodecError(f"{HEADER_LENGTH} must be an integer, got {value!r}")
+    length = int(value)
     if not 0 < length <= body_length:
         raise CodecError(f"{HEADER_LENGTH} {length} is outside the {body_length}-byte body")
     return length
@@ -246,6 +275,8 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: object) -
     _check_count(name, parsed.size, count, shape)
     if count == 0:
         return np.empty(shape, dtype)
+    if dtype.kind != "b" and _holds_booleans(data, parsed):
+        raise CodecError(f"input {name!r}: data does not hold {datatype} values (a boolean)")
     if dtype.kind in "iu" and parsed.dtype.kind in "fO":
         # numpy reads Python ints past int64 (UINT64 above 2**63) as floats or objects: reread
         # them exactly if they all are ints. Rare, so a Python-level check is fine here.
@@ -259,6 +290,19 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: object) -
     if parsed.dtype.kind not in _JSON_KINDS[dtype.kind]:
         raise CodecError(f"input {name!r}: data does not hold {datatype} values")
     return narrow(name, parsed, dtype).reshape(shape)
+
+
+def _holds_booleans(data: list[Any], parsed: np.ndarray) -> bool:
+    """Whether numeric JSON `data` (read by numpy as `parsed`) holds a true or false, which
+    numpy silently reads as 1 or 0 among numbers."""
+    # A boolean can only hide as a 0 or 1, so data without either (most float data) is never
+    # walked; other data is walked in C (map, set), ~20 ms a million elements.
+    if parsed.dtype.kind not in "iuf" or not ((parsed == 0) | (parsed == 1)).any():
+        return False
+    leaves: Iterable[Any] = data
+    for _ in range(parsed.ndim - 1):  # numpy took `data` as regular: ndim levels of lists
+        leaves = chain.from_iterable(leaves)
+    return bool in set(map(type, leaves))
 
 
 def _collect_strings(data: list[Any], out: list[bytes], name: str) -> None:
@@ -276,12 +320,15 @@ def _collect_strings(data: list[Any], out: list[bytes], name: str) -> None:
             raise CodecError(f"input {name!r}: BYTES data must be JSON strings")
 
 
-def _json_data(tensor: Tensor) -> np.ndarray | list[str]:
+def _json_data(tensor: Tensor) -> np.ndarray | list[str] | orjson.Fragment:
     """Flat row-major data; numeric arrays stay arrays for orjson's numpy serializer."""
     data = checked_data(tensor)
     if tensor.datatype != "BYTES":
         dtype = numpy_dtype(tensor.datatype)
-        return np.ascontiguousarray(data, dtype=dtype).reshape(-1)
+        flat = np.ascontiguousarray(data, dtype=dtype).reshape(-1)
+        if dtype.kind == "f" and not np.isfinite(flat).all():
+            return _with_non_finite_tokens(flat)
+        return flat
     try:
         return [
             item if isinstance(item, str) else as_bytes(item).decode()
@@ -291,6 +338,22 @@ def _json_data(tensor: Tensor) -> np.ndarray | list[str]:
         raise CodecError(
             f"output {tensor.name!r} is not UTF-8 text; request it with binary_data"
         ) from None
+
+
+def _with_non_finite_tokens(flat: np.ndarray) -> orjson.Fragment:
+    """Float data as JSON with NaN, Infinity and -Infinity written as such, as Triton writes
+    them, where orjson writes null (which a client reads back as NaN, whatever the value)."""
+    # In a float array's JSON every null is a non-finite value, in order: replace each with
+    # its token, and keep orjson's shortest float32 forms for the rest.
+    pieces = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY).split(b"null")
+    non_finite = flat[~np.isfinite(flat)]
+    tokens = np.where(
+        np.isnan(non_finite), b"NaN", np.where(non_finite > 0, b"Infinity", b"-Infinity")
+    )
+    text: list[bytes] = [pieces[0]]
+    for token, piece in zip(tokens.tolist(), pieces[1:], strict=True):
+        text += (token, piece)
+    return orjson.Fragment(b"".join(text))
 
 
 # --- gRPC -----------------------------------------------------------------------------------
@@ -319,7 +382,7 @@ def decode_grpc(request: pb.ModelInferRequest) -> V2Request:
     return V2Request(
         id=request.id or None,
         parameters=_from_grpc_parameters(request.parameters),
-        inputs=_unique(inputs),
+        inputs=_checked_inputs(inputs),
         outputs=[_grpc_output(output) for output in request.outputs],
     )
 
@@ -460,9 +523,12 @@ def _shape(value: object, name: str) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _unique(inputs: list[Tensor]) -> list[Tensor]:
-    """`inputs`, refused when two share a name (the later would silently replace the
-    earlier where inputs are looked up by name), as Triton refuses them."""
+def _checked_inputs(inputs: list[Tensor]) -> list[Tensor]:
+    """`inputs`, refused when there are none (a handler without a signature would get an item
+    with nothing in it) or when two share a name (the later would silently replace the earlier
+    where inputs are looked up by name), as Triton refuses both."""
+    if not inputs:
+        raise CodecError("the request has no inputs: at least one is needed")
     names: set[str] = set()
     for tensor in inputs:
         if tensor.name in names:

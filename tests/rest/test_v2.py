@@ -22,6 +22,8 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+import tritonclient.http as thttp
+from tritonclient.http._utils import _get_inference_request as triton_http_request
 
 from api.app import Torchgate
 from api.core.types import API_V2_REST
@@ -241,6 +243,25 @@ def test_binary_inputs_and_outputs(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_nan_and_infinities_survive_a_tritonclient_json_round_trip(tmp_path: Path) -> None:
+    """tritonclient writes NaN, Infinity and -Infinity for non-finite floats in JSON, and reads
+    them back; Triton reads and writes them too (orjson alone reads none, writes null)."""
+
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            x = np.array([[np.nan, np.inf], [-np.inf, 1.5]], np.float32)
+            tensor = thttp.InferInput("x", [2, 2], "FP32").set_data_from_numpy(x, False)
+            outputs = [thttp.InferRequestedOutput("y", binary_data=False)]
+            body, _ = triton_http_request([tensor], "", outputs, 0, False, False, 0, None, None)
+            response = await s.client.post("/v2/models/m/infer", content=body)
+            assert response.status_code == 200, response.text
+            assert b'"data":[NaN,Infinity,-Infinity,3.0]' in response.content
+            result = thttp.InferResult.from_response_body(response.content)
+            np.testing.assert_array_equal(result.as_numpy("y"), x * 2)
+
+    run(scenario())
+
+
 def test_binary_data_output_makes_every_output_binary(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with serving(tmp_path) as s:
@@ -440,6 +461,14 @@ def test_a_plain_archive_takes_any_input(tmp_path: Path) -> None:
             "x must be positive",  # the handler's own message for its item
         ),
         ("/v2/models/m/versions/infer", {"inputs": []}, 404, "Unknown v2 path"),
+        # A handler without a signature would get an item with nothing in it (500).
+        ("/v2/models/plain/infer", {"inputs": []}, 400, "the request has no inputs"),
+        (
+            "/v2/models/m/infer",
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [[True, 2]]}]},
+            400,
+            "input 'x': data does not hold FP32 values",  # numpy would read true as 1.0
+        ),
     ],
 )
 def test_errors_have_the_tables_status_and_a_v2_body(
@@ -468,6 +497,28 @@ def test_requested_outputs_are_checked_before_the_model_runs(tmp_path: Path) -> 
             header, raw = split_binary(response)
             assert [o["name"] for o in header["outputs"]] == ["total"]
             assert np.frombuffer(raw, np.float32).tolist() == [3.0]
+
+    run(scenario())
+
+
+def test_a_requested_output_the_answer_lacks_is_whose_fault_the_signature_says(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with serving(tmp_path) as s:
+            # "m" lists "total" (checked before it ran): a handler that did not return it
+            # failed, not the client. A plain answer is one tensor, named "y" here.
+            doc = {
+                "inputs": [x_input([[1, 2]])],
+                "outputs": [{"name": "total"}],
+                "parameters": {"answer": "text"},
+            }
+            response = await s.client.post("/v2/models/m/infer", json=doc)
+            assert "did not return output 'total'" in error_of(response, 500)
+            # "plain" lists no outputs: an unknown name was never checked, and is the client's.
+            doc = {"inputs": [x_input([[1, 2]])], "outputs": [{"name": "zz"}]}
+            response = await s.client.post("/v2/models/plain/infer", json=doc)
+            assert error_of(response, 400) == "unknown output 'zz' requested"
 
     run(scenario())
 
@@ -520,6 +571,12 @@ def test_malformed_bodies_are_400(tmp_path: Path) -> None:
                 "/v2/models/m/infer", content=b"{}", headers={HEADER_LENGTH: "99"}
             )
             assert "outside the 2-byte body" in error_of(response, 400)
+            # The header as a Content-Length: ASCII digits only, though int() takes "1_0".
+            content, headers = binary_body({"inputs": [x_input([[1, 2]])]})
+            length = headers[HEADER_LENGTH]
+            headers[HEADER_LENGTH] = f"{length[0]}_{length[1:]}"
+            response = await post("/v2/models/m/infer", content=content, headers=headers)
+            assert f"{HEADER_LENGTH} must be an integer" in error_of(response, 400)
 
     run(scenario())
 

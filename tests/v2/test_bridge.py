@@ -29,7 +29,7 @@ from api.errors import (
     TorchgateError,
 )
 from api.v2 import bridge
-from api.v2.codec import CodecError, RequestedOutput, Tensor, V2Request
+from api.v2.codec import CodecError, RequestedOutput, Tensor, V2Request, V2Response
 from api.workers.pool import WorkerPool
 from tests.support.aio import run
 
@@ -222,6 +222,39 @@ def test_an_output_the_handler_cannot_encode_is_a_server_error() -> None:
     body = {"outputs": [{"name": "y", "datatype": "FP32", "shape": [3], "data": [1, 2]}]}
     with pytest.raises(InferenceFailed), bridge.codec_errors():
         respond(body)
+
+
+# -- requested outputs the answer lacks ----------------------------------------------------------
+
+
+def answered(*names: str) -> V2Response:
+    outputs = [tensor(name, [1.0]) for name in names]
+    return V2Response("m", "1.0", None, {}, outputs)
+
+
+def test_a_listed_output_the_handler_did_not_return_is_a_server_error() -> None:
+    """The signature's outputs are checked before the model runs (`check_outputs`): a listed
+    one missing from the answer is the handler's failure, not the client's."""
+    request = v2_request(outputs=("probabilities", "labels"))
+    signature = {**DIGITS_SIGNATURE, "outputs": [{"name": "probabilities"}, {"name": "labels"}]}
+    with pytest.raises(InferenceFailed, match="did not return output 'labels'") as info:
+        bridge.check_answered_outputs(request, answered("probabilities"), signature)
+    assert "it returned 'probabilities'" in info.value.message
+
+
+@pytest.mark.parametrize("signature", [None, {"inputs": DIGITS_SIGNATURE["inputs"]}])
+def test_an_unknown_output_of_a_model_without_declared_outputs_is_the_clients(
+    signature: dict[str, Any] | None,
+) -> None:
+    request = v2_request(outputs=("output0", "zz"))
+    with pytest.raises(BadRequest, match="unknown output 'zz' requested"):
+        bridge.check_answered_outputs(request, answered("output0"), signature)
+
+
+def test_outputs_the_answer_holds_pass() -> None:
+    request = v2_request(outputs=("probabilities",))
+    bridge.check_answered_outputs(request, answered("probabilities", "extra"), DIGITS_SIGNATURE)
+    bridge.check_answered_outputs(v2_request(), answered("output0"), None)  # none asked: all
 
 
 # -- the signature check -------------------------------------------------------------------------

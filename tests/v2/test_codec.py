@@ -6,6 +6,7 @@ these tests prove wire compatibility without a server.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -178,6 +179,15 @@ def test_rest_json_accepts_nested_and_flat_data() -> None:
     assert_same(request.inputs[2].data, np.array([[b"a"], [b"b"]], dtype=object))
 
 
+def test_rest_json_zeros_and_ones_are_numbers_and_booleans_are_bool_data() -> None:
+    """Only booleans among numbers are refused (numpy would read them as 1 and 0)."""
+    numbers = {"name": "x", "datatype": "INT32", "shape": [2, 2], "data": [[0, 1], [1, 7]]}
+    flags = {"name": "b", "datatype": "BOOL", "shape": [2], "data": [True, False]}
+    request = decode_rest(orjson.dumps({"inputs": [numbers, flags]}))
+    assert_same(request.inputs[0].data, np.array([[0, 1], [1, 7]], np.int32))
+    assert_same(request.inputs[1].data, np.array([True, False]))
+
+
 def test_rest_json_widens_integers_to_floats() -> None:
     body = orjson.dumps(
         {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1, 2]}]}
@@ -193,6 +203,44 @@ def test_empty_tensor(binary: bool) -> None:
 
     out, headers = encode_rest(response_of({"y": empty}), binary_default=binary)
     assert_same(triton_http_result(out, headers).as_numpy("y"), empty)
+
+
+NON_FINITE = [np.nan, np.inf, -np.inf, 0.1, 1.5]
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_rest_json_keeps_nan_and_infinities_both_ways_with_tritonclient(datatype: str) -> None:
+    """tritonclient (python-rapidjson) writes NaN, Infinity and -Infinity tokens; Triton reads
+    and writes them. orjson reads none of them, and writes each as null (read back as NaN)."""
+    sent = np.array([NON_FINITE], numpy_dtype(datatype))
+    body, length = http_request({"x": sent}, binary=False)
+    assert b"NaN" in body and b"-Infinity" in body
+
+    (tensor,) = decode_rest(body, length).inputs
+
+    assert_same(tensor.data, sent)  # NaN where NaN was sent: assert_array_equal says so
+    out, headers = encode_rest(response_of({"y": tensor.data}))
+    assert b"null" not in out
+    finite = orjson.dumps(sent[0, 3:], option=orjson.OPT_SERIALIZE_NUMPY)[1:]
+    assert b'"data":[NaN,Infinity,-Infinity,' + finite in out  # orjson's forms for the rest
+    assert_same(triton_http_result(out, headers).as_numpy("y"), sent)
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        # Only a document orjson stops at a NaN or Infinity is read again; anything else that
+        # is wrong in it is still refused, with the json module's own words.
+        (b'{"inputs": [NaN', "Expecting ',' delimiter|Expecting value"),
+        (b'{"inputs": [NaN], "id": "\\ud800"}', "surrogates not allowed"),
+        (b'{"inputs": [nan]}', "not valid JSON"),
+        (b'{"inputs": [-NaN]}', "not valid JSON"),
+        (b'{"inputs": [Inf]}', "not valid JSON"),
+    ],
+)
+def test_rest_json_non_finite_tokens_do_not_open_other_doors(body: bytes, match: str) -> None:
+    with pytest.raises(CodecError, match=match):
+        decode_rest(body)
 
 
 # --- REST: responses parsed by tritonclient.http ------------------------------------------------
@@ -298,6 +346,7 @@ def fp32(**overrides: Any) -> dict[str, Any]:
         (b"not json", "not valid JSON"),
         (b"[]", "must be a JSON object"),
         (b"{}", "inputs must be a JSON array"),
+        (b'{"inputs": []}', "the request has no inputs"),
         (body_of(fp32(datatype="FP8")), "unknown datatype 'FP8'"),
         (body_of(fp32(datatype="BF16")), "BF16 is not supported"),
         (body_of(fp32(shape=[3])), "2 elements in data, shape \\[3\\] needs 3"),
@@ -310,6 +359,12 @@ def fp32(**overrides: Any) -> dict[str, Any]:
         (body_of(fp32(data=1.0)), "data must be a JSON array"),
         (body_of(fp32(datatype="INT32", data=[1.5, 2])), "does not hold INT32 values"),
         (body_of(fp32(datatype="BOOL", data=[1, 0])), "does not hold BOOL values"),
+        (body_of(fp32(data=[True, 2.5])), "does not hold FP32 values"),
+        (body_of(fp32(shape=[1, 2], data=[[True, 2]])), "does not hold FP32 values"),
+        (body_of(fp32(datatype="FP64", shape=[2, 1], data=[[1.5], [False]])), "FP64 values"),
+        (body_of(fp32(datatype="INT64", data=[1, False])), "does not hold INT64 values"),
+        (body_of(fp32(datatype="UINT8", data=[True, 0])), "does not hold UINT8 values"),
+        (body_of(fp32(data=[True, False])), "does not hold FP32 values"),
         (body_of(fp32(datatype="UINT8", data=[1, 256])), "out of range for UINT8"),
         (body_of(fp32(datatype="UINT64", data=[-1, 2])), "out of range for UINT64"),
         (body_of(fp32(datatype="UINT64", data=[-1, 2**64 - 1])), "out of range for UINT64"),
@@ -372,6 +427,30 @@ def test_rest_rejects_bad_header_length(length: int | str) -> None:
     body, _ = binary_body(b"\0" * 8, 8)
     with pytest.raises(CodecError, match=HEADER_LENGTH):
         decode_rest(body, length)
+
+
+ARABIC_INDIC_DIGITS = str.maketrans(
+    "0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669"
+)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda n: f"{n[0]}_{n[1:]}",
+        lambda n: f" +{n} ",
+        lambda n: f"+{n}",
+        lambda n: n.translate(ARABIC_INDIC_DIGITS),
+    ],
+    ids=["underscore", "spaces and sign", "sign", "arabic-indic digits"],
+)
+def test_rest_header_length_is_ascii_digits_only(spelling: Callable[[str], str]) -> None:
+    """As a Content-Length: int() would take all of these."""
+    body, length = binary_body(b"\0" * 8, 8)
+    assert length >= 10  # two digits at least, for the underscore
+    decode_rest(body, str(length))  # the right length, written plainly: taken
+    with pytest.raises(CodecError, match=f"{HEADER_LENGTH} must be an integer"):
+        decode_rest(body, spelling(str(length)))
 
 
 def test_binary_input_without_header_length_is_rejected() -> None:
@@ -517,7 +596,10 @@ def test_grpc_raw_contents_must_cover_every_input_alone() -> None:
 
 def test_grpc_rejects_what_numpy_or_a_lookup_by_name_cannot_take() -> None:
     """Refused as the client's mistake (INVALID_ARGUMENT), not met later as a server error
-    (numpy's limits) or a silent loss (a second input of the same name)."""
+    (numpy's limits, a handler handed no input) or a silent loss (a second input of the same
+    name)."""
+    with pytest.raises(CodecError, match="the request has no inputs"):
+        decode_grpc(pb.ModelInferRequest(model_name="m"))
     request = grpc_request({"a": SAMPLES["FP32"], "b": SAMPLES["FP32"]})
     request.inputs[1].name = "a"
     with pytest.raises(CodecError, match="input 'a' appears more than once"):

@@ -7,8 +7,8 @@ unchanged. Malformed input: whatever bytes, header length or JSON document a cli
 decoding either succeeds or raises `BadRequest` once `bridge.codec_errors()` (what both
 transports wrap the codec in) has translated it; never another exception, which would be a 500.
 
-JSON cannot carry NaN or infinity (orjson writes null), so JSON round trips draw finite floats;
-binary round trips draw every float.
+JSON round trips draw finite floats (NaN and infinity travel as Triton's tokens, tested in
+tests/v2/test_codec.py); binary round trips draw every float.
 """
 
 from __future__ import annotations
