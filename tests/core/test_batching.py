@@ -458,6 +458,24 @@ def test_batches_a_dead_worker_never_started_go_to_the_next_in_arrival_order() -
     run(scenario())
 
 
+async def given_back_by_a_dying_worker(
+    clock: FakeClock,
+) -> tuple[Batcher, asyncio.Future[Prediction], asyncio.Task[None]]:
+    """ "a" runs on a worker that takes "b" ahead; "a" runs past its 1 s timeout (the clock is
+    at 1.5 s), the worker is killed, and "b", never started, comes back to the queue."""
+    batcher = make_batcher(clock, max_batch_size=1, response_timeout_s=1.0)
+    running, waiting = batcher.submit(request("a")), batcher.submit(request("b"))
+    dying = PipelinedWorker()
+    serving = asyncio.create_task(batcher.serve(dying))
+    while len(dying.batches) < 2:
+        await asyncio.sleep(0)
+    clock.now = 1.5
+    dying.die()
+    with pytest.raises(InferenceFailed):
+        await running
+    return batcher, waiting, serving
+
+
 def test_a_batch_a_dead_worker_never_started_queues_afresh() -> None:
     """A batch given back unrun kept the queue deadline it got on arrival: held by a worker
     that ran out its responseTimeout on the batch before it, it was past that deadline when
@@ -465,16 +483,7 @@ def test_a_batch_a_dead_worker_never_started_queues_afresh() -> None:
 
     async def scenario() -> None:
         clock = FakeClock()
-        batcher = make_batcher(clock, max_batch_size=1, response_timeout_s=1.0)
-        running, waiting = batcher.submit(request("a")), batcher.submit(request("b"))
-        dying = PipelinedWorker()
-        serving = asyncio.create_task(batcher.serve(dying))
-        while len(dying.batches) < 2:
-            await asyncio.sleep(0)
-        clock.now = 1.5  # "a" ran past its timeout: its worker is killed, "b" comes back
-        dying.die()
-        with pytest.raises(InferenceFailed):
-            await running
+        batcher, waiting, serving = await given_back_by_a_dying_worker(clock)
         clock.now = 2.0  # "b" waits in the queue again, less than a responseTimeout
         worker = GatedWorker()
         task = asyncio.create_task(batcher.serve(worker))
@@ -491,16 +500,7 @@ def test_a_given_back_request_still_times_out_in_the_queue() -> None:
 
     async def scenario() -> None:
         clock = FakeClock()
-        batcher = make_batcher(clock, max_batch_size=1, response_timeout_s=1.0)
-        running, waiting = batcher.submit(request("a")), batcher.submit(request("b"))
-        dying = PipelinedWorker()
-        serving = asyncio.create_task(batcher.serve(dying))
-        while len(dying.batches) < 2:
-            await asyncio.sleep(0)
-        clock.now = 1.5
-        dying.die()
-        with pytest.raises(InferenceFailed):
-            await running
+        batcher, waiting, serving = await given_back_by_a_dying_worker(clock)
         clock.now = 2.6  # no worker took "b" within a responseTimeout of its return
         task = asyncio.create_task(batcher.serve(GatedWorker()))
         with pytest.raises(DeadlineExceeded, match="timed out in the queue"):
