@@ -196,9 +196,10 @@ def _json_document(header: memoryview) -> Any:
 
 
 def _json_with_non_finite(text: str) -> Any:
-    """`text` parsed with NaN and (-)Infinity taken, and strings held to orjson's rule."""
+    """`text` parsed with NaN and (-)Infinity taken, and numbers and strings held to orjson's
+    rules: a number too large for a float (1e400) is refused, not read as infinity."""
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, parse_float=_finite_float)
         if "\\u" in text:
             # An escape may make a lone surrogate, which json takes and orjson does not (it
             # could not write it back either): encoding to UTF-8 refuses those.
@@ -206,6 +207,13 @@ def _json_with_non_finite(text: str) -> Any:
     except (ValueError, RecursionError) as exc:
         raise CodecError(f"request body is not valid JSON: {exc}") from None
     return doc
+
+
+def _finite_float(literal: str) -> float:
+    number = float(literal)
+    if math.isinf(number):  # the tokens come through parse_constant: this was a literal
+        raise ValueError(f"number out of range: {literal}")
+    return number
 
 
 def _header_length(value: int | str, body_length: int) -> int:
