@@ -207,6 +207,19 @@ async def restore(data: Mapping[str, Any], loader: ModelLoader, router: TrafficR
     return errors + apply_policies(router, data.get("traffic", {}))
 
 
+def _sticky_blank_as_null(model: str, spec: Any) -> Any:
+    """A configured `"sticky_header": ""` meant "not sticky" before the API refused it (400):
+    a config written then still starts, read as null, with a warning to change it."""
+    if isinstance(spec, dict) and spec.get("sticky_header") == "":
+        log.warning(
+            'traffic policy for %s: "sticky_header": "" is read as null (not sticky); '
+            "write null, as the API now refuses an empty header name",
+            model,
+        )
+        return {**spec, "sticky_header": None}
+    return spec
+
+
 def apply_policies(router: TrafficRouter, policies: Mapping[str, Any]) -> list[str]:
     """Set each model's policy (from a snapshot or `torchgate.traffic`); returns error lines.
 
@@ -217,7 +230,7 @@ def apply_policies(router: TrafficRouter, policies: Mapping[str, Any]) -> list[s
     errors = []
     for model, spec in policies.items():
         try:
-            policy = TrafficPolicy.from_json(spec)
+            policy = TrafficPolicy.from_json(_sticky_blank_as_null(model, spec))
             applied = router.restore_policy(model, policy)
         except TorchgateError as exc:
             errors.append(f"traffic policy for {model}: {exc.message}")

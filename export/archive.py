@@ -48,7 +48,8 @@ def make_archive(
     from model_archiver.model_archiver_config import ModelArchiverConfig
 
     destination.parent.mkdir(parents=True, exist_ok=True)
-    expected = {serialized_file.name, handler.name, *_member_names(extra_files), MANIFEST_MEMBER}
+    named = [serialized_file, handler, *extra_files]
+    expected = {*_member_names(named), MANIFEST_MEMBER}
     with (
         _staged(extra_files) as extra_dir,
         tempfile.TemporaryDirectory(dir=destination.parent, prefix=".archiving-") as scratch,
@@ -70,12 +71,13 @@ def make_archive(
     return destination
 
 
-def _member_names(extra_files: Sequence[Path]) -> list[str]:
-    """The archive is flat: two extra files with one name would silently become one."""
-    names = [path.name for path in extra_files]
+def _member_names(files: Sequence[Path]) -> list[str]:
+    """The archive is flat: two files with one name (an extra file named as the handler or
+    the serialized model too) would silently become one, the later copied over the other."""
+    names = [path.name for path in files]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ArchiveError(f"extra files share a file name: {', '.join(duplicates)}")
+        raise ArchiveError(f"files of the archive share a file name: {', '.join(duplicates)}")
     return names
 
 

@@ -82,8 +82,11 @@ def _gray_on_paper(image: Image.Image) -> np.ndarray:
         return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
     rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
     alpha, gray = rgba[..., 3], rgba[..., :3] @ _LUMA
-    opaque = alpha > 0.5
-    paper = 0.0 if opaque.any() and float(gray[opaque].mean()) > 0.5 else 1.0
+    # The ink's shade weighted by its opacity: faint strokes count too (a light drawing made
+    # only of half-transparent strokes read as dark ink on white, a blank digit).
+    covered = float(alpha.sum())
+    light_ink = covered > 0 and float((gray * alpha).sum()) / covered > 0.5
+    paper = 0.0 if light_ink else 1.0
     return gray * alpha + paper * (1.0 - alpha)
 
 

@@ -360,6 +360,26 @@ def test_a_version_without_traffic_that_fails_to_restore_leaves_the_policy(
     run(scenario())
 
 
+def test_a_configured_blank_sticky_header_still_starts_as_not_sticky(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`"sticky_header": ""` meant not sticky before the API refused it: a config written
+    then keeps its policy, with a warning, rather than losing it at start-up."""
+    text = CONFIG.replace('"2.0": 20}}', '"2.0": 20}, "sticky_header": ""}')
+
+    async def scenario() -> None:
+        config = load_config(config_in(tmp_path, text))
+        with caplog.at_level(logging.WARNING, logger="api.snapshot"):
+            tg = await started(config, tmp_path)
+        assert tg.startup_errors == []
+        assert tg.router is not None
+        assert tg.router.policy("m") == TrafficPolicy({"1.0": 80, "2.0": 20}, sticky_header=None)
+        assert 'sticky_header": "" is read as null' in caplog.text
+        await tg.stop()
+
+    run(scenario())
+
+
 def test_snapshots_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = config_in(tmp_path, CONFIG + "torchgate.snapshot_file=\n")
     assert load_config(path).snapshot_file is None

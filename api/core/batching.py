@@ -125,6 +125,11 @@ class Batcher:
         return sum(not pending.future.done() for pending in queued)
 
     @property
+    def depth_at_most(self) -> int:
+        """`depth` without the walk: answered requests not yet skipped are counted too."""
+        return len(self._queue)
+
+    @property
     def busy_workers(self) -> int:
         return self._busy
 

@@ -452,10 +452,13 @@ def _refuse_shadow_past_half_queue(model_version: ModelVersion) -> None:
     carry weight too, or be named): copies filling it would get those refused. Checked just
     before queueing, with no await between, so the copies never take more than half."""
     batcher = model_version.batcher
-    if 2 * batcher.depth > batcher.queue_size:
+    # The copy would be one more: it may take the queue to half, not past. The queue's length
+    # (answered requests included) is a cheap upper bound; only past it are live ones counted.
+    limit = batcher.queue_size
+    if 2 * (batcher.depth_at_most + 1) > limit and 2 * (batcher.depth + 1) > limit:
         raise Overloaded(
             f"Shadow copy for model {model_version.name} version {model_version.version} "
-            f"dropped: its job queue is more than half full ({batcher.queue_size})"
+            f"dropped: it would fill more than half of its job queue ({limit})"
         )
 
 

@@ -352,16 +352,20 @@ def _with_non_finite_tokens(flat: np.ndarray) -> orjson.Fragment:
     """Float data as JSON with NaN, Infinity and -Infinity written as such, as Triton writes
     them, where orjson writes null (which a client reads back as NaN, whatever the value)."""
     # In a float array's JSON every null is a non-finite value, in order: replace each with
-    # its token, and keep orjson's shortest float32 forms for the rest.
-    pieces = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY).split(b"null")
+    # its token, and keep orjson's shortest float forms for the rest.
+    dumped = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY)
     non_finite = flat[~np.isfinite(flat)]
-    tokens = np.where(
-        np.isnan(non_finite), b"NaN", np.where(non_finite > 0, b"Infinity", b"-Infinity")
+    kinds = np.where(np.isnan(non_finite), 0, np.where(non_finite > 0, 1, 2))
+    if (kinds == kinds[0]).all():  # one kind (a mask of -inf, say): one pass in C
+        return orjson.Fragment(dumped.replace(b"null", _TOKENS[kinds[0]]))
+    pieces = dumped.split(b"null")
+    tokens = [_TOKENS[kind] for kind in kinds.tolist()]
+    return orjson.Fragment(
+        pieces[0] + b"".join(chain.from_iterable(zip(tokens, pieces[1:], strict=True)))
     )
-    text: list[bytes] = [pieces[0]]
-    for token, piece in zip(tokens.tolist(), pieces[1:], strict=True):
-        text += (token, piece)
-    return orjson.Fragment(b"".join(text))
+
+
+_TOKENS: Final = (b"NaN", b"Infinity", b"-Infinity")
 
 
 # --- gRPC -----------------------------------------------------------------------------------

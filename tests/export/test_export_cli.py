@@ -197,6 +197,22 @@ def test_archive_missing_a_file_fails(tmp_path: Path, monkeypatch: pytest.Monkey
     assert not (tmp_path / "store" / "m.mar").exists()
 
 
+def test_an_extra_file_named_as_the_handler_is_refused(tmp_path: Path) -> None:
+    # The archive is flat: the extra file would be copied over the handler, silently.
+    (tmp_path / "extra").mkdir()
+    for name in ("model.pt", "handler.py", "extra/handler.py"):
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(ArchiveError, match=re.escape("share a file name: handler.py")):
+        make_archive(
+            model_name="m",
+            version="1.0",
+            serialized_file=tmp_path / "model.pt",
+            handler=tmp_path / "handler.py",
+            extra_files=[tmp_path / "extra" / "handler.py"],
+            destination=tmp_path / "store" / "m.mar",
+        )
+
+
 def test_file_errors_exit_one_on_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

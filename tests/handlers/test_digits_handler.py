@@ -396,10 +396,10 @@ def test_deeply_nested_json_is_a_bad_request(
     assert context.statuses[0][0] == 400, response
 
 
-def transparent(values: np.ndarray, dark_ink: bool, mode: str) -> bytes:
-    """The digit as a canvas draws it: ink of one colour, its strength in the alpha channel,
-    on a fully transparent background."""
-    alpha = (values.reshape(8, 8) / digits.PIXEL_SCALE * 255).astype(np.uint8)
+def transparent(values: np.ndarray, dark_ink: bool, mode: str, opacity: float = 1.0) -> bytes:
+    """The digit as a canvas draws it: ink of one colour, its strength in the alpha channel
+    (at most `opacity`), on a fully transparent background."""
+    alpha = (values.reshape(8, 8) / digits.PIXEL_SCALE * 255 * opacity).astype(np.uint8)
     ink = np.full((8, 8), 0 if dark_ink else 255, dtype=np.uint8)
     picture = Image.fromarray(np.dstack([ink, ink, ink, alpha]), "RGBA")
     if mode == "LA":
@@ -421,6 +421,16 @@ def test_a_drawing_on_a_transparent_background_reads_as_on_paper(
     drawn = image_to_digits(transparent(values, dark_ink, mode))
     assert drawn.max() > 8
     np.testing.assert_allclose(drawn, on_paper, atol=16 / 255 * 2)
+
+
+def test_a_faint_drawing_on_a_transparent_background_is_read_too(data: digits.DigitsData) -> None:
+    # Strokes at most 40 % opaque: none is "opaque", and light ink was taken for dark on
+    # white paper (a blank digit). Light or dark, the faint drawing reads the same.
+    values = raw(data, 1, start=5)[0]
+    dark = image_to_digits(transparent(values, True, "RGBA", opacity=0.4))
+    light = image_to_digits(transparent(values, False, "RGBA", opacity=0.4))
+    assert dark.max() > 4  # 40 % of full ink: 6.4 of 16
+    np.testing.assert_allclose(light, dark, atol=16 / 255 * 2)
 
 
 def test_base64_wrapped_in_lines_or_as_a_data_url_is_an_image(
