@@ -98,7 +98,12 @@ class PredictionStream:
             return  # as `discard_part`: nobody is left to send it to
         self._parts.append(prediction)
         self._waiting_bytes += _part_bytes(prediction)
-        if self._waiting_bytes > MAX_WAITING_BYTES or len(self._parts) > MAX_WAITING_PARTS:
+        # Parts behind another one: a single part, however large, waits for nobody (its size
+        # is max_response_size's to bound).
+        waiting_behind = len(self._parts) > 1
+        if waiting_behind and (
+            self._waiting_bytes > MAX_WAITING_BYTES or len(self._parts) > MAX_WAITING_PARTS
+        ):
             self._fail_now(
                 InferenceFailed(
                     f"The client reads this stream slower than the handler writes it: "

@@ -242,3 +242,21 @@ def test_iterate_holds_few_parts_ahead_of_a_slow_consumer() -> None:
         assert taken < 20
 
     aio.run(scenario())
+
+
+def test_one_large_part_is_not_taken_for_a_slow_client() -> None:
+    """A part over the bound with nothing queued before it: its size is max_response_size's
+    to bound, not the slow-client rule's."""
+
+    async def scenario() -> None:
+        sent: list[int] = []
+
+        async def send_part(prediction: Prediction) -> None:
+            sent.append(len(prediction.body))
+
+        huge = bytes(MAX_WAITING_BYTES + 1)
+        stream = PredictionStream(InferenceRequest({}), send_part)
+        answer = await stream.run(fake_infer([huge, b"end"]))
+        assert sent == [len(huge)] and answer.prediction.body == b"end"
+
+    aio.run(scenario())
