@@ -446,6 +446,7 @@ class Batcher:
         deadline = self._clock() + self.response_timeout_s
         for pending in batch:
             pending.deadline = max(pending.deadline, deadline)
+            pending.request.requeued = True  # the dataplane's timer too (`_deadline_passed`)
         self._give_back(batch)
 
     def _give_back(self, batch: list[Pending]) -> None:

@@ -325,6 +325,19 @@ class DataPlane:
     ) -> None:
         if future.done():
             return
+        if (
+            request.requeued
+            and not request.dispatched
+            and _queue_bound(request, timeout) >= timeout
+        ):
+            # Given back unrun by a dying worker: queued afresh (as the batcher counts it), so
+            # one more responseTimeout before the queue answers it 504. A client's own shorter
+            # bound still counts from its arrival.
+            request.requeued = False
+            future.get_loop().call_later(
+                timeout, self._deadline_passed, future, request, model_version, timeout
+            )
+            return
         if request.dispatched:
             # Looked at again later: it comes back to the queue if its worker dies before
             # starting it, and must not wait there forever if no worker is left to take it.

@@ -298,6 +298,7 @@ class SequenceBatcher(Batcher):
             deadline = self._clock() + self.response_timeout_s
             for sequence, pending in batch:
                 pending.deadline = max(pending.deadline, deadline)
+                pending.request.requeued = True
                 sequence.queue.appendleft(pending)
                 sequence.worker = None
             self._watch(pendings)

@@ -44,6 +44,9 @@ class InferenceRequest:
     # then the worker's responseTimeout clock, not the request's deadline in the queue,
     # governs it.
     dispatched: bool = False
+    # Set when a worker gave the request back unrun (it died first): the request queues afresh,
+    # and the dataplane's queue timer gives it another wait rather than its arrival deadline.
+    requeued: bool = False
     # The content type of each input that came with one (a body's, a multipart file's), as
     # TorchServe's frontend sends it beside the value; its handlers read it from the request
     # headers (`context.get_request_header(idx, "body")["content-type"]`).

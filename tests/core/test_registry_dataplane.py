@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -354,5 +355,23 @@ def test_workers_start_side_by_side_on_register_and_synchronous_scale() -> None:
         assert time.monotonic() - began < 1.0
         assert len(slow.workers) == 8
         await registry.close()
+
+    run(scenario())
+
+
+def test_a_request_given_back_unrun_gets_another_wait_in_the_queue() -> None:
+    """A dying worker gave it back (the batcher queues it afresh): the dataplane's queue timer
+    must not answer it 504 at its arrival deadline, but after one more responseTimeout."""
+
+    async def scenario() -> None:
+        dataplane = DataPlane(Registry())
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        request = InferenceRequest({"body": 0})
+        request.requeued = True
+        model_version = SimpleNamespace(name="m", version="1.0")
+        dataplane._deadline_passed(future, request, model_version, 0.05)  # type: ignore[arg-type]
+        assert not future.done()
+        await asyncio.sleep(0.3)
+        assert isinstance(future.exception(), DeadlineExceeded)
 
     run(scenario())

@@ -255,8 +255,9 @@ def test_one_large_part_is_not_taken_for_a_slow_client() -> None:
             sent.append(len(prediction.body))
 
         huge = bytes(MAX_WAITING_BYTES + 1)
+        words: list[Any] = [huge, b"end"]
         stream = PredictionStream(InferenceRequest({}), send_part)
-        answer = await stream.run(fake_infer([huge, b"end"]))
+        answer = await stream.run(fake_infer(words))
         assert sent == [len(huge)] and answer.prediction.body == b"end"
 
     aio.run(scenario())
