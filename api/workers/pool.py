@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 worker_log = logging.getLogger("torchgate.worker")
 
 EXIT_REPORT_WAIT_S = 2.0  # after a worker's socket closes, how long its exit status may take
+# After a kill while its socket is still open, how long the process may take to die before it
+# counts as gone: a large CUDA process can take seconds to tear down, and a replacement started
+# beside it would meet its memory still held; one stuck in the kernel never dies.
+KILLED_EXIT_WAIT_S = 30.0
 LOG_DRAIN_S = 2.0  # after a worker's exit is reported, how long its output pipe is read on
 _RECEIVE_BUFFER = 256 * 1024
 _MAX_LOG_LINE = 64 * 1024
@@ -406,9 +410,15 @@ class WorkerProcess(asyncio.BufferedProtocol):
         stuck in the kernel survives SIGKILL, and a kill message can be lost: the calls
         waiting behind a timed-out one would never be answered (nor given back), and the
         worker's slot never replaced."""
+        # Its socket closed: the process is gone and only the report is due. Open: it may still
+        # be dying (its socket closes then, and `connection_lost` shortens this wait).
+        wait = EXIT_REPORT_WAIT_S if self._lost else KILLED_EXIT_WAIT_S
+        self._give_up_after(wait)
+
+    def _give_up_after(self, wait_s: float) -> None:
         if self._kill_timer is not None:
-            self._kill_timer.cancel()  # `_exit_overdue`'s, which led here: this one replaces it
-        self._kill_timer = self._loop.call_later(EXIT_REPORT_WAIT_S, self.exit_reported, None)
+            self._kill_timer.cancel()  # an earlier timer of this worker: this one replaces it
+        self._kill_timer = self._loop.call_later(wait_s, self.exit_reported, None)
 
     async def stop(self, grace_s: float) -> None:
         """Ask the worker to exit; kill it if it has not within `grace_s`."""
@@ -416,7 +426,7 @@ class WorkerProcess(asyncio.BufferedProtocol):
         try:
             await asyncio.wait_for(asyncio.shield(self.exited), grace_s)
         except TimeoutError:
-            self.kill()  # which gives up on the exit report after EXIT_REPORT_WAIT_S
+            self.kill()  # which gives up on the exit report in time (see `kill`)
             await asyncio.shield(self.exited)
 
     # -- exit ------------------------------------------------------------------------------------
@@ -466,9 +476,10 @@ class WorkerProcess(asyncio.BufferedProtocol):
             self._fail_waiter()
             return
         # The exit status follows from the zygote, normally within milliseconds; the waiter
-        # fails then, with it. A worker that closed its socket but lives on is killed. One
-        # killed already has its wait for the report bounded (`kill`).
-        if not self._killed:
+        # fails then, with it. A worker that closed its socket but lives on is killed.
+        if self._killed:
+            self._give_up_after(EXIT_REPORT_WAIT_S)  # it died of the kill: the report is due
+        else:
             self._kill_timer = self._loop.call_later(EXIT_REPORT_WAIT_S, self._exit_overdue)
 
     def _exit_overdue(self) -> None:

@@ -175,6 +175,7 @@ def test_a_killed_worker_that_never_reports_its_exit_is_given_up_on(
     that survives SIGKILL (stuck in the kernel) or a lost kill message left the call waiting
     behind the timed-out one unanswered for ever, and the worker's slot never replaced."""
     monkeypatch.setattr(pool_module, "EXIT_REPORT_WAIT_S", 0.05)
+    monkeypatch.setattr(pool_module, "KILLED_EXIT_WAIT_S", 0.1)
 
     async def scenario() -> None:
         ours, theirs = socket.socketpair()  # theirs: a worker that never answers
@@ -191,6 +192,32 @@ def test_a_killed_worker_that_never_reports_its_exit_is_given_up_on(
                 await asyncio.wait_for(waiting, 5)
             assert process.exited.result() == "exit status unknown"
         theirs.close()
+        os.close(log_write)
+
+    aio.run(scenario(), timeout=10)
+
+
+def test_a_killed_worker_still_dying_is_not_given_up_on_until_its_socket_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Killed, its socket still open: the process may take seconds to die (a large CUDA one),
+    and declaring it gone would start its replacement beside its memory. Once the socket
+    closes, its exit report is due within EXIT_REPORT_WAIT_S."""
+    monkeypatch.setattr(pool_module, "EXIT_REPORT_WAIT_S", 0.05)
+    monkeypatch.setattr(pool_module, "KILLED_EXIT_WAIT_S", 30.0)
+
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        log_read, log_write = os.pipe()
+        async with stand_in_zygote() as (pool, _zygote):  # it reports no exit, ever
+            process = WorkerProcess(4242, "m/1.0", pool)
+            await process.connect(ours, log_read)
+            process.kill()
+            await asyncio.sleep(0.3)
+            assert not process.exited.done()  # still dying, as far as anyone knows
+            theirs.close()  # it died: its socket closed
+            await asyncio.wait_for(asyncio.shield(process.exited), 5)
+            assert process.exited.result() == "exit status unknown"
         os.close(log_write)
 
     aio.run(scenario(), timeout=10)
