@@ -399,7 +399,11 @@ class TorchServeBackend:
                 "POST",
                 f"{self.spec.inference_url}/{path}",
                 params=tuple(outgoing.params),
-                headers={**outgoing.headers, **self._auth("inference")},
+                # Client header values were read as Latin-1 (ASGI's bytes): sent back as those
+                # bytes. httpx takes text as ASCII, and a byte past it failed the request 500.
+                headers=httpx.Headers(
+                    {**outgoing.headers, **self._auth("inference")}, encoding="latin-1"
+                ),
                 content=outgoing.content,
                 files=outgoing.files,
             ) as response:

@@ -212,6 +212,8 @@ def test_forwards_body_headers_query_and_request_id(fake: FakeTorchServe, port: 
             "authorization": "Bearer gateway-key",
             "x-user-id": "u1",
             "host": "gateway:8080",
+            # Bytes past ASCII, as received (read as Latin-1): sent on as those bytes.
+            "x-note": b"caf\xe9".decode("latin-1"),
         },
         "rid-1",
     )
@@ -233,6 +235,7 @@ def test_forwards_body_headers_query_and_request_id(fake: FakeTorchServe, port: 
         assert headers["content-type"] == "application/json; charset=utf-8"  # the client's
         assert headers["x-request-id"] == "rid-1"
         assert headers["x-user-id"] == "u1"
+        assert headers["x-note"] == b"caf\xe9".decode("latin-1")
         assert "authorization" not in headers  # the gateway's key stays at the gateway
         assert headers["accept-encoding"] == "identity"  # streams are relayed as read
         assert headers["host"] == f"127.0.0.1:{port}"
