@@ -51,7 +51,9 @@ them. `edge_protocol()` subclasses that protocol, per listener, with:
   descriptors in use stay bounded either way.
 - **TLS** on an https:// listener is set up here (`loop.start_tls`), not by uvicorn: the
   connection is counted, and its deadline runs, from its first byte, so a handshake that never
-  ends is one more stalled client (uvicorn's TLS left it outside the bound for 60 s).
+  ends is one more stalled client (uvicorn's TLS left it outside the bound for 60 s). A TLS
+  connection the edge closes is cut at once when nothing is owed to it, and otherwise waits
+  `TLS_SHUTDOWN_S` at most for the client's close_notify (asyncio's 30 s), counted meanwhile.
 
 Deadlines are checked by one sweep per listener, a few times per timeout, rather than a timer
 per request: the hot path only stores a float. The sweep also logs what was refused, as one
@@ -72,6 +74,7 @@ from typing import Any, cast
 import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.utils import get_local_addr
 
 from api.config import EdgeLimits
 from api.encoding import error_body
@@ -92,6 +95,9 @@ JOIN_BYTES = 64 * 1024
 # Requests queued behind the one in progress on a connection before reading stops (what one
 # read brings is still parsed: the bound is this plus one read's worth).
 MAX_PIPELINED = 64
+# A TLS connection being closed waits this long at most (or `header_timeout_s`, if shorter) for
+# the client's close_notify, rather than asyncio's 30 s: until then it is open, and counted.
+TLS_SHUTDOWN_S = 2.0
 
 
 class _Phase(enum.Enum):
@@ -126,13 +132,15 @@ class _Listener:
         self.period_s = max(0.01, min(limits.header_timeout_s, limits.keep_alive_timeout_s) / 4)
         self.refused: dict[str, int] = {}  # since the last report: "431 header too large": n
         self.reported_at = 0.0
+        self.address: str | None = None  # "host:port", for the report, once a connection tells
 
     def count(self, what: str) -> None:
         self.refused[what] = self.refused.get(what, 0) + 1
 
-    def report(self, now: float, where: object) -> None:
+    def report(self, now: float) -> None:
         if self.refused and now - self.reported_at >= REPORT_S:
             summary = ", ".join(f"{n} {what}" for what, n in sorted(self.refused.items()))
+            where = self.address or "listener"
             log.warning("HTTP %s refused or dropped connections: %s", where, summary)
             self.refused.clear()
             self.reported_at = now
@@ -211,6 +219,10 @@ class TurnWriter:
     def is_closing(self) -> bool:
         return self._transport.is_closing()
 
+    def send_pending(self) -> None:
+        """Write what waits for the end of the turn now (every connection's, in order)."""
+        self._outbox.flush()
+
     def close(self) -> None:
         self._outbox.flush()
         self._transport.close()
@@ -262,6 +274,9 @@ class EdgeProtocol(HttpToolsProtocol):
         self._on_lost: dict[Callable[[], object], None] = {}
         self._securing: asyncio.Task[None] | None = None  # the TLS handshake (a reference)
         self._early: list[bytes] = []  # bytes that came before TLS took the connection over
+        # Decrypted bytes that came with the handshake's end, before `_open`: a request's first.
+        self._before_open: list[bytes] = []
+        self._tcp: asyncio.Transport | None = None  # under TLS: what TLS encrypted waits here
 
     # Connection life
 
@@ -314,6 +329,11 @@ class EdgeProtocol(HttpToolsProtocol):
         listener = self.listener
         if listener.sweep is None:
             listener.sweep = self.loop.call_later(listener.period_s, self._sweep)
+            if listener.address is None:
+                # Here, not from `self.server` in the sweep: a failed handshake never has one.
+                local = get_local_addr(self.transport)
+                if local is not None:
+                    listener.address = f"{local[0]}:{local[1]}"
 
     # TLS
 
@@ -347,9 +367,12 @@ class EdgeProtocol(HttpToolsProtocol):
                     listener.tls,
                     server_side=True,
                     ssl_handshake_timeout=self._timeout_s,
+                    ssl_shutdown_timeout=min(TLS_SHUTDOWN_S, self._timeout_s),
                 )
         self._securing = None
-        if secured is None or secured.is_closing():
+        # Dropped (by the sweep, or to admit a new client) after the handshake ended but before
+        # this resumed: `secured` does not know it yet, and must not be opened.
+        if secured is None or secured.is_closing() or self._refused or raw.is_closing():
             # Plain HTTP to an https:// port ends here too: nothing a client could read.
             if not self._refused:
                 listener.count("TLS handshake failed")
@@ -359,7 +382,11 @@ class EdgeProtocol(HttpToolsProtocol):
             return
         self._waiting.pop(self, None)
         self._phase = _Phase.NEW
+        self._tcp = raw
         self._open(secured)
+        if self._before_open:
+            first, self._before_open = b"".join(self._before_open), []
+            self.data_received(first)
 
     def _feed_early(self, raw: asyncio.Transport) -> None:
         # asyncio's and uvloop's TLS protocols are buffered ones (uvloop's not by subclass)
@@ -405,7 +432,7 @@ class EdgeProtocol(HttpToolsProtocol):
                 conn._write_stalled(now)
             elif conn._deadline and conn._deadline < now:
                 conn._expire()
-        listener.report(now, f"{self.server[0]}:{self.server[1]}" if self.server else "listener")
+        listener.report(now)
         listener.sweep = (
             self.loop.call_later(listener.period_s, self._sweep) if self.connections else None
         )
@@ -435,7 +462,8 @@ class EdgeProtocol(HttpToolsProtocol):
     def _drop(self) -> None:
         """Close a stalled or waiting connection; a half-sent request is told why, unless its
         answer has begun (a 408 after it would be read as the answer to the next request)."""
-        if self._owes_408():
+        owes_408 = self._owes_408()
+        if owes_408:
             self._answered(408)
             self.transport.write(
                 _response(
@@ -448,7 +476,22 @@ class EdgeProtocol(HttpToolsProtocol):
         self._refused = True
         self._deadline = 0.0
         self._waiting.pop(self, None)
-        self.transport.close()
+        if owes_408 or self.listener.tls is None or self._answer_unsent():
+            self.transport.close()  # on TLS: TLS_SHUTDOWN_S at most, waiting for close_notify
+        else:
+            # TLS with nothing to send: close() would keep it open, and counted, while it waits
+            # for a close_notify that a silent client never sends. (Plain TCP closes at once.)
+            self.transport.abort()
+
+    def _answer_unsent(self) -> bool:
+        """Whether an answer is still on its way out: an idle connection closed to admit a new
+        client may have been answered in this very turn, or be slow to read it."""
+        transport = self.transport
+        if not isinstance(transport, TurnWriter):
+            return False  # a TLS handshake: nothing is owed before it ends
+        transport.send_pending()
+        tcp = self._tcp
+        return bool(transport.get_write_buffer_size() or (tcp and tcp.get_write_buffer_size()))
 
     # Bytes out
 
@@ -495,8 +538,13 @@ class EdgeProtocol(HttpToolsProtocol):
             self._feed(data)  # the deadline set when it was answered stands
             return
         if phase is _Phase.HANDSHAKE:
-            self._early.append(data)  # TLS's first bytes, for it once it takes over (_secure)
-            self.transport.pause_reading()
+            if self.transport.get_protocol() is self:
+                self._early.append(data)  # TLS's first bytes, for it once it takes over (_secure)
+                self.transport.pause_reading()
+            else:
+                # Decrypted by TLS, which has taken the socket over: asyncio's reads what came
+                # with the handshake's end before `start_tls` returns. Replayed after `_open`.
+                self._before_open.append(data)
             return
         if phase is _Phase.NEW or phase is _Phase.IDLE:
             # A request starts. It keeps its place among the waiting: longest waiting first.
