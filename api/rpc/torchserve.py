@@ -187,7 +187,7 @@ class TorchServeManagement(management_grpc.ManagementAPIsServiceServicer):
             handler=request.handler or None,
             batch_size=positive(request.batch_size),
             max_batch_delay=positive(request.max_batch_delay),
-            initial_workers=request.initial_workers or None,
+            initial_workers=positive(request.initial_workers),  # <= 0: the default, as TS
             response_timeout=positive(request.response_timeout),
             startup_timeout=positive(request.startup_timeout),
             synchronous=request.synchronous,
@@ -199,11 +199,12 @@ class TorchServeManagement(management_grpc.ManagementAPIsServiceServicer):
     async def ScaleWorker(
         self, request: management.ScaleWorkerRequest, context: grpc.aio.ServicerContext
     ) -> management.ManagementResponse:
-        """As TorchServe: unset min_worker means 1, unset max_worker means min_worker."""
+        """As TorchServe's gRPC API (`GRPCUtils.getRegisterParam`): a min_worker below 1 (unset
+        too) means 1, a max_worker below 1 means min_worker. (REST refuses a negative one.)"""
         name = _required(request.model_name, "model_name")
         args = ScaleArgs(
-            min_worker=request.min_worker or None,
-            max_worker=request.max_worker or None,
+            min_worker=positive(request.min_worker),
+            max_worker=positive(request.max_worker),
             synchronous=request.synchronous,
             number_gpu=str(request.number_gpu) if request.number_gpu else None,
             timeout=str(request.timeout) if request.timeout else None,

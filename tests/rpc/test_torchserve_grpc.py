@@ -348,10 +348,18 @@ def test_scale_and_set_default(tmp_path: Path) -> None:
             await expect_error(
                 scale(management.ScaleWorkerRequest(model_name="nope")), Code.NOT_FOUND
             )
-            await expect_error(
-                scale(management.ScaleWorkerRequest(model_name="m", min_worker=-1)),
-                Code.INVALID_ARGUMENT,
+            # Below 1 means the default on gRPC, as TorchServe's getRegisterParam reads it
+            # (REST refuses min_worker=-1 with 400, where TorchServe fails 500).
+            response = await scale(
+                management.ScaleWorkerRequest(
+                    model_name="m",
+                    model_version="2.0",
+                    min_worker=-1,
+                    max_worker=-1,
+                    synchronous=True,
+                )
             )
+            assert response.msg == "Workers scaled to 1 for model: m, version: 2.0"
 
             response = await set_default(
                 management.SetDefaultRequest(model_name="m", model_version="2.0")
@@ -373,7 +381,9 @@ def test_scale_and_set_default(tmp_path: Path) -> None:
 
 def test_register_and_unregister(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with serving(tmp_path, enable_model_api="true") as client:
+        async with serving(
+            tmp_path, enable_model_api="true", default_workers_per_model="3"
+        ) as client:
             register = client.management.RegisterModel
             unregister = client.management.UnregisterModel
             response = await register(
@@ -397,6 +407,15 @@ def test_register_and_unregister(tmp_path: Path) -> None:
 
             response = await unregister(management.UnregisterModelRequest(model_name="n"))
             assert response.msg == 'Model "n" unregistered'
+            # initial_workers below 1 means default_workers_per_model, as TorchServe's gRPC
+            # reads it (it started none).
+            response = await register(
+                management.RegisterModelRequest(
+                    url="n-1.0.mar", initial_workers=-1, synchronous=True
+                )
+            )
+            assert response.msg == 'Model "n" Version: 1.0 registered with 3 initial workers'
+            response = await unregister(management.UnregisterModelRequest(model_name="n"))
             await expect_error(
                 client.management.DescribeModel(management.DescribeModelRequest(model_name="n")),
                 Code.NOT_FOUND,
