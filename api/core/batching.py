@@ -438,16 +438,20 @@ class Batcher:
         self._deliver(batch, predictions, started)
 
     def _queue_afresh(self, batch: list[Pending]) -> None:
-        """Give back a batch a worker held but never started, each request with a new queue
-        deadline a responseTimeout from now. Its old one ran on while the worker held it: a
-        worker killed for running out the timeout of the batch before it gives it back past
-        that deadline, and it was answered 504 "timed out in the queue" instead of being run.
-        (A client's own v2 `timeout` is not this deadline: the dataplane keeps it.)"""
+        """Give back a batch a worker held but never started (`_renew_deadlines`)."""
+        self._renew_deadlines(batch)
+        self._give_back(batch)
+
+    def _renew_deadlines(self, pendings: Iterable[Pending]) -> None:
+        """Requests a worker held but never started get a new queue deadline a responseTimeout
+        from now. Their old one ran on while the worker held them: a worker killed for running
+        out the timeout of the batch before gives them back past it, and they were answered 504
+        "timed out in the queue" instead of being run. (A client's own v2 `timeout` is not this
+        deadline: the dataplane keeps it.)"""
         deadline = self._clock() + self.response_timeout_s
-        for pending in batch:
+        for pending in pendings:
             pending.deadline = max(pending.deadline, deadline)
             pending.request.requeued = True  # the dataplane's timer too (`_deadline_passed`)
-        self._give_back(batch)
 
     def _give_back(self, batch: list[Pending]) -> None:
         """Queue a batch that never ran again where its requests arrived. Not simply at the

@@ -293,12 +293,9 @@ class SequenceBatcher(Batcher):
             self._fail(pendings, InferenceFailed(f"Model {self.model}: its worker was stopped"))
             raise
         except NotRun:
-            # Never started: back to the front of its sequence, queued afresh (as in `Batcher`:
-            # its arrival deadline ran on while a dying worker held it).
-            deadline = self._clock() + self.response_timeout_s
+            # Never started: back to the front of its sequence, queued afresh.
+            self._renew_deadlines(pendings)
             for sequence, pending in batch:
-                pending.deadline = max(pending.deadline, deadline)
-                pending.request.requeued = True
                 sequence.queue.appendleft(pending)
                 sequence.worker = None
             self._watch(pendings)
