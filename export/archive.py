@@ -122,16 +122,14 @@ def _check_members(built: Path, expected: set[str], destination: Path) -> None:
 
 def read_manifest(archive: Path) -> dict[str, Any]:
     """MAR-INF/MANIFEST.json of a built archive."""
-    with zipfile.ZipFile(archive) as mar:
-        manifest: dict[str, Any] = json.loads(mar.read(MANIFEST_MEMBER))
+    [manifest] = read_json_members(archive, MANIFEST_MEMBER)
     return manifest
 
 
-def read_signature(archive: Path) -> dict[str, Any]:
-    """signature.json of a built archive."""
+def read_json_members(archive: Path, *members: str) -> list[dict[str, Any]]:
+    """JSON members of a built archive (MANIFEST_MEMBER, "signature.json"), in one opening."""
     with zipfile.ZipFile(archive) as mar:
-        signature: dict[str, Any] = json.loads(mar.read("signature.json"))
-    return signature
+        return [json.loads(mar.read(member)) for member in members]
 
 
 def extract(archive: Path, directory: Path) -> Path:

@@ -24,7 +24,7 @@ import torch
 
 import handlers
 from export import parity
-from export.archive import make_archive, read_manifest, read_signature
+from export.archive import MANIFEST_MEMBER, make_archive, read_json_members
 from export.recipes import RECIPES, ExportError
 from export.serialize import export_onnx, export_torchscript
 from export.signature import Signature
@@ -119,8 +119,8 @@ def _settings(spec: ExportSpec) -> dict[str, Any]:
 
 def _recorded_settings(archive: Path) -> dict[str, Any]:
     # Name and version from the manifest: that is what TorchServe and torchgate serve.
-    model = read_manifest(archive)["model"]
-    signature = read_signature(archive)
+    manifest, signature = read_json_members(archive, MANIFEST_MEMBER, "signature.json")
+    model = manifest["model"]
     exported = signature.get("export") or {}  # absent in archives from before it was recorded
     return {
         "name": model.get("modelName"),
