@@ -196,7 +196,10 @@ def test_stack_serves_both_backends_through_a_torchserve_outage(
                 )
             finally:
                 await traffic.aclose()
-            check_outcomes(traffic.outcomes)
+            try:
+                check_outcomes(traffic.outcomes)
+            except AssertionError as failed:  # the gateway's side, for a failure in CI
+                raise AssertionError(f"{failed}\n{gateway.log_text()[-6000:]}") from failed
 
         asyncio.run(asyncio.wait_for(scenario(), 150))
         check_prometheus(prometheus)
@@ -252,7 +255,9 @@ async def run_phases(
         stop.set()
         await load
     traffic.phase = "recovered"
-    for _ in range(3):
+    # 32 unversioned draws miss a side with p = 2 * 2**-32 (the 12 drawn before missed one
+    # with p = 2**-11, and one clean-clone CI run saw that: chance, or a cause in the log).
+    for _ in range(8):
         await traffic.round()
     outcome = await traffic.predict("/predictions/digits/2.0")
     assert outcome.status == 200 and outcome.version == "2.0"
@@ -269,7 +274,7 @@ def check_outcomes(outcomes: list[Outcome]) -> None:
     assert any(o.status != 200 for o in outage), "the outage went unnoticed"
     assert any(o.status == 200 and o.version == "1.0" for o in outage)
     recovered = [o for o in outcomes if o.phase == "recovered" and o.target == TARGETS[0]]
-    assert {o.version for o in recovered} == {"1.0", "2.0"}
+    assert {o.version for o in recovered} == {"1.0", "2.0"}, Counter(o.version for o in recovered)
 
 
 def check_prometheus(prometheus: Prometheus) -> None:
