@@ -13,7 +13,8 @@ them. `edge_protocol()` subclasses that protocol, per listener, with:
   first byte, and a body may not pause longer than that between bytes (pauses the server asks
   for by flow control do not count); a new connection that sends nothing is closed after
   `keep_alive_timeout_s`, as uvicorn closes one idle between requests. A stalled request gets
-  408 and is closed (just closed if its answer has begun: a 408 would follow the answer). A
+  408 and is closed (just closed if its answer has begun: a 408 would follow the answer; after
+  the answers before it if it is pipelined behind them, and it never runs). A
   request answered before its body is all in (/ping reads none, an early 401/404/413) has
   `header_timeout_s` from its answer for the rest, in all, then is idle until
   `keep_alive_timeout_s`. The other way too: a client that stops reading its answer (the socket's
@@ -268,7 +269,9 @@ class EdgeProtocol(HttpToolsProtocol):
         self._refused = False  # answered 431/503 or dropped: nothing more is parsed
         # The head of a request that asked for a protocol upgrade, to parse again without it.
         self._upgrade_head: bytes | None = None
-        self._malformed = False  # a 400 is owed once the answers before it are out
+        # A refusal (400 malformed, 408 stalled) owed to a request behind one still being
+        # answered: on_response_complete sends it once the answers before it are out.
+        self._refusal_owed: int | None = None
         self._head_open = False  # a request's head is being parsed (begun, not complete)
         # What to call when the connection is lost (an ordered set: registered callbacks).
         self._on_lost: dict[Callable[[], object], None] = {}
@@ -446,6 +449,12 @@ class EdgeProtocol(HttpToolsProtocol):
             self.listener.count("TLS handshake not done in time")
         elif self._owes_408():
             self.listener.count("408 request not received in time")
+            if self._phase is _Phase.BODY and self._queued():
+                # A 408 now would be read as the answer to the request before it: it is owed
+                # after that answer, and the stalled request is never run.
+                self.pipeline.remove(next(e for e in self.pipeline if e[0] is self.cycle))
+                self._owe_refusal(408)
+                return
         elif self._phase is _Phase.BODY or self._phase is _Phase.DRAIN:
             self.listener.count("closed: a body not received in time after its answer began")
         # NEW and IDLE: a connection opened and never used, or idle too long, is not news.
@@ -464,15 +473,7 @@ class EdgeProtocol(HttpToolsProtocol):
         answer has begun (a 408 after it would be read as the answer to the next request)."""
         owes_408 = self._owes_408()
         if owes_408:
-            self._answered(408)
-            self.transport.write(
-                _response(
-                    408,
-                    "Request Timeout",
-                    "RequestTimeoutException",
-                    "The request was not received in time",
-                )
-            )
+            self._send_408()
         self._refused = True
         self._deadline = 0.0
         self._waiting.pop(self, None)
@@ -482,6 +483,32 @@ class EdgeProtocol(HttpToolsProtocol):
             # TLS with nothing to send: close() would keep it open, and counted, while it waits
             # for a close_notify that a silent client never sends. (Plain TCP closes at once.)
             self.transport.abort()
+
+    def _send_408(self) -> None:
+        self._answered(408)
+        self.transport.write(
+            _response(
+                408,
+                "Request Timeout",
+                "RequestTimeoutException",
+                "The request was not received in time",
+            )
+        )
+
+    def _queued(self) -> bool:
+        """Whether the request whose body is arriving waits, pipelined, behind one not yet
+        answered. (Its head cannot be: one pipelined behind a request in progress has its
+        header timeout only from that answer on: on_response_complete.)"""
+        return any(queued is self.cycle for queued, _ in self.pipeline)
+
+    def _owe_refusal(self, status: int) -> None:
+        """Refuse the request being received once the answers before it are out: nothing
+        more is read or parsed."""
+        self._refusal_owed = status
+        self._refused = True
+        self._deadline = 0.0
+        self._waiting.pop(self, None)
+        self.flow.pause_reading()
 
     def _answer_unsent(self) -> bool:
         """Whether an answer is still on its way out: an idle connection closed to admit a new
@@ -583,9 +610,7 @@ class EdgeProtocol(HttpToolsProtocol):
                     # body is malformed (its app may be waiting for the rest): at once.
                     self.send_400_response("Invalid HTTP request received.")
                 else:
-                    self._malformed = True  # on_response_complete answers it, in its turn
-                    self._refused = True
-                    self.flow.pause_reading()
+                    self._owe_refusal(400)  # after the answers before it
                 return
             except httptools.HttpParserUpgrade as upgrade:
                 head, self._upgrade_head = self._upgrade_head, None
@@ -686,10 +711,15 @@ class EdgeProtocol(HttpToolsProtocol):
         self._waiting[self] = None  # already waiting since the answer: it keeps its place
 
     def on_response_complete(self) -> None:
-        if self._malformed and not self.pipeline:
-            self._malformed = False
+        owed = self._refusal_owed
+        if owed is not None and not self.pipeline:
+            self._refusal_owed = None
             self.server_state.total_requests += 1
-            self.send_400_response("Invalid HTTP request received.")
+            if owed == 400:
+                self.send_400_response("Invalid HTTP request received.")
+            else:
+                self._send_408()
+                self.transport.close()
             return
         super().on_response_complete()
         # A pipelined request may have started in its place (self.cycle is the latest one).

@@ -23,6 +23,7 @@ import pytest
 
 from api.config import ConfigError, parse_config
 from api.rest.edge import JOIN_BYTES, Outbox, TurnWriter
+from tests.support.archives import build_archive
 from tests.support.server import TorchgateServer, running_torchgate
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -388,6 +389,68 @@ def test_half_sent_headers_pipelined_behind_a_request_get_the_header_timeout(
     sock.close()
     assert [status for status, _ in answers] == [200, 408]
     assert elapsed < 30  # configured: 0.5 s; hasty's idle timeout is 1 s, so check the 408
+
+
+@pytest.fixture(scope="module")
+def hasty_and_slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchgateServer]:
+    """`hasty`'s timeouts, serving a model that takes 1.5 s per request."""
+    work = tmp_path_factory.mktemp("slow")
+    store = work / "store"
+    store.mkdir()
+    build_archive(work, "slow", "slow.py", {"slow.py": SLOW_HANDLER}, export_dir=store)
+    settings = {"header_timeout": "0.5", "keep_alive_timeout": "1"}
+    lines = [f"model_store={store}", "load_models=slow.mar"]
+    lines += [f"torchgate.{key}={value}" for key, value in settings.items()]
+    with running_torchgate("\n".join(lines) + "\n") as tg:
+        yield tg
+
+
+SLOW_HANDLER = """
+    import time
+
+    def handle(data, context):
+        if data is None:
+            return None
+        time.sleep(1.5)
+        return ["slept" for _ in data]
+"""
+SLOW_REQUEST = b"POST /predictions/slow HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi"
+
+
+@pytest.mark.parametrize(
+    "stalled",
+    [
+        b"POST /predictions/slow HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nab",
+        b"POST /predictions/slow HTTP/1.1\r\nhost: x\r\ncontent-",
+    ],
+    ids=["body", "headers"],
+)
+def test_a_request_stalled_behind_a_slow_one_gets_its_408_after_that_answer(
+    hasty_and_slow: TorchgateServer, stalled: bytes
+) -> None:
+    """The 408 went out at the timeout, before the slow answer: the client read it as that
+    request's answer, and the answer itself was lost."""
+    sock = connect(hasty_and_slow.inference_url)
+    sock.sendall(SLOW_REQUEST + stalled)
+    answers = answers_of(read_all(sock))
+    sock.close()
+    assert answers == [(200, b"slept"), (408, answers[-1][1])], answers
+    assert b"not received in time" in answers[-1][1]
+
+
+def test_a_body_sent_slowly_behind_a_slow_request_is_served(
+    hasty_and_slow: TorchgateServer,
+) -> None:
+    """Pauses shorter than the timeout, while queued behind the slow one, are no stall."""
+    sock = connect(hasty_and_slow.inference_url)
+    head = b"POST /predictions/slow HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\n"
+    sock.sendall(SLOW_REQUEST + head)
+    for piece in (b"a", b"b", b"c", b"d"):  # 1.2 s in all, within the slow one's 1.5 s
+        time.sleep(0.3)
+        sock.sendall(piece)
+    answers = answers_of(read_all(sock))
+    sock.close()
+    assert answers == [(200, b"slept"), (200, b"slept")]
 
 
 def test_what_the_edge_refuses_is_logged_as_a_summary(hasty: TorchgateServer) -> None:
