@@ -70,6 +70,7 @@ import logging
 import os
 import re
 import resource
+import string
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -292,23 +293,71 @@ def default_max_workers(cores: int, gpus: int) -> int:
 
 
 def read_properties(text: str) -> dict[str, str]:
-    """Java .properties: `key=value` or `key: value`, `#`/`!` comments, `\\` continuations."""
+    """Java .properties, as `java.util.Properties.load` reads them (TorchServe's reader):
+    `key=value`, `key: value` or `key value`; `#`/`!` comments; a line ending in an odd number
+    of backslashes goes on on the next; `\\t \\n \\r \\f \\uXXXX` escapes, and a backslash
+    before any other character is that character (`http\\://host\\:8080`, as TorchServe's
+    own config snapshots write addresses). Unlike Java, a value's trailing blanks are dropped
+    (TorchServe's integer keys would refuse them)."""
     values: dict[str, str] = {}
     logical: list[str] = []
     for raw_line in text.splitlines():
-        line = raw_line.strip() if not logical else raw_line.lstrip()
+        line = raw_line.lstrip(_PROPERTY_BLANKS)
         if not logical and (not line or line[0] in "#!"):
             continue
-        if line.endswith("\\") and not line.endswith("\\\\"):
+        trailing = len(line) - len(line.rstrip("\\"))
+        if trailing % 2:
             logical.append(line[:-1])
             continue
         logical.append(line)
         entry, logical = "".join(logical), []
-        match = re.match(r"\s*([^=:\s]+)\s*[=:]\s*(.*)$", entry)
-        if match is None:
-            raise ConfigError(f"cannot read line: {entry!r}")
-        values[match.group(1)] = match.group(2).strip()
+        key, value = _split_property(entry)
+        values[_unescape_property(key)] = _unescape_property(value).rstrip(_PROPERTY_BLANKS)
+    if logical:  # the last line asked to go on, and the file ended
+        key, value = _split_property("".join(logical))
+        values[_unescape_property(key)] = _unescape_property(value).rstrip(_PROPERTY_BLANKS)
     return values
+
+
+_PROPERTY_BLANKS = " \t\f"
+
+
+def _split_property(entry: str) -> tuple[str, str]:
+    """The key (up to an unescaped `=`, `:` or blank) and the raw value after the separator."""
+    index = 0
+    while index < len(entry) and entry[index] not in "=:" + _PROPERTY_BLANKS:
+        index += 2 if entry[index] == "\\" else 1
+    key, rest = entry[:index], entry[index:].lstrip(_PROPERTY_BLANKS)
+    if rest[:1] in ("=", ":"):
+        rest = rest[1:].lstrip(_PROPERTY_BLANKS)
+    return key, rest
+
+
+_PROPERTY_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+
+
+def _unescape_property(text: str) -> str:
+    if "\\" not in text:
+        return text
+    out: list[str] = []
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if char != "\\":
+            out.append(char)
+            index += 1
+            continue
+        escaped = text[index + 1 : index + 2]
+        if escaped == "u":
+            digits = text[index + 2 : index + 6]
+            if len(digits) != 4 or any(d not in string.hexdigits for d in digits):
+                raise ConfigError(f"malformed \\uxxxx escape in {text!r}")
+            out.append(chr(int(digits, 16)))
+            index += 6
+            continue
+        out.append(_PROPERTY_ESCAPES.get(escaped, escaped))  # "" for a lone final backslash
+        index += 2
+    return "".join(out)
 
 
 def load_config(
