@@ -24,8 +24,9 @@ torchgate's own keys start with `torchgate.` (for example `torchgate.snapshot_fi
 file stays usable unchanged by `torchserve --ts-config`:
 
     torchgate.snapshot_file     where the state snapshot lives (default: with `torchgate serve
-                                --config`, logs/config/torchgate-snapshot.json beside this file;
-                                with `torchgate start`, under $LOG_LOCATION/config; empty: none)
+                                --config`, logs/config/torchgate/torchgate-snapshot.json beside
+                                this file; with `torchgate start`, under $LOG_LOCATION/config;
+                                empty: none)
     torchgate.traffic           traffic policies by model, JSON: {"digits": {"weights": {...}}}
                                 (see api.core.routing / docs/traffic.md)
     torchgate.intra_op_threads  torch / ONNX Runtime threads per CPU worker (default 1)
@@ -617,7 +618,9 @@ def parse_config(raw: dict[str, str], *, base_dir: Path) -> Config:
     config.models = _models(raw.get("models"), config)
     config.metrics_spec = _metrics_spec(raw, base_dir)
     _kserve_keys(raw, config)
-    snapshot = raw.get("torchgate.snapshot_file", "logs/config/torchgate-snapshot.json")
+    snapshot = raw.get(
+        "torchgate.snapshot_file", "logs/config/torchgate/torchgate-snapshot.json"
+    )  # a folder of its own: TorchServe reads every file in logs/config as its snapshot
     if snapshot:
         config.snapshot_file = base_dir / snapshot  # an absolute path stays as it is
     config.traffic = _traffic(raw.get("torchgate.traffic"))

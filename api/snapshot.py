@@ -5,8 +5,10 @@ and traffic policies are written to one JSON file after every change, and read b
 place of config.properties' `load_models`/`models=` (and `torchgate.traffic`). Delete the file,
 or start with `torchgate serve --ncs`, to start from config.properties again.
 
-The file (`torchgate.snapshot_file`, default `<config dir>/logs/config/torchgate-snapshot.json`)
-holds TorchServe's `models={...}` shape, so a version entry reads like a config.properties one::
+The file (`torchgate.snapshot_file`, default `logs/config/torchgate/torchgate-snapshot.json`
+under the config file's folder; a folder of its own, as TorchServe reads every file in
+logs/config as one of its snapshots) holds TorchServe's `models={...}` shape, so a version entry
+reads like a config.properties one::
 
     {
       "name": "torchgate-snapshot", "formatVersion": 1, "created": "2025-...+00:00",
@@ -51,6 +53,9 @@ log = logging.getLogger(__name__)
 
 NAME = "torchgate-snapshot"
 FORMAT_VERSION = 1
+# Its default place: a folder of its own under TorchServe's snapshot folder (logs/config).
+SNAPSHOT_FILE = f"{NAME}.json"
+SNAPSHOT_FOLDER = "torchgate"
 
 
 class SnapshotError(ValueError):
@@ -247,6 +252,33 @@ def apply_policies(router: TrafficRouter, policies: Mapping[str, Any]) -> list[s
     return errors
 
 
+def move_legacy_files(path: Path) -> None:
+    """Earlier releases kept the snapshot, with its `.prev-*`, `.corrupt` and temporary files,
+    in logs/config itself, where TorchServe reads every file as one of its own snapshots and,
+    on a name without its timestamp, fails to start (FSSnapshotSerializer.getLastSnapshotFS).
+    It skips folders there: the files move into torchgate's own (`path`'s folder)."""
+    if path.name != SNAPSHOT_FILE or path.parent.name != SNAPSHOT_FOLDER or path.exists():
+        return
+    legacy_folder = path.parent.parent
+    legacy = [*legacy_folder.glob(f"{SNAPSHOT_FILE}*"), *legacy_folder.glob(f".{SNAPSHOT_FILE}.*")]
+    for old in legacy:
+        try:
+            if old.name.startswith("."):
+                old.unlink()  # a write that never finished
+            else:
+                old.replace(path.parent / old.name)
+        except OSError as exc:
+            log.error("could not move %s into %s: %s", old, path.parent, exc)
+            continue
+    if legacy:
+        log.warning(
+            "moved torchgate's snapshot files from %s into %s (TorchServe cannot start beside "
+            "them)",
+            legacy_folder,
+            path.parent,
+        )
+
+
 # -- wiring -------------------------------------------------------------------------------------
 
 
@@ -269,6 +301,7 @@ class Snapshotter:
         """OSError unless the snapshot's folder (made if missing) takes a file: checked at
         start, so a read-only folder stops it rather than failing every later write."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        move_legacy_files(self.path)
         with tempfile.TemporaryFile(dir=self.path.parent):
             pass
 

@@ -136,6 +136,37 @@ def test_an_unreadable_snapshot_is_moved_aside_and_config_is_used(tmp_path: Path
     run(scenario())
 
 
+def test_snapshot_files_left_in_torchserves_folder_move_into_torchgates(tmp_path: Path) -> None:
+    """Earlier releases wrote them to logs/config itself, where TorchServe fails to start."""
+
+    async def scenario() -> None:
+        config = load_config(config_in(tmp_path))
+        assert config.snapshot_file is not None
+        legacy = tmp_path / "logs/config"
+        legacy.mkdir(parents=True)
+        tg = await started(config, tmp_path)
+        transport = httpx.ASGITransport(app=tg.management_app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            assert (await client.delete("/models/n/1.0")).status_code == 200
+        versions = sorted(state(tg)["versions"])
+        assert "n/1.0" not in versions  # so a restart from config.properties would differ
+        await tg.stop()
+        config.snapshot_file.replace(legacy / "torchgate-snapshot.json")
+        (legacy / "torchgate-snapshot.json.prev-20261207T000000.000000Z").write_text("{}")
+        (legacy / ".torchgate-snapshot.json.abc.tmp").write_text("{")
+        config.snapshot_file.parent.rmdir()
+        tg = await started(load_config(config_in(tmp_path)), tmp_path)
+        assert sorted(state(tg)["versions"]) == versions  # restored from the moved file
+        await tg.stop()
+        assert [p.name for p in legacy.iterdir()] == ["torchgate"]
+        assert sorted(p.name for p in config.snapshot_file.parent.iterdir()) == [
+            "torchgate-snapshot.json",
+            "torchgate-snapshot.json.prev-20261207T000000.000000Z",
+        ]
+
+    run(scenario())
+
+
 # -- restart ------------------------------------------------------------------------------------
 
 
@@ -148,7 +179,7 @@ def test_a_restart_restores_models_versions_defaults_workers_batching_and_traffi
                 tmp_path, CONFIG.replace("load_models=all", "load_models=m-1.0.mar,m-2.0.mar")
             )
         )
-        assert config.snapshot_file == tmp_path / "logs/config/torchgate-snapshot.json"
+        assert config.snapshot_file == tmp_path / "logs/config/torchgate/torchgate-snapshot.json"
         tg = await started(config, tmp_path)
         assert tg.router is not None and tg.router.policy("m") is not None  # torchgate.traffic
         transport = httpx.ASGITransport(app=tg.management_app)

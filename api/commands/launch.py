@@ -204,11 +204,35 @@ def _torchserve_paths(config: Config, *, named: bool) -> None:
     unless the working directory is that folder."""
     if named:
         config.snapshot_restore = False
+    from api.snapshot import SNAPSHOT_FILE, SNAPSHOT_FOLDER
+
     if "torchgate.snapshot_file" not in config.raw:
-        logs = Path(os.environ.get("LOG_LOCATION") or "logs").absolute()
-        config.snapshot_file = logs / "config" / "torchgate-snapshot.json"
+        folder = Path(os.environ.get("LOG_LOCATION") or "logs").absolute() / "config"
+        config.snapshot_file = folder / SNAPSHOT_FOLDER / SNAPSHOT_FILE
+        if config.snapshot_restore and not config.snapshot_file.exists():
+            _warn_of_torchserve_snapshot(folder)
     if "torchgate.key_file" not in config.raw:
         config.key_file = Path.cwd() / "key_file.json"
+
+
+# TorchServe's own: `<yyyyMMddHHmmssSSS>-startup.cfg`, `-snapshot.cfg`, `-shutdown.cfg`.
+_TORCHSERVE_SNAPSHOT = re.compile(r"\d{17}-(startup|snapshot|shutdown)\.cfg")
+
+
+def _warn_of_torchserve_snapshot(folder: Path) -> None:
+    """TorchServe would start from its last snapshot here; torchgate reads only its own, so a
+    user moving over from TorchServe is told how to keep what the snapshot holds (a snapshot
+    is a whole config file, read as one)."""
+    if not folder.is_dir():
+        return
+    found = sorted(p.name for p in folder.iterdir() if _TORCHSERVE_SNAPSHOT.fullmatch(p.name))
+    if found:
+        print(
+            f"torchgate: warning: TorchServe's snapshot {folder / found[-1]} is not restored "
+            "(torchgate restores only its own); to start from it as TorchServe would, pass "
+            f"--ts-config {folder / found[-1]}",
+            file=sys.stderr,
+        )
 
 
 _UNUSED = {

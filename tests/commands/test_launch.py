@@ -29,7 +29,7 @@ def test_a_named_config_file_writes_its_snapshot_and_does_not_read_it(workdir: P
     named = workdir / "named.properties"
     named.write_text("model_store=store\n")
     config = prepare(options("--ts-config", str(named)), config_path(str(named)))
-    assert config.snapshot_file == workdir / "logs/config/torchgate-snapshot.json"
+    assert config.snapshot_file == workdir / "logs/config/torchgate/torchgate-snapshot.json"
     assert config.snapshot_restore is False
 
 
@@ -45,7 +45,7 @@ def test_state_is_kept_where_torchserve_keeps_it_not_beside_the_config(
     named = mounted / "config.properties"
     config = prepare(options("--ts-config", str(named)), config_path(str(named)))
     assert config.key_file == workdir / "key_file.json"
-    assert config.snapshot_file == workdir / "logs-here/config/torchgate-snapshot.json"
+    assert config.snapshot_file == workdir / "logs-here/config/torchgate/torchgate-snapshot.json"
     # torchgate's own keys still say where, as they do for `torchgate serve`.
     (mounted / "config.properties").write_text(
         f"model_store={workdir / 'store'}\ntorchgate.key_file=keys.json\n"
@@ -85,11 +85,11 @@ def test_without_a_config_file_the_last_snapshot_is_read_from_log_location(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = prepare(options("--model-store", "store"), config_path(None))
-    assert config.snapshot_file == workdir / "logs/config/torchgate-snapshot.json"
+    assert config.snapshot_file == workdir / "logs/config/torchgate/torchgate-snapshot.json"
     assert config.snapshot_restore is True
     monkeypatch.setenv("LOG_LOCATION", str(workdir / "elsewhere"))
     config = prepare(options("--model-store", "store"), config_path(None))
-    assert config.snapshot_file == workdir / "elsewhere/config/torchgate-snapshot.json"
+    assert config.snapshot_file == workdir / "elsewhere/config/torchgate/torchgate-snapshot.json"
 
 
 def test_an_implicit_config_properties_keeps_its_own_snapshot_setting(workdir: Path) -> None:
@@ -124,3 +124,21 @@ def test_the_start_command_names_what_failed_to_load_from_the_snapshot_too(
         "could not apply the traffic policy for b: 404",
         "c/1.0 worker 0 failed to start: ValueError",
     ]
+
+
+def test_torchserves_own_snapshot_is_named_with_how_to_start_from_it(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """TorchServe would start from its last snapshot; torchgate says so rather than start from
+    config.properties in silence."""
+    folder = workdir / "logs/config"
+    folder.mkdir(parents=True)
+    for name in ("20261206120000000-startup.cfg", "20261207093000123-snapshot.cfg"):
+        (folder / name).write_text("model_store=store\n")
+    prepare(options("--model-store", "store"), config_path(None))
+    last = folder / "20261207093000123-snapshot.cfg"
+    assert f"--ts-config {last}" in capsys.readouterr().err
+    named = workdir / "named.properties"  # a named file says what loads: nothing to say
+    named.write_text("model_store=store\n")
+    prepare(options("--ts-config", str(named)), config_path(str(named)))
+    assert "TorchServe's snapshot" not in capsys.readouterr().err
