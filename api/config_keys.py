@@ -138,6 +138,12 @@ KEYS: dict[str, Key] = {
             ("debug", "no debug mode (workers stay as configured)", "false"),
             ("default_startup_timeout", "use startupTimeout per model in models={...}", "120"),
             ("blacklist_env_vars", "workers inherit the whole environment", ""),
+            (
+                "vmargs",
+                "JVM flags of TorchServe's Java frontend (-Xmx, -Dlog4j.configurationFile): "
+                "torchgate runs no JVM and logs with Python logging (--log-level)",
+                "",
+            ),
             ("default_service_handler", "every archive names its handler"),
             ("ipex_enable", "no Intel Extension for PyTorch launch", "false"),
             ("ipex_gpu_enable", "no Intel Extension for PyTorch launch", "false"),

@@ -41,7 +41,8 @@ def test_every_key_torchserve_0_12_reads_is_classified() -> None:
         cpp_log_config ts_open_inference_protocol token_expiration_min ts_header_key_sequence_id
         ts_header_key_sequence_start ts_header_key_sequence_end disable_token_authorization
         enable_model_api use_native_io io_ratio metric_time_interval enable_envvars_config
-        model_snapshot models system_metrics_cmd use_env_allowed_urls""".split()  # noqa: SIM905
+        model_snapshot models system_metrics_cmd use_env_allowed_urls
+        vmargs""".split()  # noqa: SIM905  (vmargs: read by ts/model_server.py for the JVM)
     assert not [name for name in torchserve if name not in KEYS]
     assert {key.status for key in KEYS.values()} == {SUPPORTED, IGNORED, UNSUPPORTED}
 
