@@ -279,6 +279,7 @@ def serve_foreground(config: Config, options: argparse.Namespace, *, lock_key: s
         print(f"torchgate: {exc}", file=sys.stderr)
         return 2
     try:
+        notify_ready = _ready_notifier()  # out of the environment before the zygote inherits it
         pool = _launch_worker_pool(config)
         from api.server import run  # ~1.5 s of imports, while the zygote imports torch
 
@@ -288,7 +289,7 @@ def serve_foreground(config: Config, options: argparse.Namespace, *, lock_key: s
             access_log=options.access_log,
             pool=pool,
             sockets=sockets,
-            on_ready=_ready_notifier(),
+            on_ready=notify_ready,
         )
     except ConfigError as exc:
         print(f"torchgate: {exc}", file=sys.stderr)

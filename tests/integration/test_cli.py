@@ -323,6 +323,24 @@ def test_a_second_start_of_the_same_config_is_refused(env: Env, servers: Servers
     one_line_exit_2(env.torchgate("start", "--ts-config", str(servers.b_config)), "already running")
 
 
+def descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *descendants(int(child))]
+    return found
+
+
+def test_workers_do_not_inherit_the_start_commands_ready_pipe(env: Env, servers: Servers) -> None:
+    """`torchgate start` passes the server TORCHGATE_READY_FD; the zygote and its workers,
+    started before the server took it out of its environment, inherited it."""
+    servers_pids = [int(p.read_text().split()[0]) for p in env.tmp.glob("torchgate-*.pid")]
+    children = [child for pid in servers_pids for child in descendants(pid)]
+    assert len(children) >= 4  # per server: the zygote and a worker per model, at least
+    for child in children:
+        assert b"TORCHGATE_READY_FD=" not in Path(f"/proc/{child}/environ").read_bytes()
+
+
 def test_management_cli(env: Env, servers: Servers) -> None:
     url = ["--url", servers.a_management]
     table = env.torchgate("models", *url, "list")
