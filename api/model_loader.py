@@ -438,6 +438,20 @@ class ModelLoader:
         its own name from its marName, with the entry's settings."""
 
         async def load(entry: ModelEntry) -> None:
+            # TorchServe registers the archive's own version; the entry's key only finds the
+            # settings (ModelManager.registerAndUpdateModel).
+            identity = await self._identity(entry.mar_name, entry.name)
+            if identity is not None and identity[1] != entry.version:
+                log.warning(
+                    "model_snapshot names %s version %s, but its archive %s is version %s: "
+                    "registered as %s, as TorchServe does",
+                    entry.name,
+                    entry.version,
+                    entry.mar_name,
+                    identity[1],
+                    identity[1],
+                )
+                entry = dataclasses.replace(entry, version=identity[1])
             await self._register_entry(entry, "snapshot")
             self.startup_models.add(entry.name)
 

@@ -323,3 +323,21 @@ def test_a_model_snapshot_key_wins_over_model_config_yaml(store: Path, tmp_path:
                 "minWorkers": 1,
                 "maxWorkers": 1,
             }, name
+
+
+def test_a_model_snapshot_entry_registers_its_archives_version(store: Path, tmp_path: Path) -> None:
+    # TorchServe registers the archive's own version (1.0 here) whatever the entry's key says;
+    # the key only finds the entry's settings. torchgate registered it as "2.0".
+    entry = {"defaultVersion": True, "marName": "configured.mar", "minWorkers": 1}
+    snapshot = {"name": "startup.cfg", "modelCount": 1}
+    settings = {"maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 60}
+    snapshot["models"] = {"configured": {"2.0": {**entry, **settings}}}
+    config = tmp_path / "config.properties"
+    config.write_text(f"model_store={store}\nmodel_snapshot={json.dumps(snapshot)}\n")
+    with running_torchserve(store, config) as ts, running_torchgate(config) as tg:
+        for name, management in (
+            ("torchserve", ts.management_url),
+            ("torchgate", tg.management_url),
+        ):
+            described = httpx.get(management + "/models/configured/all", timeout=60).json()
+            assert [(d["modelVersion"], d["batchSize"]) for d in described] == [("1.0", 4)], name
