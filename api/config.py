@@ -254,7 +254,8 @@ class Config:
         )
 
     def model_options(self, name: str, version: str) -> dict[str, Any]:
-        """The models={...} entry of this version as written ({} when it has none)."""
+        """The models={...} entry of this version as written, less the values TorchServe
+        replaces by their defaults (`_usable_options`); {} when it has none."""
         for entry in self.models:
             if entry.name == name and entry.version == version:
                 return entry.options
@@ -793,11 +794,16 @@ def _models(text: str | None, config: Config) -> list[ModelEntry]:
         spec = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"models= is not valid JSON: {exc}") from exc
-    return _model_entries(spec, config)
+    return _model_entries(spec, config, defaults_for_invalid=True)
 
 
-def _model_entries(spec: Any, config: Config) -> list[ModelEntry]:
-    """models={...}'s {name: {version: settings}} (or a model_snapshot's "models") as entries."""
+def _model_entries(
+    spec: Any, config: Config, *, defaults_for_invalid: bool = False
+) -> list[ModelEntry]:
+    """models={...}'s {name: {version: settings}} (or a model_snapshot's "models") as entries.
+
+    `defaults_for_invalid`: models={...}'s rule (`_usable_options`). A model_snapshot restores
+    its values as they are (TorchServe's setModelState), so a bad one there is refused."""
     if not isinstance(spec, dict):
         raise ConfigError("models= must be a JSON object of {name: {version: settings}}")
     entries = []
@@ -807,6 +813,8 @@ def _model_entries(spec: Any, config: Config) -> list[ModelEntry]:
         for version, settings in versions.items():
             if not isinstance(settings, dict):
                 raise ConfigError(f"models.{name}.{version} must be an object")
+            if defaults_for_invalid:
+                settings = _usable_options(settings, name, version)
             try:
                 model_settings = config.model_settings(settings)
             except (TypeError, ValueError) as exc:
@@ -823,3 +831,49 @@ def _model_entries(spec: Any, config: Config) -> list[ModelEntry]:
                 )
             )
     return entries
+
+
+# The models={...} keys TorchServe reads with ConfigManager.getJsonIntValue, and jobQueueSize,
+# which torchgate reads the same way (TorchServe 0.12 does not read it from models=).
+_JSON_INT_KEYS = (
+    "minWorkers",
+    "maxWorkers",
+    "batchSize",
+    "maxBatchDelay",
+    "responseTimeout",
+    "startupTimeout",
+    "jobQueueSize",
+)
+
+
+def _usable_options(settings: dict[str, Any], name: str, version: str) -> dict[str, Any]:
+    """A models={...} entry without the values TorchServe's getJsonIntValue replaces by the
+    default (not a number, or <= 0; min/max workers default to default_workers_per_model), each
+    warned about. TorchServe starts the model with its defaults: refusing to start the whole
+    server over one such value would be harsher than the server this one replaces."""
+    usable = dict(settings)
+    for key in _JSON_INT_KEYS:
+        if key not in usable:
+            continue
+        number = _positive_int(usable[key])
+        if number is not None:
+            usable[key] = number
+            continue
+        log.warning(
+            "models={...} model %s version %s: %s=%r is not an integer > 0: the default is "
+            "used instead, as TorchServe does",
+            *(name, version, key, usable.pop(key)),
+        )
+    return usable
+
+
+def _positive_int(value: Any) -> int | None:
+    """`value` as Gson's getAsInt reads it ("8" is 8, 2.5 is 2), or None where TorchServe uses
+    the default: <= 0, or not a number (true included: Gson does not read it as 1)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if number > 0 else None

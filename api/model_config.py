@@ -8,18 +8,23 @@ Who wins, key by key (TorchServe's `ModelManager.createModel`, `Model(...)`,
 `ModelServer.initModelStore` and `ApiUtils.handleRegister`):
 
     batchSize, maxBatchDelay          register API parameter > yaml > models={...} > default
-    responseTimeout, startupTimeout   yaml > models={...} > register API parameter > default
-    minWorkers + maxWorkers           yaml (when 0 < minWorkers <= maxWorkers) >
+    responseTimeout, startupTimeout   yaml (when it sets them: TorchServe's 120 s defaults for
+                                      any yaml are not applied, docs/compatibility.md) >
+                                      models={...} > register API parameter > default
+    minWorkers + maxWorkers           yaml (as a pair, minWorkers <= maxWorkers) >
                                       initial_workers (API) or models={...} (start-up) > default
-    jobQueueSize                      yaml > models={...} > job_queue_size
+    jobQueueSize                      yaml > models={...} (torchgate's; TorchServe: none) >
+                                      job_queue_size
     sequenceBatching, sequenceMaxIdleMSec, sequenceTimeoutMSec, maxNumSequence,
     maxSequenceJobQueueSize, useVenv  yaml only
 
 A version restored from a snapshot keeps the snapshot's workers, batch and timeouts (TorchServe's
 `setModelState`); the yaml-only keys still apply. A value of the wrong type is warned about and
-ignored, as TorchServe's `ModelConfig` does. Frontend keys torchgate does not implement
-(deviceType, parallelType, continuousBatching, ...) are warned about, never silently dropped;
-any other key belongs to the handler.
+ignored, as TorchServe's `ModelConfig` does; a value below what its setter stores is raised to
+that floor (minWorkers 0 counts as 1), with a warning. A models={...} `runtimeType` that is not
+Python is refused as the manifest's `runtime` is (`api.backends.archive`). Frontend keys
+torchgate does not implement (deviceType, parallelType, continuousBatching, ...) are warned
+about, never silently dropped; any other key belongs to the handler.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from api.backends.archive import PYTHON_RUNTIMES, ArchiveError
 from api.config import Config
 from api.core.types import ModelSettings
 
@@ -51,6 +57,18 @@ _INT_KEYS = (
     "maxRetryTimeoutInSec",
 )
 _BOOL_KEYS = ("sequenceBatching", "useVenv")
+# TorchServe 0.12's ModelConfig setters store max(floor, value) for these keys (the others ignore
+# a value out of range): a yaml minWorkers of 0 starts one worker there, so here too.
+_FLOORS = {
+    "minWorkers": 1,
+    "batchSize": 1,
+    "maxNumSequence": 1,
+    "maxSequenceJobQueueSize": 1,
+    "sequenceTimeoutMSec": 0,
+    "maxRetryTimeoutInSec": 0,
+}
+# TorchServe 0.12's Manifest.RuntimeType values: LSP runs its C++ backend.
+_TORCHSERVE_RUNTIMES = frozenset({"python", "python3", "LSP"})
 # TorchServe's other frontend keys (ModelConfig.build): read by TorchServe, not by torchgate.
 UNSUPPORTED_KEYS = frozenset(
     {
@@ -86,10 +104,22 @@ def frontend_keys(model_config: Mapping[str, Any], where: str) -> dict[str, Any]
         else:
             continue  # the handler's
         if usable:
-            values[key] = value
+            values[key] = _raised_to_floor(key, value, where)
         else:
             log.warning("%s: model-config.yaml %s=%r is not %s: ignored", where, key, value, kind)
     return values
+
+
+def _raised_to_floor(key: str, value: Any, where: str) -> Any:
+    """`value` as TorchServe's ModelConfig setter stores it: raised to the key's floor."""
+    floor = _FLOORS.get(key)
+    if floor is None or value >= floor:
+        return value
+    log.warning(
+        "%s: model-config.yaml %s=%r is below %d: %d is used, as TorchServe does",
+        *(where, key, value, floor, floor),
+    )
+    return floor
 
 
 def resolve_settings(
@@ -112,10 +142,34 @@ def resolve_settings(
     where = f"Model {name} version {version}"
     yaml = frontend_keys(model_config, where)
     if origin != "snapshot":
+        _check_runtime_type(config.model_options(name, version), where)
         settings = config.model_settings(_merged(config, yaml, name, version, origin, api or {}))
     elif "jobQueueSize" in yaml and yaml["jobQueueSize"] > 0:
         settings = dataclasses.replace(settings, job_queue_size=yaml["jobQueueSize"])
     return _yaml_only_keys(settings, yaml, where)
+
+
+def _check_runtime_type(entry: Mapping[str, Any], where: str) -> None:
+    """A models={...} `runtimeType`, which TorchServe puts over the manifest's `runtime` (a
+    restored snapshot keeps the manifest's). A TorchServe runtime torchgate cannot run (LSP, its
+    C++ backend) is refused as that manifest `runtime` is: serving the model with Python would
+    not be what was configured. A value TorchServe does not know is logged and ignored there
+    (the manifest's runtime is used): here it is warned about and ignored."""
+    if "runtimeType" not in entry:
+        return
+    runtime = entry["runtimeType"]
+    known = isinstance(runtime, str) and runtime in _TORCHSERVE_RUNTIMES
+    if known and runtime in PYTHON_RUNTIMES:
+        return
+    if known:
+        raise ArchiveError(
+            f"{where}: models={{...}} runtimeType {runtime!r} is not supported (only python)"
+        )
+    log.warning(
+        "%s: models={...} runtimeType=%r is not a TorchServe runtime (python, python3, LSP): "
+        "ignored, the manifest's runtime is used, as TorchServe does",
+        *(where, runtime),
+    )
 
 
 def _merged(
@@ -142,6 +196,7 @@ def _merged(
     first("responseTimeout", positive, entry, api)
     first("startupTimeout", positive, entry, api)
     first("jobQueueSize", positive, entry)
+    # minWorkers is >= 1 when set (_FLOORS); unset it is 0 in TorchServe, so never a pair.
     low, high = yaml.get("minWorkers", 0), yaml.get("maxWorkers", 0)
     if 0 < low <= high:
         merged["minWorkers"], merged["maxWorkers"] = low, high
@@ -149,7 +204,7 @@ def _merged(
         if "minWorkers" in yaml or "maxWorkers" in yaml:
             log.warning(
                 "Model %s version %s: model-config.yaml minWorkers=%s maxWorkers=%s ignored "
-                "(TorchServe uses them only when 0 < minWorkers <= maxWorkers)",
+                "(TorchServe uses them only as a pair, with minWorkers <= maxWorkers)",
                 name,
                 version,
                 yaml.get("minWorkers"),
@@ -168,7 +223,9 @@ def _yaml_only_keys(settings: ModelSettings, yaml: Mapping[str, Any], where: str
         changes["sequence_batching"] = yaml["sequenceBatching"]
     if "useVenv" in yaml:
         changes["use_venv"] = yaml["useVenv"]
-    if yaml.get("maxRetryTimeoutInSec", 0) > 0:  # TorchServe keeps its 300 s otherwise
+    if "maxRetryTimeoutInSec" in yaml:
+        # TorchServe 0.12 stores max(0, value): with 0 it gives a failing worker up at once, so
+        # here such a worker stops counting toward /ping at once (torchgate still retries it).
         changes["max_retry_timeout_s"] = yaml["maxRetryTimeoutInSec"]
     # As TorchServe's Model: the sequence limits are read only with sequenceMaxIdleMSec > 0.
     # Its code raises maxNumSequence to batchSize x maxWorkers, but both are still 0 when it
@@ -176,9 +233,9 @@ def _yaml_only_keys(settings: ModelSettings, yaml: Mapping[str, Any], where: str
     idle = yaml.get("sequenceMaxIdleMSec", 0)
     if idle > 0:
         changes["sequence_max_idle_ms"] = idle
-        changes["sequence_timeout_ms"] = max(0, yaml.get("sequenceTimeoutMSec", 0))
-        changes["max_sequence_job_queue_size"] = max(1, yaml.get("maxSequenceJobQueueSize", 1))
-        changes["max_num_sequence"] = max(1, yaml.get("maxNumSequence", 1))
+        changes["sequence_timeout_ms"] = yaml.get("sequenceTimeoutMSec", 0)  # floored already
+        changes["max_sequence_job_queue_size"] = yaml.get("maxSequenceJobQueueSize", 1)
+        changes["max_num_sequence"] = yaml.get("maxNumSequence", 1)
     elif yaml.get("sequenceBatching"):
         log.warning(
             "%s: sequenceBatching without sequenceMaxIdleMSec > 0: TorchServe then keeps no "

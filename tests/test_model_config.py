@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from api.backends.archive import ArchiveError
 from api.config import Config, parse_config
 from api.core.types import ModelSettings
 from api.model_config import Origin, resolve_settings
@@ -126,11 +127,94 @@ def test_job_queue_size_and_use_venv() -> None:
     assert resolve(config_with(job_queue_size="40"), {}).job_queue_size == 40
 
 
-def test_max_retry_timeout_is_read_when_positive() -> None:
+def test_max_retry_timeout_is_read_as_torchserve_stores_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     assert resolve(config_with(), {"maxRetryTimeoutInSec": 30}).max_retry_timeout_s == 30
-    # TorchServe keeps its 300 s for 0 or a negative value.
-    assert resolve(config_with(), {"maxRetryTimeoutInSec": 0}).max_retry_timeout_s == 300
     assert resolve(config_with(), {}).max_retry_timeout_s == 300
+    # TorchServe 0.12 stores max(0, value): 0 gives a failing worker up at once.
+    assert resolve(config_with(), {"maxRetryTimeoutInSec": 0}).max_retry_timeout_s == 0
+    with caplog.at_level(logging.WARNING, logger="api.model_config"):
+        assert resolve(config_with(), {"maxRetryTimeoutInSec": -5}).max_retry_timeout_s == 0
+    assert "maxRetryTimeoutInSec=-5 is below 0: 0 is used" in caplog.text
+
+
+def test_yaml_min_workers_below_one_counts_as_one(caplog: pytest.LogCaptureFixture) -> None:
+    """TorchServe's setMinWorkers stores max(1, value): minWorkers 0 with maxWorkers 2 is the
+    pair 1..2 there, not a pair to ignore."""
+    config = config_with(default_workers_per_model="3")
+    with caplog.at_level(logging.WARNING, logger="api.model_config"):
+        settings = resolve(config, {"minWorkers": 0, "maxWorkers": 2})
+    assert (settings.min_workers, settings.max_workers) == (1, 2)
+    assert "model-config.yaml minWorkers=0 is below 1: 1 is used" in caplog.text
+    assert "ignored" not in caplog.text
+
+
+def test_yaml_batch_size_below_one_counts_as_one(caplog: pytest.LogCaptureFixture) -> None:
+    """TorchServe's setBatchSize stores max(1, value), and a yaml batchSize > 0 beats
+    models={...}: batchSize 0 in the yaml is a batch of 1, whatever models={...} says."""
+    config = config_with({"m": {"1.0": {"batchSize": 4}}})
+    with caplog.at_level(logging.WARNING, logger="api.model_config"):
+        settings = resolve(config, {"batchSize": 0})
+    assert settings.batch_size == 1
+    assert "model-config.yaml batchSize=0 is below 1: 1 is used" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "yaml",
+    [
+        {"minWorkers": 3, "maxWorkers": 2},
+        {"minWorkers": 2},
+        {"minWorkers": 0},  # raised to 1, with maxWorkers still 0 (unset) in TorchServe
+        {"maxWorkers": 2},
+    ],
+)
+def test_yaml_workers_without_a_valid_pair_are_ignored(
+    caplog: pytest.LogCaptureFixture, yaml: dict[str, int]
+) -> None:
+    """TorchServe takes the yaml's workers only as a pair with minWorkers <= maxWorkers;
+    otherwise models={...} (or its default) decides, as here."""
+    config = config_with({"m": {"1.0": {"minWorkers": 4, "maxWorkers": 5}}})
+    with caplog.at_level(logging.WARNING, logger="api.model_config"):
+        settings = resolve(config, yaml)
+    assert (settings.min_workers, settings.max_workers) == (4, 5)
+    assert "TorchServe uses them only as a pair, with minWorkers <= maxWorkers" in caplog.text
+
+
+def test_models_entry_values_torchserve_replaces_do_not_reach_the_merge() -> None:
+    """models={...} maxBatchDelay 0: TorchServe's getJsonIntValue uses the default (100 ms)
+    for any value <= 0, also where the entry is weighed against an archive's yaml."""
+    models = {"m": {"1.0": {"maxBatchDelay": 0, "minWorkers": 0, "maxWorkers": 0}}}
+    config = config_with(models, default_workers_per_model="2")
+    settings = resolve(config, {})
+    assert settings.max_batch_delay_ms == 100
+    assert (settings.min_workers, settings.max_workers) == (2, 2)
+
+
+def test_models_runtime_type_torchgate_cannot_run_is_refused() -> None:
+    """TorchServe runs the version on its C++ backend: refused as a manifest runtime LSP is."""
+    config = config_with({"m": {"1.0": {"runtimeType": "LSP"}}})
+    with pytest.raises(ArchiveError, match=r"runtimeType 'LSP' is not supported \(only python"):
+        resolve(config, {})
+    with pytest.raises(ArchiveError):
+        resolve(config, {}, "api", api={})
+    # A restored snapshot keeps the manifest's runtime (TorchServe's setModelState).
+    resolve(config, {}, "snapshot")
+
+
+def test_models_runtime_type_python_is_accepted_and_unknown_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="api.model_config"):
+        resolve(config_with({"m": {"1.0": {"runtimeType": "python3"}}}), {})
+        assert caplog.text == ""
+        resolve(config_with({"m": {"1.0": {"runtimeType": "java"}}}), {})
+        resolve(config_with({"m": {"1.0": {"runtimeType": ["LSP"]}}}), {})
+    assert "Model m version 1.0: models={...} runtimeType='java' is not a TorchServe" in (
+        caplog.text
+    )
+    assert "runtimeType=['LSP'] is not a TorchServe runtime" in caplog.text
+    assert "the manifest's runtime is used" in caplog.text
 
 
 def test_unsupported_and_mistyped_keys_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:

@@ -344,10 +344,12 @@ def test_a_version_that_fails_to_restore_does_not_stop_the_others(tmp_path: Path
 
 
 def test_a_policy_sending_traffic_to_a_version_not_ready_at_start_stands(tmp_path: Path) -> None:
-    """A version without a live worker at start-up (minWorkers=0 here; a first start failing or
-    a remote TorchServe not up yet alike) keeps its share of the policy, from config.properties
-    and from the snapshot: the ready versions serve it until it is ready, then it serves."""
-    text = CONFIG.replace('"startupTimeout": 45}', '"startupTimeout": 45, "minWorkers": 0}')
+    """A version without a live worker at start-up (no workers by default here, m 1.0 one; a
+    first start failing or a remote TorchServe not up yet alike) keeps its share of the policy,
+    from config.properties and from the snapshot: the ready versions serve it until it is ready,
+    then it serves. (A models= minWorkers of 0 means the default, as in TorchServe.)"""
+    text = CONFIG.replace("load_models=all\n", "load_models=all\ndefault_workers_per_model=0\n")
+    text = text.replace('"defaultVersion": true}', '"defaultVersion": true, "minWorkers": 1}')
     configured = TrafficPolicy({"1.0": 80, "2.0": 20})
 
     async def scenario() -> None:
