@@ -15,7 +15,7 @@ from pathlib import Path
 from api.auth import TokenAuth
 from api.backends.extract import ArchiveLimits
 from api.backends.workdir import make_work_dir, remove_orphans
-from api.backends.workers import MetricCallback, load_worker_backend
+from api.backends.workers import MetricCallback, gpu_round_robin, load_worker_backend
 from api.config import Config, ConfigError
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
@@ -41,8 +41,10 @@ log = logging.getLogger(__name__)
 def worker_backend_loader(
     pool: WorkerPool, config: Config, on_metric: MetricCallback | None
 ) -> ArchiveBackendLoader:
-    """Archives become `WorkerBackend`s whose workers the pool forks."""
+    """Archives become `WorkerBackend`s whose workers the pool forks; one GPU round robin for
+    every model's workers, as TorchServe's (number_of_gpu capped at the GPUs present)."""
     limits = ArchiveLimits.of(config)
+    gpus = gpu_round_robin(config.number_of_gpu)
 
     async def load(
         path: Path,
@@ -60,7 +62,7 @@ def worker_backend_loader(
             handler=handler,
             on_metric=on_metric,
             intra_op_threads=config.intra_op_threads,
-            gpu_count=config.number_of_gpu,
+            gpus=gpus,
             limits=limits,
             max_image_pixels=config.image_pixel_limit,
             max_items_per_request=config.max_items_per_request,

@@ -17,10 +17,12 @@ What a worker costs its model when it fails, and only its model:
 - `initialize` raises (or the process dies while loading): `start_worker` raises
   `HandlerLoadError` with the handler's message.
 
-Devices: worker i runs on GPU `i % count` (`number_of_gpu`, else every visible GPU), CPU without
-one; on CPU each worker gets `intra_op_threads` torch threads (default 1: workers side by side
-must not oversubscribe the cores; with OMP_NUM_THREADS set, torch follows it, as in
-TorchServe). This module imports neither torch nor handler code.
+Devices: GPUs go round robin over the whole server, as TorchServe assigns them (`GpuRoundRobin`:
+one counter for every model's workers, so the first worker of each model does not pile onto
+GPU 0; a restarted worker keeps its GPU); `number_of_gpu` caps the GPUs used, at the devices
+present; CPU without one. On CPU each worker gets `intra_op_threads` torch threads (default 1:
+workers side by side must not oversubscribe the cores; with OMP_NUM_THREADS set, torch follows
+it, as in TorchServe). This module imports neither torch nor handler code.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -80,6 +83,85 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MetricCallback = Callable[[str, float, str, Mapping[str, str], str], None]
 
 
+class GpuRoundRobin:
+    """TorchServe's GPU assignment (WorkLoadManager.addThreads): one counter for the whole
+    server, `(last + 1) % count` from 0, so new workers of every model get GPUs 1, 2, ...,
+    count - 1, 0, 1, ...; `next()` is None (CPU) with no GPU. One per server, shared by every
+    `WorkerBackend`."""
+
+    def __init__(self, count: int) -> None:
+        self.count = max(count, 0)
+        self._last = 0
+
+    def next(self) -> int | None:
+        if not self.count:
+            return None
+        self._last = (self._last + 1) % self.count
+        return self._last
+
+
+def gpu_round_robin(
+    number_of_gpu: int | None, *, visible: Callable[[], int] | None = None
+) -> GpuRoundRobin:
+    """The round robin for `number_of_gpu` (None: every GPU present), capped at the GPUs
+    present (`visible`, default `visible_gpus`) as TorchServe's ConfigManager caps it, with a
+    warning; 0 or less: no GPU (CPU workers), as in TorchServe."""
+    if number_of_gpu is not None and number_of_gpu <= 0:
+        if number_of_gpu < 0:
+            log.warning("number_of_gpu=%d: workers run on CPU, as in TorchServe", number_of_gpu)
+        return GpuRoundRobin(0)
+    present = (visible or visible_gpus)()
+    if number_of_gpu is None:
+        return GpuRoundRobin(present)
+    if number_of_gpu > present:
+        log.warning(
+            "number_of_gpu=%d, but %d GPU%s present: workers use %d, as TorchServe caps it",
+            number_of_gpu,
+            present,
+            " is" if present == 1 else "s are",
+            present,
+        )
+    return GpuRoundRobin(min(number_of_gpu, present))
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None, nvml: Any | None = None) -> int:
+    """The CUDA devices a worker's torch sees, counted as torch counts them without a CUDA call:
+    NVML's devices, narrowed by CUDA_VISIBLE_DEVICES (ordinals up to the first invalid or
+    absent one; UUIDs taken as they are); 0 without an NVIDIA driver. The frontend neither
+    imports torch nor touches CUDA (`nvml`: tests' stand-in for `pynvml`)."""
+    if nvml is None:
+        try:
+            import pynvml
+        except ImportError:
+            return 0
+        nvml = pynvml
+    try:
+        nvml.nvmlInit()
+        try:
+            present = int(nvml.nvmlDeviceGetCount())
+        finally:
+            nvml.nvmlShutdown()
+    except Exception as exc:  # pynvml.NVMLError: no driver, no library, no device
+        log.debug("no GPU: %s", exc)
+        return 0
+    chosen = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    if chosen is None:
+        return present
+    seen: list[str | int] = []
+    for entry in (part.strip() for part in chosen.split(",")):
+        if entry.startswith(("GPU-", "MIG-")):
+            seen.append(entry)
+            continue
+        number = re.match(r"[+-]?\d+", entry)
+        ordinal = int(number.group()) if number else -1
+        if ordinal in seen:
+            return 0  # torch sees no device when an ordinal repeats
+        if not 0 <= ordinal < present:
+            break
+        seen.append(ordinal)
+    return len(seen)
+
+
 async def load_worker_backend(
     path: Path,
     settings: ModelSettings,
@@ -90,6 +172,7 @@ async def load_worker_backend(
     name: str | None = None,
     handler: str | None = None,
     gpu_count: int | None = None,
+    gpus: GpuRoundRobin | None = None,
     intra_op_threads: int | None = None,
     on_metric: MetricCallback | None = None,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
@@ -119,6 +202,7 @@ async def load_worker_backend(
         settings,
         pool=pool,
         gpu_count=gpu_count,
+        gpus=gpus,
         intra_op_threads=intra_op_threads,
         on_metric=on_metric,
         max_image_pixels=max_image_pixels,
@@ -147,6 +231,7 @@ class WorkerBackend:
         *,
         pool: WorkerPool,
         gpu_count: int | None = None,
+        gpus: GpuRoundRobin | None = None,
         intra_op_threads: int | None = None,
         on_metric: MetricCallback | None = None,
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
@@ -155,12 +240,20 @@ class WorkerBackend:
         work_dir: Path | None = None,
         service_envelope: str | None = None,
     ) -> None:
+        """`gpus`: the server's round robin (`gpu_round_robin`, shared by every backend);
+        without it, one of this backend's own over `number_of_gpu=gpu_count` GPUs (None:
+        every GPU present), made at its first worker's start."""
         self.archive = archive
         self.settings = settings
         self.signature: Mapping[str, Any] | None = archive.signature
         self.manifest: Mapping[str, Any] = archive.manifest
         self._pool = pool
         self._gpu_count = gpu_count
+        self._gpus = gpus
+        # The GPU (None: CPU) of each worker slot, by index: taken from the round robin at the
+        # slot's first start and kept across its restarts, as TorchServe's WorkerThread keeps
+        # its gpuId; released when the registry removes the slot (`worker_slot_removed`).
+        self._gpu_ids: dict[int, int | None] = {}
         # One thread per CPU worker; scale with workers, not threads. With two OpenMP threads
         # per worker on a 2-core machine, a TorchScript worker's barrier waited on a descheduled
         # thread: p99 100-300 ms at concurrency 1, against 1-4 ms with one. An OMP_NUM_THREADS
@@ -215,6 +308,21 @@ class WorkerBackend:
             archive.model_dir, requirements, self._work_dir, model=model
         )
 
+    def gpu_of(self, index: int) -> int | None:
+        """The GPU of worker slot `index`: the one it has, else the next of the round robin
+        (a new slot's, which it keeps through its restarts)."""
+        if index not in self._gpu_ids:
+            if self._gpus is None:
+                self._gpus = gpu_round_robin(self._gpu_count)
+            self._gpu_ids[index] = self._gpus.next()
+        return self._gpu_ids[index]
+
+    def worker_slot_removed(self, index: int) -> None:
+        """The registry took slot `index` off the version (a scale-down, an unload): a later
+        slot of that index is a new worker, with the next GPU, as TorchServe's new
+        WorkerThread; not a restart."""
+        self._gpu_ids.pop(index, None)
+
     async def start_worker(self, index: int) -> ProcessWorker:
         """Fork worker `index` and wait until its handler is initialized."""
         archive = self.archive
@@ -222,7 +330,7 @@ class WorkerBackend:
             archive=archive,
             index=index,
             batch_size=self.settings.batch_size,
-            gpu_count=self._gpu_count,
+            gpu_id=self.gpu_of(index),
             intra_op_threads=self._intra_op_threads,
             max_image_pixels=self._max_image_pixels,
             max_items_per_request=self._max_items_per_request,

@@ -544,7 +544,9 @@ class Registry:
 
     async def _stop_workers(self, model_version: ModelVersion, count: int) -> None:
         count = min(count, len(model_version.workers))
-        await self._stop_slots(model_version, [model_version.workers.pop() for _ in range(count)])
+        slots = [model_version.workers.pop() for _ in range(count)]
+        _removed(model_version, slots)
+        await self._stop_slots(model_version, slots)
 
     async def _stop_slots(self, model_version: ModelVersion, slots: list[WorkerSlot]) -> None:
         # Every leaving worker stops taking batches at once; then each finishes the one in
@@ -691,7 +693,17 @@ def _leaving(model_version: ModelVersion, count: int) -> list[WorkerSlot]:
     chosen = set(order[:count])
     leaving = [slots[i] for i in sorted(chosen, reverse=True)]
     slots[:] = [slot for i, slot in enumerate(slots) if i not in chosen]
+    _removed(model_version, leaving)
     return leaving
+
+
+def _removed(model_version: ModelVersion, slots: list[WorkerSlot]) -> None:
+    """Tell a backend that keeps something per slot index (a worker backend's GPU, kept across
+    a slot's restarts) that these slots are gone: a new slot may take their index at once."""
+    removed = getattr(model_version.backend, "worker_slot_removed", None)
+    if removed is not None:
+        for slot in slots:
+            removed(slot.index)
 
 
 def _free_index(model_version: ModelVersion) -> int:

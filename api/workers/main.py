@@ -60,7 +60,9 @@ class WorkerSpec:
     archive: Archive
     index: int
     batch_size: int
-    gpu_count: int | None  # None: every visible CUDA device; 0: CPU only
+    # The GPU the frontend assigned this worker (`api.backends.workers.GpuRoundRobin`:
+    # TorchServe's server-wide round robin, kept across restarts); None: CPU.
+    gpu_id: int | None
     intra_op_threads: int  # 0: leave torch's default
     # The shipped handlers' image limit (system property "max_image_pixels"); None: no limit,
     # TorchServe's limit_max_image_pixels=false.
@@ -168,12 +170,13 @@ def wrap_in_envelope(handle: Any, envelope: str) -> Any:
 
 
 def _device(torch: Any, spec: WorkerSpec) -> int | None:
-    """Worker i runs on GPU `i % count`, as TorchServe assigns them; CUDA starts here, after the
-    fork (the zygote never touches it), so every worker can use it."""
-    if spec.gpu_count == 0 or not torch.cuda.is_available():
+    """The GPU the frontend assigned (`spec.gpu_id`), made torch's current device so that a
+    handler's bare "cuda" means it too (TorchServe leaves cuda:0 current: docs/compatibility.md);
+    None (CPU) without one, or without CUDA in this torch. CUDA starts here, after the fork (the
+    zygote never touches it), so every worker can use it."""
+    gpu_id = spec.gpu_id
+    if gpu_id is None or not torch.cuda.is_available():
         return None
-    count = spec.gpu_count or torch.cuda.device_count()
-    gpu_id = spec.index % count
     torch.cuda.set_device(gpu_id)
     return int(gpu_id)
 

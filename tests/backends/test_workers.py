@@ -1047,9 +1047,11 @@ def test_omp_num_threads_sizes_cpu_workers_unless_the_key_does(
     assert run(threads(intra_op_threads=2)) == 2
 
 
-def test_workers_go_round_robin_over_gpus(tmp_path: Path) -> None:
-    """Device assignment only (`api.workers.main._device`, what a worker runs after the fork):
-    CUDA is faked, because no GPU exists here and a forked worker's torch cannot be patched."""
+def test_worker_runs_on_the_gpu_the_frontend_assigned(tmp_path: Path) -> None:
+    """The worker's side (`api.workers.main._device`, what a worker runs after the fork): the
+    GPU comes from the frontend's round robin (tests/backends/test_gpu_assignment.py), and is
+    made torch's current device. CUDA is a stand-in, because no GPU exists here and a forked
+    worker's torch cannot be patched."""
     (tmp_path / "MAR-INF").mkdir()
     (tmp_path / "MAR-INF" / "MANIFEST.json").write_text(manifest())
     (tmp_path / "handler.py").write_text("def handle(data, context):\n    return data\n")
@@ -1059,24 +1061,20 @@ def test_workers_go_round_robin_over_gpus(tmp_path: Path) -> None:
     cuda.set_device = chosen.append
     torch = SimpleNamespace(cuda=cuda)
 
-    def device(index: int, gpu_count: int | None) -> int | None:
+    def device(index: int, gpu_id: int | None) -> int | None:
         spec = WorkerSpec(
-            archive=archive, index=index, batch_size=1, gpu_count=gpu_count, intra_op_threads=1
+            archive=archive, index=index, batch_size=1, gpu_id=gpu_id, intra_op_threads=1
         )
         return _device(torch, spec)
 
-    # number_of_gpu=2: worker i on GPU i % 2, as TorchServe assigns them
-    assert [device(i, 2) for i in range(3)] == [0, 1, 0]
-    assert chosen == [0, 1, 0]
-    # number_of_gpu unset: every visible device
+    # The frontend's GPU, whatever the worker's index (TorchServe: one server-wide counter)
+    assert [device(0, 1), device(1, 2), device(0, 0)] == [1, 2, 0]
+    assert chosen == [1, 2, 0]
+    # No GPU assigned, or no CUDA in this torch: CPU, and CUDA is left alone
     chosen.clear()
-    assert [device(i, None) for i in range(4)] == [0, 1, 2, 0]
-    assert chosen == [0, 1, 2, 0]
-    # number_of_gpu=0, or no CUDA: CPU, and CUDA is left alone
-    chosen.clear()
-    assert device(1, 0) is None
+    assert device(1, None) is None
     cuda.is_available = lambda: False
-    assert device(1, None) is None and device(1, 2) is None
+    assert device(1, 2) is None
     assert chosen == []
 
 
