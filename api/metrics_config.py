@@ -22,9 +22,12 @@ frontend exports, in `metrics_mode=prometheus`, only the metrics declared there,
 
 torchgate does the same with `metrics_config=` set: workers pre-create the declared metrics
 (`api.workers.main`), and /metrics drops undeclared handler metrics (one warning each) unless
-auto-detect is on (`api.handler_metrics`). Without `metrics_config`, workers get TorchServe's
-default declarations (HandlerTime and PredictionTime) and /metrics exports every handler metric,
-as torchgate always has (TorchServe would drop undeclared ones; docs/compatibility.md). The
+auto-detect is on (`api.handler_metrics`). As TorchServe's frontend, /metrics looks a handler
+metric up by its name only: an update of a declared metric is recorded under the declared type,
+unit and dimensions whatever type the handler wrote it with (`MetricsSpec.declared`). Without
+`metrics_config`, workers get TorchServe's default declarations (HandlerTime and PredictionTime)
+and /metrics exports every handler metric, as torchgate always has (TorchServe would drop
+undeclared ones; docs/compatibility.md). The
 `ts_metrics` section describes TorchServe's own frontend metrics: torchgate exports its own
 (TorchServe's names), so that section is not read, and says so.
 """
@@ -32,7 +35,8 @@ as torchgate always has (TorchServe would drop undeclared ones; docs/compatibili
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +76,27 @@ class MetricsSpec:
     # The metrics_config file; None: TorchServe's defaults, and every metric is exported.
     source: Path | None = None
     auto_detect: bool = False
+    # model_metrics by name; for a name declared under several types the last of counter,
+    # gauge, histogram, the order in which TorchServe's MetricCache puts them in its map.
+    _by_name: Mapping[str, DeclaredMetric] = field(
+        init=False, repr=False, compare=False, hash=False
+    )
 
-    def exports(self, name: str, kind: str) -> bool:
-        """Whether /metrics shows the handler metric `name` of type `kind`."""
-        if self.source is None or self.auto_detect:
-            return True
-        return any(m.name == name and m.kind == kind for m in self.model_metrics)
+    def __post_init__(self) -> None:
+        by_name: dict[str, DeclaredMetric] = {}
+        for kind in KINDS:
+            by_name.update((m.name, m) for m in self.model_metrics if m.kind == kind)
+        object.__setattr__(self, "_by_name", by_name)
+
+    def declared(self, name: str) -> DeclaredMetric | None:
+        """The declaration of the handler metric `name`, looked up by name only, as TorchServe's
+        frontend does (`MetricCache.getMetricBackend(name)`): /metrics records its every update
+        under the declared type, unit and dimensions, whatever type the handler wrote."""
+        return self._by_name.get(name)
+
+    def exports(self, name: str) -> bool:
+        """Whether /metrics shows the handler metric `name` (of any type)."""
+        return self.source is None or self.auto_detect or name in self._by_name
 
 
 def load_metrics_spec(path: Path | None, *, auto_detect: bool) -> MetricsSpec:

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from ts.metrics.dimension import Dimension
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
@@ -67,10 +68,11 @@ def test_model_metrics_are_read_and_ts_metrics_is_said_to_be_unused(
         DeclaredMetric("ExamplePercentMetric", "percent", "histogram", ("ModelName", "Level")),
     )
     assert "ts_metrics section is not read" in caplog.text
-    assert spec.exports("SizeOfImage", "gauge")
-    assert not spec.exports("SizeOfImage", "counter")
-    assert not spec.exports("Undeclared", "counter")
-    assert load_metrics_spec(example, auto_detect=True).exports("Undeclared", "counter")
+    # By name only, as TorchServe's frontend looks a metric up: any type a handler writes.
+    assert spec.exports("SizeOfImage")
+    assert spec.declared("SizeOfImage") == spec.model_metrics[1]
+    assert not spec.exports("Undeclared") and spec.declared("Undeclared") is None
+    assert load_metrics_spec(example, auto_detect=True).exports("Undeclared")
 
 
 def test_config_properties_keys(example: Path, tmp_path: Path) -> None:
@@ -156,3 +158,44 @@ def test_undeclared_metrics_need_auto_detect(
     else:
         assert "UndeclaredCount" not in types
         assert caplog.text.count("model_metrics_auto_detect=true exports it") == 1
+
+
+def test_a_declared_metric_has_the_declared_type_unit_and_dimensions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TorchServe's frontend records every update of a declared metric into the metric built
+    from the declaration (type, unit, dimensions plus Hostname), taking dimension values by
+    position; its Prometheus client refuses another number of them (logged)."""
+    (tmp_path / "metrics.yaml").write_text(
+        "model_metrics:\n"
+        "  histogram:\n"
+        "    - {name: Latency, unit: ms, dimensions: [ModelName, Level]}\n"
+    )
+    observer = PrometheusObserver(process_metrics=False, hostname="h")
+    sink = HandlerMetrics(hostname="h")
+    sink.spec = load_metrics_spec(tmp_path / "metrics.yaml", auto_detect=False)
+    observer.add_collector(sink)
+    observer.add_text(sink.counters_text)
+    store = MetricsStore("mnist", sink.on_metric, sink.spec.model_metrics)
+    store.set_request_ids({0: "req-0"})
+    with caplog.at_level(logging.WARNING, logger="api.observability.handler_metrics"):
+        store.add_time("Latency", 5.0)  # a gauge (add_time's default)
+        store.add_time("Latency", 7.0, metric_type=MetricTypes.HISTOGRAM)  # the declared one
+        # A counter with one more value: dropped.
+        store.add_metric("Latency", 1.0, "ms", dimensions=[Dimension("Camera", "front")])
+        # Other names, as many values: TorchServe names them by position.
+        other = store.add_metric_to_cache("Latency", "ms", ["Camera", "Site"], MetricTypes.GAUGE)
+        other.add_or_update(4.0, ["front", "north"])
+        # TorchServe's older update() renames the declared metric's dimensions: one fewer.
+        store.get_metric("Latency", MetricTypes.HISTOGRAM).update(2.0, "", [Dimension("A", "a")])
+    text = observer.render().decode()
+    samples, types = parse(text)
+    assert types["Latency"] == "histogram"
+    assert "# HELP Latency Handler metric (ms)" in text  # the declared unit
+    model = {"ModelName": "mnist", "Level": "Model", "Hostname": "h"}
+    assert value(samples, "Latency_count", **model) == 2
+    assert value(samples, "Latency_sum", **model) == 12.0
+    assert value(samples, "Latency_sum", ModelName="front", Level="north", Hostname="h") == 4.0
+    assert len([s for s in samples if s.name == "Latency_count"]) == 2
+    assert "dimensions ['Camera', 'ModelName', 'Level'], where it has" in caplog.text
+    assert "dimensions ['A'], where it has ['ModelName', 'Level']" in caplog.text

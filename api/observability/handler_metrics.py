@@ -15,12 +15,20 @@ They come out as TorchServe 0.12 exports them in `metrics_mode=prometheus`:
 With `metrics_config=`, only the metrics it declares are exported, unless
 `model_metrics_auto_detect=true` (`api.metrics_config`).
 
-A metric keeps the type and label names of its first update. Updates that disagree, values that
-are not finite numbers, names that would shadow torchgate's own families (TorchServe's registry
-refuses a name already registered too), and series past `max_series` are dropped, each kind with
-one warning, so a handler's bug cannot break the scrape or grow memory without bound. Label values
-and units may come from a client (a lone surrogate, which `json.loads('"\\udcff"')` yields, cannot
-be encoded as UTF-8): they are recorded with such characters escaped.
+As TorchServe's frontend (its `WorkerLifeCycle` looks `MetricCache.getMetricBackend(name)` up),
+an update finds its metric by name only: a metric `metrics_config` declares (or TorchServe's
+default HandlerTime and PredictionTime) has the declared type, unit and dimensions (plus
+`Hostname`); any other has the type, unit and dimension names of its first update. An update
+written with another type is recorded under the metric's type (a negative one is dropped for a
+counter, which cannot go down). Its dimension values are taken by position, as TorchServe takes
+them (the worker's metrics cache does so too: `api.workers.context`), whatever their names; an
+update with more or fewer is dropped, as TorchServe's Prometheus client refuses it.
+
+Values that are not finite numbers, names that would shadow torchgate's own families (TorchServe's
+registry refuses a name already registered too), and series past `max_series` are dropped, each
+kind with one warning, so a handler's bug cannot break the scrape or grow memory without bound.
+Label values and units may come from a client (a lone surrogate, which `json.loads('"\\udcff"')`
+yields, cannot be encoded as UTF-8): they are recorded with such characters escaped.
 """
 
 from __future__ import annotations
@@ -32,6 +40,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.metrics import Histogram
 
@@ -41,8 +55,13 @@ from api.observability.metrics import TORCHSERVE_NAMES, FastHistogram, counter_t
 log = logging.getLogger(__name__)
 
 COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
-# Families torchgate writes itself; a handler metric by one of these names would duplicate them.
-_RESERVED_PREFIXES = ("torchgate_", "ts_", "process_", "python_")
+# torchgate's own namespace: every family it writes, or may write later, under that prefix.
+_RESERVED_PREFIX = "torchgate_"
+# TorchServe's frontend counters (`PrometheusObserver._torchserve_text`).
+_TS_NAMES = (
+    "ts_inference_requests_total", "ts_inference_latency_microseconds",
+    "ts_queue_latency_microseconds",
+)  # fmt: skip
 # TorchServe's host and GPU families, written by `api.observability.system` and `.gpu`
 # (tests/observability/test_handler_metrics.py checks every built-in family is refused).
 _SYSTEM_NAMES = (
@@ -50,7 +69,28 @@ _SYSTEM_NAMES = (
     "DiskUsage", "DiskUtilization", "DiskAvailable",
     "GPUMemoryUsed", "GPUMemoryUtilization", "GPUUtilization",
 )  # fmt: skip
-_RESERVED_NAMES = TORCHSERVE_NAMES | frozenset(_SYSTEM_NAMES)
+
+
+def _process_names() -> frozenset[str]:
+    """The family and sample names (`process_cpu_seconds`, `process_cpu_seconds_total`,
+    `python_info`, ...) of prometheus_client's process, platform and GC collectors, which
+    `PrometheusObserver(process_metrics=True)` writes. Only these: TorchServe exports a handler
+    metric named `process_time` or `ts_custom`, and so does torchgate."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    names = set()
+    for family in registry.collect():
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+    return frozenset(names)
+
+
+# Families torchgate writes itself; a handler metric by one of these names would duplicate them.
+_RESERVED_NAMES = (
+    TORCHSERVE_NAMES | frozenset(_SYSTEM_NAMES) | frozenset(_TS_NAMES) | _process_names()
+)
 _INVALID_NAME = re.compile(r"[^a-zA-Z0-9_:]")
 _INVALID_LABEL = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -94,37 +134,56 @@ class HandlerMetrics:
         if kind not in (COUNTER, GAUGE, HISTOGRAM):
             self._warn(name, f"unknown metric type {metric_type!r}")
             return
-        if not self.spec.exports(name, kind):
+        declared = self.spec.declared(name)
+        if declared is None and not self.spec.exports(name):
             self._warn(
                 name,
-                f"a {kind} not declared in metrics_config {self.spec.source} "
+                f"not declared in metrics_config {self.spec.source} "
                 f"(model_metrics_auto_detect=true exports it)",
             )
             return
         family_name = _metric_name(name)
-        if family_name.startswith(_RESERVED_PREFIXES) or family_name in _RESERVED_NAMES:
+        if family_name.startswith(_RESERVED_PREFIX) or family_name in _RESERVED_NAMES:
             self._warn(name, "the name is reserved for torchgate's own metrics")
             return
         number = _finite(value)
         if number is None:  # workers drop these already (api.workers.context); guard anyway
             self._warn(name, "a value that is not a finite number")
             return
-        unit = _encodable(unit)
-        labels = {_label_name(k): _encodable(str(v)) for k, v in dimensions.items()}
-        labels.setdefault("Hostname", self._hostname)
+        given = {_label_name(k): _encodable(str(v)) for k, v in dimensions.items()}
+        # Last, as TorchServe's frontend appends it to every update of a model metric.
+        host = given.pop("Hostname", self._hostname)
         with self._lock:
             family = self._families.get(family_name)
             if family is None:
                 if self._series_count >= self._max_series:  # a new family is a new series
                     self._warn("", f"more than {self._max_series} handler metric series")
                     return
-                family = _Family(family_name, kind, unit, tuple(labels))
+                if declared is None:  # auto-detected: as its first update
+                    family = _Family(family_name, kind, _encodable(unit), (*given, "Hostname"))
+                else:
+                    names = (_label_name(d) for d in declared.dimensions)
+                    family = _Family(
+                        family_name,
+                        declared.kind,
+                        _encodable(declared.unit),
+                        (*(d for d in names if d != "Hostname"), "Hostname"),
+                    )
                 self._families[family_name] = family
-            elif family.kind != kind or set(family.label_names) != set(labels):
+            labels = self._labels(name, family, given)
+            if labels is None:
+                return
+            labels["Hostname"] = host
+            if family.kind != kind:
                 self._warn(
                     name,
-                    f"first recorded as a {family.kind} with labels {list(family.label_names)}",
+                    f"written as a {kind}, recorded as the {family.kind} it was declared "
+                    "or first written as",
+                    dropped=False,
                 )
+                kind = family.kind
+            if kind == COUNTER and number < 0:  # Prometheus' Counter.inc refuses it too
+                self._warn(name, "a negative value for a counter")
                 return
             key = tuple(labels[label] for label in family.label_names)
             current = family.series.get(key)
@@ -191,10 +250,31 @@ class HandlerMetrics:
                 )
             return copies
 
-    def _warn(self, name: str, problem: str) -> None:
+    def _labels(self, name: str, family: _Family, given: dict[str, str]) -> dict[str, str] | None:
+        """The dimension values `given` (Hostname aside) named by the family's dimensions, by
+        position, as TorchServe's frontend passes them to its Prometheus metric; None (warned)
+        when there are more or fewer, which that refuses."""
+        names = family.label_names[:-1]  # Hostname is the last
+        if len(given) != len(names):
+            self._warn(
+                name,
+                f"dimensions {list(given)}, where it has {list(names)} (TorchServe drops it too)",
+            )
+            return None
+        if tuple(given) != names:
+            self._warn(
+                name,
+                f"dimensions {list(given)} recorded as its {list(names)}, by position, as "
+                "TorchServe does",
+                dropped=False,
+            )
+        return dict(zip(names, given.values(), strict=True))
+
+    def _warn(self, name: str, problem: str, *, dropped: bool = True) -> None:
         if (name, problem) not in self._warned:
             self._warned.add((name, problem))
-            log.warning("handler metric %s dropped: %s", name or "(any)", problem)
+            what = "dropped" if dropped else "note"
+            log.warning("handler metric %s %s: %s", name or "(any)", what, problem)
 
 
 def _finite(value: float) -> float | None:

@@ -193,6 +193,7 @@ class _Loop:
         plain: Any = None,
     ) -> None:
         from ts.context import RequestProcessor
+        from ts.metrics.metric_cache_errors import MetricsCacheKeyError
         from ts.metrics.metric_type_enum import MetricTypes
 
         self._processor = RequestProcessor
@@ -205,9 +206,14 @@ class _Loop:
         self._tensor = torch.Tensor
         self._torch_save = torch.save
         self._what = f"Model {spec.archive.name} version {spec.archive.version} handler failed"
-        self._prediction_time = context.metrics.add_metric_to_cache(
-            PREDICTION_METRIC, "ms", ["ModelName", "Level"], MetricTypes.GAUGE
-        )
+        # As TorchServe's Service.predict (`metrics.add_time(PREDICTION_METRIC, ...)`): the
+        # PredictionTime gauge metrics_config declares (its unit and dimensions), else a new one.
+        try:
+            self._prediction_time = context.metrics.get_metric(PREDICTION_METRIC, MetricTypes.GAUGE)
+        except MetricsCacheKeyError:
+            self._prediction_time = context.metrics.add_metric_to_cache(
+                PREDICTION_METRIC, "ms", ["ModelName", "Level"], MetricTypes.GAUGE
+            )
         self._model_dims = [spec.archive.name, "Model"]
         # While a batch mixing entry points runs one group: the batch index of each of the
         # group's items, since the handler's indexes (and so its parts') are the group's.

@@ -84,23 +84,50 @@ def test_models_are_told_apart_by_their_model_name_label(
 def test_conflicting_reserved_and_odd_names_never_break_the_scrape(
     observer: PrometheusObserver, sink: HandlerMetrics, caplog: pytest.LogCaptureFixture
 ) -> None:
-    sink.on_metric("Latency", 1.0, "ms", {"ModelName": "m"}, "gauge")
-    sink.on_metric("Latency", 1.0, "ms", {"ModelName": "m"}, "counter")  # another type
-    sink.on_metric("Latency", 1.0, "ms", {"Other": "x"}, "gauge")  # other labels
     sink.on_metric("torchgate_requests_total", 1.0, "", {}, "counter")  # would duplicate ours
+    sink.on_metric("torchgate_future_family", 1.0, "", {}, "gauge")  # torchgate's namespace
     sink.on_metric("ts_inference_requests_total", 1.0, "", {}, "counter")
+    sink.on_metric("process_cpu_seconds_total", 1.0, "", {}, "gauge")  # prometheus_client's
     sink.on_metric("2xx rate/s", 4.0, "", {"a-b": "v"}, "gauge")
     sink.on_metric("Weird", 1.0, "", {}, "summary")
+    # Names torchgate does not write are the handler's, as in TorchServe.
+    sink.on_metric("ts_custom", 2.0, "", {}, "gauge")
+    sink.on_metric("process_time", 3.0, "", {}, "gauge")
 
     text = observer.render().decode()
     samples, types = parse(text)
-    assert value(samples, "Latency", ModelName="m") == 1.0
-    assert types["Latency"] == "gauge"
     assert value(samples, "_2xx_rate_s", a_b="v") == 4.0
-    assert not [s for s in samples if s.name == "torchgate_requests_total"]
+    assert not [s for s in samples if s.name.startswith("torchgate_")]
     assert "Weird" not in types
-    # One warning per metric and problem (the two Latency conflicts share one), not per update.
-    assert caplog.text.count("handler metric") == 4
+    assert value(samples, "ts_custom", Hostname="h") == 2.0
+    assert value(samples, "process_time", Hostname="h") == 3.0
+    # One warning per metric and problem, not per update.
+    assert caplog.text.count("handler metric") == 5
+
+
+def test_an_update_takes_its_metrics_type_and_dimensions(
+    observer: PrometheusObserver, sink: HandlerMetrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As TorchServe's frontend: a metric is found by name and keeps the type and dimensions it
+    was created with (its first update's, here: nothing declares it); another type is recorded
+    as that type, and dimension values go by position whatever their names, or are dropped
+    when there are more or fewer."""
+    sink.on_metric("Latency", 1.0, "ms", {"ModelName": "m"}, "gauge")
+    sink.on_metric("Latency", 2.0, "ms", {"ModelName": "m"}, "counter")  # set, as a gauge
+    sink.on_metric("Latency", 3.0, "ms", {"Other": "x"}, "gauge")  # as ModelName="x"
+    sink.on_metric("Latency", 4.0, "ms", {"ModelName": "m", "Other": "y"}, "gauge")  # dropped
+    sink.on_metric("Hits", 2.0, "", {"ModelName": "m", "Level": "Model"}, "counter")
+    sink.on_metric("Hits", 3.0, "", {"ModelName": "m", "Level": "Model"}, "histogram")  # added
+    sink.on_metric("Hits", -1.0, "", {"ModelName": "m", "Level": "Model"}, "gauge")  # dropped
+
+    samples, types = parse(observer.render().decode())
+    assert types["Latency"] == "gauge" and types["Hits"] == "counter"
+    assert value(samples, "Latency", ModelName="m") == 2.0
+    assert value(samples, "Latency", ModelName="x") == 3.0
+    assert len([s for s in samples if s.name == "Latency"]) == 2
+    assert value(samples, "Hits", ModelName="m", Level="Model") == 5.0
+    assert "dimensions ['ModelName', 'Other'], where it has ['ModelName']" in caplog.text
+    assert "Hits dropped: a negative value for a counter" in caplog.text
 
 
 def test_series_are_bounded(observer: PrometheusObserver) -> None:
@@ -189,10 +216,16 @@ def test_no_handler_metric_takes_a_builtin_family_name() -> None:
     observer.request_finished(  # QueueTime
         InferenceRequest({}), "m", "1", 200, 0.001, Prediction(b"", queue_seconds=0.001)
     )
-    builtin = set(parse(observer.render().decode())[1])
+    page = observer.render().decode()
+    builtin = set(parse(page)[1])
+    assert any(name.startswith("process_") for name in builtin)  # prometheus_client's too
+    sample_names = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", page, re.MULTILINE))
 
-    for name in builtin:
+    # A family's name, or a sample's (`process_cpu_seconds_total` of `process_cpu_seconds`).
+    for name in builtin | sample_names:
         observability.handler_metrics.on_metric(name, 1.0, "", {"ModelName": "m"}, "gauge")
-    families = re.findall(r"^# TYPE (\S+) ", observer.render().decode(), re.MULTILINE)
+    page = observer.render().decode()
+    families = re.findall(r"^# TYPE (\S+) ", page, re.MULTILINE)
     assert set(families) == builtin
     assert len(families) == len(builtin), "a family is written twice"
+    assert set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", page, re.MULTILINE)) == sample_names
