@@ -39,10 +39,12 @@ log = logging.getLogger(__name__)
 
 
 def worker_backend_loader(
-    pool: WorkerPool, config: Config, on_metric: MetricCallback | None
+    pool: WorkerPool, config: Config, metrics_for: Callable[[str], MetricCallback] | None
 ) -> ArchiveBackendLoader:
     """Archives become `WorkerBackend`s whose workers the pool forks; one GPU round robin for
-    every model's workers, as TorchServe's (number_of_gpu capped at the GPUs present)."""
+    every model's workers, as TorchServe's (number_of_gpu capped at the GPUs present).
+    `metrics_for(archive)`: where a version's handler metrics go (`HandlerMetrics.for_source`:
+    each version keeps a share of the series for itself)."""
     limits = ArchiveLimits.of(config)
     gpus = gpu_round_robin(config.number_of_gpu)
 
@@ -60,7 +62,7 @@ def worker_backend_loader(
             work_dir=work_dir,
             name=name,
             handler=handler,
-            on_metric=on_metric,
+            on_metric=None if metrics_for is None else metrics_for(path.name),
             intra_op_threads=config.intra_op_threads,
             gpus=gpus,
             limits=limits,
@@ -194,7 +196,7 @@ def build(
     if backend_loader is None:
         assert pool is not None
         backend_loader = worker_backend_loader(
-            pool, config, observability.handler_metrics.on_metric
+            pool, config, observability.handler_metrics.for_source
         )
     loader = ModelLoader(config, registry, work, backend_loader)
     workflows = Workflows(

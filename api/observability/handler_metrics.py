@@ -27,17 +27,22 @@ update with more or fewer is dropped, as TorchServe's Prometheus client refuses 
 Values that are not finite numbers, names that would shadow torchgate's own families (TorchServe's
 registry refuses a name already registered too), and series past `max_series` are dropped, each
 kind with one warning, so a handler's bug cannot break the scrape or grow memory without bound.
+Nor can one model's handler (a label per request id, say) take every series from the others:
+each model archive reporting through `for_source` keeps `max_series // 10` of them for itself,
+and grows past that only into what is left beyond every other's unused share. One model alone
+may still use them all.
 Label values and units may come from a client (a lone surrogate, which `json.loads('"\\udcff"')`
 yields, cannot be encoded as UTF-8): they are recorded with such characters escaped.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import (
@@ -119,6 +124,10 @@ class HandlerMetrics:
         self._max_series = max_series
         self._families: dict[str, _Family] = {}
         self._series_count = 0
+        # Series each source (`for_source`: a model version's archive) has made, and the share
+        # every source keeps for itself (the module docstring).
+        self._by_source: dict[str, int] = {}
+        self._share = max_series // 10
         self._warned: set[tuple[str, str]] = set()
         # metrics_config / model_metrics_auto_detect: which metrics are exported.
         self.spec = MetricsSpec()
@@ -126,8 +135,22 @@ class HandlerMetrics:
         # renders /metrics off the loop): every read and write holds the lock.
         self._lock = threading.Lock()
 
+    def for_source(self, source: str) -> Callable[[str, float, str, Mapping[str, str], str], None]:
+        """The `MetricCallback` for one source of updates (a model version), whose new series
+        count against its own share first."""
+        with self._lock:
+            self._by_source.setdefault(source, 0)
+        return functools.partial(self.on_metric, source=source)
+
     def on_metric(
-        self, name: str, value: float, unit: str, dimensions: Mapping[str, str], metric_type: str
+        self,
+        name: str,
+        value: float,
+        unit: str,
+        dimensions: Mapping[str, str],
+        metric_type: str,
+        *,
+        source: str = "",
     ) -> None:
         """`api.backends.context.MetricCallback`: record one update; never raises."""
         kind = str(getattr(metric_type, "value", metric_type)).lower()
@@ -155,10 +178,9 @@ class HandlerMetrics:
         host = given.pop("Hostname", self._hostname)
         with self._lock:
             family = self._families.get(family_name)
+            if family is None and not self._room_for(source):  # a new family is a new series
+                return
             if family is None:
-                if self._series_count >= self._max_series:  # a new family is a new series
-                    self._warn("", f"more than {self._max_series} handler metric series")
-                    return
                 if declared is None:  # auto-detected: as its first update
                     family = _Family(family_name, kind, _encodable(unit), (*given, "Hostname"))
                 else:
@@ -188,10 +210,11 @@ class HandlerMetrics:
             key = tuple(labels[label] for label in family.label_names)
             current = family.series.get(key)
             if current is None:
-                if self._series_count >= self._max_series:
-                    self._warn("", f"more than {self._max_series} handler metric series")
+                if not self._room_for(source):
                     return
                 self._series_count += 1
+                if source in self._by_source:
+                    self._by_source[source] += 1
             if kind == COUNTER:
                 family.series[key] = (current if isinstance(current, float) else 0.0) + number
             elif kind == GAUGE:
@@ -249,6 +272,27 @@ class HandlerMetrics:
                     _Family(family.name, family.kind, family.unit, family.label_names, series)
                 )
             return copies
+
+    def _room_for(self, source: str) -> bool:
+        """Whether `source` may make one more series (warned once when not): within
+        `max_series`, and within its own share or what the unused shares of every other source
+        leave. Under the lock."""
+        if self._series_count < self._max_series and self._by_source.get(source, 0) < self._share:
+            return True
+        held_for_others = sum(
+            max(0, self._share - made) for other, made in self._by_source.items() if other != source
+        )
+        if self._series_count + held_for_others < self._max_series:
+            return True
+        if self._series_count >= self._max_series:
+            self._warn("", f"more than {self._max_series} handler metric series")
+        else:
+            self._warn(
+                "",
+                f"{source or 'a model'} has made all the handler metric series it may: "
+                f"{self._share} of the {self._max_series} are kept for each other model",
+            )
+        return False
 
     def _labels(self, name: str, family: _Family, given: dict[str, str]) -> dict[str, str] | None:
         """The dimension values `given` (Hostname aside) named by the family's dimensions, by

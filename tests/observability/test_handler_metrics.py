@@ -144,6 +144,35 @@ def test_series_are_bounded(observer: PrometheusObserver) -> None:
     assert len(sink._families) == 1
 
 
+def test_one_model_cannot_take_every_series_from_the_others(
+    observer: PrometheusObserver, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler labelling by request id took all 10,000 series: every other model's metrics
+    were dropped. Each version keeps a tenth for itself; alone, one may use them all."""
+    sink = HandlerMetrics(hostname="h", max_series=100)
+    observer.add_text(sink.counters_text)
+    greedy, quiet = sink.for_source("greedy.mar"), sink.for_source("quiet.mar")
+    for index in range(200):
+        greedy("PerRequest", 1.0, "", {"id": str(index)}, "counter")
+    for index in range(10):
+        quiet("QuietHits", 1.0, "", {"ModelName": "quiet", "kind": str(index)}, "counter")
+    samples, _ = parse(observer.render().decode())
+    assert len([s for s in samples if s.name == "PerRequest"]) == 90  # 10 kept for quiet.mar
+    assert len([s for s in samples if s.name == "QuietHits"]) == 10
+    assert "greedy.mar has made all the handler metric series it may" in caplog.text
+    alone = HandlerMetrics(hostname="h", max_series=100)
+    only = alone.for_source("only.mar")
+    for index in range(200):
+        only("PerRequest", 1.0, "", {"id": str(index)}, "counter")
+    assert alone._series_count == 100
+    # However many archives have come and gone, each still gets its own share.
+    many = HandlerMetrics(hostname="h", max_series=100)
+    callbacks = [many.for_source(f"m{index}.mar") for index in range(30)]
+    for index, callback in enumerate(callbacks):
+        callback("Hits", 1.0, "", {"ModelName": f"m{index}"}, "counter")
+    assert many._series_count == 30
+
+
 def test_updates_from_many_threads_add_up(
     observer: PrometheusObserver, sink: HandlerMetrics
 ) -> None:
