@@ -6,9 +6,13 @@ kill them, so a worker killed at its `responseTimeout` or crashed would leave th
 one more set at every restart, and after the server stopped. Three mechanisms, all Linux's:
 
 - Each worker has PR_SET_PDEATHSIG=SIGKILL: it dies with the zygote whatever it is doing.
-- Each worker leads its own process group, and the zygote signals the group, not the worker
-  alone: whatever the handler started and left in that group (`subprocess` and
-  `multiprocessing` children do, by default) ends with the worker, whichever way it ends.
+- Each worker leads its own process group, and once the worker is gone the zygote ends the
+  rest of the group: whatever the handler started and left in it (`subprocess` and
+  `multiprocessing` children do, by default) ends with the worker, whichever way it ends. The
+  worker dies first (SIGKILL, when it is killed), then the group gets SIGTERM and, after at
+  most `GROUP_GRACE_S`, SIGKILL: Python's multiprocessing resource tracker, which ignores
+  SIGTERM, unlinks the shared memory a handler left once the worker and its children are gone
+  (its pipe ends), instead of leaking it in /dev/shm.
 - The zygote is a child subreaper (PR_SET_CHILD_SUBREAPER): a process orphaned below it, such
   as a daemon that left the group with `setsid` and whose worker has gone, becomes the
   zygote's child instead of init's. The zygote reaps those that exit while it serves, and ends
@@ -36,6 +40,9 @@ log = logging.getLogger("torchgate.zygote")
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 TERM_GRACE_S = 1.0  # adopted processes get SIGTERM first, then SIGKILL after this long
+# After a worker is gone, the rest of its group gets SIGTERM, then SIGKILL at the latest after
+# this long (earlier once the group is empty).
+GROUP_GRACE_S = 1.5
 SHUTDOWN_S = 3.0  # at most this long ending adopted processes when the zygote stops
 
 
@@ -74,8 +81,43 @@ def kill_group(leader: int) -> None:
     Safe while `leader` is not yet reaped (alive or a zombie), and while any process is left
     in its group: until then its pid, hence the group's id, cannot be reused.
     """
+    signal_group(leader, signal.SIGKILL)
+
+
+def signal_group(leader: int, sig: signal.Signals) -> None:
+    """Send `sig` to the process group `leader` leads (see `kill_group` for when it is safe)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(leader, signal.SIGKILL)
+        os.killpg(leader, sig)
+
+
+def exit_code(pid: int) -> int:
+    """How the exited child `pid` ended, as `os.waitstatus_to_exitcode` says it (negative: the
+    signal that killed it), without reaping it: its zombie keeps its pid, hence its process
+    group's id, from being reused."""
+    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    if info is None:  # not exited after all (waitid without WNOHANG does not return so)
+        raise ChildProcessError(pid)
+    if info.si_code == os.CLD_EXITED:
+        return int(info.si_status)
+    return -int(info.si_status)
+
+
+def group_left(leader: int, known: Collection[int]) -> bool:
+    """Whether a live process is left in the group of the exited worker `leader`.
+
+    Looks at the adopted processes only: when the worker died, what it started was handed to
+    this subreaper, and what those started in turn is below them (it dies, or is adopted, with
+    them). A process that joined the group from elsewhere is missed here, and still killed with
+    the group when the grace period ends."""
+    for pid in adopted(known):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if fields[0] != b"Z" and int(fields[2]) == leader:
+            return True
+    return False
 
 
 def adopted(known: Collection[int]) -> list[int]:

@@ -6,7 +6,13 @@ entry of `sys.path`, so `import handler`, a sibling `import utils` (at module le
 request time) and `open("config.json")` all find the archive's files. Two archives shipping a
 `utils.py` never meet: they live in different processes. As in TorchServe, a module the worker
 had imported before the handler (torch, numpy, ts, the standard library) is not replaced by an
-archive file of the same name; that is logged.
+archive file of the same name; that is logged. So are torchgate's own top-level packages (`api`,
+`export`, `handlers`): a worker runs torchgate's `api`, so an archive's `api` module is never
+imported (TorchServe's worker has no such package).
+
+The worker's PYTHONPATH ends with the model directory (and the model's package directory), as
+TorchServe's frontend sets it for its workers: a `python` the handler starts, from any working
+directory, imports the archive's modules too.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ Handle = Callable[[Any, Any], Any]
 Initialize = Callable[[Any], Any]
 
 _EXTENSION_SUFFIXES = (".so", ".pyd")
+# torchgate's own top-level packages: a worker that imported one of them (every worker runs
+# `api`) shadows an archive module of that name.
+TORCHGATE_PACKAGES = frozenset({"api", "export", "handlers"})
 
 
 @dataclass(eq=False)
@@ -61,8 +70,15 @@ def enter_model_dir(model_dir: Path, packages: Sequence[str] = ()) -> None:
 
     `packages`: the model's own package directories (its installed requirements), searched
     right after the model directory; their .pth files are processed as in site-packages.
+    PYTHONPATH, which the processes the handler starts inherit, gets the same directories at
+    its end: TorchServe's frontend sets `[handler dir:]$PYTHONPATH:model dir:...` for its
+    workers.
     """
     os.chdir(model_dir)
+    inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [*inherited, str(model_dir), *packages])
+    )
     before = list(sys.path)
     for directory in packages:
         site.addsitedir(directory)
@@ -81,15 +97,23 @@ def load_handler(archive: Archive, context: Any) -> EntryPoint:
     then called instead (a torchgate extension). Raises `HandlerLoadError`.
     """
     ref = archive.handler
-    shadowed = sorted(
-        name for name in archive_module_names(archive.model_dir) if name in sys.modules
-    )
-    if shadowed:
+    provided = archive_module_names(archive.model_dir)
+    shadowed = sorted(name for name in provided if name in sys.modules)
+    own = [name for name in shadowed if name in TORCHGATE_PACKAGES]
+    if own:
+        log.warning(
+            "%s: archive modules %s are shadowed by torchgate's own top-level packages of "
+            "those names (api, export, handlers; TorchServe has none): rename them",
+            archive.path,
+            own,
+        )
+    others = [name for name in shadowed if name not in TORCHGATE_PACKAGES]
+    if others:
         log.warning(
             "%s: archive modules %s are shadowed by modules the worker had already imported "
             "(as in TorchServe)",
             archive.path,
-            shadowed,
+            others,
         )
     what = f"Model {archive.name} version {archive.version}: handler {ref.spec!r}"
     try:

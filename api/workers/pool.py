@@ -3,8 +3,11 @@
 `WorkerPool` starts the zygote (`zygote.py`) as soon as it is asked to, so torch is imported
 while the frontend binds its ports, and spawns workers through it. `WorkerProcess` is one
 worker as the event loop sees it: a socket speaking `wire.py` frames, read by a buffered
-protocol (no task per read, no copy of a large frame's bulk), its stdout/stderr read line by
-line into this process's log under the worker's name, and its exit status from the zygote.
+protocol (no task per read, no copy of a large frame's bulk), its stdout and stderr read line
+by line into this process's log under the worker's name (stdout at INFO, stderr at WARNING, as
+TorchServe logs them, unless a line starts with a level name), and its exit status from the
+zygote. Its output pipes are read until they end, as TorchServe reads them: a daemon the
+handler started keeps them after the worker is gone, and prints on into the log.
 
 Nothing here imports torch or handler code, and nothing blocks the event loop.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -40,7 +44,9 @@ EXIT_REPORT_WAIT_S = 2.0  # after a worker's socket closes, how long its exit st
 # counts as gone: a large CUDA process can take seconds to tear down, and a replacement started
 # beside it would meet its memory still held; one stuck in the kernel never dies.
 KILLED_EXIT_WAIT_S = 30.0
-LOG_DRAIN_S = 2.0  # after a worker's exit is reported, how long its output pipe is read on
+# Once the zygote is gone, how long the output pipes still held (by daemons its workers
+# started, handed to init) are read on before they are closed.
+LOG_DRAIN_S = 2.0
 _RECEIVE_BUFFER = 256 * 1024
 _MAX_LOG_LINE = 64 * 1024
 # A worker's output lines are logged by the event loop, some µs each: a handler printing in a
@@ -90,6 +96,9 @@ class WorkerPool:
         self._exited_early: dict[int, int | None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.spinner: LoopSpinner | None = None  # the event loop's polling (api.workers.spin)
+        # Output pipes of exited workers, read until they end: a daemon the handler started
+        # holds them (until the zygote ends it, at the latest).
+        self._draining: set[_LogLines] = set()
 
     @property
     def zygote_pid(self) -> int | None:
@@ -145,6 +154,8 @@ class WorkerPool:
             self._loop.remove_reader(self._control.fileno())
         self._loop = loop
         self.spinner = LoopSpinner(loop, self._spin_us / 1e6)
+        for lines in [lines for lines in self._draining if lines.loop is not loop]:
+            lines.close()  # read by an earlier loop, which reads no more
         self._spawning.clear()
         self._workers.clear()
         loop.add_reader(self._control.fileno(), self._on_control)
@@ -155,31 +166,36 @@ class WorkerPool:
         assert self._control is not None
         loop = asyncio.get_running_loop()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        log_read, log_write = os.pipe()
+        out_read, out_write = os.pipe()  # the worker's stdout
+        err_read, err_write = os.pipe()  # and its stderr
         request_id = next(self._ids)
         spawned: asyncio.Future[int] = loop.create_future()
         self._spawning[request_id] = spawned
         try:
             message = pickle.dumps(("spawn", request_id, spec))
+            fds = [child.fileno(), out_write, err_write]
             while True:
                 try:
-                    socket.send_fds(self._control, [message], [child.fileno(), log_write])
+                    socket.send_fds(self._control, [message], fds)
                     break
                 except BlockingIOError:  # the zygote is still importing torch
                     await asyncio.sleep(0.01)
         except BaseException:
             self._spawning.pop(request_id, None)
             parent.close()
-            os.close(log_read)
+            os.close(out_read)
+            os.close(err_read)
             raise
         finally:
             child.close()
-            os.close(log_write)
+            os.close(out_write)
+            os.close(err_write)
         try:
             pid = await spawned
         except BaseException:
             parent.close()
-            os.close(log_read)
+            os.close(out_read)
+            os.close(err_read)
             if spawned.done() and not spawned.cancelled():
                 self._resuming.discard(spawned.result())
                 self._exited_early.pop(spawned.result(), None)
@@ -188,7 +204,7 @@ class WorkerPool:
         process = WorkerProcess(pid, label, self)
         self._workers[pid] = process
         try:
-            await process.connect(parent, log_read)
+            await process.connect(parent, out_read, err_read)
         except BaseException:
             # Cancelled (its slot scaled away mid-start, a DELETE, a gRPC deadline) or failed:
             # nobody will drive this worker, which would run until the pool closes.
@@ -218,6 +234,12 @@ class WorkerPool:
             self._kill_worker_groups()
         for process in list(self._workers.values()):
             process.exit_reported(-signal.SIGKILL)
+        # The zygote ended the daemons that held output pipes: their ends are due now. One
+        # that went to init (the zygote was killed) holds its pipe for ever.
+        loop, deadline = asyncio.get_running_loop(), time.monotonic() + LOG_DRAIN_S
+        while any(lines.loop is loop for lines in self._draining) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._close_draining()
 
     def _detach(self) -> None:
         if self._loop is not None and not self._loop.is_closed() and self._control is not None:
@@ -277,6 +299,21 @@ class WorkerPool:
         for process in list(self._workers.values()):
             process.exit_reported(-signal.SIGKILL)
         self._workers.clear()
+        # Daemons the workers started went to init and may hold their output pipes for ever:
+        # what they print soon is still logged.
+        asyncio.get_running_loop().call_later(LOG_DRAIN_S, self._close_draining)
+
+    def drain(self, lines: _LogLines) -> None:
+        """Read the output pipe of an exited worker until it ends (or the zygote is gone)."""
+        if not lines.closed:
+            self._draining.add(lines)
+
+    def drained(self, lines: _LogLines) -> None:
+        self._draining.discard(lines)
+
+    def _close_draining(self) -> None:
+        for lines in list(self._draining):
+            lines.close()
 
     def _kill_worker_groups(self) -> None:
         """The zygote died without its shutdown: its workers die with it, the helpers they
@@ -303,7 +340,7 @@ class WorkerProcess(asyncio.BufferedProtocol):
         self._spinner = pool.spinner
         self.exited: asyncio.Future[str] = loop.create_future()
         self._transport: asyncio.Transport | None = None
-        self._log: asyncio.BaseTransport | None = None  # the worker's stdout/stderr pipe
+        self._logs: list[_LogLines] = []  # the worker's stdout and stderr pipes
         # Calls whose answers are due, oldest first: the worker answers in order.
         self._waiters: deque[_Waiter] = deque()
         self._inbox: list[Any] = []  # a message that arrived before anyone waited
@@ -322,16 +359,22 @@ class WorkerProcess(asyncio.BufferedProtocol):
     def alive(self) -> bool:
         return not (self._lost or self._killed or self.exited.done())
 
-    async def connect(self, sock: socket.socket, log_fd: int) -> None:
+    async def connect(self, sock: socket.socket, log_fd: int, err_fd: int | None = None) -> None:
+        """Talk over `sock`; log the worker's stdout (`log_fd`) and stderr (`err_fd`) pipes."""
+        pipes = [(log_fd, False), *([] if err_fd is None else [(err_fd, True)])]
         try:
             await self._loop.create_unix_connection(lambda: self, sock=sock)
-        except BaseException:  # cancelled or failed: both descriptors are still ours to close
+        except BaseException:  # cancelled or failed: the descriptors are still ours to close
             sock.close()
-            os.close(log_fd)
+            for fd, _ in pipes:
+                os.close(fd)
             raise
-        self._log, _ = await self._loop.connect_read_pipe(
-            lambda: _LogLines(self.label), os.fdopen(log_fd, "rb", buffering=0)
-        )
+        budget = _LogBudget(self.label)  # one for both pipes
+        for fd, stderr in pipes:
+            lines = _LogLines(self.label, budget, stderr=stderr, pool=self._pool)
+            self._logs.append(lines)
+            pipe = os.fdopen(fd, "rb", buffering=0)
+            await self._loop.connect_read_pipe(functools.partial(_same, lines), pipe)
 
     # -- calls ------------------------------------------------------------------------------------
 
@@ -440,11 +483,10 @@ class WorkerProcess(asyncio.BufferedProtocol):
             self.exited.set_result(describe_exit(code))
         if self._transport is not None:
             self._transport.close()
-        if self._log is not None:
-            # The pipe ends when the last process holding it does: a daemon the handler
-            # started (setsid) would keep it, and its descriptor here, for ever. Its last
-            # lines have this long to arrive.
-            self._loop.call_later(LOG_DRAIN_S, self._log.close)
+        for lines in self._logs:
+            # Read on until the pipe ends, when the last process holding it does: a daemon the
+            # handler started (setsid) prints on, and would die of SIGPIPE were it closed here.
+            self._pool.drain(lines)
         self._fail_waiter()
 
     def _exit_reason(self) -> str:
@@ -576,27 +618,94 @@ class _Waiter:
     timer: asyncio.TimerHandle | None = None  # runs while the worker is on this call
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def _time_out(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
 
 
-class _LogLines(asyncio.Protocol):
-    """A worker's stdout/stderr, one log record per line, under the worker's label."""
+class _LogBudget:
+    """The lines of a worker's output (both pipes) that may be logged now: LOG_LINES_PER_S a
+    second, in bursts of LOG_BURST; the rest are counted."""
 
     def __init__(self, label: str) -> None:
-        self._label = label
-        self._partial = b""
-        self._allowance = float(LOG_BURST)  # lines that may be logged now
+        self.label = label
+        self.allowance = float(LOG_BURST)  # lines that may be logged now
         self._refilled = time.monotonic()
-        self._dropped = 0
+        self.dropped = 0
+
+    def refill(self) -> float:
+        now = time.monotonic()
+        self.allowance = min(LOG_BURST, self.allowance + (now - self._refilled) * LOG_LINES_PER_S)
+        self._refilled = now
+        return self.allowance
+
+    def report_dropped(self) -> None:
+        if self.dropped:
+            worker_log.warning(
+                "[%s] %d lines of its output dropped: over %d lines a second",
+                self.label,
+                self.dropped,
+                LOG_LINES_PER_S,
+            )
+            self.dropped = 0
+
+
+_LEVELS_STDOUT = ("WARNING", "ERROR", "CRITICAL")
+_LEVELS_STDERR = ("DEBUG", "INFO", *_LEVELS_STDOUT)  # the worker's own logging writes there
+
+
+class _LogLines(asyncio.Protocol):
+    """A worker's stdout or stderr, one log record per line, under the worker's label: at INFO
+    (stdout) or WARNING (stderr), as TorchServe logs them, unless the line starts with a level
+    name (the worker's logging writes `LEVEL name: message` to stderr)."""
+
+    def __init__(
+        self,
+        label: str,
+        budget: _LogBudget | None = None,
+        *,
+        stderr: bool = False,
+        pool: WorkerPool | None = None,
+    ) -> None:
+        self._label = label
+        self._budget = budget or _LogBudget(label)
+        self._default = logging.WARNING if stderr else logging.INFO
+        self._levels = _LEVELS_STDERR if stderr else _LEVELS_STDOUT
+        self._pool = pool  # told when the pipe ends (`WorkerPool.drained`)
+        self._partial = b""
+        self._transport: asyncio.BaseTransport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+        self.loop = asyncio.get_running_loop()
+
+    def close(self) -> None:
+        """Stop reading (the pipe is held by a process that may never end)."""
+        transport, self._transport = self._transport, None
+        if transport is not None and not self.closed:
+            try:
+                transport.close()
+            except RuntimeError:  # its event loop is closed: close the pipe itself
+                pipe = transport.get_extra_info("pipe")
+                if pipe is not None:
+                    pipe.close()
+        self._closed()
+
+    def _closed(self) -> None:
+        self.closed = True
+        if self._pool is not None:
+            self._pool.drained(self)
 
     def data_received(self, data: bytes) -> None:
-        now = time.monotonic()
-        self._allowance = min(LOG_BURST, self._allowance + (now - self._refilled) * LOG_LINES_PER_S)
-        self._refilled = now
-        if self._allowance < 1:  # not even split: counting the lines is all they cost
-            self._dropped += data.count(b"\n")
+        budget = self._budget
+        if budget.refill() < 1:  # not even split: counting the lines is all they cost
+            budget.dropped += data.count(b"\n")
             self._partial = (self._partial + data).rpartition(b"\n")[2][-_MAX_LOG_LINE:]
             return
         lines = (self._partial + data).split(b"\n")
@@ -604,31 +713,26 @@ class _LogLines(asyncio.Protocol):
         if len(self._partial) > _MAX_LOG_LINE:
             lines.append(self._partial)
             self._partial = b""
-        if self._dropped:
-            worker_log.warning(
-                "[%s] %d lines of its output dropped: over %d lines a second",
-                self._label,
-                self._dropped,
-                LOG_LINES_PER_S,
-            )
-            self._dropped = 0
-        kept = lines[: int(self._allowance)]
-        self._dropped += len(lines) - len(kept)
-        self._allowance -= len(kept)
+        budget.report_dropped()
+        kept = lines[: int(budget.allowance)]
+        budget.dropped += len(lines) - len(kept)
+        budget.allowance -= len(kept)
         for line in kept:
             self._emit(line)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._partial:
             self._emit(self._partial)
+            self._partial = b""
+        self._closed()
 
     def _emit(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
         if not line:
             return
-        level = logging.INFO
+        level = self._default
         first = line.split(" ", 1)[0]
-        if first in ("WARNING", "ERROR", "CRITICAL"):
+        if first in self._levels:
             level = logging.getLevelName(first)
         worker_log.log(level, "[%s] %s", self._label, line)
 

@@ -11,17 +11,23 @@ pages.
 
 Control protocol, over a SOCK_SEQPACKET socket (one message per packet, pickled):
 
-    frontend -> zygote   ("spawn", request_id, WorkerSpec)  + fds [worker socket, log pipe]
+    frontend -> zygote   ("spawn", request_id, WorkerSpec)  + fds [worker socket, stdout
+                                                            pipe, stderr pipe (optional)]
                          ("kill", pid)
     zygote -> frontend   ("hello", pid)                    once preloading is done
                          ("spawned", request_id, pid)
                          ("exited", pid, returncode)       negative: killed by that signal
 
 Lifetime: nothing outlives the frontend. When the control socket ends (the frontend exited or
-was killed, even with SIGKILL) the zygote kills every worker, waits for them, removes the
+was killed, even with SIGKILL), or the zygote gets SIGTERM (`pkill`, systemd stopping the
+service's cgroup), it kills every worker, waits for them, ends what they started, removes the
 `--cleanup` directory (the extracted archives) and exits; each worker also dies with the
 zygote whatever it is doing. The processes a handler starts end with its worker or at the
 latest with the zygote (`descendants`).
+
+`sys.path`: `python -m` puts the directory the server was started from first on it; the zygote
+drops that entry (its own root is importable through PYTHONPATH), as TorchServe's worker drops
+its script's directory, so a `foo.py` there does not shadow an installed `foo` for handlers.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from api.workers.spin import DEFAULT_SPIN_US
 log = logging.getLogger("torchgate.zygote")
 
 WORKER_EXIT_S = 5.0  # at shutdown; the frontend SIGKILLs a zygote that takes 10 s
+GROUP_POLL_S = 0.05  # while an exited worker's group ends, how often it is looked at
 DEFAULT_PRELOAD = ("torch", "numpy", "ts.torch_handler.base_handler", "onnxruntime", "PIL.Image")
 # Modules that ask the GPU something when imported: TorchServe's base_handler reads the device's
 # compute capability (and turns TF32 on) at import. One CUDA call here poisons every fork (torch
@@ -66,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Ctrl-C reaches the whole foreground group: the frontend drains, then stops the workers.
+    # SIGTERM (see `Zygote.run`) stops the zygote in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     control = socket.socket(fileno=args.control_fd)
     control.setblocking(True)
@@ -93,6 +101,20 @@ def main(argv: list[str] | None = None) -> None:
     Zygote(control, args.cleanup, spin=args.spin_us / 1e6).run()
 
 
+def forget_launch_directory() -> None:
+    """Drop the entry `python -m` put first on `sys.path`: the directory the server was started
+    from (a Docker WORKDIR), whose modules would otherwise shadow installed packages in every
+    worker. The zygote's own root comes from PYTHONPATH (`api.workers.pool`)."""
+    if sys.flags.safe_path or not sys.path:
+        return
+    try:
+        launched_from = os.getcwd()
+    except OSError:  # removed since: nothing to import from it either
+        launched_from = ""
+    if sys.path[0] in ("", launched_from):
+        del sys.path[0]
+
+
 def gpu_build() -> bool:
     """Whether the torch imported so far is a CUDA or ROCm build (asks no device anything)."""
     torch = sys.modules.get("torch")
@@ -106,6 +128,10 @@ class Zygote:
         self._spin = spin  # what each worker polls for its next batch (wire.FrameReader)
         self._selector = selectors.DefaultSelector()
         self._children: dict[int, int] = {}  # pid -> pidfd
+        # Workers that exited, left unreaped (their pids hold their groups' ids) while the rest
+        # of their process groups end: pid -> when the group is SIGKILLed at the latest.
+        self._ending: dict[int, float] = {}
+        self._stopping = False  # SIGTERM arrived
         # SIGCHLD wakes the selector: an adopted process (see `descendants`) that ends is
         # reaped then. Workers are not: each has its pidfd.
         self._sigchld_reader, self._sigchld_writer = socket.socketpair()
@@ -117,25 +143,37 @@ class Zygote:
         # A handler that does nothing: SIGCHLD is ignored by default, and the wakeup fd only
         # hears of signals that have a Python handler.
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        # SIGTERM (`kill`, `pkill -f torchgate`, systemd stopping every process of the
+        # service) runs the same shutdown as the end of the control socket: without it the
+        # zygote died at once, and the daemons its workers started went to init.
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         self._send(("hello", os.getpid()))
         self._selector.register(self._control, selectors.EVENT_READ)
         self._selector.register(self._sigchld_reader, selectors.EVENT_READ)
         try:
-            while self._serve_once():
+            while not self._stopping and self._serve_once():
                 pass
         finally:
             self._shutdown()
 
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self._stopping = True  # the wakeup fd ends the select under way
+
+    def _known(self) -> set[int]:
+        """The zygote's own children: workers alive, and exited ones not reaped yet."""
+        return {*self._children, *self._ending}
+
     def _serve_once(self) -> bool:
-        for key, _ in self._selector.select():
+        for key, _ in self._selector.select(GROUP_POLL_S if self._ending else None):
             if key.fileobj is self._control:
                 if not self._on_control():
                     return False
             elif key.fileobj is self._sigchld_reader:
                 self._sigchld_reader.recv(4096)
-                descendants.reap_adopted(self._children)
+                descendants.reap_adopted(self._known())
             else:
                 self._reap(key.data)
+        self._end_groups()
         return True
 
     def _on_control(self) -> bool:
@@ -157,12 +195,13 @@ class Zygote:
         return True
 
     def _fork(self, spec: Any, fds: list[int]) -> int:
-        data_fd, log_fd = fds
+        data_fd, log_fd, *more = fds
+        err_fd = more[0] if more else log_fd  # stderr in a pipe of its own: logged as WARNING
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                self._become_worker(spec, data_fd, log_fd)
+                self._become_worker(spec, data_fd, log_fd, err_fd)
                 code = 0
             except BaseException as exc:
                 import traceback
@@ -178,14 +217,14 @@ class Zygote:
         # Also here, not only in the child: the group must exist before a kill can target it.
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)
-        os.close(data_fd)
-        os.close(log_fd)
+        for fd in fds:
+            os.close(fd)
         pidfd = os.pidfd_open(pid)
         self._children[pid] = pidfd
         self._selector.register(pidfd, selectors.EVENT_READ, pid)
         return pid
 
-    def _become_worker(self, spec: Any, data_fd: int, log_fd: int) -> None:
+    def _become_worker(self, spec: Any, data_fd: int, log_fd: int, err_fd: int) -> None:
         """Runs in the forked child: detach from the zygote's state, then serve."""
         parent = os.getppid()
         descendants.die_with_parent(signal.SIGKILL)
@@ -201,8 +240,9 @@ class Zygote:
         for pidfd in self._children.values():
             os.close(pidfd)
         os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
-        os.close(log_fd)
+        os.dup2(err_fd, 2)
+        for fd in {log_fd, err_fd}:
+            os.close(fd)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
@@ -224,19 +264,40 @@ class Zygote:
         run(spec, socket.socket(fileno=data_fd), spin=self._spin)
 
     def _reap(self, pid: int) -> None:
-        # Before waitpid, while the worker's pid still names its group: what it left goes too.
-        descendants.kill_group(pid)
+        """The worker `pid` exited: report it, and start ending what it left in its group.
+
+        The worker is reaped only once its group is gone: until then its zombie keeps its pid,
+        the group's id, from being reused, so the group's SIGKILL cannot hit another process.
+        The group gets SIGTERM first: a SIGKILL of the whole group at once also killed Python's
+        multiprocessing resource tracker, which unlinks the shared memory a handler left
+        (in /dev/shm) once its pipe ends, when the worker and its children are gone.
+        """
         pidfd = self._children.pop(pid)
         self._selector.unregister(pidfd)
         os.close(pidfd)
-        _, status = os.waitpid(pid, 0)
-        self._send(("exited", pid, os.waitstatus_to_exitcode(status)))
+        self._ending[pid] = time.monotonic() + descendants.GROUP_GRACE_S
+        self._send(("exited", pid, descendants.exit_code(pid)))
+        descendants.signal_group(pid, signal.SIGTERM)
+
+    def _end_groups(self, *, now: bool = False) -> None:
+        """SIGKILL the groups of exited workers that are empty, past their grace period (or
+        all of them, `now`), then reap those workers."""
+        if not self._ending:
+            return
+        clock = time.monotonic()
+        known = self._known()
+        for pid, deadline in list(self._ending.items()):
+            if now or clock >= deadline or not descendants.group_left(pid, known):
+                descendants.kill_group(pid)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+                del self._ending[pid]
 
     def _kill(self, pid: int) -> None:
+        """SIGKILL the worker itself; the rest of its group is ended once it is gone (`_reap`)."""
         pidfd = self._children.get(pid)
         if pidfd is not None:
-            descendants.kill_group(pid)
-            with contextlib.suppress(ProcessLookupError):  # in case it left its group
+            with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
     def _send(self, message: tuple[Any, ...]) -> None:
@@ -249,25 +310,27 @@ class Zygote:
             for pid in list(self._children):
                 self._kill(pid)
             self._wait_for_workers(WORKER_EXIT_S)
-            # What the workers left is adopted by now; a worker stuck in the kernel stays
-            # known, so it is not signalled again.
-            descendants.end_adopted(self._children)
+            # What the workers left is adopted by now: their groups' members and daemons get
+            # SIGTERM, then SIGKILL. The workers stay known (unreaped, or stuck in the kernel),
+            # so they are not signalled again.
+            descendants.end_adopted(self._known())
+            self._end_groups(now=True)
+            for pid in self._children:  # stuck in the kernel: its pid still names its group
+                descendants.kill_group(pid)
         finally:
             if self._cleanup:
                 shutil.rmtree(self._cleanup, ignore_errors=True)
 
     def _wait_for_workers(self, seconds: float) -> None:
-        """Reap the killed workers, waiting at most `seconds` in all: a SIGKILLed process
-        stuck in the kernel (a driver's teardown, NFS) must not hold up the rest."""
+        """Wait for the killed workers to exit, at most `seconds` in all: a SIGKILLed process
+        stuck in the kernel (a driver's teardown, NFS) must not hold up the rest. Each that
+        exits is reported, and its group gets SIGTERM (`_reap`)."""
         deadline = time.monotonic() + seconds
         for pid, pidfd in list(self._children.items()):
             exited = select.poll()
             exited.register(pidfd, select.POLLIN)
             if exited.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
-                os.close(pidfd)
-                del self._children[pid]
+                self._reap(pid)
 
 
 def _exit_status(exc: SystemExit) -> int:
@@ -279,4 +342,5 @@ def _exit_status(exc: SystemExit) -> int:
 
 
 if __name__ == "__main__":
+    forget_launch_directory()
     main()

@@ -55,8 +55,10 @@ FAULTY = """
     import subprocess
     import sys
     import time
+    from multiprocessing import shared_memory
 
     started = []
+    segments = []
 
     def handle(data, context):
         if data is None:
@@ -72,6 +74,8 @@ FAULTY = """
                 started.append(subprocess.Popen(["sleep", "600"]).pid)
                 started.append(subprocess.Popen(["sleep", "600"], start_new_session=True).pid)
                 started.append(subprocess.Popen(["sleep", "0.5"], start_new_session=True).pid)
+            if body == "shm":  # shared memory it never unlinks: its resource tracker does
+                segments.append(shared_memory.SharedMemory(create=True, size=4096))
             if body == "exit":
                 os._exit(3)
             if body == "sysexit":  # not an Exception: the worker ends (TorchServe: 500 too)
@@ -84,7 +88,14 @@ FAULTY = """
                 end = time.monotonic() + 12
                 while time.monotonic() < end:
                     pass
-            out.append({"pid": os.getpid(), "echo": body, "helpers": started})
+            out.append(
+                {
+                    "pid": os.getpid(),
+                    "echo": body,
+                    "helpers": started,
+                    "segments": [segment.name for segment in segments],
+                }
+            )
         return out
 """
 
@@ -298,6 +309,22 @@ def test_scaling_down_past_a_hung_worker_takes_at_most_a_response_timeout(
     assert (
         httpx.post(f"{server.inference_url}/predictions/faulty", content=b"ok").status_code == 200
     )
+
+
+def test_shared_memory_a_crashed_handler_left_is_unlinked(server: TorchgateServer) -> None:
+    """The zygote SIGKILLed a dead worker's whole process group, Python's resource tracker
+    included, so the shared memory a handler left stayed in /dev/shm (64 MB in Docker) after
+    every crash, timeout, scale-down and stop. The tracker now outlives the worker long enough
+    to unlink it, as it does under TorchServe, which kills the worker process only."""
+    url = f"{server.inference_url}/predictions/faulty"
+    [name] = httpx.post(url, content=b"shm").json()["segments"]
+    segment = Path("/dev/shm") / name.lstrip("/")
+    try:
+        assert segment.exists()
+        assert httpx.post(url, content=b"exit").status_code == 500
+        wait_until(lambda: not segment.exists(), timeout=10)
+    finally:
+        segment.unlink(missing_ok=True)
 
 
 def test_worker_logs_reach_the_server_log_under_the_models_name(

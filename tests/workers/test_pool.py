@@ -74,9 +74,10 @@ def test_a_spawn_given_up_while_connecting_kills_its_worker(
     memory and maybe a GPU, until the pool closed."""
     connecting = asyncio.Event()
 
-    async def connect(self: WorkerProcess, sock: socket.socket, log_fd: int) -> None:
+    async def connect(self: WorkerProcess, sock: socket.socket, *log_fds: int) -> None:
         sock.close()
-        os.close(log_fd)
+        for fd in log_fds:
+            os.close(fd)
         connecting.set()
         if how == "failed":
             raise OSError("connection refused")
@@ -145,20 +146,55 @@ def test_a_worker_flooding_its_output_is_logged_within_a_budget(
     ]
 
 
-def test_a_dead_workers_output_pipe_is_closed_though_another_process_holds_it(
+def test_a_dead_workers_output_pipe_is_read_until_it_ends(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon a handler started keeps the pipe's write end after the worker died, and prints
+    on: the pipe was closed LOG_DRAIN_S after the worker's exit, and the daemon died of
+    SIGPIPE at its next line. It is read until it ends, as TorchServe reads it."""
+    monkeypatch.setattr(pool_module, "LOG_DRAIN_S", 0.05)
+
+    async def scenario() -> None:
+        ours, theirs = socket.socketpair()
+        log_read, log_write = os.pipe()  # log_write: held by the "daemon"
+        async with stand_in_zygote() as (pool, _):
+            process = WorkerProcess(4242, "m/1.0", pool)
+            await process.connect(ours, log_read)
+            process.exit_reported(0)
+            await asyncio.sleep(0.2)
+            os.write(log_write, b"still here\n")  # BrokenPipeError once it was closed
+            await asyncio.sleep(0.1)
+            os.close(log_write)  # the daemon ends: so does the pipe, and its reading
+            await asyncio.sleep(0.1)
+            with pytest.raises(OSError):
+                os.fstat(log_read)
+            assert not pool._draining
+        theirs.close()
+
+    with caplog.at_level(logging.INFO, logger=pool_module.worker_log.name):
+        aio.run(scenario(), timeout=10)
+    assert "[m/1.0] still here" in [r.getMessage() for r in caplog.records]
+
+
+def test_output_pipes_still_held_once_the_zygote_is_gone_are_closed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A daemon a handler started keeps the pipe's write end open after the worker died: the
-    frontend's read end (a descriptor, a transport) was kept for as long, one per restart."""
+    """A daemon handed to init (its zygote was killed) may hold a pipe for ever: its reading
+    ends LOG_DRAIN_S after the zygote is gone, not never."""
     monkeypatch.setattr(pool_module, "LOG_DRAIN_S", 0.05)
 
     async def scenario() -> None:
         ours, theirs = socket.socketpair()
         log_read, log_write = os.pipe()  # log_write: held by the "daemon", never closed
-        async with stand_in_zygote() as (pool, _):
+        async with stand_in_zygote() as (pool, zygote):
+            pool._zygote = None  # no process to ask how it ended
             process = WorkerProcess(4242, "m/1.0", pool)
+            pool._workers[4242] = process
             await process.connect(ours, log_read)
-            process.exit_reported(0)
+            zygote.close()  # the zygote is gone: its workers with it
+            await asyncio.wait_for(asyncio.shield(process.exited), 5)
+            await asyncio.sleep(0.01)
+            os.fstat(log_read)  # still read: a line may be on its way
             await asyncio.sleep(0.2)
             with pytest.raises(OSError):
                 os.fstat(log_read)
@@ -166,6 +202,26 @@ def test_a_dead_workers_output_pipe_is_closed_though_another_process_holds_it(
         os.close(log_write)
 
     aio.run(scenario(), timeout=10)
+
+
+def test_a_workers_stderr_is_logged_as_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    """TorchServe logs a worker's stderr at WARN and its stdout at INFO: a traceback printed
+    to stderr was logged at INFO (dropped with --log-level warning). The worker's own logging
+    writes `LEVEL name: message` to stderr, and keeps its level."""
+    out = pool_module._LogLines("m/1.0 w0")
+    err = pool_module._LogLines("m/1.0 w0", stderr=True)
+    with caplog.at_level(logging.DEBUG, logger=pool_module.worker_log.name):
+        out.data_received(b"printed\nWARNING from print\n")
+        err.data_received(b"Traceback (most recent call last):\nINFO api.workers.main: up\n")
+        err.data_received(b"ERROR x: boom\n")
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [
+        ("INFO", "[m/1.0 w0] printed"),
+        ("WARNING", "[m/1.0 w0] WARNING from print"),
+        ("WARNING", "[m/1.0 w0] Traceback (most recent call last):"),
+        ("INFO", "[m/1.0 w0] INFO api.workers.main: up"),
+        ("ERROR", "[m/1.0 w0] ERROR x: boom"),
+    ]
 
 
 def test_a_killed_worker_that_never_reports_its_exit_is_given_up_on(
