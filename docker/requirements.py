@@ -1,6 +1,7 @@
 """Print pyproject.toml's requirements for one image, one per line (for `pip install -r`).
 
     python docker/requirements.py cpu             runtime deps, onnxruntime instead of -gpu
+                                                  (pinned to constraints.txt's -gpu release)
     python docker/requirements.py gpu             runtime deps as declared
     python docker/requirements.py pick grpcio-tools   that one requirement, from any group
 
@@ -17,7 +18,11 @@ import tomllib
 from pathlib import Path
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+CONSTRAINTS = PYPROJECT.with_name("constraints.txt")
 # The CPU image has no CUDA: onnxruntime-gpu would only add ~300 MB and warn at every start.
+# The swapped package takes the release constraints.txt pins for the other (both are built from
+# one source at each release): constraints name onnxruntime-gpu only, which `make venv` installs,
+# so the CPU image's onnxruntime was otherwise whatever was newest when it was built.
 CPU_SWAPS = {"onnxruntime-gpu": "onnxruntime"}
 
 
@@ -28,16 +33,34 @@ def _name(requirement: str) -> str:
     return match.group(0).lower().replace("_", "-")
 
 
-def requirements(variant: str, pyproject: Path = PYPROJECT) -> list[str]:
+def requirements(
+    variant: str, pyproject: Path = PYPROJECT, constraints: Path = CONSTRAINTS
+) -> list[str]:
     project = tomllib.loads(pyproject.read_text())["project"]
     if variant in ("cpu", "gpu"):
         swaps = CPU_SWAPS if variant == "cpu" else {}
+        pins = _pins(constraints) if swaps else {}
         lines = []
         for requirement in project["dependencies"]:
             name = _name(requirement)
-            lines.append(swaps[name] + requirement[len(name) :] if name in swaps else requirement)
+            if name not in swaps:
+                lines.append(requirement)
+            elif name in pins:
+                lines.append(f"{swaps[name]}=={pins[name]}")
+            else:
+                lines.append(swaps[name] + requirement[len(name) :])
         return lines
     raise ValueError(f"unknown variant {variant!r}")
+
+
+def _pins(constraints: Path) -> dict[str, str]:
+    """`name==version` lines of a constraints file, by normalized name."""
+    pins = {}
+    for line in constraints.read_text().splitlines():
+        match = re.fullmatch(r"\s*([A-Za-z0-9._-]+)\s*==\s*([^\s;#]+).*", line)
+        if match:
+            pins[_name(match.group(1))] = match.group(2)
+    return pins
 
 
 def pick(name: str, pyproject: Path = PYPROJECT) -> str:
