@@ -45,7 +45,8 @@ def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Torchgat
             BestAvailableEncryption(PASSWORD.encode()),
         )
     )
-    store = build_archive(folder, "echo", "echo.py", {"echo.py": ECHO}).parent
+    # Version 3.0 as the snapshot names it: TorchServe registers the archive's own version.
+    store = build_archive(folder, "echo", "echo.py", {"echo.py": ECHO}, version="3.0").parent
     snapshot = {
         "name": "startup.cfg",
         "modelCount": 1,
