@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import resource
@@ -847,33 +848,33 @@ _JSON_INT_KEYS = (
 
 
 def _usable_options(settings: dict[str, Any], name: str, version: str) -> dict[str, Any]:
-    """A models={...} entry without the values TorchServe's getJsonIntValue replaces by the
-    default (not a number, or <= 0; min/max workers default to default_workers_per_model), each
-    warned about. TorchServe starts the model with its defaults: refusing to start the whole
-    server over one such value would be harsher than the server this one replaces."""
+    """A models={...} entry without the numbers TorchServe's getJsonIntValue replaces by the
+    default (<= 0; min/max workers default to default_workers_per_model), each warned about:
+    TorchServe starts the model with its defaults, so refusing to start the whole server would be
+    harsher than the server this one replaces. A value that is no number at all ("abc", true,
+    null) stops TorchServe's start (Gson's NumberFormatException, which it does not catch): it
+    is refused here too."""
     usable = dict(settings)
     for key in _JSON_INT_KEYS:
         if key not in usable:
             continue
-        number = _positive_int(usable[key])
-        if number is not None:
+        number = _gson_int(usable[key], f"models.{name}.{version}.{key}")
+        if number > 0:
             usable[key] = number
             continue
         log.warning(
-            "models={...} model %s version %s: %s=%r is not an integer > 0: the default is "
-            "used instead, as TorchServe does",
+            "models={...} model %s version %s: %s=%r is not above 0: the default is used "
+            "instead, as TorchServe does",
             *(name, version, key, usable.pop(key)),
         )
     return usable
 
 
-def _positive_int(value: Any) -> int | None:
-    """`value` as Gson's getAsInt reads it ("8" is 8, 2.5 is 2), or None where TorchServe uses
-    the default: <= 0, or not a number (true included: Gson does not read it as 1)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        number = int(value)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return number if number > 0 else None
+def _gson_int(value: Any, where: str) -> int:
+    """`value` as Gson's getAsInt reads a JSON number or a string of one (2.5 is 2, "8" is 8);
+    ConfigError where it throws (a boolean, null, an object, "2.5", "abc")."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value):
+        return int(value)
+    raise ConfigError(f"{where} must be an integer, not {value!r}")
