@@ -304,7 +304,7 @@ def read_properties(text: str) -> dict[str, str]:
     (TorchServe's integer keys would refuse them)."""
     values: dict[str, str] = {}
     logical: list[str] = []
-    for raw_line in text.splitlines():
+    for raw_line in _PROPERTY_LINES.split(text):  # Java's ends only: not str.splitlines's
         line = raw_line.lstrip(_PROPERTY_BLANKS)
         if not logical and (not line or line[0] in "#!"):
             continue
@@ -314,15 +314,20 @@ def read_properties(text: str) -> dict[str, str]:
             continue
         logical.append(line)
         entry, logical = "".join(logical), []
-        key, value = _split_property(entry)
-        values[_unescape_property(key)] = _unescape_property(value).rstrip(_PROPERTY_BLANKS)
-    if logical:  # the last line asked to go on, and the file ended
-        key, value = _split_property("".join(logical))
-        values[_unescape_property(key)] = _unescape_property(value).rstrip(_PROPERTY_BLANKS)
+        _add_property(values, entry)
+    _add_property(values, "".join(logical))  # the last line asked to go on, and the file ended
     return values
 
 
+def _add_property(values: dict[str, str], entry: str) -> None:
+    if not entry:
+        return  # blank lines joined by continuations: no entry, as in Java
+    key, value = _split_property(entry)
+    values[_unescape_property(key)] = _unescape_property(value).rstrip(_PROPERTY_BLANKS)
+
+
 _PROPERTY_BLANKS = " \t\f"
+_PROPERTY_LINES = re.compile(r"\r\n|\r|\n")
 
 
 def _split_property(entry: str) -> tuple[str, str]:

@@ -52,6 +52,7 @@ CASES = {
         'model_snapshot={\\n  "name"\\: "x.cfg",\\n  "models"\\: {\\n    "m"\\: {}\\n  }\\n}\n'
     ),
     "last line goes on": "a=1\nb=2\\",
+    "java's line ends only": "a=x\fy\x0bz\x1c\x85w\r\nb=1\rc=2\n  \\\n\n",
 }
 
 
