@@ -715,6 +715,8 @@ class EdgeProtocol(HttpToolsProtocol):
         if owed is not None and not self.pipeline:
             self._refusal_owed = None
             self.server_state.total_requests += 1
+            if self.transport.is_closing():
+                return  # the answer before it closed the connection (a shutdown): nothing after
             if owed == 400:
                 self.send_400_response("Invalid HTTP request received.")
             else:
