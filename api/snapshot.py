@@ -256,20 +256,23 @@ def move_legacy_files(path: Path) -> None:
     """Earlier releases kept the snapshot, with its `.prev-*`, `.corrupt` and temporary files,
     in logs/config itself, where TorchServe reads every file as one of its own snapshots and,
     on a name without its timestamp, fails to start (FSSnapshotSerializer.getLastSnapshotFS).
-    It skips folders there: the files move into torchgate's own (`path`'s folder)."""
-    if path.name != SNAPSHOT_FILE or path.parent.name != SNAPSHOT_FOLDER or path.exists():
+    It skips folders there: the files move into torchgate's own (`path`'s folder). Where that
+    already has a snapshot, the old one is kept beside it as `<name>.legacy`, not restored."""
+    if path.name != SNAPSHOT_FILE or path.parent.name != SNAPSHOT_FOLDER:
         return
     legacy_folder = path.parent.parent
     legacy = [*legacy_folder.glob(f"{SNAPSHOT_FILE}*"), *legacy_folder.glob(f".{SNAPSHOT_FILE}.*")]
     for old in legacy:
+        target = path.parent / old.name
+        if target.exists():
+            target = target.with_name(f"{old.name}.legacy")
         try:
             if old.name.startswith("."):
                 old.unlink()  # a write that never finished
             else:
-                old.replace(path.parent / old.name)
+                old.replace(target)
         except OSError as exc:
             log.error("could not move %s into %s: %s", old, path.parent, exc)
-            continue
     if legacy:
         log.warning(
             "moved torchgate's snapshot files from %s into %s (TorchServe cannot start beside "

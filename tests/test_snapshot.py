@@ -163,6 +163,14 @@ def test_snapshot_files_left_in_torchserves_folder_move_into_torchgates(tmp_path
             "torchgate-snapshot.json",
             "torchgate-snapshot.json.prev-20261207T000000.000000Z",
         ]
+        # One left there beside a snapshot in the new place moves too, kept, not restored.
+        (legacy / "torchgate-snapshot.json").write_text("{}")
+        tg = await started(load_config(config_in(tmp_path)), tmp_path)
+        assert sorted(state(tg)["versions"]) == versions
+        await tg.stop()
+        assert [p.name for p in legacy.iterdir()] == ["torchgate"]
+        kept = config.snapshot_file.with_name("torchgate-snapshot.json.legacy")
+        assert kept.read_text() == "{}"
 
     run(scenario())
 

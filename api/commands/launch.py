@@ -223,9 +223,15 @@ def _warn_of_torchserve_snapshot(folder: Path) -> None:
     """TorchServe would start from its last snapshot here; torchgate reads only its own, so a
     user moving over from TorchServe is told how to keep what the snapshot holds (a snapshot
     is a whole config file, read as one)."""
-    if not folder.is_dir():
+    from api.snapshot import SNAPSHOT_FILE
+
+    if (folder / SNAPSHOT_FILE).exists():
+        return  # an earlier torchgate's own, moved and restored at start (`move_legacy_files`)
+    try:
+        names = [p.name for p in folder.iterdir()]
+    except OSError:  # none there, or unreadable: nothing to say
         return
-    found = sorted(p.name for p in folder.iterdir() if _TORCHSERVE_SNAPSHOT.fullmatch(p.name))
+    found = sorted(name for name in names if _TORCHSERVE_SNAPSHOT.fullmatch(name))
     if found:
         print(
             f"torchgate: warning: TorchServe's snapshot {folder / found[-1]} is not restored "

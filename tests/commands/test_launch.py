@@ -138,6 +138,9 @@ def test_torchserves_own_snapshot_is_named_with_how_to_start_from_it(
     prepare(options("--model-store", "store"), config_path(None))
     last = folder / "20261207093000123-snapshot.cfg"
     assert f"--ts-config {last}" in capsys.readouterr().err
+    (folder / "torchgate-snapshot.json").write_text("{}")  # an earlier torchgate's: restored
+    prepare(options("--model-store", "store"), config_path(None))
+    assert "TorchServe's snapshot" not in capsys.readouterr().err
     named = workdir / "named.properties"  # a named file says what loads: nothing to say
     named.write_text("model_store=store\n")
     prepare(options("--ts-config", str(named)), config_path(str(named)))
