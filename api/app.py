@@ -6,6 +6,7 @@ This is where backends are injected into the core: the registry only sees `Backe
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 from collections.abc import Awaitable, Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 from api.auth import TokenAuth
 from api.backends.extract import ArchiveLimits
 from api.backends.workdir import make_work_dir, remove_orphans
-from api.backends.workers import MetricCallback, gpu_round_robin, load_worker_backend
+from api.backends.workers import gpu_round_robin, load_worker_backend
 from api.config import Config, ConfigError
 from api.core.dataplane import DataPlane
 from api.core.registry import Registry
@@ -25,6 +26,7 @@ from api.core.workflow import Workflows
 from api.encoding import encode_prediction
 from api.model_loader import ArchiveBackendLoader, ModelLoader
 from api.observability.compose import access_log_setting, build_observability
+from api.observability.handler_metrics import HandlerMetrics
 from api.observability.metrics import PrometheusObserver
 from api.rest.apps import build_inference_app, build_management_app, build_metrics_app
 from api.rest.asgi import ASGIApp
@@ -39,14 +41,15 @@ log = logging.getLogger(__name__)
 
 
 def worker_backend_loader(
-    pool: WorkerPool, config: Config, metrics_for: Callable[[str], MetricCallback] | None
+    pool: WorkerPool, config: Config, metrics: HandlerMetrics | None
 ) -> ArchiveBackendLoader:
     """Archives become `WorkerBackend`s whose workers the pool forks; one GPU round robin for
-    every model's workers, as TorchServe's (number_of_gpu capped at the GPUs present).
-    `metrics_for(archive)`: where a version's handler metrics go (`HandlerMetrics.for_source`:
-    each version keeps a share of the series for itself)."""
+    every model's workers, as TorchServe's (number_of_gpu capped at the GPUs present). Each
+    loaded version reports its handler metrics as a source of its own (`metrics.for_source`:
+    it keeps a share of the series while it is loaded)."""
     limits = ArchiveLimits.of(config)
     gpus = gpu_round_robin(config.number_of_gpu)
+    loads = itertools.count(1)
 
     async def load(
         path: Path,
@@ -55,22 +58,32 @@ def worker_backend_loader(
         name: str | None = None,
         handler: str | None = None,
     ) -> Backend:
-        return await load_worker_backend(
-            path,
-            settings,
-            pool=pool,
-            work_dir=work_dir,
-            name=name,
-            handler=handler,
-            on_metric=None if metrics_for is None else metrics_for(path.name),
-            intra_op_threads=config.intra_op_threads,
-            gpus=gpus,
-            limits=limits,
-            max_image_pixels=config.image_pixel_limit,
-            max_items_per_request=config.max_items_per_request,
-            declared_metrics=config.metrics_spec.model_metrics,
-            service_envelope=config.service_envelope,
-        )
+        source = f"{path.name} (load {next(loads)})"
+        on_metric = None if metrics is None else metrics.for_source(source)
+        try:
+            backend = await load_worker_backend(
+                path,
+                settings,
+                pool=pool,
+                work_dir=work_dir,
+                name=name,
+                handler=handler,
+                on_metric=on_metric,
+                intra_op_threads=config.intra_op_threads,
+                gpus=gpus,
+                limits=limits,
+                max_image_pixels=config.image_pixel_limit,
+                max_items_per_request=config.max_items_per_request,
+                declared_metrics=config.metrics_spec.model_metrics,
+                service_envelope=config.service_envelope,
+            )
+        except BaseException:
+            if metrics is not None:
+                metrics.release(source)
+            raise
+        if metrics is not None:
+            backend.on_close.append(lambda: metrics.release(source))
+        return backend
 
     return load
 
@@ -195,9 +208,7 @@ def build(
     assert work is not None
     if backend_loader is None:
         assert pool is not None
-        backend_loader = worker_backend_loader(
-            pool, config, observability.handler_metrics.for_source
-        )
+        backend_loader = worker_backend_loader(pool, config, observability.handler_metrics)
     loader = ModelLoader(config, registry, work, backend_loader)
     workflows = Workflows(
         dataplane, WorkflowLoader(loader, work), encode=lambda p: encode_prediction(p).body

@@ -268,6 +268,9 @@ class WorkerBackend:
         self._declared_metrics = tuple(declared_metrics)
         self._unstreamed_apis: set[str] = set()  # warned about (`note_unstreamed`)
         self._service_envelope = service_envelope
+        # Called once the backend is closed (its version unloaded): what the server keeps for
+        # it elsewhere goes (its share of handler metric series: `HandlerMetrics.release`).
+        self.on_close: list[Callable[[], None]] = []
         self._workers: set[ProcessWorker] = set()
         # The model's own package directory (api.backends.requirements), if it has one, made
         # under the work dir (never in a model directory the user handed in).
@@ -371,11 +374,16 @@ class WorkerBackend:
 
     async def close(self) -> None:
         """Stop workers still running, then delete the extracted archive."""
-        await asyncio.gather(*(worker.close() for worker in list(self._workers)))
-        await asyncio.to_thread(self.archive.remove)
-        if self._packages is not None:
-            await asyncio.to_thread(shutil.rmtree, self._packages, True)
-            self._packages = None
+        try:
+            await asyncio.gather(*(worker.close() for worker in list(self._workers)))
+            await asyncio.to_thread(self.archive.remove)
+            if self._packages is not None:
+                await asyncio.to_thread(shutil.rmtree, self._packages, True)
+                self._packages = None
+        finally:
+            for callback in self.on_close:
+                callback()
+            self.on_close.clear()
 
     def _report(self, metrics: Sequence[tuple[str, float, str, dict[str, str], str]]) -> None:
         if self._on_metric is None:

@@ -28,9 +28,9 @@ Values that are not finite numbers, names that would shadow torchgate's own fami
 registry refuses a name already registered too), and series past `max_series` are dropped, each
 kind with one warning, so a handler's bug cannot break the scrape or grow memory without bound.
 Nor can one model's handler (a label per request id, say) take every series from the others:
-each model archive reporting through `for_source` keeps `max_series // 10` of them for itself,
-and grows past that only into what is left beyond every other's unused share. One model alone
-may still use them all.
+each loaded model version (a source: `for_source`, until `release`) keeps `max_series // 10` of
+them for itself, and grows past that only into what is left beyond every other's unused share.
+One model alone may still use them all.
 Label values and units may come from a client (a lone surrogate, which `json.loads('"\\udcff"')`
 yields, cannot be encoded as UTF-8): they are recorded with such characters escaped.
 """
@@ -141,6 +141,12 @@ class HandlerMetrics:
         with self._lock:
             self._by_source.setdefault(source, 0)
         return functools.partial(self.on_metric, source=source)
+
+    def release(self, source: str) -> None:
+        """`source` is gone (its version unloaded, or it failed to load): it keeps no share
+        any more. The series it made stay, as TorchServe keeps an unloaded model's metrics."""
+        with self._lock:
+            self._by_source.pop(source, None)
 
     def on_metric(
         self,

@@ -25,6 +25,7 @@ from api.app import worker_backend_loader
 from api.config import parse_config
 from api.core.registry import Registry
 from api.core.types import ModelSettings
+from api.observability.handler_metrics import HandlerMetrics
 from api.workers.main import _device
 from tests.backends.conftest import manifest
 from tests.support import aio
@@ -104,13 +105,20 @@ def archive(tmp_path: Path) -> Path:
 class Server:
     """The registry and the worker loader `api.app` builds, over a stand-in pool."""
 
-    def __init__(self, tmp_path: Path, number_of_gpu: str | None, *, devices: int) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        number_of_gpu: str | None,
+        *,
+        devices: int,
+        metrics: HandlerMetrics | None = None,
+    ) -> None:
         raw = {} if number_of_gpu is None else {"number_of_gpu": number_of_gpu}
         self.pool = StandInPool(StandInTorch(devices))
         self.loader = worker_backend_loader(
             self.pool,  # type: ignore[arg-type]  # a stand-in: no GPU, no process
             parse_config(raw, base_dir=tmp_path),
-            None,
+            metrics,
         )
         self.registry = Registry()
         self.path = archive(tmp_path)
@@ -270,3 +278,23 @@ def test_visible_gpus_counts_as_torch_does(cuda_visible_devices: str | None, exp
 
 def test_no_driver_no_gpu() -> None:
     assert workers_module.visible_gpus({}, StandInNvml(None)) == 0
+
+
+def test_a_loaded_version_holds_a_share_of_handler_metric_series_until_unloaded(
+    tmp_path: Path, gpus_present: list[int]
+) -> None:
+    """Each version the loader loads reports its handler metrics as a source of its own
+    (`HandlerMetrics.for_source`); unloaded, it keeps no share of the series any more."""
+    metrics = HandlerMetrics(hostname="h")
+    server = Server(tmp_path, "0", devices=0, metrics=metrics)
+
+    async def scenario() -> None:
+        await server.register("a")
+        await server.register("b")
+        assert sorted(metrics._by_source) == ["model (load 1)", "model (load 2)"]
+        await server.registry.unregister("a", "1.0")
+        assert sorted(metrics._by_source) == ["model (load 2)"]
+        await server.registry.close()
+        assert metrics._by_source == {}
+
+    aio.run(scenario())

@@ -165,6 +165,17 @@ def test_one_model_cannot_take_every_series_from_the_others(
     for index in range(200):
         only("PerRequest", 1.0, "", {"id": str(index)}, "counter")
     assert alone._series_count == 100
+    # A version unloaded (or failed to load) keeps no share: the greedy one may take it.
+    released = HandlerMetrics(hostname="h", max_series=100)
+    grows = released.for_source("grows.mar")
+    released.for_source("leaves.mar")
+    for index in range(200):
+        grows("PerRequest", 1.0, "", {"id": str(index)}, "counter")
+    assert released._series_count == 90
+    released.release("leaves.mar")
+    for index in range(200):
+        grows("PerRequest", 1.0, "", {"id": str(index)}, "counter")
+    assert released._series_count == 100
     # However many archives have come and gone, each still gets its own share.
     many = HandlerMetrics(hostname="h", max_series=100)
     callbacks = [many.for_source(f"m{index}.mar") for index in range(30)]
