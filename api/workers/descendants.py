@@ -9,10 +9,13 @@ one more set at every restart, and after the server stopped. Three mechanisms, a
 - Each worker leads its own process group, and once the worker is gone the zygote ends the
   rest of the group: whatever the handler started and left in it (`subprocess` and
   `multiprocessing` children do, by default) ends with the worker, whichever way it ends. The
-  worker dies first (SIGKILL, when it is killed), then the group gets SIGTERM and, after at
-  most `GROUP_GRACE_S`, SIGKILL: Python's multiprocessing resource tracker, which ignores
-  SIGTERM, unlinks the shared memory a handler left once the worker and its children are gone
-  (its pipe ends), instead of leaking it in /dev/shm.
+  group gets SIGTERM (with the worker's SIGKILL, when it is killed; once it exited, when it
+  crashed) and, once the worker is gone, SIGKILL after at most `GROUP_GRACE_S`: Python's
+  multiprocessing resource tracker, which ignores SIGTERM, unlinks the shared memory a handler
+  left once the worker and its children are gone (its pipe ends), instead of leaking it in
+  /dev/shm. The worker's exit is reported only once its group is empty (or, if a process in
+  it is stuck in the kernel, `GROUP_KILLED_WAIT_S` after the SIGKILL), so the replacement the
+  frontend starts then does not meet a port, a file lock or GPU memory its helpers still held.
 - The zygote is a child subreaper (PR_SET_CHILD_SUBREAPER): a process orphaned below it, such
   as a daemon that left the group with `setsid` and whose worker has gone, becomes the
   zygote's child instead of init's. The zygote reaps those that exit while it serves, and ends
@@ -43,6 +46,9 @@ TERM_GRACE_S = 1.0  # adopted processes get SIGTERM first, then SIGKILL after th
 # After a worker is gone, the rest of its group gets SIGTERM, then SIGKILL at the latest after
 # this long (earlier once the group is empty).
 GROUP_GRACE_S = 1.5
+# After that SIGKILL, how long the worker's exit report waits for the group to be gone: a
+# process stuck in the kernel (a driver's teardown) dies only when it leaves it.
+GROUP_KILLED_WAIT_S = 1.5
 SHUTDOWN_S = 3.0  # at most this long ending adopted processes when the zygote stops
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import itertools
 import logging
 import os
@@ -39,7 +40,9 @@ from api.workers.zygote import DEFAULT_PRELOAD
 log = logging.getLogger(__name__)
 worker_log = logging.getLogger("torchgate.worker")
 
-EXIT_REPORT_WAIT_S = 2.0  # after a worker's socket closes, how long its exit status may take
+# After a worker's socket closes, how long its exit status may take: the zygote reports it once
+# the rest of the worker's process group is gone too, which may take its grace periods.
+EXIT_REPORT_WAIT_S = descendants.GROUP_GRACE_S + descendants.GROUP_KILLED_WAIT_S + 2.0
 # After a kill while its socket is still open, how long the process may take to die before it
 # counts as gone: a large CUDA process can take seconds to tear down, and a replacement started
 # beside it would meet its memory still held; one stuck in the kernel never dies.
@@ -360,21 +363,38 @@ class WorkerProcess(asyncio.BufferedProtocol):
         return not (self._lost or self._killed or self.exited.done())
 
     async def connect(self, sock: socket.socket, log_fd: int, err_fd: int | None = None) -> None:
-        """Talk over `sock`; log the worker's stdout (`log_fd`) and stderr (`err_fd`) pipes."""
-        pipes = [(log_fd, False), *([] if err_fd is None else [(err_fd, True)])]
+        """Talk over `sock`; log the worker's stdout (`log_fd`) and stderr (`err_fd`) pipes.
+
+        Each descriptor is this call's to close until a transport owns it: cancelled or failed
+        at any await (its slot scaled away or its model deleted while the worker starts), it
+        closes every one not handed to the loop yet (the loop closes one whose connect it
+        was given)."""
+        fds = [(log_fd, False), *([] if err_fd is None else [(err_fd, True)])]
+        unwrapped = [fd for fd, _ in fds]
+        unowned: list[socket.socket | io.FileIO] = [sock]
         try:
+            pipes: list[tuple[io.FileIO, bool]] = []
+            for fd, stderr in fds:
+                pipe = os.fdopen(fd, "rb", buffering=0)
+                unwrapped.remove(fd)
+                unowned.append(pipe)
+                pipes.append((pipe, stderr))
             await self._loop.create_unix_connection(lambda: self, sock=sock)
-        except BaseException:  # cancelled or failed: the descriptors are still ours to close
-            sock.close()
-            for fd, _ in pipes:
+            unowned.remove(sock)
+            budget = _LogBudget(self.label)  # one for both pipes
+            for pipe, stderr in pipes:
+                lines = _LogLines(self.label, budget, stderr=stderr, pool=self._pool)
+                self._logs.append(lines)
+                # The loop's from here, even if the connect fails: it closes the descriptor
+                # then (uvloop by its number, so closing the object too might close another).
+                unowned.remove(pipe)
+                await self._loop.connect_read_pipe(functools.partial(_same, lines), pipe)
+        except BaseException:
+            for fd in unwrapped:
                 os.close(fd)
+            for closable in unowned:
+                closable.close()
             raise
-        budget = _LogBudget(self.label)  # one for both pipes
-        for fd, stderr in pipes:
-            lines = _LogLines(self.label, budget, stderr=stderr, pool=self._pool)
-            self._logs.append(lines)
-            pipe = os.fdopen(fd, "rb", buffering=0)
-            await self._loop.connect_read_pipe(functools.partial(_same, lines), pipe)
 
     # -- calls ------------------------------------------------------------------------------------
 

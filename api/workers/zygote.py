@@ -16,7 +16,8 @@ Control protocol, over a SOCK_SEQPACKET socket (one message per packet, pickled)
                          ("kill", pid)
     zygote -> frontend   ("hello", pid)                    once preloading is done
                          ("spawned", request_id, pid)
-                         ("exited", pid, returncode)       negative: killed by that signal
+                         ("exited", pid, returncode)       once its process group is gone
+                                                            too; negative: killed by that signal
 
 Lifetime: nothing outlives the frontend. When the control socket ends (the frontend exited or
 was killed, even with SIGKILL), or the zygote gets SIGTERM (`pkill`, systemd stopping the
@@ -47,6 +48,7 @@ import socket
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 from api.workers import descendants
@@ -128,9 +130,9 @@ class Zygote:
         self._spin = spin  # what each worker polls for its next batch (wire.FrameReader)
         self._selector = selectors.DefaultSelector()
         self._children: dict[int, int] = {}  # pid -> pidfd
-        # Workers that exited, left unreaped (their pids hold their groups' ids) while the rest
-        # of their process groups end: pid -> when the group is SIGKILLed at the latest.
-        self._ending: dict[int, float] = {}
+        # Workers that exited, left unreaped (their pids hold their groups' ids) and unreported
+        # while the rest of their process groups end.
+        self._ending: dict[int, _Ending] = {}
         self._stopping = False  # SIGTERM arrived
         # SIGCHLD wakes the selector: an adopted process (see `descendants`) that ends is
         # reaped then. Workers are not: each has its pidfd.
@@ -264,7 +266,8 @@ class Zygote:
         run(spec, socket.socket(fileno=data_fd), spin=self._spin)
 
     def _reap(self, pid: int) -> None:
-        """The worker `pid` exited: report it, and start ending what it left in its group.
+        """The worker `pid` exited: start ending what it left in its group (`_end_groups`
+        reports the exit once that is gone).
 
         The worker is reaped only once its group is gone: until then its zombie keeps its pid,
         the group's id, from being reused, so the group's SIGKILL cannot hit another process.
@@ -275,30 +278,49 @@ class Zygote:
         pidfd = self._children.pop(pid)
         self._selector.unregister(pidfd)
         os.close(pidfd)
-        self._ending[pid] = time.monotonic() + descendants.GROUP_GRACE_S
-        self._send(("exited", pid, descendants.exit_code(pid)))
+        deadline = time.monotonic() + descendants.GROUP_GRACE_S
+        self._ending[pid] = _Ending(descendants.exit_code(pid), deadline)
         descendants.signal_group(pid, signal.SIGTERM)
 
     def _end_groups(self, *, now: bool = False) -> None:
-        """SIGKILL the groups of exited workers that are empty, past their grace period (or
-        all of them, `now`), then reap those workers."""
+        """Reap and report the exited workers whose groups are gone: empty, or (`now`) killed.
+
+        A group left past its grace period gets SIGKILL, and its worker is reported once the
+        group is empty: the frontend starts a replacement on the report, which must not meet
+        a port, a file lock or GPU memory still held by the old worker's helpers. A helper
+        stuck in the kernel past `GROUP_KILLED_WAIT_S` holds the report up no longer.
+        """
         if not self._ending:
             return
         clock = time.monotonic()
         known = self._known()
-        for pid, deadline in list(self._ending.items()):
-            if now or clock >= deadline or not descendants.group_left(pid, known):
-                descendants.kill_group(pid)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, 0)
-                del self._ending[pid]
+        for pid, ending in list(self._ending.items()):
+            if not now and descendants.group_left(pid, known):
+                if clock < ending.deadline:
+                    continue
+                if not ending.killed:
+                    descendants.kill_group(pid)
+                    ending.killed = True
+                    continue  # dying: looked at again at the next turn
+                if clock < ending.deadline + descendants.GROUP_KILLED_WAIT_S:
+                    continue
+            # One that joined the group from elsewhere (not seen by `group_left`) goes too.
+            descendants.kill_group(pid)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            del self._ending[pid]
+            self._send(("exited", pid, ending.code))
 
     def _kill(self, pid: int) -> None:
-        """SIGKILL the worker itself; the rest of its group is ended once it is gone (`_reap`)."""
+        """SIGKILL the worker, and SIGTERM the rest of its group: its helpers end with it, also
+        while it is stuck in the kernel (Python's resource tracker ignores SIGTERM, and outlives
+        it long enough to unlink its shared memory). Once it is gone, the group is ended and
+        the exit reported (`_reap`, `_end_groups`)."""
         pidfd = self._children.get(pid)
         if pidfd is not None:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            descendants.signal_group(pid, signal.SIGTERM)  # not reaped: its pid is its group's
 
     def _send(self, message: tuple[Any, ...]) -> None:
         # OSError: the frontend is gone; the loop sees the end of the socket next.
@@ -324,13 +346,22 @@ class Zygote:
     def _wait_for_workers(self, seconds: float) -> None:
         """Wait for the killed workers to exit, at most `seconds` in all: a SIGKILLed process
         stuck in the kernel (a driver's teardown, NFS) must not hold up the rest. Each that
-        exits is reported, and its group gets SIGTERM (`_reap`)."""
+        exits has its group SIGTERMed (`_reap`), and is reported once that ends."""
         deadline = time.monotonic() + seconds
         for pid, pidfd in list(self._children.items()):
             exited = select.poll()
             exited.register(pidfd, select.POLLIN)
             if exited.poll(max(0, int((deadline - time.monotonic()) * 1000))):
                 self._reap(pid)
+
+
+@dataclass(slots=True)
+class _Ending:
+    """An exited worker whose process group is ending."""
+
+    code: int  # how it exited (`descendants.exit_code`), reported once the group is gone
+    deadline: float  # when the group gets SIGKILL, if anything is left in it
+    killed: bool = False  # the group has had its SIGKILL
 
 
 def _exit_status(exc: SystemExit) -> int:

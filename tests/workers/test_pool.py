@@ -125,6 +125,44 @@ def test_a_connection_that_fails_closes_both_descriptors(monkeypatch: pytest.Mon
     aio.run(scenario(), timeout=10)
 
 
+def test_a_connection_cancelled_while_connecting_its_pipes_closes_every_descriptor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cancelled while its stdout pipe connected (a scale-down or a DELETE while the worker
+    starts), the connection left the stderr pipe open for good: asyncio closes the pipe it
+    was connecting, but the other was a bare descriptor nothing would ever close."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        connect_read_pipe = loop.connect_read_pipe
+
+        async def cancelled_meanwhile(*args: Any) -> Any:
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()  # lands on the await inside: the loop's own clean-up runs
+            return await connect_read_pipe(*args)
+
+        monkeypatch.setattr(loop, "connect_read_pipe", cancelled_meanwhile)
+        async with stand_in_zygote() as (pool, _):
+            before = set(os.listdir("/proc/self/fd"))
+            ours, theirs = socket.socketpair()
+            out_read, out_write = os.pipe()
+            err_read, err_write = os.pipe()
+            process = WorkerProcess(4242, "m/1.0", pool)
+            with pytest.raises(asyncio.CancelledError):
+                await process.connect(ours, out_read, err_read)
+            process.exit_reported(-9)  # `spawn` kills the worker: its socket closes then
+            await asyncio.sleep(0.05)  # the transports' clean-up
+            for fd in (out_read, err_read):
+                with pytest.raises(OSError):
+                    os.fstat(fd)
+            for fd in (theirs.detach(), out_write, err_write):
+                os.close(fd)
+            assert set(os.listdir("/proc/self/fd")) == before
+
+    aio.run(scenario(), timeout=10)
+
+
 def test_a_worker_flooding_its_output_is_logged_within_a_budget(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -38,6 +39,11 @@ HANDLER = """
     from multiprocessing import shared_memory
 
     kept = []
+    LISTENER = (
+        "import signal, socket, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "server = socket.create_server(('127.0.0.1', 0)); "
+        "print(server.getsockname()[1], flush=True); time.sleep(600)"
+    )
 
     def handle(data, context):
         if data is None:
@@ -54,6 +60,12 @@ HANDLER = """
             deaf = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 600"])
             daemon = subprocess.Popen(["sleep", "600"], start_new_session=True)
             return [[deaf.pid, daemon.pid]]
+        if command == "listen":  # a server in the worker's group, deaf to SIGTERM
+            command = [sys.executable, "-I", "-c", LISTENER]
+            server = subprocess.Popen(command, stdout=subprocess.PIPE)
+            return [[server.pid, int(server.stdout.readline())]]
+        if command == "exit":
+            os._exit(3)
         if command == "late":  # a daemon that prints, on the worker's stdout, once it is gone
             script = "sleep 1; echo late-line-from-daemon; exec sleep 600"
             return [subprocess.Popen(["sh", "-c", script], start_new_session=True).pid]
@@ -169,6 +181,35 @@ def test_what_a_dead_worker_left_in_its_group_ends_within_a_grace_period(
     deaf, daemon = leftovers
     wait_until(lambda: not alive(deaf), timeout=5)
     assert alive(daemon)
+
+
+@pytest.mark.parametrize("how", ["timed out", "crashed"])
+def test_a_dead_workers_group_is_gone_before_its_exit_is_reported(
+    how: str, worker_pool: WorkerPool, archive: Path, leftovers: list[int]
+) -> None:
+    """The zygote reported a worker's exit at once, and only then ended the rest of its group:
+    the frontend's first restart (no backoff) forked the replacement while the old worker's
+    helpers still held their port (EADDRINUSE in its `initialize`), a file lock or GPU
+    memory, for up to the group's grace period. The exit is reported once they are gone."""
+
+    timeout = 1.0 if how == "timed out" else 30.0
+
+    async def scenario() -> None:
+        async with backend(worker_pool, archive, response_timeout_s=timeout) as (_, worker):
+            helper, port = await ask(worker, "listen")
+            leftovers.append(helper)
+            if how == "timed out":
+                with pytest.raises(DeadlineExceeded):
+                    await ask(worker, "hang")
+            else:
+                with pytest.raises(Exception, match="exit code 3"):
+                    await ask(worker, "exit")
+            await asyncio.wait_for(asyncio.shield(worker.exited), 10)
+            assert not alive(helper)
+            with socket.create_server(("127.0.0.1", port)):  # EADDRINUSE while it listens
+                pass
+
+    aio.run(scenario(), timeout=60)
 
 
 def test_sigterm_stops_the_zygote_in_order(
