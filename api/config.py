@@ -840,8 +840,9 @@ def _model_entries(
 
 
 # The models={...} keys TorchServe reads with ConfigManager.getJsonIntValue, and jobQueueSize,
-# which torchgate reads the same way (TorchServe 0.12 does not read it from models=).
-_JSON_INT_KEYS = (
+# which torchgate reads the same way (TorchServe 0.12 does not read it from models=): the
+# frontend's per-version numbers, which model-config.yaml may set too (`api.model_config`).
+MODEL_INT_KEYS = (
     "minWorkers",
     "maxWorkers",
     "batchSize",
@@ -860,7 +861,7 @@ def _usable_options(settings: dict[str, Any], name: str, version: str) -> dict[s
     null) stops TorchServe's start (Gson's NumberFormatException, which it does not catch): it
     is refused here too."""
     usable = dict(settings)
-    for key in _JSON_INT_KEYS:
+    for key in MODEL_INT_KEYS:
         if key not in usable:
             continue
         number = _gson_int(usable[key], f"models.{name}.{version}.{key}")

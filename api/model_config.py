@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from api.backends.archive import PYTHON_RUNTIMES, ArchiveError
-from api.config import Config
+from api.config import MODEL_INT_KEYS, Config
 from api.core.types import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -43,13 +43,7 @@ log = logging.getLogger(__name__)
 Origin = Literal["api", "config", "snapshot"]
 
 _INT_KEYS = (
-    "minWorkers",
-    "maxWorkers",
-    "batchSize",
-    "maxBatchDelay",
-    "responseTimeout",
-    "startupTimeout",
-    "jobQueueSize",
+    *MODEL_INT_KEYS,
     "sequenceMaxIdleMSec",
     "sequenceTimeoutMSec",
     "maxNumSequence",

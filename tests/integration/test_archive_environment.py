@@ -302,16 +302,23 @@ def test_declared_and_detected_handler_metrics(servers: dict[str, Urls]) -> None
     }
 
 
+def snapshot_config(store: Path, tmp_path: Path, version: str, settings: dict[str, int]) -> Path:
+    """A config.properties whose model_snapshot names configured.mar as `version`, one worker,
+    with `settings` (the batch and timeout keys a TorchServe snapshot always has)."""
+    entry = {"defaultVersion": True, "marName": "configured.mar", "minWorkers": 1, "maxWorkers": 1}
+    snapshot = {"name": "startup.cfg", "modelCount": 1}
+    snapshot["models"] = {"configured": {version: {**entry, **settings}}}
+    config = tmp_path / "config.properties"
+    config.write_text(f"model_store={store}\nmodel_snapshot={json.dumps(snapshot)}\n")
+    return config
+
+
 def test_a_model_snapshot_key_wins_over_model_config_yaml(store: Path, tmp_path: Path) -> None:
     # KServe's layout names its models in config.properties' model_snapshot. TorchServe
     # restores a snapshot's settings as they are: the archive's yaml (batchSize 3,
     # maxBatchDelay 9, responseTimeout 44) does not override them, unlike models={...}.
     settings = {"batchSize": 4, "maxBatchDelay": 50, "responseTimeout": 77}
-    entry = {"defaultVersion": True, "marName": "configured.mar", "minWorkers": 1}
-    snapshot = {"name": "startup.cfg", "modelCount": 1}
-    snapshot["models"] = {"configured": {"1.0": {**entry, "maxWorkers": 1, **settings}}}
-    config = tmp_path / "config.properties"
-    config.write_text(f"model_store={store}\nmodel_snapshot={json.dumps(snapshot)}\n")
+    config = snapshot_config(store, tmp_path, "1.0", settings)
     with running_torchserve(store, config) as ts, running_torchgate(config) as tg:
         for name, management in (
             ("torchserve", ts.management_url),
@@ -328,12 +335,8 @@ def test_a_model_snapshot_key_wins_over_model_config_yaml(store: Path, tmp_path:
 def test_a_model_snapshot_entry_registers_its_archives_version(store: Path, tmp_path: Path) -> None:
     # TorchServe registers the archive's own version (1.0 here) whatever the entry's key says;
     # the key only finds the entry's settings. torchgate registered it as "2.0".
-    entry = {"defaultVersion": True, "marName": "configured.mar", "minWorkers": 1}
-    snapshot = {"name": "startup.cfg", "modelCount": 1}
-    settings = {"maxWorkers": 1, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 60}
-    snapshot["models"] = {"configured": {"2.0": {**entry, **settings}}}
-    config = tmp_path / "config.properties"
-    config.write_text(f"model_store={store}\nmodel_snapshot={json.dumps(snapshot)}\n")
+    settings = {"batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 60}
+    config = snapshot_config(store, tmp_path, "2.0", settings)
     with running_torchserve(store, config) as ts, running_torchgate(config) as tg:
         for name, management in (
             ("torchserve", ts.management_url),
