@@ -28,6 +28,7 @@ it, as in TorchServe). This module imports neither torch nor handler code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -124,11 +125,27 @@ def gpu_round_robin(
     return GpuRoundRobin(min(number_of_gpu, present))
 
 
-def visible_gpus(environ: Mapping[str, str] | None = None, nvml: Any | None = None) -> int:
-    """The CUDA devices a worker's torch sees, counted as torch counts them without a CUDA call:
-    NVML's devices, narrowed by CUDA_VISIBLE_DEVICES (ordinals up to the first invalid or
-    absent one; UUIDs taken as they are); 0 without an NVIDIA driver. The frontend neither
-    imports torch nor touches CUDA (`nvml`: tests' stand-in for `pynvml`)."""
+def visible_gpus(
+    environ: Mapping[str, str] | None = None,
+    nvml: Any | None = None,
+    amd_nodes: Path = Path("/sys/class/kfd/kfd/topology/nodes"),
+) -> int:
+    """The GPUs a worker's torch sees, counted without torch or a GPU call (the frontend
+    touches neither): NVIDIA's from NVML, narrowed by CUDA_VISIBLE_DEVICES; else AMD's from
+    the ROCm driver's topology in sysfs (what a ROCm build of torch counts), narrowed by
+    ROCR_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES and CUDA_VISIBLE_DEVICES in turn; 0 without
+    either driver. (`nvml`, `amd_nodes`: tests' stand-ins.)"""
+    env = os.environ if environ is None else environ
+    present = _nvidia_devices(nvml)
+    if present:
+        return _narrowed(present, env.get("CUDA_VISIBLE_DEVICES"))
+    present = _amd_devices(amd_nodes)
+    for key in ("ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES"):
+        present = _narrowed(present, env.get(key))
+    return present
+
+
+def _nvidia_devices(nvml: Any | None) -> int:
     if nvml is None:
         try:
             import pynvml
@@ -138,13 +155,33 @@ def visible_gpus(environ: Mapping[str, str] | None = None, nvml: Any | None = No
     try:
         nvml.nvmlInit()
         try:
-            present = int(nvml.nvmlDeviceGetCount())
+            return int(nvml.nvmlDeviceGetCount())
         finally:
             nvml.nvmlShutdown()
     except Exception as exc:  # pynvml.NVMLError: no driver, no library, no device
-        log.debug("no GPU: %s", exc)
+        log.debug("no NVIDIA GPU: %s", exc)
         return 0
-    chosen = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+
+
+def _amd_devices(nodes: Path) -> int:
+    """The KFD topology's GPU nodes (CPU nodes have no SIMDs)."""
+    count = 0
+    try:
+        for node in nodes.iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                for line in (node / "properties").read_text().splitlines():
+                    key, _, value = line.partition(" ")
+                    if key == "simd_count" and int(value) > 0:
+                        count += 1
+    except OSError:  # no ROCm driver
+        return 0
+    return count
+
+
+def _narrowed(present: int, chosen: str | None) -> int:
+    """The devices of `present` a `*_VISIBLE_DEVICES` list leaves, as the runtime reads it:
+    ordinals up to the first invalid or absent one, UUIDs taken as they are, none when an
+    ordinal repeats; unset: all."""
     if chosen is None:
         return present
     seen: list[str | int] = []

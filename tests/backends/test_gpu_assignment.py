@@ -276,8 +276,29 @@ def test_visible_gpus_counts_as_torch_does(cuda_visible_devices: str | None, exp
     assert workers_module.visible_gpus(environ, StandInNvml(4)) == expected
 
 
-def test_no_driver_no_gpu() -> None:
-    assert workers_module.visible_gpus({}, StandInNvml(None)) == 0
+def test_no_driver_no_gpu(tmp_path: Path) -> None:
+    nothing = tmp_path / "no-kfd"
+    assert workers_module.visible_gpus({}, StandInNvml(None), amd_nodes=nothing) == 0
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, 2),
+        ({"HIP_VISIBLE_DEVICES": "1"}, 1),
+        ({"ROCR_VISIBLE_DEVICES": "0", "HIP_VISIBLE_DEVICES": "0,1"}, 1),
+        ({"CUDA_VISIBLE_DEVICES": ""}, 0),
+    ],
+)
+def test_amd_gpus_are_counted_from_the_rocm_drivers_topology(
+    tmp_path: Path, environ: dict[str, str], expected: int
+) -> None:
+    """A stand-in for /sys/class/kfd/kfd/topology/nodes (no AMD GPU here): a CPU node and two
+    GPU nodes, as the ROCm driver lists them; no NVIDIA driver."""
+    for node, simds in (("0", 0), ("1", 304), ("2", 304)):
+        (tmp_path / node).mkdir()
+        (tmp_path / node / "properties").write_text(f"cpu_cores_count 0\nsimd_count {simds}\n")
+    assert workers_module.visible_gpus(environ, StandInNvml(None), amd_nodes=tmp_path) == expected
 
 
 def test_a_loaded_version_holds_a_share_of_handler_metric_series_until_unloaded(
