@@ -61,6 +61,7 @@ from api.errors import (
     error_for_status,
 )
 from api.metrics_config import DEFAULT_MODEL_METRICS, DeclaredMetric
+from api.observability.gpu import import_nvml
 from api.workers.main import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_ITEMS_PER_REQUEST,
@@ -146,12 +147,9 @@ def visible_gpus(
 
 
 def _nvidia_devices(nvml: Any | None) -> int:
+    nvml = nvml if nvml is not None else import_nvml()
     if nvml is None:
-        try:
-            import pynvml
-        except ImportError:
-            return 0
-        nvml = pynvml
+        return 0
     try:
         nvml.nvmlInit()
         try:
@@ -208,7 +206,6 @@ async def load_worker_backend(
     limits: ArchiveLimits | None = None,
     name: str | None = None,
     handler: str | None = None,
-    gpu_count: int | None = None,
     gpus: GpuRoundRobin | None = None,
     intra_op_threads: int | None = None,
     on_metric: MetricCallback | None = None,
@@ -238,7 +235,6 @@ async def load_worker_backend(
         archive,
         settings,
         pool=pool,
-        gpu_count=gpu_count,
         gpus=gpus,
         intra_op_threads=intra_op_threads,
         on_metric=on_metric,
@@ -267,7 +263,6 @@ class WorkerBackend:
         settings: ModelSettings,
         *,
         pool: WorkerPool,
-        gpu_count: int | None = None,
         gpus: GpuRoundRobin | None = None,
         intra_op_threads: int | None = None,
         on_metric: MetricCallback | None = None,
@@ -277,15 +272,14 @@ class WorkerBackend:
         work_dir: Path | None = None,
         service_envelope: str | None = None,
     ) -> None:
-        """`gpus`: the server's round robin (`gpu_round_robin`, shared by every backend);
-        without it, one of this backend's own over `number_of_gpu=gpu_count` GPUs (None:
-        every GPU present), made at its first worker's start."""
+        """`gpus`: the server's round robin (`gpu_round_robin`, shared by every backend;
+        `GpuRoundRobin(0)` for CPU workers); without it, one of this backend's own over every
+        GPU present, made at its first worker's start."""
         self.archive = archive
         self.settings = settings
         self.signature: Mapping[str, Any] | None = archive.signature
         self.manifest: Mapping[str, Any] = archive.manifest
         self._pool = pool
-        self._gpu_count = gpu_count
         self._gpus = gpus
         # The GPU (None: CPU) of each worker slot, by index: taken from the round robin at the
         # slot's first start and kept across its restarts, as TorchServe's WorkerThread keeps
@@ -353,7 +347,7 @@ class WorkerBackend:
         (a new slot's, which it keeps through its restarts)."""
         if index not in self._gpu_ids:
             if self._gpus is None:
-                self._gpus = gpu_round_robin(self._gpu_count)
+                self._gpus = gpu_round_robin(None)
             self._gpu_ids[index] = self._gpus.next()
         return self._gpu_ids[index]
 

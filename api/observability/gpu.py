@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 _MB = 1024.0 * 1024.0
 
 
-def _import_nvml() -> ModuleType | None:
+def import_nvml() -> ModuleType | None:
+    """NVML's Python module (`nvidia-ml-py`), None where it is not installed."""
     try:
         import pynvml
     except ImportError:
@@ -54,7 +55,7 @@ class GpuCollector:
     def _devices_found(self) -> int:
         if self._devices is None:
             self._devices = 0
-            nvml = self._nvml if self._nvml is not None else _import_nvml()
+            nvml = self._nvml if self._nvml is not None else import_nvml()
             if nvml is None:
                 return 0
             try:

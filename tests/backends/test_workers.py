@@ -18,7 +18,7 @@ import pytest
 
 import api.backends.workers as workers_module
 from api.backends.archive import ArchiveError, open_archive
-from api.backends.workers import ProcessWorker, WorkerBackend, load_worker_backend
+from api.backends.workers import GpuRoundRobin, ProcessWorker, WorkerBackend, load_worker_backend
 from api.core.types import API_V2_GRPC, InferenceRequest, NotRun, Prediction
 from api.errors import (
     BadRequest,
@@ -147,8 +147,8 @@ def test_class_handler_one_instance_per_worker(
     path = build_archive("cls", "handler.py", {"handler.py": source})
 
     async def scenario() -> tuple[list[int], list[Any]]:
-        # gpu_count=0: the workers' device is "cpu" on a GPU machine too.
-        backend = await load(worker_pool, path, gpu_count=0)
+        # No GPU to take: the workers' device is "cpu" on a GPU machine too.
+        backend = await load(worker_pool, path, gpus=GpuRoundRobin(0))
         w0, w1 = await backend.start_worker(0), await backend.start_worker(1)
         try:
             assert w0.device == w1.device == "cpu"
@@ -268,9 +268,11 @@ def test_context_matches_torchserve(worker_pool: WorkerPool, build_archive: Buil
         config="model-config.yaml",
     )
     batch = requests("a", headers={"x-tenant": "acme"})
-    # gpu_count=0: gpu_id is None on a GPU machine too (test_cuda.py covers a GPU's).
+    # GpuRoundRobin(0): gpu_id is None on a GPU machine too (test_cuda.py covers a GPU's).
     [out] = run(
-        serve(worker_pool, path, [batch], model_settings=settings(batch_size=4), gpu_count=0)
+        serve(
+            worker_pool, path, [batch], model_settings=settings(batch_size=4), gpus=GpuRoundRobin(0)
+        )
     )
     assert out[0].body == {
         "model_name": "ctx",
@@ -1025,7 +1027,7 @@ def test_cpu_worker_has_no_gpu_and_one_torch_thread(
     # Every visible GPU (none, on a machine without one) and an explicit 0 both mean CPU.
     if not _cuda_visible():
         assert run(scenario()) == ("cpu", [None, 1])
-    assert run(scenario(gpu_count=0, intra_op_threads=2)) == ("cpu", [None, 2])
+    assert run(scenario(gpus=GpuRoundRobin(0), intra_op_threads=2)) == ("cpu", [None, 2])
 
 
 def test_omp_num_threads_sizes_cpu_workers_unless_the_key_does(

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from api.backends.workers import load_worker_backend
+from api.backends.workers import GpuRoundRobin, load_worker_backend
 from api.core.types import InferenceRequest, ModelSettings, Prediction
 from api.workers.pool import WorkerPool
 from export.serialize import export_onnx
@@ -117,7 +117,7 @@ class Serve(Protocol):
 def serve(worker_pool: WorkerPool, tmp_path: Path) -> Serve:
     """Archive `packed` with ``--handler builtin``, serve `batches` from one worker (`predict`).
 
-    Workers run on CPU unless the test passes `gpu_count`: the answers are compared with a
+    Workers run on CPU unless the test passes `gpus`: the answers are compared with a
     reference computed on CPU, and a GPU's TF32 convolutions differ from it by about 1e-3.
     `handler` overrides the manifest's, as the register API's parameter does
     (torch-model-archiver refuses a dotted ``ts.torch_handler.<name>``)."""
@@ -133,7 +133,7 @@ def serve(worker_pool: WorkerPool, tmp_path: Path) -> Serve:
             serialized=packed.serialized,
             model_file=packed.model_file,
         )
-        options.setdefault("gpu_count", 0)
+        options.setdefault("gpus", GpuRoundRobin(0))
         work_dir = tmp_path / "work"
         _, answers = aio.run(predict(worker_pool, path, batches, work_dir, **options), 60)
         return answers

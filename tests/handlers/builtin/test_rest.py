@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import torch
 
+from api.backends.workers import GpuRoundRobin
 from api.workers.pool import WorkerPool
 from tests.handlers.builtin.conftest import model_class, torchscript
 from tests.handlers.builtin.images import encode, imagenet_reference, random_image
@@ -41,7 +42,7 @@ def test_classifier_and_segmenter_over_rest(worker_pool: WorkerPool, tmp_path: P
 
     async def scenario() -> list[httpx.Response]:
         config = {"model_store": str(store), "load_models": "cls.mar,seg.mar"}
-        loader = worker_loader(worker_pool, gpu_count=0)
+        loader = worker_loader(worker_pool, gpus=GpuRoundRobin(0))
         async with started_torchgate(tmp_path, config, loader) as run:
             transport = httpx.ASGITransport(app=run.tg.inference_app)
             async with httpx.AsyncClient(transport=transport, base_url="http://tg") as client:
