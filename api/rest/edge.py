@@ -449,10 +449,11 @@ class EdgeProtocol(HttpToolsProtocol):
             self.listener.count("TLS handshake not done in time")
         elif self._owes_408():
             self.listener.count("408 request not received in time")
-            if self._phase is _Phase.BODY and self._queued():
+            queued = self._queued() if self._phase is _Phase.BODY else None
+            if queued is not None:
                 # A 408 now would be read as the answer to the request before it: it is owed
                 # after that answer, and the stalled request is never run.
-                self.pipeline.remove(next(e for e in self.pipeline if e[0] is self.cycle))
+                self.pipeline.remove(queued)
                 self._owe_refusal(408)
                 return
         elif self._phase is _Phase.BODY or self._phase is _Phase.DRAIN:
@@ -495,11 +496,12 @@ class EdgeProtocol(HttpToolsProtocol):
             )
         )
 
-    def _queued(self) -> bool:
-        """Whether the request whose body is arriving waits, pipelined, behind one not yet
-        answered. (Its head cannot be: one pipelined behind a request in progress has its
-        header timeout only from that answer on: on_response_complete.)"""
-        return any(queued is self.cycle for queued, _ in self.pipeline)
+    def _queued(self) -> tuple[Any, Any] | None:
+        """The pipeline's entry of the request whose body is arriving, when it waits there
+        behind one not yet answered; else None. (Its head cannot wait there: one pipelined
+        behind a request in progress has its header timeout only from that answer on:
+        on_response_complete.)"""
+        return next((entry for entry in self.pipeline if entry[0] is self.cycle), None)
 
     def _owe_refusal(self, status: int) -> None:
         """Refuse the request being received once the answers before it are out: nothing
