@@ -16,15 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from api.backends.workers import load_worker_backend
-from api.core.types import InferenceRequest, ModelSettings
 from api.metrics_config import load_metrics_spec
-from api.observability.handler_metrics import HandlerMetrics
-from api.observability.metrics import PrometheusObserver
 from api.workers.pool import WorkerPool
-from tests.support import aio
-from tests.support.archives import build_archive
 from tests.support.exposition import parse, value
+from tests.support.metered import serve_metered
 
 # A handler as TorchServe's docs write one: add_size and add_time without a metric_type (so
 # gauges), where metrics.yaml wants histograms; a counter it writes as a gauge too.
@@ -78,36 +73,8 @@ def serve(
     handler's answers and the /metrics page."""
     (tmp_path / "metrics.yaml").write_text(metrics_yaml)
     spec = load_metrics_spec(tmp_path / "metrics.yaml", auto_detect=auto_detect)
-    observer = PrometheusObserver(process_metrics=False, hostname="h")
-    sink = HandlerMetrics(hostname="h")
-    sink.spec = spec
-    observer.add_collector(sink)
-    observer.add_text(sink.counters_text)
-    path = build_archive(tmp_path, "declared", "handler.py", {"handler.py": HANDLER})
-
-    async def scenario() -> list[object]:
-        backend = await load_worker_backend(
-            path,
-            ModelSettings(batch_size=1),
-            pool=pool,
-            work_dir=tmp_path / "work",
-            on_metric=sink.on_metric,
-            declared_metrics=spec.model_metrics,
-        )
-        try:
-            worker = await backend.start_worker(0)
-            answers = []
-            for index in range(batches):
-                [prediction] = await worker.predict(
-                    [InferenceRequest({"body": b"x"}, {}, str(index))]
-                )
-                answers.append(prediction.body)
-            return answers
-        finally:
-            await backend.close()
-
-    answers = aio.run(scenario(), timeout=None)
-    return answers, observer.render().decode()
+    answers, page = serve_metered(pool, tmp_path, "declared", HANDLER, [b"x"] * batches, spec=spec)
+    return [answer.body for answer in answers], page
 
 
 @pytest.mark.parametrize("auto_detect", [False, True])

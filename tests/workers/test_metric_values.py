@@ -17,15 +17,11 @@ import pytest
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from api.backends.workers import load_worker_backend
-from api.core.types import InferenceRequest, ModelSettings, Prediction
-from api.observability.handler_metrics import HandlerMetrics
-from api.observability.metrics import PrometheusObserver
+from api.core.types import Prediction
 from api.workers.context import MetricsStore
 from api.workers.pool import WorkerPool
-from tests.support import aio
-from tests.support.archives import build_archive
 from tests.support.exposition import parse, value
+from tests.support.metered import serve_metered
 
 # Each request's body names what its handler records.
 HANDLER = """
@@ -66,32 +62,7 @@ HANDLER = """
 
 def serve(pool: WorkerPool, tmp_path: Path, bodies: list[str]) -> tuple[list[Prediction], str]:
     """Each body as a request of its own to one worker; the answers and the /metrics page."""
-    observer = PrometheusObserver(process_metrics=False, hostname="h")
-    sink = HandlerMetrics(hostname="h")
-    observer.add_collector(sink)
-    observer.add_text(sink.counters_text)
-    path = build_archive(tmp_path, "values", "handler.py", {"handler.py": HANDLER})
-
-    async def scenario() -> list[Prediction]:
-        backend = await load_worker_backend(
-            path,
-            ModelSettings(batch_size=1),
-            pool=pool,
-            work_dir=tmp_path / "work",
-            on_metric=sink.on_metric,
-        )
-        worker = await backend.start_worker(0)
-        try:
-            answers = []
-            for body in bodies:
-                answers += await worker.predict([InferenceRequest({"body": body}, {}, "r")])
-            assert worker.alive
-            return answers
-        finally:
-            await backend.close()
-
-    answers = aio.run(scenario(), timeout=None)
-    return answers, observer.render().decode()
+    return serve_metered(pool, tmp_path, "values", HANDLER, list(bodies))
 
 
 def one_worker_answered_all(answers: list[Prediction]) -> bool:
