@@ -8,6 +8,8 @@ Two differences are torchgate's on purpose (docs/compatibility.md, "Token author
 - `/ping` needs no key. TorchServe 0.12 answers it 400 without the inference key, and its keys
   expire (60 minutes by default), so a Kubernetes probe or a load balancer's health check,
   which cannot send a changing key, could never see it healthy.
+On gRPC the same two, by gRPC's codes: UNAUTHENTICATED where TorchServe answers
+PERMISSION_DENIED (gRPC's code for a caller known but not allowed), and `Ping` open.
 """
 
 from __future__ import annotations
@@ -19,9 +21,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+from google.protobuf import empty_pb2
 
+from api.rpc.generated import inference_pb2 as inference
+from api.rpc.generated import inference_pb2_grpc as inference_grpc
+from api.rpc.generated import management_pb2 as management
+from api.rpc.generated import management_pb2_grpc as management_grpc
 from tests.support.server import running_torchgate
 from tests.support.torchserve import running_torchserve
 
@@ -43,6 +51,8 @@ class Server:
     keys: dict[str, str]
     metrics: str
     key_file: Path
+    grpc_inference: int
+    grpc_management: int
 
 
 KINDS = ("inference", "management", "API")
@@ -73,6 +83,8 @@ def token_servers(
                 {kind: str(ts.key(kind)) for kind in KINDS},
                 ts.metrics_url,
                 ts.workdir / "key_file.json",
+                ts.grpc_inference_port,
+                ts.grpc_management_port,
             ),
             "torchgate": Server(
                 tg.inference_url,
@@ -80,6 +92,8 @@ def token_servers(
                 {kind: tg_keys[kind]["key"] for kind in KINDS},
                 tg.metrics_url,
                 tg_file,
+                tg.grpc_inference_port,
+                tg.grpc_management_port,
             ),
         }
 
@@ -139,6 +153,66 @@ def test_ping_needs_no_key_on_torchgate(servers: dict[str, Server]) -> None:
         # TorchServe 0.12 wants the inference key here; torchgate's probes need none.
         assert answers["torchserve"].status_code == 400
         assert answers["torchgate"].status_code == 200
+
+
+def grpc_call(server: Server, call: str, key: str | None) -> tuple[grpc.StatusCode, str]:
+    """One gRPC call (`Ping`, `Predictions` or `DescribeModel` of digits) with `key`'s key as
+    TorchServe's clients send it: `authorization: Bearer KEY` metadata."""
+    metadata = [("authorization", f"Bearer {server.keys[key]}")] if key else []
+    port = server.grpc_management if call == "DescribeModel" else server.grpc_inference
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            if call == "DescribeModel":
+                management_grpc.ManagementAPIsServiceStub(channel).DescribeModel(
+                    management.DescribeModelRequest(model_name="digits"),
+                    metadata=metadata,
+                    timeout=30,
+                )
+            elif call == "Ping":
+                inference_grpc.InferenceAPIsServiceStub(channel).Ping(
+                    empty_pb2.Empty(), metadata=metadata, timeout=30
+                )
+            else:
+                inference_grpc.InferenceAPIsServiceStub(channel).Predictions(
+                    inference.PredictionsRequest(
+                        model_name="digits", input={"data": json.dumps(DIGIT).encode()}
+                    ),
+                    metadata=metadata,
+                    timeout=30,
+                )
+        except grpc.RpcError as error:
+            return error.code(), error.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+@pytest.mark.parametrize(
+    ("call", "key"),
+    [
+        ("Predictions", None),
+        ("Predictions", "management"),  # the other API's key
+        ("DescribeModel", None),
+        ("DescribeModel", "inference"),
+    ],
+)
+def test_grpc_refuses_a_missing_or_wrong_key_with_the_same_message(
+    servers: dict[str, Server], call: str, key: str | None
+) -> None:
+    answers = {name: grpc_call(server, call, key) for name, server in servers.items()}
+    # TorchServe PERMISSION_DENIED, torchgate UNAUTHENTICATED (the module docstring says why).
+    assert answers["torchserve"] == (grpc.StatusCode.PERMISSION_DENIED, MESSAGE)
+    assert answers["torchgate"] == (grpc.StatusCode.UNAUTHENTICATED, MESSAGE)
+
+
+def test_grpc_serves_the_right_key_alike_and_ping_needs_none_on_torchgate(
+    servers: dict[str, Server],
+) -> None:
+    for server in servers.values():
+        assert grpc_call(server, "Predictions", "inference")[0] == grpc.StatusCode.OK
+        assert grpc_call(server, "DescribeModel", "management")[0] == grpc.StatusCode.OK
+        assert grpc_call(server, "Ping", "inference")[0] == grpc.StatusCode.OK
+    # TorchServe's interceptor guards every call of the port; torchgate's probes need no key.
+    assert grpc_call(servers["torchserve"], "Ping", None)[0] == grpc.StatusCode.PERMISSION_DENIED
+    assert grpc_call(servers["torchgate"], "Ping", None)[0] == grpc.StatusCode.OK
 
 
 @pytest.fixture(scope="module")
