@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
 
 from api.errors import InferenceFailed, TorchgateError, grpc_code_name, retry_after
+from api.request_ids import request_id
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,20 @@ def grpc_code(exc: TorchgateError) -> grpc.StatusCode:
 
 async def abort(context: grpc.aio.ServicerContext, exc: TorchgateError) -> None:
     seconds = retry_after(exc)
-    if seconds is not None:
-        context.set_trailing_metadata((("retry-after", seconds),))
+    if seconds is not None:  # beside what the call set already (its x-request-id)
+        context.set_trailing_metadata(
+            (*(context.trailing_metadata() or ()), ("retry-after", seconds))
+        )
     await context.abort(grpc_code(exc), exc.message)
+
+
+def call_request_id(context: grpc.aio.ServicerContext, headers: Mapping[str, str]) -> str:
+    """The call's request id (`api.request_ids.request_id`), sent back in its trailing
+    metadata as `x-request-id`, failed or not, as REST answers with the header: a client
+    that sent none learns the one in the server's logs."""
+    rid = request_id(headers)
+    context.set_trailing_metadata((("x-request-id", rid),))
+    return rid
 
 
 def metadata_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:

@@ -16,8 +16,8 @@ from api.core.sequences import SEQUENCE_ID
 from api.core.types import API_V2_GRPC, header_value
 from api.encoding import check_answer_size
 from api.errors import Overloaded
-from api.request_ids import new_request_id, request_id
-from api.rpc.errors import as_error, grpc_errors, metadata_headers
+from api.request_ids import new_request_id
+from api.rpc.errors import as_error, call_request_id, grpc_errors, metadata_headers
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
 from api.rpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from api.rpc.ordered import Earlier, in_order
@@ -90,7 +90,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, metadata_headers(context))
+        headers = metadata_headers(context)
+        return await self._infer(request, headers, call_request_id(context, headers))
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -151,9 +152,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
 
     async def _infer(
-        self, request: pb.ModelInferRequest, headers: dict[str, str]
+        self, request: pb.ModelInferRequest, headers: dict[str, str], rid: str
     ) -> pb.ModelInferResponse:
-        call = await self._call(request, headers, request_id(headers))
+        call = await self._call(request, headers, rid)
         response = await call.answer()
         with bridge.codec_errors():
             return encode_grpc(response, call.request.outputs)

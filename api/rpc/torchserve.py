@@ -40,8 +40,15 @@ from api.errors import BadRequest, error_for_status
 from api.management import ListArgs, Management, RegisterArgs, ScaleArgs
 from api.management.params import positive
 from api.model_loader import ModelLoader
-from api.request_ids import new_request_id, request_id
-from api.rpc.errors import abort, as_error, grpc_code, grpc_errors, metadata_headers
+from api.request_ids import new_request_id
+from api.rpc.errors import (
+    abort,
+    as_error,
+    call_request_id,
+    grpc_code,
+    grpc_errors,
+    metadata_headers,
+)
 from api.rpc.generated import inference_pb2 as inference
 from api.rpc.generated import inference_pb2_grpc as inference_grpc
 from api.rpc.generated import management_pb2 as management
@@ -64,7 +71,8 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
     async def Predictions(
         self, request: inference.PredictionsRequest, context: grpc.aio.ServicerContext
     ) -> inference.PredictionResponse:
-        return await self._predict(request, metadata_headers(context))
+        headers = metadata_headers(context)
+        return await self._predict(request, headers, call_request_id(context, headers))
 
     async def StreamPredictions(
         self, request: inference.PredictionsRequest, context: grpc.aio.ServicerContext
@@ -74,7 +82,8 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
         status."""
         try:
             headers = metadata_headers(context)
-            async for message in self._responses(request, headers, request_id(headers)):
+            rid = call_request_id(context, headers)
+            async for message in self._responses(request, headers, rid):
                 yield message
         except Exception as exc:
             await abort(context, as_error(exc, "StreamPredictions"))
@@ -124,9 +133,9 @@ class TorchServeInference(inference_grpc.InferenceAPIsServiceServicer):
             yield _prediction_message(prediction)
 
     async def _predict(
-        self, request: inference.PredictionsRequest, headers: dict[str, str]
+        self, request: inference.PredictionsRequest, headers: dict[str, str], rid: str
     ) -> inference.PredictionResponse:
-        item, model = self._item(request, headers, request_id(headers))
+        item, model = self._item(request, headers, rid)
         answer = await self.dataplane.infer(model, request.model_version or None, item)
         return _prediction_message(answer.prediction)
 

@@ -181,9 +181,10 @@ def test_infer(tmp_path: Path, raw: bool) -> None:
     async def scenario() -> None:
         async with serving(tmp_path) as client:
             request = infer_request([[1.0, 2.0], [3.0, 4.5]], raw=raw)
-            response = await client.stub.ModelInfer(
-                request, metadata=(("x-request-id", "abc-123"),)
-            )
+            call = client.stub.ModelInfer(request, metadata=(("x-request-id", "abc-123"),))
+            response = await call
+            # The call's id comes back as REST's X-Request-Id header does.
+            assert ("x-request-id", "abc-123") in tuple(await call.trailing_metadata())
             assert (response.model_name, response.model_version, response.id) == (
                 "m",
                 "1.0",

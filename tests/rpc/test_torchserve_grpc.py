@@ -202,6 +202,43 @@ def test_predictions_errors_map_through_the_error_table(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_the_call_request_id_comes_back_in_trailing_metadata(tmp_path: Path) -> None:
+    """As REST answers with `X-Request-Id`: the client's, or the new one the handler and the
+    logs saw, failed calls too, beside a refusal's `retry-after`."""
+
+    async def scenario() -> None:
+        async with serving(tmp_path) as client:
+            call = client.inference.Predictions(
+                predictions_request(), metadata=(("x-request-id", "abc-123"),)
+            )
+            await call
+            assert ("x-request-id", "abc-123") in tuple(await call.trailing_metadata())
+            call = client.inference.Predictions(predictions_request())
+            handlers = json.loads((await call).prediction)["request_id"]
+            assert ("x-request-id", handlers) in tuple(await call.trailing_metadata())
+            call = client.inference.Predictions(
+                predictions_request("nope"), metadata=(("x-request-id", "lost-1"),)
+            )
+            await expect_error(call, Code.NOT_FOUND)
+            assert ("x-request-id", "lost-1") in tuple(await call.trailing_metadata())
+            streamed = client.inference.StreamPredictions(
+                predictions_request(), metadata=(("x-request-id", "s-1"),)
+            )
+            assert len([message async for message in streamed]) == 1
+            assert ("x-request-id", "s-1") in tuple(await streamed.trailing_metadata())
+            # No live worker: UNAVAILABLE, retry-after beside the id.
+            await client.rest_management.put("/models/m/1.0?min_worker=0&synchronous=true")
+            call = client.inference.Predictions(
+                predictions_request(), metadata=(("x-request-id", "busy-1"),)
+            )
+            await expect_error(call, Code.UNAVAILABLE)
+            trailing = tuple(await call.trailing_metadata())
+            assert ("x-request-id", "busy-1") in trailing
+            assert ("retry-after", "1") in trailing
+
+    run(scenario())
+
+
 def test_stream_predictions_sends_one_message_per_request(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with serving(tmp_path) as client:
