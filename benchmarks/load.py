@@ -12,13 +12,16 @@ Engines:
     wrk     (primary) Debian's wrk driven by the Lua script below; its `done()` hook prints one
             JSON line. `scripts/install_tools.sh wrk` installs it. C, epoll: ~100k req/s per thread,
             so it is not the bottleneck of anything this project serves.
-    python  (fallback when wrk is missing) asyncio + raw sockets, HTTP/1.1 keep-alive. About
-            an order of magnitude slower than wrk: fine for slow models, it saturates before
-            a fast server does.
+    python  asyncio + raw sockets, HTTP/1.1 keep-alive. About an order of magnitude slower
+            than wrk: fine for slow models, it saturates before a fast server does. `auto`
+            falls back to it when wrk is missing, with a warning on stderr. It also sees each
+            answer's status and headers (`python_load`), which the suite's refusal probe uses.
 
 Errors: "status" counts answers the engine deems failed. wrk counts HTTP status >= 400 (a 3xx
 counts as a success there); the python engine counts every non-2xx. Both also count connect,
-read, write and timeout errors; a point with errors is still reported, never hidden.
+read, write and timeout errors; a point with errors is still reported, never hidden, and its
+latency percentiles are over every answer, failed ones included (wrk records them all).
+Exit status 1 when a point got no successful answer.
 
 The repository's benchmark suite (`python -m benchmarks`, `make bench`) drives its load
 through this module.
@@ -39,15 +42,17 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 DEFAULT_CONCURRENCY = (1, 8, 32)
 RESULT_MARKER = "TORCHGATE_BENCH "
 ERROR_KINDS = ("connect", "read", "write", "status", "timeout")
+
+T = TypeVar("T")
 
 # Runs in every wrk thread's Lua state. The method and body file come through the environment
 # (robust against how wrk hands arguments to scripts); headers, including Content-Type, are wrk
@@ -118,6 +123,11 @@ class PointResult:
     @property
     def error_count(self) -> int:
         return sum(self.errors.values())
+
+    @property
+    def successes(self) -> int:
+        """Answers that were not failed ones (2xx; for wrk, any status below 400)."""
+        return self.requests - self.errors.get("status", 0)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "error_count": self.error_count}
@@ -254,8 +264,17 @@ def _request_bytes(spec: LoadSpec) -> tuple[str, int, bytes]:
     return parts.hostname, port, head + spec.body
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
-    """(status, keep-alive) of one HTTP/1.1 response, its body read and dropped."""
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the python engine keeps of one HTTP/1.1 response (its body is read and dropped)."""
+
+    status: int
+    keep_alive: bool
+    retry_after: bool  # a Retry-After header came with it
+
+
+async def read_answer(reader: asyncio.StreamReader) -> Answer:
+    """One HTTP/1.1 response from `reader`, body consumed."""
     head = await reader.readuntil(b"\r\n\r\n")
     status_line, _, header_block = head.partition(b"\r\n")
     status = int(status_line.split(b" ", 2)[1])
@@ -272,15 +291,27 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
                 break
     else:
         await reader.readexactly(int(headers.get(b"content-length", b"0")))
-    return status, headers.get(b"connection") != b"close"
+    return Answer(status, headers.get(b"connection") != b"close", b"retry-after" in headers)
 
 
-async def _python_load(
-    spec: LoadSpec, concurrency: int, duration_s: float
-) -> tuple[list[float], float, Counter[str]]:
+@dataclass(slots=True)
+class Samples:
+    """Everything one python-engine run saw. Latencies of every answer, whatever its status;
+    a request that got no answer (connect/read/timeout) has none."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    errors: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[int] = field(default_factory=Counter)  # answers by HTTP status
+    # Each 503 (a refusal): its latency, and whether it said when to retry.
+    refusals: list[tuple[float, bool]] = field(default_factory=list)
+
+
+async def python_load(spec: LoadSpec, concurrency: int, duration_s: float) -> Samples:
+    """`concurrency` keep-alive connections in a closed loop for `duration_s`."""
     host, port, request = _request_bytes(spec)
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
+    samples = Samples()
+    latencies, errors, statuses = samples.latencies_s, samples.errors, samples.statuses
     clock = time.perf_counter
     started = clock()
     deadline = started + duration_s
@@ -298,20 +329,24 @@ async def _python_load(
                     continue
             assert reader is not None
             sent = clock()
+            keep_alive = False
             try:
                 writer.write(request)
                 async with asyncio.timeout(spec.timeout_s):
-                    status, keep_alive = await _read_response(reader)
+                    answer = await read_answer(reader)
             except TimeoutError:
                 errors["timeout"] += 1
-                keep_alive, status = False, 0
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
                 errors["read"] += 1
-                keep_alive, status = False, 0
             else:
-                latencies.append(clock() - sent)
-                if not 200 <= status < 300:
+                latency = clock() - sent
+                latencies.append(latency)
+                statuses[answer.status] += 1
+                keep_alive = answer.keep_alive
+                if not 200 <= answer.status < 300:
                     errors["status"] += 1
+                    if answer.status == 503:
+                        samples.refusals.append((latency, answer.retry_after))
             if not keep_alive:
                 writer.close()
                 writer = None
@@ -319,26 +354,44 @@ async def _python_load(
             writer.close()
 
     await asyncio.gather(*(connection() for _ in range(concurrency)))
-    return latencies, clock() - started, errors
+    samples.elapsed_s = clock() - started
+    return samples
+
+
+def run_async(work: Coroutine[Any, Any, T]) -> T:
+    """`work` on a fresh event loop: uvloop's when installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        return asyncio.run(work)
+    return uvloop.run(work)
 
 
 def run_python(spec: LoadSpec, concurrency: int, duration_s: float) -> PointResult:
     """One run of the asyncio engine (uvloop when installed)."""
-    try:
-        import uvloop
+    samples = run_async(python_load(spec, concurrency, duration_s))
+    return summarize(concurrency, samples.latencies_s, samples.elapsed_s, dict(samples.errors))
 
-        runner: Callable[[Any], Any] = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-        runner = asyncio.run
-    latencies, elapsed, errors = runner(_python_load(spec, concurrency, duration_s))
-    return summarize(concurrency, latencies, elapsed, dict(errors))
+
+FALLBACK_WARNING = (
+    "warning: wrk is not installed (scripts/install_tools.sh wrk): the load comes from the "
+    "python engine, which saturates about an order of magnitude earlier than wrk; these numbers "
+    "are not comparable to a run with wrk"
+)
 
 
 def pick_engine(name: str) -> tuple[str, Engine]:
-    """("wrk" | "python", run function) for --engine auto|wrk|python."""
-    if name == "python" or (name == "auto" and shutil.which("wrk") is None):
+    """("wrk" | "python", run function) for --engine auto|wrk|python.
+
+    `auto` without wrk falls back to the python engine and says so on stderr: call it once
+    per run, and name the engine wherever the numbers go.
+    """
+    if name == "python":
         return "python", run_python
     if shutil.which("wrk") is None:
+        if name == "auto":
+            print(FALLBACK_WARNING, file=sys.stderr, flush=True)
+            return "python", run_python
         raise BenchError("wrk is not on PATH (scripts/install_tools.sh wrk installs it)")
     return "wrk", run_wrk
 
@@ -411,6 +464,21 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * scale
 
 
+MIN_MEASURED_S = 1.0
+
+
+def parse_measured_duration(text: str) -> float:
+    """`parse_duration` for a measured period: at least a second. wrk runs whole seconds (at
+    least one, whatever it is asked), and a shorter period gives the in-process timings next to
+    nothing to average."""
+    seconds = parse_duration(text)
+    if seconds < MIN_MEASURED_S:
+        raise argparse.ArgumentTypeError(
+            f"a measured duration must be at least {MIN_MEASURED_S:g} s: {text!r}"
+        )
+    return seconds
+
+
 def parse_concurrency(text: str) -> list[int]:
     """[1, 8, 32] from "1,8,32"; every level a positive integer."""
     try:
@@ -448,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--duration",
         "-d",
-        type=parse_duration,
+        type=parse_measured_duration,
         default=10.0,
         help="measured, per point (default: 10s)",
     )
@@ -538,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(document, indent=2))
     else:
         print(render_table(COLUMNS, [result_row(result) for result in results]))
-    return 1 if any(result.requests == 0 for result in results) else 0
+    return 1 if any(result.successes <= 0 for result in results) else 0
 
 
 if __name__ == "__main__":

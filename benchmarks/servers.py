@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+from api.backends.workers import DEFAULT_INTRA_OP_THREADS
 from tests.support.server import running_torchgate
 from tests.support.torchserve import running_torchserve
 
@@ -86,6 +87,31 @@ def _role(process: psutil.Process, root: psutil.Process) -> str:
     if process.pid == root.pid and "api.cli" in command:
         return "frontend"
     return process.name()
+
+
+def torchserve_threads(omp_threads: int | None) -> str:
+    """What `torchserve(..., omp_threads=...)` gives TorchServe's workers, in words."""
+    if omp_threads:
+        return f"OMP_NUM_THREADS={omp_threads}"
+    inherited = os.environ.get("OMP_NUM_THREADS")
+    if inherited:
+        return f"OMP_NUM_THREADS={inherited} (from the environment)"
+    return "torch's default threads (OMP_NUM_THREADS unset)"
+
+
+def torchgate_threads(intra_op_threads: int | None) -> str:
+    """What torchgate's CPU workers use, in words, given the config's
+    `torchgate.intra_op_threads`; the rule is `ModelBackend`'s in api.backends.workers (the
+    config's value, else torch following an OMP_NUM_THREADS torchgate inherits, else one)."""
+    inherited = os.environ.get("OMP_NUM_THREADS")
+    if intra_op_threads is None:
+        intra_op_threads = 0 if inherited else DEFAULT_INTRA_OP_THREADS
+    if intra_op_threads > 0:
+        plural = "s" if intra_op_threads != 1 else ""
+        return f"{intra_op_threads} intra-op thread{plural} each"
+    if inherited:
+        return f"OMP_NUM_THREADS={inherited} (from the environment)"
+    return "torch's default threads"
 
 
 @contextmanager

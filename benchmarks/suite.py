@@ -4,8 +4,11 @@
     python -m benchmarks --servers torchgate --models digits -d 3s  # a quick look
 
 Prints the side-by-side table and, with --out, writes the markdown report. Exits 0 when the
-suite ran, whether or not the targets were met (the report says which were); 1 when a server
-could not be started or did not answer a smoke request.
+suite ran, whether or not the targets were met (the report says which were); 1 when a tool it
+needs is missing (torchserve, java, wrk), a server could not be started or did not answer a
+smoke request, or a point got no successful answer at all (the report is still written: its
+targets say "NO (no 2xx)"). SIGTERM and SIGHUP stop it as Ctrl-C does, servers stopped and
+their temporary directories removed (`benchmarks.preflight`).
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ from functools import partial
 from pathlib import Path
 
 from api.config import load_config
-from benchmarks import machine, raw, report, servers
+from benchmarks import machine, overload, preflight, raw, report, servers
 from benchmarks.load import (
+    Engine,
     LoadSpec,
     PointResult,
     parse_concurrency,
     parse_duration,
+    parse_measured_duration,
     pick_engine,
     run_points,
 )
@@ -82,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[1, 8, 32, 200],
         help="connections per point (minilm stops at 32: at 200 it only measures the queue)",
     )
-    parser.add_argument("--duration", "-d", type=parse_duration, default=10.0)
+    parser.add_argument(
+        "--duration", "-d", type=parse_measured_duration, default=10.0, help="measured, per point"
+    )
     parser.add_argument("--warmup", type=parse_duration, default=2.0)
     parser.add_argument("--threads", "-t", type=int, default=1, help="wrk threads")
     parser.add_argument("--engine", choices=["auto", "wrk", "python"], default="auto")
@@ -145,9 +152,10 @@ def run_server(
     factory: ServerFactory,
     options: argparse.Namespace,
     workloads: list[Workload],
+    engine: tuple[str, Engine],
 ) -> report.ServerRun:
     """Start one server, load it with every workload at every concurrency, stop it."""
-    engine_name, engine = pick_engine(options.engine)
+    engine_name, run_engine = engine
     started = time.monotonic()
     _say(f"starting {label} ...")
     with factory(options.model_store, options.config) as server:
@@ -174,16 +182,19 @@ def run_server(
                 c for c in options.concurrency if workload.model == "digits" or c <= MINILM_MAX_C
             ]
             run.points[workload.model] = run_points(
-                spec, levels, options.duration, options.warmup, engine, progress
+                spec, levels, options.duration, options.warmup, run_engine, progress
             )
+            if workload.model == report.TARGET_WORKLOAD and report.OVERLOAD_C in levels:
+                run.overload = overload.probe_refusals(spec, report.OVERLOAD_C)
+                _say(f"  {label} {workload.model} refusals: {overload.describe(run.overload)}")
         ping = LoadSpec(url=server.inference_url + "/ping", threads=options.threads)
-        [run.ping] = run_points(ping, [1], options.duration, options.warmup, engine)
+        [run.ping] = run_points(ping, [1], options.duration, options.warmup, run_engine)
         _say(f"  {label} GET /ping c=1: p50 {run.ping.p50_ms:.3f} ms")
         run.memory_loaded = server.memory()
     return run
 
 
-def _settings(options: argparse.Namespace) -> dict[str, str]:
+def _settings(options: argparse.Namespace, engine_name: str) -> dict[str, str]:
     config = load_config(options.config)
     digits = next((m for m in config.models if m.name == "digits" and m.default), None)
     batching = (
@@ -193,15 +204,14 @@ def _settings(options: argparse.Namespace) -> dict[str, str]:
         if digits
         else "not in models={...}"
     )
-    engine_name, _ = pick_engine(options.engine)
     return {
         "archives": ", ".join(sorted(p.name for p in options.model_store.glob("*.mar"))),
         "digits_batching": batching,
-        "torchserve_threads": (
-            f"OMP_NUM_THREADS={options.torchserve_threads}"
-            if options.torchserve_threads
-            else "torch's default threads (OMP_NUM_THREADS unset)"
+        "digits_max_batch_delay": (
+            f"{digits.settings.max_batch_delay_ms:g} ms" if digits else "as configured"
         ),
+        "torchgate_threads": servers.torchgate_threads(config.intra_op_threads),
+        "torchserve_threads": servers.torchserve_threads(options.torchserve_threads or None),
         "engine": engine_name,
         "threads": str(options.threads),
         "warmup": f"{options.warmup:g} s",
@@ -242,6 +252,7 @@ def _write_json(path: Path, result: report.SuiteResult) -> None:
                 "pss_loaded": run.memory_loaded.pss if run.memory_loaded else None,
                 "points": {w: [p.to_json() for p in pts] for w, pts in run.points.items()},
                 "ping": run.ping.to_json() if run.ping else None,
+                "overload": run.overload.to_json() if run.overload else None,
             }
             for name, run in result.runs.items()
         },
@@ -261,8 +272,20 @@ def _stages(options: argparse.Namespace) -> Iterator[tuple[str, ServerFactory]]:
 
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
+    missing = preflight.missing_tools(
+        torchserve="torchserve" in options.servers, wrk=options.engine == "wrk"
+    )
+    if missing:
+        _say("benchmark cannot start: " + "; ".join(missing))
+        return 1
+    with preflight.exit_on_termination():
+        return _run(options)
+
+
+def _run(options: argparse.Namespace) -> int:
     began = time.monotonic()
-    result = report.SuiteResult(machine.describe(), _settings(options))
+    engine = pick_engine(options.engine)  # once: `auto` without wrk warns here
+    result = report.SuiteResult(machine.describe(), _settings(options, engine[0]))
     if result.machine.load_average > result.machine.cores / 2:
         _say(
             f"warning: load average {result.machine.load_average:.1f} on "
@@ -273,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     workloads = [WORKLOADS[name] for name in options.models]
     try:
         for label, factory in _stages(options):
-            result.runs[label] = run_server(label, factory, options, workloads)
-    except (RuntimeError, TimeoutError) as exc:
+            result.runs[label] = run_server(label, factory, options, workloads, engine)
+    except (RuntimeError, TimeoutError, OSError) as exc:  # BenchError is a RuntimeError
         _say(f"benchmark aborted: {exc}")
         return 1
     result.settings["load_end"] = f"{os.getloadavg()[0]:.1f}"
@@ -286,4 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.json_out is not None:
         _write_json(options.json_out, result)
     _say(f"suite took {time.monotonic() - began:.0f} s")
+    if failed := report.points_without_2xx(result):
+        _say("no successful answer at: " + ", ".join(failed))
+        return 1
     return 0

@@ -15,8 +15,12 @@ in interleaved rounds (each row is its median round, so background load hits all
     torchgate  /predictions       wrk, a JSON array of 64 numbers
     TorchServe /predictions       wrk, the same body
 
-Without wrk (`scripts/install_tools.sh wrk`) the HTTP rows use benchmarks.load's asyncio client,
-which saturates an order of magnitude earlier. Clients and servers share the machine's cores, so
+Both servers' workers run one intra-op thread, as in the main suite (`benchmarks.servers`:
+TorchServe with OMP_NUM_THREADS=1 unless `--torchserve-threads` says otherwise); the caption
+says which. Without wrk (`scripts/install_tools.sh wrk`) the HTTP rows use benchmarks.load's
+asyncio client, which saturates an order of magnitude earlier (a warning says so, and the client
+column names it). `--append` writes the table into a markdown report, replacing the section an
+earlier run wrote there. Clients and servers share the machine's cores, so
 besides throughput each row reports the CPU time per request of the server (its whole process
 tree: TorchServe's Java frontend and Python worker) and of the client (this process for the gRPC
 rows, wrk for the others): on a 2-core machine a Python gRPC client costs about as much CPU per
@@ -45,9 +49,18 @@ import orjson
 import psutil
 
 from api.rpc.generated import grpc_predict_v2_pb2 as pb
-from benchmarks.load import LoadSpec, PointResult, pick_engine, render_table, summarize
+from benchmarks import preflight, report, servers
+from benchmarks.load import (
+    Engine,
+    LoadSpec,
+    PointResult,
+    parse_duration,
+    parse_measured_duration,
+    pick_engine,
+    render_table,
+    summarize,
+)
 from tests.support.server import running_torchgate
-from tests.support.torchserve import running_torchserve
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_STORE = ROOT / "model_store"
@@ -248,15 +261,17 @@ def grpc_case(server_pid: int, port: int, client: str, connect: GrpcClient) -> C
     return Case("torchgate", "v2 gRPC, binary", client, run_once)
 
 
-def http_case(server: str, server_pid: int, api: str, spec: LoadSpec) -> Case:
-    engine_name, engine = pick_engine("auto")
+def http_case(
+    server: str, server_pid: int, api: str, spec: LoadSpec, engine: tuple[str, Engine]
+) -> Case:
+    engine_name, run_engine = engine
 
     def once(concurrency: int, duration_s: float, warmup_s: float) -> Measured:
         if warmup_s > 0:
-            engine(spec, concurrency, warmup_s)
+            run_engine(spec, concurrency, warmup_s)
         meter = CpuMeter(server_pid)
         meter.start()
-        result = engine(spec, concurrency, duration_s)
+        result = run_engine(spec, concurrency, duration_s)
         meter.stop()
         return per_request(meter, result)
 
@@ -270,6 +285,7 @@ class Target:
 
 
 def cases(torchgate: Target, grpc_port: int, torchserve: Target | None) -> list[Case]:
+    engine = pick_engine("auto")  # once: without wrk it warns
     image = pixels()
     binary, header_length = v2_binary_body(image)
     json_type = ("Content-Type", "application/json")
@@ -288,20 +304,26 @@ def cases(torchgate: Target, grpc_port: int, torchserve: Target | None) -> list[
             tg,
             "v2 REST, JSON",
             LoadSpec(infer, "POST", v2_json_body(image), (json_type,)),
+            engine,
         ),
         http_case(
-            "torchgate", tg, "v2 REST, binary", LoadSpec(infer, "POST", binary, binary_headers)
+            "torchgate",
+            tg,
+            "v2 REST, binary",
+            LoadSpec(infer, "POST", binary, binary_headers),
+            engine,
         ),
         http_case(
             "torchgate",
             tg,
             "/predictions",
             LoadSpec(f"{torchgate.url}/predictions/digits", "POST", predictions, (json_type,)),
+            engine,
         ),
     ]
     if torchserve is not None:
         spec = LoadSpec(f"{torchserve.url}/predictions/digits", "POST", predictions, (json_type,))
-        found.append(http_case("TorchServe", torchserve.pid, "/predictions", spec))
+        found.append(http_case("TorchServe", torchserve.pid, "/predictions", spec, engine))
     return found
 
 
@@ -338,8 +360,14 @@ def run(options: argparse.Namespace) -> list[Row]:
         tg = stack.enter_context(running_torchgate(config, workdir=Path(tmp, "torchgate")))
         torchserve = None
         if not options.skip_torchserve:
-            ts = stack.enter_context(running_torchserve(MODEL_STORE, config))
-            torchserve = Target(ts.inference_url, ts.pid)
+            # As the main suite starts it: OMP_NUM_THREADS for its workers (else torch gives
+            # each a thread per core, and the row measures oversubscription).
+            ts = stack.enter_context(
+                servers.torchserve(
+                    MODEL_STORE, config, omp_threads=options.torchserve_threads or None
+                )
+            )
+            torchserve = Target(ts.inference_url, ts.root_pid)
         torchgate = Target(tg.inference_url, tg.process.pid)
         return measure_rounds(cases(torchgate, tg.grpc_inference_port, torchserve), options)
 
@@ -364,31 +392,68 @@ def table(rows: Sequence[Row]) -> str:
     return render_table(header, body)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per run")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds discarded per run")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per row; the median counts")
-    parser.add_argument("--skip-torchserve", action="store_true")
-    parser.add_argument("--append", type=Path, help="append the table to this markdown report")
-    options = parser.parse_args(argv)
-    if not (MODEL_STORE / "digits.mar").exists():
-        parser.error(f"{MODEL_STORE / 'digits.mar'} is missing: run `torchgate export --all`")
-    rows = run(options)
-    caption = (
-        f"digits 1.0, batchSize 8, maxBatchDelay 5 ms, one worker; concurrency "
+SECTION = (
+    "## KServe v2 REST and gRPC next to TorchServe REST (`python -m benchmarks.v2_throughput`)"
+)
+
+
+def caption(options: argparse.Namespace) -> str:
+    threads = f"threads: torchgate {servers.torchgate_threads(None)}"
+    if not options.skip_torchserve:
+        threads += f", TorchServe {servers.torchserve_threads(options.torchserve_threads or None)}"
+    return (
+        f"digits 1.0, batchSize 8, maxBatchDelay 5 ms, one worker; {threads}; concurrency "
         f"{options.concurrency}; median of {options.rounds} interleaved runs of "
         f"{options.duration:g} s per row; {os.cpu_count()} CPU cores shared by clients and servers"
     )
-    print(caption)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--duration", type=parse_measured_duration, default=5.0, help="measured per run (5s)"
+    )
+    parser.add_argument("--warmup", type=parse_duration, default=1.0, help="discarded per run (1s)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per row; the median counts")
+    parser.add_argument("--skip-torchserve", action="store_true")
+    parser.add_argument(
+        "--torchserve-threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS for TorchServe's worker, as in `python -m benchmarks` (default: 1;"
+        " 0: torch's default, a thread per core)",
+    )
+    parser.add_argument(
+        "--append",
+        type=Path,
+        help="write the table into this markdown report (replacing an earlier run's section)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    if not (MODEL_STORE / "digits.mar").exists():
+        parser.error(f"{MODEL_STORE / 'digits.mar'} is missing: run `torchgate export --all`")
+    missing = preflight.missing_tools(torchserve=not options.skip_torchserve, wrk=False)
+    if missing:
+        print("v2_throughput cannot start: " + "; ".join(missing), file=sys.stderr)
+        return 1
+    try:
+        with preflight.exit_on_termination():
+            rows = run(options)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"v2_throughput aborted: {exc}", file=sys.stderr)
+        return 1
+    text = caption(options)
+    print(text)
     print(table(rows))
     if options.append is not None:
-        with options.append.open("a") as report:
-            report.write(
-                f"\n## KServe v2 REST and gRPC next to TorchServe REST (`python -m "
-                f"benchmarks.v2_throughput`)\n\n{caption}.\n\n{table(rows)}\n"
-            )
+        existing = options.append.read_text() if options.append.exists() else ""
+        section = f"{SECTION}\n\n{text}.\n\n{table(rows)}\n"
+        options.append.write_text(report.with_section(existing, SECTION, section))
     return 0
 
 
