@@ -138,6 +138,26 @@ class _Listener:
     def count(self, what: str) -> None:
         self.refused[what] = self.refused.get(what, 0) + 1
 
+    def start_sweep(self, loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
+        """Every `period_s` while the listener has connections (uvicorn's set of them), drop
+        the ones past their deadlines. The timer holds the listener, not a connection: one
+        that ended is freed at once."""
+        self.sweep = loop.call_later(self.period_s, self._sweep, loop, connections)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop, connections: set[Any]) -> None:
+        now = loop.time()
+        for conn in list(connections):
+            if not isinstance(conn, EdgeProtocol):
+                continue
+            if conn._write_deadline and conn._write_deadline < now:
+                conn._write_stalled(now)
+            elif conn._deadline and conn._deadline < now:
+                conn._expire()
+        self.report(now)
+        self.sweep = None
+        if connections:
+            self.start_sweep(loop, connections)
+
     def report(self, now: float) -> None:
         if self.refused and now - self.reported_at >= REPORT_S:
             summary = ", ".join(f"{n} {what}" for what, n in sorted(self.refused.items()))
@@ -331,7 +351,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def _start_sweep(self) -> None:
         listener = self.listener
         if listener.sweep is None:
-            listener.sweep = self.loop.call_later(listener.period_s, self._sweep)
+            listener.start_sweep(self.loop, self.connections)
             if listener.address is None:
                 # Here, not from `self.server` in the sweep: a failed handshake never has one.
                 local = get_local_addr(self.transport)
@@ -414,6 +434,9 @@ class EdgeProtocol(HttpToolsProtocol):
             # The scope holds this protocol's bound method; unlinked, the connection is freed
             # by reference counting rather than by the cycle collector.
             cast(dict[str, Any], self.scope).pop(DISCONNECT_WATCH, None)
+        # uvicorn cancels the keep-alive timer only for a clean close: a connection the client
+        # reset once answered stayed held by it, 8 KB for each, for keep_alive_timeout.
+        self._unset_keepalive_if_required()
         super().connection_lost(exc)
 
     def _watch_disconnect(self) -> Callable[[], None]:
@@ -424,21 +447,6 @@ class EdgeProtocol(HttpToolsProtocol):
         callback = task.cancel
         self._on_lost[callback] = None
         return lambda: self._on_lost.pop(callback, None) and None
-
-    def _sweep(self) -> None:
-        listener = self.listener
-        now = self.loop.time()
-        for conn in list(self.connections):
-            if not isinstance(conn, EdgeProtocol):
-                continue
-            if conn._write_deadline and conn._write_deadline < now:
-                conn._write_stalled(now)
-            elif conn._deadline and conn._deadline < now:
-                conn._expire()
-        listener.report(now)
-        listener.sweep = (
-            self.loop.call_later(listener.period_s, self._sweep) if self.connections else None
-        )
 
     def _expire(self) -> None:
         if self._phase is _Phase.BODY and self.flow.read_paused:

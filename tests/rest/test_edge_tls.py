@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import http.client
 import logging
 import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
@@ -178,13 +180,16 @@ class Edge:
 
 
 @contextlib.asynccontextmanager
-async def tls_edge(edge_limits: EdgeLimits, loop: Any = None) -> AsyncIterator[Edge]:
-    """An https:// listener on 127.0.0.1 in the running loop, answering 200; its protocol
-    sees `loop` as its loop when given (a stand-in wrapping the running one)."""
+async def tls_edge(
+    edge_limits: EdgeLimits, loop: Any = None, *, tls: bool = True
+) -> AsyncIterator[Edge]:
+    """An https:// listener (http:// without `tls`) on 127.0.0.1 in the running loop,
+    answering 200; its protocol sees `loop` as its loop when given (a stand-in wrapping the
+    running one)."""
     app_config = uvicorn.Config(answer_ok, lifespan="off", log_config=None)
     app_config.load()
     state = ServerState()
-    protocol = edge_protocol(edge_limits, tls=server_context())
+    protocol = edge_protocol(edge_limits, tls=server_context() if tls else None)
     running = asyncio.get_running_loop()
     server = await running.create_server(
         lambda: protocol(
@@ -370,3 +375,34 @@ def test_the_summary_names_the_listener_when_its_first_client_failed_its_handsha
     finally:
         edge_log.removeHandler(handler)
     assert any(where in message for message in messages), messages
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_a_connection_reset_after_its_answer_is_freed_at_once(
+    run: Callable[[Awaitable[int]], int], tls: bool
+) -> None:
+    """A client that resets its keep-alive connection once answered (killed, or closing with
+    unread data) left it held by its keep-alive timer until that fired: 8 KB each for
+    `keep_alive_timeout` (620 s by default)."""
+
+    async def scenario() -> int:
+        async with tls_edge(limits(keep_alive_s=600), tls=tls) as edge:
+            for _ in range(20):
+                if tls:
+                    client = await tls_client(edge.port, first=REQUEST)
+                    answer = await asyncio.wait_for(client.answer(), 5)
+                    sock = client.writer.get_extra_info("socket")
+                else:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+                    writer.write(REQUEST)
+                    answer = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+                    sock = writer.get_extra_info("socket")
+                assert answer.startswith(b"HTTP/1.1 200 OK")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                (client.writer if tls else writer).transport.abort()  # RST, not FIN
+            assert await until(lambda: not edge.connections, 5)
+            await asyncio.sleep(0.05)
+            gc.collect()
+            return sum(1 for o in gc.get_objects() if isinstance(o, edge.protocol))
+
+    assert run(scenario()) == 0
