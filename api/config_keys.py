@@ -11,10 +11,11 @@ Each key is one of
 A key whose value is TorchServe's default is never warned about, whatever its status (an
 `ipex_enable=false` changes nothing), unless the key lists the values torchgate serves as
 TorchServe does (`Key.values`): `metrics_mode=log`, TorchServe's default, is served as
-prometheus here, so saying it gets a warning. Unknown keys get a warning naming the nearest
-known key (`inferance_address` -> `inference_address`). `report(config)` logs the warnings and
-the effective configuration (secrets masked) at start; `docs/compatibility.md` lists the same
-table.
+prometheus here, so saying it gets a warning, and so does leaving it out (`unset_keys`): a
+TorchServe user's metrics then go to `ts_metrics.log`, which torchgate does not write. Unknown
+keys get a warning naming the nearest known key (`inferance_address` -> `inference_address`).
+`report(config)` logs the warnings and the effective configuration (secrets masked) at start;
+`docs/compatibility.md` lists the same table.
 """
 
 from __future__ import annotations
@@ -124,7 +125,6 @@ KEYS: dict[str, Key] = {
             ("initial_worker_port", "workers talk over pipes, not TCP ports"),
             ("initial_distribution_port", "torchrun ports: no distributed workers"),
             ("metric_time_interval", "system metrics are sampled per scrape"),
-            ("system_metrics_cmd", "system metrics are sampled per scrape"),
             ("cpp_log_config", "TorchServe's C++ backend logging"),
             ("unregister_model_timeout", "unregistering drains queued requests, then stops"),
             ("ts_open_inference_protocol", "KServe v2 (OIP) is always served on REST and gRPC"),
@@ -138,6 +138,13 @@ KEYS: dict[str, Key] = {
             ("debug", "no debug mode (workers stay as configured)", "false"),
             ("default_startup_timeout", "use startupTimeout per model in models={...}", "120"),
             ("blacklist_env_vars", "workers inherit the whole environment", ""),
+            (
+                "system_metrics_cmd",
+                "TorchServe runs this command instead of its system metrics collector; "
+                "torchgate samples CPU, memory, disk and GPU itself at each /metrics scrape "
+                "(disable_system_metrics=true leaves them out)",
+                "",
+            ),
             (
                 "vmargs",
                 "JVM flags of TorchServe's Java frontend (-Xmx, -Dlog4j.configurationFile): "
@@ -204,6 +211,22 @@ def check_keys(raw: dict[str, str]) -> list[str]:
     return warnings
 
 
+# TorchServe's default metrics_mode is log: its metrics go to ts_metrics.log and
+# model_metrics.log, and its GET /metrics answers nothing. A config that never says
+# metrics_mode was written for that, and finds its metrics elsewhere here.
+METRICS_MODE_UNSET = (
+    "config key metrics_mode is not set: TorchServe's default (log) writes its metrics to "
+    "ts_metrics.log and model_metrics.log; torchgate writes neither and serves every metric "
+    "on the metrics API (/metrics), as metrics_mode=prometheus (set it to silence this)"
+)
+
+
+def unset_keys(raw: dict[str, str]) -> list[str]:
+    """One warning line per key whose absence means something torchgate does otherwise
+    (`check_keys` sees only the keys the file sets)."""
+    return [] if "metrics_mode" in raw else [METRICS_MODE_UNSET]
+
+
 def _runs_here(python: str) -> bool:
     """Whether `python` (TorchServe's interpreter for its workers) runs in this environment."""
     found = shutil.which(python.strip())
@@ -266,8 +289,9 @@ def effective_config(config: Config) -> list[str]:
 
 
 def report(config: Config) -> None:
-    """At start: the warnings of `check_keys`, then the effective configuration."""
-    for line in check_keys(config.raw):
+    """At start: the warnings of `check_keys` and `unset_keys`, then the effective
+    configuration."""
+    for line in [*check_keys(config.raw), *unset_keys(config.raw)]:
         log.warning(line)
     ignored = ignored_keys(config.raw)
     if ignored:

@@ -16,13 +16,15 @@ import signal
 import socket
 import ssl
 from collections.abc import Callable, Generator, Mapping
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from api.app import Torchgate, build
-from api.config import Address, Config, EdgeLimits
+from api.config import Address, Config, ConfigError, EdgeLimits
 from api.config_keys import report as report_config
+from api.observability import log_files
 from api.rest.apps import listeners
 from api.rest.asgi import ASGIApp, StatusTold
 from api.rest.edge import edge_protocol
@@ -78,6 +80,10 @@ def _http_server(
         loop="none",
         lifespan="off",
         access_log=False,
+        # uvicorn's own log config gives its loggers handlers of their own, whose lines
+        # ("INFO:     Started server process") have no time and miss the log files: None
+        # leaves them to the root logger's handlers, as every other line.
+        log_config=None,
         log_level=log_level,
         server_header=False,
         date_header=False,
@@ -223,10 +229,19 @@ def run(
     pool: WorkerPool | None = None,
     sockets: Mapping[Address, socket.socket] | None = None,
     on_ready: Callable[[], None] | None = None,
+    log_folder: Path | None = None,
 ) -> None:
+    """Serve until signalled (see `serve`), logging to stderr and, with `log_folder`,
+    to TorchServe's log files there (`api.observability.log_files`; the command line's
+    starts pass it, tests that run the server in process do not)."""
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if log_folder is not None:
+        try:
+            log_files.install(log_folder)
+        except OSError as exc:
+            raise ConfigError(log_files.describe_failure(log_folder, exc)) from None
     runner: Any
     try:
         import uvloop

@@ -62,6 +62,7 @@ from api.errors import (
 )
 from api.metrics_config import DEFAULT_MODEL_METRICS, DeclaredMetric
 from api.observability.gpu import import_nvml
+from api.observability.log_files import worker_name
 from api.workers.main import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_ITEMS_PER_REQUEST,
@@ -285,6 +286,7 @@ class WorkerBackend:
         # slot's first start and kept across its restarts, as TorchServe's WorkerThread keeps
         # its gpuId; released when the registry removes the slot (`worker_slot_removed`).
         self._gpu_ids: dict[int, int | None] = {}
+        self._worker_ids: dict[int, int] = {}  # by slot index (`worker_slot_numbered`)
         # One thread per CPU worker; scale with workers, not threads. With two OpenMP threads
         # per worker on a 2-core machine, a TorchScript worker's barrier waited on a descheduled
         # thread: p99 100-300 ms at concurrency 1, against 1-4 ms with one. An OMP_NUM_THREADS
@@ -351,11 +353,18 @@ class WorkerBackend:
             self._gpu_ids[index] = self._gpus.next()
         return self._gpu_ids[index]
 
+    def worker_slot_numbered(self, index: int, worker_id: int) -> None:
+        """The registry gave slot `index` its worker id (describe's 9000, 9001, ...): the
+        slot's processes log their output under TorchServe's name for it, kept across
+        restarts as TorchServe's worker thread keeps its port."""
+        self._worker_ids[index] = worker_id
+
     def worker_slot_removed(self, index: int) -> None:
         """The registry took slot `index` off the version (a scale-down, an unload): a later
         slot of that index is a new worker, with the next GPU, as TorchServe's new
         WorkerThread; not a restart."""
         self._gpu_ids.pop(index, None)
+        self._worker_ids.pop(index, None)
 
     async def start_worker(self, index: int) -> ProcessWorker:
         """Fork worker `index` and wait until its handler is initialized."""
@@ -373,9 +382,11 @@ class WorkerBackend:
             service_envelope=self._service_envelope,
         )
         label = f"{archive.name}/{archive.version} w{index}"
+        worker_id = self._worker_ids.get(index)
+        name = None if worker_id is None else worker_name(worker_id, archive.name, archive.version)
         what = f"Model {archive.name} version {archive.version} worker {index}"
         try:
-            process = await self._pool.spawn(spec, label=label)
+            process = await self._pool.spawn(spec, label=label, worker_name=name)
         except WorkerExit as exc:
             raise HandlerLoadError(f"{what} could not be started: {exc}") from None
         try:

@@ -13,8 +13,10 @@ override both when the file says enable_envvars_config=true.
 
 In the background (no `--foreground`) the command starts a detached `--foreground` child
 that logs to `$LOG_LOCATION/torchgate.log` (./logs by default) and returns once the child
-serves its models (exit 0) or has failed (its one-line error, its exit code). Start-up and
-config errors are one line on stderr and exit code 2.
+serves its models (exit 0) or has failed (its one-line error, its exit code). Either way the
+server also writes TorchServe's `ts_log.log` and `model_log.log` there
+(`api.observability.log_files`). Start-up and config errors, a log folder that cannot be
+written among them, are one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ def prepare(options: argparse.Namespace, path: Path | None) -> Config:
     temp = os.environ.get("TEMP")
     if temp and not Path(temp).is_dir():  # TorchServe refuses it too (ts/model_server.py)
         raise UsageError(f"Invalid temp directory: {temp}")
+    _check_log_folder()
     if os.environ.get("METRICS_LOCATION"):
         print(
             "torchgate: warning: METRICS_LOCATION is not used: torchgate writes no metrics "
@@ -241,6 +244,19 @@ def _warn_of_torchserve_snapshot(folder: Path) -> None:
         )
 
 
+def _check_log_folder() -> None:
+    """A background start writes torchgate.log there and the server TorchServe's log files
+    (`api.observability.log_files`): one that cannot be made or written stops the start
+    here, in one line, rather than with a traceback in either process."""
+    from api.observability.log_files import check_folder, describe_failure, log_folder
+
+    folder = log_folder()
+    try:
+        check_folder(folder)
+    except OSError as exc:
+        raise UsageError(describe_failure(folder, exc)) from None
+
+
 _UNUSED = {
     "--log-config": "a log4j file; torchgate logs with Python logging, see --log-level",
     "--cpp-log-config": "torchgate has no C++ backend",
@@ -273,6 +289,7 @@ def serve_foreground(config: Config, options: argparse.Namespace, *, lock_key: s
     """Bind, lock, load, serve until SIGTERM/SIGINT. `lock_key` None: no pid file (`serve`)."""
     from api.commands.listen import StartupError, bind_listeners
     from api.config import ConfigError
+    from api.observability.log_files import log_folder
 
     lock = instances.InstanceLock(lock_key) if lock_key is not None else None
     try:
@@ -296,6 +313,7 @@ def serve_foreground(config: Config, options: argparse.Namespace, *, lock_key: s
             pool=pool,
             sockets=sockets,
             on_ready=notify_ready,
+            log_folder=log_folder(),  # TorchServe's ts_log.log and model_log.log
         )
     except ConfigError as exc:
         print(f"torchgate: {exc}", file=sys.stderr)
@@ -342,9 +360,9 @@ def _launch_worker_pool(config: Config) -> WorkerPool:
 def start_background(argv: list[str], config: Config) -> int:
     """A detached `--foreground` child with the same arguments (`argv`: the flags after
     `start`); return once it serves, or with its error once it has exited."""
-    log_dir = Path(os.environ.get("LOG_LOCATION", "logs"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / "torchgate.log"
+    from api.observability.log_files import log_folder
+
+    log_path = log_folder() / "torchgate.log"  # the folder is made by `prepare`
     read_end, write_end = os.pipe()
     with open(log_path, "ab") as log:
         offset = log.tell()

@@ -523,6 +523,9 @@ class Registry:
     ) -> asyncio.Future[Exception | None]:
         """Start supervising `slot`; the future settles with its first start's outcome."""
         slot.id = next(self._worker_ids)
+        numbered = getattr(model_version.backend, "worker_slot_numbered", None)
+        if numbered is not None:  # a worker backend names the slot's processes after its id
+            numbered(slot.index, slot.id)
         label = f"{model_version.name}/{model_version.version}"
         first_start: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         slot.task = asyncio.create_task(

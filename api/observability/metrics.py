@@ -60,6 +60,7 @@ from prometheus_client.utils import floatToGoString
 from api.core.registry import ModelVersion, Registry
 from api.core.types import REJECT_AUTH, REJECT_TOO_LARGE, InferenceRequest, Prediction
 from api.errors import TorchgateError
+from api.observability.log_files import worker_name
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +441,7 @@ class RegistryCollector:
         for model_version in versions:
             for slot in list(model_version.workers):
                 if slot.load_s is not None:
-                    name = f"W-{slot.id}-{model_version.name}_{model_version.version}"
+                    name = worker_name(slot.id, model_version.name, model_version.version)
                     family.add_metric([name, "Host", self._hostname], slot.load_s * 1e3)
         return family
 

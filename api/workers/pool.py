@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from api.observability import log_files
 from api.workers import descendants, wire
 from api.workers.spin import DEFAULT_SPIN_US, LoopSpinner
 from api.workers.zygote import DEFAULT_PRELOAD
@@ -163,8 +164,12 @@ class WorkerPool:
         self._workers.clear()
         loop.add_reader(self._control.fileno(), self._on_control)
 
-    async def spawn(self, spec: Any, *, label: str) -> WorkerProcess:
-        """Fork a worker running `api.workers.main.run(spec, ...)`; `label` prefixes its log."""
+    async def spawn(
+        self, spec: Any, *, label: str, worker_name: str | None = None
+    ) -> WorkerProcess:
+        """Fork a worker running `api.workers.main.run(spec, ...)`; `label` prefixes its log.
+        `worker_name`: TorchServe's name for it (`W-9000-digits_1.0`), which its output lines
+        carry into TorchServe's log files (`api.observability.log_files`)."""
         self.start()
         assert self._control is not None
         loop = asyncio.get_running_loop()
@@ -204,7 +209,7 @@ class WorkerPool:
                 self._exited_early.pop(spawned.result(), None)
             raise
         self._resuming.discard(pid)
-        process = WorkerProcess(pid, label, self)
+        process = WorkerProcess(pid, label, self, worker_name=worker_name)
         self._workers[pid] = process
         try:
             await process.connect(parent, out_read, err_read)
@@ -333,9 +338,12 @@ class WorkerPool:
 class WorkerProcess(asyncio.BufferedProtocol):
     """One worker process: `call` sends a message and waits for its answer, one at a time."""
 
-    def __init__(self, pid: int, label: str, pool: WorkerPool) -> None:
+    def __init__(
+        self, pid: int, label: str, pool: WorkerPool, *, worker_name: str | None = None
+    ) -> None:
         self.pid = pid
         self.label = label
+        self.worker_name = worker_name
         self._pool = pool
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -383,7 +391,13 @@ class WorkerProcess(asyncio.BufferedProtocol):
             unowned.remove(sock)
             budget = _LogBudget(self.label)  # one for both pipes
             for pipe, stderr in pipes:
-                lines = _LogLines(self.label, budget, stderr=stderr, pool=self._pool)
+                lines = _LogLines(
+                    self.label,
+                    budget,
+                    stderr=stderr,
+                    pool=self._pool,
+                    worker_name=self.worker_name,
+                )
                 self._logs.append(lines)
                 # The loop's from here, even if the connect fails: it closes the descriptor
                 # then (uvloop by its number, so closing the object too might close another).
@@ -681,7 +695,9 @@ _LEVELS_STDERR = ("DEBUG", "INFO", *_LEVELS_STDOUT)  # the worker's own logging 
 class _LogLines(asyncio.Protocol):
     """A worker's stdout or stderr, one log record per line, under the worker's label: at INFO
     (stdout) or WARNING (stderr), as TorchServe logs them, unless the line starts with a level
-    name (the worker's logging writes `LEVEL name: message` to stderr)."""
+    name (the worker's logging writes `LEVEL name: message` to stderr). With `worker_name`,
+    each record also carries the pipe's TorchServe thread name and the bare line, which
+    TorchServe's log files write as its frontend does (`api.observability.log_files`)."""
 
     def __init__(
         self,
@@ -690,8 +706,12 @@ class _LogLines(asyncio.Protocol):
         *,
         stderr: bool = False,
         pool: WorkerPool | None = None,
+        worker_name: str | None = None,
     ) -> None:
         self._label = label
+        self._stream = (
+            None if worker_name is None else log_files.worker_stream(worker_name, stderr=stderr)
+        )
         self._budget = budget or _LogBudget(label)
         self._default = logging.WARNING if stderr else logging.INFO
         self._levels = _LEVELS_STDERR if stderr else _LEVELS_STDOUT
@@ -754,7 +774,11 @@ class _LogLines(asyncio.Protocol):
         first = line.split(" ", 1)[0]
         if first in self._levels:
             level = logging.getLevelName(first)
-        worker_log.log(level, "[%s] %s", self._label, line)
+        if self._stream is None:
+            worker_log.log(level, "[%s] %s", self._label, line)
+        else:
+            extra = {log_files.WORKER_STREAM: self._stream, log_files.WORKER_LINE: line}
+            worker_log.log(level, "[%s] %s", self._label, line, extra=extra)
 
 
 def describe_exit(code: int | None) -> str:

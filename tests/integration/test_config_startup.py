@@ -117,6 +117,7 @@ def test_a_jks_keystore_stops_the_start_with_the_conversion_command(tmp_path: Pa
     )
     done = subprocess.run(
         [sys.executable, "-m", "api.cli", "serve", "--config", str(config)],
+        cwd=tmp_path,  # its logs/ (TorchServe's log files) there, not in the repository
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,

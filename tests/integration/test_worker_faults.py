@@ -460,6 +460,7 @@ def test_sigterm_while_the_start_up_models_load_stops_at_once(tmp_path: Path) ->
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "api.cli", "serve", "--config", str(config_path)],
+            cwd=tmp_path,  # its logs/ (TorchServe's log files) there, not in the repository
             env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=log,
             stderr=subprocess.STDOUT,

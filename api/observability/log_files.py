@@ -1,0 +1,132 @@
+"""TorchServe's log files under `$LOG_LOCATION` (./logs): `ts_log.log` and `model_log.log`.
+
+TorchServe 0.12 (its log4j2.xml) writes every frontend line to `ts_log.log` and its workers'
+stdout and stderr lines to `model_log.log` (and to `ts_log.log` too), in the layout
+
+    2026-12-08T00:00:29,343 [INFO ] main org.pytorch.serve.ModelServer - Torchserve version: ...
+    2026-12-08T00:00:37,403 [INFO ] W-9001-digits_1.0-stdout MODEL_LOG - a handler's print
+    2026-12-08T00:00:37,404 [WARN ] W-9001-digits_1.0-stderr MODEL_LOG - a handler's warning
+
+Operators' log shippers and scripts read those files, so a server started from the command line
+(`install`, called by `api.server.run` when `api.commands.launch` asks) writes them too, beside
+its console output, which keeps its own format. A worker's output record is told apart by two
+attributes the worker pool sets on it (`extra=`): `WORKER_STREAM`, TorchServe's thread name for
+the pipe (`worker_stream`), and `WORKER_LINE`, the line as the worker printed it.
+
+Not written: `access_log.log` (one record per request would cost every inference a formatter
+and a write; torchgate's access log is its JSON lines on stdout, docs/observability.md) and the
+metric logs `ts_metrics.log`/`model_metrics.log` (metrics are on the metrics API). Files roll
+at 100 MB with 5 kept, as TorchServe's, but as `ts_log.log.1` ... `.5` rather than log4j's dated
+`.gz` files.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+
+TS_LOG = "ts_log.log"
+MODEL_LOG = "model_log.log"
+MAX_BYTES = 100 * 1024 * 1024  # log4j's SizeBasedTriggeringPolicy "100 MB" is in MiB
+BACKUPS = 5  # DefaultRolloverStrategy max="5"
+
+# Record attributes the worker pool sets on a worker's output line (`logging`'s `extra=`).
+WORKER_STREAM = "torchserve_worker_stream"
+WORKER_LINE = "torchserve_worker_line"
+
+# log4j's names where Python's differ; DEBUG, INFO and ERROR are the same.
+_LOG4J_LEVELS = {"WARNING": "WARN", "CRITICAL": "FATAL"}
+
+
+def log_folder() -> Path:
+    """`$LOG_LOCATION`, else `logs` in the working directory, as TorchServe's log4j2.xml."""
+    return Path(os.environ.get("LOG_LOCATION") or "logs")
+
+
+def worker_name(worker_id: int, model: str, version: str) -> str:
+    """TorchServe's name for a worker, `W-9000-digits_1.0` (`worker_id`: describe's id, as
+    TorchServe's port): the label of its WorkerLoadTime metric and, with `-stdout` or
+    `-stderr`, the thread name of its output lines (`worker_stream`)."""
+    return f"W-{worker_id}-{model}_{version}"
+
+
+def worker_stream(worker_name: str, *, stderr: bool) -> str:
+    """TorchServe's thread name for a worker's pipe: `W-9000-digits_1.0-stdout`."""
+    return f"{worker_name}-{'stderr' if stderr else 'stdout'}"
+
+
+def check_folder(folder: Path) -> None:
+    """Make `folder` and open both files for appending, so a start that cannot write them
+    stops before anything runs. Raises OSError (`describe_failure` words it)."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (TS_LOG, MODEL_LOG):
+        with open(folder / name, "a", encoding="utf-8"):
+            pass
+
+
+def describe_failure(folder: Path, exc: OSError) -> str:
+    """The one line a start that cannot write its log files stops with."""
+    return f"cannot write logs to {folder}: {exc.strerror or exc} (LOG_LOCATION)"
+
+
+class TorchServeFormatter(logging.Formatter):
+    """log4j's `%d{ISO8601} [%-5p] %t %c - %m%n`, TorchServe's layout for both files.
+
+    A worker's output line is written as TorchServe's frontend writes it: its pipe's thread
+    name, logger `MODEL_LOG`, and the line alone, without the console's `[model/version wN]`
+    prefix. Its level is the record's: INFO for stdout and WARN for stderr, as TorchServe's,
+    except the worker's own log lines (`INFO api.workers.main: ...` on stderr), which keep
+    theirs rather than read as warnings."""
+
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s,%03d"
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = _LOG4J_LEVELS.get(record.levelname, record.levelname)
+        stream: str | None = getattr(record, WORKER_STREAM, None)
+        if stream is None:
+            thread, logger, message = record.threadName, record.name, record.getMessage()
+        else:
+            thread, logger, message = stream, "MODEL_LOG", getattr(record, WORKER_LINE, "")
+        text = f"{self.formatTime(record)} [{level:<5}] {thread} {logger} - {message}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text = f"{text}\n{record.exc_text}"
+        if record.stack_info:
+            text = f"{text}\n{self.formatStack(record.stack_info)}"
+        return text
+
+
+def is_worker_output(record: logging.LogRecord) -> bool:
+    """`model_log.log`'s filter: only what workers printed."""
+    return hasattr(record, WORKER_STREAM)
+
+
+def install(folder: Path) -> list[logging.Handler]:
+    """Add `ts_log.log` (every record) and `model_log.log` (worker output) under `folder` to
+    the root logger, after the console's handler; returns them. Raises OSError."""
+    folder.mkdir(parents=True, exist_ok=True)
+    formatter = TorchServeFormatter()
+    handlers: list[logging.Handler] = []
+    try:
+        for name in (TS_LOG, MODEL_LOG):
+            rotating = RotatingFileHandler(
+                folder / name, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8"
+            )
+            rotating.setFormatter(formatter)
+            handlers.append(rotating)
+    except OSError:
+        for opened in handlers:
+            opened.close()
+        raise
+    handlers[1].addFilter(is_worker_output)
+    root = logging.getLogger()
+    for handler in handlers:
+        root.addHandler(handler)
+    return handlers
