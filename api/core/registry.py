@@ -154,6 +154,8 @@ class Registry:
         self.on_model_gone: list[Callable[[str], None]] = []
         # Asked (model, version) before a version is unloaded; raising (e.g. Conflict) refuses.
         self.before_unregister: list[Callable[[str, str], None]] = []
+        # Told (model, version) once an unregistered version is unloaded: nothing of it runs.
+        self.on_version_gone: list[Callable[[str, str], None]] = []
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -322,6 +324,8 @@ class Registry:
                 await asyncio.gather(*stopping, return_exceptions=True)
             await self._stop_workers(model_version, len(model_version.workers))
             await model_version.backend.close()
+            for callback in self.on_version_gone:
+                callback(model_version.name, model_version.version)
         self._changed()
 
     def set_default(self, name: str, version: str) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import socket
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from functools import partial
 
@@ -71,6 +72,9 @@ LATENCY_BUCKETS = (
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # fmt: on
+
+# Unregistered versions whose series are still exported; older ones' go (`_retire`).
+RETIRED_VERSIONS_KEPT = 100
 
 # TorchServe's counters of HTTP answers: 2xx, 4xx, and everything else.
 _HTTP_ANSWER_FAMILIES = (
@@ -171,11 +175,39 @@ class PrometheusObserver:
             GCCollector(registry=process)
             self._collectors.append(process)
         self._failed: set[str] = set()  # sources whose failure was logged
+        # Unregistered versions whose series are still exported, oldest first (`_retire`).
+        self._retired: OrderedDict[tuple[str, str], None] = OrderedDict()
 
     def track(self, models: Registry) -> None:
-        """Export the registry's queue depth, in-flight requests, workers and readiness."""
+        """Export the registry's queue depth, in-flight requests, workers and readiness, and
+        let the series of unregistered versions go (`_retire`)."""
         self._models = models
         self._collectors.append(RegistryCollector(models, self.hostname))
+        models.on_version_gone.append(self._retire)
+
+    def _retire(self, model: str, version: str) -> None:
+        """An unregistered version's counters and histograms stay exported (a scrape after the
+        unregister still sees its last counts, and registering it again continues them) until
+        `RETIRED_VERSIONS_KEPT` more recent versions have gone: each version that ever served
+        left about a hundred series for the life of the process, and a server that deploys a
+        new version every hour had its /metrics grow without bound."""
+        self._retired.pop((model, version), None)
+        self._retired[(model, version)] = None
+        while len(self._retired) > RETIRED_VERSIONS_KEPT:
+            (old_model, old_version), _ = self._retired.popitem(last=False)
+            if not self._known(old_model, old_version):  # not registered again since
+                self._forget(old_model, old_version)
+
+    def _forget(self, model: str, version: str) -> None:
+        for key in [k for k in self._requests if k[0] == model and k[1] == version]:
+            del self._requests[key]
+        self._batches.pop((model, version), None)
+        for key in [k for k in self._rejected if k[0] == model and k[1] == version]:
+            del self._rejected[key]
+        # TorchServe's counters are labelled with the version a request named.
+        self._torchserve.pop((model, version), None)
+        if not self._known(model, None):
+            self._torchserve.pop((model, "default"), None)
 
     def add_collector(self, collector: Collector) -> None:
         """Add a prometheus_client collector; its `collect()` runs in the scrape's thread."""
@@ -244,7 +276,7 @@ class PrometheusObserver:
     def queue_changed(self, model: str, version: str, depth: int) -> None:
         pass  # the depth is read from the registry at scrape time, which costs nothing here
 
-    def _known(self, model: str, version: str) -> bool:
+    def _known(self, model: str, version: str | None) -> bool:
         if self._models is None:
             return True
         try:

@@ -463,3 +463,49 @@ def test_a_version_unregistered_while_a_scrape_reads_the_registry_is_left_out(
     samples = asyncio.run(main())
     assert value(samples, "torchgate_model_ready", model="m") == 1
     assert not [s for s in samples if s.labels.get("model") == "gone"]
+
+
+def test_the_series_of_unregistered_versions_go_once_newer_ones_have_gone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server deploying a version an hour kept each one's series for ever; now the last
+    `RETIRED_VERSIONS_KEPT` unregistered versions' stay (here 2), and one registered again
+    keeps its own."""
+    monkeypatch.setattr("api.observability.metrics.RETIRED_VERSIONS_KEPT", 2)
+
+    async def main() -> list[Any]:
+        observer = PrometheusObserver(process_metrics=False, hostname="h")
+        registry = Registry(observer)
+        observer.track(registry)
+
+        async def serve(version: str) -> None:
+            backend = factory(EchoBackend(version))
+            await registry.register("m", version, "m.mar", backend, ModelSettings())
+            named = request()
+            named.version_named = version
+            observer.request_finished(named, "m", version, 200, 0.001, answered(0.0))
+            observer.batch_finished("m", version, 1, 0.001)
+            observer.request_rejected("m", version, REJECT_QUEUE_FULL)
+
+        for version in ("1.0", "2.0", "3.0", "4.0"):
+            await serve(version)
+        await registry.unregister("m", "2.0")
+        await registry.unregister("m", "3.0")
+        kept = {s.labels.get("version") for s in scrape(observer)[0]}
+        assert {"2.0", "3.0"} <= kept  # the last two gone are still exported
+        await serve("3.0")  # registered again: its series go on
+        await registry.unregister("m", "4.0")  # three gone: 2.0's series go
+        for version in ("5.0", "6.0"):
+            await serve(version)
+            await registry.unregister("m", version)
+        samples = scrape(observer)[0]
+        await registry.close()
+        return samples
+
+    samples = asyncio.run(main())
+    versions = {s.labels.get("version") for s in samples if s.name.startswith("torchgate_")}
+    named = {s.labels.get("model_version") for s in samples if s.name.startswith("ts_")}
+    assert "2.0" not in versions and "2.0" not in named
+    assert "4.0" not in versions and "4.0" not in named  # pushed out by 5.0 and 6.0
+    assert {"1.0", "3.0", "5.0", "6.0"} <= versions
+    assert {"1.0", "3.0", "5.0", "6.0"} <= named
