@@ -199,11 +199,11 @@ class PrometheusObserver:
                 self._forget(old_model, old_version)
 
     def _forget(self, model: str, version: str) -> None:
-        for key in [k for k in self._requests if k[0] == model and k[1] == version]:
-            del self._requests[key]
+        for request_key in [k for k in self._requests if k[:2] == (model, version)]:
+            del self._requests[request_key]
         self._batches.pop((model, version), None)
-        for key in [k for k in self._rejected if k[0] == model and k[1] == version]:
-            del self._rejected[key]
+        for rejected_key in [k for k in self._rejected if k[:2] == (model, version)]:
+            del self._rejected[rejected_key]
         # TorchServe's counters are labelled with the version a request named.
         self._torchserve.pop((model, version), None)
         if not self._known(model, None):

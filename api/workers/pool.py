@@ -51,6 +51,10 @@ KILLED_EXIT_WAIT_S = 30.0
 # Once the zygote is gone, how long the output pipes still held (by daemons its workers
 # started, handed to init) are read on before they are closed.
 LOG_DRAIN_S = 2.0
+# Output pipes of exited workers read on for the daemons that hold them (two per worker). A
+# handler that starts a daemon at every start left two more descriptors in the frontend at
+# each restart, for as long as the server ran; past this many the oldest is closed.
+MAX_DRAINING = 256
 _RECEIVE_BUFFER = 256 * 1024
 _MAX_LOG_LINE = 64 * 1024
 # A worker's output lines are logged by the event loop, some µs each: a handler printing in a
@@ -102,7 +106,7 @@ class WorkerPool:
         self.spinner: LoopSpinner | None = None  # the event loop's polling (api.workers.spin)
         # Output pipes of exited workers, read until they end: a daemon the handler started
         # holds them (until the zygote ends it, at the latest).
-        self._draining: set[_LogLines] = set()
+        self._draining: dict[_LogLines, None] = {}  # oldest first
 
     @property
     def zygote_pid(self) -> int | None:
@@ -312,12 +316,25 @@ class WorkerPool:
         asyncio.get_running_loop().call_later(LOG_DRAIN_S, self._close_draining)
 
     def drain(self, lines: _LogLines) -> None:
-        """Read the output pipe of an exited worker until it ends (or the zygote is gone)."""
-        if not lines.closed:
-            self._draining.add(lines)
+        """Read the output pipe of an exited worker until it ends (or the zygote is gone), but
+        for no more than `MAX_DRAINING` pipes: the oldest beyond is closed, and what still
+        holds it gets EPIPE (SIGPIPE, unless it ignores that) at its next line."""
+        if lines.closed:
+            return
+        self._draining[lines] = None
+        if len(self._draining) > MAX_DRAINING:
+            oldest = next(iter(self._draining))
+            log.warning(
+                "%d output pipes of exited workers are held open by processes their handlers "
+                "started (daemons in a session of their own); closing the oldest (%s): "
+                "what they print from now on is lost",
+                len(self._draining),
+                oldest.label,
+            )
+            oldest.close()
 
     def drained(self, lines: _LogLines) -> None:
-        self._draining.discard(lines)
+        self._draining.pop(lines, None)
 
     def _close_draining(self) -> None:
         for lines in list(self._draining):
@@ -708,7 +725,7 @@ class _LogLines(asyncio.Protocol):
         pool: WorkerPool | None = None,
         worker_name: str | None = None,
     ) -> None:
-        self._label = label
+        self.label = label
         self._stream = (
             None if worker_name is None else log_files.worker_stream(worker_name, stderr=stderr)
         )
@@ -775,10 +792,10 @@ class _LogLines(asyncio.Protocol):
         if first in self._levels:
             level = logging.getLevelName(first)
         if self._stream is None:
-            worker_log.log(level, "[%s] %s", self._label, line)
+            worker_log.log(level, "[%s] %s", self.label, line)
         else:
             extra = {log_files.WORKER_STREAM: self._stream, log_files.WORKER_LINE: line}
-            worker_log.log(level, "[%s] %s", self._label, line, extra=extra)
+            worker_log.log(level, "[%s] %s", self.label, line, extra=extra)
 
 
 def describe_exit(code: int | None) -> str:

@@ -315,3 +315,33 @@ def test_a_killed_worker_still_dying_is_not_given_up_on_until_its_socket_closes(
         os.close(log_write)
 
     aio.run(scenario(), timeout=10)
+
+
+def test_output_pipes_of_exited_workers_are_read_on_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each restart of a handler that starts a daemon left two pipes read for as long as the
+    daemon lived; now the oldest beyond `MAX_DRAINING` is closed, with a warning."""
+    monkeypatch.setattr(pool_module, "MAX_DRAINING", 2)
+
+    async def scenario() -> list[bool]:
+        loop = asyncio.get_running_loop()
+        pool = WorkerPool()
+        pipes, writers = [], []
+        for index in range(3):
+            read_end, write_end = os.pipe()
+            writers.append(write_end)
+            lines = pool_module._LogLines(f"m/1.0 w{index}", pool=pool)
+            await loop.connect_read_pipe(lambda: lines, os.fdopen(read_end, "rb", buffering=0))  # noqa: B023
+            pipes.append(lines)
+            pool.drain(lines)
+        closed = [lines.closed for lines in pipes]
+        for lines in pipes:
+            lines.close()
+        for write_end in writers:
+            os.close(write_end)
+        return closed
+
+    with caplog.at_level(logging.WARNING, logger=pool_module.log.name):
+        assert aio.run(scenario(), timeout=10) == [True, False, False]
+    assert "closing the oldest (m/1.0 w0)" in caplog.text
