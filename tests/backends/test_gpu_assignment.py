@@ -81,7 +81,9 @@ class StandInPool:
         self.processes: dict[str, StandInProcess] = {}  # by label, the latest
         self._pids = itertools.count(1000)
 
-    async def spawn(self, spec: Any, *, label: str) -> StandInProcess:
+    async def spawn(
+        self, spec: Any, *, label: str, worker_name: str | None = None
+    ) -> StandInProcess:
         try:
             gpu_id = _device(self.torch, spec)
         except RuntimeError as exc:
