@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import ssl
-import sys
 from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import Any
@@ -235,12 +234,8 @@ def run(
     """Serve until signalled (see `serve`), logging to stderr and, with `log_folder`,
     to TorchServe's log files there (`api.observability.log_files`; the command line's
     starts pass it, tests that run the server in process do not)."""
-    # On stdout, as TorchServe's console log: a log collector that reads a container's stderr
-    # as errors (GKE's, for lines that are not JSON) saw every INFO line as one.
     logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stdout,
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if log_folder is not None:
         try:
