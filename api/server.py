@@ -22,7 +22,7 @@ from typing import Any
 import uvicorn
 
 from api.app import Torchgate, build
-from api.config import Address, Config, ConfigError, EdgeLimits
+from api.config import Address, Config, EdgeLimits
 from api.config_keys import report as report_config
 from api.observability import log_files
 from api.rest.apps import listeners
@@ -237,11 +237,17 @@ def run(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    files: list[logging.Handler] = []
     if log_folder is not None:
         try:
-            log_files.install(log_folder)
+            files = log_files.install(log_folder)
         except OSError as exc:
-            raise ConfigError(log_files.describe_failure(log_folder, exc)) from None
+            # As TorchServe, whose log4j reports a file it cannot write and serves on: a
+            # read-only working directory (a container's root) must not stop the server.
+            log.warning(
+                "%s: serving without TorchServe's log files",
+                log_files.describe_failure(log_folder, exc),
+            )
     runner: Any
     try:
         import uvloop
@@ -249,13 +255,16 @@ def run(
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
         runner = asyncio.run
-    runner(
-        serve(
-            config,
-            log_level=log_level,
-            access_log=access_log,
-            pool=pool,
-            sockets=sockets,
-            on_ready=on_ready,
+    try:
+        runner(
+            serve(
+                config,
+                log_level=log_level,
+                access_log=access_log,
+                pool=pool,
+                sockets=sockets,
+                on_ready=on_ready,
+            )
         )
-    )
+    finally:
+        log_files.uninstall(files)

@@ -154,7 +154,8 @@ def prepare(options: argparse.Namespace, path: Path | None) -> Config:
     temp = os.environ.get("TEMP")
     if temp and not Path(temp).is_dir():  # TorchServe refuses it too (ts/model_server.py)
         raise UsageError(f"Invalid temp directory: {temp}")
-    _check_log_folder()
+    if not options.foreground:
+        _check_log_folder()  # a background start's torchgate.log goes there
     if os.environ.get("METRICS_LOCATION"):
         print(
             "torchgate: warning: METRICS_LOCATION is not used: torchgate writes no metrics "
@@ -245,9 +246,10 @@ def _warn_of_torchserve_snapshot(folder: Path) -> None:
 
 
 def _check_log_folder() -> None:
-    """A background start writes torchgate.log there and the server TorchServe's log files
-    (`api.observability.log_files`): one that cannot be made or written stops the start
-    here, in one line, rather than with a traceback in either process."""
+    """A background start writes its console output to torchgate.log there: a folder that
+    cannot be made or written stops it here, in one line, rather than with a traceback. A
+    foreground start serves without TorchServe's log files then, with a warning, as
+    TorchServe does (`api.server.run`)."""
     from api.observability.log_files import check_folder, describe_failure, log_folder
 
     folder = log_folder()

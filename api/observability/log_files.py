@@ -22,9 +22,11 @@ at 100 MB with 5 kept, as TorchServe's, but as `ts_log.log.1` ... `.5` rather th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import sys
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
@@ -59,11 +61,13 @@ def worker_stream(worker_name: str, *, stderr: bool) -> str:
 
 
 def check_folder(folder: Path) -> None:
-    """Make `folder` and open both files for appending, so a start that cannot write them
-    stops before anything runs. Raises OSError (`describe_failure` words it)."""
+    """Make `folder` and open both files for appending; the folder itself must be writable
+    too (rolling a file over renames it). Raises OSError (`describe_failure` words it)."""
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
     folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
     for name in (TS_LOG, MODEL_LOG):
         with open(folder / name, "a", encoding="utf-8"):
             pass
@@ -103,6 +107,52 @@ class TorchServeFormatter(logging.Formatter):
         return text
 
 
+class LogFile(RotatingFileHandler):
+    """A rolling file that costs little per record and fails quietly.
+
+    The standard handler formats each record twice and stats the file to decide whether to
+    roll over, and on a failed write (a full disk) prints a traceback to stderr for every
+    record, on the event loop. Here the decision is the file's position alone (a file may
+    pass `MAX_BYTES` by one record), and a failing file says so in one line on stderr, and
+    again when it writes again.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8")
+        self.failing = False
+        self._failed_now = False
+
+    def shouldRollover(self, record: logging.LogRecord) -> bool:
+        if self.stream is None:  # closed by a failed rollover: opened again here
+            self.stream = self._open()
+        return self.stream.tell() >= self.maxBytes
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed_now = False
+        try:
+            if self.shouldRollover(record):
+                self.doRollover()
+        except Exception:
+            self.handleError(record)
+            return
+        logging.FileHandler.emit(self, record)  # calls handleError itself on a failure
+        if self.failing and not self._failed_now:
+            self.failing = False
+            _tell(f"torchgate: writing {self.baseFilename} again")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed_now = True
+        if not self.failing:
+            self.failing = True
+            error = sys.exc_info()[1]
+            _tell(f"torchgate: cannot write {self.baseFilename}: {error} (lines are lost)")
+
+
+def _tell(line: str) -> None:
+    with contextlib.suppress(Exception):
+        print(line, file=sys.__stderr__, flush=True)
+
+
 def is_worker_output(record: logging.LogRecord) -> bool:
     """`model_log.log`'s filter: only what workers printed."""
     return hasattr(record, WORKER_STREAM)
@@ -110,23 +160,28 @@ def is_worker_output(record: logging.LogRecord) -> bool:
 
 def install(folder: Path) -> list[logging.Handler]:
     """Add `ts_log.log` (every record) and `model_log.log` (worker output) under `folder` to
-    the root logger, after the console's handler; returns them. Raises OSError."""
-    folder.mkdir(parents=True, exist_ok=True)
+    the root logger, after the console's handler; returns them (`uninstall` takes them
+    away). Raises OSError."""
+    check_folder(folder)
     formatter = TorchServeFormatter()
     handlers: list[logging.Handler] = []
     try:
         for name in (TS_LOG, MODEL_LOG):
-            rotating = RotatingFileHandler(
-                folder / name, maxBytes=MAX_BYTES, backupCount=BACKUPS, encoding="utf-8"
-            )
+            rotating = LogFile(folder / name)
             rotating.setFormatter(formatter)
             handlers.append(rotating)
     except OSError:
-        for opened in handlers:
-            opened.close()
+        uninstall(handlers)
         raise
     handlers[1].addFilter(is_worker_output)
     root = logging.getLogger()
     for handler in handlers:
         root.addHandler(handler)
     return handlers
+
+
+def uninstall(handlers: list[logging.Handler]) -> None:
+    root = logging.getLogger()
+    for handler in handlers:
+        root.removeHandler(handler)
+        handler.close()

@@ -202,26 +202,60 @@ def _started(workdir: Workdir, config: Path, *, background: bool) -> Iterator[No
             process.wait()
 
 
-@pytest.mark.parametrize(
-    "command",
-    [["start"], ["start", "--foreground"], ["--start", "--foreground"], ["serve"]],
-    ids=["background", "foreground", "torchserve-form", "serve"],
-)
-def test_a_log_folder_that_cannot_be_written_stops_the_start_in_one_line(
-    workdir: Workdir, command: list[str]
+def test_a_log_folder_that_cannot_be_written_stops_a_background_start_in_one_line(
+    workdir: Workdir,
 ) -> None:
-    """A background start died with a NotADirectoryError traceback; every start now stops
-    with one line and exit code 2, before serving anything."""
+    """A background start died with a NotADirectoryError traceback; it needs the folder for
+    its torchgate.log, and now stops with one line and exit code 2, before serving anything."""
     (workdir.root / "a-file").write_text("")
     config, _ = workdir.config()
-    flag = "--config" if command == ["serve"] else "--ts-config"
     folder = workdir.root / "a-file" / "logs"
-    done = workdir.torchgate(*command, "--ncs", flag, str(config), LOG_LOCATION=str(folder))
+    done = workdir.torchgate("start", "--ncs", "--ts-config", str(config), LOG_LOCATION=str(folder))
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         f"torchgate: cannot write logs to {folder}: Not a directory (LOG_LOCATION)"
     )
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["start", "--foreground"], ["--start", "--foreground"], ["serve"]],
+    ids=["foreground", "torchserve-form", "serve"],
+)
+def test_a_log_folder_that_cannot_be_written_leaves_a_foreground_server_serving(
+    workdir: Workdir, command: list[str]
+) -> None:
+    """As TorchServe, whose log4j reports the file it cannot write and serves on: a read-only
+    working directory (a container's root) must not stop the server, which says so once."""
+    (workdir.root / "a-file").write_text("")
+    config, url = workdir.config()
+    flag = "--config" if command == ["serve"] else "--ts-config"
+    folder = workdir.root / "a-file" / "logs"
+    console = workdir.root / "console.log"
+    with open(console, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", *command, "--ncs", flag, str(config)],
+            cwd=workdir.root,
+            env=workdir.environ(LOG_LOCATION=str(folder)),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(
+            lambda: process.poll() is not None or "torchgate serving" in _read(console),
+            timeout=120,
+        )
+        assert process.poll() is None, _read(console)
+        assert httpx.get(url + "/ping", timeout=10).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    text = _read(console)
+    warning = f"cannot write logs to {folder}: Not a directory (LOG_LOCATION): serving without"
+    assert text.count(warning) == 1, text
+    assert "Traceback" not in text
 
 
 def test_a_config_without_metrics_mode_is_warned_about_once(

@@ -161,3 +161,54 @@ def test_a_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
 def test_worker_load_time_and_the_logs_name_a_worker_alike() -> None:
     assert log_files.worker_name(9000, "digits", "1.0") == "W-9000-digits_1.0"
     assert log_files.worker_stream("W-9000-digits_1.0", stderr=True) == "W-9000-digits_1.0-stderr"
+
+
+class _FullDisk:
+    """A file on a full disk: every write fails as ENOSPC does."""
+
+    def write(self, text: str) -> int:
+        raise OSError(28, "No space left on device")
+
+    def flush(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return 0
+
+
+def test_a_file_that_cannot_be_written_says_so_once_not_a_traceback_per_line(
+    installed: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The standard handler printed `--- Logging error ---` and a traceback to stderr for
+    every record (on the event loop) while a disk was full; now one line, and one when the
+    file is written again."""
+    [ts_log] = [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, log_files.LogFile) and h.baseFilename.endswith("ts_log.log")
+    ]
+    working, ts_log.stream = ts_log.stream, _FullDisk()  # type: ignore[assignment]
+    log = logging.getLogger("torchgate.test")
+    for n in range(5):
+        log.info("lost %d", n)
+    ts_log.stream = working
+    log.info("written again")
+    errors = capfd.readouterr().err
+    assert errors.count("cannot write") == 1, errors
+    assert "No space left on device (lines are lost)" in errors
+    assert errors.count("ts_log.log again") == 1
+    assert "Traceback" not in errors and "Logging error" not in errors
+    assert lines(installed / "ts_log.log")[-1].endswith("torchgate.test - written again")
+
+
+def test_a_file_rolls_over_by_its_size_alone(tmp_path: Path) -> None:
+    handler = log_files.LogFile(tmp_path / "ts_log.log")
+    handler.maxBytes = 100
+    handler.setFormatter(log_files.TorchServeFormatter())
+    try:
+        for n in range(10):
+            handler.emit(logging.makeLogRecord({"msg": f"line {n} " + "x" * 30}))
+    finally:
+        handler.close()
+    assert (tmp_path / "ts_log.log.1").exists()
+    assert (tmp_path / "ts_log.log").stat().st_size < 100 + 100  # one record (93 bytes) past
