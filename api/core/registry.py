@@ -322,11 +322,19 @@ class Registry:
             ]
             if stopping:
                 await asyncio.gather(*stopping, return_exceptions=True)
-            await self._stop_workers(model_version, len(model_version.workers))
-            await model_version.backend.close()
-            for callback in self.on_version_gone:
-                callback(model_version.name, model_version.version)
+            try:
+                await self._stop_workers(model_version, len(model_version.workers))
+                await model_version.backend.close()
+            finally:
+                self._version_gone(model_version)
         self._changed()
+
+    def _version_gone(self, model_version: ModelVersion) -> None:
+        for callback in self.on_version_gone:
+            try:
+                callback(model_version.name, model_version.version)
+            except Exception:
+                log.exception("on_version_gone callback %r failed", callback)
 
     def set_default(self, name: str, version: str) -> None:
         self.get(name, version)  # raises NotFound for an unknown version
