@@ -76,11 +76,15 @@ def probe_refusals(spec: LoadSpec, concurrency: int, duration_s: float = PROBE_S
 
 def judge(probe: RefusalProbe | None) -> tuple[bool | None, str]:
     """(met, why not) for "the excess refused quickly with 503 + Retry-After"; met is None when
-    there was no probe. All answers 2xx meets it: nothing needed refusing."""
+    there was no probe, or when it saw no refusal (every answer 2xx)."""
     if probe is None:
         return None, "refusals not measured"
     if probe.answers == 0:
         return False, "probe got no answers"
+    if not probe.refused and not probe.other_failures and not probe.no_answer:
+        # The python client may not load a fast server past what it takes: nothing was
+        # refused, so how refusals look was not seen.
+        return None, "no refusals seen (the probe did not overload it)"
     problems = []
     if probe.no_answer:
         problems.append("requests without an answer")
