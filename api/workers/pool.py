@@ -325,10 +325,10 @@ class WorkerPool:
         if len(self._draining) > MAX_DRAINING:
             oldest = next(iter(self._draining))
             log.warning(
-                "%d output pipes of exited workers are held open by processes their handlers "
-                "started (daemons in a session of their own); closing the oldest (%s): "
-                "what they print from now on is lost",
-                len(self._draining),
+                "more than %d output pipes of exited workers are held open by processes their "
+                "handlers started (daemons in a session of their own); closing the oldest "
+                "(%s): what they print from now on is lost",
+                MAX_DRAINING,
                 oldest.label,
             )
             oldest.close()
