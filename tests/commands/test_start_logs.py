@@ -27,6 +27,7 @@ import pytest
 from api.config import load_config, parse_config
 from api.config_keys import METRICS_MODE_UNSET, check_keys, report, unset_keys
 from tests.support.archives import build_archive
+from tests.support.cli import run_torchgate
 from tests.support.processes import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,14 +80,7 @@ class Workdir:
         return {**environ, **extra}
 
     def torchgate(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "api.cli", *args],
-            cwd=self.root,
-            env=self.environ(**env),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_torchgate(*args, cwd=self.root, env=self.environ(**env))
 
     def config(self, **values: str) -> tuple[Path, str]:
         """A config on free ports with the printing model; returns it and the inference URL."""

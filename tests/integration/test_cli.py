@@ -29,6 +29,7 @@ import httpx
 import pytest
 
 from tests.support.archives import ECHO, build_archive
+from tests.support.cli import run_torchgate
 from tests.support.processes import wait_until
 from tests.support.torchserve import free_addresses
 
@@ -74,14 +75,7 @@ class Env:
     def torchgate(
         self, *args: str, timeout: float = 120, **env: str
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "api.cli", *args],
-            cwd=self.root,
-            env=self.environ(**env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_torchgate(*args, cwd=self.root, env=self.environ(**env), timeout=timeout)
 
     def config(self, name: str, **values: str) -> tuple[Path, dict[str, str]]:
         addresses = free_addresses()
