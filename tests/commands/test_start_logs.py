@@ -1,10 +1,11 @@
 """What a start from the command line logs where TorchServe users look: TorchServe's
 ts_log.log and model_log.log under $LOG_LOCATION (background and foreground starts alike), a
-log folder that cannot be written as one line and exit code 2, and the start-up warnings for
-metrics_mode and system_metrics_cmd.
+log folder that cannot be written (one line and exit code 2 for a background start, a warning
+and serving on in the foreground), and the start-up warnings for metrics_mode and
+system_metrics_cmd.
 
 Servers run as real processes in a private working directory with a private TMPDIR (pid
-files), on ports of their own range (`PORTS`).
+files), on free ports (`tests.support.torchserve.free_addresses`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,11 +29,9 @@ from api.config_keys import METRICS_MODE_UNSET, check_keys, report, unset_keys
 from tests.support.archives import build_archive
 from tests.support.cli import run_torchgate
 from tests.support.processes import wait_until
+from tests.support.torchserve import free_addresses
 
 ROOT = Path(__file__).resolve().parents[2]
-
-# The servers these tests start listen here only, each pytest-xdist worker on its own part.
-PORTS = range(19300, 19400)
 
 TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d,\d{3}"
 
@@ -48,25 +46,6 @@ PRINTER = """
         print("HANDLE-PRINT stderr line", file=sys.stderr, flush=True)
         return ["ok" for _ in data]
 """
-
-
-def free_ports(count: int) -> list[int]:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-    size = len(PORTS) // workers
-    start = PORTS.start + (int(worker[2:]) % workers if worker[2:].isdigit() else 0) * size
-    chosen: list[int] = []
-    with ExitStack() as stack:  # held together while choosing: distinct ports
-        for port in range(start, start + size):
-            sock = stack.enter_context(socket.socket())
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            chosen.append(port)
-            if len(chosen) == count:
-                return chosen
-    raise RuntimeError(f"no {count} free ports from {start}")
 
 
 @dataclass
@@ -84,15 +63,8 @@ class Workdir:
 
     def config(self, **values: str) -> tuple[Path, str]:
         """A config on free ports with the printing model; returns it and the inference URL."""
-        ports = free_ports(5)
         keys = {
-            "inference_address": f"http://127.0.0.1:{ports[0]}",
-            "management_address": f"http://127.0.0.1:{ports[1]}",
-            "metrics_address": f"http://127.0.0.1:{ports[2]}",
-            "grpc_inference_address": "127.0.0.1",
-            "grpc_management_address": "127.0.0.1",
-            "grpc_inference_port": str(ports[3]),
-            "grpc_management_port": str(ports[4]),
+            **free_addresses(),
             "model_store": str(self.root / "store"),
             "disable_token_authorization": "true",
             **values,
