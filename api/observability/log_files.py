@@ -74,7 +74,8 @@ def check_folder(folder: Path) -> None:
 
 
 def describe_failure(folder: Path, exc: OSError) -> str:
-    """The one line a start that cannot write its log files stops with."""
+    """The one line for log files that cannot be written: a background start stops with it,
+    a foreground one warns with it and serves on."""
     return f"cannot write logs to {folder}: {exc.strerror or exc} (LOG_LOCATION)"
 
 
