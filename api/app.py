@@ -25,6 +25,7 @@ from api.core.types import Backend, ModelSettings
 from api.core.workflow import Workflows
 from api.encoding import encode_prediction
 from api.model_loader import ArchiveBackendLoader, ModelLoader
+from api.observability.access_lines import AccessLines
 from api.observability.compose import access_log_setting, build_observability
 from api.observability.handler_metrics import HandlerMetrics
 from api.observability.metrics import PrometheusObserver
@@ -123,7 +124,7 @@ class Torchgate:
         self.registry.loaded_at_startup.update(self.registry.names())
 
     def grpc_servers(
-        self, *, tls: KeyMaterial | None = None
+        self, *, tls: KeyMaterial | None = None, access_lines: AccessLines | None = None
     ) -> tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]:
         """(start, stop) for the gRPC servers, built from the parts the HTTP apps were.
 
@@ -138,6 +139,7 @@ class Torchgate:
             registry=self.registry,
             loader=self.loader,
             tls=tls,
+            access_lines=access_lines,
         )
 
     async def stop(self) -> None:

@@ -174,7 +174,7 @@ KEYS: dict[str, Key] = {
             ("torchgate.archive_max_ratio", "compression ratio one archive may have"),
             ("torchgate.allowed_hosts", "Host names the management API takes, token auth off"),
             ("torchgate.key_file", "where token authorization keeps its keys"),
-            ("torchgate.access_log", "JSON access log lines (true)"),
+            ("torchgate.access_log", "the access logs: JSON lines, access_log.log (true)"),
             ("torchgate.max_image_pixels", "pixels an image may have for shipped handlers"),
             ("torchgate.max_items_per_request", "items in one request"),
             ("torchgate.max_header_size", "request line and headers, bytes"),

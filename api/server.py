@@ -25,8 +25,10 @@ from api.app import Torchgate, build
 from api.config import Address, Config, EdgeLimits
 from api.config_keys import report as report_config
 from api.observability import log_files
+from api.observability.access_lines import AccessLines
+from api.observability.compose import access_log_setting
 from api.rest.apps import listeners
-from api.rest.asgi import ASGIApp, StatusTold
+from api.rest.asgi import AccessLogged, ASGIApp, StatusTold
 from api.rest.edge import edge_protocol
 from api.tls import KeyMaterial, load_tls, server_ssl_context
 from api.workers.pool import WorkerPool
@@ -63,12 +65,16 @@ def _http_server(
     grace_s: float,
     ssl_context: ssl.SSLContext | None = None,
     answered: Callable[[int], None] | None = None,
+    access_lines: AccessLines | None = None,
 ) -> _Server:
     if address.scheme not in ("http", "https"):
         raise ValueError(f"{address}: the scheme must be http or https")
     context = ssl_context if address.scheme == "https" else None
     if answered is not None:
-        app = StatusTold(app, answered)
+        if access_lines is not None:
+            app = AccessLogged(app, answered, access_lines)
+        else:
+            app = StatusTold(app, answered)
     config = uvicorn.Config(
         app,
         host=address.host,
@@ -110,9 +116,11 @@ async def serve(
     pool: WorkerPool | None = None,
     sockets: Mapping[Address, socket.socket] | None = None,
     on_ready: Callable[[], None] | None = None,
+    access_lines: AccessLines | None = None,
 ) -> None:
     """`sockets`: the listener of each HTTP address, bound beforehand
-    (`api.commands.listen`); `on_ready` is called once the start-up models serve."""
+    (`api.commands.listen`); `on_ready` is called once the start-up models serve;
+    `access_lines`: TorchServe's access_log.log, written for every HTTP answer and gRPC call."""
     report_config(config)  # unknown and unsupported keys, then the effective configuration
     tls = load_tls(config)  # a bad key or certificate stops the start here, before any work
     torchgate = build(config, access_log=access_log, pool=pool)
@@ -138,6 +146,7 @@ async def serve(
                 grace_s=grace_s,
                 ssl_context=ssl_context,
                 answered=torchgate.observer.http_answered,  # TorchServe's Requests2XX...
+                access_lines=access_lines,
             ),
             address,
         )
@@ -145,7 +154,7 @@ async def serve(
             [(api, apps[api], address) for api, address in config.http_addresses()]
         )
     ]
-    extras = [torchgate.grpc_servers(tls=tls)]
+    extras = [torchgate.grpc_servers(tls=tls, access_lines=access_lines)]
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -237,11 +246,17 @@ def run(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    files: list[logging.Handler] = []
+    files: list[log_files.LogFile] = []
+    access_lines: AccessLines | None = None
     if log_folder is not None:
         try:
             files = log_files.install(log_folder)
+            # One switch for both access logs: the JSON lines and TorchServe's file.
+            if access_log_setting(config.raw) if access_log is None else access_log:
+                access_lines = AccessLines(log_folder, ts_log=files[0])  # ts_log.log's file
         except OSError as exc:
+            log_files.uninstall(files)
+            files = []
             # As TorchServe, whose log4j reports a file it cannot write and serves on: a
             # read-only working directory (a container's root) must not stop the server.
             log.warning(
@@ -264,7 +279,10 @@ def run(
                 pool=pool,
                 sockets=sockets,
                 on_ready=on_ready,
+                access_lines=access_lines,
             )
         )
     finally:
+        if access_lines is not None:
+            access_lines.close()
         log_files.uninstall(files)

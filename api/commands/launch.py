@@ -97,8 +97,8 @@ def add_logging_flags(parser: argparse.ArgumentParser) -> None:
         "--access-log",
         action=argparse.BooleanOptionalAction,
         default=env_flag("TORCHGATE_ACCESS_LOG"),
-        help="JSON access log lines on stdout (default: torchgate.access_log in "
-        "config.properties, on when absent; env TORCHGATE_ACCESS_LOG)",
+        help="the access logs: JSON lines on stdout and TorchServe's access_log.log (default: "
+        "torchgate.access_log in config.properties, on when absent; env TORCHGATE_ACCESS_LOG)",
     )
 
 

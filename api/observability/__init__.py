@@ -7,4 +7,5 @@ gpu.py              GPU metrics per device (NVML)
 handler_metrics.py  handlers' `context.metrics` calls
 access_log.py       one JSON line per answered request
 log_files.py        TorchServe's ts_log.log and model_log.log, for starts from the command line
+access_lines.py     TorchServe's access_log.log, beside them
 """

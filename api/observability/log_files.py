@@ -1,4 +1,5 @@
-"""TorchServe's log files under `$LOG_LOCATION` (./logs): `ts_log.log` and `model_log.log`.
+"""TorchServe's log files under `$LOG_LOCATION` (./logs): `ts_log.log` and `model_log.log`
+(`access_log.log` is `api.observability.access_lines`').
 
 TorchServe 0.12 (its log4j2.xml) writes every frontend line to `ts_log.log` and its workers'
 stdout and stderr lines to `model_log.log` (and to `ts_log.log` too), in the layout
@@ -13,9 +14,8 @@ its console output, which keeps its own format. A worker's output record is told
 attributes the worker pool sets on it (`extra=`): `WORKER_STREAM`, TorchServe's thread name for
 the pipe (`worker_stream`), and `WORKER_LINE`, the line as the worker printed it.
 
-Not written: `access_log.log` (one record per request would cost every inference a formatter
-and a write; torchgate's access log is its JSON lines on stdout, docs/observability.md) and the
-metric logs `ts_metrics.log`/`model_metrics.log` (metrics are on the metrics API). Files roll
+Not written: the metric logs `ts_metrics.log`/`model_metrics.log` (metrics are on the metrics
+API). Files roll
 at 100 MB with 5 kept, as TorchServe's, but as `ts_log.log.1` ... `.5` rather than log4j's dated
 `.gz` files.
 """
@@ -27,11 +27,13 @@ import errno
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 TS_LOG = "ts_log.log"
 MODEL_LOG = "model_log.log"
+ACCESS_LOG = "access_log.log"
 MAX_BYTES = 100 * 1024 * 1024  # log4j's SizeBasedTriggeringPolicy "100 MB" is in MiB
 BACKUPS = 5  # DefaultRolloverStrategy max="5"
 
@@ -68,7 +70,7 @@ def check_folder(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if not os.access(folder, os.W_OK):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
-    for name in (TS_LOG, MODEL_LOG):
+    for name in (TS_LOG, MODEL_LOG, ACCESS_LOG):
         with open(folder / name, "a", encoding="utf-8"):
             pass
 
@@ -123,7 +125,7 @@ class LogFile(RotatingFileHandler):
         self.failing = False
         self._failed_now = False
 
-    def shouldRollover(self, record: logging.LogRecord) -> bool:
+    def shouldRollover(self, record: logging.LogRecord | None) -> bool:
         if self.stream is None:  # closed by a failed rollover: opened again here
             self.stream = self._open()
         return self.stream.tell() >= self.maxBytes
@@ -137,11 +139,32 @@ class LogFile(RotatingFileHandler):
             self.handleError(record)
             return
         logging.FileHandler.emit(self, record)  # calls handleError itself on a failure
+        self._note_recovery()
+
+    def write_text(self, text: str) -> None:
+        """Write lines formatted already (`api.observability.access_lines`: a loop turn's
+        access lines together), rolled over and failing as a record's are."""
+        self.acquire()
+        try:
+            self._failed_now = False
+            try:
+                if self.shouldRollover(None):
+                    self.doRollover()
+                assert self.stream is not None  # opened by shouldRollover or doRollover
+                self.stream.write(text)
+                self.stream.flush()
+            except Exception:
+                self.handleError(None)
+            self._note_recovery()
+        finally:
+            self.release()
+
+    def _note_recovery(self) -> None:
         if self.failing and not self._failed_now:
             self.failing = False
             _tell(f"torchgate: writing {self.baseFilename} again")
 
-    def handleError(self, record: logging.LogRecord) -> None:
+    def handleError(self, record: logging.LogRecord | None) -> None:
         self._failed_now = True
         if not self.failing:
             self.failing = True
@@ -159,13 +182,13 @@ def is_worker_output(record: logging.LogRecord) -> bool:
     return hasattr(record, WORKER_STREAM)
 
 
-def install(folder: Path) -> list[logging.Handler]:
+def install(folder: Path) -> list[LogFile]:
     """Add `ts_log.log` (every record) and `model_log.log` (worker output) under `folder` to
-    the root logger, after the console's handler; returns them (`uninstall` takes them
-    away). Raises OSError."""
+    the root logger, after the console's handler; returns them, in that order (`uninstall`
+    takes them away). Raises OSError."""
     check_folder(folder)
     formatter = TorchServeFormatter()
-    handlers: list[logging.Handler] = []
+    handlers: list[LogFile] = []
     try:
         for name in (TS_LOG, MODEL_LOG):
             rotating = LogFile(folder / name)
@@ -181,7 +204,7 @@ def install(folder: Path) -> list[logging.Handler]:
     return handlers
 
 
-def uninstall(handlers: list[logging.Handler]) -> None:
+def uninstall(handlers: Sequence[logging.Handler]) -> None:
     root = logging.getLogger()
     for handler in handlers:
         root.removeHandler(handler)

@@ -8,11 +8,13 @@ dataplane, send one response. Everything else goes through FastAPI.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from api.encoding import ErrorBody, encode_error, torchserve_error_body
 from api.errors import PayloadTooLarge
+from api.observability.access_lines import AccessLines
 from api.request_ids import request_id
 
 # What TorchServe answers on its paths that take any method (/ping, /predictions, /metrics,
@@ -110,6 +112,42 @@ class StatusTold:
             await send(message)
 
         await self.app(scope, receive, send_and_tell)
+
+
+class AccessLogged:
+    """ASGI middleware: `StatusTold`'s, and a line in TorchServe's access_log.log for every
+    answer (`api.observability.access_lines`); one wrapper, not two, on the hot path."""
+
+    def __init__(self, app: ASGIApp, answered: Callable[[int], None], lines: AccessLines) -> None:
+        self.app, self.answered, self.lines = app, answered, lines
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answered, lines = self.answered, self.lines
+        started = time.monotonic()
+
+        async def send_and_log(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                answered(status)
+                lines.http(
+                    scope.get("client"),
+                    scope["method"],
+                    request_target(scope),
+                    scope["http_version"],
+                    status,
+                    started,
+                )
+            await send(message)
+
+        await self.app(scope, receive, send_and_log)
+
+
+def request_target(scope: Scope) -> str:
+    """The path and query as the client sent them (`/api-description?x=1`)."""
+    path = scope.get("raw_path") or scope["path"].encode("utf-8")
+    query = scope.get("query_string")
+    target = path + b"?" + query if query else path
+    return target.decode("latin-1")
 
 
 async def _disconnected() -> Message:

@@ -20,6 +20,8 @@ from api.core.registry import Registry
 from api.core.types import REJECT_AUTH
 from api.errors import Unauthenticated
 from api.model_loader import ModelLoader
+from api.observability.access_lines import AccessLines
+from api.rpc.access import AccessInterceptor
 from api.rpc.decoding import DecodingInterceptor
 from api.rpc.errors import grpc_code
 from api.tls import KeyMaterial, grpc_credentials
@@ -79,9 +81,15 @@ def _refusal(exc: Unauthenticated, method: grpc.RpcMethodHandler | None) -> grpc
 
 
 def _server(
-    config: Config, auth: TokenAuth | None, kind: str, dataplane: DataPlane
+    config: Config,
+    auth: TokenAuth | None,
+    kind: str,
+    dataplane: DataPlane,
+    access_lines: AccessLines | None,
 ) -> grpc.aio.Server:
     interceptors: list[grpc.aio.ServerInterceptor] = []
+    if access_lines is not None:  # first: refused calls are logged too, as TorchServe's
+        interceptors.append(AccessInterceptor(access_lines))
     if auth is not None:
         interceptors.append(
             TokenInterceptor(auth, kind, lambda: dataplane.note_rejected("", "", REJECT_AUTH))
@@ -113,15 +121,17 @@ def grpc_servers(
     registry: Registry,
     loader: ModelLoader,
     tls: KeyMaterial | None = None,
+    access_lines: AccessLines | None = None,
 ) -> tuple[Callable[[], Awaitable[None]], Callable[[float], Awaitable[None]]]:
     """(start, stop) for both gRPC servers; `api.app.Torchgate.grpc_servers` composes them
     from the same parts as the HTTP apps, and `api.server` runs them beside those. With
-    `enable_grpc_ssl=true` both ports serve TLS with `tls` (api.tls.load_tls)."""
+    `enable_grpc_ssl=true` both ports serve TLS with `tls` (api.tls.load_tls); with
+    `access_lines` every call gets a line in TorchServe's access_log.log."""
     from api.rpc.kserve import add_kserve_servicer
     from api.rpc.torchserve import add_torchserve_inference_servicer, add_torchserve_management
 
-    inference = _server(config, auth, INFERENCE, dataplane)
-    management = _server(config, auth, MANAGEMENT, dataplane)
+    inference = _server(config, auth, INFERENCE, dataplane, access_lines)
+    management = _server(config, auth, MANAGEMENT, dataplane, access_lines)
     add_kserve_servicer(
         inference,
         dataplane,

@@ -110,15 +110,41 @@ def test_a_start_writes_torchserves_log_files(workdir: Workdir, background: bool
     assert re.search(r"<time> \[INFO \] MainThread uvicorn.error - Started server process", said)
     assert f"[WARN ] MainThread torchgate.config - {METRICS_MODE_UNSET}" in said
     assert "config key system_metrics_cmd is not supported by torchgate" in said
-    # No per-request records: no access_log.log; metrics are on the metrics API, not in files.
+    access = timeless(_read(logs / "access_log.log"))
+    assert re.fullmatch(
+        r'<time> - /127\.0\.0\.1:\d+ "POST /predictions/printer HTTP/1\.1" 200 \d+', access[-1]
+    ), access
+    assert access[-1].split(" - ", 1)[1] in said  # and as an ACCESS_LOG record in ts_log.log
+    # Metrics are on the metrics API, not in files (no ts_metrics.log, model_metrics.log).
     assert sorted(p.name for p in logs.iterdir() if p.is_file()) == sorted(
-        ["ts_log.log", "model_log.log", *(["torchgate.log"] if background else [])]
+        [
+            "ts_log.log",
+            "model_log.log",
+            "access_log.log",
+            *(["torchgate.log"] if background else []),
+        ]
     )
     if background:  # the console's own format stays as it was
         console = _read(logs / "torchgate.log")
         assert " INFO uvicorn.error: Started server process" in console
         assert "INFO:     Started server process" not in console
         assert " INFO torchgate.worker: [printer/1.0 w0] HANDLE-PRINT stdout line" in console
+
+
+@pytest.mark.integration
+def test_the_access_log_switch_turns_access_log_file_off_too(workdir: Workdir) -> None:
+    store = workdir.root / "store"
+    build_archive(workdir.root, "printer", "handler.py", {"handler.py": PRINTER}, export_dir=store)
+    config, inference = workdir.config(
+        load_models="printer.mar", **{"torchgate.access_log": "false"}
+    )
+    logs = workdir.root / "logs"
+    with _started(workdir, config, background=False):
+        answer = httpx.post(f"{inference}/predictions/printer", content=b"x", timeout=30)
+        assert answer.status_code == 200, answer.text
+        wait_until(lambda: "stderr line" in _read(logs / "model_log.log"), timeout=20)
+    assert _read(logs / "access_log.log") == ""
+    assert " ACCESS_LOG - " not in _read(logs / "ts_log.log")
 
 
 def _read(path: Path) -> str:

@@ -153,6 +153,7 @@ def test_a_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
         )
     log_files.check_folder(tmp_path / "new" / "logs")
     assert sorted(p.name for p in (tmp_path / "new" / "logs").iterdir()) == [
+        "access_log.log",
         "model_log.log",
         "ts_log.log",
     ]
