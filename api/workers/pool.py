@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from api.observability import log_files
 from api.workers import descendants, wire
@@ -107,6 +107,7 @@ class WorkerPool:
         # Output pipes of exited workers, read until they end: a daemon the handler started
         # holds them (until the zygote ends it, at the latest).
         self._draining: dict[_LogLines, None] = {}  # oldest first
+        self._zygote_output: _ZygoteOutput | None = None
 
     @property
     def zygote_pid(self) -> int | None:
@@ -146,12 +147,16 @@ class WorkerPool:
             command,
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             start_new_session=True,
             env=env,
         )
         theirs.close()
         ours.setblocking(False)
         self._control = ours
+        assert self._zygote.stdout is not None and self._zygote.stderr is not None
+        self._zygote_output = _ZygoteOutput(self._zygote.stdout, self._zygote.stderr)
 
     def _attach(self) -> None:
         loop = asyncio.get_running_loop()
@@ -160,6 +165,8 @@ class WorkerPool:
         assert self._control is not None
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._control.fileno())
+        if self._zygote_output is not None:
+            self._zygote_output.attach(loop)
         self._loop = loop
         self.spinner = LoopSpinner(loop, self._spin_us / 1e6)
         for lines in [lines for lines in self._draining if lines.loop is not loop]:
@@ -244,6 +251,9 @@ class WorkerPool:
         except TimeoutError:
             zygote.kill()
             self._kill_worker_groups()
+        if self._zygote_output is not None:
+            self._zygote_output.finish()  # it has exited: read to the end
+            self._zygote_output = None
         for process in list(self._workers.values()):
             process.exit_reported(-signal.SIGKILL)
         # The zygote ended the daemons that held output pipes: their ends are due now. One
@@ -256,6 +266,8 @@ class WorkerPool:
     def _detach(self) -> None:
         if self._loop is not None and not self._loop.is_closed() and self._control is not None:
             self._loop.remove_reader(self._control.fileno())
+        if self._zygote_output is not None:
+            self._zygote_output.detach()
         self._loop = None
 
     def _on_control(self) -> None:
@@ -301,6 +313,9 @@ class WorkerPool:
         self._control = self._zygote = None
         code = zygote.poll() if zygote is not None else None
         log.error("the worker zygote exited (%s); workers will be restarted", describe_exit(code))
+        output, self._zygote_output = self._zygote_output, None
+        if output is not None:  # its last lines (a traceback) come as it exits
+            asyncio.get_running_loop().call_later(LOG_DRAIN_S, output.finish)
         self._kill_worker_groups()
         for future in self._spawning.values():
             if not future.done():
@@ -676,6 +691,60 @@ def _same(value: Any) -> Any:
 def _time_out(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
+
+
+class _ZygoteOutput:
+    """The zygote's own stdout and stderr (its log lines, a preloaded module's warnings),
+    logged as a worker's output is, and so in TorchServe's ts_log.log too. Read with the
+    loop's readers, as the control socket is, not with pipe transports: the pipes outlive an
+    event loop (a test suite's next `asyncio.run`)."""
+
+    def __init__(self, stdout: IO[bytes], stderr: IO[bytes]) -> None:
+        budget = _LogBudget("zygote")
+        self._pipes = [
+            (stdout, _LogLines("zygote", budget)),
+            (stderr, _LogLines("zygote", budget, stderr=True)),
+        ]
+        for pipe, _ in self._pipes:
+            os.set_blocking(pipe.fileno(), False)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.detach()
+        for pipe, lines in self._pipes:
+            loop.add_reader(pipe.fileno(), self._read, pipe, lines)
+        self._loop = loop
+
+    def detach(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed():
+            for pipe, _ in self._pipes:
+                if not pipe.closed:
+                    loop.remove_reader(pipe.fileno())
+
+    def finish(self) -> None:
+        """The zygote has exited: log what it left in the pipes, and close them."""
+        self.detach()
+        for pipe, lines in self._pipes:
+            if not pipe.closed:
+                while self._read(pipe, lines):
+                    pass
+                pipe.close()
+                lines.connection_lost(None)
+
+    @staticmethod
+    def _read(pipe: IO[bytes], lines: _LogLines) -> bool:
+        """One read (a flood does not hold the loop); False once nothing more is there now."""
+        try:
+            data = os.read(pipe.fileno(), 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            return False  # ended: `finish` closes it (the reader stays till then: see below)
+        lines.data_received(data)
+        return True
 
 
 class _LogBudget:

@@ -311,3 +311,36 @@ def test_a_workers_pythonpath_ends_with_the_model_directory(
     entries = pythonpath.split(os.pathsep)
     assert entries[-1] == model_dir
     assert entries[0] == str(Path(__file__).resolve().parents[2])  # torchgate's root first
+
+
+def test_what_the_zygote_itself_prints_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The zygote wrote to the console's stdout and stderr directly, so its warnings (a
+    preloaded module's, its own) missed the log handlers, TorchServe's ts_log.log among them.
+    Its output is logged as a worker's is, to its last line at its stop."""
+    (tmp_path / "noisy_preload.py").write_text(
+        "import sys\n"
+        "print('NOISY-PRELOAD on stdout', flush=True)\n"
+        "print('WARNING noisy_preload: NOISY-PRELOAD on stderr', file=sys.stderr, flush=True)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+    async def scenario() -> None:
+        pool = WorkerPool(preload=["noisy_preload"])
+        pool.start()
+        try:
+            await asyncio.to_thread(
+                wait_until,
+                lambda: sum("NOISY-PRELOAD" in r.getMessage() for r in caplog.records) == 2,
+            )
+        finally:
+            await pool.close()
+
+    with caplog.at_level(logging.INFO, logger=pool_module.worker_log.name):
+        aio.run(scenario(), timeout=60)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "NOISY" in r.getMessage()]
+    assert sorted(said) == [
+        ("INFO", "[zygote] NOISY-PRELOAD on stdout"),
+        ("WARNING", "[zygote] WARNING noisy_preload: NOISY-PRELOAD on stderr"),
+    ]
