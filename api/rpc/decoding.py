@@ -18,6 +18,8 @@ from typing import Any
 
 import grpc
 
+from api.rpc.errors import refusal_request_id
+
 Deserializer = Callable[[bytes], Any]
 
 
@@ -80,8 +82,12 @@ def _wrap(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler
 
     async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
+            await refuse(context)
         return request
+
+    async def refuse(context: grpc.aio.ServicerContext) -> None:
+        refusal_request_id(context)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
 
     async def checked_stream(
         requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -116,7 +122,7 @@ def _wrap(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler
             try:
                 return await stream_unary(checked_stream(requests, context), context)
             except _MalformedStream:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
+                await refuse(context)
 
         return grpc.stream_unary_rpc_method_handler(su, deserialize, serialize)
     stream_stream = handler.stream_stream
@@ -128,6 +134,6 @@ def _wrap(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler
             async for response in stream_stream(checked_stream(requests, context), context):
                 yield response
         except _MalformedStream:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
+            await refuse(context)
 
     return grpc.stream_stream_rpc_method_handler(ss, deserialize, serialize)

@@ -68,6 +68,13 @@ def call_request_id(context: grpc.aio.ServicerContext, headers: Mapping[str, str
     return rid
 
 
+def refusal_request_id(context: grpc.aio.ServicerContext) -> None:
+    """`call_request_id` for a call refused before its servicer ran (a bad token, bytes that
+    do not parse), unless the servicer set it already (a stream refused part-way)."""
+    if not any(key == "x-request-id" for key, _ in context.trailing_metadata() or ()):
+        call_request_id(context, metadata_headers(context))
+
+
 def metadata_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
     """Invocation metadata as lower-case headers (binary `-bin` entries are left out)."""
     return {

@@ -23,7 +23,7 @@ from api.model_loader import ModelLoader
 from api.observability.access_lines import AccessLines
 from api.rpc.access import AccessInterceptor
 from api.rpc.decoding import DecodingInterceptor
-from api.rpc.errors import grpc_code
+from api.rpc.errors import grpc_code, refusal_request_id
 from api.tls import KeyMaterial, grpc_credentials
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ def _refusal(exc: Unauthenticated, method: grpc.RpcMethodHandler | None) -> grpc
     request would wait for the client's first message of a stream before it could answer."""
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        refusal_request_id(context)  # as every answer, refused or not
         await context.abort(grpc_code(exc), exc.message)
 
     if method is not None and method.request_streaming:

@@ -527,6 +527,13 @@ def test_token_authorization(tmp_path: Path) -> None:
                 Code.UNAUTHENTICATED,
             )
             await list_models(management.ListModelsRequest(), metadata=bearer(keys[MANAGEMENT]))
+            # A refusal names the call as every answer does: the client's id, else a new one.
+            refused = predict(predictions_request(), metadata=(("x-request-id", "refused-1"),))
+            await expect_error(refused, Code.UNAUTHENTICATED)
+            assert ("x-request-id", "refused-1") in tuple(await refused.trailing_metadata())
+            stream = client.inference.StreamPredictions2(iter([predictions_request()]))
+            await expect_error(stream.read(), Code.UNAUTHENTICATED)
+            assert "x-request-id" in dict(await stream.trailing_metadata())
 
     run(scenario())
 
@@ -558,8 +565,12 @@ def test_malformed_message_bytes_are_invalid_argument(
         async with serving(tmp_path) as client:
             grpc_port = getattr(client.tg.config, f"grpc_{port}_port")
             async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-                call = channel.unary_unary(method)(b"\x0a\x7fabc")  # a string field cut short
+                call = channel.unary_unary(method)(
+                    b"\x0a\x7fabc",  # a string field cut short
+                    metadata=(("x-request-id", "malformed-1"),),
+                )
                 details = await expect_error(call, Code.INVALID_ARGUMENT)
+                assert ("x-request-id", "malformed-1") in tuple(await call.trailing_metadata())
             assert details.startswith(
                 f"malformed request: the message bytes do not parse as {method}"
             )
