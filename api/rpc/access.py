@@ -4,7 +4,7 @@ TorchServe writes one for each call on both gRPC ports, with the call's status c
 
     ... - /127.0.0.1:36204 "gRPC inference.GRPCInferenceService/ModelInfer HTTP/2.0" 0 7
 
-`AccessInterceptor` wraps each method's handler (once per method, as `api.rpc.decoding` does):
+`AccessInterceptor` wraps each method's handler (once per method, `api.rpc.wrapping`):
 the wrapper notes the peer when the call starts (grpc no longer knows it once the call is
 over) and writes the line when the servicer is done: the code it set or aborted with, else
 OK, UNKNOWN for an exception (what grpc answers then) and CANCELLED for a call cancelled
@@ -15,38 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
 from api.observability.access_lines import AccessLines
+from api.rpc.wrapping import WrappingInterceptor
 
 
-class AccessInterceptor(grpc.aio.ServerInterceptor):
+class AccessInterceptor(WrappingInterceptor):
     """Logs every call whose method the server knows; first among the interceptors, so that
     calls refused by the token check are logged too."""
 
     def __init__(self, lines: AccessLines) -> None:
+        super().__init__()
         self._lines = lines
-        # method -> (the handler, its wrapper): wrapped once, not on every call.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED itself
-            return handler
-        method = handler_call_details.method
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = _logged(handler, method, self._lines)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return _logged(handler, method, self._lines)
 
 
 def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> int:

@@ -12,13 +12,14 @@ Streaming methods here are async generators, as torchgate's servicers are.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from api.rpc.errors import refusal_request_id
+from api.rpc.wrapping import WrappingInterceptor
 
 Deserializer = Callable[[bytes], Any]
 
@@ -52,28 +53,11 @@ def _tolerant(deserializer: Deserializer | None) -> Deserializer | None:
     return deserialize
 
 
-class DecodingInterceptor(grpc.aio.ServerInterceptor):
+class DecodingInterceptor(WrappingInterceptor):
     """Refuses request bytes that are not the method's message with INVALID_ARGUMENT."""
 
-    def __init__(self) -> None:
-        # method -> (the servicer's handler, its wrapper): wrapped once, not on every call.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:  # an unknown method: gRPC answers UNIMPLEMENTED itself
-            return handler
-        method = handler_call_details.method
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = _wrap(handler, malformed_details(method))
-        self._wrapped[method] = (handler, wrapped)  # known methods only: None returned above
-        return wrapped
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        return _wrap(handler, malformed_details(method))
 
 
 def _wrap(handler: grpc.RpcMethodHandler, details: str) -> grpc.RpcMethodHandler:
