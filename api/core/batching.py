@@ -20,6 +20,11 @@ The rule, per worker:
 Requests whose future is already done (the client disconnected, or the dataplane gave up at the
 deadline) are skipped before inference, and so are requests whose deadline has passed: neither
 is ever run.
+
+A request queued with `submit_alone` (TorchServe's describe request) runs in a batch of its own,
+in its place in the queue: the batch before it closes when it reaches it, and nothing queued
+after it joins it. (TorchServe's `BaseHandler` reads `describe` on a batch's first row only and
+then answers once for the whole batch.)
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class Pending:
     future: asyncio.Future[Prediction]
     enqueued_at: float
     deadline: float
+    # Runs in a batch of its own (`Batcher.submit_alone`).
+    alone: bool = False
 
 
 class Batcher:
@@ -169,6 +176,19 @@ class Batcher:
         if len(self._queue) >= self.max_batch_size:
             self._full.set()
         self._observer.queue_changed(self.model, self.version, len(self._queue))
+        return future
+
+    def submit_alone(self, request: InferenceRequest) -> asyncio.Future[Prediction]:
+        """`submit`, for a request that must run in a batch of its own, in its turn: TorchServe's
+        describe request, which it sends a worker as a job of its own, never with predictions.
+
+        A method of its own rather than an argument of `submit`, whose hot path stays as it was.
+        A subclass that queues elsewhere (`SequenceBatcher`) queues it as any other request.
+        """
+        future = self.submit(request)
+        queue = self._queue
+        if queue and queue[-1].future is future:  # queued here, in this same step
+            queue[-1].alone = True
         return future
 
     def _room_made(self) -> bool:
@@ -349,12 +369,17 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             batch: list[Pending] = []
-            self._take_queued(batch)
+            closed = self._take_queued(batch)
             if batch:
                 break
             self._note_if_idle()  # everything queued was abandoned or expired
         saturated = self._running > 0  # another worker is running a batch right now
-        if saturated and len(batch) < self.max_batch_size and self.max_batch_delay_s > 0:
+        if (
+            saturated
+            and not closed
+            and len(batch) < self.max_batch_size
+            and self.max_batch_delay_s > 0
+        ):
             try:
                 await self._fill(batch)
             except asyncio.CancelledError:
@@ -380,21 +405,33 @@ class Batcher:
             finally:
                 timer.cancel()
                 self._fillers.remove(waiter)
-                self._take_queued(batch)
+            if self._take_queued(batch):
+                return  # a request that runs alone is next: nothing queued may join now
 
     def _wake_fillers(self) -> None:
         for waiter in self._fillers:
             _wake(waiter)
 
-    def _take_queued(self, batch: list[Pending]) -> None:
-        """Move queued requests into `batch`, skipping abandoned and expired ones."""
+    def _take_queued(self, batch: list[Pending]) -> bool:
+        """Move queued requests into `batch`, skipping abandoned and expired ones. True when
+        the batch is closed by a request that runs alone: it holds one, or one is next."""
         now = self._clock()
         while self._queue and len(batch) < self.max_batch_size:
             pending = self._queue.popleft()
             if pending.future.done():
                 continue  # the client went away or the dataplane already answered 504
-            if not self._expired(pending, now):
-                batch.append(pending)
+            if self._expired(pending, now):
+                continue
+            # A slot read of an object in hand: all a prediction pays for the rare request
+            # that runs alone (`submit_alone`), which alone pays for the rest.
+            if pending.alone:
+                if batch:
+                    self._queue.appendleft(pending)  # it opens the next batch
+                else:
+                    batch.append(pending)
+                return True
+            batch.append(pending)
+        return False
 
     def _expired(self, pending: Pending, now: float) -> bool:
         """Answer `pending` 504 if its deadline passed while it was queued; True if so."""

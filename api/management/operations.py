@@ -196,10 +196,11 @@ class Management:
 
     async def _customized(
         self, model_version: ModelVersion, client_headers: dict[str, str] | None
-    ) -> Any:
+    ) -> dict[str, Any]:
         """What the handler answers to TorchServe's describe request (the client's headers
-        and `describe: True`; `BaseHandler` calls `describe_handle()`): JSON when it parses,
-        else text."""
+        and `describe: True`; `BaseHandler` calls `describe_handle()`) when it is a JSON
+        object, else `{}`: TorchServe parses the answer as one and falls back to `{}` (for
+        `BaseHandler`'s default None, a string, a list)."""
         try:
             ready = self.registry.ready_version(model_version.name, model_version.version)
         except ModelNotReady as exc:  # TorchServe's own sentence for a describe request
@@ -212,7 +213,10 @@ class Management:
         request = InferenceRequest({}, headers, request_id(headers), API_TORCHSERVE_REST)
         timeout_s = ready.settings.response_timeout_s
         try:
-            prediction = await asyncio.wait_for(ready.batcher.submit(request), timeout_s)
+            # In a batch of its own, as TorchServe sends it: `BaseHandler` reads `describe` on
+            # a batch's first row only and answers once for the whole batch.
+            answer = ready.batcher.submit_alone(request)
+            prediction = await asyncio.wait_for(answer, timeout_s)
         except TimeoutError:
             # A worker that times its own batches (a process) may still be at it: the client
             # gets the timeout a prediction gets (504, gRPC DEADLINE_EXCEEDED), not a bare
@@ -232,10 +236,10 @@ class Management:
             body = bytes(body).decode("utf-8", "replace")
         if isinstance(body, str):
             try:
-                return json.loads(body)
+                body = json.loads(body)
             except ValueError:
-                return body
-        return body
+                return {}
+        return body if isinstance(body, dict) else {}
 
     async def scale(self, model_name: str, version: str | None, args: ScaleArgs) -> Reply:
         low = args.min_worker if args.min_worker is not None else 1
