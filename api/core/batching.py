@@ -183,7 +183,7 @@ class Batcher:
         describe request, which it sends a worker as a job of its own, never with predictions.
 
         A method of its own rather than an argument of `submit`, whose hot path stays as it was.
-        A subclass that queues elsewhere (`SequenceBatcher`) queues it as any other request.
+        `SequenceBatcher`, which queues per sequence, has its own.
         """
         future = self.submit(request)
         queue = self._queue

@@ -190,6 +190,15 @@ class SequenceBatcher(Batcher):
         self._observer.queue_changed(self.model, self.version, self.depth)
         return future
 
+    def submit_alone(self, request: InferenceRequest) -> asyncio.Future[Prediction]:
+        """`Batcher.submit_alone`: a request of a sequence of its own (it names none: TorchServe's
+        describe request) that runs in a batch with no other sequence's request."""
+        future = self.submit(request)
+        sequence = self._sequences.get(header_value(request.headers, SEQUENCE_ID) or "")
+        if sequence is not None and sequence.queue and sequence.queue[-1].future is future:
+            sequence.queue[-1].alone = True
+        return future
+
     def _refuse(self, limit: str, sequence_id: str) -> None:
         log.warning(
             "%s/%s: refused a request of sequence %s (%s reached)",
@@ -263,9 +272,14 @@ class SequenceBatcher(Batcher):
             pending = self._next_pending(sequence, now)
             if pending is None:
                 continue
+            if pending.alone and batch:
+                sequence.queue.appendleft(pending)  # it opens a batch of its own, later
+                continue
             sequence.worker = worker
             sequence.running = True
             batch.append((sequence, pending))
+            if pending.alone:
+                break  # nothing joins it
         if batch:
             # Counted as running from here, not once its task starts: a drain in between
             # would find nothing queued and nothing running.

@@ -125,7 +125,28 @@ def test_an_expired_request_that_runs_alone_is_answered_504_and_splits_nothing()
     run(scenario())
 
 
-def test_a_sequence_batcher_queues_a_request_that_runs_alone_as_any_other() -> None:
+def test_a_sequence_batchers_request_that_runs_alone_shares_no_batch() -> None:
+    """A stateful model's describe request is a sequence of its own (it names none), and
+    runs with no other sequence's request: `BaseHandler` would answer once for the batch."""
+
+    async def scenario() -> None:
+        batcher = make(SequenceClock(), max_num_sequence=8)  # batches of 4
+        first = [batcher.submit(req(n, f"seq_{n}")) for n in (1, 2)]
+        alone = batcher.submit_alone(req(5))
+        later = [batcher.submit(req(n, f"seq_{n}")) for n in (3, 4)]
+        worker = SummingWorker("a")
+        tasks = await serving(batcher, worker)
+        answers = await asyncio.gather(*first, alone, *later)
+        await stop(tasks)
+        assert answers[2].body == {"sum": 5, "worker": "a"}
+        [describe] = [ids for ids in worker.batches if len(ids) == 1]
+        assert describe[0].startswith("ts-seq-")  # its own new sequence
+        assert sorted(len(ids) for ids in worker.batches) == [1, 4]  # the others together
+
+    run(scenario())
+
+
+def test_a_sequence_batcher_answers_a_request_that_runs_alone() -> None:
     """`SequenceBatcher` keeps queues per sequence, not `Batcher`'s: the request is queued
     there (a sequence of its own) and answered, not lost in a queue nobody serves."""
 
