@@ -280,10 +280,11 @@ class DataPlane:
             self._start_shadow(model, shadow, request, None)
 
     def _ready_version(self, model: str, version: str | None, *, note: bool = True) -> ModelVersion:
-        """The version, ready to take a request; a refusal for not being ready is counted
-        (`torchgate_rejected_total`, unless not `note`), as the others before inference are."""
+        """The version, ready to take a request (or queue it while its workers first start);
+        a refusal for not being ready is counted (`torchgate_rejected_total`, unless not
+        `note`), as the others before inference are."""
         try:
-            return self.registry.ready_version(model, version)
+            return self.registry.ready_version(model, version, or_starting=True)
         except ModelNotReady:
             if note:
                 self._observer.request_rejected(model, version or "", REJECT_NOT_READY)
@@ -380,7 +381,7 @@ class DataPlane:
             started = time.monotonic()
             status, prediction = 500, None
             try:
-                model_version = self.registry.ready_version(model, version)
+                model_version = self.registry.ready_version(model, version, or_starting=True)
                 _refuse_shadow_past_half_queue(model_version)
                 adapted = copy if adapt is None else adapt(model_version, copy, shadow=True)
                 prediction = await self._run(model_version, adapted)

@@ -97,6 +97,21 @@ class ModelVersion:
         return f"{what} has no live worker: {errors or 'starting'}"
 
     @property
+    def first_starting(self) -> bool:
+        """No worker lives, but one is being started for the first time and has not failed
+        yet (an asynchronous register, a scale-up from 0): a request may wait in the queue for
+        it, as TorchServe holds it. A worker being restarted after a crash or a failed start
+        is not one: that window is refused with Retry-After (docs/compatibility.md)."""
+        return (
+            self.state is ModelState.READY
+            and getattr(self.backend, "unavailable", None) is None
+            and any(
+                slot.worker is None and slot.starting and slot.failed_starts == 0
+                for slot in self.workers
+            )
+        )
+
+    @property
     def healthy(self) -> bool:
         """TorchServe's rule for `/ping`: at least `min_workers` workers that are serving or
         still being (re)started; a worker that has kept failing for maxRetryTimeoutInSec (300 s
@@ -122,6 +137,11 @@ class ModelVersion:
         if self.state is ModelState.READY and any(slot.failed for slot in self.workers):
             if not any(slot.live for slot in self.workers):
                 self.state = ModelState.FAILED
+                # What was queued for its workers (while they first started, or for a
+                # crashed one's replacement) would otherwise wait out its response timeout
+                # for starts that keep failing: answered now, with the handler's error.
+                reason = self.unavailable or f"Model {self.name} version {self.version} failed"
+                self.batcher.fail_queued(ModelNotReady(reason))
         elif self.state is ModelState.FAILED and any(slot.live for slot in self.workers):
             self.state = ModelState.READY
 
@@ -194,10 +214,20 @@ class Registry:
                 f"Model version: {version} does not exist for model: {name}"  # TorchServe's
             ) from None
 
-    def ready_version(self, name: str, version: str | None = None) -> ModelVersion:
+    def ready_version(
+        self, name: str, version: str | None = None, *, or_starting: bool = False
+    ) -> ModelVersion:
+        """The version, if it can take a request now; else `ModelNotReady` (503) with why.
+
+        `or_starting` (predictions): a version whose workers are all still starting for the
+        first time (`ModelVersion.first_starting`) takes it too, queued until one is up and
+        bounded by its response timeout, as TorchServe holds it. It stays not ready (v2
+        ready, `/ping`, routing) until then.
+        """
         model_version = self.get(name, version)
         reason = model_version.unavailable
-        if reason is not None:
+        # Only a version without a live worker pays for the look at its starts.
+        if reason is not None and not (or_starting and model_version.first_starting):
             # A registered version's worker being replaced (or its remote server being
             # reconnected) is back within seconds: say when to try again.
             serving = model_version.state is ModelState.READY
@@ -388,7 +418,11 @@ class Registry:
         if task is not None:
             await asyncio.shield(task)
         failed = await _failed_starts(starts)
-        # A slot scaled away or unloaded meanwhile (a later scale, a DELETE) did not fail.
+        if any(isinstance(e, StoppedBeforeStart) for e in failed.values()):
+            # Unloaded meanwhile (a DELETE): its workers never started, and the client is
+            # told the version is gone, not that it was scaled.
+            self._raise_if_gone(model_version, version)
+        # A slot scaled away meanwhile (a later scale) did not fail.
         errors = dict.fromkeys(
             start_error(error)
             for error in failed.values()
@@ -399,6 +433,19 @@ class Registry:
                 f"Failed to start workers for model {model_version.name} version "
                 f"{model_version.version}: {'; '.join(errors)}"
             )
+
+    def _raise_if_gone(self, model_version: ModelVersion, version: str | None) -> None:
+        """The not-found error a call naming `version` of this model would raise now, if
+        `model_version` is no longer registered (unregistered, or the server closing)."""
+        name = model_version.name
+        if self._models.get(name, {}).get(model_version.version) is model_version:
+            return
+        self.get(name, version)  # the model, or the version named, is gone: raises
+        # Only when the same version was registered again meanwhile: a new one, not scaled.
+        raise VersionNotFound(
+            f"Model version: {model_version.version} of model: {name} was unregistered "
+            "while its workers started"
+        )
 
     def check_scale(
         self, name: str, version: str | None, min_workers: int, max_workers: int

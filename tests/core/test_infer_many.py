@@ -111,12 +111,14 @@ def test_a_version_that_stops_being_ready_under_a_request_is_one_refusal() -> No
         ready_version = registry.ready_version
         calls = 0
 
-        def ready_once(name: str, version: str | None = None) -> ModelVersion:
+        def ready_once(
+            name: str, version: str | None = None, *, or_starting: bool = False
+        ) -> ModelVersion:
             nonlocal calls
             calls += 1
             if calls > 1:  # its last worker died between routing and queueing
                 raise ModelNotReady("Model m version 1.0 has no live worker")
-            return ready_version(name, version)
+            return ready_version(name, version, or_starting=or_starting)
 
         registry.ready_version = ready_once  # type: ignore[method-assign]
         with pytest.raises(ModelNotReady):

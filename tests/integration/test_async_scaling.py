@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +147,17 @@ def test_an_asynchronous_register_answers_before_its_workers_start(
     reply = httpx.post(f"{server.management_url}/models", params=params, timeout=60)
     assert (reply.status_code, reply.json()) == (202, PROCESSING)
     assert statuses(server, "later") == ["STARTING"]
-    # Registered, not ready yet: refused with the reason, and a hint to retry.
-    refused = httpx.post(f"{server.inference_url}/predictions/later", content=b"x")
-    assert refused.status_code == 503
-    assert "starting" in refused.json()["message"]
-    assert refused.headers["retry-after"] == "1"
-    (root / "gate").touch()
-    wait_until(lambda: statuses(server, "later") == ["READY"])
-    served = httpx.post(f"{server.inference_url}/predictions/later", content=b"x")
+    # Registered, not ready yet (v2 ready says so), but a prediction waits in the queue for
+    # the worker, as TorchServe holds it, and is answered once the worker is up.
+    url = f"{server.inference_url}/predictions/later"
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx.post, url, content=b"x", timeout=60)
+        ready = httpx.get(f"{server.inference_url}/v2/models/later/ready")
+        assert ready.status_code == 503
+        with pytest.raises(FutureTimeout):  # not refused: still waiting, the gate closed
+            waiting.result(timeout=0.5)
+        assert statuses(server, "later") == ["STARTING"]
+        (root / "gate").touch()
+        served = waiting.result(timeout=60)
     assert served.status_code == 200, served.text
+    assert statuses(server, "later") == ["READY"]

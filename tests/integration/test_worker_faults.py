@@ -382,26 +382,32 @@ def test_a_handler_failing_to_start_marks_its_version_failed_then_recovers(
 def test_deleting_a_version_with_no_live_worker_answers_once_its_queue_was_answered(
     tmp_path: Path,
 ) -> None:
-    """A request queued behind a crash, with no replacement able to start, gets its 504 at
-    its deadline; a DELETE then unloads the version at once (it waited forever for that
-    request to leave the queue, and the version's workers kept being restarted)."""
+    """A request queued behind a crash, with no replacement able to start, is answered 503
+    with the handler's error once the version is FAILED (it waited for its deadline's 504
+    before), well within its responseTimeout; a DELETE then unloads the version at once (it
+    waited forever for such a request to leave the queue, and the version's workers kept
+    being restarted)."""
     flag = tmp_path / "crashed"
     store = tmp_path / "store"
     store.mkdir()
     files = {"crashy.py": FLAKY_INIT.format(flag=str(flag))}
     build_archive(tmp_path, "crashy", "crashy.py", files, export_dir=store)
-    settings = f'models={{"crashy": {{"1.0": {{"responseTimeout": {RESPONSE_TIMEOUT_S}}}}}}}\n'
+    # FAILED after 3 failed starts (backoff 0 + 0.25 + 0.5 s): a deadline of 60 s leaves
+    # no doubt which answers first.
+    settings = 'models={"crashy": {"1.0": {"responseTimeout": 60}}}\n'
     text = f"model_store={store}\nload_models=crashy.mar\nenable_model_api=true\n{settings}"
     with running_torchgate(text) as server:
 
-        async def scenario() -> tuple[int, int]:
-            async with httpx.AsyncClient(base_url=server.inference_url, timeout=60) as client:
+        async def scenario() -> tuple[int, httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.inference_url, timeout=90) as client:
                 crash = asyncio.create_task(client.post("/predictions/crashy", content=b"crash"))
                 await asyncio.sleep(0.2)  # "crash" runs: "ok" queues behind it
                 queued = await client.post("/predictions/crashy", content=b"ok")
-                return (await crash).status_code, queued.status_code
+                return (await crash).status_code, queued
 
-        assert asyncio.run(scenario()) == (500, 504)
+        crashed, queued = asyncio.run(scenario())
+        assert (crashed, queued.status_code) == (500, 503)
+        assert "failed to initialize: RuntimeError: weights are missing" in queued.json()["message"]
         assert flag.exists()
         deleted = httpx.delete(f"{server.management_url}/models/crashy", timeout=30)
         assert deleted.status_code == 200, deleted.text
