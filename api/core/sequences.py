@@ -20,7 +20,10 @@ worker, one at a time and in order. TorchServe 0.12's rules, kept here:
 Differences from TorchServe: a batch goes as soon as a worker is free (TorchServe waits up to
 `maxBatchDelay` for more sequences); expiry is checked when requests arrive rather than by a
 polling thread, so it is seen at the same moments by clients; a sequence whose worker died moves
-to another worker (its handler state is lost with the process either way).
+to another worker (its handler state is lost with the process either way), its next request
+marked `ts_request_sequence_start: true` there, so that a handler can tell; a request whose
+client went away while it was queued still runs (TorchServe runs it too), since the sequence's
+state is every request it took in turn.
 
 Everything runs on the one event loop; `clock` is injectable so tests need no sleeping.
 """
@@ -82,6 +85,10 @@ class Sequence:
     queue: deque[Pending] = field(default_factory=deque)
     worker: Worker | None = None  # pinned on its first batch
     running: bool = False
+    served: bool = False  # a request of it reached a handler: there is state to lose
+    # Its worker ended (crash, scale-down) after serving some of it: its handler state went
+    # with it, so its next request is marked as a sequence's start on the worker it moves to.
+    moved: bool = False
 
     def idle(self) -> bool:
         return not self.running and not self.queue
@@ -242,9 +249,18 @@ class SequenceBatcher(Batcher):
                 lane.cancel()
             raise
         finally:
-            for sequence in self._sequences.values():
-                if sequence.worker is worker:
-                    sequence.worker = None  # its state is gone with the worker
+            moved = [s for s in self._sequences.values() if s.worker is worker]
+            for sequence in moved:
+                self._unpin(sequence)
+            if moved:  # INFO: a scale-down or a stop moves them too, as planned
+                log.info(
+                    "%s/%s: %d sequence(s) lost their worker and its state; their next "
+                    "requests start afresh on another worker, marked %s: true",
+                    self.model,
+                    self.version,
+                    len(moved),
+                    SEQUENCE_START,
+                )
             self._changed.set()
 
     async def _lane_of(self, worker: Worker, stopping: asyncio.Event) -> None:
@@ -275,6 +291,10 @@ class SequenceBatcher(Batcher):
             if pending.alone and batch:
                 sequence.queue.appendleft(pending)  # it opens a batch of its own, later
                 continue
+            if sequence.moved:
+                sequence.moved = False
+                request = pending.request
+                request.headers = {**request.headers, SEQUENCE_START: "true"}
             sequence.worker = worker
             sequence.running = True
             batch.append((sequence, pending))
@@ -292,6 +312,11 @@ class SequenceBatcher(Batcher):
     def _next_pending(self, sequence: Sequence, now: float) -> Pending | None:
         while sequence.queue:
             pending = sequence.queue.popleft()
+            if pending.future.cancelled():
+                # Its client went away, but the sequence's state is every request it took in
+                # turn: it runs, its answer dropped, as TorchServe runs it. (One answered 504
+                # at its deadline was reported failed, and is not run.)
+                return pending
             if not pending.future.done() and not self._expired(pending, now):
                 return pending
         return None
@@ -311,7 +336,7 @@ class SequenceBatcher(Batcher):
             self._renew_deadlines(pendings)
             for sequence, pending in batch:
                 sequence.queue.appendleft(pending)
-                sequence.worker = None
+                self._unpin(sequence)
             self._watch(pendings)
             return
         except TorchgateError as exc:
@@ -324,9 +349,18 @@ class SequenceBatcher(Batcher):
             self._release(worker, batch)
         self._deliver(pendings, predictions, started)
 
+    @staticmethod
+    def _unpin(sequence: Sequence) -> None:
+        """Free a sequence from its worker (which ended, or will not run it); the state it had
+        there is lost once it moves."""
+        if sequence.worker is not None and sequence.served:
+            sequence.moved = True
+        sequence.worker = None
+
     def _release(self, worker: Worker, batch: list[tuple[Sequence, Pending]]) -> None:
         now = self._clock()
         for sequence, _ in batch:
+            sequence.served = sequence.served or sequence.worker is worker  # not NotRun's
             sequence.running = False
             sequence.last_active = now  # the idle clock starts once its request is answered
         self._busy_workers.discard(id(worker))

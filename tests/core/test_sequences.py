@@ -7,6 +7,7 @@ id, kept in the worker that ran it, so pinning and state isolation are visible i
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -383,6 +384,70 @@ def test_a_sequence_request_a_dead_worker_never_started_queues_afresh() -> None:
         clock.now = 2.0  # back in the queue for less than a responseTimeout
         tasks += await serving(batcher, SummingWorker("b"))
         assert (await asyncio.wait_for(future, 5)).body == {"sum": 4, "worker": "b"}
+        await stop(tasks)
+
+    aio.run(scenario())
+
+
+class StartWatchingWorker(SummingWorker):
+    """A `SummingWorker` that notes which requests were marked as a sequence's start."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.starts: list[bool] = []
+
+    async def predict(self, batch: Sequence[InferenceRequest]) -> list[Prediction]:
+        self.starts += [header_value(r.headers, SEQUENCE_START) == "true" for r in batch]
+        return await super().predict(batch)
+
+
+def test_a_moved_sequences_next_request_is_marked_as_a_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its handler state stayed with the worker that ended: the request that carries it on
+    elsewhere says so (`ts_request_sequence_start: true`), once, and the log counts the
+    sequences moved; a sequence that never ran on the ended worker is not marked."""
+
+    async def scenario() -> None:
+        batcher = make(FakeClock())
+        a, b = StartWatchingWorker("a"), StartWatchingWorker("b")
+        task_a = asyncio.create_task(batcher.serve(a))
+        await asyncio.sleep(0)
+        await batcher.submit(req(1, "s"))
+        await stop([task_a])
+        tasks = await serving(batcher, b)
+        for n in (2, 3):
+            assert (await batcher.submit(req(n, "s"))).body["worker"] == "b"
+        await batcher.submit(req(7, "other"))
+        await stop(tasks)
+        assert a.starts == [False]
+        assert b.starts == [True, False, False]
+
+    with caplog.at_level(logging.INFO, logger="api.core.sequences"):
+        aio.run(scenario())
+    assert caplog.records[0].getMessage() == (
+        "stateful/1.0: 1 sequence(s) lost their worker and its state; their next requests "
+        "start afresh on another worker, marked ts_request_sequence_start: true"
+    )
+
+
+def test_a_request_whose_client_went_away_still_runs_in_its_sequence() -> None:
+    """The sequence's state is every request it took in turn, as TorchServe runs them: one
+    abandoned while queued still reaches the handler (its answer dropped)."""
+
+    async def scenario() -> None:
+        batcher = make(FakeClock(), max_sequence_job_queue_size=4)
+        gate = asyncio.Event()
+        worker = SummingWorker("a", gate)
+        tasks = await serving(batcher, worker)
+        running = batcher.submit(req(1, "s"))
+        await asyncio.sleep(0)
+        abandoned = batcher.submit(req(10, "s"))
+        abandoned.cancel()  # its client went away
+        last = batcher.submit(req(100, "s"))
+        gate.set()
+        await running
+        assert (await last).body == {"sum": 111, "worker": "a"}
         await stop(tasks)
 
     aio.run(scenario())
