@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from api.observability import log_files
+from api.observability import access_lines, log_files
 from api.observability.access_lines import AccessLines
 from tests.support.aio import run
 
@@ -53,7 +53,10 @@ def test_lines_are_torchserves(tmp_path: Path) -> None:
     assert 12 <= first_ms < 1000  # whole milliseconds since `started`
 
 
-def test_a_loop_turns_lines_are_one_write_at_its_end(tmp_path: Path) -> None:
+def test_lines_wait_for_one_write_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write per turn of the event loop was most of their cost on the hot path: the lines
+    of `FLUSH_S` go out together."""
+    monkeypatch.setattr(access_lines, "FLUSH_S", 0.01)
     lines = AccessLines(tmp_path)
     writes: list[str] = []
     write_text = lines._file.write_text
@@ -64,19 +67,30 @@ def test_a_loop_turns_lines_are_one_write_at_its_end(tmp_path: Path) -> None:
 
     lines._file.write_text = counted  # type: ignore[method-assign]
 
-    async def answer_a_batch() -> None:
+    async def answer_batches() -> None:
         for n in range(3):
             lines.http(("127.0.0.1", 1000 + n), "GET", "/ping", "1.1", 200, time.monotonic())
-        assert writes == []  # not yet: at the end of this turn
-        await asyncio.sleep(0)
+            await asyncio.sleep(0)  # turns of the loop go by: still together
+        assert writes == []
+        await asyncio.sleep(0.2)  # twenty times FLUSH_S
         assert len(writes) == 1 and writes[0].count("\n") == 3
         lines.http(("127.0.0.1", 2000), "GET", "/ping", "1.1", 200, time.monotonic())
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.2)
         assert len(writes) == 2
 
-    run(answer_a_batch())
+    run(answer_batches())
     lines.close()
     assert len((tmp_path / "access_log.log").read_text().splitlines()) == 4
+
+
+def test_close_writes_what_waits(tmp_path: Path) -> None:
+    async def answer_and_stop() -> None:
+        lines = AccessLines(tmp_path)
+        lines.http(("127.0.0.1", 1), "GET", "/ping", "1.1", 200, time.monotonic())
+        lines.close()  # the server's stop: before FLUSH_S has passed
+
+    run(answer_and_stop())
+    assert len((tmp_path / "access_log.log").read_text().splitlines()) == 1
 
 
 def test_ts_log_gets_the_lines_as_access_log_records_at_info(
