@@ -4,9 +4,8 @@
 while the frontend binds its ports, and spawns workers through it. `WorkerProcess` is one
 worker as the event loop sees it: a socket speaking `wire.py` frames, read by a buffered
 protocol (no task per read, no copy of a large frame's bulk), its stdout and stderr read line
-by line into this process's log under the worker's name (stdout at INFO, stderr at WARNING, as
-TorchServe logs them, unless a line starts with a level name), and its exit status from the
-zygote. Its output pipes are read until they end, as TorchServe reads them: a daemon the
+by line into this process's log under the worker's name (`output.py`, as the zygote's own),
+and its exit status from the zygote. Its output pipes are read until they end, as TorchServe reads them: a daemon the
 handler started keeps them after the worker is gone, and prints on into the log.
 
 Nothing here imports torch or handler code, and nothing blocks the event loop.
@@ -31,15 +30,14 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from api.observability import log_files
 from api.workers import descendants, wire
+from api.workers.output import LogBudget, LogLines, ZygoteOutput
 from api.workers.spin import DEFAULT_SPIN_US, LoopSpinner
 from api.workers.zygote import DEFAULT_PRELOAD
 
 log = logging.getLogger(__name__)
-worker_log = logging.getLogger("torchgate.worker")
 
 # After a worker's socket closes, how long its exit status may take: the zygote reports it once
 # the rest of the worker's process group is gone too, which may take its grace periods.
@@ -56,12 +54,6 @@ LOG_DRAIN_S = 2.0
 # each restart, for as long as the server ran; past this many the oldest is closed.
 MAX_DRAINING = 256
 _RECEIVE_BUFFER = 256 * 1024
-_MAX_LOG_LINE = 64 * 1024
-# A worker's output lines are logged by the event loop, some µs each: a handler printing in a
-# loop took seconds of it per second from every model. Past this many lines a second (a
-# burst of LOG_BURST first), its lines are dropped and counted, and the count logged.
-LOG_LINES_PER_S = 5000
-LOG_BURST = 20_000
 
 ChunkCallback = Callable[[list[Any]], None]
 
@@ -106,8 +98,8 @@ class WorkerPool:
         self.spinner: LoopSpinner | None = None  # the event loop's polling (api.workers.spin)
         # Output pipes of exited workers, read until they end: a daemon the handler started
         # holds them (until the zygote ends it, at the latest).
-        self._draining: dict[_LogLines, None] = {}  # oldest first
-        self._zygote_output: _ZygoteOutput | None = None
+        self._draining: dict[LogLines, None] = {}  # oldest first
+        self._zygote_output: ZygoteOutput | None = None
 
     @property
     def zygote_pid(self) -> int | None:
@@ -156,7 +148,7 @@ class WorkerPool:
         ours.setblocking(False)
         self._control = ours
         assert self._zygote.stdout is not None and self._zygote.stderr is not None
-        self._zygote_output = _ZygoteOutput(self._zygote.stdout, self._zygote.stderr)
+        self._zygote_output = ZygoteOutput(self._zygote.stdout, self._zygote.stderr)
 
     def _attach(self) -> None:
         loop = asyncio.get_running_loop()
@@ -264,10 +256,10 @@ class WorkerPool:
         self._close_draining()
 
     def _detach(self) -> None:
+        # The zygote's output stays watched: what it writes while it exits is logged, and
+        # `ZygoteOutput.finish` stops watching it once it has.
         if self._loop is not None and not self._loop.is_closed() and self._control is not None:
             self._loop.remove_reader(self._control.fileno())
-        if self._zygote_output is not None:
-            self._zygote_output.detach()
         self._loop = None
 
     def _on_control(self) -> None:
@@ -330,7 +322,7 @@ class WorkerPool:
         # what they print soon is still logged.
         asyncio.get_running_loop().call_later(LOG_DRAIN_S, self._close_draining)
 
-    def drain(self, lines: _LogLines) -> None:
+    def drain(self, lines: LogLines) -> None:
         """Read the output pipe of an exited worker until it ends (or the zygote is gone), but
         for no more than `MAX_DRAINING` pipes: the oldest beyond is closed, and what still
         holds it gets EPIPE (SIGPIPE, unless it ignores that) at its next line."""
@@ -348,7 +340,7 @@ class WorkerPool:
             )
             oldest.close()
 
-    def drained(self, lines: _LogLines) -> None:
+    def drained(self, lines: LogLines) -> None:
         self._draining.pop(lines, None)
 
     def _close_draining(self) -> None:
@@ -383,7 +375,7 @@ class WorkerProcess(asyncio.BufferedProtocol):
         self._spinner = pool.spinner
         self.exited: asyncio.Future[str] = loop.create_future()
         self._transport: asyncio.Transport | None = None
-        self._logs: list[_LogLines] = []  # the worker's stdout and stderr pipes
+        self._logs: list[LogLines] = []  # the worker's stdout and stderr pipes
         # Calls whose answers are due, oldest first: the worker answers in order.
         self._waiters: deque[_Waiter] = deque()
         self._inbox: list[Any] = []  # a message that arrived before anyone waited
@@ -421,13 +413,13 @@ class WorkerProcess(asyncio.BufferedProtocol):
                 pipes.append((pipe, stderr))
             await self._loop.create_unix_connection(lambda: self, sock=sock)
             unowned.remove(sock)
-            budget = _LogBudget(self.label)  # one for both pipes
+            budget = LogBudget(self.label)  # one for both pipes
             for pipe, stderr in pipes:
-                lines = _LogLines(
+                lines = LogLines(
                     self.label,
                     budget,
                     stderr=stderr,
-                    pool=self._pool,
+                    on_closed=None if self._pool is None else self._pool.drained,
                     worker_name=self.worker_name,
                 )
                 self._logs.append(lines)
@@ -691,180 +683,6 @@ def _same(value: Any) -> Any:
 def _time_out(waiter: asyncio.Future[Any]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
-
-
-class _ZygoteOutput:
-    """The zygote's own stdout and stderr (its log lines, a preloaded module's warnings),
-    logged as a worker's output is, and so in TorchServe's ts_log.log too. Read with the
-    loop's readers, as the control socket is, not with pipe transports: the pipes outlive an
-    event loop (a test suite's next `asyncio.run`)."""
-
-    def __init__(self, stdout: IO[bytes], stderr: IO[bytes]) -> None:
-        budget = _LogBudget("zygote")
-        self._pipes = [
-            (stdout, _LogLines("zygote", budget)),
-            (stderr, _LogLines("zygote", budget, stderr=True)),
-        ]
-        for pipe, _ in self._pipes:
-            os.set_blocking(pipe.fileno(), False)
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.detach()
-        for pipe, lines in self._pipes:
-            loop.add_reader(pipe.fileno(), self._read, pipe, lines)
-        self._loop = loop
-
-    def detach(self) -> None:
-        loop, self._loop = self._loop, None
-        if loop is not None and not loop.is_closed():
-            for pipe, _ in self._pipes:
-                if not pipe.closed:
-                    loop.remove_reader(pipe.fileno())
-
-    def finish(self) -> None:
-        """The zygote has exited: log what it left in the pipes, and close them."""
-        self.detach()
-        for pipe, lines in self._pipes:
-            if not pipe.closed:
-                while self._read(pipe, lines):
-                    pass
-                pipe.close()
-                lines.connection_lost(None)
-
-    @staticmethod
-    def _read(pipe: IO[bytes], lines: _LogLines) -> bool:
-        """One read (a flood does not hold the loop); False once nothing more is there now."""
-        try:
-            data = os.read(pipe.fileno(), 65536)
-        except BlockingIOError:
-            return False
-        except OSError:
-            data = b""
-        if not data:
-            return False  # ended: `finish` closes it (the reader stays till then: see below)
-        lines.data_received(data)
-        return True
-
-
-class _LogBudget:
-    """The lines of a worker's output (both pipes) that may be logged now: LOG_LINES_PER_S a
-    second, in bursts of LOG_BURST; the rest are counted."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.allowance = float(LOG_BURST)  # lines that may be logged now
-        self._refilled = time.monotonic()
-        self.dropped = 0
-
-    def refill(self) -> float:
-        now = time.monotonic()
-        self.allowance = min(LOG_BURST, self.allowance + (now - self._refilled) * LOG_LINES_PER_S)
-        self._refilled = now
-        return self.allowance
-
-    def report_dropped(self) -> None:
-        if self.dropped:
-            worker_log.warning(
-                "[%s] %d lines of its output dropped: over %d lines a second",
-                self.label,
-                self.dropped,
-                LOG_LINES_PER_S,
-            )
-            self.dropped = 0
-
-
-_LEVELS_STDOUT = ("WARNING", "ERROR", "CRITICAL")
-_LEVELS_STDERR = ("DEBUG", "INFO", *_LEVELS_STDOUT)  # the worker's own logging writes there
-
-
-class _LogLines(asyncio.Protocol):
-    """A worker's stdout or stderr, one log record per line, under the worker's label: at INFO
-    (stdout) or WARNING (stderr), as TorchServe logs them, unless the line starts with a level
-    name (the worker's logging writes `LEVEL name: message` to stderr). With `worker_name`,
-    each record also carries the pipe's TorchServe thread name and the bare line, which
-    TorchServe's log files write as its frontend does (`api.observability.log_files`)."""
-
-    def __init__(
-        self,
-        label: str,
-        budget: _LogBudget | None = None,
-        *,
-        stderr: bool = False,
-        pool: WorkerPool | None = None,
-        worker_name: str | None = None,
-    ) -> None:
-        self.label = label
-        self._stream = (
-            None if worker_name is None else log_files.worker_stream(worker_name, stderr=stderr)
-        )
-        self._budget = budget or _LogBudget(label)
-        self._default = logging.WARNING if stderr else logging.INFO
-        self._levels = _LEVELS_STDERR if stderr else _LEVELS_STDOUT
-        self._pool = pool  # told when the pipe ends (`WorkerPool.drained`)
-        self._partial = b""
-        self._transport: asyncio.BaseTransport | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        self.loop = asyncio.get_running_loop()
-
-    def close(self) -> None:
-        """Stop reading (the pipe is held by a process that may never end)."""
-        transport, self._transport = self._transport, None
-        if transport is not None and not self.closed:
-            try:
-                transport.close()
-            except RuntimeError:  # its event loop is closed: close the pipe itself
-                pipe = transport.get_extra_info("pipe")
-                if pipe is not None:
-                    pipe.close()
-        self._closed()
-
-    def _closed(self) -> None:
-        self.closed = True
-        if self._pool is not None:
-            self._pool.drained(self)
-
-    def data_received(self, data: bytes) -> None:
-        budget = self._budget
-        if budget.refill() < 1:  # not even split: counting the lines is all they cost
-            budget.dropped += data.count(b"\n")
-            self._partial = (self._partial + data).rpartition(b"\n")[2][-_MAX_LOG_LINE:]
-            return
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        if len(self._partial) > _MAX_LOG_LINE:
-            lines.append(self._partial)
-            self._partial = b""
-        budget.report_dropped()
-        kept = lines[: int(budget.allowance)]
-        budget.dropped += len(lines) - len(kept)
-        budget.allowance -= len(kept)
-        for line in kept:
-            self._emit(line)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._partial:
-            self._emit(self._partial)
-            self._partial = b""
-        self._closed()
-
-    def _emit(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").rstrip("\r")
-        if not line:
-            return
-        level = self._default
-        first = line.split(" ", 1)[0]
-        if first in self._levels:
-            level = logging.getLevelName(first)
-        if self._stream is None:
-            worker_log.log(level, "[%s] %s", self.label, line)
-        else:
-            extra = {log_files.WORKER_STREAM: self._stream, log_files.WORKER_LINE: line}
-            worker_log.log(level, "[%s] %s", self.label, line, extra=extra)
 
 
 def describe_exit(code: int | None) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from api.observability import log_files
-from api.workers import pool as pool_module
+from api.workers import output as output_module
 
 # log4j's `%d{ISO8601} [%-5p] %t %c - %m%n`: `2026-12-08T00:00:29,343 [INFO ] main x - ...`
 TIME = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d,\d{3}"
@@ -81,9 +81,9 @@ def test_worker_output_goes_to_model_log_as_torchserve_writes_it(
     model_log.log and ts_log.log; the console keeps torchgate's `[model/version wN]` line.
     The worker's own log lines (`LEVEL name: message` on stderr) keep their level."""
     name = log_files.worker_name(9001, "auditprint", "1.0")
-    out = pool_module._LogLines("auditprint/1.0 w0", worker_name=name)
-    err = pool_module._LogLines("auditprint/1.0 w0", stderr=True, worker_name=name)
-    with caplog.at_level(logging.DEBUG, logger=pool_module.worker_log.name):
+    out = output_module.LogLines("auditprint/1.0 w0", worker_name=name)
+    err = output_module.LogLines("auditprint/1.0 w0", stderr=True, worker_name=name)
+    with caplog.at_level(logging.DEBUG, logger=output_module.worker_log.name):
         out.data_received(b"HANDLE-PRINT stdout line\n")
         err.data_received(b"HANDLE-PRINT stderr line\nINFO x: up\nERROR x: boom\n")
     expected = [
@@ -107,7 +107,7 @@ def test_a_worker_without_a_torchserve_name_is_logged_as_any_frontend_line(
 ) -> None:
     """A pool used without the registry (tests, tools) names no worker: its lines are plain
     ts_log.log lines, and model_log.log stays empty."""
-    pool_module._LogLines("m/1.0 w0").data_received(b"printed\n")
+    output_module.LogLines("m/1.0 w0").data_received(b"printed\n")
     (line,) = lines(installed / "ts_log.log")
     assert re.fullmatch(
         rf"{TIME} \[INFO \] MainThread torchgate.worker - \[m/1.0 w0\] printed", line

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import api.workers.output as output_module
 import api.workers.pool as pool_module
 from api.workers.pool import WorkerPool, WorkerProcess
 from tests.support import aio
@@ -169,15 +170,15 @@ def test_a_worker_flooding_its_output_is_logged_within_a_budget(
     """Each line is logged on the event loop: a handler printing in a loop took seconds of it
     per second from every model. Past the budget lines are counted, not logged."""
     clock = [1000.0]
-    monkeypatch.setattr(pool_module.time, "monotonic", lambda: clock[0])
-    lines = pool_module._LogLines("m/1.0 w0")
-    with caplog.at_level(logging.INFO, logger=pool_module.worker_log.name):
-        lines.data_received(b"line\n" * (pool_module.LOG_BURST + 500))
+    monkeypatch.setattr(output_module.time, "monotonic", lambda: clock[0])
+    lines = output_module.LogLines("m/1.0 w0")
+    with caplog.at_level(logging.INFO, logger=output_module.worker_log.name):
+        lines.data_received(b"line\n" * (output_module.LOG_BURST + 500))
         lines.data_received(b"more\n" * 1000)  # no time has passed: not even split
-        assert len(caplog.records) == pool_module.LOG_BURST
+        assert len(caplog.records) == output_module.LOG_BURST
         clock[0] += 1.0  # a second's allowance
         lines.data_received(b"later\n")
-    said = [r.getMessage() for r in caplog.records[pool_module.LOG_BURST :]]
+    said = [r.getMessage() for r in caplog.records[output_module.LOG_BURST :]]
     assert said == [
         "[m/1.0 w0] 1500 lines of its output dropped: over 5000 lines a second",
         "[m/1.0 w0] later",
@@ -209,7 +210,7 @@ def test_a_dead_workers_output_pipe_is_read_until_it_ends(
             assert not pool._draining
         theirs.close()
 
-    with caplog.at_level(logging.INFO, logger=pool_module.worker_log.name):
+    with caplog.at_level(logging.INFO, logger=output_module.worker_log.name):
         aio.run(scenario(), timeout=10)
     assert "[m/1.0] still here" in [r.getMessage() for r in caplog.records]
 
@@ -246,9 +247,9 @@ def test_a_workers_stderr_is_logged_as_warnings(caplog: pytest.LogCaptureFixture
     """TorchServe logs a worker's stderr at WARN and its stdout at INFO: a traceback printed
     to stderr was logged at INFO (dropped with --log-level warning). The worker's own logging
     writes `LEVEL name: message` to stderr, and keeps its level."""
-    out = pool_module._LogLines("m/1.0 w0")
-    err = pool_module._LogLines("m/1.0 w0", stderr=True)
-    with caplog.at_level(logging.DEBUG, logger=pool_module.worker_log.name):
+    out = output_module.LogLines("m/1.0 w0")
+    err = output_module.LogLines("m/1.0 w0", stderr=True)
+    with caplog.at_level(logging.DEBUG, logger=output_module.worker_log.name):
         out.data_received(b"printed\nWARNING from print\n")
         err.data_received(b"Traceback (most recent call last):\nINFO api.workers.main: up\n")
         err.data_received(b"ERROR x: boom\n")
@@ -331,7 +332,7 @@ def test_output_pipes_of_exited_workers_are_read_on_within_a_bound(
         for index in range(3):
             read_end, write_end = os.pipe()
             writers.append(write_end)
-            lines = pool_module._LogLines(f"m/1.0 w{index}", pool=pool)
+            lines = output_module.LogLines(f"m/1.0 w{index}", on_closed=pool.drained)
             await loop.connect_read_pipe(lambda: lines, os.fdopen(read_end, "rb", buffering=0))  # noqa: B023
             pipes.append(lines)
             pool.drain(lines)

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 
+import api.workers.output as output_module
 import api.workers.pool as pool_module
 from api.backends.workers import ProcessWorker, WorkerBackend, load_worker_backend
 from api.core.types import InferenceRequest, ModelSettings
@@ -253,7 +255,7 @@ def test_a_daemon_printing_after_its_worker_exited_lives_on_and_is_logged(
             assert pool._draining
         assert not pool._draining  # its pipe ended with it
 
-    with caplog.at_level(logging.INFO, logger=pool_module.worker_log.name):
+    with caplog.at_level(logging.INFO, logger=output_module.worker_log.name):
         aio.run(scenario(), timeout=60)
     assert "[probe/1.0 w0] late-line-from-daemon" in [r.getMessage() for r in caplog.records]
     assert not alive(leftovers[0])
@@ -269,7 +271,7 @@ def test_a_handlers_stderr_is_logged_as_a_warning(
         async with backend(worker_pool, archive) as (_, worker):
             assert await ask(worker, "stderr") == "ok"
 
-    with caplog.at_level(logging.INFO, logger=pool_module.worker_log.name):
+    with caplog.at_level(logging.INFO, logger=output_module.worker_log.name):
         aio.run(scenario(), timeout=60)
     said = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert ("WARNING", "[probe/1.0 w0] Traceback-like line on stderr") in said
@@ -337,10 +339,34 @@ def test_what_the_zygote_itself_prints_is_logged(
         finally:
             await pool.close()
 
-    with caplog.at_level(logging.INFO, logger=pool_module.worker_log.name):
+    with caplog.at_level(logging.INFO, logger=output_module.worker_log.name):
         aio.run(scenario(), timeout=60)
     said = [(r.levelname, r.getMessage()) for r in caplog.records if "NOISY" in r.getMessage()]
     assert sorted(said) == [
         ("INFO", "[zygote] NOISY-PRELOAD on stdout"),
         ("WARNING", "[zygote] WARNING noisy_preload: NOISY-PRELOAD on stderr"),
     ]
+
+
+def test_a_zygote_output_pipe_that_ends_early_is_not_watched_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preloaded module that points the zygote's stdout elsewhere ends that pipe while the
+    zygote lives: an ended pipe is always readable, and the loop spun on it (one core)."""
+    (tmp_path / "quiet_preload.py").write_text(
+        "import os\nos.dup2(os.open(os.devnull, os.O_WRONLY), 1)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+
+    async def scenario() -> float:
+        pool = WorkerPool(preload=["quiet_preload"])
+        pool.start()
+        try:
+            await asyncio.sleep(1.0)  # the zygote is up, its stdout ended
+            before = time.process_time()
+            await asyncio.sleep(1.0)
+            return time.process_time() - before
+        finally:
+            await pool.close()
+
+    assert aio.run(scenario(), timeout=60) < 0.5  # spinning, it was the whole second
