@@ -246,13 +246,14 @@ def run(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if access_log is None:  # one switch for both access logs: the JSON lines and the file
+        access_log = access_log_setting(config.raw)
     files: list[log_files.LogFile] = []
     access_lines: AccessLines | None = None
     if log_folder is not None:
         try:
             files = log_files.install(log_folder)
-            # One switch for both access logs: the JSON lines and TorchServe's file.
-            if access_log_setting(config.raw) if access_log is None else access_log:
+            if access_log:
                 access_lines = AccessLines(log_folder, ts_log=files[0])  # ts_log.log's file
         except OSError as exc:
             log_files.uninstall(files)

@@ -47,7 +47,7 @@ class AccessLines:
         self._file = LogFile(folder / ACCESS_LOG)
         self._ts_log = ts_log
         self._pending: list[tuple[str, str]] = []  # (timestamp, message)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # where a flush is due, if one is
         self._millisecond = -1
         self._stamp = ""
 
@@ -77,22 +77,21 @@ class AccessLines:
         )
 
     def _add(self, message: str) -> None:
-        pending = self._pending
-        pending.append((self._timestamp(), message))
-        if len(pending) > 1:
-            return  # a flush is already scheduled
+        self._pending.append((self._timestamp(), message))
         loop = self._loop
-        if loop is None or loop.is_closed():
-            try:
-                loop = self._loop = asyncio.get_running_loop()
-            except RuntimeError:  # no running loop: at once
-                self.flush()
-                return
+        if loop is not None and not loop.is_closed():
+            return  # a flush is due (one due on a loop that closed never comes)
+        try:
+            loop = self._loop = asyncio.get_running_loop()
+        except RuntimeError:  # no running loop: at once
+            self.flush()
+            return
         loop.call_later(FLUSH_S, self.flush)
 
     def flush(self) -> None:
         """Write what is pending (called `FLUSH_S` after the first of it, and at close)."""
         pending, self._pending = self._pending, []
+        self._loop = None  # the next line schedules the next flush
         if not pending:
             return
         self._file.write_text("".join(f"{stamp} - {message}\n" for stamp, message in pending))

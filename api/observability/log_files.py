@@ -142,8 +142,8 @@ class LogFile(RotatingFileHandler):
         self._note_recovery()
 
     def write_text(self, text: str) -> None:
-        """Write lines formatted already (`api.observability.access_lines`: a loop turn's
-        access lines together), rolled over and failing as a record's are."""
+        """Write lines formatted already (`api.observability.access_lines`: the access lines
+        of 0.1 s together), rolled over and failing as a record's are."""
         self.acquire()
         try:
             self._failed_now = False

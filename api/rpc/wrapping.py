@@ -20,6 +20,9 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """A handler for `method` (its full name) that runs `handler`'s behaviour its way: of
+        the same kind (unary or streaming, each way) and with the same request deserializer
+        and response serializer. Called once per handler, not per call."""
         raise NotImplementedError
 
     async def intercept_service(

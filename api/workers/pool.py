@@ -5,8 +5,9 @@ while the frontend binds its ports, and spawns workers through it. `WorkerProces
 worker as the event loop sees it: a socket speaking `wire.py` frames, read by a buffered
 protocol (no task per read, no copy of a large frame's bulk), its stdout and stderr read line
 by line into this process's log under the worker's name (`output.py`, as the zygote's own),
-and its exit status from the zygote. Its output pipes are read until they end, as TorchServe reads them: a daemon the
-handler started keeps them after the worker is gone, and prints on into the log.
+and its exit status from the zygote. Its output pipes are read until they end, as TorchServe
+reads them: a daemon the handler started keeps them after the worker is gone, and prints on
+into the log.
 
 Nothing here imports torch or handler code, and nothing blocks the event loop.
 """

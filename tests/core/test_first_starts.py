@@ -200,7 +200,8 @@ def test_a_synchronous_scale_up_overtaken_by_a_delete_says_the_version_is_gone(
         backend.gate.clear()
         version = "1.0" if named else None
         scaling = asyncio.ensure_future(registry.scale("solo", version, 4, 4))
-        await asyncio.sleep(0.03)
+        while len(registry.get("solo").workers) < 4:  # its slots added: it waits on them
+            await asyncio.sleep(0.001)
         await registry.unregister("solo")
         with pytest.raises(ModelNotFound) as gone:
             await asyncio.wait_for(scaling, 2.0)
@@ -221,7 +222,8 @@ def test_a_scale_up_of_a_version_deleted_beside_others_names_the_version() -> No
         await registry.register("m", "2.0", "m2.mar", factory(second), ModelSettings())
         second.gate.clear()
         scaling = asyncio.ensure_future(registry.scale("m", "2.0", 3, 3))
-        await asyncio.sleep(0.03)
+        while len(registry.get("m", "2.0").workers) < 3:  # its slots added: it waits on them
+            await asyncio.sleep(0.001)
         await registry.unregister("m", "2.0")
         with pytest.raises(VersionNotFound) as gone:
             await asyncio.wait_for(scaling, 2.0)

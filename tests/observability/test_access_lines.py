@@ -1,6 +1,6 @@
 """`api.observability.access_lines`: TorchServe's access_log.log, its lines and how they are
-written (a loop turn's together, copied to ts_log.log at INFO, rolled and failing as the other
-log files). The lines beside TorchServe's own: tests/integration/test_access_log_file.py."""
+written (those of `FLUSH_S` together, copied to ts_log.log at INFO, rolled and failing as the
+other log files). The lines beside TorchServe's own: tests/integration/test_access_log_file.py."""
 
 from __future__ import annotations
 
@@ -56,7 +56,6 @@ def test_lines_are_torchserves(tmp_path: Path) -> None:
 def test_lines_wait_for_one_write_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write per turn of the event loop was most of their cost on the hot path: the lines
     of `FLUSH_S` go out together."""
-    monkeypatch.setattr(access_lines, "FLUSH_S", 0.01)
     lines = AccessLines(tmp_path)
     writes: list[str] = []
     write_text = lines._file.write_text
@@ -68,19 +67,43 @@ def test_lines_wait_for_one_write_together(tmp_path: Path, monkeypatch: pytest.M
     lines._file.write_text = counted  # type: ignore[method-assign]
 
     async def answer_batches() -> None:
+        monkeypatch.setattr(access_lines, "FLUSH_S", 1000.0)
         for n in range(3):
             lines.http(("127.0.0.1", 1000 + n), "GET", "/ping", "1.1", 200, time.monotonic())
             await asyncio.sleep(0)  # turns of the loop go by: still together
         assert writes == []
-        await asyncio.sleep(0.2)  # twenty times FLUSH_S
+        lines.flush()  # as the timer would
         assert len(writes) == 1 and writes[0].count("\n") == 3
+        monkeypatch.setattr(access_lines, "FLUSH_S", 0.01)
         lines.http(("127.0.0.1", 2000), "GET", "/ping", "1.1", 200, time.monotonic())
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # fifty times FLUSH_S: the timer wrote it
         assert len(writes) == 2
 
     run(answer_batches())
     lines.close()
     assert len((tmp_path / "access_log.log").read_text().splitlines()) == 4
+
+
+def test_a_flush_due_on_a_loop_that_closed_is_made_on_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its timer went with the loop: lines after it waited for `close` (an in-process
+    server's next `asyncio.run`)."""
+    monkeypatch.setattr(access_lines, "FLUSH_S", 0.01)
+    lines = AccessLines(tmp_path)
+
+    async def answer(port: int) -> None:
+        lines.http(("127.0.0.1", port), "GET", "/ping", "1.1", 200, time.monotonic())
+
+    run(answer(1))  # the loop ends before FLUSH_S: its flush never runs
+
+    async def answer_and_wait() -> None:
+        await answer(2)
+        await asyncio.sleep(0.5)
+
+    run(answer_and_wait())
+    assert len((tmp_path / "access_log.log").read_text().splitlines()) == 2
+    lines.close()
 
 
 def test_close_writes_what_waits(tmp_path: Path) -> None:
