@@ -436,8 +436,12 @@ class Registry:
 
     def _raise_if_gone(self, model_version: ModelVersion, version: str | None) -> None:
         """The not-found error a call naming `version` of this model would raise now, if
-        `model_version` is no longer registered (unregistered, or the server closing)."""
+        `model_version` is no longer registered; 503 if the server's stop took its slots."""
         name = model_version.name
+        if self._closing:
+            raise Overloaded(
+                f"Model {name} version {model_version.version}: the server is stopping"
+            )
         if self._models.get(name, {}).get(model_version.version) is model_version:
             return
         self.get(name, version)  # the model, or the version named, is gone: raises

@@ -23,6 +23,7 @@ from api.errors import (
     HandlerLoadError,
     ModelNotFound,
     ModelNotReady,
+    Overloaded,
     VersionNotFound,
 )
 from tests.support import aio
@@ -229,5 +230,24 @@ def test_a_scale_up_of_a_version_deleted_beside_others_names_the_version() -> No
             await asyncio.wait_for(scaling, 2.0)
         assert gone.value.message == "Model version: 2.0 does not exist for model: m"
         await registry.close()
+
+    run(scenario())
+
+
+def test_a_scale_up_that_meets_the_servers_stop_is_told_so() -> None:
+    """Not 404: the model was never unregistered; the stop took the slots it waited on."""
+
+    async def scenario() -> None:
+        registry = Registry()
+        backend = Gated("1.0")
+        backend.gate.set()
+        await registry.register("solo", "1.0", "s.mar", factory(backend), ModelSettings())
+        backend.gate.clear()
+        scaling = asyncio.ensure_future(registry.scale("solo", None, 4, 4))
+        while len(registry.get("solo").workers) < 4:  # its slots added: it waits on them
+            await asyncio.sleep(0.001)
+        await registry.close()
+        with pytest.raises(Overloaded, match="the server is stopping"):
+            await asyncio.wait_for(scaling, 2.0)
 
     run(scenario())
