@@ -21,7 +21,7 @@ Requests whose future is already done (the client disconnected, or the dataplane
 deadline) are skipped before inference, and so are requests whose deadline has passed: neither
 is ever run.
 
-A request queued with `submit_alone` (TorchServe's describe request) runs in a batch of its own,
+A request queued `alone` (TorchServe's describe request) runs in a batch of its own,
 in its place in the queue: the batch before it closes when it reaches it, and nothing queued
 after it joins it. (TorchServe's `BaseHandler` reads `describe` on a batch's first row only and
 then answers once for the whole batch.)
@@ -61,7 +61,7 @@ class Pending:
     future: asyncio.Future[Prediction]
     enqueued_at: float
     deadline: float
-    # Runs in a batch of its own (`Batcher.submit_alone`).
+    # Runs in a batch of its own (`Batcher.submit`'s `alone`).
     alone: bool = False
 
 
@@ -153,8 +153,13 @@ class Batcher:
         """Requests queued or in a running batch (abandoned ones count until skipped)."""
         return len(self._queue) + self._running_requests
 
-    def submit(self, request: InferenceRequest) -> asyncio.Future[Prediction]:
-        """Queue a request; its future resolves with its prediction or a TorchgateError."""
+    def submit(
+        self, request: InferenceRequest, *, alone: bool = False
+    ) -> asyncio.Future[Prediction]:
+        """Queue a request; its future resolves with its prediction or a TorchgateError.
+
+        `alone`: it runs in a batch of its own, in its turn (TorchServe's describe request,
+        which it sends a worker as a job of its own, never with predictions)."""
         if self._closed:
             raise Overloaded(
                 f"Model {self.model} version {self.version} is shutting down", retry_after=1
@@ -168,7 +173,7 @@ class Batcher:
             )
         now = self._clock()
         future: asyncio.Future[Prediction] = self._event_loop().create_future()
-        self._queue.append(Pending(request, future, now, now + self.response_timeout_s))
+        self._queue.append(Pending(request, future, now, now + self.response_timeout_s, alone))
         self._idle.clear()
         self._arrived.set()
         if self._fillers:
@@ -176,19 +181,6 @@ class Batcher:
         if len(self._queue) >= self.max_batch_size:
             self._full.set()
         self._observer.queue_changed(self.model, self.version, len(self._queue))
-        return future
-
-    def submit_alone(self, request: InferenceRequest) -> asyncio.Future[Prediction]:
-        """`submit`, for a request that must run in a batch of its own, in its turn: TorchServe's
-        describe request, which it sends a worker as a job of its own, never with predictions.
-
-        A method of its own rather than an argument of `submit`, whose hot path stays as it was.
-        `SequenceBatcher`, which queues per sequence, has its own.
-        """
-        future = self.submit(request)
-        queue = self._queue
-        if queue and queue[-1].future is future:  # queued here, in this same step
-            queue[-1].alone = True
         return future
 
     def _room_made(self) -> bool:
@@ -423,7 +415,7 @@ class Batcher:
             if self._expired(pending, now):
                 continue
             # A slot read of an object in hand: all a prediction pays for the rare request
-            # that runs alone (`submit_alone`), which alone pays for the rest.
+            # that runs alone (`submit`'s `alone`), which alone pays for the rest.
             if pending.alone:
                 if batch:
                     self._queue.appendleft(pending)  # it opens the next batch

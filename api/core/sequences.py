@@ -160,8 +160,12 @@ class SequenceBatcher(Batcher):
         self._expire(self._clock())
         return self._sequences
 
-    def submit(self, request: InferenceRequest) -> asyncio.Future[Prediction]:
-        """Queue a request on its sequence (a new one if it names none or an ended one)."""
+    def submit(
+        self, request: InferenceRequest, *, alone: bool = False
+    ) -> asyncio.Future[Prediction]:
+        """Queue a request on its sequence (a new one if it names none or an ended one);
+        `alone` (TorchServe's describe request, a sequence of its own since it names none):
+        it runs in a batch with no other sequence's request."""
         if self._closed:
             raise Overloaded(
                 f"Model {self.model} version {self.version} is shutting down", retry_after=1
@@ -190,20 +194,11 @@ class SequenceBatcher(Batcher):
         elif len(sequence.queue) >= self.limits.max_sequence_job_queue_size:
             self._refuse("maxSequenceJobQueueSize", sequence_id)
         future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
-        sequence.queue.append(Pending(request, future, now, now + self.response_timeout_s))
+        sequence.queue.append(Pending(request, future, now, now + self.response_timeout_s, alone))
         sequence.last_active = now
         self._idle.clear()
         self._changed.set()
         self._observer.queue_changed(self.model, self.version, self.depth)
-        return future
-
-    def submit_alone(self, request: InferenceRequest) -> asyncio.Future[Prediction]:
-        """`Batcher.submit_alone`: a request of a sequence of its own (it names none: TorchServe's
-        describe request) that runs in a batch with no other sequence's request."""
-        future = self.submit(request)
-        sequence = self._sequences.get(header_value(request.headers, SEQUENCE_ID) or "")
-        if sequence is not None and sequence.queue and sequence.queue[-1].future is future:
-            sequence.queue[-1].alone = True
         return future
 
     def _refuse(self, limit: str, sequence_id: str) -> None:

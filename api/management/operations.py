@@ -215,7 +215,7 @@ class Management:
         try:
             # In a batch of its own, as TorchServe sends it: `BaseHandler` reads `describe` on
             # a batch's first row only and answers once for the whole batch.
-            answer = ready.batcher.submit_alone(request)
+            answer = ready.batcher.submit(request, alone=True)
             prediction = await asyncio.wait_for(answer, timeout_s)
         except TimeoutError:
             # A worker that times its own batches (a process) may still be at it: the client

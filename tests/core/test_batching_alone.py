@@ -1,4 +1,4 @@
-"""Requests that run in a batch of their own (`Batcher.submit_alone`: TorchServe's describe
+"""Requests that run in a batch of their own (`Batcher.submit`'s `alone`: TorchServe's describe
 request), with the fakes of test_batching: no test here waits on a timer.
 
 `BaseHandler` reads `describe` on a batch's first row only and then answers once for the whole
@@ -37,7 +37,7 @@ def test_the_batch_before_a_request_that_runs_alone_closes_at_it() -> None:
     async def scenario() -> None:
         batcher = make_batcher()  # batches of 4
         queued = [batcher.submit(request(x)) for x in ("a", "b")]
-        queued.append(batcher.submit_alone(request("describe")))
+        queued.append(batcher.submit(request("describe"), alone=True))
         queued += [batcher.submit(request(x)) for x in ("c", "d")]
         assert await served_in_one_go(batcher, queued) == [
             ["a", "b"],
@@ -51,7 +51,7 @@ def test_the_batch_before_a_request_that_runs_alone_closes_at_it() -> None:
 def test_nothing_queued_after_a_request_that_runs_alone_joins_it() -> None:
     async def scenario() -> None:
         batcher = make_batcher()
-        queued = [batcher.submit_alone(request("describe"))]
+        queued = [batcher.submit(request("describe"), alone=True)]
         queued += [batcher.submit(request(x)) for x in ("a", "b", "c", "d", "e")]
         assert await served_in_one_go(batcher, queued) == [
             ["describe"],
@@ -65,7 +65,7 @@ def test_nothing_queued_after_a_request_that_runs_alone_joins_it() -> None:
 def test_requests_that_run_alone_one_after_another_each_run_alone() -> None:
     async def scenario() -> None:
         batcher = make_batcher()
-        queued = [batcher.submit_alone(request(x)) for x in ("d1", "d2")]
+        queued = [batcher.submit(request(x), alone=True) for x in ("d1", "d2")]
         queued.append(batcher.submit(request("a")))
         assert await served_in_one_go(batcher, queued) == [["d1"], ["d2"], ["a"]]
 
@@ -88,7 +88,7 @@ def test_a_batch_held_for_company_goes_once_a_request_that_runs_alone_is_next() 
         held = batcher.submit(request("a"))
         await asyncio.sleep(0)
         assert second.batches == []  # "a" is held for company
-        alone = batcher.submit_alone(request("describe"))
+        alone = batcher.submit(request("describe"), alone=True)
         after = [batcher.submit(request(x)) for x in ("b", "c", "d", "e")]
         await asyncio.gather(held, alone, *after)
         assert second.batches == [["a"], ["describe"], ["b", "c", "d", "e"]]
@@ -104,7 +104,7 @@ def test_an_abandoned_request_that_runs_alone_splits_no_batch() -> None:
     async def scenario() -> None:
         batcher = make_batcher()
         queued = [batcher.submit(request("a"))]
-        batcher.submit_alone(request("describe")).cancel()  # its client went away
+        batcher.submit(request("describe"), alone=True).cancel()  # its client went away
         queued.append(batcher.submit(request("b")))
         assert await served_in_one_go(batcher, queued) == [["a", "b"]]
 
@@ -115,7 +115,7 @@ def test_an_expired_request_that_runs_alone_is_answered_504_and_splits_nothing()
     async def scenario() -> None:
         clock = FakeClock()
         batcher = make_batcher(clock, response_timeout_s=1.0)
-        late = batcher.submit_alone(request("describe"))
+        late = batcher.submit(request("describe"), alone=True)
         clock.now = 2.0
         queued = [batcher.submit(request(x)) for x in ("a", "b")]
         assert await served_in_one_go(batcher, queued) == [["a", "b"]]
@@ -132,7 +132,7 @@ def test_a_sequence_batchers_request_that_runs_alone_shares_no_batch() -> None:
     async def scenario() -> None:
         batcher = make(SequenceClock(), max_num_sequence=8)  # batches of 4
         first = [batcher.submit(req(n, f"seq_{n}")) for n in (1, 2)]
-        alone = batcher.submit_alone(req(5))
+        alone = batcher.submit(req(5), alone=True)
         later = [batcher.submit(req(n, f"seq_{n}")) for n in (3, 4)]
         worker = SummingWorker("a")
         tasks = await serving(batcher, worker)
@@ -153,7 +153,7 @@ def test_a_sequence_batcher_answers_a_request_that_runs_alone() -> None:
     async def scenario() -> None:
         batcher = make(SequenceClock())
         tasks = await serving(batcher, SummingWorker("a"))
-        answer = await batcher.submit_alone(req(5))
+        answer = await batcher.submit(req(5), alone=True)
         await stop(tasks)
         assert answer.body == {"sum": 5, "worker": "a"}
 

@@ -206,10 +206,10 @@ def test_a_refused_request_is_refused_once_and_its_other_instances_never_queued(
         submitted = 0
         submit = batcher.submit
 
-        def counted_submit(request: InferenceRequest) -> Any:
+        def counted_submit(request: InferenceRequest, *, alone: bool = False) -> Any:
             nonlocal submitted
             submitted += 1
-            return submit(request)
+            return submit(request, alone=alone)
 
         batcher.submit = counted_submit  # type: ignore[method-assign]
         with pytest.raises(Overloaded):
