@@ -420,7 +420,7 @@ class WorkerProcess(asyncio.BufferedProtocol):
                     self.label,
                     budget,
                     stderr=stderr,
-                    on_closed=None if self._pool is None else self._pool.drained,
+                    on_closed=self._pool.drained,
                     worker_name=self.worker_name,
                 )
                 self._logs.append(lines)
