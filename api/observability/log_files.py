@@ -131,19 +131,16 @@ class LogFile(RotatingFileHandler):
         return self.stream.tell() >= self.maxBytes
 
     def emit(self, record: logging.LogRecord) -> None:
-        self._failed_now = False
         try:
-            if self.shouldRollover(record):
-                self.doRollover()
+            text = self.format(record) + self.terminator
         except Exception:
             self.handleError(record)
             return
-        logging.FileHandler.emit(self, record)  # calls handleError itself on a failure
-        self._note_recovery()
+        self.write_text(text)
 
     def write_text(self, text: str) -> None:
-        """Write lines formatted already (`api.observability.access_lines`: the access lines
-        of 0.1 s together), rolled over and failing as a record's are."""
+        """Write lines formatted already: a record's (`emit`), or the access lines of 0.1 s
+        together (`api.observability.access_lines`)."""
         self.acquire()
         try:
             self._failed_now = False
