@@ -62,22 +62,18 @@ class AccessLines:
     ) -> None:
         """An HTTP answer: `target` is the path and query as the client sent them, `started`
         the request's `time.monotonic()` when it arrived."""
-        self._add(
-            f'{_address(client)} "{method} {target} HTTP/{version}" {status} '
-            f"{int((time.monotonic() - started) * 1000)}"
-        )
+        self._add(f'{_address(client)} "{method} {target} HTTP/{version}" {status}', started)
 
     def grpc(self, peer: str, method: str, code: int, started: float) -> None:
         """A finished gRPC call: `peer` as grpc gives it (`ipv4:127.0.0.1:36204`), `method`
         its full name (`/inference.GRPCInferenceService/ModelInfer`), `code` its status code's
         number (0 for OK)."""
-        self._add(
-            f'{_peer_address(peer)} "gRPC {method.lstrip("/")} HTTP/2.0" {code} '
-            f"{int((time.monotonic() - started) * 1000)}"
-        )
+        self._add(f'{_peer_address(peer)} "gRPC {method.lstrip("/")} HTTP/2.0" {code}', started)
 
-    def _add(self, message: str) -> None:
-        self._pending.append((self._timestamp(), message))
+    def _add(self, message: str, started: float) -> None:
+        """`message` and the whole milliseconds since `started`, stamped now."""
+        milliseconds = int((time.monotonic() - started) * 1000)
+        self._pending.append((self._timestamp(), f"{message} {milliseconds}"))
         loop = self._loop
         if loop is not None and not loop.is_closed():
             return  # a flush is due (one due on a loop that closed never comes)
